@@ -1,0 +1,9 @@
+"""rwkvpy: fast RWKV inference in Python."""
+
+from . import errors
+from .model import Model, ModelInfo, load
+from .models.config import ModelConfig, Version
+from .state import State
+
+__version__ = "0.1.0"
+__all__ = ["Model", "ModelConfig", "ModelInfo", "State", "Version", "errors", "load"]

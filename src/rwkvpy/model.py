@@ -1,0 +1,133 @@
+"""The public model object: load a file, make states, run tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import formats, models
+from .errors import StateError, TokenError
+from .formats.base import to_float32
+from .models.config import ModelConfig, Version
+from .state import State
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    format: str
+    version: Version
+    n_embd: int
+    n_layer: int
+    n_head: int
+    head_size: int
+    vocab_size: int
+    n_ffn: int
+    params: int
+    file_size: int
+    tensor_types: dict  # type name -> number of tensors stored in it
+    tensor_bytes: dict  # type name -> bytes stored in it
+    file_meta: dict
+
+    def summary(self) -> dict:
+        return {
+            "path": self.path, "format": self.format, "version": self.version.value,
+            "architecture": self.version.label, "n_embd": self.n_embd, "n_layer": self.n_layer,
+            "n_head": self.n_head, "head_size": self.head_size, "vocab_size": self.vocab_size,
+            "n_ffn": self.n_ffn, "params": self.params, "file_size": self.file_size,
+            "tensor_types": dict(self.tensor_types), "tensor_bytes": dict(self.tensor_bytes),
+            **({"file": self.file_meta} if self.file_meta else {}),
+        }
+
+
+def _nbytes(t) -> int:
+    if isinstance(t, formats.QTensor):
+        return t.nbytes
+    return t.numel() * t.element_size()
+
+
+class Model:
+    """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
+
+    def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig):
+        self.config = cfg
+        types: dict = {}
+        sizes: dict = {}
+        for name, t in ckpt.tensors.items():
+            typ = ckpt.file_types.get(name, formats.type_name(t))
+            types[typ] = types.get(typ, 0) + 1
+            sizes[typ] = sizes.get(typ, 0) + _nbytes(t)
+        params = sum(int(torch.Size(t.shape).numel()) for t in ckpt.tensors.values())
+        self.info = ModelInfo(
+            path=ckpt.path, format=ckpt.format, version=cfg.version, n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer, n_head=cfg.n_head, head_size=cfg.head_size,
+            vocab_size=cfg.vocab_size, n_ffn=cfg.n_ffn, params=params, file_size=ckpt.file_size,
+            tensor_types=types, tensor_bytes=sizes, file_meta=dict(ckpt.meta))
+        weights = {k: to_float32(v) for k, v in ckpt.tensors.items()}
+        self._net = models.build(cfg, weights, ckpt.path)
+        st = os.stat(ckpt.path)
+        self.fingerprint = hashlib.sha256(
+            f"{os.path.abspath(ckpt.path)}|{st.st_size}|{cfg}".encode()).hexdigest()[:16]
+
+    # -- states ------------------------------------------------------------------------------
+    def new_state(self) -> State:
+        return State.zeros(self.config)
+
+    def _check_state(self, state: State) -> None:
+        cfg = self.config
+        want = State.zeros(cfg, device="meta")
+        if (not isinstance(state, State) or state.version is not cfg.version
+                or state.att_x.shape != want.att_x.shape or state.wkv.shape != want.wkv.shape):
+            got = (f"{state.version.label}, wkv {tuple(state.wkv.shape)}"
+                   if isinstance(state, State) else type(state).__name__)
+            raise StateError(f"state ({got}) does not fit this model ({cfg.version.label}, "
+                             f"wkv {tuple(want.wkv.shape)})")
+
+    # -- running ------------------------------------------------------------------------------
+    def _tokens(self, tokens) -> torch.Tensor:
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        t = torch.as_tensor(tokens)
+        if t.dim() != 1 or t.numel() == 0:
+            raise TokenError(f"tokens must be a non-empty list of ints, got shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TokenError(f"tokens must be ints, got {t.dtype}")
+        t = t.long()
+        V = self.config.vocab_size
+        bad = ((t < 0) | (t >= V)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise TokenError(f"token id {int(t[i])} at position {i} is out of range: "
+                             f"the vocabulary has ids 0..{V - 1}")
+        return t
+
+    @torch.no_grad()
+    def forward(self, tokens, state: State | None = None, all_logits: bool = False):
+        """Run tokens from state (None = a fresh state); return (logits, new state).
+
+        logits: float32 (vocab,) for the last token, or (T, vocab) with all_logits=True.
+        The given state is never modified.
+        """
+        t = self._tokens(tokens)
+        if state is None:
+            state = self.new_state()
+        else:
+            self._check_state(state)
+        x, new = self._net.hidden(t, state)
+        logits = self._net.head(x if all_logits else x[-1])
+        return logits, new
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"<rwkvpy.Model {i.version.label} n_embd={i.n_embd} n_layer={i.n_layer} "
+                f"vocab={i.vocab_size} from {os.path.basename(i.path)}>")
+
+
+def load(path) -> Model:
+    """Load an RWKV model from an rwkv.cpp ``.bin`` or a BlinkDL ``.pth`` (detected from content)."""
+    ckpt = formats.read(path)
+    cfg = models.config_from_shapes(ckpt.shapes, ckpt.path, ln_x_eps=ckpt.ln_x_eps)
+    return Model(ckpt, cfg)

@@ -1,0 +1,119 @@
+"""What every RWKV version shares: embedding, ln0, the layer loop, ln_out, the head.
+
+Each version module (v4.py ... v7.py) subclasses :class:`RWKVBase` and supplies the tensor
+shapes it needs, its time mix and its channel mix. Everything here is plain float32 torch:
+the reference path that every fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MissingTensorError, TensorShapeError
+from ..state import State
+from .config import ModelConfig
+
+ANY = None  # a dimension a spec does not fix (LoRA ranks)
+
+
+def _squeezed(shape):
+    return tuple(int(s) for s in shape if s != 1)
+
+
+def _fits(actual, expected) -> bool:
+    a = _squeezed(actual)
+    e = [d for d in expected if d != 1]
+    return len(a) == len(e) and all(x is None or x == y for x, y in zip(e, a))
+
+
+class RWKVBase:
+    """A loaded RWKV model in float32 torch. Subclasses define the per-version math."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict, path="<model>"):
+        self.cfg = cfg
+        self.path = str(path)
+        self.w: dict[str, torch.Tensor] = {}
+        C, V = cfg.n_embd, cfg.vocab_size
+        spec = {
+            "emb.weight": (V, C),
+            "blocks.0.ln0.weight": (C,),
+            "blocks.0.ln0.bias": (C,),
+            "ln_out.weight": (C,),
+            "ln_out.bias": (C,),
+            "head.weight": (V, C),
+        }
+        for i in range(cfg.n_layer):
+            p = f"blocks.{i}."
+            spec.update({p + "ln1.weight": (C,), p + "ln1.bias": (C,),
+                         p + "ln2.weight": (C,), p + "ln2.bias": (C,)})
+            spec.update(self.layer_shapes(i, p, weights))
+        for name, shape in spec.items():
+            if name not in weights:
+                raise MissingTensorError(self.path, f"tensor '{name}' not found "
+                                         f"({cfg.version.label} needs it)")
+            t = weights[name]
+            if not _fits(t.shape, shape):
+                want = tuple("*" if d is None else d for d in shape)
+                raise TensorShapeError(self.path, f"tensor '{name}' has shape {tuple(t.shape)}, "
+                                       f"expected {want} for {cfg.version.label} "
+                                       f"(n_embd={C}, vocab={V})")
+            if all(d is not None for d in shape):
+                t = t.reshape(shape)
+            self.w[name] = t.float() if t.dtype != torch.float32 else t
+        self.prepare()
+
+    # -- to override -----------------------------------------------------------------------
+    def layer_shapes(self, i: int, p: str, weights: dict) -> dict:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Reshape or precompute per-layer tensors after validation (optional)."""
+
+    def time_mix(self, i, x, att_x, wkv, ctx):
+        """x (T, C) = ln1 output; returns (out (T, C), new wkv state of this layer)."""
+        raise NotImplementedError
+
+    def channel_mix(self, i, x, ffn_x):
+        """x (T, C) = ln2 output; returns out (T, C)."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------
+    def ln(self, x, name):
+        return F.layer_norm(x, (x.shape[-1],), self.w[name + ".weight"], self.w[name + ".bias"],
+                            eps=self.cfg.layer_norm_eps)
+
+    @staticmethod
+    def shift(x, prev):
+        """Token shift: the previous token's vector for every position. x (T, C), prev (C,)."""
+        return torch.cat([prev.unsqueeze(0), x[:-1]], dim=0)
+
+    def hidden(self, tokens: torch.Tensor, state: State):
+        """Run the blocks over tokens (T,) from state; returns (x (T, C) after ln_out, new State)."""
+        w = self.w
+        x = self.ln(w["emb.weight"][tokens], "blocks.0.ln0")  # (T, C)
+        att_x, ffn_x, wkv = [], [], []
+        ctx: dict = {}
+        for i in range(self.cfg.n_layer):
+            p = f"blocks.{i}."
+            xx = self.ln(x, p + "ln1")
+            out, s = self.time_mix(i, xx, state.att_x[i], state.wkv[i], ctx)
+            x = x + out
+            att_x.append(xx[-1])
+            wkv.append(s)
+            xx = self.ln(x, p + "ln2")
+            x = x + self.channel_mix(i, xx, state.ffn_x[i])
+            ffn_x.append(xx[-1])
+        x = self.ln(x, "ln_out")
+        new = State(state.version, torch.stack(att_x), torch.stack(ffn_x), torch.stack(wkv),
+                    state.n_tokens + int(tokens.shape[0]))
+        return x, new
+
+    def head(self, x):
+        return x @ self.w["head.weight"].t()
+
+    def group_norm(self, x, name):
+        """Per-head group norm (ln_x) of x (T, H*N)."""
+        H = self.cfg.n_head
+        return F.group_norm(x, H, self.w[name + ".weight"], self.w[name + ".bias"],
+                            eps=self.cfg.ln_x_eps)

@@ -1,0 +1,65 @@
+"""RWKV-4 (Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era").
+
+Time mix, per channel c, with w = -exp(time_decay) < 0 and u = time_first:
+
+    wkv_t = (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
+            / (sum_{i<t} e^{(t-1-i) w + k_i}       + e^{u + k_t})
+
+kept as numerator aa, denominator bb and a shared exponent pp so nothing overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import RWKVBase
+
+
+class RWKV4(RWKVBase):
+    def layer_shapes(self, i, p, weights):
+        C, A, F = self.cfg.n_embd, self.cfg.n_att, self.cfg.n_ffn
+        a, f = p + "att.", p + "ffn."
+        return {
+            a + "time_mix_k": (C,), a + "time_mix_v": (C,), a + "time_mix_r": (C,),
+            a + "time_decay": (A,), a + "time_first": (A,),
+            a + "key.weight": (A, C), a + "value.weight": (A, C),
+            a + "receptance.weight": (A, C), a + "output.weight": (C, A),
+            f + "time_mix_k": (C,), f + "time_mix_r": (C,),
+            f + "key.weight": (F, C), f + "value.weight": (C, F), f + "receptance.weight": (C, C),
+        }
+
+    def prepare(self):
+        for i in range(self.cfg.n_layer):
+            self.w[f"blocks.{i}.att.decay"] = -torch.exp(self.w[f"blocks.{i}.att.time_decay"])
+
+    def time_mix(self, i, x, att_x, wkv, ctx):
+        w = self.w
+        a = f"blocks.{i}.att."
+        sx = self.shift(x, att_x)                                        # (T, C)
+        mk, mv, mr = w[a + "time_mix_k"], w[a + "time_mix_v"], w[a + "time_mix_r"]
+        k = (x * mk + sx * (1 - mk)) @ w[a + "key.weight"].t()            # (T, A)
+        v = (x * mv + sx * (1 - mv)) @ w[a + "value.weight"].t()          # (T, A)
+        r = torch.sigmoid((x * mr + sx * (1 - mr)) @ w[a + "receptance.weight"].t())
+        decay, u = w[a + "decay"], w[a + "time_first"]                   # (A,)
+        aa, bb, pp = wkv[0], wkv[1], wkv[2]                               # (A,) each
+        out = torch.empty_like(k)
+        for t in range(x.shape[0]):
+            kt, vt = k[t], v[t]
+            ww = u + kt
+            p = torch.maximum(pp, ww)
+            e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+            out[t] = (e1 * aa + e2 * vt) / (e1 * bb + e2)
+            ww = decay + pp
+            p = torch.maximum(ww, kt)
+            e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
+            aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
+        return (r * out) @ w[a + "output.weight"].t(), torch.stack([aa, bb, pp])
+
+    def channel_mix(self, i, x, ffn_x):
+        w = self.w
+        f = f"blocks.{i}.ffn."
+        sx = self.shift(x, ffn_x)
+        mk, mr = w[f + "time_mix_k"], w[f + "time_mix_r"]
+        k = torch.relu((x * mk + sx * (1 - mk)) @ w[f + "key.weight"].t()) ** 2    # (T, F)
+        r = torch.sigmoid((x * mr + sx * (1 - mr)) @ w[f + "receptance.weight"].t())
+        return r * (k @ w[f + "value.weight"].t())

@@ -1,0 +1,86 @@
+"""RWKV-7 "Goose" (Peng et al. 2025): a generalized delta rule with vector-valued decay.
+
+Per head, with state S (N_v, N_k), decay w_t in (0, 1), removal key kk (unit norm) and
+in-context learning rate a:
+
+    S_t = S_{t-1} diag(w_t) + S_{t-1} (-kk_t)^T (kk_t * a_t) + v_t^T k_t
+    out_t = S_t r_t
+
+followed by group norm, a bonus (r_t . (k_t * r_k)) v_t per head, and the gate g.
+Layers after the first blend their value with the first layer's (value residual).
+BlinkDL's rwkv_v7_numpy.py demo holds the same math in numpy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base import ANY, RWKVBase
+
+DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^{-0.5} sigmoid(.)) = exp(-softplus(-.) - 0.5) in log form
+
+
+class RWKV7(RWKVBase):
+    def layer_shapes(self, i, p, weights):
+        cfg = self.cfg
+        C, A, F_, H, N = cfg.n_embd, cfg.n_att, cfg.n_ffn, cfg.n_head, cfg.head_size
+        a, f = p + "att.", p + "ffn."
+        s = {a + f"x_{n}": (C,) for n in "rwkvag"}
+        s.update({
+            a + "w0": (A,), a + "w1": (C, ANY), a + "w2": (ANY, A),
+            a + "a0": (A,), a + "a1": (C, ANY), a + "a2": (ANY, A),
+            a + "g1": (C, ANY), a + "g2": (ANY, A),
+            a + "k_k": (A,), a + "k_a": (A,), a + "r_k": (H, N),
+            a + "key.weight": (A, C), a + "value.weight": (A, C), a + "receptance.weight": (A, C),
+            a + "output.weight": (C, A), a + "ln_x.weight": (A,), a + "ln_x.bias": (A,),
+            f + "x_k": (C,), f + "key.weight": (F_, C), f + "value.weight": (C, F_),
+        })
+        if i > 0:  # layer 0's value is the value residual itself: v0/v1/v2 unused there
+            s.update({a + "v0": (A,), a + "v1": (C, ANY), a + "v2": (ANY, A)})
+        return s
+
+    def time_mix(self, i, x, att_x, wkv, ctx):
+        w, H, N = self.w, self.cfg.n_head, self.cfg.head_size
+        a = f"blocks.{i}.att."
+        T = x.shape[0]
+        dx = self.shift(x, att_x) - x                                     # (T, C)
+        xr, xw, xk, xv, xa, xg = (x + dx * w[a + "x_" + n] for n in "rwkvag")
+
+        r = xr @ w[a + "receptance.weight"].t()                           # (T, A)
+        k = xk @ w[a + "key.weight"].t()
+        v = xv @ w[a + "value.weight"].t()
+        d = w[a + "w0"] + torch.tanh(xw @ w[a + "w1"]) @ w[a + "w2"]
+        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(d))               # (T, A) in (0, 1)
+        iclr = torch.sigmoid(w[a + "a0"] + (xa @ w[a + "a1"]) @ w[a + "a2"])
+        g = torch.sigmoid(xg @ w[a + "g1"]) @ w[a + "g2"]
+
+        kk = F.normalize((k * w[a + "k_k"]).view(T, H, N), dim=-1, p=2.0).view(T, -1)
+        k = k * (1 + (iclr - 1) * w[a + "k_a"])
+        if i == 0:
+            ctx["v_first"] = v
+        else:
+            gate = torch.sigmoid(w[a + "v0"] + (xv @ w[a + "v1"]) @ w[a + "v2"])
+            v = v + (ctx["v_first"] - v) * gate
+
+        rh, kh, vh = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
+        wh, kkh, ah = decay.view(T, H, N), kk.view(T, H, N), iclr.view(T, H, N)
+        S = wkv                                                           # (H, N_v, N_k)
+        out = torch.empty_like(vh)
+        for t in range(T):
+            removal = (S @ (-kkh[t]).unsqueeze(-1)) @ (kkh[t] * ah[t]).unsqueeze(-2)
+            S = S * wh[t].unsqueeze(-2) + removal + vh[t].unsqueeze(-1) * kh[t].unsqueeze(-2)
+            out[t] = (S @ rh[t].unsqueeze(-1)).squeeze(-1)
+
+        out = self.group_norm(out.reshape(T, H * N), a + "ln_x")
+        bonus = (rh * kh * w[a + "r_k"]).sum(-1, keepdim=True) * vh       # (T, H, N)
+        out = (out + bonus.reshape(T, -1)) * g
+        return out @ w[a + "output.weight"].t(), S
+
+    def channel_mix(self, i, x, ffn_x):
+        w = self.w
+        f = f"blocks.{i}.ffn."
+        xk = x + (self.shift(x, ffn_x) - x) * w[f + "x_k"]
+        return (torch.relu(xk @ w[f + "key.weight"].t()) ** 2) @ w[f + "value.weight"].t()
