@@ -1,9 +1,9 @@
 """rwkvpy: fast RWKV inference in Python."""
 
 from . import errors
-from .model import Model, ModelInfo, load
+from .model import Model, ModelInfo, inspect, load
 from .models.config import ModelConfig, Version
 from .state import State
 
 __version__ = "0.1.0"
-__all__ = ["Model", "ModelConfig", "ModelInfo", "State", "Version", "errors", "load"]
+__all__ = ["Model", "ModelConfig", "ModelInfo", "State", "Version", "errors", "inspect", "load"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -10,7 +9,6 @@ import torch
 
 from . import formats, models
 from .errors import StateError, TokenError
-from .formats.base import to_float32
 from .models.config import ModelConfig, Version
 from .state import State
 
@@ -49,28 +47,29 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def describe(ckpt: formats.Checkpoint, cfg: ModelConfig) -> ModelInfo:
+    """What a checkpoint holds, without materializing any weight."""
+    types: dict = {}
+    sizes: dict = {}
+    for name, t in ckpt.tensors.items():
+        typ = ckpt.file_types.get(name, formats.type_name(t))
+        types[typ] = types.get(typ, 0) + 1
+        sizes[typ] = sizes.get(typ, 0) + _nbytes(t)
+    params = sum(int(torch.Size(t.shape).numel()) for t in ckpt.tensors.values())
+    return ModelInfo(
+        path=ckpt.path, format=ckpt.format, version=cfg.version, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, head_size=cfg.head_size,
+        vocab_size=cfg.vocab_size, n_ffn=cfg.n_ffn, params=params, file_size=ckpt.file_size,
+        tensor_types=types, tensor_bytes=sizes, file_meta=dict(ckpt.meta))
+
+
 class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
     def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig):
         self.config = cfg
-        types: dict = {}
-        sizes: dict = {}
-        for name, t in ckpt.tensors.items():
-            typ = ckpt.file_types.get(name, formats.type_name(t))
-            types[typ] = types.get(typ, 0) + 1
-            sizes[typ] = sizes.get(typ, 0) + _nbytes(t)
-        params = sum(int(torch.Size(t.shape).numel()) for t in ckpt.tensors.values())
-        self.info = ModelInfo(
-            path=ckpt.path, format=ckpt.format, version=cfg.version, n_embd=cfg.n_embd,
-            n_layer=cfg.n_layer, n_head=cfg.n_head, head_size=cfg.head_size,
-            vocab_size=cfg.vocab_size, n_ffn=cfg.n_ffn, params=params, file_size=ckpt.file_size,
-            tensor_types=types, tensor_bytes=sizes, file_meta=dict(ckpt.meta))
-        weights = {k: to_float32(v) for k, v in ckpt.tensors.items()}
-        self._net = models.build(cfg, weights, ckpt.path)
-        st = os.stat(ckpt.path)
-        self.fingerprint = hashlib.sha256(
-            f"{os.path.abspath(ckpt.path)}|{st.st_size}|{cfg}".encode()).hexdigest()[:16]
+        self.info = describe(ckpt, cfg)
+        self._net = models.build(cfg, ckpt.tensors, ckpt.path)
 
     # -- states ------------------------------------------------------------------------------
     def new_state(self) -> State:
@@ -126,8 +125,16 @@ class Model:
                 f"vocab={i.vocab_size} from {os.path.basename(i.path)}>")
 
 
+def _read(path):
+    ckpt = formats.read(path)
+    return ckpt, models.config_from_shapes(ckpt.shapes, ckpt.path, ln_x_eps=ckpt.ln_x_eps)
+
+
 def load(path) -> Model:
     """Load an RWKV model from an rwkv.cpp ``.bin`` or a BlinkDL ``.pth`` (detected from content)."""
-    ckpt = formats.read(path)
-    cfg = models.config_from_shapes(ckpt.shapes, ckpt.path, ln_x_eps=ckpt.ln_x_eps)
-    return Model(ckpt, cfg)
+    return Model(*_read(path))
+
+
+def inspect(path) -> ModelInfo:
+    """Describe a model file (version, dims, tensor types) without loading its weights."""
+    return describe(*_read(path))

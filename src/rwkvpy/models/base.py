@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingTensorError, TensorShapeError
+from ..formats.base import to_float32
 from ..state import State
 from .config import ModelConfig
 
@@ -58,9 +59,8 @@ class RWKVBase:
                 raise TensorShapeError(self.path, f"tensor '{name}' has shape {tuple(t.shape)}, "
                                        f"expected {want} for {cfg.version.label} "
                                        f"(n_embd={C}, vocab={V})")
-            if all(d is not None for d in shape):
-                t = t.reshape(shape)
-            self.w[name] = t.float() if t.dtype != torch.float32 else t
+            t = to_float32(t)  # dequantizes block-quantized tensors (reference path)
+            self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
 
     # -- to override -----------------------------------------------------------------------
