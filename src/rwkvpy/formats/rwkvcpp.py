@@ -156,3 +156,22 @@ def read(path) -> Checkpoint:
         # rwkv.cpp normalizes v5 heads with eps 1e-5 (64e-5 for v6 and v7, as BlinkDL does).
         ln_x_eps=1e-5 if version in (Version.V5_0, Version.V5_2) else None,
     )
+
+
+def write_raw(path, header: dict, entries) -> None:
+    """Write an rwkv.cpp file, atomically (temp file, then rename).
+
+    header: n_vocab, n_embed, n_layer, data_type (type name) and optionally file_version;
+    entries: iterable of (name, type name, PyTorch-order shape, raw little-endian bytes).
+    """
+    from .atomic import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(struct.pack("<6i", MAGIC, header.get("file_version", 101), header["n_vocab"],
+                            header["n_embed"], header["n_layer"], TYPE_IDS[header["data_type"]]))
+        for name, fmt, shape, data in entries:
+            key = name.encode("utf-8")
+            f.write(struct.pack(f"<3i{len(shape)}i", len(shape), len(key), TYPE_IDS[fmt],
+                                *reversed(shape)))
+            f.write(key)
+            f.write(bytes(data))
