@@ -230,3 +230,9 @@ def test_state_of_another_model(tiny):
     other = rwkvpy.load(fixture_path("reference-pth", "v7_c192_l2.pth"))
     with pytest.raises(errors.StateError, match=r"state \(RWKV v7.*does not fit this model \(RWKV v4"):
         tiny.forward([1], other.new_state())
+
+
+def test_header_disagrees_with_tensors(bin_copy):
+    patch(bin_copy, 16, "<i", 5)  # n_layer
+    with pytest.raises(errors.TensorShapeError, match="header field n_layer = 5, but the tensors hold 4"):
+        rwkvpy.load(bin_copy)

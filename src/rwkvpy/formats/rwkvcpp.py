@@ -17,7 +17,7 @@ import struct
 import numpy as np
 import torch
 
-from ..errors import (TruncatedFileError, UnknownFormatError, UnsupportedTensorTypeError,
+from ..errors import (TensorShapeError, TruncatedFileError, UnknownFormatError, UnsupportedTensorTypeError,
                       UnsupportedVersionError)
 from ..models.config import Version, detect_version
 from .base import Checkpoint, QTensor, to_float32
@@ -150,6 +150,13 @@ def read(path) -> Checkpoint:
     header, tensors, types = read_raw(path)
     tensors, types = to_canonical(tensors, types, path)
     version = detect_version({k: v.shape for k, v in tensors.items()}, path)
+    emb = tuple(tensors["emb.weight"].shape)
+    n_layer = len({k.split(".")[1] for k in tensors if k.startswith("blocks.")})
+    found = {"n_vocab": emb[0], "n_embed": emb[-1], "n_layer": n_layer}
+    for field_, value in found.items():
+        if header[field_] != value:
+            raise TensorShapeError(path, f"header field {field_} = {header[field_]}, but the "
+                                   f"tensors hold {value} (corrupt file?)")
     return Checkpoint(
         path=os.fspath(path), format="rwkv.cpp", tensors=tensors, file_types=types,
         file_size=os.path.getsize(path), meta=header,

@@ -1,0 +1,48 @@
+"""The CLI, run for real in a subprocess."""
+
+import json
+import subprocess
+import sys
+
+from conftest import fixture_path
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "rwkvpy", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_info_bin():
+    r = run("info", fixture_path("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-Q5_1.bin"))
+    assert r.returncode == 0, r.stderr
+    assert "RWKV v5.2" in r.stdout
+    assert "n_embd 64, n_layer 12, vocab 256, ffn 256, 8 heads of 8" in r.stdout
+    assert "Q5_1" in r.stdout and "F32" in r.stdout
+
+
+def test_info_json_pth():
+    r = run("info", "--json", fixture_path("reference-pth", "v7_c192_l2.pth"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["version"] == "7" and info["n_head"] == 3 and info["head_size"] == 64
+    assert info["tensor_types"] == {"BF16": 72}
+    assert info["params"] == 1310592
+    assert info["file_size"] == fixture_path("reference-pth", "v7_c192_l2.pth").stat().st_size
+
+
+def test_user_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"hello world, not a model")
+    for args in (["info", bad], ["info", tmp_path / "missing.bin"], ["info", tmp_path]):
+        r = run(*args)
+        assert r.returncode == 1
+        assert "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rwkvpy: error: "), r.stderr
+
+
+def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="console_scripts") if e.name == "rwkvpy"]
+    assert eps and eps[0].value == "rwkvpy.cli:main"
