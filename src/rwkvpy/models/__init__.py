@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .base import REFERENCE, Backend
 from .config import ModelConfig, Version, config_from_shapes, detect_version
 from .v4 import RWKV4
 from .v5 import RWKV5
@@ -17,8 +18,8 @@ CLASSES = {
 }
 
 
-def build(cfg: ModelConfig, weights: dict, path="<model>"):
-    return CLASSES[cfg.version](cfg, weights, path)
+def build(cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE):
+    return CLASSES[cfg.version](cfg, weights, path, backend)
 
 
 __all__ = ["ModelConfig", "Version", "build", "config_from_shapes", "detect_version"]

@@ -7,11 +7,14 @@ the reference path that every fast path is tested against.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import MissingTensorError, TensorShapeError
-from ..formats.base import to_float32
+from ..formats.base import QTensor, to_float32
 from ..state import State
 from .config import ModelConfig
 
@@ -28,13 +31,48 @@ def _fits(actual, expected) -> bool:
     return len(a) == len(e) and all(x is None or x == y for x, y in zip(e, a))
 
 
+LINEAR_SUFFIXES = ("key.weight", "value.weight", "receptance.weight", "output.weight",
+                   "gate.weight")
+
+
+def is_linear(name: str) -> bool:
+    """The big projection matrices every token multiplies: the ones fast paths store specially."""
+    return name == "head.weight" or (name.startswith("blocks.") and name.endswith(LINEAR_SUFFIXES))
+
+
+class Float32Linear:
+    """The reference matrix product: W (out, in) in float32, y = x @ W^T."""
+
+    def __init__(self, w):
+        self.weight = to_float32(w)
+
+    def __call__(self, x):
+        return x @ self.weight.t()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The pieces a fast path may replace: how matrices are stored and multiplied, and how
+    the v5/v6 and v7 recurrences run over a sequence. The default is the float32 reference."""
+
+    name: str = "reference"
+    make_linear: Callable = Float32Linear
+    wkv5: Callable | None = None  # same contract as models.v5.wkv_heads
+    wkv7: Callable | None = None  # same contract as models.v7.wkv7
+
+
+REFERENCE = Backend()
+
+
 class RWKVBase:
     """A loaded RWKV model in float32 torch. Subclasses define the per-version math."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict, path="<model>"):
+    def __init__(self, cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE):
         self.cfg = cfg
         self.path = str(path)
+        self.backend = backend
         self.w: dict[str, torch.Tensor] = {}
+        self.lin: dict = {}
         C, V = cfg.n_embd, cfg.vocab_size
         spec = {
             "emb.weight": (V, C),
@@ -59,8 +97,13 @@ class RWKVBase:
                 raise TensorShapeError(self.path, f"tensor '{name}' has shape {tuple(t.shape)}, "
                                        f"expected {want} for {cfg.version.label} "
                                        f"(n_embd={C}, vocab={V})")
-            t = to_float32(t)  # dequantizes block-quantized tensors (reference path)
-            self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
+            if is_linear(name):
+                self.lin[name] = backend.make_linear(t)
+            elif name == "emb.weight" and not isinstance(t, QTensor):
+                self.w[name] = t  # rows are converted to float32 as they are looked up
+            else:
+                t = to_float32(t)  # dequantizes block-quantized tensors
+                self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
 
     # -- to override -----------------------------------------------------------------------
@@ -91,7 +134,7 @@ class RWKVBase:
     def hidden(self, tokens: torch.Tensor, state: State):
         """Run the blocks over tokens (T,) from state; returns (x (T, C) after ln_out, new State)."""
         w = self.w
-        x = self.ln(w["emb.weight"][tokens], "blocks.0.ln0")  # (T, C)
+        x = self.ln(w["emb.weight"][tokens].float(), "blocks.0.ln0")  # (T, C)
         att_x, ffn_x, wkv = [], [], []
         ctx: dict = {}
         for i in range(self.cfg.n_layer):
@@ -110,7 +153,11 @@ class RWKVBase:
         return x, new
 
     def head(self, x):
-        return x @ self.w["head.weight"].t()
+        return self.mm(x, "head.weight")
+
+    def mm(self, x, name):
+        """x (..., in) @ W^T for one of the projection matrices (see is_linear)."""
+        return self.lin[name](x)
 
     def group_norm(self, x, name):
         """Per-head group norm (ln_x) of x (T, H*N)."""

@@ -37,9 +37,9 @@ class RWKV4(RWKVBase):
         a = f"blocks.{i}.att."
         sx = self.shift(x, att_x)                                        # (T, C)
         mk, mv, mr = w[a + "time_mix_k"], w[a + "time_mix_v"], w[a + "time_mix_r"]
-        k = (x * mk + sx * (1 - mk)) @ w[a + "key.weight"].t()            # (T, A)
-        v = (x * mv + sx * (1 - mv)) @ w[a + "value.weight"].t()          # (T, A)
-        r = torch.sigmoid((x * mr + sx * (1 - mr)) @ w[a + "receptance.weight"].t())
+        k = self.mm(x * mk + sx * (1 - mk), a + "key.weight")            # (T, A)
+        v = self.mm(x * mv + sx * (1 - mv), a + "value.weight")          # (T, A)
+        r = torch.sigmoid(self.mm(x * mr + sx * (1 - mr), a + "receptance.weight"))
         decay, u = w[a + "decay"], w[a + "time_first"]                   # (A,)
         aa, bb, pp = wkv[0], wkv[1], wkv[2]                               # (A,) each
         out = torch.empty_like(k)
@@ -53,13 +53,13 @@ class RWKV4(RWKVBase):
             p = torch.maximum(ww, kt)
             e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
             aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
-        return (r * out) @ w[a + "output.weight"].t(), torch.stack([aa, bb, pp])
+        return self.mm(r * out, a + "output.weight"), torch.stack([aa, bb, pp])
 
     def channel_mix(self, i, x, ffn_x):
         w = self.w
         f = f"blocks.{i}.ffn."
         sx = self.shift(x, ffn_x)
         mk, mr = w[f + "time_mix_k"], w[f + "time_mix_r"]
-        k = torch.relu((x * mk + sx * (1 - mk)) @ w[f + "key.weight"].t()) ** 2    # (T, F)
-        r = torch.sigmoid((x * mr + sx * (1 - mr)) @ w[f + "receptance.weight"].t())
-        return r * (k @ w[f + "value.weight"].t())
+        k = torch.relu(self.mm(x * mk + sx * (1 - mk), f + "key.weight")) ** 2    # (T, F)
+        r = torch.sigmoid(self.mm(x * mr + sx * (1 - mr), f + "receptance.weight"))
+        return r * self.mm(k, f + "value.weight")

@@ -35,6 +35,10 @@ def wkv_heads(r, k, v, w, u, S):
 
 
 class RWKV5(RWKVBase):
+    def wkv5(self, r, k, v, w, u, S):
+        fast = self.backend.wkv5
+        return fast(r, k, v, w, u, S) if fast is not None and r.shape[0] > 1 else wkv_heads(r, k, v, w, u, S)
+
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg
         C, A, F_, H, N = cfg.n_embd, cfg.n_att, cfg.n_ffn, cfg.n_head, cfg.head_size
@@ -76,13 +80,13 @@ class RWKV5(RWKVBase):
             m = w[a + "time_mix_" + name]
             return x * m + sx * (1 - m)
 
-        r = (mix("r") @ w[a + "receptance.weight"].t()).view(T, H, N)
-        k = (mix("k") @ w[a + "key.weight"].t()).view(T, H, N)
-        v = (mix("v") @ w[a + "value.weight"].t()).view(T, H, N)
-        out, S = wkv_heads(r, k, v, w[a + "decay"], w[a + "bonus"], wkv)
+        r = self.mm(mix("r"), a + "receptance.weight").view(T, H, N)
+        k = self.mm(mix("k"), a + "key.weight").view(T, H, N)
+        v = self.mm(mix("v"), a + "value.weight").view(T, H, N)
+        out, S = self.wkv5(r, k, v, w[a + "decay"], w[a + "bonus"], wkv)
         out = self.group_norm(out.reshape(T, H * N), a + "ln_x")
         if self.cfg.version is not Version.V5_0:
-            out = out * F.silu(mix("g") @ w[a + "gate.weight"].t())
-        return out @ w[a + "output.weight"].t(), S
+            out = out * F.silu(self.mm(mix("g"), a + "gate.weight"))
+        return self.mm(out, a + "output.weight"), S
 
     channel_mix = RWKV4.channel_mix  # v5 keeps v4's channel mix

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from .base import ANY, RWKVBase
-from .v5 import wkv_heads
+from .v5 import RWKV5
 
 
 class RWKV6(RWKVBase):
+    wkv5 = RWKV5.wkv5  # v6 runs v5's recurrence with a per-token decay
+
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg
         C, A, F_, H, N = cfg.n_embd, cfg.n_att, cfg.n_ffn, cfg.n_head, cfg.head_size
@@ -52,21 +54,21 @@ class RWKV6(RWKVBase):
         xr = x + dx * (w[a + "time_maa_r"] + mr)
         xg = x + dx * (w[a + "time_maa_g"] + mg)
 
-        r = (xr @ w[a + "receptance.weight"].t()).view(T, H, N)
-        k = (xk @ w[a + "key.weight"].t()).view(T, H, N)
-        v = (xv @ w[a + "value.weight"].t()).view(T, H, N)
-        g = F.silu(xg @ w[a + "gate.weight"].t())
+        r = self.mm(xr, a + "receptance.weight").view(T, H, N)
+        k = self.mm(xk, a + "key.weight").view(T, H, N)
+        v = self.mm(xv, a + "value.weight").view(T, H, N)
+        g = F.silu(self.mm(xg, a + "gate.weight"))
         d = w[a + "time_decay"] + torch.tanh(xw @ w[a + "time_decay_w1"]) @ w[a + "time_decay_w2"]
         decay = torch.exp(-torch.exp(d)).view(T, H, N)
 
-        out, S = wkv_heads(r, k, v, decay, w[a + "time_faaaa"], wkv)
+        out, S = self.wkv5(r, k, v, decay, w[a + "time_faaaa"], wkv)
         out = self.group_norm(out.reshape(T, H * N), a + "ln_x") * g
-        return out @ w[a + "output.weight"].t(), S
+        return self.mm(out, a + "output.weight"), S
 
     def channel_mix(self, i, x, ffn_x):
         w = self.w
         f = f"blocks.{i}.ffn."
         dx = self.shift(x, ffn_x) - x
-        k = torch.relu((x + dx * w[f + "time_maa_k"]) @ w[f + "key.weight"].t()) ** 2
-        r = torch.sigmoid((x + dx * w[f + "time_maa_r"]) @ w[f + "receptance.weight"].t())
-        return r * (k @ w[f + "value.weight"].t())
+        k = torch.relu(self.mm(x + dx * w[f + "time_maa_k"], f + "key.weight")) ** 2
+        r = torch.sigmoid(self.mm(x + dx * w[f + "time_maa_r"], f + "receptance.weight"))
+        return r * self.mm(k, f + "value.weight")

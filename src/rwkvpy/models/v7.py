@@ -23,6 +23,19 @@ from .base import ANY, RWKVBase
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^{-0.5} sigmoid(.)) = exp(-softplus(-.) - 0.5) in log form
 
 
+def wkv7(r, w, k, v, kk, a, S):
+    """The v7 recurrence, one token at a time.
+
+    r, w, k, v, kk, a (T, H, N); S (H, N_v, N_k). Returns out (T, H, N) and the final S.
+    """
+    out = torch.empty_like(v)
+    for t in range(r.shape[0]):
+        removal = (S @ (-kk[t]).unsqueeze(-1)) @ (kk[t] * a[t]).unsqueeze(-2)   # (H, N, N)
+        S = S * w[t].unsqueeze(-2) + removal + v[t].unsqueeze(-1) * k[t].unsqueeze(-2)
+        out[t] = (S @ r[t].unsqueeze(-1)).squeeze(-1)
+    return out, S
+
+
 class RWKV7(RWKVBase):
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg
@@ -49,9 +62,9 @@ class RWKV7(RWKVBase):
         dx = self.shift(x, att_x) - x                                     # (T, C)
         xr, xw, xk, xv, xa, xg = (x + dx * w[a + "x_" + n] for n in "rwkvag")
 
-        r = xr @ w[a + "receptance.weight"].t()                           # (T, A)
-        k = xk @ w[a + "key.weight"].t()
-        v = xv @ w[a + "value.weight"].t()
+        r = self.mm(xr, a + "receptance.weight")                           # (T, A)
+        k = self.mm(xk, a + "key.weight")
+        v = self.mm(xv, a + "value.weight")
         d = w[a + "w0"] + torch.tanh(xw @ w[a + "w1"]) @ w[a + "w2"]
         decay = torch.exp(-DECAY_SCALE * torch.sigmoid(d))               # (T, A) in (0, 1)
         iclr = torch.sigmoid(w[a + "a0"] + (xa @ w[a + "a1"]) @ w[a + "a2"])
@@ -67,20 +80,16 @@ class RWKV7(RWKVBase):
 
         rh, kh, vh = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
         wh, kkh, ah = decay.view(T, H, N), kk.view(T, H, N), iclr.view(T, H, N)
-        S = wkv                                                           # (H, N_v, N_k)
-        out = torch.empty_like(vh)
-        for t in range(T):
-            removal = (S @ (-kkh[t]).unsqueeze(-1)) @ (kkh[t] * ah[t]).unsqueeze(-2)
-            S = S * wh[t].unsqueeze(-2) + removal + vh[t].unsqueeze(-1) * kh[t].unsqueeze(-2)
-            out[t] = (S @ rh[t].unsqueeze(-1)).squeeze(-1)
+        fast = self.backend.wkv7
+        out, S = (fast if fast is not None and T > 1 else wkv7)(rh, wh, kh, vh, kkh, ah, wkv)
 
         out = self.group_norm(out.reshape(T, H * N), a + "ln_x")
         bonus = (rh * kh * w[a + "r_k"]).sum(-1, keepdim=True) * vh       # (T, H, N)
         out = (out + bonus.reshape(T, -1)) * g
-        return out @ w[a + "output.weight"].t(), S
+        return self.mm(out, a + "output.weight"), S
 
     def channel_mix(self, i, x, ffn_x):
         w = self.w
         f = f"blocks.{i}.ffn."
         xk = x + (self.shift(x, ffn_x) - x) * w[f + "x_k"]
-        return (torch.relu(xk @ w[f + "key.weight"].t()) ** 2) @ w[f + "value.weight"].t()
+        return self.mm(torch.relu(self.mm(xk, f + "key.weight")) ** 2, f + "value.weight")
