@@ -1,0 +1,100 @@
+"""GPT-NeoX (Pile) tokenizer through Hugging Face's ``tokenizers`` library.
+
+RWKV-4 Pile models use EleutherAI's 20B tokenizer (``20B_tokenizer.json``, 50277 ids; some
+models pad their vocabulary to 50304). Any ``tokenizer.json`` works.
+
+Byte-level BPE tokenizers (decoder ``ByteLevel``, as the 20B one) decode token by token to exact
+bytes, so a token that ends inside a UTF-8 character streams correctly (see ``StreamDecoder``):
+each token's text is mapped back through the byte <-> printable-character table of byte-level
+BPE; a token with a character outside that table (an added token such as a run of spaces) stands
+for its own UTF-8 bytes, which is what ``tokenizers`` does. Special added tokens (such as
+``<|endoftext|>``) decode to nothing, as ``tokenizers``' own ``decode`` skips them. For other
+decoders, ``decode_bytes`` is ``tokenizers``' ``decode`` as UTF-8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Tokenizer, TokenizerError, id_list, utf8
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character of each byte -> the byte.
+
+    Bytes that are printable Latin-1 characters ('!'..'~', '\u00a1'..'\u00ac', '\u00ae'..'\u00ff')
+    stand for themselves; the other 68 bytes, in increasing order, take the characters
+    U+0100, U+0101, ... in turn.
+    """
+    printable = (set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD))
+                 | set(range(0xAE, 0x100)))
+    table: dict[str, int] = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(0x100 + extra)] = b
+            extra += 1
+    return table
+
+
+class NeoXTokenizer(Tokenizer):
+    """A ``tokenizers`` tokenizer from a ``tokenizer.json`` file (for example the 20B one)."""
+
+    name = "neox"
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+            from tokenizers import decoders
+        except ImportError:
+            raise TokenizerError("NeoXTokenizer needs the 'tokenizers' package: "
+                                 "pip install tokenizers") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TokenizerError(f"{self.path}: tokenizer file not found")
+        try:
+            self._tok = HFTokenizer.from_file(str(self.path))
+        except Exception as e:  # the library raises its own Exception type
+            raise TokenizerError(f"{self.path}: not a tokenizers JSON file: {e}") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._table = None
+        if isinstance(self._tok.decoder, decoders.ByteLevel):
+            self._table = self._byte_table()
+
+    def _byte_table(self) -> list[bytes]:
+        chars = _byte_level_chars()
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        table = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or i in special:
+                table.append(b"")
+                continue
+            try:
+                table.append(bytes([chars[c] for c in piece]))
+            except KeyError:
+                table.append(piece.encode("utf-8"))
+        return table
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            utf8(text, "NeoXTokenizer")  # raises the usual TokenizerError
+        try:
+            return self._tok.encode(text).ids
+        except Exception as e:  # lone surrogates, or the library's own failures
+            utf8(text, "NeoXTokenizer")
+            raise TokenizerError(f"NeoXTokenizer.encode: {e}") from None
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = id_list(ids, self.vocab_size, "NeoXTokenizer.decode")
+        if self._table is not None:
+            table = self._table
+            return b"".join([table[i] for i in ids])
+        return self._tok.decode(ids).encode("utf-8")
+
+    def decode(self, ids) -> str:
+        if self._table is not None:
+            return super().decode(ids)
+        return self._tok.decode(id_list(ids, self.vocab_size, "NeoXTokenizer.decode"))

@@ -1,0 +1,187 @@
+"""generate() and stream() on the tiny trained RWKV v7 byte model (vocab 256, token = byte)."""
+
+import pytest
+import torch
+
+import rwkvpy
+from conftest import fixture_path
+from rwkvpy.generate import (GenerationError, GenerationResult, _held_back, generate, stream)
+from rwkvpy.sampling import SamplingParams
+from rwkvpy.tokenizers import ByteTokenizer, TokenizerError
+
+PROMPT = "In the beginning"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model runs 3-4x faster on one thread (and no slower on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def greedy_run(model, tok):
+    """Greedy continuation of PROMPT, computed token by token with plain forward calls."""
+    state = None
+    for t in tok.encode(PROMPT):
+        logits, state = model.forward([t], state)
+    tokens = []
+    for _ in range(40):
+        t = int(torch.argmax(logits))
+        tokens.append(t)
+        logits, state = model.forward([t], state)
+    return tokens, tok.decode(tokens)
+
+
+class Spy:
+    """A model that records the length of every forward call."""
+
+    def __init__(self, model):
+        self.model, self.config, self.calls = model, model.config, []
+
+    def forward(self, tokens, state=None, all_logits=False):
+        self.calls.append(len(tokens))
+        return self.model.forward(tokens, state, all_logits=all_logits)
+
+
+def test_greedy_equals_step_by_step_argmax(model, tok, greedy_run):
+    tokens, text = greedy_run
+    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40))
+    assert isinstance(r, GenerationResult)
+    assert r.tokens == tokens and r.text == text
+    assert (r.finish_reason, r.prompt_tokens, r.completion_tokens) == ("length", 16, 40)
+    assert r.timings.prompt_seconds > 0 and r.timings.tokens_per_second > 0
+    r = generate(model, tok, PROMPT, SamplingParams(temperature=0, top_p=0.5, max_tokens=10))
+    assert r.tokens == tokens[:10]
+
+
+def test_prompt_in_one_forward_call(model, tok):
+    spy = Spy(model)
+    r = generate(spy, tok, PROMPT, SamplingParams(seed=1, max_tokens=5))
+    assert spy.calls == [len(PROMPT)] + [1] * 5
+    assert r.completion_tokens == 5
+
+
+def test_same_seed_same_text(model, tok):
+    params = SamplingParams(seed=1234, temperature=0.9, top_p=0.9, max_tokens=30)
+    a = generate(model, tok, PROMPT, params)
+    b = generate(model, tok, PROMPT, params)
+    assert (a.text, a.tokens) == (b.text, b.tokens) and a.seed == b.seed == 1234
+    c = generate(model, tok, PROMPT, SamplingParams(seed=4321, temperature=0.9, top_p=0.9,
+                                                     max_tokens=30))
+    assert c.tokens != a.tokens
+    s = stream(model, tok, PROMPT, params)
+    assert "".join(s) == a.text and s.result.tokens == a.tokens
+
+
+def test_unseeded_run_reports_its_seed(model, tok):
+    r = generate(model, tok, PROMPT, SamplingParams(max_tokens=10, temperature=1.5))
+    again = generate(model, tok, PROMPT, SamplingParams(max_tokens=10, temperature=1.5,
+                                                         seed=r.seed))
+    assert again.tokens == r.tokens
+
+
+def test_max_tokens(model, tok):
+    r = generate(model, tok, PROMPT, SamplingParams(seed=3, max_tokens=7))
+    assert len(r.tokens) == r.completion_tokens == 7 and r.finish_reason == "length"
+    r = generate(model, tok, PROMPT, SamplingParams(max_tokens=0))
+    assert (r.text, r.tokens, r.finish_reason, r.completion_tokens) == ("", [], "length", 0)
+
+
+def test_stop_string_never_emitted(model, tok, greedy_run):
+    _, text = greedy_run
+    stop = text[6:9]
+    at = text.find(stop)
+    s = stream(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40, stop=["zzz", stop]))
+    pieces = list(s)
+    r = s.result
+    assert r.text == "".join(pieces) == text[:at]
+    assert (r.finish_reason, r.stop) == ("stop", stop)
+    assert all(stop not in p for p in pieces)
+    # the tokens up to the one that completed the stop string were generated and consumed
+    assert r.tokens == tok.encode(text[:at + len(stop)])
+
+
+def test_text_that_might_start_a_stop_string_is_held_then_released(model, tok, greedy_run):
+    _, text = greedy_run
+    stop = text[-2:] + "\x00"  # its first two characters end the output: held back until the end
+    s = stream(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40, stop=stop))
+    pieces = list(s)
+    assert "".join(pieces) == s.result.text == text and s.result.finish_reason == "length"
+    assert pieces[-1].endswith(text[-2:])
+
+
+def test_held_back():
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["world"]) == 0
+    assert _held_back("ab", ["abc", "b"]) == 2
+    assert _held_back("xa", ["aaa", "ab"]) == 1
+    assert _held_back("", ["ab"]) == 0
+
+
+def test_stop_token(model, tok, greedy_run):
+    tokens, text = greedy_run
+    stop_id = tokens[5]
+    first = tokens.index(stop_id)
+    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40,
+                                                     stop_tokens=[stop_id]))
+    assert r.tokens == tokens[:first] and r.text == tok.decode(tokens[:first])
+    assert (r.finish_reason, r.stop, r.completion_tokens) == ("stop", stop_id, first + 1)
+
+
+def test_final_state_has_seen_prompt_and_tokens(model, tok):
+    r = generate(model, tok, PROMPT, SamplingParams(seed=9, max_tokens=12))
+    nxt = tok.encode(" and")
+    cont, _ = model.forward(nxt, r.state)
+    whole, _ = model.forward(tok.encode(PROMPT) + r.tokens + nxt, None)
+    assert torch.allclose(cont, whole, atol=1e-4)
+    # generation can continue from a state
+    r2 = generate(model, tok, " and", SamplingParams(greedy=True, max_tokens=5), state=r.state)
+    ref = generate(model, tok, tok.encode(PROMPT) + r.tokens + nxt,
+                   SamplingParams(greedy=True, max_tokens=5))
+    assert r2.tokens == ref.tokens
+
+
+def test_presence_penalty_prevents_repeats(model, tok):
+    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=20,
+                                                     presence_penalty=100.0, penalty_decay=1.0))
+    assert len(set(r.tokens)) == len(r.tokens) == 20
+    plain = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=20))
+    assert len(set(plain.tokens)) < 20
+
+
+def test_stream_is_utf8_safe(model, tok):
+    """Random bytes from a hot sampler: pieces are whole characters (or U+FFFD) and add up to
+    decoding all tokens at once."""
+    s = stream(model, tok, PROMPT, SamplingParams(seed=0, temperature=3.0, max_tokens=60))
+    pieces = list(s)
+    assert "".join(pieces) == tok.decode(s.result.tokens) == s.result.text
+    assert all(p for p in pieces)
+
+
+def test_bad_arguments(model, tok):
+    with pytest.raises(GenerationError, match="empty"):
+        generate(model, tok, "", SamplingParams())
+    with pytest.raises(GenerationError, match="SamplingParams"):
+        generate(model, tok, PROMPT, {"temperature": 1.0})
+    with pytest.raises(GenerationError, match="stop token"):
+        generate(model, tok, PROMPT, SamplingParams(stop_tokens=[300]))
+
+    class Big(ByteTokenizer):
+        vocab_size = 1000
+        name = "big"
+
+    with pytest.raises(TokenizerError, match=r"1000.*256"):
+        generate(model, Big(), PROMPT)
