@@ -36,14 +36,74 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    say = None if (args.quiet or args.json) else (lambda m: print(f"... {m}", file=sys.stderr))
+    r = bench.run(args.model, tokens=args.tokens, prompt=args.prompt, mode=args.mode,
+                  threads=args.threads, progress=say)
+    print(json.dumps(r) if args.json else bench.format_report(r))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    result = convert(args.src, args.dst, type=args.type, quantize_head=args.quantize_head,
+                     force=args.force, progress=not args.quiet, tokenizer=args.tokenizer)
+    if not args.quiet:
+        print(result.summary())
+    return 0
+
+
+def _add_convert_options(p) -> None:
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize head.weight too (kept F16 by default, as rwkv.cpp does)")
+    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--tokenizer", metavar="KIND", default=None,
+                   help="world, neox or bytes: stored in a GGUF (default: from the source, or "
+                        "guessed from the vocabulary size)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rwkvpy", description="Fast RWKV inference in Python.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     info = sub.add_parser("info", help="show what a model file holds")
-    info.add_argument("model", help="model file (.bin or .pth)")
+    info.add_argument("model", help="model file (.bin, .pth, .gguf, .safetensors) or HF folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="measure per-token latency, prompt speed, load time, memory")
+    b.add_argument("model", help="model file")
+    b.add_argument("--tokens", type=int, default=32, help="decode steps timed (default 32)")
+    b.add_argument("--prompt", type=int, default=512, help="prompt length (default 512)")
+    b.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    b.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--quiet", action="store_true", help="no progress messages")
+    b.set_defaults(func=cmd_bench)
+
+    types = "f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0"
+    conv = sub.add_parser(
+        "convert", help="convert a model to GGUF (.gguf) or rwkv.cpp (.bin), optionally quantized",
+        description="Convert SRC (.pth, .bin, .gguf, .safetensors or a Hugging Face folder) to "
+                    "DST; the extension of DST picks the format: .gguf or .bin (rwkv.cpp).")
+    conv.add_argument("src", help="source model file or Hugging Face folder")
+    conv.add_argument("dst", help="output file: .gguf or .bin")
+    conv.add_argument("--type", default="f16", metavar="TYPE",
+                      help=f"type of the matrices: {types} (default f16)")
+    _add_convert_options(conv)
+    conv.set_defaults(func=cmd_convert)
+
+    quant = sub.add_parser("quantize", help="short form of convert: rwkvpy quantize SRC DST TYPE",
+                           description="Same as 'rwkvpy convert SRC DST --type TYPE'.")
+    quant.add_argument("src", help="source model file or Hugging Face folder")
+    quant.add_argument("dst", help="output file: .gguf or .bin")
+    quant.add_argument("type", metavar="TYPE", help=types)
+    _add_convert_options(quant)
+    quant.set_defaults(func=cmd_convert)
     return p
 
 

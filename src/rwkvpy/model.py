@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 
 from . import formats, models
-from .errors import StateError, TokenError
+from .errors import RwkvpyError, StateError, TokenError
 from .models.config import ModelConfig, Version
 from .state import State
 
@@ -66,24 +68,49 @@ def describe(ckpt: formats.Checkpoint, cfg: ModelConfig) -> ModelInfo:
 class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
-    def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig):
+    def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast"):
+        from .kernels.backend import make_backend
+
         self.config = cfg
+        self.mode = mode
         self.info = describe(ckpt, cfg)
-        self._net = models.build(cfg, ckpt.tensors, ckpt.path)
+        self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode))
+        self._step = None
+        self._fingerprint = None
+        if mode != "reference":
+            from .kernels.fused import FusedStep
+
+            self._step = FusedStep(self._net)
 
     # -- states ------------------------------------------------------------------------------
     def new_state(self) -> State:
         return State.zeros(self.config)
 
-    def _check_state(self, state: State) -> None:
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the model's weights across file formats and quantizations: a hash of the
+        dims and of vectors every format keeps in float (the layer norms), rounded to bf16."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(repr((self.config.version.value, self.config.n_embd,
+                                     self.config.n_layer, self.config.vocab_size)).encode())
+            for name in ("ln_out.weight", "ln_out.bias", "blocks.0.ln1.weight", "blocks.0.ln2.bias"):
+                h.update(self._net.w[name].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def check_state(self, state: State, source: str = "state") -> None:
+        """Raise StateError unless the state fits this model (and was made by it, if known)."""
         cfg = self.config
         want = State.zeros(cfg, device="meta")
         if (not isinstance(state, State) or state.version is not cfg.version
                 or state.att_x.shape != want.att_x.shape or state.wkv.shape != want.wkv.shape):
             got = (f"{state.version.label}, wkv {tuple(state.wkv.shape)}"
                    if isinstance(state, State) else type(state).__name__)
-            raise StateError(f"state ({got}) does not fit this model ({cfg.version.label}, "
+            raise StateError(f"{source} ({got}) does not fit this model ({cfg.version.label}, "
                              f"wkv {tuple(want.wkv.shape)})")
+        if state.model_fingerprint and state.model_fingerprint != self.fingerprint:
+            raise StateError(f"{source} was made by another model (fingerprint "
+                             f"{state.model_fingerprint}, this model is {self.fingerprint})")
 
     # -- running ------------------------------------------------------------------------------
     def _tokens(self, tokens) -> torch.Tensor:
@@ -114,9 +141,16 @@ class Model:
         if state is None:
             state = self.new_state()
         else:
-            self._check_state(state)
-        x, new = self._net.hidden(t, state)
-        logits = self._net.head(x if all_logits else x[-1])
+            self.check_state(state)
+        if self._step is not None and t.shape[0] == 1:
+            x, new = self._step(int(t[0]), state)
+        else:
+            x, new = self._net.hidden(t, state)
+        logits = self._net.head(x if all_logits or x.dim() == 1 else x[-1])
+        if all_logits and logits.dim() == 1:
+            logits = logits.unsqueeze(0)
+        new = dataclasses.replace(new, model_fingerprint=self.fingerprint,
+                                  last_logits=(logits[-1] if all_logits else logits).clone())
         return logits, new
 
     def __repr__(self) -> str:
@@ -130,9 +164,46 @@ def _read(path):
     return ckpt, models.config_from_shapes(ckpt.shapes, ckpt.path, ln_x_eps=ckpt.ln_x_eps)
 
 
-def load(path) -> Model:
-    """Load an RWKV model from an rwkv.cpp ``.bin`` or a BlinkDL ``.pth`` (detected from content)."""
-    return Model(*_read(path))
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads not counted)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = phys = core = None
+            for line in f:
+                key, _, val = line.partition(":")
+                key, val = key.strip(), val.strip()
+                if key == "processor":
+                    cpu = int(val)
+                elif key == "physical id":
+                    phys = val
+                elif key == "core id":
+                    core = val
+                elif not key and cpu is not None:
+                    if cpu in allowed:
+                        cores.add((phys, core if core is not None else cpu))
+                    cpu = phys = core = None
+            if cpu is not None and cpu in allowed:
+                cores.add((phys, core if core is not None else cpu))
+    except OSError:  # pragma: no cover
+        pass
+    return max(1, len(cores) if cores else len(allowed))
+
+
+def load(path, *, mode: str = "fast", threads: int | None = None) -> Model:
+    """Load an RWKV model from an rwkv.cpp ``.bin`` or a BlinkDL ``.pth`` (detected from content).
+
+    mode: "fast" (default), "exact" or "reference" (see rwkvpy.kernels.backend).
+    threads: torch's intra-op thread count for this process (default: physical cores).
+    """
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
+    torch.set_num_threads(threads or physical_cores())
+    return Model(*_read(path), mode=mode)
 
 
 def inspect(path) -> ModelInfo:

@@ -1,0 +1,37 @@
+"""Assembles the fast paths into a :class:`~rwkvpy.models.base.Backend` for a mode.
+
+Modes:
+- ``"reference"``: the float32 model code as written in models/ (the oracle of every test).
+- ``"exact"``: the same numbers up to float32 summation order: weights exactly as stored
+  (dequantized exactly), float32 activations, chunked recurrences for sequences, fused glue for
+  single tokens.
+- ``"fast"`` (default): like exact, but uses a lossy kernel where it is much faster, each one
+  chosen by measurement and documented in kernels/linear.py (e.g. bf16 activations on torch's
+  int4 kernel for Q4_0/Q4_1).
+"""
+
+from __future__ import annotations
+
+from ..errors import RwkvpyError
+from ..models.base import REFERENCE, Backend, Float32Linear
+
+MODES = ("fast", "exact", "reference")
+
+
+def make_backend(mode: str) -> Backend:
+    if mode not in MODES:
+        raise RwkvpyError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "reference":
+        return REFERENCE
+    from .wkv import wkv5_chunked, wkv7_chunked
+
+    try:
+        from .linear import make_linear
+    except ImportError:  # pragma: no cover - while kernels.linear is absent
+        def make_linear(w, policy="exact"):
+            return Float32Linear(w)
+
+    def linear(w):
+        return make_linear(w, policy=mode)
+
+    return Backend(name=mode, make_linear=linear, wkv5=wkv5_chunked, wkv7=wkv7_chunked)

@@ -1,0 +1,283 @@
+"""One-token decode with the per-token glue fused into numba kernels.
+
+For T = 1 the matrix-vector products are memory-bound and fast (see kernels.linear); what costs
+is everything between them: dozens of tiny torch ops per layer, ~1 us each. Here each version's
+recurrence, decay, normalisations and gates run in one serial numba function per layer that
+works in place on numpy views of torch tensors (no copies, no second thread pool).
+
+The math is that of models/v4.py ... v7.py; tests/test_kernels_fused.py holds each step to the
+float32 reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.config import Version
+from ..state import State
+
+DECAY_SCALE = math.exp(-0.5)
+
+
+@numba.njit(cache=True, nogil=True)
+def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
+             S, y):
+    """v7 time mix after the projections, for one token, all heads; S updated in place.
+
+    r, k, v, wl, al, vl, g (C,) float32; vfirst (C,) read (or written when first);
+    S (H, N, N) as in models/v7.py; y (C,) receives (group_norm(S r) + bonus) * g.
+    """
+    H, N = S.shape[0], S.shape[1]
+    kk = np.empty(N, np.float32)
+    kt = np.empty(N, np.float32)
+    ka = np.empty(N, np.float32)
+    w = np.empty(N, np.float32)
+    vv = np.empty(N, np.float32)
+    out = np.empty(N, np.float32)
+    for h in range(H):
+        b = h * N
+        ss = np.float32(0.0)
+        for j in range(N):
+            x = k[b + j] * k_k[b + j]
+            kk[j] = x
+            ss += x * x
+        nrm = max(np.float32(math.sqrt(ss)), np.float32(1e-12))
+        for j in range(N):
+            c = b + j
+            kk[j] = kk[j] / nrm
+            a = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-(a0[c] + al[c]))))
+            kt[j] = k[c] * (np.float32(1.0) + (a - np.float32(1.0)) * k_a[c])
+            ka[j] = kk[j] * a
+            sg = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-(w0[c] + wl[c]))))
+            w[j] = np.float32(math.exp(-DECAY_SCALE * sg))
+            if first:
+                vfirst[c] = v[c]
+                vv[j] = v[c]
+            else:
+                gate = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-(v0[c] + vl[c]))))
+                vv[j] = v[c] + (vfirst[c] - v[c]) * gate
+        for i in range(N):
+            sa = np.float32(0.0)
+            for j in range(N):
+                sa -= S[h, i, j] * kk[j]
+            acc = np.float32(0.0)
+            vi = vv[i]
+            for j in range(N):
+                s = S[h, i, j] * w[j] + sa * ka[j] + vi * kt[j]
+                S[h, i, j] = s
+                acc += s * r[b + j]
+            out[i] = acc
+        mean = np.float32(0.0)
+        for i in range(N):
+            mean += out[i]
+        mean /= N
+        var = np.float32(0.0)
+        for i in range(N):
+            d = out[i] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.float32(math.sqrt(var / N + eps))
+        bonus = np.float32(0.0)
+        for j in range(N):
+            bonus += r[b + j] * kt[j] * r_k[h, j]
+        for i in range(N):
+            c = b + i
+            y[c] = ((out[i] - mean) * inv * lnw[c] + lnb[c] + bonus * vv[i]) * g[c]
+
+
+@numba.njit(cache=True, nogil=True)
+def _v5_core(r, k, v, w, u, lnw, lnb, eps, S, y):
+    """v5/v6 time mix for one token: out = r (u k^T v + S), S = k^T v + w S, then group norm.
+
+    r, k, v (C,); w, u (C,) decay and bonus per channel; S (H, N, N) (key, value); y (C,).
+    """
+    H, N = S.shape[0], S.shape[1]
+    out = np.empty(N, np.float32)
+    for h in range(H):
+        b = h * N
+        for i in range(N):
+            out[i] = 0.0
+        for j in range(N):  # key index
+            rj, kj, wj, uj = r[b + j], k[b + j], w[b + j], u[b + j]
+            for i in range(N):  # value index
+                kv = kj * v[b + i]
+                out[i] += rj * (uj * kv + S[h, j, i])
+                S[h, j, i] = kv + wj * S[h, j, i]
+        mean = np.float32(0.0)
+        for i in range(N):
+            mean += out[i]
+        mean /= N
+        var = np.float32(0.0)
+        for i in range(N):
+            d = out[i] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.float32(math.sqrt(var / N + eps))
+        for i in range(N):
+            y[b + i] = (out[i] - mean) * inv * lnw[b + i] + lnb[b + i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _v4_core(r, k, v, decay, u, aa, bb, pp, y):
+    """v4 WKV for one token with the numerically safe exponent pp; aa, bb, pp updated in place."""
+    for c in range(k.shape[0]):
+        kc, vc = k[c], v[c]
+        ww = u[c] + kc
+        p = max(pp[c], ww)
+        e1 = np.float32(math.exp(pp[c] - p))
+        e2 = np.float32(math.exp(ww - p))
+        y[c] = r[c] * (e1 * aa[c] + e2 * vc) / (e1 * bb[c] + e2)
+        ww = decay[c] + pp[c]
+        p = max(ww, kc)
+        e1 = np.float32(math.exp(ww - p))
+        e2 = np.float32(math.exp(kc - p))
+        aa[c] = e1 * aa[c] + e2 * vc
+        bb[c] = e1 * bb[c] + e2
+        pp[c] = p
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+class FusedStep:
+    """Runs one token through a built model (models.vX instance) with fused glue.
+
+    Holds no weights of its own beyond small per-layer views/stacks of the model's vectors.
+    """
+
+    def __init__(self, net):
+        self.net = net
+        self.cfg = net.cfg
+        w, L = net.w, net.cfg.n_layer
+        self.layers = []
+        v = self.cfg.version
+        for i in range(L):
+            a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+            d = {}
+            if v is Version.V7:
+                d["mix"] = torch.stack([w[a + "x_" + n] for n in "rwkvag"])        # (6, C)
+                d["np"] = [_np(w[a + n]) for n in ("w0", "a0")] + [
+                    _np(w[a + "v0"]) if i > 0 else np.zeros(1, np.float32)] + [
+                    _np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")]
+            elif v is Version.V6:
+                d["maa"] = torch.stack([w[a + "time_maa_" + n] for n in "wkvrg"])  # (5, C)
+                d["u"] = _np(w[a + "time_faaaa"].reshape(-1).contiguous())
+            elif v in (Version.V5_0, Version.V5_2):
+                names = "rkv" + ("g" if v is Version.V5_2 else "")
+                d["mix"] = torch.stack([w[a + "time_mix_" + n] for n in names])
+                d["w"] = _np(w[a + "decay"].reshape(-1).contiguous())
+                d["u"] = _np(w[a + "bonus"].reshape(-1).contiguous())
+            else:
+                d["mix"] = torch.stack([w[a + "time_mix_" + n] for n in "rkv"])
+            if v is Version.V4 or v in (Version.V5_0, Version.V5_2):
+                d["fmix"] = torch.stack([w[f + "time_mix_k"], w[f + "time_mix_r"]])
+            self.layers.append(d)
+
+    def __call__(self, token: int, state: State):
+        """Returns (x after ln_out (C,), new State). The given state is not modified."""
+        net, cfg, w = self.net, self.cfg, self.net.w
+        s = state.copy()
+        x = net.ln(w["emb.weight"][token].float(), "blocks.0.ln0")
+        ctx = {}
+        tm = {Version.V7: self._tm_v7, Version.V6: self._tm_v6, Version.V4: self._tm_v4}.get(
+            cfg.version, self._tm_v5)
+        for i in range(cfg.n_layer):
+            p = f"blocks.{i}."
+            xx = net.ln(x, p + "ln1")
+            x = x + tm(i, xx, s, ctx)
+            s.att_x[i] = xx
+            xx = net.ln(x, p + "ln2")
+            x = x + self._cm(i, xx, s)
+            s.ffn_x[i] = xx
+        x = net.ln(x, "ln_out")
+        return x, State(s.version, s.att_x, s.ffn_x, s.wkv, state.n_tokens + 1)
+
+    # -- channel mix -----------------------------------------------------------------------------
+    def _cm(self, i, xx, s):
+        net, w, v = self.net, self.net.w, self.cfg.version
+        f = f"blocks.{i}.ffn."
+        dx = s.ffn_x[i] - xx
+        if v is Version.V7:
+            k = torch.relu(net.mm(xx + dx * w[f + "x_k"], f + "key.weight"))
+            return net.mm(k * k, f + "value.weight")
+        if v is Version.V6:
+            xk, xr = xx + dx * w[f + "time_maa_k"], xx + dx * w[f + "time_maa_r"]
+        else:  # v4/v5: x*m + prev*(1-m) = prev + (x - prev)*m
+            xk, xr = s.ffn_x[i] - dx * self.layers[i]["fmix"]
+        k = torch.relu(net.mm(xk, f + "key.weight"))
+        return torch.sigmoid(net.mm(xr, f + "receptance.weight")) * net.mm(k * k, f + "value.weight")
+
+    # -- time mix --------------------------------------------------------------------------------
+    def _tm_v7(self, i, xx, s, ctx):
+        net, w, d = self.net, self.net.w, self.layers[i]
+        a = f"blocks.{i}.att."
+        xr, xw, xk, xv, xa, xg = xx + (s.att_x[i] - xx) * d["mix"]
+        r = net.mm(xr, a + "receptance.weight")
+        k = net.mm(xk, a + "key.weight")
+        v = net.mm(xv, a + "value.weight")
+        wl = torch.tanh(xw @ w[a + "w1"]) @ w[a + "w2"]
+        al = (xa @ w[a + "a1"]) @ w[a + "a2"]
+        g = torch.sigmoid(xg @ w[a + "g1"]) @ w[a + "g2"]
+        first = i == 0
+        if first:
+            ctx["v_first"] = torch.empty_like(v)
+            vl = wl  # unused
+        else:
+            vl = (xv @ w[a + "v1"]) @ w[a + "v2"]
+        y = torch.empty_like(r)
+        w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
+        _v7_core(_np(r), _np(k), _np(v), _np(ctx["v_first"]), _np(wl), _np(al), _np(vl), _np(g),
+                 first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, np.float32(self.cfg.ln_x_eps),
+                 _np(s.wkv[i]), _np(y))
+        return net.mm(y, a + "output.weight")
+
+    def _tm_v6(self, i, xx, s, ctx):
+        net, w, d = self.net, self.net.w, self.layers[i]
+        a = f"blocks.{i}.att."
+        dx = s.att_x[i] - xx
+        lora = torch.tanh((xx + dx * w[a + "time_maa_x"]) @ w[a + "time_maa_w1"]).view(5, 1, -1)
+        m = torch.bmm(lora, w[a + "time_maa_w2"]).view(5, -1) + d["maa"]
+        xw, xk, xv, xr, xg = xx + dx * m
+        r = net.mm(xr, a + "receptance.weight")
+        k = net.mm(xk, a + "key.weight")
+        v = net.mm(xv, a + "value.weight")
+        g = F.silu(net.mm(xg, a + "gate.weight"))
+        dec = torch.exp(-torch.exp(w[a + "time_decay"] + torch.tanh(xw @ w[a + "time_decay_w1"])
+                                   @ w[a + "time_decay_w2"]))
+        y = torch.empty_like(r)
+        _v5_core(_np(r), _np(k), _np(v), _np(dec), d["u"], _np(w[a + "ln_x.weight"]),
+                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(s.wkv[i]), _np(y))
+        return net.mm(y * g, a + "output.weight")
+
+    def _tm_v5(self, i, xx, s, ctx):
+        net, w, d = self.net, self.net.w, self.layers[i]
+        a = f"blocks.{i}.att."
+        prev = s.att_x[i]
+        mixed = prev + (xx - prev) * d["mix"]
+        r = net.mm(mixed[0], a + "receptance.weight")
+        k = net.mm(mixed[1], a + "key.weight")
+        v = net.mm(mixed[2], a + "value.weight")
+        y = torch.empty_like(r)
+        _v5_core(_np(r), _np(k), _np(v), d["w"], d["u"], _np(w[a + "ln_x.weight"]),
+                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(s.wkv[i]), _np(y))
+        if self.cfg.version is Version.V5_2:
+            y = y * F.silu(net.mm(mixed[3], a + "gate.weight"))
+        return net.mm(y, a + "output.weight")
+
+    def _tm_v4(self, i, xx, s, ctx):
+        net, w, d = self.net, self.net.w, self.layers[i]
+        a = f"blocks.{i}.att."
+        prev = s.att_x[i]
+        mixed = prev + (xx - prev) * d["mix"]
+        r = torch.sigmoid(net.mm(mixed[0], a + "receptance.weight"))
+        k = net.mm(mixed[1], a + "key.weight")
+        v = net.mm(mixed[2], a + "value.weight")
+        y = torch.empty_like(r)
+        st = s.wkv[i]
+        _v4_core(_np(r), _np(k), _np(v), _np(w[a + "decay"]), _np(w[a + "time_first"]),
+                 _np(st[0]), _np(st[1]), _np(st[2]), _np(y))
+        return net.mm(y, a + "output.weight")

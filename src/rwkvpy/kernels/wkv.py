@@ -1,0 +1,384 @@
+"""Chunked parallel (sequence-mode) forms of the RWKV v5/v6 and v7 state recurrences.
+
+The per-token references are :func:`rwkvpy.models.v5.wkv_heads` (v5/v6) and the loop inside
+:meth:`rwkvpy.models.v7.RWKV7.time_mix` (v7). Both are linear in the state, so a prompt of T
+tokens is cut into chunks of L tokens: inside a chunk every token-to-token interaction is a
+(masked) matrix product, computed for all chunks at once, and only the state at the chunk
+boundaries is carried sequentially: T / L small steps instead of T.
+
+Decays
+------
+Per key channel, g_t = w_1 ... w_t is the decay from the chunk start through token t (inclusive)
+and g^-_t = g_{t-1} the exclusive one. A token pair (t, i), i < t, is weighted by g^-_t / g_i
+(v5 outputs and v7 removals: the decays strictly between the two) or g_t / g_i (v7 outputs).
+
+* Fast path: ``(x_t g_t) . (y_i / g_i)``, one matmul over the key channels. Every factor is
+  finite while 1 / g_i is, so a (chunk, head) takes this path only if every channel's decay over
+  the whole chunk, g_L, is at least :data:`SAFE_DECAY` = e^-60; the masked (i > t) entries, at
+  most e^60 |x||y|, are then finite too and are zeroed. This covers v7 always (log w >= -e^-0.5:
+  a chunk of 64 decays by at most e^-38.8) and v5/v6 with ordinary decays.
+* Exact path for the other (chunk, head) pairs (extreme decays such as w = exp(-e^5), which is 0
+  in float32): float64 cumulative log decays and a hierarchical split of the pair matrix
+  (:func:`_lower_scores`) in which every exponent that reaches ``exp`` is <= 0, so nothing can
+  overflow at any decay, and a factor that underflows belongs to a product below float32 range.
+
+v7 (generalised delta rule, state S (N_v, N_k))::
+
+    S_t = S_{t-1} (diag(w_t) + alpha_t beta_t^T) + v_t k_t^T,   out_t = S_t r_t,
+    alpha = -kk,  beta = kk * a
+
+Inside a chunk, write u_t = S_{t-1} alpha_t (what the rank-one update removes). With
+S~_t = S_t diag(g_t)^-1 the recurrence unrolls to
+S~_t = S_0 + sum_{i<=t} (u_i beta_i^T + v_i k_i^T) diag(g_i)^-1, hence for all t of a chunk
+
+    (I - M_ab) U = A~ S_0^T + M_ak V          (WY / UT form: one unit-lower-triangular inverse)
+    Out = R~ S_0^T + M_rb U + M_rk V
+    S_L^T = diag(g_L) S_0^T + B~^T U + K~^T V
+
+with A~ = alpha g^-, R~ = r g, B~ = beta g_L / g, K~ = k g_L / g and the decay-weighted pair
+matrices M_xy[t, i] = sum_c x_tc y_ic (g_tc or g^-_tc) / g_ic (strict for alpha rows, inclusive
+for r rows). The triangular inverse is a blockwise recursion (:func:`_unit_lower_inverse`).
+Per chunk the sequential part is three small batched matmul-adds.
+
+Memory
+------
+Scratch tensors come from a per-thread buffer that is kept between calls (at most
+:data:`SCRATCH_BYTES`; long sequences are processed in groups of chunks that fit it): fresh
+multi-megabyte allocations are returned to the OS by malloc and page-faulted back on every call,
+which costs more than the arithmetic here. :func:`release_scratch` frees the buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import torch
+
+__all__ = ["wkv5_chunked", "wkv7_chunked", "release_scratch",
+           "V5_CHUNK", "V7_CHUNK", "SAFE_DECAY", "SCRATCH_BYTES"]
+
+# Default chunk lengths (powers of two), measured at T = 512, H = 12, N = 64 with two threads
+# on a 2-core CPU; tests/test_kernels_wkv.py re-measures the speed.
+V5_CHUNK = 32
+V7_CHUNK = 32
+
+# A (chunk, head) takes the fast path when every channel decays by no more than this over the
+# chunk: 1 / g stays <= e^60, far inside float32 range.
+SAFE_DECAY = math.exp(-60.0)
+
+# Upper bound of the per-thread scratch buffer kept between calls.
+SCRATCH_BYTES = 64 << 20
+
+F32 = torch.float32
+_tls = threading.local()
+
+
+def release_scratch():
+    """Free this thread's scratch buffer (it is reallocated by the next call)."""
+    _tls.buf = None
+
+
+class _Arena:
+    """Bump allocator over the thread's scratch buffer; falls back to fresh tensors when full."""
+
+    def __init__(self):
+        self.buf = getattr(_tls, "buf", None)
+        self.off = self.peak = 0
+
+    def take(self, *shape):
+        n = math.prod(shape)
+        end = self.off + n
+        if self.buf is not None and end <= self.buf.numel():
+            t = self.buf[self.off:end].view(shape)
+        else:
+            t = torch.empty(shape, dtype=F32)
+        self.off = (end + 15) & ~15                                     # 64-byte aligned views
+        self.peak = max(self.peak, self.off)
+        return t
+
+    def reset(self):
+        self.off = 0
+
+    def close(self):
+        if self.peak * 4 <= SCRATCH_BYTES and (self.buf is None or self.peak > self.buf.numel()):
+            _tls.buf = torch.empty(self.peak, dtype=F32)
+
+
+def _chunk_len(chunk, default, T):
+    L = default if chunk is None else int(chunk)
+    if L < 1 or L & (L - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk!r}")
+    return min(L, 1 << max(0, (T - 1).bit_length()))  # no longer than T rounded up to 2^n
+
+
+def _group_len(L, T, floats_per_token):
+    """Tokens per group: a multiple of L whose scratch fits SCRATCH_BYTES (at least one chunk)."""
+    fit = SCRATCH_BYTES // (4 * floats_per_token)
+    return min(max(L, fit // L * L), -(-T // L) * L)
+
+
+def _chunk_into(dst, x, fill=0.0):
+    """x (n, H, N) -> dst (nc, H, L, N), padded with ``fill`` after the n tokens."""
+    n, L = x.shape[0], dst.shape[2]
+    full = n // L
+    if full:
+        dst[:full].copy_(x[:full * L].reshape(full, L, *x.shape[1:]).transpose(1, 2))
+    rem = n - full * L
+    if rem:
+        dst[full, :, :rem].copy_(x[full * L:].transpose(0, 1))
+        dst[full, :, rem:].fill_(fill)
+    return dst
+
+
+def _unchunk_into(dst, y):
+    """y (nc, H, L, N) -> dst (n, H, N), the first n tokens."""
+    n, L = dst.shape[0], y.shape[2]
+    full = n // L
+    if full:
+        dst[:full * L].view(full, L, *dst.shape[1:]).copy_(y[:full].transpose(1, 2))
+    rem = n - full * L
+    if rem:
+        dst[full * L:].copy_(y[full, :, :rem].transpose(0, 1))
+
+
+def _to_chunks(x, L):
+    """A fresh (nc, H, L, N) float32 copy of x (n, H, N), w-style padding with 1 (exact path)."""
+    nc = -(-x.shape[0] // L)
+    return _chunk_into(torch.empty(nc, x.shape[1], L, x.shape[2], dtype=F32), x, 1.0)
+
+
+def _unsafe(gL):
+    """(nc, H) mask of the (chunk, head) pairs that need the exact path; None if there are none."""
+    bad = ~(gL.squeeze(-2).amin(-1) >= SAFE_DECAY)                      # NaN counts as unsafe
+    return bad if bool(bad.any()) else None
+
+
+def _excl_cumprod(x):
+    """Exclusive cumulative product along dim -2: 1, x_0, x_0 x_1, ..."""
+    c = x.cumprod(-2)
+    return torch.cat([torch.ones_like(c[..., :1, :]), c[..., :-1, :]], -2)
+
+
+def _excl_rev_cumprod(x):
+    """Exclusive reverse cumulative product along dim -2: out_i = x_{i+1} ... x_{n-1}."""
+    return _excl_cumprod(x.flip(-2)).flip(-2)
+
+
+def _lower_scores(X, Y, w, inclusive):
+    """M[..., t, i] = sum_c X[t, c] Y[i, c] prod_{i<s<t} w[s, c] (times w[t, c] where
+    ``inclusive[j]`` for the rows of X[..., j, :, :, :]) for i < t; 0 for i >= t.
+
+    X (..., J, 1, L, K), Y (..., 1, J', L, K), w (..., 1, 1, L, K), float32, L a power of two;
+    ``inclusive`` a sequence of J bools. The exact path for any decay: at each level, the pairs
+    between the second half (queries) and the first half (keys) of every block of length b are
+    one matmul, split at the boundary between the halves into a query factor (product of the
+    decays from the boundary on) and a key factor (product of the decays up to the boundary),
+    both direct products of numbers in [0, 1]: no division, no overflow, and a factor that
+    underflows belongs to a product that underflows.
+    """
+    L, K = X.shape[-2:]
+    batch = torch.broadcast_shapes(X.shape[:-2], Y.shape[:-2])
+    M = X.new_zeros(*batch, L, L)
+    b = L
+    while b > 1:
+        h, n = b // 2, L // b
+
+        def split(Z):
+            return Z.reshape(*Z.shape[:-2], n, b, K)
+
+        Xs, Ys, ws = split(X), split(Y), split(w)
+        wq = ws[..., h:, :]
+        excl = _excl_cumprod(wq)
+        qf = torch.cat([excl * wq if inc else excl.expand_as(wq) for inc in inclusive], -5)
+        xq = Xs[..., h:, :] * qf
+        yk = Ys[..., :h, :] * _excl_rev_cumprod(ws[..., :h, :])
+        blk = xq @ yk.transpose(-1, -2)                                  # (..., n, h, h)
+        # the n diagonal (b x b) blocks of M as a view (..., b, b, n); fill their lower-left quadrant
+        diag = torch.diagonal(M.view(*batch, n, b, n, b), dim1=-4, dim2=-2)
+        diag[..., h:, :h, :] = blk.movedim(-3, -1)
+        b = h
+    return M
+
+
+def _unit_lower_inverse(N, out):
+    """out = (I - N)^-1 for strictly lower triangular N (..., L, L), L a power of two.
+
+    Block recursion: inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]], merging diagonal
+    blocks pairwise, all the blocks of a level in one batched matmul. ``out`` must be contiguous.
+    """
+    *batch, L, _ = N.shape
+    out.zero_().diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    if L > 1:
+        out.view(*batch, L // 2, 2, L // 2, 2).diagonal(dim1=-4, dim2=-2)[..., 1, 0, :] = \
+            N.diagonal(-1, dim1=-2, dim2=-1)[..., ::2]
+    b = 2
+    while b < L:
+        n = L // (2 * b)
+        Td = torch.diagonal(out.view(*batch, n, 2 * b, n, 2 * b), dim1=-4, dim2=-2).movedim(-1, -3)
+        Nd = torch.diagonal(N.unflatten(-2, (n, 2 * b)).unflatten(-1, (n, 2 * b)),
+                            dim1=-4, dim2=-2).movedim(-1, -3)
+        Td[..., b:, :b] = Td[..., b:, b:] @ (Nd[..., b:, :b] @ Td[..., :b, :b])
+        b *= 2
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _v7_keep(L):
+    """0/1 causal mask of the (2L, 2L) v7 pair matrix: strictly lower in the alpha rows (a removal
+    sees the state before its token), lower with the diagonal in the r rows."""
+    strict = torch.ones(L, L, dtype=F32).tril_(-1)
+    incl = torch.ones(L, L, dtype=F32).tril_()
+    return torch.cat([strict.repeat(1, 2), incl.repeat(1, 2)])
+
+
+def _flat(x):
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def wkv5_chunked(r, k, v, w, u, S, chunk=None):
+    """The v5/v6 recurrence of :func:`rwkvpy.models.v5.wkv_heads` over a whole sequence.
+
+    r, k (T, H, N_k); v (T, H, N_v); w decay in [0, 1], (H, N_k) or per token (T, H, N_k);
+    u bonus (H, N_k); S (H, N_k, N_v). Per token:
+    out_t = r_t (u * k_t^T v_t + S);  S = k_t^T v_t + w_t * S.
+    Returns out (T, H, N_v) and the final S, float32 (new tensors).
+    ``chunk``: chunk length, a power of two (default :data:`V5_CHUNK`).
+    """
+    T, H, K = k.shape
+    V = v.shape[-1]
+    S = S.to(F32).clone()
+    out = torch.empty(T, H, V, dtype=F32)
+    if T == 0:
+        return out, S
+    L = _chunk_len(chunk, V5_CHUNK, T)
+    if w.dim() == 2:
+        w = w.expand(T, H, K)
+    u = u.to(F32).unsqueeze(-2)                                          # (H, 1, K)
+    G = _group_len(L, T, H * (5 * K + 2 * V + L + 2 * K * V // L))
+    ar = _Arena()
+    for t0 in range(0, T, G):
+        t1 = min(T, t0 + G)
+        ar.reset()
+        S = _wkv5_group(ar, r[t0:t1], k[t0:t1], v[t0:t1], w[t0:t1], u, S, out[t0:t1], L)
+    ar.close()
+    return out, S
+
+
+def _wkv5_group(ar, r, k, v, w, u, S, out, L):
+    n, H, K = k.shape
+    V = v.shape[-1]
+    nc = -(-n // L)
+    rc = _chunk_into(ar.take(nc, H, L, K), r)
+    kc = _chunk_into(ar.take(nc, H, L, K), k)
+    vc = _chunk_into(ar.take(nc, H, L, V), v)
+    g = _chunk_into(ar.take(nc, H, L, K), w, 1.0).cumprod_(-2)         # decay through t
+    gL = g[..., -1:, :].clone()                                          # over the whole chunk
+    bad = _unsafe(gL)
+    if bad is not None:
+        rb, kb, wb = rc[bad], kc[bad], _to_chunks(w, L)[bad]
+    tmp = torch.mul(rc, kc, out=ar.take(nc, H, L, K))
+    bonus = tmp.mul_(u).sum(-1)                                          # r_t . (u * k_t)
+
+    rc[..., 1:, :].mul_(g[..., :-1, :])                                  # r_t g^-_t
+    kc.div_(g)                                                           # k_i / g_i
+    A = torch.matmul(rc, kc.transpose(-1, -2), out=ar.take(nc, H, L, L)).tril_(-1)
+    kc.mul_(gL)                                                          # k_i g_L / g_i
+    if bad is not None:  # 1 / g overflows: exact path (r g^- and g_L are safe as they are)
+        A[bad] = _lower_scores(rb[:, None, None], kb[:, None, None], wb[:, None, None], (False,))[:, 0, 0]
+        kc[bad] = kb * _excl_rev_cumprod(wb)
+    A.diagonal(dim1=-2, dim2=-1).copy_(bonus)
+
+    U = torch.matmul(kc.transpose(-1, -2), vc, out=ar.take(nc, H, K, V))
+    starts = ar.take(nc + 1, H, K, V)                                    # state at each chunk start
+    starts[0].copy_(S)
+    Gt = gL.transpose(-1, -2)                                            # (nc, H, K, 1)
+    for c in range(nc):
+        torch.addcmul(U[c], Gt[c], starts[c], out=starts[c + 1])
+    o = torch.matmul(A, vc, out=ar.take(nc, H, L, V))
+    _flat(o).baddbmm_(_flat(rc), _flat(starts[:nc]))
+    _unchunk_into(out, o)
+    return starts[nc].clone()
+
+
+def wkv7_chunked(r, w, k, v, kk, a, S, chunk=None):
+    """The v7 recurrence (the loop in :meth:`rwkvpy.models.v7.RWKV7.time_mix`) over a whole sequence.
+
+    r, w, k, kk, a (T, H, N_k); v (T, H, N_v); w decay in [0, 1]; S (H, N_v, N_k). Per token:
+    S = S diag(w) + (S (-kk)) (kk * a)^T + v k^T;  out = S r.
+    Returns out (T, H, N_v) and the final S (H, N_v, N_k), float32 (new tensors).
+    ``chunk``: chunk length, a power of two (default :data:`V7_CHUNK`).
+    """
+    T, H, K = k.shape
+    V = v.shape[-1]
+    Z = S.to(F32).transpose(-1, -2).clone()                              # S^T (H, K, V)
+    out = torch.empty(T, H, V, dtype=F32)
+    if T == 0:
+        return out, Z.transpose(-1, -2).contiguous()
+    L = _chunk_len(chunk, V7_CHUNK, T)
+    per_token = H * (9 * K + 5 * V + 7 * L + 2 * K * V // L)
+    G = _group_len(L, T, per_token)
+    ar = _Arena()
+    for t0 in range(0, T, G):
+        t1 = min(T, t0 + G)
+        ar.reset()
+        Z = _wkv7_group(ar, *(x[t0:t1] for x in (r, w, k, v, kk, a)), Z, out[t0:t1], L)
+    ar.close()
+    return out, Z.transpose(-1, -2).contiguous()
+
+
+def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L):
+    n, H, K = k.shape
+    V = v.shape[-1]
+    nc = -(-n // L)
+    rc = _chunk_into(ar.take(nc, H, L, K), r)
+    kc = _chunk_into(ar.take(nc, H, L, K), k)
+    vc = _chunk_into(ar.take(nc, H, L, V), v)
+    kkc = _chunk_into(ar.take(nc, H, L, K), kk)
+    ac = _chunk_into(ar.take(nc, H, L, K), a)
+    g = _chunk_into(ar.take(nc, H, L, K), w, 1.0).cumprod_(-2)
+    gL = g[..., -1:, :].clone()
+    bad = _unsafe(gL)
+    if bad is not None:
+        rb, kb, kkb, ab, wb = rc[bad], kc[bad], kkc[bad], ac[bad], _to_chunks(w, L)[bad]
+
+    # rows: alpha_t g^-_t (strict), r_t g_t (inclusive); columns: beta_i / g_i, k_i / g_i
+    X, Y = ar.take(nc, H, 2 * L, K), ar.take(nc, H, 2 * L, K)
+    Xa, Xr, Yb, Yk = X[..., :L, :], X[..., L:, :], Y[..., :L, :], Y[..., L:, :]
+    Xa[..., :1, :].copy_(kkc[..., :1, :])
+    torch.mul(kkc[..., 1:, :], g[..., :-1, :], out=Xa[..., 1:, :])
+    Xa.neg_()
+    torch.mul(rc, g, out=Xr)
+    ginv = g.reciprocal_()
+    torch.mul(kkc, ac, out=Yb).mul_(ginv)
+    torch.mul(kc, ginv, out=Yk)
+    M = torch.matmul(X, Y.transpose(-1, -2), out=ar.take(nc, H, 2 * L, 2 * L))
+    M.mul_(_v7_keep(L))                    # masked entries are finite here (bad ones are redone)
+    Y.mul_(gL)                                                           # [beta; k] g_L / g
+    if bad is not None:  # 1 / g overflows: exact path (X and g_L are safe as they are)
+        Xb = torch.stack([kkb.neg(), rb], 1)                             # (nb, 2, L, K)
+        Ybk = torch.stack([kkb * ab, kb], 1)
+        Mb = _lower_scores(Xb.unsqueeze(2), Ybk.unsqueeze(1), wb[:, None, None], (False, True))
+        Mb[:, 1].diagonal(dim1=-2, dim2=-1).copy_((Xb[:, 1:] * Ybk).sum(-1))
+        M[bad] = Mb.transpose(2, 3).reshape(-1, 2 * L, 2 * L)
+        Y[bad] = (Ybk * _excl_rev_cumprod(wb).unsqueeze(1)).reshape(-1, 2 * L, K)
+
+    # (I - M_ab) U = Xa S_0^T + M_ak V  =>  U = P S_0^T + Q
+    Tinv = _unit_lower_inverse(M[..., :L, :L], ar.take(nc, H, L, L))
+    P = torch.matmul(Tinv, Xa, out=ar.take(nc, H, L, K))
+    TM = torch.matmul(Tinv, M[..., :L, L:], out=ar.take(nc, H, L, L))
+    Q = torch.matmul(TM, vc, out=ar.take(nc, H, L, V))
+    KV = torch.matmul(Yk.transpose(-1, -2), vc, out=ar.take(nc, H, K, V))
+    U = ar.take(nc, H, L, V)
+    starts = ar.take(nc + 1, H, K, V)                                    # S^T at each chunk start
+    starts[0].copy_(Z)
+    Bt, Gt = Yb.transpose(-1, -2), gL.transpose(-1, -2)
+    for c in range(nc):
+        torch.baddbmm(Q[c], P[c], starts[c], out=U[c])
+        torch.addcmul(KV[c], Gt[c], starts[c], out=starts[c + 1])
+        starts[c + 1].baddbmm_(Bt[c], U[c])
+    o = torch.matmul(Xr, starts[:nc], out=ar.take(nc, H, L, V))
+    _flat(o).baddbmm_(_flat(M[..., L:, :L]), _flat(U)).baddbmm_(_flat(M[..., L:, L:]), _flat(vc))
+    _unchunk_into(out, o)
+    return starts[nc].clone()

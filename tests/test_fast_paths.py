@@ -1,0 +1,94 @@
+"""Every fast path against the float32 reference path (max abs difference of logits).
+
+"exact" mode (fused one-token glue, chunked sequence recurrences, exactly dequantized weights,
+float32 activations) must match the reference to 1e-4 on every fixture.
+"""
+
+import pytest
+import torch
+
+import rwkvpy
+from conftest import REF_MODELS, fixture_path
+
+EXACT_TOL = 1e-4
+
+FILES = [("reference-pth", f"{n}.pth") for n in REF_MODELS] + [
+    ("rwkv-cpp-tiny", f"tiny-rwkv-{m}.bin") for m in (
+        "4v0-660K-FP32", "4v0-660K-Q5_0", "5v1-730K-FP16", "5v2-730K-Q5_1", "6v0-3m-Q5_0",
+        "7v0-834K-FP32", "7v0-834K-Q5_1")]
+
+
+def tokens_for(model, n=40):
+    V = model.config.vocab_size
+    return [(i * 7919 + 13) % V for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=FILES, ids=[f[1] for f in FILES])
+def pair(request):
+    path = fixture_path(*request.param)
+    return rwkvpy.load(path, mode="reference"), rwkvpy.load(path, mode="exact")
+
+
+def test_exact_one_token_steps(pair):
+    ref, fast = pair
+    toks = tokens_for(ref, 24)
+    s1 = s2 = None
+    for tok in toks:
+        a, s1 = ref.forward([tok], s1)
+        b, s2 = fast.forward([tok], s2)
+        assert (a - b).abs().max() < EXACT_TOL
+    assert (s1.wkv - s2.wkv).abs().max() < EXACT_TOL
+    assert s2.n_tokens == len(toks)
+
+
+@pytest.mark.parametrize("T", [2, 17, 40])
+def test_exact_sequence(pair, T):
+    ref, fast = pair
+    toks = tokens_for(ref, T)
+    _, s0 = ref.forward(tokens_for(ref, 5)[::-1], None)  # a nonzero starting state
+    a, sa = ref.forward(toks, s0, all_logits=True)
+    b, sb = fast.forward(toks, s0, all_logits=True)
+    assert (a - b).abs().max() < EXACT_TOL
+    assert (sa.wkv - sb.wkv).abs().max() < EXACT_TOL
+    assert (sa.att_x - sb.att_x).abs().max() < EXACT_TOL
+
+
+def test_exact_sequence_equals_serial_and_split(pair):
+    _, fast = pair
+    toks = tokens_for(fast, 30)
+    whole, _ = fast.forward(toks, None, all_logits=True)
+    s = None
+    rows = []
+    for tok in toks:
+        lg, s = fast.forward([tok], s)
+        rows.append(lg)
+    assert (torch.stack(rows) - whole).abs().max() < EXACT_TOL
+    a, s = fast.forward(toks[:11], None, all_logits=True)
+    b, _ = fast.forward(toks[11:], s, all_logits=True)
+    assert (torch.cat([a, b]) - whole).abs().max() < EXACT_TOL
+
+
+def test_fast_step_does_not_mutate_state(pair):
+    _, fast = pair
+    _, s = fast.forward(tokens_for(fast, 6), None)
+    before = s.copy()
+    fast.forward([3], s)
+    fast.forward([3, 4, 5], s)
+    assert torch.equal(s.wkv, before.wkv) and torch.equal(s.att_x, before.att_x)
+    assert torch.equal(s.ffn_x, before.ffn_x)
+
+
+def test_threads_setting_honoured():
+    path = fixture_path("rwkv-cpp-tiny", "tiny-rwkv-4v0-660K-FP32.bin")
+    before = torch.get_num_threads()
+    try:
+        rwkvpy.load(path, threads=1)
+        assert torch.get_num_threads() == 1
+        rwkvpy.load(path)
+        assert torch.get_num_threads() == rwkvpy.model.physical_cores()
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(rwkvpy.errors.RwkvpyError, match="threads must be a positive int"):
+        rwkvpy.load(path, threads=0)
+    with pytest.raises(rwkvpy.errors.RwkvpyError, match="mode 'turbo' is not one of"):
+        rwkvpy.load(path, mode="turbo")
