@@ -92,3 +92,29 @@ def test_threads_setting_honoured():
         rwkvpy.load(path, threads=0)
     with pytest.raises(rwkvpy.errors.RwkvpyError, match="mode 'turbo' is not one of"):
         rwkvpy.load(path, mode="turbo")
+
+
+@pytest.mark.parametrize("mode", ["exact", "reference"])
+def test_forward_batch_equals_each_alone(mode):
+    for name in REF_MODELS:
+        model = rwkvpy.load(fixture_path("reference-pth", f"{name}.pth"), mode=mode)
+        starts = [model.forward([i + 1, i + 2, i + 3], None)[1] for i in range(3)] + [None]
+        lists = [[7], [8], [9, 10, 11], [12]]  # ragged: three single tokens and one prompt
+        logits, states = model.forward_batch(lists, starts)
+        for toks, s0, lg, s1 in zip(lists, starts, logits, states):
+            want, ws = model.forward(toks, s0)
+            assert (lg - want).abs().max() < EXACT_TOL
+            assert (s1.wkv - ws.wkv).abs().max() < EXACT_TOL
+            assert (s1.att_x - ws.att_x).abs().max() < EXACT_TOL
+            assert s1.n_tokens == ws.n_tokens
+        for s0 in starts:  # inputs untouched
+            if s0 is not None:
+                assert s0.n_tokens == 3
+
+
+def test_forward_batch_errors():
+    model = rwkvpy.load(fixture_path("reference-pth", "v7_c192_l2.pth"))
+    with pytest.raises(rwkvpy.errors.TokenError, match="2 token lists but 1 states"):
+        model.forward_batch([[1], [2]], [None])
+    with pytest.raises(rwkvpy.errors.TokenError, match="token id 999"):
+        model.forward_batch([[1], [999]])

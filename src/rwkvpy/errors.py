@@ -59,3 +59,12 @@ class TokenError(RwkvpyError):
 
 class StateError(RwkvpyError):
     """A state that does not belong to the model it is used with."""
+
+
+class ConversionError(RwkvpyError):
+    """A conversion that cannot be done: an unknown target type or file extension, a type the
+    target format cannot hold (BF16 in an rwkv.cpp .bin), a source that is also the target."""
+
+
+class OutputExistsError(ConversionError):
+    """The output file exists and overwriting was not asked for (``force=True``/``--force``)."""

@@ -153,6 +153,38 @@ class Model:
                                   last_logits=(logits[-1] if all_logits else logits).clone())
         return logits, new
 
+    @torch.no_grad()
+    def forward_batch(self, token_lists, states=None, all_logits: bool = False):
+        """Run several independent sequences (ragged lengths), one state each.
+
+        Returns (list of logits, list of new States), each as ``forward`` would return for that
+        sequence alone. Sequences of one token (the decode step of a server) go through the
+        model together, in one pass over the weights; longer ones run in sequence mode.
+        """
+        token_lists = list(token_lists)
+        n = len(token_lists)
+        states = [None] * n if states is None else list(states)
+        if len(states) != n:
+            raise TokenError(f"forward_batch got {n} token lists but {len(states)} states")
+        ts = [self._tokens(t) for t in token_lists]
+        states = [self.new_state() if s is None else s for s in states]
+        for s in states:
+            self.check_state(s)
+        logits, new = [None] * n, [None] * n
+        singles = [i for i, t in enumerate(ts) if t.shape[0] == 1]
+        if self._step is not None and len(singles) > 1:
+            x, outs = self._step.batch([int(ts[i][0]) for i in singles], [states[i] for i in singles])
+            lg = self._net.head(x)
+            for j, i in enumerate(singles):
+                row = lg[j].unsqueeze(0) if all_logits else lg[j]
+                logits[i] = row
+                new[i] = dataclasses.replace(outs[j], model_fingerprint=self.fingerprint,
+                                             last_logits=lg[j].clone())
+        for i in range(n):
+            if logits[i] is None:
+                logits[i], new[i] = self.forward(ts[i], states[i], all_logits=all_logits)
+        return logits, new
+
     def __repr__(self) -> str:
         i = self.info
         return (f"<rwkvpy.Model {i.version.label} n_embd={i.n_embd} n_layer={i.n_layer} "
@@ -199,7 +231,12 @@ def load(path, *, mode: str = "fast", threads: int | None = None) -> Model:
 
     mode: "fast" (default), "exact" or "reference" (see rwkvpy.kernels.backend).
     threads: torch's intra-op thread count for this process (default: physical cores).
+    ``path == "demo"`` loads the demo model shipped in the package (rwkvpy.demo).
     """
+    if isinstance(path, str) and path == "demo":
+        from .demo import demo_model_path
+
+        path = demo_model_path()
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
     torch.set_num_threads(threads or physical_cores())

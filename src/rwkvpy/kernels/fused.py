@@ -27,11 +27,20 @@ DECAY_SCALE = math.exp(-0.5)
 @numba.njit(cache=True, nogil=True)
 def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
              S, y):
-    """v7 time mix after the projections, for one token, all heads; S updated in place.
+    """v7 time mix after the projections, for one token of each of B sequences.
 
-    r, k, v, wl, al, vl, g (C,) float32; vfirst (C,) read (or written when first);
-    S (H, N, N) as in models/v7.py; y (C,) receives (group_norm(S r) + bonus) * g.
+    r, k, v, wl, al, vl, g (B, C) float32; vfirst (B, C) read (or written when first);
+    S (B, H, N, N) as in models/v7.py, updated in place; y (B, C) receives
+    (group_norm(S r) + bonus) * g.
     """
+    for bi in range(S.shape[0]):
+        _v7_one(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first, w0, a0,
+                v0, k_k, k_a, r_k, lnw, lnb, eps, S[bi], y[bi])
+
+
+@numba.njit(cache=True, nogil=True)
+def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
+            S, y):
     H, N = S.shape[0], S.shape[1]
     kk = np.empty(N, np.float32)
     kt = np.empty(N, np.float32)
@@ -91,10 +100,18 @@ def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, l
 
 @numba.njit(cache=True, nogil=True)
 def _v5_core(r, k, v, w, u, lnw, lnb, eps, S, y):
-    """v5/v6 time mix for one token: out = r (u k^T v + S), S = k^T v + w S, then group norm.
+    """v5/v6 time mix for one token of each of B sequences: out = r (u k^T v + S),
+    S = k^T v + w S, then group norm.
 
-    r, k, v (C,); w, u (C,) decay and bonus per channel; S (H, N, N) (key, value); y (C,).
+    r, k, v (B, C); w (B, C) or (1, C) decay, u (C,) bonus per channel; S (B, H, N, N)
+    (key, value), updated in place; y (B, C).
     """
+    for bi in range(S.shape[0]):
+        _v5_one(r[bi], k[bi], v[bi], w[bi if w.shape[0] > 1 else 0], u, lnw, lnb, eps, S[bi], y[bi])
+
+
+@numba.njit(cache=True, nogil=True)
+def _v5_one(r, k, v, w, u, lnw, lnb, eps, S, y):
     H, N = S.shape[0], S.shape[1]
     out = np.empty(N, np.float32)
     for h in range(H):
@@ -122,7 +139,14 @@ def _v5_core(r, k, v, w, u, lnw, lnb, eps, S, y):
 
 @numba.njit(cache=True, nogil=True)
 def _v4_core(r, k, v, decay, u, aa, bb, pp, y):
-    """v4 WKV for one token with the numerically safe exponent pp; aa, bb, pp updated in place."""
+    """v4 WKV for one token of each of B sequences (all (B, C)), with the numerically safe
+    exponent pp; aa, bb, pp updated in place."""
+    for bi in range(k.shape[0]):
+        _v4_one(r[bi], k[bi], v[bi], decay, u, aa[bi], bb[bi], pp[bi], y[bi])
+
+
+@numba.njit(cache=True, nogil=True)
+def _v4_one(r, k, v, decay, u, aa, bb, pp, y):
     for c in range(k.shape[0]):
         kc, vc = k[c], v[c]
         ww = u[c] + kc
@@ -169,7 +193,7 @@ class FusedStep:
             elif v in (Version.V5_0, Version.V5_2):
                 names = "rkv" + ("g" if v is Version.V5_2 else "")
                 d["mix"] = torch.stack([w[a + "time_mix_" + n] for n in names])
-                d["w"] = _np(w[a + "decay"].reshape(-1).contiguous())
+                d["w"] = _np(w[a + "decay"].reshape(1, -1).contiguous())
                 d["u"] = _np(w[a + "bonus"].reshape(-1).contiguous())
             else:
                 d["mix"] = torch.stack([w[a + "time_mix_" + n] for n in "rkv"])
@@ -178,44 +202,56 @@ class FusedStep:
             self.layers.append(d)
 
     def __call__(self, token: int, state: State):
-        """Returns (x after ln_out (C,), new State). The given state is not modified."""
+        """One token from one state: returns (x after ln_out (C,), new State)."""
+        x, (new,) = self.batch([token], [state])
+        return x[0], new
+
+    def batch(self, tokens: list, states: list):
+        """One token for each of B independent sequences, in one pass over the weights.
+
+        Returns (x after ln_out (B, C), list of B new States). The given states are unchanged.
+        """
         net, cfg, w = self.net, self.cfg, self.net.w
-        s = state.copy()
-        x = net.ln(w["emb.weight"][token].float(), "blocks.0.ln0")
+        att_x = torch.stack([s.att_x for s in states], 1)  # (L, B, C) fresh copies
+        ffn_x = torch.stack([s.ffn_x for s in states], 1)
+        wkv = torch.stack([s.wkv for s in states], 1)      # (L, B, ...)
+        x = net.ln(w["emb.weight"][torch.as_tensor(tokens)].float(), "blocks.0.ln0")  # (B, C)
         ctx = {}
         tm = {Version.V7: self._tm_v7, Version.V6: self._tm_v6, Version.V4: self._tm_v4}.get(
             cfg.version, self._tm_v5)
         for i in range(cfg.n_layer):
             p = f"blocks.{i}."
             xx = net.ln(x, p + "ln1")
-            x = x + tm(i, xx, s, ctx)
-            s.att_x[i] = xx
+            x = x + tm(i, xx, att_x[i], wkv[i], ctx)
+            att_x[i] = xx
             xx = net.ln(x, p + "ln2")
-            x = x + self._cm(i, xx, s)
-            s.ffn_x[i] = xx
+            x = x + self._cm(i, xx, ffn_x[i])
+            ffn_x[i] = xx
         x = net.ln(x, "ln_out")
-        return x, State(s.version, s.att_x, s.ffn_x, s.wkv, state.n_tokens + 1)
+        return x, [State(s.version, att_x[:, b].clone(), ffn_x[:, b].clone(), wkv[:, b].clone(),
+                         s.n_tokens + 1) for b, s in enumerate(states)]
 
     # -- channel mix -----------------------------------------------------------------------------
-    def _cm(self, i, xx, s):
+    def _cm(self, i, xx, prev):
         net, w, v = self.net, self.net.w, self.cfg.version
         f = f"blocks.{i}.ffn."
-        dx = s.ffn_x[i] - xx
+        dx = prev - xx
         if v is Version.V7:
             k = torch.relu(net.mm(xx + dx * w[f + "x_k"], f + "key.weight"))
             return net.mm(k * k, f + "value.weight")
         if v is Version.V6:
             xk, xr = xx + dx * w[f + "time_maa_k"], xx + dx * w[f + "time_maa_r"]
         else:  # v4/v5: x*m + prev*(1-m) = prev + (x - prev)*m
-            xk, xr = s.ffn_x[i] - dx * self.layers[i]["fmix"]
+            fmix = self.layers[i]["fmix"]
+            xk, xr = prev - dx * fmix[0], prev - dx * fmix[1]
         k = torch.relu(net.mm(xk, f + "key.weight"))
         return torch.sigmoid(net.mm(xr, f + "receptance.weight")) * net.mm(k * k, f + "value.weight")
 
     # -- time mix --------------------------------------------------------------------------------
-    def _tm_v7(self, i, xx, s, ctx):
+    def _tm_v7(self, i, xx, prev, S, ctx):
         net, w, d = self.net, self.net.w, self.layers[i]
         a = f"blocks.{i}.att."
-        xr, xw, xk, xv, xa, xg = xx + (s.att_x[i] - xx) * d["mix"]
+        xr, xw, xk, xv, xa, xg = (xx + (prev - xx) * m for m in d["mix"])
         r = net.mm(xr, a + "receptance.weight")
         k = net.mm(xk, a + "key.weight")
         v = net.mm(xv, a + "value.weight")
@@ -232,15 +268,17 @@ class FusedStep:
         w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
         _v7_core(_np(r), _np(k), _np(v), _np(ctx["v_first"]), _np(wl), _np(al), _np(vl), _np(g),
                  first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, np.float32(self.cfg.ln_x_eps),
-                 _np(s.wkv[i]), _np(y))
+                 _np(S), _np(y))
         return net.mm(y, a + "output.weight")
 
-    def _tm_v6(self, i, xx, s, ctx):
+    def _tm_v6(self, i, xx, prev, S, ctx):
         net, w, d = self.net, self.net.w, self.layers[i]
         a = f"blocks.{i}.att."
-        dx = s.att_x[i] - xx
-        lora = torch.tanh((xx + dx * w[a + "time_maa_x"]) @ w[a + "time_maa_w1"]).view(5, 1, -1)
-        m = torch.bmm(lora, w[a + "time_maa_w2"]).view(5, -1) + d["maa"]
+        B = xx.shape[0]
+        dx = prev - xx
+        lora = torch.tanh((xx + dx * w[a + "time_maa_x"]) @ w[a + "time_maa_w1"])
+        lora = lora.view(B, 5, -1).transpose(0, 1)                          # (5, B, D)
+        m = torch.bmm(lora, w[a + "time_maa_w2"]) + d["maa"].unsqueeze(1)    # (5, B, C)
         xw, xk, xv, xr, xg = xx + dx * m
         r = net.mm(xr, a + "receptance.weight")
         k = net.mm(xk, a + "key.weight")
@@ -250,34 +288,31 @@ class FusedStep:
                                    @ w[a + "time_decay_w2"]))
         y = torch.empty_like(r)
         _v5_core(_np(r), _np(k), _np(v), _np(dec), d["u"], _np(w[a + "ln_x.weight"]),
-                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(s.wkv[i]), _np(y))
+                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(S), _np(y))
         return net.mm(y * g, a + "output.weight")
 
-    def _tm_v5(self, i, xx, s, ctx):
+    def _tm_v5(self, i, xx, prev, S, ctx):
         net, w, d = self.net, self.net.w, self.layers[i]
         a = f"blocks.{i}.att."
-        prev = s.att_x[i]
-        mixed = prev + (xx - prev) * d["mix"]
+        mixed = [prev + (xx - prev) * m for m in d["mix"]]
         r = net.mm(mixed[0], a + "receptance.weight")
         k = net.mm(mixed[1], a + "key.weight")
         v = net.mm(mixed[2], a + "value.weight")
         y = torch.empty_like(r)
         _v5_core(_np(r), _np(k), _np(v), d["w"], d["u"], _np(w[a + "ln_x.weight"]),
-                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(s.wkv[i]), _np(y))
+                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(S), _np(y))
         if self.cfg.version is Version.V5_2:
             y = y * F.silu(net.mm(mixed[3], a + "gate.weight"))
         return net.mm(y, a + "output.weight")
 
-    def _tm_v4(self, i, xx, s, ctx):
+    def _tm_v4(self, i, xx, prev, S, ctx):
         net, w, d = self.net, self.net.w, self.layers[i]
         a = f"blocks.{i}.att."
-        prev = s.att_x[i]
-        mixed = prev + (xx - prev) * d["mix"]
+        mixed = [prev + (xx - prev) * m for m in d["mix"]]
         r = torch.sigmoid(net.mm(mixed[0], a + "receptance.weight"))
         k = net.mm(mixed[1], a + "key.weight")
         v = net.mm(mixed[2], a + "value.weight")
         y = torch.empty_like(r)
-        st = s.wkv[i]
         _v4_core(_np(r), _np(k), _np(v), _np(w[a + "decay"]), _np(w[a + "time_first"]),
-                 _np(st[0]), _np(st[1]), _np(st[2]), _np(y))
+                 _np(S[:, 0]), _np(S[:, 1]), _np(S[:, 2]), _np(y))
         return net.mm(y, a + "output.weight")

@@ -1,0 +1,358 @@
+"""Convert any supported model file to GGUF or rwkv.cpp ``.bin``, optionally quantizing.
+
+Example::
+
+    from rwkvpy.convert import convert
+    convert("RWKV-x070-World-1.5B.pth", "rwkv7-1.5b-q5_1.gguf", type="q5_1")
+
+Sources: BlinkDL ``.pth``, rwkv.cpp ``.bin``, GGUF, ``.safetensors`` and Hugging Face folders
+(see :mod:`rwkvpy.formats`). The output format follows the extension of ``dst``: ``.gguf``
+(llama.cpp's layouts for v6/v7, see :mod:`rwkvpy.formats.gguf`) or ``.bin`` (rwkv.cpp's format,
+with rwkv.cpp's converter transforms, readable by rwkv.cpp itself).
+
+Which tensors get which type follows rwkv.cpp (:func:`rwkvpy.formats.plan.storage_type`):
+1-D and a few small tensors stay F32, matrices become F16/BF16, and a quantized type applies
+only to the 2-D tensors rwkv.cpp quantizes (never ``emb``, ``head`` unless ``quantize_head``,
+nor v7's LoRA matrices). Quantization starts from the source's float32 values (a bf16 or f16
+source is upcast exactly).
+
+From an rwkv.cpp ``.bin`` to a ``.bin`` the tensors are taken as stored (no undo/redo of the
+converter's transforms) and quantized as rwkv.cpp's ``rwkv_quantize_model_file`` does; tensors
+it leaves alone keep their type.
+
+The conversion streams tensor by tensor (large pure-reshape tensors in row chunks): the model
+is never in memory, only the tensor being written. The output is written to a temp file
+renamed into place at the end, so an interrupted run leaves no file.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import ConversionError, OutputExistsError, QuantizationError
+from .formats.base import QTensor, to_float32
+
+TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+OUTPUT_FORMATS = {".gguf": "gguf", ".bin": "rwkv.cpp"}
+
+#: Elements converted at a time when a tensor is streamed in row chunks.
+CHUNK_ELEMENTS = 1 << 22
+#: Bytes copied at a time when quantized data passes through unchanged.
+COPY_BYTES = 1 << 26
+
+
+@dataclass
+class ConvertResult:
+    path: str
+    format: str  # "gguf" or "rwkv.cpp"
+    type: str  # the requested type, ggml's name ("Q5_1")
+    file_size: int
+    n_tensors: int
+    tensor_types: dict = field(default_factory=dict)  # type name -> number of tensors
+
+    def summary(self) -> str:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
+        return (f"wrote {self.path} ({self.format}, {self.type}, {self.file_size:,} bytes, "
+                f"{self.n_tensors} tensors: {types})")
+
+
+def _target(type) -> object:
+    from .quant import get_format
+
+    name = str(type).strip().lower().replace("-", "_")
+    if name not in TYPES:
+        aliases = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16",
+                   "bfloat16": "bf16"}
+        name = aliases.get(name, name)
+    if name not in TYPES:
+        raise ConversionError(f"unknown type {type!r}; expected one of {', '.join(TYPES)}")
+    try:
+        return get_format(name)
+    except QuantizationError as e:  # pragma: no cover - every name of TYPES exists
+        raise ConversionError(str(e)) from None
+
+
+def _output_format(dst) -> str:
+    ext = os.path.splitext(os.fspath(dst))[1].lower()
+    if ext not in OUTPUT_FORMATS:
+        raise ConversionError(f"{os.fspath(dst)}: unknown output extension {ext or '(none)'!r}; "
+                              "expected .gguf (GGUF) or .bin (rwkv.cpp)")
+    return OUTPUT_FORMATS[ext]
+
+
+def _check_paths(src, dst, force) -> None:
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.isdir(dst):
+        raise ConversionError(f"{dst}: is a directory, expected an output file name")
+    if os.path.exists(dst):
+        if os.path.exists(src) and os.path.samefile(src, dst):
+            raise ConversionError(f"{dst}: is the source file itself; write to another file")
+        if not force:
+            raise OutputExistsError(f"{dst}: already exists; use force=True (--force) to "
+                                    "overwrite it")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"{dst}: folder {folder} does not exist")
+
+
+# -- producing tensor data ---------------------------------------------------------------------
+
+def _encode(fmt_name: str, x) -> np.ndarray:
+    """float32 array or tensor (..., K) -> the bytes of type fmt_name (1-D uint8)."""
+    from .quant import get_format
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to(torch.float32).contiguous().numpy()
+    return get_format(fmt_name).quantize(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _q_rows(q: QTensor, r0: int, r1: int) -> QTensor:
+    row = q.shape[-1]
+    from .quant import get_format
+
+    row_bytes = get_format(q.fmt).nbytes((row,))
+    return QTensor(q.fmt, (r1 - r0, row), np.asarray(q.data)[r0 * row_bytes:r1 * row_bytes])
+
+
+def _chunks(e, tensors: dict, version, cfg):
+    """The bytes of entry e, as an iterator of uint8 arrays (one tensor in memory at most)."""
+    from .formats.plan import blinkdl_shape
+
+    if e.reshape_only:
+        src = tensors[e.inputs[0]]
+        row = e.shape[-1] if e.shape else 1
+        n = int(np.prod(e.shape)) if e.shape else 1
+        if isinstance(src, QTensor):
+            if src.fmt == e.type and src.shape[-1] == row:
+                data = np.asarray(src.data)
+                for a in range(0, data.size, COPY_BYTES):
+                    yield data[a:a + COPY_BYTES]
+                return
+            if src.shape[-1] == row:
+                rows = src.numel() // row
+                step = max(1, CHUNK_ELEMENTS // row)
+                flat = QTensor(src.fmt, (rows, row), src.data)
+                for r in range(0, rows, step):
+                    part = _q_rows(flat, r, min(rows, r + step)).dequantize()
+                    yield _encode(e.type, part)
+                return
+            yield _encode(e.type, src.dequantize().reshape(e.shape))
+            return
+        flat = src.reshape(-1)
+        step = max(1, CHUNK_ELEMENTS // row) * row
+        for a in range(0, n, step):
+            part = flat[a:min(n, a + step)].to(torch.float32)
+            yield _encode(e.type, part.reshape(-1, row))
+        return
+    ins = []
+    for name in e.inputs:
+        t = to_float32(tensors[name])
+        ins.append(t.reshape(blinkdl_shape(version, cfg, name, t.shape)))
+    out = e.fn(ins)
+    if tuple(out.shape) != tuple(e.shape):  # a bug, never user input
+        raise AssertionError(f"{e.name}: produced shape {tuple(out.shape)}, planned {e.shape}")
+    yield _encode(e.type, out.reshape(-1, e.shape[-1]) if e.shape else out.reshape(1))
+
+
+# -- types -------------------------------------------------------------------------------------
+
+def _decide_types(entries, target, quantize_head) -> None:
+    from .formats.plan import storage_type
+    from .quant import get_format
+
+    for e in entries:
+        t = storage_type(e.policy, e.policy_shape, target, quantize_head)
+        if get_format(t).quantized and (len(e.shape) != 2 or e.shape[-1] % target.block_size):
+            # its layout in this file does not fit blocks: the float type it would have had
+            t = storage_type(e.policy, e.policy_shape, get_format("F16"), quantize_head)
+        e.type = t
+
+
+def _raw_bin_types(entries, src_types, target, quantize_head) -> None:
+    """rwkv.cpp's quantizer (rwkv_quantize_model_file) for a .bin -> .bin conversion."""
+    from .formats.plan import needs_quant, storage_type
+
+    for e in entries:
+        st = src_types[e.name]
+        if not target.quantized:
+            e.type = storage_type(e.name, e.shape, target, quantize_head)
+        elif (len(e.shape) == 2 and needs_quant(e.name, quantize_head)
+              and e.shape[-1] % target.block_size == 0):
+            e.type = target.name
+        else:
+            e.type = st if st in ("F32", "F16") else "F16"
+
+
+# -- writers -----------------------------------------------------------------------------------
+
+def _write_bin(path, header: dict, entries, chunks, on_bytes) -> None:
+    from .formats.atomic import atomic_write
+    from .formats.rwkvcpp import MAGIC, TYPE_IDS
+
+    with atomic_write(path) as f:
+        f.write(struct.pack("<6i", MAGIC, 101, header["n_vocab"], header["n_embed"],
+                            header["n_layer"], TYPE_IDS[header["data_type"]]))
+        for e, parts in zip(entries, chunks):
+            key = e.name.encode("utf-8")
+            f.write(struct.pack(f"<3i{len(e.shape)}i", len(e.shape), len(key), TYPE_IDS[e.type],
+                                *reversed(e.shape)))
+            f.write(key)
+            for part in parts:
+                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                on_bytes(part.nbytes)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                leave=False)
+
+
+def _read_world_vocab(path) -> list[bytes]:
+    """BlinkDL's rwkv_vocab_v20230424.txt: lines ``id <Python str or bytes literal> length``."""
+    out: dict[int, bytes] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            try:
+                idx, rest = line.split(" ", 1)
+                body, length = rest.rsplit(" ", 1)
+                tok = ast.literal_eval(body)
+                tok = tok.encode("utf-8") if isinstance(tok, str) else bytes(tok)
+                if len(tok) != int(length):
+                    raise ValueError("length mismatch")
+                out[int(idx)] = tok
+            except (ValueError, SyntaxError) as e:
+                raise ConversionError(f"{path}: line {n} is not 'id token length' ({e})") from None
+    vocab = [b""] * (max(out) + 1 if out else 0)
+    for i, t in out.items():
+        vocab[i] = t
+    return vocab
+
+
+def _tokenizer(ckpt, src_fmt, src, vocab_size, tokenizer, tokens):
+    from .formats import gguf
+
+    kind = tokenizer or ckpt.meta.get("tokenizer") or gguf.guess_tokenizer(vocab_size)
+    if kind is not None and kind not in gguf.TOKENIZERS:
+        raise ConversionError(f"unknown tokenizer {kind!r}; expected one of "
+                              f"{', '.join(gguf.TOKENIZERS)}")
+    if tokens is None and kind == "world":
+        if src_fmt == "gguf":
+            tokens = gguf.read_tokens(src)
+        elif ckpt.meta.get("vocab_file"):
+            tokens = _read_world_vocab(ckpt.meta["vocab_file"])
+    if tokens is not None:
+        tokens = [bytes(t) for t in tokens]
+        if len(tokens) > vocab_size:
+            raise ConversionError(f"the vocabulary has {len(tokens)} tokens, more than the "
+                                  f"model's {vocab_size}")
+    return kind, tokens
+
+
+# -- the API -----------------------------------------------------------------------------------
+
+def convert(src, dst, type="f16", quantize_head=False, force=False, progress=True, *,
+            tokenizer: str | None = None, tokens=None) -> ConvertResult:
+    """Convert model ``src`` (any supported format) to ``dst`` (``.gguf`` or ``.bin``).
+
+    Args:
+        type: ``f32``, ``f16``, ``bf16`` (GGUF only), ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``,
+            ``q8_0``: the type of the model's matrices (see the module docstring).
+        quantize_head: quantize ``head.weight`` too (rwkv.cpp and llama.cpp keep it F16).
+        force: overwrite ``dst`` if it exists (else :class:`OutputExistsError`).
+        progress: show a progress bar on stderr (when tqdm is installed).
+        tokenizer: ``"world"``, ``"neox"`` or ``"bytes"``, stored in a GGUF's metadata; by
+            default taken from the source or guessed from the vocabulary size.
+        tokens: the vocabulary (bytes per token id) to store in a GGUF (world tokenizer);
+            by default taken from the source when it holds one.
+
+    Raises:
+        ConversionError, OutputExistsError, and the readers' ModelFileError subclasses.
+    """
+    from . import formats
+    from .formats import gguf, plan, rwkvcpp
+    from .models.config import config_from_shapes, detect_version
+
+    target = _target(type)
+    out_fmt = _output_format(dst)
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_paths(src, dst, force)
+    src_fmt = formats.sniff(src)
+    if out_fmt == "rwkv.cpp" and target.name == "BF16":
+        raise ConversionError(f"{dst}: rwkv.cpp .bin files cannot hold BF16; use f16 or f32, or "
+                              "write a .gguf")
+
+    if out_fmt == "rwkv.cpp" and src_fmt == "rwkv.cpp":
+        header, tensors, src_types = rwkvcpp.read_raw(src)
+        entries = [plan.Entry(n, (n,), None, shape=tuple(t.shape), policy=n,
+                              policy_shape=tuple(t.shape)) for n, t in tensors.items()]
+        _raw_bin_types(entries, src_types, target, quantize_head)
+        header = dict(header, data_type=target.name)
+        version = cfg = None
+    else:
+        ckpt = formats.read(src)
+        tensors = ckpt.tensors
+        shapes = ckpt.shapes
+        version = detect_version(shapes, src)
+        cfg = config_from_shapes(shapes, src, version=version)
+        names = list(tensors)
+        rc = plan.rwkvcpp_entries(names, shapes, version, cfg)
+        if out_fmt == "rwkv.cpp":
+            entries = rc
+            header = dict(n_vocab=cfg.vocab_size, n_embed=cfg.n_embd, n_layer=cfg.n_layer,
+                          data_type=target.name)
+        else:
+            policy = {n: (e.name, e.shape) for e in rc for n in e.inputs}
+            entries, unknown = gguf.gguf_entries(names, shapes, version, cfg)
+            if unknown:
+                warnings.warn(f"{src}: {len(unknown)} tensors that are not part of an RWKV "
+                              f"{version.label} model are left out (e.g. {unknown[0]!r})",
+                              stacklevel=2)
+            for e in entries:
+                e.policy, e.policy_shape = policy[e.inputs[0]]
+        _decide_types(entries, target, quantize_head)
+
+    from .quant import get_format
+
+    if out_fmt == "gguf":
+        kind, toks = _tokenizer(ckpt, src_fmt, src, cfg.vocab_size, tokenizer, tokens)
+    total = sum(get_format(e.type).nbytes(e.shape) for e in entries)
+    bar = _progress_bar(total, os.path.basename(dst), progress)
+    on_bytes = bar.update if bar is not None else (lambda n: None)
+    chunks = (_chunks(e, tensors, version, cfg) for e in entries)
+    try:
+        if out_fmt == "rwkv.cpp":
+            _write_bin(dst, header, entries, chunks, on_bytes)
+        else:
+            name = os.path.splitext(os.path.basename(src.rstrip(os.sep)))[0]
+            gguf.write(dst, version, cfg, entries, chunks, shapes=shapes, file_type=target.name,
+                       tokenizer=kind, tokens=toks, name=name, on_bytes=on_bytes)
+    finally:
+        if bar is not None:
+            bar.close()
+    counts: dict = {}
+    for e in entries:
+        counts[e.type] = counts.get(e.type, 0) + 1
+    return ConvertResult(path=dst, format="gguf" if out_fmt == "gguf" else "rwkv.cpp",
+                         type=target.name, file_size=os.path.getsize(dst),
+                         n_tensors=len(entries), tensor_types=counts)
+
+
+def quantize(src, dst, type, **kwargs) -> ConvertResult:
+    """Short form of :func:`convert` for a quantized type."""
+    return convert(src, dst, type=type, **kwargs)

@@ -1,0 +1,606 @@
+"""GGUF, rwkvpy's native model format, read and written with the ``gguf`` package.
+
+Reading memory-maps the file (``GGUFReader``): float tensors are torch views of the map and
+block-quantized ones :class:`QTensor` over it, no copy, except the few small tensors whose
+layout has to be undone (transposed LoRA matrices).
+
+RWKV v6 and v7 use llama.cpp's architectures ``rwkv6`` and ``rwkv7``: its metadata keys,
+tensor names and layouts, as llama.cpp's ``convert_hf_to_gguf.py`` (``Rwkv6Model``,
+``Rwkv7Model``) writes them and ``llama-model.cpp`` loads them. That converter transforms some
+tensors; a GGUF written by rwkvpy applies the same transforms and the reader undoes each:
+
+=========================  ===================================  ==================================
+BlinkDL (canonical)        GGUF (``blk.N.`` prefix per layer)   transform (PyTorch shape order)
+=========================  ===================================  ==================================
+``emb.weight``             ``token_embd.weight``                --
+``blocks.0.ln0.*``         ``token_embd_norm.*``                --
+``blocks.N.ln1.* / ln2.*`` ``attn_norm.* / attn_norm_2.*``      --
+``att.key/value/receptance/gate/output.weight``
+                           ``time_mix_key/value/receptance/gate/output.weight``
+``att.ln_x.*``             ``time_mix_ln.*``                    --
+``ffn.key/value/receptance.weight``
+                           ``channel_mix_key/value/receptance.weight``
+``ln_out.*``               ``output_norm.*``                    --
+``head.weight``            ``output.weight``                    --
+**v6**
+``att.time_maa_x``         ``time_mix_lerp_x.weight``           (1,1,C) -> (C,)
+``att.time_maa_w/k/v/r/g`` ``time_mix_lerp_fused.weight``       w,k,v,r,g stacked: (5,1,1,C)
+``att.time_maa_w1``        ``time_mix_w1.weight``               (C,5D) -> transposed (5D,C)
+``att.time_maa_w2``        ``time_mix_w2.weight``               (5,D,C) -> (5,C,D)
+``att.time_decay``         ``time_mix_decay.weight``            (1,1,A) -> (A,)
+``att.time_decay_w1/w2``   ``time_mix_decay_w1/w2.weight``      transposed
+``att.time_faaaa``         ``time_mix_first.weight``            (H,N)
+``ffn.time_maa_k/r``       ``channel_mix_lerp_k/r.weight``      (1,1,C) -> (C,)
+**v7**
+``att.x_r/w/k/v/a/g``      ``time_mix_lerp_fused.weight``       r,w,k,v,a,g stacked: (6,1,1,C)
+``att.w0/a0/v0``           ``time_mix_w0/a0/v0.weight``         (1,1,C) -> (C,)
+``att.w1/w2/a1/a2/v1/v2/g1/g2``
+                           ``time_mix_w1/.../g2.weight``        transposed
+``att.k_k/k_a``            ``time_mix_k_k/k_a.weight``          (1,1,C) -> (C,)
+``att.r_k``                ``time_mix_r_k.weight``              (H,N) -> flattened (A,)
+``ffn.x_k``                ``channel_mix_lerp_k.weight``        (1,1,C) -> (C,)
+=========================  ===================================  ==================================
+
+More of llama.cpp's converter, undone on read:
+
+* v6 ``rwkv6.rescale_every_n_layers = R > 0``: ``time_mix_output`` and ``channel_mix_value`` of
+  layer N are divided by ``2 ** (N // R)`` (llama.cpp halves the hidden state every R layers
+  instead); the reader multiplies them back (exact: a power of two; quantized tensors get their
+  block scales multiplied). rwkvpy writes unscaled weights and ``R = 0``.
+* v7 layer 0: BlinkDL's layer-0 ``v0/v1/v2`` are unused; llama.cpp's converter drops them and
+  writes copies of ``a0/a1/a2`` in their place (llama.cpp's loader requires them). rwkvpy
+  writes the same copies and the reader drops layer 0's ``time_mix_v*``.
+
+RWKV v4 and v5 are not in llama.cpp: rwkvpy writes them as architectures ``rwkv4`` and
+``rwkv5`` with the same names where the meaning is the same, and raw parameters (no ``exp``)
+squeezed of BlinkDL's leading 1-dimensions:
+
+==========================  ==========================================  ==============================
+BlinkDL                     GGUF                                        shape
+==========================  ==========================================  ==============================
+``att.time_mix_k/v/r/g``    ``blk.N.time_mix_lerp_k/v/r/g.weight``      (C,)
+``att.time_decay``          ``blk.N.time_mix_decay.weight``             v4 (A,), v5.0 (H,), v5.2 (H,N)
+``att.time_first``          ``blk.N.time_mix_first.weight``             v4 (A,), v5.0 (H,)
+``att.time_faaaa``          ``blk.N.time_mix_first.weight``             v5.2 (H,N)
+``ffn.time_mix_k/r``        ``blk.N.channel_mix_lerp_k/r.weight``       (C,)
+==========================  ==========================================  ==============================
+
+and the rows of the first table for the rest. Keys: ``{arch}.version`` (string: ``"4"``,
+``"5.0"`` = v5 without gate, rwkv.cpp's 5.1, ``"5.2"``), ``{arch}.wkv.head_size`` and
+``{arch}.attention.group_norm_epsilon`` (v5: 64e-5, BlinkDL's ``ln_x`` eps; rwkv.cpp's own
+engine uses 1e-5 for v5, which its ``.bin`` reader reproduces),
+``{arch}.context_length``, ``embedding_length``, ``block_count``, ``feed_forward_length``,
+``attention.layer_norm_epsilon``, ``attention.head_count`` (0), ``vocab_size``.
+
+Every file rwkvpy writes also holds ``{arch}.vocab_size``, ``rwkvpy.tokenizer`` (``"world"``,
+``"neox"`` or ``"bytes"``, when known) and, for the world tokenizer when its tokens are given,
+llama.cpp's RWKV vocabulary (``tokenizer.ggml.model = "rwkv"``, tokens escaped as Python
+bytes literals, id 0 ``<s>``); otherwise ``tokenizer.ggml.model = "none"`` (llama.cpp then
+makes ``vocab_size`` dummy tokens).
+
+Tensor types read: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0. Types written follow rwkv.cpp's
+rules (:mod:`rwkvpy.formats.plan`), which differ from llama.cpp's tools in two places, both
+loadable by llama.cpp: v7's ``time_mix_w1/w2`` are F16 in F16 files (llama.cpp's converter keeps
+them F32), and v6's ``time_mix_w1``, ``time_mix_decay_w1/w2`` are quantized in quantized files
+(``llama-quantize`` keeps them float).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+
+import numpy as np
+import torch
+
+from ..errors import (MissingTensorError, TruncatedFileError, UnknownFormatError,
+                      UnsupportedTensorTypeError, UnsupportedVersionError)
+from ..models.config import ModelConfig, Version
+from .base import Checkpoint, QTensor, to_float32
+from .plan import Entry, resolve_shapes, split_name
+
+ARCHITECTURES = {Version.V4: "rwkv4", Version.V5_0: "rwkv5", Version.V5_2: "rwkv5",
+                 Version.V6: "rwkv6", Version.V7: "rwkv7"}
+KEY_VERSION = "{arch}.version"
+KEY_TOKENIZER = "rwkvpy.tokenizer"
+KEY_GROUP_NORM_EPS = "{arch}.attention.group_norm_epsilon"  # written for rwkv5
+GROUP_NORM_EPS = 64e-5  # BlinkDL's ln_x eps (1e-5 * 64); rwkv.cpp computes v5 with 1e-5
+TOKENIZERS = ("world", "neox", "bytes")
+CONTEXT_LENGTH = 1 << 20  # what llama.cpp's converter writes: RWKV has no context limit
+LAYER_NORM_EPS = 1e-5
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+# File types (llama.cpp's LlamaFileType) of the files rwkvpy writes.
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+              "BF16": 32}
+
+# -- names and layouts ----------------------------------------------------------------------
+
+SAME, SQUEEZE, FLAT, T, P021 = "same", "squeeze", "flat", "T", "P021"
+
+_GLOBAL = {
+    "emb.weight": "token_embd.weight",
+    "blocks.0.ln0.weight": "token_embd_norm.weight",
+    "blocks.0.ln0.bias": "token_embd_norm.bias",
+    "ln_out.weight": "output_norm.weight",
+    "ln_out.bias": "output_norm.bias",
+    "head.weight": "output.weight",
+}
+
+_COMMON = {
+    "ln1.weight": ("attn_norm.weight", SAME), "ln1.bias": ("attn_norm.bias", SAME),
+    "ln2.weight": ("attn_norm_2.weight", SAME), "ln2.bias": ("attn_norm_2.bias", SAME),
+    "att.key.weight": ("time_mix_key.weight", SAME),
+    "att.value.weight": ("time_mix_value.weight", SAME),
+    "att.receptance.weight": ("time_mix_receptance.weight", SAME),
+    "att.gate.weight": ("time_mix_gate.weight", SAME),
+    "att.output.weight": ("time_mix_output.weight", SAME),
+    "att.ln_x.weight": ("time_mix_ln.weight", SAME), "att.ln_x.bias": ("time_mix_ln.bias", SAME),
+    "ffn.key.weight": ("channel_mix_key.weight", SAME),
+    "ffn.value.weight": ("channel_mix_value.weight", SAME),
+    "ffn.receptance.weight": ("channel_mix_receptance.weight", SAME),
+}
+
+_V4V5 = {
+    "att.time_mix_k": ("time_mix_lerp_k.weight", SQUEEZE),
+    "att.time_mix_v": ("time_mix_lerp_v.weight", SQUEEZE),
+    "att.time_mix_r": ("time_mix_lerp_r.weight", SQUEEZE),
+    "att.time_mix_g": ("time_mix_lerp_g.weight", SQUEEZE),
+    "att.time_decay": ("time_mix_decay.weight", SQUEEZE),
+    "att.time_first": ("time_mix_first.weight", SQUEEZE),
+    "att.time_faaaa": ("time_mix_first.weight", SQUEEZE),
+    "ffn.time_mix_k": ("channel_mix_lerp_k.weight", SQUEEZE),
+    "ffn.time_mix_r": ("channel_mix_lerp_r.weight", SQUEEZE),
+}
+
+_V6 = {
+    "att.time_maa_x": ("time_mix_lerp_x.weight", SQUEEZE),
+    "att.time_maa_w1": ("time_mix_w1.weight", T),
+    "att.time_maa_w2": ("time_mix_w2.weight", P021),
+    "att.time_decay": ("time_mix_decay.weight", SQUEEZE),
+    "att.time_decay_w1": ("time_mix_decay_w1.weight", T),
+    "att.time_decay_w2": ("time_mix_decay_w2.weight", T),
+    "att.time_faaaa": ("time_mix_first.weight", SAME),
+    "ffn.time_maa_k": ("channel_mix_lerp_k.weight", SQUEEZE),
+    "ffn.time_maa_r": ("channel_mix_lerp_r.weight", SQUEEZE),
+}
+# unfused lerps: llama.cpp loads them too (its converter writes the fused form)
+_V6_UNFUSED = {f"time_mix_lerp_{c}.weight": f"att.time_maa_{c}" for c in "wkvrg"}
+
+_V7 = {
+    **{f"att.{p}0": (f"time_mix_{p}0.weight", SQUEEZE) for p in "wav"},
+    **{f"att.{p}{i}": (f"time_mix_{p}{i}.weight", T) for p in "wavg" for i in (1, 2)},
+    "att.k_k": ("time_mix_k_k.weight", SQUEEZE),
+    "att.k_a": ("time_mix_k_a.weight", SQUEEZE),
+    "att.r_k": ("time_mix_r_k.weight", FLAT),
+    "ffn.x_k": ("channel_mix_lerp_k.weight", SQUEEZE),
+}
+
+_RULES = {Version.V4: _V4V5, Version.V5_0: _V4V5, Version.V5_2: _V4V5, Version.V6: _V6,
+          Version.V7: _V7}
+_FUSED_NAME = "time_mix_lerp_fused.weight"
+_FUSED = {Version.V6: tuple(f"att.time_maa_{c}" for c in "wkvrg"),
+          Version.V7: tuple(f"att.x_{c}" for c in "rwkvag")}
+
+
+def _layer_rules(version):
+    rules = dict(_COMMON)
+    rules.update(_RULES[version])
+    return rules
+
+
+# -- writing: the plan -----------------------------------------------------------------------
+
+def _transpose(ts):
+    return ts[0].transpose(0, 1)
+
+
+def _permute021(ts):
+    return ts[0].permute(0, 2, 1)
+
+
+def _stack(ts):
+    return torch.stack([t.reshape(-1) for t in ts]).reshape(len(ts), 1, 1, -1)
+
+
+def _entry(gname, cname, kind, shape):
+    if kind == T:
+        return Entry(gname, (cname,), _transpose)
+    if kind == P021:
+        return Entry(gname, (cname,), _permute021)
+    if kind == FLAT:
+        n = 1
+        for s in shape:
+            n *= s
+        return Entry(gname, (cname,), None, shape=(n,))
+    if kind == SQUEEZE:
+        return Entry(gname, (cname,), None, shape=tuple(s for s in shape if s != 1) or (1,))
+    return Entry(gname, (cname,), None)
+
+
+def gguf_entries(names, shapes: dict, version: Version, cfg: ModelConfig):
+    """The tensors of the GGUF file for a checkpoint: (entries, names rwkvpy could not place).
+
+    ``names``: canonical names in the order to write them; ``shapes``: their shapes.
+    """
+    from .plan import blinkdl_shape
+
+    rules = _layer_rules(version)
+    fused_members = _FUSED.get(version, ())
+    entries, unknown, fused_done = [], [], set()
+    for name in names:
+        if name in _GLOBAL:
+            entries.append(Entry(_GLOBAL[name], (name,), None))
+            continue
+        bid, leaf = split_name(name)
+        if bid is None:
+            unknown.append(name)
+            continue
+        prefix = f"blocks.{bid}."
+        if version is Version.V7 and bid == 0 and leaf in ("att.v0", "att.v1", "att.v2"):
+            continue  # unused; replaced by copies of a0/a1/a2 below, as llama.cpp does
+        if leaf in fused_members:
+            if bid not in fused_done:
+                fused_done.add(bid)
+                entries.append(Entry(f"blk.{bid}.{_FUSED_NAME}",
+                                     tuple(prefix + m for m in fused_members), _stack))
+            continue
+        rule = rules.get(leaf)
+        if rule is None:
+            unknown.append(name)
+            continue
+        gleaf, kind = rule
+        bshape = blinkdl_shape(version, cfg, name, shapes[name])
+        entries.append(_entry(f"blk.{bid}.{gleaf}", name, kind, bshape))
+        if version is Version.V7 and bid == 0 and leaf in ("att.a0", "att.a1", "att.a2"):
+            dummy = _entry(f"blk.0.time_mix_v{leaf[-1]}.weight", name, kind, bshape)
+            dummy.extra["dummy"] = True
+            entries.append(dummy)
+    resolve_shapes(entries, shapes, version, cfg)
+    return entries, unknown
+
+
+# -- writing: metadata and file ----------------------------------------------------------------
+
+def guess_tokenizer(vocab_size: int) -> str | None:
+    """The tokenizer RWKV releases of this vocabulary size use (None when unknown)."""
+    return {65536: "world", 65529: "world", 50277: "neox", 50304: "neox", 256: "bytes"}.get(
+        int(vocab_size))
+
+
+def _escape_token(tok: bytes) -> str:
+    # llama.cpp's converter stores each RWKV world token as the body of its Python bytes literal
+    return repr(bytes(tok))[2:-1]
+
+
+def _unescape_token(text: bytes) -> bytes:
+    return codecs.escape_decode(bytes(text))[0]
+
+
+def _add_metadata(w, version, cfg, shapes, file_type, tokenizer, tokens, name):
+    import gguf
+
+    arch = ARCHITECTURES[version]
+    C = cfg.n_embd
+    w.add_type("model")
+    if name:
+        w.add_name(name)
+    w.add_context_length(CONTEXT_LENGTH)
+    w.add_embedding_length(C)
+    w.add_block_count(cfg.n_layer)
+    w.add_layer_norm_eps(LAYER_NORM_EPS)
+    w.add_feed_forward_length(cfg.n_ffn)
+    w.add_vocab_size(cfg.vocab_size)
+    if version is Version.V6:
+        w.add_rescale_every_n_layers(0)
+        w.add_wkv_head_size(cfg.head_size)
+        w.add_time_mix_extra_dim(int(shapes["blocks.0.att.time_maa_w1"][-1]) // 5)
+        w.add_time_decay_extra_dim(int(shapes["blocks.0.att.time_decay_w1"][-1]))
+    elif version is Version.V7:
+        w.add_wkv_head_size(cfg.head_size)
+        iclr = int(shapes["blocks.0.att.a1"][-1])
+        w.add_decay_lora_rank(int(shapes["blocks.0.att.w1"][-1]))
+        w.add_iclr_lora_rank(iclr)
+        v1 = shapes.get("blocks.1.att.v1")
+        w.add_value_residual_mix_lora_rank(int(v1[-1]) if v1 is not None else iclr)
+        w.add_gate_lora_rank(int(shapes["blocks.0.att.g1"][-1]))
+    else:
+        w.add_string(KEY_VERSION.format(arch=arch), version.value)
+        if version.has_heads:
+            w.add_wkv_head_size(cfg.head_size)
+            w.add_float32(KEY_GROUP_NORM_EPS.format(arch=arch), GROUP_NORM_EPS)
+    w.add_file_type(FILE_TYPES[file_type])
+    w.add_head_count(0)  # required by llama.cpp, unused
+    if tokenizer:
+        w.add_string(KEY_TOKENIZER, tokenizer)
+    if tokenizer == "world" and tokens:
+        if len(tokens) > cfg.vocab_size:
+            from ..errors import ConversionError
+            raise ConversionError(f"the vocabulary has {len(tokens)} tokens, more than the "
+                                  f"model's {cfg.vocab_size}")
+        texts = [b"<s>"] + [_escape_token(t).encode("utf-8") for t in tokens[1:]]
+        types = [gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (len(texts) - 1)
+        for i in range(1, cfg.vocab_size - len(texts) + 1):
+            texts.append(f"[PAD{i}]".encode("utf-8"))
+            types.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model("rwkv")
+        w.add_token_list(texts)
+        w.add_token_types(types)
+        w.add_chat_template("rwkv-world")
+        w.add_eot_token_id(261)  # "\n\n", as llama.cpp's converter sets it
+    else:
+        w.add_tokenizer_model("none")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def write(path, version: Version, cfg: ModelConfig, entries, chunks, *, shapes: dict,
+          file_type: str, tokenizer: str | None = None, tokens=None, name: str | None = None,
+          on_bytes=None) -> None:
+    """Write a GGUF file atomically (temp file, then rename), streaming the tensor data.
+
+    entries: resolved :class:`Entry` list with types; chunks: one iterable of uint8 arrays per
+    entry, in order (produced lazily: only the current tensor is in memory).
+    """
+    import gguf
+
+    from ..quant import get_format
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, ARCHITECTURES[version])
+        try:
+            _add_metadata(w, version, cfg, shapes, file_type, tokenizer, tokens, name)
+            sizes = []
+            for e in entries:
+                nbytes = get_format(e.type).nbytes(e.shape)
+                sizes.append(nbytes)
+                w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), nbytes,
+                                  raw_dtype=gguf.GGMLQuantizationType[e.type])
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            f = w.fout[0]
+            align = w.data_alignment
+            for e, nbytes, parts in zip(entries, sizes, chunks):
+                f.write(b"\0" * (-f.tell() % align))
+                done = 0
+                for part in parts:
+                    f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                    done += part.nbytes
+                    if on_bytes:
+                        on_bytes(part.nbytes)
+                if done != nbytes:  # a bug, never user input
+                    raise AssertionError(f"{e.name}: wrote {done} bytes, expected {nbytes}")
+                f.write(b"\0" * (-nbytes % align))
+            f.flush()
+        finally:
+            w.close()
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def _open(path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "c")
+    except ValueError as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "GGMLQuantizationType" in msg:
+            raise UnsupportedTensorTypeError(
+                path, f"a tensor has an unknown ggml type ({msg}); rwkvpy reads "
+                + ", ".join(SUPPORTED_TYPES)) from None
+        if "magic" in msg:
+            raise UnknownFormatError(path, f"not a GGUF file ({msg})") from None
+        if "version" in msg:
+            raise UnsupportedVersionError(path, msg) from None
+        raise TruncatedFileError(path, f"cannot read the GGUF file (truncated or corrupt?): "
+                                 f"{msg[:200]}") from None
+    except (IndexError, OverflowError, KeyError, EOFError) as e:
+        raise TruncatedFileError(path, f"cannot read the GGUF file (truncated or corrupt?): "
+                                 f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _value(reader, key, default=None):
+    field = reader.get_field(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def read_metadata(path) -> dict:
+    """Every GGUF key -> value (token arrays left out), without mapping tensors."""
+    reader = _open(os.fspath(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml.") and key.endswith(
+                ("tokens", "token_type", "scores", "merges")):
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def read_tokens(path) -> list[bytes] | None:
+    """The vocabulary stored in a GGUF file as bytes per token id (None when it holds none).
+
+    For llama.cpp's RWKV vocabulary (``tokenizer.ggml.model = "rwkv"``) the escaped texts are
+    decoded back to bytes; control and padding tokens give ``b""``.
+    """
+    import gguf
+
+    reader = _open(os.fspath(path))
+    field = reader.get_field("tokenizer.ggml.tokens")
+    if field is None:
+        return None
+    model = _value(reader, "tokenizer.ggml.model", "")
+    kinds = reader.get_field("tokenizer.ggml.token_type")
+    kinds = kinds.contents() if kinds is not None else [gguf.TokenType.NORMAL] * len(field.data)
+    out = []
+    for i, idx in enumerate(field.data):
+        raw = field.parts[idx].tobytes()
+        if model == "rwkv":
+            out.append(_unescape_token(raw) if kinds[i] == gguf.TokenType.NORMAL else b"")
+        else:
+            out.append(raw)
+    return out
+
+
+def _version(path, reader, arch) -> Version:
+    if arch == "rwkv6":
+        return Version.V6
+    if arch == "rwkv7":
+        return Version.V7
+    if arch == "rwkv4":
+        return Version.V4
+    if arch == "rwkv5":
+        v = _value(reader, KEY_VERSION.format(arch=arch))
+        if v in ("5.0", "5.2"):
+            return Version.V5_0 if v == "5.0" else Version.V5_2
+        if v is not None:
+            raise UnsupportedVersionError(path, f"'{KEY_VERSION.format(arch=arch)}' is {v!r}, "
+                                          "expected '5.0' or '5.2'")
+        names = {t.name for t in reader.tensors}
+        return Version.V5_2 if "blk.0.time_mix_gate.weight" in names else Version.V5_0
+    raise UnsupportedVersionError(
+        path, f"GGUF architecture '{arch}' is not one rwkvpy runs; expected rwkv4, rwkv5, "
+        "rwkv6 or rwkv7")
+
+
+def _tensor(path, reader, t):
+    """A GGUF tensor as a torch view (float types) or QTensor (block types), PyTorch order."""
+    from ..quant import FORMATS
+
+    fmt = t.tensor_type.name
+    if fmt not in FORMATS:
+        raise UnsupportedTensorTypeError(
+            path, f"tensor '{t.name}' has type {fmt}; rwkvpy reads " + ", ".join(SUPPORTED_TYPES))
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    raw = reader.data[t.data_offset:t.data_offset + t.n_bytes]
+    if raw.size != t.n_bytes:
+        raise TruncatedFileError(path, f"tensor '{t.name}' ({fmt}, shape {shape}) needs "
+                                 f"{t.n_bytes} bytes at offset {t.data_offset}, the file has "
+                                 f"{max(0, reader.data.size - t.data_offset)} left")
+    if fmt == "F32":
+        return torch.from_numpy(raw.view(np.float32)).view(shape), fmt
+    if fmt == "F16":
+        return torch.from_numpy(raw.view(np.float16)).view(shape), fmt
+    if fmt == "BF16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).view(shape), fmt
+    return QTensor(fmt, shape, raw), fmt
+
+
+def _rescaled(t, factor: float):
+    """t * factor for a power of two, exactly; quantized tensors keep their type (block
+    scales multiplied) unless that overflows float16."""
+    if factor == 1:
+        return t
+    if isinstance(t, QTensor):
+        from ..quant import get_format
+
+        fmt = get_format(t.fmt)
+        rec = np.array(np.asarray(t.data).view(fmt.block_dtype))  # a copy
+        with np.errstate(over="ignore"):
+            for fld in ("d", "m"):
+                if fld in rec.dtype.names:
+                    rec[fld] = rec[fld] * np.float16(factor)
+        if all(np.isfinite(rec[f]).all() for f in ("d", "m") if f in rec.dtype.names):
+            return QTensor(t.fmt, t.shape, rec.view(np.uint8).reshape(-1))
+        return to_float32(t) * factor
+    if t.dtype == torch.float32:
+        return t * factor
+    out = t * factor
+    return out if torch.isfinite(out).all() else t.float() * factor
+
+
+def read(path) -> Checkpoint:
+    path = os.fspath(path)
+    reader = _open(path)
+    arch = _value(reader, "general.architecture")
+    if arch is None:
+        raise UnknownFormatError(path, "GGUF file without 'general.architecture'")
+    version = _version(path, reader, arch)
+    head_size = _value(reader, f"{arch}.wkv.head_size")
+    rescale = int(_value(reader, f"{arch}.rescale_every_n_layers", 0) or 0)
+
+    inv_layer = {g: (c, kind) for c, (g, kind) in _layer_rules(version).items()}
+    if version is Version.V6:
+        inv_layer.update({g: (c, SQUEEZE) for g, c in _V6_UNFUSED.items()})
+    if version in (Version.V4, Version.V5_0):  # time_mix_first is time_first there
+        inv_layer["time_mix_first.weight"] = ("att.time_first", SQUEEZE)
+    inv_global = {g: c for c, g in _GLOBAL.items()}
+    fused_members = _FUSED.get(version, ())
+
+    tensors, types = {}, {}
+
+    def put(name, value, fmt):
+        tensors[name] = value
+        types[name] = fmt
+
+    for t in reader.tensors:
+        value, fmt = _tensor(path, reader, t)
+        if t.name in inv_global:
+            put(inv_global[t.name], value, fmt)
+            continue
+        parts = t.name.split(".", 2)
+        if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdigit():
+            put(t.name, value, fmt)  # not an RWKV tensor: kept under its GGUF name
+            continue
+        bid, gleaf = int(parts[1]), parts[2]
+        prefix = f"blocks.{bid}."
+        if version is Version.V7 and bid == 0 and gleaf in (
+                "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight"):
+            continue  # copies of a0/a1/a2 (see the module docstring)
+        if gleaf == _FUSED_NAME and fused_members:
+            f = to_float32(value) if isinstance(value, QTensor) else value
+            f = f.reshape(len(fused_members), -1)
+            if f.shape[0] != len(fused_members):
+                raise UnknownFormatError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}")
+            for j, m in enumerate(fused_members):
+                put(prefix + m, f[j], fmt)
+            continue
+        rule = inv_layer.get(gleaf)
+        if rule is None:
+            put(t.name, value, fmt)
+            continue
+        cleaf, kind = rule
+        if kind in (T, P021):
+            value = to_float32(value)
+            value = (value.transpose(0, 1) if kind == T else value.permute(0, 2, 1)).contiguous()
+        elif kind == FLAT and version is Version.V7 and cleaf == "att.r_k":
+            if not head_size:
+                raise UnknownFormatError(path, f"GGUF key '{arch}.wkv.head_size' is missing")
+            if isinstance(value, QTensor):
+                value = to_float32(value)
+            value = value.reshape(-1, int(head_size))
+        if rescale > 0 and cleaf in ("att.output.weight", "ffn.value.weight"):
+            value = _rescaled(value, float(2 ** (bid // rescale)))
+        put(prefix + cleaf, value, fmt)
+
+    if "emb.weight" not in tensors:
+        raise MissingTensorError(path, "tensor 'token_embd.weight' not found: not an RWKV model")
+    tokenizer = _value(reader, KEY_TOKENIZER)
+    if tokenizer is None:
+        model = _value(reader, "tokenizer.ggml.model")
+        tokenizer = {"rwkv": "world"}.get(model)
+    meta = {"gguf_version": int(_value(reader, "GGUF.version", 3)), "architecture": arch}
+    ftype = _value(reader, "general.file_type")
+    if ftype is not None:
+        names = {v: k for k, v in FILE_TYPES.items()}
+        meta["file_type"] = names.get(int(ftype), int(ftype))
+    if tokenizer:
+        meta["tokenizer"] = tokenizer
+    tok_field = reader.get_field("tokenizer.ggml.tokens")
+    if tok_field is not None:
+        meta["n_tokens"] = len(tok_field.data)
+    vocab = _value(reader, f"{arch}.vocab_size")
+    if vocab is not None:
+        meta["vocab_size"] = int(vocab)
+    if rescale:
+        meta["rescale_every_n_layers"] = rescale
+    name = _value(reader, "general.name")
+    if name:
+        meta["name"] = name
+    eps = _value(reader, KEY_GROUP_NORM_EPS.format(arch=arch))
+    return Checkpoint(path=path, format="gguf", tensors=tensors, file_types=types,
+                      file_size=os.path.getsize(path), meta=meta,
+                      ln_x_eps=float(eps) if eps is not None and version.has_heads else None)
