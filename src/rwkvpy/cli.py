@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("type", metavar="TYPE", help=types)
     _add_convert_options(quant)
     quant.set_defaults(func=cmd_convert)
+    from .cli_text import add_text_commands
+
+    add_text_commands(sub)
     return p
 
 

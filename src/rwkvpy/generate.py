@@ -16,6 +16,14 @@ Stopping:
 
 The result's ``state`` has consumed the prompt and every token of ``tokens``: feed it the next
 user input to continue the conversation.
+
+Prefix cache (``cache=``, a :class:`~rwkvpy.prefix_cache.PrefixCache`): the prompt starts from
+the state of its longest cached prefix and only the rest goes through the model (when the whole
+prompt is cached, nothing does: its stored logits are used). While the rest is processed, the
+states at the cache's checkpoints (multiples of ``cache.every``, and any position in
+``checkpoints=``) and after the whole prompt are stored; when generation ends (or the stream is
+closed early) the state after the prompt and the generated tokens is stored too. Cached entries
+are keyed by the model and the starting ``state`` (see :func:`~rwkvpy.prefix_cache.cache_root`).
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class GenerationResult:
     state: object = field(repr=False)  # rwkvpy.State after the prompt and ``tokens``
     stop: object = None       # the stop string or stop token id that ended generation, if any
     seed: int | None = None   # the sampler's seed (reproduces the run with the same inputs)
+    cached_tokens: int = 0    # prompt tokens taken from the prefix cache (not processed)
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -121,65 +130,124 @@ def _check(model, tokenizer, params):
     return params
 
 
-def _run(model, tokenizer, ids: list, params: SamplingParams, state):
-    """Yields the text pieces; returns the GenerationResult."""
+def _process_prompt(model, ids: list, state, cache, checkpoints, live):
+    """(logits, state, cached tokens) after ``ids``, from the longest cached prefix if any."""
+    if cache is None:
+        logits, state = model.forward(ids, state)
+        return logits, state, 0
+    from .prefix_cache import cache_root
+
+    root = cache_root(model, state)
+    live._cache_root = root
+    n, cached, logits = cache.lookup(ids, root=root)
+    if n == len(ids) and logits is None:  # a stored state without logits: redo the last token
+        n, cached, logits = cache.lookup(ids[:-1], root=root)
+    start = n
+    if n:
+        state = cached
+    cuts = sorted({c for c in list(cache.checkpoints(start, len(ids))) + list(checkpoints)
+                   if start < c < len(ids)})
+    for end in cuts + [len(ids)]:
+        if end > start:
+            logits, state = model.forward(ids[start:end], state)
+            cache.insert(ids[:end], state, root=root)
+            start = end
+    return logits, state, n
+
+
+def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
+         checkpoints=(), live=None):
+    """Yields the text pieces; returns the GenerationResult. ``live`` (a GenerationStream) is
+    kept up to date with the progress, so an interrupted run leaves a consistent account."""
+    if live is None:
+        live = GenerationStream(iter(()))
     sampler = Sampler(params)
     stops, stop_tokens = params.stop, frozenset(params.stop_tokens)
     decoder = StreamDecoder(tokenizer)
     t0 = time.perf_counter()
-    logits, state = model.forward(ids, state)
+    logits, state, cached = _process_prompt(model, ids, state, cache, checkpoints, live)
+    live._progress = (0, state)
+    live.prompt_state = state
     t1 = time.perf_counter()
-    tokens: list[int] = []
+    tokens: list[int] = live._tokens
     parts: list[str] = []
     pending = ""  # decoded, not yet emitted: may be the beginning of a stop string
     finish, stop, sampled, by_string = "length", None, 0, False
 
-    while sampled < params.max_tokens:
-        token = sampler.sample(logits)
-        sampled += 1
-        if token in stop_tokens:
-            finish, stop = "stop", token
-            break
-        tokens.append(token)
-        logits, state = model.forward([token], state)
-        pending += decoder.feed([token])
-        if not stops:
-            out, pending = pending, ""
-        else:
-            at, which = _first_stop(pending, stops)
-            if at >= 0:
-                finish, stop, by_string = "stop", which, True
-                pending = pending[:at]
+    try:
+        while sampled < params.max_tokens:
+            token = sampler.sample(logits)
+            sampled += 1
+            if token in stop_tokens:
+                finish, stop = "stop", token
                 break
-            keep = _held_back(pending, stops)
-            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-        if out:
-            parts.append(out)
-            yield out
-    if not by_string:
-        # The end: held-back text is no stop string after all; an unfinished character -> U+FFFD.
-        pending += decoder.flush()
-        if stops:
-            at, which = _first_stop(pending, stops)
-            if at >= 0:
-                finish, stop, pending = "stop", which, pending[:at]
-    if pending:
-        parts.append(pending)
-        yield pending
+            logits, state = model.forward([token], state)
+            tokens.append(token)
+            live._progress = (len(tokens), state)  # one assignment: never half updated
+            pending += decoder.feed([token])
+            if not stops:
+                out, pending = pending, ""
+            else:
+                at, which = _first_stop(pending, stops)
+                if at >= 0:
+                    finish, stop, by_string = "stop", which, True
+                    pending = pending[:at]
+                    break
+                keep = _held_back(pending, stops)
+                out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+            if out:
+                parts.append(out)
+                live.text += out
+                yield out
+        if not by_string:
+            # The end: held-back text is no stop string after all; an unfinished character
+            # becomes U+FFFD.
+            pending += decoder.flush()
+            if stops:
+                at, which = _first_stop(pending, stops)
+                if at >= 0:
+                    finish, stop, pending = "stop", which, pending[:at]
+        if pending:
+            parts.append(pending)
+            live.text += pending
+            yield pending
+    finally:
+        n, done = live._progress
+        if cache is not None and n:
+            cache.insert(ids + tokens[:n], done, root=live._cache_root)
     t2 = time.perf_counter()
-    timings = Timings(t1 - t0, t2 - t1, len(ids), sampled)
-    return GenerationResult(text="".join(parts), tokens=tokens, finish_reason=finish,
+    timings = Timings(t1 - t0, t2 - t1, len(ids) - cached, sampled)
+    return GenerationResult(text="".join(parts), tokens=list(tokens), finish_reason=finish,
                             prompt_tokens=len(ids), completion_tokens=sampled, timings=timings,
-                            state=state, stop=stop, seed=sampler.seed)
+                            state=state, stop=stop, seed=sampler.seed, cached_tokens=cached)
 
 
 class GenerationStream:
     """An iterator of the generated text pieces; ``result`` is the GenerationResult once the
-    iteration has ended (None before). ``close()`` stops generating early."""
+    iteration has ended (None before). ``close()`` stops generating early.
+
+    Progress so far, consistent at every moment (also after an interruption such as a
+    KeyboardInterrupt inside the model): ``prompt_state`` (the state after the prompt; None
+    until it is processed), ``tokens`` (generated tokens the state has consumed), ``state``
+    (after the prompt and ``tokens``) and ``text`` (the text emitted so far).
+    """
 
     def __init__(self, gen):
         self._gen = gen
         self.result: GenerationResult | None = None
+        self.prompt_state = None
+        self.text = ""
+        self._tokens: list[int] = []
+        self._progress = (0, None)  # (how many of _tokens the state has read, that state)
+        self._cache_root = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._tokens[:self._progress[0]]
+
+    @property
+    def state(self):
+        return self._progress[1]
 
     def __iter__(self):
         return self
@@ -197,21 +265,28 @@ class GenerationStream:
 
 
 def stream(model, tokenizer, prompt, params: SamplingParams | None = None,
-           state=None) -> GenerationStream:
+           state=None, cache=None, checkpoints=()) -> GenerationStream:
     """Generate from ``prompt`` (a str, or a list of token ids), yielding text pieces as they
     are decided. Concatenated, the pieces are the result's ``text``; the stream's ``result``
     holds the :class:`GenerationResult` once it is exhausted. ``state``: continue from this
-    state (None: a fresh one); it is not modified."""
+    state (None: a fresh one); it is not modified. ``cache``: a PrefixCache to start from and
+    fill (see the module's docstring); ``checkpoints``: extra prompt positions whose states
+    are stored in it."""
     params = _check(model, tokenizer, params)
     ids = _prompt_ids(tokenizer, prompt)  # bad prompts fail here, not at the first piece
-    return GenerationStream(_run(model, tokenizer, ids, params, state))
+    if cache is not None and not hasattr(cache, "lookup"):
+        raise GenerationError(f"cache must be a PrefixCache, got {type(cache).__name__}")
+    live = GenerationStream(None)
+    live._gen = _run(model, tokenizer, ids, params, state, cache, tuple(checkpoints), live)
+    return live
 
 
 def generate(model, tokenizer, prompt, params: SamplingParams | None = None,
-             state=None) -> GenerationResult:
+             state=None, cache=None) -> GenerationResult:
     """Generate from ``prompt`` (a str, or a list of token ids) until a stop condition (see the
-    module's docstring); ``state``: continue from this state (None: a fresh one)."""
-    s = stream(model, tokenizer, prompt, params, state)
+    module's docstring); ``state``: continue from this state (None: a fresh one); ``cache``: a
+    PrefixCache (see the module's docstring)."""
+    s = stream(model, tokenizer, prompt, params, state, cache)
     for _ in s:
         pass
     return s.result
