@@ -115,3 +115,11 @@ def test_time_state_missing(model, tmp_path):
         State.from_time_state(fixture_path("reference-pth", "v6_c192_l2.pth"), v6)
     with pytest.raises(errors.StateError, match="supported for RWKV v5.2 and v6"):
         State.from_time_state(fixture_path("reference-pth", "v6_c192_l2.pth"), model)
+
+
+def test_written_files_get_normal_permissions(model, tmp_path):
+    _, s = model.forward([1], None)
+    s.save(tmp_path / "p.state")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "p.state").stat().st_mode & 0o777 == 0o666 & ~umask

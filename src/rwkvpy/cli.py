@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("type", metavar="TYPE", help=types)
     _add_convert_options(quant)
     quant.set_defaults(func=cmd_convert)
+    from .cli_eval import add_eval_commands
     from .cli_text import add_text_commands
 
     add_text_commands(sub)
+    add_eval_commands(sub)
     return p
 
 

@@ -1,0 +1,266 @@
+"""The evaluation commands of the ``rwkvpy`` command line: ``perplexity`` and ``compare``.
+
+``add_eval_commands(subparsers)`` adds them to an argparse subparsers object (``rwkvpy.cli``'s
+``build_parser`` calls it); each sets ``func`` to a function taking the parsed arguments and
+returning the exit status. User errors are raised as :class:`~rwkvpy.errors.RwkvpyError`
+subclasses, for the caller to print as one line. ``main_for_tests(argv)`` runs these commands
+alone, with the same error handling as ``rwkvpy.cli.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from .compare import DEFAULT_TYPES
+from .errors import RwkvpyError
+from .perplexity import DEFAULT_CHUNK
+
+
+class EvalCliError(RwkvpyError):
+    """A usage error of an evaluation command (a missing file, an empty text, a bad count)."""
+
+
+# -- the text ------------------------------------------------------------------------------------
+def read_text(path: str) -> str:
+    """A UTF-8 text file ('-' = stdin); one-line errors for a missing, empty or non-UTF-8 file."""
+    try:
+        if path == "-":
+            raw, name = sys.stdin.buffer.read(), "<stdin>"
+        else:
+            with open(path, "rb") as f:
+                raw, name = f.read(), path
+    except FileNotFoundError:
+        raise EvalCliError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise EvalCliError(f"{path}: is a directory, expected a text file") from None
+    if not raw:
+        raise EvalCliError(f"{name}: the file is empty: nothing to evaluate")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalCliError(f"{name}: not a UTF-8 text file: invalid byte 0x{raw[e.start]:02x} "
+                           f"at byte offset {e.start} ({e.reason})") from None
+
+
+def _tokenizer(kind, vocab_path, info):
+    """The tokenizer: --tokenizer, else the one the file names (GGUF), else from the vocab size."""
+    from .tokenizers import tokenizer_for
+
+    if kind is None and vocab_path is None:
+        kind = (info.file_meta or {}).get("tokenizer")
+    return tokenizer_for(info.vocab_size, kind, vocab_path)
+
+
+def _tokens(args, info) -> tuple[list, str]:
+    """(token ids of the text, tokenizer name), after --max-tokens, checked for --ignore-first."""
+    from .perplexity import check_scorable
+
+    text = read_text(args.text)
+    tok = _tokenizer(args.tokenizer, args.vocab, info)
+    ids = tok.encode(text)
+    n_all = len(ids)
+    if args.max_tokens is not None:
+        ids = ids[:args.max_tokens]
+    what = args.text if args.max_tokens is None or n_all <= args.max_tokens else (
+        f"{args.text} cut at --max-tokens {args.max_tokens}")
+    check_scorable(len(ids), args.ignore_first, what)
+    return ids, tok.name
+
+
+def _model_path(path: str) -> str:
+    """-m's file (``demo``: the demo model shipped with rwkvpy)."""
+    if path == "demo" and not os.path.exists(path):
+        try:
+            from .demo import demo_model_path
+        except ImportError:
+            raise EvalCliError("this installation of rwkvpy has no demo model") from None
+        return os.fspath(demo_model_path())
+    if not os.path.exists(path):
+        raise EvalCliError(f"{path}: no such model file")
+    return path
+
+
+def _positive(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+    return parse
+
+
+def _non_negative(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+# -- perplexity ----------------------------------------------------------------------------------
+def cmd_perplexity(args) -> int:
+    import rwkvpy
+
+    from .perplexity import perplexity
+
+    path = _model_path(args.model)
+    info = rwkvpy.inspect(path)
+    ids, tok_name = _tokens(args, info)  # all input checks before the model loads
+    model = rwkvpy.load(path, mode=args.mode, threads=args.threads)
+    model.forward(ids[:16])  # loads the compiled kernels, so that tokens/s is the steady rate
+    r = perplexity(model, ids, chunk=args.chunk, ignore_first=args.ignore_first,
+                   progress=not (args.quiet or args.json))
+    out = {"model": path, "text": args.text, "tokenizer": tok_name, **r.to_dict(),
+           "threads": model_threads(), "mode": args.mode}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    n = out["threads"]
+    print(f"model:       {path} ({info.version.label}, mode {args.mode}, {n} thread"
+          f"{'' if n == 1 else 's'})")
+    name = "<stdin>" if args.text == "-" else args.text
+    print(f"text:        {name} ({r.tokens_total} tokens, {tok_name} tokenizer)")
+    why = ("all but the first, which has no prediction" if r.ignored == 1 else
+           f"the first {r.ignored} are context only")
+    print(f"scored:      {r.tokens} tokens ({why})")
+    print(f"nll:         {r.nll:.6f} nats/token ({r.nll / math.log(2):.4f} bits/token)")
+    print(f"perplexity:  {r.perplexity:.4f}")
+    print(f"speed:       {r.tokens_per_s:.1f} tokens/s ({r.seconds:.2f} s)")
+    return 0
+
+
+def model_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# -- compare ---------------------------------------------------------------------------------------
+def cmd_compare(args) -> int:
+    import rwkvpy
+
+    from . import compare as cmp
+
+    path = _model_path(args.model)
+    types = cmp.parse_types(args.types)
+    if args.plot:
+        cmp.check_plot_available()
+    if args.reuse and args.out_dir is None:
+        raise EvalCliError("--reuse needs --out-dir (the folder of the files to reuse)")
+    info = rwkvpy.inspect(path)
+    ids, _ = _tokens(args, info)
+    result = cmp.compare(path, ids, types, out_dir=args.out_dir, reuse=args.reuse,
+                         ignore_first=args.ignore_first, chunk=args.chunk,
+                         threads=args.threads, mode=args.mode, bench_tokens=args.bench_tokens,
+                         prompt=args.prompt, quantize_head=args.quantize_head,
+                         format=args.format, progress=not args.quiet)
+    if args.json == "-":
+        cmp.write_json(result, "-")
+    else:
+        print(cmp.format_table(result))
+        if args.json:
+            cmp.write_json(result, args.json)
+    if args.csv:
+        cmp.write_csv(result, args.csv)
+    if args.plot:
+        cmp.plot(result, args.plot)
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------------
+def _add_common(p) -> None:
+    p.add_argument("-m", "--model", metavar="MODEL", required=True,
+                   help="model file (.bin, .pth, .gguf, .safetensors) or HF folder")
+    p.add_argument("text", metavar="FILE.txt", help="UTF-8 text to evaluate ('-' = stdin)")
+    p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
+                   help="tokenizer (default: the model file's, else from its vocabulary size)")
+    p.add_argument("--vocab", metavar="PATH", default=None,
+                   help="World vocabulary file or NeoX tokenizer.json")
+    p.add_argument("--ignore-first", type=_non_negative, default=0, metavar="N",
+                   help="the first N tokens are context only: their predictions are not scored")
+    p.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None, metavar="N",
+                   help="use only the first N tokens of the text")
+    p.add_argument("--chunk", type=_positive("--chunk"), default=DEFAULT_CHUNK, metavar="N",
+                   help=f"tokens per model call, the state carried between calls (default "
+                        f"{DEFAULT_CHUNK})")
+    p.add_argument("--threads", type=_positive("--threads"), default=None,
+                   help="threads (default: physical cores)")
+    p.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast",
+                   help="compute mode (default fast)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def add_eval_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "perplexity", help="perplexity of a model on a text file",
+        description="Average negative log likelihood (nats per token) and perplexity of MODEL "
+                    "on FILE.txt: every token after the first (and after --ignore-first) is "
+                    "scored by the prediction made before it.")
+    _add_common(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (nll, perplexity, tokens, tokens_per_s, ...)")
+    p.set_defaults(func=cmd_perplexity)
+
+    c = subparsers.add_parser(
+        "compare", help="quantize a model into several types and measure each",
+        description="Convert MODEL into each type and measure perplexity on FILE.txt, latency "
+                    "per token, prompt speed, file size and resident memory (each type in a "
+                    "process of its own); prints one table sorted by perplexity.")
+    _add_common(c)
+    c.add_argument("--types", default=",".join(DEFAULT_TYPES),
+                   help=f"comma-separated types (default {','.join(DEFAULT_TYPES)}; also "
+                        "f32, bf16)")
+    c.add_argument("--out-dir", metavar="DIR", default=None,
+                   help="keep the converted files in DIR (default: a temporary folder)")
+    c.add_argument("--reuse", action="store_true",
+                   help="measure files already in --out-dir as they are instead of converting")
+    c.add_argument("--format", choices=("gguf", "bin"), default=None,
+                   help="file format of the conversions (default: bin for a .bin model, "
+                        "else gguf)")
+    c.add_argument("--quantize-head", action="store_true",
+                   help="quantize head.weight too (kept F16 by default, as rwkv.cpp does)")
+    c.add_argument("--bench-tokens", type=_positive("--bench-tokens"), default=32, metavar="N",
+                   help="decode steps timed per type (default 32)")
+    c.add_argument("--prompt", type=_positive("--prompt"), default=512, metavar="N",
+                   help="prompt length timed per type (default 512)")
+    c.add_argument("--json", metavar="FILE", default=None,
+                   help="write the results as JSON ('-': print JSON instead of the table)")
+    c.add_argument("--csv", metavar="FILE", default=None, help="write the results as CSV")
+    c.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="plot perplexity against latency and file size (needs matplotlib)")
+    c.set_defaults(func=cmd_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rwkvpy", description="rwkvpy evaluation commands.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_eval_commands(sub)
+    return p
+
+
+def main_for_tests(argv=None) -> int:
+    """Run an evaluation command like ``rwkvpy.cli.main`` does: a user error is one line on
+    stderr (``rwkvpy: error: ...``) and status 1; Ctrl-C is status 130."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RwkvpyError, OSError, MemoryError) as e:
+        print(f"rwkvpy: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rwkvpy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main_for_tests())
