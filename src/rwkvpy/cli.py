@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.set_defaults(func=cmd_convert)
     from .cli_eval import add_eval_commands
     from .cli_text import add_text_commands
+    from .server.cli import add_serve_command
 
     add_text_commands(sub)
     add_eval_commands(sub)
+    add_serve_command(sub)
     return p
 
 

@@ -1,0 +1,184 @@
+"""Load test of ``rwkvpy serve``: requests/s and generated tokens/s at 1, 4 and 16 concurrent
+clients, each client sending streaming completions one after the other.
+
+Starts its own server on a free loopback port (``-m MODEL``, killed at the end) or targets a
+running one (``--url``, loopback addresses only). Each level runs until ``--requests`` requests
+completed or ``--seconds`` elapsed (a request in flight then still finishes). Reported per
+level: completed requests, requests/s, generated tokens/s (from the responses' usage), mean and
+p95 request latency, mean time to the first token, and the mean size of the server's decode batches.
+
+    PYTHONPATH=src python benchmarks/load_server.py -m ../shared/fixtures/rwkv-cpp-tiny/tiny-rwkv-7v0-834K-FP32.bin
+    PYTHONPATH=src python benchmarks/load_server.py --url http://127.0.0.1:8000 --api-key KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlparse
+
+import httpx
+
+PROMPTS = ["Once upon a time", "The quick brown fox", "In the beginning", "It was a dark night",
+           "The old man and the", "Far away, beyond the hills"]
+
+
+def start_server(args) -> tuple:
+    fd, log_path = tempfile.mkstemp(suffix=".log")
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "rwkvpy.server", "-m", args.model, "--port", "0",
+           "--no-access-log", "--max-concurrent", str(max(args.levels) * 2),
+           "--max-tokens-limit", str(max(args.max_tokens, 16))]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.max_batch:
+        cmd += ["--max-batch", str(args.max_batch)]
+    proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env)
+    os.close(fd)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with open(log_path) as f:
+            m = re.search(r"listening on (http://\S+)", f.read())
+        if m:
+            url = m.group(1)
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        return proc, url, log_path
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    with open(log_path) as f:
+        sys.exit(f"the server did not start:\n{f.read()}")
+
+
+async def one_request(client, body) -> tuple:
+    """(latency s, time to first text s or None, completion tokens)."""
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            if ev.get("usage"):
+                tokens = ev["usage"]["completion_tokens"]
+            for c in ev.get("choices", ()):
+                if c.get("text") and first is None:
+                    first = time.perf_counter() - t0
+    return time.perf_counter() - t0, first, tokens
+
+
+async def run_level(url, headers, clients, args) -> dict:
+    stop_at = time.monotonic() + args.seconds
+    issued = 0
+    results = []
+
+    async def worker(w, client):
+        nonlocal issued
+        while issued < args.requests and time.monotonic() < stop_at:
+            i = issued
+            issued += 1
+            body = {"prompt": f"{PROMPTS[i % len(PROMPTS)]} ({w}.{i})", "stream": True,
+                    "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i,
+                    "stream_options": {"include_usage": True}}
+            results.append(await one_request(client, body))
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
+                                 limits=limits) as client:
+        st0 = (await client.get("/v1/stats")).json()["engine"]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w, client) for w in range(clients)))
+        wall = time.perf_counter() - t0
+        st = (await client.get("/v1/stats")).json()["engine"]
+    steps = st["decode_steps"] - st0["decode_steps"]
+    mean_batch = (st["decode_tokens"] - st0["decode_tokens"]) / steps if steps else 0.0
+    lat = sorted(r[0] for r in results)
+    ttft = [r[1] for r in results if r[1] is not None]
+    toks = sum(r[2] for r in results)
+    return {"clients": clients, "requests": len(results), "seconds": wall,
+            "requests_per_s": len(results) / wall, "tokens_per_s": toks / wall,
+            "completion_tokens": toks, "latency_mean_s": statistics.fmean(lat),
+            "latency_p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+            "mean_decode_batch": mean_batch}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("-m", "--model", help="start a server for this model")
+    g.add_argument("--url", help="a running server (loopback only), e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="for --url: the server's key")
+    p.add_argument("--levels", default="1,4,16", help="concurrent clients (default 1,4,16)")
+    p.add_argument("--requests", type=int, default=48, help="most requests per level (48)")
+    p.add_argument("--seconds", type=float, default=30, help="most seconds per level (30)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (64)")
+    p.add_argument("--threads", type=int, default=None, help="server threads (started server)")
+    p.add_argument("--max-batch", type=int, default=None, help="server --max-batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",")]
+    proc = log = None
+    if args.url:
+        host = urlparse(args.url).hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            p.error("--url must be a loopback address (127.0.0.1, ::1, localhost)")
+        url = args.url.rstrip("/")
+    else:
+        proc, url, log = start_server(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        asyncio.run(run_level(url, headers, 1, argparse.Namespace(  # warm-up, not reported
+            requests=2, seconds=30, max_tokens=8)))
+        rows = [asyncio.run(run_level(url, headers, c, args)) for c in args.levels]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            os.unlink(log)
+    if args.json:
+        print(json.dumps({"url": url, "max_tokens": args.max_tokens, "levels": rows}))
+        return 0
+    print(f"server {url}, {args.max_tokens} tokens per request (streaming completions)")
+    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>8} {'lat mean':>9} "
+          f"{'lat p95':>8} {'ttft':>7} {'mean batch':>10}")
+    for r in rows:
+        ttft = f"{r['ttft_mean_s']:.3f}" if r["ttft_mean_s"] is not None else "-"
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} "
+              f"{r['tokens_per_s']:>8.1f} {r['latency_mean_s']:>8.3f}s {r['latency_p95_s']:>7.3f}s "
+              f"{ttft:>7} {r['mean_decode_batch']:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""OpenAI request bodies in, generation specs out: every check, with OpenAI-style errors.
+
+Nothing here touches the model: a parsed request is a list of prompts (token ids, with the
+state they start from) and a :class:`~rwkvpy.sampling.SamplingParams` per choice.
+
+Parameter mapping (OpenAI -> rwkvpy):
+
+- ``temperature`` (default 1; 0 = greedy), ``top_p`` (default 1; 0 = greedy), ``max_tokens``
+  (``max_completion_tokens`` for chat; default 16 for completions, the server's limit for chat;
+  above the limit: 400), ``stop`` (a string or a list of up to 16), ``seed`` (choice i of a
+  request draws with ``seed + i``; none: a fresh seed each), ``presence_penalty`` and
+  ``frequency_penalty`` (BlinkDL's alpha_presence / alpha_frequency, decayed by
+  ``penalty_decay``, 0.996 unless given), ``logit_bias`` ({"token id": bias in [-100, 100]}),
+  ``n`` (choices), ``stream`` and ``stream_options.include_usage``; completions: ``prompt``
+  (a string, a list of token ids, or a list of either), ``echo``.
+- rwkvpy extensions: ``top_k``, ``min_p``, ``penalty_decay``, ``state`` (start from a named
+  state, see ``POST /v1/states``).
+- Refused with 400 (they would change what the client gets without it noticing): ``logprobs``,
+  ``top_logprobs``, ``suffix``, ``best_of`` above ``n``, ``tools``/``functions``, a
+  ``response_format`` other than text. Other unknown fields are ignored, as OpenAI's clients
+  send some (``user``, ``metadata``...).
+
+Chat format (RWKV's): each message is rendered as ``System: ...\\n\\n``, ``User: ...\\n\\n`` or
+``Assistant: ...\\n\\n`` (``developer`` counts as system), and the prompt ends with
+``Assistant:``; the stop string ``"\\n\\n"`` is always added. Message text is normalized as
+:func:`rwkvpy.chat.normalize_message` does (no blank line inside a message, no surrounding
+whitespace). Each message is encoded on its own (then concatenated), so earlier messages always
+give the same tokens and a conversation's next turn finds its past in the prefix cache; an
+assistant message is encoded as ``"Assistant:"`` then ``" " + content + "\\n\\n"``, which is how
+a generated reply reads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ..chat import normalize_message
+from ..sampling import SamplingError, SamplingParams
+
+CHAT_STOP = "\n\n"
+MAX_STOPS = 16
+ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+STATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 4096       # the most tokens one choice may ask for
+    max_sequences: int = 64      # choices (prompts x n) one request may ask for
+    default_completion_tokens: int = 16
+
+
+@dataclass
+class Prompt:
+    ids: list                    # token ids (non-empty)
+    text: str | None = None      # the text, when given as text (for echo)
+    checkpoints: tuple = ()      # positions whose states are worth caching (turn boundaries)
+
+
+@dataclass
+class Spec:
+    kind: str                    # "completion" or "chat"
+    prompts: list                # of Prompt
+    params: list                 # SamplingParams per choice (n of them)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    state: str | None = None     # named starting state
+    extra: dict = field(default_factory=dict)
+
+
+# -- field checks --------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def get_int(body, name, default, lo=None, hi=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_int(v):
+        raise bad(f"'{name}' must be an integer, got {_show(v)}", name)
+    if lo is not None and v < lo:
+        raise bad(f"'{name}' must be >= {lo}, got {v}", name)
+    if hi is not None and v > hi:
+        raise bad(f"'{name}' must be <= {hi}, got {v}", name)
+    return v
+
+
+def get_num(body, name, default, lo=None, hi=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_num(v):
+        raise bad(f"'{name}' must be a number, got {_show(v)}", name)
+    if lo is not None and v < lo:
+        raise bad(f"'{name}' must be >= {lo}, got {v}", name)
+    if hi is not None and v > hi:
+        raise bad(f"'{name}' must be <= {hi}, got {v}", name)
+    return float(v)
+
+
+def get_bool(body, name, default=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be true or false, got {_show(v)}", name)
+    return v
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def check_model(body, served: list) -> str:
+    name = body.get("model")
+    if name is None:
+        return served[0]
+    if not isinstance(name, str):
+        raise bad(f"'model' must be a string, got {_show(name)}", "model")
+    if name not in served:
+        raise ApiError(404, f"The model '{name}' does not exist: this server serves "
+                            f"{', '.join(repr(s) for s in served)}", param="model",
+                       code="model_not_found")
+    return name
+
+
+def state_name(body, name="state"):
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str) or not STATE_ID.match(v):
+        raise bad(f"'{name}' must be a state id (letters, digits, '.', '_', '-'; at most 64), "
+                  f"got {_show(v)}", name)
+    return v
+
+
+# -- sampling ------------------------------------------------------------------------------------
+def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=()) -> list:
+    """One SamplingParams per choice."""
+    temperature = get_num(body, "temperature", 1.0, lo=0)
+    top_p = get_num(body, "top_p", 1.0, lo=0, hi=1)
+    greedy = temperature == 0.0 or top_p == 0.0
+    if top_p == 0.0:
+        top_p = 1.0
+    kw = {
+        "temperature": temperature, "top_p": top_p, "greedy": greedy,
+        "top_k": get_int(body, "top_k", 0, lo=0),
+        "min_p": get_num(body, "min_p", 0.0, lo=0),
+        "presence_penalty": get_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
+        "frequency_penalty": get_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
+        "max_tokens": max_tokens,
+    }
+    decay = get_num(body, "penalty_decay", None)
+    if decay is not None:
+        kw["penalty_decay"] = decay
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+        clean = {}
+        for k, v in bias.items():
+            try:
+                tid = int(k)
+            except (TypeError, ValueError):
+                raise bad(f"logit_bias key {_show(k)} is not a token id", "logit_bias") from None
+            if not 0 <= tid < vocab_size:
+                raise bad(f"logit_bias token id {tid} is out of range: the model's vocabulary has "
+                          f"ids 0..{vocab_size - 1}", "logit_bias")
+            if not _is_num(v) or not -100 <= v <= 100:
+                raise bad(f"logit_bias[{k}] must be a number in [-100, 100], got {_show(v)}",
+                          "logit_bias")
+            clean[tid] = float(v)
+        kw["logit_bias"] = clean
+    stop = body.get("stop")
+    if stop is None:
+        stops = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOPS:
+        raise bad(f"'stop' may hold at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    if any(not s for s in stops):
+        raise bad("stop strings must not be empty", "stop")
+    kw["stop"] = tuple(dict.fromkeys(stops + list(extra_stop)))
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 63 - 1024):
+        raise bad(f"'seed' must be an integer in [0, 2^63 - 1024), got {_show(seed)}", "seed")
+    out = []
+    for i in range(n):
+        try:
+            out.append(SamplingParams(**kw, seed=None if seed is None else seed + i))
+        except SamplingError as e:
+            raise bad(str(e)) from None
+    return out
+
+
+def _refuse_unsupported(body, kind: str) -> None:
+    if kind == "completion":
+        if body.get("logprobs") is not None:
+            raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported")
+        if body.get("suffix") not in (None, ""):
+            raise bad("'suffix' is not supported by this server", "suffix", "unsupported")
+    else:
+        if body.get("logprobs") not in (None, False):
+            raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported")
+        if body.get("top_logprobs") is not None:
+            raise bad("'top_logprobs' is not supported by this server", "top_logprobs",
+                      "unsupported")
+        for name in ("tools", "functions"):
+            if body.get(name):
+                raise bad(f"'{name}' (function calling) is not supported by this server", name,
+                          "unsupported")
+        fmt = body.get("response_format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+            raise bad("only response_format {\"type\": \"text\"} is supported", "response_format",
+                      "unsupported")
+
+
+def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, default_max):
+    _refuse_unsupported(body, kind)
+    n = get_int(body, "n", 1, lo=1)
+    if n * n_prompts > limits.max_sequences:
+        raise bad(f"this request asks for {n * n_prompts} choices; this server allows at most "
+                  f"{limits.max_sequences} per request", "n")
+    best_of = get_int(body, "best_of", None, lo=1)
+    if best_of is not None and best_of != n:
+        raise bad("'best_of' other than n is not supported by this server", "best_of",
+                  "unsupported")
+    name = "max_tokens"
+    mt = body.get("max_tokens")
+    if kind == "chat" and mt is None and body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
+    max_tokens = get_int(body, name, default_max, lo=0)
+    if max_tokens > limits.max_tokens:
+        raise bad(f"'{name}' is {max_tokens}; this server allows at most {limits.max_tokens}",
+                  name, "max_tokens_too_large")
+    stream = get_bool(body, "stream")
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise bad("'stream_options' must be an object", "stream_options")
+        include_usage = get_bool(opts, "include_usage")
+    params = sampling(body, vocab_size=vocab_size, max_tokens=max_tokens, n=n,
+                      extra_stop=(CHAT_STOP,) if kind == "chat" else ())
+    return n, stream, include_usage, params
+
+
+# -- completions ---------------------------------------------------------------------------------
+def _ids(v, vocab_size, param="prompt"):
+    for t in v:
+        if not _is_int(t) or not 0 <= t < vocab_size:
+            raise bad(f"token id {_show(t)} in '{param}' is out of range: the model's vocabulary "
+                      f"has ids 0..{vocab_size - 1}", param)
+    return list(v)
+
+
+def completion_prompts(body, vocab_size: int) -> list:
+    """The raw prompts: a list of str or of token-id lists (not yet encoded)."""
+    p = body.get("prompt")
+    if p is None:
+        raise bad("'prompt' is required", "prompt")
+    if isinstance(p, str):
+        items = [p]
+    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        items = [_ids(p, vocab_size)]
+    elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        items = []
+        for x in p:
+            if isinstance(x, list):
+                if not x or not all(_is_int(t) for t in x):
+                    raise bad("'prompt' must be a string, a list of token ids, or a list of "
+                              "either (none empty)", "prompt")
+                items.append(_ids(x, vocab_size))
+            else:
+                items.append(x)
+    else:
+        raise bad("'prompt' must be a string, a list of token ids, or a list of either",
+                  "prompt")
+    if any(len(x) == 0 for x in items):
+        raise bad("the prompt is empty: the model needs at least one token to predict the next",
+                  "prompt")
+    return items
+
+
+def parse_completion(body, limits: Limits, vocab_size: int) -> tuple:
+    """(Spec without encoded prompts, raw prompts)."""
+    raw = completion_prompts(body, vocab_size)
+    n, stream, include_usage, params = _common(body, "completion", limits, vocab_size, len(raw),
+                                               limits.default_completion_tokens)
+    spec = Spec("completion", [], params, n=n, stream=stream, include_usage=include_usage,
+                echo=get_bool(body, "echo"), state=state_name(body))
+    return spec, raw
+
+
+def encode_prompts(raw: list, tokenizer) -> list:
+    out = []
+    for x in raw:
+        if isinstance(x, str):
+            ids = tokenizer.encode(x)
+            if not ids:
+                raise bad("the prompt is empty after tokenization", "prompt")
+            out.append(Prompt(ids, text=x))
+        else:
+            out.append(Prompt(list(x)))
+    return out
+
+
+# -- chat ------------------------------------------------------------------------------------------
+def message_text(m, i: int) -> str:
+    c = m.get("content")
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for p in c:
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            else:
+                raise bad(f"messages[{i}].content: only text parts are supported",
+                          f"messages[{i}].content", "unsupported")
+        return "".join(parts)
+    raise bad(f"messages[{i}].content must be a string or a list of text parts",
+              f"messages[{i}].content")
+
+
+def check_messages(body, *, required=True) -> list:
+    msgs = body.get("messages")
+    if msgs is None and not required:
+        return None
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object", f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_show(role)}",
+                      f"messages[{i}].role", "unsupported" if isinstance(role, str) else None)
+        out.append((role, normalize_message(message_text(m, i))))
+    return out
+
+
+def render_messages(messages, tokenizer, generation_prompt: bool = True) -> Prompt:
+    """Token ids of the conversation in RWKV's chat format (see the module's docstring)."""
+    ids: list = []
+    boundary = 0
+    for role, text in messages:
+        if role == "assistant":
+            ids += tokenizer.encode("Assistant:") + tokenizer.encode(f" {text}{CHAT_STOP}")
+            boundary = len(ids)
+        else:
+            ids += tokenizer.encode(f"{ROLES[role]}: {text}{CHAT_STOP}")
+    if generation_prompt:
+        ids += tokenizer.encode("Assistant:")
+    text = "".join((f"Assistant: {t}{CHAT_STOP}" if r == "assistant" else
+                    f"{ROLES[r]}: {t}{CHAT_STOP}") for r, t in messages)
+    if generation_prompt:
+        text += "Assistant:"
+    return Prompt(ids, text=text, checkpoints=(boundary,) if 0 < boundary < len(ids) else ())
+
+
+def parse_chat(body, limits: Limits, vocab_size: int) -> tuple:
+    """(Spec without encoded prompts, checked messages)."""
+    msgs = check_messages(body)
+    n, stream, include_usage, params = _common(body, "chat", limits, vocab_size, 1,
+                                               limits.max_tokens)
+    spec = Spec("chat", [], params, n=n, stream=stream, include_usage=include_usage,
+                state=state_name(body))
+    return spec, msgs
