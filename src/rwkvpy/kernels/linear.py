@@ -1,0 +1,908 @@
+"""Weight containers ("linears"): y = x @ W^T for a weight W (out, in) in each storage format.
+
+Every class has the same interface (:class:`Linear`): ``lin(x)`` takes float32 ``x`` of shape
+``(in,)`` or ``(T, in)`` and returns float32 ``(out,)`` or ``(T, out)``; ``out_features``,
+``in_features``, ``fmt`` (the storage format, ggml's name), ``nbytes`` (bytes of weights read
+per matrix-vector product), ``strategy`` (a short name of the kernel) and ``exact``.
+:func:`make_linear` picks the class for a weight and a policy:
+
+* ``policy="exact"``: weights exactly as stored, float32 activations, float32 accumulation:
+  equal to ``x @ dequantize(W).T`` in float32 up to summation order (tested at 1e-5 of the
+  output scale).
+* ``policy="fast"``: a lossy kernel where it is clearly faster (bf16 activations, documented
+  per class with the error measured in tests/test_kernels_linear.py).
+
+Per format:
+
+=========  =============================================  ===================================
+format     policy="exact" (default)                       policy="fast"
+=========  =============================================  ===================================
+F32        :class:`F32Linear` (torch.mv / F.linear)       same
+F16        :class:`F32Linear` on the weights converted    :class:`BF16Linear` on CPUs with
+           to float32 at load (2x memory; fastest exact)  native bf16 (AMX / AVX512-BF16),
+BF16       :class:`HalfLinear` (numba, 2 bytes/weight)    else the exact choice (as fast)
+Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int4Linear` (torch int4)
+Q5_0/Q5_1  :class:`BlockLinear`                           :class:`BlockLinear` (bf16 tiles for
+Q8_0                                                      prompts on CPUs with native bf16)
+=========  =============================================  ===================================
+
+Measured (benchmarks/bench_linear.py; 2-vCPU AMD EPYC VM, AVX2 only, no AVX-512/AMX; one
+thread, cold weights, streaming read 25 GB/s; ms per matvec for 2048x2048 | 7168x2048):
+F32 torch.mv 0.82 | 2.82 (0.82 of bandwidth); F16 as float32 0.80 | 2.75, F16 numba 1.48 |
+5.0; BF16 numba 0.88 | 2.95; Q4_0 numba 0.97 | 3.34, int4 0.65 | 2.17; Q4_1 numba 1.18 | 4.11,
+int4 0.63 | 2.16; Q5_0 1.71 | 5.9; Q5_1 1.92 | 6.7; Q8_0 0.87 | 3.0. The numba kernels are
+compute-bound (0.06-0.38 of the bandwidth; numba cannot emit int8 dot products, and without
+fast-math the lanes are plain mul + add). On this machine a float32 copy of any quantized
+weight (:class:`DequantLinear`) is faster for one vector (0.75-0.85 | 2.5-2.7 ms), at 3.8-7x
+the memory. A second thread gave nothing here (the two vCPUs behave as one core; torch's
+2-thread bf16/int4 calls stalled ~5 ms when another process held the other vCPU).
+Prompts (T = 512): all strategies ~55-70 GFLOPS (float32 GEMM after exact tile dequantization;
+the tiles cost < 5 %); fp16 ``F.linear`` 8-12 GFLOPS, bf16 GEMM ~10 GFLOPS without native bf16.
+
+Prompts (T > 1): the numba kernels take T <= :data:`NUMBA_MAX_T` vectors in one pass; above,
+the weights are dequantized in row tiles (bit-exact) and multiplied with torch's GEMM (MKL),
+which is far faster per flop.
+
+Threads: the numba kernels run on as many threads as ``torch.get_num_threads()``; numba uses its
+'workqueue' threading layer (set here through ``numba.config`` before its first parallel
+launch): two OpenMP pools (torch's and numba's) spinning on the same two cores made every call
+10-20x slower. That layer aborts the process when two Python threads launch parallel kernels
+at once, so launches take :data:`PARALLEL_LOCK` (a caller that finds it held runs the serial
+kernel). Below :data:`SERIAL_MAX_ELEMENTS` weights, or with one torch thread, the serial kernel
+runs directly. numba is optional: without it the quantized formats are dequantized to float32
+at load (exact, 2-8x the memory) and BF16 weights are converted to float32.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..formats.base import QTensor
+from ..quant import get_format
+
+__all__ = [
+    "PARALLEL_LOCK",
+    "POLICIES",
+    "BF16Linear",
+    "BlockLinear",
+    "DequantLinear",
+    "F32Linear",
+    "HalfLinear",
+    "Int4Linear",
+    "Linear",
+    "fast_bf16_cpu",
+    "make_linear",
+]
+
+POLICIES = ("exact", "fast")
+
+#: Largest T for which the numba kernels handle a prompt themselves (one pass over the weights
+#: per vector); above it, row tiles are dequantized and multiplied by torch's GEMM. Measured
+#: crossover (AVX2, 2048x2048, 1 thread): T = 2 numba 1.9-3.9 ms vs tiles 2.8-2.9 ms; T = 4
+#: numba 3.5-7.6 ms vs tiles 3.5-4.0 ms.
+NUMBA_MAX_T = 2
+#: Largest T for which :class:`Int4Linear` uses torch's int4 kernel (measured crossover ~32).
+INT4_MAX_T = 32
+#: Elements per block of every quantized format (passed to the kernels at run time).
+_QK = 32
+#: Elements of one dequantized tile (float32) for the tiled GEMM path: 1 Mi elements = 4 MiB.
+TILE_ELEMENTS = 1 << 20
+#: Below this many weight elements a numba matvec runs serially: a parallel launch of numba's
+#: workqueue layer costs ~40-60 us, more than the work it splits.
+SERIAL_MAX_ELEMENTS = 1 << 18
+
+try:  # numba is optional
+    import numba
+    from numba import njit, prange
+    from numba.core import types as _nbtypes
+    from numba.extending import intrinsic
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    HAVE_NUMBA = False
+
+
+_FAST_BF16: bool | None = None
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16): there torch's bf16
+    GEMM reaches ~2 TFLOPS; elsewhere (AVX2) it emulates bf16 at ~10 GFLOPS, 10x slower than
+    float32."""
+    global _FAST_BF16
+    if _FAST_BF16 is None:
+        cpu = getattr(torch, "cpu", None)
+        probes = (getattr(cpu, name, None)
+                  for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        _FAST_BF16 = any(bool(fn()) for fn in probes if callable(fn))
+    return _FAST_BF16
+
+
+# ------------------------------------------------------------------------------------------
+# numba kernels
+#
+# Layout: a weight's bytes as ggml stores them, viewed as (out, row_bytes) uint8 (read-only),
+# one row of blocks per output. Every kernel reads the blocks directly (no repacking).
+#
+# Numerics (no fast-math flag at all): every weight is decoded exactly as ggml's
+# dequantize_row_* does (q*d, (q-8)*d, q*d + m in float32, d and m widened from float16), then
+# multiplied by its activation and added into one of 32 float32 lane accumulators; the lanes
+# are summed at the end of the row. So the result is the float32 ``dequantize(W) @ x`` with
+# another summation order, NaN and inf included.
+#
+# Codegen notes (measured, numba 0.68, AVX2; see bench_linear.py):
+# * the lane accumulators live on the stack (:func:`_stack_lanes`, an alloca made in each dot
+#   function's own frame): LLVM then knows they alias nothing and keeps the block loop free of
+#   run-time alias checks (a heap np.empty cost ~30 % more). A plain reduction ``s += w * x``
+#   cannot be vectorized without fast-math; with 'reassoc' it was no faster than the lanes
+#   for Q8_0 and fell back to scalar code for the 16-byte loops of Q4/Q5.
+# * the inner loop's trip count (half a block or a block) is passed at run time (``qk``): with
+#   a constant 16 or 32 LLVM unrolls it fully and then fails to vectorize it (scalar cvtsi2ss)
+#   or vectorizes the *block* loop with gathers; both were 5-10x slower.
+# * each row is handled through a 1-D view ``raw2[r]`` in a separate function: indexing the
+#   flat buffer with ``r * row_bytes + ...`` inside a prange body kept LLVM from vectorizing.
+# * integers are narrowed to int32 before int->float conversion (AVX2 has no int64->float),
+#   and activations are indexed through per-block slices (an index like ``b*qk + j`` with a
+#   run-time qk got numba's negative-index wraparound per element, which became gathers).
+
+if HAVE_NUMBA:
+    from llvmlite import ir as _ir
+    from numba.core import cgutils as _cgutils
+    from numba.np.ufunc import parallel as _nb_parallel
+
+    if not getattr(_nb_parallel, "_is_initialized", False):
+        # Set before the first parallel launch (importing numba does not read it again).
+        numba.config.THREADING_LAYER = "workqueue"
+
+    _LANES = 32
+
+    @intrinsic
+    def _bits_to_f32(typingctx, v):
+        """Reinterpret the low 32 bits of an integer as a float32."""
+        sig = _nbtypes.float32(v)
+
+        def codegen(context, builder, signature, args):
+            val = args[0]
+            if val.type.width != 32:
+                val = builder.trunc(val, _ir.IntType(32))
+            return builder.bitcast(val, _ir.FloatType())
+
+        return sig, codegen
+
+    @intrinsic
+    def _f32_to_bits(typingctx, v):
+        """The bits of a float32 as an int64 (0 .. 2^32 - 1)."""
+        sig = _nbtypes.int64(_nbtypes.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.zext(builder.bitcast(args[0], _ir.IntType(32)), _ir.IntType(64))
+
+        return sig, codegen
+
+    @intrinsic
+    def _stack_lanes(typingctx):
+        """A pointer to 32 float32 on the caller's stack (an alloca in its entry block)."""
+        sig = _nbtypes.CPointer(_nbtypes.float32)()
+
+        def codegen(context, builder, signature, args):
+            ptr = _cgutils.alloca_once(builder, _ir.ArrayType(_ir.FloatType(), 32))
+            return builder.bitcast(ptr, _ir.PointerType(_ir.FloatType()))
+
+        return sig, codegen
+
+    _CACHE = {"cache": True, "nogil": True}
+
+    @njit(inline="always", **_CACHE)
+    def _h2f(h):
+        """IEEE half bits (an int64 in 0..65535) -> float32, bit-exact for every input
+        (normals, subnormals, signed zeros, inf, NaN payloads), selects instead of branches:
+        the exponent is re-biased with integer adds, subnormals are renormalised by one float
+        subtraction of normal numbers (exact, and unaffected by a denormals-are-zero mode)."""
+        o = (h & 0x7FFF) << 13
+        e = o & 0x0F800000
+        o = o + (112 << 23) + (112 << 23) * (e == 0x0F800000)  # inf/NaN: exponent 255
+        # a select, not arithmetic, so that NaN payloads pass through untouched
+        sub = _bits_to_f32(o + (1 << 23)) - np.float32(6.103515625e-05)  # 2^-14
+        f = sub if e == 0 else _bits_to_f32(o)
+        return _bits_to_f32(_f32_to_bits(f) | ((h & 0x8000) << 16))
+
+    @njit(inline="always", **_CACHE)
+    def _h2f_fast(h):
+        """Same result as :func:`_h2f`, ~2x cheaper in a vectorized loop (one multiply by
+        2^112 re-biases normals and renormalises subnormals), but fp16 subnormals go through an
+        fp32 subnormal: exact unless the thread flushes denormals (DAZ, e.g.
+        ``torch.set_flush_denormal(True)``), where they become 0, as float32 subnormals do."""
+        o = (h & 0x7FFF) << 13
+        f = _bits_to_f32(o) * np.float32(5.192296858534828e33)
+        f = _bits_to_f32(o | 0x7F800000) if (h & 0x7C00) == 0x7C00 else f  # inf / NaN
+        return _bits_to_f32(_f32_to_bits(f) | ((h & 0x8000) << 16))
+
+    @njit(inline="always", **_CACHE)
+    def _rd16(row, o):
+        return np.int64(row[o]) | (np.int64(row[o + 1]) << 8)
+
+    @njit(inline="always", **_CACHE)
+    def _rd32(row, o):
+        return (np.int64(row[o]) | (np.int64(row[o + 1]) << 8) | (np.int64(row[o + 2]) << 16)
+                | (np.int64(row[o + 3]) << 24))
+
+    @njit(inline="always", **_CACHE)
+    def _lane_sum(acc):
+        s = np.float32(0)
+        for j in range(_LANES):
+            s += acc[j]
+        return s
+
+    # --- one row . one vector, per format, dequantizing on the fly --------------------------
+    # (qk = 32 is passed at run time, see the notes above; nb = blocks per row)
+
+    @njit(**_CACHE)
+    def _dot_q4_0(row, x, nb, qk):
+        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
+        acc[:] = 0
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 18
+            d = _h2f(_rd16(row, o))
+            q = row[o + 2: o + 2 + half]
+            xl = x[b * qk: b * qk + half]
+            xh = x[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                acc[j] += ((np.float32(np.int32((v & 15) - 8)) * d) * xl[j]
+                           + (np.float32(np.int32((v >> 4) - 8)) * d) * xh[j])
+        return _lane_sum(acc)
+
+    @njit(**_CACHE)
+    def _dot_q4_1(row, x, nb, qk):
+        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
+        acc[:] = 0
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 20
+            d = _h2f(_rd16(row, o))
+            m = _h2f(_rd16(row, o + 2))
+            q = row[o + 4: o + 4 + half]
+            xl = x[b * qk: b * qk + half]
+            xh = x[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                acc[j] += ((np.float32(np.int32(v & 15)) * d + m) * xl[j]
+                           + (np.float32(np.int32(v >> 4)) * d + m) * xh[j])
+        return _lane_sum(acc)
+
+    @njit(**_CACHE)
+    def _dot_q5_0(row, x, nb, qk):
+        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
+        acc[:] = 0
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 22
+            d = _h2f(_rd16(row, o))
+            qh = np.int32(_rd32(row, o + 2))
+            q = row[o + 6: o + 6 + half]
+            xl = x[b * qk: b * qk + half]
+            xh = x[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                lo = (v & 15) | (((qh >> j) & 1) << 4)
+                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                acc[j] += ((np.float32(np.int32(lo - 16)) * d) * xl[j]
+                           + (np.float32(np.int32(hi - 16)) * d) * xh[j])
+        return _lane_sum(acc)
+
+    @njit(**_CACHE)
+    def _dot_q5_1(row, x, nb, qk):
+        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
+        acc[:] = 0
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 24
+            d = _h2f(_rd16(row, o))
+            m = _h2f(_rd16(row, o + 2))
+            qh = np.int32(_rd32(row, o + 4))
+            q = row[o + 8: o + 8 + half]
+            xl = x[b * qk: b * qk + half]
+            xh = x[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                lo = (v & 15) | (((qh >> j) & 1) << 4)
+                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                acc[j] += ((np.float32(np.int32(lo)) * d + m) * xl[j]
+                           + (np.float32(np.int32(hi)) * d + m) * xh[j])
+        return _lane_sum(acc)
+
+    @njit(**_CACHE)
+    def _dot_q8_0(row, x, nb, qk):
+        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
+        acc[:] = 0
+        q8 = row.view(np.int8)
+        for b in range(nb):
+            o = b * 34
+            d = _h2f(_rd16(row, o))
+            q = q8[o + 2: o + 2 + qk]
+            xb = x[b * qk: b * qk + qk]
+            for j in range(qk):
+                acc[j] += (np.float32(np.int32(q[j])) * d) * xb[j]
+        return _lane_sum(acc)
+
+    @njit(**_CACHE)
+    def _dot_half(row, x, is_bf16, qk):
+        """F16 or BF16 row (2 bytes per weight) . x, converted in registers."""
+        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
+        acc[:] = 0
+        h = row.view(np.uint16)
+        n = x.shape[0]
+        k0 = 0
+        while k0 + qk <= n:
+            hb = h[k0: k0 + qk]
+            xb = x[k0: k0 + qk]
+            if is_bf16:
+                for j in range(qk):
+                    acc[j] += _bits_to_f32(np.int64(hb[j]) << 16) * xb[j]
+            else:
+                for j in range(qk):
+                    acc[j] += _h2f_fast(np.int64(hb[j])) * xb[j]
+            k0 += qk
+        for k in range(k0, n):
+            w = _bits_to_f32(np.int64(h[k]) << 16) if is_bf16 else _h2f_fast(np.int64(h[k]))
+            acc[k - k0] += w * x[k]
+        return _lane_sum(acc)
+
+    # --- one row -> float32, per format (bit for bit ggml's dequantize_row_*) ---------------
+
+    @njit(**_CACHE)
+    def _dec_q4_0(row, w, nb, qk):
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 18
+            d = _h2f(_rd16(row, o))
+            q = row[o + 2: o + 2 + half]
+            wl = w[b * qk: b * qk + half]
+            wh = w[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                wl[j] = np.float32(np.int32((v & 15) - 8)) * d
+                wh[j] = np.float32(np.int32((v >> 4) - 8)) * d
+
+    @njit(**_CACHE)
+    def _dec_q4_1(row, w, nb, qk):
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 20
+            d = _h2f(_rd16(row, o))
+            m = _h2f(_rd16(row, o + 2))
+            q = row[o + 4: o + 4 + half]
+            wl = w[b * qk: b * qk + half]
+            wh = w[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                wl[j] = np.float32(np.int32(v & 15)) * d + m
+                wh[j] = np.float32(np.int32(v >> 4)) * d + m
+
+    @njit(**_CACHE)
+    def _dec_q5_0(row, w, nb, qk):
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 22
+            d = _h2f(_rd16(row, o))
+            qh = np.int32(_rd32(row, o + 2))
+            q = row[o + 6: o + 6 + half]
+            wl = w[b * qk: b * qk + half]
+            wh = w[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                lo = (v & 15) | (((qh >> j) & 1) << 4)
+                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                wl[j] = np.float32(np.int32(lo - 16)) * d
+                wh[j] = np.float32(np.int32(hi - 16)) * d
+
+    @njit(**_CACHE)
+    def _dec_q5_1(row, w, nb, qk):
+        half = qk >> 1
+        for b in range(nb):
+            o = b * 24
+            d = _h2f(_rd16(row, o))
+            m = _h2f(_rd16(row, o + 2))
+            qh = np.int32(_rd32(row, o + 4))
+            q = row[o + 8: o + 8 + half]
+            wl = w[b * qk: b * qk + half]
+            wh = w[b * qk + half: b * qk + qk]
+            for j in range(half):
+                v = np.int32(q[j])
+                lo = (v & 15) | (((qh >> j) & 1) << 4)
+                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                wl[j] = np.float32(np.int32(lo)) * d + m
+                wh[j] = np.float32(np.int32(hi)) * d + m
+
+    @njit(**_CACHE)
+    def _dec_q8_0(row, w, nb, qk):
+        q8 = row.view(np.int8)
+        for b in range(nb):
+            o = b * 34
+            d = _h2f(_rd16(row, o))
+            q = q8[o + 2: o + 2 + qk]
+            wb = w[b * qk: b * qk + qk]
+            for j in range(qk):
+                wb[j] = np.float32(np.int32(q[j])) * d
+
+    @njit(**_CACHE)
+    def _dec_row(kind, row, w, qk):
+        nb = w.shape[0] // qk
+        if kind == 0:
+            _dec_q4_0(row, w, nb, qk)
+        elif kind == 1:
+            _dec_q4_1(row, w, nb, qk)
+        elif kind == 2:
+            _dec_q5_0(row, w, nb, qk)
+        elif kind == 3:
+            _dec_q5_1(row, w, nb, qk)
+        else:
+            _dec_q8_0(row, w, nb, qk)
+
+    @njit(**_CACHE)
+    def _dot_row(kind, row, x, qk):
+        nb = x.shape[0] // qk
+        if kind == 0:
+            return _dot_q4_0(row, x, nb, qk)
+        elif kind == 1:
+            return _dot_q4_1(row, x, nb, qk)
+        elif kind == 2:
+            return _dot_q5_0(row, x, nb, qk)
+        elif kind == 3:
+            return _dot_q5_1(row, x, nb, qk)
+        elif kind == 4:
+            return _dot_q8_0(row, x, nb, qk)
+        return _dot_half(row, x, kind == 6, qk)
+
+    # --- drivers: ``kind`` selects the format (one compiled driver for all formats) ---------
+
+    @njit(**_CACHE)
+    def _mv_rows(kind, raw2, x2, y2, r0, r1, qk):
+        """y2[t, r] = row r . x2[t] for r in [r0, r1), every t (serial; the row's bytes stay
+        in L1 while the T vectors are done)."""
+        T = x2.shape[0]
+        for r in range(r0, r1):
+            row = raw2[r]
+            for t in range(T):
+                y2[t, r] = _dot_row(kind, row, x2[t], qk)
+
+    @njit(parallel=True, **_CACHE)
+    def _mv_par(kind, raw2, x2, y2, chunk, qk):
+        n_out = raw2.shape[0]
+        n_chunks = (n_out + chunk - 1) // chunk
+        for c in prange(n_chunks):
+            r0 = c * chunk
+            _mv_rows(kind, raw2, x2, y2, r0, min(n_out, r0 + chunk), qk)
+
+    @njit(**_CACHE)
+    def _dec_rows(kind, raw2, out, base, r0, r1, qk):
+        """out[r - base] = dequantize(row r) for r in [r0, r1) (serial)."""
+        for r in range(r0, r1):
+            _dec_row(kind, raw2[r], out[r - base], qk)
+
+    @njit(parallel=True, **_CACHE)
+    def _dec_par(kind, raw2, out, r0, r1, chunk, qk):
+        n_chunks = (r1 - r0 + chunk - 1) // chunk
+        for c in prange(n_chunks):
+            a = r0 + c * chunk
+            _dec_rows(kind, raw2, out, r0, a, min(r1, a + chunk), qk)
+
+
+_KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16": 6}
+
+
+class Linear:
+    """y = x @ W^T. ``x`` float32 ``(in,)`` or ``(T, in)`` (other float dtypes are converted,
+    more leading dimensions are flattened); returns float32 ``(out,)`` or ``(T, out)``.
+
+    Attributes: ``out_features``, ``in_features``, ``fmt`` (storage format, ggml's name),
+    ``nbytes`` (bytes of weights read per matrix-vector product), ``strategy`` (kernel name),
+    ``exact`` (True: equal to the float32 reference up to summation order).
+    """
+
+    out_features: int
+    in_features: int
+    fmt: str
+    nbytes: int
+    strategy: str = ""
+    exact: bool = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            x = x.float()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, "
+                             f"expected {self.in_features}")
+        if x.dim() == 1:
+            return self._mv(x)
+        if x.dim() == 2:
+            return self._mm(x)
+        lead = x.shape[:-1]
+        return self._mm(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
+
+    def _mv(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mm(x.unsqueeze(0)).squeeze(0)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.fmt}, {self.out_features}x{self.in_features}, "
+                f"{self.strategy})")
+
+
+class F32Linear(Linear):
+    """Float32 weights: ``torch.mv`` for one vector (MKL sgemv: 1.3-1.9x faster than
+    ``F.linear`` on one vector on the Sapphire Rapids machine of docs/measurements.md, equal on
+    the AVX2 machine of bench_linear.py), ``F.linear`` (MKL sgemm) for T > 1. Exact.
+
+    Also the exact strategy for F16 weights (``fmt="F16"``, converted to float32 at load):
+    twice the memory of the file, but on both machines the fastest exact way, because a
+    float32 matvec runs near the memory bandwidth while every exact F16 kernel is compute-bound
+    (numbers in :class:`HalfLinear`).
+    """
+
+    strategy = "torch-f32"
+
+    def __init__(self, w: torch.Tensor, fmt: str = "F32"):
+        self.weight = w.detach().to(torch.float32).contiguous()
+        self.out_features, self.in_features = (int(s) for s in self.weight.shape)
+        self.fmt = fmt
+        self.nbytes = self.weight.numel() * 4
+
+    def _mv(self, x):
+        return torch.mv(self.weight, x)
+
+    def _mm(self, x):
+        return F.linear(x, self.weight)
+
+
+class DequantLinear(F32Linear):
+    """Any weight dequantized to float32 at load (exact; 2-8x the memory and bytes per token
+    of the stored format). The fallback without numba."""
+
+    strategy = "dequant-f32"
+
+    def __init__(self, w, fmt: str | None = None):
+        if isinstance(w, QTensor):
+            fmt = fmt or get_format(w.fmt).name
+            w = w.dequantize()
+        super().__init__(w, fmt or _torch_fmt(w))
+
+
+class BF16Linear(Linear):
+    """Weights kept as bf16 (F16 weights rounded to bf16 at load: lossy, 8 significant bits
+    instead of 11), activations rounded to bf16, torch's bf16 kernels (float32 accumulation,
+    bf16 output). ``policy="fast"`` for F16/BF16 on CPUs with native bf16 only
+    (:func:`fast_bf16_cpu`).
+
+    docs/measurements.md (Sapphire Rapids, head 65536x2048, 2 threads): 12.1 ms vs 18.7 ms for
+    fp16 ``F.linear`` and 18.1 ms for float32, error 3.5e-3 of the output scale; bf16 GEMM with
+    AMX ~2 TFLOPS for prompts. On AVX2 (no native bf16) it is no faster than the exact kernels
+    for one vector and ~10x slower for prompts (bf16 GEMM ~10 GFLOPS vs float32 ~100), so
+    there prompts go through float32 row tiles (:func:`_tiled_convert_mm`) and
+    :func:`make_linear` never picks it.
+    """
+
+    strategy = "torch-bf16"
+    exact = False
+
+    def __init__(self, w: torch.Tensor, fmt: str | None = None):
+        self.fmt = fmt or _torch_fmt(w)
+        self.weight = w.detach().to(torch.bfloat16).contiguous()
+        self.out_features, self.in_features = (int(s) for s in self.weight.shape)
+        self.nbytes = self.weight.numel() * 2
+
+    def _mv(self, x):
+        return F.linear(x.to(torch.bfloat16), self.weight).float()
+
+    def _mm(self, x):
+        if fast_bf16_cpu():
+            return F.linear(x.to(torch.bfloat16), self.weight).float()
+        return _tiled_convert_mm(self.weight, x)
+
+
+class HalfLinear(Linear):
+    """F16 or BF16 weights kept exactly as stored (2 bytes per weight), float32 activations:
+    a numba kernel converts each weight to float32 in registers (exact bit manipulation) and
+    accumulates in float32. Exact. For T > :data:`NUMBA_MAX_T`: row tiles converted to float32
+    by torch, then float32 GEMM.
+
+    The exact strategy for BF16 (the conversion is a shift: as fast as a float32 matvec that
+    reads twice the bytes); for F16 the conversion costs more and float32 at load is faster
+    (:class:`F32Linear`). Measured (AVX2 VM, 1 thread, cold weights, ms per matvec for
+    2048x2048 | 7168x2048 | 65536x768): BF16 here 0.88 | 2.95 | 12.6, F16 here 1.48 | 5.0 |
+    20.4, float32 at load 0.80 | 2.75 | 12.1; lossy: bf16 torch 0.90 | 2.99 | 10.7, fp16
+    ``F.linear`` 0.72 | 2.49 | 9.1 (rounds the activations to fp16, whose range ends at 65504,
+    and is 8-12 GFLOPS for prompts).
+    """
+
+    strategy = "numba-half"
+
+    def __init__(self, w: torch.Tensor, fmt: str | None = None):
+        if not HAVE_NUMBA:  # pragma: no cover
+            raise RuntimeError("HalfLinear needs numba")
+        if w.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"HalfLinear stores float16 or bfloat16 weights, got {w.dtype}")
+        self.fmt = fmt or _torch_fmt(w)
+        self.weight = w.detach().contiguous()
+        self.out_features, self.in_features = _shape2(self.weight.shape)
+        self.nbytes = self.weight.numel() * 2
+        self._kind = _KIND["F16" if w.dtype == torch.float16 else "BF16"]
+        raw = self.weight.view(torch.uint8).numpy().reshape(self.out_features, -1)
+        raw.flags.writeable = False
+        self._raw2 = raw
+
+    def _mm(self, x):
+        if x.shape[0] > NUMBA_MAX_T:
+            return _tiled_convert_mm(self.weight, x)
+        return _numba_mv(self._kind, self._raw2, x, self.out_features)
+
+
+class BlockLinear(Linear):
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 weights as ggml's blocks (no repacking, no copy of an
+    ``np.memmap``), numba kernels parallel over output rows: each weight decoded exactly as
+    ggml's ``dequantize_row_*``, multiplied and accumulated in float32 (see the notes above the
+    kernels). Exact: equal to the float32 ``x @ dequantize(W).T`` up to summation order.
+
+    T <= :data:`NUMBA_MAX_T` vectors in the same kernel (each row's bytes stay in L1 across
+    them); larger T: row tiles dequantized by numba (bit-exact) to float32, multiplied with
+    torch's float32 GEMM; with ``bf16_tiles`` (``policy="fast"`` on a CPU with native bf16)
+    the tiles and the activations are rounded to bf16 and multiplied in bf16 (AMX: ~5x the
+    float32 GEMM there; lossy).
+
+    Measured (AVX2 VM, 1 thread, cold weights, ms per matvec, 2048x2048 | 7168x2048 |
+    65536x768; fraction of the 25 GB/s read bandwidth): Q4_0 0.97 | 3.34 | 14.0 (0.10), Q4_1
+    1.18 | 4.11 | 16.4 (0.09), Q5_0 1.71 | 5.9 | 22.8 (0.07), Q5_1 1.92 | 6.7 | 25.4 (0.06),
+    Q8_0 0.87 | 3.0 | 12.7 (0.20): compute-bound. T = 512: 55-70 GFLOPS, like float32 weights
+    (the tile dequantization is < 5 % of it). Crossover with tiles: T ~ 3 (:data:`NUMBA_MAX_T`).
+    """
+
+    strategy = "numba-blocks"
+
+    def __init__(self, w: QTensor, bf16_tiles: bool = False):
+        if not HAVE_NUMBA:  # pragma: no cover
+            raise RuntimeError("BlockLinear needs numba")
+        fmt = get_format(w.fmt)
+        if fmt.name not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+            raise ValueError(f"BlockLinear reads Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, got {fmt.name}")
+        self.fmt = fmt.name
+        self.out_features, self.in_features = _shape2(w.shape)
+        self._raw2 = _rows_view(w, fmt, self.out_features, self.in_features)
+        self._kind = _KIND[fmt.name]
+        self.nbytes = int(self._raw2.nbytes)
+        self.bf16_tiles = bool(bf16_tiles)
+        if self.bf16_tiles:
+            self.exact = False
+            self.strategy = "numba-blocks+bf16-tiles"
+
+    def _mm(self, x):
+        if x.shape[0] <= NUMBA_MAX_T:
+            return _numba_mv(self._kind, self._raw2, x, self.out_features)
+        return _tiled_dequant_mm(self._kind, self._raw2, x, self.out_features,
+                                 torch.bfloat16 if self.bf16_tiles else torch.float32)
+
+
+class Int4Linear(Linear):
+    """Q4_0 / Q4_1 repacked onto torch's int4 kernel ``_weight_int4pack_mm_for_cpu`` (group
+    size 32 = ggml's block): the 4-bit codes are packed as they are; torch computes
+    ``(q - 8) * scale + zero`` (checked on this torch build), so scale = d and zero = 0 (Q4_0)
+    or m + 8d (Q4_1). Output rows are padded to a multiple of 16 (a requirement of the packing)
+    with zero weights and cut off again.
+
+    Lossy (``policy="fast"``): the kernel is fast only with bf16 activations, and then it takes
+    bf16 scales and zeros and returns bf16. So the activations are rounded to bf16, the block
+    scales d (float16: 11 significant bits) are rounded to bf16 (8 bits, relative error
+    <= 2^-9 per block; m + 8d likewise), and each output is rounded to bf16; the codes
+    themselves are exact (tests: one-hot inputs give the weight columns exactly). Error vs the
+    float32 reference: 2.5e-3 .. 4.2e-3 of the output scale (tests hold it to 1e-2). With float32
+    activations and float32 scales the same kernel is exact but ~30x slower than bf16 (a
+    reference loop), slower than :class:`BlockLinear`.
+
+    Measured (AVX2 VM, 1 thread, cold weights): one vector 0.65 | 2.17 | 7.4 ms for 2048x2048
+    | 7168x2048 | 65536x768 vs 0.97 | 3.34 | 14.0 ms for the exact numba kernel (Q4_0), 0.14-0.17
+    of the read bandwidth. It stays ahead of tiles up to T ~ 32 (2048x2048, T = 16: 3.3 ms vs
+    4.4 ms for float32 tiles + GEMM), then tiles win (T = 64: 13.1 vs 8.7 ms; T = 512: 105 vs
+    50 ms): torch's int4 kernel does no GEMM blocking. So T > :data:`INT4_MAX_T` goes to float32
+    tiles (bf16 tiles on AMX CPUs), like :class:`BlockLinear`. With 2 threads on the loaded VM
+    the int4 call stalled (~6 ms for 2048x2048): torch's OpenMP barrier waits for the other
+    vCPU.
+    """
+
+    strategy = "torch-int4"
+    exact = False
+
+    def __init__(self, w: QTensor):
+        fmt = get_format(w.fmt)
+        if fmt.name not in ("Q4_0", "Q4_1"):
+            raise ValueError(f"Int4Linear reads Q4_0/Q4_1, got {fmt.name}")
+        self.fmt = fmt.name
+        O, K = _shape2(w.shape)
+        self.out_features, self.in_features = O, K
+        raw2 = _rows_view(w, fmt, O, K)
+        self.nbytes = int(raw2.nbytes)
+        self._packed, self._scales = _int4_pack(raw2, fmt, O, K, torch.bfloat16)
+        self._tiles = None
+        if HAVE_NUMBA:
+            self._tiles = BlockLinear(w, bf16_tiles=fast_bf16_cpu())
+
+    def _mm(self, x):
+        if x.shape[0] > INT4_MAX_T and self._tiles is not None:
+            return self._tiles._mm(x)
+        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._packed, 32,
+                                              self._scales)
+        return y[:, : self.out_features].float()
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def _int4_pack(raw2, fmt, O, K, dtype):
+    """(packed codes, scales_and_zeros (K/32, O16, 2) in ``dtype``) for torch's int4 kernel."""
+    rec = raw2.reshape(-1).view(fmt.block_dtype).reshape(O, K // 32)
+    qs = rec["qs"]  # (O, nb, 16): element j in the low nibble of byte j, j + 16 in the high
+    codes = np.empty((O, K // 32, 32), np.int32)
+    codes[..., :16] = qs & 0x0F
+    codes[..., 16:] = qs >> 4
+    d = rec["d"].astype(np.float32)
+    if fmt.name == "Q4_0":
+        zero = np.zeros_like(d)
+    else:
+        zero = rec["m"].astype(np.float32) + np.float32(8) * d
+    pad = (-O) % 16
+    codes = codes.reshape(O, K)
+    if pad:
+        codes = np.concatenate([codes, np.full((pad, K), 8, np.int32)])
+        d = np.concatenate([d, np.zeros((pad, K // 32), np.float32)])
+        zero = np.concatenate([zero, np.zeros((pad, K // 32), np.float32)])
+    packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes), 1)
+    sz = np.ascontiguousarray(np.stack([d.T, zero.T], axis=-1))  # (K/32, O + pad, 2)
+    return packed, torch.from_numpy(sz).to(dtype)
+
+
+def _rows_view(w: QTensor, fmt, O: int, K: int) -> np.ndarray:
+    """The tensor's bytes as a read-only (O, row_bytes) uint8 view (copied only if they are
+    not contiguous)."""
+    if K % fmt.block_size:
+        raise ValueError(f"{fmt.name}: in_features {K} is not a multiple of the block size "
+                         f"{fmt.block_size}")
+    raw = np.asarray(w.data).reshape(-1)
+    if raw.dtype != np.uint8:
+        raw = np.ascontiguousarray(raw).view(np.uint8)
+    want = fmt.nbytes((O, K))
+    if raw.size != want:
+        raise ValueError(f"{fmt.name} data of {raw.size} bytes does not fit shape {(O, K)} "
+                         f"({want} bytes)")
+    raw2 = np.ascontiguousarray(raw).reshape(O, -1).view()
+    raw2.flags.writeable = False
+    return raw2
+
+
+#: Held while a numba parallel kernel runs. numba's workqueue layer aborts the process when two
+#: Python threads launch parallel kernels at once, so a caller that finds it taken runs the
+#: serial kernel instead (every kernel releases the GIL). Other numba parallel code in the
+#: process should take it too.
+PARALLEL_LOCK = threading.Lock()
+
+
+def _numba_threads() -> int:
+    """Point numba's pool at torch's thread count (capped by numba's pool size)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+def _numba_mv(kind, raw2, x, n_out):
+    """y (T, n_out) = x (T, K) @ W^T with the numba kernels (T small)."""
+    xn = x.contiguous().numpy()
+    T, K = xn.shape
+    y = torch.empty((T, n_out), dtype=torch.float32)
+    yn = y.numpy()
+    if (n_out * K > SERIAL_MAX_ELEMENTS and torch.get_num_threads() > 1
+            and PARALLEL_LOCK.acquire(blocking=False)):
+        try:
+            n = _numba_threads()
+            _mv_par(kind, raw2, xn, yn, max(1, -(-n_out // (8 * n))), _QK)
+        finally:
+            PARALLEL_LOCK.release()
+    else:
+        _mv_rows(kind, raw2, xn, yn, 0, n_out, _QK)
+    return y
+
+
+def _tiled_dequant_mm(kind, raw2, x, n_out, dtype):
+    """x (T, K) @ W^T: rows of W dequantized tile by tile (numba, bit-exact), then torch GEMM
+    in ``dtype`` (float32: exact; bfloat16: tiles and x rounded)."""
+    T, K = x.shape
+    rows = max(16, min(n_out, TILE_ELEMENTS // K))
+    buf = torch.empty((rows, K), dtype=torch.float32)
+    bn = buf.numpy()
+    xt = x.to(dtype)
+    y = torch.empty((T, n_out), dtype=torch.float32)
+    for r0 in range(0, n_out, rows):
+        r1 = min(n_out, r0 + rows)
+        if torch.get_num_threads() > 1 and PARALLEL_LOCK.acquire(blocking=False):
+            try:
+                n = _numba_threads()
+                _dec_par(kind, raw2, bn, r0, r1, max(1, -(-(r1 - r0) // (4 * n))), _QK)
+            finally:
+                PARALLEL_LOCK.release()
+        else:
+            _dec_rows(kind, raw2, bn, r0, r0, r1, _QK)
+        tile = buf[: r1 - r0]
+        if dtype == torch.float32:
+            y[:, r0:r1] = F.linear(xt, tile)
+        else:
+            y[:, r0:r1] = F.linear(xt, tile.to(dtype)).float()
+    return y
+
+
+def _tiled_convert_mm(w, x):
+    """x (T, K) float32 @ w^T for 16-bit w: tiles of w converted to float32 (exact), float32
+    GEMM."""
+    n_out, K = w.shape
+    rows = max(16, min(n_out, TILE_ELEMENTS // K))
+    y = torch.empty((x.shape[0], n_out), dtype=torch.float32)
+    for r0 in range(0, n_out, rows):
+        r1 = min(n_out, r0 + rows)
+        y[:, r0:r1] = F.linear(x, w[r0:r1].float())
+    return y
+
+
+def _torch_fmt(w) -> str:
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
+        w.dtype, str(w.dtype))
+
+
+def _shape2(shape) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"a linear weight must be 2-D (out, in), got shape {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def _qtensor_to_torch(w: QTensor) -> torch.Tensor:
+    """An unquantized QTensor (F32/F16/BF16 bytes) as a torch tensor (a copy)."""
+    fmt = get_format(w.fmt)
+    np_dt, t_dt = {"F32": (np.float32, None), "F16": (np.float16, None),
+                   "BF16": (np.int16, torch.bfloat16)}[fmt.name]
+    raw = np.asarray(w.data).reshape(-1)
+    if raw.dtype != np.uint8:
+        raw = np.ascontiguousarray(raw).view(np.uint8)
+    t = torch.from_numpy(np.array(raw.view(np_dt).reshape(w.shape)))
+    return t.view(t_dt) if t_dt is not None else t
+
+
+def make_linear(w, policy: str = "exact") -> Linear:
+    """The linear for weight ``w`` (a torch float tensor, F32/F16/BF16, or a :class:`QTensor`;
+    shape (out, in)) under ``policy``, "exact" or "fast" (see the module docstring)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+    if isinstance(w, QTensor):
+        fmt = get_format(w.fmt)
+        if not fmt.quantized:
+            return make_linear(_qtensor_to_torch(w), policy)
+        _shape2(w.shape)
+        if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
+            return Int4Linear(w)
+        if not HAVE_NUMBA:  # pragma: no cover
+            return DequantLinear(w)
+        return BlockLinear(w, bf16_tiles=(policy == "fast" and fast_bf16_cpu()))
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"make_linear takes a torch tensor or a QTensor, got {type(w).__name__}")
+    _shape2(w.shape)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        if policy == "fast" and fast_bf16_cpu():
+            return BF16Linear(w)
+        if w.dtype == torch.bfloat16 and HAVE_NUMBA:
+            return HalfLinear(w)
+        return F32Linear(w.float(), fmt=_torch_fmt(w))
+    if w.dtype.is_floating_point:
+        return F32Linear(w, fmt="F32")
+    raise TypeError(f"make_linear: unsupported weight dtype {w.dtype}")

@@ -1,0 +1,340 @@
+"""rwkvpy.kernels.linear: every linear against the float32 reference ``x @ dequantize(W).T``.
+
+Errors are max |y - ref| / max |ref| (ref in float64 from the exactly dequantized weights).
+Tolerances: exact strategies 1e-5 (measured max 5.2e-7 over these tests); torch's int4 kernel
+with bf16 activations, scales and outputs 1e-2 (measured max 4.2e-3); bf16 weights and
+activations, one vector, 2e-2 (measured 3.0e-3 .. 3.6e-3 against the bf16 weights, 3.6e-3 ..
+4.6e-3 against the F16 weights they were rounded from).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rwkvpy.formats.base import QTensor
+from rwkvpy.kernels import linear as L
+from rwkvpy.quant import get_format
+
+QUANT = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+EXACT_TOL = 1e-5
+INT4_TOL = 1e-2
+BF16_TOL = 2e-2
+
+# (out, in): out not a multiple of 16 or 32 included; 520 x 1024 takes the parallel path
+# (out * in > SERIAL_MAX_ELEMENTS), the others the serial one.
+SHAPES = [(37, 64), (100, 256), (520, 1024), (48, 2048)]
+TS = [1, 3, 64]
+
+pytestmark = pytest.mark.skipif(not L.HAVE_NUMBA, reason="numba kernels need numba")
+
+
+def _weights(shape, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape, dtype=np.float32) * 0.05
+    w[:, :3] += 0.2  # an offset in a few blocks, so Q4_1/Q5_1 minima are not ~ -max
+    return w
+
+
+def _qtensor(fmt, w):
+    return QTensor(fmt, w.shape, get_format(fmt).quantize(w))
+
+
+def _ref(x, wd):
+    return x.double() @ torch.as_tensor(wd).double().T
+
+
+def _err(y, ref):
+    assert y.dtype == torch.float32
+    assert y.shape == ref.shape
+    scale = ref.abs().max().item()
+    return (y.double() - ref).abs().max().item() / max(scale, 1e-30)
+
+
+def _x(T, K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g)
+    return x
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_blocks_exact(fmt, shape):
+    w = _weights(shape, hash((fmt, shape)) % 1000)
+    q = _qtensor(fmt, w)
+    wd = get_format(fmt).dequantize(q.data, shape)
+    lin = L.make_linear(q, "exact")
+    assert isinstance(lin, L.BlockLinear) and lin.exact
+    assert (lin.out_features, lin.in_features, lin.fmt) == (*shape, fmt)
+    assert lin.nbytes == get_format(fmt).nbytes(shape)
+    for T in TS:
+        x = _x(T, shape[1])
+        ref = _ref(x, wd)
+        assert _err(lin(x), ref) < EXACT_TOL, (fmt, shape, T)
+    x1 = _x(1, shape[1])[0]
+    y1 = lin(x1)
+    assert y1.shape == (shape[0],)
+    assert _err(y1, _ref(x1[None], wd)[0]) < EXACT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4(fmt, shape):
+    w = _weights(shape, 7)
+    q = _qtensor(fmt, w)
+    wd = get_format(fmt).dequantize(q.data, shape)
+    lin = L.make_linear(q, "fast")
+    assert isinstance(lin, L.Int4Linear) and not lin.exact
+    for T in TS + [L.INT4_MAX_T + 1]:
+        x = _x(T, shape[1])
+        e = _err(lin(x), _ref(x, wd))
+        tol = INT4_TOL if T <= L.INT4_MAX_T else EXACT_TOL  # above: exact float32 tiles
+        if T > L.INT4_MAX_T and L.fast_bf16_cpu():
+            tol = BF16_TOL
+        assert e < tol, (fmt, shape, T, e)
+
+
+def _onehot_columns(packed, scales, K, n_out, dtype):
+    eye = torch.eye(K, dtype=dtype)
+    return torch._weight_int4pack_mm_for_cpu(eye, packed, 32, scales)[:, :n_out].T
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+def test_int4_packing_is_exact(fmt):
+    """One-hot inputs read the packed weights back: with float32 scales (the kernel's exact,
+    slow path) they equal ggml's dequantization (Q4_1 to one rounding: torch adds m + 8d in
+    float32), so codes, nibble order, groups and row padding are right."""
+    shape = (40, 96)  # 40: padded to 48 rows
+    q = _qtensor(fmt, _weights(shape, 3))
+    f = get_format(fmt)
+    wd = torch.from_numpy(f.dequantize(q.data, shape))
+    raw2 = L._rows_view(q, f, *shape)
+    packed, sz = L._int4_pack(raw2, f, *shape, torch.float32)
+    cols = _onehot_columns(packed, sz, shape[1], shape[0], torch.float32)
+    if fmt == "Q4_0":
+        assert torch.equal(cols, wd)
+    else:
+        assert torch.allclose(cols, wd, rtol=2 ** -22, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+def test_int4_bf16_packing_exact_on_bf16_scales(fmt):
+    """The fast (bf16) path: with scales and minima that bf16 holds exactly and weights that
+    bf16 holds exactly, one-hot bf16 inputs give back the dequantized weights bit for bit."""
+    shape = (32, 64)
+    f = get_format(fmt)
+    rng = np.random.default_rng(5)
+    nb = shape[0] * shape[1] // 32
+    raw = np.zeros(nb * f.type_size, np.uint8)
+    rec = raw.view(f.block_dtype)
+    rec["qs"] = rng.integers(0, 256, size=(nb, 16), dtype=np.uint8)
+    rec["d"] = 2.0 ** rng.integers(-6, 0, size=nb)  # powers of two: q*d has 4-5 bits
+    if fmt == "Q4_1":
+        rec["m"] = -rec["d"].astype(np.float32) * rng.integers(0, 16, size=nb)
+    q = QTensor(fmt, shape, raw)
+    wd = torch.from_numpy(f.dequantize(raw, shape))
+    assert torch.equal(wd.bfloat16().float(), wd)  # the construction keeps bf16 exact
+    lin = L.Int4Linear(q)
+    cols = _onehot_columns(lin._packed, lin._scales, shape[1], shape[0], torch.bfloat16)
+    assert torch.equal(cols.float(), wd)
+    assert torch.equal(lin(torch.eye(shape[1])).T, wd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 64), (520, 1024), (24, 100)])
+def test_half_exact(dtype, shape):
+    w = torch.from_numpy(_weights(shape, 11)).to(dtype)
+    wd = w.float()
+    lin = L.make_linear(w, "exact")
+    assert lin.exact and lin.fmt == ("F16" if dtype == torch.float16 else "BF16")
+    lins = [lin, L.HalfLinear(w)]
+    for T in TS:
+        x = _x(T, shape[1])
+        for ln in lins:
+            assert _err(ln(x), _ref(x, wd)) < EXACT_TOL, (type(ln).__name__, T)
+
+
+def test_half_special_values():
+    """The in-register fp16 conversion is exact for subnormals, zeros, inf and NaN."""
+    h = np.arange(65536, dtype=np.uint16)
+    w = torch.from_numpy(h.view(np.float16).reshape(256, 256).copy())
+    finite = torch.isfinite(w.float())
+    lin = L.HalfLinear(w)
+    x = torch.zeros(256)
+    for j in range(0, 256, 37):  # one-hot inputs read columns back exactly
+        x.zero_()
+        x[j] = 1.0
+        col = lin(x)
+        ref = torch.mv(w.float(), x)  # rows holding inf/NaN elsewhere give NaN (inf * 0)
+        assert torch.equal(torch.isnan(col), torch.isnan(ref)), j
+        ok = ~torch.isnan(ref)
+        assert torch.equal(col[ok], ref[ok]), j
+        assert torch.equal(col[finite.all(1)], w[finite.all(1), j].float())
+
+
+def test_h2f_exhaustive():
+    from numba import njit
+
+    @njit
+    def convert(out):
+        for i in range(65536):
+            out[0, i] = L._h2f(np.int64(i))
+            out[1, i] = L._h2f_fast(np.int64(i))
+
+    out = np.empty((2, 65536), np.float32)
+    convert(out)
+    ref = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    for row in out:
+        assert np.array_equal(row.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+def test_tile_dequant_bit_exact(fmt):
+    """The row decoders used for prompt tiles equal ggml's dequantize bit for bit, on random
+    bytes (every float16 scale pattern: subnormal, inf, NaN) and on real quantized data."""
+    f = get_format(fmt)
+    shape = (64, 128)
+    rng = np.random.default_rng(9)
+    for raw in (rng.integers(0, 256, size=f.nbytes(shape), dtype=np.uint8),
+                f.quantize(_weights(shape, 2))):
+        ref = f.dequantize(raw, shape)
+        out = np.empty(shape, np.float32)
+        raw2 = L._rows_view(QTensor(fmt, shape, raw), f, *shape)
+        L._dec_rows(L._KIND[fmt], raw2, out, 0, 0, shape[0], 32)
+        same = (out.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(out) & np.isnan(ref))
+        assert same.all()
+
+
+def test_nonfinite_propagate_like_float32():
+    shape = (64, 256)
+    q = _qtensor("Q8_0", _weights(shape, 4))
+    wd = torch.from_numpy(get_format("Q8_0").dequantize(q.data, shape))
+    lin = L.make_linear(q, "exact")
+    x = _x(1, shape[1])[0]
+    x[5] = float("inf")
+    y, ref = lin(x), wd @ x
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.equal(torch.sign(y[torch.isinf(y)]), torch.sign(ref[torch.isinf(ref)]))
+    x[77] = float("nan")
+    assert bool(torch.isnan(lin(x)).all())
+
+
+def test_f32_and_bf16_linears():
+    shape = (100, 256)
+    w = torch.from_numpy(_weights(shape, 6))
+    lin = L.make_linear(w, "exact")
+    assert isinstance(lin, L.F32Linear) and lin.nbytes == w.numel() * 4
+    b16 = L.BF16Linear(w.half())
+    wb = w.half().bfloat16().float()
+    for T in TS:
+        x = _x(T, shape[1])
+        assert _err(lin(x), _ref(x, w)) < EXACT_TOL
+        tol = BF16_TOL if L.fast_bf16_cpu() else EXACT_TOL  # else: float32 tiles for T > 1
+        assert _err(b16(x), _ref(x, wb)) < tol
+        x1 = x[0]  # one vector: bf16 activations and output
+        assert _err(b16(x1), _ref(x1[None], wb)[0]) < BF16_TOL
+        assert _err(lin(x1), _ref(x1[None], w)[0]) < EXACT_TOL
+
+
+def test_policy_choices():
+    w = torch.from_numpy(_weights((32, 64), 8))
+    for pol in L.POLICIES:
+        for t in (w, w.half(), w.bfloat16()):
+            lin = L.make_linear(t, pol)
+            assert lin.exact or (pol == "fast" and L.fast_bf16_cpu())
+        for fmt in QUANT:
+            lin = L.make_linear(_qtensor(fmt, w.numpy()), pol)
+            want = L.Int4Linear if (pol == "fast" and fmt in ("Q4_0", "Q4_1")) else L.BlockLinear
+            assert type(lin) is want
+            assert lin.exact == (pol == "exact" or (fmt not in ("Q4_0", "Q4_1")
+                                                    and not L.fast_bf16_cpu()))
+    with pytest.raises(ValueError):
+        L.make_linear(w, "lossy")
+    with pytest.raises(ValueError):
+        L.make_linear(torch.zeros(4, 4, 4))
+    with pytest.raises(ValueError):
+        L.make_linear(QTensor("Q8_0", (4, 48), np.zeros(4 * 2 * 34, np.uint8)))
+
+
+def test_input_forms_and_memmap(tmp_path):
+    """Unquantized QTensors, read-only memory maps, 3-D and non-contiguous inputs, T = 0."""
+    shape = (48, 64)
+    w = _weights(shape, 10)
+    raw = get_format("Q5_1").quantize(w)
+    path = tmp_path / "w.bin"
+    raw.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    lin = L.make_linear(QTensor("Q5_1", shape, mm), "exact")
+    wd = get_format("Q5_1").dequantize(raw, shape)
+    x3 = torch.randn(2, 3, shape[1])
+    y3 = lin(x3)
+    assert y3.shape == (2, 3, shape[0])
+    assert _err(y3.reshape(6, -1), _ref(x3.reshape(6, -1), wd)) < EXACT_TOL
+    xt = torch.randn(shape[1], 5).T  # non-contiguous
+    assert _err(lin(xt), _ref(xt, wd)) < EXACT_TOL
+    assert lin(torch.zeros(0, shape[1])).shape == (0, shape[0])
+    assert _err(lin(xt.double()), _ref(xt, wd)) < EXACT_TOL
+    f16 = QTensor("F16", shape, w.astype(np.float16).view(np.uint8).reshape(-1))
+    lin16 = L.make_linear(f16, "exact")
+    assert lin16.fmt == "F16"
+    x = torch.randn(shape[1])
+    assert _err(lin16(x), _ref(x[None], w.astype(np.float16).astype(np.float32))[0]) < EXACT_TOL
+    bf = torch.from_numpy(w).bfloat16()
+    qbf = QTensor("BF16", shape, bf.view(torch.int16).numpy().view(np.uint8).reshape(-1))
+    assert _err(L.make_linear(qbf)(x), _ref(x[None], bf.float())[0]) < EXACT_TOL
+    with pytest.raises(ValueError):
+        lin(torch.randn(shape[1] + 1))
+
+
+def test_threads_and_layer():
+    """The numba pool follows torch's thread count and runs on the workqueue layer; one
+    thread means the serial kernel. Each row is summed by one thread: same bits either way."""
+    import numba
+
+    shape = (520, 1024)
+    q = _qtensor("Q8_0", _weights(shape, 12))
+    lin = L.make_linear(q)
+    x = torch.randn(3, shape[1])
+    old = torch.get_num_threads()
+    n_par = min(2, numba.config.NUMBA_NUM_THREADS)
+    try:
+        torch.set_num_threads(1)
+        y1 = lin(x[:1])
+        torch.set_num_threads(n_par)
+        y2 = lin(x[:1])
+        if n_par > 1:
+            assert numba.get_num_threads() == n_par
+            assert numba.threading_layer() == "workqueue"
+        assert torch.equal(y1, y2)
+        y3 = lin(x)  # T = 3 > NUMBA_MAX_T: parallel tile dequantization + GEMM
+        assert _err(y3, _ref(x, get_format("Q8_0").dequantize(q.data, shape))) < EXACT_TOL
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_concurrent_python_threads():
+    """Two Python threads calling linears at once: numba's workqueue layer would abort the
+    process on concurrent parallel launches; the lock sends the second caller to the serial
+    kernel."""
+    import threading
+
+    shape = (1024, 1024)
+    q = _qtensor("Q4_0", _weights(shape, 13))
+    wd = get_format("Q4_0").dequantize(q.data, shape)
+    lin = L.make_linear(q)
+    xs = [torch.randn(T, shape[1]) for T in (1, 1, 5, 1, 2, 7)]
+    errs = []
+
+    def work(k):
+        for i in range(6):
+            x = xs[(i + k) % len(xs)]
+            errs.append(_err(lin(x), _ref(x, wd)))
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(errs) == 18 and max(errs) < EXACT_TOL
