@@ -46,3 +46,17 @@ def test_console_script_entry_point():
 
     eps = [e for e in entry_points(group="console_scripts") if e.name == "rwkvpy"]
     assert eps and eps[0].value == "rwkvpy.cli:main"
+
+
+def test_bench_json():
+    r = run("bench", fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-Q5_1.bin"), "--json",
+            "--tokens", "30", "--prompt", "16", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("per_token_ms", "prompt_tokens_per_s", "load_s", "peak_rss_mb", "bandwidth_gbs",
+                "bound_ms", "threads", "type"):
+        assert key in res
+    assert res["type"] == "Q5_1" and res["threads"] == 1 and res["tokens_timed"] == 30
+    assert res["bandwidth_gbs"] > 0 and res["bound_ms"] > 0
+    # bytes read per token: every projection + vectors + one embedding row, as stored
+    assert 500_000 < res["bytes_per_token"] < 3_500_000

@@ -25,8 +25,7 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 def bytes_per_token(model) -> int:
     """Weight bytes one decode step reads: every projection, the vectors, one embedding row."""
     net = model._net
-    total = sum(lin.nbytes if hasattr(lin, "nbytes") else lin.weight.numel() * 4
-                for lin in net.lin.values())
+    total = sum(lin.nbytes for lin in net.lin.values())
     for name, t in net.w.items():
         if name == "emb.weight":
             total += t.shape[1] * t.element_size()
@@ -67,8 +66,8 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
     nbytes = bytes_per_token(model)
     bound_ms = nbytes / (bw * 1e9) * 1e3
     per_token_ms = statistics.median(times) * 1e3
-    types = model.info.tensor_types
-    main_type = max(types, key=lambda k: model.info.tensor_bytes[k])
+    # the format of the layers' projection matrices (emb and head often stay F16/F32)
+    main_type = model._net.lin["blocks.0.att.key.weight"].fmt
     return {
         "model": str(path), "version": model.info.version.value, "type": main_type,
         "mode": mode, "threads": torch.get_num_threads(),

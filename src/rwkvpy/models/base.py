@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingTensorError, TensorShapeError
-from ..formats.base import QTensor, to_float32
+from ..formats.base import QTensor, to_float32, type_name
 from ..state import State
 from .config import ModelConfig
 
@@ -44,7 +44,9 @@ class Float32Linear:
     """The reference matrix product: W (out, in) in float32, y = x @ W^T."""
 
     def __init__(self, w):
+        self.fmt = type_name(w)  # as stored in the file
         self.weight = to_float32(w)
+        self.nbytes = self.weight.numel() * 4  # read per product
 
     def __call__(self, x):
         return x @ self.weight.t()
