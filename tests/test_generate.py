@@ -185,3 +185,36 @@ def test_bad_arguments(model, tok):
 
     with pytest.raises(TokenizerError, match=r"1000.*256"):
         generate(model, Big(), PROMPT)
+
+
+def test_model_generate_and_stream_methods():
+    """The Model's own text methods: tokenizer from the file, same text as generate()."""
+    import rwkvpy
+    from rwkvpy.generate import generate
+    from rwkvpy.sampling import SamplingParams
+    from rwkvpy.tokenizers import ByteTokenizer, TokenizerError
+    from conftest import fixture_path
+
+    model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), threads=1)
+    assert isinstance(model.tokenizer(), ByteTokenizer)
+    params = SamplingParams(max_tokens=12, seed=7)
+    text = model.generate("The quick", params)
+    assert text == generate(model, ByteTokenizer(), "The quick", params).text
+    assert "".join(model.stream("The quick", params)) == text
+    with pytest.raises(TokenizerError, match="does not fit a model with vocab size 256"):
+        model.tokenizer("world")
+
+
+def test_tokenizer_named_by_the_file_wins(tmp_path):
+    import rwkvpy
+    from rwkvpy.convert import convert
+    from rwkvpy.tokenizers import TokenizerError
+    from conftest import fixture_path
+
+    dst = tmp_path / "m.gguf"
+    convert(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), dst, type="f16",
+            progress=False)
+    model = rwkvpy.load(dst, threads=1)
+    assert model.info.file_meta["tokenizer"] == "bytes"
+    with pytest.raises(TokenizerError, match="names the bytes tokenizer, not neox"):
+        model.tokenizer("neox")

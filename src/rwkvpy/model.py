@@ -77,6 +77,7 @@ class Model:
         self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode))
         self._step = None
         self._fingerprint = None
+        self._tokenizers: dict = {}
         if mode != "reference":
             from .kernels.fused import FusedStep
 
@@ -184,6 +185,33 @@ class Model:
             if logits[i] is None:
                 logits[i], new[i] = self.forward(ts[i], states[i], all_logits=all_logits)
         return logits, new
+
+    # -- text ---------------------------------------------------------------------------------
+    def tokenizer(self, kind: str | None = None, path=None):
+        """The model's tokenizer: the kind its file names (GGUF metadata), else the one that
+        fits its vocabulary size. Asking for another kind than the file names is an error."""
+        from .tokenizers import TokenizerError, tokenizer_for
+
+        named = self.info.file_meta.get("tokenizer")
+        if kind is not None and named is not None and kind != named:
+            raise TokenizerError(f"{self.info.path}: the model's file names the {named} "
+                                 f"tokenizer, not {kind}")
+        key = (kind or named, None if path is None else os.fspath(path))
+        if key not in self._tokenizers:
+            self._tokenizers[key] = tokenizer_for(self.config.vocab_size, kind or named, path)
+        return self._tokenizers[key]
+
+    def generate(self, prompt, params=None, state: State | None = None, **kw) -> str:
+        """Continue ``prompt`` (text) and return the generated text (see rwkvpy.generate)."""
+        from . import generate as gen
+
+        return gen.generate(self, self.tokenizer(), prompt, params, state, **kw).text
+
+    def stream(self, prompt, params=None, state: State | None = None, **kw):
+        """Like :meth:`generate`, yielding the text in pieces as it is generated."""
+        from . import generate as gen
+
+        return gen.stream(self, self.tokenizer(), prompt, params, state, **kw)
 
     def __repr__(self) -> str:
         i = self.info
