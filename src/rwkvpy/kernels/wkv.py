@@ -18,9 +18,11 @@ and g^-_t = g_{t-1} the exclusive one. A token pair (t, i), i < t, is weighted b
   most e^60 |x||y|, are then finite too and are zeroed. This covers v7 always (log w >= -e^-0.5:
   a chunk of 64 decays by at most e^-38.8) and v5/v6 with ordinary decays.
 * Exact path for the other (chunk, head) pairs (extreme decays such as w = exp(-e^5), which is 0
-  in float32): float64 cumulative log decays and a hierarchical split of the pair matrix
-  (:func:`_lower_scores`) in which every exponent that reaches ``exp`` is <= 0, so nothing can
-  overflow at any decay, and a factor that underflows belongs to a product below float32 range.
+  in float32): a hierarchical split of the pair matrix (:func:`_lower_scores`) in which each
+  block of pairs is one matmul of two factors that are plain products of decays in [0, 1]
+  (cumulative products from the split point forwards and backwards): no division, nothing can
+  overflow, and a factor that underflows belongs to a product that underflows. The other
+  per-token factors, g^-_t and g_L / g_i, are likewise computed as direct products there.
 
 v7 (generalised delta rule, state S (N_v, N_k))::
 
@@ -56,8 +58,8 @@ import threading
 
 import torch
 
-__all__ = ["wkv5_chunked", "wkv7_chunked", "release_scratch",
-           "V5_CHUNK", "V7_CHUNK", "SAFE_DECAY", "SCRATCH_BYTES"]
+__all__ = ["SAFE_DECAY", "SCRATCH_BYTES", "V5_CHUNK", "V7_CHUNK",
+           "release_scratch", "wkv5_chunked", "wkv7_chunked"]
 
 # Default chunk lengths (powers of two), measured at T = 512, H = 12, N = 64 with two threads
 # on a 2-core CPU; tests/test_kernels_wkv.py re-measures the speed.
@@ -143,10 +145,16 @@ def _unchunk_into(dst, y):
         dst[full * L:].copy_(y[full, :, :rem].transpose(0, 1))
 
 
-def _to_chunks(x, L):
-    """A fresh (nc, H, L, N) float32 copy of x (n, H, N), w-style padding with 1 (exact path)."""
-    nc = -(-x.shape[0] // L)
-    return _chunk_into(torch.empty(nc, x.shape[1], L, x.shape[2], dtype=F32), x, 1.0)
+def _chunk_view(x, nc, L, ar, fill=0.0):
+    """x (n, H, N) as a (nc, H, L, N) view; copied into scratch, padded with ``fill``, only when
+    n is not a whole number of chunks (or x is not float32)."""
+    n = x.shape[0]
+    if n != nc * L or x.dtype != F32:
+        buf = ar.take(nc * L, *x.shape[1:])
+        buf[:n].copy_(x)
+        buf[n:].fill_(fill)
+        x = buf
+    return x.unflatten(0, (nc, L)).transpose(1, 2)
 
 
 def _unsafe(gL):
@@ -184,53 +192,63 @@ def _lower_scores(X, Y, w, inclusive):
     b = L
     while b > 1:
         h, n = b // 2, L // b
-
-        def split(Z):
-            return Z.reshape(*Z.shape[:-2], n, b, K)
-
-        Xs, Ys, ws = split(X), split(Y), split(w)
+        Xs, Ys, ws = (Z.reshape(*Z.shape[:-2], n, b, K) for Z in (X, Y, w))
         wq = ws[..., h:, :]
         excl = _excl_cumprod(wq)
         qf = torch.cat([excl * wq if inc else excl.expand_as(wq) for inc in inclusive], -5)
         xq = Xs[..., h:, :] * qf
         yk = Ys[..., :h, :] * _excl_rev_cumprod(ws[..., :h, :])
         blk = xq @ yk.transpose(-1, -2)                                  # (..., n, h, h)
-        # the n diagonal (b x b) blocks of M as a view (..., b, b, n); fill their lower-left quadrant
+        # the n diagonal (b x b) blocks of M as a view (..., b, b, n): fill their lower-left part
         diag = torch.diagonal(M.view(*batch, n, b, n, b), dim1=-4, dim2=-2)
         diag[..., h:, :h, :] = blk.movedim(-3, -1)
         b = h
     return M
 
 
-def _unit_lower_inverse(N, out):
-    """out = (I - N)^-1 for strictly lower triangular N (..., L, L), L a power of two.
+def _unit_lower_inverse(N, ar):
+    """(I - N)^-1 for strictly lower triangular N (..., L, L), L a power of two; contiguous.
 
-    Block recursion: inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]], merging diagonal
-    blocks pairwise, all the blocks of a level in one batched matmul. ``out`` must be contiguous.
+    The 4 x 4 diagonal blocks in closed form (forward substitution), then a block recursion,
+    inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]], merging the diagonal blocks
+    pairwise, all the blocks of a level in one batched matmul.
     """
     *batch, L, _ = N.shape
+    out = ar.take(*batch, L, L)
     out.zero_().diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    if L > 1:
-        out.view(*batch, L // 2, 2, L // 2, 2).diagonal(dim1=-4, dim2=-2)[..., 1, 0, :] = \
-            N.diagonal(-1, dim1=-2, dim2=-1)[..., ::2]
-    b = 2
+    if L == 1:
+        return out
+    s = min(L, 4)
+    Nb = N.unflatten(-2, (L // s, s)).unflatten(-1, (L // s, s)).diagonal(dim1=-4, dim2=-2)
+    Ob = out.view(*batch, L // s, s, L // s, s).diagonal(dim1=-4, dim2=-2)   # (..., s, s, L/s)
+    Ob[..., 1, 0, :] = Nb[..., 1, 0, :]
+    if s == 4:
+        n10, n21, n31, n32 = Nb[..., 1, 0, :], Nb[..., 2, 1, :], Nb[..., 3, 1, :], Nb[..., 3, 2, :]
+        Ob[..., 2, 1, :] = n21
+        Ob[..., 3, 2, :] = n32
+        t20 = torch.addcmul(Nb[..., 2, 0, :], n21, n10)
+        Ob[..., 2, 0, :] = t20
+        Ob[..., 3, 1, :] = torch.addcmul(n31, n32, n21)
+        Ob[..., 3, 0, :] = torch.addcmul(Nb[..., 3, 0, :], n31, n10).addcmul_(n32, t20)
+    b = s
     while b < L:
         n = L // (2 * b)
-        Td = torch.diagonal(out.view(*batch, n, 2 * b, n, 2 * b), dim1=-4, dim2=-2).movedim(-1, -3)
-        Nd = torch.diagonal(N.unflatten(-2, (n, 2 * b)).unflatten(-1, (n, 2 * b)),
-                            dim1=-4, dim2=-2).movedim(-1, -3)
+        Td = out.view(*batch, n, 2 * b, n, 2 * b).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+        Nd = N.unflatten(-2, (n, 2 * b)).unflatten(-1, (n, 2 * b))
+        Nd = Nd.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
         Td[..., b:, :b] = Td[..., b:, b:] @ (Nd[..., b:, :b] @ Td[..., :b, :b])
         b *= 2
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _v7_keep(L):
-    """0/1 causal mask of the (2L, 2L) v7 pair matrix: strictly lower in the alpha rows (a removal
-    sees the state before its token), lower with the diagonal in the r rows."""
+@functools.cache
+def _v7_mask(L):
+    """Causal mask of the (2L, 2L) v7 pair matrix, signed: strictly lower and -1 in the alpha rows
+    (a removal sees the state before its token; the rows hold -alpha), lower with the diagonal
+    and +1 in the r rows."""
     strict = torch.ones(L, L, dtype=F32).tril_(-1)
     incl = torch.ones(L, L, dtype=F32).tril_()
-    return torch.cat([strict.repeat(1, 2), incl.repeat(1, 2)])
+    return torch.cat([-strict.repeat(1, 2), incl.repeat(1, 2)])
 
 
 def _flat(x):
@@ -270,40 +288,40 @@ def _wkv5_group(ar, r, k, v, w, u, S, out, L):
     n, H, K = k.shape
     V = v.shape[-1]
     nc = -(-n // L)
-    rc = _chunk_into(ar.take(nc, H, L, K), r)
-    kc = _chunk_into(ar.take(nc, H, L, K), k)
-    vc = _chunk_into(ar.take(nc, H, L, V), v)
-    g = _chunk_into(ar.take(nc, H, L, K), w, 1.0).cumprod_(-2)         # decay through t
+    rv, kv = _chunk_view(r, nc, L, ar), _chunk_view(k, nc, L, ar)      # (nc, H, L, K) views
+    wv = _chunk_view(w, nc, L, ar, 1.0)
+    g = torch.cumprod(wv, -2, out=ar.take(nc, H, L, K))                 # decay through t
     gL = g[..., -1:, :].clone()                                          # over the whole chunk
     bad = _unsafe(gL)
-    if bad is not None:
-        rb, kb, wb = rc[bad], kc[bad], _to_chunks(w, L)[bad]
-    tmp = torch.mul(rc, kc, out=ar.take(nc, H, L, K))
-    bonus = tmp.mul_(u).sum(-1)                                          # r_t . (u * k_t)
-
-    rc[..., 1:, :].mul_(g[..., :-1, :])                                  # r_t g^-_t
-    kc.div_(g)                                                           # k_i / g_i
-    A = torch.matmul(rc, kc.transpose(-1, -2), out=ar.take(nc, H, L, L)).tril_(-1)
-    kc.mul_(gL)                                                          # k_i g_L / g_i
+    rd = torch.mul(rv, kv, out=ar.take(nc, H, L, K))
+    bonus = rd.mul_(u).sum(-1)                                           # r_t . (u * k_t)
+    rd[..., :1, :].copy_(rv[..., :1, :])
+    torch.mul(rv[..., 1:, :], g[..., :-1, :], out=rd[..., 1:, :])       # r_t g^-_t
+    kd = torch.div(kv, g, out=ar.take(nc, H, L, K))                     # k_i / g_i
+    A = torch.matmul(rd, kd.transpose(-1, -2), out=ar.take(nc, H, L, L)).tril_(-1)
+    kd.mul_(gL)                                                          # k_i g_L / g_i
     if bad is not None:  # 1 / g overflows: exact path (r g^- and g_L are safe as they are)
-        A[bad] = _lower_scores(rb[:, None, None], kb[:, None, None], wb[:, None, None], (False,))[:, 0, 0]
-        kc[bad] = kb * _excl_rev_cumprod(wb)
+        rb, kb, wb = rv[bad], kv[bad], wv[bad]
+        Ab = _lower_scores(rb[:, None, None], kb[:, None, None], wb[:, None, None], (False,))
+        A[bad] = Ab[:, 0, 0]
+        kd[bad] = kb * _excl_rev_cumprod(wb)
     A.diagonal(dim1=-2, dim2=-1).copy_(bonus)
 
-    U = torch.matmul(kc.transpose(-1, -2), vc, out=ar.take(nc, H, K, V))
+    vc = _chunk_into(ar.take(nc, H, L, V), v)
+    U = torch.matmul(kd.transpose(-1, -2), vc, out=ar.take(nc, H, K, V))
     starts = ar.take(nc + 1, H, K, V)                                    # state at each chunk start
     starts[0].copy_(S)
     Gt = gL.transpose(-1, -2)                                            # (nc, H, K, 1)
     for c in range(nc):
         torch.addcmul(U[c], Gt[c], starts[c], out=starts[c + 1])
     o = torch.matmul(A, vc, out=ar.take(nc, H, L, V))
-    _flat(o).baddbmm_(_flat(rc), _flat(starts[:nc]))
+    _flat(o).baddbmm_(_flat(rd), _flat(starts[:nc]))
     _unchunk_into(out, o)
     return starts[nc].clone()
 
 
 def wkv7_chunked(r, w, k, v, kk, a, S, chunk=None):
-    """The v7 recurrence (the loop in :meth:`rwkvpy.models.v7.RWKV7.time_mix`) over a whole sequence.
+    """The v7 recurrence (the loop in :meth:`rwkvpy.models.v7.RWKV7.time_mix`) over a sequence.
 
     r, w, k, kk, a (T, H, N_k); v (T, H, N_v); w decay in [0, 1]; S (H, N_v, N_k). Per token:
     S = S diag(w) + (S (-kk)) (kk * a)^T + v k^T;  out = S r.
@@ -332,53 +350,49 @@ def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L):
     n, H, K = k.shape
     V = v.shape[-1]
     nc = -(-n // L)
-    rc = _chunk_into(ar.take(nc, H, L, K), r)
-    kc = _chunk_into(ar.take(nc, H, L, K), k)
-    vc = _chunk_into(ar.take(nc, H, L, V), v)
-    kkc = _chunk_into(ar.take(nc, H, L, K), kk)
-    ac = _chunk_into(ar.take(nc, H, L, K), a)
-    g = _chunk_into(ar.take(nc, H, L, K), w, 1.0).cumprod_(-2)
+    rv, kv, kkv, av = (_chunk_view(x, nc, L, ar) for x in (r, k, kk, a))
+    wv = _chunk_view(w, nc, L, ar, 1.0)
+    g = torch.cumprod(wv, -2, out=ar.take(nc, H, L, K))
     gL = g[..., -1:, :].clone()
     bad = _unsafe(gL)
-    if bad is not None:
-        rb, kb, kkb, ab, wb = rc[bad], kc[bad], kkc[bad], ac[bad], _to_chunks(w, L)[bad]
 
-    # rows: alpha_t g^-_t (strict), r_t g_t (inclusive); columns: beta_i / g_i, k_i / g_i
+    # rows: -alpha_t g^-_t = kk_t g^-_t (strict), r_t g_t (inclusive); columns: beta_i / g_i,
+    # k_i / g_i. The sign of alpha goes into the mask (M) and into the loop (P = -Tinv Xa).
     X, Y = ar.take(nc, H, 2 * L, K), ar.take(nc, H, 2 * L, K)
     Xa, Xr, Yb, Yk = X[..., :L, :], X[..., L:, :], Y[..., :L, :], Y[..., L:, :]
-    Xa[..., :1, :].copy_(kkc[..., :1, :])
-    torch.mul(kkc[..., 1:, :], g[..., :-1, :], out=Xa[..., 1:, :])
-    Xa.neg_()
-    torch.mul(rc, g, out=Xr)
-    ginv = g.reciprocal_()
-    torch.mul(kkc, ac, out=Yb).mul_(ginv)
-    torch.mul(kc, ginv, out=Yk)
+    Xa[..., :1, :].copy_(kkv[..., :1, :])
+    torch.mul(kkv[..., 1:, :], g[..., :-1, :], out=Xa[..., 1:, :])
+    torch.mul(rv, g, out=Xr)
+    torch.mul(kkv, av, out=Yb).div_(g)
+    torch.div(kv, g, out=Yk)
     M = torch.matmul(X, Y.transpose(-1, -2), out=ar.take(nc, H, 2 * L, 2 * L))
-    M.mul_(_v7_keep(L))                    # masked entries are finite here (bad ones are redone)
+    M.mul_(_v7_mask(L))                    # masked entries are finite here (bad ones are redone)
     Y.mul_(gL)                                                           # [beta; k] g_L / g
     if bad is not None:  # 1 / g overflows: exact path (X and g_L are safe as they are)
-        Xb = torch.stack([kkb.neg(), rb], 1)                             # (nb, 2, L, K)
-        Ybk = torch.stack([kkb * ab, kb], 1)
+        kkb, wb = kkv[bad], wv[bad]
+        Xb = torch.stack([kkb.neg(), rv[bad]], 1)                        # (nb, 2, L, K)
+        Ybk = torch.stack([kkb * av[bad], kv[bad]], 1)
         Mb = _lower_scores(Xb.unsqueeze(2), Ybk.unsqueeze(1), wb[:, None, None], (False, True))
         Mb[:, 1].diagonal(dim1=-2, dim2=-1).copy_((Xb[:, 1:] * Ybk).sum(-1))
         M[bad] = Mb.transpose(2, 3).reshape(-1, 2 * L, 2 * L)
         Y[bad] = (Ybk * _excl_rev_cumprod(wb).unsqueeze(1)).reshape(-1, 2 * L, K)
 
-    # (I - M_ab) U = Xa S_0^T + M_ak V  =>  U = P S_0^T + Q
-    Tinv = _unit_lower_inverse(M[..., :L, :L], ar.take(nc, H, L, L))
+    UV = ar.take(nc, H, 2 * L, V)                                        # [U; V] per chunk
+    vc = _chunk_into(UV[..., L:, :], v)
+    # (I - M_ab) U = alpha g^- S_0^T + M_ak V  =>  U = Q - P S_0^T
+    Tinv = _unit_lower_inverse(M[..., :L, :L], ar)
     P = torch.matmul(Tinv, Xa, out=ar.take(nc, H, L, K))
     TM = torch.matmul(Tinv, M[..., :L, L:], out=ar.take(nc, H, L, L))
     Q = torch.matmul(TM, vc, out=ar.take(nc, H, L, V))
     KV = torch.matmul(Yk.transpose(-1, -2), vc, out=ar.take(nc, H, K, V))
-    U = ar.take(nc, H, L, V)
     starts = ar.take(nc + 1, H, K, V)                                    # S^T at each chunk start
     starts[0].copy_(Z)
     Bt, Gt = Yb.transpose(-1, -2), gL.transpose(-1, -2)
     for c in range(nc):
-        torch.baddbmm(Q[c], P[c], starts[c], out=U[c])
+        U = torch.baddbmm(Q[c], P[c], starts[c], alpha=-1.0, out=UV[c, :, :L])
         torch.addcmul(KV[c], Gt[c], starts[c], out=starts[c + 1])
-        starts[c + 1].baddbmm_(Bt[c], U[c])
+        starts[c + 1].baddbmm_(Bt[c], U)
     o = torch.matmul(Xr, starts[:nc], out=ar.take(nc, H, L, V))
-    _flat(o).baddbmm_(_flat(M[..., L:, :L]), _flat(U)).baddbmm_(_flat(M[..., L:, L:]), _flat(vc))
+    _flat(o).baddbmm_(_flat(M[..., L:, :]), _flat(UV))
     _unchunk_into(out, o)
     return starts[nc].clone()

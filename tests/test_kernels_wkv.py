@@ -1,0 +1,238 @@
+"""Chunked sequence-mode WKV kernels against the per-token reference recurrences.
+
+Accuracy criterion (all tests): max |chunked - reference| / max |reference| <= TOL = 1e-4, for
+the outputs and for the final state, with a nonzero starting state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkvpy.kernels import wkv as W
+from rwkvpy.kernels import wkv5_chunked, wkv7_chunked
+from rwkvpy.models.v5 import wkv_heads
+
+TOL = 1e-4
+H, N = 4, 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Accuracy tests run single-threaded: results are the same, and a shared, loaded CI machine
+    slows multi-threaded small ops down badly. The speed test sets its own thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ref_wkv7(r, w, k, v, kk, a, S):
+    """The v7 loop of RWKV7.time_mix, one token at a time; S (H, N_v, N_k)."""
+    out = torch.empty_like(v)
+    for t in range(r.shape[0]):
+        removal = (S @ (-kk[t]).unsqueeze(-1)) @ (kk[t] * a[t]).unsqueeze(-2)
+        S = S * w[t].unsqueeze(-2) + removal + v[t].unsqueeze(-1) * k[t].unsqueeze(-2)
+        out[t] = (S @ r[t].unsqueeze(-1)).squeeze(-1)
+    return out, S
+
+
+def rel_err(x, ref):
+    assert torch.isfinite(x).all()
+    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def v5_inputs(T, seed, h=H, n=N):
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(T, h, n, generator=g) for _ in range(3))
+    w = torch.exp(-torch.exp(torch.randn(T, h, n, generator=g) - 1))    # v5/v6: exp(-exp(N(-1, 1)))
+    u = 0.5 * torch.randn(h, n, generator=g)
+    S = torch.randn(h, n, n, generator=g)
+    return r, k, v, w, u, S
+
+
+def v7_inputs(T, seed, h=H, n=N):
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(T, h, n, generator=g) for _ in range(3))
+    kk = F.normalize(torch.randn(T, h, n, generator=g), dim=-1)          # unit norm per head
+    a = torch.rand(T, h, n, generator=g)                                 # in (0, 1)
+    w = torch.exp(-math.exp(-0.5) * torch.rand(T, h, n, generator=g))   # (exp(-e^-0.5), 1)
+    S = torch.randn(h, n, n, generator=g)
+    return r, w, k, v, kk, a, S
+
+
+def extreme_decays(kind, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    tiny = torch.exp(-torch.exp(torch.tensor(5.0)))                     # rounds to 0 in float32
+    near1 = torch.tensor(1 - 1e-7)
+    shape = (T, H, N)
+    if kind == "tiny":
+        return tiny.expand(shape)
+    if kind == "e^-e^4":                          # 1.8e-24: not 0 in float32, but 1 / g overflows
+        return torch.full(shape, math.exp(-math.exp(4)))
+    if kind == "near1":
+        return near1.expand(shape)
+    if kind == "mixed":                           # tiny / near 1 / ordinary, per element
+        pick = torch.randint(0, 3, shape, generator=g)
+        ordinary = torch.exp(-torch.exp(torch.randn(shape, generator=g) - 1))
+        return torch.where(pick == 0, tiny, torch.where(pick == 1, near1, ordinary))
+    if kind == "rare-tiny":                       # a few tiny decays among v7-range ones
+        ordinary = torch.exp(-math.exp(-0.5) * torch.rand(shape, generator=g))
+        return torch.where(torch.rand(shape, generator=g) < 0.03, tiny, ordinary)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 300])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_wkv5_matches_reference(T, chunk):
+    r, k, v, w, u, S = v5_inputs(T, seed=T)
+    ref_out, ref_S = wkv_heads(r, k, v, w, u, S)
+    out, S1 = wkv5_chunked(r, k, v, w, u, S, chunk=chunk)
+    assert out.shape == ref_out.shape and S1.shape == ref_S.shape
+    assert rel_err(out, ref_out) <= TOL
+    assert rel_err(S1, ref_S) <= TOL
+
+    w0 = w[0]                                                            # v5: one decay per channel
+    ref_out, ref_S = wkv_heads(r, k, v, w0, u, S)
+    out, S1 = wkv5_chunked(r, k, v, w0, u, S, chunk=chunk)
+    assert rel_err(out, ref_out) <= TOL
+    assert rel_err(S1, ref_S) <= TOL
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 300])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_wkv7_matches_reference(T, chunk):
+    r, w, k, v, kk, a, S = v7_inputs(T, seed=100 + T)
+    ref_out, ref_S = ref_wkv7(r, w, k, v, kk, a, S)
+    out, S1 = wkv7_chunked(r, w, k, v, kk, a, S, chunk=chunk)
+    assert out.shape == ref_out.shape and S1.shape == ref_S.shape
+    assert rel_err(out, ref_out) <= TOL
+    assert rel_err(S1, ref_S) <= TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 128])
+def test_other_chunk_lengths(chunk):
+    T = 37
+    r, k, v, w, u, S = v5_inputs(T, seed=5)
+    ref_out, ref_S = wkv_heads(r, k, v, w, u, S)
+    out, S1 = wkv5_chunked(r, k, v, w, u, S, chunk=chunk)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+    r, w, k, v, kk, a, S = v7_inputs(T, seed=6)
+    ref_out, ref_S = ref_wkv7(r, w, k, v, kk, a, S)
+    out, S1 = wkv7_chunked(r, w, k, v, kk, a, S, chunk=chunk)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["tiny", "e^-e^4", "near1", "mixed", "rare-tiny"])
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_extreme_decays(kind, chunk):
+    T = 300
+    w = extreme_decays(kind, T, seed=7)
+    r, k, v, _, u, S = v5_inputs(T, seed=8)
+    ref_out, ref_S = wkv_heads(r, k, v, w, u, S)
+    out, S1 = wkv5_chunked(r, k, v, w, u, S, chunk=chunk)
+    assert rel_err(out, ref_out) <= TOL
+    assert rel_err(S1, ref_S) <= TOL
+    if kind in ("tiny", "near1"):                                        # constant-decay form too
+        ref_out, ref_S = wkv_heads(r, k, v, w[0], u, S)
+        out, S1 = wkv5_chunked(r, k, v, w[0], u, S, chunk=chunk)
+        assert rel_err(out, ref_out) <= TOL
+        assert rel_err(S1, ref_S) <= TOL
+
+    r, _, k, v, kk, a, S = v7_inputs(T, seed=9)
+    ref_out, ref_S = ref_wkv7(r, w, k, v, kk, a, S)
+    out, S1 = wkv7_chunked(r, w, k, v, kk, a, S, chunk=chunk)
+    assert rel_err(out, ref_out) <= TOL
+    assert rel_err(S1, ref_S) <= TOL
+
+
+def test_exact_path_on_ordinary_decays(monkeypatch):
+    """Force every (chunk, head) through the overflow-proof path and compare."""
+    monkeypatch.setattr(W, "SAFE_DECAY", 2.0)
+    T = 100
+    r, k, v, w, u, S = v5_inputs(T, seed=11)
+    ref_out, ref_S = wkv_heads(r, k, v, w, u, S)
+    out, S1 = wkv5_chunked(r, k, v, w, u, S)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+    r, w, k, v, kk, a, S = v7_inputs(T, seed=12)
+    ref_out, ref_S = ref_wkv7(r, w, k, v, kk, a, S)
+    out, S1 = wkv7_chunked(r, w, k, v, kk, a, S)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+
+
+def test_groups_and_scratch(monkeypatch):
+    """A small scratch budget splits the sequence into groups of chunks; results are unchanged."""
+    T = 200
+    r5 = v5_inputs(T, seed=13)
+    r7 = v7_inputs(T, seed=14)
+    full5, full7 = wkv5_chunked(*r5, chunk=16), wkv7_chunked(*r7, chunk=16)
+    monkeypatch.setattr(W, "SCRATCH_BYTES", 256 << 10)
+    W.release_scratch()
+    for a, b in zip(wkv5_chunked(*r5, chunk=16), full5):
+        assert rel_err(a, b) <= 1e-6
+    for a, b in zip(wkv7_chunked(*r7, chunk=16), full7):
+        assert rel_err(a, b) <= 1e-6
+    W.release_scratch()
+
+
+def test_inputs_untouched_and_edge_cases():
+    r, k, v, w, u, S = v5_inputs(20, seed=15)
+    before = [x.clone() for x in (r, k, v, w, u, S)]
+    out, S1 = wkv5_chunked(r, k, v, w, u, S)
+    assert all(torch.equal(x, y) for x, y in zip((r, k, v, w, u, S), before))
+    assert S1.data_ptr() != S.data_ptr()
+    out, S1 = wkv5_chunked(r[:0], k[:0], v[:0], w[:0], u, S)
+    assert out.shape == (0, H, N) and torch.equal(S1, S)
+    with pytest.raises(ValueError):
+        wkv5_chunked(r, k, v, w, u, S, chunk=12)
+
+    r, w, k, v, kk, a, S = v7_inputs(20, seed=16)
+    before = [x.clone() for x in (r, w, k, v, kk, a, S)]
+    wkv7_chunked(r, w, k, v, kk, a, S)
+    assert all(torch.equal(x, y) for x, y in zip((r, w, k, v, kk, a, S), before))
+    out, S1 = wkv7_chunked(r[:0], w[:0], k[:0], v[:0], kk[:0], a[:0], S)
+    assert out.shape == (0, H, N) and torch.equal(S1, S)
+
+
+def _median_ms(fn, reps, budget_s=1.0):
+    """Median wall time of up to ``reps`` calls (after one warm-up), stopping after budget_s."""
+    fn()
+    times, start = [], time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times) * 1e3
+
+
+def test_speed_vs_reference_loop():
+    """T = 512, H = 12, N = 64 (the 0.1B shape), against the per-token loops.
+
+    The target (two threads, idle 2-core machine) is >= 10x. On a loaded machine two-thread
+    timings are dominated by OpenMP threads waiting for a core (the loops can take seconds), so
+    the test then times with one thread; the assertion (3x) only guards against regressions.
+    """
+    threads = torch.get_num_threads()
+    n = 2 if os.getloadavg()[0] < 1.5 else 1
+    torch.set_num_threads(n)
+    try:
+        T, h = 512, 12
+        r, k, v, w, u, S = v5_inputs(T, seed=17, h=h)
+        ref5 = _median_ms(lambda: wkv_heads(r, k, v, w, u, S), 3)
+        fast5 = _median_ms(lambda: wkv5_chunked(r, k, v, w, u, S), 15)
+        r, w, k, v, kk, a, S = v7_inputs(T, seed=18, h=h)
+        ref7 = _median_ms(lambda: ref_wkv7(r, w, k, v, kk, a, S), 3)
+        fast7 = _median_ms(lambda: wkv7_chunked(r, w, k, v, kk, a, S), 15)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\n{n} thread(s): v5 loop {ref5:.1f} ms, chunked {fast5:.2f} ms ({ref5 / fast5:.1f}x); "
+          f"v7 loop {ref7:.1f} ms, chunked {fast7:.2f} ms ({ref7 / fast7:.1f}x)")
+    assert ref5 / fast5 >= 3 and ref7 / fast7 >= 3
