@@ -7,9 +7,6 @@ the outputs and for the final state, with a nonzero starting state.
 from __future__ import annotations
 
 import math
-import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -198,41 +195,3 @@ def test_inputs_untouched_and_edge_cases():
     assert all(torch.equal(x, y) for x, y in zip((r, w, k, v, kk, a, S), before))
     out, S1 = wkv7_chunked(r[:0], w[:0], k[:0], v[:0], kk[:0], a[:0], S)
     assert out.shape == (0, H, N) and torch.equal(S1, S)
-
-
-def _median_ms(fn, reps, budget_s=1.0):
-    """Median wall time of up to ``reps`` calls (after one warm-up), stopping after budget_s."""
-    fn()
-    times, start = [], time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times) * 1e3
-
-
-def test_speed_vs_reference_loop():
-    """T = 512, H = 12, N = 64 (the 0.1B shape), against the per-token loops.
-
-    The target (two threads, idle 2-core machine) is >= 10x. On a loaded machine two-thread
-    timings are dominated by OpenMP threads waiting for a core (the loops can take seconds), so
-    the test then times with one thread; the assertion (3x) only guards against regressions.
-    """
-    threads = torch.get_num_threads()
-    n = 2 if os.getloadavg()[0] < 1.5 else 1
-    torch.set_num_threads(n)
-    try:
-        T, h = 512, 12
-        r, k, v, w, u, S = v5_inputs(T, seed=17, h=h)
-        ref5 = _median_ms(lambda: wkv_heads(r, k, v, w, u, S), 3)
-        fast5 = _median_ms(lambda: wkv5_chunked(r, k, v, w, u, S), 15)
-        r, w, k, v, kk, a, S = v7_inputs(T, seed=18, h=h)
-        ref7 = _median_ms(lambda: ref_wkv7(r, w, k, v, kk, a, S), 3)
-        fast7 = _median_ms(lambda: wkv7_chunked(r, w, k, v, kk, a, S), 15)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"\n{n} thread(s): v5 loop {ref5:.1f} ms, chunked {fast5:.2f} ms ({ref5 / fast5:.1f}x); "
-          f"v7 loop {ref7:.1f} ms, chunked {fast7:.2f} ms ({ref7 / fast7:.1f}x)")
-    assert ref5 / fast5 >= 3 and ref7 / fast7 >= 3
