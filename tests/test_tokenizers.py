@@ -3,7 +3,6 @@ library, bytes, tokenizer_for, and streaming UTF-8-safe decoding."""
 
 import random
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -218,23 +217,6 @@ def test_default_world_vocab_path(tmp_path, monkeypatch, ref_vocab):
     shutil.copy(ref_vocab, tmp_path / "rwkv_vocab_v20230424.txt")
     assert default_world_vocab_path() == tmp_path / "rwkv_vocab_v20230424.txt"
     assert WorldTokenizer().encode("Hello") == WorldTokenizer(ref_vocab).encode("Hello")
-
-
-def test_world_encoding_speed(world, capsys):
-    """Printed, not asserted: MB/s of UTF-8 input, one core."""
-    text = ENGLISH * (4_000_000 // len(ENGLISH))
-    data = text.encode("utf-8")
-    world.encode(text[:1000])
-    best = min(_timed(world.encode, text) for _ in range(3))
-    with capsys.disabled():
-        print(f"\nWorldTokenizer.encode: {len(data) / best / 1e6:.1f} MB/s on {len(data) / 1e6:.1f} MB "
-              f"of English ({len(data) / len(world.encode(text)):.2f} bytes/token)")
-
-
-def _timed(f, x):
-    t = time.perf_counter()
-    f(x)
-    return time.perf_counter() - t
 
 
 # -- bytes ---------------------------------------------------------------------------------
