@@ -114,21 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def run_command(args) -> int:
+    """Run a parsed command: a user error is one line on stderr and status 1, Ctrl-C 130."""
     from .errors import RwkvpyError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except RwkvpyError as e:
-        print(f"rwkvpy: error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, MemoryError) as e:
+    except (RwkvpyError, OSError, MemoryError) as e:
         print(f"rwkvpy: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rwkvpy: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

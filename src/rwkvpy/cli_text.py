@@ -385,17 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_for_tests(argv=None) -> int:
-    """Run a text command like ``rwkvpy.cli.main`` does: a user error is one line on stderr
-    (``rwkvpy: error: ...``) and status 1; Ctrl-C is status 130."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (RwkvpyError, OSError, MemoryError) as e:
-        print(f"rwkvpy: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rwkvpy: interrupted", file=sys.stderr)
-        return 130
+    """Run a text command alone, with ``rwkvpy.cli``'s error handling."""
+    from .cli import run_command
+
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

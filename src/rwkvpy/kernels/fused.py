@@ -25,6 +25,21 @@ DECAY_SCALE = math.exp(-0.5)
 
 
 @numba.njit(cache=True, nogil=True)
+def _norm_stats(out, eps):
+    """Mean and 1/sqrt(variance + eps) of one head's output (group norm statistics)."""
+    N = out.shape[0]
+    mean = np.float32(0.0)
+    for i in range(N):
+        mean += out[i]
+    mean /= N
+    var = np.float32(0.0)
+    for i in range(N):
+        d = out[i] - mean
+        var += d * d
+    return mean, np.float32(1.0) / np.float32(math.sqrt(var / N + eps))
+
+
+@numba.njit(cache=True, nogil=True)
 def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
              S, y):
     """v7 time mix after the projections, for one token of each of B sequences.
@@ -81,15 +96,7 @@ def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, ln
                 S[h, i, j] = s
                 acc += s * r[b + j]
             out[i] = acc
-        mean = np.float32(0.0)
-        for i in range(N):
-            mean += out[i]
-        mean /= N
-        var = np.float32(0.0)
-        for i in range(N):
-            d = out[i] - mean
-            var += d * d
-        inv = np.float32(1.0) / np.float32(math.sqrt(var / N + eps))
+        mean, inv = _norm_stats(out, eps)
         bonus = np.float32(0.0)
         for j in range(N):
             bonus += r[b + j] * kt[j] * r_k[h, j]
@@ -124,15 +131,7 @@ def _v5_one(r, k, v, w, u, lnw, lnb, eps, S, y):
                 kv = kj * v[b + i]
                 out[i] += rj * (uj * kv + S[h, j, i])
                 S[h, j, i] = kv + wj * S[h, j, i]
-        mean = np.float32(0.0)
-        for i in range(N):
-            mean += out[i]
-        mean /= N
-        var = np.float32(0.0)
-        for i in range(N):
-            d = out[i] - mean
-            var += d * d
-        inv = np.float32(1.0) / np.float32(math.sqrt(var / N + eps))
+        mean, inv = _norm_stats(out, eps)
         for i in range(N):
             y[b + i] = (out[i] - mean) * inv * lnw[b + i] + lnb[b + i]
 
