@@ -66,6 +66,23 @@ def _add_convert_options(p) -> None:
                         "guessed from the vocabulary size)")
 
 
+def cmd_merge_lora(args) -> int:
+    import warnings
+
+    from .lora import merge_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = merge_lora(args.base, args.lora, args.dst, args.alpha, type=args.type,
+                            force=args.force, progress=not args.quiet)
+    for w in caught:
+        print(f"rwkvpy: warning: {w.message}", file=sys.stderr)
+    if not args.quiet:
+        print(f"merged LoRA into {len(report['merged'])} matrices, replaced "
+              f"{len(report['replaced'])} tensors: {args.dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rwkvpy", description="Fast RWKV inference in Python.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -84,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=cmd_bench)
+
+    ml = sub.add_parser("merge-lora", help="merge a LoRA checkpoint (Blealtan's RWKV-LM-LoRA) "
+                        "into a model")
+    ml.add_argument("base", help="base model (float: F32, F16 or BF16)")
+    ml.add_argument("lora", help="LoRA checkpoint (.pth)")
+    ml.add_argument("dst", help="output (.gguf, .bin or .pth)")
+    ml.add_argument("--alpha", type=float, required=True, help="lora_alpha used in training")
+    ml.add_argument("--type", default="f16", help="type of the output's matrices (default f16)")
+    ml.add_argument("--force", action="store_true", help="overwrite DST")
+    ml.add_argument("--quiet", action="store_true", help="no progress bar")
+    ml.set_defaults(func=cmd_merge_lora)
 
     types = "f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0"
     conv = sub.add_parser(
