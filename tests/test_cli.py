@@ -18,6 +18,7 @@ def test_info_bin():
     assert "RWKV v5.2" in r.stdout
     assert "n_embd 64, n_layer 12, vocab 256, ffn 256, 8 heads of 8" in r.stdout
     assert "Q5_1" in r.stdout and "F32" in r.stdout
+    assert "tokenizer:   bytes (from the vocabulary size)" in r.stdout
 
 
 def test_info_json_pth():

@@ -24,11 +24,19 @@ def cmd_info(args) -> int:
         return 0
     print(f"file:        {s['path']} ({_fmt_bytes(s['file_size'])}, {s['format']} format)")
     for k, v in s.get("file", {}).items():
-        print(f"  {k}: {v}")
+        if k != "tokenizer":  # printed below
+            print(f"  {k}: {v}")
     print(f"version:     {s['architecture']}")
     heads = f", {s['n_head']} heads of {s['head_size']}" if s["n_head"] else ""
     print(f"dims:        n_embd {s['n_embd']}, n_layer {s['n_layer']}, vocab {s['vocab_size']}, "
           f"ffn {s['n_ffn']}{heads}")
+    tok = s.get("file", {}).get("tokenizer")
+    if tok is None:
+        from .tokenizers import _BY_SIZE
+
+        guess = _BY_SIZE.get(s["vocab_size"])
+        tok = f"{guess} (from the vocabulary size)" if guess else "unknown"
+    print(f"tokenizer:   {tok}")
     print(f"parameters:  {s['params']:,}")
     print("tensors:")
     for typ, count in sorted(s["tensor_types"].items()):
