@@ -10,8 +10,24 @@ import time
 import torch
 
 
-def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Streaming read bandwidth (GB/s) with torch's current thread count: sum of a large buffer."""
+def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5, device="cpu") -> float:
+    """Streaming read bandwidth (GB/s): the median time to sum a large buffer. On the CPU with
+    torch's current thread count; on a GPU a 4x larger buffer, timed with CUDA events."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        nbytes *= 4
+        buf = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+        buf.sum()  # warm-up
+        times = []
+        for _ in range(max(repeats, 10)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            buf.sum()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        del buf
+        return nbytes / statistics.median(times) / 1e9
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
     best = []
     for _ in range(repeats):
@@ -22,11 +38,18 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / statistics.median(best) / 1e9
 
 
-def bytes_per_token(model) -> int:
-    """Weight bytes one decode step reads: every projection, the vectors, one embedding row."""
+def bytes_per_token(model, device=None) -> int:
+    """Weight bytes one decode step reads: every projection, the vectors, one embedding row
+    (only those on ``device``, if given)."""
     net = model._net
-    total = sum(lin.nbytes for lin in net.lin.values())
+    dev = None if device is None else torch.device(device)
+    total = 0
+    for name, lin in net.lin.items():
+        if dev is None or net.device_of(name) == dev:
+            total += lin.nbytes
     for name, t in net.w.items():
+        if dev is not None and t.device != dev:
+            continue
         if name == "emb.weight":
             total += t.shape[1] * t.element_size()
         else:
@@ -35,12 +58,15 @@ def bytes_per_token(model) -> int:
 
 
 def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", threads=None,
-        progress=None) -> dict:
+        device="cpu", gpu_layers=None, progress=None) -> dict:
+    """Measure a model file: per-token latency (median), prompt throughput, load time, memory,
+    and the memory bandwidth of the device that holds the most weights, in the same run.
+    With layers split between a GPU and the CPU, the bound is that of the CPU's share."""
     import rwkvpy
 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    model = rwkvpy.load(path, mode=mode, threads=threads)
+    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers)
     load_s = time.perf_counter() - t0
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -48,29 +74,43 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
 
     say(f"decoding {tokens} tokens")
     state = None
-    for tok in ids[:3]:  # warm-up: compiles, page faults
+    for tok in ids[:3]:  # warm-up: compiles, graph captures, page faults
         _, state = model.forward([tok], state)
     times = []
     for tok in ids[3:3 + tokens]:
         t = time.perf_counter()
         _, state = model.forward([tok], state)
+        model.synchronize()
         times.append(time.perf_counter() - t)
     say(f"processing a {prompt}-token prompt")
-    model.forward(ids[:16], None)  # warm-up of the sequence path
+    model.forward(ids[:prompt], None)  # warm-up of the sequence path at this length
+    model.synchronize()
     t = time.perf_counter()
     model.forward(ids[:prompt], None)
+    model.synchronize()
     prompt_s = time.perf_counter() - t
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    say("measuring memory bandwidth")
-    bw = read_bandwidth_gbs()
-    nbytes = bytes_per_token(model)
+    gpu = model.devices[0] if model.devices[0].type == "cuda" else None
+    # the bound of the slowest part: the GPU when every layer is there, else the CPU's layers
+    where = gpu if gpu is not None and model.gpu_layers == model.config.n_layer else torch.device("cpu")
+    say(f"measuring the memory bandwidth of {where}")
+    bw = read_bandwidth_gbs(device=where)
+    nbytes = bytes_per_token(model, where if gpu is not None else None)
     bound_ms = nbytes / (bw * 1e9) * 1e3
     per_token_ms = statistics.median(times) * 1e3
     # the format of the layers' projection matrices (emb and head often stay F16/F32)
-    main_type = model._net.lin["blocks.0.att.key.weight"].fmt
+    first = model._net.lin["blocks.0.att.key.weight"]
+    step = model._step
+    extra = {}
+    if gpu is not None:
+        extra = {"gpu": torch.cuda.get_device_name(gpu), "gpu_layers": model.gpu_layers,
+                 "weights_dtype": str(first.weight.dtype).removeprefix("torch."),
+                 "cuda_graphs": bool(getattr(step, "graphs", False)
+                                     and getattr(step, "graph_error", None) is None),
+                 "peak_gpu_mb": round(torch.cuda.max_memory_allocated(gpu) / 2**20, 1)}
     return {
-        "model": str(path), "version": model.info.version.value, "type": main_type,
-        "mode": mode, "threads": torch.get_num_threads(),
+        "model": str(path), "version": model.info.version.value, "type": first.fmt,
+        "mode": mode, "device": str(where), "threads": torch.get_num_threads(), **extra,
         "per_token_ms": round(per_token_ms, 3), "per_token_min_ms": round(min(times) * 1e3, 3),
         "tokens_timed": len(times),
         "prompt_tokens": prompt, "prompt_tokens_per_s": round(prompt / prompt_s, 1),
@@ -84,10 +124,14 @@ def format_report(r: dict) -> str:
     return "\n".join([
         f"model:        {r['model']} (v{r['version']}, {r['type']}, mode {r['mode']}, "
         f"{r['threads']} threads)",
+        *([f"gpu:          {r['gpu']}: {r['gpu_layers']} layers, weights {r['weights_dtype']}, "
+           f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}, peak {r['peak_gpu_mb']:.0f} MB"]
+          if "gpu" in r else []),
         f"per token:    {r['per_token_ms']:.2f} ms median, {r['per_token_min_ms']:.2f} ms min "
         f"over {r['tokens_timed']} tokens",
         f"bound:        {r['bound_ms']:.2f} ms = {r['bytes_per_token'] / 1e6:.1f} MB per token / "
-        f"{r['bandwidth_gbs']:.1f} GB/s read bandwidth (measured now); ratio {r['bound_ratio']:.2f}",
+        f"{r['bandwidth_gbs']:.1f} GB/s read bandwidth of {r['device']} (measured now); "
+        f"ratio {r['bound_ratio']:.2f}",
         f"prompt:       {r['prompt_tokens_per_s']:.1f} tokens/s over {r['prompt_tokens']} tokens",
         f"load:         {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
     ])

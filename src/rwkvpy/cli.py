@@ -7,6 +7,23 @@ import json
 import sys
 
 
+def add_run_options(p) -> None:
+    """--threads, --mode, --device, --gpu-layers: how a command runs its model."""
+    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast",
+                   help="compute mode (default fast)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (default), cuda or cuda:N")
+    p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
+                   help="with a GPU device: the first N layers there, the rest on the CPU")
+
+
+def run_options(args) -> dict:
+    """The keyword arguments of rwkvpy.load for the options of :func:`add_run_options`."""
+    return {"mode": args.mode, "threads": args.threads, "device": args.device,
+            "gpu_layers": args.gpu_layers}
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -48,8 +65,8 @@ def cmd_bench(args) -> int:
     from . import bench
 
     say = None if (args.quiet or args.json) else (lambda m: print(f"... {m}", file=sys.stderr))
-    r = bench.run(args.model, tokens=args.tokens, prompt=args.prompt, mode=args.mode,
-                  threads=args.threads, progress=say)
+    r = bench.run(args.model, tokens=args.tokens, prompt=args.prompt, progress=say,
+                  **run_options(args))
     print(json.dumps(r) if args.json else bench.format_report(r))
     return 0
 
@@ -104,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", help="model file")
     b.add_argument("--tokens", type=int, default=32, help="decode steps timed (default 32)")
     b.add_argument("--prompt", type=int, default=512, help="prompt length (default 512)")
-    b.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
-    b.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast")
+    add_run_options(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=cmd_bench)

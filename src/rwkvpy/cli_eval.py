@@ -15,6 +15,7 @@ import math
 import os
 import sys
 
+from .cli import add_run_options, run_options
 from .compare import DEFAULT_TYPES
 from .errors import RwkvpyError
 from .perplexity import DEFAULT_CHUNK
@@ -115,7 +116,7 @@ def cmd_perplexity(args) -> int:
     path = _model_path(args.model)
     info = rwkvpy.inspect(path)
     ids, tok_name = _tokens(args, info)  # all input checks before the model loads
-    model = rwkvpy.load(path, mode=args.mode, threads=args.threads)
+    model = rwkvpy.load(path, **run_options(args))
     model.forward(ids[:16])  # loads the compiled kernels, so that tokens/s is the steady rate
     r = perplexity(model, ids, chunk=args.chunk, ignore_first=args.ignore_first,
                    progress=not (args.quiet or args.json))
@@ -160,7 +161,7 @@ def cmd_compare(args) -> int:
     ids, _ = _tokens(args, info)
     result = cmp.compare(path, ids, types, out_dir=args.out_dir, reuse=args.reuse,
                          ignore_first=args.ignore_first, chunk=args.chunk,
-                         threads=args.threads, mode=args.mode, bench_tokens=args.bench_tokens,
+                         bench_tokens=args.bench_tokens, **run_options(args),
                          prompt=args.prompt, quantize_head=args.quantize_head,
                          format=args.format, progress=not args.quiet)
     if args.json == "-":
@@ -192,10 +193,7 @@ def _add_common(p) -> None:
     p.add_argument("--chunk", type=_positive("--chunk"), default=DEFAULT_CHUNK, metavar="N",
                    help=f"tokens per model call, the state carried between calls (default "
                         f"{DEFAULT_CHUNK})")
-    p.add_argument("--threads", type=_positive("--threads"), default=None,
-                   help="threads (default: physical cores)")
-    p.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast",
-                   help="compute mode (default fast)")
+    add_run_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

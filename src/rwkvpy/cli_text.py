@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from .cli import add_run_options, run_options
 from .errors import RwkvpyError
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /regen (a new reply to the last "
@@ -108,7 +109,7 @@ def _load(args):
     path = resolve_model(_model_spec(args))
     if not os.path.exists(path):
         raise CliError(f"{path}: no such model file")
-    model = rwkvpy.load(path, mode=args.mode, threads=args.threads)
+    model = rwkvpy.load(path, **run_options(args))
     return model, _tokenizer(args.tokenizer, args.vocab, model.config.vocab_size)
 
 
@@ -159,10 +160,6 @@ def _add_model_options(p, *, model_help: str) -> None:
                    help="World vocabulary file or NeoX tokenizer.json")
 
 
-def _add_run_options(p) -> None:
-    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
-    p.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast",
-                   help="compute mode (default fast)")
 
 
 def _add_sampling_options(p) -> None:
@@ -337,7 +334,7 @@ def add_text_commands(subparsers) -> None:
                     "a newline; timings go to stderr (not with --quiet).")
     g.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-': read stdin)")
     _add_model_options(g, model_help=model_help)
-    _add_run_options(g)
+    add_run_options(g)
     _add_sampling_options(g)
     g.add_argument("--state", metavar="FILE", default=None,
                    help="start from this state: an rwkvpy state file or a BlinkDL state-tuned "
@@ -355,7 +352,7 @@ def add_text_commands(subparsers) -> None:
         description="Chat in the RWKV format (User: ... / Assistant: ...). Reads one message "
                     "a line from stdin (a terminal or a pipe) until EOF. " + CHAT_HELP + ".")
     _add_model_options(c, model_help=model_help)
-    _add_run_options(c)
+    add_run_options(c)
     _add_sampling_options(c)
     c.add_argument("--system", metavar="TEXT", default=None, help="a system prompt")
     c.add_argument("--quiet", action="store_true", help="no banner")

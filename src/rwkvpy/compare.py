@@ -151,8 +151,8 @@ def _peak_rss_mb() -> float:
 
 
 def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None,
-            mode: str = "fast", bench_tokens: int = 32, prompt: int = 512,
-            progress=False) -> dict:
+            mode: str = "fast", device="cpu", gpu_layers=None, bench_tokens: int = 32,
+            prompt: int = 512, progress=False) -> dict:
     """Measure one model file in this process (see the module docstring). Use it in a fresh
     process for a meaningful ``rss_mb``; :func:`compare` does."""
     import statistics
@@ -166,7 +166,7 @@ def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, 
 
     base_rss = (_vm_kb("VmRSS") or 0) / 1024
     t0 = time.perf_counter()
-    model = rwkvpy.load(path, mode=mode, threads=threads)
+    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (max(bench_tokens + 3, prompt, 16),),
@@ -178,10 +178,13 @@ def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, 
     for tok in ids[3:3 + bench_tokens]:
         t = time.perf_counter()
         _, state = model.forward([tok], state)
+        model.synchronize()
         times.append(time.perf_counter() - t)
     model.forward(ids[:prompt], None)  # warm-up of the sequence path at this very length
+    model.synchronize()
     t = time.perf_counter()
     model.forward(ids[:prompt], None)
+    model.synchronize()
     prompt_s = time.perf_counter() - t
     rss = _peak_rss_mb()
     r = perplexity(model, tokens, chunk=chunk, ignore_first=ignore_first, progress=progress)
@@ -206,7 +209,7 @@ def _worker(spec_path: str) -> int:
         tokens = np.load(spec["tokens"])
         out = measure(spec["path"], tokens, ignore_first=spec["ignore_first"],
                       chunk=spec["chunk"], threads=spec["threads"], mode=spec["mode"],
-                      bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
+                      device=spec["device"], gpu_layers=spec["gpu_layers"], bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
                       progress=spec["progress"])
     except (RwkvpyError, OSError, MemoryError) as e:
         out = {"error": str(e)}
@@ -244,7 +247,7 @@ def _measure_in_subprocess(path, tmp, spec: dict, progress: bool) -> dict:
 # -- the comparison ------------------------------------------------------------------------------
 def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = False,
             ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None, mode: str = "fast",
-            bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
+            device="cpu", gpu_layers=None, bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
             format: str | None = None, progress=True) -> CompareResult:
     """Convert ``model`` (a file path) into each of ``types`` and measure each file.
 
@@ -255,7 +258,7 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
             goes). A file already there is an error unless ``reuse`` (then it is measured as
             it is, after checking that it is this model in that type).
         format: "gguf" or "bin" (default: ``.bin`` for an rwkv.cpp source, else GGUF).
-        threads, mode: as :func:`rwkvpy.load`; bench_tokens, prompt: as ``rwkvpy bench``.
+        threads, mode, device, gpu_layers: as :func:`rwkvpy.load`; bench_tokens, prompt: as ``rwkvpy bench``.
         progress: True prints a line per step and the perplexity bar on stderr; a callable gets
             each message instead.
 
@@ -308,7 +311,8 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
         tok_path = os.path.join(tmp, "tokens.npy")
         np.save(tok_path, tokens)
         spec = {"tokens": tok_path, "ignore_first": ignore_first, "chunk": chunk,
-                "threads": threads, "mode": mode, "bench_tokens": bench_tokens,
+                "threads": threads, "mode": mode, "device": device, "gpu_layers": gpu_layers,
+                "bench_tokens": bench_tokens,
                 "prompt": prompt}
         for i, typ in enumerate(type_list, 1):
             folder = out_dir if out_dir is not None else tmp

@@ -65,27 +65,83 @@ def describe(ckpt: formats.Checkpoint, cfg: ModelConfig) -> ModelInfo:
         tensor_types=types, tensor_bytes=sizes, file_meta=dict(ckpt.meta))
 
 
+CPU = torch.device("cpu")
+
+
+def layer_devices(n_layer: int, device="cpu", gpu_layers: int | None = None) -> tuple:
+    """The device of each layer: all on ``device``, or with ``gpu_layers=N`` the first N on the
+    GPU ``device`` and the rest on the CPU. Raises RwkvpyError for an unusable choice."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RwkvpyError(f"device {device!r} is not a torch device name (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA" if torch.version.cuda is None and
+                   torch.version.hip is None else "no GPU is visible to torch")
+            raise RwkvpyError(f"device {device!r}: CUDA is not available ({why}; torch "
+                              f"{torch.__version__})")
+        index = 0 if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise RwkvpyError(f"device {device!r}: there are {torch.cuda.device_count()} GPUs "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        dev = torch.device("cuda", index)
+    elif dev.type != "cpu":
+        raise RwkvpyError(f"device {device!r}: rwkvpy runs on 'cpu' or 'cuda' devices")
+    if gpu_layers is None:
+        return (dev,) * n_layer
+    if dev.type == "cpu":
+        raise RwkvpyError("gpu_layers needs a GPU device (device='cuda')")
+    if isinstance(gpu_layers, bool) or not isinstance(gpu_layers, int) or not 0 <= gpu_layers <= n_layer:
+        raise RwkvpyError(f"gpu_layers must be an int from 0 to {n_layer} (the model's layers), "
+                          f"got {gpu_layers!r}")
+    return (dev,) * gpu_layers + (CPU,) * (n_layer - gpu_layers)
+
+
 class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
-    def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast"):
+    def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast",
+                 devices: tuple | None = None):
         from .kernels.backend import make_backend
 
         self.config = cfg
         self.mode = mode
         self.info = describe(ckpt, cfg)
-        self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode))
+        devices = devices or (CPU,) * cfg.n_layer
+        self.devices = devices
+        self.device = devices[-1]  # where the head is: the logits come out here
+        # a state lives on the model's device; with layers split between devices, on the CPU
+        self.state_device = devices[0] if len(set(devices)) == 1 else CPU
+        self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode), devices)
         self._step = None
         self._fingerprint = None
         self._tokenizers: dict = {}
         if mode != "reference":
-            from .kernels.fused import FusedStep
+            if set(devices) == {CPU}:
+                from .kernels.fused import FusedStep
 
-            self._step = FusedStep(self._net)
+                self._step = FusedStep(self._net)
+            else:
+                from .kernels.gpu import TorchStep
+
+                graphs = self.state_device.type == "cuda"
+                self._step = TorchStep(self._net, self.state_device, graphs=graphs)
+
+    def synchronize(self) -> None:
+        """Wait for the GPU work queued by forward calls (for timing; a no-op on the CPU)."""
+        for d in set(self.devices):
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+
+    @property
+    def gpu_layers(self) -> int:
+        """How many layers run on a GPU."""
+        return sum(d.type != "cpu" for d in self.devices)
 
     # -- states ------------------------------------------------------------------------------
     def new_state(self) -> State:
-        return State.zeros(self.config)
+        return State.zeros(self.config, device=self.state_device)
 
     @property
     def fingerprint(self) -> str:
@@ -95,7 +151,8 @@ class Model:
             h = hashlib.sha256(repr((self.config.version.value, self.config.n_embd,
                                      self.config.n_layer, self.config.vocab_size)).encode())
             for name in ("ln_out.weight", "ln_out.bias", "blocks.0.ln1.weight", "blocks.0.ln2.bias"):
-                h.update(self._net.w[name].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+                h.update(self._net.w[name].to(CPU, torch.bfloat16).view(torch.int16).numpy()
+                         .tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -114,6 +171,14 @@ class Model:
                              f"{state.model_fingerprint}, this model is {self.fingerprint})")
 
     # -- running ------------------------------------------------------------------------------
+    def _own(self, state: State | None) -> State:
+        """A fresh state for None; else the given one, checked, on this model's state device
+        (a state made on another device, or read from a file, is copied there)."""
+        if state is None:
+            return self.new_state()
+        self.check_state(state)
+        return state.to(self.state_device)
+
     def _tokens(self, tokens) -> torch.Tensor:
         if isinstance(tokens, int):
             tokens = [tokens]
@@ -139,17 +204,14 @@ class Model:
         The given state is never modified.
         """
         t = self._tokens(tokens)
-        if state is None:
-            state = self.new_state()
-        else:
-            self.check_state(state)
+        state = self._own(state)
         if self._step is not None and t.shape[0] == 1:
-            x, new = self._step(int(t[0]), state)
+            logits, new = self._step(int(t[0]), state)
+            if all_logits:
+                logits = logits.unsqueeze(0)
         else:
             x, new = self._net.hidden(t, state)
-        logits = self._net.head(x if all_logits or x.dim() == 1 else x[-1])
-        if all_logits and logits.dim() == 1:
-            logits = logits.unsqueeze(0)
+            logits = self._net.head(x if all_logits else x[-1])
         new = dataclasses.replace(new, model_fingerprint=self.fingerprint,
                                   last_logits=(logits[-1] if all_logits else logits).clone())
         return logits, new
@@ -168,14 +230,11 @@ class Model:
         if len(states) != n:
             raise TokenError(f"forward_batch got {n} token lists but {len(states)} states")
         ts = [self._tokens(t) for t in token_lists]
-        states = [self.new_state() if s is None else s for s in states]
-        for s in states:
-            self.check_state(s)
+        states = [self._own(s) for s in states]
         logits, new = [None] * n, [None] * n
         singles = [i for i, t in enumerate(ts) if t.shape[0] == 1]
         if self._step is not None and len(singles) > 1:
-            x, outs = self._step.batch([int(ts[i][0]) for i in singles], [states[i] for i in singles])
-            lg = self._net.head(x)
+            lg, outs = self._step.batch([int(ts[i][0]) for i in singles], [states[i] for i in singles])
             for j, i in enumerate(singles):
                 row = lg[j].unsqueeze(0) if all_logits else lg[j]
                 logits[i] = row
@@ -254,11 +313,16 @@ def physical_cores() -> int:
     return max(1, len(cores) if cores else len(allowed))
 
 
-def load(path, *, mode: str = "fast", threads: int | None = None) -> Model:
-    """Load an RWKV model from an rwkv.cpp ``.bin`` or a BlinkDL ``.pth`` (detected from content).
+def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
+         gpu_layers: int | None = None) -> Model:
+    """Load an RWKV model from an rwkv.cpp ``.bin``, a BlinkDL ``.pth``, GGUF or safetensors
+    (the format is detected from the content).
 
     mode: "fast" (default), "exact" or "reference" (see rwkvpy.kernels.backend).
     threads: torch's intra-op thread count for this process (default: physical cores).
+    device: "cpu" (default) or a GPU, "cuda" / "cuda:N" (see rwkvpy.kernels.gpu).
+    gpu_layers: with a GPU device, only the first N layers there and the rest on the CPU (the
+    head goes to the GPU when every layer does), for models larger than the GPU's memory.
     ``path == "demo"`` loads the demo model shipped in the package (rwkvpy.demo).
     """
     if isinstance(path, str) and path == "demo":
@@ -268,7 +332,8 @@ def load(path, *, mode: str = "fast", threads: int | None = None) -> Model:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
     torch.set_num_threads(threads or physical_cores())
-    return Model(*_read(path), mode=mode)
+    ckpt, cfg = _read(path)
+    return Model(ckpt, cfg, mode=mode, devices=layer_devices(cfg.n_layer, device, gpu_layers))
 
 
 def inspect(path) -> ModelInfo:

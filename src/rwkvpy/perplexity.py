@@ -151,9 +151,9 @@ def perplexity(model, tokens, chunk: int = DEFAULT_CHUNK, ignore_first: int = 0,
                 logits, state = model.forward(t[a:b], state, all_logits=True)
                 lo = max(start - 1 - a, 0)
                 rows = logits[lo:]
-                target = t[a + 1 + lo:b + 1].unsqueeze(1)
+                target = t[a + 1 + lo:b + 1].unsqueeze(1).to(rows.device)
                 picked = rows.gather(1, target).squeeze(1)
-                nll_sum += (torch.logsumexp(rows, dim=-1) - picked).double().sum()
+                nll_sum += (torch.logsumexp(rows, dim=-1) - picked).double().sum().cpu()
                 del logits, rows
             if bar is not None:
                 bar.update(b - a)

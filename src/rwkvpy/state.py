@@ -49,6 +49,15 @@ class State:
         z = torch.zeros(L, C, dtype=torch.float32, device=device)
         return cls(cfg.version, z, z.clone(), wkv, 0)
 
+    def to(self, device) -> "State":
+        """This state on ``device`` (itself if it is there already)."""
+        device = torch.device(device)
+        if self.wkv.device == device:
+            return self
+        last = None if self.last_logits is None else self.last_logits.to(device)
+        return State(self.version, self.att_x.to(device), self.ffn_x.to(device),
+                     self.wkv.to(device), self.n_tokens, self.model_fingerprint, last)
+
     def copy(self) -> "State":
         return State(self.version, self.att_x.clone(), self.ffn_x.clone(), self.wkv.clone(),
                      self.n_tokens, self.model_fingerprint,

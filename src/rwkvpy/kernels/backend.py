@@ -8,12 +8,15 @@ Modes:
 - ``"fast"`` (default): like exact, but uses a lossy kernel where it is much faster, each one
   chosen by measurement and documented in kernels/linear.py (e.g. bf16 activations on torch's
   int4 kernel for Q4_0/Q4_1).
+
+On a GPU the same modes pick the weights' types there (see kernels/gpu.py): "fast" keeps F16 and
+BF16 as stored and expands block-quantized types to float16; "exact" holds every weight in float32.
 """
 
 from __future__ import annotations
 
 from ..errors import RwkvpyError
-from ..models.base import REFERENCE, Backend, Float32Linear
+from ..models.base import REFERENCE, Backend
 
 MODES = ("fast", "exact", "reference")
 
@@ -25,13 +28,12 @@ def make_backend(mode: str) -> Backend:
         return REFERENCE
     from .wkv import wkv5_chunked, wkv7_chunked
 
-    try:
-        from .linear import make_linear
-    except ImportError:  # pragma: no cover - while kernels.linear is absent
-        def make_linear(w, policy="exact"):
-            return Float32Linear(w)
+    from .gpu import DeviceLinear
+    from .linear import make_linear
 
-    def linear(w):
-        return make_linear(w, policy=mode)
+    def linear(w, device):
+        if device.type == "cpu":
+            return make_linear(w, policy=mode)
+        return DeviceLinear(w, device, mode)
 
     return Backend(name=mode, make_linear=linear, wkv5=wkv5_chunked, wkv7=wkv7_chunked)

@@ -201,14 +201,14 @@ class FusedStep:
             self.layers.append(d)
 
     def __call__(self, token: int, state: State):
-        """One token from one state: returns (x after ln_out (C,), new State)."""
-        x, (new,) = self.batch([token], [state])
-        return x[0], new
+        """One token from one state: returns (logits (V,), new State)."""
+        logits, (new,) = self.batch([token], [state])
+        return logits[0], new
 
     def batch(self, tokens: list, states: list):
         """One token for each of B independent sequences, in one pass over the weights.
 
-        Returns (x after ln_out (B, C), list of B new States). The given states are unchanged.
+        Returns (logits (B, V), list of B new States). The given states are unchanged.
         """
         net, cfg, w = self.net, self.cfg, self.net.w
         att_x = torch.stack([s.att_x for s in states], 1)  # (L, B, C) fresh copies
@@ -227,7 +227,7 @@ class FusedStep:
             x = x + self._cm(i, xx, ffn_x[i])
             ffn_x[i] = xx
         x = net.ln(x, "ln_out")
-        return x, [State(s.version, att_x[:, b].clone(), ffn_x[:, b].clone(), wkv[:, b].clone(),
+        return net.head(x), [State(s.version, att_x[:, b].clone(), ffn_x[:, b].clone(), wkv[:, b].clone(),
                          s.n_tokens + 1) for b, s in enumerate(states)]
 
     # -- channel mix -----------------------------------------------------------------------------

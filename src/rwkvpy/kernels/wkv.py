@@ -72,6 +72,8 @@ SAFE_DECAY = math.exp(-60.0)
 
 # Upper bound of the per-thread scratch buffer kept between calls.
 SCRATCH_BYTES = 64 << 20
+# On a GPU (torch's caching allocator keeps the memory): scratch per group of chunks.
+GPU_SCRATCH_BYTES = 1 << 30
 
 F32 = torch.float32
 _tls = threading.local()
@@ -83,10 +85,14 @@ def release_scratch():
 
 
 class _Arena:
-    """Bump allocator over the thread's scratch buffer; falls back to fresh tensors when full."""
+    """Bump allocator over the thread's scratch buffer; falls back to fresh tensors when full.
+    On other devices than the CPU every take is a fresh tensor (torch caches GPU memory)."""
 
-    def __init__(self):
-        self.buf = getattr(_tls, "buf", None)
+    def __init__(self, device):
+        self.device = device
+        self.cpu = device.type == "cpu"
+        self.buf = getattr(_tls, "buf", None) if self.cpu else None
+        self.limit = SCRATCH_BYTES if self.cpu else GPU_SCRATCH_BYTES
         self.off = self.peak = 0
 
     def take(self, *shape):
@@ -95,7 +101,7 @@ class _Arena:
         if self.buf is not None and end <= self.buf.numel():
             t = self.buf[self.off:end].view(shape)
         else:
-            t = torch.empty(shape, dtype=F32)
+            t = torch.empty(shape, dtype=F32, device=self.device)
         self.off = (end + 15) & ~15                                     # 64-byte aligned views
         self.peak = max(self.peak, self.off)
         return t
@@ -104,7 +110,7 @@ class _Arena:
         self.off = 0
 
     def close(self):
-        if self.peak * 4 <= SCRATCH_BYTES and (self.buf is None or self.peak > self.buf.numel()):
+        if self.cpu and self.peak * 4 <= SCRATCH_BYTES and (self.buf is None or self.peak > self.buf.numel()):
             _tls.buf = torch.empty(self.peak, dtype=F32)
 
 
@@ -115,9 +121,9 @@ def _chunk_len(chunk, default, T):
     return min(L, 1 << max(0, (T - 1).bit_length()))  # no longer than T rounded up to 2^n
 
 
-def _group_len(L, T, floats_per_token):
-    """Tokens per group: a multiple of L whose scratch fits SCRATCH_BYTES (at least one chunk)."""
-    fit = SCRATCH_BYTES // (4 * floats_per_token)
+def _group_len(L, T, floats_per_token, limit):
+    """Tokens per group: a multiple of L whose scratch fits ``limit`` bytes (at least one chunk)."""
+    fit = limit // (4 * floats_per_token)
     return min(max(L, fit // L * L), -(-T // L) * L)
 
 
@@ -242,12 +248,12 @@ def _unit_lower_inverse(N, ar):
 
 
 @functools.cache
-def _v7_mask(L):
+def _v7_mask(L, device):
     """Causal mask of the (2L, 2L) v7 pair matrix, signed: strictly lower and -1 in the alpha rows
     (a removal sees the state before its token; the rows hold -alpha), lower with the diagonal
     and +1 in the r rows."""
-    strict = torch.ones(L, L, dtype=F32).tril_(-1)
-    incl = torch.ones(L, L, dtype=F32).tril_()
+    strict = torch.ones(L, L, dtype=F32, device=device).tril_(-1)
+    incl = torch.ones(L, L, dtype=F32, device=device).tril_()
     return torch.cat([-strict.repeat(1, 2), incl.repeat(1, 2)])
 
 
@@ -267,15 +273,15 @@ def wkv5_chunked(r, k, v, w, u, S, chunk=None):
     T, H, K = k.shape
     V = v.shape[-1]
     S = S.to(F32).clone()
-    out = torch.empty(T, H, V, dtype=F32)
+    out = torch.empty(T, H, V, dtype=F32, device=k.device)
     if T == 0:
         return out, S
     L = _chunk_len(chunk, V5_CHUNK, T)
     if w.dim() == 2:
         w = w.expand(T, H, K)
     u = u.to(F32).unsqueeze(-2)                                          # (H, 1, K)
-    G = _group_len(L, T, H * (5 * K + 2 * V + L + 2 * K * V // L))
-    ar = _Arena()
+    ar = _Arena(k.device)
+    G = _group_len(L, T, H * (5 * K + 2 * V + L + 2 * K * V // L), ar.limit)
     for t0 in range(0, T, G):
         t1 = min(T, t0 + G)
         ar.reset()
@@ -331,13 +337,13 @@ def wkv7_chunked(r, w, k, v, kk, a, S, chunk=None):
     T, H, K = k.shape
     V = v.shape[-1]
     Z = S.to(F32).transpose(-1, -2).clone()                              # S^T (H, K, V)
-    out = torch.empty(T, H, V, dtype=F32)
+    out = torch.empty(T, H, V, dtype=F32, device=k.device)
     if T == 0:
         return out, Z.transpose(-1, -2).contiguous()
     L = _chunk_len(chunk, V7_CHUNK, T)
     per_token = H * (9 * K + 5 * V + 7 * L + 2 * K * V // L)
-    G = _group_len(L, T, per_token)
-    ar = _Arena()
+    ar = _Arena(k.device)
+    G = _group_len(L, T, per_token, ar.limit)
     for t0 in range(0, T, G):
         t1 = min(T, t0 + G)
         ar.reset()
@@ -366,7 +372,7 @@ def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L):
     torch.mul(kkv, av, out=Yb).div_(g)
     torch.div(kv, g, out=Yk)
     M = torch.matmul(X, Y.transpose(-1, -2), out=ar.take(nc, H, 2 * L, 2 * L))
-    M.mul_(_v7_mask(L))                    # masked entries are finite here (bad ones are redone)
+    M.mul_(_v7_mask(L, M.device))                    # masked entries are finite here (bad ones are redone)
     Y.mul_(gL)                                                           # [beta; k] g_L / g
     if bad is not None:  # 1 / g overflows: exact path (X and g_L are safe as they are)
         kkb, wb = kkv[bad], wv[bad]

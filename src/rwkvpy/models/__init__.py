@@ -18,8 +18,10 @@ CLASSES = {
 }
 
 
-def build(cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE):
-    return CLASSES[cfg.version](cfg, weights, path, backend)
+def build(cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE,
+          devices=None):
+    """The model of cfg's version over ``weights``; ``devices``: one torch device per layer."""
+    return CLASSES[cfg.version](cfg, weights, path, backend, devices)
 
 
 __all__ = ["ModelConfig", "Version", "build", "config_from_shapes", "detect_version"]

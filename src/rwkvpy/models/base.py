@@ -40,12 +40,15 @@ def is_linear(name: str) -> bool:
     return name == "head.weight" or (name.startswith("blocks.") and name.endswith(LINEAR_SUFFIXES))
 
 
+CPU = torch.device("cpu")
+
+
 class Float32Linear:
     """The reference matrix product: W (out, in) in float32, y = x @ W^T."""
 
-    def __init__(self, w):
+    def __init__(self, w, device=CPU):
         self.fmt = type_name(w)  # as stored in the file
-        self.weight = to_float32(w)
+        self.weight = to_float32(w).to(device)
         self.nbytes = self.weight.numel() * 4  # read per product
 
     def __call__(self, x):
@@ -54,8 +57,9 @@ class Float32Linear:
 
 @dataclass(frozen=True)
 class Backend:
-    """The pieces a fast path may replace: how matrices are stored and multiplied, and how
-    the v5/v6 and v7 recurrences run over a sequence. The default is the float32 reference."""
+    """The pieces a fast path may replace: how matrices are stored and multiplied
+    (``make_linear(w, device)``), and how the v5/v6 and v7 recurrences run over a sequence.
+    The default is the float32 reference."""
 
     name: str = "reference"
     make_linear: Callable = Float32Linear
@@ -67,12 +71,21 @@ REFERENCE = Backend()
 
 
 class RWKVBase:
-    """A loaded RWKV model in float32 torch. Subclasses define the per-version math."""
+    """A loaded RWKV model in float32 torch. Subclasses define the per-version math.
 
-    def __init__(self, cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE):
+    ``devices``: the torch device of each layer (default: all on the CPU). The embedding and
+    ln0 live with the first layer, ln_out and the head with the last; activations and each
+    layer's slice of the state move to the layer's device as the layers are run.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE,
+                 devices=None):
         self.cfg = cfg
         self.path = str(path)
         self.backend = backend
+        self.devices = tuple(torch.device(d) for d in devices) if devices else (CPU,) * cfg.n_layer
+        if len(self.devices) != cfg.n_layer:
+            raise ValueError(f"{len(self.devices)} devices for {cfg.n_layer} layers")
         self.w: dict[str, torch.Tensor] = {}
         self.lin: dict = {}
         C, V = cfg.n_embd, cfg.vocab_size
@@ -99,12 +112,13 @@ class RWKVBase:
                 raise TensorShapeError(self.path, f"tensor '{name}' has shape {tuple(t.shape)}, "
                                        f"expected {want} for {cfg.version.label} "
                                        f"(n_embd={C}, vocab={V})")
+            dev = self.device_of(name)
             if is_linear(name):
-                self.lin[name] = backend.make_linear(t)
+                self.lin[name] = backend.make_linear(t, dev)
             elif name == "emb.weight" and not isinstance(t, QTensor):
-                self.w[name] = t  # rows are converted to float32 as they are looked up
+                self.w[name] = t.to(dev)  # rows are converted to float32 as they are looked up
             else:
-                t = to_float32(t)  # dequantizes block-quantized tensors
+                t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
                 self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
 
@@ -124,6 +138,12 @@ class RWKVBase:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
+    def device_of(self, name: str) -> torch.device:
+        """The device a tensor lives on: its layer's; emb and ln0 the first, the rest the last."""
+        if name.startswith("blocks."):
+            return self.devices[int(name.split(".", 2)[1])]
+        return self.devices[0] if name == "emb.weight" else self.devices[-1]
+
     def ln(self, x, name):
         return F.layer_norm(x, (x.shape[-1],), self.w[name + ".weight"], self.w[name + ".bias"],
                             eps=self.cfg.layer_norm_eps)
@@ -136,21 +156,30 @@ class RWKVBase:
     def hidden(self, tokens: torch.Tensor, state: State):
         """Run the blocks over tokens (T,) from state; returns (x (T, C) after ln_out, new State)."""
         w = self.w
-        x = self.ln(w["emb.weight"][tokens].float(), "blocks.0.ln0")  # (T, C)
+        emb = w["emb.weight"]
+        x = self.ln(emb[tokens.to(emb.device)].float(), "blocks.0.ln0")  # (T, C)
         att_x, ffn_x, wkv = [], [], []
         ctx: dict = {}
-        for i in range(self.cfg.n_layer):
+        for i, dev in enumerate(self.devices):
+            if x.device != dev:  # a layer split across devices: activations follow the layers
+                x = x.to(dev)
+                ctx = {k: v.to(dev) for k, v in ctx.items()}
             p = f"blocks.{i}."
             xx = self.ln(x, p + "ln1")
-            out, s = self.time_mix(i, xx, state.att_x[i], state.wkv[i], ctx)
+            out, s = self.time_mix(i, xx, state.att_x[i].to(dev), state.wkv[i].to(dev), ctx)
             x = x + out
             att_x.append(xx[-1])
             wkv.append(s)
             xx = self.ln(x, p + "ln2")
-            x = x + self.channel_mix(i, xx, state.ffn_x[i])
+            x = x + self.channel_mix(i, xx, state.ffn_x[i].to(dev))
             ffn_x.append(xx[-1])
         x = self.ln(x, "ln_out")
-        new = State(state.version, torch.stack(att_x), torch.stack(ffn_x), torch.stack(wkv),
+        sdev = state.device  # each layer's new slice goes back to where the state lives
+
+        def stack(ts):
+            return torch.stack([t.to(sdev) for t in ts])
+
+        new = State(state.version, stack(att_x), stack(ffn_x), stack(wkv),
                     state.n_tokens + int(tokens.shape[0]))
         return x, new
 

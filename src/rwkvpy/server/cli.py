@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 
+from ..cli import add_run_options, run_options
 from ..errors import RwkvpyError
 
 log = logging.getLogger("rwkvpy.server")
@@ -61,9 +62,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer (default: from the model's vocabulary size)")
     p.add_argument("--vocab", metavar="PATH", default=None,
                    help="World vocabulary file or NeoX tokenizer.json")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
-    p.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast",
-                   help="kernels (default fast)")
+    add_run_options(p)
     p.add_argument("--cache-bytes", type=int, default=d["cache_bytes"], metavar="N",
                    help=f"prefix cache size (default {d['cache_bytes']}; 0 disables it)")
     p.add_argument("--cache-every", type=int, default=d["cache_every"], metavar="N",
@@ -203,7 +202,7 @@ def cmd_serve(args) -> int:
     if api_key is not None and not api_key.strip():
         raise ServeError("--api-key is empty")
 
-    model = rwkvpy.load(args.model, mode=args.mode, threads=args.threads)
+    model = rwkvpy.load(args.model, **run_options(args))
     tok = tokenizer_for(model.config.vocab_size, args.tokenizer, args.vocab)
     name = args.model_name or (
         "demo" if args.model == "demo"

@@ -1,0 +1,157 @@
+"""The model on a GPU (or any torch device): weights in the GPU's native types, and the decode
+step vectorized over sequences and replayed from CUDA graphs.
+
+Weights (:class:`DeviceLinear`, one per projection matrix):
+
+=========  =========================  ==========================
+stored     mode "fast" (default)      mode "exact"
+=========  =========================  ==========================
+F32        float32                    float32
+F16        float16 (as stored)        float32
+BF16       bfloat16 (as stored)       float32
+Q4_0..Q8_0 float16, dequantized at    float32, dequantized at
+           load (exactly, then        load (exactly)
+           rounded to float16)
+=========  =========================  ==========================
+
+A product casts the float32 activations to the weight's type and runs torch's matmul (cuBLAS on
+NVIDIA GPUs, hipBLAS on ROCm), accumulating in float32; the result is float32 again. Everything
+else (norms, token shift, the recurrences, the residual stream) stays float32. Quantized weights
+are expanded to float16 rather than kept in blocks: one token reads every weight once, so the
+cost is bytes read, and cuBLAS reads float16 at the card's bandwidth with no kernel of ours to
+maintain; the price is memory (2 bytes per weight instead of 0.56-1.06), measured in the
+README's GPU table.
+
+Decode (:class:`TorchStep`): one token for each of B sequences runs the model's own torch code
+(models/vX.py), vectorized over the B sequences with :func:`torch.func.vmap`, so there is no
+second copy of the math to keep in step with the reference. On CUDA the whole step (embedding,
+every layer, head) is captured once per batch size (rounded up to a power of two) in a CUDA
+graph and replayed: one launch per token instead of one per operation, which is what limits
+eager PyTorch at batch 1 (BlinkDL's package: 16 ms per token for a 1.5B model on an H200).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.base import QTensor, to_float32, type_name
+from ..state import State
+
+MAX_GRAPH_BATCH = 64  # larger batches run in groups of this many
+
+
+class DeviceLinear:
+    """y = x @ W^T with W (out, in) resident on a device in its compute type (table above)."""
+
+    exact = False
+
+    def __init__(self, w, device, mode: str = "fast"):
+        self.fmt = type_name(w)
+        if isinstance(w, QTensor):
+            t, dtype = to_float32(w), torch.float16
+        else:
+            t, dtype = w, w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        if mode != "fast":
+            dtype = torch.float32
+        self.weight = t.to(device=device, dtype=dtype).contiguous()
+        self.exact = dtype == torch.float32
+        self.out_features, self.in_features = self.weight.shape
+        self.nbytes = self.weight.numel() * self.weight.element_size()
+        self.strategy = f"torch {str(dtype).removeprefix('torch.')} on {self.weight.device.type}"
+
+    def __call__(self, x):
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class TorchStep:
+    """One token for each of B independent sequences through ``net`` (a models.vX instance).
+
+    Returns (logits (B, V) float32, list of B new States); the given states are unchanged.
+    ``graphs=True`` (CUDA only) replays a captured CUDA graph per batch size; a step that
+    cannot be captured runs eagerly, with a warning (``graph_error`` says why).
+    """
+
+    def __init__(self, net, state_device, graphs: bool = False):
+        self.net = net
+        self.version = net.cfg.version
+        self.state_device = torch.device(state_device)
+        self.graphs = bool(graphs)
+        self.graph_error: str | None = None
+        self._graphs: dict = {}  # padded batch size -> (graph, static inputs, static outputs)
+        self._vstep = torch.func.vmap(self._one)
+
+    def _one(self, tok, att_x, ffn_x, wkv):
+        """tok (1,), att_x/ffn_x (L, C), wkv (L, ...) -> logits (V,), att_x', ffn_x', wkv'."""
+        net = self.net
+        x, new = net.hidden(tok, State(self.version, att_x, ffn_x, wkv, 0))
+        return net.head(x[-1]), new.att_x, new.ffn_x, new.wkv
+
+    def _eager(self, tok, att_x, ffn_x, wkv):
+        if tok.shape[0] == 1:
+            return tuple(t.unsqueeze(0) for t in self._one(tok[0], att_x[0], ffn_x[0], wkv[0]))
+        return self._vstep(tok, att_x, ffn_x, wkv)
+
+    def __call__(self, token: int, state: State):
+        logits, (new,) = self.batch([token], [state])
+        return logits[0], new
+
+    def batch(self, tokens: list, states: list):
+        if len(tokens) > MAX_GRAPH_BATCH:
+            out, news = [], []
+            for i in range(0, len(tokens), MAX_GRAPH_BATCH):
+                lg, ns = self.batch(tokens[i:i + MAX_GRAPH_BATCH], states[i:i + MAX_GRAPH_BATCH])
+                out.append(lg)
+                news += ns
+            return torch.cat(out), news
+        dev = self.state_device
+        tok = torch.as_tensor(tokens, dtype=torch.long).view(-1, 1).to(dev)
+        ins = [tok] + [torch.stack([getattr(s, f) for s in states])
+                       for f in ("att_x", "ffn_x", "wkv")]
+        B = len(tokens)
+        if self.graphs and self.graph_error is None:
+            outs = self._replay(B, ins)
+        else:
+            outs = self._eager(*ins)
+        logits, att_x, ffn_x, wkv = outs
+        return logits, [State(s.version, att_x[b], ffn_x[b], wkv[b], s.n_tokens + 1)
+                        for b, s in enumerate(states)]
+
+    # -- CUDA graphs -------------------------------------------------------------------------------
+    def _replay(self, B: int, ins: list):
+        Bp = _pow2(B)
+        entry = self._graphs.get(Bp)
+        if entry is None:
+            static = [torch.zeros((Bp,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+                      for t in ins]
+            try:
+                entry = self._graphs[Bp] = (self._capture(static), static)
+            except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
+                self.graph_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"rwkvpy: CUDA graph capture failed, decoding eagerly "
+                              f"({self.graph_error})", RuntimeWarning, stacklevel=3)
+                torch.cuda.synchronize()
+                return self._eager(*ins)
+        (graph, outs), static = entry
+        for dst, src in zip(static, ins):
+            dst[:B].copy_(src)
+        graph.replay()
+        return [o[:B].clone() for o in outs]  # the next replay overwrites the graph's outputs
+
+    def _capture(self, static: list):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS workspaces, caches)
+            for _ in range(2):
+                self._eager(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = self._eager(*static)
+        return graph, outs
