@@ -106,7 +106,7 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
         extra = {"gpu": torch.cuda.get_device_name(gpu), "gpu_layers": model.gpu_layers,
                  "weights_dtype": str(first.weight.dtype).removeprefix("torch."),
                  "cuda_graphs": bool(getattr(step, "graphs", False)
-                                     and getattr(step, "graph_error", None) is None),
+                                     and 1 not in getattr(step, "graph_errors", {1: ""})),
                  "peak_gpu_mb": round(torch.cuda.max_memory_allocated(gpu) / 2**20, 1)}
     return {
         "model": str(path), "version": model.info.version.value, "type": first.fmt,

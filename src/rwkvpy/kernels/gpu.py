@@ -74,8 +74,8 @@ class TorchStep:
     """One token for each of B independent sequences through ``net`` (a models.vX instance).
 
     Returns (logits (B, V) float32, list of B new States); the given states are unchanged.
-    ``graphs=True`` (CUDA only) replays a captured CUDA graph per batch size; a step that
-    cannot be captured runs eagerly, with a warning (``graph_error`` says why).
+    ``graphs=True`` (CUDA only) replays a captured CUDA graph per batch size; a batch size whose
+    step cannot be captured runs eagerly, with a warning (``graph_errors`` says why).
     """
 
     def __init__(self, net, state_device, graphs: bool = False):
@@ -83,7 +83,7 @@ class TorchStep:
         self.version = net.cfg.version
         self.state_device = torch.device(state_device)
         self.graphs = bool(graphs)
-        self.graph_error: str | None = None
+        self.graph_errors: dict = {}  # padded batch size -> why its capture failed
         self._graphs: dict = {}  # padded batch size -> (graph, static inputs, static outputs)
         self._vstep = torch.func.vmap(self._one)
 
@@ -115,7 +115,7 @@ class TorchStep:
         ins = [tok] + [torch.stack([getattr(s, f) for s in states])
                        for f in ("att_x", "ffn_x", "wkv")]
         B = len(tokens)
-        if self.graphs and self.graph_error is None:
+        if self.graphs and _pow2(B) not in self.graph_errors:
             outs = self._replay(B, ins)
         else:
             outs = self._eager(*ins)
@@ -133,9 +133,9 @@ class TorchStep:
             try:
                 entry = self._graphs[Bp] = (self._capture(static), static)
             except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
-                self.graph_error = f"{type(e).__name__}: {e}"
-                warnings.warn(f"rwkvpy: CUDA graph capture failed, decoding eagerly "
-                              f"({self.graph_error})", RuntimeWarning, stacklevel=3)
+                why = self.graph_errors[Bp] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"rwkvpy: CUDA graph capture failed for batch size {Bp}, decoding "
+                              f"eagerly ({why})", RuntimeWarning, stacklevel=3)
                 torch.cuda.synchronize()
                 return self._eager(*ins)
         (graph, outs), static = entry
