@@ -113,6 +113,19 @@ def bench_preset(preset, workdir, blinkdl, split):
         f"t{T}_tok_s": round(prompt_tps(model, T), 1) for T in (512, 4096)}))
     del model
     torch.cuda.empty_cache()
+
+    def do_compiled():
+        m = rwkvpy.load(path, device="cuda", compile=True)
+        t = time.perf_counter()
+        m.forward([1], None)
+        m.synchronize()
+        first_s = time.perf_counter() - t
+        ms, mn = per_token_ms(m, 50)
+        report(section="compiled", preset=preset, first_token_s=round(first_s, 1),
+               per_token_ms=round(ms, 3), min_ms=round(mn, 3), ratio=round(ms / bound, 2),
+               graph_errors=m._step.graph_errors, compile_error=m._step.compile_error)
+    section("compiled", do_compiled)
+    torch.cuda.empty_cache()
     if split:
         def do_split():
             m = rwkvpy.load(path, device="cuda", gpu_layers=split)
@@ -171,14 +184,15 @@ def bench_chunks():
     w = torch.exp(-0.6 * torch.rand(T, H, N, device="cuda", generator=g))
     S = torch.zeros(H, N, N, device="cuda")
     out = {}
-    for L in (16, 32, 64, 128):
-        wkv7_chunked(r, w, k, v, kk, a, S, chunk=L)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(3):
-            wkv7_chunked(r, w, k, v, kk, a, S, chunk=L)
-        torch.cuda.synchronize()
-        out[f"L{L}_ms"] = round((time.perf_counter() - t) / 3 * 1e3, 2)
+    for L in (32, 64, 128):
+        for scan in (False, True):
+            wkv7_chunked(r, w, k, v, kk, a, S, chunk=L, scan=scan)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(3):
+                wkv7_chunked(r, w, k, v, kk, a, S, chunk=L, scan=scan)
+            torch.cuda.synchronize()
+            out[f"L{L}_{'scan' if scan else 'loop'}_ms"] = round((time.perf_counter() - t) / 3 * 1e3, 2)
     report(section="wkv7_chunks", T=T, H=H, N=N, **out)
 
 

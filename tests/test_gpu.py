@@ -122,6 +122,8 @@ def test_device_choice_errors():
         rwkvpy.load(path, device="meta")
     with pytest.raises(RwkvpyError, match="gpu_layers needs a GPU"):
         rwkvpy.load(path, gpu_layers=1)
+    with pytest.raises(RwkvpyError, match="compile=True fuses the GPU decode step"):
+        rwkvpy.load(path, compile=True)
     if not CUDA:
         with pytest.raises(RwkvpyError, match="CUDA is not available"):
             rwkvpy.load(path, device="cuda")
@@ -251,8 +253,9 @@ def test_gpu_forward_batch(name):
 
 @gpu
 @needs_cuda
-def test_gpu_long_prompt_chunked_equals_serial():
-    name = "v7_c192_l2"
+@pytest.mark.parametrize("name", ["v5_2_c192_l2", "v6_c192_l2", "v7_c192_l2"])
+def test_gpu_long_prompt_chunked_equals_serial(name):
+    """300 tokens: chunks of 64 with the chunk starts by the parallel scan."""
     model = rwkvpy.load(ref_path(name), device="cuda", mode="exact")
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3)).tolist()
     seq, ss = model.forward(ids, None, all_logits=True)
@@ -293,3 +296,17 @@ def test_cli_bench_and_generate_on_gpu():
                         "--seed", "1", "hello"], capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0, r.stderr
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["v4_c192_l2", "v6_c192_l2", "v7_c192_l2"])
+def test_compiled_step_equals_eager(name):
+    tokens, target = ref_target(name)
+    model = rwkvpy.load(ref_path(name), device="cuda", mode="exact", compile=True)
+    fused, fs = serial(model, tokens)
+    assert not model._step.graph_errors and model._step.compile_error is None
+    plain, ps = serial(rwkvpy.load(ref_path(name), device="cuda", mode="exact"), tokens)
+    e = err(fused, plain)
+    print(f"{name} compiled vs eager: {e:.2e}")
+    assert e < 1e-4 and err(fs.wkv, ps.wkv) < 1e-4 and err(fused, target) < F32_TOL

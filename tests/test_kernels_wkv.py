@@ -195,3 +195,47 @@ def test_inputs_untouched_and_edge_cases():
     assert all(torch.equal(x, y) for x, y in zip((r, w, k, v, kk, a, S), before))
     out, S1 = wkv7_chunked(r[:0], w[:0], k[:0], v[:0], kk[:0], a[:0], S)
     assert out.shape == (0, H, N) and torch.equal(S1, S)
+
+
+@pytest.mark.parametrize("T", [2, 9, 64, 300])
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+def test_scan_of_chunk_starts_matches_reference(T, chunk):
+    """The GPU's parallel scan over chunk boundaries (forced here on the CPU): nc = 1 .. 300
+    chunks, a power of two or not."""
+    r, k, v, w, u, S = v5_inputs(T, seed=20 + T)
+    ref_out, ref_S = wkv_heads(r, k, v, w, u, S)
+    out, S1 = wkv5_chunked(r, k, v, w, u, S, chunk=chunk, scan=True)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+    ref_out, ref_S = wkv_heads(r, k, v, w[0], u, S)
+    out, S1 = wkv5_chunked(r, k, v, w[0], u, S, chunk=chunk, scan=True)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+    r, w, k, v, kk, a, S = v7_inputs(T, seed=40 + T)
+    ref_out, ref_S = ref_wkv7(r, w, k, v, kk, a, S)
+    out, S1 = wkv7_chunked(r, w, k, v, kk, a, S, chunk=chunk, scan=True)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["tiny", "mixed", "rare-tiny"])
+def test_scan_with_extreme_decays(kind):
+    T = 300
+    w = extreme_decays(kind, T, seed=17)
+    r, k, v, _, u, S = v5_inputs(T, seed=18)
+    ref_out, ref_S = wkv_heads(r, k, v, w, u, S)
+    out, S1 = wkv5_chunked(r, k, v, w, u, S, chunk=32, scan=True)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+    r, _, k, v, kk, a, S = v7_inputs(T, seed=19)
+    ref_out, ref_S = ref_wkv7(r, w, k, v, kk, a, S)
+    out, S1 = wkv7_chunked(r, w, k, v, kk, a, S, chunk=32, scan=True)
+    assert rel_err(out, ref_out) <= TOL and rel_err(S1, ref_S) <= TOL
+
+
+def test_affine_scan_composes_maps():
+    g = torch.Generator().manual_seed(21)
+    for n in (1, 2, 5, 8, 13):
+        A, B = torch.randn(n, 3, 4, 4, generator=g) * 0.5, torch.randn(n, 3, 4, 2, generator=g)
+        S0 = torch.randn(3, 4, 2, generator=g)
+        PA, PB = W._affine_scan(A, B, torch.matmul)
+        S = S0
+        for c in range(n):
+            S = A[c] @ S + B[c]
+            assert rel_err(PA[c] @ S0 + PB[c], S) <= 1e-5

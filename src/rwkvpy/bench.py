@@ -58,7 +58,7 @@ def bytes_per_token(model, device=None) -> int:
 
 
 def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", threads=None,
-        device="cpu", gpu_layers=None, progress=None) -> dict:
+        device="cpu", gpu_layers=None, compile=False, progress=None) -> dict:
     """Measure a model file: per-token latency (median), prompt throughput, load time, memory,
     and the memory bandwidth of the device that holds the most weights, in the same run.
     With layers split between a GPU and the CPU, the bound is that of the CPU's share."""
@@ -66,7 +66,8 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers)
+    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
+                        compile=compile)
     load_s = time.perf_counter() - t0
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -105,7 +106,7 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
     if gpu is not None:
         extra = {"gpu": torch.cuda.get_device_name(gpu), "gpu_layers": model.gpu_layers,
                  "weights_dtype": str(first.weight.dtype).removeprefix("torch."),
-                 "cuda_graphs": bool(getattr(step, "graphs", False)
+                 "compiled": compile, "cuda_graphs": bool(getattr(step, "graphs", False)
                                      and 1 not in getattr(step, "graph_errors", {1: ""})),
                  "peak_gpu_mb": round(torch.cuda.max_memory_allocated(gpu) / 2**20, 1)}
     return {

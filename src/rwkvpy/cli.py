@@ -16,12 +16,15 @@ def add_run_options(p) -> None:
                    help="cpu (default), cuda or cuda:N")
     p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
                    help="with a GPU device: the first N layers there, the rest on the CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="with a GPU device: fuse the decode step with torch.compile (faster "
+                        "tokens after a compilation at start)")
 
 
 def run_options(args) -> dict:
     """The keyword arguments of rwkvpy.load for the options of :func:`add_run_options`."""
     return {"mode": args.mode, "threads": args.threads, "device": args.device,
-            "gpu_layers": args.gpu_layers}
+            "gpu_layers": args.gpu_layers, "compile": args.compile}
 
 
 def _fmt_bytes(n: int) -> str:

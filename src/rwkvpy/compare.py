@@ -151,8 +151,8 @@ def _peak_rss_mb() -> float:
 
 
 def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None,
-            mode: str = "fast", device="cpu", gpu_layers=None, bench_tokens: int = 32,
-            prompt: int = 512, progress=False) -> dict:
+            mode: str = "fast", device="cpu", gpu_layers=None, compile=False,
+            bench_tokens: int = 32, prompt: int = 512, progress=False) -> dict:
     """Measure one model file in this process (see the module docstring). Use it in a fresh
     process for a meaningful ``rss_mb``; :func:`compare` does."""
     import statistics
@@ -166,7 +166,8 @@ def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, 
 
     base_rss = (_vm_kb("VmRSS") or 0) / 1024
     t0 = time.perf_counter()
-    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers)
+    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
+                        compile=compile)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (max(bench_tokens + 3, prompt, 16),),
@@ -209,7 +210,8 @@ def _worker(spec_path: str) -> int:
         tokens = np.load(spec["tokens"])
         out = measure(spec["path"], tokens, ignore_first=spec["ignore_first"],
                       chunk=spec["chunk"], threads=spec["threads"], mode=spec["mode"],
-                      device=spec["device"], gpu_layers=spec["gpu_layers"], bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
+                      device=spec["device"], gpu_layers=spec["gpu_layers"],
+                      compile=spec["compile"], bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
                       progress=spec["progress"])
     except (RwkvpyError, OSError, MemoryError) as e:
         out = {"error": str(e)}
@@ -247,7 +249,7 @@ def _measure_in_subprocess(path, tmp, spec: dict, progress: bool) -> dict:
 # -- the comparison ------------------------------------------------------------------------------
 def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = False,
             ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None, mode: str = "fast",
-            device="cpu", gpu_layers=None, bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
+            device="cpu", gpu_layers=None, compile=False, bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
             format: str | None = None, progress=True) -> CompareResult:
     """Convert ``model`` (a file path) into each of ``types`` and measure each file.
 
@@ -258,7 +260,7 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
             goes). A file already there is an error unless ``reuse`` (then it is measured as
             it is, after checking that it is this model in that type).
         format: "gguf" or "bin" (default: ``.bin`` for an rwkv.cpp source, else GGUF).
-        threads, mode, device, gpu_layers: as :func:`rwkvpy.load`; bench_tokens, prompt: as ``rwkvpy bench``.
+        threads, mode, device, gpu_layers, compile: as :func:`rwkvpy.load`; bench_tokens, prompt: as ``rwkvpy bench``.
         progress: True prints a line per step and the perplexity bar on stderr; a callable gets
             each message instead.
 
@@ -312,6 +314,7 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
         np.save(tok_path, tokens)
         spec = {"tokens": tok_path, "ignore_first": ignore_first, "chunk": chunk,
                 "threads": threads, "mode": mode, "device": device, "gpu_layers": gpu_layers,
+                "compile": compile,
                 "bench_tokens": bench_tokens,
                 "prompt": prompt}
         for i, typ in enumerate(type_list, 1):

@@ -102,7 +102,7 @@ class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
     def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast",
-                 devices: tuple | None = None):
+                 devices: tuple | None = None, compile: bool = False):
         from .kernels.backend import make_backend
 
         self.config = cfg
@@ -113,6 +113,9 @@ class Model:
         self.device = devices[-1]  # where the head is: the logits come out here
         # a state lives on the model's device; with layers split between devices, on the CPU
         self.state_device = devices[0] if len(set(devices)) == 1 else CPU
+        if compile and (self.state_device.type != "cuda" or mode == "reference"):
+            raise RwkvpyError("compile=True fuses the GPU decode step: it needs every layer on a "
+                              "GPU (device='cuda', no gpu_layers) and mode fast or exact")
         self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode), devices)
         self._step = None
         self._fingerprint = None
@@ -126,7 +129,7 @@ class Model:
                 from .kernels.gpu import TorchStep
 
                 graphs = self.state_device.type == "cuda"
-                self._step = TorchStep(self._net, self.state_device, graphs=graphs)
+                self._step = TorchStep(self._net, self.state_device, graphs=graphs, compile=compile)
 
     def synchronize(self) -> None:
         """Wait for the GPU work queued by forward calls (for timing; a no-op on the CPU)."""
@@ -314,7 +317,7 @@ def physical_cores() -> int:
 
 
 def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
-         gpu_layers: int | None = None) -> Model:
+         gpu_layers: int | None = None, compile: bool = False) -> Model:
     """Load an RWKV model from an rwkv.cpp ``.bin``, a BlinkDL ``.pth``, GGUF or safetensors
     (the format is detected from the content).
 
@@ -323,6 +326,8 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     device: "cpu" (default) or a GPU, "cuda" / "cuda:N" (see rwkvpy.kernels.gpu).
     gpu_layers: with a GPU device, only the first N layers there and the rest on the CPU (the
     head goes to the GPU when every layer does), for models larger than the GPU's memory.
+    compile: on a GPU, fuse the one-token step with torch.compile before capturing it in a CUDA
+    graph (faster decoding; the first token waits for the compilation).
     ``path == "demo"`` loads the demo model shipped in the package (rwkvpy.demo).
     """
     if isinstance(path, str) and path == "demo":
@@ -333,7 +338,8 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
         raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
     torch.set_num_threads(threads or physical_cores())
     ckpt, cfg = _read(path)
-    return Model(ckpt, cfg, mode=mode, devices=layer_devices(cfg.n_layer, device, gpu_layers))
+    return Model(ckpt, cfg, mode=mode, devices=layer_devices(cfg.n_layer, device, gpu_layers),
+                 compile=compile)
 
 
 def inspect(path) -> ModelInfo:

@@ -28,6 +28,10 @@ second copy of the math to keep in step with the reference. On CUDA the whole st
 every layer, head) is captured once per batch size (rounded up to a power of two) in a CUDA
 graph and replayed: one launch per token instead of one per operation, which is what limits
 eager PyTorch at batch 1 (BlinkDL's package: 16 ms per token for a 1.5B model on an H200).
+A replayed graph still runs one kernel per operation (about 100 per v7 layer); ``compile=True``
+first lets torch.compile (TorchInductor) fuse the one-sequence step's elementwise chains into
+Triton kernels, at the price of a compilation when the model is first run (cached on disk by
+torch afterwards). Figures: README, "GPU".
 """
 
 from __future__ import annotations
@@ -78,14 +82,17 @@ class TorchStep:
     step cannot be captured runs eagerly, with a warning (``graph_errors`` says why).
     """
 
-    def __init__(self, net, state_device, graphs: bool = False):
+    def __init__(self, net, state_device, graphs: bool = False, compile: bool = False):
         self.net = net
         self.version = net.cfg.version
         self.state_device = torch.device(state_device)
         self.graphs = bool(graphs)
         self.graph_errors: dict = {}  # padded batch size -> why its capture failed
+        self.compile_error: str | None = None
         self._graphs: dict = {}  # padded batch size -> (graph, static inputs, static outputs)
         self._vstep = torch.func.vmap(self._one)
+        # batches of one: the fused (compiled) step when asked for; larger batches stay vmapped
+        self._single = torch.compile(self._one, dynamic=False) if compile else self._one
 
     def _one(self, tok, att_x, ffn_x, wkv):
         """tok (1,), att_x/ffn_x (L, C), wkv (L, ...) -> logits (V,), att_x', ffn_x', wkv'."""
@@ -95,7 +102,7 @@ class TorchStep:
 
     def _eager(self, tok, att_x, ffn_x, wkv):
         if tok.shape[0] == 1:
-            return tuple(t.unsqueeze(0) for t in self._one(tok[0], att_x[0], ffn_x[0], wkv[0]))
+            return tuple(t.unsqueeze(0) for t in self._single(tok[0], att_x[0], ffn_x[0], wkv[0]))
         return self._vstep(tok, att_x, ffn_x, wkv)
 
     def __call__(self, token: int, state: State):
@@ -133,6 +140,13 @@ class TorchStep:
             try:
                 entry = self._graphs[Bp] = (self._capture(static), static)
             except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
+                if Bp == 1 and self._single is not self._one:  # torch.compile failed: unfused
+                    self.compile_error = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"rwkvpy: torch.compile failed, decoding unfused "
+                                  f"({self.compile_error})", RuntimeWarning, stacklevel=3)
+                    self._single = self._one
+                    torch.cuda.synchronize()
+                    return self._replay(B, ins)
                 why = self.graph_errors[Bp] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"rwkvpy: CUDA graph capture failed for batch size {Bp}, decoding "
                               f"eagerly ({why})", RuntimeWarning, stacklevel=3)

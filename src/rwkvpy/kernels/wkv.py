@@ -42,6 +42,15 @@ matrices M_xy[t, i] = sum_c x_tc y_ic (g_tc or g^-_tc) / g_ic (strict for alpha 
 for r rows). The triangular inverse is a blockwise recursion (:func:`_unit_lower_inverse`).
 Per chunk the sequential part is three small batched matmul-adds.
 
+Chunk boundaries
+----------------
+The state at each chunk start follows an affine recurrence, S_{c+1} = A_c S_c + B_c (A_c diagonal
+for v5/v6, a (K, K) matrix for v7). On the CPU it runs as the plain loop (nc steps of three small
+matmul-adds). On a GPU the loop's nc x 3 launches dominate (measured on an H200: a v7 layer at
+T = 4096, H = 32 took 14.8 ms with L = 32), so there the (A, B) pairs are composed by a parallel
+prefix scan (:func:`_affine_scan`, log2(nc) rounds of batched products) and all chunk starts are
+then one batched product with S_0. ``scan=None`` picks the scan on any device but the CPU.
+
 Memory
 ------
 Scratch tensors come from a per-thread buffer that is kept between calls (at most
@@ -65,6 +74,10 @@ __all__ = ["SAFE_DECAY", "SCRATCH_BYTES", "V5_CHUNK", "V7_CHUNK",
 # on a 2-core CPU; tests/test_kernels_wkv.py re-measures the speed.
 V5_CHUNK = 32
 V7_CHUNK = 32
+# On GPUs (benchmarks/bench_gpu.py, H200, v7 T = 4096, H = 32: L = 16 26 ms, 32 14.8 ms, 64 8.8 ms,
+# 128 5.8 ms): 64, the longest chunk over which v7's fastest decay, e^-0.6065 per token, stays on
+# the fast path (e^-38.8 > SAFE_DECAY); 128 would send strongly decaying heads to the exact path.
+GPU_CHUNK = 64
 
 # A (chunk, head) takes the fast path when every channel decays by no more than this over the
 # chunk: 1 / g stays <= e^60, far inside float32 range.
@@ -114,7 +127,9 @@ class _Arena:
             _tls.buf = torch.empty(self.peak, dtype=F32)
 
 
-def _chunk_len(chunk, default, T):
+def _chunk_len(chunk, default, T, device):
+    if chunk is None:
+        default = default if device.type == "cpu" else GPU_CHUNK
     L = default if chunk is None else int(chunk)
     if L < 1 or L & (L - 1):
         raise ValueError(f"chunk must be a power of two, got {chunk!r}")
@@ -261,14 +276,31 @@ def _flat(x):
     return x.reshape(-1, *x.shape[-2:])
 
 
-def wkv5_chunked(r, k, v, w, u, S, chunk=None):
+def _affine_scan(A, B, mul):
+    """Inclusive prefix composition of the maps S -> A[c] S + B[c] along dim 0 (Hillis-Steele:
+    log2(n) rounds). Returns (A', B') with A'[c] S_0 + B'[c] = the state after maps 0..c.
+    ``mul``: torch.mul for diagonal A (broadcast), torch.matmul for matrices."""
+    n, d = A.shape[0], 1
+    while d < n:
+        B = torch.cat([B[:d], torch.add(mul(A[d:], B[:-d]), B[d:])])
+        A = torch.cat([A[:d], mul(A[d:], A[:-d])])
+        d *= 2
+    return A, B
+
+
+def _use_scan(scan, device) -> bool:
+    return device.type != "cpu" if scan is None else bool(scan)
+
+
+def wkv5_chunked(r, k, v, w, u, S, chunk=None, scan=None):
     """The v5/v6 recurrence of :func:`rwkvpy.models.v5.wkv_heads` over a whole sequence.
 
     r, k (T, H, N_k); v (T, H, N_v); w decay in [0, 1], (H, N_k) or per token (T, H, N_k);
     u bonus (H, N_k); S (H, N_k, N_v). Per token:
     out_t = r_t (u * k_t^T v_t + S);  S = k_t^T v_t + w_t * S.
     Returns out (T, H, N_v) and the final S, float32 (new tensors).
-    ``chunk``: chunk length, a power of two (default :data:`V5_CHUNK`).
+    ``chunk``: chunk length, a power of two (default :data:`V5_CHUNK`, :data:`GPU_CHUNK` on GPUs);
+    ``scan``: chunk starts by a parallel scan instead of a loop (default: on GPUs).
     """
     T, H, K = k.shape
     V = v.shape[-1]
@@ -276,7 +308,8 @@ def wkv5_chunked(r, k, v, w, u, S, chunk=None):
     out = torch.empty(T, H, V, dtype=F32, device=k.device)
     if T == 0:
         return out, S
-    L = _chunk_len(chunk, V5_CHUNK, T)
+    L = _chunk_len(chunk, V5_CHUNK, T, k.device)
+    scan = _use_scan(scan, k.device)
     if w.dim() == 2:
         w = w.expand(T, H, K)
     u = u.to(F32).unsqueeze(-2)                                          # (H, 1, K)
@@ -285,12 +318,12 @@ def wkv5_chunked(r, k, v, w, u, S, chunk=None):
     for t0 in range(0, T, G):
         t1 = min(T, t0 + G)
         ar.reset()
-        S = _wkv5_group(ar, r[t0:t1], k[t0:t1], v[t0:t1], w[t0:t1], u, S, out[t0:t1], L)
+        S = _wkv5_group(ar, r[t0:t1], k[t0:t1], v[t0:t1], w[t0:t1], u, S, out[t0:t1], L, scan)
     ar.close()
     return out, S
 
 
-def _wkv5_group(ar, r, k, v, w, u, S, out, L):
+def _wkv5_group(ar, r, k, v, w, u, S, out, L, scan):
     n, H, K = k.shape
     V = v.shape[-1]
     nc = -(-n // L)
@@ -318,21 +351,26 @@ def _wkv5_group(ar, r, k, v, w, u, S, out, L):
     starts = ar.take(nc + 1, H, K, V)                                    # state at each chunk start
     starts[0].copy_(S)
     Gt = gL.transpose(-1, -2)                                            # (nc, H, K, 1)
-    for c in range(nc):
-        torch.addcmul(U[c], Gt[c], starts[c], out=starts[c + 1])
+    if scan:  # S_{c+1} = Gt_c * S_c + U_c
+        decay, add = _affine_scan(Gt, U, torch.mul)
+        torch.addcmul(add, decay, S, out=starts[1:])
+    else:
+        for c in range(nc):
+            torch.addcmul(U[c], Gt[c], starts[c], out=starts[c + 1])
     o = torch.matmul(A, vc, out=ar.take(nc, H, L, V))
     _flat(o).baddbmm_(_flat(rd), _flat(starts[:nc]))
     _unchunk_into(out, o)
     return starts[nc].clone()
 
 
-def wkv7_chunked(r, w, k, v, kk, a, S, chunk=None):
+def wkv7_chunked(r, w, k, v, kk, a, S, chunk=None, scan=None):
     """The v7 recurrence (the loop in :meth:`rwkvpy.models.v7.RWKV7.time_mix`) over a sequence.
 
     r, w, k, kk, a (T, H, N_k); v (T, H, N_v); w decay in [0, 1]; S (H, N_v, N_k). Per token:
     S = S diag(w) + (S (-kk)) (kk * a)^T + v k^T;  out = S r.
     Returns out (T, H, N_v) and the final S (H, N_v, N_k), float32 (new tensors).
-    ``chunk``: chunk length, a power of two (default :data:`V7_CHUNK`).
+    ``chunk``: chunk length, a power of two (default :data:`V7_CHUNK`, :data:`GPU_CHUNK` on GPUs);
+    ``scan``: chunk starts by a parallel scan instead of a loop (default: on GPUs).
     """
     T, H, K = k.shape
     V = v.shape[-1]
@@ -340,19 +378,20 @@ def wkv7_chunked(r, w, k, v, kk, a, S, chunk=None):
     out = torch.empty(T, H, V, dtype=F32, device=k.device)
     if T == 0:
         return out, Z.transpose(-1, -2).contiguous()
-    L = _chunk_len(chunk, V7_CHUNK, T)
+    L = _chunk_len(chunk, V7_CHUNK, T, k.device)
+    scan = _use_scan(scan, k.device)
     per_token = H * (9 * K + 5 * V + 7 * L + 2 * K * V // L)
     ar = _Arena(k.device)
     G = _group_len(L, T, per_token, ar.limit)
     for t0 in range(0, T, G):
         t1 = min(T, t0 + G)
         ar.reset()
-        Z = _wkv7_group(ar, *(x[t0:t1] for x in (r, w, k, v, kk, a)), Z, out[t0:t1], L)
+        Z = _wkv7_group(ar, *(x[t0:t1] for x in (r, w, k, v, kk, a)), Z, out[t0:t1], L, scan)
     ar.close()
     return out, Z.transpose(-1, -2).contiguous()
 
 
-def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L):
+def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L, scan):
     n, H, K = k.shape
     V = v.shape[-1]
     nc = -(-n // L)
@@ -394,10 +433,17 @@ def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L):
     starts = ar.take(nc + 1, H, K, V)                                    # S^T at each chunk start
     starts[0].copy_(Z)
     Bt, Gt = Yb.transpose(-1, -2), gL.transpose(-1, -2)
-    for c in range(nc):
-        U = torch.baddbmm(Q[c], P[c], starts[c], alpha=-1.0, out=UV[c, :, :L])
-        torch.addcmul(KV[c], Gt[c], starts[c], out=starts[c + 1])
-        starts[c + 1].baddbmm_(Bt[c], U)
+    if scan:  # S_{c+1} = (diag(Gt_c) - Bt_c P_c) S_c + (KV_c + Bt_c Q_c)
+        A = torch.matmul(Bt, P).neg_()
+        A.diagonal(dim1=-2, dim2=-1).add_(Gt.squeeze(-1))
+        A, B = _affine_scan(A, torch.matmul(Bt, Q).add_(KV), torch.matmul)
+        torch.add(torch.matmul(A, Z), B, out=starts[1:])
+        torch.sub(Q, torch.matmul(P, starts[:nc]), out=UV[:, :, :L])
+    else:
+        for c in range(nc):
+            U = torch.baddbmm(Q[c], P[c], starts[c], alpha=-1.0, out=UV[c, :, :L])
+            torch.addcmul(KV[c], Gt[c], starts[c], out=starts[c + 1])
+            starts[c + 1].baddbmm_(Bt[c], U)
     o = torch.matmul(Xr, starts[:nc], out=ar.take(nc, H, L, V))
     _flat(o).baddbmm_(_flat(M[..., L:, :]), _flat(UV))
     _unchunk_into(out, o)
