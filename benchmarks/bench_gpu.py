@@ -124,6 +124,7 @@ def bench_preset(preset, workdir, blinkdl, split):
         report(section="compiled", preset=preset, first_token_s=round(first_s, 1),
                per_token_ms=round(ms, 3), min_ms=round(mn, 3), ratio=round(ms / bound, 2),
                graph_errors=m._step.graph_errors, compile_error=m._step.compile_error)
+        section("anatomy", lambda: anatomy(m, preset))
     section("compiled", do_compiled)
     torch.cuda.empty_cache()
     if split:
@@ -135,6 +136,33 @@ def bench_preset(preset, workdir, blinkdl, split):
         section("split", do_split)
     if blinkdl:
         section("blinkdl", lambda: run_blinkdl(path, preset))
+
+
+def anatomy(model, preset):
+    """Where a decode step's time goes: the graph replay alone (CUDA events), the kernels in it
+    (profiler), against the whole forward call."""
+    graph = model._step._graphs[1][0][0]
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:60], [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:10]
+    report(section="anatomy", preset=preset, replay_ms=round(statistics.median(times), 3),
+           kernels=sum(v[0] for v in kernels.values()), distinct=len(kernels),
+           top=[(n, c, round(t / 1e3, 3)) for n, (c, t) in top])
 
 
 BLINKDL = r"""

@@ -28,7 +28,7 @@ def wkv_heads(r, k, v, w, u, S):
     out = torch.empty_like(v)
     for t in range(T):
         kv = k[t].unsqueeze(-1) * v[t].unsqueeze(-2)                      # (H, N, N)
-        out[t] = (r[t].unsqueeze(-2) @ (u.unsqueeze(-1) * kv + S)).squeeze(-2)
+        out[t] = (r[t].unsqueeze(-1) * (u.unsqueeze(-1) * kv + S)).sum(-2)  # r (u kv + S)
         wt = w[t] if w.dim() == 3 else w
         S = kv + wt.unsqueeze(-1) * S
     return out, S

@@ -30,9 +30,12 @@ def wkv7(r, w, k, v, kk, a, S):
     """
     out = torch.empty_like(v)
     for t in range(r.shape[0]):
-        removal = (S @ (-kk[t]).unsqueeze(-1)) @ (kk[t] * a[t]).unsqueeze(-2)   # (H, N, N)
+        # matrix-vector products as broadcast-and-sum, outer products as broadcasts: on a GPU,
+        # torch.compile fuses these into the step's kernels instead of calling cuBLAS for each
+        sk = (S * kk[t].unsqueeze(-2)).sum(-1, keepdim=True)                     # S kk (H, N, 1)
+        removal = -sk * (kk[t] * a[t]).unsqueeze(-2)                            # (H, N, N)
         S = S * w[t].unsqueeze(-2) + removal + v[t].unsqueeze(-1) * k[t].unsqueeze(-2)
-        out[t] = (S @ r[t].unsqueeze(-1)).squeeze(-1)
+        out[t] = (S * r[t].unsqueeze(-2)).sum(-1)                               # S r (H, N)
     return out, S
 
 
