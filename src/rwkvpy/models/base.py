@@ -119,12 +119,7 @@ class RWKVBase:
                 self.w[name] = t.to(dev)  # rows are converted to float32 as they are looked up
             else:
                 t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
-                t = t.reshape(shape) if all(d is not None for d in shape) else t
-                if dev.type != "cpu" and t.dim() == 2 and t.shape[0] > t.shape[1]:
-                    # a tall LoRA matrix (C, D), used as x @ W: stored column-major, cuBLAS runs
-                    # it as D dot products (profiled on an H200: 3.5 us a call instead of 12.9)
-                    t = t.t().contiguous().t()
-                self.w[name] = t
+                self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
 
     # -- to override -----------------------------------------------------------------------
