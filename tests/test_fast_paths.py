@@ -118,3 +118,43 @@ def test_forward_batch_errors():
         model.forward_batch([[1], [2]], [None])
     with pytest.raises(rwkvpy.errors.TokenError, match="token id 999"):
         model.forward_batch([[1], [999]])
+
+
+@pytest.mark.parametrize("model", ["4v0-660K", "5v1-730K", "5v2-730K", "7v0-834K"])
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
+def test_int8_rows_error_small_against_the_format(model, fmt):
+    """mode "fast" multiplies Q5_0/Q5_1 weights as int8 rows (kernels.linear.Int8Linear). What
+    that adds to the logits, against what the format itself costs (both measured from the FP32
+    file's logits, mean over 64 positions of the max abs difference): observed 16-55 % of the
+    format's own error; the distance to FP32 grows by 0-20 % (README "Speed")."""
+    import numpy as np
+
+    from rwkvpy import formats
+    from rwkvpy.formats.base import QTensor
+    from rwkvpy.kernels.linear import Int8Linear
+
+    ref = np.load(fixture_path("rwkv-cpp-tiny", f"rwkvcpp-logits-{model}-FP32.npz"))
+    toks, f32 = ref["tokens"].tolist(), torch.from_numpy(ref["logits"])
+    path = fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{model}-{fmt}.bin")
+    exact, fast = rwkvpy.load(path, mode="exact"), rwkvpy.load(path, mode="exact")
+    tensors = formats.read(path).tensors
+    swapped = 0
+    for name in list(fast._net.lin):  # only the block-quantized matrices change
+        if isinstance(tensors[name], QTensor) and tensors[name].fmt == fmt:
+            fast._net.lin[name] = Int8Linear(tensors[name])
+            swapped += 1
+    assert swapped > 0
+
+    def run(m):
+        s, out = None, []
+        for t in toks:
+            lg, s = m.forward([t], s)
+            out.append(lg)
+        return torch.stack(out)
+
+    le, lf = run(exact), run(fast)
+    own = float((le - f32).abs().amax(1).mean())
+    added = float((lf - le).abs().amax(1).mean())
+    total = float((lf - f32).abs().amax(1).mean())
+    assert added <= 0.6 * own, (own, added)
+    assert total <= 1.25 * own, (own, total)

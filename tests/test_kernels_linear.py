@@ -21,6 +21,7 @@ QUANT = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 EXACT_TOL = 1e-5
 INT4_TOL = 1e-2
 BF16_TOL = 2e-2
+INT8_TOL = 3e-2  # bf16 activations and outputs, int8 rows (observed 0.6e-2 .. 1.7e-2 of the output scale)
 
 # (out, in): out not a multiple of 16 or 32 included; 520 x 1024 takes the parallel path
 # (out * in > SERIAL_MAX_ELEMENTS), the others the serial one.
@@ -93,6 +94,31 @@ def test_int4(fmt, shape):
         if T > L.INT4_MAX_T and L.fast_bf16_cpu():
             tol = BF16_TOL
         assert e < tol, (fmt, shape, T, e)
+
+
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_rows(fmt, shape):
+    """Int8Linear: every code times its row's scale within half a step of the exact weight;
+    products within the bf16 rounding of activations and outputs plus that step."""
+    w = _weights(shape, 9)
+    q = _qtensor(fmt, w)
+    wd = torch.from_numpy(get_format(fmt).dequantize(q.data, shape))
+    lin = L.Int8Linear(q)
+    assert not lin.exact and lin.fmt == fmt and lin.nbytes == shape[0] * shape[1] + shape[0] * 2
+    step = lin._scales.float().unsqueeze(1)
+    assert lin._codes.dtype == torch.int8 and int(lin._codes.abs().max()) <= 127
+    assert bool(((lin._codes.float() * step - wd).abs() <= step / 2 * (1 + 1e-6)).all())
+    scale_ok = (lin._scales.float() >= wd.abs().amax(1) / 127).all()
+    assert bool(scale_ok)
+    for T in TS + [L.INT8_MAX_T + 1]:
+        x = _x(T, shape[1])
+        ref = _ref(x, wd.numpy())
+        e = _err(lin(x), ref)
+        if T > L.INT8_MAX_T:  # the tiles: exact (bf16 where the CPU has native bf16)
+            assert e < (BF16_TOL if L.fast_bf16_cpu() else EXACT_TOL)
+        else:
+            assert e < INT8_TOL, (fmt, shape, T, e)
 
 
 def _onehot_columns(packed, scales, K, n_out, dtype):
@@ -246,10 +272,13 @@ def test_policy_choices():
             assert lin.exact or (pol == "fast" and L.fast_bf16_cpu())
         for fmt in QUANT:
             lin = L.make_linear(_qtensor(fmt, w.numpy()), pol)
-            want = L.Int4Linear if (pol == "fast" and fmt in ("Q4_0", "Q4_1")) else L.BlockLinear
+            want = L.BlockLinear
+            if pol == "fast" and fmt in ("Q4_0", "Q4_1"):
+                want = L.Int4Linear
+            elif pol == "fast" and fmt in ("Q5_0", "Q5_1"):
+                want = L.Int8Linear
             assert type(lin) is want
-            assert lin.exact == (pol == "exact" or (fmt not in ("Q4_0", "Q4_1")
-                                                    and not L.fast_bf16_cpu()))
+            assert lin.exact == (pol == "exact" or (fmt == "Q8_0" and not L.fast_bf16_cpu()))
     with pytest.raises(ValueError):
         L.make_linear(w, "lossy")
     with pytest.raises(ValueError):

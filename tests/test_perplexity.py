@@ -66,7 +66,9 @@ def v5_nlls(v5, tokens):
 # -- the library ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MODELS))
 def test_equals_token_by_token(name, tokens):
-    model = rwkvpy.load(tiny(name), threads=1)
+    # exact mode: mode "fast" multiplies Q5 weights as int8 rows for one token and exactly for
+    # chunks, so its two ways differ by that rounding (tests/test_fast_paths.py bounds it)
+    model = rwkvpy.load(tiny(name), threads=1, mode="exact")
     toks = tokens[:100]
     nlls = token_by_token_nlls(model, toks)
     r = perplexity(model, toks, chunk=40)

@@ -22,9 +22,14 @@ F16        :class:`F32Linear` on the weights converted    :class:`BF16Linear` on
            to float32 at load (2x memory; fastest exact)  native bf16 (AMX / AVX512-BF16),
 BF16       :class:`HalfLinear` (numba, 2 bytes/weight)    else the exact choice (as fast)
 Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int4Linear` (torch int4)
-Q5_0/Q5_1  :class:`BlockLinear`                           :class:`BlockLinear` (bf16 tiles for
-Q8_0                                                      prompts on CPUs with native bf16)
+Q5_0/Q5_1  :class:`BlockLinear`                           :class:`Int8Linear` (int8 rows)
+Q8_0       :class:`BlockLinear`                           :class:`BlockLinear` (bf16 tiles for
+                                                          prompts on CPUs with native bf16)
 =========  =============================================  ===================================
+
+Q8_0 has no lossy fast path: requantized to int8 rows (:class:`Int8Linear`) its logits moved
+3-4x as far from the FP32 model's as Q8_0's own (fixtures: 4v0 0.0066 -> 0.0248, 7v0 0.0008 ->
+0.0025, mean over positions of the max abs difference), where Q5_0/Q5_1 gained 0-20%.
 
 Measured (benchmarks/bench_linear.py; 2-vCPU AMD EPYC VM, AVX2 only, no AVX-512/AMX; one
 thread, cold weights, streaming read 25 GB/s; ms per matvec for 2048x2048 | 7168x2048):
@@ -73,6 +78,7 @@ __all__ = [
     "F32Linear",
     "HalfLinear",
     "Int4Linear",
+    "Int8Linear",
     "Linear",
     "fast_bf16_cpu",
     "make_linear",
@@ -87,6 +93,8 @@ POLICIES = ("exact", "fast")
 NUMBA_MAX_T = 2
 #: Largest T for which :class:`Int4Linear` uses torch's int4 kernel (measured crossover ~32).
 INT4_MAX_T = 32
+#: Largest T for which :class:`Int8Linear` uses torch's int8 kernel (measured crossover ~24).
+INT8_MAX_T = 16
 #: Elements per block of every quantized format (passed to the kernels at run time).
 _QK = 32
 #: Elements of one dequantized tile (float32) for the tiled GEMM path: 1 Mi elements = 4 MiB.
@@ -751,6 +759,53 @@ class Int4Linear(Linear):
         return y[:, : self.out_features].float()
 
 
+class Int8Linear(Linear):
+    """Q5_0 / Q5_1 / Q8_0 requantized at load to one int8 code per weight with one scale per
+    output row, on torch's int8 weight kernel ``_weight_int8pack_mm`` with bf16 activations.
+
+    Lossy (``policy="fast"``): the exactly dequantized weights w are coded as
+    ``q = round(w / s)``, ``s = max|w_row| / 127`` rounded up to bf16 (the kernel takes bf16
+    scales; rounding up keeps |q| <= 127), so each weight moves by at most s / 2; the activations
+    and the outputs are rounded to bf16. ggml's blocks keep a scale per 32 weights, a row of
+    int8 one per row, so the added error is that of the row's largest weight over 127 levels:
+    against each format's own quantization error it is measured on the fixtures in
+    tests/test_kernels_linear.py and stated in the README ("Speed").
+
+    Measured (AVX2 VM, 1 thread, 2048x2048): one vector 0.29-0.31 ms against 0.83-0.87 ms for
+    the exact numba kernel on Q8_0 blocks and 1.7-1.9 ms on Q5_x; 1 byte a weight (Q8_0: 1.06,
+    Q5_x: 0.69-0.75). T = 16: 2.9 ms vs 3.5 ms for float32 tiles + GEMM, T = 32: 5.9 vs 4.9 ms,
+    so T > :data:`INT8_MAX_T` goes to the tiles, as in :class:`Int4Linear`.
+    """
+
+    strategy = "torch-int8-rows"
+    exact = False
+
+    def __init__(self, w: QTensor):
+        from ..quant import dequantize
+
+        fmt = get_format(w.fmt)
+        if fmt.name not in ("Q5_0", "Q5_1", "Q8_0"):
+            raise ValueError(f"Int8Linear reads Q5_0/Q5_1/Q8_0, got {fmt.name}")
+        self.fmt = fmt.name
+        O, K = _shape2(w.shape)
+        self.out_features, self.in_features = O, K
+        full = torch.from_numpy(np.ascontiguousarray(dequantize(fmt, w.data, (O, K)),
+                                                     dtype=np.float32))
+        amax = full.abs().amax(1)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        self._scales = (scale * (1 + 2.0 ** -8)).to(torch.bfloat16)  # >= scale after rounding
+        self._codes = torch.round(full / self._scales.float().unsqueeze(1)).clamp_(-127, 127).to(
+            torch.int8)
+        del full
+        self.nbytes = O * K + O * 2
+        self._tiles = BlockLinear(w, bf16_tiles=fast_bf16_cpu()) if HAVE_NUMBA else None
+
+    def _mm(self, x):
+        if x.shape[0] > INT8_MAX_T and self._tiles is not None:
+            return self._tiles._mm(x)
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self._codes, self._scales).float()
+
+
 # ------------------------------------------------------------------------------------------
 # helpers
 
@@ -903,6 +958,8 @@ def make_linear(w, policy: str = "exact") -> Linear:
         _shape2(w.shape)
         if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
             return Int4Linear(w)
+        if policy == "fast" and fmt.name in ("Q5_0", "Q5_1"):
+            return Int8Linear(w)
         if not HAVE_NUMBA:  # pragma: no cover
             return DequantLinear(w)
         return BlockLinear(w, bf16_tiles=(policy == "fast" and fast_bf16_cpu()))
