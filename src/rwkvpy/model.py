@@ -102,7 +102,7 @@ class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
     def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast",
-                 devices: tuple | None = None, compile: bool = False):
+                 devices: tuple | None = None, compile: bool = False, cache: bool = False):
         from .kernels.backend import make_backend
 
         self.config = cfg
@@ -116,7 +116,17 @@ class Model:
         if compile and (self.state_device.type != "cuda" or mode == "reference"):
             raise RwkvpyError("compile=True fuses the GPU decode step: it needs every layer on a "
                               "GPU (device='cuda', no gpu_layers) and mode fast or exact")
-        self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode), devices)
+        repack = None
+        if cache and mode == "fast" and CPU in devices and os.path.isfile(ckpt.path):
+            from .kernels.cache import RepackCache
+
+            repack = RepackCache(ckpt.path, mode)
+        self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode, repack), devices)
+        if repack is not None:
+            repack.save()
+        #: what the repack cache (kernels/cache.py) did: "hit", "written", "none" (nothing to
+        #: cache), "not written: ...", or "off"
+        self.repack_cache = "off" if repack is None else repack.status
         self._step = None
         self._fingerprint = None
         self._tokenizers: dict = {}
@@ -317,7 +327,7 @@ def physical_cores() -> int:
 
 
 def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
-         gpu_layers: int | None = None, compile: bool = False) -> Model:
+         gpu_layers: int | None = None, compile: bool = False, cache: bool = True) -> Model:
     """Load an RWKV model from an rwkv.cpp ``.bin``, a BlinkDL ``.pth``, GGUF or safetensors
     (the format is detected from the content).
 
@@ -328,6 +338,8 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     head goes to the GPU when every layer does), for models larger than the GPU's memory.
     compile: on a GPU, fuse the one-token step with torch.compile before capturing it in a CUDA
     graph (faster decoding; the first token waits for the compilation).
+    cache: keep the weights that mode "fast" repacks for the CPU (int4, int8 rows) in
+    ``PATH.rwkvpy-cache`` and reuse them while the model file is unchanged (kernels/cache.py).
     ``path == "demo"`` loads the demo model shipped in the package (rwkvpy.demo).
     """
     if isinstance(path, str) and path == "demo":
@@ -339,7 +351,7 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     torch.set_num_threads(threads or physical_cores())
     ckpt, cfg = _read(path)
     return Model(ckpt, cfg, mode=mode, devices=layer_devices(cfg.n_layer, device, gpu_layers),
-                 compile=compile)
+                 compile=compile, cache=cache)
 
 
 def inspect(path) -> ModelInfo:

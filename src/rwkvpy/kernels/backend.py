@@ -21,19 +21,26 @@ from ..models.base import REFERENCE, Backend
 MODES = ("fast", "exact", "reference")
 
 
-def make_backend(mode: str) -> Backend:
+def make_backend(mode: str, cache=None) -> Backend:
+    """The backend of ``mode``; ``cache``: a kernels.cache.RepackCache for the CPU's repacked
+    weights (or None)."""
     if mode not in MODES:
         raise RwkvpyError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "reference":
         return REFERENCE
-    from .wkv import wkv5_chunked, wkv7_chunked
-
     from .gpu import DeviceLinear
     from .linear import make_linear
+    from .wkv import wkv5_chunked, wkv7_chunked
 
-    def linear(w, device):
-        if device.type == "cpu":
+    def linear(w, device, name=None):
+        if device.type != "cpu":
+            return DeviceLinear(w, device, mode)
+        if cache is None or name is None:
             return make_linear(w, policy=mode)
-        return DeviceLinear(w, device, mode)
+        cached = cache.get(name)
+        lin = make_linear(w, policy=mode, repacked=cached)
+        if cached is None and hasattr(lin, "repacked"):
+            cache.put(name, lin.repacked())
+        return lin
 
     return Backend(name=mode, make_linear=linear, wkv5=wkv5_chunked, wkv7=wkv7_chunked)

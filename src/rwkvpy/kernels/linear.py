@@ -737,7 +737,7 @@ class Int4Linear(Linear):
     strategy = "torch-int4"
     exact = False
 
-    def __init__(self, w: QTensor):
+    def __init__(self, w: QTensor, repacked: dict | None = None):
         fmt = get_format(w.fmt)
         if fmt.name not in ("Q4_0", "Q4_1"):
             raise ValueError(f"Int4Linear reads Q4_0/Q4_1, got {fmt.name}")
@@ -746,10 +746,17 @@ class Int4Linear(Linear):
         self.out_features, self.in_features = O, K
         raw2 = _rows_view(w, fmt, O, K)
         self.nbytes = int(raw2.nbytes)
-        self._packed, self._scales = _int4_pack(raw2, fmt, O, K, torch.bfloat16)
+        if repacked is not None:  # from kernels.cache
+            self._packed, self._scales = repacked["packed"], repacked["scales"]
+        else:
+            self._packed, self._scales = _int4_pack(raw2, fmt, O, K, torch.bfloat16)
         self._tiles = None
         if HAVE_NUMBA:
             self._tiles = BlockLinear(w, bf16_tiles=fast_bf16_cpu())
+
+    def repacked(self) -> dict:
+        """The tensors made at load (for kernels.cache)."""
+        return {"packed": self._packed, "scales": self._scales}
 
     def _mm(self, x):
         if x.shape[0] > INT4_MAX_T and self._tiles is not None:
@@ -780,7 +787,7 @@ class Int8Linear(Linear):
     strategy = "torch-int8-rows"
     exact = False
 
-    def __init__(self, w: QTensor):
+    def __init__(self, w: QTensor, repacked: dict | None = None):
         from ..quant import dequantize
 
         fmt = get_format(w.fmt)
@@ -789,16 +796,23 @@ class Int8Linear(Linear):
         self.fmt = fmt.name
         O, K = _shape2(w.shape)
         self.out_features, self.in_features = O, K
-        full = torch.from_numpy(np.ascontiguousarray(dequantize(fmt, w.data, (O, K)),
-                                                     dtype=np.float32))
-        amax = full.abs().amax(1)
-        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-        self._scales = (scale * (1 + 2.0 ** -8)).to(torch.bfloat16)  # >= scale after rounding
-        self._codes = torch.round(full / self._scales.float().unsqueeze(1)).clamp_(-127, 127).to(
-            torch.int8)
-        del full
+        if repacked is not None:  # from kernels.cache
+            self._codes, self._scales = repacked["codes"], repacked["scales"]
+        else:
+            full = torch.from_numpy(np.ascontiguousarray(dequantize(fmt, w.data, (O, K)),
+                                                         dtype=np.float32))
+            amax = full.abs().amax(1)
+            scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+            self._scales = (scale * (1 + 2.0 ** -8)).to(torch.bfloat16)  # >= scale, rounded
+            self._codes = torch.round(full / self._scales.float().unsqueeze(1)).clamp_(
+                -127, 127).to(torch.int8)
+            del full
         self.nbytes = O * K + O * 2
         self._tiles = BlockLinear(w, bf16_tiles=fast_bf16_cpu()) if HAVE_NUMBA else None
+
+    def repacked(self) -> dict:
+        """The tensors made at load (for kernels.cache)."""
+        return {"codes": self._codes, "scales": self._scales}
 
     def _mm(self, x):
         if x.shape[0] > INT8_MAX_T and self._tiles is not None:
@@ -946,9 +960,11 @@ def _qtensor_to_torch(w: QTensor) -> torch.Tensor:
     return t.view(t_dt) if t_dt is not None else t
 
 
-def make_linear(w, policy: str = "exact") -> Linear:
+def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linear:
     """The linear for weight ``w`` (a torch float tensor, F32/F16/BF16, or a :class:`QTensor`;
-    shape (out, in)) under ``policy``, "exact" or "fast" (see the module docstring)."""
+    shape (out, in)) under ``policy``, "exact" or "fast" (see the module docstring).
+    ``repacked``: the tensors a repacking linear made from this very weight before (its
+    ``repacked()``, kept by kernels.cache), used instead of repacking again."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     if isinstance(w, QTensor):
@@ -957,9 +973,9 @@ def make_linear(w, policy: str = "exact") -> Linear:
             return make_linear(_qtensor_to_torch(w), policy)
         _shape2(w.shape)
         if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
-            return Int4Linear(w)
+            return Int4Linear(w, repacked)
         if policy == "fast" and fmt.name in ("Q5_0", "Q5_1"):
-            return Int8Linear(w)
+            return Int8Linear(w, repacked)
         if not HAVE_NUMBA:  # pragma: no cover
             return DequantLinear(w)
         return BlockLinear(w, bf16_tiles=(policy == "fast" and fast_bf16_cpu()))

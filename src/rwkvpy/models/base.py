@@ -46,7 +46,7 @@ CPU = torch.device("cpu")
 class Float32Linear:
     """The reference matrix product: W (out, in) in float32, y = x @ W^T."""
 
-    def __init__(self, w, device=CPU):
+    def __init__(self, w, device=CPU, name=None):
         self.fmt = type_name(w)  # as stored in the file
         self.weight = to_float32(w).to(device)
         self.nbytes = self.weight.numel() * 4  # read per product
@@ -58,7 +58,7 @@ class Float32Linear:
 @dataclass(frozen=True)
 class Backend:
     """The pieces a fast path may replace: how matrices are stored and multiplied
-    (``make_linear(w, device)``), and how the v5/v6 and v7 recurrences run over a sequence.
+    (``make_linear(w, device, name)``), and how the v5/v6 and v7 recurrences run over a sequence.
     The default is the float32 reference."""
 
     name: str = "reference"
@@ -114,7 +114,7 @@ class RWKVBase:
                                        f"(n_embd={C}, vocab={V})")
             dev = self.device_of(name)
             if is_linear(name):
-                self.lin[name] = backend.make_linear(t, dev)
+                self.lin[name] = backend.make_linear(t, dev, name)
             elif name == "emb.weight" and not isinstance(t, QTensor):
                 self.w[name] = t.to(dev)  # rows are converted to float32 as they are looked up
             else:

@@ -1,0 +1,88 @@
+"""The repack cache: weights that a fast kernel needs in another layout, computed once per model
+file and kept next to it as ``MODEL.rwkvpy-cache``.
+
+At load, repacking is CPU work proportional to the model: for a 1.5B model about 6 s for
+Q4_0/Q4_1 onto the int4 kernel and 16 s for Q5_0/Q5_1 as int8 rows (measured on the 2-vCPU AVX2
+machine of the README, 2 threads). With the cache a later load memory-maps the repacked tensors
+(``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is copied).
+
+Never silently stale: the cache records the model file's size, its modification time (ns), a
+SHA-256 of its first and last MiB, the cache format, torch's version and the mode; any difference
+and the repacked tensors are computed again and the cache is rewritten (atomically). A cache that
+cannot be read is treated as absent; one that cannot be written (a read-only folder) is skipped.
+Only what is expensive to compute is kept (int4 and int8 repacks); F16 -> F32 conversions and
+transposed F32 copies are memory-speed copies and stay in memory only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+FORMAT = 1
+SUFFIX = ".rwkvpy-cache"
+_EDGE = 1 << 20  # bytes hashed at each end of the model file
+
+
+def cache_path(model_path) -> str:
+    return os.fspath(model_path) + SUFFIX
+
+
+def source_key(model_path, mode: str) -> dict:
+    """What identifies the model file (and the code) the repacked tensors were made from."""
+    path = os.fspath(model_path)
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_EDGE))
+        if st.st_size > _EDGE:
+            f.seek(max(_EDGE, st.st_size - _EDGE))
+            h.update(f.read(_EDGE))
+    return {"format": FORMAT, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "edges_sha256": h.hexdigest(), "torch": str(torch.__version__), "mode": mode}
+
+
+class RepackCache:
+    """The cache of one model file. ``get(name)`` gives the cached tensors of a weight (or None);
+    ``put(name, tensors)`` records freshly computed ones; ``save()`` writes the file if anything
+    was computed. ``status``: "hit" (everything came from the cache), "written", "none" (nothing
+    to cache), or "not written: <why>"."""
+
+    def __init__(self, model_path, mode: str):
+        self.path = cache_path(model_path)
+        self.key = source_key(model_path, mode)
+        self._cached: dict = {}
+        self._fresh: dict = {}
+        self.status = "none"
+        try:
+            data = torch.load(self.path, weights_only=True, mmap=True)
+        except FileNotFoundError:
+            return
+        except Exception:  # noqa: BLE001 - unreadable or foreign: rebuilt, never trusted
+            return
+        if isinstance(data, dict) and data.get("key") == self.key:
+            self._cached = data.get("tensors", {})
+
+    def get(self, name: str):
+        found = self._cached.get(name)
+        if found is not None:
+            self.status = "hit" if self.status in ("none", "hit") else self.status
+        return found
+
+    def put(self, name: str, tensors: dict) -> None:
+        self._fresh[name] = tensors
+
+    def save(self) -> None:
+        if not self._fresh:
+            return
+        from ..formats.atomic import atomic_write
+
+        tensors = {**{k: v for k, v in self._cached.items()}, **self._fresh}
+        try:
+            with atomic_write(self.path) as f:
+                torch.save({"key": self.key, "tensors": tensors}, f)
+            self.status = "written"
+        except OSError as e:
+            self.status = f"not written: {e.strerror or e}"

@@ -1,0 +1,107 @@
+"""The repack cache (kernels/cache.py): written once, reused while the model file is unchanged,
+rebuilt when it changes or is unreadable, skipped when it cannot be written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import rwkvpy
+import rwkvpy.quant
+from conftest import fixture_path
+from rwkvpy.convert import convert
+from rwkvpy.kernels import cache as C
+from rwkvpy.kernels import linear as L
+
+TOKENS = [34, 105, 110, 32, 116, 104, 101]
+
+
+@pytest.fixture()
+def q5_model(tmp_path):
+    dst = tmp_path / "tiny-Q5_1.bin"
+    shutil.copy(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-Q5_1.bin"), dst)
+    return dst
+
+
+def logits_of(model):
+    state, out = None, []
+    for t in TOKENS:
+        lg, state = model.forward([t], state)
+        out.append(lg)
+    return torch.stack(out)
+
+
+def forbid(monkeypatch, module, name):
+    def fail(*a, **k):
+        raise AssertionError(f"{name} called: the cache was not used")
+    monkeypatch.setattr(module, name, fail)
+
+
+def test_written_then_reused(q5_model, monkeypatch):
+    first = rwkvpy.load(q5_model)
+    assert first.repack_cache == "written" and os.path.exists(C.cache_path(q5_model))
+    assert isinstance(first._net.lin["blocks.0.att.key.weight"], L.Int8Linear)
+    forbid(monkeypatch, rwkvpy.quant, "dequantize")  # Int8Linear's repacking
+    second = rwkvpy.load(q5_model)
+    assert second.repack_cache == "hit"
+    assert torch.equal(logits_of(first), logits_of(second))
+
+
+def test_int4_repack_cached(tmp_path, monkeypatch):
+    src = tmp_path / "m-q4_0.gguf"
+    convert(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), src, type="q4_0",
+            progress=False)
+    first = rwkvpy.load(src)
+    assert first.repack_cache == "written"
+    assert isinstance(first._net.lin["blocks.0.att.key.weight"], L.Int4Linear)
+    forbid(monkeypatch, L, "_int4_pack")
+    second = rwkvpy.load(src)
+    assert second.repack_cache == "hit" and torch.equal(logits_of(first), logits_of(second))
+
+
+def test_changed_model_file_rebuilds(q5_model):
+    rwkvpy.load(q5_model)
+    st = os.stat(q5_model)
+    os.utime(q5_model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    assert rwkvpy.load(q5_model).repack_cache == "written"
+    # same size and modification time, other bytes: the hash of the file's ends tells
+    st = os.stat(q5_model)
+    raw = bytearray(q5_model.read_bytes())
+    raw[-100] ^= 0x01
+    q5_model.write_bytes(bytes(raw))
+    os.utime(q5_model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(q5_model).st_size == st.st_size
+    assert rwkvpy.load(q5_model).repack_cache == "written"
+    assert rwkvpy.load(q5_model).repack_cache == "hit"
+
+
+def test_unreadable_cache_is_rebuilt(q5_model):
+    with open(C.cache_path(q5_model), "wb") as f:
+        f.write(b"not a cache at all")
+    m = rwkvpy.load(q5_model)
+    assert m.repack_cache == "written"
+    assert torch.equal(logits_of(m), logits_of(rwkvpy.load(q5_model, cache=False)))
+
+
+def test_unwritable_folder_is_skipped(q5_model, monkeypatch):
+    import rwkvpy.formats.atomic as atomic
+
+    def refuse(path, mode="wb"):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(atomic, "atomic_write", refuse)
+    m = rwkvpy.load(q5_model)
+    assert m.repack_cache.startswith("not written: Permission denied")
+    assert not os.path.exists(C.cache_path(q5_model))
+    assert logits_of(m).shape == (len(TOKENS), 256)
+
+
+def test_off_and_not_needed(q5_model, tmp_path):
+    assert rwkvpy.load(q5_model, cache=False).repack_cache == "off"
+    assert rwkvpy.load(q5_model, mode="exact").repack_cache == "off"
+    assert not os.path.exists(C.cache_path(q5_model))
+    f32 = tmp_path / "f32.bin"
+    shutil.copy(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), f32)
+    assert rwkvpy.load(f32).repack_cache == "none" and not os.path.exists(C.cache_path(f32))
