@@ -22,7 +22,7 @@ import time
 import torch
 
 import rwkvpy
-from rwkvpy.bench import bytes_per_token, read_bandwidth_gbs
+from rwkvpy.bench import bytes_per_token, random_ids, read_bandwidth_gbs, time_decode, time_prompt
 from rwkvpy.kernels.gpu import TorchStep
 from rwkvpy.synth import save_random_model
 
@@ -34,31 +34,14 @@ def report(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def per_token_ms(model, n, state=None, tokens=None):
-    tokens = tokens or list(range(100, 100 + n + 3))
-    for tok in tokens[:3]:
-        _, state = model.forward([tok], state)
-    model.synchronize()
-    times = []
-    for tok in tokens[3:3 + n]:
-        t = time.perf_counter()
-        _, state = model.forward([tok], state)
-        model.synchronize()
-        times.append(time.perf_counter() - t)
+def per_token_ms(model, n):
+    times = time_decode(model, list(range(100, 100 + n + 3)), n)
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 def prompt_tps(model, T, reps=3):
-    ids = torch.randint(0, model.config.vocab_size, (T,), generator=torch.Generator().manual_seed(0))
-    model.forward(ids.tolist(), None)
-    model.synchronize()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        model.forward(ids.tolist(), None)
-        model.synchronize()
-        times.append(time.perf_counter() - t)
-    return T / statistics.median(times)
+    ids = random_ids(model, T)
+    return T / statistics.median([time_prompt(model, ids) for _ in range(reps)])
 
 
 def batch_tps(model, B, n=10):
@@ -111,7 +94,7 @@ def bench_preset(preset, workdir, blinkdl, split):
         f"b{B}_tok_s": round(batch_tps(model, B), 1) for B in (4, 16, 64)}))
     section("prompt", lambda: report(section="prompt", preset=preset, **{
         f"t{T}_tok_s": round(prompt_tps(model, T), 1) for T in (512, 4096)}))
-    del model
+    model = None  # frees the GPU memory before the next load
     torch.cuda.empty_cache()
 
     def do_compiled():

@@ -1,6 +1,5 @@
 """rwkv.cpp's tiny trained models (.bin) against rwkv.cpp's own expected logits."""
 
-import os
 
 import numpy as np
 import pytest

@@ -57,6 +57,38 @@ def bytes_per_token(model, device=None) -> int:
     return int(total)
 
 
+def random_ids(model, n: int, seed: int = 0) -> list:
+    """n random token ids of the model's vocabulary (the same for the same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+
+
+def time_decode(model, ids, n: int, warmup: int = 3) -> list:
+    """Seconds of each of n one-token forward calls (after ``warmup`` untimed ones: compiles,
+    graph captures, page faults), the state carried; GPU work waited for in each."""
+    state = None
+    for tok in ids[:warmup]:
+        _, state = model.forward([tok], state)
+    times = []
+    for tok in ids[warmup:warmup + n]:
+        t = time.perf_counter()
+        _, state = model.forward([tok], state)
+        model.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def time_prompt(model, ids) -> float:
+    """Seconds of one forward call over ``ids`` from a fresh state, after an untimed one of the
+    same length (the sequence path's own warm-up)."""
+    model.forward(ids, None)
+    model.synchronize()
+    t = time.perf_counter()
+    model.forward(ids, None)
+    model.synchronize()
+    return time.perf_counter() - t
+
+
 def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", threads=None,
         device="cpu", gpu_layers=None, compile=False, progress=None) -> dict:
     """Measure a model file: per-token latency (median), prompt throughput, load time, memory,
@@ -69,27 +101,11 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
     model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
                         compile=compile)
     load_s = time.perf_counter() - t0
-    V = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V, (max(tokens, prompt) + 4,), generator=g).tolist()
-
+    ids = random_ids(model, max(tokens, prompt) + 4)
     say(f"decoding {tokens} tokens")
-    state = None
-    for tok in ids[:3]:  # warm-up: compiles, graph captures, page faults
-        _, state = model.forward([tok], state)
-    times = []
-    for tok in ids[3:3 + tokens]:
-        t = time.perf_counter()
-        _, state = model.forward([tok], state)
-        model.synchronize()
-        times.append(time.perf_counter() - t)
+    times = time_decode(model, ids, tokens)
     say(f"processing a {prompt}-token prompt")
-    model.forward(ids[:prompt], None)  # warm-up of the sequence path at this length
-    model.synchronize()
-    t = time.perf_counter()
-    model.forward(ids[:prompt], None)
-    model.synchronize()
-    prompt_s = time.perf_counter() - t
+    prompt_s = time_prompt(model, ids[:prompt])
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = model.devices[0] if model.devices[0].type == "cuda" else None
     # the bound of the slowest part: the GPU when every layer is there, else the CPU's layers

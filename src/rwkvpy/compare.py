@@ -162,6 +162,7 @@ def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, 
 
     import rwkvpy
 
+    from .bench import random_ids, time_decode, time_prompt
     from .perplexity import perplexity
 
     base_rss = (_vm_kb("VmRSS") or 0) / 1024
@@ -169,24 +170,9 @@ def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, 
     model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
                         compile=compile)
     load_s = time.perf_counter() - t0
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (max(bench_tokens + 3, prompt, 16),),
-                        generator=g).tolist()
-    state = None
-    for tok in ids[:3]:  # warm-up: compiled kernels, page faults
-        _, state = model.forward([tok], state)
-    times = []
-    for tok in ids[3:3 + bench_tokens]:
-        t = time.perf_counter()
-        _, state = model.forward([tok], state)
-        model.synchronize()
-        times.append(time.perf_counter() - t)
-    model.forward(ids[:prompt], None)  # warm-up of the sequence path at this very length
-    model.synchronize()
-    t = time.perf_counter()
-    model.forward(ids[:prompt], None)
-    model.synchronize()
-    prompt_s = time.perf_counter() - t
+    ids = random_ids(model, max(bench_tokens + 3, prompt, 16))
+    times = time_decode(model, ids, bench_tokens)
+    prompt_s = time_prompt(model, ids[:prompt])
     rss = _peak_rss_mb()
     r = perplexity(model, tokens, chunk=chunk, ignore_first=ignore_first, progress=progress)
     return {
