@@ -7,8 +7,7 @@ machine of the README, 2 threads). With the cache a later load memory-maps the r
 (``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is copied).
 
 Never silently stale: the cache records the model file's size, its modification time (ns), a
-SHA-256 of its first and last MiB, the cache format, torch's version, the mode and whether the CPU
-has native bf16 (which picks the repack); any difference
+SHA-256 of its first and last MiB, the cache format, torch's version and the mode; any difference
 and the repacked tensors are computed again and the cache is rewritten (atomically). A cache that
 cannot be read is treated as absent; one that cannot be written (a read-only folder) is skipped.
 Only what is expensive to compute is kept (int4 and int8 repacks); F16 -> F32 conversions and
@@ -41,11 +40,8 @@ def source_key(model_path, mode: str) -> dict:
         if st.st_size > _EDGE:
             f.seek(max(_EDGE, st.st_size - _EDGE))
             h.update(f.read(_EDGE))
-    from .linear import fast_bf16_cpu  # it decides which repack a format gets
-
     return {"format": FORMAT, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "edges_sha256": h.hexdigest(), "torch": str(torch.__version__), "mode": mode,
-            "cpu_bf16": fast_bf16_cpu()}
+            "edges_sha256": h.hexdigest(), "torch": str(torch.__version__), "mode": mode}
 
 
 class RepackCache:

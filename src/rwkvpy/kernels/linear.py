@@ -21,19 +21,11 @@ F32        :class:`F32Linear` (torch.mv / F.linear)       same
 F16        :class:`F32Linear` on the weights converted    :class:`BF16Linear` on CPUs with
            to float32 at load (2x memory; fastest exact)  native bf16 (AMX / AVX512-BF16),
 BF16       :class:`HalfLinear` (numba, 2 bytes/weight)    else the exact choice (as fast)
-Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int4Linear` (torch int4) on
-                                                          CPUs with native bf16, else
-                                                          :class:`Int8Linear` (int8 rows)
+Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int4Linear` (torch int4)
 Q5_0/Q5_1  :class:`BlockLinear`                           :class:`Int8Linear` (int8 rows)
 Q8_0       :class:`BlockLinear`                           :class:`BlockLinear` (bf16 tiles for
                                                           prompts on CPUs with native bf16)
 =========  =============================================  ===================================
-
-On a CPU without native bf16 torch's int4 kernel is slower than its int8 kernel (AVX2 VM, one
-thread, one vector, Q4_0 | Q4_1: 2048x2048 int4 0.67 | 0.60 ms, int8 rows 0.51 | 0.32 ms;
-7168x2048 2.08 | 2.07 ms against 1.23 | 1.15 ms), at 1 byte a weight instead of 0.5; what int8
-rows add to Q4's error (fixtures converted from the FP32 files, mean over positions of the max
-abs logit difference) is 4-23 % of Q4's own error, about twice what the int4 path adds.
 
 Q8_0 has no lossy fast path: requantized to int8 rows (:class:`Int8Linear`) its logits moved
 3-4x as far from the FP32 model's as Q8_0's own (fixtures: 4v0 0.0066 -> 0.0248, 7v0 0.0008 ->
@@ -775,9 +767,8 @@ class Int4Linear(Linear):
 
 
 class Int8Linear(Linear):
-    """Block-quantized weights (Q5_0 / Q5_1, and Q4_0 / Q4_1 on CPUs without native bf16)
-    requantized at load to one int8 code per weight with one scale per output row, on torch's
-    int8 weight kernel ``_weight_int8pack_mm`` with bf16 activations.
+    """Q5_0 / Q5_1 / Q8_0 requantized at load to one int8 code per weight with one scale per
+    output row, on torch's int8 weight kernel ``_weight_int8pack_mm`` with bf16 activations.
 
     Lossy (``policy="fast"``): the exactly dequantized weights w are coded as
     ``q = round(w / s)``, ``s = max|w_row| / 127`` rounded up to bf16 (the kernel takes bf16
@@ -800,8 +791,8 @@ class Int8Linear(Linear):
         from ..quant import dequantize
 
         fmt = get_format(w.fmt)
-        if not fmt.quantized:
-            raise ValueError(f"Int8Linear reads block-quantized weights, got {fmt.name}")
+        if fmt.name not in ("Q5_0", "Q5_1", "Q8_0"):
+            raise ValueError(f"Int8Linear reads Q5_0/Q5_1/Q8_0, got {fmt.name}")
         self.fmt = fmt.name
         O, K = _shape2(w.shape)
         self.out_features, self.in_features = O, K
@@ -981,9 +972,9 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
         if not fmt.quantized:
             return make_linear(_qtensor_to_torch(w), policy)
         _shape2(w.shape)
-        if policy == "fast" and fmt.name in ("Q4_0", "Q4_1") and fast_bf16_cpu():
+        if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
             return Int4Linear(w, repacked)
-        if policy == "fast" and fmt.name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        if policy == "fast" and fmt.name in ("Q5_0", "Q5_1"):
             return Int8Linear(w, repacked)
         if not HAVE_NUMBA:  # pragma: no cover
             return DequantLinear(w)
