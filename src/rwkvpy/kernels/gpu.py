@@ -28,7 +28,7 @@ second copy of the math to keep in step with the reference. On CUDA the whole st
 every layer, head) is captured once per batch size (rounded up to a power of two) in a CUDA
 graph and replayed: one launch per token instead of one per operation, which is what limits
 eager PyTorch at batch 1 (BlinkDL's package: 16 ms per token for a 1.5B model on an H200).
-A replayed graph still runs one kernel per operation (about 100 per v7 layer); ``compile=True``
+A replayed graph still runs one kernel per operation of the eager code; ``compile=True``
 first lets torch.compile (TorchInductor) fuse the one-sequence step's elementwise chains into
 Triton kernels, at the price of a compilation when the model is first run (cached on disk by
 torch afterwards). Figures: README, "GPU".
