@@ -105,3 +105,16 @@ def test_off_and_not_needed(q5_model, tmp_path):
     f32 = tmp_path / "f32.bin"
     shutil.copy(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), f32)
     assert rwkvpy.load(f32).repack_cache == "none" and not os.path.exists(C.cache_path(f32))
+
+
+def test_read_only_folder_is_respected(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    shutil.copy(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-Q5_1.bin"), folder / "m.bin")
+    folder.chmod(0o555)
+    try:
+        m = rwkvpy.load(folder / "m.bin")
+        assert m.repack_cache == "not written: the model's folder is read-only"
+        assert os.listdir(folder) == ["m.bin"]
+    finally:
+        folder.chmod(0o755)

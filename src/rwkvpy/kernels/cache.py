@@ -9,7 +9,8 @@ machine of the README, 2 threads). With the cache a later load memory-maps the r
 Never silently stale: the cache records the model file's size, its modification time (ns), a
 SHA-256 of its first and last MiB, the cache format, torch's version and the mode; any difference
 and the repacked tensors are computed again and the cache is rewritten (atomically). A cache that
-cannot be read is treated as absent; one that cannot be written (a read-only folder) is skipped.
+cannot be read is treated as absent; one that cannot be written is skipped, and so is a folder
+without any write permission bit (shared read-only data, even when running as root).
 Only what is expensive to compute is kept (int4 and int8 repacks); F16 -> F32 conversions and
 transposed F32 copies are memory-speed copies and stay in memory only.
 """
@@ -78,6 +79,11 @@ class RepackCache:
         if not self._fresh:
             return
         from ..formats.atomic import atomic_write
+
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.stat(folder).st_mode & 0o222:  # read-only for everyone: respected even by root
+            self.status = "not written: the model's folder is read-only"
+            return
 
         tensors = {**{k: v for k, v in self._cached.items()}, **self._fresh}
         try:
