@@ -9,6 +9,8 @@ activations, one vector, 2e-2 (measured 3.0e-3 .. 3.6e-3 against the bf16 weight
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -367,3 +369,37 @@ def test_concurrent_python_threads():
     for t in ts:
         t.join()
     assert len(errs) == 18 and max(errs) < EXACT_TOL
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_copied_file_weights_leave_the_resident_set(tmp_path):
+    """An F16 weight read from a mapped file and converted (and transposed) to float32 at load:
+    the file's pages are released (formats.base.release_pages), the data is intact."""
+    from rwkvpy.formats.base import release_pages
+
+    shape = (4096, 2048)  # tall: converted and transposed
+    g = np.random.default_rng(0)
+    data = g.standard_normal(shape).astype(np.float16)
+    path = tmp_path / "w.f16"
+    data.tofile(path)
+    mm = np.memmap(path, dtype=np.float16, mode="r", shape=shape)
+    with warnings.catch_warnings():  # read-only array: torch warns that it cannot protect it
+        warnings.simplefilter("ignore", UserWarning)
+        view = torch.from_numpy(mm)
+    float(view.float().sum())  # every page resident
+    before = _rss_file_kb()
+    lin = L.F32Linear(view, fmt="F16")
+    after = _rss_file_kb()
+    assert before - after >= 0.9 * data.nbytes / 1024, (before, after)
+    assert torch.equal(view, torch.from_numpy(data))  # faulted in again from the file
+    x = _x(2, shape[1])
+    assert _err(lin(x), _ref(x, data.astype(np.float32))) < EXACT_TOL
+    mem = torch.from_numpy(data.copy())  # anonymous memory: never released
+    assert release_pages(mem) == 0 and torch.equal(mem, torch.from_numpy(data))

@@ -64,3 +64,55 @@ class Checkpoint:
     @property
     def shapes(self) -> dict:
         return {k: tuple(v.shape) for k, v in self.tensors.items()}
+
+
+_PAGE = 4096
+_MADV_DONTNEED = 4  # Linux
+
+
+def _file_mapping(addr: int):
+    """(start, end) of the mapping of a file that holds ``addr`` in this process, else None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= addr < hi:
+                    inode = parts[4] if len(parts) > 4 else "0"
+                    path = parts[5].strip() if len(parts) > 5 else ""
+                    return (lo, hi) if inode != "0" and path.startswith("/") else None
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None
+
+
+def release_pages(t: torch.Tensor) -> int:
+    """Drop from this process's resident memory the pages of ``t`` if it is a view of a
+    memory-mapped model file that has been copied (converted, transposed) and will not be read
+    again: the file stays mapped and a later read faults the same bytes in from the file.
+
+    Only whole pages inside ``t`` and inside one file mapping are released (``madvise``
+    MADV_DONTNEED); anonymous memory (an in-memory tensor) is never touched, since there it would
+    lose the data. Returns the bytes released (0 where nothing applies, or off Linux).
+    """
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return 0
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    span = _file_mapping(start)
+    if span is None or end > span[1]:
+        return 0
+    lo = -(-start // _PAGE) * _PAGE
+    hi = end // _PAGE * _PAGE
+    if hi <= lo:
+        return 0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) != 0:
+            return 0
+    except (OSError, AttributeError):  # pragma: no cover - no libc madvise
+        return 0
+    return hi - lo

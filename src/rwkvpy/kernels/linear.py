@@ -71,7 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..formats.base import QTensor
+from ..formats.base import QTensor, release_pages
 from ..quant import get_format
 
 __all__ = [
@@ -563,6 +563,7 @@ class F32Linear(Linear):
     strategy = "torch-f32"
 
     def __init__(self, w: torch.Tensor, fmt: str = "F32"):
+        src = w
         w = w.detach().to(torch.float32)
         self.out_features, self.in_features = (int(s) for s in w.shape)
         self.fmt = fmt
@@ -575,6 +576,10 @@ class F32Linear(Linear):
         self.transposed = self.out_features > self.in_features
         self.weight_t = w.t().contiguous() if self.transposed else None
         self.weight = self.weight_t.t() if self.transposed else w.contiguous()
+        if self.weight.data_ptr() != src.data_ptr():
+            # a copy (F16 -> F32, or transposed) replaces a mapped file's tensor: its pages
+            # leave the resident set instead of doubling it (formats.base.release_pages)
+            release_pages(src)
 
     def _mv(self, x):
         if self.transposed:
@@ -992,7 +997,7 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
             return BF16Linear(w)
         if w.dtype == torch.bfloat16 and HAVE_NUMBA:
             return HalfLinear(w)
-        return F32Linear(w.float(), fmt=_torch_fmt(w))
+        return F32Linear(w, fmt=_torch_fmt(w))  # converted (and its file pages released) there
     if w.dtype.is_floating_point:
         return F32Linear(w, fmt="F32")
     raise TypeError(f"make_linear: unsupported weight dtype {w.dtype}")
