@@ -118,3 +118,21 @@ def test_read_only_folder_is_respected(tmp_path):
         assert os.listdir(folder) == ["m.bin"]
     finally:
         folder.chmod(0o755)
+
+
+def test_cli_bench_reports_and_no_cache_skips(q5_model):
+    import json
+    import subprocess
+    import sys
+
+    def bench(*extra):
+        r = subprocess.run([sys.executable, "-m", "rwkvpy", "bench", str(q5_model), "--tokens",
+                            "4", "--prompt", "8", "--threads", "1", "--json", *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    assert bench("--no-cache")["repack_cache"] == "off"
+    assert not os.path.exists(C.cache_path(q5_model))
+    assert bench()["repack_cache"] == "written" and os.path.exists(C.cache_path(q5_model))
+    assert bench()["repack_cache"] == "hit"

@@ -90,7 +90,7 @@ def time_prompt(model, ids) -> float:
 
 
 def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", threads=None,
-        device="cpu", gpu_layers=None, compile=False, progress=None) -> dict:
+        device="cpu", gpu_layers=None, compile=False, cache=True, progress=None) -> dict:
     """Measure a model file: per-token latency (median), prompt throughput, load time, memory,
     and the memory bandwidth of the device that holds the most weights, in the same run.
     With layers split between a GPU and the CPU, the bound is that of the CPU's share."""
@@ -99,7 +99,7 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
-                        compile=compile)
+                        compile=compile, cache=cache)
     load_s = time.perf_counter() - t0
     ids = random_ids(model, max(tokens, prompt) + 4)
     say(f"decoding {tokens} tokens")
@@ -127,7 +127,8 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
                  "peak_gpu_mb": round(torch.cuda.max_memory_allocated(gpu) / 2**20, 1)}
     return {
         "model": str(path), "version": model.info.version.value, "type": first.fmt,
-        "mode": mode, "device": str(where), "threads": torch.get_num_threads(), **extra,
+        "mode": mode, "device": str(where), "threads": torch.get_num_threads(),
+        "repack_cache": model.repack_cache, **extra,
         "per_token_ms": round(per_token_ms, 3), "per_token_min_ms": round(min(times) * 1e3, 3),
         "tokens_timed": len(times),
         "prompt_tokens": prompt, "prompt_tokens_per_s": round(prompt / prompt_s, 1),
@@ -150,5 +151,6 @@ def format_report(r: dict) -> str:
         f"{r['bandwidth_gbs']:.1f} GB/s read bandwidth of {r['device']} (measured now); "
         f"ratio {r['bound_ratio']:.2f}",
         f"prompt:       {r['prompt_tokens_per_s']:.1f} tokens/s over {r['prompt_tokens']} tokens",
-        f"load:         {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+        f"load:         {r['load_s']:.2f} s (repack cache: {r['repack_cache']}), "
+        f"peak RSS {r['peak_rss_mb']:.0f} MB",
     ])

@@ -19,12 +19,14 @@ def add_run_options(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="with a GPU device: fuse the decode step with torch.compile (faster "
                         "tokens after a compilation at start)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="do not read or write MODEL.rwkvpy-cache (the CPU's repacked weights)")
 
 
 def run_options(args) -> dict:
     """The keyword arguments of rwkvpy.load for the options of :func:`add_run_options`."""
     return {"mode": args.mode, "threads": args.threads, "device": args.device,
-            "gpu_layers": args.gpu_layers, "compile": args.compile}
+            "gpu_layers": args.gpu_layers, "compile": args.compile, "cache": args.cache}
 
 
 def _fmt_bytes(n: int) -> str:

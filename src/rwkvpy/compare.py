@@ -151,7 +151,7 @@ def _peak_rss_mb() -> float:
 
 
 def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None,
-            mode: str = "fast", device="cpu", gpu_layers=None, compile=False,
+            mode: str = "fast", device="cpu", gpu_layers=None, compile=False, cache=True,
             bench_tokens: int = 32, prompt: int = 512, progress=False) -> dict:
     """Measure one model file in this process (see the module docstring). Use it in a fresh
     process for a meaningful ``rss_mb``; :func:`compare` does."""
@@ -168,7 +168,7 @@ def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, 
     base_rss = (_vm_kb("VmRSS") or 0) / 1024
     t0 = time.perf_counter()
     model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
-                        compile=compile)
+                        compile=compile, cache=cache)
     load_s = time.perf_counter() - t0
     ids = random_ids(model, max(bench_tokens + 3, prompt, 16))
     times = time_decode(model, ids, bench_tokens)
@@ -197,7 +197,7 @@ def _worker(spec_path: str) -> int:
         out = measure(spec["path"], tokens, ignore_first=spec["ignore_first"],
                       chunk=spec["chunk"], threads=spec["threads"], mode=spec["mode"],
                       device=spec["device"], gpu_layers=spec["gpu_layers"],
-                      compile=spec["compile"], bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
+                      compile=spec["compile"], cache=spec["cache"], bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
                       progress=spec["progress"])
     except (RwkvpyError, OSError, MemoryError) as e:
         out = {"error": str(e)}
@@ -235,7 +235,7 @@ def _measure_in_subprocess(path, tmp, spec: dict, progress: bool) -> dict:
 # -- the comparison ------------------------------------------------------------------------------
 def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = False,
             ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None, mode: str = "fast",
-            device="cpu", gpu_layers=None, compile=False, bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
+            device="cpu", gpu_layers=None, compile=False, cache=True, bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
             format: str | None = None, progress=True) -> CompareResult:
     """Convert ``model`` (a file path) into each of ``types`` and measure each file.
 
@@ -246,7 +246,7 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
             goes). A file already there is an error unless ``reuse`` (then it is measured as
             it is, after checking that it is this model in that type).
         format: "gguf" or "bin" (default: ``.bin`` for an rwkv.cpp source, else GGUF).
-        threads, mode, device, gpu_layers, compile: as :func:`rwkvpy.load`; bench_tokens, prompt: as ``rwkvpy bench``.
+        threads, mode, device, gpu_layers, compile, cache: as :func:`rwkvpy.load`; bench_tokens, prompt: as ``rwkvpy bench``.
         progress: True prints a line per step and the perplexity bar on stderr; a callable gets
             each message instead.
 
@@ -300,7 +300,7 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
         np.save(tok_path, tokens)
         spec = {"tokens": tok_path, "ignore_first": ignore_first, "chunk": chunk,
                 "threads": threads, "mode": mode, "device": device, "gpu_layers": gpu_layers,
-                "compile": compile,
+                "compile": compile, "cache": cache,
                 "bench_tokens": bench_tokens,
                 "prompt": prompt}
         for i, typ in enumerate(type_list, 1):
