@@ -1,5 +1,5 @@
 """The text commands (generate, chat, tokenize) and hf: model specs, run as the command line
-runs them: ``rwkvpy.cli_text.main_for_tests`` in a subprocess (and in-process where that is
+runs them: ``rwkvpy.cli.main`` in a subprocess (and in-process where that is
 enough), on the tiny trained RWKV byte models."""
 
 import hashlib
@@ -14,13 +14,14 @@ import torch
 
 import rwkvpy
 from conftest import fixture_path
-from rwkvpy.cli_text import _show_reply, main_for_tests
+from rwkvpy.cli import main as main_for_tests
+from rwkvpy.cli_text import _show_reply
 from rwkvpy.generate import generate
 from rwkvpy.hub import HubError, parse_hf_spec, resolve_model
 from rwkvpy.sampling import SamplingParams
 from rwkvpy.tokenizers import ByteTokenizer
 
-MAIN = ("import sys; from rwkvpy.cli_text import main_for_tests; "
+MAIN = ("import sys; from rwkvpy.cli import main as main_for_tests; "
         "sys.exit(main_for_tests(sys.argv[1:]))")
 
 
@@ -263,7 +264,7 @@ def test_hf_model_from_an_offline_cache(v7, tmp_path, capsys):
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     # one process, two commands (a process costs seconds): a cached file, then an uncached one
     script = (
-        "import sys; from rwkvpy.cli_text import main_for_tests as m\n"
+        "import sys; from rwkvpy.cli import main as m\n"
         "a = m(['generate', '-m', 'hf:tiny-owner/tiny-rwkv/models/tiny.bin', 'In the', "
         "'--greedy', '--max-tokens', '8', '--threads', '1', '--json', '--mode', 'reference'])\n"
         "sys.stdout.flush(); sys.stderr.write('--\\n'); sys.stderr.flush()\n"

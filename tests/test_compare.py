@@ -14,7 +14,7 @@ import torch
 import rwkvpy
 from conftest import fixture_path
 from rwkvpy import compare as cmp
-from rwkvpy.cli_eval import main_for_tests
+from rwkvpy.cli import main as main_for_tests
 from rwkvpy.perplexity import perplexity
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Beautiful is better than ugly. Explicit "

@@ -1,6 +1,6 @@
 """Perplexity: the chunked sequence-mode scorer against token-by-token scoring through the API,
 --ignore-first, chunk boundaries, and the ``rwkvpy perplexity`` command's output and errors
-(run as the command line runs it: ``rwkvpy.cli_eval.main_for_tests`` in a subprocess)."""
+(run as the command line runs it: ``rwkvpy.cli.main`` in a subprocess)."""
 
 import json
 import math
@@ -12,11 +12,11 @@ import torch
 
 import rwkvpy
 from conftest import fixture_path
-from rwkvpy.cli_eval import main_for_tests
+from rwkvpy.cli import main as main_for_tests
 from rwkvpy.errors import TokenError
 from rwkvpy.perplexity import PerplexityError, perplexity
 
-MAIN = ("import sys; from rwkvpy.cli_eval import main_for_tests; "
+MAIN = ("import sys; from rwkvpy.cli import main as main_for_tests; "
         "sys.exit(main_for_tests(sys.argv[1:]))")
 
 TEXT = ("In the beginning the quick brown fox jumps over the lazy dog. Beautiful is better than "

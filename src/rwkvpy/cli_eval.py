@@ -237,21 +237,3 @@ def add_eval_commands(subparsers) -> None:
                    help="plot perplexity against latency and file size (needs matplotlib)")
     c.set_defaults(func=cmd_compare)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rwkvpy", description="rwkvpy evaluation commands.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_eval_commands(sub)
-    return p
-
-
-def main_for_tests(argv=None) -> int:
-    """Run a evaluation command alone, with ``rwkvpy.cli``'s error handling."""
-    from .cli import run_command
-
-    return run_command(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_for_tests())

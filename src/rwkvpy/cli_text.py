@@ -9,7 +9,6 @@ alone, with the same error handling as ``rwkvpy.cli.main``.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -372,21 +371,3 @@ def add_text_commands(subparsers) -> None:
     t.add_argument("--json", action="store_true", help="print a JSON list")
     t.set_defaults(func=cmd_tokenize)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rwkvpy", description="rwkvpy text commands.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_text_commands(sub)
-    return p
-
-
-def main_for_tests(argv=None) -> int:
-    """Run a text command alone, with ``rwkvpy.cli``'s error handling."""
-    from .cli import run_command
-
-    return run_command(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_for_tests())
