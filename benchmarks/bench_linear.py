@@ -70,7 +70,7 @@ def candidates(fmt, w32, qt):
     elif fmt in ("F16", "BF16"):
         dt = torch.float16 if fmt == "F16" else torch.bfloat16
         wh = w32.to(dt)
-        out.append(("numba half (exact)", lambda: L.HalfLinear(wh.clone())))
+        out.append(("numba half (exact)", lambda: L.FloatLinear(wh.clone())))
         out.append(("bf16 torch (lossy)", lambda: L.BF16Linear(wh.clone())))
         out.append(("f32 at load (exact)", lambda: L.F32Linear(wh.float(), fmt=fmt)))
         if fmt == "F16":

@@ -169,14 +169,16 @@ def test_int4_bf16_packing_exact_on_bf16_scales(fmt):
     assert torch.equal(lin(torch.eye(shape[1])).T, wd)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(37, 64), (520, 1024), (24, 100)])
-def test_half_exact(dtype, shape):
+def test_float_exact(dtype, shape):
+    """The numba float kernels, rows a multiple of 32 long and not (a scalar tail)."""
     w = torch.from_numpy(_weights(shape, 11)).to(dtype)
     wd = w.float()
     lin = L.make_linear(w, "exact")
-    assert lin.exact and lin.fmt == ("F16" if dtype == torch.float16 else "BF16")
-    lins = [lin, L.HalfLinear(w)]
+    assert lin.exact and lin.fmt == {torch.float16: "F16", torch.bfloat16: "BF16",
+                                     torch.float32: "F32"}[dtype]
+    lins = [lin, L.FloatLinear(w)]
     for T in TS:
         x = _x(T, shape[1])
         for ln in lins:
@@ -188,7 +190,7 @@ def test_half_special_values():
     h = np.arange(65536, dtype=np.uint16)
     w = torch.from_numpy(h.view(np.float16).reshape(256, 256).copy())
     finite = torch.isfinite(w.float())
-    lin = L.HalfLinear(w)
+    lin = L.FloatLinear(w)
     x = torch.zeros(256)
     for j in range(0, 256, 37):  # one-hot inputs read columns back exactly
         x.zero_()
@@ -202,19 +204,30 @@ def test_half_special_values():
 
 
 def test_h2f_exhaustive():
+    """Both float16 -> float32 conversions, on all 65536 bit patterns: the scalar one (row
+    decoders, tails) bit for bit, the vector one (simd.dot_f16) through a product with 1."""
     from numba import njit
 
+    from rwkvpy.kernels import simd
+
     @njit
-    def convert(out):
+    def convert(out, rows, one):
         for i in range(65536):
             out[0, i] = L._h2f(np.int64(i))
-            out[1, i] = L._h2f_fast(np.int64(i))
+            out[1, i] = simd.dot_f16(rows[i], one, 1)
 
+    rows = np.zeros((65536, 32), np.uint16)
+    rows[:, 0] = np.arange(65536)
+    one = np.zeros(32, np.float32)
+    one[0] = 1
     out = np.empty((2, 65536), np.float32)
-    convert(out)
+    convert(out, rows.view(np.uint8), one)
     ref = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-    for row in out:
-        assert np.array_equal(row.view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(out[0].view(np.uint32), ref.view(np.uint32))
+    # lane sums start from +0 (so -0 comes back as +0) and NaNs stay NaN
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(out[1]), nan)
+    assert np.array_equal(out[1][~nan], ref[~nan] + np.float32(0))
 
 
 @pytest.mark.parametrize("fmt", QUANT)
@@ -253,7 +266,9 @@ def test_f32_and_bf16_linears():
     shape = (100, 256)
     w = torch.from_numpy(_weights(shape, 6))
     lin = L.make_linear(w, "exact")
-    assert isinstance(lin, L.F32Linear) and lin.nbytes == w.numel() * 4
+    assert isinstance(lin, L.FloatLinear) and lin.nbytes == w.numel() * 4
+    assert lin.weight.data_ptr() == w.data_ptr()  # the weight itself, no copy
+    torch_lin = L.F32Linear(w)
     b16 = L.BF16Linear(w.half())
     wb = w.half().bfloat16().float()
     for T in TS:
@@ -264,6 +279,7 @@ def test_f32_and_bf16_linears():
         x1 = x[0]  # one vector: bf16 activations and output
         assert _err(b16(x1), _ref(x1[None], wb)[0]) < BF16_TOL
         assert _err(lin(x1), _ref(x1[None], w)[0]) < EXACT_TOL
+        assert _err(torch_lin(x), _ref(x, w)) < EXACT_TOL
 
 
 def test_policy_choices():
@@ -320,9 +336,16 @@ def test_input_forms_and_memmap(tmp_path):
 
 
 def test_threads_and_layer():
-    """The numba pool follows torch's thread count and runs on the workqueue layer; one
-    thread means the serial kernel. Each row is summed by one thread: same bits either way."""
+    """The numba pool follows torch's thread count and runs on the OpenMP layer where numba
+    can load it (else workqueue); one thread means the serial kernel. Each row is summed by
+    one thread: same bits either way."""
     import numba
+
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401
+        layer = "omp"
+    except ImportError:  # no OpenMP runtime on this machine
+        layer = "workqueue"
 
     shape = (520, 1024)
     q = _qtensor("Q8_0", _weights(shape, 12))
@@ -337,7 +360,7 @@ def test_threads_and_layer():
         y2 = lin(x[:1])
         if n_par > 1:
             assert numba.get_num_threads() == n_par
-            assert numba.threading_layer() == "workqueue"
+            assert numba.threading_layer() == layer
         assert torch.equal(y1, y2)
         y3 = lin(x)  # T = 3 > NUMBA_MAX_T: parallel tile dequantization + GEMM
         assert _err(y3, _ref(x, get_format("Q8_0").dequantize(q.data, shape))) < EXACT_TOL

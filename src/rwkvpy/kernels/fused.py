@@ -40,22 +40,105 @@ def _norm_stats(out, eps):
 
 
 @numba.njit(cache=True, nogil=True)
+def _layer_norm(x, w, b, eps, out):
+    """out = layer_norm(x) * w + b for one vector (float32 mean and biased variance)."""
+    C = x.shape[0]
+    mean = np.float32(0.0)
+    for c in range(C):
+        mean += x[c]
+    mean /= C
+    var = np.float32(0.0)
+    for c in range(C):
+        d = x[c] - mean
+        var += d * d
+    inv = np.float32(1.0) / np.float32(math.sqrt(var / C + eps))
+    for c in range(C):
+        out[c] = (x[c] - mean) * inv * w[c] + b[c]
+
+
+@numba.njit(cache=True, nogil=True)
+def _mix_in(x, delta, lnw, lnb, eps, prev, mix, xx, out):
+    """The start of a time- or channel-mix block, for each of B sequences (rows):
+    x += delta (the previous block's output; skipped when delta has no rows),
+    xx = layer_norm(x), and the token-shift mixes out[j] = xx + (prev - xx) * mix[j].
+
+    x, delta, prev, xx (B, C); mix (M, C); out (M, B, C). xx is the block's new shift state.
+    """
+    B, C = x.shape
+    for b in range(B):
+        if delta.shape[0] > 0:
+            for c in range(C):
+                x[b, c] += delta[b, c]
+        _layer_norm(x[b], lnw, lnb, eps, xx[b])
+        for j in range(mix.shape[0]):
+            for c in range(C):
+                out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * mix[j, c]
+
+
+@numba.njit(cache=True, nogil=True)
+def _vec_mat(x, W, out):
+    """out (D,) = x (C,) @ W (C, D), one contiguous row of W at a time (an axpy per row:
+    vectorized, no reduction across lanes)."""
+    for d in range(W.shape[1]):
+        out[d] = 0.0
+    for c in range(W.shape[0]):
+        xc = x[c]
+        row = W[c]
+        for d in range(W.shape[1]):
+            out[d] += xc * row[d]
+
+
+@numba.njit(cache=True, nogil=True)
+def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, wl, al, vl, g):
+    """The low-rank projections of a v7 time mix, for each of B sequences (rows):
+    wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped when v1 has no rows:
+    layer 0), g = sigmoid(xg g1) g2."""
+    for b in range(xw.shape[0]):
+        h = np.empty(w1.shape[1], np.float32)
+        _vec_mat(xw[b], w1, h)
+        for d in range(h.shape[0]):
+            h[d] = np.float32(math.tanh(h[d]))
+        _vec_mat(h, w2, wl[b])
+        h = np.empty(a1.shape[1], np.float32)
+        _vec_mat(xa[b], a1, h)
+        _vec_mat(h, a2, al[b])
+        if v1.shape[0] > 0:
+            h = np.empty(v1.shape[1], np.float32)
+            _vec_mat(xv[b], v1, h)
+            _vec_mat(h, v2, vl[b])
+        h = np.empty(g1.shape[1], np.float32)
+        _vec_mat(xg[b], g1, h)
+        for d in range(h.shape[0]):
+            h[d] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-h[d])))
+        _vec_mat(h, g2, g[b])
+
+
+@numba.njit(cache=True, nogil=True)
+def _relu_sq(k):
+    """k = relu(k) ** 2 in place (B, F)."""
+    for b in range(k.shape[0]):
+        for j in range(k.shape[1]):
+            v = max(k[b, j], np.float32(0.0))
+            k[b, j] = v * v
+
+
+@numba.njit(cache=True, nogil=True)
 def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
-             S, y):
+             S_in, S_out, y):
     """v7 time mix after the projections, for one token of each of B sequences.
 
     r, k, v, wl, al, vl, g (B, C) float32; vfirst (B, C) read (or written when first);
-    S (B, H, N, N) as in models/v7.py, updated in place; y (B, C) receives
-    (group_norm(S r) + bonus) * g.
+    S_in (B, H, N, N) as in models/v7.py, read; S_out receives the new state (may be S_in);
+    y (B, C) receives (group_norm(S r) + bonus) * g.
     """
-    for bi in range(S.shape[0]):
+    for bi in range(S_in.shape[0]):
         _v7_one(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first, w0, a0,
-                v0, k_k, k_a, r_k, lnw, lnb, eps, S[bi], y[bi])
+                v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi])
 
 
 @numba.njit(cache=True, nogil=True)
 def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
-            S, y):
+            S, S_out, y):
     H, N = S.shape[0], S.shape[1]
     kk = np.empty(N, np.float32)
     kt = np.empty(N, np.float32)
@@ -93,7 +176,7 @@ def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, ln
             vi = vv[i]
             for j in range(N):
                 s = S[h, i, j] * w[j] + sa * ka[j] + vi * kt[j]
-                S[h, i, j] = s
+                S_out[h, i, j] = s
                 acc += s * r[b + j]
             out[i] = acc
         mean, inv = _norm_stats(out, eps)
@@ -182,7 +265,14 @@ class FusedStep:
             a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
             d = {}
             if v is Version.V7:
-                d["mix"] = torch.stack([w[a + "x_" + n] for n in "rwkvag"])        # (6, C)
+                d["mix"] = _np(torch.stack([w[a + "x_" + n] for n in "rwkvag"]))    # (6, C)
+                d["fmix"] = _np(w[f + "x_k"].reshape(1, -1))                        # (1, C)
+                d["ln"] = [_np(w[f"blocks.{i}.{n}"]) for n in
+                           ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")]
+                none = np.zeros((0, 1), np.float32)  # layer 0 has no value residual LoRA
+                d["lora"] = [none if n[0] == "v" and i == 0 else
+                             _np(w[a + n].to(torch.float32).contiguous())
+                             for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")]
                 d["np"] = [_np(w[a + n]) for n in ("w0", "a0")] + [
                     _np(w[a + "v0"]) if i > 0 else np.zeros(1, np.float32)] + [
                     _np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")]
@@ -210,13 +300,15 @@ class FusedStep:
 
         Returns (logits (B, V), list of B new States). The given states are unchanged.
         """
+        if self.cfg.version is Version.V7:
+            return self._batch_v7(tokens, states)
         net, cfg, w = self.net, self.cfg, self.net.w
         att_x = torch.stack([s.att_x for s in states], 1)  # (L, B, C) fresh copies
         ffn_x = torch.stack([s.ffn_x for s in states], 1)
         wkv = torch.stack([s.wkv for s in states], 1)      # (L, B, ...)
         x = net.ln(w["emb.weight"][torch.as_tensor(tokens)].float(), "blocks.0.ln0")  # (B, C)
         ctx = {}
-        tm = {Version.V7: self._tm_v7, Version.V6: self._tm_v6, Version.V4: self._tm_v4}.get(
+        tm = {Version.V6: self._tm_v6, Version.V4: self._tm_v4}.get(
             cfg.version, self._tm_v5)
         for i in range(cfg.n_layer):
             p = f"blocks.{i}."
@@ -247,28 +339,54 @@ class FusedStep:
         return torch.sigmoid(net.mm(xr, f + "receptance.weight")) * net.mm(k * k, f + "value.weight")
 
     # -- time mix --------------------------------------------------------------------------------
-    def _tm_v7(self, i, xx, prev, S, ctx):
-        net, w, d = self.net, self.net.w, self.layers[i]
-        a = f"blocks.{i}.att."
-        xr, xw, xk, xv, xa, xg = (xx + (prev - xx) * m for m in d["mix"])
-        r = net.mm(xr, a + "receptance.weight")
-        k = net.mm(xk, a + "key.weight")
-        v = net.mm(xv, a + "value.weight")
-        wl = torch.tanh(xw @ w[a + "w1"]) @ w[a + "w2"]
-        al = (xa @ w[a + "a1"]) @ w[a + "a2"]
-        g = torch.sigmoid(xg @ w[a + "g1"]) @ w[a + "g2"]
-        first = i == 0
-        if first:
-            ctx["v_first"] = torch.empty_like(v)
-            vl = wl  # unused
-        else:
-            vl = (xv @ w[a + "v1"]) @ w[a + "v2"]
-        y = torch.empty_like(r)
-        w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
-        _v7_core(_np(r), _np(k), _np(v), _np(ctx["v_first"]), _np(wl), _np(al), _np(vl), _np(g),
-                 first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, np.float32(self.cfg.ln_x_eps),
-                 _np(S), _np(y))
-        return net.mm(y, a + "output.weight")
+    def _batch_v7(self, tokens, states):
+        """v7: every step between the matrix products is a numba kernel on numpy views
+        (_mix_in, _v7_loras, _v7_core, _relu_sq); the states are read where they are and the
+        new ones written into fresh tensors (no copy of a state on the way in)."""
+        net, cfg, w = self.net, self.cfg, self.net.w
+        L, B, C, A = cfg.n_layer, len(states), cfg.n_embd, cfg.n_att
+
+        def gather(name):  # (L, B, ...): a view for one sequence, a stacked copy for several
+            ts = [getattr(s, name) for s in states]
+            return ts[0].unsqueeze(1) if B == 1 else torch.stack(ts, 1)
+
+        att_in, ffn_in, wkv_in = (_np(gather(n)) for n in ("att_x", "ffn_x", "wkv"))
+        att_out = torch.empty((L, B, C), dtype=torch.float32)
+        ffn_out = torch.empty((L, B, C), dtype=torch.float32)
+        wkv_out = torch.empty((L, B) + tuple(states[0].wkv.shape[1:]), dtype=torch.float32)
+        ao, fo, so = _np(att_out), _np(ffn_out), _np(wkv_out)
+        x = net.ln(w["emb.weight"][torch.as_tensor(tokens)].float(), "blocks.0.ln0").contiguous()
+        xn = _np(x)
+        mixed = torch.empty((6, B, C), dtype=torch.float32)
+        kin = torch.empty((1, B, C), dtype=torch.float32)
+        mn, kn = _np(mixed), _np(kin)
+        wl, al, vl, g, vfirst = (np.empty((B, A), np.float32) for _ in range(5))
+        eps, ln_eps = np.float32(cfg.ln_x_eps), np.float32(cfg.layer_norm_eps)
+        delta = np.empty((0, C), np.float32)  # nothing to add before the first block
+        for i in range(L):
+            d, a, f = self.layers[i], f"blocks.{i}.att.", f"blocks.{i}.ffn."
+            ln1w, ln1b, ln2w, ln2b = d["ln"]
+            _mix_in(xn, delta, ln1w, ln1b, ln_eps, att_in[i], d["mix"], ao[i], mn)
+            r = _np(net.mm(mixed[0], a + "receptance.weight"))
+            k = _np(net.mm(mixed[2], a + "key.weight"))
+            v = _np(net.mm(mixed[3], a + "value.weight"))
+            _v7_loras(mn[1], mn[4], mn[3], mn[5], *d["lora"], wl, al, vl, g)
+            y = np.empty((B, A), np.float32)
+            w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
+            _v7_core(r, k, v, vfirst, wl, al, vl, g, i == 0, w0, a0, v0, k_k, k_a, r_k, lnw,
+                     lnb, eps, wkv_in[i], so[i], y)
+            att = _np(net.mm(torch.from_numpy(y), a + "output.weight"))
+            _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d["fmix"], fo[i], kn)
+            kk = net.mm(kin[0], f + "key.weight")
+            _relu_sq(_np(kk))
+            delta = _np(net.mm(kk, f + "value.weight"))
+        x += torch.from_numpy(delta)
+        logits = net.head(net.ln(x, "ln_out"))
+        if B == 1:
+            return logits, [State(states[0].version, att_out[:, 0], ffn_out[:, 0], wkv_out[:, 0],
+                                  states[0].n_tokens + 1)]
+        return logits, [State(s.version, att_out[:, b].clone(), ffn_out[:, b].clone(),
+                              wkv_out[:, b].clone(), s.n_tokens + 1) for b, s in enumerate(states)]
 
     def _tm_v6(self, i, xx, prev, S, ctx):
         net, w, d = self.net, self.net.w, self.layers[i]

@@ -53,13 +53,15 @@ Prompts (T > 1): the numba kernels take T <= :data:`NUMBA_MAX_T` vectors in one 
 the weights are dequantized in row tiles (bit-exact) and multiplied with torch's GEMM (MKL),
 which is far faster per flop.
 
-Threads: the numba kernels run on as many threads as ``torch.get_num_threads()``; numba uses its
-'workqueue' threading layer (set here through ``numba.config`` before its first parallel
-launch): two OpenMP pools (torch's and numba's) spinning on the same two cores made every call
-10-20x slower. That layer aborts the process when two Python threads launch parallel kernels
-at once, so launches take :data:`PARALLEL_LOCK` (a caller that finds it held runs the serial
-kernel). Below :data:`SERIAL_MAX_ELEMENTS` weights, or with one torch thread, the serial kernel
-runs directly. numba is optional: without it the quantized formats are dequantized to float32
+Threads: the numba kernels run on as many threads as ``torch.get_num_threads()``. numba's
+threading layer is chosen here (``numba.config``, before its first parallel launch): OpenMP
+first, else 'workqueue'. A launch on OpenMP's spinning pool costs a few microseconds, on
+workqueue 40-60: on the v7 0.1B model (2 threads, every product in numba) a token took 16-18 ms
+with OpenMP and 24-48 ms with workqueue. Decode now runs every product in numba, so torch's own
+OpenMP pool (a second one) stays idle between prompts. workqueue aborts the process when two
+Python threads launch parallel kernels at once, so launches take :data:`PARALLEL_LOCK` (a
+caller that finds it held runs the serial kernel). Below :data:`SERIAL_MAX_ELEMENTS` weights,
+or with one torch thread, the serial kernel runs directly. numba is optional: without it the quantized formats are dequantized to float32
 at load (exact, 2-8x the memory) and BF16 weights are converted to float32.
 """
 
@@ -81,7 +83,7 @@ __all__ = [
     "BlockLinear",
     "DequantLinear",
     "F32Linear",
-    "HalfLinear",
+    "FloatLinear",
     "Int4Linear",
     "Int8Linear",
     "Linear",
@@ -90,6 +92,7 @@ __all__ = [
 ]
 
 POLICIES = ("exact", "fast")
+F32_NUMBA = True
 
 #: Largest T for which the numba kernels handle a prompt themselves (one pass over the weights
 #: per vector); above it, row tiles are dequantized and multiplied by torch's GEMM. Measured
@@ -104,8 +107,8 @@ INT8_MAX_T = 16
 _QK = 32
 #: Elements of one dequantized tile (float32) for the tiled GEMM path: 1 Mi elements = 4 MiB.
 TILE_ELEMENTS = 1 << 20
-#: Below this many weight elements a numba matvec runs serially: a parallel launch of numba's
-#: workqueue layer costs ~40-60 us, more than the work it splits.
+#: Below this many weight elements a numba matvec runs serially (a launch costs more than the
+#: work it splits).
 SERIAL_MAX_ELEMENTS = 1 << 18
 
 try:  # numba is optional
@@ -113,6 +116,8 @@ try:  # numba is optional
     from numba import njit, prange
     from numba.core import types as _nbtypes
     from numba.extending import intrinsic
+
+    from . import simd as _simd
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
@@ -147,31 +152,23 @@ def fast_bf16_cpu() -> bool:
 # are summed at the end of the row. So the result is the float32 ``dequantize(W) @ x`` with
 # another summation order, NaN and inf included.
 #
-# Codegen notes (measured, numba 0.68, AVX2; see bench_linear.py):
-# * the lane accumulators live on the stack (:func:`_stack_lanes`, an alloca made in each dot
-#   function's own frame): LLVM then knows they alias nothing and keeps the block loop free of
-#   run-time alias checks (a heap np.empty cost ~30 % more). A plain reduction ``s += w * x``
-#   cannot be vectorized without fast-math; with 'reassoc' it was no faster than the lanes
-#   for Q8_0 and fell back to scalar code for the 16-byte loops of Q4/Q5.
-# * the inner loop's trip count (half a block or a block) is passed at run time (``qk``): with
-#   a constant 16 or 32 LLVM unrolls it fully and then fails to vectorize it (scalar cvtsi2ss)
-#   or vectorizes the *block* loop with gathers; both were 5-10x slower.
-# * each row is handled through a 1-D view ``raw2[r]`` in a separate function: indexing the
-#   flat buffer with ``r * row_bytes + ...`` inside a prange body kept LLVM from vectorizing.
-# * integers are narrowed to int32 before int->float conversion (AVX2 has no int64->float),
-#   and activations are indexed through per-block slices (an index like ``b*qk + j`` with a
-#   run-time qk got numba's negative-index wraparound per element, which became gathers).
+# The row . vector products are explicit LLVM vector code (kernels/simd.py): numba's loop
+# vectorizer turned each 32-weight block into a scalar prologue, a short vector loop and an
+# epilogue (about two instructions per weight). Measured on the AVX2 VM (1 thread, 2048x2048
+# in cache, Gweights/s, numba loops -> simd.py): Q4_0 4.3 -> 7.5, Q4_1 3.6 -> 6.0, Q5_0 2.5 ->
+# 5.6, Q5_1 2.2 -> 5.0, Q8_0 4.8 -> 10.3, F16 2.8 -> 17.0 (vcvtph2ps), BF16 4.8 -> 14.3.
+# The row decoders for prompt tiles (``_dec_*``) are plain numba loops (bit-exact, tested
+# exhaustively); each row is handled through a 1-D view ``raw2[r]`` in a separate function.
 
 if HAVE_NUMBA:
     from llvmlite import ir as _ir
-    from numba.core import cgutils as _cgutils
     from numba.np.ufunc import parallel as _nb_parallel
 
     if not getattr(_nb_parallel, "_is_initialized", False):
-        # Set before the first parallel launch (importing numba does not read it again).
-        numba.config.THREADING_LAYER = "workqueue"
-
-    _LANES = 32
+        # Set before the first parallel launch (importing numba does not read it again):
+        # OpenMP where numba finds it, else workqueue (see the module docstring).
+        numba.config.THREADING_LAYER = "default"
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
     @intrinsic
     def _bits_to_f32(typingctx, v):
@@ -196,17 +193,6 @@ if HAVE_NUMBA:
 
         return sig, codegen
 
-    @intrinsic
-    def _stack_lanes(typingctx):
-        """A pointer to 32 float32 on the caller's stack (an alloca in its entry block)."""
-        sig = _nbtypes.CPointer(_nbtypes.float32)()
-
-        def codegen(context, builder, signature, args):
-            ptr = _cgutils.alloca_once(builder, _ir.ArrayType(_ir.FloatType(), 32))
-            return builder.bitcast(ptr, _ir.PointerType(_ir.FloatType()))
-
-        return sig, codegen
-
     _CACHE = {"cache": True, "nogil": True}
 
     @njit(inline="always", **_CACHE)
@@ -224,17 +210,6 @@ if HAVE_NUMBA:
         return _bits_to_f32(_f32_to_bits(f) | ((h & 0x8000) << 16))
 
     @njit(inline="always", **_CACHE)
-    def _h2f_fast(h):
-        """Same result as :func:`_h2f`, ~2x cheaper in a vectorized loop (one multiply by
-        2^112 re-biases normals and renormalises subnormals), but fp16 subnormals go through an
-        fp32 subnormal: exact unless the thread flushes denormals (DAZ, e.g.
-        ``torch.set_flush_denormal(True)``), where they become 0, as float32 subnormals do."""
-        o = (h & 0x7FFF) << 13
-        f = _bits_to_f32(o) * np.float32(5.192296858534828e33)
-        f = _bits_to_f32(o | 0x7F800000) if (h & 0x7C00) == 0x7C00 else f  # inf / NaN
-        return _bits_to_f32(_f32_to_bits(f) | ((h & 0x8000) << 16))
-
-    @njit(inline="always", **_CACHE)
     def _rd16(row, o):
         return np.int64(row[o]) | (np.int64(row[o + 1]) << 8)
 
@@ -243,128 +218,23 @@ if HAVE_NUMBA:
         return (np.int64(row[o]) | (np.int64(row[o + 1]) << 8) | (np.int64(row[o + 2]) << 16)
                 | (np.int64(row[o + 3]) << 24))
 
-    @njit(inline="always", **_CACHE)
-    def _lane_sum(acc):
+    # --- one row . one vector, per format: explicit LLVM vector code (kernels/simd.py) -----
+
+    @njit(**_CACHE)
+    def _float_tail(kind, row, x, k0):
+        """sum over k >= k0 of w[k] * x[k] for an F16/BF16/F32 row (rows of tiny models whose
+        length is not a multiple of 32)."""
         s = np.float32(0)
-        for j in range(_LANES):
-            s += acc[j]
-        return s
-
-    # --- one row . one vector, per format, dequantizing on the fly --------------------------
-    # (qk = 32 is passed at run time, see the notes above; nb = blocks per row)
-
-    @njit(**_CACHE)
-    def _dot_q4_0(row, x, nb, qk):
-        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
-        acc[:] = 0
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 18
-            d = _h2f(_rd16(row, o))
-            q = row[o + 2: o + 2 + half]
-            xl = x[b * qk: b * qk + half]
-            xh = x[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                acc[j] += ((np.float32(np.int32((v & 15) - 8)) * d) * xl[j]
-                           + (np.float32(np.int32((v >> 4) - 8)) * d) * xh[j])
-        return _lane_sum(acc)
-
-    @njit(**_CACHE)
-    def _dot_q4_1(row, x, nb, qk):
-        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
-        acc[:] = 0
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 20
-            d = _h2f(_rd16(row, o))
-            m = _h2f(_rd16(row, o + 2))
-            q = row[o + 4: o + 4 + half]
-            xl = x[b * qk: b * qk + half]
-            xh = x[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                acc[j] += ((np.float32(np.int32(v & 15)) * d + m) * xl[j]
-                           + (np.float32(np.int32(v >> 4)) * d + m) * xh[j])
-        return _lane_sum(acc)
-
-    @njit(**_CACHE)
-    def _dot_q5_0(row, x, nb, qk):
-        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
-        acc[:] = 0
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 22
-            d = _h2f(_rd16(row, o))
-            qh = np.int32(_rd32(row, o + 2))
-            q = row[o + 6: o + 6 + half]
-            xl = x[b * qk: b * qk + half]
-            xh = x[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                lo = (v & 15) | (((qh >> j) & 1) << 4)
-                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                acc[j] += ((np.float32(np.int32(lo - 16)) * d) * xl[j]
-                           + (np.float32(np.int32(hi - 16)) * d) * xh[j])
-        return _lane_sum(acc)
-
-    @njit(**_CACHE)
-    def _dot_q5_1(row, x, nb, qk):
-        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
-        acc[:] = 0
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 24
-            d = _h2f(_rd16(row, o))
-            m = _h2f(_rd16(row, o + 2))
-            qh = np.int32(_rd32(row, o + 4))
-            q = row[o + 8: o + 8 + half]
-            xl = x[b * qk: b * qk + half]
-            xh = x[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                lo = (v & 15) | (((qh >> j) & 1) << 4)
-                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                acc[j] += ((np.float32(np.int32(lo)) * d + m) * xl[j]
-                           + (np.float32(np.int32(hi)) * d + m) * xh[j])
-        return _lane_sum(acc)
-
-    @njit(**_CACHE)
-    def _dot_q8_0(row, x, nb, qk):
-        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
-        acc[:] = 0
-        q8 = row.view(np.int8)
-        for b in range(nb):
-            o = b * 34
-            d = _h2f(_rd16(row, o))
-            q = q8[o + 2: o + 2 + qk]
-            xb = x[b * qk: b * qk + qk]
-            for j in range(qk):
-                acc[j] += (np.float32(np.int32(q[j])) * d) * xb[j]
-        return _lane_sum(acc)
-
-    @njit(**_CACHE)
-    def _dot_half(row, x, is_bf16, qk):
-        """F16 or BF16 row (2 bytes per weight) . x, converted in registers."""
-        acc = numba.carray(_stack_lanes(), (_LANES,))  # must be made in this frame
-        acc[:] = 0
+        if kind == 7:
+            f = row.view(np.float32)
+            for k in range(k0, x.shape[0]):
+                s += f[k] * x[k]
+            return s
         h = row.view(np.uint16)
-        n = x.shape[0]
-        k0 = 0
-        while k0 + qk <= n:
-            hb = h[k0: k0 + qk]
-            xb = x[k0: k0 + qk]
-            if is_bf16:
-                for j in range(qk):
-                    acc[j] += _bits_to_f32(np.int64(hb[j]) << 16) * xb[j]
-            else:
-                for j in range(qk):
-                    acc[j] += _h2f_fast(np.int64(hb[j])) * xb[j]
-            k0 += qk
-        for k in range(k0, n):
-            w = _bits_to_f32(np.int64(h[k]) << 16) if is_bf16 else _h2f_fast(np.int64(h[k]))
-            acc[k - k0] += w * x[k]
-        return _lane_sum(acc)
+        for k in range(k0, x.shape[0]):
+            w = _bits_to_f32(np.int64(h[k]) << 16) if kind == 6 else _h2f(np.int64(h[k]))
+            s += w * x[k]
+        return s
 
     # --- one row -> float32, per format (bit for bit ggml's dequantize_row_*) ---------------
 
@@ -457,20 +327,26 @@ if HAVE_NUMBA:
         else:
             _dec_q8_0(row, w, nb, qk)
 
-    @njit(**_CACHE)
-    def _dot_row(kind, row, x, qk):
-        nb = x.shape[0] // qk
+    @njit(inline="always", **_CACHE)
+    def _dot_row(kind, row, x, nb):
+        """The first ``32 * nb`` weights of a row of format ``kind`` . x (inlined into the
+        drivers; ``nb`` computed once per matrix: a call or a division per row cost ~20 % of
+        a 65536 x 768 F16 product, and so did an F16 tail test inside the row loop)."""
         if kind == 0:
-            return _dot_q4_0(row, x, nb, qk)
+            return _simd.dot_q4_0(row, x, nb)
         elif kind == 1:
-            return _dot_q4_1(row, x, nb, qk)
+            return _simd.dot_q4_1(row, x, nb)
         elif kind == 2:
-            return _dot_q5_0(row, x, nb, qk)
+            return _simd.dot_q5_0(row, x, nb)
         elif kind == 3:
-            return _dot_q5_1(row, x, nb, qk)
+            return _simd.dot_q5_1(row, x, nb)
         elif kind == 4:
-            return _dot_q8_0(row, x, nb, qk)
-        return _dot_half(row, x, kind == 6, qk)
+            return _simd.dot_q8_0(row, x, nb)
+        elif kind == 5:
+            return _simd.dot_f16(row, x, nb)
+        elif kind == 6:
+            return _simd.dot_bf16(row, x, nb)
+        return _simd.dot_f32(row, x, nb)
 
     # --- drivers: ``kind`` selects the format (one compiled driver for all formats) ---------
 
@@ -479,10 +355,15 @@ if HAVE_NUMBA:
         """y2[t, r] = row r . x2[t] for r in [r0, r1), every t (serial; the row's bytes stay
         in L1 while the T vectors are done)."""
         T = x2.shape[0]
+        nb = x2.shape[1] // qk
         for r in range(r0, r1):
             row = raw2[r]
             for t in range(T):
-                y2[t, r] = _dot_row(kind, row, x2[t], qk)
+                y2[t, r] = _dot_row(kind, row, x2[t], nb)
+        if nb * qk < x2.shape[1]:  # float rows that do not end on a 32-value boundary
+            for r in range(r0, r1):
+                for t in range(T):
+                    y2[t, r] += _float_tail(kind, raw2[r], x2[t], nb * qk)
 
     @njit(parallel=True, **_CACHE)
     def _mv_par(kind, raw2, x2, y2, chunk, qk):
@@ -506,7 +387,7 @@ if HAVE_NUMBA:
             _dec_rows(kind, raw2, out, r0, a, min(r1, a + chunk), qk)
 
 
-_KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16": 6}
+_KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16": 6, "F32": 7}
 
 
 class Linear:
@@ -637,39 +518,38 @@ class BF16Linear(Linear):
         return _tiled_convert_mm(self.weight, x)
 
 
-class HalfLinear(Linear):
-    """F16 or BF16 weights kept exactly as stored (2 bytes per weight), float32 activations:
-    a numba kernel converts each weight to float32 in registers (exact bit manipulation) and
-    accumulates in float32. Exact. For T > :data:`NUMBA_MAX_T`: row tiles converted to float32
-    by torch, then float32 GEMM.
+class FloatLinear(Linear):
+    """F32, F16 or BF16 weights kept exactly as stored (no copy: a file's tensor stays a view
+    of its mapping), float32 activations: one vectorized numba kernel per matrix-vector
+    product (kernels/simd.py: F16 widened by ``vcvtph2ps``, BF16 by a shift), float32 lanes.
+    Exact. For T > :data:`NUMBA_MAX_T`: torch's float32 GEMM (F16/BF16 row tiles converted to
+    float32 first).
 
-    The exact strategy for BF16 (the conversion is a shift: as fast as a float32 matvec that
-    reads twice the bytes); for F16 the conversion costs more and float32 at load is faster
-    (:class:`F32Linear`). Measured (AVX2 VM, 1 thread, cold weights, ms per matvec for
-    2048x2048 | 7168x2048 | 65536x768): BF16 here 0.88 | 2.95 | 12.6, F16 here 1.48 | 5.0 |
-    20.4, float32 at load 0.80 | 2.75 | 12.1; lossy: bf16 torch 0.90 | 2.99 | 10.7, fp16
-    ``F.linear`` 0.72 | 2.49 | 9.1 (rounds the activations to fp16, whose range ends at 65504,
-    and is 8-12 GFLOPS for prompts).
+    Measured (AVX2 VM, 1 thread, ms per matvec, weights out of cache, 3072x768 | 2048x2048 |
+    8192x2048 | 65536x768): F16 0.29 | 0.49 | 1.84 | 6.1 (2 bytes per weight at 16-18 GB/s),
+    F32 0.48 | 0.81 | 3.2 | 10.1; torch.mv on float32 0.53 | 0.73 | 2.8 | 10-11.
     """
 
-    strategy = "numba-half"
+    strategy = "numba-float"
 
     def __init__(self, w: torch.Tensor, fmt: str | None = None):
         if not HAVE_NUMBA:  # pragma: no cover
-            raise RuntimeError("HalfLinear needs numba")
-        if w.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"HalfLinear stores float16 or bfloat16 weights, got {w.dtype}")
+            raise RuntimeError("FloatLinear needs numba")
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"FloatLinear stores float32, float16 or bfloat16 weights, got {w.dtype}")
         self.fmt = fmt or _torch_fmt(w)
         self.weight = w.detach().contiguous()
         self.out_features, self.in_features = _shape2(self.weight.shape)
-        self.nbytes = self.weight.numel() * 2
-        self._kind = _KIND["F16" if w.dtype == torch.float16 else "BF16"]
+        self.nbytes = self.weight.numel() * self.weight.element_size()
+        self._kind = _KIND[_torch_fmt(w)]
         raw = self.weight.view(torch.uint8).numpy().reshape(self.out_features, -1)
         raw.flags.writeable = False
         self._raw2 = raw
 
     def _mm(self, x):
         if x.shape[0] > NUMBA_MAX_T:
+            if self.weight.dtype == torch.float32:
+                return F.linear(x, self.weight)
             return _tiled_convert_mm(self.weight, x)
         return _numba_mv(self._kind, self._raw2, x, self.out_features)
 
@@ -875,7 +755,8 @@ def _rows_view(w: QTensor, fmt, O: int, K: int) -> np.ndarray:
     return raw2
 
 
-#: Held while a numba parallel kernel runs. numba's workqueue layer aborts the process when two
+#: Held while a numba parallel kernel runs. numba's workqueue layer (the fallback where OpenMP is
+#: missing) aborts the process when two
 #: Python threads launch parallel kernels at once, so a caller that finds it taken runs the
 #: serial kernel instead (every kernel releases the GIL). Other numba parallel code in the
 #: process should take it too.
@@ -995,9 +876,11 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
     if w.dtype in (torch.float16, torch.bfloat16):
         if policy == "fast" and fast_bf16_cpu():
             return BF16Linear(w)
-        if w.dtype == torch.bfloat16 and HAVE_NUMBA:
-            return HalfLinear(w)
+        if HAVE_NUMBA:
+            return FloatLinear(w)
         return F32Linear(w, fmt=_torch_fmt(w))  # converted (and its file pages released) there
+    if w.dtype == torch.float32 and HAVE_NUMBA and F32_NUMBA:
+        return FloatLinear(w)
     if w.dtype.is_floating_point:
         return F32Linear(w, fmt="F32")
     raise TypeError(f"make_linear: unsupported weight dtype {w.dtype}")
