@@ -136,7 +136,7 @@ def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, l
                 v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi])
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
             S, S_out, y):
     H, N = S.shape[0], S.shape[1]
