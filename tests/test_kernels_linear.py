@@ -87,8 +87,8 @@ def test_int4(fmt, shape):
     w = _weights(shape, 7)
     q = _qtensor(fmt, w)
     wd = get_format(fmt).dequantize(q.data, shape)
-    lin = L.make_linear(q, "fast")
-    assert isinstance(lin, L.Int4Linear) and not lin.exact
+    lin = L.Int4Linear(q)  # policy "fast" where the CPU has no AVX2 (else Int8DotLinear)
+    assert not lin.exact
     for T in TS + [L.INT4_MAX_T + 1]:
         x = _x(T, shape[1])
         e = _err(lin(x), _ref(x, wd))
@@ -121,6 +121,72 @@ def test_int8_rows(fmt, shape):
             assert e < (BF16_TOL if L.fast_bf16_cpu() else EXACT_TOL)
         else:
             assert e < INT8_TOL, (fmt, shape, T, e)
+
+
+def _int8_blocks(x):
+    """x (T, K) rounded as Int8DotLinear rounds it: (xq, dx) per 32-value block."""
+    xb = x.double().reshape(x.shape[0], -1, 32)
+    dx = (xb.abs().amax(-1, keepdim=True).float() / 127).double()
+    xq = torch.where(dx > 0, torch.round(xb / torch.where(dx > 0, dx, 1)), 0)
+    return xq, dx
+
+
+needs_avx2 = pytest.mark.skipif(not (L.HAVE_NUMBA and L._int8_dot()),
+                                reason="the int8 dot kernels need AVX2")
+
+
+@needs_avx2
+@pytest.mark.parametrize("fmt", QUANT)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_dot(fmt, shape):
+    """Int8DotLinear: the integer dot products are exact, so the result equals the float64
+    product of the exact weights with the int8-rounded activations (up to float32 rounding of
+    the block sums); the rounding itself moves each activation by at most 1/254 of its
+    block's largest magnitude. T above INT8DOT_MAX_T: the exact tiles."""
+    w = _weights(shape, 21)
+    q = _qtensor(fmt, w)
+    wd = get_format(fmt).dequantize(q.data, shape)
+    lin = L.Int8DotLinear(q)
+    assert not lin.exact and lin.fmt == fmt and lin.nbytes == get_format(fmt).nbytes(shape)
+    for T in [1, 2, L.INT8DOT_MAX_T, L.INT8DOT_MAX_T + 1]:
+        x = _x(T, shape[1], seed=T)
+        y = lin(x)
+        if T > L.INT8DOT_MAX_T:
+            assert _err(y, _ref(x, wd)) < EXACT_TOL
+            continue
+        xq, dx = _int8_blocks(x)
+        assert bool((xq.abs() <= 127).all())
+        assert bool(((xq * dx - x.double().reshape(xq.shape)).abs() <= dx / 2 * (1 + 1e-6)).all())
+        assert _err(y, _ref((xq * dx).reshape(x.shape), wd)) < EXACT_TOL, (fmt, shape, T)
+        assert _err(y, _ref(x, wd)) < 2e-2  # observed 4.0e-3 .. 8.4e-3 of the output scale
+
+
+@needs_avx2
+@pytest.mark.parametrize("fmt", QUANT)
+def test_int8_dot_extreme_codes(fmt):
+    """Every code at its extremes (0 and the largest: 15, 31, -128 and 127 for Q8_0), large
+    and zero activation blocks: the integer sums neither saturate nor overflow."""
+    f = get_format(fmt)
+    shape = (64, 256)
+    raw = np.asarray(f.quantize(_weights(shape, 3))).reshape(shape[0], -1).copy()
+    bs = raw.shape[1] // (shape[1] // 32)  # bytes per block
+    blocks = raw.reshape(shape[0], -1, bs)
+    nq = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8, "Q8_0": 2}[fmt]
+    blocks[0::2, :, nq:] = 0xFF  # all-ones codes (Q8_0: -1)
+    blocks[1::4, :, nq:] = 0x00
+    if fmt in ("Q5_0", "Q5_1"):
+        blocks[0::2, :, nq - 4:nq] = 0xFF  # every high bit set: code 31
+    if fmt == "Q8_0":
+        blocks[0::4, :, nq:] = 0x80  # -128
+        blocks[2::4, :, nq:] = 0x7F  # 127
+    q = QTensor(fmt, shape, raw.reshape(-1))
+    wd = f.dequantize(q.data, shape)
+    lin = L.Int8DotLinear(q)
+    x = _x(2, shape[1], seed=5) * 1e3
+    x[0, :32] = 0  # a zero block: scale 0
+    x[1] = x[1].abs()  # every product of one sign
+    xq, dx = _int8_blocks(x)
+    assert _err(lin(x), _ref((xq * dx).reshape(x.shape), wd)) < EXACT_TOL
 
 
 def _onehot_columns(packed, scales, K, n_out, dtype):
@@ -291,7 +357,9 @@ def test_policy_choices():
         for fmt in QUANT:
             lin = L.make_linear(_qtensor(fmt, w.numpy()), pol)
             want = L.BlockLinear
-            if pol == "fast" and fmt in ("Q4_0", "Q4_1"):
+            if pol == "fast" and fmt != "Q8_0" and L._int8_dot():
+                want = L.Int8DotLinear
+            elif pol == "fast" and fmt in ("Q4_0", "Q4_1"):
                 want = L.Int4Linear
             elif pol == "fast" and fmt in ("Q5_0", "Q5_1"):
                 want = L.Int8Linear

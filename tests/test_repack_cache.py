@@ -19,6 +19,13 @@ from rwkvpy.kernels import linear as L
 TOKENS = [34, 105, 110, 32, 116, 104, 101]
 
 
+@pytest.fixture(autouse=True)
+def repacking_fast_path(monkeypatch):
+    """Mode "fast" as on a CPU without AVX2: Q4 on torch's int4 kernel, Q5 on int8 rows, both
+    repacked at load (with AVX2 the int8-dot kernels read the blocks as stored: no repack)."""
+    monkeypatch.setattr(L, "INT8_DOT_FORMATS", ())
+
+
 @pytest.fixture()
 def q5_model(tmp_path):
     dst = tmp_path / "tiny-Q5_1.bin"
@@ -125,8 +132,12 @@ def test_cli_bench_reports_and_no_cache_skips(q5_model):
     import subprocess
     import sys
 
+    # the CLI in a fresh process, its fast path made to repack (as without AVX2)
+    code = ("import sys; import rwkvpy.kernels.linear as L; L.INT8_DOT_FORMATS = (); "
+            "from rwkvpy.cli import main; sys.exit(main(sys.argv[1:]))")
+
     def bench(*extra):
-        r = subprocess.run([sys.executable, "-m", "rwkvpy", "bench", str(q5_model), "--tokens",
+        r = subprocess.run([sys.executable, "-c", code, "bench", str(q5_model), "--tokens",
                             "4", "--prompt", "8", "--threads", "1", "--json", *extra],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr

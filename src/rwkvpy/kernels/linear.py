@@ -85,6 +85,7 @@ __all__ = [
     "F32Linear",
     "FloatLinear",
     "Int4Linear",
+    "Int8DotLinear",
     "Int8Linear",
     "Linear",
     "fast_bf16_cpu",
@@ -93,6 +94,10 @@ __all__ = [
 
 POLICIES = ("exact", "fast")
 F32_NUMBA = True
+#: Formats whose ``policy="fast"`` is :class:`Int8DotLinear` where the CPU has AVX2.
+#: Not Q8_0: with 8-bit weights the activations' rounding doubles the format's own error
+#: (README "Speed": added 1.0-1.6x of Q8_0's own error on the fixtures, 0.06-0.25x for Q4/Q5).
+INT8_DOT_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 #: Largest T for which the numba kernels handle a prompt themselves (one pass over the weights
 #: per vector); above it, row tiles are dequantized and multiplied by torch's GEMM. Measured
@@ -101,6 +106,9 @@ F32_NUMBA = True
 NUMBA_MAX_T = 2
 #: Largest T for which :class:`Int4Linear` uses torch's int4 kernel (measured crossover ~32).
 INT4_MAX_T = 32
+#: Largest T for which :class:`Int8DotLinear` uses int8 activations (one vector costs about a
+#: third of a float32 tile pass; 4 tokens are still ahead of dequantized tiles + GEMM).
+INT8DOT_MAX_T = 4
 #: Largest T for which :class:`Int8Linear` uses torch's int8 kernel (measured crossover ~24).
 INT8_MAX_T = 16
 #: Elements per block of every quantized format (passed to the kernels at run time).
@@ -373,6 +381,57 @@ if HAVE_NUMBA:
             r0 = c * chunk
             _mv_rows(kind, raw2, x2, y2, r0, min(n_out, r0 + chunk), qk)
 
+    # --- int8 activations (ggml's method; AVX2): simd.dotq_* ---------------------------------
+
+    @njit(**_CACHE)
+    def _quantize_x(x2, xq2, dx2, sx2):
+        """Each row of x2 (T, K) as int8 blocks of 32: dx = amax / 127, xq = round(x / dx)
+        (|xq| <= 127), sx = sum of the block's xq (float32)."""
+        for t in range(x2.shape[0]):
+            x, xq = x2[t], xq2[t]
+            for i in range(dx2.shape[1]):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[i * 32 + j]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                s = 0
+                for j in range(32):
+                    q = np.int32(np.rint(x[i * 32 + j] * inv))
+                    xq[i * 32 + j] = q
+                    s += q
+                dx2[t, i] = d
+                sx2[t, i] = s
+
+    @njit(inline="always", **_CACHE)
+    def _dotq_row(kind, row, xq, dx, sx, nb):
+        if kind == 0:
+            return _simd.dotq_q4_0(row, xq, dx, sx, nb)
+        elif kind == 1:
+            return _simd.dotq_q4_1(row, xq, dx, sx, nb)
+        elif kind == 2:
+            return _simd.dotq_q5_0(row, xq, dx, sx, nb)
+        elif kind == 3:
+            return _simd.dotq_q5_1(row, xq, dx, sx, nb)
+        return _simd.dotq_q8_0(row, xq, dx, sx, nb)
+
+    @njit(**_CACHE)
+    def _mvq_rows(kind, raw2, xq2, dx2, sx2, y2, r0, r1):
+        """y2[t, r] = row r . x2[t] from the int8 blocks of x2 (see _quantize_x)."""
+        nb = dx2.shape[1]
+        for r in range(r0, r1):
+            row = raw2[r]
+            for t in range(xq2.shape[0]):
+                y2[t, r] = _dotq_row(kind, row, xq2[t], dx2[t], sx2[t], nb)
+
+    @njit(parallel=True, **_CACHE)
+    def _mvq_par(kind, raw2, xq2, dx2, sx2, y2, chunk):
+        n_out = raw2.shape[0]
+        n_chunks = (n_out + chunk - 1) // chunk
+        for c in prange(n_chunks):
+            r0 = c * chunk
+            _mvq_rows(kind, raw2, xq2, dx2, sx2, y2, r0, min(n_out, r0 + chunk))
+
     @njit(**_CACHE)
     def _dec_rows(kind, raw2, out, base, r0, r1, qk):
         """out[r - base] = dequantize(row r) for r in [r0, r1) (serial)."""
@@ -598,6 +657,34 @@ class BlockLinear(Linear):
                                  torch.bfloat16 if self.bf16_tiles else torch.float32)
 
 
+class Int8DotLinear(BlockLinear):
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 blocks as stored (no repacking), the activations rounded
+    to int8 per 32-value block, integer dot products: ggml's own method (rwkv.cpp multiplies
+    its quantized matrices this way), here in LLVM vector code with AVX2's vpmaddubsw /
+    vpmaddwd (kernels/simd.py, ``dotq_*``). ``policy="fast"`` on CPUs with AVX2.
+
+    Lossy through the activations only: each block of 32 is rounded with its own scale
+    amax / 127 (float32), so an element moves by at most 1/254 of its block's largest
+    magnitude; the weights are used exactly. Error added on the rwkv.cpp fixtures: see
+    tests/test_fast_paths.py and the README.
+
+    Measured (AVX2 VM, 1 thread, 2048x2048 in cache, Gweights/s, float kernels -> int8 dots):
+    Q4_0 7.5 -> 17.5, Q4_1 6.0 -> 15.9, Q5_0 5.6 -> 13.3, Q5_1 5.0 -> 12.3, Q8_0 10.3 -> 20.9.
+    T > :data:`INT8DOT_MAX_T`: the exact paths of :class:`BlockLinear`.
+    """
+
+    strategy = "int8-dot"
+
+    def __init__(self, w: QTensor):
+        super().__init__(w)
+        self.exact = False
+
+    def _mm(self, x):
+        if x.shape[0] <= INT8DOT_MAX_T:
+            return _int8_dot_mv(self._kind, self._raw2, x, self.out_features)
+        return super()._mm(x)
+
+
 class Int4Linear(Linear):
     """Q4_0 / Q4_1 repacked onto torch's int4 kernel ``_weight_int4pack_mm_for_cpu`` (group
     size 32 = ggml's block): the 4-bit codes are packed as they are; torch computes
@@ -771,21 +858,41 @@ def _numba_threads() -> int:
     return n
 
 
+def _rows_kernel(serial, parallel, n_out, K, *args):
+    """Run a row-parallel driver: ``parallel(*args, chunk)`` on numba's pool for a large
+    matrix when torch allows more than one thread and no other parallel launch is running,
+    else ``serial(*args, 0, n_out)``."""
+    if (n_out * K > SERIAL_MAX_ELEMENTS and torch.get_num_threads() > 1
+            and PARALLEL_LOCK.acquire(blocking=False)):
+        try:
+            n = _numba_threads()
+            parallel(*args, max(1, -(-n_out // (8 * n))))
+        finally:
+            PARALLEL_LOCK.release()
+    else:
+        serial(*args, 0, n_out)
+
+
 def _numba_mv(kind, raw2, x, n_out):
     """y (T, n_out) = x (T, K) @ W^T with the numba kernels (T small)."""
     xn = x.contiguous().numpy()
     T, K = xn.shape
     y = torch.empty((T, n_out), dtype=torch.float32)
-    yn = y.numpy()
-    if (n_out * K > SERIAL_MAX_ELEMENTS and torch.get_num_threads() > 1
-            and PARALLEL_LOCK.acquire(blocking=False)):
-        try:
-            n = _numba_threads()
-            _mv_par(kind, raw2, xn, yn, max(1, -(-n_out // (8 * n))), _QK)
-        finally:
-            PARALLEL_LOCK.release()
-    else:
-        _mv_rows(kind, raw2, xn, yn, 0, n_out, _QK)
+    _rows_kernel(lambda *a: _mv_rows(*a, _QK), lambda *a: _mv_par(*a, _QK), n_out, K,
+                 kind, raw2, xn, y.numpy())
+    return y
+
+
+def _int8_dot_mv(kind, raw2, x, n_out):
+    """y (T, n_out) = x (T, K) @ W^T with x rounded to int8 blocks (T small)."""
+    xn = x.contiguous().numpy()
+    T, K = xn.shape
+    xq = np.empty((T, K), np.int8)
+    dx = np.empty((T, K // _QK), np.float32)
+    sx = np.empty((T, K // _QK), np.float32)
+    _quantize_x(xn, xq, dx, sx)
+    y = torch.empty((T, n_out), dtype=torch.float32)
+    _rows_kernel(_mvq_rows, _mvq_par, n_out, K, kind, raw2, xq, dx, sx, y.numpy())
     return y
 
 
@@ -828,6 +935,16 @@ def _tiled_convert_mm(w, x):
     return y
 
 
+_HAS_INT8_DOT: bool | None = None
+
+
+def _int8_dot() -> bool:
+    global _HAS_INT8_DOT
+    if _HAS_INT8_DOT is None:
+        _HAS_INT8_DOT = _simd.has_int8_dot()
+    return _HAS_INT8_DOT
+
+
 def _torch_fmt(w) -> str:
     return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
         w.dtype, str(w.dtype))
@@ -863,6 +980,8 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
         if not fmt.quantized:
             return make_linear(_qtensor_to_torch(w), policy)
         _shape2(w.shape)
+        if policy == "fast" and fmt.name in INT8_DOT_FORMATS and HAVE_NUMBA and _int8_dot():
+            return Int8DotLinear(w)
         if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
             return Int4Linear(w, repacked)
         if policy == "fast" and fmt.name in ("Q5_0", "Q5_1"):

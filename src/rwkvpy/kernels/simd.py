@@ -173,3 +173,142 @@ dot_q8_0 = _row_dot(34, _q8_0)
 dot_f16 = _row_dot(64, _f16)
 dot_bf16 = _row_dot(64, _bf16)
 dot_f32 = _row_dot(128, _f32)
+
+
+# -- integer dot products with 8-bit activations (ggml's own method; x86 AVX2 only) -------------
+#
+# The activations are rounded to int8 per 32-value block (xq = round(x / dx), dx = amax / 127,
+# as ggml's quantize_row_q8_0 does but with a float32 dx) and each block's integer dot product
+# sum(code * xq) is formed with vpmaddubsw / vpmaddwd, converted once and scaled by d * dx.
+# Lossy (the activations' rounding), about 3x fewer instructions per weight than the float
+# kernels above. The unsigned codes (Q4/Q5: 0..15, 0..31) multiply directly; their offset (8,
+# 16) and Q4_1/Q5_1's m come back through the per-block sum of xq (``sx``):
+#   sum((c - o) d x)  ~  d dx (sum(c xq) - o sx),     sum((c d + m) x)  ~  d dx sum(c xq) + m dx sx
+# Q8_0's signed codes go through vpmaddwd on int16 (exact for every code, -128 included).
+
+_I16x16, _I32x8, _F32x8 = _vec(_I16, 16), _vec(_I32, 8), _vec(_F32, 8)
+
+
+def _x86(b, name, ret, args, values):
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, args), name)
+    return b.call(fn, values)
+
+
+def _maddubs(b, u8, s8):
+    """<32 x u8> . <32 x s8> -> <16 x i16> sums of adjacent products (saturating; the codes
+    here keep every pair below 2^15)."""
+    return _x86(b, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_vec(_I8), _vec(_I8)], [u8, s8])
+
+
+def _maddwd(b, a, c):
+    """<16 x i16> . <16 x i16> -> <8 x i32> sums of adjacent products."""
+    return _x86(b, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16], [a, c])
+
+
+def _ones16(b, p16):
+    """<16 x i16> -> <8 x i32>: adjacent pairs added."""
+    return _maddwd(b, p16, ir.Constant(_I16x16, [1] * 16))
+
+
+def _halves(b, v, n):
+    lo = b.shuffle_vector(v, v, ir.Constant(_vec(_I32, n // 2), list(range(n // 2))))
+    hi = b.shuffle_vector(v, v, ir.Constant(_vec(_I32, n // 2), list(range(n // 2, n))))
+    return lo, hi
+
+
+def _codes4(b, blk, off):
+    packed = _load(b, blk, ir.Constant(_I64, off), _vec(_I8, 16))
+    lo = b.and_(packed, _const(_I8, [15] * 16))
+    hi = b.lshr(packed, _const(_I8, [4] * 16))
+    return b.shuffle_vector(lo, hi, ir.Constant(_vec(_I32), list(range(_N))))
+
+
+def _codes5(b, blk, qh_off, q_off):
+    """Q5 codes (0..31) as <32 x i8>: the nibbles or-ed with bit j of qh moved to bit 4."""
+    qh = _load(b, blk, ir.Constant(_I64, qh_off), _vec(_I8, 4))
+    spread = b.shuffle_vector(qh, qh, ir.Constant(_vec(_I32), [j // 8 for j in range(_N)]))
+    bit = b.and_(spread, _const(_I8, [1 << (j % 8) for j in range(_N)]))
+    high = b.select(b.icmp_unsigned("!=", bit, _const(_I8, [0] * _N)), _const(_I8, [16] * _N),
+                    _const(_I8, [0] * _N))
+    return b.or_(_codes4(b, blk, q_off), high)
+
+
+def _iq_q4_0(b, blk, xq):
+    return _ones16(b, _maddubs(b, _codes4(b, blk, 2), xq)), _half(b, blk, None), None, 8
+
+
+def _iq_q4_1(b, blk, xq):
+    d, m = _half(b, blk, None), _half(b, blk, ir.Constant(_I64, 2))
+    return _ones16(b, _maddubs(b, _codes4(b, blk, 4), xq)), d, m, 0
+
+
+def _iq_q5_0(b, blk, xq):
+    return _ones16(b, _maddubs(b, _codes5(b, blk, 2, 6), xq)), _half(b, blk, None), None, 16
+
+
+def _iq_q5_1(b, blk, xq):
+    d, m = _half(b, blk, None), _half(b, blk, ir.Constant(_I64, 2))
+    return _ones16(b, _maddubs(b, _codes5(b, blk, 4, 8), xq)), d, m, 0
+
+
+def _iq_q8_0(b, blk, xq):
+    w = b.sext(_load(b, blk, ir.Constant(_I64, 2), _vec(_I8)), _vec(_I16))
+    x = b.sext(xq, _vec(_I16))
+    (w0, w1), (x0, x1) = _halves(b, w, _N), _halves(b, x, _N)
+    return b.add(_maddwd(b, w0, x0), _maddwd(b, w1, x1)), _half(b, blk, None), None, 0
+
+
+def _row_dot_q8(block_bytes, block):
+    """Make an intrinsic ``dot(row, xq, dx, sx, nb) -> float32``: row . x with x given as int8
+    blocks ``xq`` (int8, 32 * nb), their scales ``dx`` and code sums ``sx`` (float32, nb)."""
+
+    def typer(typingctx, row, xq, dx, sx, nb):
+        sig = nbt.float32(row, xq, dx, sx, nbt.intp)
+
+        def codegen(context, b, signature, args):
+            ptrs = [context.make_array(t)(context, b, a).data
+                    for t, a in zip(signature.args[:4], args[:4])]
+            base, xs = (b.bitcast(p, ir.PointerType(_I8)) for p in ptrs[:2])
+            dxs, sxs = (b.bitcast(p, ir.PointerType(_F32)) for p in ptrs[2:])
+            acc = cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
+            extra = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
+            with cgutils.for_range(b, args[4]) as loop:
+                i = loop.index
+                blk = b.gep(base, [b.mul(i, ir.Constant(_I64, block_bytes))])
+                xq = _load(b, xs, b.mul(i, ir.Constant(_I64, _N)), _vec(_I8))
+                p32, d, m, offset = block(b, blk, xq)
+                dx, sx = b.load(b.gep(dxs, [i])), b.load(b.gep(sxs, [i]))
+                s = b.fmul(d, dx)
+                prod = b.fmul(b.sitofp(p32, _F32x8), _splat(b, s, 8))
+                b.store(b.fadd(b.load(acc), prod), acc)
+                if offset:
+                    b.store(b.fsub(b.load(extra), b.fmul(s, b.fmul(sx, ir.Constant(_F32, offset)))),
+                            extra)
+                if m is not None:
+                    b.store(b.fadd(b.load(extra), b.fmul(m, b.fmul(dx, sx))), extra)
+            lanes = b.load(acc)
+            total = b.load(extra)
+            for j in range(8):
+                total = b.fadd(total, b.extract_element(lanes, ir.Constant(_I32, j)))
+            return total
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+def has_int8_dot() -> bool:
+    """Whether numba compiles for a CPU with AVX2 (the integer kernels below need it)."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    if config.CPU_NAME not in (None, "host"):
+        return False
+    return bool(llvm.get_host_cpu_features().get("avx2", False))
+
+
+dotq_q4_0 = _row_dot_q8(18, _iq_q4_0)
+dotq_q4_1 = _row_dot_q8(20, _iq_q4_1)
+dotq_q5_0 = _row_dot_q8(22, _iq_q5_0)
+dotq_q5_1 = _row_dot_q8(24, _iq_q5_1)
+dotq_q8_0 = _row_dot_q8(34, _iq_q8_0)
