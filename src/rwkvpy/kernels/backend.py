@@ -6,8 +6,8 @@ Modes:
   (dequantized exactly), float32 activations, chunked recurrences for sequences, fused glue for
   single tokens.
 - ``"fast"`` (default): like exact, but uses a lossy kernel where it is much faster, each one
-  chosen by measurement and documented in kernels/linear.py (e.g. bf16 activations on torch's
-  int4 kernel for Q4_0/Q4_1).
+  chosen by measurement and documented in kernels/linear.py (e.g. int8 activations and integer
+  dot products for Q4_0..Q5_1 on AVX2 CPUs).
 
 On a GPU the same modes pick the weights' types there (see kernels/gpu.py): "fast" keeps F16 and
 BF16 as stored and expands block-quantized types to float16; "exact" holds every weight in float32.
@@ -39,8 +39,11 @@ def make_backend(mode: str, cache=None) -> Backend:
             return make_linear(w, policy=mode)
         cached = cache.get(name)
         lin = make_linear(w, policy=mode, repacked=cached)
-        if cached is None and hasattr(lin, "repacked"):
-            cache.put(name, lin.repacked())
+        if hasattr(lin, "repacked"):  # a repacking kernel was chosen
+            if cached is None:
+                cache.put(name, lin.repacked())
+            else:
+                cache.used()
         return lin
 
     return Backend(name=mode, make_linear=linear, wkv5=wkv5_chunked, wkv7=wkv7_chunked)

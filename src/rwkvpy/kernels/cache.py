@@ -67,10 +67,11 @@ class RepackCache:
             self._cached = data.get("tensors", {})
 
     def get(self, name: str):
-        found = self._cached.get(name)
-        if found is not None:
-            self.status = "hit" if self.status in ("none", "hit") else self.status
-        return found
+        return self._cached.get(name)
+
+    def used(self) -> None:
+        """A weight's cached tensors were used."""
+        self.status = "hit" if self.status in ("none", "hit") else self.status
 
     def put(self, name: str, tensors: dict) -> None:
         self._fresh[name] = tensors
