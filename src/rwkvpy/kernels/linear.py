@@ -9,45 +9,33 @@ per matrix-vector product), ``strategy`` (a short name of the kernel) and ``exac
 * ``policy="exact"``: weights exactly as stored, float32 activations, float32 accumulation:
   equal to ``x @ dequantize(W).T`` in float32 up to summation order (tested at 1e-5 of the
   output scale).
-* ``policy="fast"``: a lossy kernel where it is clearly faster (bf16 activations, documented
-  per class with the error measured in tests/test_kernels_linear.py).
+* ``policy="fast"``: a lossy kernel where it is clearly faster and its error is small against
+  the format's own (documented per class, measured in tests/test_kernels_linear.py and, on the
+  fixtures' logits, tests/test_fast_paths.py).
 
-Per format:
+Per format (one token; prompts: exact float32 tiles + torch GEMM in both policies):
 
 =========  =============================================  ===================================
-format     policy="exact" (default)                       policy="fast"
+format     policy="exact"                                 policy="fast" (default of load)
 =========  =============================================  ===================================
-F32        :class:`F32Linear` (torch.mv / F.linear)       same
-F16        :class:`F32Linear` on the weights converted    :class:`BF16Linear` on CPUs with
-           to float32 at load (2x memory; fastest exact)  native bf16 (AMX / AVX512-BF16),
-BF16       :class:`HalfLinear` (numba, 2 bytes/weight)    else the exact choice (as fast)
-Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int4Linear` (torch int4)
-Q5_0/Q5_1  :class:`BlockLinear`                           :class:`Int8Linear` (int8 rows)
-Q8_0       :class:`BlockLinear`                           :class:`BlockLinear` (bf16 tiles for
-                                                          prompts on CPUs with native bf16)
+F32        :class:`FloatLinear` (numba, as stored)        same
+F16, BF16  :class:`FloatLinear` (numba, 2 bytes/weight)   :class:`BF16Linear` on CPUs with
+                                                          native bf16 (AMX / AVX512-BF16)
+Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int8DotLinear` (int8
+Q5_0/Q5_1  :class:`BlockLinear`                           activations, AVX2); without AVX2
+                                                          Q4 :class:`Int4Linear`, Q5
+                                                          :class:`Int8Linear` (repacked)
+Q8_0       :class:`BlockLinear`                           same (see INT8_DOT_FORMATS)
 =========  =============================================  ===================================
 
-Q4_0/Q4_1 stay on the int4 kernel: as int8 rows one product is 1.3-1.8x faster on this AVX2
-CPU (7168x2048: 1.2 ms against 2.1 ms), but a whole v7 1.5B token only went from 145-151 ms to
-130-142 ms (2 threads; the F16 head and the rest of the step do not change) while the weights
-doubled (1 byte instead of 0.56) and the peak RSS rose from 3.6 GB to 3.9-5.0 GB.
-
-Q8_0 has no lossy fast path: requantized to int8 rows (:class:`Int8Linear`) its logits moved
-3-4x as far from the FP32 model's as Q8_0's own (fixtures: 4v0 0.0066 -> 0.0248, 7v0 0.0008 ->
-0.0025, mean over positions of the max abs difference), where Q5_0/Q5_1 gained 0-20%.
-
-Measured (benchmarks/bench_linear.py; 2-vCPU AMD EPYC VM, AVX2 only, no AVX-512/AMX; one
-thread, cold weights, streaming read 25 GB/s; ms per matvec for 2048x2048 | 7168x2048):
-F32 torch.mv 0.82 | 2.82 (0.82 of bandwidth); F16 as float32 0.80 | 2.75, F16 numba 1.48 |
-5.0; BF16 numba 0.88 | 2.95; Q4_0 numba 0.97 | 3.34, int4 0.65 | 2.17; Q4_1 numba 1.18 | 4.11,
-int4 0.63 | 2.16; Q5_0 1.71 | 5.9; Q5_1 1.92 | 6.7; Q8_0 0.87 | 3.0. The numba kernels are
-compute-bound (0.06-0.38 of the bandwidth; numba cannot emit int8 dot products, and without
-fast-math the lanes are plain mul + add). On this machine a float32 copy of any quantized
-weight (:class:`DequantLinear`) is faster for one vector (0.75-0.85 | 2.5-2.7 ms), at 3.8-7x
-the memory. A second thread gave nothing here (the two vCPUs behave as one core; torch's
-2-thread bf16/int4 calls stalled ~5 ms when another process held the other vCPU).
-Prompts (T = 512): all strategies ~55-70 GFLOPS (float32 GEMM after exact tile dequantization;
-the tiles cost < 5 %); fp16 ``F.linear`` 8-12 GFLOPS, bf16 GEMM ~10 GFLOPS without native bf16.
+Every numba product is one of kernels/simd.py's explicit LLVM vector kernels. Measured
+(2-vCPU AMD EPYC VM, AVX2, no AVX-512/AMX/native bf16; 1 thread, 2048x2048 in cache,
+Gweights/s): F32 9.2, F16 17.0, BF16 14.3; exact blocks Q4_0 7.5, Q4_1 6.0, Q5_0 5.6, Q5_1
+5.0, Q8_0 10.3; int8 dots Q4_0 17.5, Q4_1 15.9, Q5_0 13.3, Q5_1 12.3 (Q8_0 20.9). Out of
+cache a single thread reads ~17-20 GB/s and two ~25-30 GB/s: F32/F16 products run at the
+bandwidth, the block formats near it with int8 dots. torch's kernels (torch.mv, int4, int8
+rows) were slower here in whole tokens (README "Speed"); :class:`F32Linear`, :class:`Int4Linear`
+and :class:`Int8Linear` remain for CPUs without AVX2 or without numba.
 
 Prompts (T > 1): the numba kernels take T <= :data:`NUMBA_MAX_T` vectors in one pass; above,
 the weights are dequantized in row tiles (bit-exact) and multiplied with torch's GEMM (MKL),
@@ -61,8 +49,9 @@ with OpenMP and 24-48 ms with workqueue. Decode now runs every product in numba,
 OpenMP pool (a second one) stays idle between prompts. workqueue aborts the process when two
 Python threads launch parallel kernels at once, so launches take :data:`PARALLEL_LOCK` (a
 caller that finds it held runs the serial kernel). Below :data:`SERIAL_MAX_ELEMENTS` weights,
-or with one torch thread, the serial kernel runs directly. numba is optional: without it the quantized formats are dequantized to float32
-at load (exact, 2-8x the memory) and BF16 weights are converted to float32.
+or with one torch thread, the serial kernel runs directly. numba is optional: without it the
+quantized formats are dequantized to float32 at load (exact, 2-8x the memory) and F16/BF16
+weights are converted to float32.
 """
 
 from __future__ import annotations
@@ -625,11 +614,9 @@ class BlockLinear(Linear):
     the tiles and the activations are rounded to bf16 and multiplied in bf16 (AMX: ~5x the
     float32 GEMM there; lossy).
 
-    Measured (AVX2 VM, 1 thread, cold weights, ms per matvec, 2048x2048 | 7168x2048 |
-    65536x768; fraction of the 25 GB/s read bandwidth): Q4_0 0.97 | 3.34 | 14.0 (0.10), Q4_1
-    1.18 | 4.11 | 16.4 (0.09), Q5_0 1.71 | 5.9 | 22.8 (0.07), Q5_1 1.92 | 6.7 | 25.4 (0.06),
-    Q8_0 0.87 | 3.0 | 12.7 (0.20): compute-bound. T = 512: 55-70 GFLOPS, like float32 weights
-    (the tile dequantization is < 5 % of it). Crossover with tiles: T ~ 3 (:data:`NUMBA_MAX_T`).
+    Speed: kernels/simd.py (numbers in the module docstring); compute-bound on AVX2 at 5-10
+    Gweights/s per thread. Prompts: ~55-80 GFLOPS per core, like float32 weights (the tile
+    dequantization is < 5 % of it). Crossover with tiles: T ~ 3 (:data:`NUMBA_MAX_T`).
     """
 
     strategy = "numba-blocks"
