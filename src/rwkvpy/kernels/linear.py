@@ -413,8 +413,24 @@ if HAVE_NUMBA:
             for t in range(xq2.shape[0]):
                 y2[t, r] = _dotq_row(kind, row, xq2[t], dx2[t], sx2[t], nb)
 
+    @njit(**_CACHE)
+    def _mvq(kind, raw2, x2, y2):
+        """Serial: x2 rounded to int8 blocks, then every row (one call from Python)."""
+        T, K = x2.shape
+        xq2 = np.empty((T, K), np.int8)
+        dx2 = np.empty((T, K // 32), np.float32)
+        sx2 = np.empty((T, K // 32), np.float32)
+        _quantize_x(x2, xq2, dx2, sx2)
+        _mvq_rows(kind, raw2, xq2, dx2, sx2, y2, 0, raw2.shape[0])
+
     @njit(parallel=True, **_CACHE)
-    def _mvq_par(kind, raw2, xq2, dx2, sx2, y2, chunk):
+    def _mvq_par(kind, raw2, x2, y2, chunk):
+        """Parallel over row chunks: x2 rounded to int8 blocks first (serially)."""
+        T, K = x2.shape
+        xq2 = np.empty((T, K), np.int8)
+        dx2 = np.empty((T, K // 32), np.float32)
+        sx2 = np.empty((T, K // 32), np.float32)
+        _quantize_x(x2, xq2, dx2, sx2)
         n_out = raw2.shape[0]
         n_chunks = (n_out + chunk - 1) // chunk
         for c in prange(n_chunks):
@@ -837,50 +853,48 @@ def _rows_view(w: QTensor, fmt, O: int, K: int) -> np.ndarray:
 PARALLEL_LOCK = threading.Lock()
 
 
-def _numba_threads() -> int:
+_POOL = threading.local()  # numba's thread count is a per-thread setting
+
+
+def _numba_threads(n: int | None = None) -> int:
     """Point numba's pool at torch's thread count (capped by numba's pool size)."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
+    n = max(1, min(torch.get_num_threads() if n is None else n, numba.config.NUMBA_NUM_THREADS))
+    if getattr(_POOL, "n", None) != n:
         numba.set_num_threads(n)
+        _POOL.n = n
     return n
 
 
 def _rows_kernel(serial, parallel, n_out, K, *args):
     """Run a row-parallel driver: ``parallel(*args, chunk)`` on numba's pool for a large
     matrix when torch allows more than one thread and no other parallel launch is running,
-    else ``serial(*args, 0, n_out)``."""
-    if (n_out * K > SERIAL_MAX_ELEMENTS and torch.get_num_threads() > 1
-            and PARALLEL_LOCK.acquire(blocking=False)):
+    else ``serial(*args)``."""
+    n = torch.get_num_threads()
+    if n_out * K > SERIAL_MAX_ELEMENTS and n > 1 and PARALLEL_LOCK.acquire(blocking=False):
         try:
-            n = _numba_threads()
+            n = _numba_threads(n)
             parallel(*args, max(1, -(-n_out // (8 * n))))
         finally:
             PARALLEL_LOCK.release()
     else:
-        serial(*args, 0, n_out)
+        serial(*args)
 
 
 def _numba_mv(kind, raw2, x, n_out):
     """y (T, n_out) = x (T, K) @ W^T with the numba kernels (T small)."""
     xn = x.contiguous().numpy()
-    T, K = xn.shape
-    y = torch.empty((T, n_out), dtype=torch.float32)
-    _rows_kernel(lambda *a: _mv_rows(*a, _QK), lambda *a: _mv_par(*a, _QK), n_out, K,
-                 kind, raw2, xn, y.numpy())
-    return y
+    y = np.empty((xn.shape[0], n_out), np.float32)
+    _rows_kernel(lambda *a: _mv_rows(*a, 0, n_out, _QK), lambda *a: _mv_par(*a, _QK), n_out,
+                 xn.shape[1], kind, raw2, xn, y)
+    return torch.from_numpy(y)
 
 
 def _int8_dot_mv(kind, raw2, x, n_out):
     """y (T, n_out) = x (T, K) @ W^T with x rounded to int8 blocks (T small)."""
     xn = x.contiguous().numpy()
-    T, K = xn.shape
-    xq = np.empty((T, K), np.int8)
-    dx = np.empty((T, K // _QK), np.float32)
-    sx = np.empty((T, K // _QK), np.float32)
-    _quantize_x(xn, xq, dx, sx)
-    y = torch.empty((T, n_out), dtype=torch.float32)
-    _rows_kernel(_mvq_rows, _mvq_par, n_out, K, kind, raw2, xq, dx, sx, y.numpy())
-    return y
+    y = np.empty((xn.shape[0], n_out), np.float32)
+    _rows_kernel(_mvq, _mvq_par, n_out, xn.shape[1], kind, raw2, xn, y)
+    return torch.from_numpy(y)
 
 
 def _tiled_dequant_mm(kind, raw2, x, n_out, dtype):
