@@ -57,10 +57,12 @@ def _layer_norm(x, w, b, eps, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _mix_in(x, delta, lnw, lnb, eps, prev, mix, xx, out):
+def _mix_in(x, delta, lnw, lnb, eps, prev, mix, xx, out, kind):
     """The start of a time- or channel-mix block, for each of B sequences (rows):
     x += delta (the previous block's output; skipped when delta has no rows),
-    xx = layer_norm(x), and the token-shift mixes out[j] = xx + (prev - xx) * mix[j].
+    xx = layer_norm(x), and the token-shift mixes out[j] = xx + (prev - xx) * mix[j]
+    (kind 0: v6, v7) or prev + (xx - prev) * mix[j] (kind 1: v4, v5, as their papers write
+    x * m + prev * (1 - m)).
 
     x, delta, prev, xx (B, C); mix (M, C); out (M, B, C). xx is the block's new shift state.
     """
@@ -72,7 +74,10 @@ def _mix_in(x, delta, lnw, lnb, eps, prev, mix, xx, out):
         _layer_norm(x[b], lnw, lnb, eps, xx[b])
         for j in range(mix.shape[0]):
             for c in range(C):
-                out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * mix[j, c]
+                if kind == 0:
+                    out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * mix[j, c]
+                else:
+                    out[j, b, c] = prev[b, c] + (xx[b, c] - prev[b, c]) * mix[j, c]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -189,19 +194,20 @@ def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, ln
 
 
 @numba.njit(cache=True, nogil=True)
-def _v5_core(r, k, v, w, u, lnw, lnb, eps, S, y):
+def _v5_core(r, k, v, w, u, lnw, lnb, eps, S_in, S_out, y):
     """v5/v6 time mix for one token of each of B sequences: out = r (u k^T v + S),
     S = k^T v + w S, then group norm.
 
-    r, k, v (B, C); w (B, C) or (1, C) decay, u (C,) bonus per channel; S (B, H, N, N)
-    (key, value), updated in place; y (B, C).
+    r, k, v (B, C); w (B, C) or (1, C) decay, u (C,) bonus per channel; S_in (B, H, N, N)
+    (key, value) read, S_out receives the new state (may be S_in); y (B, C).
     """
-    for bi in range(S.shape[0]):
-        _v5_one(r[bi], k[bi], v[bi], w[bi if w.shape[0] > 1 else 0], u, lnw, lnb, eps, S[bi], y[bi])
+    for bi in range(S_in.shape[0]):
+        _v5_one(r[bi], k[bi], v[bi], w[bi if w.shape[0] > 1 else 0], u, lnw, lnb, eps,
+                S_in[bi], S_out[bi], y[bi])
 
 
 @numba.njit(cache=True, nogil=True)
-def _v5_one(r, k, v, w, u, lnw, lnb, eps, S, y):
+def _v5_one(r, k, v, w, u, lnw, lnb, eps, S, S_out, y):
     H, N = S.shape[0], S.shape[1]
     out = np.empty(N, np.float32)
     for h in range(H):
@@ -213,36 +219,38 @@ def _v5_one(r, k, v, w, u, lnw, lnb, eps, S, y):
             for i in range(N):  # value index
                 kv = kj * v[b + i]
                 out[i] += rj * (uj * kv + S[h, j, i])
-                S[h, j, i] = kv + wj * S[h, j, i]
+                S_out[h, j, i] = kv + wj * S[h, j, i]
         mean, inv = _norm_stats(out, eps)
         for i in range(N):
             y[b + i] = (out[i] - mean) * inv * lnw[b + i] + lnb[b + i]
 
 
 @numba.njit(cache=True, nogil=True)
-def _v4_core(r, k, v, decay, u, aa, bb, pp, y):
-    """v4 WKV for one token of each of B sequences (all (B, C)), with the numerically safe
-    exponent pp; aa, bb, pp updated in place."""
+def _v4_core(r, k, v, decay, u, S_in, S_out, y):
+    """v4 WKV for one token of each of B sequences (r, k, v, y (B, C)), with the numerically
+    safe exponent: S_in (B, 3, C) = numerator aa, denominator bb, exponent pp, read; S_out
+    receives the new ones (may be S_in)."""
     for bi in range(k.shape[0]):
-        _v4_one(r[bi], k[bi], v[bi], decay, u, aa[bi], bb[bi], pp[bi], y[bi])
+        _v4_one(r[bi], k[bi], v[bi], decay, u, S_in[bi], S_out[bi], y[bi])
 
 
 @numba.njit(cache=True, nogil=True)
-def _v4_one(r, k, v, decay, u, aa, bb, pp, y):
+def _v4_one(r, k, v, decay, u, S, S_out, y):
+    aa, bb, pp = S[0], S[1], S[2]
     for c in range(k.shape[0]):
-        kc, vc = k[c], v[c]
+        kc, vc, a_, b_, p_ = k[c], v[c], aa[c], bb[c], pp[c]
         ww = u[c] + kc
-        p = max(pp[c], ww)
-        e1 = np.float32(math.exp(pp[c] - p))
+        p = max(p_, ww)
+        e1 = np.float32(math.exp(p_ - p))
         e2 = np.float32(math.exp(ww - p))
-        y[c] = r[c] * (e1 * aa[c] + e2 * vc) / (e1 * bb[c] + e2)
-        ww = decay[c] + pp[c]
+        y[c] = r[c] * (e1 * a_ + e2 * vc) / (e1 * b_ + e2)
+        ww = decay[c] + p_
         p = max(ww, kc)
         e1 = np.float32(math.exp(ww - p))
         e2 = np.float32(math.exp(kc - p))
-        aa[c] = e1 * aa[c] + e2 * vc
-        bb[c] = e1 * bb[c] + e2
-        pp[c] = p
+        S_out[0, c] = e1 * a_ + e2 * vc
+        S_out[1, c] = e1 * b_ + e2
+        S_out[2, c] = p
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -252,6 +260,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 class FusedStep:
     """Runs one token through a built model (models.vX instance) with fused glue.
 
+    Every step between the matrix products is a numba kernel on numpy views of torch tensors:
+    the layer norms and token-shift mixes (_mix_in), v7's LoRAs, each version's recurrence;
+    v6's data-dependent mixing LoRA and the gates stay small torch ops. The states are read
+    where they are and the new ones written into fresh tensors (no copy on the way in).
     Holds no weights of its own beyond small per-layer views/stacks of the model's vectors.
     """
 
@@ -263,12 +275,11 @@ class FusedStep:
         v = self.cfg.version
         for i in range(L):
             a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
-            d = {}
+            d = {"ln": [_np(w[f"blocks.{i}.{n}"]) for n in
+                        ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")]}
             if v is Version.V7:
                 d["mix"] = _np(torch.stack([w[a + "x_" + n] for n in "rwkvag"]))    # (6, C)
                 d["fmix"] = _np(w[f + "x_k"].reshape(1, -1))                        # (1, C)
-                d["ln"] = [_np(w[f"blocks.{i}.{n}"]) for n in
-                           ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")]
                 none = np.zeros((0, 1), np.float32)  # layer 0 has no value residual LoRA
                 d["lora"] = [none if n[0] == "v" and i == 0 else
                              _np(w[a + n].to(torch.float32).contiguous())
@@ -277,17 +288,17 @@ class FusedStep:
                     _np(w[a + "v0"]) if i > 0 else np.zeros(1, np.float32)] + [
                     _np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")]
             elif v is Version.V6:
+                d["mix"] = _np(w[a + "time_maa_x"].reshape(1, -1))                  # (1, C)
                 d["maa"] = torch.stack([w[a + "time_maa_" + n] for n in "wkvrg"])  # (5, C)
                 d["u"] = _np(w[a + "time_faaaa"].reshape(-1).contiguous())
-            elif v in (Version.V5_0, Version.V5_2):
+                d["fmix"] = _np(torch.stack([w[f + "time_maa_k"], w[f + "time_maa_r"]]))
+            else:  # v4, v5: x*m + prev*(1-m) = prev + (x - prev)*m
                 names = "rkv" + ("g" if v is Version.V5_2 else "")
-                d["mix"] = torch.stack([w[a + "time_mix_" + n] for n in names])
-                d["w"] = _np(w[a + "decay"].reshape(1, -1).contiguous())
-                d["u"] = _np(w[a + "bonus"].reshape(-1).contiguous())
-            else:
-                d["mix"] = torch.stack([w[a + "time_mix_" + n] for n in "rkv"])
-            if v is Version.V4 or v in (Version.V5_0, Version.V5_2):
-                d["fmix"] = torch.stack([w[f + "time_mix_k"], w[f + "time_mix_r"]])
+                d["mix"] = _np(torch.stack([w[a + "time_mix_" + n] for n in names]))
+                d["fmix"] = _np(torch.stack([w[f + "time_mix_k"], w[f + "time_mix_r"]]))
+                if v is not Version.V4:
+                    d["w"] = _np(w[a + "decay"].reshape(1, -1).contiguous())
+                    d["u"] = _np(w[a + "bonus"].reshape(-1).contiguous())
             self.layers.append(d)
 
     def __call__(self, token: int, state: State):
@@ -300,137 +311,115 @@ class FusedStep:
 
         Returns (logits (B, V), list of B new States). The given states are unchanged.
         """
-        if self.cfg.version is Version.V7:
-            return self._batch_v7(tokens, states)
         net, cfg, w = self.net, self.cfg, self.net.w
-        att_x = torch.stack([s.att_x for s in states], 1)  # (L, B, C) fresh copies
-        ffn_x = torch.stack([s.ffn_x for s in states], 1)
-        wkv = torch.stack([s.wkv for s in states], 1)      # (L, B, ...)
-        x = net.ln(w["emb.weight"][torch.as_tensor(tokens)].float(), "blocks.0.ln0")  # (B, C)
-        ctx = {}
-        tm = {Version.V6: self._tm_v6, Version.V4: self._tm_v4}.get(
-            cfg.version, self._tm_v5)
-        for i in range(cfg.n_layer):
-            p = f"blocks.{i}."
-            xx = net.ln(x, p + "ln1")
-            x = x + tm(i, xx, att_x[i], wkv[i], ctx)
-            att_x[i] = xx
-            xx = net.ln(x, p + "ln2")
-            x = x + self._cm(i, xx, ffn_x[i])
-            ffn_x[i] = xx
-        x = net.ln(x, "ln_out")
-        return net.head(x), [State(s.version, att_x[:, b].clone(), ffn_x[:, b].clone(), wkv[:, b].clone(),
-                         s.n_tokens + 1) for b, s in enumerate(states)]
-
-    # -- channel mix -----------------------------------------------------------------------------
-    def _cm(self, i, xx, prev):
-        net, w, v = self.net, self.net.w, self.cfg.version
-        f = f"blocks.{i}.ffn."
-        dx = prev - xx
-        if v is Version.V7:
-            k = torch.relu(net.mm(xx + dx * w[f + "x_k"], f + "key.weight"))
-            return net.mm(k * k, f + "value.weight")
-        if v is Version.V6:
-            xk, xr = xx + dx * w[f + "time_maa_k"], xx + dx * w[f + "time_maa_r"]
-        else:  # v4/v5: x*m + prev*(1-m) = prev + (x - prev)*m
-            fmix = self.layers[i]["fmix"]
-            xk, xr = prev - dx * fmix[0], prev - dx * fmix[1]
-        k = torch.relu(net.mm(xk, f + "key.weight"))
-        return torch.sigmoid(net.mm(xr, f + "receptance.weight")) * net.mm(k * k, f + "value.weight")
-
-    # -- time mix --------------------------------------------------------------------------------
-    def _batch_v7(self, tokens, states):
-        """v7: every step between the matrix products is a numba kernel on numpy views
-        (_mix_in, _v7_loras, _v7_core, _relu_sq); the states are read where they are and the
-        new ones written into fresh tensors (no copy of a state on the way in)."""
-        net, cfg, w = self.net, self.cfg, self.net.w
-        L, B, C, A = cfg.n_layer, len(states), cfg.n_embd, cfg.n_att
+        L, B, C = cfg.n_layer, len(states), cfg.n_embd
 
         def gather(name):  # (L, B, ...): a view for one sequence, a stacked copy for several
             ts = [getattr(s, name) for s in states]
             return ts[0].unsqueeze(1) if B == 1 else torch.stack(ts, 1)
 
-        att_in, ffn_in, wkv_in = (_np(gather(n)) for n in ("att_x", "ffn_x", "wkv"))
-        att_out = torch.empty((L, B, C), dtype=torch.float32)
-        ffn_out = torch.empty((L, B, C), dtype=torch.float32)
-        wkv_out = torch.empty((L, B) + tuple(states[0].wkv.shape[1:]), dtype=torch.float32)
-        ao, fo, so = _np(att_out), _np(ffn_out), _np(wkv_out)
+        ins = [gather(n) for n in ("att_x", "ffn_x", "wkv")]
+        outs = [torch.empty((L, B) + tuple(t.shape[2:]), dtype=torch.float32) for t in ins]
+        io = [_np(t) for t in ins], [_np(t) for t in outs]
         x = net.ln(w["emb.weight"][torch.as_tensor(tokens)].float(), "blocks.0.ln0").contiguous()
-        xn = _np(x)
-        mixed = torch.empty((6, B, C), dtype=torch.float32)
-        kin = torch.empty((1, B, C), dtype=torch.float32)
-        mn, kn = _np(mixed), _np(kin)
-        wl, al, vl, g, vfirst = (np.empty((B, A), np.float32) for _ in range(5))
-        eps, ln_eps = np.float32(cfg.ln_x_eps), np.float32(cfg.layer_norm_eps)
+        layer = self._layer_v7 if cfg.version is Version.V7 else self._layer
+        ctx = {"B": B}
         delta = np.empty((0, C), np.float32)  # nothing to add before the first block
         for i in range(L):
-            d, a, f = self.layers[i], f"blocks.{i}.att.", f"blocks.{i}.ffn."
-            ln1w, ln1b, ln2w, ln2b = d["ln"]
-            _mix_in(xn, delta, ln1w, ln1b, ln_eps, att_in[i], d["mix"], ao[i], mn)
-            r = _np(net.mm(mixed[0], a + "receptance.weight"))
-            k = _np(net.mm(mixed[2], a + "key.weight"))
-            v = _np(net.mm(mixed[3], a + "value.weight"))
-            # (split over two threads they were no faster: measured, 0.1B and 1.5B)
-            _v7_loras(mn[1], mn[4], mn[3], mn[5], *d["lora"], wl, al, vl, g)
-            y = np.empty((B, A), np.float32)
-            w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
-            _v7_core(r, k, v, vfirst, wl, al, vl, g, i == 0, w0, a0, v0, k_k, k_a, r_k, lnw,
-                     lnb, eps, wkv_in[i], so[i], y)
-            att = _np(net.mm(torch.from_numpy(y), a + "output.weight"))
-            _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d["fmix"], fo[i], kn)
-            kk = net.mm(kin[0], f + "key.weight")
-            _relu_sq(_np(kk))
-            delta = _np(net.mm(kk, f + "value.weight"))
+            delta = layer(i, _np(x), delta, ins, io, ctx)
         x += torch.from_numpy(delta)
         logits = net.head(net.ln(x, "ln_out"))
+        att, ffn, wkv = outs
         if B == 1:
-            return logits, [State(states[0].version, att_out[:, 0], ffn_out[:, 0], wkv_out[:, 0],
+            return logits, [State(states[0].version, att[:, 0], ffn[:, 0], wkv[:, 0],
                                   states[0].n_tokens + 1)]
-        return logits, [State(s.version, att_out[:, b].clone(), ffn_out[:, b].clone(),
-                              wkv_out[:, b].clone(), s.n_tokens + 1) for b, s in enumerate(states)]
+        return logits, [State(s.version, att[:, b].clone(), ffn[:, b].clone(), wkv[:, b].clone(),
+                              s.n_tokens + 1) for b, s in enumerate(states)]
 
-    def _tm_v6(self, i, xx, prev, S, ctx):
-        net, w, d = self.net, self.net.w, self.layers[i]
-        a = f"blocks.{i}.att."
-        B = xx.shape[0]
-        dx = prev - xx
-        lora = torch.tanh((xx + dx * w[a + "time_maa_x"]) @ w[a + "time_maa_w1"])
-        lora = lora.view(B, 5, -1).transpose(0, 1)                          # (5, B, D)
-        m = torch.bmm(lora, w[a + "time_maa_w2"]) + d["maa"].unsqueeze(1)    # (5, B, C)
-        xw, xk, xv, xr, xg = xx + dx * m
-        r = net.mm(xr, a + "receptance.weight")
-        k = net.mm(xk, a + "key.weight")
-        v = net.mm(xv, a + "value.weight")
-        g = F.silu(net.mm(xg, a + "gate.weight"))
-        dec = torch.exp(-torch.exp(w[a + "time_decay"] + torch.tanh(xw @ w[a + "time_decay_w1"])
-                                   @ w[a + "time_decay_w2"]))
-        y = torch.empty_like(r)
-        _v5_core(_np(r), _np(k), _np(v), _np(dec), d["u"], _np(w[a + "ln_x.weight"]),
-                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(S), _np(y))
-        return net.mm(y * g, a + "output.weight")
+    def _scratch(self, ctx, name, shape):
+        buf = ctx.get(name)
+        if buf is None:
+            buf = ctx[name] = np.empty(shape, np.float32)
+        return buf
 
-    def _tm_v5(self, i, xx, prev, S, ctx):
-        net, w, d = self.net, self.net.w, self.layers[i]
-        a = f"blocks.{i}.att."
-        mixed = [prev + (xx - prev) * m for m in d["mix"]]
-        r = net.mm(mixed[0], a + "receptance.weight")
-        k = net.mm(mixed[1], a + "key.weight")
-        v = net.mm(mixed[2], a + "value.weight")
-        y = torch.empty_like(r)
-        _v5_core(_np(r), _np(k), _np(v), d["w"], d["u"], _np(w[a + "ln_x.weight"]),
-                 _np(w[a + "ln_x.bias"]), np.float32(self.cfg.ln_x_eps), _np(S), _np(y))
-        if self.cfg.version is Version.V5_2:
-            y = y * F.silu(net.mm(mixed[3], a + "gate.weight"))
-        return net.mm(y, a + "output.weight")
+    # -- RWKV-7 ----------------------------------------------------------------------------------
+    def _layer_v7(self, i, xn, delta, ins, io, ctx):
+        """One v7 block: x (numpy view, updated in place) += delta, then time mix and channel
+        mix; returns the channel mix's output (added by the next block)."""
+        net, cfg, d = self.net, self.cfg, self.layers[i]
+        (att_in, ffn_in, wkv_in), (ao, fo, so) = io
+        B, C, A = ctx["B"], cfg.n_embd, cfg.n_att
+        a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        ln1w, ln1b, ln2w, ln2b = d["ln"]
+        ln_eps = np.float32(cfg.layer_norm_eps)
+        mn = self._scratch(ctx, "mixed", (6, B, C))
+        _mix_in(xn, delta, ln1w, ln1b, ln_eps, att_in[i], d["mix"], ao[i], mn, 0)
+        mixed = torch.from_numpy(mn)
+        r = _np(net.mm(mixed[0], a + "receptance.weight"))
+        k = _np(net.mm(mixed[2], a + "key.weight"))
+        v = _np(net.mm(mixed[3], a + "value.weight"))
+        wl, al, vl, g = (self._scratch(ctx, n, (B, A)) for n in ("wl", "al", "vl", "g"))
+        # (split over two threads the LoRAs were no faster: measured, 0.1B and 1.5B)
+        _v7_loras(mn[1], mn[4], mn[3], mn[5], *d["lora"], wl, al, vl, g)
+        y = np.empty((B, A), np.float32)
+        w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
+        _v7_core(r, k, v, self._scratch(ctx, "v_first", (B, A)), wl, al, vl, g, i == 0, w0, a0,
+                 v0, k_k, k_a, r_k, lnw, lnb, np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
+        att = _np(net.mm(torch.from_numpy(y), a + "output.weight"))
+        kn = self._scratch(ctx, "fmixed", (1, B, C))
+        _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d["fmix"], fo[i], kn, 0)
+        kk = net.mm(torch.from_numpy(kn[0]), f + "key.weight")
+        _relu_sq(_np(kk))
+        return _np(net.mm(kk, f + "value.weight"))
 
-    def _tm_v4(self, i, xx, prev, S, ctx):
-        net, w, d = self.net, self.net.w, self.layers[i]
-        a = f"blocks.{i}.att."
-        mixed = [prev + (xx - prev) * m for m in d["mix"]]
-        r = torch.sigmoid(net.mm(mixed[0], a + "receptance.weight"))
-        k = net.mm(mixed[1], a + "key.weight")
-        v = net.mm(mixed[2], a + "value.weight")
-        y = torch.empty_like(r)
-        _v4_core(_np(r), _np(k), _np(v), _np(w[a + "decay"]), _np(w[a + "time_first"]),
-                 _np(S[:, 0]), _np(S[:, 1]), _np(S[:, 2]), _np(y))
-        return net.mm(y, a + "output.weight")
+    # -- RWKV-4, 5, 6 ----------------------------------------------------------------------------
+    def _layer(self, i, xn, delta, ins, io, ctx):
+        """One v4/v5/v6 block (see _layer_v7)."""
+        net, cfg, w, d, ver = self.net, self.cfg, self.net.w, self.layers[i], self.cfg.version
+        (att_in, ffn_in, wkv_in), (ao, fo, so) = io
+        B, C = ctx["B"], cfg.n_embd
+        a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        ln1w, ln1b, ln2w, ln2b = d["ln"]
+        ln_eps = np.float32(cfg.layer_norm_eps)
+        kind = 0 if ver is Version.V6 else 1  # v6: xx + dx*m; v4/v5: prev + (xx - prev)*m
+        mn = self._scratch(ctx, "mixed", (d["mix"].shape[0], B, C))
+        _mix_in(xn, delta, ln1w, ln1b, ln_eps, att_in[i], d["mix"], ao[i], mn, kind)
+        y = np.empty((B, cfg.n_att), np.float32)
+        if ver is Version.V6:
+            xx, dx = torch.from_numpy(ao[i]), ins[0][i] - torch.from_numpy(ao[i])
+            lora = torch.tanh(torch.from_numpy(mn[0]) @ w[a + "time_maa_w1"])
+            lora = lora.view(B, 5, -1).transpose(0, 1)                          # (5, B, D)
+            m = torch.bmm(lora, w[a + "time_maa_w2"]) + d["maa"].unsqueeze(1)    # (5, B, C)
+            xw, xk, xv, xr, xg = xx + dx * m
+            r = net.mm(xr, a + "receptance.weight")
+            k = net.mm(xk, a + "key.weight")
+            v = net.mm(xv, a + "value.weight")
+            g = F.silu(net.mm(xg, a + "gate.weight"))
+            dec = torch.exp(-torch.exp(w[a + "time_decay"] + torch.tanh(xw @ w[a + "time_decay_w1"])
+                                       @ w[a + "time_decay_w2"]))
+            _v5_core(_np(r), _np(k), _np(v), _np(dec), d["u"], _np(w[a + "ln_x.weight"]),
+                     _np(w[a + "ln_x.bias"]), np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
+            y = torch.from_numpy(y) * g
+        else:
+            mixed = torch.from_numpy(mn)
+            r = net.mm(mixed[0], a + "receptance.weight")
+            k = net.mm(mixed[1], a + "key.weight")
+            v = net.mm(mixed[2], a + "value.weight")
+            if ver is Version.V4:
+                _v4_core(_np(torch.sigmoid(r)), _np(k), _np(v), _np(w[a + "decay"]),
+                         _np(w[a + "time_first"]), wkv_in[i], so[i], y)
+                y = torch.from_numpy(y)
+            else:
+                _v5_core(_np(r), _np(k), _np(v), d["w"], d["u"], _np(w[a + "ln_x.weight"]),
+                         _np(w[a + "ln_x.bias"]), np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
+                y = torch.from_numpy(y)
+                if ver is Version.V5_2:
+                    y = y * F.silu(net.mm(mixed[3], a + "gate.weight"))
+        att = _np(net.mm(y, a + "output.weight"))
+        fn = self._scratch(ctx, "fmixed", (2, B, C))
+        _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d["fmix"], fo[i], fn, kind)
+        fm = torch.from_numpy(fn)
+        kk = net.mm(fm[0], f + "key.weight")
+        _relu_sq(_np(kk))
+        rr = torch.sigmoid(net.mm(fm[1], f + "receptance.weight"))
+        return _np(rr * net.mm(kk, f + "value.weight"))
