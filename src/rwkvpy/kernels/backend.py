@@ -30,7 +30,7 @@ def make_backend(mode: str, cache=None) -> Backend:
         return REFERENCE
     from .gpu import DeviceLinear
     from .linear import make_linear
-    from .wkv import wkv5_chunked, wkv7_chunked
+    from .wkv import wkv4_serial, wkv5_chunked, wkv7_chunked
 
     def linear(w, device, name=None):
         if device.type != "cpu":
@@ -46,4 +46,5 @@ def make_backend(mode: str, cache=None) -> Backend:
                 cache.used()
         return lin
 
-    return Backend(name=mode, make_linear=linear, wkv5=wkv5_chunked, wkv7=wkv7_chunked)
+    return Backend(name=mode, make_linear=linear, wkv4=wkv4_serial, wkv5=wkv5_chunked,
+                   wkv7=wkv7_chunked)

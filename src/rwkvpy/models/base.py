@@ -63,6 +63,7 @@ class Backend:
 
     name: str = "reference"
     make_linear: Callable = Float32Linear
+    wkv4: Callable | None = None  # same contract as models.v4.wkv4
     wkv5: Callable | None = None  # same contract as models.v5.wkv_heads
     wkv7: Callable | None = None  # same contract as models.v7.wkv7
 

@@ -15,6 +15,27 @@ import torch
 from .base import RWKVBase
 
 
+def wkv4(k, v, decay, u, S):
+    """The v4 WKV, one token at a time, with the running exponent pp that keeps exp() in range.
+
+    k, v (T, A); decay = -exp(time_decay), u = time_first (A,); S (3, A) = numerator aa,
+    denominator bb, exponent pp. Returns out (T, A) and the final S.
+    """
+    aa, bb, pp = S[0], S[1], S[2]                                        # (A,) each
+    out = torch.empty_like(k)
+    for t in range(k.shape[0]):
+        kt, vt = k[t], v[t]
+        ww = u + kt
+        p = torch.maximum(pp, ww)
+        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+        out[t] = (e1 * aa + e2 * vt) / (e1 * bb + e2)
+        ww = decay + pp
+        p = torch.maximum(ww, kt)
+        e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
+        aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
+    return out, torch.stack([aa, bb, pp])
+
+
 class RWKV4(RWKVBase):
     def layer_shapes(self, i, p, weights):
         C, A, F = self.cfg.n_embd, self.cfg.n_att, self.cfg.n_ffn
@@ -41,19 +62,9 @@ class RWKV4(RWKVBase):
         v = self.mm(x * mv + sx * (1 - mv), a + "value.weight")          # (T, A)
         r = torch.sigmoid(self.mm(x * mr + sx * (1 - mr), a + "receptance.weight"))
         decay, u = w[a + "decay"], w[a + "time_first"]                   # (A,)
-        aa, bb, pp = wkv[0], wkv[1], wkv[2]                               # (A,) each
-        out = torch.empty_like(k)
-        for t in range(x.shape[0]):
-            kt, vt = k[t], v[t]
-            ww = u + kt
-            p = torch.maximum(pp, ww)
-            e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-            out[t] = (e1 * aa + e2 * vt) / (e1 * bb + e2)
-            ww = decay + pp
-            p = torch.maximum(ww, kt)
-            e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
-            aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
-        return self.mm(r * out, a + "output.weight"), torch.stack([aa, bb, pp])
+        fast = self.backend.wkv4
+        out, S = (fast if fast is not None and x.shape[0] > 1 else wkv4)(k, v, decay, u, wkv)
+        return self.mm(r * out, a + "output.weight"), S
 
     def channel_mix(self, i, x, ffn_x):
         w = self.w
