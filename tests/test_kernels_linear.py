@@ -494,3 +494,20 @@ def test_copied_file_weights_leave_the_resident_set(tmp_path):
     assert _err(lin(x), _ref(x, data.astype(np.float32))) < EXACT_TOL
     mem = torch.from_numpy(data.copy())  # anonymous memory: never released
     assert release_pages(mem) == 0 and torch.equal(mem, torch.from_numpy(data))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 96, 40])
+def test_fused_low_rank_products(dtype, D):
+    """kernels.fused._vec_mat (the v7 step's LoRA products) on the matrices as stored: equal to
+    the float32 product of the exactly widened weights, a 32-value tail included (D = 40)."""
+    from rwkvpy.kernels.fused import _rows_bytes, _vec_mat
+
+    C = 70
+    W = torch.from_numpy(_weights((C, D), 31)).to(dtype)
+    x = torch.randn(C)
+    out = np.empty(D, np.float32)
+    kind = {torch.float32: 7, torch.float16: 5, torch.bfloat16: 6}[dtype]
+    _vec_mat(x.numpy(), _rows_bytes(W), kind, out)
+    ref = _ref(x[None], W.float().T.numpy())[0]
+    assert _err(torch.from_numpy(out), ref) < EXACT_TOL

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from ..models.config import Version
 from ..state import State
+from . import simd as _simd
+from .linear import _bits_to_f32, _h2f
 
 DECAY_SCALE = math.exp(-0.5)
 
@@ -81,41 +83,65 @@ def _mix_in(x, delta, lnw, lnb, eps, prev, mix, xx, out, kind):
 
 
 @numba.njit(cache=True, nogil=True)
-def _vec_mat(x, W, out):
-    """out (D,) = x (C,) @ W (C, D), one contiguous row of W at a time (an axpy per row:
-    vectorized, no reduction across lanes)."""
-    for d in range(W.shape[1]):
+def _vec_mat(x, W, kind, out):
+    """out (D,) = x (C,) @ W (C, D), one row of W at a time (an axpy per row: no reduction
+    across lanes). W: the rows' bytes (C, D * size), kind 7 float32, 5 float16, 6 bfloat16,
+    widened exactly (kernels/simd.py); a tail shorter than 32 values in scalar code."""
+    D = out.shape[0]
+    n32 = D // 32
+    for d in range(D):
         out[d] = 0.0
     for c in range(W.shape[0]):
         xc = x[c]
         row = W[c]
-        for d in range(W.shape[1]):
-            out[d] += xc * row[d]
+        if kind == 7:
+            _simd.axpy_f32(out, row, xc, n32)
+        elif kind == 5:
+            _simd.axpy_f16(out, row, xc, n32)
+        else:
+            _simd.axpy_bf16(out, row, xc, n32)
+        if n32 * 32 < D:
+            if kind == 7:
+                f = row.view(np.float32)
+                for d in range(n32 * 32, D):
+                    out[d] += xc * f[d]
+            else:
+                h = row.view(np.uint16)
+                for d in range(n32 * 32, D):
+                    w = _bits_to_f32(np.int64(h[d]) << 16) if kind == 6 else _h2f(np.int64(h[d]))
+                    out[d] += xc * w
 
 
 @numba.njit(cache=True, nogil=True)
-def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, wl, al, vl, g):
+def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, g):
     """The low-rank projections of a v7 time mix, for each of B sequences (rows):
     wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped when v1 has no rows:
-    layer 0), g = sigmoid(xg g1) g2."""
+    layer 0), g = sigmoid(xg g1) g2. The matrices as stored (bytes of rows, ``kind`` as in
+    _vec_mat), read once per token at memory speed."""
     for b in range(xw.shape[0]):
-        h = np.empty(w1.shape[1], np.float32)
-        _vec_mat(xw[b], w1, h)
+        h = np.empty(_cols(w1, kind), np.float32)
+        _vec_mat(xw[b], w1, kind, h)
         for d in range(h.shape[0]):
             h[d] = np.float32(math.tanh(h[d]))
-        _vec_mat(h, w2, wl[b])
-        h = np.empty(a1.shape[1], np.float32)
-        _vec_mat(xa[b], a1, h)
-        _vec_mat(h, a2, al[b])
+        _vec_mat(h, w2, kind, wl[b])
+        h = np.empty(_cols(a1, kind), np.float32)
+        _vec_mat(xa[b], a1, kind, h)
+        _vec_mat(h, a2, kind, al[b])
         if v1.shape[0] > 0:
-            h = np.empty(v1.shape[1], np.float32)
-            _vec_mat(xv[b], v1, h)
-            _vec_mat(h, v2, vl[b])
-        h = np.empty(g1.shape[1], np.float32)
-        _vec_mat(xg[b], g1, h)
+            h = np.empty(_cols(v1, kind), np.float32)
+            _vec_mat(xv[b], v1, kind, h)
+            _vec_mat(h, v2, kind, vl[b])
+        h = np.empty(_cols(g1, kind), np.float32)
+        _vec_mat(xg[b], g1, kind, h)
         for d in range(h.shape[0]):
             h[d] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-h[d])))
-        _vec_mat(h, g2, g[b])
+        _vec_mat(h, g2, kind, g[b])
+
+
+@numba.njit(cache=True, nogil=True)
+def _cols(W, kind):
+    """Columns of a matrix given as the bytes of its rows."""
+    return W.shape[1] // (4 if kind == 7 else 2)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -253,6 +279,17 @@ def _v4_one(r, k, v, decay, u, S, S_out, y):
         S_out[2, c] = p
 
 
+def _rows_bytes(t: torch.Tensor) -> np.ndarray:
+    """A 2-D float tensor's rows as bytes (C, D * size), without a copy when it is contiguous
+    (a copy of a file's tensor releases the file's pages: formats.base.release_pages)."""
+    from ..formats.base import release_pages
+
+    c = t.detach().contiguous()
+    if c.data_ptr() != t.data_ptr():
+        release_pages(t)
+    return c.view(torch.uint8).numpy().reshape(c.shape[0], -1)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -280,10 +317,15 @@ class FusedStep:
             if v is Version.V7:
                 d["mix"] = _np(torch.stack([w[a + "x_" + n] for n in "rwkvag"]))    # (6, C)
                 d["fmix"] = _np(w[f + "x_k"].reshape(1, -1))                        # (1, C)
-                none = np.zeros((0, 1), np.float32)  # layer 0 has no value residual LoRA
-                d["lora"] = [none if n[0] == "v" and i == 0 else
-                             _np(w[a + n].to(torch.float32).contiguous())
-                             for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")]
+                lora = [w[a + n] if (i > 0 or n[0] != "v") else None
+                        for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")]
+                dtypes = {t.dtype for t in lora if t is not None}
+                if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
+                    lora = [None if t is None else t.float() for t in lora]
+                    dtypes = {torch.float32}
+                d["kind"] = {torch.float32: 7, torch.float16: 5, torch.bfloat16: 6}[dtypes.pop()]
+                d["lora"] = [np.zeros((0, 1), np.uint8) if t is None else _rows_bytes(t)
+                             for t in lora]  # layer 0: no value residual LoRA
                 d["np"] = [_np(w[a + n]) for n in ("w0", "a0")] + [
                     _np(w[a + "v0"]) if i > 0 else np.zeros(1, np.float32)] + [
                     _np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")]
@@ -360,7 +402,7 @@ class FusedStep:
         v = _np(net.mm(mixed[3], a + "value.weight"))
         wl, al, vl, g = (self._scratch(ctx, n, (B, A)) for n in ("wl", "al", "vl", "g"))
         # (split over two threads the LoRAs were no faster: measured, 0.1B and 1.5B)
-        _v7_loras(mn[1], mn[4], mn[3], mn[5], *d["lora"], wl, al, vl, g)
+        _v7_loras(mn[1], mn[4], mn[3], mn[5], *d["lora"], d["kind"], wl, al, vl, g)
         y = np.empty((B, A), np.float32)
         w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
         _v7_core(r, k, v, self._scratch(ctx, "v_first", (B, A)), wl, al, vl, g, i == 0, w0, a0,

@@ -312,3 +312,38 @@ dotq_q4_1 = _row_dot_q8(20, _iq_q4_1)
 dotq_q5_0 = _row_dot_q8(22, _iq_q5_0)
 dotq_q5_1 = _row_dot_q8(24, _iq_q5_1)
 dotq_q8_0 = _row_dot_q8(34, _iq_q8_0)
+
+
+# -- axpy on float rows (the fused step's low-rank products) -------------------------------------
+
+def _row_axpy(load):
+    """Make an intrinsic ``axpy(out, row, a, n32)``: out[:32 n32] += a * row[:32 n32], the row
+    (uint8 bytes of F32/F16/BF16 values) widened exactly to float32; multiply, then add."""
+
+    def typer(typingctx, out, row, a, n32):
+        sig = nbt.void(out, row, nbt.float32, nbt.intp)
+
+        def codegen(context, b, signature, args):
+            out_arr = context.make_array(signature.args[0])(context, b, args[0])
+            row_arr = context.make_array(signature.args[1])(context, b, args[1])
+            ys = b.bitcast(out_arr.data, ir.PointerType(_F32))
+            base = b.bitcast(row_arr.data, ir.PointerType(_I8))
+            av = _splat(b, args[2])
+            nbytes = load.bytes
+            with cgutils.for_range(b, args[3]) as loop:
+                i = loop.index
+                w = load(b, b.gep(base, [b.mul(i, ir.Constant(_I64, nbytes))]))
+                yp = b.bitcast(b.gep(ys, [b.mul(i, ir.Constant(_I64, _N))]),
+                               ir.PointerType(_vec(_F32)))
+                b.store(b.fadd(b.load(yp, align=4), b.fmul(av, w)), yp, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+_f32.bytes, _f16.bytes, _bf16.bytes = 128, 64, 64
+axpy_f32 = _row_axpy(_f32)
+axpy_f16 = _row_axpy(_f16)
+axpy_bf16 = _row_axpy(_bf16)

@@ -74,10 +74,15 @@ REFERENCE = Backend()
 class RWKVBase:
     """A loaded RWKV model in float32 torch. Subclasses define the per-version math.
 
+    ``LOW_RANK``: name suffixes of small low-rank matrices that stay float16/bfloat16 on the
+    CPU when the file stores them so (read through :meth:`f32`).
+
     ``devices``: the torch device of each layer (default: all on the CPU). The embedding and
     ln0 live with the first layer, ln_out and the head with the last; activations and each
     layer's slice of the state move to the layer's device as the layers are run.
     """
+
+    LOW_RANK: tuple = ()
 
     def __init__(self, cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE,
                  devices=None):
@@ -118,6 +123,11 @@ class RWKVBase:
                 self.lin[name] = backend.make_linear(t, dev, name)
             elif name == "emb.weight" and not isinstance(t, QTensor):
                 self.w[name] = t.to(dev)  # rows are converted to float32 as they are looked up
+            elif (dev.type == "cpu" and name.endswith(self.LOW_RANK) and not isinstance(t, QTensor)
+                  and t.dtype in (torch.float16, torch.bfloat16)):
+                # kept as stored: the one-token step reads them at memory speed (kernels/fused.py),
+                # the model code widens them where it uses them (self.f32)
+                self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
             else:
                 t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
                 self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
@@ -144,6 +154,11 @@ class RWKVBase:
         if name.startswith("blocks."):
             return self.devices[int(name.split(".", 2)[1])]
         return self.devices[0] if name == "emb.weight" else self.devices[-1]
+
+    def f32(self, name):
+        """A weight as float32 (the LOW_RANK matrices may be kept float16/bfloat16 on the CPU)."""
+        t = self.w[name]
+        return t if t.dtype == torch.float32 else t.float()
 
     def ln(self, x, name):
         return F.layer_norm(x, (x.shape[-1],), self.w[name + ".weight"], self.w[name + ".bias"],

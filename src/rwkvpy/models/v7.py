@@ -40,6 +40,8 @@ def wkv7(r, w, k, v, kk, a, S):
 
 
 class RWKV7(RWKVBase):
+    LOW_RANK = tuple(f"att.{n}" for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"))
+
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg
         C, A, F_, H, N = cfg.n_embd, cfg.n_att, cfg.n_ffn, cfg.n_head, cfg.head_size
@@ -68,17 +70,18 @@ class RWKV7(RWKVBase):
         r = self.mm(xr, a + "receptance.weight")                           # (T, A)
         k = self.mm(xk, a + "key.weight")
         v = self.mm(xv, a + "value.weight")
-        d = w[a + "w0"] + torch.tanh(xw @ w[a + "w1"]) @ w[a + "w2"]
+        lr = self.f32  # the low-rank matrices as float32
+        d = w[a + "w0"] + torch.tanh(xw @ lr(a + "w1")) @ lr(a + "w2")
         decay = torch.exp(-DECAY_SCALE * torch.sigmoid(d))               # (T, A) in (0, 1)
-        iclr = torch.sigmoid(w[a + "a0"] + (xa @ w[a + "a1"]) @ w[a + "a2"])
-        g = torch.sigmoid(xg @ w[a + "g1"]) @ w[a + "g2"]
+        iclr = torch.sigmoid(w[a + "a0"] + (xa @ lr(a + "a1")) @ lr(a + "a2"))
+        g = torch.sigmoid(xg @ lr(a + "g1")) @ lr(a + "g2")
 
         kk = F.normalize((k * w[a + "k_k"]).view(T, H, N), dim=-1, p=2.0).view(T, -1)
         k = k * (1 + (iclr - 1) * w[a + "k_a"])
         if i == 0:
             ctx["v_first"] = v
         else:
-            gate = torch.sigmoid(w[a + "v0"] + (xv @ w[a + "v1"]) @ w[a + "v2"])
+            gate = torch.sigmoid(w[a + "v0"] + (xv @ lr(a + "v1")) @ lr(a + "v2"))
             v = v + (ctx["v_first"] - v) * gate
 
         rh, kh, vh = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
