@@ -143,10 +143,10 @@ def fast_bf16_cpu() -> bool:
 # Layout: a weight's bytes as ggml stores them, viewed as (out, row_bytes) uint8 (read-only),
 # one row of blocks per output. Every kernel reads the blocks directly (no repacking).
 #
-# Numerics (no fast-math flag at all): every weight is decoded exactly as ggml's
-# dequantize_row_* does (q*d, (q-8)*d, q*d + m in float32, d and m widened from float16), then
-# multiplied by its activation and added into one of 32 float32 lane accumulators; the lanes
-# are summed at the end of the row. So the result is the float32 ``dequantize(W) @ x`` with
+# Numerics: every weight is decoded exactly as ggml's dequantize_row_* does (q*d, (q-8)*d,
+# q*d + m in float32, d and m widened from float16), then multiplied by its activation and
+# added into one of 32 float32 lane accumulators (one fused multiply-add); the lanes are
+# summed at the end of the row. So the result is the float32 ``dequantize(W) @ x`` with
 # another summation order, NaN and inf included.
 #
 # The row . vector products are explicit LLVM vector code (kernels/simd.py): numba's loop
