@@ -375,7 +375,7 @@ if HAVE_NUMBA:
     @njit(**_CACHE)
     def _quantize_x(x2, xq2, dx2, sx2):
         """Each row of x2 (T, K) as int8 blocks of 32: dx = amax / 127, xq = round(x / dx)
-        (|xq| <= 127), sx = sum of the block's xq (float32)."""
+        (|xq| <= 127), sx = dx * (sum of the block's xq) (float32)."""
         for t in range(x2.shape[0]):
             x, xq = x2[t], xq2[t]
             for i in range(dx2.shape[1]):
@@ -390,7 +390,7 @@ if HAVE_NUMBA:
                     xq[i * 32 + j] = q
                     s += q
                 dx2[t, i] = d
-                sx2[t, i] = s
+                sx2[t, i] = d * np.float32(s)
 
     @njit(inline="always", **_CACHE)
     def _dotq_row(kind, row, xq, dx, sx, nb):

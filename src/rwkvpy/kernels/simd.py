@@ -184,7 +184,7 @@ dot_f32 = _row_dot(128, _f32)
 # sum(code * xq) is formed with vpmaddubsw / vpmaddwd, converted once and scaled by d * dx.
 # Lossy (the activations' rounding), about 3x fewer instructions per weight than the float
 # kernels above. The unsigned codes (Q4/Q5: 0..15, 0..31) multiply directly; their offset (8,
-# 16) and Q4_1/Q5_1's m come back through the per-block sum of xq (``sx``):
+# 16) and Q4_1/Q5_1's m come back through the per-block sum of xq (``sx`` = dx * that sum):
 #   sum((c - o) d x)  ~  d dx (sum(c xq) - o sx),     sum((c d + m) x)  ~  d dx sum(c xq) + m dx sx
 # Q8_0's signed codes go through vpmaddwd on int16 (exact for every code, -128 included).
 
@@ -262,7 +262,7 @@ def _iq_q8_0(b, blk, xq):
 
 def _row_dot_q8(block_bytes, block):
     """Make an intrinsic ``dot(row, xq, dx, sx, nb) -> float32``: row . x with x given as int8
-    blocks ``xq`` (int8, 32 * nb), their scales ``dx`` and code sums ``sx`` (float32, nb)."""
+    blocks ``xq`` (int8, 32 * nb), their scales ``dx`` and ``sx`` = dx * sum(xq) (float32, nb)."""
 
     def typer(typingctx, row, xq, dx, sx, nb):
         sig = nbt.float32(row, xq, dx, sx, nbt.intp)
@@ -279,15 +279,15 @@ def _row_dot_q8(block_bytes, block):
                 blk = b.gep(base, [b.mul(i, ir.Constant(_I64, block_bytes))])
                 xq = _load(b, xs, b.mul(i, ir.Constant(_I64, _N)), _vec(_I8))
                 p32, d, m, offset = block(b, blk, xq)
-                dx, sx = b.load(b.gep(dxs, [i])), b.load(b.gep(sxs, [i]))
+                dx, cx = b.load(b.gep(dxs, [i])), b.load(b.gep(sxs, [i]))
                 s = b.fmul(d, dx)
-                prod = b.fmul(b.sitofp(p32, _F32x8), _splat(b, s, 8))
-                b.store(b.fadd(b.load(acc), prod), acc)
-                if offset:
-                    b.store(b.fsub(b.load(extra), b.fmul(s, b.fmul(sx, ir.Constant(_F32, offset)))),
-                            extra)
-                if m is not None:
-                    b.store(b.fadd(b.load(extra), b.fmul(m, b.fmul(dx, sx))), extra)
+                prod = b.fmul(b.sitofp(p32, _F32x8), _splat(b, s, 8), flags=_FMA)
+                b.store(b.fadd(b.load(acc), prod, flags=_FMA), acc)
+                if offset:  # - d * offset * dx * sum(xq)
+                    dof = b.fmul(d, ir.Constant(_F32, -offset))
+                    b.store(b.fadd(b.load(extra), b.fmul(dof, cx, flags=_FMA), flags=_FMA), extra)
+                if m is not None:  # + m * dx * sum(xq)
+                    b.store(b.fadd(b.load(extra), b.fmul(m, cx, flags=_FMA), flags=_FMA), extra)
             lanes = b.load(acc)
             total = b.load(extra)
             for j in range(8):
