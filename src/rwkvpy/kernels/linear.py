@@ -30,8 +30,8 @@ Q8_0       :class:`BlockLinear`                           same (see INT8_DOT_FOR
 
 Every numba product is one of kernels/simd.py's explicit LLVM vector kernels. Measured
 (2-vCPU AMD EPYC VM, AVX2, no AVX-512/AMX/native bf16; 1 thread, 2048x2048 in cache,
-Gweights/s): F32 9.2, F16 17.0, BF16 14.3; exact blocks Q4_0 7.5, Q4_1 6.0, Q5_0 5.6, Q5_1
-5.0, Q8_0 10.3; int8 dots Q4_0 17.5, Q4_1 15.9, Q5_0 13.3, Q5_1 12.3 (Q8_0 20.9). Out of
+Gweights/s): F32 ~10, F16 16-18, BF16 15; exact blocks Q4_0 7.7, Q4_1 6.8, Q5_0 6.2, Q5_1
+5.5, Q8_0 11.4; int8 dots Q4_0 19.3, Q4_1 18.0, Q5_0 14.5, Q5_1 13.1 (Q8_0 21.9). Out of
 cache a single thread reads ~17-20 GB/s and two ~25-30 GB/s: F32/F16 products run at the
 bandwidth, the block formats near it with int8 dots. torch's kernels (torch.mv, int4, int8
 rows) were slower here in whole tokens (README "Speed"); :class:`F32Linear`, :class:`Int4Linear`
@@ -672,7 +672,7 @@ class Int8DotLinear(BlockLinear):
     tests/test_fast_paths.py and the README.
 
     Measured (AVX2 VM, 1 thread, 2048x2048 in cache, Gweights/s, float kernels -> int8 dots):
-    Q4_0 7.5 -> 17.5, Q4_1 6.0 -> 15.9, Q5_0 5.6 -> 13.3, Q5_1 5.0 -> 12.3, Q8_0 10.3 -> 20.9.
+    Q4_0 7.7 -> 19.3, Q4_1 6.8 -> 18.0, Q5_0 6.2 -> 14.5, Q5_1 5.5 -> 13.1, Q8_0 11.4 -> 21.9.
     T > :data:`INT8DOT_MAX_T`: the exact paths of :class:`BlockLinear`.
     """
 
