@@ -189,6 +189,21 @@ def test_int8_dot_extreme_codes(fmt):
     assert _err(lin(x), _ref((xq * dx).reshape(x.shape), wd)) < EXACT_TOL
 
 
+@needs_avx2
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q5_1"])
+def test_int8_dot_nonfinite_activations(fmt):
+    """A NaN or inf activation gives NaN outputs, as the exact kernels do (rounding to int8
+    must not hide it); the other vectors of the batch are unaffected."""
+    shape = (64, 128)
+    lin = L.Int8DotLinear(_qtensor(fmt, _weights(shape, 4)))
+    x = _x(3, shape[1], seed=9)
+    x[0, 40] = float("nan")
+    x[1, 100] = float("inf")
+    y = lin(x)
+    assert bool(torch.isnan(y[0]).all()) and bool(torch.isnan(y[1]).all())
+    assert bool(torch.isfinite(y[2]).all())
+
+
 def _onehot_columns(packed, scales, K, n_out, dtype):
     eye = torch.eye(K, dtype=dtype)
     return torch._weight_int4pack_mm_for_cpu(eye, packed, 32, scales)[:, :n_out].T

@@ -380,9 +380,14 @@ if HAVE_NUMBA:
             x, xq = x2[t], xq2[t]
             for i in range(dx2.shape[1]):
                 amax = np.float32(0.0)
+                finite = True
                 for j in range(32):
-                    amax = max(amax, abs(x[i * 32 + j]))
-                d = amax / np.float32(127.0)
+                    v = x[i * 32 + j]
+                    amax = max(amax, abs(v))
+                    finite &= np.isfinite(v)
+                # a NaN or inf activation makes the block's scale NaN, so that the products
+                # come out NaN as in float arithmetic (the rounding would hide it)
+                d = amax / np.float32(127.0) if finite else np.float32(np.nan)
                 inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
                 s = 0
                 for j in range(32):
