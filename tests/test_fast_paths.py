@@ -120,28 +120,24 @@ def test_forward_batch_errors():
         model.forward_batch([[1], [999]])
 
 
-@pytest.mark.parametrize("model", ["4v0-660K", "5v1-730K", "5v2-730K", "7v0-834K"])
-@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
-def test_int8_rows_error_small_against_the_format(model, fmt):
-    """mode "fast" multiplies Q5_0/Q5_1 weights as int8 rows (kernels.linear.Int8Linear). What
-    that adds to the logits, against what the format itself costs (both measured from the FP32
-    file's logits, mean over 64 positions of the max abs difference): observed 16-55 % of the
-    format's own error; the distance to FP32 grows by 0-20 % (README "Speed")."""
+def fixture_errors(path, model, fmt, make):
+    """Logit errors on an rwkv.cpp tiny model's 64 fixture tokens, each measured from the FP32
+    file's logits as the mean over positions of the max abs difference: (own, added, total),
+    where own is the exact ``path``'s, and added/total those of the same model with every
+    ``fmt`` block matrix replaced by ``make(QTensor)``."""
     import numpy as np
 
     from rwkvpy import formats
     from rwkvpy.formats.base import QTensor
-    from rwkvpy.kernels.linear import Int8Linear
 
     ref = np.load(fixture_path("rwkv-cpp-tiny", f"rwkvcpp-logits-{model}-FP32.npz"))
     toks, f32 = ref["tokens"].tolist(), torch.from_numpy(ref["logits"])
-    path = fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{model}-{fmt}.bin")
     exact, fast = rwkvpy.load(path, mode="exact"), rwkvpy.load(path, mode="exact")
     tensors = formats.read(path).tensors
     swapped = 0
     for name in list(fast._net.lin):  # only the block-quantized matrices change
         if isinstance(tensors[name], QTensor) and tensors[name].fmt == fmt:
-            fast._net.lin[name] = Int8Linear(tensors[name])
+            fast._net.lin[name] = make(tensors[name])
             swapped += 1
     assert swapped > 0
 
@@ -153,9 +149,21 @@ def test_int8_rows_error_small_against_the_format(model, fmt):
         return torch.stack(out)
 
     le, lf = run(exact), run(fast)
-    own = float((le - f32).abs().amax(1).mean())
-    added = float((lf - le).abs().amax(1).mean())
-    total = float((lf - f32).abs().amax(1).mean())
+    return (float((le - f32).abs().amax(1).mean()), float((lf - le).abs().amax(1).mean()),
+            float((lf - f32).abs().amax(1).mean()))
+
+
+@pytest.mark.parametrize("model", ["4v0-660K", "5v1-730K", "5v2-730K", "7v0-834K"])
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
+def test_int8_rows_error_small_against_the_format(model, fmt):
+    """mode "fast" multiplies Q5_0/Q5_1 weights as int8 rows (kernels.linear.Int8Linear). What
+    that adds to the logits, against what the format itself costs (both measured from the FP32
+    file's logits, mean over 64 positions of the max abs difference): observed 16-55 % of the
+    format's own error; the distance to FP32 grows by 0-20 % (README "Speed")."""
+    from rwkvpy.kernels.linear import Int8Linear
+
+    path = fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{model}-{fmt}.bin")
+    own, added, total = fixture_errors(path, model, fmt, Int8Linear)
     assert added <= 0.6 * own, (own, added)
     assert total <= 1.25 * own, (own, total)
 
@@ -188,37 +196,12 @@ def test_int8_dot_error_against_the_format(quantized_tiny, model, fmt):
     the max abs difference). Observed for Q4_0..Q5_1: added 6-25 % of the format's own error,
     total 0.95-1.02x of it; so mode "fast" takes it. Q8_0: added 1.0-1.6x its own (8-bit
     activations against 8-bit weights), so Q8_0 stays exact in mode "fast"."""
-    import numpy as np
-
-    from rwkvpy import formats
-    from rwkvpy.formats.base import QTensor
     from rwkvpy.kernels.linear import Int8DotLinear, _int8_dot
 
     if not _int8_dot():
         pytest.skip("the int8 dot kernels need AVX2")
-    ref = np.load(fixture_path("rwkv-cpp-tiny", f"rwkvcpp-logits-{model}-FP32.npz"))
-    toks, f32 = ref["tokens"].tolist(), torch.from_numpy(ref["logits"])
     path = quantized_tiny(model, fmt)
-    exact, fast = rwkvpy.load(path, mode="exact"), rwkvpy.load(path, mode="exact")
-    tensors = formats.read(path).tensors
-    swapped = 0
-    for name in list(fast._net.lin):  # only the block-quantized matrices change
-        if isinstance(tensors[name], QTensor) and tensors[name].fmt == fmt:
-            fast._net.lin[name] = Int8DotLinear(tensors[name])
-            swapped += 1
-    assert swapped > 0
-
-    def run(m):
-        s, out = None, []
-        for t in toks:
-            lg, s = m.forward([t], s)
-            out.append(lg)
-        return torch.stack(out)
-
-    le, lf = run(exact), run(fast)
-    own = float((le - f32).abs().amax(1).mean())
-    added = float((lf - le).abs().amax(1).mean())
-    total = float((lf - f32).abs().amax(1).mean())
+    own, added, total = fixture_errors(path, model, fmt, Int8DotLinear)
     if fmt == "Q8_0":
         assert added >= 0.7 * own, (own, added)  # why Q8_0 is not on this path
     else:

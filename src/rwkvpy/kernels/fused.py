@@ -44,17 +44,8 @@ def _norm_stats(out, eps):
 @numba.njit(cache=True, nogil=True)
 def _layer_norm(x, w, b, eps, out):
     """out = layer_norm(x) * w + b for one vector (float32 mean and biased variance)."""
-    C = x.shape[0]
-    mean = np.float32(0.0)
-    for c in range(C):
-        mean += x[c]
-    mean /= C
-    var = np.float32(0.0)
-    for c in range(C):
-        d = x[c] - mean
-        var += d * d
-    inv = np.float32(1.0) / np.float32(math.sqrt(var / C + eps))
-    for c in range(C):
+    mean, inv = _norm_stats(x, eps)
+    for c in range(x.shape[0]):
         out[c] = (x[c] - mean) * inv * w[c] + b[c]
 
 
