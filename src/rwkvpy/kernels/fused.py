@@ -136,6 +136,14 @@ def _cols(W, kind):
 
 
 @numba.njit(cache=True, nogil=True)
+def _sigmoid(x):
+    """x = sigmoid(x) in place (B, C)."""
+    for b in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            x[b, j] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x[b, j])))
+
+
+@numba.njit(cache=True, nogil=True)
 def _relu_sq(k):
     """k = relu(k) ** 2 in place (B, F)."""
     for b in range(k.shape[0]):
@@ -369,6 +377,10 @@ class FusedStep:
         return logits, [State(s.version, att[:, b].clone(), ffn[:, b].clone(), wkv[:, b].clone(),
                               s.n_tokens + 1) for b, s in enumerate(states)]
 
+    def _np_mm(self, x, name):
+        """x (B, in) numpy @ W^T for a projection matrix, numpy out (Linear.np_mm)."""
+        return self.net.lin[name].np_mm(x)
+
     def _scratch(self, ctx, name, shape):
         buf = ctx.get(name)
         if buf is None:
@@ -379,7 +391,7 @@ class FusedStep:
     def _layer_v7(self, i, xn, delta, ins, io, ctx):
         """One v7 block: x (numpy view, updated in place) += delta, then time mix and channel
         mix; returns the channel mix's output (added by the next block)."""
-        net, cfg, d = self.net, self.cfg, self.layers[i]
+        cfg, d = self.cfg, self.layers[i]
         (att_in, ffn_in, wkv_in), (ao, fo, so) = io
         B, C, A = ctx["B"], cfg.n_embd, cfg.n_att
         a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
@@ -387,10 +399,10 @@ class FusedStep:
         ln_eps = np.float32(cfg.layer_norm_eps)
         mn = self._scratch(ctx, "mixed", (6, B, C))
         _mix_in(xn, delta, ln1w, ln1b, ln_eps, att_in[i], d["mix"], ao[i], mn, 0)
-        mixed = torch.from_numpy(mn)
-        r = _np(net.mm(mixed[0], a + "receptance.weight"))
-        k = _np(net.mm(mixed[2], a + "key.weight"))
-        v = _np(net.mm(mixed[3], a + "value.weight"))
+        mm = self._np_mm
+        r = mm(mn[0], a + "receptance.weight")
+        k = mm(mn[2], a + "key.weight")
+        v = mm(mn[3], a + "value.weight")
         wl, al, vl, g = (self._scratch(ctx, n, (B, A)) for n in ("wl", "al", "vl", "g"))
         # (split over two threads the LoRAs were no faster: measured, 0.1B and 1.5B)
         _v7_loras(mn[1], mn[4], mn[3], mn[5], *d["lora"], d["kind"], wl, al, vl, g)
@@ -398,12 +410,12 @@ class FusedStep:
         w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d["np"]
         _v7_core(r, k, v, self._scratch(ctx, "v_first", (B, A)), wl, al, vl, g, i == 0, w0, a0,
                  v0, k_k, k_a, r_k, lnw, lnb, np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
-        att = _np(net.mm(torch.from_numpy(y), a + "output.weight"))
+        att = mm(y, a + "output.weight")
         kn = self._scratch(ctx, "fmixed", (1, B, C))
         _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d["fmix"], fo[i], kn, 0)
-        kk = net.mm(torch.from_numpy(kn[0]), f + "key.weight")
-        _relu_sq(_np(kk))
-        return _np(net.mm(kk, f + "value.weight"))
+        kk = mm(kn[0], f + "key.weight")
+        _relu_sq(kk)
+        return mm(kk, f + "value.weight")
 
     # -- RWKV-4, 5, 6 ----------------------------------------------------------------------------
     def _layer(self, i, xn, delta, ins, io, ctx):
@@ -434,25 +446,28 @@ class FusedStep:
                      _np(w[a + "ln_x.bias"]), np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
             y = torch.from_numpy(y) * g
         else:
-            mixed = torch.from_numpy(mn)
-            r = net.mm(mixed[0], a + "receptance.weight")
-            k = net.mm(mixed[1], a + "key.weight")
-            v = net.mm(mixed[2], a + "value.weight")
+            mm = self._np_mm
+            r = mm(mn[0], a + "receptance.weight")
+            k = mm(mn[1], a + "key.weight")
+            v = mm(mn[2], a + "value.weight")
             if ver is Version.V4:
-                _v4_core(_np(torch.sigmoid(r)), _np(k), _np(v), _np(w[a + "decay"]),
-                         _np(w[a + "time_first"]), wkv_in[i], so[i], y)
-                y = torch.from_numpy(y)
+                _sigmoid(r)
+                _v4_core(r, k, v, _np(w[a + "decay"]), _np(w[a + "time_first"]), wkv_in[i],
+                         so[i], y)
             else:
-                _v5_core(_np(r), _np(k), _np(v), d["w"], d["u"], _np(w[a + "ln_x.weight"]),
+                _v5_core(r, k, v, d["w"], d["u"], _np(w[a + "ln_x.weight"]),
                          _np(w[a + "ln_x.bias"]), np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
-                y = torch.from_numpy(y)
                 if ver is Version.V5_2:
-                    y = y * F.silu(net.mm(mixed[3], a + "gate.weight"))
-        att = _np(net.mm(y, a + "output.weight"))
+                    y = _np(torch.from_numpy(y) * F.silu(torch.from_numpy(
+                        mm(mn[3], a + "gate.weight"))))
+        y = np.ascontiguousarray(_np(y) if isinstance(y, torch.Tensor) else y)
+        att = self._np_mm(y, a + "output.weight")
         fn = self._scratch(ctx, "fmixed", (2, B, C))
         _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d["fmix"], fo[i], fn, kind)
-        fm = torch.from_numpy(fn)
-        kk = net.mm(fm[0], f + "key.weight")
-        _relu_sq(_np(kk))
-        rr = torch.sigmoid(net.mm(fm[1], f + "receptance.weight"))
-        return _np(rr * net.mm(kk, f + "value.weight"))
+        kk = self._np_mm(fn[0], f + "key.weight")
+        _relu_sq(kk)
+        rr = self._np_mm(fn[1], f + "receptance.weight")
+        _sigmoid(rr)
+        vv = self._np_mm(kk, f + "value.weight")
+        vv *= rr
+        return vv

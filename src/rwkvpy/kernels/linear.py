@@ -491,6 +491,11 @@ class Linear:
     def _mv(self, x: torch.Tensor) -> torch.Tensor:
         return self._mm(x.unsqueeze(0)).squeeze(0)
 
+    def np_mm(self, x: np.ndarray) -> np.ndarray:
+        """``x`` float32 (T, in) numpy, C-contiguous -> (T, out) numpy: the one-token step's
+        entry (kernels/fused.py), without torch conversions where a numba kernel serves."""
+        return self._mm(torch.from_numpy(x)).numpy()
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -622,6 +627,11 @@ class FloatLinear(Linear):
             return _tiled_convert_mm(self.weight, x)
         return _numba_mv(self._kind, self._raw2, x, self.out_features)
 
+    def np_mm(self, x):
+        if x.shape[0] > NUMBA_MAX_T:
+            return super().np_mm(x)
+        return _numba_mv_np(self._kind, self._raw2, x, self.out_features)
+
 
 class BlockLinear(Linear):
     """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 weights as ggml's blocks (no repacking, no copy of an
@@ -664,6 +674,11 @@ class BlockLinear(Linear):
         return _tiled_dequant_mm(self._kind, self._raw2, x, self.out_features,
                                  torch.bfloat16 if self.bf16_tiles else torch.float32)
 
+    def np_mm(self, x):
+        if x.shape[0] <= NUMBA_MAX_T:
+            return _numba_mv_np(self._kind, self._raw2, x, self.out_features)
+        return super().np_mm(x)
+
 
 class Int8DotLinear(BlockLinear):
     """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 blocks as stored (no repacking), the activations rounded
@@ -691,6 +706,14 @@ class Int8DotLinear(BlockLinear):
         if x.shape[0] <= INT8DOT_MAX_T:
             return _int8_dot_mv(self._kind, self._raw2, x, self.out_features)
         return super()._mm(x)
+
+    def np_mm(self, x):
+        if x.shape[0] <= INT8DOT_MAX_T:
+            y = np.empty((x.shape[0], self.out_features), np.float32)
+            _rows_kernel(_mvq, _mvq_par, self.out_features, x.shape[1], self._kind, self._raw2,
+                         x, y)
+            return y
+        return super().np_mm(x)
 
 
 class Int4Linear(Linear):
@@ -885,13 +908,17 @@ def _rows_kernel(serial, parallel, n_out, K, *args):
         serial(*args)
 
 
-def _numba_mv(kind, raw2, x, n_out):
-    """y (T, n_out) = x (T, K) @ W^T with the numba kernels (T small)."""
-    xn = x.contiguous().numpy()
+def _numba_mv_np(kind, raw2, xn, n_out):
+    """y (T, n_out) = xn (T, K) @ W^T with the numba kernels (T small), numpy in and out."""
     y = np.empty((xn.shape[0], n_out), np.float32)
     _rows_kernel(lambda *a: _mv_rows(*a, 0, n_out, _QK), lambda *a: _mv_par(*a, _QK), n_out,
                  xn.shape[1], kind, raw2, xn, y)
-    return torch.from_numpy(y)
+    return y
+
+
+def _numba_mv(kind, raw2, x, n_out):
+    """y (T, n_out) = x (T, K) @ W^T with the numba kernels (T small)."""
+    return torch.from_numpy(_numba_mv_np(kind, raw2, x.contiguous().numpy(), n_out))
 
 
 def _int8_dot_mv(kind, raw2, x, n_out):
