@@ -65,6 +65,7 @@ def candidates(fmt, w32, qt):
         return QTensor(qt.fmt, qt.shape, qt.data.copy())
 
     if fmt == "F32":
+        out.append(("numba float (exact)", lambda: L.FloatLinear(w32.clone())))
         out.append(("torch.mv / F.linear", lambda: L.F32Linear(w32.clone())))
         out.append(("F.linear for 1 vec", lambda: MvF32(w32.clone())))
     elif fmt in ("F16", "BF16"):
@@ -77,8 +78,12 @@ def candidates(fmt, w32, qt):
             out.append(("fp16 torch (lossy)", lambda: Fp16Torch(wh.clone())))
     else:
         out.append(("numba blocks (exact)", lambda: L.BlockLinear(q())))
+        if L._int8_dot():
+            out.append(("int8 dots (int8 act)", lambda: L.Int8DotLinear(q())))
         if fmt in ("Q4_0", "Q4_1"):
             out.append(("torch int4 (bf16 act)", lambda: L.Int4Linear(q())))
+        if fmt in ("Q5_0", "Q5_1", "Q8_0"):
+            out.append(("int8 rows (bf16 act)", lambda: L.Int8Linear(q())))
         if L.fast_bf16_cpu() or ALL:  # emulated bf16 GEMM (AVX2): ~10 GFLOPS, not a candidate
             out.append(("numba + bf16 tiles", lambda: L.BlockLinear(q(), bf16_tiles=True)))
         out.append(("dequant f32 at load", lambda: L.DequantLinear(q())))
