@@ -136,6 +136,34 @@ def _cols(W, kind):
 
 
 @numba.njit(cache=True, nogil=True)
+def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, out, dec):
+    """v6's data-dependent token shift and decay for each of B sequences (rows):
+    h = tanh(xxx w1) (5 slices of D), x_j = xx + (prev - xx) * (maa_j + h_j w2[j]) for
+    j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)).
+
+    w1 (C, 5D), w2 (5, D, C), dw1 (C, Dd), dw2 (Dd, A): float32 rows as bytes (_vec_mat)."""
+    B, C = xx.shape
+    D = w2.shape[1]
+    h = np.empty(5 * D, np.float32)
+    m = np.empty(C, np.float32)
+    hd = np.empty(dw1.shape[1] // 4, np.float32)
+    for b in range(B):
+        _vec_mat(xxx[b], w1, 7, h)
+        for d in range(h.shape[0]):
+            h[d] = np.float32(math.tanh(h[d]))
+        for j in range(5):
+            _vec_mat(h[j * D:(j + 1) * D], w2[j], 7, m)
+            for c in range(C):
+                out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m[c])
+        _vec_mat(out[0, b], dw1, 7, hd)
+        for d in range(hd.shape[0]):
+            hd[d] = np.float32(math.tanh(hd[d]))
+        _vec_mat(hd, dw2, 7, dec[b])
+        for c in range(dec.shape[1]):
+            dec[b, c] = np.float32(math.exp(-np.float32(math.exp(td[c] + dec[b, c]))))
+
+
+@numba.njit(cache=True, nogil=True)
 def _sigmoid(x):
     """x = sigmoid(x) in place (B, C)."""
     for b in range(x.shape[0]):
@@ -330,7 +358,14 @@ class FusedStep:
                     _np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")]
             elif v is Version.V6:
                 d["mix"] = _np(w[a + "time_maa_x"].reshape(1, -1))                  # (1, C)
-                d["maa"] = torch.stack([w[a + "time_maa_" + n] for n in "wkvrg"])  # (5, C)
+                d["maa"] = _np(torch.stack([w[a + "time_maa_" + n] for n in "wkvrg"]))
+                w2 = w[a + "time_maa_w2"].float()
+                d["lora"] = (_rows_bytes(w[a + "time_maa_w1"].float()),
+                             _rows_bytes(w2.reshape(-1, w2.shape[-1])).reshape(
+                                 w2.shape[0], w2.shape[1], -1),
+                             _np(w[a + "time_decay"].reshape(-1).float().contiguous()),
+                             _rows_bytes(w[a + "time_decay_w1"].float()),
+                             _rows_bytes(w[a + "time_decay_w2"].float()))
                 d["u"] = _np(w[a + "time_faaaa"].reshape(-1).contiguous())
                 d["fmix"] = _np(torch.stack([w[f + "time_maa_k"], w[f + "time_maa_r"]]))
             else:  # v4, v5: x*m + prev*(1-m) = prev + (x - prev)*m
@@ -420,7 +455,7 @@ class FusedStep:
     # -- RWKV-4, 5, 6 ----------------------------------------------------------------------------
     def _layer(self, i, xn, delta, ins, io, ctx):
         """One v4/v5/v6 block (see _layer_v7)."""
-        net, cfg, w, d, ver = self.net, self.cfg, self.net.w, self.layers[i], self.cfg.version
+        cfg, w, d, ver = self.cfg, self.net.w, self.layers[i], self.cfg.version
         (att_in, ffn_in, wkv_in), (ao, fo, so) = io
         B, C = ctx["B"], cfg.n_embd
         a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
@@ -431,18 +466,15 @@ class FusedStep:
         _mix_in(xn, delta, ln1w, ln1b, ln_eps, att_in[i], d["mix"], ao[i], mn, kind)
         y = np.empty((B, cfg.n_att), np.float32)
         if ver is Version.V6:
-            xx, dx = torch.from_numpy(ao[i]), ins[0][i] - torch.from_numpy(ao[i])
-            lora = torch.tanh(torch.from_numpy(mn[0]) @ w[a + "time_maa_w1"])
-            lora = lora.view(B, 5, -1).transpose(0, 1)                          # (5, B, D)
-            m = torch.bmm(lora, w[a + "time_maa_w2"]) + d["maa"].unsqueeze(1)    # (5, B, C)
-            xw, xk, xv, xr, xg = xx + dx * m
-            r = net.mm(xr, a + "receptance.weight")
-            k = net.mm(xk, a + "key.weight")
-            v = net.mm(xv, a + "value.weight")
-            g = F.silu(net.mm(xg, a + "gate.weight"))
-            dec = torch.exp(-torch.exp(w[a + "time_decay"] + torch.tanh(xw @ w[a + "time_decay_w1"])
-                                       @ w[a + "time_decay_w2"]))
-            _v5_core(_np(r), _np(k), _np(v), _np(dec), d["u"], _np(w[a + "ln_x.weight"]),
+            x5 = self._scratch(ctx, "mixed5", (5, B, C))
+            dec = self._scratch(ctx, "decay", (B, cfg.n_att))
+            w1, w2, td, dw1, dw2 = d["lora"]
+            _v6_mix(ao[i], att_in[i], mn[0], w1, w2, d["maa"], td, dw1, dw2, x5, dec)
+            mm = self._np_mm
+            r, k, v = (mm(x5[j], a + n) for j, n in ((3, "receptance.weight"),
+                                                     (1, "key.weight"), (2, "value.weight")))
+            g = F.silu(torch.from_numpy(mm(x5[4], a + "gate.weight")))
+            _v5_core(r, k, v, dec, d["u"], _np(w[a + "ln_x.weight"]),
                      _np(w[a + "ln_x.bias"]), np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
             y = torch.from_numpy(y) * g
         else:
