@@ -328,7 +328,9 @@ class FusedStep:
     the layer norms and token-shift mixes (_mix_in), v7's LoRAs, each version's recurrence;
     v6's data-dependent mixing LoRA and the gates stay small torch ops. The states are read
     where they are and the new ones written into fresh tensors (no copy on the way in).
-    Holds no weights of its own beyond small per-layer views/stacks of the model's vectors.
+    Holds no weights of its own beyond per-layer views and stacks of the model's small tensors
+    (a contiguous copy of a LoRA matrix only where the model holds a strided view, whose file
+    pages are then released).
     """
 
     def __init__(self, net):
