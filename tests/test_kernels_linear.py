@@ -131,7 +131,7 @@ def _int8_blocks(x):
     return xq, dx
 
 
-needs_avx2 = pytest.mark.skipif(not (L.HAVE_NUMBA and L._int8_dot()),
+needs_avx2 = pytest.mark.skipif(not L._int8_dot(),
                                 reason="the int8 dot kernels need AVX2")
 
 

@@ -85,7 +85,6 @@ __all__ = [
 ]
 
 POLICIES = ("exact", "fast")
-F32_NUMBA = True
 #: Formats whose ``policy="fast"`` is :class:`Int8DotLinear` where the CPU has AVX2.
 #: Not Q8_0: with 8-bit weights the activations' rounding doubles the format's own error
 #: (README "Speed": added 1.0-1.6x of Q8_0's own error on the fixtures, 0.06-0.25x for Q4/Q5).
@@ -220,20 +219,22 @@ if HAVE_NUMBA:
 
     # --- one row . one vector, per format: explicit LLVM vector code (kernels/simd.py) -----
 
+    @njit(inline="always", **_CACHE)
+    def _float_at(kind, row, k):
+        """Value k of a row of F32 (kind 7), F16 (5) or BF16 (6) values given as its bytes,
+        as float32 (exact)."""
+        if kind == 7:
+            return _bits_to_f32(_rd32(row, 4 * k))
+        h = _rd16(row, 2 * k)
+        return _bits_to_f32(h << 16) if kind == 6 else _h2f(h)
+
     @njit(**_CACHE)
     def _float_tail(kind, row, x, k0):
         """sum over k >= k0 of w[k] * x[k] for an F16/BF16/F32 row (rows of tiny models whose
         length is not a multiple of 32)."""
         s = np.float32(0)
-        if kind == 7:
-            f = row.view(np.float32)
-            for k in range(k0, x.shape[0]):
-                s += f[k] * x[k]
-            return s
-        h = row.view(np.uint16)
         for k in range(k0, x.shape[0]):
-            w = _bits_to_f32(np.int64(h[k]) << 16) if kind == 6 else _h2f(np.int64(h[k]))
-            s += w * x[k]
+            s += _float_at(kind, row, k) * x[k]
         return s
 
     # --- one row -> float32, per format (bit for bit ggml's dequantize_row_*) ---------------
@@ -491,15 +492,28 @@ class Linear:
         lead = x.shape[:-1]
         return self._mm(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
 
+    #: Largest T served by :meth:`_rows` (a numba kernel, numpy in and out); 0: none.
+    rows_max_t = 0
+
     def _mv(self, x: torch.Tensor) -> torch.Tensor:
         return self._mm(x.unsqueeze(0)).squeeze(0)
 
     def np_mm(self, x: np.ndarray) -> np.ndarray:
         """``x`` float32 (T, in) numpy, C-contiguous -> (T, out) numpy: the one-token step's
         entry (kernels/fused.py), without torch conversions where a numba kernel serves."""
+        if x.shape[0] <= self.rows_max_t:
+            return self._rows(x)
         return self._mm(torch.from_numpy(x)).numpy()
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.rows_max_t:
+            return torch.from_numpy(self._rows(x.contiguous().numpy()))
+        return self._gemm(x)
+
+    def _rows(self, xn: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -512,10 +526,8 @@ class F32Linear(Linear):
     ``F.linear`` on one vector on the Sapphire Rapids machine of docs/measurements.md, equal on
     the AVX2 machine of bench_linear.py), ``F.linear`` (MKL sgemm) for T > 1. Exact.
 
-    Also the exact strategy for F16 weights (``fmt="F16"``, converted to float32 at load):
-    twice the memory of the file, but on both machines the fastest exact way, because a
-    float32 matvec runs near the memory bandwidth while every exact F16 kernel is compute-bound
-    (numbers in :class:`HalfLinear`).
+    Where numba is missing, also the strategy for F16/BF16 weights (``fmt="F16"``, converted
+    to float32 at load); with numba :class:`FloatLinear` reads them as stored, faster.
     """
 
     strategy = "torch-f32"
@@ -623,17 +635,15 @@ class FloatLinear(Linear):
         raw.flags.writeable = False
         self._raw2 = raw
 
-    def _mm(self, x):
-        if x.shape[0] > NUMBA_MAX_T:
-            if self.weight.dtype == torch.float32:
-                return F.linear(x, self.weight)
-            return _tiled_convert_mm(self.weight, x)
-        return _numba_mv(self._kind, self._raw2, x, self.out_features)
+    rows_max_t = NUMBA_MAX_T
 
-    def np_mm(self, x):
-        if x.shape[0] > NUMBA_MAX_T:
-            return super().np_mm(x)
-        return _numba_mv_np(self._kind, self._raw2, x, self.out_features)
+    def _rows(self, xn):
+        return _numba_mv(self._kind, self._raw2, xn, self.out_features)
+
+    def _gemm(self, x):
+        if self.weight.dtype == torch.float32:
+            return F.linear(x, self.weight)
+        return _tiled_convert_mm(self.weight, x)
 
 
 class BlockLinear(Linear):
@@ -671,16 +681,14 @@ class BlockLinear(Linear):
             self.exact = False
             self.strategy = "numba-blocks+bf16-tiles"
 
-    def _mm(self, x):
-        if x.shape[0] <= NUMBA_MAX_T:
-            return _numba_mv(self._kind, self._raw2, x, self.out_features)
+    rows_max_t = NUMBA_MAX_T
+
+    def _rows(self, xn):
+        return _numba_mv(self._kind, self._raw2, xn, self.out_features)
+
+    def _gemm(self, x):
         return _tiled_dequant_mm(self._kind, self._raw2, x, self.out_features,
                                  torch.bfloat16 if self.bf16_tiles else torch.float32)
-
-    def np_mm(self, x):
-        if x.shape[0] <= NUMBA_MAX_T:
-            return _numba_mv_np(self._kind, self._raw2, x, self.out_features)
-        return super().np_mm(x)
 
 
 class Int8DotLinear(BlockLinear):
@@ -705,18 +713,10 @@ class Int8DotLinear(BlockLinear):
         super().__init__(w)
         self.exact = False
 
-    def _mm(self, x):
-        if x.shape[0] <= INT8DOT_MAX_T:
-            return _int8_dot_mv(self._kind, self._raw2, x, self.out_features)
-        return super()._mm(x)
+    rows_max_t = INT8DOT_MAX_T
 
-    def np_mm(self, x):
-        if x.shape[0] <= INT8DOT_MAX_T:
-            y = np.empty((x.shape[0], self.out_features), np.float32)
-            _rows_kernel(_mvq, _mvq_par, self.out_features, x.shape[1], self._kind, self._raw2,
-                         x, y)
-            return y
-        return super().np_mm(x)
+    def _rows(self, xn):
+        return _int8_dot_mv(self._kind, self._raw2, xn, self.out_features)
 
 
 class Int4Linear(Linear):
@@ -911,25 +911,19 @@ def _rows_kernel(serial, parallel, n_out, K, *args):
         serial(*args)
 
 
-def _numba_mv_np(kind, raw2, xn, n_out):
-    """y (T, n_out) = xn (T, K) @ W^T with the numba kernels (T small), numpy in and out."""
+def _numba_mv(kind, raw2, xn, n_out):
+    """y (T, n_out) = xn (T, K) @ W^T with the numba float kernels (T small), numpy in/out."""
     y = np.empty((xn.shape[0], n_out), np.float32)
     _rows_kernel(lambda *a: _mv_rows(*a, 0, n_out, _QK), lambda *a: _mv_par(*a, _QK), n_out,
                  xn.shape[1], kind, raw2, xn, y)
     return y
 
 
-def _numba_mv(kind, raw2, x, n_out):
-    """y (T, n_out) = x (T, K) @ W^T with the numba kernels (T small)."""
-    return torch.from_numpy(_numba_mv_np(kind, raw2, x.contiguous().numpy(), n_out))
-
-
-def _int8_dot_mv(kind, raw2, x, n_out):
-    """y (T, n_out) = x (T, K) @ W^T with x rounded to int8 blocks (T small)."""
-    xn = x.contiguous().numpy()
+def _int8_dot_mv(kind, raw2, xn, n_out):
+    """y (T, n_out) = xn (T, K) @ W^T with xn rounded to int8 blocks (T small), numpy in/out."""
     y = np.empty((xn.shape[0], n_out), np.float32)
     _rows_kernel(_mvq, _mvq_par, n_out, xn.shape[1], kind, raw2, xn, y)
-    return torch.from_numpy(y)
+    return y
 
 
 def _tiled_dequant_mm(kind, raw2, x, n_out, dtype):
@@ -971,14 +965,9 @@ def _tiled_convert_mm(w, x):
     return y
 
 
-_HAS_INT8_DOT: bool | None = None
-
-
 def _int8_dot() -> bool:
-    global _HAS_INT8_DOT
-    if _HAS_INT8_DOT is None:
-        _HAS_INT8_DOT = _simd.has_int8_dot()
-    return _HAS_INT8_DOT
+    """Whether the int8-dot kernels can run here (numba, compiling for an AVX2 CPU)."""
+    return HAVE_NUMBA and _simd.has_int8_dot()
 
 
 def _torch_fmt(w) -> str:
@@ -1016,7 +1005,7 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
         if not fmt.quantized:
             return make_linear(_qtensor_to_torch(w), policy)
         _shape2(w.shape)
-        if policy == "fast" and fmt.name in INT8_DOT_FORMATS and HAVE_NUMBA and _int8_dot():
+        if policy == "fast" and fmt.name in INT8_DOT_FORMATS and _int8_dot():
             return Int8DotLinear(w)
         if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
             return Int4Linear(w, repacked)
@@ -1034,7 +1023,7 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
         if HAVE_NUMBA:
             return FloatLinear(w)
         return F32Linear(w, fmt=_torch_fmt(w))  # converted (and its file pages released) there
-    if w.dtype == torch.float32 and HAVE_NUMBA and F32_NUMBA:
+    if w.dtype == torch.float32 and HAVE_NUMBA:
         return FloatLinear(w)
     if w.dtype.is_floating_point:
         return F32Linear(w, fmt="F32")

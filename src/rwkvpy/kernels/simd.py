@@ -26,6 +26,8 @@ Every function has the signature ``dot(row, x, nb) -> float32``: ``row`` a 1-D u
 
 from __future__ import annotations
 
+import functools
+
 from llvmlite import ir
 from numba.core import cgutils
 from numba.core import types as nbt
@@ -74,18 +76,31 @@ def _codes_to_float(b, codes_i32, offset):
     return b.fsub(b.bitcast(bits, _vec(_F32)), _const(_F32, [_TWO23 + offset] * _N))
 
 
-def _nibbles(b, packed16):
-    """<16 x i8> packed nibbles -> <32 x i32> codes: low nibbles first (ggml's order)."""
-    lo = b.and_(packed16, _const(_I8, [15] * 16))
-    hi = b.lshr(packed16, _const(_I8, [4] * 16))
-    both = b.shuffle_vector(lo, hi, ir.Constant(_vec(_I32), list(range(_N))))
-    return b.zext(both, _vec(_I32))
+def _codes4(b, blk, off):
+    """Q4 codes (0..15) as <32 x i8> from the 16 bytes at ``blk + off``: low nibbles first
+    (ggml's order)."""
+    packed = _load(b, blk, ir.Constant(_I64, off), _vec(_I8, 16))
+    lo = b.and_(packed, _const(_I8, [15] * 16))
+    hi = b.lshr(packed, _const(_I8, [4] * 16))
+    return b.shuffle_vector(lo, hi, ir.Constant(_vec(_I32), list(range(_N))))
 
 
-def _fifth_bits(b, qh):
-    """Bit j of the 32-bit ``qh`` moved to bit 4 of lane j (Q5_x's high bits)."""
-    bits = b.lshr(_splat(b, qh), _const(_I32, range(_N)))
-    return b.shl(b.and_(bits, _const(_I32, [1] * _N)), _const(_I32, [4] * _N))
+def _codes5(b, blk, qh_off, q_off):
+    """Q5 codes (0..31) as <32 x i8>: the nibbles or-ed with bit j of qh moved to bit 4."""
+    qh = _load(b, blk, ir.Constant(_I64, qh_off), _vec(_I8, 4))
+    spread = b.shuffle_vector(qh, qh, ir.Constant(_vec(_I32), [j // 8 for j in range(_N)]))
+    bit = b.and_(spread, _const(_I8, [1 << (j % 8) for j in range(_N)]))
+    high = b.select(b.icmp_unsigned("!=", bit, _const(_I8, [0] * _N)), _const(_I8, [16] * _N),
+                    _const(_I8, [0] * _N))
+    return b.or_(_codes4(b, blk, q_off), high)
+
+
+def _hsum(b, lanes, n, total=None):
+    """total + lanes[0] + ... + lanes[n - 1], in that order."""
+    for j in range(n):
+        lane = b.extract_element(lanes, ir.Constant(_I32, j))
+        total = lane if total is None else b.fadd(total, lane)
+    return total
 
 
 def _row_dot(block_bytes, weights):
@@ -108,41 +123,37 @@ def _row_dot(block_bytes, weights):
                 xv = _load(b, b.bitcast(b.gep(xs, [b.mul(i, ir.Constant(_I64, _N))]),
                                         ir.PointerType(_I8)), None, _vec(_F32), align=4)
                 b.store(b.fadd(b.load(acc), b.fmul(w, xv, flags=_FMA), flags=_FMA), acc)
-            lanes = b.load(acc)
-            s = b.extract_element(lanes, ir.Constant(_I32, 0))
-            for j in range(1, _N):
-                s = b.fadd(s, b.extract_element(lanes, ir.Constant(_I32, j)))
-            return s
+            return _hsum(b, b.load(acc), _N)
 
         return sig, codegen
 
     return intrinsic(typer)
 
 
+def _wide(b, codes8):
+    return b.zext(codes8, _vec(_I32))
+
+
 def _q4_0(b, blk):  # d (f16), 16 bytes of nibbles: w = (q - 8) * d
     d = _half(b, blk, None)
-    q = _nibbles(b, _load(b, blk, ir.Constant(_I64, 2), _vec(_I8, 16)))
-    return b.fmul(_codes_to_float(b, q, 8), _splat(b, d))
+    return b.fmul(_codes_to_float(b, _wide(b, _codes4(b, blk, 2)), 8), _splat(b, d))
 
 
 def _q4_1(b, blk):  # d, m (f16), 16 bytes: w = q * d + m
     d, m = _half(b, blk, None), _half(b, blk, ir.Constant(_I64, 2))
-    q = _nibbles(b, _load(b, blk, ir.Constant(_I64, 4), _vec(_I8, 16)))
-    return b.fadd(b.fmul(_codes_to_float(b, q, 0), _splat(b, d)), _splat(b, m))
+    q = _codes_to_float(b, _wide(b, _codes4(b, blk, 4)), 0)
+    return b.fadd(b.fmul(q, _splat(b, d)), _splat(b, m))
 
 
 def _q5_0(b, blk):  # d, qh (u32), 16 bytes: w = (q | hbit << 4) - 16) * d
     d = _half(b, blk, None)
-    qh = _load(b, blk, ir.Constant(_I64, 2), _I32)
-    q = b.or_(_nibbles(b, _load(b, blk, ir.Constant(_I64, 6), _vec(_I8, 16))), _fifth_bits(b, qh))
-    return b.fmul(_codes_to_float(b, q, 16), _splat(b, d))
+    return b.fmul(_codes_to_float(b, _wide(b, _codes5(b, blk, 2, 6)), 16), _splat(b, d))
 
 
 def _q5_1(b, blk):  # d, m, qh, 16 bytes: w = (q | hbit << 4) * d + m
     d, m = _half(b, blk, None), _half(b, blk, ir.Constant(_I64, 2))
-    qh = _load(b, blk, ir.Constant(_I64, 4), _I32)
-    q = b.or_(_nibbles(b, _load(b, blk, ir.Constant(_I64, 8), _vec(_I8, 16))), _fifth_bits(b, qh))
-    return b.fadd(b.fmul(_codes_to_float(b, q, 0), _splat(b, d)), _splat(b, m))
+    q = _codes_to_float(b, _wide(b, _codes5(b, blk, 4, 8)), 0)
+    return b.fadd(b.fmul(q, _splat(b, d)), _splat(b, m))
 
 
 def _q8_0(b, blk):  # d, 32 signed bytes: w = q * d
@@ -218,23 +229,6 @@ def _halves(b, v, n):
     return lo, hi
 
 
-def _codes4(b, blk, off):
-    packed = _load(b, blk, ir.Constant(_I64, off), _vec(_I8, 16))
-    lo = b.and_(packed, _const(_I8, [15] * 16))
-    hi = b.lshr(packed, _const(_I8, [4] * 16))
-    return b.shuffle_vector(lo, hi, ir.Constant(_vec(_I32), list(range(_N))))
-
-
-def _codes5(b, blk, qh_off, q_off):
-    """Q5 codes (0..31) as <32 x i8>: the nibbles or-ed with bit j of qh moved to bit 4."""
-    qh = _load(b, blk, ir.Constant(_I64, qh_off), _vec(_I8, 4))
-    spread = b.shuffle_vector(qh, qh, ir.Constant(_vec(_I32), [j // 8 for j in range(_N)]))
-    bit = b.and_(spread, _const(_I8, [1 << (j % 8) for j in range(_N)]))
-    high = b.select(b.icmp_unsigned("!=", bit, _const(_I8, [0] * _N)), _const(_I8, [16] * _N),
-                    _const(_I8, [0] * _N))
-    return b.or_(_codes4(b, blk, q_off), high)
-
-
 def _iq_q4_0(b, blk, xq):
     return _ones16(b, _maddubs(b, _codes4(b, blk, 2), xq)), _half(b, blk, None), None, 8
 
@@ -288,17 +282,14 @@ def _row_dot_q8(block_bytes, block):
                     b.store(b.fadd(b.load(extra), b.fmul(dof, cx, flags=_FMA), flags=_FMA), extra)
                 if m is not None:  # + m * dx * sum(xq)
                     b.store(b.fadd(b.load(extra), b.fmul(m, cx, flags=_FMA), flags=_FMA), extra)
-            lanes = b.load(acc)
-            total = b.load(extra)
-            for j in range(8):
-                total = b.fadd(total, b.extract_element(lanes, ir.Constant(_I32, j)))
-            return total
+            return _hsum(b, b.load(acc), 8, b.load(extra))
 
         return sig, codegen
 
     return intrinsic(typer)
 
 
+@functools.cache
 def has_int8_dot() -> bool:
     """Whether numba compiles for a CPU with AVX2 (the integer kernels below need it)."""
     import llvmlite.binding as llvm
