@@ -2,10 +2,10 @@
 
 For T = 1 the matrix-vector products are memory-bound and fast (see kernels.linear); what costs
 is everything between them: dozens of tiny torch ops per layer, ~1 us each. Here each version's
-recurrence, decay, normalisations and gates run in one serial numba function per layer that
-works in place on numpy views of torch tensors (no copies, no second thread pool).
+norms, token-shift mixes, LoRAs, recurrence and most gates run in a few serial numba kernels
+per layer on numpy views of torch tensors (no copies, no second thread pool).
 
-The math is that of models/v4.py ... v7.py; tests/test_kernels_fused.py holds each step to the
+The math is that of models/v4.py ... v7.py; tests/test_fast_paths.py holds each step to the
 float32 reference.
 """
 
@@ -21,9 +21,16 @@ import torch.nn.functional as F
 from ..models.config import Version
 from ..state import State
 from . import simd as _simd
-from .linear import _bits_to_f32, _h2f
+from .linear import _float_at
+from .wkv import wkv4_step
 
 DECAY_SCALE = math.exp(-0.5)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def _sig(x):
+    """sigmoid(x) in float32."""
+    return np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x)))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -91,16 +98,8 @@ def _vec_mat(x, W, kind, out):
             _simd.axpy_f16(out, row, xc, n32)
         else:
             _simd.axpy_bf16(out, row, xc, n32)
-        if n32 * 32 < D:
-            if kind == 7:
-                f = row.view(np.float32)
-                for d in range(n32 * 32, D):
-                    out[d] += xc * f[d]
-            else:
-                h = row.view(np.uint16)
-                for d in range(n32 * 32, D):
-                    w = _bits_to_f32(np.int64(h[d]) << 16) if kind == 6 else _h2f(np.int64(h[d]))
-                    out[d] += xc * w
+        for d in range(n32 * 32, D):
+            out[d] += xc * _float_at(kind, row, d)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -125,7 +124,7 @@ def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, 
         h = np.empty(_cols(g1, kind), np.float32)
         _vec_mat(xg[b], g1, kind, h)
         for d in range(h.shape[0]):
-            h[d] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-h[d])))
+            h[d] = _sig(h[d])
         _vec_mat(h, g2, kind, g[b])
 
 
@@ -168,7 +167,7 @@ def _sigmoid(x):
     """x = sigmoid(x) in place (B, C)."""
     for b in range(x.shape[0]):
         for j in range(x.shape[1]):
-            x[b, j] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x[b, j])))
+            x[b, j] = _sig(x[b, j])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -215,16 +214,16 @@ def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, ln
         for j in range(N):
             c = b + j
             kk[j] = kk[j] / nrm
-            a = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-(a0[c] + al[c]))))
+            a = _sig(a0[c] + al[c])
             kt[j] = k[c] * (np.float32(1.0) + (a - np.float32(1.0)) * k_a[c])
             ka[j] = kk[j] * a
-            sg = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-(w0[c] + wl[c]))))
+            sg = _sig(w0[c] + wl[c])
             w[j] = np.float32(math.exp(-DECAY_SCALE * sg))
             if first:
                 vfirst[c] = v[c]
                 vv[j] = v[c]
             else:
-                gate = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-(v0[c] + vl[c]))))
+                gate = _sig(v0[c] + vl[c])
                 vv[j] = v[c] + (vfirst[c] - v[c]) * gate
         for i in range(N):
             sa = np.float32(0.0)
@@ -289,21 +288,10 @@ def _v4_core(r, k, v, decay, u, S_in, S_out, y):
 
 @numba.njit(cache=True, nogil=True)
 def _v4_one(r, k, v, decay, u, S, S_out, y):
-    aa, bb, pp = S[0], S[1], S[2]
     for c in range(k.shape[0]):
-        kc, vc, a_, b_, p_ = k[c], v[c], aa[c], bb[c], pp[c]
-        ww = u[c] + kc
-        p = max(p_, ww)
-        e1 = np.float32(math.exp(p_ - p))
-        e2 = np.float32(math.exp(ww - p))
-        y[c] = r[c] * (e1 * a_ + e2 * vc) / (e1 * b_ + e2)
-        ww = decay[c] + p_
-        p = max(ww, kc)
-        e1 = np.float32(math.exp(ww - p))
-        e2 = np.float32(math.exp(kc - p))
-        S_out[0, c] = e1 * a_ + e2 * vc
-        S_out[1, c] = e1 * b_ + e2
-        S_out[2, c] = p
+        out, S_out[0, c], S_out[1, c], S_out[2, c] = wkv4_step(k[c], v[c], S[0, c], S[1, c],
+                                                               S[2, c], decay[c], u[c])
+        y[c] = r[c] * out
 
 
 def _rows_bytes(t: torch.Tensor) -> np.ndarray:
@@ -325,8 +313,8 @@ class FusedStep:
     """Runs one token through a built model (models.vX instance) with fused glue.
 
     Every step between the matrix products is a numba kernel on numpy views of torch tensors:
-    the layer norms and token-shift mixes (_mix_in), v7's LoRAs, each version's recurrence;
-    v6's data-dependent mixing LoRA and the gates stay small torch ops. The states are read
+    the layer norms and token-shift mixes (_mix_in), the LoRAs (v6's _v6_mix, v7's _v7_loras),
+    each version's recurrence; v5.2/v6's SiLU gates stay small torch ops. The states are read
     where they are and the new ones written into fresh tensors (no copy on the way in).
     Holds no weights of its own beyond per-layer views and stacks of the model's small tensors
     (a contiguous copy of a LoRA matrix only where the model holds a strided view, whose file

@@ -477,25 +477,28 @@ try:
 
     _HAVE_NUMBA = True
 
+    @_numba.njit(inline="always", cache=True, nogil=True)
+    def wkv4_step(kt, vt, aa, bb, pp, decay, u):
+        """One token of the v4 WKV for one channel (float32, exp through float64 rounded
+        back): returns (out, aa, bb, pp) after it. Also the one-token step's (kernels/fused.py)."""
+        ww = u + kt
+        p = max(pp, ww)
+        e1 = _np.float32(math.exp(pp - p))
+        e2 = _np.float32(math.exp(ww - p))
+        out = (e1 * aa + e2 * vt) / (e1 * bb + e2)
+        ww = decay + pp
+        p = max(ww, kt)
+        e1 = _np.float32(math.exp(ww - p))
+        e2 = _np.float32(math.exp(kt - p))
+        return out, e1 * aa + e2 * vt, e1 * bb + e2, p
+
     @_numba.njit(cache=True, nogil=True)
     def _wkv4_numba(k, v, decay, u, S, out, S_out):
         T, A = k.shape
         for c in range(A):
-            aa, bb, pp, dc, uc = S[0, c], S[1, c], S[2, c], decay[c], u[c]
+            aa, bb, pp = S[0, c], S[1, c], S[2, c]
             for t in range(T):
-                kt, vt = k[t, c], v[t, c]
-                ww = uc + kt
-                p = max(pp, ww)
-                e1 = _np.float32(math.exp(pp - p))
-                e2 = _np.float32(math.exp(ww - p))
-                out[t, c] = (e1 * aa + e2 * vt) / (e1 * bb + e2)
-                ww = dc + pp
-                p = max(ww, kt)
-                e1 = _np.float32(math.exp(ww - p))
-                e2 = _np.float32(math.exp(kt - p))
-                aa = e1 * aa + e2 * vt
-                bb = e1 * bb + e2
-                pp = p
+                out[t, c], aa, bb, pp = wkv4_step(k[t, c], v[t, c], aa, bb, pp, decay[c], u[c])
             S_out[0, c], S_out[1, c], S_out[2, c] = aa, bb, pp
 except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
