@@ -123,13 +123,12 @@ class RWKVBase:
                 self.lin[name] = backend.make_linear(t, dev, name)
             elif name == "emb.weight" and not isinstance(t, QTensor):
                 self.w[name] = t.to(dev)  # rows are converted to float32 as they are looked up
-            elif (dev.type == "cpu" and name.endswith(self.LOW_RANK) and not isinstance(t, QTensor)
-                  and t.dtype in (torch.float16, torch.bfloat16)):
-                # kept as stored: the one-token step reads them at memory speed (kernels/fused.py),
-                # the model code widens them where it uses them (self.f32)
-                self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
             else:
-                t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
+                # LOW_RANK matrices stored 16-bit stay so on the CPU: the one-token step reads them
+                # at memory speed (kernels/fused.py), the model code widens them (self.f32)
+                if not (dev.type == "cpu" and name.endswith(self.LOW_RANK)
+                        and not isinstance(t, QTensor) and t.dtype in (torch.float16, torch.bfloat16)):
+                    t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
                 self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
 
