@@ -28,6 +28,18 @@ def fixture_path(*parts) -> Path:
     return p
 
 
+def serial_logits(model, tokens, state=None):
+    """The logits of each token fed one at a time, state carried: (T, vocab) float32 on the
+    CPU, and the final state."""
+    import torch
+
+    out = []
+    for tok in tokens:
+        lg, state = model.forward([tok], state)
+        out.append(lg.float().cpu())
+    return torch.stack(out), state
+
+
 def pytest_sessionstart(session):
     if not FIXTURES.is_dir():
         raise pytest.UsageError(f"fixtures folder {FIXTURES} not found: set RWKVPY_FIXTURES")

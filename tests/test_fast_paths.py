@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rwkvpy
-from conftest import REF_MODELS, fixture_path
+from conftest import REF_MODELS, fixture_path, serial_logits
 
 EXACT_TOL = 1e-4
 
@@ -57,12 +57,7 @@ def test_exact_sequence_equals_serial_and_split(pair):
     _, fast = pair
     toks = tokens_for(fast, 30)
     whole, _ = fast.forward(toks, None, all_logits=True)
-    s = None
-    rows = []
-    for tok in toks:
-        lg, s = fast.forward([tok], s)
-        rows.append(lg)
-    assert (torch.stack(rows) - whole).abs().max() < EXACT_TOL
+    assert (serial_logits(fast, toks)[0] - whole).abs().max() < EXACT_TOL
     a, s = fast.forward(toks[:11], None, all_logits=True)
     b, _ = fast.forward(toks[11:], s, all_logits=True)
     assert (torch.cat([a, b]) - whole).abs().max() < EXACT_TOL
@@ -141,14 +136,7 @@ def fixture_errors(path, model, fmt, make):
             swapped += 1
     assert swapped > 0
 
-    def run(m):
-        s, out = None, []
-        for t in toks:
-            lg, s = m.forward([t], s)
-            out.append(lg)
-        return torch.stack(out)
-
-    le, lf = run(exact), run(fast)
+    le, lf = serial_logits(exact, toks)[0], serial_logits(fast, toks)[0]
     return (float((le - f32).abs().amax(1).mean()), float((lf - le).abs().amax(1).mean()),
             float((lf - f32).abs().amax(1).mean()))
 

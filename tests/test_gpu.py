@@ -23,6 +23,7 @@ import torch
 
 import rwkvpy
 from conftest import REF_MODELS, fixture_path
+from conftest import serial_logits as serial
 from rwkvpy.errors import RwkvpyError
 from rwkvpy.kernels.gpu import DeviceLinear, TorchStep
 from rwkvpy.models.base import Float32Linear
@@ -43,14 +44,6 @@ def ref_target(name):
     d = np.load(fixture_path("reference-pth", f"{name}.npz"))
     key = "logits_serial_bf16upcast" if "logits_serial_bf16upcast" in d.files else "logits_serial"
     return d["tokens"].tolist(), d[key]
-
-
-def serial(model, tokens, state=None):
-    out = []
-    for tok in tokens:
-        lg, state = model.forward([tok], state)
-        out.append(lg.float().cpu())
-    return torch.stack(out), state
 
 
 def err(a, b) -> float:

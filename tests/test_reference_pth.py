@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rwkvpy
-from conftest import REF_MODELS, fixture_path
+from conftest import REF_MODELS, fixture_path, serial_logits
 
 TOL = 1e-4  # max abs difference of logits, every position
 
@@ -49,12 +49,7 @@ def test_all_logits_equal_per_token(case):
     name, model, tokens, target = case
     all_logits, _ = model.forward(tokens, None, all_logits=True)
     assert all_logits.shape == (len(tokens), 512)
-    serial = []
-    state = None
-    for tok in tokens:
-        lg, state = model.forward([tok], state)
-        serial.append(lg)
-    assert (all_logits - torch.stack(serial)).abs().max() < TOL
+    assert (all_logits - serial_logits(model, tokens)[0]).abs().max() < TOL
     assert np.abs(all_logits.numpy() - target).max() < TOL
     last, _ = model.forward(tokens, None)
     assert (last - all_logits[-1]).abs().max() < TOL

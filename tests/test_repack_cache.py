@@ -11,7 +11,7 @@ import torch
 
 import rwkvpy
 import rwkvpy.quant
-from conftest import fixture_path
+from conftest import fixture_path, serial_logits
 from rwkvpy.convert import convert
 from rwkvpy.kernels import cache as C
 from rwkvpy.kernels import linear as L
@@ -34,11 +34,7 @@ def q5_model(tmp_path):
 
 
 def logits_of(model):
-    state, out = None, []
-    for t in TOKENS:
-        lg, state = model.forward([t], state)
-        out.append(lg)
-    return torch.stack(out)
+    return serial_logits(model, TOKENS)[0]
 
 
 def forbid(monkeypatch, module, name):
