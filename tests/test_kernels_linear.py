@@ -161,6 +161,30 @@ def test_int8_dot(fmt, shape):
         assert _err(y, _ref(x, wd)) < 2e-2  # observed 4.0e-3 .. 8.4e-3 of the output scale
 
 
+@pytest.mark.parametrize("fmt", QUANT)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_x8_repack_is_a_permutation(fmt, shape):
+    """Int8DotLinear's interleaved groups hold exactly the file's bytes: every row unpacked
+    from them equals ggml's row, the rows past the last group stay as stored, nothing is added
+    (same byte count), and a cached repack of the wrong shape is not trusted."""
+    q = _qtensor(fmt, _weights(shape, 8))
+    raw2 = np.asarray(q.data).reshape(shape[0], -1)
+    pk = L.repack_x8(L._KIND[fmt], raw2)
+    assert pk.shape == (shape[0] // 8, 8 * raw2.shape[1])
+    row = np.empty(raw2.shape[1], np.uint8)
+    for r in range(8 * pk.shape[0]):
+        L._unpack_row(L._KIND[fmt], pk, r, row)
+        assert np.array_equal(row, raw2[r]), (fmt, shape, r)
+    if L._int8_dot():
+        lin = L.Int8DotLinear(q)
+        assert np.array_equal(lin._pk, pk) and np.array_equal(lin._tail, raw2[8 * pk.shape[0]:])
+        assert lin.nbytes == raw2.nbytes
+        bad = {"x8": torch.zeros((1, 8), dtype=torch.uint8), "tail": torch.zeros(0, dtype=torch.uint8)}
+        assert np.array_equal(L.Int8DotLinear(q, bad)._pk, pk)
+        again = L.Int8DotLinear(q, lin.repacked())
+        assert np.shares_memory(again._pk, lin._pk)  # taken as given, not repacked
+
+
 @needs_avx2
 @pytest.mark.parametrize("fmt", QUANT)
 def test_int8_dot_extreme_codes(fmt):

@@ -65,6 +65,19 @@ def test_int4_repack_cached(tmp_path, monkeypatch):
     assert second.repack_cache == "hit" and torch.equal(logits_of(first), logits_of(second))
 
 
+@pytest.mark.skipif(not L._int8_dot(), reason="the int8 dot kernels need AVX2")
+def test_int8_dot_groups_cached(q5_model, monkeypatch):
+    """With AVX2, mode "fast" reads Q4/Q5 through Int8DotLinear's interleaved groups: repacked
+    at the first load, memory-mapped from the cache afterwards, same logits."""
+    monkeypatch.setattr(L, "INT8_DOT_FORMATS", ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
+    first = rwkvpy.load(q5_model)
+    assert first.repack_cache == "written"
+    assert isinstance(first._net.lin["blocks.0.att.key.weight"], L.Int8DotLinear)
+    forbid(monkeypatch, L, "repack_x8")
+    second = rwkvpy.load(q5_model)
+    assert second.repack_cache == "hit" and torch.equal(logits_of(first), logits_of(second))
+
+
 def test_changed_model_file_rebuilds(q5_model):
     rwkvpy.load(q5_model)
     st = os.stat(q5_model)

@@ -86,8 +86,9 @@ def _file_mapping(addr: int):
     return None
 
 
-def release_pages(t: torch.Tensor) -> int:
-    """Drop from this process's resident memory the pages of ``t`` if it is a view of a
+def release_pages(t) -> int:
+    """Drop from this process's resident memory the pages of ``t`` (a torch tensor or numpy
+    array) if it is a view of a
     memory-mapped model file that has been copied (converted, transposed) and will not be read
     again: the file stays mapped and a later read faults the same bytes in from the file.
 
@@ -95,10 +96,15 @@ def release_pages(t: torch.Tensor) -> int:
     MADV_DONTNEED); anonymous memory (an in-memory tensor) is never touched, since there it would
     lose the data. Returns the bytes released (0 where nothing applies, or off Linux).
     """
-    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
-        return 0
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
+    if isinstance(t, np.ndarray):  # a numpy view (QTensor data)
+        if t.size == 0 or not t.flags.c_contiguous:
+            return 0
+        start, nbytes = t.ctypes.data, t.nbytes
+    else:
+        if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+            return 0
+        start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    end = start + nbytes
     span = _file_mapping(start)
     if span is None or end > span[1]:
         return 0

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-FORMAT = 1
+FORMAT = 2
 SUFFIX = ".rwkvpy-cache"
 _EDGE = 1 << 20  # bytes hashed at each end of the model file
 

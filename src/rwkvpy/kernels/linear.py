@@ -414,39 +414,6 @@ if HAVE_NUMBA:
         return _simd.dotq_q8_0(row, xq, dx, sx, nb)
 
     @njit(**_CACHE)
-    def _mvq_rows(kind, raw2, xq2, dx2, sx2, y2, r0, r1):
-        """y2[t, r] = row r . x2[t] from the int8 blocks of x2 (see _quantize_x)."""
-        nb = dx2.shape[1]
-        for r in range(r0, r1):
-            row = raw2[r]
-            for t in range(xq2.shape[0]):
-                y2[t, r] = _dotq_row(kind, row, xq2[t], dx2[t], sx2[t], nb)
-
-    @njit(**_CACHE)
-    def _mvq(kind, raw2, x2, y2):
-        """Serial: x2 rounded to int8 blocks, then every row (one call from Python)."""
-        T, K = x2.shape
-        xq2 = np.empty((T, K), np.int8)
-        dx2 = np.empty((T, K // 32), np.float32)
-        sx2 = np.empty((T, K // 32), np.float32)
-        _quantize_x(x2, xq2, dx2, sx2)
-        _mvq_rows(kind, raw2, xq2, dx2, sx2, y2, 0, raw2.shape[0])
-
-    @njit(parallel=True, **_CACHE)
-    def _mvq_par(kind, raw2, x2, y2, chunk):
-        """Parallel over row chunks: x2 rounded to int8 blocks first (serially)."""
-        T, K = x2.shape
-        xq2 = np.empty((T, K), np.int8)
-        dx2 = np.empty((T, K // 32), np.float32)
-        sx2 = np.empty((T, K // 32), np.float32)
-        _quantize_x(x2, xq2, dx2, sx2)
-        n_out = raw2.shape[0]
-        n_chunks = (n_out + chunk - 1) // chunk
-        for c in prange(n_chunks):
-            r0 = c * chunk
-            _mvq_rows(kind, raw2, xq2, dx2, sx2, y2, r0, min(n_out, r0 + chunk))
-
-    @njit(**_CACHE)
     def _dec_rows(kind, raw2, out, base, r0, r1, qk):
         """out[r - base] = dequantize(row r) for r in [r0, r1) (serial)."""
         for r in range(r0, r1):
@@ -458,6 +425,172 @@ if HAVE_NUMBA:
         for c in prange(n_chunks):
             a = r0 + c * chunk
             _dec_rows(kind, raw2, out, r0, a, min(r1, a + chunk), qk)
+
+    # --- the 8-row interleaved layout of Int8DotLinear (record layout: kernels/simd.py) -----
+
+    @njit(inline="always", **_CACHE)
+    def _x8_geom(kind):
+        """(block bytes, has m, has qh) of Q4_0 (kind 0), Q4_1, Q5_0, Q5_1 (kind 3); Q8_0
+        (kind 4) is handled apart."""
+        return 18 + 2 * kind, kind == 1 or kind == 3, kind == 2 or kind == 3
+
+    @njit(**_CACHE)
+    def _repack_groups(kind, raw2, pk, g0, g1):
+        """pk[g] = rows 8g .. 8g+7 of raw2 in the interleaved layout, for g in [g0, g1)."""
+        bb, hm, hq = _x8_geom(kind)
+        rec = 8 * bb
+        nb = raw2.shape[1] // bb
+        qo, co = 16 + 16 * hm, 16 + 16 * hm + 32 * hq  # record: qh, codes
+        sqh, sq = 2 + 2 * hm, 2 + 2 * hm + 4 * hq  # ggml block: qh, nibbles
+        if kind == 4:  # Q8_0: d[8], then byte 4r+t of vector j = code (r, 4j+t)
+            nb = raw2.shape[1] // 34
+            for g in range(g0, g1):
+                dst = pk[g]
+                for r in range(8):
+                    src = raw2[8 * g + r]
+                    for i in range(nb):
+                        o, s = i * 272, i * 34
+                        dst[o + 2 * r] = src[s]
+                        dst[o + 2 * r + 1] = src[s + 1]
+                        for k in range(32):
+                            dst[o + 16 + 32 * (k >> 2) + 4 * r + (k & 3)] = src[s + 2 + k]
+            return
+        for g in range(g0, g1):
+            dst = pk[g]
+            dst[:] = 0
+            for r in range(8):
+                src = raw2[8 * g + r]
+                for i in range(nb):
+                    o, s = i * rec, i * bb
+                    dst[o + 2 * r] = src[s]
+                    dst[o + 2 * r + 1] = src[s + 1]
+                    if hm:
+                        dst[o + 16 + 2 * r] = src[s + 2]
+                        dst[o + 17 + 2 * r] = src[s + 3]
+                    qh = _rd32(src, s + sqh) if hq else 0
+                    for k in range(32):
+                        c = (np.int64(src[s + sq + (k & 15)]) >> (4 * (k >> 4))) & 15
+                        j, t = k >> 2, k & 3
+                        a = o + co + 32 * (j & 3) + 4 * r + t
+                        dst[a] = dst[a] | np.uint8(c << (4 * (j >> 2)))
+                        if hq:
+                            a = o + qo + 4 * r + t
+                            dst[a] = dst[a] | np.uint8(((qh >> k) & 1) << j)
+
+    @njit(parallel=True, **_CACHE)
+    def _repack_par(kind, raw2, pk, chunk):
+        n_chunks = (pk.shape[0] + chunk - 1) // chunk
+        for c in prange(n_chunks):
+            _repack_groups(kind, raw2, pk, c * chunk, min(pk.shape[0], (c + 1) * chunk))
+
+    @njit(**_CACHE)
+    def _unpack_row(kind, pk, r, row):
+        """row (ggml's bytes) = row r of the interleaved groups ``pk`` (inverse of the above)."""
+        bb, hm, hq = _x8_geom(kind)
+        rec = 8 * bb
+        nb = row.shape[0] // bb
+        qo, co = 16 + 16 * hm, 16 + 16 * hm + 32 * hq
+        sqh, sq = 2 + 2 * hm, 2 + 2 * hm + 4 * hq
+        src, rr = pk[r >> 3], r & 7
+        if kind == 4:
+            for i in range(row.shape[0] // 34):
+                o, s = i * 272, i * 34
+                row[s] = src[o + 2 * rr]
+                row[s + 1] = src[o + 2 * rr + 1]
+                for k in range(32):
+                    row[s + 2 + k] = src[o + 16 + 32 * (k >> 2) + 4 * rr + (k & 3)]
+            return
+        for i in range(nb):
+            o, s = i * rec, i * bb
+            row[s] = src[o + 2 * rr]
+            row[s + 1] = src[o + 2 * rr + 1]
+            if hm:
+                row[s + 2] = src[o + 16 + 2 * rr]
+                row[s + 3] = src[o + 17 + 2 * rr]
+            row[s + sq: s + sq + 16] = 0
+            qh = 0
+            for k in range(32):
+                j, t = k >> 2, k & 3
+                c = (np.int64(src[o + co + 32 * (j & 3) + 4 * rr + t]) >> (4 * (j >> 2))) & 15
+                a = s + sq + (k & 15)
+                row[a] = row[a] | np.uint8(c << (4 * (k >> 4)))
+                if hq:
+                    qh |= ((np.int64(src[o + qo + 4 * rr + t]) >> j) & 1) << k
+            if hq:
+                for b in range(4):
+                    row[s + sqh + b] = np.uint8((qh >> (8 * b)) & 255)
+
+    @njit(**_CACHE)
+    def _dec_rows_x8(kind, pk, tail, out, base, r0, r1, qk):
+        """out[r - base] = dequantize(row r) for r in [r0, r1), rows stored interleaved in
+        ``pk`` (8 per group) and the last ``len(tail)`` rows as ggml's rows in ``tail``."""
+        row = np.empty(tail.shape[1], np.uint8)
+        n8 = 8 * pk.shape[0]
+        for r in range(r0, r1):
+            if r < n8:
+                _unpack_row(kind, pk, r, row)
+                _dec_row(kind, row, out[r - base], qk)
+            else:
+                _dec_row(kind, tail[r - n8], out[r - base], qk)
+
+    @njit(parallel=True, **_CACHE)
+    def _dec_par_x8(kind, pk, tail, out, r0, r1, chunk, qk):
+        n_chunks = (r1 - r0 + chunk - 1) // chunk
+        for c in prange(n_chunks):
+            a = r0 + c * chunk
+            _dec_rows_x8(kind, pk, tail, out, r0, a, min(r1, a + chunk), qk)
+
+    @njit(inline="always", **_CACHE)
+    def _dotx8(kind, pk, g, xq, dx, sx, nb, y):
+        if kind == 0:
+            _simd.dotx8_q4_0(pk, g, xq, dx, sx, nb, y, 8 * g)
+        elif kind == 1:
+            _simd.dotx8_q4_1(pk, g, xq, dx, sx, nb, y, 8 * g)
+        elif kind == 2:
+            _simd.dotx8_q5_0(pk, g, xq, dx, sx, nb, y, 8 * g)
+        elif kind == 3:
+            _simd.dotx8_q5_1(pk, g, xq, dx, sx, nb, y, 8 * g)
+        else:
+            _simd.dotx8_q8_0(pk, g, xq, dx, sx, nb, y, 8 * g)
+
+    @njit(**_CACHE)
+    def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
+        nb = dx2.shape[1]
+        for g in range(g0, g1):
+            for t in range(xq2.shape[0]):
+                _dotx8(kind, pk, g, xq2[t], dx2[t], sx2[t], nb, y2[t])
+
+    @njit(**_CACHE)
+    def _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, n8):
+        nb = dx2.shape[1]
+        for r in range(tail.shape[0]):
+            for t in range(xq2.shape[0]):
+                y2[t, n8 + r] = _dotq_row(kind, tail[r], xq2[t], dx2[t], sx2[t], nb)
+
+    @njit(**_CACHE)
+    def _mvx8(kind, pk, tail, x2, y2):
+        """Serial: x2 rounded to int8 blocks, then every group and the tail rows."""
+        T, K = x2.shape
+        xq2 = np.empty((T, K), np.int8)
+        dx2 = np.empty((T, K // 32), np.float32)
+        sx2 = np.empty((T, K // 32), np.float32)
+        _quantize_x(x2, xq2, dx2, sx2)
+        _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, 0, pk.shape[0])
+        _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, 8 * pk.shape[0])
+
+    @njit(parallel=True, **_CACHE)
+    def _mvx8_par(kind, pk, tail, x2, y2, chunk):
+        """Parallel over chunks of ``chunk`` groups (x2 rounded serially first)."""
+        T, K = x2.shape
+        xq2 = np.empty((T, K), np.int8)
+        dx2 = np.empty((T, K // 32), np.float32)
+        sx2 = np.empty((T, K // 32), np.float32)
+        _quantize_x(x2, xq2, dx2, sx2)
+        G = pk.shape[0]
+        n_chunks = (G + chunk - 1) // chunk
+        for c in prange(n_chunks):
+            _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, c * chunk, min(G, (c + 1) * chunk))
+        _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, 8 * G)
 
 
 _KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16": 6, "F32": 7}
@@ -687,36 +820,88 @@ class BlockLinear(Linear):
         return _numba_mv(self._kind, self._raw2, xn, self.out_features)
 
     def _gemm(self, x):
-        return _tiled_dequant_mm(self._kind, self._raw2, x, self.out_features,
-                                 torch.bfloat16 if self.bf16_tiles else torch.float32)
+        kind, raw2 = self._kind, self._raw2
+        return _tiled_dequant_mm(
+            lambda out, r0, r1: _dec_rows(kind, raw2, out, r0, r0, r1, _QK),
+            lambda out, r0, r1, chunk: _dec_par(kind, raw2, out, r0, r1, chunk, _QK),
+            x, self.out_features, torch.bfloat16 if self.bf16_tiles else torch.float32)
 
 
-class Int8DotLinear(BlockLinear):
-    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 blocks as stored (no repacking), the activations rounded
-    to int8 per 32-value block, integer dot products: ggml's own method (rwkv.cpp multiplies
-    its quantized matrices this way), here in LLVM vector code with AVX2's vpmaddubsw /
-    vpmaddwd (kernels/simd.py, ``dotq_*``). ``policy="fast"`` on CPUs with AVX2.
+class Int8DotLinear(Linear):
+    """Q4_0, Q4_1, Q5_0, Q5_1 (and Q8_0) weights repacked once into groups of 8 interleaved rows (the same
+    bytes, moved: kernels/simd.py), the activations rounded to int8 per 32-value block, integer
+    dot products with AVX2's vpmaddubsw / vpmaddwd: ggml's method of multiplying (rwkv.cpp
+    multiplies its quantized matrices this way), in a layout where each row's sum stays in its
+    own lane. ``policy="fast"`` on CPUs with AVX2.
 
     Lossy through the activations only: each block of 32 is rounded with its own scale
     amax / 127 (float32), so an element moves by at most 1/254 of its block's largest
     magnitude; the weights are used exactly. Error added on the rwkv.cpp fixtures: see
     tests/test_fast_paths.py and the README.
 
-    Measured (AVX2 VM, 1 thread, 2048x2048 in cache, Gweights/s, float kernels -> int8 dots):
-    Q4_0 7.7 -> 19.3, Q4_1 6.8 -> 18.0, Q5_0 6.2 -> 14.5, Q5_1 5.5 -> 13.1, Q8_0 11.4 -> 21.9.
-    T > :data:`INT8DOT_MAX_T`: the exact paths of :class:`BlockLinear`.
+    Memory: the repacked groups replace the file's bytes (the file's pages are released after
+    repacking; rows past the last whole group stay as ggml's rows). ``repacked()`` gives them
+    to the repack cache, so that a later load memory-maps them instead of repacking.
+
+    Measured (AVX2 VM, 1 thread, Gweights/s, Q4_0): 2048 x 1024 in cache, ggml's row layout
+    20 -> interleaved 57; 16384 x 2048 from memory 20 -> 41 (23 GB/s, the bandwidth).
+    T > :data:`INT8DOT_MAX_T`: row tiles dequantized exactly + float32 GEMM (as BlockLinear).
     """
 
     strategy = "int8-dot"
-
-    def __init__(self, w: QTensor):
-        super().__init__(w)
-        self.exact = False
-
+    exact = False
     rows_max_t = INT8DOT_MAX_T
 
+    def __init__(self, w: QTensor, repacked: dict | None = None):
+        if not HAVE_NUMBA:  # pragma: no cover
+            raise RuntimeError("Int8DotLinear needs numba")
+        fmt = get_format(w.fmt)
+        if fmt.name not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+            raise ValueError(f"Int8DotLinear reads Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, got "
+                             f"{fmt.name}")
+        self.fmt = fmt.name
+        O, K = self.out_features, self.in_features = _shape2(w.shape)
+        self._kind = _KIND[fmt.name]
+        row_bytes = fmt.nbytes((1, K))
+        shapes = {"x8": (O // 8, 8 * row_bytes), "tail": (O % 8, row_bytes)}
+        if repacked is not None and all(
+                isinstance(repacked.get(k), torch.Tensor) and repacked[k].dtype == torch.uint8
+                and tuple(repacked[k].shape) == v for k, v in shapes.items()):
+            self._pk = repacked["x8"].numpy()
+            self._tail = repacked["tail"].numpy()
+        else:
+            raw2 = _rows_view(w, fmt, O, K)
+            self._pk = repack_x8(self._kind, raw2)
+            self._tail = np.array(raw2[8 * (O // 8):])
+            release_pages(raw2)  # the file's copy is not read again
+        self.nbytes = int(self._pk.nbytes + self._tail.nbytes)
+
+    def repacked(self) -> dict:
+        return {"x8": torch.from_numpy(self._pk), "tail": torch.from_numpy(self._tail)}
+
     def _rows(self, xn):
-        return _int8_dot_mv(self._kind, self._raw2, xn, self.out_features)
+        y = np.empty((xn.shape[0], self.out_features), np.float32)
+        _rows_kernel(_mvx8, lambda *a: _mvx8_par(*a[:-1], max(1, a[-1] // 8)),
+                     self.out_features, self.in_features, self._kind, self._pk, self._tail,
+                     xn, y)
+        return y
+
+    def _gemm(self, x):
+        kind, pk, tail = self._kind, self._pk, self._tail
+        return _tiled_dequant_mm(
+            lambda out, r0, r1: _dec_rows_x8(kind, pk, tail, out, r0, r0, r1, _QK),
+            lambda out, r0, r1, chunk: _dec_par_x8(kind, pk, tail, out, r0, r1, chunk, _QK),
+            x, self.out_features, torch.float32)
+
+
+def repack_x8(kind: int, raw2: np.ndarray) -> np.ndarray:
+    """The whole groups of 8 rows of ``raw2`` ((out, row_bytes) uint8, Q4_0..Q5_1 = kind
+    0..3) in the interleaved layout of kernels/simd.py: (out // 8, 8 * row_bytes) uint8."""
+    pk = np.empty((raw2.shape[0] // 8, 8 * raw2.shape[1]), np.uint8)
+    _rows_kernel(lambda *a: _repack_groups(*a, 0, pk.shape[0]),
+                 lambda *a: _repack_par(*a[:-1], max(1, a[-1] // 8)),
+                 raw2.shape[0], raw2.shape[1] * 2, kind, raw2, pk)
+    return pk
 
 
 class Int4Linear(Linear):
@@ -919,16 +1104,10 @@ def _numba_mv(kind, raw2, xn, n_out):
     return y
 
 
-def _int8_dot_mv(kind, raw2, xn, n_out):
-    """y (T, n_out) = xn (T, K) @ W^T with xn rounded to int8 blocks (T small), numpy in/out."""
-    y = np.empty((xn.shape[0], n_out), np.float32)
-    _rows_kernel(_mvq, _mvq_par, n_out, xn.shape[1], kind, raw2, xn, y)
-    return y
-
-
-def _tiled_dequant_mm(kind, raw2, x, n_out, dtype):
+def _tiled_dequant_mm(dec_rows, dec_par, x, n_out, dtype):
     """x (T, K) @ W^T: rows of W dequantized tile by tile (numba, bit-exact), then torch GEMM
-    in ``dtype`` (float32: exact; bfloat16: tiles and x rounded)."""
+    in ``dtype`` (float32: exact; bfloat16: tiles and x rounded). ``dec_rows(out, r0, r1)``
+    and ``dec_par(out, r0, r1, chunk)`` write rows [r0, r1) of W as float32 to out[0:]."""
     T, K = x.shape
     rows = max(16, min(n_out, TILE_ELEMENTS // K))
     buf = torch.empty((rows, K), dtype=torch.float32)
@@ -940,11 +1119,11 @@ def _tiled_dequant_mm(kind, raw2, x, n_out, dtype):
         if torch.get_num_threads() > 1 and PARALLEL_LOCK.acquire(blocking=False):
             try:
                 n = _numba_threads()
-                _dec_par(kind, raw2, bn, r0, r1, max(1, -(-(r1 - r0) // (4 * n))), _QK)
+                dec_par(bn, r0, r1, max(1, -(-(r1 - r0) // (4 * n))))
             finally:
                 PARALLEL_LOCK.release()
         else:
-            _dec_rows(kind, raw2, bn, r0, r0, r1, _QK)
+            dec_rows(bn, r0, r1)
         tile = buf[: r1 - r0]
         if dtype == torch.float32:
             y[:, r0:r1] = F.linear(xt, tile)
@@ -1006,7 +1185,7 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
             return make_linear(_qtensor_to_torch(w), policy)
         _shape2(w.shape)
         if policy == "fast" and fmt.name in INT8_DOT_FORMATS and _int8_dot():
-            return Int8DotLinear(w)
+            return Int8DotLinear(w, repacked)
         if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
             return Int4Linear(w, repacked)
         if policy == "fast" and fmt.name in ("Q5_0", "Q5_1"):
