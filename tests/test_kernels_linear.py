@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import rwkvpy
+from conftest import fixture_path
 from rwkvpy.formats.base import QTensor
 from rwkvpy.kernels import linear as L
 from rwkvpy.quant import get_format
@@ -533,6 +535,41 @@ def test_copied_file_weights_leave_the_resident_set(tmp_path):
     assert _err(lin(x), _ref(x, data.astype(np.float32))) < EXACT_TOL
     mem = torch.from_numpy(data.copy())  # anonymous memory: never released
     assert release_pages(mem) == 0 and torch.equal(mem, torch.from_numpy(data))
+
+
+def test_released_views_and_repacked_rows(tmp_path):
+    """release_pages also takes a transposed view of a file (a v7 LoRA as rwkv.cpp stores it)
+    and a numpy view (the file's blocks after Int8DotLinear repacked them); strided views that
+    skip memory are left alone."""
+    from rwkvpy.formats.base import release_pages
+
+    shape = (2048, 1024)
+    data = np.random.default_rng(1).standard_normal(shape).astype(np.float16)
+    path = tmp_path / "w.f16"
+    data.tofile(path)
+    mm = np.memmap(path, dtype=np.float16, mode="r", shape=shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        view = torch.from_numpy(mm)
+    assert release_pages(view[:, ::2]) == 0  # not dense
+    float(view.float().sum())
+    before = _rss_file_kb()
+    assert release_pages(view.t()) >= 0.9 * data.nbytes
+    assert before - _rss_file_kb() >= 0.9 * data.nbytes / 1024
+    float(view.float().sum())
+    before = _rss_file_kb()
+    assert release_pages(np.asarray(mm)) >= 0.9 * data.nbytes
+    assert before - _rss_file_kb() >= 0.9 * data.nbytes / 1024
+    assert torch.equal(view, torch.from_numpy(data))
+
+
+def test_v7_bin_low_rank_stay_16_bit():
+    """rwkv.cpp stores v7's LoRA matrices transposed: they are read as views in the file's
+    dtype and copied once (16-bit, canonical orientation), never widened to float32."""
+    model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP16.bin"))
+    for n in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2"):
+        t = model._net.w[f"blocks.1.att.{n}"]
+        assert t.dtype == torch.float16 and t.is_contiguous(), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

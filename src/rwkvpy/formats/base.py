@@ -101,7 +101,11 @@ def release_pages(t) -> int:
             return 0
         start, nbytes = t.ctypes.data, t.nbytes
     else:
-        if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        if t.device.type != "cpu" or t.numel() == 0:
+            return 0
+        # contiguous, or a permutation of contiguous memory (a transposed view)
+        span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+        if span != t.numel() or any(s < 0 for s in t.stride()):
             return 0
         start, nbytes = t.data_ptr(), t.numel() * t.element_size()
     end = start + nbytes

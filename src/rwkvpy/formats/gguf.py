@@ -563,7 +563,9 @@ def read(path) -> Checkpoint:
             put(t.name, value, fmt)
             continue
         cleaf, kind = rule
-        if kind in (T, P021):
+        if kind == T and version is Version.V7 and not isinstance(value, QTensor):
+            value = value.transpose(0, 1)  # v7's LoRAs: a view, in the file's dtype
+        elif kind in (T, P021):
             value = to_float32(value)
             value = (value.transpose(0, 1) if kind == T else value.permute(0, 2, 1)).contiguous()
         elif kind == FLAT and version is Version.V7 and cleaf == "att.r_k":

@@ -126,7 +126,7 @@ def to_canonical(tensors: dict, types: dict, path) -> tuple[dict, dict]:
             continue
         if version is Version.V7 and leaf in ("att.w1", "att.w2", "att.a1", "att.a2", "att.v1",
                                               "att.v2", "att.g1", "att.g2"):
-            t = _t(t).t()
+            t = (_t(t) if isinstance(t, QTensor) else t).t()  # a view, in the file's dtype
         elif version is Version.V6:
             if leaf in ("att.time_maa_w1", "att.time_decay_w1", "att.time_decay_w2"):
                 t = _t(t).t()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingTensorError, TensorShapeError
-from ..formats.base import QTensor, to_float32, type_name
+from ..formats.base import QTensor, release_pages, to_float32, type_name
 from ..state import State
 from .config import ModelConfig
 
@@ -126,8 +126,14 @@ class RWKVBase:
             else:
                 # LOW_RANK matrices stored 16-bit stay so on the CPU: the one-token step reads them
                 # at memory speed (kernels/fused.py), the model code widens them (self.f32)
-                if not (dev.type == "cpu" and name.endswith(self.LOW_RANK)
-                        and not isinstance(t, QTensor) and t.dtype in (torch.float16, torch.bfloat16)):
+                if (dev.type == "cpu" and name.endswith(self.LOW_RANK)
+                        and not isinstance(t, QTensor)
+                        and t.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+                    if not t.is_contiguous():  # a transposed view of the file: one copy
+                        c = t.contiguous()
+                        release_pages(t)
+                        t = c
+                else:
                     t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
                 self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
