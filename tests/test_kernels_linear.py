@@ -177,6 +177,12 @@ def test_x8_repack_is_a_permutation(fmt, shape):
     for r in range(8 * pk.shape[0]):
         L._unpack_row(L._KIND[fmt], pk, r, row)
         assert np.array_equal(row, raw2[r]), (fmt, shape, r)
+    wd = get_format(fmt).dequantize(q.data, shape)
+    tail = np.ascontiguousarray(raw2[8 * pk.shape[0]:])
+    for r0, r1 in [(0, shape[0]), (3, shape[0] - 2), (9, 16), (5, 6)]:
+        out = np.full((r1 - r0, shape[1]), np.nan, np.float32)  # prompt tiles: bit-exact
+        L._dec_rows_x8(L._KIND[fmt], pk, tail, out, r0, r0, r1, 32)
+        assert np.array_equal(out.view(np.uint32), wd[r0:r1].view(np.uint32)), (fmt, r0, r1)
     if L._int8_dot():
         lin = L.Int8DotLinear(q)
         assert np.array_equal(lin._pk, pk) and np.array_equal(lin._tail, raw2[8 * pk.shape[0]:])

@@ -240,93 +240,19 @@ if HAVE_NUMBA:
     # --- one row -> float32, per format (bit for bit ggml's dequantize_row_*) ---------------
 
     @njit(**_CACHE)
-    def _dec_q4_0(row, w, nb, qk):
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 18
-            d = _h2f(_rd16(row, o))
-            q = row[o + 2: o + 2 + half]
-            wl = w[b * qk: b * qk + half]
-            wh = w[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                wl[j] = np.float32(np.int32((v & 15) - 8)) * d
-                wh[j] = np.float32(np.int32((v >> 4) - 8)) * d
-
-    @njit(**_CACHE)
-    def _dec_q4_1(row, w, nb, qk):
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 20
-            d = _h2f(_rd16(row, o))
-            m = _h2f(_rd16(row, o + 2))
-            q = row[o + 4: o + 4 + half]
-            wl = w[b * qk: b * qk + half]
-            wh = w[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                wl[j] = np.float32(np.int32(v & 15)) * d + m
-                wh[j] = np.float32(np.int32(v >> 4)) * d + m
-
-    @njit(**_CACHE)
-    def _dec_q5_0(row, w, nb, qk):
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 22
-            d = _h2f(_rd16(row, o))
-            qh = np.int32(_rd32(row, o + 2))
-            q = row[o + 6: o + 6 + half]
-            wl = w[b * qk: b * qk + half]
-            wh = w[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                lo = (v & 15) | (((qh >> j) & 1) << 4)
-                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                wl[j] = np.float32(np.int32(lo - 16)) * d
-                wh[j] = np.float32(np.int32(hi - 16)) * d
-
-    @njit(**_CACHE)
-    def _dec_q5_1(row, w, nb, qk):
-        half = qk >> 1
-        for b in range(nb):
-            o = b * 24
-            d = _h2f(_rd16(row, o))
-            m = _h2f(_rd16(row, o + 2))
-            qh = np.int32(_rd32(row, o + 4))
-            q = row[o + 8: o + 8 + half]
-            wl = w[b * qk: b * qk + half]
-            wh = w[b * qk + half: b * qk + qk]
-            for j in range(half):
-                v = np.int32(q[j])
-                lo = (v & 15) | (((qh >> j) & 1) << 4)
-                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                wl[j] = np.float32(np.int32(lo)) * d + m
-                wh[j] = np.float32(np.int32(hi)) * d + m
-
-    @njit(**_CACHE)
-    def _dec_q8_0(row, w, nb, qk):
-        q8 = row.view(np.int8)
-        for b in range(nb):
-            o = b * 34
-            d = _h2f(_rd16(row, o))
-            q = q8[o + 2: o + 2 + qk]
-            wb = w[b * qk: b * qk + qk]
-            for j in range(qk):
-                wb[j] = np.float32(np.int32(q[j])) * d
-
-    @njit(**_CACHE)
     def _dec_row(kind, row, w, qk):
+        """w = the row dequantized (kernels/simd.py's deq_*: ggml's arithmetic, vector code)."""
         nb = w.shape[0] // qk
         if kind == 0:
-            _dec_q4_0(row, w, nb, qk)
+            _simd.deq_q4_0(row, w, nb)
         elif kind == 1:
-            _dec_q4_1(row, w, nb, qk)
+            _simd.deq_q4_1(row, w, nb)
         elif kind == 2:
-            _dec_q5_0(row, w, nb, qk)
+            _simd.deq_q5_0(row, w, nb)
         elif kind == 3:
-            _dec_q5_1(row, w, nb, qk)
+            _simd.deq_q5_1(row, w, nb)
         else:
-            _dec_q8_0(row, w, nb, qk)
+            _simd.deq_q8_0(row, w, nb)
 
     @njit(inline="always", **_CACHE)
     def _dot_row(kind, row, x, nb):
@@ -520,18 +446,39 @@ if HAVE_NUMBA:
                 for b in range(4):
                     row[s + sqh + b] = np.uint8((qh >> (8 * b)) & 255)
 
+    @njit(inline="always", **_CACHE)
+    def _deqx8(kind, pk, g, out, o0, nb):
+        if kind == 0:
+            _simd.deqx8_q4_0(pk, g, out, o0, nb)
+        elif kind == 1:
+            _simd.deqx8_q4_1(pk, g, out, o0, nb)
+        elif kind == 2:
+            _simd.deqx8_q5_0(pk, g, out, o0, nb)
+        elif kind == 3:
+            _simd.deqx8_q5_1(pk, g, out, o0, nb)
+        else:
+            _simd.deqx8_q8_0(pk, g, out, o0, nb)
+
     @njit(**_CACHE)
     def _dec_rows_x8(kind, pk, tail, out, base, r0, r1, qk):
         """out[r - base] = dequantize(row r) for r in [r0, r1), rows stored interleaved in
         ``pk`` (8 per group) and the last ``len(tail)`` rows as ggml's rows in ``tail``."""
-        row = np.empty(tail.shape[1], np.uint8)
         n8 = 8 * pk.shape[0]
-        for r in range(r0, r1):
-            if r < n8:
-                _unpack_row(kind, pk, r, row)
-                _dec_row(kind, row, out[r - base], qk)
-            else:
-                _dec_row(kind, tail[r - n8], out[r - base], qk)
+        nb = out.shape[1] // qk
+        scratch = np.empty((8 if r0 % 8 or r1 % 8 else 0, out.shape[1]), np.float32)
+        r = r0
+        while r < min(r1, n8):
+            g = r >> 3
+            if r % 8 == 0 and r + 8 <= r1:
+                _deqx8(kind, pk, g, out, r - base, nb)
+                r += 8
+            else:  # part of a group: all of it into scratch, the rows asked for copied out
+                _deqx8(kind, pk, g, scratch, 0, nb)
+                e = min(r1, 8 * g + 8)
+                out[r - base: e - base] = scratch[r - 8 * g: e - 8 * g]
+                r = e
+        for r in range(max(r0, n8), r1):
+            _dec_row(kind, tail[r - n8], out[r - base], qk)
 
     @njit(parallel=True, **_CACHE)
     def _dec_par_x8(kind, pk, tail, out, r0, r1, chunk, qk):
@@ -1109,7 +1056,7 @@ def _tiled_dequant_mm(dec_rows, dec_par, x, n_out, dtype):
     in ``dtype`` (float32: exact; bfloat16: tiles and x rounded). ``dec_rows(out, r0, r1)``
     and ``dec_par(out, r0, r1, chunk)`` write rows [r0, r1) of W as float32 to out[0:]."""
     T, K = x.shape
-    rows = max(16, min(n_out, TILE_ELEMENTS // K))
+    rows = max(16, min(n_out, TILE_ELEMENTS // K) // 8 * 8)  # whole groups of 8 (Int8DotLinear)
     buf = torch.empty((rows, K), dtype=torch.float32)
     bn = buf.numpy()
     xt = x.to(dtype)
@@ -1119,7 +1066,7 @@ def _tiled_dequant_mm(dec_rows, dec_par, x, n_out, dtype):
         if torch.get_num_threads() > 1 and PARALLEL_LOCK.acquire(blocking=False):
             try:
                 n = _numba_threads()
-                dec_par(bn, r0, r1, max(1, -(-(r1 - r0) // (4 * n))))
+                dec_par(bn, r0, r1, -(-(r1 - r0) // (32 * n)) * 8)
             finally:
                 PARALLEL_LOCK.release()
         else:

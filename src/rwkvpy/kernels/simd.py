@@ -76,23 +76,32 @@ def _codes_to_float(b, codes_i32, offset):
     return b.fsub(b.bitcast(bits, _vec(_F32)), _const(_F32, [_TWO23 + offset] * _N))
 
 
-def _codes4(b, blk, off):
-    """Q4 codes (0..15) as <32 x i8> from the 16 bytes at ``blk + off``: low nibbles first
-    (ggml's order)."""
-    packed = _load(b, blk, ir.Constant(_I64, off), _vec(_I8, 16))
+def _nibbles(b, packed):
+    """<16 x i8> packed nibbles -> <32 x i8> codes 0..15: low nibbles first (ggml's order)."""
     lo = b.and_(packed, _const(_I8, [15] * 16))
     hi = b.lshr(packed, _const(_I8, [4] * 16))
     return b.shuffle_vector(lo, hi, ir.Constant(_vec(_I32), list(range(_N))))
 
 
-def _codes5(b, blk, qh_off, q_off):
-    """Q5 codes (0..31) as <32 x i8>: the nibbles or-ed with bit j of qh moved to bit 4."""
-    qh = _load(b, blk, ir.Constant(_I64, qh_off), _vec(_I8, 4))
-    spread = b.shuffle_vector(qh, qh, ir.Constant(_vec(_I32), [j // 8 for j in range(_N)]))
-    bit = b.and_(spread, _const(_I8, [1 << (j % 8) for j in range(_N)]))
+def _codes4(b, blk, off):
+    """Q4 codes (0..15) as <32 x i8> from the 16 bytes at ``blk + off``."""
+    return _nibbles(b, _load(b, blk, ir.Constant(_I64, off), _vec(_I8, 16)))
+
+
+def _with_high(b, codes, qh, byte_of, bit_of):
+    """codes | 16 where code j's high bit is set: bit ``bit_of(j)`` of ``qh[byte_of(j)]``
+    (``qh`` <4 x i8>)."""
+    spread = b.shuffle_vector(qh, qh, ir.Constant(_vec(_I32), [byte_of(j) for j in range(_N)]))
+    bit = b.and_(spread, _const(_I8, [1 << bit_of(j) for j in range(_N)]))
     high = b.select(b.icmp_unsigned("!=", bit, _const(_I8, [0] * _N)), _const(_I8, [16] * _N),
                     _const(_I8, [0] * _N))
-    return b.or_(_codes4(b, blk, q_off), high)
+    return b.or_(codes, high)
+
+
+def _codes5(b, blk, qh_off, q_off):
+    """Q5 codes (0..31) as <32 x i8>: the nibbles or-ed with bit j of qh (u32) moved to bit 4."""
+    qh = _load(b, blk, ir.Constant(_I64, qh_off), _vec(_I8, 4))
+    return _with_high(b, _codes4(b, blk, q_off), qh, lambda j: j // 8, lambda j: j % 8)
 
 
 def _hsum(b, lanes, n, total=None):
@@ -156,11 +165,15 @@ def _q5_1(b, blk):  # d, m, qh, 16 bytes: w = (q | hbit << 4) * d + m
     return b.fadd(b.fmul(q, _splat(b, d)), _splat(b, m))
 
 
+def _signed_to_float(b, codes8):
+    """float32(code) for <32 x i8> signed codes (exact)."""
+    bits = b.add(b.sext(codes8, _vec(_I32)), _const(_I32, [_MAGIC + 128] * _N))  # 2^23 + q + 128
+    return b.fsub(b.bitcast(bits, _vec(_F32)), _const(_F32, [_TWO23 + 128] * _N))
+
+
 def _q8_0(b, blk):  # d, 32 signed bytes: w = q * d
     d = _half(b, blk, None)
-    q = b.sext(_load(b, blk, ir.Constant(_I64, 2), _vec(_I8)), _vec(_I32))
-    bits = b.add(q, _const(_I32, [_MAGIC + 128] * _N))  # 2^23 + (q + 128): one add, no or
-    w = b.fsub(b.bitcast(bits, _vec(_F32)), _const(_F32, [_TWO23 + 128] * _N))
+    w = _signed_to_float(b, _load(b, blk, ir.Constant(_I64, 2), _vec(_I8)))
     return b.fmul(w, _splat(b, d))
 
 
@@ -471,3 +484,106 @@ dotx8_q4_1 = _row_dot_x8(20, True, False, 0)
 dotx8_q5_0 = _row_dot_x8(22, False, True, 16)
 dotx8_q5_1 = _row_dot_x8(24, True, True, 0)
 dotx8_q8_0 = _row_dot_x8(34, False, False, 0)
+
+
+# -- dequantization to float32 rows (prompt tiles), bit for bit ggml's dequantize_row_* ---------
+#
+# The same block decoders as the dot products above ((q - o) * d, q * d + m in float32, no
+# fused multiply-add), stored instead of multiplied: 32 weights per block in a few vector
+# instructions (the scalar numba loops they replace decoded ~0.4 Gweights/s per thread).
+
+def _store32(b, out_row, col, w):
+    p = b.bitcast(b.gep(out_row, [col]), ir.PointerType(_vec(_F32)))
+    b.store(w, p, align=4)
+
+
+def _row_deq(block_bytes, weights):
+    """Make an intrinsic ``deq(row, out, nb)``: out[:32 nb] = the row's ``nb`` blocks
+    dequantized (``row`` uint8 1-D, ``out`` float32 1-D)."""
+
+    def typer(typingctx, row, out, nb):
+        sig = nbt.void(row, out, nbt.intp)
+
+        def codegen(context, b, signature, args):
+            base = b.bitcast(context.make_array(signature.args[0])(context, b, args[0]).data,
+                             ir.PointerType(_I8))
+            ys = b.bitcast(context.make_array(signature.args[1])(context, b, args[1]).data,
+                           ir.PointerType(_F32))
+            with cgutils.for_range(b, args[2]) as loop:
+                i = loop.index
+                w = weights(b, b.gep(base, [b.mul(i, ir.Constant(_I64, block_bytes))]))
+                _store32(b, ys, b.mul(i, ir.Constant(_I64, _N)), w)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+deq_q4_0 = _row_deq(18, _q4_0)
+deq_q4_1 = _row_deq(20, _q4_1)
+deq_q5_0 = _row_deq(22, _q5_0)
+deq_q5_1 = _row_deq(24, _q5_1)
+deq_q8_0 = _row_deq(34, _q8_0)
+
+
+def _x8_weights(b, rec, r, block_bytes, has_m, has_qh, offset):
+    """<32 x float> weights of row ``r`` (0..7) in the record at ``rec`` (layout above)."""
+    m_off, qh_off, c_off = _x8_layout(block_bytes, has_m, has_qh)
+    d = _half(b, rec, ir.Constant(_I64, 2 * r))
+    if block_bytes == 34:  # Q8_0: dword j holds codes 4j .. 4j+3
+        words = ir.Constant(_vec(_I32, 8), ir.Undefined)
+        for j in range(8):
+            words = b.insert_element(words, _load(b, rec, ir.Constant(_I64, 16 + 32 * j + 4 * r),
+                                                  _I32), ir.Constant(_I32, j))
+        return b.fmul(_signed_to_float(b, b.bitcast(words, _vec(_I8))), _splat(b, d))
+    words = ir.Constant(_vec(_I32, 4), ir.Undefined)
+    for i in range(4):  # vector i's dword r: codes 4i+t (low nibbles), 16+4i+t (high)
+        words = b.insert_element(words, _load(b, rec, ir.Constant(_I64, c_off + 32 * i + 4 * r),
+                                              _I32), ir.Constant(_I32, i))
+    codes = _nibbles(b, b.bitcast(words, _vec(_I8, 16)))
+    if has_qh:  # code 4j+t: bit j of qh byte 4r+t
+        qh = _load(b, rec, ir.Constant(_I64, qh_off + 4 * r), _vec(_I8, 4))
+        codes = _with_high(b, codes, qh, lambda k: k % 4, lambda k: k // 4)
+    w = b.fmul(_codes_to_float(b, _wide(b, codes), offset), _splat(b, d))
+    if has_m:
+        w = b.fadd(w, _splat(b, _half(b, rec, ir.Constant(_I64, m_off + 2 * r))))
+    return w
+
+
+def _x8_deq(block_bytes, has_m, has_qh, offset):
+    """Make an intrinsic ``deqx8(pk, g, out, o0, nb)``: out[o0 + r] = row 8g + r of the
+    repacked groups ``pk`` dequantized, r < 8 (``out`` float32 2-D, C order)."""
+    rec_bytes = 8 * block_bytes
+
+    def typer(typingctx, pk, g, out, o0, nb):
+        sig = nbt.void(pk, nbt.intp, out, nbt.intp, nbt.intp)
+
+        def codegen(context, b, signature, args):
+            pa = context.make_array(signature.args[0])(context, b, args[0])
+            oa = context.make_array(signature.args[2])(context, b, args[2])
+            pstride = cgutils.unpack_tuple(b, pa.strides, 2)[0]
+            ostride = cgutils.unpack_tuple(b, oa.strides, 2)[0]
+            base = b.gep(b.bitcast(pa.data, ir.PointerType(_I8)), [b.mul(args[1], pstride)])
+            obase = b.gep(b.bitcast(oa.data, ir.PointerType(_I8)), [b.mul(args[3], ostride)])
+            rows = [b.bitcast(b.gep(obase, [b.mul(ostride, ir.Constant(_I64, r))]),
+                              ir.PointerType(_F32)) for r in range(8)]
+            with cgutils.for_range(b, args[4]) as loop:
+                i = loop.index
+                rec = b.gep(base, [b.mul(i, ir.Constant(_I64, rec_bytes))])
+                col = b.mul(i, ir.Constant(_I64, _N))
+                for r in range(8):
+                    w = _x8_weights(b, rec, r, block_bytes, has_m, has_qh, offset)
+                    _store32(b, rows[r], col, w)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+deqx8_q4_0 = _x8_deq(18, False, False, 8)
+deqx8_q4_1 = _x8_deq(20, True, False, 0)
+deqx8_q5_0 = _x8_deq(22, False, True, 16)
+deqx8_q5_1 = _x8_deq(24, True, True, 0)
+deqx8_q8_0 = _x8_deq(34, False, False, 0)
