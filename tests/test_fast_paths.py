@@ -63,6 +63,25 @@ def test_exact_sequence_equals_serial_and_split(pair):
     assert (torch.cat([a, b]) - whole).abs().max() < EXACT_TOL
 
 
+def test_long_prompt_runs_in_pieces(pair):
+    """A prompt longer than model.prompt_chunk runs in pieces with the state carried: same
+    logits (all of them, or the last) and state as one pass."""
+    _, fast = pair
+    toks = tokens_for(fast, 30)
+    assert fast.prompt_chunk >= 512
+    whole, sw = fast.forward(toks, None, all_logits=True)
+    last, _ = fast.forward(toks, None)
+    try:
+        fast.prompt_chunk = 8
+        pieces, sp = fast.forward(toks, None, all_logits=True)
+        last_p, _ = fast.forward(toks, None)
+    finally:
+        fast.prompt_chunk = rwkvpy.model.prompt_chunk(fast.config.n_embd)
+    assert pieces.shape == whole.shape and (pieces - whole).abs().max() < EXACT_TOL
+    assert (last_p - last).abs().max() < EXACT_TOL and (sp.wkv - sw.wkv).abs().max() < EXACT_TOL
+    assert sp.n_tokens == sw.n_tokens == len(toks)
+
+
 def test_fast_step_does_not_mutate_state(pair):
     _, fast = pair
     _, s = fast.forward(tokens_for(fast, 6), None)
@@ -198,3 +217,20 @@ def test_int8_dot_error_against_the_format(quantized_tiny, model, fmt):
     if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         key = rwkvpy.load(path, mode="fast")._net.lin["blocks.0.att.key.weight"]
         assert key.strategy == "int8-dot"
+
+
+@pytest.mark.parametrize("model", ["4v0-660K", "5v1-730K", "5v2-730K", "7v0-834K"])
+def test_int16_dot_error_against_q8_0(quantized_tiny, model):
+    """Int16DotLinear (Q8_0 with 16-bit activations, mode "fast"): the rounding adds a tiny
+    fraction of the format's own error (observed 0.1-0.4 %), where 8-bit activations add
+    100-160 % (above)."""
+    from rwkvpy.kernels.linear import Int16DotLinear, _int8_dot
+
+    if not _int8_dot():
+        pytest.skip("the integer dot kernels need AVX2")
+    path = quantized_tiny(model, "Q8_0")
+    own, added, total = fixture_errors(path, model, "Q8_0", Int16DotLinear)
+    assert added <= 0.02 * own, (own, added)
+    assert total <= 1.01 * own, (own, total)
+    key = rwkvpy.load(path, mode="fast")._net.lin["blocks.0.att.key.weight"]
+    assert key.strategy == "int16-dot"

@@ -222,6 +222,45 @@ def test_int8_dot_extreme_codes(fmt):
 
 
 @needs_avx2
+@pytest.mark.parametrize("shape", SHAPES + [(64, 256)])
+def test_int16_dot_q8_0(shape):
+    """Int16DotLinear: integer products exact, so the result equals the float64 product of
+    the exact weights with the int16-rounded activations; extreme codes (-128, 127) and large
+    activations neither saturate nor overflow; NaN/inf activations give NaN."""
+    f = get_format("Q8_0")
+    raw = np.asarray(f.quantize(_weights(shape, 13))).reshape(shape[0], -1).copy()
+    if shape == (64, 256):
+        blocks = raw.reshape(shape[0], -1, 34)
+        blocks[0::4, :, 2:] = 0x80
+        blocks[2::4, :, 2:] = 0x7F
+    q = QTensor("Q8_0", shape, raw.reshape(-1))
+    wd = f.dequantize(q.data, shape)
+    lin = L.Int16DotLinear(q)
+    assert not lin.exact and lin.nbytes == f.nbytes(shape)
+    for T in [1, 2, L.INT8DOT_MAX_T + 1]:
+        x = _x(T, shape[1], seed=T) * 1e3
+        x[0, :32] = 0
+        y = lin(x)
+        if T > L.INT8DOT_MAX_T:
+            assert _err(y, _ref(x, wd)) < EXACT_TOL
+            continue
+        xb = x.reshape(T, -1, 32)  # rounded as the kernel rounds: x * (1 / dx) in float32
+        dx = xb.abs().amax(-1, keepdim=True) / 32767
+        xw = torch.round(xb * torch.where(dx > 0, 1 / dx, 0)).double()
+        dx = dx.double()
+        assert bool((xw.abs() <= 32767).all())
+        n8 = shape[0] // 8 * 8  # rows past the last group: the exact float kernel
+        assert _err(y[:, :n8], _ref((xw * dx).reshape(x.shape), wd[:n8])) < EXACT_TOL, (shape, T)
+        if n8 < shape[0]:
+            assert _err(y[:, n8:], _ref(x, wd[n8:])) < EXACT_TOL
+        assert _err(y, _ref(x, wd)) < 1e-4  # observed ~2e-5 of the output scale
+    x = _x(2, shape[1], seed=4)
+    x[0, 7] = float("nan")
+    y = lin(x)
+    assert bool(torch.isnan(y[0]).all()) and bool(torch.isfinite(y[1]).all())
+
+
+@needs_avx2
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q5_1"])
 def test_int8_dot_nonfinite_activations(fmt):
     """A NaN or inf activation gives NaN outputs, as the exact kernels do (rounding to int8
@@ -406,12 +445,15 @@ def test_policy_choices():
             want = L.BlockLinear
             if pol == "fast" and fmt != "Q8_0" and L._int8_dot():
                 want = L.Int8DotLinear
+            elif pol == "fast" and fmt == "Q8_0" and L._int8_dot():
+                want = L.Int16DotLinear
             elif pol == "fast" and fmt in ("Q4_0", "Q4_1"):
                 want = L.Int4Linear
             elif pol == "fast" and fmt in ("Q5_0", "Q5_1"):
                 want = L.Int8Linear
             assert type(lin) is want
-            assert lin.exact == (pol == "exact" or (fmt == "Q8_0" and not L.fast_bf16_cpu()))
+            assert lin.exact == (pol == "exact" or (fmt == "Q8_0" and not L._int8_dot()
+                                                    and not L.fast_bf16_cpu()))
     with pytest.raises(ValueError):
         L.make_linear(w, "lossy")
     with pytest.raises(ValueError):

@@ -21,24 +21,27 @@ format     policy="exact"                                 policy="fast" (default
 F32        :class:`FloatLinear` (numba, as stored)        same
 F16, BF16  :class:`FloatLinear` (numba, 2 bytes/weight)   :class:`BF16Linear` on CPUs with
                                                           native bf16 (AMX / AVX512-BF16)
-Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int8DotLinear` (int8
-Q5_0/Q5_1  :class:`BlockLinear`                           activations, AVX2); without AVX2
-                                                          Q4 :class:`Int4Linear`, Q5
-                                                          :class:`Int8Linear` (repacked)
-Q8_0       :class:`BlockLinear`                           same (see INT8_DOT_FORMATS)
+Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int8DotLinear` (groups of 8
+Q5_0/Q5_1  :class:`BlockLinear`                           interleaved rows, int8 activations,
+                                                          AVX2); without AVX2 Q4
+                                                          :class:`Int4Linear`, Q5
+                                                          :class:`Int8Linear`
+Q8_0       :class:`BlockLinear`                           :class:`Int16DotLinear` (int16
+                                                          activations, AVX2)
 =========  =============================================  ===================================
 
-Every numba product is one of kernels/simd.py's explicit LLVM vector kernels. Measured
-(2-vCPU AMD EPYC VM, AVX2, no AVX-512/AMX/native bf16; 1 thread, 2048x2048 in cache,
-Gweights/s): F32 ~10, F16 16-18, BF16 15; exact blocks Q4_0 7.7, Q4_1 6.8, Q5_0 6.2, Q5_1
-5.5, Q8_0 11.4; int8 dots Q4_0 19.3, Q4_1 18.0, Q5_0 14.5, Q5_1 13.1 (Q8_0 21.9). Out of
-cache a single thread reads ~17-20 GB/s and two ~25-30 GB/s: F32/F16 products run at the
-bandwidth, the block formats near it with int8 dots. benchmarks/bench_linear.py, 2048x2048,
-2 threads, cold weights, ms per product: F32 numba 0.82, torch.mv 0.86; F16 numba 0.39, as
-float32 0.81, fp16 torch (lossy) 0.44; Q4_0 exact 0.34, int8 dots 0.16, torch int4 0.41; Q5_1
-exact 0.46, int8 dots 0.21, int8 rows 0.30; Q8_0 exact 0.26, int8 dots 0.19. torch's kernels (torch.mv, int4, int8
-rows) were slower here in whole tokens (README "Speed"); :class:`F32Linear`, :class:`Int4Linear`
-and :class:`Int8Linear` remain for CPUs without AVX2 or without numba.
+The fast classes repack once (cached next to the model, kernels/cache.py); the exact ones read
+the file's bytes as they are. Every numba product is one of kernels/simd.py's explicit LLVM
+vector kernels. Measured (2-vCPU AMD EPYC VM, AVX2, no AVX-512/AMX/native bf16; 1 thread,
+2048x2048 in cache, Gweights/s): F32 ~10, F16 16-18, BF16 15; exact blocks Q4_0 7.7, Q4_1
+6.8, Q5_0 6.2, Q5_1 5.5, Q8_0 11.4; int8 dots on ggml's rows Q4_0 19.3, Q4_1 18.0, Q5_0 14.5,
+Q5_1 13.1, and on interleaved groups Q4_0 ~57 (2048x1024). Out of cache a single thread reads
+~17-23 GB/s and two ~25-37 GB/s: F32/F16 products run at the bandwidth, and so do the
+interleaved integer kernels on two threads (~30-36 GB/s for Q4_0..Q8_0, 16384x2048 matrices,
+/tmp measurement of this session; ggml's row order reached ~20 GB/s). torch's kernels
+(torch.mv, int4, int8 rows) were slower here in whole tokens (README "Speed");
+:class:`F32Linear`, :class:`Int4Linear` and :class:`Int8Linear` remain for CPUs without AVX2 or
+without numba.
 
 Prompts (T > 1): the numba kernels take T <= :data:`NUMBA_MAX_T` vectors in one pass; above,
 the weights are dequantized in row tiles (bit-exact) and multiplied with torch's GEMM (MKL),
@@ -77,6 +80,7 @@ __all__ = [
     "F32Linear",
     "FloatLinear",
     "Int4Linear",
+    "Int16DotLinear",
     "Int8DotLinear",
     "Int8Linear",
     "Linear",
@@ -89,6 +93,9 @@ POLICIES = ("exact", "fast")
 #: Not Q8_0: with 8-bit weights the activations' rounding doubles the format's own error
 #: (README "Speed": added 1.0-1.6x of Q8_0's own error on the fixtures, 0.06-0.25x for Q4/Q5).
 INT8_DOT_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+#: Formats whose ``policy="fast"`` is :class:`Int16DotLinear` where the CPU has AVX2 (16-bit
+#: activations: added error well under 1 % of Q8_0's own on the fixtures).
+INT16_DOT_FORMATS = ("Q8_0",)
 
 #: Largest T for which the numba kernels handle a prompt themselves (one pass over the weights
 #: per vector); above it, row tiles are dequantized and multiplied by torch's GEMM. Measured
@@ -445,6 +452,60 @@ if HAVE_NUMBA:
             if hq:
                 for b in range(4):
                     row[s + sqh + b] = np.uint8((qh >> (8 * b)) & 255)
+
+    @njit(**_CACHE)
+    def _quantize_x16(x2, xw2, dx2):
+        """Each row of x2 (T, K) as int16 blocks of 32: dx = amax / 32767, xw = round(x / dx)
+        (a NaN or inf in a block makes its scale NaN, as in _quantize_x)."""
+        for t in range(x2.shape[0]):
+            x, xw = x2[t], xw2[t]
+            for i in range(dx2.shape[1]):
+                amax = np.float32(0.0)
+                finite = True
+                for j in range(32):
+                    v = x[i * 32 + j]
+                    amax = max(amax, abs(v))
+                    finite &= np.isfinite(v)
+                d = amax / np.float32(32767.0) if finite else np.float32(np.nan)
+                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                for j in range(32):
+                    xw[i * 32 + j] = np.int32(np.rint(x[i * 32 + j] * inv))
+                dx2[t, i] = d
+
+    @njit(**_CACHE)
+    def _mvx8w_groups(pk, xw2, dx2, y2, g0, g1):
+        nb = dx2.shape[1]
+        for g in range(g0, g1):
+            for t in range(xw2.shape[0]):
+                _simd.dotx8w_q8_0(pk, g, xw2[t], dx2[t], nb, y2[t], 8 * g)
+
+    @njit(**_CACHE)
+    def _mvx8w_tail(tail, x2, y2, n8):
+        nb = x2.shape[1] // 32
+        for r in range(tail.shape[0]):
+            for t in range(x2.shape[0]):
+                y2[t, n8 + r] = _dot_row(4, tail[r], x2[t], nb)  # the exact float kernel
+
+    @njit(**_CACHE)
+    def _mvx8w(pk, tail, x2, y2):
+        T, K = x2.shape
+        xw2 = np.empty((T, K), np.int16)
+        dx2 = np.empty((T, K // 32), np.float32)
+        _quantize_x16(x2, xw2, dx2)
+        _mvx8w_groups(pk, xw2, dx2, y2, 0, pk.shape[0])
+        _mvx8w_tail(tail, x2, y2, 8 * pk.shape[0])
+
+    @njit(parallel=True, **_CACHE)
+    def _mvx8w_par(pk, tail, x2, y2, chunk):
+        T, K = x2.shape
+        xw2 = np.empty((T, K), np.int16)
+        dx2 = np.empty((T, K // 32), np.float32)
+        _quantize_x16(x2, xw2, dx2)
+        G = pk.shape[0]
+        n_chunks = (G + chunk - 1) // chunk
+        for c in prange(n_chunks):
+            _mvx8w_groups(pk, xw2, dx2, y2, c * chunk, min(G, (c + 1) * chunk))
+        _mvx8w_tail(tail, x2, y2, 8 * G)
 
     @njit(inline="always", **_CACHE)
     def _deqx8(kind, pk, g, out, o0, nb):
@@ -841,6 +902,32 @@ class Int8DotLinear(Linear):
             x, self.out_features, torch.float32)
 
 
+class Int16DotLinear(Int8DotLinear):
+    """Q8_0 weights in Int8DotLinear's interleaved groups, the activations rounded to int16 per
+    32-value block (scale amax / 32767), integer products with vpmaddwd (kernels/simd.py,
+    ``dotx8w_q8_0``). ``policy="fast"`` for Q8_0 on CPUs with AVX2.
+
+    Why not int8 activations as for Q4/Q5: against 8-bit weights they double Q8_0's own error
+    (README "Speed"); 16-bit ones move each activation by at most 1/65534 of its block's
+    largest magnitude, which adds well under 1 % of the format's own error on the fixtures
+    (tests/test_fast_paths.py), at the speed of the int8 kernels. Rows past the last whole
+    group use the exact float kernel.
+    """
+
+    strategy = "int16-dot"
+
+    def __init__(self, w: QTensor, repacked: dict | None = None):
+        if w.fmt != "Q8_0":
+            raise ValueError(f"Int16DotLinear reads Q8_0 blocks, got {w.fmt}")
+        super().__init__(w, repacked)
+
+    def _rows(self, xn):
+        y = np.empty((xn.shape[0], self.out_features), np.float32)
+        _rows_kernel(_mvx8w, lambda *a: _mvx8w_par(*a[:-1], max(1, a[-1] // 8)),
+                     self.out_features, self.in_features, self._pk, self._tail, xn, y)
+        return y
+
+
 def repack_x8(kind: int, raw2: np.ndarray) -> np.ndarray:
     """The whole groups of 8 rows of ``raw2`` ((out, row_bytes) uint8, Q4_0..Q5_1 = kind
     0..3) in the interleaved layout of kernels/simd.py: (out // 8, 8 * row_bytes) uint8."""
@@ -1133,6 +1220,8 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
         _shape2(w.shape)
         if policy == "fast" and fmt.name in INT8_DOT_FORMATS and _int8_dot():
             return Int8DotLinear(w, repacked)
+        if policy == "fast" and fmt.name in INT16_DOT_FORMATS and _int8_dot():
+            return Int16DotLinear(w, repacked)
         if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
             return Int4Linear(w, repacked)
         if policy == "fast" and fmt.name in ("Q5_0", "Q5_1"):
