@@ -1,18 +1,21 @@
 """The repack cache: weights that a fast kernel needs in another layout, computed once per model
 file and kept next to it as ``MODEL.rwkvpy-cache``.
 
-At load, repacking is CPU work proportional to the model: for a 1.5B model about 6 s for
-Q4_0/Q4_1 onto the int4 kernel and 16 s for Q5_0/Q5_1 as int8 rows (measured on the 2-vCPU AVX2
-machine of the README, 2 threads). With the cache a later load memory-maps the repacked tensors
-(``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is copied).
+At load, repacking is CPU work proportional to the model. On CPUs with AVX2 (mode "fast"):
+Q4_0..Q8_0 matrices into Int8DotLinear's groups of 8 interleaved rows, 2.3-3.9 s for a 1.5B
+model (the same bytes, moved; measured on the 2-vCPU AVX2 machine of the README, 2 threads).
+Without AVX2: Q4_0/Q4_1 onto torch's int4 kernel (~6 s) and Q5_0/Q5_1 as int8 rows (~16 s).
+With the cache a later load memory-maps the repacked tensors (0.2-0.4 s for 1.5B;
+``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is copied), and the model
+file's own pages of those matrices are never read.
 
 Never silently stale: the cache records the model file's size, its modification time (ns), a
 SHA-256 of its first and last MiB, the cache format, torch's version and the mode; any difference
 and the repacked tensors are computed again and the cache is rewritten (atomically). A cache that
 cannot be read is treated as absent; one that cannot be written is skipped, and so is a folder
 without any write permission bit (shared read-only data, even when running as root).
-Only what is expensive to compute is kept (int4 and int8 repacks); F16 -> F32 conversions and
-transposed F32 copies are memory-speed copies and stay in memory only.
+Only repacked block matrices are kept; F16 -> F32 conversions and transposed copies of small
+tensors are memory-speed copies and stay in memory only.
 """
 
 from __future__ import annotations
