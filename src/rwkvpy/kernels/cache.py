@@ -2,10 +2,11 @@
 file and kept next to it as ``MODEL.rwkvpy-cache``.
 
 At load, repacking is CPU work proportional to the model. On CPUs with AVX2 (mode "fast"):
-Q4_0..Q8_0 matrices into Int8DotLinear's groups of 8 interleaved rows, 2.3-3.9 s for a 1.5B
-model (the same bytes, moved; measured on the 2-vCPU AVX2 machine of the README, 2 threads).
+Q4_0..Q8_0 matrices into Int8DotLinear's groups of 8 interleaved rows (the same bytes, moved:
+1.5-2.8 GB/s; a 1.5B model loads in 1.7-2.1 s without a cache, 2.6 s when the cache is written;
+measured on the 2-vCPU AVX2 machine of the README, 2 threads).
 Without AVX2: Q4_0/Q4_1 onto torch's int4 kernel (~6 s) and Q5_0/Q5_1 as int8 rows (~16 s).
-With the cache a later load memory-maps the repacked tensors (0.2-0.4 s for 1.5B;
+With the cache a later load memory-maps the repacked tensors (0.3-0.6 s for 1.5B;
 ``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is copied), and the model
 file's own pages of those matrices are never read.
 

@@ -363,52 +363,49 @@ if HAVE_NUMBA:
 
     @njit(inline="always", **_CACHE)
     def _x8_geom(kind):
-        """(block bytes, has m, has qh) of Q4_0 (kind 0), Q4_1, Q5_0, Q5_1 (kind 3); Q8_0
-        (kind 4) is handled apart."""
-        return 18 + 2 * kind, kind == 1 or kind == 3, kind == 2 or kind == 3
+        """Q4_0 (kind 0), Q4_1, Q5_0, Q5_1, Q8_0 (kind 4): block bytes, has m, has qh, and the
+        dwords of codes per block (ggml's 16 nibble bytes, or Q8_0's 32 bytes)."""
+        if kind == 4:
+            return 34, False, False, 8
+        return 18 + 2 * kind, kind == 1 or kind == 3, kind == 2 or kind == 3, 4
+
+    # The record of a block column (kernels/simd.py) holds, for each of the 8 rows, the same
+    # dwords of codes as ggml's block: dword w of row r's codes is record bytes co + 32w + 4r.
+    # (For Q4: byte 4r+t of vector w is ggml's byte 4w+t, low nibble code 4w+t, high nibble code
+    # 16+4w+t.) Q5's qh is transposed bitwise: bit 4j+t of row r's qh -> bit j of byte 4r+t.
 
     @njit(**_CACHE)
     def _repack_groups(kind, raw2, pk, g0, g1):
         """pk[g] = rows 8g .. 8g+7 of raw2 in the interleaved layout, for g in [g0, g1)."""
-        bb, hm, hq = _x8_geom(kind)
+        bb, hm, hq, nw = _x8_geom(kind)
         rec = 8 * bb
         nb = raw2.shape[1] // bb
         qo, co = 16 + 16 * hm, 16 + 16 * hm + 32 * hq  # record: qh, codes
-        sqh, sq = 2 + 2 * hm, 2 + 2 * hm + 4 * hq  # ggml block: qh, nibbles
-        if kind == 4:  # Q8_0: d[8], then byte 4r+t of vector j = code (r, 4j+t)
-            nb = raw2.shape[1] // 34
-            for g in range(g0, g1):
-                dst = pk[g]
-                for r in range(8):
-                    src = raw2[8 * g + r]
-                    for i in range(nb):
-                        o, s = i * 272, i * 34
-                        dst[o + 2 * r] = src[s]
-                        dst[o + 2 * r + 1] = src[s + 1]
-                        for k in range(32):
-                            dst[o + 16 + 32 * (k >> 2) + 4 * r + (k & 3)] = src[s + 2 + k]
-            return
+        sqh, sq = 2 + 2 * hm, 2 + 2 * hm + 4 * hq  # ggml block: qh, codes
         for g in range(g0, g1):
             dst = pk[g]
-            dst[:] = 0
-            for r in range(8):
-                src = raw2[8 * g + r]
-                for i in range(nb):
+            for i in range(nb):
+                for r in range(8):
+                    src = raw2[8 * g + r]
                     o, s = i * rec, i * bb
                     dst[o + 2 * r] = src[s]
                     dst[o + 2 * r + 1] = src[s + 1]
                     if hm:
                         dst[o + 16 + 2 * r] = src[s + 2]
                         dst[o + 17 + 2 * r] = src[s + 3]
-                    qh = _rd32(src, s + sqh) if hq else 0
-                    for k in range(32):
-                        c = (np.int64(src[s + sq + (k & 15)]) >> (4 * (k >> 4))) & 15
-                        j, t = k >> 2, k & 3
-                        a = o + co + 32 * (j & 3) + 4 * r + t
-                        dst[a] = dst[a] | np.uint8(c << (4 * (j >> 2)))
-                        if hq:
-                            a = o + qo + 4 * r + t
-                            dst[a] = dst[a] | np.uint8(((qh >> k) & 1) << j)
+                    for w in range(nw):
+                        a, b = o + co + 32 * w + 4 * r, s + sq + 4 * w
+                        dst[a] = src[b]
+                        dst[a + 1] = src[b + 1]
+                        dst[a + 2] = src[b + 2]
+                        dst[a + 3] = src[b + 3]
+                    if hq:
+                        qh = _rd32(src, s + sqh)
+                        for t in range(4):
+                            v = 0
+                            for j in range(8):
+                                v |= ((qh >> (4 * j + t)) & 1) << j
+                            dst[o + qo + 4 * r + t] = np.uint8(v)
 
     @njit(parallel=True, **_CACHE)
     def _repack_par(kind, raw2, pk, chunk):
@@ -419,20 +416,12 @@ if HAVE_NUMBA:
     @njit(**_CACHE)
     def _unpack_row(kind, pk, r, row):
         """row (ggml's bytes) = row r of the interleaved groups ``pk`` (inverse of the above)."""
-        bb, hm, hq = _x8_geom(kind)
+        bb, hm, hq, nw = _x8_geom(kind)
         rec = 8 * bb
         nb = row.shape[0] // bb
         qo, co = 16 + 16 * hm, 16 + 16 * hm + 32 * hq
         sqh, sq = 2 + 2 * hm, 2 + 2 * hm + 4 * hq
         src, rr = pk[r >> 3], r & 7
-        if kind == 4:
-            for i in range(row.shape[0] // 34):
-                o, s = i * 272, i * 34
-                row[s] = src[o + 2 * rr]
-                row[s + 1] = src[o + 2 * rr + 1]
-                for k in range(32):
-                    row[s + 2 + k] = src[o + 16 + 32 * (k >> 2) + 4 * rr + (k & 3)]
-            return
         for i in range(nb):
             o, s = i * rec, i * bb
             row[s] = src[o + 2 * rr]
@@ -440,16 +429,18 @@ if HAVE_NUMBA:
             if hm:
                 row[s + 2] = src[o + 16 + 2 * rr]
                 row[s + 3] = src[o + 17 + 2 * rr]
-            row[s + sq: s + sq + 16] = 0
-            qh = 0
-            for k in range(32):
-                j, t = k >> 2, k & 3
-                c = (np.int64(src[o + co + 32 * (j & 3) + 4 * rr + t]) >> (4 * (j >> 2))) & 15
-                a = s + sq + (k & 15)
-                row[a] = row[a] | np.uint8(c << (4 * (k >> 4)))
-                if hq:
-                    qh |= ((np.int64(src[o + qo + 4 * rr + t]) >> j) & 1) << k
+            for w in range(nw):
+                a, b = o + co + 32 * w + 4 * rr, s + sq + 4 * w
+                row[b] = src[a]
+                row[b + 1] = src[a + 1]
+                row[b + 2] = src[a + 2]
+                row[b + 3] = src[a + 3]
             if hq:
+                qh = 0
+                for t in range(4):
+                    v = np.int64(src[o + qo + 4 * rr + t])
+                    for j in range(8):
+                        qh |= ((v >> j) & 1) << (4 * j + t)
                 for b in range(4):
                     row[s + sqh + b] = np.uint8((qh >> (8 * b)) & 255)
 
