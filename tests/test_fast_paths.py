@@ -234,3 +234,27 @@ def test_int16_dot_error_against_q8_0(quantized_tiny, model):
     assert total <= 1.01 * own, (own, total)
     key = rwkvpy.load(path, mode="fast")._net.lin["blocks.0.att.key.weight"]
     assert key.strategy == "int16-dot"
+
+
+@pytest.mark.parametrize("model", ["4v0-660K", "5v1-730K", "5v2-730K", "7v0-834K"])
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
+def test_fast_prompt_error_against_the_format(model, fmt):
+    """Mode "fast" runs prompts through the same int8 products as one-token steps (4 vectors per
+    pass over the codes): on the fixtures' 64 tokens in one sequence call the rounding adds what
+    it adds serially (observed 12-25 % of the format's own error, totals 0.95-1.02x)."""
+    import numpy as np
+
+    from rwkvpy.kernels.linear import _int8_dot
+
+    if not _int8_dot():
+        pytest.skip("the int8 dot kernels need AVX2")
+    ref = np.load(fixture_path("rwkv-cpp-tiny", f"rwkvcpp-logits-{model}-FP32.npz"))
+    toks, f32 = ref["tokens"].tolist(), torch.from_numpy(ref["logits"])
+    path = fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{model}-{fmt}.bin")
+    exact = rwkvpy.load(path, mode="exact").forward(toks, None, all_logits=True)[0]
+    fast = rwkvpy.load(path, mode="fast").forward(toks, None, all_logits=True)[0]
+    own = float((exact - f32).abs().amax(1).mean())
+    added = float((fast - exact).abs().amax(1).mean())
+    total = float((fast - f32).abs().amax(1).mean())
+    assert 0 < added <= 0.35 * own, (own, added)
+    assert total <= 1.05 * own, (own, total)

@@ -104,8 +104,9 @@ INT16_DOT_FORMATS = ("Q8_0",)
 NUMBA_MAX_T = 2
 #: Largest T for which :class:`Int4Linear` uses torch's int4 kernel (measured crossover ~32).
 INT4_MAX_T = 32
-#: Largest T for which :class:`Int8DotLinear` uses int8 activations (one vector costs about a
+#: Largest T for which :class:`Int16DotLinear` uses its integer kernel (one vector costs about a
 #: third of a float32 tile pass; 4 tokens are still ahead of dequantized tiles + GEMM).
+#: (:class:`Int8DotLinear` takes every T: its kernel reuses the codes for 4 vectors.)
 INT8DOT_MAX_T = 4
 #: Largest T for which :class:`Int8Linear` uses torch's int8 kernel (measured crossover ~24).
 INT8_MAX_T = 16
@@ -540,24 +541,44 @@ if HAVE_NUMBA:
             _dec_rows_x8(kind, pk, tail, out, r0, a, min(r1, a + chunk), qk)
 
     @njit(inline="always", **_CACHE)
-    def _dotx8(kind, pk, g, xq, dx, sx, nb, y):
+    def _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, t):
+        """Rows 8g .. 8g+7 for the vector t of x2 (as int8 blocks)."""
         if kind == 0:
-            _simd.dotx8_q4_0(pk, g, xq, dx, sx, nb, y, 8 * g)
+            _simd.dotx8_q4_0(pk, g, xq2, dx2, sx2, nb, y2, t)
         elif kind == 1:
-            _simd.dotx8_q4_1(pk, g, xq, dx, sx, nb, y, 8 * g)
+            _simd.dotx8_q4_1(pk, g, xq2, dx2, sx2, nb, y2, t)
         elif kind == 2:
-            _simd.dotx8_q5_0(pk, g, xq, dx, sx, nb, y, 8 * g)
+            _simd.dotx8_q5_0(pk, g, xq2, dx2, sx2, nb, y2, t)
         elif kind == 3:
-            _simd.dotx8_q5_1(pk, g, xq, dx, sx, nb, y, 8 * g)
+            _simd.dotx8_q5_1(pk, g, xq2, dx2, sx2, nb, y2, t)
         else:
-            _simd.dotx8_q8_0(pk, g, xq, dx, sx, nb, y, 8 * g)
+            _simd.dotx8_q8_0(pk, g, xq2, dx2, sx2, nb, y2, t)
+
+    @njit(inline="always", **_CACHE)
+    def _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t):
+        """Rows 8g .. 8g+7 for the vectors t .. t+3 of x2, the codes unpacked once."""
+        if kind == 0:
+            _simd.dotx8t_q4_0(pk, g, xq2, dx2, sx2, nb, y2, t)
+        elif kind == 1:
+            _simd.dotx8t_q4_1(pk, g, xq2, dx2, sx2, nb, y2, t)
+        elif kind == 2:
+            _simd.dotx8t_q5_0(pk, g, xq2, dx2, sx2, nb, y2, t)
+        elif kind == 3:
+            _simd.dotx8t_q5_1(pk, g, xq2, dx2, sx2, nb, y2, t)
+        else:
+            _simd.dotx8t_q8_0(pk, g, xq2, dx2, sx2, nb, y2, t)
 
     @njit(**_CACHE)
     def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
-        nb = dx2.shape[1]
+        nb, T = dx2.shape[1], xq2.shape[0]
         for g in range(g0, g1):
-            for t in range(xq2.shape[0]):
-                _dotx8(kind, pk, g, xq2[t], dx2[t], sx2[t], nb, y2[t])
+            t = 0
+            while t + 4 <= T:
+                _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t)
+                t += 4
+            while t < T:
+                _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, t)
+                t += 1
 
     @njit(**_CACHE)
     def _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, n8):
@@ -844,12 +865,15 @@ class Int8DotLinear(Linear):
 
     Measured (AVX2 VM, 1 thread, Gweights/s, Q4_0): 2048 x 1024 in cache, ggml's row layout
     20 -> interleaved 57; 16384 x 2048 from memory 20 -> 41 (23 GB/s, the bandwidth).
-    T > :data:`INT8DOT_MAX_T`: row tiles dequantized exactly + float32 GEMM (as BlockLinear).
+    Prompts (any T) run the same integer products, four vectors per pass over a group's codes:
+    2048 x 2048 Q4_0, 2 threads, T = 16 / 64 / 512: 0.53 / 1.9 / 15.5 ms against 2.9 / 5.2 /
+    26 ms for exactly dequantized tiles + torch's float32 GEMM (~270 GOPS against 64-180
+    GFLOP/s). ``_gemm`` (the exact tiles) remains for :class:`Int16DotLinear`.
     """
 
     strategy = "int8-dot"
     exact = False
-    rows_max_t = INT8DOT_MAX_T
+    rows_max_t = 1 << 62  # every T: the integer kernels (above)
 
     def __init__(self, w: QTensor, repacked: dict | None = None):
         if not HAVE_NUMBA:  # pragma: no cover
@@ -906,6 +930,7 @@ class Int16DotLinear(Int8DotLinear):
     """
 
     strategy = "int16-dot"
+    rows_max_t = INT8DOT_MAX_T  # one vector per pass over the weights: prompts take the tiles
 
     def __init__(self, w: QTensor, repacked: dict | None = None):
         if w.fmt != "Q8_0":
