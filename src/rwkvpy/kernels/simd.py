@@ -619,12 +619,13 @@ deqx8_q8_0 = _x8_deq(34, False, False, 0)
 # its column group (one broadcast int64), int32 sums per row pair, one conversion and one
 # multiply-add per record. Same interleaved records as above.
 
-def _dot_x8_q8_i16():
-    """Make an intrinsic ``dot8(pk, g, xw, dx, nb, y, y0)``: y[y0 + r] = row 8g+r . x for
-    r < 8, Q8_0 records, x as int16 blocks ``xw`` (int16, 32 * nb) with scales ``dx``."""
+def _dot_x8_q8_i16(tt):
+    """Make an intrinsic ``dot8(pk, g, xw2, dx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row 8g+r .
+    x2[t0 + u] for r < 8, u < ``tt``, Q8_0 records, the rows of x2 as int16 blocks ``xw2``
+    (int16, 2-D) with scales ``dx2``; the codes widened once for the ``tt`` vectors."""
     rec_bytes = 8 * 34
 
-    def typer(typingctx, pk, g, xw, dx, nb, y, y0):
+    def typer(typingctx, pk, g, xw, dx, nb, y, t0):
         sig = nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp)
 
         def codegen(context, b, signature, args):
@@ -632,32 +633,37 @@ def _dot_x8_q8_i16():
                     for t, a in zip(signature.args, args)]
             stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
             base = b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(args[1], stride)])
-            xs = b.bitcast(arrs[2].data, ir.PointerType(_I8))
-            dxs, ys = (b.bitcast(arrs[k].data, ir.PointerType(_F32)) for k in (3, 5))
-            acc = cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
+            t0 = args[6]
+            xs = _rows2(b, arrs[2], t0, tt, _I8)
+            dxs, ys = (_rows2(b, arrs[k], t0, tt, _F32) for k in (3, 5))
+            acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(tt)]
+            even = ir.Constant(_vec(_I32, 8), list(range(0, 16, 2)))
+            odd = ir.Constant(_vec(_I32, 8), list(range(1, 16, 2)))
             with cgutils.for_range(b, args[4]) as loop:
                 i = loop.index
                 rec = b.gep(base, [b.mul(i, ir.Constant(_I64, rec_bytes))])
                 x0 = b.mul(i, ir.Constant(_I64, 2 * _N))  # bytes of int16
-                lo = hi = None
-                for j in range(8):  # codes 4j .. 4j+3: rows 0-3 in bytes 0-15, rows 4-7 after
-                    xv = b.bitcast(_splat(b, _load(b, xs, b.add(x0, ir.Constant(_I64, 8 * j)),
-                                                   _I64), 4), _I16x16)
-                    w0 = b.sext(_load(b, rec, ir.Constant(_I64, 16 + 32 * j), _vec(_I8, 16)),
-                                _I16x16)
-                    w1 = b.sext(_load(b, rec, ir.Constant(_I64, 32 + 32 * j), _vec(_I8, 16)),
-                                _I16x16)
-                    p0, p1 = _maddwd(b, w0, xv), _maddwd(b, w1, xv)
-                    lo = p0 if lo is None else b.add(lo, p0)
-                    hi = p1 if hi is None else b.add(hi, p1)
-                even = ir.Constant(_vec(_I32, 8), list(range(0, 16, 2)))
-                odd = ir.Constant(_vec(_I32, 8), list(range(1, 16, 2)))
-                s32 = b.add(b.shuffle_vector(lo, hi, even), b.shuffle_vector(lo, hi, odd))
-                scale = b.fmul(_half8(b, rec, 0), _splat(b, b.load(b.gep(dxs, [i])), 8))
-                prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
-                b.store(b.fadd(b.load(acc), prod, flags=_FMA), acc)
-            yp = b.bitcast(b.gep(ys, [args[6]]), ir.PointerType(_F32x8))
-            b.store(b.load(acc), yp, align=4)
+                # codes 4j .. 4j+3: rows 0-3 in bytes 0-15 of vector j, rows 4-7 after
+                w = [(b.sext(_load(b, rec, ir.Constant(_I64, 16 + 32 * j), _vec(_I8, 16)), _I16x16),
+                      b.sext(_load(b, rec, ir.Constant(_I64, 32 + 32 * j), _vec(_I8, 16)), _I16x16))
+                     for j in range(8)]
+                d8 = _half8(b, rec, 0)
+                for u in range(tt):
+                    lo = hi = None
+                    for j in range(8):
+                        xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(x0, ir.Constant(_I64, 8 * j)),
+                                                       _I64), 4), _I16x16)
+                        p0, p1 = _maddwd(b, w[j][0], xv), _maddwd(b, w[j][1], xv)
+                        lo = p0 if lo is None else b.add(lo, p0)
+                        hi = p1 if hi is None else b.add(hi, p1)
+                    s32 = b.add(b.shuffle_vector(lo, hi, even), b.shuffle_vector(lo, hi, odd))
+                    scale = b.fmul(d8, _splat(b, b.load(b.gep(dxs[u], [i])), 8))
+                    prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
+                    b.store(b.fadd(b.load(acc[u]), prod, flags=_FMA), acc[u])
+            col = b.mul(args[1], ir.Constant(_I64, 8))
+            for u in range(tt):
+                b.store(b.load(acc[u]), b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)),
+                        align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -665,4 +671,4 @@ def _dot_x8_q8_i16():
     return intrinsic(typer)
 
 
-dotx8w_q8_0 = _dot_x8_q8_i16()
+dotx8w_q8_0, dotx8wt_q8_0 = (_dot_x8_q8_i16(tt) for tt in (1, 4))
