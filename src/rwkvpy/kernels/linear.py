@@ -605,12 +605,17 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, **_CACHE)
     def _mvx8_par(kind, pk, tail, x2, y2, chunk):
-        """Parallel over chunks of ``chunk`` groups (x2 rounded serially first)."""
+        """Parallel over chunks of ``chunk`` groups (x2 rounded first, in parallel over its
+        vectors)."""
         T, K = x2.shape
         xq2 = np.empty((T, K), np.int8)
         dx2 = np.empty((T, K // 32), np.float32)
         sx2 = np.empty((T, K // 32), np.float32)
-        _quantize_x(x2, xq2, dx2, sx2)
+        if T > 1:
+            for t in prange(T):
+                _quantize_x(x2[t:t + 1], xq2[t:t + 1], dx2[t:t + 1], sx2[t:t + 1])
+        else:
+            _quantize_x(x2, xq2, dx2, sx2)
         G = pk.shape[0]
         n_chunks = (G + chunk - 1) // chunk
         for c in prange(n_chunks):
