@@ -43,6 +43,17 @@ def forbid(monkeypatch, module, name):
     monkeypatch.setattr(module, name, fail)
 
 
+def written_then_hit(monkeypatch, path, cls, repacker):
+    """The first load repacks into ``cls`` and writes the cache; the second reads it (the
+    ``repacker`` function of kernels.linear may not run) and gives the same logits."""
+    first = rwkvpy.load(path)
+    assert first.repack_cache == "written"
+    assert isinstance(first._net.lin["blocks.0.att.key.weight"], cls)
+    forbid(monkeypatch, L, repacker)
+    second = rwkvpy.load(path)
+    assert second.repack_cache == "hit" and torch.equal(logits_of(first), logits_of(second))
+
+
 def test_written_then_reused(q5_model, monkeypatch):
     first = rwkvpy.load(q5_model)
     assert first.repack_cache == "written" and os.path.exists(C.cache_path(q5_model))
@@ -57,12 +68,7 @@ def test_int4_repack_cached(tmp_path, monkeypatch):
     src = tmp_path / "m-q4_0.gguf"
     convert(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), src, type="q4_0",
             progress=False)
-    first = rwkvpy.load(src)
-    assert first.repack_cache == "written"
-    assert isinstance(first._net.lin["blocks.0.att.key.weight"], L.Int4Linear)
-    forbid(monkeypatch, L, "_int4_pack")
-    second = rwkvpy.load(src)
-    assert second.repack_cache == "hit" and torch.equal(logits_of(first), logits_of(second))
+    written_then_hit(monkeypatch, src, L.Int4Linear, "_int4_pack")
 
 
 @pytest.mark.skipif(not L._int8_dot(), reason="the int8 dot kernels need AVX2")
@@ -70,12 +76,7 @@ def test_int8_dot_groups_cached(q5_model, monkeypatch):
     """With AVX2, mode "fast" reads Q4/Q5 through Int8DotLinear's interleaved groups: repacked
     at the first load, memory-mapped from the cache afterwards, same logits."""
     monkeypatch.setattr(L, "INT8_DOT_FORMATS", ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
-    first = rwkvpy.load(q5_model)
-    assert first.repack_cache == "written"
-    assert isinstance(first._net.lin["blocks.0.att.key.weight"], L.Int8DotLinear)
-    forbid(monkeypatch, L, "repack_x8")
-    second = rwkvpy.load(q5_model)
-    assert second.repack_cache == "hit" and torch.equal(logits_of(first), logits_of(second))
+    written_then_hit(monkeypatch, q5_model, L.Int8DotLinear, "repack_x8")
 
 
 def test_changed_model_file_rebuilds(q5_model):
