@@ -407,6 +407,15 @@ def _rows2(b, arr, t0, n, elem):
                       ir.PointerType(elem)) for u in range(n)]
 
 
+def _group_args(context, b, signature, args):
+    """An x8 intrinsic's array arguments (None for the scalars) and the i8* of group
+    ``args[1]`` of the repacked matrix ``args[0]``."""
+    arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
+            for t, a in zip(signature.args, args)]
+    stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
+    return arrs, b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(args[1], stride)])
+
+
 def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt):
     """Make an intrinsic ``dot8(pk, g, xq2, dx2, sx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row
     8g+r . x2[t0 + u] for r < 8, u < ``tt``, from the repacked group ``pk[g]`` (uint8 2-D) and
@@ -422,10 +431,7 @@ def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt):
         sig = nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp)
 
         def codegen(context, b, signature, args):
-            arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
-                    for t, a in zip(signature.args, args)]
-            stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
-            base = b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(args[1], stride)])
+            arrs, base = _group_args(context, b, signature, args)
             t0 = args[7]
             xs = _rows2(b, arrs[2], t0, tt, _I8)
             dxs, sxs, ys = (_rows2(b, arrs[k], t0, tt, _F32) for k in (3, 4, 6))
@@ -629,10 +635,7 @@ def _dot_x8_q8_i16(tt):
         sig = nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp)
 
         def codegen(context, b, signature, args):
-            arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
-                    for t, a in zip(signature.args, args)]
-            stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
-            base = b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(args[1], stride)])
+            arrs, base = _group_args(context, b, signature, args)
             t0 = args[6]
             xs = _rows2(b, arrs[2], t0, tt, _I8)
             dxs, ys = (_rows2(b, arrs[k], t0, tt, _F32) for k in (3, 5))
