@@ -563,8 +563,9 @@ def read(path) -> Checkpoint:
             put(t.name, value, fmt)
             continue
         cleaf, kind = rule
-        if kind == T and version is Version.V7 and not isinstance(value, QTensor):
-            value = value.transpose(0, 1)  # v7's LoRAs: a view, in the file's dtype
+        if (kind in (T, P021) and version in (Version.V6, Version.V7)
+                and not isinstance(value, QTensor)):  # LoRAs: views, in the file's dtype
+            value = value.transpose(0, 1) if kind == T else value.permute(0, 2, 1)
         elif kind in (T, P021):
             value = to_float32(value)
             value = (value.transpose(0, 1) if kind == T else value.permute(0, 2, 1)).contiguous()

@@ -129,9 +129,9 @@ def to_canonical(tensors: dict, types: dict, path) -> tuple[dict, dict]:
             t = (_t(t) if isinstance(t, QTensor) else t).t()  # a view, in the file's dtype
         elif version is Version.V6:
             if leaf in ("att.time_maa_w1", "att.time_decay_w1", "att.time_decay_w2"):
-                t = _t(t).t()
+                t = (_t(t) if isinstance(t, QTensor) else t).t()  # views, in the file's dtype
             elif leaf == "att.time_maa_w2":
-                t = _t(t).transpose(1, 2)
+                t = (_t(t) if isinstance(t, QTensor) else t).transpose(1, 2)
             elif leaf == "att.time_decay":
                 t = _t(t).reshape(-1)
         elif version in (Version.V5_0, Version.V5_2):

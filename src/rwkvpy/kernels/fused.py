@@ -135,29 +135,30 @@ def _cols(W, kind):
 
 
 @numba.njit(cache=True, nogil=True)
-def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, out, dec):
+def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec):
     """v6's data-dependent token shift and decay for each of B sequences (rows):
     h = tanh(xxx w1) (5 slices of D), x_j = xx + (prev - xx) * (maa_j + h_j w2[j]) for
     j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)).
 
-    w1 (C, 5D), w2 (5, D, C), dw1 (C, Dd), dw2 (Dd, A): float32 rows as bytes (_vec_mat)."""
+    w1 (C, 5D), w2 (5, D, C), dw1 (C, Dd), dw2 (Dd, A): rows as bytes, ``kind`` as in
+    _vec_mat."""
     B, C = xx.shape
     D = w2.shape[1]
     h = np.empty(5 * D, np.float32)
     m = np.empty(C, np.float32)
-    hd = np.empty(dw1.shape[1] // 4, np.float32)
+    hd = np.empty(_cols(dw1, kind), np.float32)
     for b in range(B):
-        _vec_mat(xxx[b], w1, 7, h)
+        _vec_mat(xxx[b], w1, kind, h)
         for d in range(h.shape[0]):
             h[d] = np.float32(math.tanh(h[d]))
         for j in range(5):
-            _vec_mat(h[j * D:(j + 1) * D], w2[j], 7, m)
+            _vec_mat(h[j * D:(j + 1) * D], w2[j], kind, m)
             for c in range(C):
                 out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m[c])
-        _vec_mat(out[0, b], dw1, 7, hd)
+        _vec_mat(out[0, b], dw1, kind, hd)
         for d in range(hd.shape[0]):
             hd[d] = np.float32(math.tanh(hd[d]))
-        _vec_mat(hd, dw2, 7, dec[b])
+        _vec_mat(hd, dw2, kind, dec[b])
         for c in range(dec.shape[1]):
             dec[b, c] = np.float32(math.exp(-np.float32(math.exp(td[c] + dec[b, c]))))
 
@@ -305,6 +306,16 @@ def _rows_bytes(t: torch.Tensor) -> np.ndarray:
     return c.view(torch.uint8).numpy().reshape(c.shape[0], -1)
 
 
+def _low_rank(ts: list):
+    """A layer's LoRA matrices (None where absent) as they are when they share one of float32,
+    float16, bfloat16, else all as float32; and that dtype's kind for _vec_mat."""
+    dtypes = {t.dtype for t in ts if t is not None}
+    if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
+        ts = [None if t is None else t.float() for t in ts]
+        dtypes = {torch.float32}
+    return ts, {torch.float32: 7, torch.float16: 5, torch.bfloat16: 6}[dtypes.pop()]
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -334,13 +345,9 @@ class FusedStep:
             if v is Version.V7:
                 d["mix"] = _np(torch.stack([w[a + "x_" + n] for n in "rwkvag"]))    # (6, C)
                 d["fmix"] = _np(w[f + "x_k"].reshape(1, -1))                        # (1, C)
-                lora = [w[a + n] if (i > 0 or n[0] != "v") else None
-                        for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")]
-                dtypes = {t.dtype for t in lora if t is not None}
-                if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
-                    lora = [None if t is None else t.float() for t in lora]
-                    dtypes = {torch.float32}
-                d["kind"] = {torch.float32: 7, torch.float16: 5, torch.bfloat16: 6}[dtypes.pop()]
+                lora, d["kind"] = _low_rank([w[a + n] if (i > 0 or n[0] != "v") else None
+                                             for n in ("w1", "w2", "a1", "a2", "v1", "v2",
+                                                       "g1", "g2")])
                 d["lora"] = [np.zeros((0, 1), np.uint8) if t is None else _rows_bytes(t)
                              for t in lora]  # layer 0: no value residual LoRA
                 d["np"] = [_np(w[a + n]) for n in ("w0", "a0")] + [
@@ -349,13 +356,13 @@ class FusedStep:
             elif v is Version.V6:
                 d["mix"] = _np(w[a + "time_maa_x"].reshape(1, -1))                  # (1, C)
                 d["maa"] = _np(torch.stack([w[a + "time_maa_" + n] for n in "wkvrg"]))
-                w2 = w[a + "time_maa_w2"].float()
-                d["lora"] = (_rows_bytes(w[a + "time_maa_w1"].float()),
+                (w1, w2, dw1, dw2), d["kind"] = _low_rank([w[a + "time_" + n] for n in (
+                    "maa_w1", "maa_w2", "decay_w1", "decay_w2")])
+                d["lora"] = (_rows_bytes(w1),
                              _rows_bytes(w2.reshape(-1, w2.shape[-1])).reshape(
                                  w2.shape[0], w2.shape[1], -1),
                              _np(w[a + "time_decay"].reshape(-1).float().contiguous()),
-                             _rows_bytes(w[a + "time_decay_w1"].float()),
-                             _rows_bytes(w[a + "time_decay_w2"].float()))
+                             _rows_bytes(dw1), _rows_bytes(dw2))
                 d["u"] = _np(w[a + "time_faaaa"].reshape(-1).contiguous())
                 d["fmix"] = _np(torch.stack([w[f + "time_maa_k"], w[f + "time_maa_r"]]))
             else:  # v4, v5: x*m + prev*(1-m) = prev + (x - prev)*m
@@ -459,7 +466,7 @@ class FusedStep:
             x5 = self._scratch(ctx, "mixed5", (5, B, C))
             dec = self._scratch(ctx, "decay", (B, cfg.n_att))
             w1, w2, td, dw1, dw2 = d["lora"]
-            _v6_mix(ao[i], att_in[i], mn[0], w1, w2, d["maa"], td, dw1, dw2, x5, dec)
+            _v6_mix(ao[i], att_in[i], mn[0], w1, w2, d["maa"], td, dw1, dw2, d["kind"], x5, dec)
             mm = self._np_mm
             r, k, v = (mm(x5[j], a + n) for j, n in ((3, "receptance.weight"),
                                                      (1, "key.weight"), (2, "value.weight")))

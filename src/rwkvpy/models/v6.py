@@ -21,6 +21,8 @@ from .v5 import RWKV5
 
 class RWKV6(RWKVBase):
     wkv5 = RWKV5.wkv5  # v6 runs v5's recurrence with a per-token decay
+    LOW_RANK = tuple(f"att.{n}" for n in ("time_maa_w1", "time_maa_w2", "time_decay_w1",
+                                          "time_decay_w2"))
 
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg
@@ -45,7 +47,8 @@ class RWKV6(RWKVBase):
         T = x.shape[0]
         dx = self.shift(x, att_x) - x                                     # (T, C)
         xxx = x + dx * w[a + "time_maa_x"]
-        w1, w2 = w[a + "time_maa_w1"], w[a + "time_maa_w2"]                # (C, 5D), (5, D, C)
+        lr = self.f32  # the low-rank matrices as float32
+        w1, w2 = lr(a + "time_maa_w1"), lr(a + "time_maa_w2")              # (C, 5D), (5, D, C)
         lora = torch.tanh(xxx @ w1).view(T, 5, -1).transpose(0, 1)        # (5, T, D)
         mw, mk, mv, mr, mg = torch.bmm(lora, w2)                          # 5 x (T, C)
         xw = x + dx * (w[a + "time_maa_w"] + mw)
@@ -58,7 +61,7 @@ class RWKV6(RWKVBase):
         k = self.mm(xk, a + "key.weight").view(T, H, N)
         v = self.mm(xv, a + "value.weight").view(T, H, N)
         g = F.silu(self.mm(xg, a + "gate.weight"))
-        d = w[a + "time_decay"] + torch.tanh(xw @ w[a + "time_decay_w1"]) @ w[a + "time_decay_w2"]
+        d = w[a + "time_decay"] + torch.tanh(xw @ lr(a + "time_decay_w1")) @ lr(a + "time_decay_w2")
         decay = torch.exp(-torch.exp(d)).view(T, H, N)
 
         out, S = self.wkv5(r, k, v, decay, w[a + "time_faaaa"], wkv)
