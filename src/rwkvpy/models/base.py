@@ -189,11 +189,11 @@ class RWKVBase:
             xx = self.ln(x, p + "ln1")
             out, s = self.time_mix(i, xx, state.att_x[i].to(dev), state.wkv[i].to(dev), ctx)
             x = x + out
-            att_x.append(xx[-1])
+            att_x.append(xx[-1].clone())  # a view would keep the whole (T, C) tensor alive
             wkv.append(s)
             xx = self.ln(x, p + "ln2")
             x = x + self.channel_mix(i, xx, state.ffn_x[i].to(dev))
-            ffn_x.append(xx[-1])
+            ffn_x.append(xx[-1].clone())
         x = self.ln(x, "ln_out")
         sdev = state.device  # each layer's new slice goes back to where the state lives
 
