@@ -79,7 +79,9 @@ def candidates(fmt, w32, qt):
     else:
         out.append(("numba blocks (exact)", lambda: L.BlockLinear(q())))
         if L._int8_dot():
-            out.append(("int8 dots (int8 act)", lambda: L.Int8DotLinear(q())))
+            out.append(("int8 dots, 8-row groups", lambda: L.Int8DotLinear(q())))
+            if fmt == "Q8_0":
+                out.append(("int16 dots, 8-row groups", lambda: L.Int16DotLinear(q())))
         if fmt in ("Q4_0", "Q4_1"):
             out.append(("torch int4 (bf16 act)", lambda: L.Int4Linear(q())))
         if fmt in ("Q5_0", "Q5_1", "Q8_0"):

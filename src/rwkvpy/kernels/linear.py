@@ -13,7 +13,7 @@ per matrix-vector product), ``strategy`` (a short name of the kernel) and ``exac
   the format's own (documented per class, measured in tests/test_kernels_linear.py and, on the
   fixtures' logits, tests/test_fast_paths.py).
 
-Per format (one token; prompts: exact float32 tiles + torch GEMM in both policies):
+Per format (one token; prompts: see below):
 
 =========  =============================================  ===================================
 format     policy="exact"                                 policy="fast" (default of load)
@@ -43,9 +43,11 @@ interleaved integer kernels on two threads (~30-36 GB/s for Q4_0..Q8_0, 16384x20
 :class:`F32Linear`, :class:`Int4Linear` and :class:`Int8Linear` remain for CPUs without AVX2 or
 without numba.
 
-Prompts (T > 1): the numba kernels take T <= :data:`NUMBA_MAX_T` vectors in one pass; above,
+Prompts (T > 1): the float kernels take T <= :data:`NUMBA_MAX_T` vectors in one pass; above,
 the weights are dequantized in row tiles (bit-exact) and multiplied with torch's GEMM (MKL),
-which is far faster per flop.
+which is far faster per flop. :class:`Int8DotLinear` takes every T with its integer kernels (4
+vectors per pass over the codes, ~2x the float32 GEMM here), :class:`Int16DotLinear` up to
+:data:`INT16DOT_MAX_T`.
 
 Threads: the numba kernels run on as many threads as ``torch.get_num_threads()``. numba's
 threading layer is chosen here (``numba.config``, before its first parallel launch): OpenMP
