@@ -22,7 +22,7 @@ TOKENS = [34, 105, 110, 32, 116, 104, 101]
 @pytest.fixture(autouse=True)
 def repacking_fast_path(monkeypatch):
     """Mode "fast" as on a CPU without AVX2: Q4 on torch's int4 kernel, Q5 on int8 rows, both
-    repacked at load (with AVX2 the int8-dot kernels read the blocks as stored: no repack)."""
+    repacked at load (with AVX2 the int8-dot groups: test_int8_dot_groups_cached)."""
     monkeypatch.setattr(L, "INT8_DOT_FORMATS", ())
 
 

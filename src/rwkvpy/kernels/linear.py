@@ -153,7 +153,8 @@ def fast_bf16_cpu() -> bool:
 # numba kernels
 #
 # Layout: a weight's bytes as ggml stores them, viewed as (out, row_bytes) uint8 (read-only),
-# one row of blocks per output. Every kernel reads the blocks directly (no repacking).
+# one row of blocks per output. The exact kernels read the blocks directly (no repacking);
+# Int8DotLinear's read its groups of 8 interleaved rows (further below).
 #
 # Numerics: every weight is decoded exactly as ggml's dequantize_row_* does (q*d, (q-8)*d,
 # q*d + m in float32, d and m widened from float16), then multiplied by its activation and
