@@ -314,9 +314,10 @@ if HAVE_NUMBA:
     # --- int8 activations (ggml's method; AVX2): simd.dotq_* ---------------------------------
 
     @njit(**_CACHE)
-    def _quantize_x(x2, xq2, dx2, sx2):
-        """Each row of x2 (T, K) as int8 blocks of 32: dx = amax / 127, xq = round(x / dx)
-        (|xq| <= 127), sx = dx * (sum of the block's xq) (float32)."""
+    def _quantize_x(x2, xq2, dx2, sx2, qmax):
+        """Each row of x2 (T, K) as integer blocks of 32: dx = amax / qmax, xq = round(x / dx)
+        (|xq| <= qmax: 127 into int8 ``xq2``, 32767 into int16), sx = dx * (sum of the block's
+        xq) (float32)."""
         for t in range(x2.shape[0]):
             x, xq = x2[t], xq2[t]
             for i in range(dx2.shape[1]):
@@ -328,7 +329,7 @@ if HAVE_NUMBA:
                     finite &= np.isfinite(v)
                 # a NaN or inf activation makes the block's scale NaN, so that the products
                 # come out NaN as in float arithmetic (the rounding would hide it)
-                d = amax / np.float32(127.0) if finite else np.float32(np.nan)
+                d = amax / np.float32(qmax) if finite else np.float32(np.nan)
                 inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
                 s = 0
                 for j in range(32):
@@ -367,11 +368,16 @@ if HAVE_NUMBA:
 
     @njit(inline="always", **_CACHE)
     def _x8_geom(kind):
-        """Q4_0 (kind 0), Q4_1, Q5_0, Q5_1, Q8_0 (kind 4): block bytes, has m, has qh, and the
-        dwords of codes per block (ggml's 16 nibble bytes, or Q8_0's 32 bytes)."""
+        """Q4_0 (kind 0), Q4_1, Q5_0, Q5_1, Q8_0 (kind 4): ggml's block bytes, has m, has qh,
+        dwords of codes per block, the record's offsets of m, qh and codes (the layout of
+        kernels/simd.py, _x8_layout; the repack round trip is tested against the kernels),
+        and the block's offsets of qh and codes."""
         if kind == 4:
-            return 34, False, False, 8
-        return 18 + 2 * kind, kind == 1 or kind == 3, kind == 2 or kind == 3, 4
+            bb, hm, hq, nw = 34, False, False, 8
+        else:
+            bb, hm, hq, nw = 18 + 2 * kind, kind == 1 or kind == 3, kind == 2 or kind == 3, 4
+        return (bb, hm, hq, nw, 16, 16 + 16 * hm, 16 + 16 * hm + 32 * hq, 2 + 2 * hm,
+                2 + 2 * hm + 4 * hq)
 
     # The record of a block column (kernels/simd.py) holds, for each of the 8 rows, the same
     # dwords of codes as ggml's block: dword w of row r's codes is record bytes co + 32w + 4r.
@@ -381,11 +387,9 @@ if HAVE_NUMBA:
     @njit(**_CACHE)
     def _repack_groups(kind, raw2, pk, g0, g1):
         """pk[g] = rows 8g .. 8g+7 of raw2 in the interleaved layout, for g in [g0, g1)."""
-        bb, hm, hq, nw = _x8_geom(kind)
+        bb, hm, hq, nw, mo, qo, co, sqh, sq = _x8_geom(kind)
         rec = 8 * bb
         nb = raw2.shape[1] // bb
-        qo, co = 16 + 16 * hm, 16 + 16 * hm + 32 * hq  # record: qh, codes
-        sqh, sq = 2 + 2 * hm, 2 + 2 * hm + 4 * hq  # ggml block: qh, codes
         for g in range(g0, g1):
             dst = pk[g]
             for i in range(nb):
@@ -395,8 +399,8 @@ if HAVE_NUMBA:
                     dst[o + 2 * r] = src[s]
                     dst[o + 2 * r + 1] = src[s + 1]
                     if hm:
-                        dst[o + 16 + 2 * r] = src[s + 2]
-                        dst[o + 17 + 2 * r] = src[s + 3]
+                        dst[o + mo + 2 * r] = src[s + 2]
+                        dst[o + mo + 1 + 2 * r] = src[s + 3]
                     for w in range(nw):
                         a, b = o + co + 32 * w + 4 * r, s + sq + 4 * w
                         dst[a] = src[b]
@@ -420,19 +424,17 @@ if HAVE_NUMBA:
     @njit(**_CACHE)
     def _unpack_row(kind, pk, r, row):
         """row (ggml's bytes) = row r of the interleaved groups ``pk`` (inverse of the above)."""
-        bb, hm, hq, nw = _x8_geom(kind)
+        bb, hm, hq, nw, mo, qo, co, sqh, sq = _x8_geom(kind)
         rec = 8 * bb
         nb = row.shape[0] // bb
-        qo, co = 16 + 16 * hm, 16 + 16 * hm + 32 * hq
-        sqh, sq = 2 + 2 * hm, 2 + 2 * hm + 4 * hq
         src, rr = pk[r >> 3], r & 7
         for i in range(nb):
             o, s = i * rec, i * bb
             row[s] = src[o + 2 * rr]
             row[s + 1] = src[o + 2 * rr + 1]
             if hm:
-                row[s + 2] = src[o + 16 + 2 * rr]
-                row[s + 3] = src[o + 17 + 2 * rr]
+                row[s + 2] = src[o + mo + 2 * rr]
+                row[s + 3] = src[o + mo + 1 + 2 * rr]
             for w in range(nw):
                 a, b = o + co + 32 * w + 4 * rr, s + sq + 4 * w
                 row[b] = src[a]
@@ -447,25 +449,6 @@ if HAVE_NUMBA:
                         qh |= ((v >> j) & 1) << (4 * j + t)
                 for b in range(4):
                     row[s + sqh + b] = np.uint8((qh >> (8 * b)) & 255)
-
-    @njit(**_CACHE)
-    def _quantize_x16(x2, xw2, dx2):
-        """Each row of x2 (T, K) as int16 blocks of 32: dx = amax / 32767, xw = round(x / dx)
-        (a NaN or inf in a block makes its scale NaN, as in _quantize_x)."""
-        for t in range(x2.shape[0]):
-            x, xw = x2[t], xw2[t]
-            for i in range(dx2.shape[1]):
-                amax = np.float32(0.0)
-                finite = True
-                for j in range(32):
-                    v = x[i * 32 + j]
-                    amax = max(amax, abs(v))
-                    finite &= np.isfinite(v)
-                d = amax / np.float32(32767.0) if finite else np.float32(np.nan)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                for j in range(32):
-                    xw[i * 32 + j] = np.int32(np.rint(x[i * 32 + j] * inv))
-                dx2[t, i] = d
 
     @njit(**_CACHE)
     def _mvx8w_groups(pk, xw2, dx2, y2, g0, g1):
@@ -491,7 +474,7 @@ if HAVE_NUMBA:
         T, K = x2.shape
         xw2 = np.empty((T, K), np.int16)
         dx2 = np.empty((T, K // 32), np.float32)
-        _quantize_x16(x2, xw2, dx2)
+        _quantize_x(x2, xw2, dx2, np.empty((T, K // 32), np.float32), 32767.0)
         _mvx8w_groups(pk, xw2, dx2, y2, 0, pk.shape[0])
         _mvx8w_tail(tail, x2, y2, 8 * pk.shape[0])
 
@@ -500,7 +483,7 @@ if HAVE_NUMBA:
         T, K = x2.shape
         xw2 = np.empty((T, K), np.int16)
         dx2 = np.empty((T, K // 32), np.float32)
-        _quantize_x16(x2, xw2, dx2)
+        _quantize_x(x2, xw2, dx2, np.empty((T, K // 32), np.float32), 32767.0)
         G = pk.shape[0]
         n_chunks = (G + chunk - 1) // chunk
         for c in prange(n_chunks):
@@ -602,7 +585,7 @@ if HAVE_NUMBA:
         xq2 = np.empty((T, K), np.int8)
         dx2 = np.empty((T, K // 32), np.float32)
         sx2 = np.empty((T, K // 32), np.float32)
-        _quantize_x(x2, xq2, dx2, sx2)
+        _quantize_x(x2, xq2, dx2, sx2, 127.0)
         _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, 0, pk.shape[0])
         _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, 8 * pk.shape[0])
 
@@ -616,9 +599,9 @@ if HAVE_NUMBA:
         sx2 = np.empty((T, K // 32), np.float32)
         if T > 1:
             for t in prange(T):
-                _quantize_x(x2[t:t + 1], xq2[t:t + 1], dx2[t:t + 1], sx2[t:t + 1])
+                _quantize_x(x2[t:t + 1], xq2[t:t + 1], dx2[t:t + 1], sx2[t:t + 1], 127.0)
         else:
-            _quantize_x(x2, xq2, dx2, sx2)
+            _quantize_x(x2, xq2, dx2, sx2, 127.0)
         G = pk.shape[0]
         n_chunks = (G + chunk - 1) // chunk
         for c in prange(n_chunks):
