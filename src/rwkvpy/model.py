@@ -298,9 +298,10 @@ class Model:
                 f"vocab={i.vocab_size} from {os.path.basename(i.path)}>")
 
 
-#: Bytes of activations one sequence-mode pass may hold on the CPU: measured ~1 MB per token
-#: for n_embd 2048 (v7 1.5B: 480 MB more resident memory for a 512-token pass), i.e. ~512 bytes
-#: per token and channel.
+#: Bytes of activations one sequence-mode pass may hold on the CPU, counted at 512 bytes per
+#: token and channel. Measured for n_embd 2048 (v7 1.5B Q4_0, 512-token pass): 480 MB more
+#: resident memory while every layer's input stayed alive, 346 MB (~330 bytes per token and
+#: channel) since models/base.hidden keeps only their last rows.
 PROMPT_BYTES = 512 << 20
 
 
