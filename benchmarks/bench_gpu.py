@@ -65,7 +65,7 @@ def section(name, fn):
     print(f"# {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 
 
-def bench_preset(preset, workdir, blinkdl, split):
+def bench_preset(preset, workdir, blinkdl, split, compare_separate=True):
     path = os.path.join(workdir, f"{preset}.pth")
     if not os.path.exists(path):
         t = time.perf_counter()
@@ -81,14 +81,21 @@ def bench_preset(preset, workdir, blinkdl, split):
     graph_ms, graph_min = per_token_ms(model, 50)
     step = model._step
     graphs_ok = not step.graph_errors
+    # A/B in the same run: the products one by one (no groups; the views stay valid)
+    groups = dict(model._net.groups)
+    model._net.groups.clear()
+    model._step = TorchStep(model._net, model.state_device, graphs=True)
+    separate_ms, _ = per_token_ms(model, 50)
+    model._net.groups.update(groups)
     model._step = TorchStep(model._net, model.state_device, graphs=False)
-    eager_ms, _ = per_token_ms(model, 20)
+    eager_ms, _ = per_token_ms(model, 10)
     model._step = step
     report(section="decode", preset=preset, gpu=torch.cuda.get_device_name(), load_s=round(load_s, 1),
            bandwidth_gbs=round(bw, 1), bytes_per_token=nbytes, bound_ms=round(bound, 3),
            graph_ms=round(graph_ms, 3), graph_min_ms=round(graph_min, 3),
            graph_ratio=round(graph_ms / bound, 2), graphs_ok=graphs_ok,
-           graph_errors=step.graph_errors, eager_ms=round(eager_ms, 3),
+           graph_errors=step.graph_errors, groups=len(groups),
+           graph_separate_products_ms=round(separate_ms, 3), eager_ms=round(eager_ms, 3),
            peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2))
     section("batch", lambda: report(section="batch", preset=preset, **{
         f"b{B}_tok_s": round(batch_tps(model, B), 1) for B in (4, 16, 64)}))
@@ -108,7 +115,9 @@ def bench_preset(preset, workdir, blinkdl, split):
                per_token_ms=round(ms, 3), min_ms=round(mn, 3), ratio=round(ms / bound, 2),
                graph_errors=m._step.graph_errors, compile_error=m._step.compile_error)
         section("anatomy", lambda: anatomy(m, preset))
-    section("compiled", do_compiled)
+        return m
+    compiled = []
+    section("compiled", lambda: compiled.append(do_compiled()))
     torch.cuda.empty_cache()
     if split:
         def do_split():
@@ -119,6 +128,16 @@ def bench_preset(preset, workdir, blinkdl, split):
         section("split", do_split)
     if blinkdl:
         section("blinkdl", lambda: run_blinkdl(path, preset))
+    if compiled and compare_separate:
+        def do_separate():
+            m = compiled[0]
+            n = len(m._net.groups)
+            m._net.groups.clear()
+            m._step = TorchStep(m._net, m.state_device, graphs=True, compile=True)
+            ms, mn = per_token_ms(m, 50)
+            report(section="compiled_separate_products", preset=preset, groups_removed=n,
+                   per_token_ms=round(ms, 3), min_ms=round(mn, 3), ratio=round(ms / bound, 2))
+        section("compiled_separate", do_separate)
 
 
 def anatomy(model, preset):
@@ -214,14 +233,16 @@ def main():
     ap.add_argument("--presets", default="v7-1.5b,v7-0.1b")
     ap.add_argument("--split", type=int, default=12, help="gpu_layers for the split run (0: none)")
     ap.add_argument("--no-blinkdl", action="store_true")
+    ap.add_argument("--no-chunks", action="store_true", help="skip the chunk-length table")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     report(section="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(),
            cpu_threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
-    section("chunks", bench_chunks)
+    if not args.no_chunks:
+        section("chunks", bench_chunks)
     for i, preset in enumerate(args.presets.split(",")):
         section(preset, lambda: bench_preset(preset, args.workdir, not args.no_blinkdl,
-                                             args.split if i == 0 else 0))
+                                             args.split if i == 0 else 0, i == 0))
         with open(args.out, "w") as f:
             json.dump(RESULTS, f, indent=1)
     with open(args.out, "w") as f:

@@ -139,8 +139,9 @@ class Model:
 
                 self._step = FusedStep(self._net)
             else:
-                from .kernels.gpu import TorchStep
+                from .kernels.gpu import TorchStep, group_products
 
+                group_products(self._net, [i for i, d in enumerate(devices) if d.type != "cpu"])
                 graphs = self.state_device.type == "cuda"
                 self._step = TorchStep(self._net, self.state_device, graphs=graphs, compile=compile)
 

@@ -70,6 +70,76 @@ class DeviceLinear:
         return F.linear(x.to(self.weight.dtype), self.weight).float()
 
 
+class StackedLinears:
+    """G products of same-shaped matrices with G different inputs (r/k/v/g) as one batched
+    product: one cuBLAS call instead of G. The member linears' weights become views of one
+    (G, out, in) tensor, so the weights are held once."""
+
+    def __init__(self, lins):
+        self.weight = torch.stack([lin.weight for lin in lins])          # (G, out, in)
+        for j, lin in enumerate(lins):
+            lin.weight = self.weight[j]
+
+    @staticmethod
+    def fits(lins) -> bool:
+        ws = [getattr(lin, "weight", None) for lin in lins]
+        return all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws) and len(
+            {(w.shape, w.dtype, w.device) for w in ws}) == 1
+
+    def __call__(self, xs):
+        x = torch.stack(xs).to(self.weight.dtype)                        # (G, T, in)
+        return list(torch.matmul(x, self.weight.transpose(1, 2)).float().unbind(0))
+
+
+class LowRankGroup:
+    """One token's G low-rank products act_j(x_j @ A_j) @ B_j in two products instead of 2G:
+    X (G, C) @ [A_1 .. A_G] (C, R), keep block j of row j (the rest is discarded), apply act_j,
+    and multiply the block-diagonal (G, R) by [B_1; ..; B_G] (R, out). A and B are
+    concatenated once (in float32); the model's own A_j and B_j become views of the
+    concatenations."""
+
+    def __init__(self, firsts, seconds):
+        self.first = torch.cat(firsts, 1)                                # (C, R)
+        self.second = torch.cat(seconds, 0)                              # (R, out)
+        ranks = [a.shape[1] for a in firsts]
+        self.spans = [(sum(ranks[:j]), r) for j, r in enumerate(ranks)]
+
+    def views(self):
+        """(A_j, B_j) as views of the concatenations."""
+        return [(self.first[:, o:o + r], self.second[o:o + r]) for o, r in self.spans]
+
+    def __call__(self, terms):
+        """terms: G pairs (x (1, C), act or None) -> G results (1, out)."""
+        y = torch.cat([x for x, _ in terms]) @ self.first                 # (G, R)
+        R = y.shape[1]
+        rows = []
+        for j, ((o, r), (_, act)) in enumerate(zip(self.spans, terms)):
+            h = y[j, o:o + r]
+            rows.append(F.pad(h if act is None else act(h), (o, R - o - r)))
+        return list((torch.stack(rows) @ self.second).unsqueeze(1).unbind(0))
+
+
+def group_products(net, layers) -> int:
+    """Run each of ``layers``' product groups (models' product_groups) as one batched product
+    (StackedLinears, LowRankGroup) on its device; returns how many groups were formed. Groups
+    whose members differ in shape or type keep their separate products."""
+    n = 0
+    for i in layers:
+        linears, low_ranks = net.product_groups(i)
+        for names in linears:
+            lins = [net.lin[name] for name in names]
+            if StackedLinears.fits(lins):
+                net.groups[names] = StackedLinears(lins)
+                n += 1
+        for pairs in low_ranks:
+            group = LowRankGroup([net.f32(a) for a, _ in pairs], [net.f32(b) for _, b in pairs])
+            for (a, b), (va, vb) in zip(pairs, group.views()):
+                net.w[a], net.w[b] = va, vb
+            net.groups[pairs] = group
+            n += 1
+    return n
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -94,6 +94,9 @@ class RWKVBase:
             raise ValueError(f"{len(self.devices)} devices for {cfg.n_layer} layers")
         self.w: dict[str, torch.Tensor] = {}
         self.lin: dict = {}
+        #: products a device runs together (kernels/gpu.py group_products): a tuple of linear
+        #: names -> one batched product, a tuple of low-rank (first, second) pairs -> two products
+        self.groups: dict = {}
         C, V = cfg.n_embd, cfg.vocab_size
         spec = {
             "emb.weight": (V, C),
@@ -144,6 +147,13 @@ class RWKVBase:
 
     def prepare(self) -> None:
         """Reshape or precompute per-layer tensors after validation (optional)."""
+
+    def product_groups(self, i: int) -> tuple:
+        """Layer i's products that take different inputs but no result of each other:
+        (tuples of linear names, tuples of low-rank (first, second) name pairs). The model code
+        runs them through :meth:`mm_group` and :meth:`low_rank`; a device may run each tuple as
+        one batched product (one kernel instead of several)."""
+        return (), ()
 
     def time_mix(self, i, x, att_x, wkv, ctx):
         """x (T, C) = ln1 output; returns (out (T, C), new wkv state of this layer)."""
@@ -210,6 +220,23 @@ class RWKVBase:
     def mm(self, x, name):
         """x (..., in) @ W^T for one of the projection matrices (see is_linear)."""
         return self.lin[name](x)
+
+    def mm_group(self, xs, names):
+        """[x @ W_n^T for x, n in zip(xs, names)]."""
+        g = self.groups.get(names)
+        return g(xs) if g is not None else [self.mm(x, n) for x, n in zip(xs, names)]
+
+    def low_rank(self, pairs, terms):
+        """[act(x @ A) @ B for (x, act), (A, B) in zip(terms, pairs)]: x (T, C), A (C, R),
+        B (R, out); act a function or None."""
+        g = self.groups.get(pairs)
+        if g is not None and terms[0][0].shape[0] == 1:
+            return g(terms)
+        out = []
+        for (x, act), (first, second) in zip(terms, pairs):
+            h = x @ self.f32(first)
+            out.append((h if act is None else act(h)) @ self.f32(second))
+        return out
 
     def group_norm(self, x, name):
         """Per-head group norm (ln_x) of x (T, H*N)."""

@@ -53,14 +53,18 @@ class RWKV4(RWKVBase):
         for i in range(self.cfg.n_layer):
             self.w[f"blocks.{i}.att.decay"] = -torch.exp(self.w[f"blocks.{i}.att.time_decay"])
 
+    def product_groups(self, i):
+        a = f"blocks.{i}.att."
+        return (tuple(a + n + ".weight" for n in ("key", "value", "receptance")),), ()
+
     def time_mix(self, i, x, att_x, wkv, ctx):
         w = self.w
         a = f"blocks.{i}.att."
         sx = self.shift(x, att_x)                                        # (T, C)
         mk, mv, mr = w[a + "time_mix_k"], w[a + "time_mix_v"], w[a + "time_mix_r"]
-        k = self.mm(x * mk + sx * (1 - mk), a + "key.weight")            # (T, A)
-        v = self.mm(x * mv + sx * (1 - mv), a + "value.weight")          # (T, A)
-        r = torch.sigmoid(self.mm(x * mr + sx * (1 - mr), a + "receptance.weight"))
+        (names,), _ = self.product_groups(i)
+        k, v, r = self.mm_group(tuple(x * m + sx * (1 - m) for m in (mk, mv, mr)), names)  # (T, A)
+        r = torch.sigmoid(r)
         decay, u = w[a + "decay"], w[a + "time_first"]                   # (A,)
         fast = self.backend.wkv4
         out, S = (fast if fast is not None and x.shape[0] > 1 else wkv4)(k, v, decay, u, wkv)

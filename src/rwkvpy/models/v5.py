@@ -70,6 +70,12 @@ class RWKV5(RWKVBase):
                 bonus = self.w[a + "time_faaaa"]
             self.w[a + "decay"], self.w[a + "bonus"] = decay, bonus
 
+    def product_groups(self, i):
+        a = f"blocks.{i}.att."
+        names = ("receptance", "key", "value") + (("gate",) if self.cfg.version is not Version.V5_0
+                                                  else ())
+        return (tuple(a + n + ".weight" for n in names),), ()
+
     def time_mix(self, i, x, att_x, wkv, ctx):
         w, H, N = self.w, self.cfg.n_head, self.cfg.head_size
         a = f"blocks.{i}.att."
@@ -80,13 +86,13 @@ class RWKV5(RWKVBase):
             m = w[a + "time_mix_" + name]
             return x * m + sx * (1 - m)
 
-        r = self.mm(mix("r"), a + "receptance.weight").view(T, H, N)
-        k = self.mm(mix("k"), a + "key.weight").view(T, H, N)
-        v = self.mm(mix("v"), a + "value.weight").view(T, H, N)
+        (names,), _ = self.product_groups(i)
+        r, k, v, *g = self.mm_group(tuple(mix(n) for n in "rkvg"[:len(names)]), names)  # (T, A)
+        r, k, v = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
         out, S = self.wkv5(r, k, v, w[a + "decay"], w[a + "bonus"], wkv)
         out = self.group_norm(out.reshape(T, H * N), a + "ln_x")
-        if self.cfg.version is not Version.V5_0:
-            out = out * F.silu(self.mm(mix("g"), a + "gate.weight"))
+        if g:  # 5.2's gate
+            out = out * F.silu(g[0])
         return self.mm(out, a + "output.weight"), S
 
     channel_mix = RWKV4.channel_mix  # v5 keeps v4's channel mix

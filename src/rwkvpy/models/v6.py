@@ -41,6 +41,10 @@ class RWKV6(RWKVBase):
         })
         return s
 
+    def product_groups(self, i):
+        a = f"blocks.{i}.att."
+        return (tuple(a + n + ".weight" for n in ("receptance", "key", "value", "gate")),), ()
+
     def time_mix(self, i, x, att_x, wkv, ctx):
         w, H, N = self.w, self.cfg.n_head, self.cfg.head_size
         a = f"blocks.{i}.att."
@@ -57,10 +61,9 @@ class RWKV6(RWKVBase):
         xr = x + dx * (w[a + "time_maa_r"] + mr)
         xg = x + dx * (w[a + "time_maa_g"] + mg)
 
-        r = self.mm(xr, a + "receptance.weight").view(T, H, N)
-        k = self.mm(xk, a + "key.weight").view(T, H, N)
-        v = self.mm(xv, a + "value.weight").view(T, H, N)
-        g = F.silu(self.mm(xg, a + "gate.weight"))
+        (names,), _ = self.product_groups(i)
+        r, k, v, g = self.mm_group((xr, xk, xv, xg), names)               # (T, A) each
+        r, k, v, g = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), F.silu(g)
         d = w[a + "time_decay"] + torch.tanh(xw @ lr(a + "time_decay_w1")) @ lr(a + "time_decay_w2")
         decay = torch.exp(-torch.exp(d)).view(T, H, N)
 

@@ -60,6 +60,12 @@ class RWKV7(RWKVBase):
             s.update({a + "v0": (A,), a + "v1": (C, ANY), a + "v2": (ANY, A)})
         return s
 
+    def product_groups(self, i):
+        a = f"blocks.{i}.att."
+        rkv = tuple(a + n + ".weight" for n in ("receptance", "key", "value"))
+        lora = tuple((a + n + "1", a + n + "2") for n in ("w", "a", "g", "v")[:4 if i else 3])
+        return (rkv,), (lora,)
+
     def time_mix(self, i, x, att_x, wkv, ctx):
         w, H, N = self.w, self.cfg.n_head, self.cfg.head_size
         a = f"blocks.{i}.att."
@@ -67,21 +73,19 @@ class RWKV7(RWKVBase):
         dx = self.shift(x, att_x) - x                                     # (T, C)
         xr, xw, xk, xv, xa, xg = (x + dx * w[a + "x_" + n] for n in "rwkvag")
 
-        r = self.mm(xr, a + "receptance.weight")                           # (T, A)
-        k = self.mm(xk, a + "key.weight")
-        v = self.mm(xv, a + "value.weight")
-        lr = self.f32  # the low-rank matrices as float32
-        d = w[a + "w0"] + torch.tanh(xw @ lr(a + "w1")) @ lr(a + "w2")
-        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(d))               # (T, A) in (0, 1)
-        iclr = torch.sigmoid(w[a + "a0"] + (xa @ lr(a + "a1")) @ lr(a + "a2"))
-        g = torch.sigmoid(xg @ lr(a + "g1")) @ lr(a + "g2")
+        (rkv,), (lora,) = self.product_groups(i)
+        r, k, v = self.mm_group((xr, xk, xv), rkv)                         # (T, A) each
+        acts = [(xw, torch.tanh), (xa, None), (xg, torch.sigmoid), (xv, None)][:len(lora)]
+        d, iclr, g, *vg = self.low_rank(lora, acts)                       # tanh(xw @ w1) @ w2, ...
+        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(w[a + "w0"] + d))  # (T, A) in (0, 1)
+        iclr = torch.sigmoid(w[a + "a0"] + iclr)
 
         kk = F.normalize((k * w[a + "k_k"]).view(T, H, N), dim=-1, p=2.0).view(T, -1)
         k = k * (1 + (iclr - 1) * w[a + "k_a"])
         if i == 0:
             ctx["v_first"] = v
         else:
-            gate = torch.sigmoid(w[a + "v0"] + (xv @ lr(a + "v1")) @ lr(a + "v2"))
+            gate = torch.sigmoid(w[a + "v0"] + vg[0])
             v = v + (ctx["v_first"] - v) * gate
 
         rh, kh, vh = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
