@@ -234,6 +234,8 @@ def main():
     ap.add_argument("--split", type=int, default=12, help="gpu_layers for the split run (0: none)")
     ap.add_argument("--no-blinkdl", action="store_true")
     ap.add_argument("--no-chunks", action="store_true", help="skip the chunk-length table")
+    ap.add_argument("--no-separate", action="store_true",
+                    help="skip the compiled step with separate products (the A/B's baseline)")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     report(section="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(),
@@ -242,7 +244,8 @@ def main():
         section("chunks", bench_chunks)
     for i, preset in enumerate(args.presets.split(",")):
         section(preset, lambda: bench_preset(preset, args.workdir, not args.no_blinkdl,
-                                             args.split if i == 0 else 0, i == 0))
+                                             args.split if i == 0 else 0,
+                                             i == 0 and not args.no_separate))
         with open(args.out, "w") as f:
             json.dump(RESULTS, f, indent=1)
     with open(args.out, "w") as f:

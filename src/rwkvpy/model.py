@@ -129,6 +129,7 @@ class Model:
         self.repack_cache = "off" if repack is None else repack.status
         self._step = None
         self._fingerprint = None
+        self._state_shapes = None  # (att_x, wkv) shapes of this model's states
         self._tokenizers: dict = {}
         #: tokens per sequence-mode pass on the CPU (a longer prompt runs in pieces, the state
         #: carried: same result, activations bounded); None: one pass (GPUs)
@@ -176,13 +177,16 @@ class Model:
     def check_state(self, state: State, source: str = "state") -> None:
         """Raise StateError unless the state fits this model (and was made by it, if known)."""
         cfg = self.config
-        want = State.zeros(cfg, device="meta")
+        if self._state_shapes is None:
+            want = State.zeros(cfg, device="meta")
+            self._state_shapes = want.att_x.shape, want.wkv.shape
+        att_shape, wkv_shape = self._state_shapes
         if (not isinstance(state, State) or state.version is not cfg.version
-                or state.att_x.shape != want.att_x.shape or state.wkv.shape != want.wkv.shape):
+                or state.att_x.shape != att_shape or state.wkv.shape != wkv_shape):
             got = (f"{state.version.label}, wkv {tuple(state.wkv.shape)}"
                    if isinstance(state, State) else type(state).__name__)
             raise StateError(f"{source} ({got}) does not fit this model ({cfg.version.label}, "
-                             f"wkv {tuple(want.wkv.shape)})")
+                             f"wkv {tuple(wkv_shape)})")
         if state.model_fingerprint and state.model_fingerprint != self.fingerprint:
             raise StateError(f"{source} was made by another model (fingerprint "
                              f"{state.model_fingerprint}, this model is {self.fingerprint})")
@@ -199,6 +203,9 @@ class Model:
     def _tokens(self, tokens) -> torch.Tensor:
         if isinstance(tokens, int):
             tokens = [tokens]
+        if (isinstance(tokens, list) and len(tokens) == 1 and type(tokens[0]) is int
+                and 0 <= tokens[0] < self.config.vocab_size):  # the decode step's common case
+            return torch.tensor(tokens)
         t = torch.as_tensor(tokens)
         if t.dim() != 1 or t.numel() == 0:
             raise TokenError(f"tokens must be a non-empty list of ints, got shape {tuple(t.shape)}")

@@ -45,6 +45,7 @@ from ..formats.base import QTensor, to_float32, type_name
 from ..state import State
 
 MAX_GRAPH_BATCH = 64  # larger batches run in groups of this many
+FIELDS = ("att_x", "ffn_x", "wkv")  # a State's tensors, as the step takes them
 
 
 class DeviceLinear:
@@ -187,24 +188,27 @@ class TorchStep:
                 out.append(lg)
                 news += ns
             return torch.cat(out), news
-        dev = self.state_device
-        tok = torch.as_tensor(tokens, dtype=torch.long).view(-1, 1).to(dev)
-        ins = [tok] + [torch.stack([getattr(s, f) for s in states])
-                       for f in ("att_x", "ffn_x", "wkv")]
         B = len(tokens)
         if self.graphs and _pow2(B) not in self.graph_errors:
-            outs = self._replay(B, ins)
+            outs = self._replay(tokens, states)
         else:
-            outs = self._eager(*ins)
+            outs = self._eager(*self._inputs(tokens, states))
         logits, att_x, ffn_x, wkv = outs
         return logits, [State(s.version, att_x[b], ffn_x[b], wkv[b], s.n_tokens + 1)
                         for b, s in enumerate(states)]
 
+    def _inputs(self, tokens, states):
+        """(tokens (B, 1), att_x (B, L, C), ffn_x, wkv (B, L, ...)) on the state device."""
+        tok = torch.as_tensor(tokens, dtype=torch.long).view(-1, 1).to(self.state_device)
+        return [tok] + [torch.stack([getattr(s, f) for s in states]) for f in FIELDS]
+
     # -- CUDA graphs -------------------------------------------------------------------------------
-    def _replay(self, B: int, ins: list):
+    def _replay(self, tokens: list, states: list):
+        B = len(tokens)
         Bp = _pow2(B)
         entry = self._graphs.get(Bp)
         if entry is None:
+            ins = self._inputs(tokens, states)
             static = [torch.zeros((Bp,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
                       for t in ins]
             try:
@@ -216,15 +220,20 @@ class TorchStep:
                                   f"({self.compile_error})", RuntimeWarning, stacklevel=3)
                     self._single = self._one
                     torch.cuda.synchronize()
-                    return self._replay(B, ins)
+                    return self._replay(tokens, states)
                 why = self.graph_errors[Bp] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"rwkvpy: CUDA graph capture failed for batch size {Bp}, decoding "
                               f"eagerly ({why})", RuntimeWarning, stacklevel=3)
                 torch.cuda.synchronize()
                 return self._eager(*ins)
         (graph, outs), static = entry
-        for dst, src in zip(static, ins):
-            dst[:B].copy_(src)
+        if B == 1:  # one sequence: no stacking, and the token written by a kernel (fill_)
+            static[0][0].fill_(tokens[0])  # rather than copied from host memory
+            for dst, f in zip(static[1:], FIELDS):
+                dst[0].copy_(getattr(states[0], f))
+        else:
+            for dst, src in zip(static, self._inputs(tokens, states)):
+                dst[:B].copy_(src)
         graph.replay()
         return [o[:B].clone() for o in outs]  # the next replay overwrites the graph's outputs
 
