@@ -90,6 +90,9 @@ def test_grouped_products_equal_separate_on_cpu(name):
     b, _ = grouped.forward(tokens, None, all_logits=True)
     assert err(a, b) < 1e-5
     steps = TorchStep(plain._net, "cpu"), TorchStep(grouped._net, "cpu")
+    # the vmapped (batched) step keeps no stacked weights: vmap would copy them per sequence
+    assert all(g.vmaps for g in steps[1]._vnet.groups.values())
+    assert len(steps[1]._vnet.groups) == (2 if name.startswith("v7") else 0)
     sa = sb = plain.new_state()
     for tok in tokens[:8]:
         la, sa = steps[0](tok, sa)
