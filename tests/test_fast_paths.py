@@ -143,6 +143,7 @@ def fixture_errors(path, model, fmt, make):
 
     from rwkvpy import formats
     from rwkvpy.formats.base import QTensor
+    from rwkvpy.kernels.fused import FusedStep
 
     ref = np.load(fixture_path("rwkv-cpp-tiny", f"rwkvcpp-logits-{model}-FP32.npz"))
     toks, f32 = ref["tokens"].tolist(), torch.from_numpy(ref["logits"])
@@ -154,6 +155,7 @@ def fixture_errors(path, model, fmt, make):
             fast._net.lin[name] = make(tensors[name])
             swapped += 1
     assert swapped > 0
+    fast._step = FusedStep(fast._net)  # the one-token step reads the products when built
 
     le, lf = serial_logits(exact, toks)[0], serial_logits(fast, toks)[0]
     return (float((le - f32).abs().amax(1).mean()), float((lf - le).abs().amax(1).mean()),
@@ -258,3 +260,79 @@ def test_fast_prompt_error_against_the_format(model, fmt):
     total = float((fast - f32).abs().amax(1).mean())
     assert 0 < added <= 0.35 * own, (own, added)
     assert total <= 1.05 * own, (own, total)
+
+
+@pytest.fixture(scope="module")
+def v7_mid(tmp_path_factory):
+    """A random v7 (n_embd 512, 2 layers) whose FFN matrices (2048 x 512) are above
+    kernels.linear.SERIAL_MAX_ELEMENTS, so that its products run on numba's threads, in the
+    formats of every product kind (rows, int8 groups, int16 groups)."""
+    from rwkvpy.convert import convert
+    from rwkvpy.models.config import Version
+    from rwkvpy.synth import save_random_model
+
+    d = tmp_path_factory.mktemp("v7mid")
+    pth = save_random_model(d / "m.pth", version=Version.V7, n_embd=512, n_layer=2, vocab=1000,
+                            dtype=torch.float16)
+
+    def path(fmt):
+        dst = d / f"m-{fmt}.bin"
+        if not dst.exists():
+            convert(pth, dst, type=fmt, progress=False)
+        return dst
+
+    return path
+
+
+def _steps(model, toks, state=None):
+    out = []
+    for tok in toks:
+        lg, state = model.forward([tok], state)
+        out.append(lg)
+    return torch.stack(out), state
+
+
+@pytest.mark.parametrize("fmt", ["f16", "q4_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_v7_block_kernels_equal_stepwise(v7_mid, fmt, mode):
+    """v7's one-token blocks run as one numba call each (fused._v7_block) where every product
+    has a numba spec: the same kernels as the step-by-step path from Python, so the same
+    numbers, with the products on two threads and serially (another launch holding the lock)."""
+    from rwkvpy.kernels.linear import PARALLEL_LOCK
+
+    model = rwkvpy.load(v7_mid(fmt), mode=mode, threads=2, cache=False)
+    step = model._step
+    blocks = step.blocks
+    assert blocks is not None
+    toks = [5, 17, 400, 999, 0, 3]
+    a, sa = _steps(model, toks)
+    step.blocks = None
+    b, sb = _steps(model, toks)
+    assert float((a - b).abs().max()) < 1e-6 and float((sa.wkv - sb.wkv).abs().max()) < 1e-6
+    with PARALLEL_LOCK:  # serial products in both paths
+        c, _ = _steps(model, toks)
+        step.blocks = blocks
+        d, _ = _steps(model, toks)
+    assert float((c - d).abs().max()) < 1e-6 and float((a - d).abs().max()) < 1e-4
+    ref, _ = _steps(rwkvpy.load(v7_mid(fmt), mode="reference"), toks)
+    if mode == "exact":
+        assert float((a - ref).abs().max()) < EXACT_TOL
+
+
+def test_v7_blocks_need_a_numba_spec_for_every_product():
+    """A product served by torch (here an F32Linear) sends the blocks back to the step-by-step
+    path, which still matches the reference."""
+    from rwkvpy.kernels.fused import FusedStep
+    from rwkvpy.kernels.linear import F32Linear
+
+    path = fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin")
+    model = rwkvpy.load(path, mode="exact")
+    assert model._step.blocks is not None
+    name = "blocks.1.ffn.value.weight"
+    model._net.lin[name] = F32Linear(model._net.lin[name].weight)
+    model._step = FusedStep(model._net)
+    assert model._step.blocks is None
+    toks = tokens_for(model, 8)
+    a, _ = _steps(model, toks)
+    ref, _ = _steps(rwkvpy.load(path, mode="reference"), toks)
+    assert float((a - ref).abs().max()) < EXACT_TOL

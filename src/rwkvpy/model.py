@@ -377,6 +377,9 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
         path = demo_model_path()
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
+    from .kernels.linear import start_numba_pool
+
+    start_numba_pool()  # before torch's count is set: starting it later would reset that
     torch.set_num_threads(threads or physical_cores())
     ckpt, cfg = _read(path)
     return Model(ckpt, cfg, mode=mode, devices=layer_devices(cfg.n_layer, device, gpu_layers),

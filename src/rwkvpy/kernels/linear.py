@@ -114,6 +114,10 @@ INT16DOT_MAX_T = 64
 INT8_MAX_T = 16
 #: Elements per block of every quantized format (passed to the kernels at run time).
 _QK = 32
+#: Product kinds of a numba spec (Linear.numba_spec, row_product): rows of any format
+#: (_mv_rows), interleaved groups with int8 activations (_mvx8), with int16 ones (_mvx8w).
+ROWS, X8_INT8, X8_INT16 = 0, 1, 2
+_NO_TAIL = np.zeros((0, 0), np.uint8)
 #: Elements of one dequantized tile (float32) for the tiled GEMM path: 1 Mi elements = 4 MiB.
 TILE_ELEMENTS = 1 << 20
 #: Below this many weight elements a numba matvec runs serially (a launch costs more than the
@@ -609,7 +613,47 @@ if HAVE_NUMBA:
         _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, 8 * G)
 
 
+    @njit(**_CACHE)
+    def row_product(spec, x2, y2, n):
+        """y2 (T, out) = x2 (T, in) @ W^T from numba code (kernels/fused.py's whole-block
+        kernels), ``spec`` being the matrix's :meth:`Linear.numba_spec`; on numba's ``n``
+        threads (the caller has set them; 1: serial) when the matrix is large, as
+        :func:`_rows_kernel` decides in Python."""
+        mode, kind, a, b = spec
+        n_out = y2.shape[1]
+        par = n > 1 and n_out * x2.shape[1] > SERIAL_MAX_ELEMENTS
+        chunk = max(1, -(-n_out // (8 * n)))
+        if mode == ROWS:
+            if par:
+                _mv_par(kind, a, x2, y2, chunk, _QK)
+            else:
+                _mv_rows(kind, a, x2, y2, 0, n_out, _QK)
+        elif mode == X8_INT8:
+            if par:
+                _mvx8_par(kind, a, b, x2, y2, max(1, chunk // 8))
+            else:
+                _mvx8(kind, a, b, x2, y2)
+        else:
+            if par:
+                _mvx8w_par(a, b, x2, y2, max(1, chunk // 8))
+            else:
+                _mvx8w(a, b, x2, y2)
+
+
 _KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16": 6, "F32": 7}
+
+
+def _spec(mode: int, kind: int, a: np.ndarray, b: np.ndarray | None = None) -> tuple | None:
+    """A numba product spec (see :func:`row_product`), or None for strided arrays (never
+    copied): the arrays as read-only uint8 views, so that every spec has one numba type."""
+    arrs = []
+    for arr in (a, _NO_TAIL if b is None else b):
+        if not HAVE_NUMBA or arr.dtype != np.uint8 or arr.ndim != 2 or not arr.flags.c_contiguous:
+            return None
+        v = arr.view()
+        v.flags.writeable = False
+        arrs.append(v)
+    return (mode, kind, *arrs)
 
 
 class Linear:
@@ -661,6 +705,11 @@ class Linear:
 
     def _rows(self, xn: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def numba_spec(self) -> tuple | None:
+        """How numba code runs this product (:func:`row_product`) for up to ``rows_max_t``
+        vectors, or None where the product is torch's."""
+        return None
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -789,6 +838,9 @@ class FloatLinear(Linear):
     def _rows(self, xn):
         return _numba_mv(self._kind, self._raw2, xn, self.out_features)
 
+    def numba_spec(self):
+        return _spec(ROWS, self._kind, self._raw2)
+
     def _gemm(self, x):
         if self.weight.dtype == torch.float32:
             return F.linear(x, self.weight)
@@ -834,6 +886,9 @@ class BlockLinear(Linear):
 
     def _rows(self, xn):
         return _numba_mv(self._kind, self._raw2, xn, self.out_features)
+
+    def numba_spec(self):
+        return _spec(ROWS, self._kind, self._raw2)
 
     def _gemm(self, x):
         kind, raw2 = self._kind, self._raw2
@@ -898,6 +953,9 @@ class Int8DotLinear(Linear):
     def repacked(self) -> dict:
         return {"x8": torch.from_numpy(self._pk), "tail": torch.from_numpy(self._tail)}
 
+    def numba_spec(self):
+        return _spec(X8_INT8, self._kind, self._pk, self._tail)
+
     def _rows(self, xn):
         y = np.empty((xn.shape[0], self.out_features), np.float32)
         _rows_kernel(_mvx8, lambda *a: _mvx8_par(*a[:-1], max(1, a[-1] // 8)),
@@ -932,6 +990,9 @@ class Int16DotLinear(Int8DotLinear):
         if w.fmt != "Q8_0":
             raise ValueError(f"Int16DotLinear reads Q8_0 blocks, got {w.fmt}")
         super().__init__(w, repacked)
+
+    def numba_spec(self):
+        return _spec(X8_INT16, self._kind, self._pk, self._tail)
 
     def _rows(self, xn):
         y = np.empty((xn.shape[0], self.out_features), np.float32)
@@ -1116,6 +1177,15 @@ PARALLEL_LOCK = threading.Lock()
 
 
 _POOL = threading.local()  # numba's thread count is a per-thread setting
+
+
+def start_numba_pool() -> None:
+    """Start numba's thread pool now. Its OpenMP layer sets the process's OpenMP thread count
+    (torch's too: they share the runtime) to numba's pool size when it starts, which happens at
+    the first call of a function that holds a parallel kernel; started before torch's count is
+    set, the count asked for stays."""
+    if HAVE_NUMBA:
+        numba.get_num_threads()
 
 
 def _numba_threads(n: int | None = None) -> int:
