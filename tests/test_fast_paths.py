@@ -319,6 +319,24 @@ def test_v7_block_kernels_equal_stepwise(v7_mid, fmt, mode):
         assert float((a - ref).abs().max()) < EXACT_TOL
 
 
+def test_block_kernels_equal_stepwise(pair):
+    """Every version's one-token blocks run as one numba call each (fused._v4_block ...
+    _v7_block) and give what the step-by-step path gives: the same kernels, except the SiLU
+    gate of v5.2/v6 (numba's instead of torch's: observed up to 1e-5)."""
+    _, exact = pair
+    step = exact._step
+    blocks = step.blocks
+    assert blocks is not None
+    toks = tokens_for(exact, 12)
+    a, sa = _steps(exact, toks)
+    step.blocks = None
+    try:
+        b, sb = _steps(exact, toks)
+    finally:
+        step.blocks = blocks
+    assert float((a - b).abs().max()) < 2e-5 and float((sa.wkv - sb.wkv).abs().max()) < 2e-5
+
+
 def test_v7_blocks_need_a_numba_spec_for_every_product():
     """A product served by torch (here an F32Linear) sends the blocks back to the step-by-step
     path, which still matches the reference."""

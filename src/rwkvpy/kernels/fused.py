@@ -289,6 +289,106 @@ def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new,
 
 
 @numba.njit(cache=True, nogil=True)
+def _silu_gate(y, g):
+    """y *= silu(g) = g * sigmoid(g), in place (B, C)."""
+    for b in range(y.shape[0]):
+        for j in range(y.shape[1]):
+            y[b, j] *= g[b, j] * _sig(g[b, j])
+
+
+@numba.njit(cache=True, nogil=True)
+def _products(spec, x, n_out, threads):
+    """x (B, in) @ W^T as a new (B, n_out) array (kernels.linear.row_product)."""
+    y = np.empty((x.shape[0], n_out), np.float32)
+    row_product(spec, x, y, threads)
+    return y
+
+
+@numba.njit(cache=True, nogil=True)
+def _channel_mix_v4(x, att, ln2w, ln2b, eps, ffn_prev, fmix, ffn_new, kind, prods, n_ffn,
+                    threads):
+    """v4/v5/v6 channel mix of a whole block: x += att, then sigmoid(x_r W_r) * W_v
+    relu(x_k W_k)^2 (prods[4:7]: ffn key, receptance, value)."""
+    B, C = x.shape
+    fn = np.empty((2, B, C), np.float32)
+    _mix_in(x, att, ln2w, ln2b, eps, ffn_prev, fmix, ffn_new, fn, kind)
+    kk = _products(prods[4], fn[0], n_ffn, threads)
+    _relu_sq(kk)
+    rr = _products(prods[5], fn[1], C, threads)
+    _sigmoid(rr)
+    vv = _products(prods[6], kk, C, threads)
+    for b in range(B):
+        for c in range(C):
+            vv[b, c] *= rr[b, c]
+    return vv
+
+
+@numba.njit(cache=True, nogil=True)
+def _v4_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
+              ln, mix, fmix, decay, u, prods, n_ffn, eps, threads):
+    """One whole v4 block in one call (FusedStep._layer's steps; see _v7_block). prods:
+    receptance, key, value, output, ffn key, ffn receptance, ffn value."""
+    B, C = x.shape
+    A = decay.shape[0]
+    mn = np.empty((3, B, C), np.float32)
+    _mix_in(x, delta, ln[0], ln[1], eps[0], att_prev, mix, att_new, mn, 1)
+    r = _products(prods[0], mn[0], A, threads)
+    k = _products(prods[1], mn[1], A, threads)
+    v = _products(prods[2], mn[2], A, threads)
+    _sigmoid(r)
+    y = np.empty((B, A), np.float32)
+    _v4_core(r, k, v, decay, u, S_prev, S_new, y)
+    att = _products(prods[3], y, C, threads)
+    return _channel_mix_v4(x, att, ln[2], ln[3], eps[0], ffn_prev, fmix, ffn_new, 1, prods,
+                           n_ffn, threads)
+
+
+@numba.njit(cache=True, nogil=True)
+def _v5_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
+              ln, mix, fmix, w, u, lnx, prods, n_ffn, eps, threads):
+    """One whole v5 block (5.2: with the gate, prods[7], when mix has 4 rows)."""
+    B, C = x.shape
+    A = u.shape[0]
+    mn = np.empty((mix.shape[0], B, C), np.float32)
+    _mix_in(x, delta, ln[0], ln[1], eps[0], att_prev, mix, att_new, mn, 1)
+    r = _products(prods[0], mn[0], A, threads)
+    k = _products(prods[1], mn[1], A, threads)
+    v = _products(prods[2], mn[2], A, threads)
+    y = np.empty((B, A), np.float32)
+    _v5_core(r, k, v, w, u, lnx[0], lnx[1], eps[1], S_prev, S_new, y)
+    if mix.shape[0] > 3:
+        _silu_gate(y, _products(prods[7], mn[3], A, threads))
+    att = _products(prods[3], y, C, threads)
+    return _channel_mix_v4(x, att, ln[2], ln[3], eps[0], ffn_prev, fmix, ffn_new, 1, prods,
+                           n_ffn, threads)
+
+
+@numba.njit(cache=True, nogil=True)
+def _v6_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
+              ln, mix, fmix, maa, lora, lora_kind, u, lnx, prods, n_ffn, eps, threads):
+    """One whole v6 block: the data-dependent mixes and decay (_v6_mix), r/k/v/g, the v5
+    recurrence, the SiLU gate (prods[7]), output, channel mix."""
+    B, C = x.shape
+    A = u.shape[0]
+    w1, w2, td, dw1, dw2 = lora
+    mn = np.empty((1, B, C), np.float32)
+    _mix_in(x, delta, ln[0], ln[1], eps[0], att_prev, mix, att_new, mn, 0)
+    x5 = np.empty((5, B, C), np.float32)
+    dec = np.empty((B, A), np.float32)
+    _v6_mix(att_new, att_prev, mn[0], w1, w2, maa, td, dw1, dw2, lora_kind, x5, dec)
+    r = _products(prods[0], x5[3], A, threads)
+    k = _products(prods[1], x5[1], A, threads)
+    v = _products(prods[2], x5[2], A, threads)
+    g = _products(prods[7], x5[4], A, threads)
+    y = np.empty((B, A), np.float32)
+    _v5_core(r, k, v, dec, u, lnx[0], lnx[1], eps[1], S_prev, S_new, y)
+    _silu_gate(y, g)
+    att = _products(prods[3], y, C, threads)
+    return _channel_mix_v4(x, att, ln[2], ln[3], eps[0], ffn_prev, fmix, ffn_new, 0, prods,
+                           n_ffn, threads)
+
+
+@numba.njit(cache=True, nogil=True)
 def _v5_core(r, k, v, w, u, lnw, lnb, eps, S_in, S_out, y):
     """v5/v6 time mix for one token of each of B sequences: out = r (u k^T v + S),
     S = k^T v + w S, then group norm.
@@ -373,12 +473,14 @@ class FusedStep:
     (a contiguous copy of a LoRA matrix only where the model holds a strided view, whose file
     pages are then released).
 
-    v7 blocks run as one numba call each (_v7_block: norms, mixes, products, LoRAs and the
-    recurrence without returning to Python) where every product of the model has a numba spec
-    (kernels.linear.Linear.numba_spec); measured in one process, alternating tokens, 2 threads:
-    v7 0.1B 7-11 % faster per token than the step-by-step path (Q4_0, Q5_1, Q8_0, F16), 1.5B
-    Q4_0 5 % by the min. The products are read when the step is built: a model whose
-    ``net.lin`` changes needs a new FusedStep.
+    Each block runs as one numba call (_v4_block, _v5_block, _v6_block, _v7_block: norms,
+    mixes, products, LoRAs, the recurrence and the gates without returning to Python) where
+    every product of the model has a numba spec (kernels.linear.Linear.numba_spec); else step
+    by step from Python (_layer, _layer_v7). Measured in one process, alternating tokens, 2
+    threads, median per token against the step-by-step path: v7 0.1B Q4_0 9.98 vs 11.18 ms,
+    Q5_1 10.56 vs 11.72, Q8_0 10.73 vs 11.95, F16 13.95 vs 15.06; v4 169M Q4_0 7.21 vs 8.39,
+    F16 13.45 vs 14.51; v7 1.5B Q4_0 46.9 vs 54.0; v6 1.6B Q4_0 54.6 vs 59.2. The products
+    are read when the step is built: a model whose ``net.lin`` changes needs a new FusedStep.
     """
 
     def __init__(self, net):
@@ -422,13 +524,21 @@ class FusedStep:
                     d["w"] = _np(w[a + "decay"].reshape(1, -1).contiguous())
                     d["u"] = _np(w[a + "bonus"].reshape(-1).contiguous())
             self.layers.append(d)
-        #: the v7 blocks as whole numba kernels (_v7_block) where every product has a numba
-        #: spec; None: the blocks run step by step from Python (_layer_v7)
-        self.blocks = self._numba_blocks() if v is Version.V7 else None
+        #: the blocks as whole numba kernels (_v4_block ... _v7_block) where every product has
+        #: a numba spec; None: the blocks run step by step from Python (_layer, _layer_v7)
+        self.blocks = self._numba_blocks()
 
     def _numba_blocks(self):
-        cfg, net = self.cfg, self.net
-        names = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+        """Per layer: the block kernel and its arguments after the per-token ones (None where
+        a product has no numba spec)."""
+        cfg, net, w, v = self.cfg, self.net, self.net.w, self.cfg.version
+        if v is Version.V7:
+            names = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key",
+                     "ffn.value")
+        else:
+            names = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key",
+                     "ffn.receptance", "ffn.value") + (
+                         ("att.gate",) if v in (Version.V5_2, Version.V6) else ())
         blocks = []
         self.blocks_max_b = 1 << 62
         for i, d in enumerate(self.layers):
@@ -436,9 +546,25 @@ class FusedStep:
             specs = tuple(lin.numba_spec() for lin in lins)
             if any(sp is None for sp in specs):
                 return None
+            if v is Version.V5_0:  # no gate: a placeholder for _v5_block's unused prods[7]
+                specs += specs[:1]
             self.blocks_max_b = min([self.blocks_max_b] + [lin.rows_max_t for lin in lins])
-            blocks.append((tuple(d["ln"]), d["mix"], d["fmix"], tuple(d["lora"]), d["kind"],
-                           tuple(d["np"]), specs, cfg.n_ffn, i == 0))
+            a = f"blocks.{i}.att."
+            ln = tuple(d["ln"])
+            if v is Version.V7:
+                blocks.append((_v7_block, (ln, d["mix"], d["fmix"], tuple(d["lora"]), d["kind"],
+                                           tuple(d["np"]), specs, cfg.n_ffn, i == 0)))
+            elif v is Version.V4:
+                blocks.append((_v4_block, (ln, d["mix"], d["fmix"], _np(w[a + "decay"]),
+                                           _np(w[a + "time_first"]), specs, cfg.n_ffn)))
+            else:
+                lnx = (_np(w[a + "ln_x.weight"]), _np(w[a + "ln_x.bias"]))
+                if v is Version.V6:
+                    blocks.append((_v6_block, (ln, d["mix"], d["fmix"], d["maa"], d["lora"],
+                                               d["kind"], d["u"], lnx, specs, cfg.n_ffn)))
+                else:
+                    blocks.append((_v5_block, (ln, d["mix"], d["fmix"], d["w"], d["u"], lnx,
+                                               specs, cfg.n_ffn)))
         return blocks
 
     def __call__(self, token: int, state: State):
@@ -485,16 +611,16 @@ class FusedStep:
         (att_in, ffn_in, wkv_in), (ao, fo, so) = io
         cfg = self.cfg
         eps = (np.float32(cfg.layer_norm_eps), np.float32(cfg.ln_x_eps))
-        v_first = np.empty((xn.shape[0], cfg.n_att), np.float32)
+        v_first = np.empty((xn.shape[0], cfg.n_att), np.float32)  # v7's value residual
         n = torch.get_num_threads()
         parallel = n > 1 and PARALLEL_LOCK.acquire(blocking=False)
         try:
             threads = _numba_threads(n) if parallel else 1
-            for i, (ln, mix, fmix, lora, kind, vecs, specs, n_ffn, first) in enumerate(
-                    self.blocks):
-                delta = _v7_block(xn, delta, att_in[i], ffn_in[i], wkv_in[i], ao[i], fo[i],
-                                  so[i], v_first, ln, mix, fmix, lora, kind, vecs, specs, n_ffn,
-                                  first, eps, threads)
+            v7 = cfg.version is Version.V7
+            for i, (block, args) in enumerate(self.blocks):
+                state = (att_in[i], ffn_in[i], wkv_in[i], ao[i], fo[i], so[i])
+                delta = (block(xn, delta, *state, v_first, *args, eps, threads) if v7 else
+                         block(xn, delta, *state, *args, eps, threads))
         finally:
             if parallel:
                 PARALLEL_LOCK.release()
