@@ -247,6 +247,22 @@ def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, ln
 
 
 @numba.njit(cache=True, nogil=True)
+def _silu_gate(y, g):
+    """y *= silu(g) = g * sigmoid(g), in place (B, C)."""
+    for b in range(y.shape[0]):
+        for j in range(y.shape[1]):
+            y[b, j] *= g[b, j] * _sig(g[b, j])
+
+
+@numba.njit(cache=True, nogil=True)
+def _products(spec, x, n_out, threads):
+    """x (B, in) @ W^T as a new (B, n_out) array (kernels.linear.row_product)."""
+    y = np.empty((x.shape[0], n_out), np.float32)
+    row_product(spec, x, y, threads)
+    return y
+
+
+@numba.njit(cache=True, nogil=True)
 def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new, v_first,
               ln, mix, fmix, lora, lora_kind, vecs, prods, n_ffn, first, eps, threads):
     """One whole v7 block in one call (FusedStep._layer_v7's steps, no Python between them):
@@ -261,12 +277,9 @@ def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new,
     A = w0.shape[0]
     mn = np.empty((6, B, C), np.float32)
     _mix_in(x, delta, ln1w, ln1b, eps[0], att_prev, mix, att_new, mn, 0)
-    r = np.empty((B, A), np.float32)
-    k = np.empty((B, A), np.float32)
-    v = np.empty((B, A), np.float32)
-    row_product(prods[0], mn[0], r, threads)
-    row_product(prods[1], mn[2], k, threads)
-    row_product(prods[2], mn[3], v, threads)
+    r = _products(prods[0], mn[0], A, threads)
+    k = _products(prods[1], mn[2], A, threads)
+    v = _products(prods[2], mn[3], A, threads)
     wl = np.empty((B, A), np.float32)
     al = np.empty((B, A), np.float32)
     vl = np.empty((B, A), np.float32)
@@ -276,32 +289,12 @@ def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new,
     y = np.empty((B, A), np.float32)
     _v7_core(r, k, v, v_first, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb,
              eps[1], wkv_prev, wkv_new, y)
-    att = np.empty((B, C), np.float32)
-    row_product(prods[3], y, att, threads)
+    att = _products(prods[3], y, C, threads)
     kn = np.empty((1, B, C), np.float32)
     _mix_in(x, att, ln2w, ln2b, eps[0], ffn_prev, fmix, ffn_new, kn, 0)
-    kk = np.empty((B, n_ffn), np.float32)
-    row_product(prods[4], kn[0], kk, threads)
+    kk = _products(prods[4], kn[0], n_ffn, threads)
     _relu_sq(kk)
-    out = np.empty((B, C), np.float32)
-    row_product(prods[5], kk, out, threads)
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _silu_gate(y, g):
-    """y *= silu(g) = g * sigmoid(g), in place (B, C)."""
-    for b in range(y.shape[0]):
-        for j in range(y.shape[1]):
-            y[b, j] *= g[b, j] * _sig(g[b, j])
-
-
-@numba.njit(cache=True, nogil=True)
-def _products(spec, x, n_out, threads):
-    """x (B, in) @ W^T as a new (B, n_out) array (kernels.linear.row_product)."""
-    y = np.empty((x.shape[0], n_out), np.float32)
-    row_product(spec, x, y, threads)
-    return y
+    return _products(prods[5], kk, C, threads)
 
 
 @numba.njit(cache=True, nogil=True)
