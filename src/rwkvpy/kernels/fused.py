@@ -599,7 +599,7 @@ class FusedStep:
                               s.n_tokens + 1) for b, s in enumerate(states)]
 
     def _run_blocks(self, xn, delta, io):
-        """Every block as one numba call each (_v7_block); the products on numba's threads
+        """Every block as one numba call each (self.blocks); the products on numba's threads
         unless another parallel launch holds kernels.linear.PARALLEL_LOCK (then serial)."""
         (att_in, ffn_in, wkv_in), (ao, fo, so) = io
         cfg = self.cfg

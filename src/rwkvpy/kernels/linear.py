@@ -614,6 +614,11 @@ if HAVE_NUMBA:
 
 
     @njit(**_CACHE)
+    def _row_chunk(n_out, n):
+        """Rows per chunk of a row-parallel kernel on n threads: 8 chunks per thread."""
+        return max(1, -(-n_out // (8 * n)))
+
+    @njit(**_CACHE)
     def row_product(spec, x2, y2, n):
         """y2 (T, out) = x2 (T, in) @ W^T from numba code (kernels/fused.py's whole-block
         kernels), ``spec`` being the matrix's :meth:`Linear.numba_spec`; on numba's ``n``
@@ -622,7 +627,7 @@ if HAVE_NUMBA:
         mode, kind, a, b = spec
         n_out = y2.shape[1]
         par = n > 1 and n_out * x2.shape[1] > SERIAL_MAX_ELEMENTS
-        chunk = max(1, -(-n_out // (8 * n)))
+        chunk = _row_chunk(n_out, n)
         if mode == ROWS:
             if par:
                 _mv_par(kind, a, x2, y2, chunk, _QK)
@@ -703,13 +708,26 @@ class Linear:
             return torch.from_numpy(self._rows(x.contiguous().numpy()))
         return self._gemm(x)
 
-    def _rows(self, xn: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _rows(self, xn: np.ndarray) -> np.ndarray:
+        """T <= ``rows_max_t`` vectors in one pass of the numba kernels over the weights
+        (:func:`row_product` on :meth:`numba_spec`), parallel where :func:`_rows_kernel`
+        decides."""
+        spec = self.numba_spec()
+        y = np.empty((xn.shape[0], self.out_features), np.float32)
+        _rows_kernel(lambda: row_product(spec, xn, y, 1), lambda n: row_product(spec, xn, y, n),
+                     self.out_features, self.in_features)
+        return y
 
     def numba_spec(self) -> tuple | None:
         """How numba code runs this product (:func:`row_product`) for up to ``rows_max_t``
         vectors, or None where the product is torch's."""
         return None
+
+    def _cached_spec(self, mode: int, a: np.ndarray, b: np.ndarray | None = None):
+        spec = self.__dict__.get("_numba_spec")
+        if spec is None:
+            spec = self._numba_spec = _spec(mode, self._kind, a, b)
+        return spec
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -835,11 +853,8 @@ class FloatLinear(Linear):
 
     rows_max_t = NUMBA_MAX_T
 
-    def _rows(self, xn):
-        return _numba_mv(self._kind, self._raw2, xn, self.out_features)
-
     def numba_spec(self):
-        return _spec(ROWS, self._kind, self._raw2)
+        return self._cached_spec(ROWS, self._raw2)
 
     def _gemm(self, x):
         if self.weight.dtype == torch.float32:
@@ -884,11 +899,8 @@ class BlockLinear(Linear):
 
     rows_max_t = NUMBA_MAX_T
 
-    def _rows(self, xn):
-        return _numba_mv(self._kind, self._raw2, xn, self.out_features)
-
     def numba_spec(self):
-        return _spec(ROWS, self._kind, self._raw2)
+        return self._cached_spec(ROWS, self._raw2)
 
     def _gemm(self, x):
         kind, raw2 = self._kind, self._raw2
@@ -954,14 +966,7 @@ class Int8DotLinear(Linear):
         return {"x8": torch.from_numpy(self._pk), "tail": torch.from_numpy(self._tail)}
 
     def numba_spec(self):
-        return _spec(X8_INT8, self._kind, self._pk, self._tail)
-
-    def _rows(self, xn):
-        y = np.empty((xn.shape[0], self.out_features), np.float32)
-        _rows_kernel(_mvx8, lambda *a: _mvx8_par(*a[:-1], max(1, a[-1] // 8)),
-                     self.out_features, self.in_features, self._kind, self._pk, self._tail,
-                     xn, y)
-        return y
+        return self._cached_spec(X8_INT8, self._pk, self._tail)
 
     def _gemm(self, x):
         kind, pk, tail = self._kind, self._pk, self._tail
@@ -992,22 +997,16 @@ class Int16DotLinear(Int8DotLinear):
         super().__init__(w, repacked)
 
     def numba_spec(self):
-        return _spec(X8_INT16, self._kind, self._pk, self._tail)
-
-    def _rows(self, xn):
-        y = np.empty((xn.shape[0], self.out_features), np.float32)
-        _rows_kernel(_mvx8w, lambda *a: _mvx8w_par(*a[:-1], max(1, a[-1] // 8)),
-                     self.out_features, self.in_features, self._pk, self._tail, xn, y)
-        return y
+        return self._cached_spec(X8_INT16, self._pk, self._tail)
 
 
 def repack_x8(kind: int, raw2: np.ndarray) -> np.ndarray:
     """The whole groups of 8 rows of ``raw2`` ((out, row_bytes) uint8, Q4_0..Q5_1 = kind
     0..3) in the interleaved layout of kernels/simd.py: (out // 8, 8 * row_bytes) uint8."""
     pk = np.empty((raw2.shape[0] // 8, 8 * raw2.shape[1]), np.uint8)
-    _rows_kernel(lambda *a: _repack_groups(*a, 0, pk.shape[0]),
-                 lambda *a: _repack_par(*a[:-1], max(1, a[-1] // 8)),
-                 raw2.shape[0], raw2.shape[1] * 2, kind, raw2, pk)
+    _rows_kernel(lambda: _repack_groups(kind, raw2, pk, 0, pk.shape[0]),
+                 lambda n: _repack_par(kind, raw2, pk, max(1, _row_chunk(raw2.shape[0], n) // 8)),
+                 raw2.shape[0], raw2.shape[1] * 2)
     return pk
 
 
@@ -1197,27 +1196,18 @@ def _numba_threads(n: int | None = None) -> int:
     return n
 
 
-def _rows_kernel(serial, parallel, n_out, K, *args):
-    """Run a row-parallel driver: ``parallel(*args, chunk)`` on numba's pool for a large
-    matrix when torch allows more than one thread and no other parallel launch is running,
-    else ``serial(*args)``."""
+def _rows_kernel(serial, parallel, n_out, K):
+    """Run a row-parallel driver: ``parallel(n)`` on numba's n threads for a large matrix when
+    torch allows more than one thread and no other parallel launch is running, else
+    ``serial()``."""
     n = torch.get_num_threads()
     if n_out * K > SERIAL_MAX_ELEMENTS and n > 1 and PARALLEL_LOCK.acquire(blocking=False):
         try:
-            n = _numba_threads(n)
-            parallel(*args, max(1, -(-n_out // (8 * n))))
+            parallel(_numba_threads(n))
         finally:
             PARALLEL_LOCK.release()
     else:
-        serial(*args)
-
-
-def _numba_mv(kind, raw2, xn, n_out):
-    """y (T, n_out) = xn (T, K) @ W^T with the numba float kernels (T small), numpy in/out."""
-    y = np.empty((xn.shape[0], n_out), np.float32)
-    _rows_kernel(lambda *a: _mv_rows(*a, 0, n_out, _QK), lambda *a: _mv_par(*a, _QK), n_out,
-                 xn.shape[1], kind, raw2, xn, y)
-    return y
+        serial()
 
 
 def _tiled_dequant_mm(dec_rows, dec_par, x, n_out, dtype):
