@@ -29,7 +29,7 @@ def pair(request):
     return rwkvpy.load(path, mode="reference"), rwkvpy.load(path, mode="exact")
 
 
-def test_exact_one_token_steps(pair):
+def test_exact_one_tokenserial_logits(pair):
     ref, fast = pair
     toks = tokens_for(ref, 24)
     s1 = s2 = None
@@ -284,14 +284,6 @@ def v7_mid(tmp_path_factory):
     return path
 
 
-def _steps(model, toks, state=None):
-    out = []
-    for tok in toks:
-        lg, state = model.forward([tok], state)
-        out.append(lg)
-    return torch.stack(out), state
-
-
 @pytest.mark.parametrize("fmt", ["f16", "q4_0", "q5_1", "q8_0"])
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 def test_v7_block_kernels_equal_stepwise(v7_mid, fmt, mode):
@@ -305,16 +297,16 @@ def test_v7_block_kernels_equal_stepwise(v7_mid, fmt, mode):
     blocks = step.blocks
     assert blocks is not None
     toks = [5, 17, 400, 999, 0, 3]
-    a, sa = _steps(model, toks)
+    a, sa = serial_logits(model, toks)
     step.blocks = None
-    b, sb = _steps(model, toks)
+    b, sb = serial_logits(model, toks)
     assert float((a - b).abs().max()) < 1e-6 and float((sa.wkv - sb.wkv).abs().max()) < 1e-6
     with PARALLEL_LOCK:  # serial products in both paths
-        c, _ = _steps(model, toks)
+        c, _ = serial_logits(model, toks)
         step.blocks = blocks
-        d, _ = _steps(model, toks)
+        d, _ = serial_logits(model, toks)
     assert float((c - d).abs().max()) < 1e-6 and float((a - d).abs().max()) < 1e-4
-    ref, _ = _steps(rwkvpy.load(v7_mid(fmt), mode="reference"), toks)
+    ref, _ = serial_logits(rwkvpy.load(v7_mid(fmt), mode="reference"), toks)
     if mode == "exact":
         assert float((a - ref).abs().max()) < EXACT_TOL
 
@@ -328,10 +320,10 @@ def test_block_kernels_equal_stepwise(pair):
     blocks = step.blocks
     assert blocks is not None
     toks = tokens_for(exact, 12)
-    a, sa = _steps(exact, toks)
+    a, sa = serial_logits(exact, toks)
     step.blocks = None
     try:
-        b, sb = _steps(exact, toks)
+        b, sb = serial_logits(exact, toks)
     finally:
         step.blocks = blocks
     assert float((a - b).abs().max()) < 2e-5 and float((sa.wkv - sb.wkv).abs().max()) < 2e-5
@@ -351,6 +343,6 @@ def test_v7_blocks_need_a_numba_spec_for_every_product():
     model._step = FusedStep(model._net)
     assert model._step.blocks is None
     toks = tokens_for(model, 8)
-    a, _ = _steps(model, toks)
-    ref, _ = _steps(rwkvpy.load(path, mode="reference"), toks)
+    a, _ = serial_logits(model, toks)
+    ref, _ = serial_logits(rwkvpy.load(path, mode="reference"), toks)
     assert float((a - ref).abs().max()) < EXACT_TOL
