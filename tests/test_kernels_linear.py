@@ -634,3 +634,48 @@ def test_fused_low_rank_products(dtype, D):
     _vec_mat(x.numpy(), _rows_bytes(W), kind, out)
     ref = _ref(x[None], W.float().T.numpy())[0]
     assert _err(torch.from_numpy(out), ref) < EXACT_TOL
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_v7_glue_split_across_threads_is_bit_identical(n):
+    """The one-token v7 block on several threads splits its LoRAs (columns of the first
+    products, in units of 32; heads of the second) and its recurrence (heads) between the
+    threads (fused._loras_in_par, fused._v7_time_par): the same numbers, bit for bit, as the
+    serial _v7_loras + _v7_core, for 2 sequences, an odd head count, tails shorter than 32
+    and a layer without the value LoRA (layer 0)."""
+    from rwkvpy.kernels import fused
+
+    B, H, N = 2, 5, 64
+    C = H * N
+    rng = np.random.default_rng(5)
+
+    def f32(*shape, scale=0.1):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    for first, Dv in ((True, 0), (False, 24)):
+        W1s, W2s = ([fused._rows_bytes(torch.from_numpy(f32(*shape(D))).half()) if D else
+                     np.zeros((0, 1), np.uint8) for D in (40, 72, Dv, 96)]
+                    for shape in (lambda D: (C, D), lambda D: (D, C)))
+        xs = f32(4, B, C, scale=1.0)
+        rkv = f32(3, B, C, scale=1.0)
+        vecs = [f32(C) for _ in range(3)] + [f32(C), f32(C), f32(H, N), f32(C) + 1, f32(C)]
+        S = f32(B, H, N, N, scale=1.0)
+        eps = np.float32(64e-5)
+        outs = []
+        for par in (False, True):
+            vf = f32(B, C, scale=0.0) + rkv[2] * 0.5
+            lor = [np.empty((B, C), np.float32) for _ in range(4)]
+            S_out, y = np.empty_like(S), np.empty((B, C), np.float32)
+            if par:
+                hid = fused._lora_hidden(tuple(W1s), 5, B)
+                fused._loras_in_par(tuple(xs), tuple(W1s), 5, hid, n)
+                fused._v7_time_par(*rkv, vf, hid, tuple(W2s), 5, *lor, first, *vecs, eps, S,
+                                   S_out, y, n)
+            else:
+                fused._v7_loras(*xs, W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3],
+                                W2s[3], 5, *lor)
+                fused._v7_core(*rkv, vf, *lor, first, *vecs, eps, S, S_out, y)
+            outs.append((y, S_out, vf) + tuple(lor[j] for j in range(4) if Dv or j != 2))
+        for a, b in zip(*outs):
+            assert np.array_equal(a, b) and np.isfinite(a).all()
+        assert np.abs(outs[0][0]).max() > 0

@@ -33,6 +33,18 @@ def _sig(x):
     return np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x)))
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def _dot(a, b):
+    """sum(a * b) over a's length (float32): explicit vector code (kernels.simd.dot16_f32),
+    then a scalar tail; the same sum in every function that inlines it."""
+    n = a.shape[0]
+    n16 = n // 16
+    s = _simd.dot16_f32(a, b, n16)
+    for j in range(16 * n16, n):
+        s += a[j] * b[j]
+    return s
+
+
 @numba.njit(cache=True, nogil=True)
 def _norm_stats(out, eps):
     """Mean and 1/sqrt(variance + eps) of one head's output (group norm statistics)."""
@@ -85,20 +97,30 @@ def _vec_mat(x, W, kind, out):
     """out (D,) = x (C,) @ W (C, D), one row of W at a time (an axpy per row: no reduction
     across lanes). W: the rows' bytes (C, D * size), kind 7 float32, 5 float16, 6 bfloat16,
     widened exactly (kernels/simd.py); a tail shorter than 32 values in scalar code."""
-    D = out.shape[0]
-    n32 = D // 32
-    for d in range(D):
+    _vec_mat_cols(x, W, kind, out, 0, out.shape[0])
+
+
+@numba.njit(cache=True, nogil=True)
+def _vec_mat_cols(x, W, kind, out, d0, d1):
+    """out[d0:d1] = x @ W[:, d0:d1] (see _vec_mat): the columns one thread computes. Each
+    column is the same sum, in the same order, whichever range it is computed in."""
+    size = 4 if kind == 7 else 2
+    n32 = (d1 - d0) // 32
+    e = d0 + 32 * n32
+    for d in range(d0, d1):
         out[d] = 0.0
+    o = out[d0:e]
     for c in range(W.shape[0]):
         xc = x[c]
         row = W[c]
+        seg = row[d0 * size:e * size]
         if kind == 7:
-            _simd.axpy_f32(out, row, xc, n32)
+            _simd.axpy_f32(o, seg, xc, n32)
         elif kind == 5:
-            _simd.axpy_f16(out, row, xc, n32)
+            _simd.axpy_f16(o, seg, xc, n32)
         else:
-            _simd.axpy_bf16(out, row, xc, n32)
-        for d in range(n32 * 32, D):
+            _simd.axpy_bf16(o, seg, xc, n32)
+        for d in range(e, d1):
             out[d] += xc * _float_at(kind, row, d)
 
 
@@ -108,24 +130,76 @@ def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, 
     wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped when v1 has no rows:
     layer 0), g = sigmoid(xg g1) g2. The matrices as stored (bytes of rows, ``kind`` as in
     _vec_mat), read once per token at memory speed."""
+    hid = _lora_hidden((w1, a1, v1, g1), kind, xw.shape[0])
+    _loras_in((xw, xa, xv, xg), (w1, a1, v1, g1), kind, hid, 0, _lora_units(hid))
     for b in range(xw.shape[0]):
-        h = np.empty(_cols(w1, kind), np.float32)
-        _vec_mat(xw[b], w1, kind, h)
-        for d in range(h.shape[0]):
-            h[d] = np.float32(math.tanh(h[d]))
-        _vec_mat(h, w2, kind, wl[b])
-        h = np.empty(_cols(a1, kind), np.float32)
-        _vec_mat(xa[b], a1, kind, h)
-        _vec_mat(h, a2, kind, al[b])
-        if v1.shape[0] > 0:
-            h = np.empty(_cols(v1, kind), np.float32)
-            _vec_mat(xv[b], v1, kind, h)
-            _vec_mat(h, v2, kind, vl[b])
-        h = np.empty(_cols(g1, kind), np.float32)
-        _vec_mat(xg[b], g1, kind, h)
-        for d in range(h.shape[0]):
-            h[d] = _sig(h[d])
-        _vec_mat(h, g2, kind, g[b])
+        _v7_lora_out(hid, (w2, a2, v2, g2), kind, wl, al, vl, g, b, 0, wl.shape[1])
+
+
+#: the activation between the two matrices of v7's four LoRAs (w, a, v, g): 1 tanh, 2 sigmoid
+_V7_ACTS = (1, 0, 0, 2)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lora_hidden(W1s, kind, B):
+    """The hidden vectors (B, D_j) of LoRAs whose first matrices are W1s (rows as bytes)."""
+    return (np.empty((B, _cols(W1s[0], kind)), np.float32),
+            np.empty((B, _cols(W1s[1], kind)), np.float32),
+            np.empty((B, _cols(W1s[2], kind)), np.float32),
+            np.empty((B, _cols(W1s[3], kind)), np.float32))
+
+
+@numba.njit(cache=True, nogil=True)
+def _lora_units(hid):
+    """Work units of the LoRAs' first products: 32 hidden columns each, LoRA after LoRA."""
+    n = 0
+    for j in range(len(hid)):
+        n += (hid[j].shape[1] + 31) // 32
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _loras_in(xs, W1s, kind, hid, u0, u1):
+    """Units u0 .. u1 (_lora_units) of the four v7 LoRAs' first products and activations:
+    hid[j][b, cols] = act_j(xs[j][b] @ W1s[j][:, cols])."""
+    o = 0
+    for j in range(len(hid)):
+        D = hid[j].shape[1]
+        n = (D + 31) // 32
+        lo, hi = max(u0, o) - o, min(u1, o + n) - o
+        o += n
+        if hi <= lo:
+            continue
+        d0, d1 = 32 * lo, min(D, 32 * hi)
+        act = _V7_ACTS[j]
+        for b in range(hid[j].shape[0]):
+            h = hid[j][b]
+            _vec_mat_cols(xs[j][b], W1s[j], kind, h, d0, d1)
+            if act == 1:
+                for d in range(d0, d1):
+                    h[d] = np.float32(math.tanh(h[d]))
+            elif act == 2:
+                for d in range(d0, d1):
+                    h[d] = _sig(h[d])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _loras_in_par(xs, W1s, kind, hid, n):
+    """_loras_in over all units, split evenly across n threads."""
+    U = _lora_units(hid)
+    for t in numba.prange(n):
+        _loras_in(xs, W1s, kind, hid, t * U // n, (t + 1) * U // n)
+
+
+@numba.njit(cache=True, nogil=True)
+def _v7_lora_out(hid, W2s, kind, wl, al, vl, g, b, c0, c1):
+    """Columns c0 .. c1 of sequence b's LoRA outputs: hidden @ second matrix (v: only where
+    the layer has the value residual)."""
+    _vec_mat_cols(hid[0][b], W2s[0], kind, wl[b], c0, c1)
+    _vec_mat_cols(hid[1][b], W2s[1], kind, al[b], c0, c1)
+    if hid[2].shape[1] > 0:
+        _vec_mat_cols(hid[2][b], W2s[2], kind, vl[b], c0, c1)
+    _vec_mat_cols(hid[3][b], W2s[3], kind, g[b], c0, c1)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -190,28 +264,42 @@ def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, l
     y (B, C) receives (group_norm(S r) + bonus) * g.
     """
     for bi in range(S_in.shape[0]):
-        _v7_one(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first, w0, a0,
-                v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi])
+        _v7_heads(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first, w0,
+                  a0, v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi], 0,
+                  S_in.shape[1])
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
-            S, S_out, y):
-    H, N = S.shape[0], S.shape[1]
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _v7_time_par(r, k, v, vfirst, hid, W2s, kind, wl, al, vl, g, first, w0, a0, v0, k_k, k_a,
+                 r_k, lnw, lnb, eps, S_in, S_out, y, n):
+    """The LoRAs' second products and _v7_core on n threads, each taking a range of heads
+    (the LoRA output columns of those heads, then their recurrence)."""
+    B, H, N = S_in.shape[0], S_in.shape[1], S_in.shape[2]
+    for t in numba.prange(n):
+        h0, h1 = t * H // n, (t + 1) * H // n
+        for bi in range(B):
+            _v7_lora_out(hid, W2s, kind, wl, al, vl, g, bi, h0 * N, h1 * N)
+            _v7_heads(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first,
+                      w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi],
+                      h0, h1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
+              S, S_out, y, h0, h1):
+    """Heads h0 .. h1 of one sequence's v7 recurrence (see _v7_core)."""
+    N = S.shape[1]
     kk = np.empty(N, np.float32)
     kt = np.empty(N, np.float32)
     ka = np.empty(N, np.float32)
     w = np.empty(N, np.float32)
     vv = np.empty(N, np.float32)
     out = np.empty(N, np.float32)
-    for h in range(H):
+    for h in range(h0, h1):
         b = h * N
-        ss = np.float32(0.0)
         for j in range(N):
-            x = k[b + j] * k_k[b + j]
-            kk[j] = x
-            ss += x * x
-        nrm = max(np.float32(math.sqrt(ss)), np.float32(1e-12))
+            kk[j] = k[b + j] * k_k[b + j]
+        nrm = max(np.float32(math.sqrt(_dot(kk, kk))), np.float32(1e-12))
         for j in range(N):
             c = b + j
             kk[j] = kk[j] / nrm
@@ -226,21 +314,18 @@ def _v7_one(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, ln
             else:
                 gate = _sig(v0[c] + vl[c])
                 vv[j] = v[c] + (vfirst[c] - v[c]) * gate
+        rh = r[b:b + N]
         for i in range(N):
-            sa = np.float32(0.0)
-            for j in range(N):
-                sa -= S[h, i, j] * kk[j]
-            acc = np.float32(0.0)
+            sa = -_dot(S[h, i], kk)
             vi = vv[i]
+            Si, So = S[h, i], S_out[h, i]
             for j in range(N):
-                s = S[h, i, j] * w[j] + sa * ka[j] + vi * kt[j]
-                S_out[h, i, j] = s
-                acc += s * r[b + j]
-            out[i] = acc
+                So[j] = Si[j] * w[j] + sa * ka[j] + vi * kt[j]
+            out[i] = _dot(So, rh)
         mean, inv = _norm_stats(out, eps)
-        bonus = np.float32(0.0)
         for j in range(N):
-            bonus += r[b + j] * kt[j] * r_k[h, j]
+            ka[j] = rh[j] * r_k[h, j]  # (ka is free again)
+        bonus = _dot(ka, kt)
         for i in range(N):
             c = b + i
             y[c] = ((out[i] - mean) * inv * lnw[c] + lnb[c] + bonus * vv[i]) * g[c]
@@ -284,11 +369,18 @@ def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new,
     al = np.empty((B, A), np.float32)
     vl = np.empty((B, A), np.float32)
     g = np.empty((B, A), np.float32)
-    _v7_loras(mn[1], mn[4], mn[3], mn[5], w1, w2, a1, a2, v1, v2, g1, g2, lora_kind,
-              wl, al, vl, g)
     y = np.empty((B, A), np.float32)
-    _v7_core(r, k, v, v_first, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb,
-             eps[1], wkv_prev, wkv_new, y)
+    if threads > 1:  # the LoRAs and the heads' recurrence split across the threads too
+        xs, W1s = (mn[1], mn[4], mn[3], mn[5]), (w1, a1, v1, g1)
+        hid = _lora_hidden(W1s, lora_kind, B)
+        _loras_in_par(xs, W1s, lora_kind, hid, threads)
+        _v7_time_par(r, k, v, v_first, hid, (w2, a2, v2, g2), lora_kind, wl, al, vl, g, first,
+                     w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps[1], wkv_prev, wkv_new, y, threads)
+    else:
+        _v7_loras(mn[1], mn[4], mn[3], mn[5], w1, w2, a1, a2, v1, v2, g1, g2, lora_kind,
+                  wl, al, vl, g)
+        _v7_core(r, k, v, v_first, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb,
+                 eps[1], wkv_prev, wkv_new, y)
     att = _products(prods[3], y, C, threads)
     kn = np.empty((1, B, C), np.float32)
     _mix_in(x, att, ln2w, ln2b, eps[0], ffn_prev, fmix, ffn_new, kn, 0)

@@ -355,6 +355,40 @@ axpy_f16 = _row_axpy(_f16)
 axpy_bf16 = _row_axpy(_bf16)
 
 
+# -- short float32 dot products (the per-head recurrences of kernels/fused.py) -------------------
+
+def _dot_f32x16():
+    """Make an intrinsic ``dot16(a, b, n16) -> float32``: sum(a[:16 n16] * b[:16 n16]) for
+    float32 arrays, in two <8 x float> accumulators (multiply-add), added lane-wise and then
+    halved three times: a fixed order, so the same sum wherever it is inlined."""
+
+    def typer(typingctx, a, x, n16):
+        sig = nbt.float32(a, x, nbt.intp)
+
+        def codegen(context, b, signature, args):
+            ptrs = [b.bitcast(context.make_array(t)(context, b, v).data, ir.PointerType(_F32))
+                    for t, v in zip(signature.args[:2], args[:2])]
+            accs = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(2)]
+            with cgutils.for_range(b, args[2]) as loop:
+                for u, acc in enumerate(accs):
+                    off = b.add(b.mul(loop.index, ir.Constant(_I64, 16)), ir.Constant(_I64, 8 * u))
+                    av, xv = (b.load(b.bitcast(b.gep(p, [off]), ir.PointerType(_F32x8)), align=4)
+                              for p in ptrs)
+                    b.store(b.fadd(b.load(acc), b.fmul(av, xv, flags=_FMA), flags=_FMA), acc)
+            v = b.fadd(b.load(accs[0]), b.load(accs[1]))
+            for n in (8, 4, 2):
+                lo, hi = _halves(b, v, n)
+                v = b.fadd(lo, hi)
+            return b.extract_element(v, ir.Constant(_I32, 0))
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+dot16_f32 = _dot_f32x16()
+
+
 # -- int8 dots on 8 interleaved rows (the repacked layout of Int8DotLinear) ---------------------
 #
 # ggml stores a matrix row by row, block after block; read that way every 32-weight block
