@@ -144,13 +144,14 @@ def test_int8_dot(fmt, shape):
     """Int8DotLinear: the integer dot products are exact, so the result equals the float64
     product of the exact weights with the int8-rounded activations (up to float32 rounding of
     the block sums); the rounding itself moves each activation by at most 1/254 of its
-    block's largest magnitude. Every T (prompts too: 4 vectors per pass, then single ones)."""
+    block's largest magnitude. Every T (prompts too: 4 vectors per pass, then single ones, in
+    tiles of X8_TOKENS vectors: 2 X8_TOKENS + 7 takes two whole tiles and a ragged one)."""
     w = _weights(shape, 21)
     q = _qtensor(fmt, w)
     wd = get_format(fmt).dequantize(q.data, shape)
     lin = L.Int8DotLinear(q)
     assert not lin.exact and lin.fmt == fmt and lin.nbytes == get_format(fmt).nbytes(shape)
-    for T in [1, 2, 4, 5, 11]:
+    for T in [1, 2, 4, 5, 11, 2 * L.X8_TOKENS + 7]:
         x = _x(T, shape[1], seed=T)
         y = lin(x)
         xq, dx = _int8_blocks(x)

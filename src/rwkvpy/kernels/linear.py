@@ -120,6 +120,8 @@ ROWS, X8_INT8, X8_INT16 = 0, 1, 2
 _NO_TAIL = np.zeros((0, 0), np.uint8)
 #: Elements of one dequantized tile (float32) for the tiled GEMM path: 1 Mi elements = 4 MiB.
 TILE_ELEMENTS = 1 << 20
+#: Vectors of a prompt per pass over a chunk of int8-group rows (_mvx8_groups).
+X8_TOKENS = 64
 #: Below this many weight elements a numba matvec runs serially (a launch costs more than the
 #: work it splits).
 SERIAL_MAX_ELEMENTS = 1 << 18
@@ -565,15 +567,21 @@ if HAVE_NUMBA:
 
     @njit(**_CACHE)
     def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
+        """Groups g0 .. g1 for every vector of x2, X8_TOKENS vectors at a time: each group's
+        record is read once per tile and the tile's int8 activations stay in the core's cache
+        (one pass over all T vectors per group read them from the shared cache: 2 threads,
+        T = 512, v7 1.5B shapes, 218-220 -> 271-277 GOPS)."""
         nb, T = dx2.shape[1], xq2.shape[0]
-        for g in range(g0, g1):
-            t = 0
-            while t + 4 <= T:
-                _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t)
-                t += 4
-            while t < T:
-                _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, t)
-                t += 1
+        for t0 in range(0, T, X8_TOKENS):
+            t1 = min(T, t0 + X8_TOKENS)
+            for g in range(g0, g1):
+                t = t0
+                while t + 4 <= t1:
+                    _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t)
+                    t += 4
+                while t < t1:
+                    _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, t)
+                    t += 1
 
     @njit(**_CACHE)
     def _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, n8):
