@@ -2,8 +2,9 @@
 
 For T = 1 the matrix-vector products are memory-bound and fast (see kernels.linear); what costs
 is everything between them: dozens of tiny torch ops per layer, ~1 us each. Here each version's
-norms, token-shift mixes, LoRAs, recurrence and most gates run in a few serial numba kernels
-per layer on numpy views of torch tensors (no copies, no second thread pool).
+norms, token-shift mixes, LoRAs, recurrence and most gates run in numba kernels on numpy views
+of torch tensors (no copies, no second thread pool): one call per layer, its products and (v7)
+its LoRAs and recurrence on numba's threads, the rest serial.
 
 The math is that of models/v4.py ... v7.py; tests/test_fast_paths.py holds each step to the
 float32 reference.
@@ -564,8 +565,11 @@ class FusedStep:
     by step from Python (_layer, _layer_v7). Measured in one process, alternating tokens, 2
     threads, median per token against the step-by-step path: v7 0.1B Q4_0 9.98 vs 11.18 ms,
     Q5_1 10.56 vs 11.72, Q8_0 10.73 vs 11.95, F16 13.95 vs 15.06; v4 169M Q4_0 7.21 vs 8.39,
-    F16 13.45 vs 14.51; v7 1.5B Q4_0 46.9 vs 54.0; v6 1.6B Q4_0 54.6 vs 59.2. The products
-    are read when the step is built: a model whose ``net.lin`` changes needs a new FusedStep.
+    F16 13.45 vs 14.51; v7 1.5B Q4_0 46.9 vs 54.0; v6 1.6B Q4_0 54.6 vs 59.2. On several
+    threads _v7_block also splits its LoRAs and recurrence between them (_loras_in_par,
+    _v7_time_par; the same numbers): its 24 blocks of v7 1.5B Q4_0 37.6 vs 40.0 ms. The
+    products are read when the step is built: a model whose ``net.lin`` changes needs a new
+    FusedStep.
     """
 
     def __init__(self, net):
