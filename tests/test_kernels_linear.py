@@ -337,6 +337,36 @@ def test_float_exact(dtype, shape):
             assert _err(ln(x), _ref(x, wd)) < EXACT_TOL, (type(ln).__name__, T)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_out", [3, 4, 37, 520])
+def test_float_rows_in_four_streams_bit_identical(dtype, n_out):
+    """One-vector float products read 4 rows a quarter of the range apart at once
+    (simd._row_dot_streams): every row summed as the one-row kernel sums it, bit for bit,
+    fewer than 4 rows and the rows after the last whole quarter included, with and without a
+    scalar tail, serial and on two threads."""
+    from numba import njit
+
+    @njit
+    def one_by_one(kind, raw2, x, y, nb):
+        for r in range(raw2.shape[0]):
+            y[r] = L._dot_row(kind, raw2[r], x, nb)
+
+    kind = {torch.float16: 5, torch.bfloat16: 6, torch.float32: 7}[dtype]
+    for K in (1024, 100):
+        w = torch.from_numpy(_weights((n_out, K), 12)).to(dtype)
+        raw2 = w.contiguous().view(torch.uint8).numpy()
+        x = _x(1, K).numpy()
+        want = np.empty((1, n_out), np.float32)
+        one_by_one(kind, raw2, x[0], want[0], K // 32)
+        if K % 32:
+            want[0] += [L._float_tail(kind, raw2[r], x[0], 32 * (K // 32)) for r in range(n_out)]
+        for threads in (1, 2):
+            got = np.full((1, n_out), np.nan, np.float32)
+            L.row_product(L._spec(L.ROWS, kind, raw2), x, got, threads)
+            assert np.array_equal(got, want), (K, threads)
+        assert _err(torch.from_numpy(want), _ref(torch.from_numpy(x), w.float())) < EXACT_TOL
+
+
 def test_half_special_values():
     """The in-register fp16 conversion is exact for subnormals, zeros, inf and NaN."""
     h = np.arange(65536, dtype=np.uint16)

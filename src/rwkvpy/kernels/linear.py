@@ -292,6 +292,17 @@ if HAVE_NUMBA:
             return _simd.dot_bf16(row, x, nb)
         return _simd.dot_f32(row, x, nb)
 
+    @njit(inline="always", **_CACHE)
+    def _dots_row(kind, raw2, r0, q, x, y, nb):
+        """y[r] = row r . x for r = r0, r0 + q, r0 + 2q, r0 + 3q (float kinds 5, 6, 7; each
+        row summed as _dot_row sums it: simd._row_dot_streams)."""
+        if kind == 5:
+            _simd.dots_f16(raw2, r0, q, x, y, nb)
+        elif kind == 6:
+            _simd.dots_bf16(raw2, r0, q, x, y, nb)
+        else:
+            _simd.dots_f32(raw2, r0, q, x, y, nb)
+
     # --- drivers: ``kind`` selects the format (one compiled driver for all formats) ---------
 
     @njit(**_CACHE)
@@ -300,7 +311,13 @@ if HAVE_NUMBA:
         in L1 while the T vectors are done)."""
         T = x2.shape[0]
         nb = x2.shape[1] // qk
-        for r in range(r0, r1):
+        r = r0
+        if T == 1 and kind >= 5:  # float rows, one vector: 4 quarters of the range at once
+            q = (r1 - r0) // 4
+            for i in range(q):
+                _dots_row(kind, raw2, r0 + i, q, x2[0], y2[0], nb)
+            r = r0 + 4 * q
+        for r in range(r, r1):
             row = raw2[r]
             for t in range(T):
                 y2[t, r] = _dot_row(kind, row, x2[t], nb)

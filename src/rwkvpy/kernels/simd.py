@@ -191,6 +191,49 @@ def _f32(b, blk):
     return _load(b, blk, None, _vec(_F32), align=4)
 
 
+def _row_dot_streams(block_bytes, weights, ns=4):
+    """Make an intrinsic ``dots(w2, r0, q, x, y, nb)``: y[r] = row r of the 2-D uint8 matrix
+    ``w2`` . x for the ``ns`` rows r = r0, r0 + q, ..., r0 + (ns - 1) q, each summed exactly
+    as ``_row_dot`` sums it (same lanes, same order: the same float32 result).
+
+    One row at a time, a thread reads one sequential stream and the F16 products stayed at
+    27-28 GB/s on two threads where torch.sum read 34; rows a quarter of a thread's chunk
+    apart give the memory system ``ns`` streams to fetch at once: all the F16 products of
+    v7 1.5B 27.9 -> 35.6 GB/s (2 streams: 32.6; chunks of 128 rows, one process)."""
+
+    def typer(typingctx, w2, r0, q, x, y, nb):
+        sig = nbt.void(w2, nbt.intp, nbt.intp, x, y, nbt.intp)
+
+        def codegen(context, b, signature, args):
+            wa = context.make_array(signature.args[0])(context, b, args[0])
+            stride = cgutils.unpack_tuple(b, wa.strides, 2)[0]
+            base = b.bitcast(wa.data, ir.PointerType(_I8))
+            idx = [b.add(args[1], b.mul(args[2], ir.Constant(_I64, k))) for k in range(ns)]
+            rows = [b.gep(base, [b.mul(r, stride)]) for r in idx]
+            xs = b.bitcast(context.make_array(signature.args[3])(context, b, args[3]).data,
+                           ir.PointerType(_F32))
+            ys = b.bitcast(context.make_array(signature.args[4])(context, b, args[4]).data,
+                           ir.PointerType(_F32))
+            acc = [cgutils.alloca_once_value(b, ir.Constant(_vec(_F32), None))
+                   for _ in range(ns)]
+            with cgutils.for_range(b, args[5]) as loop:
+                i = loop.index
+                xv = _load(b, b.bitcast(b.gep(xs, [b.mul(i, ir.Constant(_I64, _N))]),
+                                        ir.PointerType(_I8)), None, _vec(_F32), align=4)
+                off = b.mul(i, ir.Constant(_I64, block_bytes))
+                for k in range(ns):
+                    w = weights(b, b.gep(rows[k], [off]))
+                    b.store(b.fadd(b.load(acc[k]), b.fmul(w, xv, flags=_FMA), flags=_FMA),
+                            acc[k])
+            for k in range(ns):
+                b.store(_hsum(b, b.load(acc[k]), _N), b.gep(ys, [idx[k]]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
 dot_q4_0 = _row_dot(18, _q4_0)
 dot_q4_1 = _row_dot(20, _q4_1)
 dot_q5_0 = _row_dot(22, _q5_0)
@@ -199,6 +242,10 @@ dot_q8_0 = _row_dot(34, _q8_0)
 dot_f16 = _row_dot(64, _f16)
 dot_bf16 = _row_dot(64, _bf16)
 dot_f32 = _row_dot(128, _f32)
+#: 4 rows a stride apart at once (one-vector products of float matrices: kernels/linear.py)
+dots_f16 = _row_dot_streams(64, _f16)
+dots_bf16 = _row_dot_streams(64, _bf16)
+dots_f32 = _row_dot_streams(128, _f32)
 
 
 # -- integer dot products with 8-bit activations (ggml's own method; x86 AVX2 only) -------------
@@ -347,6 +394,25 @@ def _row_axpy(load):
         return sig, codegen
 
     return intrinsic(typer)
+
+
+@intrinsic
+def prefetch_lines(typingctx, arr):
+    """Hint every cache line of the 1-D uint8 array ``arr`` into the cache (no effect on
+    values; used where a kernel's next rows are strided and the hardware prefetcher does not
+    see them coming)."""
+    sig = nbt.void(arr)
+
+    def codegen(context, b, signature, args):
+        a = context.make_array(signature.args[0])(context, b, args[0])
+        base = b.bitcast(a.data, ir.PointerType(_I8))
+        n = cgutils.unpack_tuple(b, a.shape, 1)[0]
+        lines = b.udiv(b.add(n, ir.Constant(_I64, 63)), ir.Constant(_I64, 64))
+        with cgutils.for_range(b, lines) as loop:
+            _prefetch(b, b.gep(base, [b.mul(loop.index, ir.Constant(_I64, 64))]), 0, 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 _f32.bytes, _f16.bytes, _bf16.bytes = 128, 64, 64
