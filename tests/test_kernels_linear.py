@@ -221,6 +221,55 @@ def test_int8_dot_extreme_codes(fmt):
 
 
 @needs_avx2
+@needs_avx2
+@pytest.mark.parametrize("fmt", QUANT + ["Q8_0 int16"])
+@pytest.mark.parametrize("n_out", [37, 100, 520])
+def test_x8_one_vector_streams_bit_identical(fmt, n_out):
+    """One vector: the x8 products read simd.X8_STREAMS groups a quarter of the range apart at
+    once; each group's 8 sums equal the one-group kernel's bit for bit, the groups after the
+    last whole quarter and the rows past the last group included, serial and on 2 threads."""
+    from numba import njit
+
+    from rwkvpy.kernels import simd
+
+    @njit
+    def one_group_at_a_time(kind, pk, x2, y2):
+        K = x2.shape[1]
+        xq2 = np.empty((1, K), np.int8)
+        dx2 = np.empty((1, K // 32), np.float32)
+        sx2 = np.empty((1, K // 32), np.float32)
+        L._quantize_x(x2, xq2, dx2, sx2, 127.0)
+        for g in range(pk.shape[0]):
+            L._dotx8(kind, pk, g, xq2, dx2, sx2, K // 32, y2, 0)
+
+    @njit
+    def one_group_at_a_time_i16(pk, x2, y2):
+        K = x2.shape[1]
+        xw2 = np.empty((1, K), np.int16)
+        dx2 = np.empty((1, K // 32), np.float32)
+        L._quantize_x(x2, xw2, dx2, np.empty((1, K // 32), np.float32), 32767.0)
+        for g in range(pk.shape[0]):
+            simd.dotx8w_q8_0(pk, g, xw2, dx2, K // 32, y2, 0)
+
+    K = 1024
+    q = _qtensor(fmt.split()[0], _weights((n_out, K), 23))
+    lin = L.Int16DotLinear(q) if fmt == "Q8_0 int16" else L.Int8DotLinear(q)
+    spec = lin.numba_spec()
+    mode, kind, pk, tail = spec
+    x = _x(1, K, seed=5).numpy()
+    want = np.full((1, n_out), np.nan, np.float32)
+    if mode == L.X8_INT16:
+        one_group_at_a_time_i16(pk, x, want)
+    else:
+        one_group_at_a_time(kind, pk, x, want)
+    n8 = 8 * pk.shape[0]
+    want[0, n8:] = lin(torch.from_numpy(x))[0, n8:].numpy()  # the tail rows: float kernels
+    for threads in (1, 2):
+        got = np.full((1, n_out), np.nan, np.float32)
+        L.row_product(spec, x, got, threads)
+        assert np.array_equal(got, want), threads
+
+
 @pytest.mark.parametrize("shape", SHAPES + [(64, 256)])
 def test_int16_dot_q8_0(shape):
     """Int16DotLinear: integer products exact, so the result equals the float64 product of

@@ -476,6 +476,12 @@ if HAVE_NUMBA:
     @njit(**_CACHE)
     def _mvx8w_groups(pk, xw2, dx2, y2, g0, g1):
         nb, T = dx2.shape[1], xw2.shape[0]
+        if T == 1:  # one vector: simd.X8_STREAMS groups at once (see _mvx8_groups)
+            ns = _simd.X8_STREAMS
+            q = (g1 - g0) // ns
+            for i in range(q):
+                _simd.dotsx8w_q8_0(pk, g0 + i, q, xw2, dx2, nb, y2, 0)
+            g0 += ns * q
         for g in range(g0, g1):
             t = 0
             while t + 4 <= T:
@@ -582,13 +588,36 @@ if HAVE_NUMBA:
         else:
             _simd.dotx8t_q8_0(pk, g, xq2, dx2, sx2, nb, y2, t)
 
+    @njit(inline="always", **_CACHE)
+    def _dotsx8(kind, pk, g, q, xq2, dx2, sx2, nb, y2):
+        """Groups g, g + q, g + 2q, ... (simd.X8_STREAMS of them) for the one vector of x2."""
+        if kind == 0:
+            _simd.dotsx8_q4_0(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
+        elif kind == 1:
+            _simd.dotsx8_q4_1(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
+        elif kind == 2:
+            _simd.dotsx8_q5_0(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
+        elif kind == 3:
+            _simd.dotsx8_q5_1(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
+        else:
+            _simd.dotsx8_q8_0(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
+
     @njit(**_CACHE)
     def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
         """Groups g0 .. g1 for every vector of x2, X8_TOKENS vectors at a time: each group's
         record is read once per tile and the tile's int8 activations stay in the core's cache
         (one pass over all T vectors per group read them from the shared cache: 2 threads,
-        T = 512, v7 1.5B shapes, 218-220 -> 271-277 GOPS)."""
+        T = 512, v7 1.5B shapes, 218-220 -> 271-277 GOPS). One vector: the range in
+        simd.X8_STREAMS parts read at once, then the groups after the last whole part."""
         nb, T = dx2.shape[1], xq2.shape[0]
+        if T == 1:
+            ns = _simd.X8_STREAMS
+            q = (g1 - g0) // ns
+            for i in range(q):
+                _dotsx8(kind, pk, g0 + i, q, xq2, dx2, sx2, nb, y2)
+            for g in range(g0 + ns * q, g1):
+                _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, 0)
+            return
         for t0 in range(0, T, X8_TOKENS):
             t1 = min(T, t0 + X8_TOKENS)
             for g in range(g0, g1):

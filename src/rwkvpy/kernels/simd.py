@@ -528,104 +528,131 @@ def _rows2(b, arr, t0, n, elem):
                       ir.PointerType(elem)) for u in range(n)]
 
 
-def _group_args(context, b, signature, args):
-    """An x8 intrinsic's array arguments (None for the scalars) and the i8* of group
-    ``args[1]`` of the repacked matrix ``args[0]``."""
-    arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
-            for t, a in zip(signature.args, args)]
-    stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
-    return arrs, b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(args[1], stride)])
+def _x8_codes(b, rec, block_bytes, has_m, has_qh):
+    """The codes of the record at ``rec`` as 8 vectors of 4 codes x 8 rows (Q8_0: pairs of
+    |code| and code, for the sign trick)."""
+    m_off, qh_off, c_off = _x8_layout(block_bytes, has_m, has_qh)
+    m15, m16 = _const(_I8, [15] * _N), _const(_I8, [16] * _N)
+    qh = _load(b, rec, ir.Constant(_I64, qh_off), _I16x16) if has_qh else None
+    codes = []
+    for j in range(8):
+        if block_bytes == 34:  # signed: |code| (<= 128), and the code for its sign
+            c = _load(b, rec, ir.Constant(_I64, c_off + 32 * j), _vec(_I8))
+            codes.append((_x86(b, "llvm.abs.v32i8", _vec(_I8), [_vec(_I8), ir.IntType(1)],
+                               [c, ir.Constant(ir.IntType(1), 0)]), c))
+            continue
+        packed = _load(b, rec, ir.Constant(_I64, c_off + 32 * (j % 4)), _I16x16)
+        if j >= 4:
+            packed = b.lshr(packed, ir.Constant(_I16x16, [4] * 16))
+        c = b.and_(b.bitcast(packed, _vec(_I8)), m15)
+        if has_qh:  # bit j of each qh byte -> bit 4 (16-bit shifts, then masked)
+            h = qh
+            if j < 4:
+                h = b.shl(h, ir.Constant(_I16x16, [4 - j] * 16))
+            elif j > 4:
+                h = b.lshr(h, ir.Constant(_I16x16, [j - 4] * 16))
+            c = b.or_(c, b.and_(b.bitcast(h, _vec(_I8)), m16))
+        codes.append(c)
+    return codes
 
 
-def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt):
+def _x8_vector(b, codes, d8, m8, xs, x0, dx, cx, acc, acc2, q8, per_madd, offset):
+    """One vector's part of a record: acc += d dx sum(code xq) per row, acc2 += its offset
+    and m terms (xs: i8* of the vector's int8 blocks, x0 the block's first byte)."""
+    parts, s16 = [], None
+    for j in range(8):
+        xv = _bcast4(b, xs, b.add(x0, ir.Constant(_I64, 4 * j)))
+        if q8:  # |code| times x with the code's sign: pairs <= 2 * 128 * 127
+            a, c = codes[j]
+            xv = _x86(b, "llvm.x86.avx2.psign.b", _vec(_I8), [_vec(_I8), _vec(_I8)], [xv, c])
+            parts.append(_ones16(b, _maddubs(b, a, xv)))
+            continue
+        p = _maddubs(b, codes[j], xv)
+        s16 = p if s16 is None else b.add(s16, p)
+        if (j + 1) % per_madd == 0:
+            parts.append(_ones16(b, s16))
+            s16 = None
+    s32 = parts[0]
+    for p in parts[1:]:
+        s32 = b.add(s32, p)
+    scale = b.fmul(d8, _splat(b, dx, 8))
+    prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
+    b.store(b.fadd(b.load(acc), prod, flags=_FMA), acc)
+    if offset:  # - d * offset * dx * sum(xq), per row
+        c = _splat(b, b.fmul(cx, ir.Constant(_F32, -offset)), 8)
+        b.store(b.fadd(b.load(acc2), b.fmul(d8, c, flags=_FMA), flags=_FMA), acc2)
+    if m8 is not None:  # + m * dx * sum(xq), per row
+        b.store(b.fadd(b.load(acc2), b.fmul(m8, _splat(b, cx, 8), flags=_FMA), flags=_FMA),
+                acc2)
+
+
+def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt, ng=1):
     """Make an intrinsic ``dot8(pk, g, xq2, dx2, sx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row
     8g+r . x2[t0 + u] for r < 8, u < ``tt``, from the repacked group ``pk[g]`` (uint8 2-D) and
     the rows of x2 as int8 blocks (``xq2``, ``dx2``, ``sx2``, 2-D: see _row_dot_q8). The codes
     of a block column are unpacked once for the ``tt`` vectors (prompts: ~270 GOPS on two AVX2
-    cores, against ~120-170 GFLOP/s for torch's float32 GEMM)."""
-    m_off, qh_off, c_off = _x8_layout(block_bytes, has_m, has_qh)
+    cores, against ~120-170 GFLOP/s for torch's float32 GEMM).
+
+    ``ng`` > 1 (one vector): ``dots8(pk, g, q, xq2, dx2, sx2, nb, y2, t0)`` does the groups g,
+    g + q, ..., g + (ng - 1) q, record after record, each exactly as ``dot8`` does it: ``ng``
+    streams of weights at once instead of one (see X8_STREAMS); no prefetch hints then."""
+    m_off = _x8_layout(block_bytes, has_m, has_qh)[0]
     q8 = block_bytes == 34
     rec_bytes = 8 * block_bytes
     per_madd = 4 if has_qh else 8  # int16 headroom (see above)
+    assert ng == 1 or tt == 1
+    ai = 1 if ng == 1 else 2  # the arguments after g (and q)
 
-    def typer(typingctx, pk, g, xq, dx, sx, nb, y, t0):
-        sig = nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp)
-
-        def codegen(context, b, signature, args):
-            arrs, base = _group_args(context, b, signature, args)
-            t0 = args[7]
-            xs = _rows2(b, arrs[2], t0, tt, _I8)
-            dxs, sxs, ys = (_rows2(b, arrs[k], t0, tt, _F32) for k in (3, 4, 6))
-            acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(tt)]
-            acc2 = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(tt)]
-            m15, m16 = _const(_I8, [15] * _N), _const(_I8, [16] * _N)
-            with cgutils.for_range(b, args[5]) as loop:
-                i = loop.index
-                rec = b.gep(base, [b.mul(i, ir.Constant(_I64, rec_bytes))])
-                x0 = b.mul(i, ir.Constant(_I64, _N))
-                if tt == 1:  # one vector: the records stream from memory once (see X8_PREFETCH)
+    def codegen(context, b, signature, args):
+        arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
+                for t, a in zip(signature.args, args)]
+        stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
+        gs = [args[1] if k == 0 else b.add(args[1], b.mul(args[2], ir.Constant(_I64, k)))
+              for k in range(ng)]
+        bases = [b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(g, stride)])
+                 for g in gs]
+        t0 = args[ai + 6]
+        xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
+        dxs, sxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 3, 5))
+        n = max(tt, ng)
+        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(n)]
+        acc2 = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(n)]
+        with cgutils.for_range(b, args[ai + 4]) as loop:
+            i = loop.index
+            x0 = b.mul(i, ir.Constant(_I64, _N))
+            for k in range(ng):
+                rec = b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))])
+                if tt == 1 and ng == 1:  # the records stream from memory once: X8_PREFETCH
                     _prefetch(b, rec, X8_PREFETCH, rec_bytes)
-                qh = _load(b, rec, ir.Constant(_I64, qh_off), _I16x16) if has_qh else None
-                codes = []  # the block column's codes: 8 vectors of 4 codes x 8 rows
-                for j in range(8):
-                    if q8:  # signed: |code| (<= 128), and the code for its sign
-                        c = _load(b, rec, ir.Constant(_I64, c_off + 32 * j), _vec(_I8))
-                        codes.append((_x86(b, "llvm.abs.v32i8", _vec(_I8),
-                                           [_vec(_I8), ir.IntType(1)],
-                                           [c, ir.Constant(ir.IntType(1), 0)]), c))
-                        continue
-                    packed = _load(b, rec, ir.Constant(_I64, c_off + 32 * (j % 4)), _I16x16)
-                    if j >= 4:
-                        packed = b.lshr(packed, ir.Constant(_I16x16, [4] * 16))
-                    c = b.and_(b.bitcast(packed, _vec(_I8)), m15)
-                    if has_qh:  # bit j of each qh byte -> bit 4 (16-bit shifts, then masked)
-                        h = qh
-                        if j < 4:
-                            h = b.shl(h, ir.Constant(_I16x16, [4 - j] * 16))
-                        elif j > 4:
-                            h = b.lshr(h, ir.Constant(_I16x16, [j - 4] * 16))
-                        c = b.or_(c, b.and_(b.bitcast(h, _vec(_I8)), m16))
-                    codes.append(c)
+                codes = _x8_codes(b, rec, block_bytes, has_m, has_qh)
                 d8 = _half8(b, rec, 0)
                 m8 = _half8(b, rec, m_off) if has_m else None
                 for u in range(tt):
-                    parts, s16 = [], None
-                    for j in range(8):
-                        xv = _bcast4(b, xs[u], b.add(x0, ir.Constant(_I64, 4 * j)))
-                        if q8:  # |code| times x with the code's sign: pairs <= 2 * 128 * 127
-                            a, c = codes[j]
-                            xv = _x86(b, "llvm.x86.avx2.psign.b", _vec(_I8),
-                                      [_vec(_I8), _vec(_I8)], [xv, c])
-                            parts.append(_ones16(b, _maddubs(b, a, xv)))
-                            continue
-                        p = _maddubs(b, codes[j], xv)
-                        s16 = p if s16 is None else b.add(s16, p)
-                        if (j + 1) % per_madd == 0:
-                            parts.append(_ones16(b, s16))
-                            s16 = None
-                    s32 = parts[0]
-                    for p in parts[1:]:
-                        s32 = b.add(s32, p)
                     dx, cx = b.load(b.gep(dxs[u], [i])), b.load(b.gep(sxs[u], [i]))
-                    scale = b.fmul(d8, _splat(b, dx, 8))
-                    prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
-                    b.store(b.fadd(b.load(acc[u]), prod, flags=_FMA), acc[u])
-                    if offset:  # - d * offset * dx * sum(xq), per row
-                        c = _splat(b, b.fmul(cx, ir.Constant(_F32, -offset)), 8)
-                        b.store(b.fadd(b.load(acc2[u]), b.fmul(d8, c, flags=_FMA), flags=_FMA),
-                                acc2[u])
-                    if has_m:  # + m * dx * sum(xq), per row
-                        b.store(b.fadd(b.load(acc2[u]), b.fmul(m8, _splat(b, cx, 8), flags=_FMA),
-                                       flags=_FMA), acc2[u])
-            col = b.mul(args[1], ir.Constant(_I64, 8))
+                    _x8_vector(b, codes, d8, m8, xs[u], x0, dx, cx, acc[k + u], acc2[k + u],
+                               q8, per_madd, offset)
+        for k in range(ng):
             for u in range(tt):
-                out = b.fadd(b.load(acc[u]), b.load(acc2[u]))
+                out = b.fadd(b.load(acc[k + u]), b.load(acc2[k + u]))
+                col = b.mul(gs[k], ir.Constant(_I64, 8))
                 b.store(out, b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)), align=4)
-            return context.get_dummy_value()
+        return context.get_dummy_value()
 
-        return sig, codegen
+    if ng == 1:
+        def typer(typingctx, pk, g, xq, dx, sx, nb, y, t0):
+            return nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp), codegen
+    else:
+        def typer(typingctx, pk, g, q, xq, dx, sx, nb, y, t0):
+            return nbt.void(pk, nbt.intp, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp), codegen
 
     return intrinsic(typer)
+
+
+#: Groups a one-vector x8 product reads at once (simd._row_dot_x8's ``ng``; the driver takes
+#: the groups a quarter of a thread's chunk apart). All the block products of v7 1.5B, 2
+#: threads, one process: Q4_0 28.8 GB/s one group at a time with X8_PREFETCH, 32.9 with 4
+#: streams (31.3-32.7 with 2), Q5_1 32.3 -> 33.5 (torch.sum 31.9-33.7 in the same runs).
+X8_STREAMS = 4
 
 
 #: dotx8_<fmt>: one vector; dotx8t_<fmt>: 4 vectors at once (prompts)
@@ -634,6 +661,12 @@ dotx8_q4_1, dotx8t_q4_1 = (_row_dot_x8(20, True, False, 0, tt) for tt in (1, 4))
 dotx8_q5_0, dotx8t_q5_0 = (_row_dot_x8(22, False, True, 16, tt) for tt in (1, 4))
 dotx8_q5_1, dotx8t_q5_1 = (_row_dot_x8(24, True, True, 0, tt) for tt in (1, 4))
 dotx8_q8_0, dotx8t_q8_0 = (_row_dot_x8(34, False, False, 0, tt) for tt in (1, 4))
+#: dotsx8_<fmt>: one vector, X8_STREAMS groups a stride apart
+dotsx8_q4_0 = _row_dot_x8(18, False, False, 8, 1, X8_STREAMS)
+dotsx8_q4_1 = _row_dot_x8(20, True, False, 0, 1, X8_STREAMS)
+dotsx8_q5_0 = _row_dot_x8(22, False, True, 16, 1, X8_STREAMS)
+dotsx8_q5_1 = _row_dot_x8(24, True, True, 0, 1, X8_STREAMS)
+dotsx8_q8_0 = _row_dot_x8(34, False, False, 0, 1, X8_STREAMS)
 
 
 # -- dequantization to float32 rows (prompt tiles), bit for bit ggml's dequantize_row_* ---------
@@ -748,55 +781,73 @@ deqx8_q8_0 = _x8_deq(34, False, False, 0)
 # its column group (one broadcast int64), int32 sums per row pair, one conversion and one
 # multiply-add per record. Same interleaved records as above.
 
-def _dot_x8_q8_i16(tt):
+def _dot_x8_q8_i16(tt, ng=1):
     """Make an intrinsic ``dot8(pk, g, xw2, dx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row 8g+r .
     x2[t0 + u] for r < 8, u < ``tt``, Q8_0 records, the rows of x2 as int16 blocks ``xw2``
-    (int16, 2-D) with scales ``dx2``; the codes widened once for the ``tt`` vectors."""
+    (int16, 2-D) with scales ``dx2``; the codes widened once for the ``tt`` vectors.
+    ``ng`` > 1 (one vector): ``dots8(pk, g, q, xw2, dx2, nb, y2, t0)``, the groups g, g + q, ...
+    each as ``dot8`` does it (see _row_dot_x8)."""
     rec_bytes = 8 * 34
+    assert ng == 1 or tt == 1
+    ai = 1 if ng == 1 else 2
 
-    def typer(typingctx, pk, g, xw, dx, nb, y, t0):
-        sig = nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp)
-
-        def codegen(context, b, signature, args):
-            arrs, base = _group_args(context, b, signature, args)
-            t0 = args[6]
-            xs = _rows2(b, arrs[2], t0, tt, _I8)
-            dxs, ys = (_rows2(b, arrs[k], t0, tt, _F32) for k in (3, 5))
-            acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(tt)]
-            even = ir.Constant(_vec(_I32, 8), list(range(0, 16, 2)))
-            odd = ir.Constant(_vec(_I32, 8), list(range(1, 16, 2)))
-            with cgutils.for_range(b, args[4]) as loop:
-                i = loop.index
-                rec = b.gep(base, [b.mul(i, ir.Constant(_I64, rec_bytes))])
-                x0 = b.mul(i, ir.Constant(_I64, 2 * _N))  # bytes of int16
-                if tt == 1:
+    def codegen(context, b, signature, args):
+        arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
+                for t, a in zip(signature.args, args)]
+        stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
+        gs = [args[1] if k == 0 else b.add(args[1], b.mul(args[2], ir.Constant(_I64, k)))
+              for k in range(ng)]
+        bases = [b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(g, stride)])
+                 for g in gs]
+        t0 = args[ai + 5]
+        xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
+        dxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 4))
+        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
+               for _ in range(max(tt, ng))]
+        even = ir.Constant(_vec(_I32, 8), list(range(0, 16, 2)))
+        odd = ir.Constant(_vec(_I32, 8), list(range(1, 16, 2)))
+        with cgutils.for_range(b, args[ai + 3]) as loop:
+            i = loop.index
+            x0 = b.mul(i, ir.Constant(_I64, 2 * _N))  # bytes of int16
+            for k in range(ng):
+                rec = b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))])
+                if tt == 1 and ng == 1:
                     _prefetch(b, rec, X8_PREFETCH, rec_bytes)
                 # codes 4j .. 4j+3: rows 0-3 in bytes 0-15 of vector j, rows 4-7 after
-                w = [(b.sext(_load(b, rec, ir.Constant(_I64, 16 + 32 * j), _vec(_I8, 16)), _I16x16),
-                      b.sext(_load(b, rec, ir.Constant(_I64, 32 + 32 * j), _vec(_I8, 16)), _I16x16))
+                w = [(b.sext(_load(b, rec, ir.Constant(_I64, 16 + 32 * j), _vec(_I8, 16)),
+                             _I16x16),
+                      b.sext(_load(b, rec, ir.Constant(_I64, 32 + 32 * j), _vec(_I8, 16)),
+                             _I16x16))
                      for j in range(8)]
                 d8 = _half8(b, rec, 0)
                 for u in range(tt):
                     lo = hi = None
                     for j in range(8):
-                        xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(x0, ir.Constant(_I64, 8 * j)),
-                                                       _I64), 4), _I16x16)
+                        xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(
+                            x0, ir.Constant(_I64, 8 * j)), _I64), 4), _I16x16)
                         p0, p1 = _maddwd(b, w[j][0], xv), _maddwd(b, w[j][1], xv)
                         lo = p0 if lo is None else b.add(lo, p0)
                         hi = p1 if hi is None else b.add(hi, p1)
                     s32 = b.add(b.shuffle_vector(lo, hi, even), b.shuffle_vector(lo, hi, odd))
                     scale = b.fmul(d8, _splat(b, b.load(b.gep(dxs[u], [i])), 8))
                     prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
-                    b.store(b.fadd(b.load(acc[u]), prod, flags=_FMA), acc[u])
-            col = b.mul(args[1], ir.Constant(_I64, 8))
+                    b.store(b.fadd(b.load(acc[k + u]), prod, flags=_FMA), acc[k + u])
+        for k in range(ng):
+            col = b.mul(gs[k], ir.Constant(_I64, 8))
             for u in range(tt):
-                b.store(b.load(acc[u]), b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)),
-                        align=4)
-            return context.get_dummy_value()
+                b.store(b.load(acc[k + u]),
+                        b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)), align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
+    if ng == 1:
+        def typer(typingctx, pk, g, xw, dx, nb, y, t0):
+            return nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp), codegen
+    else:
+        def typer(typingctx, pk, g, q, xw, dx, nb, y, t0):
+            return nbt.void(pk, nbt.intp, nbt.intp, xw, dx, nbt.intp, y, nbt.intp), codegen
 
     return intrinsic(typer)
 
 
 dotx8w_q8_0, dotx8wt_q8_0 = (_dot_x8_q8_i16(tt) for tt in (1, 4))
+dotsx8w_q8_0 = _dot_x8_q8_i16(1, X8_STREAMS)
