@@ -59,5 +59,10 @@ def test_bench_json():
         assert key in res
     assert res["type"] == "Q5_1" and res["threads"] == 1 and res["tokens_timed"] == 30
     assert res["bandwidth_gbs"] > 0 and res["bound_ms"] > 0
+    # the CPU's bandwidth: the faster of two reads, both reported
+    reads = res["bandwidth_by_read_gbs"]
+    assert set(reads) == {"torch.sum", "4 streams"} and min(reads.values()) > 0
+    assert res["bandwidth_gbs"] == max(reads.values())
+    assert abs(res["bound_ms"] - res["bytes_per_token"] / res["bandwidth_gbs"] / 1e6) < 1e-2
     # bytes read per token: every projection + vectors + one embedding row, as stored
     assert 500_000 < res["bytes_per_token"] < 3_500_000

@@ -7,12 +7,14 @@ import resource
 import statistics
 import time
 
+import numpy as np
 import torch
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5, device="cpu") -> float:
-    """Streaming read bandwidth (GB/s): the median time to sum a large buffer. On the CPU with
-    torch's current thread count; on a GPU a 4x larger buffer, timed with CUDA events."""
+    """Streaming read bandwidth (GB/s). On a GPU: the median time to sum a 4x larger buffer,
+    timed with CUDA events. On the CPU: the faster of the two reads of
+    :func:`cpu_read_bandwidths` (each a median), with torch's current thread count."""
     dev = torch.device(device)
     if dev.type == "cuda":
         nbytes *= 4
@@ -28,14 +30,34 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5, device="cpu") ->
             times.append(start.elapsed_time(end) / 1e3)
         del buf
         return nbytes / statistics.median(times) / 1e9
+    return max(cpu_read_bandwidths(nbytes, repeats).values())
+
+
+def cpu_read_bandwidths(nbytes: int = 1 << 30, repeats: int = 7) -> dict:
+    """GB/s of two reads of an ``nbytes`` float32 buffer, each the median of ``repeats``:
+    ``torch.sum`` and a one-vector product through rwkvpy's float row kernel, which reads each
+    thread's range as 4 streams at once (kernels/simd.py, _row_dot_streams; without numba, only
+    the first). On this project's 2-core machine the second read faster (36-46 GB/s where
+    torch.sum read 26-38 in the same runs), so torch.sum alone understated the bandwidth and
+    made the bound look looser than it is."""
+    from .kernels import linear
+
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    best = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        best.append(time.perf_counter() - t)
-    del buf
-    return nbytes / statistics.median(best) / 1e9
+    reads = {"torch.sum": buf.sum}
+    if linear.HAVE_NUMBA:
+        lin = linear.FloatLinear(buf.view(-1, 1024))
+        x = np.ones((1, 1024), np.float32)
+        reads["4 streams"] = lambda: lin.np_mm(x)
+    for f in reads.values():
+        f()  # warm-up (the kernel compiled or loaded)
+    times = {k: [] for k in reads}
+    for _ in range(repeats):  # alternating, so that both see the same machine
+        for k, f in reads.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    del reads, buf
+    return {k: nbytes // 4 * 4 / statistics.median(v) / 1e9 for k, v in times.items()}
 
 
 def bytes_per_token(model, device=None) -> int:
@@ -111,7 +133,12 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
     # the bound of the slowest part: the GPU when every layer is there, else the CPU's layers
     where = gpu if gpu is not None and model.gpu_layers == model.config.n_layer else torch.device("cpu")
     say(f"measuring the memory bandwidth of {where}")
-    bw = read_bandwidth_gbs(device=where)
+    if where.type == "cpu":
+        bws = cpu_read_bandwidths()
+        bw = max(bws.values())
+    else:
+        bws = {}
+        bw = read_bandwidth_gbs(device=where)
     nbytes = bytes_per_token(model, where if gpu is not None else None)
     bound_ms = nbytes / (bw * 1e9) * 1e3
     per_token_ms = statistics.median(times) * 1e3
@@ -133,7 +160,9 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
         "tokens_timed": len(times),
         "prompt_tokens": prompt, "prompt_tokens_per_s": round(prompt / prompt_s, 1),
         "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb, 1),
-        "bandwidth_gbs": round(bw, 2), "bytes_per_token": nbytes, "bound_ms": round(bound_ms, 3),
+        "bandwidth_gbs": round(bw, 2),
+        **({"bandwidth_by_read_gbs": {k: round(v, 2) for k, v in bws.items()}} if bws else {}),
+        "bytes_per_token": nbytes, "bound_ms": round(bound_ms, 3),
         "bound_ratio": round(per_token_ms / bound_ms, 2),
     }
 
@@ -148,7 +177,9 @@ def format_report(r: dict) -> str:
         f"per token:    {r['per_token_ms']:.2f} ms median, {r['per_token_min_ms']:.2f} ms min "
         f"over {r['tokens_timed']} tokens",
         f"bound:        {r['bound_ms']:.2f} ms = {r['bytes_per_token'] / 1e6:.1f} MB per token / "
-        f"{r['bandwidth_gbs']:.1f} GB/s read bandwidth of {r['device']} (measured now); "
+        f"{r['bandwidth_gbs']:.1f} GB/s read bandwidth of {r['device']} (measured now"
+        + "".join(f"; {k} {v:.1f}" for k, v in r.get("bandwidth_by_read_gbs", {}).items())
+        + "); "
         f"ratio {r['bound_ratio']:.2f}",
         f"prompt:       {r['prompt_tokens_per_s']:.1f} tokens/s over {r['prompt_tokens']} tokens",
         f"load:         {r['load_s']:.2f} s (repack cache: {r['repack_cache']}), "
