@@ -719,10 +719,11 @@ def test_fused_low_rank_products(dtype, D):
 @pytest.mark.parametrize("n", [2, 3])
 def test_v7_glue_split_across_threads_is_bit_identical(n):
     """The one-token v7 block on several threads splits its LoRAs (columns of the first
-    products, in units of 32; heads of the second) and its recurrence (heads) between the
-    threads (fused._loras_in_par, fused._v7_time_par): the same numbers, bit for bit, as the
-    serial _v7_loras + _v7_core, for 2 sequences, an odd head count, tails shorter than 32
-    and a layer without the value LoRA (layer 0)."""
+    products, in units of 32; parts of the rows of the second, then heads) and its recurrence
+    (heads) between the threads (fused._loras_in_par, _lora_out_par, _v7_time_par): the same
+    numbers, bit for bit, as the serial _v7_loras + _v7_core, for 2 sequences, an odd head
+    count, hidden sizes not a multiple of the parts, tails shorter than 32 and a layer
+    without the value LoRA (layer 0)."""
     from rwkvpy.kernels import fused
 
     B, H, N = 2, 5, 64
@@ -732,9 +733,9 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
     def f32(*shape, scale=0.1):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    for first, Dv in ((True, 0), (False, 24)):
+    for first, Dv in ((True, 0), (False, 25)):
         W1s, W2s = ([fused._rows_bytes(torch.from_numpy(f32(*shape(D))).half()) if D else
-                     np.zeros((0, 1), np.uint8) for D in (40, 72, Dv, 96)]
+                     np.zeros((0, 1), np.uint8) for D in (42, 72, Dv, 96)]
                     for shape in (lambda D: (C, D), lambda D: (D, C)))
         xs = f32(4, B, C, scale=1.0)
         rkv = f32(3, B, C, scale=1.0)
@@ -749,7 +750,9 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
             if par:
                 hid = fused._lora_hidden(tuple(W1s), 5, B)
                 fused._loras_in_par(tuple(xs), tuple(W1s), 5, hid, n)
-                fused._v7_time_par(*rkv, vf, hid, tuple(W2s), 5, *lor, first, *vecs, eps, S,
+                parts = np.empty((4, B, fused.LORA_OUT_PARTS, C), np.float32)
+                fused._lora_out_par(hid, tuple(W2s), 5, parts)
+                fused._v7_time_par(*rkv, vf, parts, Dv > 0, *lor, first, *vecs, eps, S,
                                    S_out, y, n)
             else:
                 fused._v7_loras(*xs, W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3],

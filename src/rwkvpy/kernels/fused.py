@@ -105,13 +105,19 @@ def _vec_mat(x, W, kind, out):
 def _vec_mat_cols(x, W, kind, out, d0, d1):
     """out[d0:d1] = x @ W[:, d0:d1] (see _vec_mat): the columns one thread computes. Each
     column is the same sum, in the same order, whichever range it is computed in."""
+    _vec_mat_part(x, W, kind, out, 0, W.shape[0], d0, d1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _vec_mat_part(x, W, kind, out, c0, c1, d0, d1):
+    """out[d0:d1] = x[c0:c1] @ W[c0:c1, d0:d1]: rows c0 .. c1 added in order (see _vec_mat)."""
     size = 4 if kind == 7 else 2
     n32 = (d1 - d0) // 32
     e = d0 + 32 * n32
     for d in range(d0, d1):
         out[d] = 0.0
     o = out[d0:e]
-    for c in range(W.shape[0]):
+    for c in range(c0, c1):
         xc = x[c]
         row = W[c]
         seg = row[d0 * size:e * size]
@@ -131,10 +137,14 @@ def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, 
     wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped when v1 has no rows:
     layer 0), g = sigmoid(xg g1) g2. The matrices as stored (bytes of rows, ``kind`` as in
     _vec_mat), read once per token at memory speed."""
-    hid = _lora_hidden((w1, a1, v1, g1), kind, xw.shape[0])
+    B = xw.shape[0]
+    hid = _lora_hidden((w1, a1, v1, g1), kind, B)
     _loras_in((xw, xa, xv, xg), (w1, a1, v1, g1), kind, hid, 0, _lora_units(hid))
-    for b in range(xw.shape[0]):
-        _v7_lora_out(hid, (w2, a2, v2, g2), kind, wl, al, vl, g, b, 0, wl.shape[1])
+    parts = np.empty((4, B, LORA_OUT_PARTS, wl.shape[1]), np.float32)
+    for b in range(B):
+        for p in range(LORA_OUT_PARTS):
+            _lora_out_part(hid, (w2, a2, v2, g2), kind, parts, b, p)
+        _lora_out_sum(parts, (wl, al, vl, g), hid[2].shape[1] > 0, b, 0, wl.shape[1])
 
 
 #: the activation between the two matrices of v7's four LoRAs (w, a, v, g): 1 tanh, 2 sigmoid
@@ -192,15 +202,48 @@ def _loras_in_par(xs, W1s, kind, hid, n):
         _loras_in(xs, W1s, kind, hid, t * U // n, (t + 1) * U // n)
 
 
+#: v7's LoRA second products (hidden @ W2, W2 (D, C)) sum their D rows in this many parts,
+#: each part a whole output vector, then add the parts in order: the serial and the threaded
+#: block alike, so the numbers do not depend on the thread count. Threads take whole parts, so
+#: each reads whole rows one after the other; split by columns instead (each thread half of
+#: every row) the 24 layers' second products of v7 1.5B took 3.9 ms on two threads, by parts
+#: 2.3-2.5 (one process, alternating, median of 15).
+LORA_OUT_PARTS = 4
+
+
 @numba.njit(cache=True, nogil=True)
-def _v7_lora_out(hid, W2s, kind, wl, al, vl, g, b, c0, c1):
-    """Columns c0 .. c1 of sequence b's LoRA outputs: hidden @ second matrix (v: only where
-    the layer has the value residual)."""
-    _vec_mat_cols(hid[0][b], W2s[0], kind, wl[b], c0, c1)
-    _vec_mat_cols(hid[1][b], W2s[1], kind, al[b], c0, c1)
-    if hid[2].shape[1] > 0:
-        _vec_mat_cols(hid[2][b], W2s[2], kind, vl[b], c0, c1)
-    _vec_mat_cols(hid[3][b], W2s[3], kind, g[b], c0, c1)
+def _lora_out_part(hid, W2s, kind, parts, b, p):
+    """parts[j, b, p] = the part p of sequence b's second product of LoRA j (its rows p D / P
+    .. (p + 1) D / P); LoRAs without rows (v in layer 0) skipped."""
+    for j in range(4):
+        D = hid[j].shape[1]
+        if D > 0:
+            _vec_mat_part(hid[j][b], W2s[j], kind, parts[j, b, p], p * D // LORA_OUT_PARTS,
+                          (p + 1) * D // LORA_OUT_PARTS, 0, parts.shape[3])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _lora_out_par(hid, W2s, kind, parts):
+    """Every part of every sequence's LoRA second products (_lora_out_part), across numba's
+    threads."""
+    B = parts.shape[1]
+    for i in numba.prange(B * LORA_OUT_PARTS):
+        _lora_out_part(hid, W2s, kind, parts, i // LORA_OUT_PARTS, i % LORA_OUT_PARTS)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lora_out_sum(parts, outs, has_v, b, c0, c1):
+    """Columns c0 .. c1 of sequence b's LoRA outputs (w, a, v, g): their parts added in
+    order (v only where the layer has the value residual)."""
+    for j in range(4):
+        if j == 2 and not has_v:
+            continue
+        o = outs[j][b]
+        for c in range(c0, c1):
+            acc = parts[j, b, 0, c]
+            for p in range(1, LORA_OUT_PARTS):
+                acc += parts[j, b, p, c]
+            o[c] = acc
 
 
 @numba.njit(cache=True, nogil=True)
@@ -271,15 +314,15 @@ def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, l
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _v7_time_par(r, k, v, vfirst, hid, W2s, kind, wl, al, vl, g, first, w0, a0, v0, k_k, k_a,
+def _v7_time_par(r, k, v, vfirst, parts, has_v, wl, al, vl, g, first, w0, a0, v0, k_k, k_a,
                  r_k, lnw, lnb, eps, S_in, S_out, y, n):
-    """The LoRAs' second products and _v7_core on n threads, each taking a range of heads
-    (the LoRA output columns of those heads, then their recurrence)."""
+    """The LoRAs' outputs from their parts (_lora_out_par) and _v7_core on n threads, each
+    taking a range of heads (the LoRA output columns of those heads, then their recurrence)."""
     B, H, N = S_in.shape[0], S_in.shape[1], S_in.shape[2]
     for t in numba.prange(n):
         h0, h1 = t * H // n, (t + 1) * H // n
         for bi in range(B):
-            _v7_lora_out(hid, W2s, kind, wl, al, vl, g, bi, h0 * N, h1 * N)
+            _lora_out_sum(parts, (wl, al, vl, g), has_v, bi, h0 * N, h1 * N)
             _v7_heads(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first,
                       w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi],
                       h0, h1)
@@ -375,7 +418,9 @@ def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new,
         xs, W1s = (mn[1], mn[4], mn[3], mn[5]), (w1, a1, v1, g1)
         hid = _lora_hidden(W1s, lora_kind, B)
         _loras_in_par(xs, W1s, lora_kind, hid, threads)
-        _v7_time_par(r, k, v, v_first, hid, (w2, a2, v2, g2), lora_kind, wl, al, vl, g, first,
+        parts = np.empty((4, B, LORA_OUT_PARTS, A), np.float32)
+        _lora_out_par(hid, (w2, a2, v2, g2), lora_kind, parts)
+        _v7_time_par(r, k, v, v_first, parts, hid[2].shape[1] > 0, wl, al, vl, g, first,
                      w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps[1], wkv_prev, wkv_new, y, threads)
     else:
         _v7_loras(mn[1], mn[4], mn[3], mn[5], w1, w2, a1, a2, v1, v2, g1, g2, lora_kind,
