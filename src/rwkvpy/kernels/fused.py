@@ -117,18 +117,63 @@ def _vec_mat_part(x, W, kind, out, c0, c1, d0, d1):
     for d in range(d0, d1):
         out[d] = 0.0
     o = out[d0:e]
-    for c in range(c0, c1):
-        xc = x[c]
+    if kind == 7:
+        _simd.axpys_f32(o, W, x, c0, c1, d0 * size, n32)
+    elif kind == 5:
+        _simd.axpys_f16(o, W, x, c0, c1, d0 * size, n32)
+    else:
+        _simd.axpys_bf16(o, W, x, c0, c1, d0 * size, n32)
+    for c in range(c0, c1):  # the columns past the last whole 32 (each its own sum: the
+        xc = x[c]            # same order of rows as the vector part)
         row = W[c]
-        seg = row[d0 * size:e * size]
-        if kind == 7:
-            _simd.axpy_f32(o, seg, xc, n32)
-        elif kind == 5:
-            _simd.axpy_f16(o, seg, xc, n32)
-        else:
-            _simd.axpy_bf16(o, seg, xc, n32)
         for d in range(e, d1):
             out[d] += xc * _float_at(kind, row, d)
+
+
+#: A LoRA's products here (v6's four, v7's second ones) sum the rows of their matrix in this
+#: many parts, each a whole output vector, then add the parts in order: the serial and the
+#: threaded kernels alike, so the numbers do not depend on the thread count. Threads take
+#: whole parts, so each reads whole rows one after another: the 24 layers' v7 LoRA second
+#: products of v7 1.5B on two threads 3.9 ms split by columns (each thread half of every row),
+#: 2.3-2.5 by parts (one process, alternating, median of 15).
+LORA_PARTS = 4
+
+
+@numba.njit(cache=True, nogil=True)
+def _vm_part(x, W, kind, out, p):
+    """out = x[rows] @ W[rows] over part p of W's rows (see LORA_PARTS)."""
+    n = W.shape[0]
+    _vec_mat_part(x, W, kind, out, p * n // LORA_PARTS, (p + 1) * n // LORA_PARTS, 0,
+                  out.shape[0])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _vm_parts_par(xs, Ws, kind, parts):
+    for i in numba.prange(len(Ws) * LORA_PARTS):
+        j, p = i // LORA_PARTS, i % LORA_PARTS
+        _vm_part(xs[j], Ws[j], kind, parts[j, p], p)
+
+
+@numba.njit(cache=True, nogil=True)
+def _vm_parts(xs, Ws, kind, parts, threads):
+    """parts[j, p] = part p of xs[j] @ Ws[j] for every matrix j (a tuple) and part p, on
+    numba's threads when ``threads`` > 1."""
+    if threads > 1:
+        _vm_parts_par(xs, Ws, kind, parts)
+    else:
+        for j in range(len(Ws)):
+            for p in range(LORA_PARTS):
+                _vm_part(xs[j], Ws[j], kind, parts[j, p], p)
+
+
+@numba.njit(cache=True, nogil=True)
+def _parts_sum(parts, out):
+    """out = parts[0] + parts[1] + ..., in that order."""
+    for c in range(out.shape[0]):
+        acc = parts[0, c]
+        for p in range(1, parts.shape[0]):
+            acc += parts[p, c]
+        out[c] = acc
 
 
 @numba.njit(cache=True, nogil=True)
@@ -140,9 +185,9 @@ def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, 
     B = xw.shape[0]
     hid = _lora_hidden((w1, a1, v1, g1), kind, B)
     _loras_in((xw, xa, xv, xg), (w1, a1, v1, g1), kind, hid, 0, _lora_units(hid))
-    parts = np.empty((4, B, LORA_OUT_PARTS, wl.shape[1]), np.float32)
+    parts = np.empty((4, B, LORA_PARTS, wl.shape[1]), np.float32)
     for b in range(B):
-        for p in range(LORA_OUT_PARTS):
+        for p in range(LORA_PARTS):
             _lora_out_part(hid, (w2, a2, v2, g2), kind, parts, b, p)
         _lora_out_sum(parts, (wl, al, vl, g), hid[2].shape[1] > 0, b, 0, wl.shape[1])
 
@@ -202,24 +247,13 @@ def _loras_in_par(xs, W1s, kind, hid, n):
         _loras_in(xs, W1s, kind, hid, t * U // n, (t + 1) * U // n)
 
 
-#: v7's LoRA second products (hidden @ W2, W2 (D, C)) sum their D rows in this many parts,
-#: each part a whole output vector, then add the parts in order: the serial and the threaded
-#: block alike, so the numbers do not depend on the thread count. Threads take whole parts, so
-#: each reads whole rows one after the other; split by columns instead (each thread half of
-#: every row) the 24 layers' second products of v7 1.5B took 3.9 ms on two threads, by parts
-#: 2.3-2.5 (one process, alternating, median of 15).
-LORA_OUT_PARTS = 4
-
-
 @numba.njit(cache=True, nogil=True)
 def _lora_out_part(hid, W2s, kind, parts, b, p):
     """parts[j, b, p] = the part p of sequence b's second product of LoRA j (its rows p D / P
     .. (p + 1) D / P); LoRAs without rows (v in layer 0) skipped."""
     for j in range(4):
-        D = hid[j].shape[1]
-        if D > 0:
-            _vec_mat_part(hid[j][b], W2s[j], kind, parts[j, b, p], p * D // LORA_OUT_PARTS,
-                          (p + 1) * D // LORA_OUT_PARTS, 0, parts.shape[3])
+        if hid[j].shape[1] > 0:
+            _vm_part(hid[j][b], W2s[j], kind, parts[j, b, p], p)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -227,8 +261,8 @@ def _lora_out_par(hid, W2s, kind, parts):
     """Every part of every sequence's LoRA second products (_lora_out_part), across numba's
     threads."""
     B = parts.shape[1]
-    for i in numba.prange(B * LORA_OUT_PARTS):
-        _lora_out_part(hid, W2s, kind, parts, i // LORA_OUT_PARTS, i % LORA_OUT_PARTS)
+    for i in numba.prange(B * LORA_PARTS):
+        _lora_out_part(hid, W2s, kind, parts, i // LORA_PARTS, i % LORA_PARTS)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -241,7 +275,7 @@ def _lora_out_sum(parts, outs, has_v, b, c0, c1):
         o = outs[j][b]
         for c in range(c0, c1):
             acc = parts[j, b, 0, c]
-            for p in range(1, LORA_OUT_PARTS):
+            for p in range(1, LORA_PARTS):
                 acc += parts[j, b, p, c]
             o[c] = acc
 
@@ -253,30 +287,42 @@ def _cols(W, kind):
 
 
 @numba.njit(cache=True, nogil=True)
-def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec):
+def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
     """v6's data-dependent token shift and decay for each of B sequences (rows):
     h = tanh(xxx w1) (5 slices of D), x_j = xx + (prev - xx) * (maa_j + h_j w2[j]) for
     j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)).
 
     w1 (C, 5D), w2 (5, D, C), dw1 (C, Dd), dw2 (Dd, A): rows as bytes, ``kind`` as in
-    _vec_mat."""
+    _vec_mat. Each product sums its rows in LORA_PARTS parts, added in order (_parts_sum):
+    on ``threads`` > 1 the parts run on numba's threads, the same numbers. 24 layers of v6
+    1.6B (F32 LoRAs, 88 MB a token), one thread: 5.4 ms, 16-18 GB/s."""
     B, C = xx.shape
     D = w2.shape[1]
+    P = LORA_PARTS
     h = np.empty(5 * D, np.float32)
-    m = np.empty(C, np.float32)
     hd = np.empty(_cols(dw1, kind), np.float32)
+    ph = np.empty((1, P, h.shape[0]), np.float32)
+    pm = np.empty((5, P, C), np.float32)
+    phd = np.empty((1, P, hd.shape[0]), np.float32)
+    pdec = np.empty((1, P, dec.shape[1]), np.float32)
     for b in range(B):
-        _vec_mat(xxx[b], w1, kind, h)
+        _vm_parts(xxx[b:b + 1], (w1,), kind, ph, threads)
+        _parts_sum(ph[0], h)
         for d in range(h.shape[0]):
             h[d] = np.float32(math.tanh(h[d]))
+        _vm_parts(h.reshape(5, D), (w2[0], w2[1], w2[2], w2[3], w2[4]), kind, pm, threads)
         for j in range(5):
-            _vec_mat(h[j * D:(j + 1) * D], w2[j], kind, m)
             for c in range(C):
-                out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m[c])
-        _vec_mat(out[0, b], dw1, kind, hd)
+                m = pm[j, 0, c]
+                for p in range(1, P):
+                    m += pm[j, p, c]
+                out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m)
+        _vm_parts(out[0, b:b + 1], (dw1,), kind, phd, threads)
+        _parts_sum(phd[0], hd)
         for d in range(hd.shape[0]):
             hd[d] = np.float32(math.tanh(hd[d]))
-        _vec_mat(hd, dw2, kind, dec[b])
+        _vm_parts(hd.reshape(1, -1), (dw2,), kind, pdec, threads)
+        _parts_sum(pdec[0], dec[b])
         for c in range(dec.shape[1]):
             dec[b, c] = np.float32(math.exp(-np.float32(math.exp(td[c] + dec[b, c]))))
 
@@ -418,7 +464,7 @@ def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new,
         xs, W1s = (mn[1], mn[4], mn[3], mn[5]), (w1, a1, v1, g1)
         hid = _lora_hidden(W1s, lora_kind, B)
         _loras_in_par(xs, W1s, lora_kind, hid, threads)
-        parts = np.empty((4, B, LORA_OUT_PARTS, A), np.float32)
+        parts = np.empty((4, B, LORA_PARTS, A), np.float32)
         _lora_out_par(hid, (w2, a2, v2, g2), lora_kind, parts)
         _v7_time_par(r, k, v, v_first, parts, hid[2].shape[1] > 0, wl, al, vl, g, first,
                      w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps[1], wkv_prev, wkv_new, y, threads)
@@ -506,7 +552,7 @@ def _v6_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
     _mix_in(x, delta, ln[0], ln[1], eps[0], att_prev, mix, att_new, mn, 0)
     x5 = np.empty((5, B, C), np.float32)
     dec = np.empty((B, A), np.float32)
-    _v6_mix(att_new, att_prev, mn[0], w1, w2, maa, td, dw1, dw2, lora_kind, x5, dec)
+    _v6_mix(att_new, att_prev, mn[0], w1, w2, maa, td, dw1, dw2, lora_kind, x5, dec, threads)
     r = _products(prods[0], x5[3], A, threads)
     k = _products(prods[1], x5[1], A, threads)
     v = _products(prods[2], x5[2], A, threads)
@@ -817,7 +863,8 @@ class FusedStep:
             x5 = self._scratch(ctx, "mixed5", (5, B, C))
             dec = self._scratch(ctx, "decay", (B, cfg.n_att))
             w1, w2, td, dw1, dw2 = d["lora"]
-            _v6_mix(ao[i], att_in[i], mn[0], w1, w2, d["maa"], td, dw1, dw2, d["kind"], x5, dec)
+            _v6_mix(ao[i], att_in[i], mn[0], w1, w2, d["maa"], td, dw1, dw2, d["kind"], x5, dec,
+                    1)
             mm = self._np_mm
             r, k, v = (mm(x5[j], a + n) for j, n in ((3, "receptance.weight"),
                                                      (1, "key.weight"), (2, "value.weight")))

@@ -369,26 +369,34 @@ dotq_q8_0 = _row_dot_q8(34, _iq_q8_0)
 
 # -- axpy on float rows (the fused step's low-rank products) -------------------------------------
 
-def _row_axpy(load):
-    """Make an intrinsic ``axpy(out, row, a, n32)``: out[:32 n32] += a * row[:32 n32], the row
-    (uint8 bytes of F32/F16/BF16 values) widened exactly to float32; multiply, then add."""
+def _rows_axpy(load):
+    """Make an intrinsic ``axpys(out, W, x, c0, c1, off, n32)``: for each row c in [c0, c1),
+    in order, out[:32 n32] += x[c] * W[c, off:] (W: the uint8 bytes of F32/F16/BF16 rows,
+    ``off`` a byte offset into each row), the row widened exactly to float32; multiply, then
+    add. The loop over the rows inside: called once per row from numba, the slicing around
+    each call cost more than the row itself for the LoRAs' short rows."""
 
-    def typer(typingctx, out, row, a, n32):
-        sig = nbt.void(out, row, nbt.float32, nbt.intp)
+    def typer(typingctx, out, W, x, c0, c1, off, n32):
+        sig = nbt.void(out, W, x, nbt.intp, nbt.intp, nbt.intp, nbt.intp)
 
         def codegen(context, b, signature, args):
             out_arr = context.make_array(signature.args[0])(context, b, args[0])
-            row_arr = context.make_array(signature.args[1])(context, b, args[1])
+            w_arr = context.make_array(signature.args[1])(context, b, args[1])
+            x_arr = context.make_array(signature.args[2])(context, b, args[2])
             ys = b.bitcast(out_arr.data, ir.PointerType(_F32))
-            base = b.bitcast(row_arr.data, ir.PointerType(_I8))
-            av = _splat(b, args[2])
+            xs = b.bitcast(x_arr.data, ir.PointerType(_F32))
+            stride = cgutils.unpack_tuple(b, w_arr.strides, 2)[0]
+            base = b.gep(b.bitcast(w_arr.data, ir.PointerType(_I8)), [args[5]])
             nbytes = load.bytes
-            with cgutils.for_range(b, args[3]) as loop:
-                i = loop.index
-                w = load(b, b.gep(base, [b.mul(i, ir.Constant(_I64, nbytes))]))
-                yp = b.bitcast(b.gep(ys, [b.mul(i, ir.Constant(_I64, _N))]),
-                               ir.PointerType(_vec(_F32)))
-                b.store(b.fadd(b.load(yp, align=4), b.fmul(av, w)), yp, align=4)
+            with cgutils.for_range_slice(b, args[3], args[4], ir.Constant(_I64, 1)) as (c, _):
+                av = _splat(b, b.load(b.gep(xs, [c])))
+                row = b.gep(base, [b.mul(c, stride)])
+                with cgutils.for_range(b, args[6]) as loop:
+                    i = loop.index
+                    w = load(b, b.gep(row, [b.mul(i, ir.Constant(_I64, nbytes))]))
+                    yp = b.bitcast(b.gep(ys, [b.mul(i, ir.Constant(_I64, _N))]),
+                                   ir.PointerType(_vec(_F32)))
+                    b.store(b.fadd(b.load(yp, align=4), b.fmul(av, w)), yp, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -396,29 +404,10 @@ def _row_axpy(load):
     return intrinsic(typer)
 
 
-@intrinsic
-def prefetch_lines(typingctx, arr):
-    """Hint every cache line of the 1-D uint8 array ``arr`` into the cache (no effect on
-    values; used where a kernel's next rows are strided and the hardware prefetcher does not
-    see them coming)."""
-    sig = nbt.void(arr)
-
-    def codegen(context, b, signature, args):
-        a = context.make_array(signature.args[0])(context, b, args[0])
-        base = b.bitcast(a.data, ir.PointerType(_I8))
-        n = cgutils.unpack_tuple(b, a.shape, 1)[0]
-        lines = b.udiv(b.add(n, ir.Constant(_I64, 63)), ir.Constant(_I64, 64))
-        with cgutils.for_range(b, lines) as loop:
-            _prefetch(b, b.gep(base, [b.mul(loop.index, ir.Constant(_I64, 64))]), 0, 1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 _f32.bytes, _f16.bytes, _bf16.bytes = 128, 64, 64
-axpy_f32 = _row_axpy(_f32)
-axpy_f16 = _row_axpy(_f16)
-axpy_bf16 = _row_axpy(_bf16)
+axpys_f32 = _rows_axpy(_f32)
+axpys_f16 = _rows_axpy(_f16)
+axpys_bf16 = _rows_axpy(_bf16)
 
 
 # -- short float32 dot products (the per-head recurrences of kernels/fused.py) -------------------
