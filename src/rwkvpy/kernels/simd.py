@@ -587,6 +587,20 @@ def _x8_vector(b, codes, d8, m8, xs, x0, dx, cx, acc, q8, per_madd, offset):
             b.store(_fma8(b, m8, _splat(b, cx, 8), b.load(acc)), acc)
 
 
+def _groups_args(context, b, signature, args, ng):
+    """An x8 intrinsic's array arguments (None for the scalars), its groups g, g + q, ...
+    (``ng`` of them: args[1] = g, args[2] = q when ng > 1) and the i8* of each group's row of
+    the repacked matrix args[0]."""
+    arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
+            for t, a in zip(signature.args, args)]
+    stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
+    gs = [args[1] if k == 0 else b.add(args[1], b.mul(args[2], ir.Constant(_I64, k)))
+          for k in range(ng)]
+    bases = [b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(g, stride)])
+             for g in gs]
+    return arrs, gs, bases
+
+
 def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt, ng=1):
     """Make an intrinsic ``dot8(pk, g, xq2, dx2, sx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row
     8g+r . x2[t0 + u] for r < 8, u < ``tt``, from the repacked group ``pk[g]`` (uint8 2-D) and
@@ -605,13 +619,7 @@ def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt, ng=1):
     ai = 1 if ng == 1 else 2  # the arguments after g (and q)
 
     def codegen(context, b, signature, args):
-        arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
-                for t, a in zip(signature.args, args)]
-        stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
-        gs = [args[1] if k == 0 else b.add(args[1], b.mul(args[2], ir.Constant(_I64, k)))
-              for k in range(ng)]
-        bases = [b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(g, stride)])
-                 for g in gs]
+        arrs, gs, bases = _groups_args(context, b, signature, args, ng)
         t0 = args[ai + 6]
         xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
         dxs, sxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 3, 5))
@@ -792,13 +800,7 @@ def _dot_x8_q8_i16(tt, ng=1):
     ai = 1 if ng == 1 else 2
 
     def codegen(context, b, signature, args):
-        arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
-                for t, a in zip(signature.args, args)]
-        stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
-        gs = [args[1] if k == 0 else b.add(args[1], b.mul(args[2], ir.Constant(_I64, k)))
-              for k in range(ng)]
-        bases = [b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(g, stride)])
-                 for g in gs]
+        arrs, gs, bases = _groups_args(context, b, signature, args, ng)
         t0 = args[ai + 5]
         xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
         dxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 4))
