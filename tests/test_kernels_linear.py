@@ -800,3 +800,30 @@ def test_v6_mix_threads_bit_identical(kind):
         assert np.abs(outs[0][0][j] - ref).max() < 1e-5
     ref = np.exp(-np.exp(td + np.tanh(outs[0][0][0].astype(np.float64) @ DW1) @ DW2))
     assert np.abs(outs[0][1] - ref).max() < 1e-5
+
+
+def test_numba_cache_keyed_on_every_kernel_source(tmp_path):
+    """The kernels' numba cache is stamped with the hash of every source file of the kernels
+    folder (kernels/numba_cache.py): a change to simd.py alone, whose intrinsics linear.py and
+    fused.py compile into their own functions, makes their cached code stale. numba's own stamp
+    (the function's file only) stays for functions elsewhere."""
+    import shutil
+
+    from rwkvpy.kernels import fused, numba_cache, simd
+    from rwkvpy.tokenizers import _world_kernels
+
+    assert numba_cache.LOCATORS
+    stamp = numba_cache.sources_stamp()
+    for f in (L.row_product, fused._v7_block):
+        loc = f._cache._impl.locator
+        assert isinstance(loc, numba_cache.LOCATORS) and loc.get_source_stamp() == stamp
+    other = _world_kernels.encode._cache._impl.locator
+    assert not isinstance(other, numba_cache.LOCATORS)
+    # the stamp follows every file of the folder: simd.py changed, the same for linear.py
+    copy = tmp_path / "kernels"
+    shutil.copytree(numba_cache._DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert numba_cache.sources_stamp(str(copy)) == stamp
+    with open(copy / "simd.py", "a") as f:
+        f.write("\n# changed\n")
+    assert numba_cache.sources_stamp(str(copy)) != stamp
+    assert simd.__file__.startswith(numba_cache._DIR)

@@ -4,6 +4,7 @@
 (:func:`wkv7_chunked`) state recurrences.
 """
 
+from . import numba_cache  # noqa: F401  (first: numba's cache keyed on all kernel sources)
 from .wkv import wkv5_chunked, wkv7_chunked
 
 __all__ = ["wkv5_chunked", "wkv7_chunked"]
