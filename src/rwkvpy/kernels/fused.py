@@ -272,12 +272,7 @@ def _lora_out_sum(parts, outs, has_v, b, c0, c1):
     for j in range(4):
         if j == 2 and not has_v:
             continue
-        o = outs[j][b]
-        for c in range(c0, c1):
-            acc = parts[j, b, 0, c]
-            for p in range(1, LORA_PARTS):
-                acc += parts[j, b, p, c]
-            o[c] = acc
+        _parts_sum(parts[j, b, :, c0:c1], outs[j][b, c0:c1])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -300,6 +295,7 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
     D = w2.shape[1]
     P = LORA_PARTS
     h = np.empty(5 * D, np.float32)
+    m = np.empty(C, np.float32)
     hd = np.empty(_cols(dw1, kind), np.float32)
     ph = np.empty((1, P, h.shape[0]), np.float32)
     pm = np.empty((5, P, C), np.float32)
@@ -312,11 +308,9 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
             h[d] = np.float32(math.tanh(h[d]))
         _vm_parts(h.reshape(5, D), (w2[0], w2[1], w2[2], w2[3], w2[4]), kind, pm, threads)
         for j in range(5):
+            _parts_sum(pm[j], m)
             for c in range(C):
-                m = pm[j, 0, c]
-                for p in range(1, P):
-                    m += pm[j, p, c]
-                out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m)
+                out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m[c])
         _vm_parts(out[0, b:b + 1], (dw1,), kind, phd, threads)
         _parts_sum(phd[0], hd)
         for d in range(hd.shape[0]):

@@ -520,7 +520,7 @@ def _rows2(b, arr, t0, n, elem):
 def _x8_codes(b, rec, block_bytes, has_m, has_qh):
     """The codes of the record at ``rec`` as 8 vectors of 4 codes x 8 rows (Q8_0: pairs of
     |code| and code, for the sign trick)."""
-    m_off, qh_off, c_off = _x8_layout(block_bytes, has_m, has_qh)
+    _, qh_off, c_off = _x8_layout(block_bytes, has_m, has_qh)
     m15, m16 = _const(_I8, [15] * _N), _const(_I8, [16] * _N)
     qh = _load(b, rec, ir.Constant(_I64, qh_off), _I16x16) if has_qh else None
     codes = []
