@@ -1,5 +1,6 @@
-"""Sequence-mode recurrences: the chunked kernels (kernels/wkv.py) against the per-token loops of
-models/ at T tokens, H heads of 64 (default: the 0.1B shape, T = 512). Medians.
+"""Sequence-mode recurrences: the CPU's serial kernels and the chunked forms (kernels/wkv.py)
+against the per-token loops of models/ at T tokens, H heads of 64 (default: the 0.1B shape,
+T = 512). Medians, alternating calls.
 
     python benchmarks/bench_wkv.py --threads 2 --T 512 --heads 12
 """
@@ -11,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rwkvpy.kernels import wkv5_chunked, wkv7_chunked
+from rwkvpy.kernels import wkv5_chunked, wkv5_serial, wkv7_chunked, wkv7_serial
 from rwkvpy.models.v5 import wkv_heads
 from rwkvpy.models.v7 import wkv7
 
@@ -24,6 +25,19 @@ def median_ms(fn, reps):
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def medians_ms(fns, reps):
+    """Median times of several functions called in turn (one noisy stretch hits all alike)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def main():
@@ -40,14 +54,17 @@ def main():
     u = torch.randn(H, N, generator=g)
     S = torch.randn(H, N, N, generator=g) * 0.1
     ref5 = median_ms(lambda: wkv_heads(r, k, v, w, u, S), 3)
-    fast5 = median_ms(lambda: wkv5_chunked(r, k, v, w, u, S), 10)
+    chunk5, serial5 = medians_ms([lambda: wkv5_chunked(r, k, v, w, u, S),
+                                  lambda: wkv5_serial(r, k, v, w, u, S)], 10)
     kk = F.normalize(torch.randn(T, H, N, generator=g), dim=-1)
     aa = torch.rand(T, H, N, generator=g)
     w7 = torch.exp(-0.6065 * torch.rand(T, H, N, generator=g))
     ref7 = median_ms(lambda: wkv7(r, w7, k, v, kk, aa, S), 3)
-    fast7 = median_ms(lambda: wkv7_chunked(r, w7, k, v, kk, aa, S), 10)
-    print(f"{a.threads} threads, T={T}, H={H}: v5/v6 loop {ref5:.1f} ms, chunked {fast5:.2f} ms "
-          f"({ref5 / fast5:.1f}x); v7 loop {ref7:.1f} ms, chunked {fast7:.2f} ms ({ref7 / fast7:.1f}x)")
+    chunk7, serial7 = medians_ms([lambda: wkv7_chunked(r, w7, k, v, kk, aa, S),
+                                  lambda: wkv7_serial(r, w7, k, v, kk, aa, S)], 10)
+    print(f"{a.threads} threads, T={T}, H={H}: v5/v6 torch loop {ref5:.1f} ms, chunked "
+          f"{chunk5:.2f} ms, serial {serial5:.2f} ms; v7 torch loop {ref7:.1f} ms, chunked "
+          f"{chunk7:.2f} ms, serial {serial7:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Chunked sequence-mode WKV kernels against the per-token reference recurrences.
+"""Sequence-mode WKV kernels against the per-token reference recurrences.
 
-Accuracy criterion (all tests): max |chunked - reference| / max |reference| <= TOL = 1e-4, for
-the outputs and for the final state, with a nonzero starting state.
+Accuracy criterion: max |kernel - reference| / max |reference| <= TOL = 1e-4 for the chunked
+forms, SERIAL_TOL = 1e-5 for the CPU's serial forms (the reference's own operations, summed in
+another order: ~3e-7 measured), for the outputs and for the final state, with a nonzero starting
+state.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from rwkvpy.kernels import wkv as W
-from rwkvpy.kernels import wkv5_chunked, wkv7_chunked
+from rwkvpy.kernels import wkv5_chunked, wkv5_serial, wkv7_chunked, wkv7_serial
 from rwkvpy.models.v5 import wkv_heads
 
 TOL = 1e-4
+SERIAL_TOL = 1e-5
 H, N = 4, 64
 
 
@@ -260,3 +263,61 @@ def test_wkv4_serial_matches_reference(T):
     assert torch.isfinite(out).all() and torch.isfinite(S1).all()
     assert (out - ref).abs().max() <= TOL * ref.abs().max()
     assert (S1 - S_ref).abs().max() <= TOL * S_ref.abs().max()
+
+
+# -- the CPU's serial forms ---------------------------------------------------------------------
+
+def _both_serial(T, h, n, seed, w5=None, w7=None):
+    """(kernel, reference) pairs of (out, S) for v5 per-token decays, v5 per-channel decays, v7."""
+    r, k, v, w, u, S = v5_inputs(T, seed, h, n)
+    w = w if w5 is None else w5
+    pairs = [(wkv5_serial(r, k, v, w, u, S), wkv_heads(r, k, v, w, u, S)),
+             (wkv5_serial(r, k, v, w[0], u, S), wkv_heads(r, k, v, w[0], u, S))]
+    r, w, k, v, kk, a, S = v7_inputs(T, seed + 1, h, n)
+    w = w if w7 is None else w7
+    pairs.append((wkv7_serial(r, w, k, v, kk, a, S), ref_wkv7(r, w, k, v, kk, a, S)))
+    return pairs
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 300])
+@pytest.mark.parametrize("h,n", [(4, 64), (3, 24), (2, 70), (2, 8)])
+def test_serial_forms_match_reference(T, h, n):
+    """Head sizes: whole blocks of 16 value channels (64), blocks plus a scalar tail (24, 70),
+    the scalar code alone (8)."""
+    for (out, S1), (ref_out, ref_S) in _both_serial(T, h, n, seed=200 + T):
+        assert out.shape == ref_out.shape and S1.shape == ref_S.shape
+        assert rel_err(out, ref_out) <= SERIAL_TOL
+        assert rel_err(S1, ref_S) <= SERIAL_TOL
+
+
+@pytest.mark.parametrize("kind", ["tiny", "e^-e^4", "near1", "mixed"])
+def test_serial_forms_with_extreme_decays(kind):
+    w = extreme_decays(kind, 300, seed=30)
+    for (out, S1), (ref_out, ref_S) in _both_serial(300, H, N, seed=31, w5=w, w7=w):
+        assert rel_err(out, ref_out) <= SERIAL_TOL and rel_err(S1, ref_S) <= SERIAL_TOL
+
+
+def test_serial_forms_threads_identical():
+    """Heads split across two threads give the same bits as one thread; inputs untouched."""
+    r5 = v5_inputs(300, seed=32, h=5)
+    r7 = v7_inputs(300, seed=33, h=5)
+    before = [x.clone() for x in r5 + r7]
+    one = wkv5_serial(*r5), wkv7_serial(*r7)
+    torch.set_num_threads(2)
+    two = wkv5_serial(*r5), wkv7_serial(*r7)
+    assert all(torch.equal(a, b) for x, y in zip(one, two) for a, b in zip(x, y))
+    assert all(torch.equal(x, y) for x, y in zip(r5 + r7, before))
+
+
+def test_serial_forms_edge_cases():
+    r, k, v, w, u, S = v5_inputs(20, seed=34)
+    out, S1 = wkv5_serial(r[:0], k[:0], v[:0], w[:0], u, S)
+    assert out.shape == (0, H, N) and torch.equal(S1, S) and S1.data_ptr() != S.data_ptr()
+    # strided views (a transposed tensor's slices) and float64 inputs are read as float32
+    ref = wkv_heads(r, k, v, w, u, S)
+    rt = r.transpose(0, 1).contiguous().transpose(0, 1)
+    for got, want in zip(wkv5_serial(rt, k.double(), v, w, u, S), ref):
+        assert rel_err(got, want) <= SERIAL_TOL
+    r, w, k, v, kk, a, S = v7_inputs(20, seed=35)
+    out, S1 = wkv7_serial(r[:0], w[:0], k[:0], v[:0], kk[:0], a[:0], S)
+    assert out.shape == (0, H, N) and torch.equal(S1, S)

@@ -3,7 +3,7 @@
 Modes:
 - ``"reference"``: the float32 model code as written in models/ (the oracle of every test).
 - ``"exact"``: the same numbers up to float32 summation order: weights exactly as stored
-  (dequantized exactly), float32 activations, chunked recurrences for sequences, fused glue for
+  (dequantized exactly), float32 activations, compiled recurrences for sequences, fused glue for
   single tokens.
 - ``"fast"`` (default): like exact, but uses a lossy kernel where it is much faster, each one
   chosen by measurement and documented in kernels/linear.py (e.g. int8 activations and integer
@@ -30,7 +30,7 @@ def make_backend(mode: str, cache=None) -> Backend:
         return REFERENCE
     from .gpu import DeviceLinear
     from .linear import make_linear
-    from .wkv import wkv4_serial, wkv5_chunked, wkv7_chunked
+    from .wkv import wkv4_serial, wkv5_serial, wkv7_serial
 
     def linear(w, device, name=None):
         if device.type != "cpu":
@@ -46,5 +46,5 @@ def make_backend(mode: str, cache=None) -> Backend:
                 cache.used()
         return lin
 
-    return Backend(name=mode, make_linear=linear, wkv4=wkv4_serial, wkv5=wkv5_chunked,
-                   wkv7=wkv7_chunked)
+    return Backend(name=mode, make_linear=linear, wkv4=wkv4_serial, wkv5=wkv5_serial,
+                   wkv7=wkv7_serial)

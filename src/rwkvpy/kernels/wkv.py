@@ -1,10 +1,15 @@
-"""Chunked parallel (sequence-mode) forms of the RWKV v5/v6 and v7 state recurrences.
+"""Sequence-mode forms of the RWKV v4, v5/v6 and v7 state recurrences.
 
-The per-token references are :func:`rwkvpy.models.v5.wkv_heads` (v5/v6) and the loop inside
-:meth:`rwkvpy.models.v7.RWKV7.time_mix` (v7). Both are linear in the state, so a prompt of T
-tokens is cut into chunks of L tokens: inside a chunk every token-to-token interaction is a
-(masked) matrix product, computed for all chunks at once, and only the state at the chunk
-boundaries is carried sequentially: T / L small steps instead of T.
+The per-token references are :func:`rwkvpy.models.v5.wkv_heads` (v5/v6) and
+:func:`rwkvpy.models.v7.wkv7`. On the CPU they run as written, token by token, in compiled vector
+code with each head's state in the core's cache (:func:`wkv5_serial`, :func:`wkv7_serial`, and
+v4's :func:`wkv4_serial`; see the end of this file). On GPUs that order leaves the device idle,
+and the chunked forms below take over.
+
+Both recurrences are linear in the state, so a prompt of T tokens is cut into chunks of L
+tokens: inside a chunk every token-to-token interaction is a (masked) matrix product, computed
+for all chunks at once, and only the state at the chunk boundaries is carried sequentially:
+T / L small steps instead of T.
 
 Decays
 ------
@@ -68,7 +73,7 @@ import threading
 import torch
 
 __all__ = ["SAFE_DECAY", "SCRATCH_BYTES", "V5_CHUNK", "V7_CHUNK",
-           "release_scratch", "wkv5_chunked", "wkv7_chunked"]
+           "release_scratch", "wkv5_chunked", "wkv5_serial", "wkv7_chunked", "wkv7_serial"]
 
 # Default chunk lengths (powers of two), measured at T = 512, H = 12, N = 64 with two threads
 # on a 2-core CPU; tests/test_kernels_wkv.py re-measures the speed.
@@ -503,3 +508,127 @@ try:
 except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
 
+
+
+# -- v5/v6 and v7 on the CPU: the recurrence itself, head by head ------------------------------
+# A head's state (64 x 64 float32, 16 KB) stays in the core's L1 cache for the whole sequence,
+# and a token costs ~3-4 multiply-adds per state entry in vector code (kernels.simd.wkv5_token,
+# wkv7_token), heads split across numba's threads. The chunked forms above do 2-5x more
+# arithmetic in small matrix products plus a dozen elementwise passes over each chunk, and on
+# the CPU they lose: T = 512, 64-channel heads, 2 threads, one process, median of 9 (float32):
+# v7 H = 12 8.6 -> 2.6 ms, H = 32 21.5 -> 7.2 ms; v6 (decay per token) H = 12 11.6 -> 2.1 ms,
+# H = 32 28.4 -> 4.9 ms. The GPU keeps the chunked forms (its parallelism is across tokens).
+
+def _heads_kernel(serial, parallel, H, work):
+    """Run a per-head kernel on numba's threads (a range of heads each) when torch allows
+    more than one thread and no other parallel launch runs, else serially (kernels.linear)."""
+    from .linear import _rows_kernel
+    _rows_kernel(serial, parallel, H, work)
+
+
+def _cpu_f32(*xs):
+    return [x.to(F32).contiguous().numpy() for x in xs]
+
+
+def wkv7_serial(r, w, k, v, kk, a, S):
+    """:func:`wkv7_chunked`'s contract (same arguments, same results up to float32 rounding):
+    the recurrence token by token in numba on the CPU; elsewhere, or without numba, the chunked
+    form."""
+    if k.device.type != "cpu" or not _HAVE_NUMBA:
+        return wkv7_chunked(r, w, k, v, kk, a, S)
+    T, H, K = k.shape
+    V = v.shape[-1]
+    out = torch.empty(T, H, V, dtype=F32)
+    S_out = torch.empty(H, V, K, dtype=F32)
+    args = (*_cpu_f32(r, w, k, v, kk, a, S), out.numpy(), S_out.numpy())
+    _heads_kernel(lambda: _wkv7_heads(*args, 0, H), lambda n: _wkv7_par(*args, n), H, T * K * V)
+    return out, S_out
+
+
+def wkv5_serial(r, k, v, w, u, S):
+    """:func:`wkv5_chunked`'s contract (w per token (T, H, N_k) or per channel (H, N_k)): the
+    recurrence token by token in numba on the CPU; elsewhere, or without numba, chunked."""
+    if k.device.type != "cpu" or not _HAVE_NUMBA:
+        return wkv5_chunked(r, k, v, w, u, S)
+    T, H, K = k.shape
+    V = v.shape[-1]
+    out = torch.empty(T, H, V, dtype=F32)
+    S_out = torch.empty(H, K, V, dtype=F32)
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)                           # (1, H, K): every token
+    args = (*_cpu_f32(r, k, v, w3, u, S), out.numpy(), S_out.numpy())
+    _heads_kernel(lambda: _wkv5_heads(*args, 0, H), lambda n: _wkv5_par(*args, n), H, T * K * V)
+    return out, S_out
+
+
+if _HAVE_NUMBA:
+    from . import simd as _simd
+
+    _STEP = _simd._STATE_LANES
+
+    @_numba.njit(cache=True, nogil=True)
+    def _wkv7_heads(r, w, k, v, kk, a, S, out, S_out, h0, h1):
+        """Heads h0 .. h1 of wkv7_serial: S (H, N_v, N_k) held transposed (row j = key
+        channel j) in st; value channels past the last whole 16 in scalar code."""
+        T, K, V = k.shape[0], k.shape[2], v.shape[2]
+        nb = V // _STEP
+        st = _np.empty(K * V, _np.float32)
+        ka = _np.empty(K, _np.float32)
+        for h in range(h0, h1):
+            for i in range(V):
+                for j in range(K):
+                    st[j * V + i] = S[h, i, j]
+            for t in range(T):
+                kkt, wt, kt, rt, vt = kk[t, h], w[t, h], k[t, h], r[t, h], v[t, h]
+                for j in range(K):
+                    ka[j] = kkt[j] * a[t, h, j]
+                _simd.wkv7_token(st, kkt, wt, ka, kt, vt, rt, out[t, h], K, V, nb)
+                for i in range(nb * _STEP, V):
+                    sa = _np.float32(0.0)
+                    for j in range(K):
+                        sa += st[j * V + i] * kkt[j]
+                    o = _np.float32(0.0)
+                    for j in range(K):
+                        x = st[j * V + i] * wt[j] - sa * ka[j] + vt[i] * kt[j]
+                        st[j * V + i] = x
+                        o += x * rt[j]
+                    out[t, h, i] = o
+            for i in range(V):
+                for j in range(K):
+                    S_out[h, i, j] = st[j * V + i]
+
+    @_numba.njit(parallel=True, cache=True, nogil=True)
+    def _wkv7_par(r, w, k, v, kk, a, S, out, S_out, n):
+        H = S.shape[0]
+        for p in _numba.prange(n):
+            _wkv7_heads(r, w, k, v, kk, a, S, out, S_out, p * H // n, (p + 1) * H // n)
+
+    @_numba.njit(cache=True, nogil=True)
+    def _wkv5_heads(r, k, v, w, u, S, out, S_out, h0, h1):
+        """Heads h0 .. h1 of wkv5_serial: S (H, N_k, N_v) row by row as stored; w (T or 1,
+        H, N_k); value channels past the last whole 16 in scalar code."""
+        T, K, V = k.shape[0], k.shape[2], v.shape[2]
+        nb = V // _STEP
+        per_token = w.shape[0] > 1
+        st = _np.empty(K * V, _np.float32)
+        for h in range(h0, h1):
+            st[:] = S[h].ravel()
+            uh = u[h]
+            for t in range(T):
+                rt, kt, vt = r[t, h], k[t, h], v[t, h]
+                wt = w[t, h] if per_token else w[0, h]
+                _simd.wkv5_token(st, rt, kt, wt, uh, vt, out[t, h], K, V, nb)
+                for i in range(nb * _STEP, V):
+                    o = _np.float32(0.0)
+                    for j in range(K):
+                        x = st[j * V + i]
+                        kv = kt[j] * vt[i]
+                        o += rt[j] * (x + uh[j] * kv)
+                        st[j * V + i] = kv + wt[j] * x
+                    out[t, h, i] = o
+            S_out[h] = st.reshape(K, V)
+
+    @_numba.njit(parallel=True, cache=True, nogil=True)
+    def _wkv5_par(r, k, v, w, u, S, out, S_out, n):
+        H = S.shape[0]
+        for p in _numba.prange(n):
+            _wkv5_heads(r, k, v, w, u, S, out, S_out, p * H // n, (p + 1) * H // n)
