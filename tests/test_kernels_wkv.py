@@ -297,8 +297,17 @@ def test_serial_forms_with_extreme_decays(kind):
         assert rel_err(out, ref_out) <= SERIAL_TOL and rel_err(S1, ref_S) <= SERIAL_TOL
 
 
-def test_serial_forms_threads_identical():
+def _spy(monkeypatch, name, calls=None):
+    """Record the thread count of each call of wkv's parallel kernel ``name`` in ``calls``."""
+    calls = [] if calls is None else calls
+    kernel = getattr(W, name)
+    monkeypatch.setattr(W, name, lambda *a: calls.append(a[-1]) or kernel(*a))
+    return calls
+
+
+def test_serial_forms_threads_identical(monkeypatch):
     """Heads split across two threads give the same bits as one thread; inputs untouched."""
+    calls = _spy(monkeypatch, "_wkv7_par", _spy(monkeypatch, "_wkv5_par"))
     r5 = v5_inputs(300, seed=32, h=5)
     r7 = v7_inputs(300, seed=33, h=5)
     before = [x.clone() for x in r5 + r7]
@@ -306,7 +315,24 @@ def test_serial_forms_threads_identical():
     torch.set_num_threads(2)
     two = wkv5_serial(*r5), wkv7_serial(*r7)
     assert all(torch.equal(a, b) for x, y in zip(one, two) for a, b in zip(x, y))
+    assert calls == [2, 2]  # both ran on two threads
     assert all(torch.equal(x, y) for x, y in zip(r5 + r7, before))
+
+
+def test_wkv4_serial_threads_identical(monkeypatch):
+    """v4's channels split across two threads (T * channels above the serial limit)."""
+    calls = _spy(monkeypatch, "_wkv4_par")
+    g = torch.Generator().manual_seed(36)
+    T, A = 300, 1024
+    k, v = torch.randn(T, A, generator=g) * 30, torch.randn(T, A, generator=g)
+    decay, u = -torch.exp(torch.randn(A, generator=g)), torch.randn(A, generator=g)
+    S = torch.stack([torch.randn(A, generator=g), torch.rand(A, generator=g) + 0.5,
+                     torch.randn(A, generator=g) * 10])
+    one = W.wkv4_serial(k, v, decay, u, S)
+    torch.set_num_threads(2)
+    two = W.wkv4_serial(k, v, decay, u, S)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert calls == [2]
 
 
 def test_serial_forms_edge_cases():
