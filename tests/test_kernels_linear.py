@@ -324,6 +324,40 @@ def test_int8_dot_nonfinite_activations(fmt):
     assert all(bool(torch.isfinite(y[t]).all()) for t in (2, 3, 5))
 
 
+@pytest.mark.parametrize("dtype,qmax", [(np.int8, 127.0), (np.int16, 32767.0)])
+def test_activation_blocks_rounded_as_float32_formula(dtype, qmax):
+    """The vector code rounding activations to integer blocks (simd.quantize_blocks) against
+    the formula in float32 numpy: dx = amax / qmax, xq = rint(x * (1 / dx)), sx = dx sum(xq),
+    bit for bit, over blocks of very different scales, an all-zero block, a block of
+    subnormals only (counts as zeros), and NaN / inf blocks (dx = sx = NaN)."""
+    rng = np.random.default_rng(5)
+    T, nb = 7, 40
+    x = (rng.standard_normal((T, nb, 32)) * 10.0 ** rng.uniform(-6, 6, (T, nb, 1))).astype(np.float32)
+    x[0, 1] = 0.0
+    x[1, 2] = 1e-40
+    x[2, 3, 5], x[3, 4, 0], x[4, 5, 31] = np.nan, np.inf, -np.inf
+    x = x.reshape(T, nb * 32)
+    xq = np.zeros((T, nb * 32), dtype)
+    dx, sx = np.empty((T, nb), np.float32), np.empty((T, nb), np.float32)
+    L._quantize_x(x, xq, dx, sx, qmax)
+
+    blocks = x.reshape(T, nb, 32)
+    d = np.abs(blocks).max(-1) / np.float32(qmax)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        q = np.rint(blocks * inv[..., None])
+    finite = np.isfinite(blocks).all(-1)
+    usable = finite & np.isfinite(inv)
+    q = np.where(usable[..., None], q, 0)
+    assert np.abs(q).max() <= qmax
+    want_d = np.where(finite, d, np.nan).astype(np.float32)
+    want_s = (want_d * q.sum(-1).astype(np.float32)).astype(np.float32)
+    assert np.array_equal(xq.reshape(T, nb, 32), q.astype(dtype))
+    assert np.array_equal(dx, want_d, equal_nan=True) and np.array_equal(sx, want_s, equal_nan=True)
+    assert np.isnan(dx[2, 3]) and np.isnan(dx[3, 4]) and np.isnan(dx[4, 5])
+    assert dx[0, 1] == 0 and sx[0, 1] == 0 and sx[1, 2] == 0 and not xq[1, 64:96].any()
+
+
 def _onehot_columns(packed, scales, K, n_out, dtype):
     eye = torch.eye(K, dtype=dtype)
     return torch._weight_int4pack_mm_for_cpu(eye, packed, 32, scales)[:, :n_out].T

@@ -340,27 +340,10 @@ if HAVE_NUMBA:
     def _quantize_x(x2, xq2, dx2, sx2, qmax):
         """Each row of x2 (T, K) as integer blocks of 32: dx = amax / qmax, xq = round(x / dx)
         (|xq| <= qmax: 127 into int8 ``xq2``, 32767 into int16), sx = dx * (sum of the block's
-        xq) (float32)."""
+        xq) (float32); a block holding a NaN or an infinity gets dx = NaN, so that the products
+        come out NaN as in float arithmetic (the rounding would hide it). simd.quantize_blocks."""
         for t in range(x2.shape[0]):
-            x, xq = x2[t], xq2[t]
-            for i in range(dx2.shape[1]):
-                amax = np.float32(0.0)
-                finite = True
-                for j in range(32):
-                    v = x[i * 32 + j]
-                    amax = max(amax, abs(v))
-                    finite &= np.isfinite(v)
-                # a NaN or inf activation makes the block's scale NaN, so that the products
-                # come out NaN as in float arithmetic (the rounding would hide it)
-                d = amax / np.float32(qmax) if finite else np.float32(np.nan)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                s = 0
-                for j in range(32):
-                    q = np.int32(np.rint(x[i * 32 + j] * inv))
-                    xq[i * 32 + j] = q
-                    s += q
-                dx2[t, i] = d
-                sx2[t, i] = d * np.float32(s)
+            _simd.quantize_blocks(x2[t], xq2[t], dx2[t], sx2[t], dx2.shape[1], qmax)
 
     @njit(inline="always", **_CACHE)
     def _dotq_row(kind, row, xq, dx, sx, nb):
