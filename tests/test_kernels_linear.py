@@ -726,11 +726,17 @@ def test_released_views_and_repacked_rows(tmp_path):
 
 def test_v7_bin_low_rank_stay_16_bit():
     """rwkv.cpp stores v7's LoRA matrices transposed: they are read as views in the file's
-    dtype and copied once (16-bit, canonical orientation), never widened to float32."""
+    dtype, never widened to float32. The first matrices stay those views (held by columns,
+    models.base LOW_RANK_COLUMNS: no copy), the second ones are copied once into rows; a .pth
+    file's first matrices (rows) are copied once into columns."""
     model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP16.bin"))
     for n in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2"):
         t = model._net.w[f"blocks.1.att.{n}"]
-        assert t.dtype == torch.float16 and t.is_contiguous(), n
+        assert t.dtype == torch.float16, n
+        assert (t.t() if n.endswith("1") else t).is_contiguous(), n
+    model = rwkvpy.load(fixture_path("reference-pth", "v7_c192_l2.pth"))
+    for n in ("w1", "a1", "g1", "v1"):
+        assert model._net.w[f"blocks.1.att.{n}"].t().is_contiguous(), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -768,9 +774,9 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     for first, Dv in ((True, 0), (False, 25)):
-        W1s, W2s = ([fused._rows_bytes(torch.from_numpy(f32(*shape(D))).half()) if D else
-                     np.zeros((0, 1), np.uint8) for D in (42, 72, Dv, 96)]
-                    for shape in (lambda D: (C, D), lambda D: (D, C)))
+        # first matrices as their columns, second ones as their rows: (D, C) bytes each
+        W1s, W2s = ([fused._rows_bytes(torch.from_numpy(f32(D, C)).half()) if D else
+                     np.zeros((0, 1), np.uint8) for D in (42, 72, Dv, 96)] for _ in range(2))
         xs = f32(4, B, C, scale=1.0)
         rkv = f32(3, B, C, scale=1.0)
         vecs = [f32(C) for _ in range(3)] + [f32(C), f32(C), f32(H, N), f32(C) + 1, f32(C)]
@@ -800,10 +806,10 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
 
 @pytest.mark.parametrize("kind", [5, 7])
 def test_v6_mix_threads_bit_identical(kind):
-    """v6's data-dependent mixes and decay (fused._v6_mix): each LoRA product sums its rows
-    in fused.LORA_PARTS parts, on numba's threads or serially, the same numbers bit for bit,
-    for 2 sequences, row counts not a multiple of the parts, F16 and F32 LoRAs; and they are
-    the float64 formula within 1e-5."""
+    """v6's data-dependent mixes and decay (fused._v6_mix): the first products by columns,
+    the second ones summing their rows in fused.LORA_PARTS parts, on numba's threads or
+    serially, the same numbers bit for bit, for 2 sequences, row counts not a multiple of the
+    parts, F16 and F32 LoRAs; and they are the float64 formula within 1e-5."""
     from rwkvpy.kernels import fused
 
     B, C, D, Dd = 2, 96, 10, 14
@@ -815,7 +821,8 @@ def test_v6_mix_threads_bit_identical(kind):
     dtype = torch.float16 if kind == 5 else torch.float32
     ws = [torch.from_numpy(f32(*shape)).to(dtype) for shape in ((C, 5 * D), (5 * D, C),
                                                                (C, Dd), (Dd, C))]
-    w1, w2, dw1, dw2 = (fused._rows_bytes(t) for t in ws)
+    w1, w2, dw1, dw2 = ((fused._rows_bytes if i % 2 else fused._cols_bytes)(t)
+                        for i, t in enumerate(ws))
     w2 = w2.reshape(5, D, -1)
     maa, td = f32(5, C), f32(C) - 1
     xx, prev, xxx = f32(B, C), f32(B, C), f32(B, C)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..models.config import Version
 from ..state import State
 from . import simd as _simd
-from .linear import PARALLEL_LOCK, _float_at, _numba_threads, row_product
+from .linear import PARALLEL_LOCK, _float_at, _mv_par, _mv_rows, _numba_threads, row_product
 from .wkv import wkv4_step
 
 DECAY_SCALE = math.exp(-0.5)
@@ -167,6 +167,18 @@ def _vm_parts(xs, Ws, kind, parts, threads):
 
 
 @numba.njit(cache=True, nogil=True)
+def _col_dots(x2, WT, kind, y2, threads):
+    """y2 (B, D) = x2 (B, C) @ W for a first LoRA matrix W given as its D columns (rows of
+    bytes, _cols_bytes): a dot product per column as kernels.linear sums float rows, the
+    columns split across numba's threads when ``threads`` > 1 (the same numbers)."""
+    D = WT.shape[0]
+    if threads > 1:
+        _mv_par(kind, WT, x2, y2, max(1, -(-D // (8 * threads))), 32)
+    else:
+        _mv_rows(kind, WT, x2, y2, 0, D, 32)
+
+
+@numba.njit(cache=True, nogil=True)
 def _parts_sum(parts, out):
     """out = parts[0] + parts[1] + ..., in that order."""
     for c in range(out.shape[0]):
@@ -180,8 +192,8 @@ def _parts_sum(parts, out):
 def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, g):
     """The low-rank projections of a v7 time mix, for each of B sequences (rows):
     wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped when v1 has no rows:
-    layer 0), g = sigmoid(xg g1) g2. The matrices as stored (bytes of rows, ``kind`` as in
-    _vec_mat), read once per token at memory speed."""
+    layer 0), g = sigmoid(xg g1) g2. The first matrices as their columns (_cols_bytes), the
+    second as their rows (_rows_bytes), in the dtype stored (``kind`` as in _vec_mat)."""
     B = xw.shape[0]
     hid = _lora_hidden((w1, a1, v1, g1), kind, B)
     _loras_in((xw, xa, xv, xg), (w1, a1, v1, g1), kind, hid, 0, _lora_units(hid))
@@ -198,11 +210,12 @@ _V7_ACTS = (1, 0, 0, 2)
 
 @numba.njit(cache=True, nogil=True)
 def _lora_hidden(W1s, kind, B):
-    """The hidden vectors (B, D_j) of LoRAs whose first matrices are W1s (rows as bytes)."""
-    return (np.empty((B, _cols(W1s[0], kind)), np.float32),
-            np.empty((B, _cols(W1s[1], kind)), np.float32),
-            np.empty((B, _cols(W1s[2], kind)), np.float32),
-            np.empty((B, _cols(W1s[3], kind)), np.float32))
+    """The hidden vectors (B, D_j) of LoRAs whose first matrices are W1s (their D_j columns,
+    each as a row of bytes: _cols_bytes)."""
+    return (np.empty((B, W1s[0].shape[0]), np.float32),
+            np.empty((B, W1s[1].shape[0]), np.float32),
+            np.empty((B, W1s[2].shape[0]), np.float32),
+            np.empty((B, W1s[3].shape[0]), np.float32))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -217,7 +230,12 @@ def _lora_units(hid):
 @numba.njit(cache=True, nogil=True)
 def _loras_in(xs, W1s, kind, hid, u0, u1):
     """Units u0 .. u1 (_lora_units) of the four v7 LoRAs' first products and activations:
-    hid[j][b, cols] = act_j(xs[j][b] @ W1s[j][:, cols])."""
+    hid[j][b, cols] = act_j(xs[j][b] @ W1s[j][:, cols]), each hidden value the dot product of
+    a column of the first matrix (W1s[j]: the columns as rows of bytes) with x, as the float
+    rows of kernels.linear sum it (4 columns a quarter of the unit apart at once for one
+    sequence). Against an axpy per row of the matrix as stored (C, D): the first products of
+    v7 1.5B's layers 1-23 on two threads 2.05 -> 1.41 ms, 23.5 -> 34.1 GB/s (one process,
+    alternating, median of 15)."""
     o = 0
     for j in range(len(hid)):
         D = hid[j].shape[1]
@@ -228,9 +246,9 @@ def _loras_in(xs, W1s, kind, hid, u0, u1):
             continue
         d0, d1 = 32 * lo, min(D, 32 * hi)
         act = _V7_ACTS[j]
+        _mv_rows(kind, W1s[j], xs[j], hid[j], d0, d1, 32)
         for b in range(hid[j].shape[0]):
             h = hid[j][b]
-            _vec_mat_cols(xs[j][b], W1s[j], kind, h, d0, d1)
             if act == 1:
                 for d in range(d0, d1):
                     h[d] = np.float32(math.tanh(h[d]))
@@ -287,23 +305,22 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
     h = tanh(xxx w1) (5 slices of D), x_j = xx + (prev - xx) * (maa_j + h_j w2[j]) for
     j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)).
 
-    w1 (C, 5D), w2 (5, D, C), dw1 (C, Dd), dw2 (Dd, A): rows as bytes, ``kind`` as in
-    _vec_mat. Each product sums its rows in LORA_PARTS parts, added in order (_parts_sum):
-    on ``threads`` > 1 the parts run on numba's threads, the same numbers. 24 layers of v6
-    1.6B (F32 LoRAs, 88 MB a token), one thread: 5.4 ms, 16-18 GB/s."""
+    w1 (C, 5D) and dw1 (C, Dd) as their columns (_cols_bytes: _col_dots), w2 (5, D, C) and
+    dw2 (Dd, A) as their rows (axpys), ``kind`` as in _vec_mat. Each second product sums its
+    rows in LORA_PARTS parts, added in order (_parts_sum): on ``threads`` > 1 the parts (and
+    the first products' columns) run on numba's threads, the same numbers. 24 layers of v6
+    1.6B (F32 LoRAs, 88 MB a token), one thread, all four by axpys: 5.4 ms, 16-18 GB/s."""
     B, C = xx.shape
     D = w2.shape[1]
     P = LORA_PARTS
-    h = np.empty(5 * D, np.float32)
+    h2 = np.empty((1, 5 * D), np.float32)
+    h = h2[0]
     m = np.empty(C, np.float32)
-    hd = np.empty(_cols(dw1, kind), np.float32)
-    ph = np.empty((1, P, h.shape[0]), np.float32)
+    hd = np.empty((1, dw1.shape[0]), np.float32)
     pm = np.empty((5, P, C), np.float32)
-    phd = np.empty((1, P, hd.shape[0]), np.float32)
     pdec = np.empty((1, P, dec.shape[1]), np.float32)
     for b in range(B):
-        _vm_parts(xxx[b:b + 1], (w1,), kind, ph, threads)
-        _parts_sum(ph[0], h)
+        _col_dots(xxx[b:b + 1], w1, kind, h2, threads)
         for d in range(h.shape[0]):
             h[d] = np.float32(math.tanh(h[d]))
         _vm_parts(h.reshape(5, D), (w2[0], w2[1], w2[2], w2[3], w2[4]), kind, pm, threads)
@@ -311,11 +328,10 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
             _parts_sum(pm[j], m)
             for c in range(C):
                 out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m[c])
-        _vm_parts(out[0, b:b + 1], (dw1,), kind, phd, threads)
-        _parts_sum(phd[0], hd)
-        for d in range(hd.shape[0]):
-            hd[d] = np.float32(math.tanh(hd[d]))
-        _vm_parts(hd.reshape(1, -1), (dw2,), kind, pdec, threads)
+        _col_dots(out[0, b:b + 1], dw1, kind, hd, threads)
+        for d in range(hd.shape[1]):
+            hd[0, d] = np.float32(math.tanh(hd[0, d]))
+        _vm_parts(hd, (dw2,), kind, pdec, threads)
         _parts_sum(pdec[0], dec[b])
         for c in range(dec.shape[1]):
             dec[b, c] = np.float32(math.exp(-np.float32(math.exp(td[c] + dec[b, c]))))
@@ -619,6 +635,12 @@ def _rows_bytes(t: torch.Tensor) -> np.ndarray:
     return c.view(torch.uint8).numpy().reshape(c.shape[0], -1)
 
 
+def _cols_bytes(t: torch.Tensor) -> np.ndarray:
+    """A 2-D float tensor's columns as rows of bytes (D, C * size): no copy when the tensor is
+    held column by column (models.base LOW_RANK_COLUMNS)."""
+    return _rows_bytes(t.t())
+
+
 def _low_rank(ts: list):
     """A layer's LoRA matrices (None where absent) as they are when they share one of float32,
     float16, bfloat16, else all as float32; and that dtype's kind for _vec_mat."""
@@ -673,8 +695,9 @@ class FusedStep:
                 lora, d["kind"] = _low_rank([w[a + n] if (i > 0 or n[0] != "v") else None
                                              for n in ("w1", "w2", "a1", "a2", "v1", "v2",
                                                        "g1", "g2")])
-                d["lora"] = [np.zeros((0, 1), np.uint8) if t is None else _rows_bytes(t)
-                             for t in lora]  # layer 0: no value residual LoRA
+                d["lora"] = [np.zeros((0, 1), np.uint8) if t is None else
+                             (_rows_bytes if j % 2 else _cols_bytes)(t)
+                             for j, t in enumerate(lora)]  # layer 0: no value residual LoRA
                 d["np"] = [_np(w[a + n]) for n in ("w0", "a0")] + [
                     _np(w[a + "v0"]) if i > 0 else np.zeros(1, np.float32)] + [
                     _np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")]
@@ -683,11 +706,11 @@ class FusedStep:
                 d["maa"] = _np(torch.stack([w[a + "time_maa_" + n] for n in "wkvrg"]))
                 (w1, w2, dw1, dw2), d["kind"] = _low_rank([w[a + "time_" + n] for n in (
                     "maa_w1", "maa_w2", "decay_w1", "decay_w2")])
-                d["lora"] = (_rows_bytes(w1),
+                d["lora"] = (_cols_bytes(w1),
                              _rows_bytes(w2.reshape(-1, w2.shape[-1])).reshape(
                                  w2.shape[0], w2.shape[1], -1),
                              _np(w[a + "time_decay"].reshape(-1).float().contiguous()),
-                             _rows_bytes(dw1), _rows_bytes(dw2))
+                             _cols_bytes(dw1), _rows_bytes(dw2))
                 d["u"] = _np(w[a + "time_faaaa"].reshape(-1).contiguous())
                 d["fmix"] = _np(torch.stack([w[f + "time_maa_k"], w[f + "time_maa_r"]]))
             else:  # v4, v5: x*m + prev*(1-m) = prev + (x - prev)*m

@@ -75,7 +75,10 @@ class RWKVBase:
     """A loaded RWKV model in float32 torch. Subclasses define the per-version math.
 
     ``LOW_RANK``: name suffixes of small low-rank matrices that stay float16/bfloat16 on the
-    CPU when the file stores them so (read through :meth:`f32`).
+    CPU when the file stores them so (read through :meth:`f32`). ``LOW_RANK_COLUMNS``: those
+    of them (first matrices, x @ W) held column by column on the CPU (W (C, D) as the
+    transpose of a contiguous (D, C) tensor), which the one-token step reads as D dot
+    products over whole columns (kernels/fused.py); the same values, any product works on them.
 
     ``devices``: the torch device of each layer (default: all on the CPU). The embedding and
     ln0 live with the first layer, ln_out and the head with the last; activations and each
@@ -83,6 +86,7 @@ class RWKVBase:
     """
 
     LOW_RANK: tuple = ()
+    LOW_RANK_COLUMNS: tuple = ()
 
     def __init__(self, cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE,
                  devices=None):
@@ -132,7 +136,12 @@ class RWKVBase:
                 if (dev.type == "cpu" and name.endswith(self.LOW_RANK)
                         and not isinstance(t, QTensor)
                         and t.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-                    if not t.is_contiguous():  # a transposed view of the file: one copy
+                    if name.endswith(self.LOW_RANK_COLUMNS) and t.dim() == 2:
+                        if not t.t().is_contiguous():  # (a transposed file's view already is)
+                            c = t.t().contiguous()
+                            release_pages(t)
+                            t = c.t()
+                    elif not t.is_contiguous():  # a transposed view of the file: one copy
                         c = t.contiguous()
                         release_pages(t)
                         t = c

@@ -23,6 +23,7 @@ class RWKV6(RWKVBase):
     wkv5 = RWKV5.wkv5  # v6 runs v5's recurrence with a per-token decay
     LOW_RANK = tuple(f"att.{n}" for n in ("time_maa_w1", "time_maa_w2", "time_decay_w1",
                                           "time_decay_w2"))
+    LOW_RANK_COLUMNS = ("att.time_maa_w1", "att.time_decay_w1")
 
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg

@@ -41,6 +41,7 @@ def wkv7(r, w, k, v, kk, a, S):
 
 class RWKV7(RWKVBase):
     LOW_RANK = tuple(f"att.{n}" for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"))
+    LOW_RANK_COLUMNS = ("att.w1", "att.a1", "att.v1", "att.g1")
 
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg
