@@ -742,18 +742,28 @@ def test_v7_bin_low_rank_stay_16_bit():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 96, 40])
 def test_fused_low_rank_products(dtype, D):
-    """kernels.fused._vec_mat (the v7 step's LoRA products) on the matrices as stored: equal to
-    the float32 product of the exactly widened weights, a 32-value tail included (D = 40)."""
-    from rwkvpy.kernels.fused import _rows_bytes, _vec_mat
+    """kernels.fused's LoRA products on the matrices as stored: the second products' axpys
+    (_vec_mat_part, whole and in two row parts) and the first products' column dots
+    (_col_dots, serial and threaded) equal the float32 product of the exactly widened
+    weights, a 32-value tail included (D = 40)."""
+    from rwkvpy.kernels.fused import _col_dots, _cols_bytes, _rows_bytes, _vec_mat_part
 
     C = 70
     W = torch.from_numpy(_weights((C, D), 31)).to(dtype)
     x = torch.randn(C)
     out = np.empty(D, np.float32)
     kind = {torch.float32: 7, torch.float16: 5, torch.bfloat16: 6}[dtype]
-    _vec_mat(x.numpy(), _rows_bytes(W), kind, out)
     ref = _ref(x[None], W.float().T.numpy())[0]
+    _vec_mat_part(x.numpy(), _rows_bytes(W), kind, out, 0, C, 0, D)
     assert _err(torch.from_numpy(out), ref) < EXACT_TOL
+    half = np.empty(D, np.float32)
+    _vec_mat_part(x.numpy(), _rows_bytes(W), kind, out, 0, 30, 0, D)
+    _vec_mat_part(x.numpy(), _rows_bytes(W), kind, half, 30, C, 0, D)
+    assert _err(torch.from_numpy(out + half), ref) < EXACT_TOL
+    for threads in (1, 2):
+        y = np.empty((1, D), np.float32)
+        _col_dots(x.numpy()[None], _cols_bytes(W), kind, y, threads)
+        assert _err(torch.from_numpy(y[0]), ref) < EXACT_TOL
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -94,23 +94,11 @@ def _mix_in(x, delta, lnw, lnb, eps, prev, mix, xx, out, kind):
 
 
 @numba.njit(cache=True, nogil=True)
-def _vec_mat(x, W, kind, out):
-    """out (D,) = x (C,) @ W (C, D), one row of W at a time (an axpy per row: no reduction
-    across lanes). W: the rows' bytes (C, D * size), kind 7 float32, 5 float16, 6 bfloat16,
-    widened exactly (kernels/simd.py); a tail shorter than 32 values in scalar code."""
-    _vec_mat_cols(x, W, kind, out, 0, out.shape[0])
-
-
-@numba.njit(cache=True, nogil=True)
-def _vec_mat_cols(x, W, kind, out, d0, d1):
-    """out[d0:d1] = x @ W[:, d0:d1] (see _vec_mat): the columns one thread computes. Each
-    column is the same sum, in the same order, whichever range it is computed in."""
-    _vec_mat_part(x, W, kind, out, 0, W.shape[0], d0, d1)
-
-
-@numba.njit(cache=True, nogil=True)
 def _vec_mat_part(x, W, kind, out, c0, c1, d0, d1):
-    """out[d0:d1] = x[c0:c1] @ W[c0:c1, d0:d1]: rows c0 .. c1 added in order (see _vec_mat)."""
+    """out[d0:d1] = x[c0:c1] @ W[c0:c1, d0:d1]: rows c0 .. c1 added in order, one axpy per
+    row (no reduction across lanes). W: the rows' bytes (C, D * size), kind 7 float32, 5
+    float16, 6 bfloat16, widened exactly (kernels/simd.py); the columns past the last whole 32
+    in scalar code. Each column is the same sum whichever range of columns is computed."""
     size = 4 if kind == 7 else 2
     n32 = (d1 - d0) // 32
     e = d0 + 32 * n32
@@ -193,7 +181,7 @@ def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, 
     """The low-rank projections of a v7 time mix, for each of B sequences (rows):
     wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped when v1 has no rows:
     layer 0), g = sigmoid(xg g1) g2. The first matrices as their columns (_cols_bytes), the
-    second as their rows (_rows_bytes), in the dtype stored (``kind`` as in _vec_mat)."""
+    second as their rows (_rows_bytes), in the dtype stored (``kind`` as in _vec_mat_part)."""
     B = xw.shape[0]
     hid = _lora_hidden((w1, a1, v1, g1), kind, B)
     _loras_in((xw, xa, xv, xg), (w1, a1, v1, g1), kind, hid, 0, _lora_units(hid))
@@ -294,19 +282,13 @@ def _lora_out_sum(parts, outs, has_v, b, c0, c1):
 
 
 @numba.njit(cache=True, nogil=True)
-def _cols(W, kind):
-    """Columns of a matrix given as the bytes of its rows."""
-    return W.shape[1] // (4 if kind == 7 else 2)
-
-
-@numba.njit(cache=True, nogil=True)
 def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
     """v6's data-dependent token shift and decay for each of B sequences (rows):
     h = tanh(xxx w1) (5 slices of D), x_j = xx + (prev - xx) * (maa_j + h_j w2[j]) for
     j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)).
 
     w1 (C, 5D) and dw1 (C, Dd) as their columns (_cols_bytes: _col_dots), w2 (5, D, C) and
-    dw2 (Dd, A) as their rows (axpys), ``kind`` as in _vec_mat. Each second product sums its
+    dw2 (Dd, A) as their rows (axpys), ``kind`` as in _vec_mat_part. Each second product sums its
     rows in LORA_PARTS parts, added in order (_parts_sum): on ``threads`` > 1 the parts (and
     the first products' columns) run on numba's threads, the same numbers. 24 layers of v6
     1.6B (F32 LoRAs, 88 MB a token), one thread, all four by axpys: 5.4 ms, 16-18 GB/s."""
@@ -643,7 +625,7 @@ def _cols_bytes(t: torch.Tensor) -> np.ndarray:
 
 def _low_rank(ts: list):
     """A layer's LoRA matrices (None where absent) as they are when they share one of float32,
-    float16, bfloat16, else all as float32; and that dtype's kind for _vec_mat."""
+    float16, bfloat16, else all as float32; and that dtype's kind for _vec_mat_part."""
     dtypes = {t.dtype for t in ts if t is not None}
     if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
         ts = [None if t is None else t.float() for t in ts]
