@@ -853,6 +853,31 @@ def test_v6_mix_threads_bit_identical(kind):
     assert np.abs(outs[0][1] - ref).max() < 1e-5
 
 
+def test_vector_exp_within_one_ulp():
+    """kernels.simd.exp8_f32 through fused._vexp (the one-token glue's exponentials) against
+    float64 exp rounded to float32: at most 1 ulp over [-110, 95] (subnormal results
+    included), inf above the float32 range, 0 below it, NaN kept; a length that is not a
+    multiple of 8 (the padded tail) gives every value the same function."""
+    from rwkvpy.kernels.fused import _vexp
+
+    x = np.concatenate([np.linspace(-110, 95, 400_003, dtype=np.float32),
+                        np.array([np.nan, np.inf, -np.inf, 0.0, 88.72, 88.73, -87.3, -103.9],
+                                 np.float32)])
+    y = x.copy()
+    _vexp(y)
+    ref = np.exp(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        ref32 = ref.astype(np.float32)
+    pos = np.isfinite(ref32) & (ref32 > 0)
+    ulp = np.abs(y[pos] - ref[pos]) / np.spacing(ref32[pos]).astype(np.float64)
+    assert ulp.max() <= 1.0, (ulp.max(), x[pos][np.argmax(ulp)])
+    assert np.array_equal(np.isinf(y), np.isinf(ref32)) and np.array_equal(y == 0, ref32 == 0)
+    assert np.isnan(y[-8]) and y[-7] == np.inf and y[-6] == 0 and y[-5] == 1
+    tail = x[-13:].copy()  # 13 values: one vector and a padded tail of 5
+    _vexp(tail)
+    assert np.array_equal(tail, y[-13:], equal_nan=True)
+
+
 def test_numba_cache_keyed_on_every_kernel_source(tmp_path):
     """The kernels' numba cache is stamped with the hash of every source file of the kernels
     folder (kernels/numba_cache.py): a change to simd.py alone, whose intrinsics linear.py and

@@ -34,6 +34,20 @@ def _sig(x):
     return np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x)))
 
 
+@numba.njit(cache=True, nogil=True)
+def _vexp(x):
+    """x = exp(x) in place (float32 1-D): kernels.simd.exp8_f32, 8 values at a time (the last
+    ones through a padded copy: every value gets the same function)."""
+    n = x.shape[0]
+    n8 = n // 8
+    _simd.exp8_f32(x, x, n8)
+    if n > 8 * n8:
+        t = np.zeros(8, np.float32)
+        t[:n - 8 * n8] = x[8 * n8:]
+        _simd.exp8_f32(t, t, 1)
+        x[8 * n8:] = t[:n - 8 * n8]
+
+
 @numba.njit(inline="always", cache=True, nogil=True)
 def _dot(a, b):
     """sum(a * b) over a's length (float32): explicit vector code (kernels.simd.dot16_f32),
@@ -285,7 +299,8 @@ def _lora_out_sum(parts, outs, has_v, b, c0, c1):
 def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
     """v6's data-dependent token shift and decay for each of B sequences (rows):
     h = tanh(xxx w1) (5 slices of D), x_j = xx + (prev - xx) * (maa_j + h_j w2[j]) for
-    j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)).
+    j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)) (its exps
+    in vector code: _vexp).
 
     w1 (C, 5D) and dw1 (C, Dd) as their columns (_cols_bytes: _col_dots), w2 (5, D, C) and
     dw2 (Dd, A) as their rows (axpys), ``kind`` as in _vec_mat_part. Each second product sums its
@@ -315,16 +330,26 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
             hd[0, d] = np.float32(math.tanh(hd[0, d]))
         _vm_parts(hd, (dw2,), kind, pdec, threads)
         _parts_sum(pdec[0], dec[b])
-        for c in range(dec.shape[1]):
-            dec[b, c] = np.float32(math.exp(-np.float32(math.exp(td[c] + dec[b, c]))))
+        db = dec[b]
+        for c in range(db.shape[0]):
+            db[c] = td[c] + db[c]
+        _vexp(db)
+        for c in range(db.shape[0]):
+            db[c] = -db[c]
+        _vexp(db)
 
 
 @numba.njit(cache=True, nogil=True)
 def _sigmoid(x):
-    """x = sigmoid(x) in place (B, C)."""
+    """x = sigmoid(x) = 1 / (1 + exp(-x)) in place (B, C; exp in vector code: _vexp)."""
+    one = np.float32(1.0)
     for b in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            x[b, j] = _sig(x[b, j])
+        xb = x[b]
+        for j in range(xb.shape[0]):
+            xb[j] = -xb[j]
+        _vexp(xb)
+        for j in range(xb.shape[0]):
+            xb[j] = one / (one + xb[j])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -377,25 +402,42 @@ def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, 
     w = np.empty(N, np.float32)
     vv = np.empty(N, np.float32)
     out = np.empty(N, np.float32)
+    ea = np.empty(N, np.float32)
+    ev = np.empty(N, np.float32)
+    one, ds = np.float32(1.0), np.float32(-DECAY_SCALE)
     for h in range(h0, h1):
         b = h * N
+        # the exponentials of the head's channels in vector code (_vexp), between loops that
+        # the compiler vectorizes: a = sigmoid(a0 + al), w = exp(-e^-0.5 sigmoid(w0 + wl)),
+        # gate = sigmoid(v0 + vl)
         for j in range(N):
-            kk[j] = k[b + j] * k_k[b + j]
+            c = b + j
+            kk[j] = k[c] * k_k[c]
+            ea[j] = -(a0[c] + al[c])
+            w[j] = -(w0[c] + wl[c])
+            ev[j] = -(v0[c] + vl[c])
+        _vexp(ea)
+        _vexp(w)
+        if not first:
+            _vexp(ev)
+        for j in range(N):
+            w[j] = ds * (one / (one + w[j]))
+        _vexp(w)
         nrm = max(np.float32(math.sqrt(_dot(kk, kk))), np.float32(1e-12))
         for j in range(N):
             c = b + j
             kk[j] = kk[j] / nrm
-            a = _sig(a0[c] + al[c])
-            kt[j] = k[c] * (np.float32(1.0) + (a - np.float32(1.0)) * k_a[c])
+            a = one / (one + ea[j])
+            kt[j] = k[c] * (one + (a - one) * k_a[c])
             ka[j] = kk[j] * a
-            sg = _sig(w0[c] + wl[c])
-            w[j] = np.float32(math.exp(-DECAY_SCALE * sg))
-            if first:
-                vfirst[c] = v[c]
-                vv[j] = v[c]
-            else:
-                gate = _sig(v0[c] + vl[c])
-                vv[j] = v[c] + (vfirst[c] - v[c]) * gate
+        if first:
+            for j in range(N):
+                vfirst[b + j] = v[b + j]
+                vv[j] = v[b + j]
+        else:
+            for j in range(N):
+                c = b + j
+                vv[j] = v[c] + (vfirst[c] - v[c]) * (one / (one + ev[j]))
         rh = r[b:b + N]
         for i in range(N):
             sa = -_dot(S[h, i], kk)
@@ -415,10 +457,16 @@ def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, 
 
 @numba.njit(cache=True, nogil=True)
 def _silu_gate(y, g):
-    """y *= silu(g) = g * sigmoid(g), in place (B, C)."""
+    """y *= silu(g) = g * sigmoid(g), in place (B, C; exp in vector code: _vexp)."""
+    one = np.float32(1.0)
+    e = np.empty(y.shape[1], np.float32)
     for b in range(y.shape[0]):
-        for j in range(y.shape[1]):
-            y[b, j] *= g[b, j] * _sig(g[b, j])
+        gb, yb = g[b], y[b]
+        for j in range(e.shape[0]):
+            e[j] = -gb[j]
+        _vexp(e)
+        for j in range(e.shape[0]):
+            yb[j] *= gb[j] * (one / (one + e[j]))
 
 
 @numba.njit(cache=True, nogil=True)
