@@ -75,8 +75,9 @@ import torch
 __all__ = ["SAFE_DECAY", "SCRATCH_BYTES", "V5_CHUNK", "V7_CHUNK",
            "release_scratch", "wkv5_chunked", "wkv5_serial", "wkv7_chunked", "wkv7_serial"]
 
-# Default chunk lengths (powers of two), measured at T = 512, H = 12, N = 64 with two threads
-# on a 2-core CPU; tests/test_kernels_wkv.py re-measures the speed.
+# Default chunk lengths on the CPU (powers of two), measured at T = 512, H = 12, N = 64 with two
+# threads on a 2-core CPU. The CPU runs the serial forms at the end of this file; these apply
+# where numba is missing, or where the chunked forms are called directly.
 V5_CHUNK = 32
 V7_CHUNK = 32
 # On GPUs (benchmarks/bench_gpu.py, H200, v7 T = 4096, H = 32: L = 16 26 ms, 32 14.8 ms, 64 8.8 ms,
