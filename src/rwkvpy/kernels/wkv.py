@@ -520,15 +520,15 @@ except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
 
 
-
 # -- v5/v6 and v7 on the CPU: the recurrence itself, head by head ------------------------------
 # A head's state (64 x 64 float32, 16 KB) stays in the core's L1 cache for the whole sequence,
 # and a token costs ~3-4 multiply-adds per state entry in vector code (kernels.simd.wkv5_token,
 # wkv7_token), heads split across numba's threads. The chunked forms above do 2-5x more
 # arithmetic in small matrix products plus a dozen elementwise passes over each chunk, and on
-# the CPU they lose: T = 512, 64-channel heads, 2 threads, one process, median of 9 (float32):
-# v7 H = 12 8.6 -> 2.6 ms, H = 32 21.5 -> 7.2 ms; v6 (decay per token) H = 12 11.6 -> 2.1 ms,
-# H = 32 28.4 -> 4.9 ms. The GPU keeps the chunked forms (its parallelism is across tokens).
+# the CPU they lose: T = 512, 64-channel heads, 2 threads, one process, alternating, medians
+# (benchmarks/bench_wkv.py): v7 H = 12 10.3 -> 3.2 ms, H = 32 31.0 -> 9.4 ms; v5/v6 (decay per
+# token) H = 12 5.2 -> 3.3 ms, H = 32 15.2 -> 7.0 ms. GPUs keep the chunked forms (their
+# parallelism is across tokens).
 
 def _heads_kernel(serial, parallel, H, work):
     """Run a kernel over H independent heads (v4: channels) on numba's threads, a range of
