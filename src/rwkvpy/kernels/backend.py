@@ -2,9 +2,9 @@
 
 Modes:
 - ``"reference"``: the float32 model code as written in models/ (the oracle of every test).
-- ``"exact"``: the same numbers up to float32 summation order: weights exactly as stored
-  (dequantized exactly), float32 activations, compiled recurrences for sequences, fused glue for
-  single tokens.
+- ``"exact"``: the same numbers up to float32 rounding (summation order, the last bit of an
+  exp): weights exactly as stored (dequantized exactly), float32 activations, compiled
+  recurrences for sequences, fused glue for single tokens.
 - ``"fast"`` (default): like exact, but uses a lossy kernel where it is much faster, each one
   chosen by measurement and documented in kernels/linear.py (e.g. int8 activations and integer
   dot products for Q4_0..Q5_1 on AVX2 CPUs).
