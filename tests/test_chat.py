@@ -19,12 +19,7 @@ from rwkvpy.tokenizers import ByteTokenizer
 PARAMS = SamplingParams(seed=5, temperature=0.8, top_k=10, max_tokens=24, logit_bias={10: 2.0})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from rwkvpy.tokenizers import ByteTokenizer, TokenizerError
 PROMPT = "In the beginning"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model runs 3-4x faster on one thread (and no slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
