@@ -739,6 +739,23 @@ def test_v7_bin_low_rank_stay_16_bit():
         assert model._net.w[f"blocks.1.att.{n}"].t().is_contiguous(), n
 
 
+def test_quantized_first_low_rank_held_by_columns():
+    """A first LoRA matrix a file stores block-quantized is dequantized once and held by
+    columns like the float ones (the one-token step then reads it without a copy)."""
+    from rwkvpy import models
+    from rwkvpy.formats.base import to_float32
+    from rwkvpy.kernels.backend import make_backend
+
+    ck = rwkvpy.formats.read(fixture_path("reference-pth", "v6_c192_l2.pth"))
+    cfg = models.config_from_shapes(ck.shapes, ck.path, ln_x_eps=ck.ln_x_eps)
+    ws = dict(ck.tensors)
+    name = "blocks.1.att.time_maa_w1"
+    ws[name] = _qtensor("Q8_0", ws[name].float().numpy())
+    net = models.build(cfg, ws, ck.path, make_backend("fast"))
+    t = net.w[name]
+    assert t.t().is_contiguous() and torch.equal(t, to_float32(ws[name]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 96, 40])
 def test_fused_low_rank_products(dtype, D):

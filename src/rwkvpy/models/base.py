@@ -147,6 +147,9 @@ class RWKVBase:
                         t = c
                 else:
                     t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
+                    if (dev.type == "cpu" and name.endswith(self.LOW_RANK_COLUMNS)
+                            and t.dim() == 2):  # (a quantized GGUF's LoRAs) held by columns too
+                        t = t.t().contiguous().t()
                 self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
 
