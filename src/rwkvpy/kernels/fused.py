@@ -48,6 +48,17 @@ def _vexp(x):
         x[8 * n8:] = t[:n - 8 * n8]
 
 
+@numba.njit(cache=True, nogil=True)
+def _vsigmoid(x):
+    """x = sigmoid(x) = 1 / (1 + exp(-x)) in place (float32 1-D; exp in vector code: _vexp)."""
+    one = np.float32(1.0)
+    for j in range(x.shape[0]):
+        x[j] = -x[j]
+    _vexp(x)
+    for j in range(x.shape[0]):
+        x[j] = one / (one + x[j])
+
+
 @numba.njit(inline="always", cache=True, nogil=True)
 def _dot(a, b):
     """sum(a * b) over a's length (float32): explicit vector code (kernels.simd.dot16_f32),
@@ -341,15 +352,9 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
 
 @numba.njit(cache=True, nogil=True)
 def _sigmoid(x):
-    """x = sigmoid(x) = 1 / (1 + exp(-x)) in place (B, C; exp in vector code: _vexp)."""
-    one = np.float32(1.0)
+    """x = sigmoid(x) in place (B, C): _vsigmoid on each row."""
     for b in range(x.shape[0]):
-        xb = x[b]
-        for j in range(xb.shape[0]):
-            xb[j] = -xb[j]
-        _vexp(xb)
-        for j in range(xb.shape[0]):
-            xb[j] = one / (one + xb[j])
+        _vsigmoid(x[b])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -407,27 +412,27 @@ def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, 
     one, ds = np.float32(1.0), np.float32(-DECAY_SCALE)
     for h in range(h0, h1):
         b = h * N
-        # the exponentials of the head's channels in vector code (_vexp), between loops that
-        # the compiler vectorizes: a = sigmoid(a0 + al), w = exp(-e^-0.5 sigmoid(w0 + wl)),
-        # gate = sigmoid(v0 + vl)
+        # the exponentials of the head's channels in vector code (_vsigmoid, _vexp), between
+        # loops that the compiler vectorizes: a = sigmoid(a0 + al), w = exp(-e^-0.5
+        # sigmoid(w0 + wl)), gate = sigmoid(v0 + vl)
         for j in range(N):
             c = b + j
             kk[j] = k[c] * k_k[c]
-            ea[j] = -(a0[c] + al[c])
-            w[j] = -(w0[c] + wl[c])
-            ev[j] = -(v0[c] + vl[c])
-        _vexp(ea)
-        _vexp(w)
+            ea[j] = a0[c] + al[c]
+            w[j] = w0[c] + wl[c]
+            ev[j] = v0[c] + vl[c]
+        _vsigmoid(ea)
+        _vsigmoid(w)
         if not first:
-            _vexp(ev)
+            _vsigmoid(ev)
         for j in range(N):
-            w[j] = ds * (one / (one + w[j]))
+            w[j] = ds * w[j]
         _vexp(w)
         nrm = max(np.float32(math.sqrt(_dot(kk, kk))), np.float32(1e-12))
         for j in range(N):
             c = b + j
             kk[j] = kk[j] / nrm
-            a = one / (one + ea[j])
+            a = ea[j]
             kt[j] = k[c] * (one + (a - one) * k_a[c])
             ka[j] = kk[j] * a
         if first:
@@ -437,7 +442,7 @@ def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, 
         else:
             for j in range(N):
                 c = b + j
-                vv[j] = v[c] + (vfirst[c] - v[c]) * (one / (one + ev[j]))
+                vv[j] = v[c] + (vfirst[c] - v[c]) * ev[j]
         rh = r[b:b + N]
         for i in range(N):
             sa = -_dot(S[h, i], kk)
@@ -457,16 +462,14 @@ def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, 
 
 @numba.njit(cache=True, nogil=True)
 def _silu_gate(y, g):
-    """y *= silu(g) = g * sigmoid(g), in place (B, C; exp in vector code: _vexp)."""
-    one = np.float32(1.0)
+    """y *= silu(g) = g * sigmoid(g), in place (B, C; the sigmoid by _vsigmoid)."""
     e = np.empty(y.shape[1], np.float32)
     for b in range(y.shape[0]):
         gb, yb = g[b], y[b]
+        e[:] = gb
+        _vsigmoid(e)
         for j in range(e.shape[0]):
-            e[j] = -gb[j]
-        _vexp(e)
-        for j in range(e.shape[0]):
-            yb[j] *= gb[j] * (one / (one + e[j]))
+            yb[j] *= gb[j] * e[j]
 
 
 @numba.njit(cache=True, nogil=True)
