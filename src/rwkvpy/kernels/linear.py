@@ -591,16 +591,15 @@ if HAVE_NUMBA:
         record is read once per tile and the tile's int8 activations stay in the core's cache
         (one pass over all T vectors per group read them from the shared cache: 2 threads,
         T = 512, v7 1.5B shapes, 218-220 -> 271-277 GOPS). One vector: the range in
-        simd.X8_STREAMS parts read at once, then the groups after the last whole part."""
+        simd.X8_STREAMS parts read at once, then the groups after the last whole part one by
+        one (the loop below)."""
         nb, T = dx2.shape[1], xq2.shape[0]
         if T == 1:
             ns = _simd.X8_STREAMS
             q = (g1 - g0) // ns
             for i in range(q):
                 _dotsx8(kind, pk, g0 + i, q, xq2, dx2, sx2, nb, y2)
-            for g in range(g0 + ns * q, g1):
-                _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, 0)
-            return
+            g0 += ns * q
         for t0 in range(0, T, X8_TOKENS):
             t1 = min(T, t0 + X8_TOKENS)
             for g in range(g0, g1):
