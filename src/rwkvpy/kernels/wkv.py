@@ -468,13 +468,10 @@ def wkv4_serial(k, v, decay, u, S):
     if k.device.type != "cpu" or not _HAVE_NUMBA:
         from ..models.v4 import wkv4
         return wkv4(k, v, decay, u, S)
-    k, v = k.float().contiguous(), v.float().contiguous()
-    out = torch.empty_like(k)
     T, A = k.shape
-    S_out = torch.empty((3, A), dtype=torch.float32)
-    args = (k.numpy(), v.numpy(), decay.float().contiguous().numpy(),
-            u.float().contiguous().numpy(), S.float().contiguous().numpy(), out.numpy(),
-            S_out.numpy())
+    out = torch.empty(T, A, dtype=F32)
+    S_out = torch.empty((3, A), dtype=F32)
+    args = (*_cpu_f32(k, v, decay, u, S), out.numpy(), S_out.numpy())
     # channels split across numba's threads (v4 169M Q4_0, 512-token prompt: 80 ms of ~560)
     _heads_kernel(lambda: _wkv4_numba(*args, 0, A), lambda n: _wkv4_par(*args, n), A, T)
     return out, S_out
