@@ -133,23 +133,21 @@ class RWKVBase:
             else:
                 # LOW_RANK matrices stored 16-bit stay so on the CPU: the one-token step reads them
                 # at memory speed (kernels/fused.py), the model code widens them (self.f32)
+                columns = (dev.type == "cpu" and name.endswith(self.LOW_RANK_COLUMNS)
+                           and len(t.shape) == 2)
                 if (dev.type == "cpu" and name.endswith(self.LOW_RANK)
                         and not isinstance(t, QTensor)
                         and t.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-                    if name.endswith(self.LOW_RANK_COLUMNS) and t.dim() == 2:
-                        if not t.t().is_contiguous():  # (a transposed file's view already is)
-                            c = t.t().contiguous()
-                            release_pages(t)
-                            t = c.t()
-                    elif not t.is_contiguous():  # a transposed view of the file: one copy
+                    if not columns and not t.is_contiguous():  # a transposed view of the file
                         c = t.contiguous()
                         release_pages(t)
                         t = c
                 else:
                     t = to_float32(t).to(dev)  # dequantizes block-quantized tensors
-                    if (dev.type == "cpu" and name.endswith(self.LOW_RANK_COLUMNS)
-                            and t.dim() == 2):  # (a quantized GGUF's LoRAs) held by columns too
-                        t = t.t().contiguous().t()
+                if columns and not t.t().is_contiguous():  # (a transposed file's view already is)
+                    c = t.t().contiguous()
+                    release_pages(t)  # (nothing to release in a dequantized copy)
+                    t = c.t()
                 self.w[name] = t.reshape(shape) if all(d is not None for d in shape) else t
         self.prepare()
 
