@@ -762,7 +762,8 @@ def test_fused_low_rank_products(dtype, D):
     """kernels.fused's LoRA products on the matrices as stored: the second products' axpys
     (_vec_mat_part, whole and in two row parts) and the first products' column dots
     (_col_dots, serial and threaded) equal the float32 product of the exactly widened
-    weights, a 32-value tail included (D = 40)."""
+    weights, a 32-value tail included (D = 40); the axpys bit for bit the rows added one
+    after another in float32 (70 rows: groups of simd.AXPY_ROWS and the rest)."""
     from rwkvpy.kernels.fused import _col_dots, _cols_bytes, _rows_bytes, _vec_mat_part
 
     C = 70
@@ -773,6 +774,10 @@ def test_fused_low_rank_products(dtype, D):
     ref = _ref(x[None], W.float().T.numpy())[0]
     _vec_mat_part(x.numpy(), _rows_bytes(W), kind, out, 0, C, 0, D)
     assert _err(torch.from_numpy(out), ref) < EXACT_TOL
+    seq = np.zeros(D, np.float32)  # row after row: multiply, then add (AXPY_ROWS at a time)
+    for xc, row in zip(x.numpy(), W.float().numpy()):
+        seq = seq + xc * row
+    assert np.array_equal(out, seq)
     half = np.empty(D, np.float32)
     _vec_mat_part(x.numpy(), _rows_bytes(W), kind, out, 0, 30, 0, D)
     _vec_mat_part(x.numpy(), _rows_bytes(W), kind, half, 30, C, 0, D)

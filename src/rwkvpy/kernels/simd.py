@@ -372,12 +372,22 @@ dotq_q8_0 = _row_dot_q8(34, _iq_q8_0)
 
 # -- axpy on float rows (the fused step's low-rank products) -------------------------------------
 
+#: Rows an axpy intrinsic adds in one pass over the output (each output chunk loaded once,
+#: the rows added to it in order, stored once): the same operations in the same order as one
+#: row at a time, without a load and a store of the output per row. The 24 layers' v7 LoRA
+#: second products of v7 1.5B's shapes (F16, 50 MB) on two threads, one process, alternating,
+#: median of 21: 1.80 -> 1.42, 1.93 -> 1.63, 2.21 -> 1.83 ms in three runs (4 rows: 1.91 ->
+#: 1.81 and 1.92 -> 1.91; 16: 2.14 -> 2.10).
+AXPY_ROWS = 8
+
+
 def _rows_axpy(load):
     """Make an intrinsic ``axpys(out, W, x, c0, c1, off, n32)``: for each row c in [c0, c1),
     in order, out[:32 n32] += x[c] * W[c, off:] (W: the uint8 bytes of F32/F16/BF16 rows,
     ``off`` a byte offset into each row), the row widened exactly to float32; multiply, then
-    add. The loop over the rows inside: called once per row from numba, the slicing around
-    each call cost more than the row itself for the LoRAs' short rows."""
+    add. AXPY_ROWS rows at a time, then the rest one by one. The loop over the rows inside:
+    called once per row from numba, the slicing around each call cost more than the row itself
+    for the LoRAs' short rows."""
 
     def typer(typingctx, out, W, x, c0, c1, off, n32):
         sig = nbt.void(out, W, x, nbt.intp, nbt.intp, nbt.intp, nbt.intp)
@@ -388,15 +398,27 @@ def _rows_axpy(load):
             stride = cgutils.unpack_tuple(b, w_arr.strides, 2)[0]
             base = b.gep(b.bitcast(w_arr.data, ir.PointerType(_I8)), [args[5]])
             nbytes = load.bytes
-            with cgutils.for_range_slice(b, args[3], args[4], ir.Constant(_I64, 1)) as (c, _):
-                av = _splat(b, b.load(b.gep(xs, [c])))
-                row = b.gep(base, [b.mul(c, stride)])
+
+            def rows(c, n):  # out += x[c] W[c] + ... + x[c + n - 1] W[c + n - 1], in order
+                cs = [b.add(c, ir.Constant(_I64, u)) for u in range(n)]
+                avs = [_splat(b, b.load(b.gep(xs, [cu]))) for cu in cs]
+                ptrs = [b.gep(base, [b.mul(cu, stride)]) for cu in cs]
                 with cgutils.for_range(b, args[6]) as loop:
                     i = loop.index
-                    w = load(b, b.gep(row, [b.mul(i, ir.Constant(_I64, nbytes))]))
                     yp = b.bitcast(b.gep(ys, [b.mul(i, ir.Constant(_I64, _N))]),
                                    ir.PointerType(_vec(_F32)))
-                    b.store(b.fadd(b.load(yp, align=4), b.fmul(av, w)), yp, align=4)
+                    y = b.load(yp, align=4)
+                    for av, p in zip(avs, ptrs):
+                        y = b.fadd(y, b.fmul(av, load(b, b.gep(p, [b.mul(
+                            i, ir.Constant(_I64, nbytes))]))))
+                    b.store(y, yp, align=4)
+
+            n_many = b.udiv(b.sub(args[4], args[3]), ir.Constant(_I64, AXPY_ROWS))
+            with cgutils.for_range(b, n_many) as grp:
+                rows(b.add(args[3], b.mul(grp.index, ir.Constant(_I64, AXPY_ROWS))), AXPY_ROWS)
+            rest = b.add(args[3], b.mul(n_many, ir.Constant(_I64, AXPY_ROWS)))
+            with cgutils.for_range_slice(b, rest, args[4], ir.Constant(_I64, 1)) as (c, _):
+                rows(c, 1)
             return context.get_dummy_value()
 
         return sig, codegen
