@@ -221,7 +221,6 @@ def test_int8_dot_extreme_codes(fmt):
 
 
 @needs_avx2
-@needs_avx2
 @pytest.mark.parametrize("fmt", QUANT + ["Q8_0 int16"])
 @pytest.mark.parametrize("n_out", [37, 100, 520])
 def test_x8_one_vector_streams_bit_identical(fmt, n_out):
