@@ -262,6 +262,30 @@ def test_fast_prompt_error_against_the_format(model, fmt):
     assert total <= 1.05 * own, (own, total)
 
 
+@pytest.mark.parametrize("model", ["4v0-660K", "7v0-834K"])
+def test_fast_q8_0_prompt_error_against_the_format(quantized_tiny, model):
+    """Mode "fast" runs Q8_0 prompts of any length through the int16 products too (4 vectors
+    per pass over the codes): on the fixtures' 63 tokens twice (126, two tiles of
+    kernels.linear.X8_TOKENS) in one sequence call the rounding adds what it adds serially
+    (under 2 % of the format's own error; observed 0.6 %)."""
+    import numpy as np
+
+    from rwkvpy.kernels.linear import _int8_dot
+
+    if not _int8_dot():
+        pytest.skip("the integer dot kernels need AVX2")
+    ref = np.load(fixture_path("rwkv-cpp-tiny", f"rwkvcpp-logits-{model}-FP32.npz"))
+    toks, f32 = ref["tokens"].tolist(), torch.from_numpy(ref["logits"])
+    path = quantized_tiny(model, "Q8_0")
+    exact = rwkvpy.load(path, mode="exact").forward(toks * 2, None, all_logits=True)[0]
+    fast = rwkvpy.load(path, mode="fast")
+    assert fast._net.lin["blocks.0.att.key.weight"].strategy == "int16-dot"
+    got = fast.forward(toks * 2, None, all_logits=True)[0]
+    own = float((exact[:len(toks)] - f32).abs().amax(1).mean())
+    added = float((got - exact).abs().amax(1).mean())
+    assert 0 < added <= 0.02 * own, (own, added)
+
+
 @pytest.fixture(scope="module")
 def v7_mid(tmp_path_factory):
     """A random v7 (n_embd 512, 2 layers) whose FFN matrices (2048 x 512) are above

@@ -45,9 +45,9 @@ without numba.
 
 Prompts (T > 1): the float kernels take T <= :data:`NUMBA_MAX_T` vectors in one pass; above,
 the weights are dequantized in row tiles (bit-exact) and multiplied with torch's GEMM (MKL),
-which is far faster per flop. :class:`Int8DotLinear` takes every T with its integer kernels (4
-vectors per pass over the codes, ~2x the float32 GEMM here), :class:`Int16DotLinear` up to
-:data:`INT16DOT_MAX_T`.
+which is far faster per flop. :class:`Int8DotLinear` and :class:`Int16DotLinear` take every T
+with their integer kernels (4 vectors per pass over the codes: ~2x and ~1.15x the float32 GEMM
+here).
 
 Threads: the numba kernels run on as many threads as ``torch.get_num_threads()``. numba's
 threading layer is chosen here (``numba.config``, before its first parallel launch): OpenMP
@@ -106,10 +106,6 @@ INT16_DOT_FORMATS = ("Q8_0",)
 NUMBA_MAX_T = 2
 #: Largest T for which :class:`Int4Linear` uses torch's int4 kernel (measured crossover ~32).
 INT4_MAX_T = 32
-#: Largest T for which :class:`Int16DotLinear` uses its integer kernel (4 vectors per pass over
-#: the codes, ~120-150 GOPS on two AVX2 cores: 2048x2048, T = 64: 4.5 ms against 6.3 ms for
-#: exact tiles + float32 GEMM; T = 512: 31 against 28 ms). :class:`Int8DotLinear` takes every T.
-INT16DOT_MAX_T = 64
 #: Largest T for which :class:`Int8Linear` uses torch's int8 kernel (measured crossover ~24).
 INT8_MAX_T = 16
 #: Elements per block of every quantized format (passed to the kernels at run time).
@@ -465,14 +461,16 @@ if HAVE_NUMBA:
             for i in range(q):
                 _simd.dotsx8w_q8_0(pk, g0 + i, q, xw2, dx2, nb, y2, 0)
             g0 += ns * q
-        for g in range(g0, g1):
-            t = 0
-            while t + 4 <= T:
-                _simd.dotx8wt_q8_0(pk, g, xw2, dx2, nb, y2, t)
-                t += 4
-            while t < T:
-                _simd.dotx8w_q8_0(pk, g, xw2, dx2, nb, y2, t)
-                t += 1
+        for t0 in range(0, T, X8_TOKENS):  # tiles of tokens as _mvx8_groups takes them
+            t1 = min(T, t0 + X8_TOKENS)
+            for g in range(g0, g1):
+                t = t0
+                while t + 4 <= t1:
+                    _simd.dotx8wt_q8_0(pk, g, xw2, dx2, nb, y2, t)
+                    t += 4
+                while t < t1:
+                    _simd.dotx8w_q8_0(pk, g, xw2, dx2, nb, y2, t)
+                    t += 1
 
     @njit(**_CACHE)
     def _mvx8w_tail(tail, x2, y2, n8):
@@ -1025,7 +1023,11 @@ class Int16DotLinear(Int8DotLinear):
     """
 
     strategy = "int16-dot"
-    rows_max_t = INT16DOT_MAX_T  # longer prompts: the exact tiles
+    # every T (inherited): since the step-by-step x8 kernels (kernels/simd.py) the integer
+    # products beat exact tiles + float32 GEMM at every length, 2 threads, one process:
+    # 2048 x 2048 / 8192 x 2048 / 2048 x 8192, T = 64: 4.0 / 12.1 / 12.2 ms against 7.9 / 20.4
+    # / 20.5; T = 512: 23.9 / 93.9 / 96.1 against 27.3 / 104.7 / 109.3 (~180 GOPS against
+    # ~160 GFLOP/s). Before them the crossover was T = 64.
 
     def __init__(self, w: QTensor, repacked: dict | None = None):
         if w.fmt != "Q8_0":

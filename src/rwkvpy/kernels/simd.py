@@ -867,29 +867,28 @@ def _dot_x8_q8_i16(tt, ng=1):
         with cgutils.for_range(b, args[ai + 3]) as loop:
             i = loop.index
             x0 = b.mul(i, ir.Constant(_I64, 2 * _N))  # bytes of int16
-            for k in range(ng):
-                rec = b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))])
-                if tt == 1 and ng == 1:
-                    _prefetch(b, rec, X8_PREFETCH, rec_bytes)
+            recs = [b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))]) for k in range(ng)]
+            if tt == 1 and ng == 1:
+                _prefetch(b, recs[0], X8_PREFETCH, rec_bytes)
+            units = [(k, u) for k in range(ng) for u in range(tt)]  # acc[k + u]
+            lo, hi = [None] * len(units), [None] * len(units)
+            for j in range(8):  # code vector j of each record, met by its units (_row_dot_x8)
                 # codes 4j .. 4j+3: rows 0-3 in bytes 0-15 of vector j, rows 4-7 after
-                w = [(b.sext(_load(b, rec, ir.Constant(_I64, 16 + 32 * j), _vec(_I8, 16)),
-                             _I16x16),
-                      b.sext(_load(b, rec, ir.Constant(_I64, 32 + 32 * j), _vec(_I8, 16)),
-                             _I16x16))
-                     for j in range(8)]
-                d8 = _half8(b, rec, 0)
-                for u in range(tt):
-                    lo = hi = None
-                    for j in range(8):
-                        xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(
-                            x0, ir.Constant(_I64, 8 * j)), _I64), 4), _I16x16)
-                        p0, p1 = _maddwd(b, w[j][0], xv), _maddwd(b, w[j][1], xv)
-                        lo = p0 if lo is None else b.add(lo, p0)
-                        hi = p1 if hi is None else b.add(hi, p1)
-                    s32 = b.add(b.shuffle_vector(lo, hi, even), b.shuffle_vector(lo, hi, odd))
-                    scale = b.fmul(d8, _splat(b, b.load(b.gep(dxs[u], [i])), 8))
-                    prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
-                    b.store(b.fadd(b.load(acc[k + u]), prod, flags=_FMA), acc[k + u])
+                w = [tuple(b.sext(_load(b, rec, ir.Constant(_I64, off + 32 * j), _vec(_I8, 16)),
+                                  _I16x16) for off in (16, 32)) for rec in recs]
+                for n, (k, u) in enumerate(units):
+                    xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(
+                        x0, ir.Constant(_I64, 8 * j)), _I64), 4), _I16x16)
+                    p0, p1 = _maddwd(b, w[k][0], xv), _maddwd(b, w[k][1], xv)
+                    lo[n] = p0 if lo[n] is None else b.add(lo[n], p0)
+                    hi[n] = p1 if hi[n] is None else b.add(hi[n], p1)
+            for n, (k, u) in enumerate(units):
+                d8 = _half8(b, recs[k], 0)
+                s32 = b.add(b.shuffle_vector(lo[n], hi[n], even),
+                            b.shuffle_vector(lo[n], hi[n], odd))
+                scale = b.fmul(d8, _splat(b, b.load(b.gep(dxs[u], [i])), 8))
+                prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
+                b.store(b.fadd(b.load(acc[n]), prod, flags=_FMA), acc[n])
         for k in range(ng):
             col = b.mul(gs[k], ir.Constant(_I64, 8))
             for u in range(tt):
