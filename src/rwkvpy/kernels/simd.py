@@ -26,6 +26,7 @@ Every function has the signature ``dot(row, x, nb) -> float32``: ``row`` a 1-D u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from llvmlite import ir
@@ -648,12 +649,38 @@ def _groups_args(context, b, signature, args, ng):
     return arrs, gs, bases
 
 
+@contextlib.contextmanager
+def _passes(b, args, k, tt, acc):
+    """The passes of an x8 intrinsic over its vectors: one at args[k] (the first vector, t0)
+    when ``tt`` = 1; else args[k + 1] passes of ``tt`` vectors from t0, the accumulators zeroed
+    before each. Yields the pass's first vector (the loop over the tokens of a tile inside the
+    intrinsic: called once per 4 tokens, the 5 formats' kernels inlined into one driver loop
+    ran 14 % slower than a loop around one kernel)."""
+    if tt == 1:
+        yield args[k]
+        return
+    with cgutils.for_range(b, args[k + 1]) as p:
+        for a in acc:
+            b.store(ir.Constant(_F32x8, None), a)
+        yield b.add(args[k], b.mul(p.index, ir.Constant(_I64, tt)))
+
+
+def _x8_store(b, gs, ys, acc, tt):
+    """y[t0 + u, 8g .. 8g + 7] = acc[k + u] for each group g = gs[k] (one of gs, tt is 1)."""
+    for k, g in enumerate(gs):
+        col = b.mul(g, ir.Constant(_I64, 8))
+        for u in range(tt):
+            b.store(b.load(acc[k + u]), b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)),
+                    align=4)
+
+
 def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt, ng=1):
     """Make an intrinsic ``dot8(pk, g, xq2, dx2, sx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row
     8g+r . x2[t0 + u] for r < 8, u < ``tt``, from the repacked group ``pk[g]`` (uint8 2-D) and
     the rows of x2 as int8 blocks (``xq2``, ``dx2``, ``sx2``, 2-D: see _row_dot_q8). The codes
     of a block column are unpacked once for the ``tt`` vectors (prompts: ~320-350 GOPS on two
-    AVX2 cores for Q4_0, against ~120-170 GFLOP/s for torch's float32 GEMM).
+    AVX2 cores for Q4_0, against ~120-170 GFLOP/s for torch's float32 GEMM); ``tt`` > 1:
+    ``dot8(..., t0, npass)``, npass passes of ``tt`` vectors from t0 (see _passes).
 
     The code vectors are made step by step and each step met by every vector (or stream) before
     the next (_x8_integer_sums), instead of all 8 code vectors first and then each vector's
@@ -675,39 +702,39 @@ def _row_dot_x8(block_bytes, has_m, has_qh, offset, tt, ng=1):
 
     def codegen(context, b, signature, args):
         arrs, gs, bases = _groups_args(context, b, signature, args, ng)
-        t0 = args[ai + 6]
-        xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
-        dxs, sxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 3, 5))
-        n = max(tt, ng)
-        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(n)]
-        with cgutils.for_range(b, args[ai + 4]) as loop:
-            i = loop.index
-            x0 = b.mul(i, ir.Constant(_I64, _N))
-            recs = [b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))]) for k in range(ng)]
-            if tt == 1 and ng == 1:  # the records stream from memory once: X8_PREFETCH
-                _prefetch(b, recs[0], X8_PREFETCH, rec_bytes)
-            steps = [_x8_code_steps(b, rec, block_bytes, has_m, has_qh) for rec in recs]
-            units = [(k, xs[u]) for k in range(ng) for u in range(tt)]  # acc[k + u]
-            sums = _x8_integer_sums(b, steps, units, x0, q8, per_madd)
-            for n, (k, _) in enumerate(units):
-                u = n - k
-                d8 = _half8(b, recs[k], 0)
-                m8 = _half8(b, recs[k], m_off) if has_m else None
-                dx, cx = b.load(b.gep(dxs[u], [i])), b.load(b.gep(sxs[u], [i]))
-                _x8_scale_add(b, sums[n], d8, m8, dx, cx, acc[n], offset)
-        for k in range(ng):
-            for u in range(tt):
-                col = b.mul(gs[k], ir.Constant(_I64, 8))
-                b.store(b.load(acc[k + u]), b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)),
-                        align=4)
+        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
+               for _ in range(max(tt, ng))]
+        with _passes(b, args, ai + 6, tt, acc) as t0:
+            xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
+            dxs, sxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 3, 5))
+            with cgutils.for_range(b, args[ai + 4]) as loop:
+                i = loop.index
+                x0 = b.mul(i, ir.Constant(_I64, _N))
+                recs = [b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))])
+                        for k in range(ng)]
+                if tt == 1 and ng == 1:  # the records stream from memory once: X8_PREFETCH
+                    _prefetch(b, recs[0], X8_PREFETCH, rec_bytes)
+                steps = [_x8_code_steps(b, rec, block_bytes, has_m, has_qh) for rec in recs]
+                units = [(k, xs[u]) for k in range(ng) for u in range(tt)]  # acc[k + u]
+                sums = _x8_integer_sums(b, steps, units, x0, q8, per_madd)
+                for n, (k, _) in enumerate(units):
+                    u = n - k
+                    d8 = _half8(b, recs[k], 0)
+                    m8 = _half8(b, recs[k], m_off) if has_m else None
+                    dx, cx = b.load(b.gep(dxs[u], [i])), b.load(b.gep(sxs[u], [i]))
+                    _x8_scale_add(b, sums[n], d8, m8, dx, cx, acc[n], offset)
+            _x8_store(b, gs, ys, acc, tt)
         return context.get_dummy_value()
 
-    if ng == 1:
-        def typer(typingctx, pk, g, xq, dx, sx, nb, y, t0):
-            return nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp), codegen
-    else:
+    if ng > 1:
         def typer(typingctx, pk, g, q, xq, dx, sx, nb, y, t0):
             return nbt.void(pk, nbt.intp, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp), codegen
+    elif tt > 1:
+        def typer(typingctx, pk, g, xq, dx, sx, nb, y, t0, npass):
+            return nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp, nbt.intp), codegen
+    else:
+        def typer(typingctx, pk, g, xq, dx, sx, nb, y, t0):
+            return nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp), codegen
 
     return intrinsic(typer)
 
@@ -848,7 +875,8 @@ deqx8_q8_0 = _x8_deq(34, False, False, 0)
 def _dot_x8_q8_i16(tt, ng=1):
     """Make an intrinsic ``dot8(pk, g, xw2, dx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row 8g+r .
     x2[t0 + u] for r < 8, u < ``tt``, Q8_0 records, the rows of x2 as int16 blocks ``xw2``
-    (int16, 2-D) with scales ``dx2``; the codes widened once for the ``tt`` vectors.
+    (int16, 2-D) with scales ``dx2``; the codes widened once for the ``tt`` vectors; ``tt`` > 1:
+    ``dot8(..., t0, npass)``, npass passes of ``tt`` vectors from t0 (see _passes).
     ``ng`` > 1 (one vector): ``dots8(pk, g, q, xw2, dx2, nb, y2, t0)``, the groups g, g + q, ...
     each as ``dot8`` does it (see _row_dot_x8)."""
     rec_bytes = 8 * 34
@@ -857,51 +885,52 @@ def _dot_x8_q8_i16(tt, ng=1):
 
     def codegen(context, b, signature, args):
         arrs, gs, bases = _groups_args(context, b, signature, args, ng)
-        t0 = args[ai + 5]
-        xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
-        dxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 4))
         acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
                for _ in range(max(tt, ng))]
         even = ir.Constant(_vec(_I32, 8), list(range(0, 16, 2)))
         odd = ir.Constant(_vec(_I32, 8), list(range(1, 16, 2)))
-        with cgutils.for_range(b, args[ai + 3]) as loop:
-            i = loop.index
-            x0 = b.mul(i, ir.Constant(_I64, 2 * _N))  # bytes of int16
-            recs = [b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))]) for k in range(ng)]
-            if tt == 1 and ng == 1:
-                _prefetch(b, recs[0], X8_PREFETCH, rec_bytes)
-            units = [(k, u) for k in range(ng) for u in range(tt)]  # acc[k + u]
-            lo, hi = [None] * len(units), [None] * len(units)
-            for j in range(8):  # code vector j of each record, met by its units (_row_dot_x8)
-                # codes 4j .. 4j+3: rows 0-3 in bytes 0-15 of vector j, rows 4-7 after
-                w = [tuple(b.sext(_load(b, rec, ir.Constant(_I64, off + 32 * j), _vec(_I8, 16)),
-                                  _I16x16) for off in (16, 32)) for rec in recs]
+        with _passes(b, args, ai + 5, tt, acc) as t0:
+            xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
+            dxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 4))
+            with cgutils.for_range(b, args[ai + 3]) as loop:
+                i = loop.index
+                x0 = b.mul(i, ir.Constant(_I64, 2 * _N))  # bytes of int16
+                recs = [b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))])
+                        for k in range(ng)]
+                if tt == 1 and ng == 1:
+                    _prefetch(b, recs[0], X8_PREFETCH, rec_bytes)
+                units = [(k, u) for k in range(ng) for u in range(tt)]  # acc[k + u]
+                lo, hi = [None] * len(units), [None] * len(units)
+                for j in range(8):  # code vector j of each record, met by its units
+                    # codes 4j .. 4j+3: rows 0-3 in bytes 0-15 of vector j, rows 4-7 after
+                    w = [tuple(b.sext(_load(b, rec, ir.Constant(_I64, off + 32 * j),
+                                            _vec(_I8, 16)), _I16x16) for off in (16, 32))
+                         for rec in recs]
+                    for n, (k, u) in enumerate(units):
+                        xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(
+                            x0, ir.Constant(_I64, 8 * j)), _I64), 4), _I16x16)
+                        p0, p1 = _maddwd(b, w[k][0], xv), _maddwd(b, w[k][1], xv)
+                        lo[n] = p0 if lo[n] is None else b.add(lo[n], p0)
+                        hi[n] = p1 if hi[n] is None else b.add(hi[n], p1)
                 for n, (k, u) in enumerate(units):
-                    xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(
-                        x0, ir.Constant(_I64, 8 * j)), _I64), 4), _I16x16)
-                    p0, p1 = _maddwd(b, w[k][0], xv), _maddwd(b, w[k][1], xv)
-                    lo[n] = p0 if lo[n] is None else b.add(lo[n], p0)
-                    hi[n] = p1 if hi[n] is None else b.add(hi[n], p1)
-            for n, (k, u) in enumerate(units):
-                d8 = _half8(b, recs[k], 0)
-                s32 = b.add(b.shuffle_vector(lo[n], hi[n], even),
-                            b.shuffle_vector(lo[n], hi[n], odd))
-                scale = b.fmul(d8, _splat(b, b.load(b.gep(dxs[u], [i])), 8))
-                prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
-                b.store(b.fadd(b.load(acc[n]), prod, flags=_FMA), acc[n])
-        for k in range(ng):
-            col = b.mul(gs[k], ir.Constant(_I64, 8))
-            for u in range(tt):
-                b.store(b.load(acc[k + u]),
-                        b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)), align=4)
+                    d8 = _half8(b, recs[k], 0)
+                    s32 = b.add(b.shuffle_vector(lo[n], hi[n], even),
+                                b.shuffle_vector(lo[n], hi[n], odd))
+                    scale = b.fmul(d8, _splat(b, b.load(b.gep(dxs[u], [i])), 8))
+                    prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
+                    b.store(b.fadd(b.load(acc[n]), prod, flags=_FMA), acc[n])
+            _x8_store(b, gs, ys, acc, tt)
         return context.get_dummy_value()
 
-    if ng == 1:
-        def typer(typingctx, pk, g, xw, dx, nb, y, t0):
-            return nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp), codegen
-    else:
+    if ng > 1:
         def typer(typingctx, pk, g, q, xw, dx, nb, y, t0):
             return nbt.void(pk, nbt.intp, nbt.intp, xw, dx, nbt.intp, y, nbt.intp), codegen
+    elif tt > 1:
+        def typer(typingctx, pk, g, xw, dx, nb, y, t0, npass):
+            return nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp, nbt.intp), codegen
+    else:
+        def typer(typingctx, pk, g, xw, dx, nb, y, t0):
+            return nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp), codegen
 
     return intrinsic(typer)
 
