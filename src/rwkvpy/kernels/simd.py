@@ -542,9 +542,10 @@ def _rows2(b, arr, t0, n, elem):
 def _x8_code_steps(b, rec, block_bytes, has_m, has_qh):
     """The codes of the record at ``rec`` as a list of steps, each a list of (j, codes): the
     vectors of 4 codes x 8 rows that meet activations 4j .. 4j+3 (Q8_0: (|code|, code) pairs,
-    for the sign trick). Q4/Q5: step m holds j = m (the low nibbles of code vector m) and
-    j = m + 4 (its high nibbles), from one load; Q8_0: step j holds j. A step's vectors are
-    made where the step is used, so that few stay live at once."""
+    for the sign trick). Q4: step m holds j = m (the low nibbles of packed vector m) and
+    j = m + 4 (its high nibbles), from one load; Q5 and Q8_0: step j holds j alone, in order
+    (Q5's int16 sums close after j = 3: _x8_integer_sums). A step's vectors are made where the
+    step is used, so that few stay live at once."""
     _, qh_off, c_off = _x8_layout(block_bytes, has_m, has_qh)
     m15, m16 = _const(_I8, [15] * _N), _const(_I8, [16] * _N)
     qh = _load(b, rec, ir.Constant(_I64, qh_off), _I16x16) if has_qh else None
@@ -574,7 +575,7 @@ def _x8_code_steps(b, rec, block_bytes, has_m, has_qh):
             return [(m, nibbles(m))]
         return [(m, nibbles(m)), (m + 4, nibbles(m + 4))]
 
-    return [functools.partial(step, m) for m in range(4 if block_bytes < 22 else 8)]
+    return [functools.partial(step, m) for m in range(8 if has_qh or block_bytes == 34 else 4)]
 
 
 def _fma8(b, a, c, d):
@@ -653,9 +654,9 @@ def _groups_args(context, b, signature, args, ng):
 def _passes(b, args, k, tt, acc):
     """The passes of an x8 intrinsic over its vectors: one at args[k] (the first vector, t0)
     when ``tt`` = 1; else args[k + 1] passes of ``tt`` vectors from t0, the accumulators zeroed
-    before each. Yields the pass's first vector (the loop over the tokens of a tile inside the
-    intrinsic: called once per 4 tokens, the 5 formats' kernels inlined into one driver loop
-    ran 14 % slower than a loop around one kernel)."""
+    before each. Yields the pass's first vector. (Prompts: one call per group and tile of
+    tokens instead of one per 4 tokens, so that the driver can call its per-format dispatch
+    rather than inline it: see kernels.linear._dotx8t.)"""
     if tt == 1:
         yield args[k]
         return
