@@ -45,6 +45,35 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"fixtures folder {FIXTURES} not found: set RWKVPY_FIXTURES")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """Every test module leaves torch's process-wide thread count as it found it
+    (``rwkvpy.load(threads=N)`` and the CLI's ``--threads`` set it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+class Spy:
+    """A model that records the number of tokens of every forward call (``calls``);
+    ``interrupt_at``: raise KeyboardInterrupt instead of running the n-th call (from 1)."""
+
+    def __init__(self, model, interrupt_at=None):
+        self.model, self.calls, self.interrupt_at = model, [], interrupt_at
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, tokens, state=None, all_logits=False):
+        if self.interrupt_at is not None and len(self.calls) + 1 == self.interrupt_at:
+            self.interrupt_at = None
+            raise KeyboardInterrupt
+        self.calls.append(len(tokens))
+        return self.model.forward(tokens, state, all_logits=all_logits)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures(...)``):

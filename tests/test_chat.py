@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rwkvpy
-from conftest import fixture_path
+from conftest import Spy, fixture_path
 from rwkvpy.chat import ChatError, ChatSession, normalize_message, render_system, render_user
 from rwkvpy.errors import StateError
 from rwkvpy.generate import stream
@@ -30,24 +30,6 @@ def model():
 @pytest.fixture(scope="module")
 def tok():
     return ByteTokenizer()
-
-
-class Spy:
-    """The model, recording the number of tokens of every forward call; ``interrupt_at``: raise
-    KeyboardInterrupt instead of running the n-th call (counted from 1)."""
-
-    def __init__(self, model, interrupt_at=None):
-        self.model, self.calls, self.interrupt_at = model, [], interrupt_at
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def forward(self, tokens, state=None, all_logits=False):
-        if self.interrupt_at is not None and len(self.calls) + 1 == self.interrupt_at:
-            self.interrupt_at = None
-            raise KeyboardInterrupt
-        self.calls.append(len(tokens))
-        return self.model.forward(tokens, state, all_logits=all_logits)
 
 
 def check_consistent(session, model, tok):

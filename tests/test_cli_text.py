@@ -25,14 +25,6 @@ MAIN = ("import sys; from rwkvpy.cli import main as main_for_tests; "
         "sys.exit(main_for_tests(sys.argv[1:]))")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    """The commands run with --threads 1, which sets torch's thread count for the process."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def v7():
     return str(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"))

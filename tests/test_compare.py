@@ -9,7 +9,6 @@ import math
 import os
 
 import pytest
-import torch
 
 import rwkvpy
 from conftest import fixture_path
@@ -22,13 +21,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Beautiful is better than u
         "Sparse is better than dense. Readability counts.\n") * 2
 
 TYPES = ["q4_0", "f16"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

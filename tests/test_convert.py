@@ -27,13 +27,6 @@ EXP_TENSORS = {"v4": ("att.time_decay",), "v5_0": ("att.time_decay", "att.time_f
                "v5_2": ("att.time_decay",)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    n = torch.get_num_threads()  # load(threads=1) below sets torch's process-wide count
-    yield
-    torch.set_num_threads(n)
-
-
 def load(path):
     try:
         return rwkvpy.load(path, mode="reference", threads=1)

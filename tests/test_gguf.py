@@ -17,13 +17,6 @@ C, V, HEAD = 192, 512, 64
 F16_TOL = 1e-4  # max abs logit difference, .pth (bf16) vs F16 GGUF; measured <= 7e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    n = torch.get_num_threads()  # load(threads=1) below sets torch's process-wide count
-    yield
-    torch.set_num_threads(n)
-
-
 def load(path):
     try:  # the float32 reference path; one thread: tiny models, and no oversubscription
         return rwkvpy.load(path, mode="reference", threads=1)

@@ -28,13 +28,6 @@ MODELS = {"4v0-660K": "FP32", "5v1-730K": "FP32", "5v2-730K": "FP32", "6v0-3m": 
           "7v0-834K": "FP32"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(name, kind=None):
     return str(fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{name}-{kind or MODELS[name]}.bin"))
 

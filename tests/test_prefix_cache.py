@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rwkvpy
-from conftest import fixture_path
+from conftest import Spy, fixture_path
 from rwkvpy.generate import generate, stream
 from rwkvpy.prefix_cache import PrefixCache, PrefixCacheError, cache_root, state_nbytes
 from rwkvpy.sampling import SamplingParams
@@ -164,20 +164,6 @@ def model():
 @pytest.fixture(scope="module")
 def tok():
     return ByteTokenizer()
-
-
-class Spy:
-    """The model, recording the number of tokens of every forward call."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def forward(self, tokens, state=None, all_logits=False):
-        self.calls.append(len(tokens))
-        return self.model.forward(tokens, state, all_logits=all_logits)
 
 
 PARAMS = SamplingParams(seed=11, temperature=0.8, top_k=20, max_tokens=10)
