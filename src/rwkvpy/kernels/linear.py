@@ -341,6 +341,15 @@ if HAVE_NUMBA:
         for t in range(x2.shape[0]):
             _simd.quantize_blocks(x2[t], xq2[t], dx2[t], sx2[t], dx2.shape[1], qmax)
 
+    @njit(parallel=True, **_CACHE)
+    def _quantize_par(x2, xq2, dx2, sx2, qmax):
+        """_quantize_x with the vectors across numba's threads (one vector: serially)."""
+        if x2.shape[0] > 1:
+            for t in prange(x2.shape[0]):
+                _quantize_x(x2[t:t + 1], xq2[t:t + 1], dx2[t:t + 1], sx2[t:t + 1], qmax)
+        else:
+            _quantize_x(x2, xq2, dx2, sx2, qmax)
+
     @njit(inline="always", **_CACHE)
     def _dotq_row(kind, row, xq, dx, sx, nb):
         if kind == 0:
@@ -491,7 +500,7 @@ if HAVE_NUMBA:
         T, K = x2.shape
         xw2 = np.empty((T, K), np.int16)
         dx2 = np.empty((T, K // 32), np.float32)
-        _quantize_x(x2, xw2, dx2, np.empty((T, K // 32), np.float32), 32767.0)
+        _quantize_par(x2, xw2, dx2, np.empty((T, K // 32), np.float32), 32767.0)
         G = pk.shape[0]
         n_chunks = (G + chunk - 1) // chunk
         for c in prange(n_chunks):
@@ -629,17 +638,12 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, **_CACHE)
     def _mvx8_par(kind, pk, tail, x2, y2, chunk):
-        """Parallel over chunks of ``chunk`` groups (x2 rounded first, in parallel over its
-        vectors)."""
+        """Parallel over chunks of ``chunk`` groups (x2 rounded first: _quantize_par)."""
         T, K = x2.shape
         xq2 = np.empty((T, K), np.int8)
         dx2 = np.empty((T, K // 32), np.float32)
         sx2 = np.empty((T, K // 32), np.float32)
-        if T > 1:
-            for t in prange(T):
-                _quantize_x(x2[t:t + 1], xq2[t:t + 1], dx2[t:t + 1], sx2[t:t + 1], 127.0)
-        else:
-            _quantize_x(x2, xq2, dx2, sx2, 127.0)
+        _quantize_par(x2, xq2, dx2, sx2, 127.0)
         G = pk.shape[0]
         n_chunks = (G + chunk - 1) // chunk
         for c in prange(n_chunks):
