@@ -1,4 +1,5 @@
-"""BlinkDL .pth checkpoints against BlinkDL's reference implementation (rwkv 0.8.32, fp32)."""
+"""BlinkDL .pth checkpoints against BlinkDL's reference implementation (rwkv 0.8.32, fp32), in the
+default mode at every CPU capability level (kernels/cpu.py), forced on this machine."""
 
 import numpy as np
 import pytest
@@ -6,12 +7,14 @@ import torch
 
 import rwkvpy
 from conftest import REF_MODELS, fixture_path, serial_logits
+from rwkvpy.errors import CpuCapabilityError
+from rwkvpy.kernels.cpu import LEVELS, resolve
 
 TOL = 1e-4  # max abs difference of logits, every position
 
 
-def load(name):
-    return rwkvpy.load(fixture_path("reference-pth", f"{name}.pth"))
+def load(name, level=None):
+    return rwkvpy.load(fixture_path("reference-pth", f"{name}.pth"), cpu_capability=level)
 
 
 def reference(name):
@@ -22,10 +25,23 @@ def reference(name):
     return d["tokens"].tolist(), target
 
 
-@pytest.fixture(scope="module", params=REF_MODELS)
+def _runs_here(level):
+    try:
+        resolve(level)
+        return True
+    except CpuCapabilityError:
+        return False
+
+
+CASES = [(name, level) for name in REF_MODELS for level in LEVELS if _runs_here(level)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{lv}" for n, lv in CASES])
 def case(request):
-    name = request.param
-    return name, load(name), *reference(name)
+    name, level = request.param
+    model = load(name, level)
+    assert model.kernels["cpu_capability"]["level"] == level
+    return name, model, *reference(name)
 
 
 def test_version_detected(case):

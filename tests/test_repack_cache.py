@@ -19,11 +19,8 @@ from rwkvpy.kernels import linear as L
 TOKENS = [34, 105, 110, 32, 116, 104, 101]
 
 
-@pytest.fixture(autouse=True)
-def repacking_fast_path(monkeypatch):
-    """Mode "fast" as on a CPU without AVX2: Q4 on torch's int4 kernel, Q5 on int8 rows, both
-    repacked at load (with AVX2 the int8-dot groups: test_int8_dot_groups_cached)."""
-    monkeypatch.setattr(L, "INT8_DOT_FORMATS", ())
+#: the only repacking kernels are the integer ones (level avx2 and up, kernels/cpu.py)
+pytestmark = pytest.mark.skipif(not L._int8_dot(), reason="the integer kernels need AVX2")
 
 
 @pytest.fixture()
@@ -54,29 +51,25 @@ def written_then_hit(monkeypatch, path, cls, repacker):
     assert second.repack_cache == "hit" and torch.equal(logits_of(first), logits_of(second))
 
 
-def test_written_then_reused(q5_model, monkeypatch):
-    first = rwkvpy.load(q5_model)
-    assert first.repack_cache == "written" and os.path.exists(C.cache_path(q5_model))
-    assert isinstance(first._net.lin["blocks.0.att.key.weight"], L.Int8Linear)
-    forbid(monkeypatch, rwkvpy.quant, "dequantize")  # Int8Linear's repacking
-    second = rwkvpy.load(q5_model)
-    assert second.repack_cache == "hit"
-    assert torch.equal(logits_of(first), logits_of(second))
-
-
-def test_int4_repack_cached(tmp_path, monkeypatch):
-    src = tmp_path / "m-q4_0.gguf"
-    convert(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), src, type="q4_0",
-            progress=False)
-    written_then_hit(monkeypatch, src, L.Int4Linear, "_int4_pack")
-
-
-@pytest.mark.skipif(not L._int8_dot(), reason="the int8 dot kernels need AVX2")
 def test_int8_dot_groups_cached(q5_model, monkeypatch):
     """With AVX2, mode "fast" reads Q4/Q5 through Int8DotLinear's interleaved groups: repacked
     at the first load, memory-mapped from the cache afterwards, same logits."""
-    monkeypatch.setattr(L, "INT8_DOT_FORMATS", ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
     written_then_hit(monkeypatch, q5_model, L.Int8DotLinear, "repack_x8")
+    assert os.path.exists(C.cache_path(q5_model))
+
+
+def test_q4_0_groups_cached(tmp_path, monkeypatch):
+    src = tmp_path / "m-q4_0.gguf"
+    convert(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), src, type="q4_0",
+            progress=False)
+    written_then_hit(monkeypatch, src, L.Int8DotLinear, "repack_x8")
+
+
+def test_generic_level_repacks_nothing(q5_model):
+    """The generic CPU level multiplies block formats as stored: nothing to cache."""
+    model = rwkvpy.load(q5_model, cpu_capability="generic")
+    assert model.repack_cache == "none" and not os.path.exists(C.cache_path(q5_model))
+    assert isinstance(model._net.lin["blocks.0.att.key.weight"], L.BlockLinear)
 
 
 def test_changed_model_file_rebuilds(q5_model):
@@ -142,12 +135,8 @@ def test_cli_bench_reports_and_no_cache_skips(q5_model):
     import subprocess
     import sys
 
-    # the CLI in a fresh process, its fast path made to repack (as without AVX2)
-    code = ("import sys; import rwkvpy.kernels.linear as L; L.INT8_DOT_FORMATS = (); "
-            "from rwkvpy.cli import main; sys.exit(main(sys.argv[1:]))")
-
     def bench(*extra):
-        r = subprocess.run([sys.executable, "-c", code, "bench", str(q5_model), "--tokens",
+        r = subprocess.run([sys.executable, "-m", "rwkvpy", "bench", str(q5_model), "--tokens",
                             "4", "--prompt", "8", "--threads", "1", "--json", *extra],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import rwkvpy
-from conftest import TINY, TINY_MODELS, fixture_path
+from conftest import TINY, TINY_MODELS, fixture_path, serial_logits
+from rwkvpy.kernels.linear import _int8_dot
 
 PROMPT = [34, 105, 110]  # '"in'
 FILES = [(m, f) for m in TINY_MODELS for f in ("FP32", "FP16", "Q5_0", "Q5_1")
@@ -41,13 +42,24 @@ def seq64(name, fmt):
     return z["tokens"].tolist(), z["logits"]
 
 
+#: (mode, CPU level): exact, and the default mode at each kernel family's level (kernels/cpu.py)
+PATHS = [("exact", None), ("fast", "generic"), ("fast", "avx2")]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[f"{m}-{lv}" for m, lv in PATHS])
 @pytest.mark.parametrize("name,fmt", [x for x in FILES if x[1] != "FP32"])
-def test_reduced_precision_as_close_as_rwkvcpp(name, fmt):
-    # exact mode: the exactly dequantized weights (mode "fast" rounds Q5 weights to int8 rows for
-    # single tokens; tests/test_fast_paths.py bounds what that adds)
-    model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{name}-{fmt}.bin"), mode="exact")
+@pytest.mark.parametrize("serial", [False, True], ids=["sequence", "serial"])
+def test_reduced_precision_as_close_as_rwkvcpp(name, fmt, path, serial):
+    """Every CPU path, sequence and one token at a time, at most RATIO times as far from the FP32
+    file's logits as rwkv.cpp is on the same file."""
+    mode, level = path
+    if level not in (None, "generic") and not _int8_dot():
+        pytest.skip("the integer kernels need AVX2")
+    model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{name}-{fmt}.bin"), mode=mode,
+                        cpu_capability=level)
     tokens, cpp = seq64(name, fmt)
-    ours, _ = model.forward(tokens, None, all_logits=True)
+    ours = (serial_logits(model, tokens)[0] if serial
+            else model.forward(tokens, None, all_logits=True)[0])
     ours = ours.numpy()
     if name == "6v0-3m":  # no FP32 file: compare with rwkv.cpp itself (measured 0.030 / 0.029)
         diff = np.abs(ours - cpp).max(1).mean()

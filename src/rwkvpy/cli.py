@@ -21,12 +21,16 @@ def add_run_options(p) -> None:
                         "tokens after a compilation at start)")
     p.add_argument("--no-cache", dest="cache", action="store_false",
                    help="do not read or write MODEL.rwkvpy-cache (the CPU's repacked weights)")
+    p.add_argument("--cpu-capability", default=None, metavar="LEVEL",
+                   help="CPU kernels: generic, avx2, avx512, avx512_bf16 or amx (default: "
+                        "$RWKVPY_CPU_CAPABILITY, else this CPU's level)")
 
 
 def run_options(args) -> dict:
     """The keyword arguments of rwkvpy.load for the options of :func:`add_run_options`."""
     return {"mode": args.mode, "threads": args.threads, "device": args.device,
-            "gpu_layers": args.gpu_layers, "compile": args.compile, "cache": args.cache}
+            "gpu_layers": args.gpu_layers, "compile": args.compile, "cache": args.cache,
+            "cpu_capability": args.cpu_capability}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -40,7 +44,11 @@ def _fmt_bytes(n: int) -> str:
 def cmd_info(args) -> int:
     import rwkvpy
 
-    s = rwkvpy.inspect(args.model).summary()
+    if args.kernels:
+        model = rwkvpy.load(args.model, **run_options(args))
+        s = {**model.info.summary(), "kernels": model.kernels}
+    else:
+        s = rwkvpy.inspect(args.model).summary()
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -63,7 +71,20 @@ def cmd_info(args) -> int:
     print("tensors:")
     for typ, count in sorted(s["tensor_types"].items()):
         print(f"  {typ:5s} {count:4d} tensors  {_fmt_bytes(s['tensor_bytes'][typ])}")
+    if "kernels" in s:
+        print(format_kernels(s["kernels"]))
     return 0
+
+
+def format_kernels(k: dict) -> str:
+    """The lines of ``Model.kernels`` in a text report."""
+    c = k["cpu_capability"]
+    how = "forced" if c["forced"] else "detected"
+    emu = f", emulated on a {c['host']} CPU" if c["emulated"] else ""
+    prods = ", ".join(f"{t} {name}" for t, name in k["products"].items())
+    return (f"kernels:     mode {k['mode']}, CPU level {c['level']} ({how}{emu})\n"
+            f"  products:  {prods}\n"
+            f"  sequences: {k['recurrence']}; one token: {k['step']}")
 
 
 def cmd_bench(args) -> int:
@@ -120,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show what a model file holds")
     info.add_argument("model", help="model file (.bin, .pth, .gguf, .safetensors) or HF folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--kernels", action="store_true",
+                      help="load the model (with the run options below) and show which "
+                           "kernels run")
+    add_run_options(info)
     info.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="measure per-token latency, prompt speed, load time, memory")

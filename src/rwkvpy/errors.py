@@ -61,6 +61,11 @@ class StateError(RwkvpyError):
     """A state that does not belong to the model it is used with."""
 
 
+class CpuCapabilityError(RwkvpyError):
+    """A CPU capability level (``cpu_capability``, ``$RWKVPY_CPU_CAPABILITY``) that is not a
+    known level, or whose kernels cannot run on this CPU."""
+
+
 class ConversionError(RwkvpyError):
     """A conversion that cannot be done: an unknown target type or file extension, a type the
     target format cannot hold (BF16 in an rwkv.cpp .bin), a source that is also the target."""

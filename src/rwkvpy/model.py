@@ -102,8 +102,10 @@ class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
     def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast",
-                 devices: tuple | None = None, compile: bool = False, cache: bool = False):
+                 devices: tuple | None = None, compile: bool = False, cache: bool = False,
+                 cpu=None):
         from .kernels.backend import make_backend
+        from .kernels.cpu import host_kernels
 
         self.config = cfg
         self.mode = mode
@@ -121,7 +123,10 @@ class Model:
             from .kernels.cache import RepackCache
 
             repack = RepackCache(ckpt.path, mode)
-        self._net = models.build(cfg, ckpt.tensors, ckpt.path, make_backend(mode, repack), devices)
+        #: the CPU kernels in force (kernels.cpu.CpuKernels: capability level, host, forced)
+        self.cpu_kernels = cpu or host_kernels()
+        self._net = models.build(cfg, ckpt.tensors, ckpt.path,
+                                 make_backend(mode, repack, self.cpu_kernels), devices)
         if repack is not None:
             repack.save()
         #: what the repack cache (kernels/cache.py) did: "hit", "written", "none" (nothing to
@@ -145,6 +150,29 @@ class Model:
                 group_products(self._net, [i for i, d in enumerate(devices) if d.type != "cpu"])
                 graphs = self.state_device.type == "cuda"
                 self._step = TorchStep(self._net, self.state_device, graphs=graphs, compile=compile)
+
+    @property
+    def kernels(self) -> dict:
+        """Which kernels run: the CPU capability level (kernels.cpu), the product kernel per
+        stored tensor type (e.g. ``{"Q4_0": "int8-dot", "F16": "numba-float"}``), the sequence
+        recurrence and the one-token step."""
+        products: dict = {}
+        for lin in self._net.lin.values():
+            name = getattr(lin, "strategy", "") or type(lin).__name__
+            products.setdefault(lin.fmt, set()).add(name)
+        if self._step is None:
+            step = "reference (models/)"
+        elif hasattr(self._step, "blocks"):
+            step = "numba whole-layer blocks" if self._step.blocks else "numba glue + products"
+        else:
+            step = type(self._step).__name__
+        devs = sorted({d.type for d in self.devices})
+        recurrence = ("reference (models/)" if self.mode == "reference" else
+                      "+".join({"cpu": "numba serial", "cuda": "torch chunked"}.get(d, d)
+                               for d in devs))
+        return {"mode": self.mode, "cpu_capability": self.cpu_kernels.to_dict(),
+                "products": {k: "+".join(sorted(v)) for k, v in sorted(products.items())},
+                "recurrence": recurrence, "step": step}
 
     def synchronize(self) -> None:
         """Wait for the GPU work queued by forward calls (for timing; a no-op on the CPU)."""
@@ -356,7 +384,8 @@ def physical_cores() -> int:
 
 
 def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
-         gpu_layers: int | None = None, compile: bool = False, cache: bool = True) -> Model:
+         gpu_layers: int | None = None, compile: bool = False, cache: bool = True,
+         cpu_capability: str | None = None) -> Model:
     """Load an RWKV model from an rwkv.cpp ``.bin``, a BlinkDL ``.pth``, GGUF or safetensors
     (the format is detected from the content).
 
@@ -369,6 +398,10 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     graph (faster decoding; the first token waits for the compilation).
     cache: keep the weights that mode "fast" repacks for the CPU (int4, int8 rows) in
     ``PATH.rwkvpy-cache`` and reuse them while the model file is unchanged (kernels/cache.py).
+    cpu_capability: the CPU kernels' level, "generic", "avx2", "avx512", "avx512_bf16" or
+    "amx" (kernels/cpu.py: what each selects); default: ``$RWKVPY_CPU_CAPABILITY`` if set,
+    else this CPU's own level. A level above this CPU's runs with the same numbers where its
+    kernels can run here; one that cannot (avx2 and up without AVX2) raises CpuCapabilityError.
     ``path == "demo"`` loads the demo model shipped in the package (rwkvpy.demo).
     """
     if isinstance(path, str) and path == "demo":
@@ -381,9 +414,12 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
 
     start_numba_pool()  # before torch's count is set: starting it later would reset that
     torch.set_num_threads(threads or physical_cores())
+    from .kernels.cpu import resolve
+
+    cpu = resolve(cpu_capability)  # before reading the file: a bad level fails at once
     ckpt, cfg = _read(path)
     return Model(ckpt, cfg, mode=mode, devices=layer_devices(cfg.n_layer, device, gpu_layers),
-                 compile=compile, cache=cache)
+                 compile=compile, cache=cache, cpu=cpu)
 
 
 def inspect(path) -> ModelInfo:

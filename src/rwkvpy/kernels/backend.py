@@ -5,9 +5,9 @@ Modes:
 - ``"exact"``: the same numbers up to float32 rounding (summation order, the last bit of an
   exp): weights exactly as stored (dequantized exactly), float32 activations, compiled
   recurrences for sequences, fused glue for single tokens.
-- ``"fast"`` (default): like exact, but uses a lossy kernel where it is much faster, each one
-  chosen by measurement and documented in kernels/linear.py (e.g. int8 activations and integer
-  dot products for Q4_0..Q5_1 on AVX2 CPUs).
+- ``"fast"`` (default): like exact, but block formats (Q4_0..Q8_0) multiply their weights by
+  activations rounded to integers (int8, int16 for Q8_0) where the CPU level allows it
+  (kernels/cpu.py), as ggml does; F32/F16/BF16 weights are multiplied exactly on every CPU.
 
 On a GPU the same modes pick the weights' types there (see kernels/gpu.py): "fast" keeps F16 and
 BF16 as stored and expands block-quantized types to float16; "exact" holds every weight in float32.
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from ..errors import RwkvpyError
 from ..models.base import REFERENCE, Backend
+from .cpu import CpuKernels
 
 MODES = ("fast", "exact", "reference")
 
 
-def make_backend(mode: str, cache=None) -> Backend:
+def make_backend(mode: str, cache=None, cpu: CpuKernels | None = None) -> Backend:
     """The backend of ``mode``; ``cache``: a kernels.cache.RepackCache for the CPU's repacked
-    weights (or None)."""
+    weights (or None); ``cpu``: the CPU kernels to use (kernels.cpu; None: the host's)."""
     if mode not in MODES:
         raise RwkvpyError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "reference":
@@ -36,9 +37,9 @@ def make_backend(mode: str, cache=None) -> Backend:
         if device.type != "cpu":
             return DeviceLinear(w, device, mode)
         if cache is None or name is None:
-            return make_linear(w, policy=mode)
+            return make_linear(w, policy=mode, cpu=cpu)
         cached = cache.get(name)
-        lin = make_linear(w, policy=mode, repacked=cached)
+        lin = make_linear(w, policy=mode, repacked=cached, cpu=cpu)
         if hasattr(lin, "repacked"):  # a repacking kernel was chosen
             if cached is None:
                 cache.put(name, lin.repacked())

@@ -13,41 +13,38 @@ per matrix-vector product), ``strategy`` (a short name of the kernel) and ``exac
   the format's own (documented per class, measured in tests/test_kernels_linear.py and, on the
   fixtures' logits, tests/test_fast_paths.py).
 
-Per format (one token; prompts: see below):
+Per format (one token; prompts: see below), with the CPU level of kernels/cpu.py:
 
 =========  =============================================  ===================================
 format     policy="exact"                                 policy="fast" (default of load)
 =========  =============================================  ===================================
-F32        :class:`FloatLinear` (numba, as stored)        same
-F16, BF16  :class:`FloatLinear` (numba, 2 bytes/weight)   :class:`BF16Linear` on CPUs with
-                                                          native bf16 (AMX / AVX512-BF16)
-Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    :class:`Int8DotLinear` (groups of 8
-Q5_0/Q5_1  :class:`BlockLinear`                           interleaved rows, int8 activations,
-                                                          AVX2); without AVX2 Q4
-                                                          :class:`Int4Linear`, Q5
-                                                          :class:`Int8Linear`
-Q8_0       :class:`BlockLinear`                           :class:`Int16DotLinear` (int16
-                                                          activations, AVX2)
+F32        :class:`FloatLinear` (numba, as stored)        same, at every level
+F16, BF16  :class:`FloatLinear` (numba, 2 bytes/weight)   same, at every level
+Q4_0/Q4_1  :class:`BlockLinear` (numba on ggml blocks)    level avx2 and up:
+Q5_0/Q5_1  :class:`BlockLinear`                           :class:`Int8DotLinear` (groups of 8
+                                                          interleaved rows, int8 activations);
+                                                          generic: :class:`BlockLinear`
+Q8_0       :class:`BlockLinear`                           avx2 and up: :class:`Int16DotLinear`
+                                                          (int16 activations); generic:
+                                                          :class:`BlockLinear`
 =========  =============================================  ===================================
 
-The fast classes repack once (cached next to the model, kernels/cache.py); the exact ones read
-the file's bytes as they are. Every numba product is one of kernels/simd.py's explicit LLVM
-vector kernels. Measured (2-vCPU AMD EPYC VM, AVX2, no AVX-512/AMX/native bf16; 1 thread,
-2048x2048 in cache, Gweights/s): F32 ~10, F16 16-18, BF16 15; exact blocks Q4_0 7.7, Q4_1
-6.8, Q5_0 6.2, Q5_1 5.5, Q8_0 11.4; int8 dots on ggml's rows Q4_0 19.3, Q4_1 18.0, Q5_0 14.5,
-Q5_1 13.1, and on interleaved groups Q4_0 ~57 (2048x1024). Out of cache a single thread reads
-~17-23 GB/s and two ~25-37 GB/s: F32/F16 products run at the bandwidth, and so do the
-interleaved integer kernels on two threads (~30-36 GB/s for Q4_0..Q8_0, 16384x2048 matrices,
-/tmp measurement of this session; ggml's row order reached ~20 GB/s). torch's kernels
-(torch.mv, int4, int8 rows) were slower here in whole tokens (README "Speed");
-:class:`F32Linear`, :class:`Int4Linear` and :class:`Int8Linear` remain for CPUs without AVX2 or
-without numba.
+No product rounds F16/BF16/F32 weights or their activations: torch's bf16 products on the CPU
+return bf16 outputs, whose 8 significant bits break the accuracy contract (docs/accuracy.md),
+so native-bf16 CPUs multiply these formats in float32 too.
+
+The integer classes repack once (cached, kernels/cache.py); the exact ones read the file's bytes
+as they are. Every numba product is one of kernels/simd.py's explicit LLVM vector kernels, whose
+operation order is fixed in the IR: the same numbers on every CPU that runs them. The integer
+classes read interleaved groups because ggml's row order keeps too few reads in flight; torch's
+own kernels (torch.mv, int4 and int8 weight kernels with bf16 activations) were slower in whole
+tokens or lossier than the formats (docs/performance.md). :class:`F32Linear` and
+:class:`DequantLinear` serve where numba is missing.
 
 Prompts (T > 1): the float kernels take T <= :data:`NUMBA_MAX_T` vectors in one pass; above,
-the weights are dequantized in row tiles (bit-exact) and multiplied with torch's GEMM (MKL),
+the weights are dequantized in row tiles (bit-exact) and multiplied with torch's float32 GEMM,
 which is far faster per flop. :class:`Int8DotLinear` and :class:`Int16DotLinear` take every T
-with their integer kernels (4 vectors per pass over the codes: ~2x and ~1.15x the float32 GEMM
-here).
+with their integer kernels (4 vectors per pass over the codes).
 
 Threads: the numba kernels run on as many threads as ``torch.get_num_threads()``. numba's
 threading layer is chosen here (``numba.config``, before its first parallel launch): OpenMP
@@ -72,21 +69,18 @@ import torch.nn.functional as F
 
 from ..formats.base import QTensor, release_pages
 from ..quant import get_format
+from .cpu import CpuKernels, host_kernels, integer_kernels_run
 
 __all__ = [
     "PARALLEL_LOCK",
     "POLICIES",
-    "BF16Linear",
     "BlockLinear",
     "DequantLinear",
     "F32Linear",
     "FloatLinear",
-    "Int4Linear",
     "Int16DotLinear",
     "Int8DotLinear",
-    "Int8Linear",
     "Linear",
-    "fast_bf16_cpu",
     "make_linear",
 ]
 
@@ -104,10 +98,6 @@ INT16_DOT_FORMATS = ("Q8_0",)
 #: crossover (AVX2, 2048x2048, 1 thread): T = 2 numba 1.9-3.9 ms vs tiles 2.8-2.9 ms; T = 4
 #: numba 3.5-7.6 ms vs tiles 3.5-4.0 ms.
 NUMBA_MAX_T = 2
-#: Largest T for which :class:`Int4Linear` uses torch's int4 kernel (measured crossover ~32).
-INT4_MAX_T = 32
-#: Largest T for which :class:`Int8Linear` uses torch's int8 kernel (measured crossover ~24).
-INT8_MAX_T = 16
 #: Elements per block of every quantized format (passed to the kernels at run time).
 _QK = 32
 #: Product kinds of a numba spec (Linear.numba_spec, row_product): rows of any format
@@ -133,22 +123,6 @@ try:  # numba is optional
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
-
-
-_FAST_BF16: bool | None = None
-
-
-def fast_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16): there torch's bf16
-    GEMM reaches ~2 TFLOPS; elsewhere (AVX2) it emulates bf16 at ~10 GFLOPS, 10x slower than
-    float32."""
-    global _FAST_BF16
-    if _FAST_BF16 is None:
-        cpu = getattr(torch, "cpu", None)
-        probes = (getattr(cpu, name, None)
-                  for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-        _FAST_BF16 = any(bool(fn()) for fn in probes if callable(fn))
-    return _FAST_BF16
 
 
 # ------------------------------------------------------------------------------------------
@@ -829,38 +803,6 @@ class DequantLinear(F32Linear):
         super().__init__(w, fmt or _torch_fmt(w))
 
 
-class BF16Linear(Linear):
-    """Weights kept as bf16 (F16 weights rounded to bf16 at load: lossy, 8 significant bits
-    instead of 11), activations rounded to bf16, torch's bf16 kernels (float32 accumulation,
-    bf16 output). ``policy="fast"`` for F16/BF16 on CPUs with native bf16 only
-    (:func:`fast_bf16_cpu`).
-
-    docs/measurements.md (Sapphire Rapids, head 65536x2048, 2 threads): 12.1 ms vs 18.7 ms for
-    fp16 ``F.linear`` and 18.1 ms for float32, error 3.5e-3 of the output scale; bf16 GEMM with
-    AMX ~2 TFLOPS for prompts. On AVX2 (no native bf16) it is no faster than the exact kernels
-    for one vector and ~10x slower for prompts (bf16 GEMM ~10 GFLOPS vs float32 ~100), so
-    there prompts go through float32 row tiles (:func:`_tiled_convert_mm`) and
-    :func:`make_linear` never picks it.
-    """
-
-    strategy = "torch-bf16"
-    exact = False
-
-    def __init__(self, w: torch.Tensor, fmt: str | None = None):
-        self.fmt = fmt or _torch_fmt(w)
-        self.weight = w.detach().to(torch.bfloat16).contiguous()
-        self.out_features, self.in_features = (int(s) for s in self.weight.shape)
-        self.nbytes = self.weight.numel() * 2
-
-    def _mv(self, x):
-        return F.linear(x.to(torch.bfloat16), self.weight).float()
-
-    def _mm(self, x):
-        if fast_bf16_cpu():
-            return F.linear(x.to(torch.bfloat16), self.weight).float()
-        return _tiled_convert_mm(self.weight, x)
-
-
 class FloatLinear(Linear):
     """F32, F16 or BF16 weights kept exactly as stored (no copy: a file's tensor stays a view
     of its mapping), float32 activations: one vectorized numba kernel per matrix-vector
@@ -908,9 +850,7 @@ class BlockLinear(Linear):
 
     T <= :data:`NUMBA_MAX_T` vectors in the same kernel (each row's bytes stay in L1 across
     them); larger T: row tiles dequantized by numba (bit-exact) to float32, multiplied with
-    torch's float32 GEMM; with ``bf16_tiles`` (``policy="fast"`` on a CPU with native bf16)
-    the tiles and the activations are rounded to bf16 and multiplied in bf16 (AMX: ~5x the
-    float32 GEMM there; lossy).
+    torch's float32 GEMM.
 
     Speed: kernels/simd.py (numbers in the module docstring); compute-bound on AVX2 at 5-10
     Gweights/s per thread. Prompts: ~55-80 GFLOPS per core, like float32 weights (the tile
@@ -919,7 +859,7 @@ class BlockLinear(Linear):
 
     strategy = "numba-blocks"
 
-    def __init__(self, w: QTensor, bf16_tiles: bool = False):
+    def __init__(self, w: QTensor):
         if not HAVE_NUMBA:  # pragma: no cover
             raise RuntimeError("BlockLinear needs numba")
         fmt = get_format(w.fmt)
@@ -930,10 +870,6 @@ class BlockLinear(Linear):
         self._raw2 = _rows_view(w, fmt, self.out_features, self.in_features)
         self._kind = _KIND[fmt.name]
         self.nbytes = int(self._raw2.nbytes)
-        self.bf16_tiles = bool(bf16_tiles)
-        if self.bf16_tiles:
-            self.exact = False
-            self.strategy = "numba-blocks+bf16-tiles"
 
     rows_max_t = NUMBA_MAX_T
 
@@ -945,7 +881,7 @@ class BlockLinear(Linear):
         return _tiled_dequant_mm(
             lambda out, r0, r1: _dec_rows(kind, raw2, out, r0, r0, r1, _QK),
             lambda out, r0, r1, chunk: _dec_par(kind, raw2, out, r0, r1, chunk, _QK),
-            x, self.out_features, torch.bfloat16 if self.bf16_tiles else torch.float32)
+            x, self.out_features)
 
 
 class Int8DotLinear(Linear):
@@ -1011,7 +947,7 @@ class Int8DotLinear(Linear):
         return _tiled_dequant_mm(
             lambda out, r0, r1: _dec_rows_x8(kind, pk, tail, out, r0, r0, r1, _QK),
             lambda out, r0, r1, chunk: _dec_par_x8(kind, pk, tail, out, r0, r1, chunk, _QK),
-            x, self.out_features, torch.float32)
+            x, self.out_features)
 
 
 class Int16DotLinear(Int8DotLinear):
@@ -1052,143 +988,8 @@ def repack_x8(kind: int, raw2: np.ndarray) -> np.ndarray:
     return pk
 
 
-class Int4Linear(Linear):
-    """Q4_0 / Q4_1 repacked onto torch's int4 kernel ``_weight_int4pack_mm_for_cpu`` (group
-    size 32 = ggml's block): the 4-bit codes are packed as they are; torch computes
-    ``(q - 8) * scale + zero`` (checked on this torch build), so scale = d and zero = 0 (Q4_0)
-    or m + 8d (Q4_1). Output rows are padded to a multiple of 16 (a requirement of the packing)
-    with zero weights and cut off again.
-
-    Lossy (``policy="fast"``): the kernel is fast only with bf16 activations, and then it takes
-    bf16 scales and zeros and returns bf16. So the activations are rounded to bf16, the block
-    scales d (float16: 11 significant bits) are rounded to bf16 (8 bits, relative error
-    <= 2^-9 per block; m + 8d likewise), and each output is rounded to bf16; the codes
-    themselves are exact (tests: one-hot inputs give the weight columns exactly). Error vs the
-    float32 reference: 2.5e-3 .. 4.2e-3 of the output scale (tests hold it to 1e-2). With float32
-    activations and float32 scales the same kernel is exact but ~30x slower than bf16 (a
-    reference loop), slower than :class:`BlockLinear`.
-
-    Measured (AVX2 VM, 1 thread, cold weights): one vector 0.65 | 2.17 | 7.4 ms for 2048x2048
-    | 7168x2048 | 65536x768 vs 0.97 | 3.34 | 14.0 ms for the exact numba kernel (Q4_0), 0.14-0.17
-    of the read bandwidth. It stays ahead of tiles up to T ~ 32 (2048x2048, T = 16: 3.3 ms vs
-    4.4 ms for float32 tiles + GEMM), then tiles win (T = 64: 13.1 vs 8.7 ms; T = 512: 105 vs
-    50 ms): torch's int4 kernel does no GEMM blocking. So T > :data:`INT4_MAX_T` goes to float32
-    tiles (bf16 tiles on AMX CPUs), like :class:`BlockLinear`. With 2 threads on the loaded VM
-    the int4 call stalled (~6 ms for 2048x2048): torch's OpenMP barrier waits for the other
-    vCPU.
-    """
-
-    strategy = "torch-int4"
-    exact = False
-
-    def __init__(self, w: QTensor, repacked: dict | None = None):
-        fmt = get_format(w.fmt)
-        if fmt.name not in ("Q4_0", "Q4_1"):
-            raise ValueError(f"Int4Linear reads Q4_0/Q4_1, got {fmt.name}")
-        self.fmt = fmt.name
-        O, K = _shape2(w.shape)
-        self.out_features, self.in_features = O, K
-        raw2 = _rows_view(w, fmt, O, K)
-        self.nbytes = int(raw2.nbytes)
-        if repacked is not None:  # from kernels.cache
-            self._packed, self._scales = repacked["packed"], repacked["scales"]
-        else:
-            self._packed, self._scales = _int4_pack(raw2, fmt, O, K, torch.bfloat16)
-        self._tiles = None
-        if HAVE_NUMBA:
-            self._tiles = BlockLinear(w, bf16_tiles=fast_bf16_cpu())
-
-    def repacked(self) -> dict:
-        """The tensors made at load (for kernels.cache)."""
-        return {"packed": self._packed, "scales": self._scales}
-
-    def _mm(self, x):
-        if x.shape[0] > INT4_MAX_T and self._tiles is not None:
-            return self._tiles._mm(x)
-        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._packed, 32,
-                                              self._scales)
-        return y[:, : self.out_features].float()
-
-
-class Int8Linear(Linear):
-    """Q5_0 / Q5_1 / Q8_0 requantized at load to one int8 code per weight with one scale per
-    output row, on torch's int8 weight kernel ``_weight_int8pack_mm`` with bf16 activations.
-
-    Lossy (``policy="fast"``): the exactly dequantized weights w are coded as
-    ``q = round(w / s)``, ``s = max|w_row| / 127`` rounded up to bf16 (the kernel takes bf16
-    scales; rounding up keeps |q| <= 127), so each weight moves by at most s / 2; the activations
-    and the outputs are rounded to bf16. ggml's blocks keep a scale per 32 weights, a row of
-    int8 one per row, so the added error is that of the row's largest weight over 127 levels:
-    against each format's own quantization error it is measured on the fixtures in
-    tests/test_kernels_linear.py and stated in the README ("Speed").
-
-    Measured (AVX2 VM, 1 thread, 2048x2048): one vector 0.29-0.31 ms against 0.83-0.87 ms for
-    the exact numba kernel on Q8_0 blocks and 1.7-1.9 ms on Q5_x; 1 byte a weight (Q8_0: 1.06,
-    Q5_x: 0.69-0.75). T = 16: 2.9 ms vs 3.5 ms for float32 tiles + GEMM, T = 32: 5.9 vs 4.9 ms,
-    so T > :data:`INT8_MAX_T` goes to the tiles, as in :class:`Int4Linear`.
-    """
-
-    strategy = "torch-int8-rows"
-    exact = False
-
-    def __init__(self, w: QTensor, repacked: dict | None = None):
-        from ..quant import dequantize
-
-        fmt = get_format(w.fmt)
-        if fmt.name not in ("Q5_0", "Q5_1", "Q8_0"):
-            raise ValueError(f"Int8Linear reads Q5_0/Q5_1/Q8_0, got {fmt.name}")
-        self.fmt = fmt.name
-        O, K = _shape2(w.shape)
-        self.out_features, self.in_features = O, K
-        if repacked is not None:  # from kernels.cache
-            self._codes, self._scales = repacked["codes"], repacked["scales"]
-        else:
-            full = torch.from_numpy(np.ascontiguousarray(dequantize(fmt, w.data, (O, K)),
-                                                         dtype=np.float32))
-            amax = full.abs().amax(1)
-            scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-            self._scales = (scale * (1 + 2.0 ** -8)).to(torch.bfloat16)  # >= scale, rounded
-            self._codes = torch.round(full / self._scales.float().unsqueeze(1)).clamp_(
-                -127, 127).to(torch.int8)
-            del full
-        self.nbytes = O * K + O * 2
-        self._tiles = BlockLinear(w, bf16_tiles=fast_bf16_cpu()) if HAVE_NUMBA else None
-
-    def repacked(self) -> dict:
-        """The tensors made at load (for kernels.cache)."""
-        return {"codes": self._codes, "scales": self._scales}
-
-    def _mm(self, x):
-        if x.shape[0] > INT8_MAX_T and self._tiles is not None:
-            return self._tiles._mm(x)
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self._codes, self._scales).float()
-
-
 # ------------------------------------------------------------------------------------------
 # helpers
-
-
-def _int4_pack(raw2, fmt, O, K, dtype):
-    """(packed codes, scales_and_zeros (K/32, O16, 2) in ``dtype``) for torch's int4 kernel."""
-    rec = raw2.reshape(-1).view(fmt.block_dtype).reshape(O, K // 32)
-    qs = rec["qs"]  # (O, nb, 16): element j in the low nibble of byte j, j + 16 in the high
-    codes = np.empty((O, K // 32, 32), np.int32)
-    codes[..., :16] = qs & 0x0F
-    codes[..., 16:] = qs >> 4
-    d = rec["d"].astype(np.float32)
-    if fmt.name == "Q4_0":
-        zero = np.zeros_like(d)
-    else:
-        zero = rec["m"].astype(np.float32) + np.float32(8) * d
-    pad = (-O) % 16
-    codes = codes.reshape(O, K)
-    if pad:
-        codes = np.concatenate([codes, np.full((pad, K), 8, np.int32)])
-        d = np.concatenate([d, np.zeros((pad, K // 32), np.float32)])
-        zero = np.concatenate([zero, np.zeros((pad, K // 32), np.float32)])
-    packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes), 1)
-    sz = np.ascontiguousarray(np.stack([d.T, zero.T], axis=-1))  # (K/32, O + pad, 2)
-    return packed, torch.from_numpy(sz).to(dtype)
 
 
 def _rows_view(w: QTensor, fmt, O: int, K: int) -> np.ndarray:
@@ -1252,15 +1053,14 @@ def _rows_kernel(serial, parallel, n_out, K):
         serial()
 
 
-def _tiled_dequant_mm(dec_rows, dec_par, x, n_out, dtype):
-    """x (T, K) @ W^T: rows of W dequantized tile by tile (numba, bit-exact), then torch GEMM
-    in ``dtype`` (float32: exact; bfloat16: tiles and x rounded). ``dec_rows(out, r0, r1)``
-    and ``dec_par(out, r0, r1, chunk)`` write rows [r0, r1) of W as float32 to out[0:]."""
+def _tiled_dequant_mm(dec_rows, dec_par, x, n_out):
+    """x (T, K) @ W^T: rows of W dequantized tile by tile (numba, bit-exact), then torch's
+    float32 GEMM. ``dec_rows(out, r0, r1)`` and ``dec_par(out, r0, r1, chunk)`` write rows
+    [r0, r1) of W as float32 to out[0:]."""
     T, K = x.shape
     rows = max(16, min(n_out, TILE_ELEMENTS // K) // 8 * 8)  # whole groups of 8 (Int8DotLinear)
     buf = torch.empty((rows, K), dtype=torch.float32)
     bn = buf.numpy()
-    xt = x.to(dtype)
     y = torch.empty((T, n_out), dtype=torch.float32)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
@@ -1272,11 +1072,7 @@ def _tiled_dequant_mm(dec_rows, dec_par, x, n_out, dtype):
                 PARALLEL_LOCK.release()
         else:
             dec_rows(bn, r0, r1)
-        tile = buf[: r1 - r0]
-        if dtype == torch.float32:
-            y[:, r0:r1] = F.linear(xt, tile)
-        else:
-            y[:, r0:r1] = F.linear(xt, tile.to(dtype)).float()
+        y[:, r0:r1] = F.linear(x, buf[: r1 - r0])
     return y
 
 
@@ -1293,8 +1089,8 @@ def _tiled_convert_mm(w, x):
 
 
 def _int8_dot() -> bool:
-    """Whether the int8-dot kernels can run here (numba, compiling for an AVX2 CPU)."""
-    return HAVE_NUMBA and _simd.has_int8_dot()
+    """Whether the integer kernels can run here (numba, compiling for an AVX2 CPU)."""
+    return HAVE_NUMBA and integer_kernels_run()
 
 
 def _torch_fmt(w) -> str:
@@ -1320,9 +1116,11 @@ def _qtensor_to_torch(w: QTensor) -> torch.Tensor:
     return t.view(t_dt) if t_dt is not None else t
 
 
-def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linear:
+def make_linear(w, policy: str = "exact", repacked: dict | None = None,
+                cpu: CpuKernels | None = None) -> Linear:
     """The linear for weight ``w`` (a torch float tensor, F32/F16/BF16, or a :class:`QTensor`;
-    shape (out, in)) under ``policy``, "exact" or "fast" (see the module docstring).
+    shape (out, in)) under ``policy``, "exact" or "fast" (see the module docstring), with the
+    kernels of ``cpu`` (kernels.cpu; None: the host's level).
     ``repacked``: the tensors a repacking linear made from this very weight before (its
     ``repacked()``, kept by kernels.cache), used instead of repacking again."""
     if policy not in POLICIES:
@@ -1330,30 +1128,21 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None) -> Linea
     if isinstance(w, QTensor):
         fmt = get_format(w.fmt)
         if not fmt.quantized:
-            return make_linear(_qtensor_to_torch(w), policy)
+            return make_linear(_qtensor_to_torch(w), policy, cpu=cpu)
         _shape2(w.shape)
-        if policy == "fast" and fmt.name in INT8_DOT_FORMATS and _int8_dot():
+        integer = policy == "fast" and _int8_dot() and (cpu or host_kernels()).int8_dot
+        if integer and fmt.name in INT8_DOT_FORMATS:
             return Int8DotLinear(w, repacked)
-        if policy == "fast" and fmt.name in INT16_DOT_FORMATS and _int8_dot():
+        if integer and fmt.name in INT16_DOT_FORMATS:
             return Int16DotLinear(w, repacked)
-        if policy == "fast" and fmt.name in ("Q4_0", "Q4_1"):
-            return Int4Linear(w, repacked)
-        if policy == "fast" and fmt.name in ("Q5_0", "Q5_1"):
-            return Int8Linear(w, repacked)
         if not HAVE_NUMBA:  # pragma: no cover
             return DequantLinear(w)
-        return BlockLinear(w, bf16_tiles=(policy == "fast" and fast_bf16_cpu()))
+        return BlockLinear(w)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"make_linear takes a torch tensor or a QTensor, got {type(w).__name__}")
     _shape2(w.shape)
-    if w.dtype in (torch.float16, torch.bfloat16):
-        if policy == "fast" and fast_bf16_cpu():
-            return BF16Linear(w)
-        if HAVE_NUMBA:
-            return FloatLinear(w)
-        return F32Linear(w, fmt=_torch_fmt(w))  # converted (and its file pages released) there
-    if w.dtype == torch.float32 and HAVE_NUMBA:
+    if w.dtype in (torch.float32, torch.float16, torch.bfloat16) and HAVE_NUMBA:
         return FloatLinear(w)
-    if w.dtype.is_floating_point:
-        return F32Linear(w, fmt="F32")
+    if w.dtype.is_floating_point:  # without numba: float32 (F16/BF16 converted, pages released)
+        return F32Linear(w, fmt=_torch_fmt(w))
     raise TypeError(f"make_linear: unsupported weight dtype {w.dtype}")

@@ -353,17 +353,6 @@ def _row_dot_q8(block_bytes, block):
     return intrinsic(typer)
 
 
-@functools.cache
-def has_int8_dot() -> bool:
-    """Whether numba compiles for a CPU with AVX2 (the integer kernels below need it)."""
-    import llvmlite.binding as llvm
-    from numba.core import config
-
-    if config.CPU_NAME not in (None, "host"):
-        return False
-    return bool(llvm.get_host_cpu_features().get("avx2", False))
-
-
 dotq_q4_0 = _row_dot_q8(18, _iq_q4_0)
 dotq_q4_1 = _row_dot_q8(20, _iq_q4_1)
 dotq_q5_0 = _row_dot_q8(22, _iq_q5_0)
