@@ -65,6 +65,13 @@ def test_one_row_per_type_with_every_column(run):
             assert r[k] > 0, k
         assert r["rss_mb"] >= r["base_rss_mb"]
         assert os.path.getsize(r["file"]) == r["file_size"]
+        # what users feel beside the median, and the machine around the timing
+        assert r["tokens_timed"] == 4
+        assert r["per_token_min_ms"] <= r["per_token_ms"] <= r["per_token_p90_ms"]
+        assert r["per_token_min_ms"] <= r["per_token_mean_ms"]
+        assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["per_token_mean_ms"])
+        assert r["cpus"] >= 1 and r["load_avg_start"] >= 0 and r["load_avg_end"] >= 0
+        assert isinstance(r["busy"], bool) and r["busy"] == (r["busy_reason"] is not None)
     # sorted by quality; the difference is from the best
     assert [r["perplexity"] for r in rows] == sorted(r["perplexity"] for r in rows)
     assert rows[0]["delta_perplexity"] == 0 and rows[0]["delta_pct"] == 0
@@ -88,7 +95,7 @@ def test_table_and_csv(run):
     lines = run["stdout"].splitlines()
     assert lines[0].startswith("model: ") and "280 tokens scored of 300" in lines[0]
     assert lines[1].split()[:2] == ["type", "perplexity"]
-    body = lines[3:]
+    body = [x for x in lines[3:] if not x.startswith("warning: the machine was busy")]
     assert len(body) == len(TYPES)
     assert body[0].split()[0] == "f16" and "best" in body[0]
     assert body[1].split()[0] == "q4_0" and "%)" in body[1]
@@ -96,7 +103,9 @@ def test_table_and_csv(run):
         rows = list(csv.DictReader(f))
     assert [r["type"] for r in rows] == ["f16", "q4_0"]
     assert list(rows[0]) == list(cmp.COLUMNS)
-    assert all(rows[i][k] != "" for i in range(2) for k in cmp.COLUMNS)
+    # every column filled, but the reason of a busy machine only when it was busy
+    assert all(rows[i][k] != "" for i in range(2) for k in cmp.COLUMNS if k != "busy_reason")
+    assert all((r["busy"] == "True") == (r["busy_reason"] != "") for r in rows)
     assert run["stderr"] == ""  # --quiet
 
 
@@ -143,11 +152,13 @@ def test_invalid_text_is_one_line_before_any_conversion(src, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["bad.txt"]
 
 
-def fake_result():
+def fake_result(busy_type=None):
     rows = [{"type": t, "perplexity": p, "nll": math.log(p), "tokens": 100, "file_size": s,
-             "per_token_ms": ms, "prompt_tokens_per_s": 1000.0, "eval_tokens_per_s": 900.0,
+             "per_token_ms": ms, "per_token_mean_ms": ms * 1.1, "per_token_p90_ms": ms * 1.2,
+             "prompt_tokens_per_s": 1000.0, "eval_tokens_per_s": 900.0,
              "rss_mb": 300.0, "base_rss_mb": 200.0, "load_s": 0.1, "threads": 1, "file": None,
-             "reused": False}
+             "reused": False, "busy": t == busy_type,
+             "busy_reason": "p90 9.00 ms vs median 2.00 ms" if t == busy_type else None}
             for t, p, s, ms in (("q4_0", 9.5, 500_000, 2.0), ("f16", 8.9, 1_500_000, 3.0),
                                 ("q8_0", 8.91, 800_000, 2.5))]
     cmp._rank(rows)
@@ -161,6 +172,32 @@ def test_rank_and_table():
     assert r.rows[1]["delta_pct"] == pytest.approx(100 * (8.91 / 8.9 - 1))
     table = cmp.format_table(r)
     assert "+0.0100 (+0.11%)" in table and "best" in table
+    head = table.splitlines()[1]
+    assert head.index("median ms") < head.index("mean ms") < head.index("p90 ms")
+    assert table.splitlines()[3].split()[5:8] == ["3.00", "3.30", "3.60"]  # f16
+    assert "warning" not in table
+
+
+def test_busy_rows_get_one_warning_line_each():
+    lines = cmp.format_table(fake_result(busy_type="q4_0")).splitlines()
+    warnings = [x for x in lines if x.startswith("warning:")]
+    assert warnings == ["warning: the machine was busy (q4_0: p90 9.00 ms vs median 2.00 ms): "
+                        "its speed figures are not this type's speed"]
+    assert lines[-1] == warnings[0]  # after the table
+
+
+def test_csv_and_json_carry_the_new_fields(tmp_path):
+    r = fake_result(busy_type="q4_0")
+    cmp.write_csv(r, tmp_path / "r.csv")
+    cmp.write_json(r, tmp_path / "r.json")
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = {x["type"]: x for x in csv.DictReader(f)}
+    assert rows["f16"]["per_token_mean_ms"] == str(3.0 * 1.1)
+    assert rows["q4_0"]["busy"] == "True" and rows["q4_0"]["busy_reason"].startswith("p90")
+    assert rows["f16"]["busy"] == "False" and rows["f16"]["busy_reason"] == ""
+    d = {x["type"]: x for x in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert d["q4_0"]["busy"] is True and d["f16"]["busy_reason"] is None
+    assert d["q8_0"]["per_token_p90_ms"] == pytest.approx(3.0)
 
 
 def test_plot(tmp_path):

@@ -14,8 +14,10 @@ For each type the source model is converted (:func:`rwkvpy.convert.convert`) int
 folder (or ``out_dir``, where ``reuse=True`` measures files already there as they are), then
 measured in a fresh Python process of its own, one type at a time, so that the resident memory
 is that of one model alone and no measurement runs beside another: load time, per-token latency
-(median of ``bench_tokens`` decode steps, after 3 warm-up steps), prompt speed (one call over
-``prompt`` tokens, after a warm-up call of the same length), peak resident memory (the
+(median, mean, p90 and min of ``bench_tokens`` decode steps, after 3 warm-up steps, and the
+decode tokens/s of the whole timed run), prompt speed (one call over ``prompt`` tokens, after a
+warm-up call of the same length), the machine's load average around those timings and whether
+it was busy (as ``rwkvpy bench``: :func:`rwkvpy.bench.busy_reason`), peak resident memory (the
 process's high-water mark after those, Python and torch included; ``base_rss_mb`` is the
 process before loading), and the perplexity of the text (:func:`rwkvpy.perplexity.perplexity`).
 Temporary files are deleted as soon as they are measured, so one converted model at a time is
@@ -44,8 +46,10 @@ DEFAULT_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 #: Row fields, in the order of the CSV columns.
 COLUMNS = ("type", "perplexity", "delta_perplexity", "delta_pct", "nll", "tokens", "file_size",
-           "per_token_ms", "prompt_tokens_per_s", "eval_tokens_per_s", "rss_mb", "base_rss_mb",
-           "load_s", "threads", "file", "reused")
+           "per_token_ms", "per_token_mean_ms", "per_token_p90_ms", "per_token_min_ms",
+           "tokens_timed", "decode_tokens_per_s", "prompt_tokens_per_s", "eval_tokens_per_s",
+           "rss_mb", "base_rss_mb", "load_s", "threads", "load_avg_start", "load_avg_end", "cpus",
+           "busy", "busy_reason", "file", "reused")
 
 
 class CompareError(RwkvpyError):
@@ -152,36 +156,38 @@ def _peak_rss_mb() -> float:
 
 def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None,
             mode: str = "fast", device="cpu", gpu_layers=None, compile=False, cache=True,
-            bench_tokens: int = 32, prompt: int = 512, progress=False) -> dict:
+            cpu_capability=None, bench_tokens: int = 32, prompt: int = 512,
+            progress=False) -> dict:
     """Measure one model file in this process (see the module docstring). Use it in a fresh
     process for a meaningful ``rss_mb``; :func:`compare` does."""
-    import statistics
     import time
 
     import torch
 
     import rwkvpy
 
-    from .bench import random_ids, time_decode, time_prompt
+    from .bench import WARMUP_STEPS, random_ids, time_run
     from .perplexity import perplexity
 
+    more = {} if cpu_capability is None else {"cpu_capability": cpu_capability}
     base_rss = (_vm_kb("VmRSS") or 0) / 1024
     t0 = time.perf_counter()
     model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
-                        compile=compile, cache=cache)
+                        compile=compile, cache=cache, **more)
     load_s = time.perf_counter() - t0
-    ids = random_ids(model, max(bench_tokens + 3, prompt, 16))
-    times = time_decode(model, ids, bench_tokens)
-    prompt_s = time_prompt(model, ids[:prompt])
+    ids = random_ids(model, max(bench_tokens + WARMUP_STEPS, prompt, 16))
+    m = time_run(model, ids, bench_tokens, prompt)
     rss = _peak_rss_mb()
     r = perplexity(model, tokens, chunk=chunk, ignore_first=ignore_first, progress=progress)
     return {
         "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
         "file_size": os.path.getsize(path),
-        "per_token_ms": statistics.median(times) * 1e3 if times else math.nan,
-        "prompt_tokens_per_s": prompt / prompt_s, "eval_tokens_per_s": r.tokens_per_s,
+        **{k: m[k] for k in ("per_token_ms", "per_token_mean_ms", "per_token_p90_ms",
+                             "per_token_min_ms", "tokens_timed", "decode_tokens_per_s")},
+        "prompt_tokens_per_s": prompt / m["prompt_s"], "eval_tokens_per_s": r.tokens_per_s,
         "rss_mb": rss, "base_rss_mb": base_rss, "load_s": load_s,
         "threads": torch.get_num_threads(),
+        **{k: m[k] for k in ("load_avg_start", "load_avg_end", "cpus", "busy", "busy_reason")},
     }
 
 
@@ -197,7 +203,9 @@ def _worker(spec_path: str) -> int:
         out = measure(spec["path"], tokens, ignore_first=spec["ignore_first"],
                       chunk=spec["chunk"], threads=spec["threads"], mode=spec["mode"],
                       device=spec["device"], gpu_layers=spec["gpu_layers"],
-                      compile=spec["compile"], cache=spec["cache"], bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
+                      compile=spec["compile"], cache=spec["cache"],
+                      cpu_capability=spec.get("cpu_capability"),
+                      bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
                       progress=spec["progress"])
     except (RwkvpyError, OSError, MemoryError) as e:
         out = {"error": str(e)}
@@ -235,7 +243,8 @@ def _measure_in_subprocess(path, tmp, spec: dict, progress: bool) -> dict:
 # -- the comparison ------------------------------------------------------------------------------
 def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = False,
             ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None, mode: str = "fast",
-            device="cpu", gpu_layers=None, compile=False, cache=True, bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
+            device="cpu", gpu_layers=None, compile=False, cache=True, cpu_capability=None,
+            bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
             format: str | None = None, progress=True) -> CompareResult:
     """Convert ``model`` (a file path) into each of ``types`` and measure each file.
 
@@ -246,7 +255,9 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
             goes). A file already there is an error unless ``reuse`` (then it is measured as
             it is, after checking that it is this model in that type).
         format: "gguf" or "bin" (default: ``.bin`` for an rwkv.cpp source, else GGUF).
-        threads, mode, device, gpu_layers, compile, cache: as :func:`rwkvpy.load`; bench_tokens, prompt: as ``rwkvpy bench``.
+        threads, mode, device, gpu_layers, compile, cache, cpu_capability: as
+            :func:`rwkvpy.load` (``cpu_capability`` passed on only when given);
+            bench_tokens, prompt: as ``rwkvpy bench``.
         progress: True prints a line per step and the perplexity bar on stderr; a callable gets
             each message instead.
 
@@ -300,9 +311,8 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
         np.save(tok_path, tokens)
         spec = {"tokens": tok_path, "ignore_first": ignore_first, "chunk": chunk,
                 "threads": threads, "mode": mode, "device": device, "gpu_layers": gpu_layers,
-                "compile": compile, "cache": cache,
-                "bench_tokens": bench_tokens,
-                "prompt": prompt}
+                "compile": compile, "cache": cache, "cpu_capability": cpu_capability,
+                "bench_tokens": bench_tokens, "prompt": prompt}
         for i, typ in enumerate(type_list, 1):
             folder = out_dir if out_dir is not None else tmp
             path = os.path.join(folder, type_file_name(src, typ, ext))
@@ -344,15 +354,24 @@ def _threads(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
 
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def format_table(result: CompareResult) -> str:
-    head = ("type", "perplexity", "vs best", "nll/token", "size MiB", "ms/token",
-            "prompt tok/s", "RSS MiB")
+    """The rows as a table (decode ms per token: median, mean, p90), then one warning line per
+    row measured on a busy machine."""
+    from .bench import busy_warning
+
+    head = ("type", "perplexity", "vs best", "nll/token", "size MiB", "median ms", "mean ms",
+            "p90 ms", "prompt tok/s", "RSS MiB")
     body = []
     for i, r in enumerate(result.rows):
         body.append((
             r["type"], f"{r['perplexity']:.4f}",
             "best" if i == 0 else f"+{r['delta_perplexity']:.4f} ({r['delta_pct']:+.2f}%)",
-            f"{r['nll']:.5f}", f"{r['file_size'] / 2**20:.2f}", f"{r['per_token_ms']:.2f}",
+            f"{r['nll']:.5f}", f"{r['file_size'] / 2**20:.2f}", _ms(r["per_token_ms"]),
+            _ms(r.get("per_token_mean_ms")), _ms(r.get("per_token_p90_ms")),
             f"{r['prompt_tokens_per_s']:.0f}", f"{r['rss_mb']:.0f}"))
     widths = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
     lines = [(f"model: {result.model} ({result.scored} tokens scored of {result.tokens}, "
@@ -363,6 +382,10 @@ def format_table(result: CompareResult) -> str:
         lines.append("  ".join(cells).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
+    for r in result.rows:
+        if r.get("busy"):
+            lines.append(busy_warning(f"{r['type']}: {r['busy_reason']}",
+                                      "its speed figures are not this type's speed"))
     return "\n".join(lines)
 
 
