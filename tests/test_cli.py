@@ -66,3 +66,46 @@ def test_bench_json():
     assert abs(res["bound_ms"] - res["bytes_per_token"] / res["bandwidth_gbs"] / 1e6) < 1e-2
     # bytes read per token: every projection + vectors + one embedding row, as stored
     assert 500_000 < res["bytes_per_token"] < 3_500_000
+
+
+def test_model_reference_the_same_in_every_verb(tmp_path):
+    """Every verb takes its model as -m MODEL or as the first positional argument, and 'demo'
+    (the model shipped in the package) wherever a model is taken; the two forms give the same
+    output, a model given both ways is one readable error."""
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x\n")
+    forms = {
+        "info": (["info", "demo"], ["info", "-m", "demo"]),
+        "generate": (["generate", "demo", "def", "--max-tokens", "6", "--seed", "1", "--quiet"],
+                     ["generate", "-m", "demo", "def", "--max-tokens", "6", "--seed", "1",
+                      "--quiet"]),
+        "tokenize": (["tokenize", "demo", text], ["tokenize", "-m", "demo", text]),
+        "perplexity": (["perplexity", "demo", text, "--json", "--quiet"],
+                       ["perplexity", "-m", "demo", text, "--json", "--quiet"]),
+    }
+    for verb, (positional, option) in forms.items():
+        a, b = run(*positional), run(*option)
+        assert a.returncode == 0 and b.returncode == 0, (verb, a.stderr, b.stderr)
+        if verb == "perplexity":  # the same numbers (the timing differs)
+            ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+            assert ja["nll"] == jb["nll"] and ja["tokens"] == jb["tokens"]
+        else:
+            assert a.stdout == b.stdout and a.stdout, verb
+    for verb, dst, extra in (("convert", "c.gguf", []), ("quantize", "q.gguf", ["q8_0"])):
+        r = run(verb, "demo", tmp_path / dst, *extra, "--quiet")
+        assert r.returncode == 0 and (tmp_path / dst).stat().st_size > 0, r.stderr
+    r = run("info", "--json", tmp_path / "q.gguf")
+    assert json.loads(r.stdout)["n_layer"] == 4
+    for args, msg in ((["generate", "-m", "demo", "x", "y"], "the model is given twice"),
+                      (["bench"], "no model given: usage: rwkvpy bench [MODEL | -m MODEL]"),
+                      (["convert", "demo"], "no model given: usage: rwkvpy convert [MODEL | -m MODEL] DST"),
+                      (["info", "demo", "x"], "expected 0 or 1 arguments, got 2")):
+        r = run(*args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and msg in r.stderr, r.stderr
+
+
+def test_version():
+    from importlib.metadata import version
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"rwkvpy {version('rwkvpy')}"

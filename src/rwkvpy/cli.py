@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .errors import RwkvpyError
+
 
 def add_run_options(p) -> None:
     """--threads, --mode, --device, --gpu-layers: how a command runs its model."""
@@ -24,6 +26,49 @@ def add_run_options(p) -> None:
     p.add_argument("--cpu-capability", default=None, metavar="LEVEL",
                    help="CPU kernels: generic, avx2, avx512, avx512_bf16 or amx (default: "
                         "$RWKVPY_CPU_CAPABILITY, else this CPU's level)")
+
+
+MODEL_HELP = ("model: a file (.bin, .pth, .gguf, .safetensors), a Hugging Face folder, "
+              "hf:OWNER/REPO/FILE, or demo (the demo model shipped with rwkvpy)")
+
+
+class CliUsageError(RwkvpyError):
+    """Command-line arguments that do not fit the verb (e.g. the model given twice)."""
+
+
+def add_model_argument(p, *rest, dest: str = "model", required: bool = True,
+                       help: str = MODEL_HELP) -> None:
+    """The model of a verb, the same way in every verb: ``-m MODEL`` or the first positional
+    argument, followed by the verb's own positionals ``rest`` (their names, e.g. ``"dst"``);
+    :func:`take_positionals` sorts them after parsing. ``dest``: the model's attribute;
+    ``required=False``: the verb has a default (None when not given)."""
+    p.add_argument("-m", "--model", dest=dest, metavar="MODEL", default=None, help=help)
+    names = " ".join(n.upper() for n in rest)
+    p.add_argument("positionals", nargs="*", metavar=f"[MODEL] {names}".rstrip(),
+                   help=f"the model (unless -m is given){', then ' + names if names else ''}")
+    p.set_defaults(_rest=rest, _model_dest=dest, _model_required=required)
+
+
+def take_positionals(args) -> None:
+    """Assign the positionals of a verb made with :func:`add_model_argument`."""
+    rest = getattr(args, "_rest", None)
+    if rest is None:
+        return
+    dest, pos = args._model_dest, list(args.positionals)
+    verb = getattr(args, "command", None) or "this command"
+    usage = f"rwkvpy {verb} [MODEL | -m MODEL] {' '.join(n.upper() for n in rest)}".rstrip()
+    if len(pos) == len(rest) + 1:
+        if getattr(args, dest) is not None:
+            raise CliUsageError(f"the model is given twice ({getattr(args, dest)!r} with -m and "
+                                f"{pos[0]!r}): usage: {usage}")
+        setattr(args, dest, pos.pop(0))
+    elif len(pos) != len(rest):
+        raise CliUsageError(f"expected {len(rest)} or {len(rest) + 1} arguments, got "
+                            f"{len(pos)}: usage: {usage}")
+    for name, value in zip(rest, pos):
+        setattr(args, name, value)
+    if getattr(args, dest) is None and args._model_required:
+        raise CliUsageError(f"no model given: usage: {usage}")
 
 
 def run_options(args) -> dict:
@@ -136,10 +181,11 @@ def cmd_merge_lora(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rwkvpy", description="Fast RWKV inference in Python.")
+    p.add_argument("--version", action="version", version=f"rwkvpy {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     info = sub.add_parser("info", help="show what a model file holds")
-    info.add_argument("model", help="model file (.bin, .pth, .gguf, .safetensors) or HF folder")
+    add_model_argument(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument("--kernels", action="store_true",
                       help="load the model (with the run options below) and show which "
@@ -148,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="measure per-token latency, prompt speed, load time, memory")
-    b.add_argument("model", help="model file")
+    add_model_argument(b)
     b.add_argument("--tokens", type=int, default=32, help="decode steps timed (default 32)")
     b.add_argument("--prompt", type=int, default=512, help="prompt length (default 512)")
     add_run_options(b)
@@ -158,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ml = sub.add_parser("merge-lora", help="merge a LoRA checkpoint (Blealtan's RWKV-LM-LoRA) "
                         "into a model")
-    ml.add_argument("base", help="base model (float: F32, F16 or BF16)")
-    ml.add_argument("lora", help="LoRA checkpoint (.pth)")
-    ml.add_argument("dst", help="output (.gguf, .bin or .pth)")
+    add_model_argument(ml, "lora", "dst", dest="base",
+                       help="base model (float: F32, F16 or BF16); then LORA: the LoRA "
+                            "checkpoint (.pth), DST: the output (.gguf, .bin or .pth)")
     ml.add_argument("--alpha", type=float, required=True, help="lora_alpha used in training")
     ml.add_argument("--type", default="f16", help="type of the output's matrices (default f16)")
     ml.add_argument("--force", action="store_true", help="overwrite DST")
@@ -172,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a model to GGUF (.gguf) or rwkv.cpp (.bin), optionally quantized",
         description="Convert SRC (.pth, .bin, .gguf, .safetensors or a Hugging Face folder) to "
                     "DST; the extension of DST picks the format: .gguf or .bin (rwkv.cpp).")
-    conv.add_argument("src", help="source model file or Hugging Face folder")
-    conv.add_argument("dst", help="output file: .gguf or .bin")
+    add_model_argument(conv, "dst", dest="src",
+                       help=f"source {MODEL_HELP}; then DST: the output file, .gguf or .bin")
     conv.add_argument("--type", default="f16", metavar="TYPE",
                       help=f"type of the matrices: {types} (default f16)")
     _add_convert_options(conv)
@@ -181,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     quant = sub.add_parser("quantize", help="short form of convert: rwkvpy quantize SRC DST TYPE",
                            description="Same as 'rwkvpy convert SRC DST --type TYPE'.")
-    quant.add_argument("src", help="source model file or Hugging Face folder")
-    quant.add_argument("dst", help="output file: .gguf or .bin")
-    quant.add_argument("type", metavar="TYPE", help=types)
+    add_model_argument(quant, "dst", "type", dest="src",
+                       help=f"source {MODEL_HELP}; then DST: the output file, .gguf or .bin, "
+                            f"and TYPE: {types}")
     _add_convert_options(quant)
     quant.set_defaults(func=cmd_convert)
     from .cli_eval import add_eval_commands
@@ -198,9 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args) -> int:
     """Run a parsed command: a user error is one line on stderr and status 1, Ctrl-C 130."""
-    from .errors import RwkvpyError
-
     try:
+        take_positionals(args)
         return args.func(args)
     except (RwkvpyError, OSError, MemoryError) as e:
         print(f"rwkvpy: error: {e}", file=sys.stderr)
@@ -208,6 +253,15 @@ def run_command(args) -> int:
     except KeyboardInterrupt:
         print("rwkvpy: interrupted", file=sys.stderr)
         return 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rwkvpy")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from .cli import add_run_options, run_options
+from .cli import MODEL_HELP, add_model_argument, add_run_options, run_options
 from .compare import DEFAULT_TYPES
 from .errors import RwkvpyError
 from .perplexity import DEFAULT_CHUNK
@@ -73,13 +73,10 @@ def _tokens(args, info) -> tuple[list, str]:
 
 
 def _model_path(path: str) -> str:
-    """-m's file (``demo``: the demo model shipped with rwkvpy)."""
-    if path == "demo" and not os.path.exists(path):
-        try:
-            from .demo import demo_model_path
-        except ImportError:
-            raise EvalCliError("this installation of rwkvpy has no demo model") from None
-        return os.fspath(demo_model_path())
+    """The model reference's file (rwkvpy.hub: demo, hf:, a path)."""
+    from .hub import resolve_model
+
+    path = resolve_model(path)
     if not os.path.exists(path):
         raise EvalCliError(f"{path}: no such model file")
     return path
@@ -179,9 +176,8 @@ def cmd_compare(args) -> int:
 
 # -- the parser ------------------------------------------------------------------------------------
 def _add_common(p) -> None:
-    p.add_argument("-m", "--model", metavar="MODEL", required=True,
-                   help="model file (.bin, .pth, .gguf, .safetensors) or HF folder")
-    p.add_argument("text", metavar="FILE.txt", help="UTF-8 text to evaluate ('-' = stdin)")
+    add_model_argument(p, "text", help=MODEL_HELP + "; then FILE.TXT: the UTF-8 text to "
+                                                    "evaluate ('-' = stdin)")
     p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
                    help="tokenizer (default: the model file's, else from its vocabulary size)")
     p.add_argument("--vocab", metavar="PATH", default=None,

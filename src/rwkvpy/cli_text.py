@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from .cli import add_run_options, run_options
+from .cli import add_model_argument, add_run_options, run_options
 from .errors import RwkvpyError
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /regen (a new reply to the last "
@@ -151,8 +151,8 @@ def _utf8_stdout():
             pass
 
 
-def _add_model_options(p, *, model_help: str) -> None:
-    p.add_argument("-m", "--model", metavar="MODEL", default=None, help=model_help)
+def _add_model_options(p, *rest, model_help: str) -> None:
+    add_model_argument(p, *rest, required=False, help=model_help)
     p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
                    help="tokenizer (default: from the model's vocabulary size)")
     p.add_argument("--vocab", metavar="PATH", default=None,
@@ -331,8 +331,8 @@ def add_text_commands(subparsers) -> None:
         "generate", help="continue a prompt, streaming the text to stdout",
         description="Continue PROMPT with the model and stream the text to stdout, followed by "
                     "a newline; timings go to stderr (not with --quiet).")
-    g.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-': read stdin)")
-    _add_model_options(g, model_help=model_help)
+    _add_model_options(g, "prompt", model_help=model_help + "; then PROMPT: the prompt text "
+                                                            "('-': read stdin)")
     add_run_options(g)
     _add_sampling_options(g)
     g.add_argument("--state", metavar="FILE", default=None,
@@ -361,9 +361,9 @@ def add_text_commands(subparsers) -> None:
         "tokenize", help="print the token ids of a text file",
         description="Print the token ids of FILE (UTF-8 text; '-': stdin), space-separated or "
                     "as a JSON list.")
-    t.add_argument("file", metavar="FILE", help="UTF-8 text file ('-': stdin)")
-    t.add_argument("-m", "--model", metavar="MODEL", default=None,
-                   help="use this model's tokenizer (its vocabulary size picks it)")
+    add_model_argument(t, "file", required=False,
+                       help="use this model's tokenizer (the one its file names, else its "
+                            "vocabulary size picks it); then FILE: UTF-8 text ('-': stdin)")
     t.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
                    help="tokenizer kind (with -m: must fit the model)")
     t.add_argument("--vocab", metavar="PATH", default=None,

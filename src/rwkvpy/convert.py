@@ -288,9 +288,11 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
     from .formats import gguf, plan, rwkvcpp
     from .models.config import config_from_shapes, detect_version
 
+    from .hub import resolve_model
+
     target = _target(type)
     out_fmt = _output_format(dst)
-    src, dst = os.fspath(src), os.fspath(dst)
+    src, dst = resolve_model(src), os.fspath(dst)
     _check_paths(src, dst, force)
     src_fmt = formats.sniff(src)
     if out_fmt == "rwkv.cpp" and target.name == "BF16":

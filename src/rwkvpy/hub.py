@@ -1,8 +1,12 @@
-"""Model specs: a local path, or a file on the Hugging Face Hub.
+"""Model references: a local path, the demo model, or a file on the Hugging Face Hub.
 
-``resolve_model(spec)`` turns a spec into a local path:
+``resolve_model(spec)`` turns a reference into a local path; every API entry point that takes a
+model (``rwkvpy.load``, ``rwkvpy.inspect``, ``convert``, ``merge_lora``) and every CLI verb
+resolves through it:
 
-- a path (anything not starting with ``hf:``) is returned as is;
+- ``"demo"`` (when no file of that name exists) is the demo model shipped in the package
+  (:mod:`rwkvpy.demo`);
+- any other path (anything not starting with ``hf:``) is returned as is;
 - ``hf:OWNER/REPO/FILE`` (FILE may contain ``/``), or ``hf:OWNER/REPO@REVISION/FILE``, is
   downloaded with ``huggingface_hub.hf_hub_download`` into the Hugging Face cache (or found
   there: a cached file needs no network). The cache's place and the offline mode follow
@@ -52,10 +56,18 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+#: The model reference of the demo model shipped in the package.
+DEMO = "demo"
+
+
 def resolve_model(spec) -> str:
-    """The local path of a model spec (see the module's docstring)."""
+    """The local path of a model reference (see the module's docstring)."""
     if not isinstance(spec, str):
         return os.fspath(spec)
+    if spec == DEMO and not os.path.exists(spec):
+        from .demo import demo_model_path
+
+        return os.fspath(demo_model_path())
     if not spec.startswith(PREFIX):
         return spec
     repo_id, filename, revision = parse_hf_spec(spec)

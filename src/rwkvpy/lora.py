@@ -87,7 +87,9 @@ def merge_lora(base_path, lora_path, dst, alpha: float, type: str = "f16", force
         raise OutputExistsError(f"{dst}: already exists; use force=True (--force) to overwrite it")
     if not isinstance(alpha, (int, float)) or alpha != alpha or alpha <= 0:
         raise ConversionError(f"lora alpha must be a positive number, got {alpha!r}")
-    base = read(base_path)
+    from .hub import resolve_model
+
+    base = read(resolve_model(base_path))
     lora = read(lora_path)
     if lora.format != "pth":
         raise ConversionError(f"{lora_path}: a LoRA checkpoint is a .pth, this is {lora.format}")

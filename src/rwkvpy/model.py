@@ -402,12 +402,12 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     "amx" (kernels/cpu.py: what each selects); default: ``$RWKVPY_CPU_CAPABILITY`` if set,
     else this CPU's own level. A level above this CPU's runs with the same numbers where its
     kernels can run here; one that cannot (avx2 and up without AVX2) raises CpuCapabilityError.
-    ``path == "demo"`` loads the demo model shipped in the package (rwkvpy.demo).
+    ``path``: a model reference (rwkvpy.hub): a file or folder, ``"demo"`` (the demo model
+    shipped in the package) or ``hf:OWNER/REPO/FILE`` (downloaded into the Hugging Face cache).
     """
-    if isinstance(path, str) and path == "demo":
-        from .demo import demo_model_path
+    from .hub import resolve_model
 
-        path = demo_model_path()
+    path = resolve_model(path)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
     from .kernels.linear import start_numba_pool
@@ -423,5 +423,8 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
 
 
 def inspect(path) -> ModelInfo:
-    """Describe a model file (version, dims, tensor types) without loading its weights."""
-    return describe(*_read(path))
+    """Describe a model file (version, dims, tensor types) without loading its weights;
+    ``path`` is a model reference as for :func:`load`."""
+    from .hub import resolve_model
+
+    return describe(*_read(resolve_model(path)))

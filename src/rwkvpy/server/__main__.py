@@ -9,6 +9,7 @@ from .cli import add_serve_arguments, cmd_serve
 
 
 def main(argv=None) -> int:
+    from ..cli import take_positionals
     from ..errors import RwkvpyError
 
     p = argparse.ArgumentParser(prog="python -m rwkvpy.server",
@@ -16,6 +17,7 @@ def main(argv=None) -> int:
     add_serve_arguments(p)
     args = p.parse_args(argv)
     try:
+        take_positionals(args)
         return cmd_serve(args)
     except (RwkvpyError, OSError) as e:
         print(f"rwkvpy: error: {e}", file=sys.stderr)

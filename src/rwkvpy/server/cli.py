@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 
-from ..cli import add_run_options, run_options
+from ..cli import add_model_argument, add_run_options, run_options
 from ..errors import RwkvpyError
 
 log = logging.getLogger("rwkvpy.server")
@@ -32,8 +32,7 @@ class ServeError(RwkvpyError):
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("-m", "--model", metavar="MODEL", required=True,
-                   help="model file (.bin, .pth, .gguf, .safetensors), HF folder, or 'demo'")
+    add_model_argument(p)
     p.add_argument("--model-name", metavar="NAME", default=None,
                    help="the model id clients use (default: the file name without extension)")
     p.add_argument("--host", default=d["host"],
@@ -184,7 +183,6 @@ def cmd_serve(args) -> int:
     import rwkvpy
 
     from ..prefix_cache import PrefixCache
-    from ..tokenizers import tokenizer_for
     from .app import NamedState, ServerConfig, ServerState, build_app
     from .engine import Engine
 
@@ -203,7 +201,7 @@ def cmd_serve(args) -> int:
         raise ServeError("--api-key is empty")
 
     model = rwkvpy.load(args.model, **run_options(args))
-    tok = tokenizer_for(model.config.vocab_size, args.tokenizer, args.vocab)
+    tok = model.tokenizer(args.tokenizer, args.vocab)
     name = args.model_name or (
         "demo" if args.model == "demo"
         else os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0])
