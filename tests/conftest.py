@@ -41,6 +41,10 @@ def serial_logits(model, tokens, state=None):
 
 
 def pytest_sessionstart(session):
+    # the repack cache of the suite's loads goes to a folder of its own, not the user's
+    import tempfile
+
+    os.environ["RWKVPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkvpy-test-cache-")
     if not FIXTURES.is_dir():
         raise pytest.UsageError(f"fixtures folder {FIXTURES} not found: set RWKVPY_FIXTURES")
 

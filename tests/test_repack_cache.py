@@ -23,6 +23,15 @@ TOKENS = [34, 105, 110, 32, 116, 104, 101]
 pytestmark = pytest.mark.skipif(not L._int8_dot(), reason="the integer kernels need AVX2")
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch):
+    """The user cache folder (rwkvpy.paths) in a temporary folder of its own, for this process
+    and the CLI's subprocesses."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    monkeypatch.setenv("RWKVPY_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture()
 def q5_model(tmp_path):
     dst = tmp_path / "tiny-Q5_1.bin"
@@ -89,6 +98,7 @@ def test_changed_model_file_rebuilds(q5_model):
 
 
 def test_unreadable_cache_is_rebuilt(q5_model):
+    os.makedirs(C.folder())
     with open(C.cache_path(q5_model), "wb") as f:
         f.write(b"not a cache at all")
     m = rwkvpy.load(q5_model)
@@ -118,16 +128,68 @@ def test_off_and_not_needed(q5_model, tmp_path):
 
 
 def test_read_only_folder_is_respected(tmp_path):
+    """By default nothing is written beside the model; asked to (cache="beside"), a read-only
+    folder is respected even by root."""
     folder = tmp_path / "ro"
     folder.mkdir()
     shutil.copy(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-Q5_1.bin"), folder / "m.bin")
     folder.chmod(0o555)
     try:
-        m = rwkvpy.load(folder / "m.bin")
+        assert rwkvpy.load(folder / "m.bin").repack_cache == "written"
+        m = rwkvpy.load(folder / "m.bin", cache="beside")
         assert m.repack_cache == "not written: the model's folder is read-only"
         assert os.listdir(folder) == ["m.bin"]
     finally:
         folder.chmod(0o755)
+
+
+def test_user_folder_by_default_beside_when_asked(q5_model, user_cache):
+    """The cache goes to the user cache folder, keyed by the model file, never beside the model
+    unless asked; "beside" writes MODEL.rwkvpy-cache and reads it back."""
+    assert rwkvpy.load(q5_model).repack_cache == "written"
+    assert os.listdir(q5_model.parent) == [q5_model.name]
+    assert os.path.dirname(C.cache_path(q5_model)) == str(user_cache / "repack")
+    assert [e["model"] for e in C.entries()] == [os.path.abspath(q5_model)]
+    assert rwkvpy.load(q5_model, cache="beside").repack_cache == "written"
+    assert os.path.exists(str(q5_model) + C.SUFFIX)
+    assert rwkvpy.load(q5_model, cache="beside").repack_cache == "hit"
+    with pytest.raises(rwkvpy.errors.RwkvpyError, match="cache must be True, False or 'beside'"):
+        rwkvpy.load(q5_model, cache="yes")
+
+
+def test_size_limit_keeps_the_most_recent(q5_model, tmp_path, monkeypatch):
+    """Over the limit, the least recently used entries go first; the one just written stays."""
+    other = tmp_path / "other.bin"
+    shutil.copy(q5_model, other)
+    assert rwkvpy.load(q5_model).repack_cache == "written"
+    first = C.cache_path(q5_model)
+    size = os.path.getsize(first)
+    os.utime(first, (1, 1))  # used long ago
+    monkeypatch.setenv(C.MAX_ENV, str(1.5 * size / 1e9))  # room for one entry
+    assert rwkvpy.load(other).repack_cache == "written"
+    assert not os.path.exists(first) and os.path.exists(C.cache_path(other))
+
+
+def test_cli_cache_list_and_clear(q5_model):
+    import json
+    import subprocess
+    import sys
+
+    rwkvpy.load(q5_model)
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "rwkvpy", "cache", *args], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    listed = json.loads(cli("list", "--json"))
+    assert listed["folder"] == C.folder() and len(listed["entries"]) == 1
+    assert listed["entries"][0]["model"] == os.path.abspath(q5_model)
+    assert listed["bytes"] == os.path.getsize(C.cache_path(q5_model))
+    assert str(q5_model) in cli("list")
+    assert "removed 1 repack cache files" in cli("clear")
+    assert C.entries() == [] and json.loads(cli("list", "--json"))["entries"] == []
 
 
 def test_cli_bench_reports_and_no_cache_skips(q5_model):

@@ -22,7 +22,10 @@ def add_run_options(p) -> None:
                    help="with a GPU device: fuse the decode step with torch.compile (faster "
                         "tokens after a compilation at start)")
     p.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="do not read or write MODEL.rwkvpy-cache (the CPU's repacked weights)")
+                   help="do not read or write the repack cache (the CPU's repacked weights, "
+                        "kept in the user cache folder: rwkvpy cache list)")
+    p.add_argument("--cache-beside", action="store_true",
+                   help="keep the repack cache next to the model (MODEL.rwkvpy-cache) instead")
     p.add_argument("--cpu-capability", default=None, metavar="LEVEL",
                    help="CPU kernels: generic, avx2, avx512, avx512_bf16 or amx (default: "
                         "$RWKVPY_CPU_CAPABILITY, else this CPU's level)")
@@ -74,7 +77,8 @@ def take_positionals(args) -> None:
 def run_options(args) -> dict:
     """The keyword arguments of rwkvpy.load for the options of :func:`add_run_options`."""
     return {"mode": args.mode, "threads": args.threads, "device": args.device,
-            "gpu_layers": args.gpu_layers, "compile": args.compile, "cache": args.cache,
+            "gpu_layers": args.gpu_layers, "compile": args.compile,
+            "cache": "beside" if args.cache and args.cache_beside else args.cache,
             "cpu_capability": args.cpu_capability}
 
 
@@ -142,6 +146,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .kernels import cache
+
+    if args.action == "clear":
+        removed = cache.clear()
+        if not args.quiet:
+            print(f"removed {len(removed)} repack cache files from {cache.folder()}")
+        return 0
+    entries = cache.entries()
+    total = sum(e["bytes"] for e in entries)
+    if args.json:
+        print(json.dumps({"folder": cache.folder(), "bytes": total,
+                          "limit_bytes": cache.max_bytes(), "entries": entries}, indent=2))
+        return 0
+    print(f"repack cache: {cache.folder()} ({_fmt_bytes(total)} of "
+          f"{_fmt_bytes(cache.max_bytes())}, ${cache.MAX_ENV} sets the limit)")
+    for e in entries:
+        print(f"  {_fmt_bytes(e['bytes']):>10s}  {e['model'] or '?'}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .convert import convert
 
@@ -192,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "kernels run")
     add_run_options(info)
     info.set_defaults(func=cmd_info)
+
+    ca = sub.add_parser("cache", help="list or clear the repack cache (the user cache folder)")
+    ca.add_argument("action", choices=("list", "clear"))
+    ca.add_argument("--json", action="store_true", help="list: print one JSON object")
+    ca.add_argument("--quiet", action="store_true", help="clear: print nothing")
+    ca.set_defaults(func=cmd_cache)
 
     b = sub.add_parser("bench", help="measure per-token latency, prompt speed, load time, memory")
     add_model_argument(b)

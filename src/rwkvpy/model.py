@@ -102,7 +102,7 @@ class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
     def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast",
-                 devices: tuple | None = None, compile: bool = False, cache: bool = False,
+                 devices: tuple | None = None, compile: bool = False, cache: bool | str = False,
                  cpu=None):
         from .kernels.backend import make_backend
         from .kernels.cpu import host_kernels
@@ -122,7 +122,7 @@ class Model:
         if cache and mode == "fast" and CPU in devices and os.path.isfile(ckpt.path):
             from .kernels.cache import RepackCache
 
-            repack = RepackCache(ckpt.path, mode)
+            repack = RepackCache(ckpt.path, mode, beside=cache == "beside")
         #: the CPU kernels in force (kernels.cpu.CpuKernels: capability level, host, forced)
         self.cpu_kernels = cpu or host_kernels()
         self._net = models.build(cfg, ckpt.tensors, ckpt.path,
@@ -384,7 +384,7 @@ def physical_cores() -> int:
 
 
 def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
-         gpu_layers: int | None = None, compile: bool = False, cache: bool = True,
+         gpu_layers: int | None = None, compile: bool = False, cache: bool | str = True,
          cpu_capability: str | None = None) -> Model:
     """Load an RWKV model from an rwkv.cpp ``.bin``, a BlinkDL ``.pth``, GGUF or safetensors
     (the format is detected from the content).
@@ -396,8 +396,10 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     head goes to the GPU when every layer does), for models larger than the GPU's memory.
     compile: on a GPU, fuse the one-token step with torch.compile before capturing it in a CUDA
     graph (faster decoding; the first token waits for the compilation).
-    cache: keep the weights that mode "fast" repacks for the CPU (int4, int8 rows) in
-    ``PATH.rwkvpy-cache`` and reuse them while the model file is unchanged (kernels/cache.py).
+    cache: keep the weights that mode "fast" repacks for the CPU (the integer kernels'
+    interleaved groups) in the user cache folder (rwkvpy.paths; a size limit, least recently
+    used first out) and reuse them while the model file is unchanged (kernels/cache.py);
+    ``"beside"``: as ``PATH.rwkvpy-cache`` next to the model instead; False: repack each time.
     cpu_capability: the CPU kernels' level, "generic", "avx2", "avx512", "avx512_bf16" or
     "amx" (kernels/cpu.py: what each selects); default: ``$RWKVPY_CPU_CAPABILITY`` if set,
     else this CPU's own level. A level above this CPU's runs with the same numbers where its
@@ -408,6 +410,8 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     from .hub import resolve_model
 
     path = resolve_model(path)
+    if cache not in (True, False, "beside"):
+        raise RwkvpyError(f"cache must be True, False or 'beside', got {cache!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
     from .kernels.linear import start_numba_pool
