@@ -1,7 +1,7 @@
 """Shared test setup: the one place that finds the fixtures.
 
-Fixtures live in ``$RWKVPY_FIXTURES`` (default ``../shared/fixtures`` next to the repository).
-A missing fixture is a failure, never a skip.
+Fixtures live in ``tests/fixtures`` (in the repository: see its README for their origin), or in
+``$RWKVPY_FIXTURES`` when set. A missing fixture is a failure, never a skip.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("RWKVPY_FIXTURES", ROOT.parent / "shared" / "fixtures")).resolve()
+FIXTURES = Path(os.environ.get("RWKVPY_FIXTURES", ROOT / "tests" / "fixtures")).resolve()
 
 TINY = FIXTURES / "rwkv-cpp-tiny"
 REF = FIXTURES / "reference-pth"
@@ -23,8 +23,7 @@ REF_MODELS = ["v4_c192_l2", "v5_0_c192_l2", "v5_2_c192_l2", "v6_c192_l2", "v7_c1
 def fixture_path(*parts) -> Path:
     p = FIXTURES.joinpath(*parts)
     if not p.exists():
-        pytest.fail(f"fixture {p} is missing: set RWKVPY_FIXTURES to the fixtures folder "
-                    f"(see ../shared/fixtures/README.md)", pytrace=False)
+        pytest.fail(f"fixture {p} is missing (see tests/fixtures/README.md)", pytrace=False)
     return p
 
 
