@@ -327,7 +327,7 @@ def test_overwrite_refused(tmp_path):
 @pytest.mark.parametrize("dst,typ,needle", [
     ("x.bin", "bf16", "rwkv.cpp .bin files cannot hold BF16"),
     ("x.safetensors", "f16", "unknown output extension '.safetensors'"),
-    ("x.gguf", "q5_k", "unknown type 'q5_k'; expected one of f32, f16, bf16"),
+    ("x.gguf", "q3_k", "unknown type 'q3_k'; expected one of f32, f16, bf16"),
 ])
 def test_bad_requests(tmp_path, dst, typ, needle):
     with pytest.raises(errors.ConversionError, match=needle):
@@ -442,7 +442,7 @@ def test_cli_in_process(tmp_path, capsys):
     for argv, needle in [
         (["convert", str(src), str(tmp_path / "n.gguf"), "--type", "q3_k"],
          "rwkvpy: error: unknown type 'q3_k'; expected one of f32, f16, bf16, q4_0, q4_1, "
-         "q5_0, q5_1, q8_0\n"),
+         "q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m\n"),
         (["convert", str(src), str(tmp_path / "n.bin"), "--type", "bf16"],
          f"rwkvpy: error: {tmp_path / 'n.bin'}: rwkv.cpp .bin files cannot hold BF16; use f16 "
          "or f32, or write a .gguf\n"),

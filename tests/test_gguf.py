@@ -350,8 +350,9 @@ def test_gguf_not_rwkv(tmp_path):
 
 
 def test_gguf_unsupported_tensor_type(tmp_path):
-    _tiny_gguf(tmp_path / "k.gguf", ttype=gguf.GGMLQuantizationType.Q6_K, nbytes=210, n=256)
-    with pytest.raises(errors.UnsupportedTensorTypeError, match=r"'token_embd.weight' has type Q6_K"):
+    _tiny_gguf(tmp_path / "k.gguf", ttype=gguf.GGMLQuantizationType.IQ2_XXS, nbytes=66, n=256)
+    with pytest.raises(errors.UnsupportedTensorTypeError,
+                       match=r"'token_embd.weight' has type IQ2_XXS"):
         rwkvpy.formats.read(tmp_path / "k.gguf")
 
 

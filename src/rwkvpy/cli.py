@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--quiet", action="store_true", help="no progress bar")
     ml.set_defaults(func=cmd_merge_lora)
 
-    types = "f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0"
+    types = "f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m"
     conv = sub.add_parser(
         "convert", help="convert a model to GGUF (.gguf) or rwkv.cpp (.bin), optionally quantized",
         description="Convert SRC (.pth, .bin, .gguf, .safetensors or a Hugging Face folder) to "

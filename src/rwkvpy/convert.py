@@ -39,7 +39,8 @@ import torch
 from .errors import ConversionError, OutputExistsError, QuantizationError
 from .formats.base import QTensor, to_float32
 
-TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
+         "q4_k_m", "q5_k_m")
 OUTPUT_FORMATS = {".gguf": "gguf", ".bin": "rwkv.cpp"}
 
 #: Elements converted at a time when a tensor is streamed in row chunks.
@@ -73,8 +74,10 @@ def _target(type) -> object:
         name = aliases.get(name, name)
     if name not in TYPES:
         raise ConversionError(f"unknown type {type!r}; expected one of {', '.join(TYPES)}")
+    from .formats.kquant_mix import MIXES
+
     try:
-        return get_format(name)
+        return get_format(MIXES[name][0] if name in MIXES else name)
     except QuantizationError as e:  # pragma: no cover - every name of TYPES exists
         raise ConversionError(str(e)) from None
 
@@ -175,6 +178,20 @@ def _decide_types(entries, target, quantize_head) -> None:
         e.type = t
 
 
+def _kquant_types(entries, mix: str) -> None:
+    """llama-quantize's types for a K-quant ``--type`` (formats.kquant_mix); the tensors it
+    leaves alone keep the float type rwkvpy's policy gives them."""
+    from .formats import kquant_mix
+    from .formats.plan import storage_type
+    from .quant import get_format
+
+    for e in entries:
+        t = kquant_mix.tensor_type(mix, e.name, e.shape)
+        if t is None and get_format(e.type).quantized:
+            t = storage_type(e.policy, e.policy_shape, get_format("F16"), False)
+        e.type = t or e.type
+
+
 def _raw_bin_types(entries, src_types, target, quantize_head) -> None:
     """rwkv.cpp's quantizer (rwkv_quantize_model_file) for a .bin -> .bin conversion."""
     from .formats.plan import needs_quant, storage_type
@@ -272,7 +289,10 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
 
     Args:
         type: ``f32``, ``f16``, ``bf16`` (GGUF only), ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``,
-            ``q8_0``: the type of the model's matrices (see the module docstring).
+            ``q8_0``: the type of the model's matrices (see the module docstring); GGUF only:
+            ``q4_k``, ``q5_k``, ``q6_k``, ``q4_k_m``, ``q5_k_m``, the K-quants with
+            llama-quantize's choice of tensors (:mod:`rwkvpy.formats.kquant_mix`;
+            ``quantize_head`` does not apply: llama-quantize quantizes the head).
         quantize_head: quantize ``head.weight`` too (rwkv.cpp and llama.cpp keep it F16).
         force: overwrite ``dst`` if it exists (else :class:`OutputExistsError`).
         progress: show a progress bar on stderr (when tqdm is installed).
@@ -291,7 +311,12 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
     from .hub import resolve_model
 
     target = _target(type)
+    kmix = str(type).strip().lower().replace("-", "_")
+    kmix = kmix if kmix in TYPES and target.block_size == 256 else None  # K-quants: GGUF only
     out_fmt = _output_format(dst)
+    if kmix and out_fmt == "rwkv.cpp":
+        raise ConversionError(f"{dst}: rwkv.cpp .bin files cannot hold K-quants ({type}); "
+                              "write a .gguf")
     src, dst = resolve_model(src), os.fspath(dst)
     _check_paths(src, dst, force)
     src_fmt = formats.sniff(src)
@@ -328,6 +353,8 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
             for e in entries:
                 e.policy, e.policy_shape = policy[e.inputs[0]]
         _decide_types(entries, target, quantize_head)
+        if kmix:
+            _kquant_types(entries, kmix)
 
     from .quant import get_format
 
@@ -342,7 +369,8 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
             _write_bin(dst, header, entries, chunks, on_bytes)
         else:
             name = os.path.splitext(os.path.basename(src.rstrip(os.sep)))[0]
-            gguf.write(dst, version, cfg, entries, chunks, shapes=shapes, file_type=target.name,
+            gguf.write(dst, version, cfg, entries, chunks, shapes=shapes,
+                       file_type=kmix.upper() if kmix else target.name,
                        tokenizer=kind, tokens=toks, name=name, on_bytes=on_bytes)
     finally:
         if bar is not None:
@@ -351,7 +379,8 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
     for e in entries:
         counts[e.type] = counts.get(e.type, 0) + 1
     return ConvertResult(path=dst, format="gguf" if out_fmt == "gguf" else "rwkv.cpp",
-                         type=target.name, file_size=os.path.getsize(dst),
+                         type=kmix.upper() if kmix else target.name,
+                         file_size=os.path.getsize(dst),
                          n_tensors=len(entries), tensor_types=counts)
 
 

@@ -108,11 +108,12 @@ GROUP_NORM_EPS = 64e-5  # BlinkDL's ln_x eps (1e-5 * 64); rwkv.cpp computes v5 w
 TOKENIZERS = ("world", "neox", "bytes")
 CONTEXT_LENGTH = 1 << 20  # what llama.cpp's converter writes: RWKV has no context limit
 LAYER_NORM_EPS = 1e-5
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K",
+                   "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # File types (llama.cpp's LlamaFileType) of the files rwkvpy writes.
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-              "BF16": 32}
+              "BF16": 32, "Q4_K": 14, "Q4_K_M": 15, "Q5_K": 16, "Q5_K_M": 17, "Q6_K": 18}
 
 # -- names and layouts ----------------------------------------------------------------------
 
@@ -500,10 +501,10 @@ def _rescaled(t, factor: float):
         fmt = get_format(t.fmt)
         rec = np.array(np.asarray(t.data).view(fmt.block_dtype))  # a copy
         with np.errstate(over="ignore"):
-            for fld in ("d", "m"):
+            for fld in ("d", "m", "dmin"):  # every float16 factor of the weights
                 if fld in rec.dtype.names:
                     rec[fld] = rec[fld] * np.float16(factor)
-        if all(np.isfinite(rec[f]).all() for f in ("d", "m") if f in rec.dtype.names):
+        if all(np.isfinite(rec[f]).all() for f in ("d", "m", "dmin") if f in rec.dtype.names):
             return QTensor(t.fmt, t.shape, rec.view(np.uint8).reshape(-1))
         return to_float32(t) * factor
     if t.dtype == torch.float32:

@@ -1131,6 +1131,9 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None,
             return make_linear(_qtensor_to_torch(w), policy, cpu=cpu)
         _shape2(w.shape)
         integer = policy == "fast" and _int8_dot() and (cpu or host_kernels()).int8_dot
+        if fmt.block_size == 256:  # the K-quants: kernels/kquants.py
+            from .kquants import make_kquant_linear
+            return make_kquant_linear(w, integer)
         if integer and fmt.name in INT8_DOT_FORMATS:
             return Int8DotLinear(w, repacked)
         if integer and fmt.name in INT16_DOT_FORMATS:

@@ -24,10 +24,16 @@ from .q4_1 import Q4_1
 from .q5_0 import Q5_0
 from .q5_1 import Q5_1
 from .q8_0 import Q8_0
+from .q2_k import Q2_K
+from .q3_k import Q3_K
+from .q4_k import Q4_K
+from .q5_k import Q5_K
+from .q6_k import Q6_K
 
 #: Every supported format by ggml name.
 FORMATS: dict[str, WeightFormat] = {
-    f.name: f for f in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+    f.name: f for f in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
+                        Q6_K)
 }
 
 #: Every supported format by ggml type number (``enum ggml_type``, GGUF's tensor type).
@@ -98,4 +104,9 @@ __all__ = [
     "Q5_0",
     "Q5_1",
     "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
 ]

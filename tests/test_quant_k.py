@@ -1,0 +1,236 @@
+"""The K-quants (Q2_K .. Q6_K): formats against ggml, kernels against the formats, models.
+
+* dequantization bit for bit against gguf-py's numpy port (gguf.quants.dequantize) on random
+  bytes and on edge cases (zero scales, largest codes and scales, NaN/inf/subnormal float16
+  factors);
+* quantization byte for byte against ggml's own quantizer: tests/fixtures/kquants (made by
+  tools/make_kquant_fixtures.py with ggml_quantize_chunk);
+* the exact kernels (kernels/kquants_ir.py) bit for bit / within float32 summation of the
+  dequantized weights; the integer kernels as close to float32 as llama.cpp's Q8_K method;
+* llama-quantize's choice of types (formats/kquant_mix.py), and K-quant GGUFs loaded in both
+  modes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import quants as gq  # noqa: E402
+
+from rwkvpy.formats import kquant_mix  # noqa: E402
+from rwkvpy.formats.base import QTensor  # noqa: E402
+from rwkvpy.quant import FORMATS_BY_GGML_TYPE, get_format  # noqa: E402
+from rwkvpy.quant.q_k import nearest_int  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf")]
+
+KQ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+SIZES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+#: byte offsets of each format's float16 factors in a block
+HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "kquants", "kquants.npz")
+
+
+def bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def edge_blocks(name: str, rng) -> np.ndarray:
+    """Random blocks, then blocks with special float16 factors, all-zero and all-ones bytes."""
+    size = SIZES[name]
+    raw = rng.integers(0, 256, (72, size), dtype=np.uint8)
+    specials = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00,
+                         0x7E00, 0x3C00], np.uint16)
+    for k, h in enumerate(specials):
+        for off in HALVES[name]:
+            raw[k, off:off + 2] = np.frombuffer(h.tobytes(), np.uint8)
+            raw[k + 16, off:off + 2] = np.frombuffer(h.tobytes(), np.uint8)
+    raw[40] = 0
+    raw[41] = 255  # largest codes, scales and mins (float16 factors NaN)
+    raw[42] = 255
+    for off in HALVES[name]:
+        raw[42, off:off + 2] = (0x00, 0x3C)  # 1.0: largest codes and scales, finite
+    return raw
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_format_registered(name):
+    fmt = get_format(name)
+    assert fmt.block_size == 256 and fmt.type_size == SIZES[name] == fmt.block_dtype.itemsize
+    assert FORMATS_BY_GGML_TYPE[int(gguf.GGMLQuantizationType[name])] is fmt
+    assert get_format(name.lower().replace("_", "-")) is fmt
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_dequantize_bit_exact_vs_gguf(name):
+    raw = edge_blocks(name, np.random.default_rng(7))
+    ours = get_format(name).dequantize(raw.reshape(-1), (raw.shape[0], 256))
+    ref = np.asarray(gq.dequantize(raw, gguf.GGMLQuantizationType[name]), np.float32)
+    assert np.array_equal(bits(ours), bits(ref.reshape(ours.shape)))
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_quantize_matches_ggml(name):
+    """Bytes of ggml_quantize_chunk (tools/make_kquant_fixtures.py), NaN/inf rows included."""
+    data = np.load(FIXTURE)
+    assert np.array_equal(get_format(name).quantize(data["x"]), data[name])
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_quantize_round_trip(name):
+    """Quantize, dequantize, quantize again: the same bytes; the error is the format's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 512)).astype(np.float32)
+    fmt = get_format(name)
+    raw = fmt.quantize(x)
+    y = fmt.dequantize(raw, x.shape)
+    bits_per_weight = 8 * SIZES[name] / 256
+    rel = np.sqrt(np.mean((y - x) ** 2) / np.mean(x ** 2))
+    assert rel < 2.0 ** (1.5 - bits_per_weight) * 1.5
+    assert np.array_equal(fmt.quantize(y), fmt.quantize(fmt.dequantize(fmt.quantize(y),
+                                                                       x.shape)))
+
+
+def test_nearest_int_is_ggml():
+    v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 2.4999998, 4194303.0, -4194303.0, np.nan, np.inf],
+                 np.float32)
+    assert nearest_int(v)[:8].tolist() == [0, 2, 2, 0, -2, 2, 4194303, -4194303]
+
+
+# ------------------------------------------------------------------------------ kernels
+
+kir = pytest.importorskip("rwkvpy.kernels.kquants_ir")
+
+
+def _q8k_ggml(x):
+    """ggml's quantize_row_q8_K_ref then dequantized (float64): llama.cpp's activations."""
+    xb = x.reshape(-1, 256)
+    mx = xb[np.arange(len(xb)), np.abs(xb).argmax(1)]
+    iscale = np.float32(-127) / mx
+    q = np.minimum(127, nearest_int(iscale[:, None] * xb))
+    return (q * (np.float32(1) / iscale).astype(np.float64)[:, None]).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kernels(name):
+    rng = np.random.default_rng(11)
+    O, K = 24, 768
+    w = rng.standard_normal((O, K)).astype(np.float32)
+    x = (rng.standard_normal((3, K)) * np.exp(rng.standard_normal(K))).astype(np.float32)
+    fmt, kind = get_format(name), kir.KIND[name]
+    raw = fmt.quantize(w).reshape(O, -1)
+    wd = fmt.dequantize(raw.reshape(-1), (O, K))
+    edge = edge_blocks(name, rng)[:3 * O].reshape(O, -1)  # special factors, NaN included
+    for r2, deq in ((raw, wd), (edge, fmt.dequantize(edge.reshape(-1), (O, K)))):
+        out = np.empty((O, K), np.float32)
+        kir.dec_rows(kind, r2, out, 0, 0, O)
+        assert np.array_equal(bits(out), bits(deq))
+    ref = x.astype(np.float64) @ wd.T.astype(np.float64)
+    scale = np.abs(ref).max()
+    y = np.empty((3, O), np.float32)
+    kir.mv_rows(kind, raw, x, y, 0, O)
+    assert np.abs(y - ref).max() < 1e-5 * scale
+    yq = np.empty((3, O), np.float32)
+    kir.mvq(kind, raw, x, yq)
+    llama = _q8k_ggml(x) @ wd.T.astype(np.float64)
+    assert np.abs(yq - llama).max() < 1e-4 * scale  # the same method: float rounding apart
+    err, err_llama = np.abs(yq - ref).mean(), np.abs(llama - ref).mean()
+    assert 0 < err < 1.1 * err_llama
+    xn = x.copy()
+    xn[1, 300] = np.nan
+    kir.mvq(kind, raw, xn, yq)
+    assert np.isnan(yq[1]).all() and np.isfinite(yq[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("name", KQ)
+@pytest.mark.parametrize("policy", ["exact", "fast"])
+def test_make_linear(name, policy):
+    from rwkvpy.kernels.linear import make_linear
+
+    rng = np.random.default_rng(5)
+    O, K = 40, 512
+    w = rng.standard_normal((O, K)).astype(np.float32)
+    fmt = get_format(name)
+    q = QTensor(name, (O, K), fmt.quantize(w))
+    lin = make_linear(q, policy)
+    wd = torch.from_numpy(fmt.dequantize(q.data, (O, K)))
+    for T in (1, 3, 9):  # one vector, the row kernels' prompts, exact tiles + GEMM
+        x = torch.randn(T, K)
+        ref = x.double() @ wd.double().T
+        tol = (1e-5 if lin.exact or T > 4 else 2e-2) * ref.abs().max()
+        assert (lin(x).double() - ref).abs().max() < tol
+    assert lin.exact == (policy == "exact" or not lin.strategy.startswith("int8"))
+
+
+# ------------------------------------------------------------------------- types, models
+
+
+def test_mix_types():
+    t = kquant_mix.tensor_type
+    assert t("q4_k_m", "output.weight", (65536, 2048)) == "Q6_K"
+    assert t("q4_k_m", "output.weight", (65536, 768)) == "Q6_K"
+    assert t("q4_k_m", "output.weight", (512, 192)) == "Q8_0"  # rows not of 256
+    assert t("q4_k", "output.weight", (65536, 2048)) == "Q4_K"
+    assert t("q5_k_m", "blk.0.time_mix_key.weight", (2048, 2048)) == "Q5_K"
+    assert t("q4_k_m", "token_embd.weight", (65536, 2048)) == "Q4_K"
+    assert t("q4_k_m", "blk.0.channel_mix_value.weight", (2048, 7168)) == "Q4_K"
+    assert t("q4_k_m", "blk.0.channel_mix_value.weight", (256, 896)) == "Q5_0"
+    assert t("q5_k", "blk.0.channel_mix_value.weight", (256, 896)) == "Q5_1"
+    assert t("q6_k", "blk.0.channel_mix_value.weight", (256, 896)) == "Q8_0"
+    assert t("q6_k", "blk.0.channel_mix_value.weight", (256, 200)) == "F16"
+    for keep in ("blk.0.time_mix_w1.weight", "blk.0.time_mix_lerp_fused.weight",
+                 "blk.0.attn_norm.weight", "blk.0.time_mix_first.weight"):
+        assert t("q4_k_m", keep, (64, 2048)) is None
+    assert t("q4_k_m", "blk.0.time_mix_k_k.weight", (1, 1, 2048)) is None  # 1-D for ggml
+
+
+@pytest.fixture(scope="module")
+def kmodels(tmp_path_factory):
+    from rwkvpy.convert import convert
+    from rwkvpy.models.config import Version
+    from rwkvpy.synth import save_random_model
+
+    d = tmp_path_factory.mktemp("kq")
+    src = save_random_model(d / "v7.pth", version=Version.V7, n_embd=256, n_layer=2, vocab=256,
+                            dtype=torch.float32)
+    out = {}
+    for typ in ("q4_k_m", "q5_k", "q6_k"):
+        r = convert(src, d / f"{typ}.gguf", type=typ, progress=False, tokenizer="bytes")
+        f32 = d / f"{typ}-f32.gguf"
+        convert(r.path, f32, type="f32", progress=False)  # the dequantized weights, float32
+        out[typ] = (r, str(f32))
+    return out
+
+
+@pytest.mark.parametrize("typ", ["q4_k_m", "q5_k", "q6_k"])
+def test_kquant_model(kmodels, typ):
+    import rwkvpy
+
+    r, f32 = kmodels[typ]
+    want = {"q4_k_m": {"Q4_K", "Q6_K"}, "q5_k": {"Q5_K"}, "q6_k": {"Q6_K"}}[typ]
+    assert want <= set(r.tensor_types) and r.type == typ.upper()
+    reader = gguf.GGUFReader(r.path)
+    head = next(t for t in reader.tensors if t.name == "output.weight")
+    assert head.tensor_type.name == ("Q6_K" if typ != "q5_k" else "Q5_K")
+    toks = [1, 7, 42, 200, 3]
+    ref = rwkvpy.load(f32, mode="exact")
+    lr, _ = ref.forward(toks, None)
+    lr = np.asarray(lr, np.float64)
+    for mode, tol in (("exact", 1e-4), ("fast", 0.1)):
+        m = rwkvpy.load(r.path, mode=mode)
+        lm, _ = m.forward(toks, None)
+        assert np.abs(np.asarray(lm, np.float64) - lr).max() < tol * np.abs(lr).max(), mode
+
+
+def test_kquant_not_for_rwkvcpp(tmp_path):
+    from rwkvpy.convert import convert
+    from rwkvpy.errors import ConversionError
+
+    with pytest.raises(ConversionError, match="K-quants"):
+        convert("demo", tmp_path / "x.bin", type="q4_k", progress=False)
