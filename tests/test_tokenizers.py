@@ -3,13 +3,15 @@ library, bytes, tokenizer_for, and streaming UTF-8-safe decoding."""
 
 import random
 import shutil
+import unicodedata
 from pathlib import Path
 
 import pytest
 
 from rwkvpy.errors import RwkvpyError
 from rwkvpy.tokenizers import (ByteTokenizer, NeoXTokenizer, StreamDecoder, TokenizerError,
-                               WorldTokenizer, default_world_vocab_path, tokenizer_for)
+                               WorldTokenizer, default_neox_path, default_world_vocab_path,
+                               tokenizer_for)
 from rwkvpy.tokenizers import world as world_mod
 
 
@@ -209,7 +211,7 @@ def test_world_small_vocab_without_every_byte(tmp_path):
 
 def test_default_world_vocab_path(tmp_path, monkeypatch, ref_vocab):
     monkeypatch.setattr(world_mod, "DATA_DIR", tmp_path)
-    with pytest.raises(TokenizerError, match="rwkv_vocab_v20230424.txt") as e:
+    with pytest.raises(TokenizerError, match="rwkv_vocab_v20230424.txt.*--vocab") as e:
         default_world_vocab_path()
     assert isinstance(e.value, RwkvpyError) and isinstance(e.value, ValueError)
     with pytest.raises(TokenizerError):
@@ -217,6 +219,78 @@ def test_default_world_vocab_path(tmp_path, monkeypatch, ref_vocab):
     shutil.copy(ref_vocab, tmp_path / "rwkv_vocab_v20230424.txt")
     assert default_world_vocab_path() == tmp_path / "rwkv_vocab_v20230424.txt"
     assert WorldTokenizer().encode("Hello") == WorldTokenizer(ref_vocab).encode("Hello")
+
+
+# -- the vocabularies rwkvpy ships ---------------------------------------------------------
+
+SHIPPED_SHA256 = {  # as in src/rwkvpy/tokenizers/data/README.md
+    "rwkv_vocab_v20230424.txt": "e6dee3d4e31b4d5c40ac99508ac6c701ceef4bed681bf2167ce9a908552bca89",
+    "20B_tokenizer.json": "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade",
+}
+
+
+def test_shipped_files(ref_vocab):
+    import hashlib
+
+    for path in (default_world_vocab_path(), default_neox_path()):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_SHA256[path.name]
+        assert path.name in (path.parent / "README.md").read_text(encoding="utf-8")
+    # the rwkv package's copy differs only by its CRLF line ends
+    assert default_world_vocab_path().read_bytes() == ref_vocab.read_bytes().replace(b"\r\n",
+                                                                                    b"\n")
+
+
+def test_shipped_world_matches_reference(ref):
+    tok = tokenizer_for(65536)
+    assert isinstance(tok, WorldTokenizer) and tok.path == default_world_vocab_path()
+    for name, text in TEXTS.items():
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), name
+        assert tok.decode(ids) == text, name
+    # lone surrogates: the reference raises Python's UnicodeEncodeError, rwkvpy a TokenizerError
+    # naming the position (documented in rwkvpy.tokenizers.world)
+    with pytest.raises(UnicodeEncodeError):
+        ref.encode("ab\udc80")
+    with pytest.raises(TokenizerError, match="position 2"):
+        tok.encode("ab\udc80")
+
+
+def test_world_from_tokens_shares_the_file_trie():
+    tok = tokenizer_for(65536)
+    tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)] + [b""] * 6
+    t2 = WorldTokenizer(tokens=tokens, source="list")
+    assert t2._trie is tok._trie and t2.vocab_size == tok.vocab_size == 65530
+    with pytest.raises(TokenizerError, match="--vocab"):
+        WorldTokenizer(tokens=[b"", b"a"]).encode("b")  # no token for byte 'b'
+
+
+def test_shipped_neox_matches_tokenizers_library():
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(default_neox_path()))
+    tok = tokenizer_for(50277)
+    assert isinstance(tok, NeoXTokenizer) and tok.vocab_size == 50277
+    assert isinstance(tokenizer_for(50304), NeoXTokenizer)
+    for name, text in TEXTS.items():
+        ids = tok.encode(text)
+        assert ids == hf.encode(text).ids, name
+        assert tok.decode(ids) == hf.decode(ids), name
+        # the 20B tokenizer normalizes to NFC; otherwise the round trip is byte-exact
+        assert tok.decode_bytes(ids) == unicodedata.normalize("NFC", text).encode(), name
+    with pytest.raises(TokenizerError, match="surrogate"):
+        tok.encode("a\ud800")
+
+
+def test_vocabulary_errors_name_the_vocab_option(tmp_path):
+    bad = tmp_path / "v.txt"
+    bad.write_text("1 nope 1\n", encoding="utf-8")
+    for make in (lambda: tokenizer_for(65536, path=tmp_path / "missing.txt"),
+                 lambda: tokenizer_for(65536, path=bad),
+                 lambda: tokenizer_for(50277, path=tmp_path / "missing.json"),
+                 lambda: tokenizer_for(50277, path=bad),
+                 lambda: tokenizer_for(1000)):
+        with pytest.raises(TokenizerError, match="--vocab"):
+            make()
 
 
 # -- bytes ---------------------------------------------------------------------------------
@@ -308,8 +382,6 @@ def test_tokenizer_for_mismatches(ref_vocab, neox_json):
         tokenizer_for(512)  # no tokenizer known for this size
     with pytest.raises(TokenizerError, match="kind"):
         tokenizer_for(256, kind="gpt2")
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
-        tokenizer_for(50277)
     with pytest.raises(TokenizerError):
         tokenizer_for(0)
 

@@ -14,6 +14,16 @@ class TokenizerError(RwkvpyError):
     fit a model's vocabulary."""
 
 
+#: What every error about a missing or unusable vocabulary tells the user to do.
+VOCAB_HINT = "give the vocabulary file with --vocab PATH (Python: path=)"
+
+
+def with_hint(e: TokenizerError) -> TokenizerError:
+    """``e`` with :data:`VOCAB_HINT` appended (once)."""
+    msg = str(e)
+    return e if "--vocab" in msg else TokenizerError(f"{msg}; {VOCAB_HINT}")
+
+
 class Tokenizer(ABC):
     """Text <-> token ids.
 

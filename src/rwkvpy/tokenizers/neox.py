@@ -1,7 +1,9 @@
 """GPT-NeoX (Pile) tokenizer through Hugging Face's ``tokenizers`` library.
 
 RWKV-4 Pile models use EleutherAI's 20B tokenizer (``20B_tokenizer.json``, 50277 ids; some
-models pad their vocabulary to 50304). Any ``tokenizer.json`` works.
+models pad their vocabulary to 50304), which rwkvpy ships (``rwkvpy/tokenizers/data/``, the
+default). Any ``tokenizer.json`` works, as a file or as its JSON text (a GGUF written by rwkvpy
+stores it under ``tokenizer.huggingface.json``).
 
 Byte-level BPE tokenizers (decoder ``ByteLevel``, as the 20B one) decode token by token to exact
 bytes, so a token that ends inside a UTF-8 character streams correctly (see ``StreamDecoder``):
@@ -16,7 +18,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Tokenizer, TokenizerError, id_list, utf8
+from .base import VOCAB_HINT, Tokenizer, TokenizerError, id_list, utf8
+
+NEOX_TOKENIZER_FILE = "20B_tokenizer.json"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def default_neox_path() -> Path:
+    """Path of the ``20B_tokenizer.json`` rwkvpy ships; a TokenizerError naming ``--vocab`` when
+    the installation lacks it."""
+    p = DATA_DIR / NEOX_TOKENIZER_FILE
+    if not p.is_file():
+        raise TokenizerError(
+            f"the 20B tokenizer {NEOX_TOKENIZER_FILE} that ships with rwkvpy is missing from "
+            f"{DATA_DIR} (a broken installation: reinstall rwkvpy); or {VOCAB_HINT}")
+    return p
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -40,24 +56,33 @@ def _byte_level_chars() -> dict[str, int]:
 
 
 class NeoXTokenizer(Tokenizer):
-    """A ``tokenizers`` tokenizer from a ``tokenizer.json`` file (for example the 20B one)."""
+    """A ``tokenizers`` tokenizer from a ``tokenizer.json`` file (None: the 20B one rwkvpy
+    ships), or from its JSON text (``json_text``; ``source`` names where it comes from)."""
 
     name = "neox"
 
-    def __init__(self, path):
+    def __init__(self, path=None, *, json_text: str | None = None, source=None):
         try:
             from tokenizers import Tokenizer as HFTokenizer
             from tokenizers import decoders
         except ImportError:
             raise TokenizerError("NeoXTokenizer needs the 'tokenizers' package: "
                                  "pip install tokenizers") from None
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise TokenizerError(f"{self.path}: tokenizer file not found")
+        if json_text is not None:
+            self.path = str(source) if source is not None else "<tokenizer.json text>"
+            load = HFTokenizer.from_str
+            arg = json_text
+        else:
+            self.path = Path(path) if path is not None else default_neox_path()
+            if not self.path.is_file():
+                raise TokenizerError(f"{self.path}: tokenizer file not found; {VOCAB_HINT}")
+            load = HFTokenizer.from_file
+            arg = str(self.path)
         try:
-            self._tok = HFTokenizer.from_file(str(self.path))
+            self._tok = load(arg)
         except Exception as e:  # the library raises its own Exception type
-            raise TokenizerError(f"{self.path}: not a tokenizers JSON file: {e}") from None
+            raise TokenizerError(f"{self.path}: not a tokenizers JSON file: {e}; "
+                                 f"{VOCAB_HINT}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._table = None
         if isinstance(self._tok.decoder, decoders.ByteLevel):

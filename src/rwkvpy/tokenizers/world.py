@@ -9,16 +9,23 @@ Encoding matches BlinkDL's reference tokenizer (``rwkv.rwkv_tokenizer.TRIE_TOKEN
 the first byte not yet covered, take the longest vocabulary entry that matches there. The
 vocabulary is turned once into a flat trie (a 256-entry root table plus a hash table of the
 deeper edges, see ``_world_kernels``) walked by a numba-compiled loop; without numba a
-pure-Python walk of the same trie gives the same ids, slower. Parsed vocabularies are cached per
-file (path, size, modification time), so every tokenizer of one file shares one trie.
+pure-Python walk of the same trie gives the same ids, slower. Tries are cached by the
+vocabulary's content (files also by path, size and modification time), so every tokenizer of one
+vocabulary shares one trie, whether it came from a file or from a model file's token list
+(``WorldTokenizer(tokens=...)``, as a GGUF stores it).
 
 Id 0 is not in the vocabulary file: World models use it as end of text. It decodes to no bytes,
 as does any other id below ``vocab_size`` that the file does not define.
+
+Text must be valid Unicode: a lone surrogate (``"\\ud800"``) is a TokenizerError naming its
+position, where BlinkDL's reference raises Python's UnicodeEncodeError; ``encode_bytes`` takes
+any bytes.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Tokenizer, TokenizerError, id_list, utf8
+from .base import VOCAB_HINT, Tokenizer, TokenizerError, id_list, utf8, with_hint
 
 WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -48,14 +55,13 @@ def _get_kernels():
 
 
 def default_world_vocab_path() -> Path:
-    """Path of ``rwkv_vocab_v20230424.txt`` in rwkvpy's package data folder
-    (``rwkvpy/tokenizers/data/``); a TokenizerError saying where to put it when it is missing."""
+    """Path of the ``rwkv_vocab_v20230424.txt`` rwkvpy ships (``rwkvpy/tokenizers/data/``); a
+    TokenizerError naming ``--vocab`` when the installation lacks it."""
     p = DATA_DIR / WORLD_VOCAB_FILE
     if not p.is_file():
         raise TokenizerError(
-            f"the RWKV World vocabulary {WORLD_VOCAB_FILE} is not installed: expected at {p}. "
-            f"rwkvpy does not ship it; copy it there (it comes with BlinkDL's 'rwkv' package, "
-            f"as rwkv/{WORLD_VOCAB_FILE}) or pass its path: WorldTokenizer(path)")
+            f"the RWKV World vocabulary {WORLD_VOCAB_FILE} that ships with rwkvpy is missing "
+            f"from {DATA_DIR} (a broken installation: reinstall rwkvpy); or {VOCAB_HINT}")
     return p
 
 
@@ -194,6 +200,24 @@ _cache: dict = {}
 _cache_lock = threading.Lock()
 
 
+def _digest(vocab: dict[int, bytes]) -> str:
+    h = hashlib.sha256()
+    for i in sorted(vocab):
+        tok = vocab[i]
+        h.update(b"%d %d " % (i, len(tok)))
+        h.update(tok)
+    return h.hexdigest()
+
+
+def _trie_of(vocab: dict[int, bytes]) -> _Trie:
+    key = _digest(vocab)
+    with _cache_lock:
+        trie = _cache.get(key)
+        if trie is None:
+            trie = _cache[key] = _build_trie(vocab)
+    return trie
+
+
 def _load(path: Path) -> _Trie:
     try:
         st = os.stat(path)
@@ -204,22 +228,53 @@ def _load(path: Path) -> _Trie:
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     with _cache_lock:
         trie = _cache.get(key)
-        if trie is None:
-            trie = _cache[key] = _build_trie(read_world_vocab(path))
+    if trie is None:
+        trie = _trie_of(read_world_vocab(path))
+        with _cache_lock:
+            _cache[key] = trie
     return trie
+
+
+def _vocab_of(tokens) -> dict[int, bytes]:
+    """``{id: bytes}`` of a token list (index = id, ``b""`` = undefined) or dict."""
+    items = tokens.items() if isinstance(tokens, dict) else enumerate(tokens)
+    vocab = {}
+    for i, t in items:
+        if not isinstance(t, (bytes, bytearray)):
+            raise TokenizerError(f"token {i} must be bytes, got {type(t).__name__}")
+        if t:
+            vocab[int(i)] = bytes(t)
+    if not vocab:
+        raise TokenizerError("the World vocabulary has no tokens")
+    return vocab
 
 
 class WorldTokenizer(Tokenizer):
     """The RWKV World tokenizer (vocabulary ``rwkv_vocab_v20230424.txt``, 65529 tokens, ids
-    1..65529; World models have 65536 logits). ``vocab_path`` None:
-    :func:`default_world_vocab_path`.
+    1..65529; World models have 65536 logits).
+
+    ``vocab_path``: a vocabulary file (None: the one rwkvpy ships,
+    :func:`default_world_vocab_path`).
+    ``tokens``: instead of a file, the vocabulary itself: a list of bytes per id (``b""`` for ids
+    it does not define, such as 0 and padding) or a dict id -> bytes; ``source`` then names where
+    it comes from in error messages (for example a GGUF file).
     """
 
     name = "world"
 
-    def __init__(self, vocab_path=None):
-        self.path = Path(vocab_path) if vocab_path is not None else default_world_vocab_path()
-        self._trie = _load(self.path)
+    def __init__(self, vocab_path=None, *, tokens=None, source=None):
+        try:
+            if tokens is not None:
+                if vocab_path is not None:
+                    raise TokenizerError("give a vocabulary file or tokens, not both")
+                self.path = str(source) if source is not None else "<tokens>"
+                self._trie = _trie_of(_vocab_of(tokens))
+            else:
+                self.path = (Path(vocab_path) if vocab_path is not None
+                             else default_world_vocab_path())
+                self._trie = _load(self.path)
+        except TokenizerError as e:
+            raise with_hint(e) from None
         self._id_to_bytes = self._trie.id_to_bytes
         self.vocab_size = len(self._id_to_bytes)
 
@@ -273,7 +328,7 @@ class WorldTokenizer(Tokenizer):
     def _no_token_at(self, data: bytes, i: int):
         raise TokenizerError(f"{self.path}: no token of the vocabulary starts with byte "
                              f"0x{data[i]:02x} (at byte offset {i}): the vocabulary must hold "
-                             f"every single byte")
+                             f"every single byte; {VOCAB_HINT}")
 
     # -- decoding --------------------------------------------------------------------------
     def decode_bytes(self, ids) -> bytes:
