@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from .errors import RwkvpyError
 from .perplexity import DEFAULT_CHUNK, check_scorable
 
-DEFAULT_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+#: The K-quant mixes are written as llama-quantize writes them (formats/kquant_mix.py): a
+#: model whose embedding size is not a multiple of 256 gets their 32-block fallbacks.
+DEFAULT_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_1", "q5_0", "q4_k_m", "q4_1", "q4_0")
 
 #: Row fields, in the order of the CSV columns.
 COLUMNS = ("type", "perplexity", "delta_perplexity", "delta_pct", "nll", "tokens", "file_size",
