@@ -121,7 +121,7 @@ def test_generate_user_errors(v7, capsys, tmp_path, monkeypatch):
         (["generate", "-m", v7, "x", "--temperature", "-1"], "temperature"),
         (["generate", "-m", v7, ""], "empty"),
         (["generate", "-m", str(tmp_path / "missing.bin"), "x"], "no such model file"),
-        (["generate", "-m", v7, "x", "--tokenizer", "neox"], "tokenizer.json"),
+        (["generate", "-m", v7, "x", "--tokenizer", "neox"], "does not fit"),
     ]:
         rc, out, err = cli(capsys, *args)
         assert rc == 1 and out == "" and err.startswith("rwkvpy: error: ") and msg in err, err
@@ -220,7 +220,8 @@ def test_tokenize(v7, capsys, tmp_path):
     assert err.startswith(f"rwkvpy: error: {bad}: invalid UTF-8 at byte offset 6")
     for args, msg in [(["tokenize", str(f)], "-m MODEL or --tokenizer"),
                       (["tokenize", "--tokenizer", "bytes", str(tmp_path / "no.txt")], "no such"),
-                      (["tokenize", "--tokenizer", "neox", str(f)], "--vocab")]:
+                      (["tokenize", "--tokenizer", "neox", "--vocab", str(tmp_path / "no.json"),
+                        str(f)], "--vocab")]:
         rc, _, err = cli(capsys, *args)
         assert rc == 1 and msg in err and err.count("\n") == 1
 

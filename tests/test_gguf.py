@@ -243,8 +243,8 @@ def test_tokenizer_metadata_and_tokens(tmp_path):
     f = fields(gguf.GGUFReader(p))
     assert f["rwkvpy.tokenizer"] == "world" and f["rwkv4.vocab_size"] == V
     assert f["tokenizer.ggml.model"] == "rwkv"
-    assert len(f["tokenizer.ggml.tokens"]) == V  # padded with [PADn] as llama.cpp's converter
-    assert f["tokenizer.ggml.tokens"][0] == "<s>" and f["tokenizer.ggml.tokens"][-1] == "[PAD212]"
+    assert len(f["tokenizer.ggml.tokens"]) == V  # padded with [PAD<id>] as llama.cpp's converter
+    assert f["tokenizer.ggml.tokens"][0] == "<s>" and f["tokenizer.ggml.tokens"][-1] == "[PAD511]"
     back = rgguf.read_tokens(p)
     assert back[:300] == [b""] + tokens[1:] and back[300:] == [b""] * (V - 300)
     meta = rwkvpy.formats.read(p).meta
@@ -253,12 +253,12 @@ def test_tokenizer_metadata_and_tokens(tmp_path):
     p2 = tmp_path / "w2.gguf"
     convert(p, p2, type="q8_0", progress=False)
     assert rgguf.read_tokens(p2) == back
-    # no tokens: the kind alone, and llama.cpp's "none" vocabulary
+    # bytes: the 256 single bytes as an RWKV vocabulary, padded to the model's size
     p3 = tmp_path / "b.gguf"
     convert(src, p3, progress=False, tokenizer="bytes")
     f3 = fields(gguf.GGUFReader(p3))
-    assert f3["rwkvpy.tokenizer"] == "bytes" and f3["tokenizer.ggml.model"] == "none"
-    assert rgguf.read_tokens(p3) is None
+    assert f3["rwkvpy.tokenizer"] == "bytes" and f3["tokenizer.ggml.model"] == "rwkv"
+    assert rgguf.read_tokens(p3) == [bytes([i]) for i in range(256)] + [b""] * (V - 256)
 
 
 # -- GGUFs as llama.cpp's converter makes them from HF models ------------------------------------

@@ -171,7 +171,8 @@ def cmd_convert(args) -> int:
     from .convert import convert
 
     result = convert(args.src, args.dst, type=args.type, quantize_head=args.quantize_head,
-                     force=args.force, progress=not args.quiet, tokenizer=args.tokenizer)
+                     force=args.force, progress=not args.quiet, tokenizer=args.tokenizer,
+                     vocab=args.vocab)
     if not args.quiet:
         print(result.summary())
     return 0
@@ -185,6 +186,9 @@ def _add_convert_options(p) -> None:
     p.add_argument("--tokenizer", metavar="KIND", default=None,
                    help="world, neox or bytes: stored in a GGUF (default: from the source, or "
                         "guessed from the vocabulary size)")
+    p.add_argument("--vocab", metavar="PATH", default=None,
+                   help="vocabulary file to store in a GGUF: rwkv_vocab_v20230424.txt format or "
+                        "a tokenizer.json (default: the source's, else the one rwkvpy ships)")
 
 
 def cmd_merge_lora(args) -> int:

@@ -48,12 +48,11 @@ def read_text(path: str) -> str:
 
 
 def _tokenizer(kind, vocab_path, info):
-    """The tokenizer: --tokenizer, else the one the file names (GGUF), else from the vocab size."""
-    from .tokenizers import tokenizer_for
+    """The tokenizer: --vocab, else the vocabulary the file holds (GGUF), else the one rwkvpy
+    ships for --tokenizer, the kind the file names or its vocabulary size."""
+    from .tokenizers import model_tokenizer
 
-    if kind is None and vocab_path is None:
-        kind = (info.file_meta or {}).get("tokenizer")
-    return tokenizer_for(info.vocab_size, kind, vocab_path)
+    return model_tokenizer(info.path, info.vocab_size, kind, vocab_path)
 
 
 def _tokens(args, info) -> tuple[list, str]:

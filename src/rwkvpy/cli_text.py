@@ -94,8 +94,6 @@ def _tokenizer(kind, vocab_path, vocab_size):
         return ByteTokenizer()
     if kind == "world":
         return WorldTokenizer(vocab_path)
-    if vocab_path is None:
-        raise CliError("the neox tokenizer needs --vocab PATH (its tokenizer.json)")
     return NeoXTokenizer(vocab_path)
 
 
@@ -109,7 +107,7 @@ def _load(args):
     if not os.path.exists(path):
         raise CliError(f"{path}: no such model file")
     model = rwkvpy.load(path, **run_options(args))
-    return model, _tokenizer(args.tokenizer, args.vocab, model.config.vocab_size)
+    return model, model.tokenizer(args.tokenizer, args.vocab)
 
 
 def _params(args):
@@ -315,8 +313,11 @@ def cmd_tokenize(args) -> int:
         path = resolve_model(args.model)
         if not os.path.exists(path):
             raise CliError(f"{path}: no such model file")
-        vocab_size = rwkvpy.inspect(path).vocab_size
-    tok = _tokenizer(args.tokenizer, args.vocab, vocab_size)
+        from .tokenizers import model_tokenizer
+
+        tok = model_tokenizer(path, rwkvpy.inspect(path).vocab_size, args.tokenizer, args.vocab)
+    else:
+        tok = _tokenizer(args.tokenizer, args.vocab, vocab_size)
     ids = tok.encode(_read_text(args.file))
     print(json.dumps(ids) if args.json else " ".join(map(str, ids)))
     return 0

@@ -27,7 +27,6 @@ renamed into place at the end, so an interrupted run leaves no file.
 
 from __future__ import annotations
 
-import ast
 import os
 import struct
 import warnings
@@ -237,54 +236,34 @@ def _progress_bar(total: int, desc: str, enabled: bool):
                 leave=False)
 
 
-def _read_world_vocab(path) -> list[bytes]:
-    """BlinkDL's rwkv_vocab_v20230424.txt: lines ``id <Python str or bytes literal> length``."""
-    out: dict[int, bytes] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            try:
-                idx, rest = line.split(" ", 1)
-                body, length = rest.rsplit(" ", 1)
-                tok = ast.literal_eval(body)
-                tok = tok.encode("utf-8") if isinstance(tok, str) else bytes(tok)
-                if len(tok) != int(length):
-                    raise ValueError("length mismatch")
-                out[int(idx)] = tok
-            except (ValueError, SyntaxError) as e:
-                raise ConversionError(f"{path}: line {n} is not 'id token length' ({e})") from None
-    vocab = [b""] * (max(out) + 1 if out else 0)
-    for i, t in out.items():
-        vocab[i] = t
-    return vocab
-
-
-def _tokenizer(ckpt, src_fmt, src, vocab_size, tokenizer, tokens):
+def _vocab(ckpt, src_fmt, src, vocab_size, tokenizer, tokens, vocab_file):
+    """The vocabulary a GGUF output gets (formats.gguf.vocab_for_file): ``tokens`` or
+    ``vocab_file`` when given, else the source's (a GGUF's keys, a Hugging Face folder's file),
+    else the one rwkvpy ships for the kind (``tokenizer``, the source's, or from the size)."""
     from .formats import gguf
 
-    kind = tokenizer or ckpt.meta.get("tokenizer") or gguf.guess_tokenizer(vocab_size)
+    source = gguf.read_vocab(src) if src_fmt == "gguf" else None
+    kind = (tokenizer or ckpt.meta.get("tokenizer")
+            or (source.kind or {"rwkv": "world", "gpt2": "neox"}.get(source.model)
+                if source is not None else None)
+            or gguf.guess_tokenizer(vocab_size))
     if kind is not None and kind not in gguf.TOKENIZERS:
         raise ConversionError(f"unknown tokenizer {kind!r}; expected one of "
                               f"{', '.join(gguf.TOKENIZERS)}")
-    if tokens is None and kind == "world":
-        if src_fmt == "gguf":
-            tokens = gguf.read_tokens(src)
-        elif ckpt.meta.get("vocab_file"):
-            tokens = _read_world_vocab(ckpt.meta["vocab_file"])
-    if tokens is not None:
-        tokens = [bytes(t) for t in tokens]
-        if len(tokens) > vocab_size:
-            raise ConversionError(f"the vocabulary has {len(tokens)} tokens, more than the "
-                                  f"model's {vocab_size}")
-    return kind, tokens
+    if tokens is not None and kind != "world":
+        raise ConversionError(f"tokens= gives a World vocabulary; the tokenizer is {kind}")
+    if vocab_file is None and tokens is None and source is None:
+        vocab_file = ckpt.meta.get("vocab_file")  # a Hugging Face folder's own file
+    if source is not None and source.kind is not None and source.kind != kind:
+        source = None  # the source's vocabulary is of another kind
+    return gguf.vocab_for_file(kind, vocab_size, tokens=tokens, vocab_file=vocab_file,
+                               source=source)
 
 
 # -- the API -----------------------------------------------------------------------------------
 
 def convert(src, dst, type="f16", quantize_head=False, force=False, progress=True, *,
-            tokenizer: str | None = None, tokens=None) -> ConvertResult:
+            tokenizer: str | None = None, tokens=None, vocab=None) -> ConvertResult:
     """Convert model ``src`` (any supported format) to ``dst`` (``.gguf`` or ``.bin``).
 
     Args:
@@ -298,8 +277,11 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
         progress: show a progress bar on stderr (when tqdm is installed).
         tokenizer: ``"world"``, ``"neox"`` or ``"bytes"``, stored in a GGUF's metadata; by
             default taken from the source or guessed from the vocabulary size.
-        tokens: the vocabulary (bytes per token id) to store in a GGUF (world tokenizer);
-            by default taken from the source when it holds one.
+        tokens: the vocabulary (bytes per token id) to store in a GGUF (world tokenizer).
+        vocab: a vocabulary file to store in a GGUF (``rwkv_vocab_v20230424.txt`` format or a
+            ``tokenizer.json``). Without ``tokens`` or ``vocab``: the source's vocabulary when
+            it holds one (a GGUF, a Hugging Face folder), else the one rwkvpy ships for the
+            tokenizer (see :mod:`rwkvpy.formats.gguf`).
 
     Raises:
         ConversionError, OutputExistsError, and the readers' ModelFileError subclasses.
@@ -359,7 +341,7 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
     from .quant import get_format
 
     if out_fmt == "gguf":
-        kind, toks = _tokenizer(ckpt, src_fmt, src, cfg.vocab_size, tokenizer, tokens)
+        gvocab = _vocab(ckpt, src_fmt, src, cfg.vocab_size, tokenizer, tokens, vocab)
     total = sum(get_format(e.type).nbytes(e.shape) for e in entries)
     bar = _progress_bar(total, os.path.basename(dst), progress)
     on_bytes = bar.update if bar is not None else (lambda n: None)
@@ -371,7 +353,7 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
             name = os.path.splitext(os.path.basename(src.rstrip(os.sep)))[0]
             gguf.write(dst, version, cfg, entries, chunks, shapes=shapes,
                        file_type=kmix.upper() if kmix else target.name,
-                       tokenizer=kind, tokens=toks, name=name, on_bytes=on_bytes)
+                       vocab=gvocab, name=name, on_bytes=on_bytes)
     finally:
         if bar is not None:
             bar.close()

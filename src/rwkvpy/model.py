@@ -303,17 +303,16 @@ class Model:
 
     # -- text ---------------------------------------------------------------------------------
     def tokenizer(self, kind: str | None = None, path=None):
-        """The model's tokenizer: the kind its file names (GGUF metadata), else the one that
-        fits its vocabulary size. Asking for another kind than the file names is an error."""
-        from .tokenizers import TokenizerError, tokenizer_for
+        """The model's tokenizer (rwkvpy.tokenizers.model_tokenizer): ``path`` (a vocabulary
+        file, ``--vocab``) when given, else the vocabulary its file holds (GGUF), else the one
+        rwkvpy ships for the kind its file names or its vocabulary size. Asking for another
+        kind than the file names is an error."""
+        from .tokenizers import model_tokenizer
 
-        named = self.info.file_meta.get("tokenizer")
-        if kind is not None and named is not None and kind != named:
-            raise TokenizerError(f"{self.info.path}: the model's file names the {named} "
-                                 f"tokenizer, not {kind}")
-        key = (kind or named, None if path is None else os.fspath(path))
+        key = (kind, None if path is None else os.fspath(path))
         if key not in self._tokenizers:
-            self._tokenizers[key] = tokenizer_for(self.config.vocab_size, kind or named, path)
+            self._tokenizers[key] = model_tokenizer(self.info.path, self.config.vocab_size,
+                                                    kind, path)
         return self._tokenizers[key]
 
     def generate(self, prompt, params=None, state: State | None = None, **kw) -> str:

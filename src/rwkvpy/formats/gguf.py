@@ -73,10 +73,35 @@ engine uses 1e-5 for v5, which its ``.bin`` reader reproduces),
 ``attention.layer_norm_epsilon``, ``attention.head_count`` (0), ``vocab_size``.
 
 Every file rwkvpy writes also holds ``{arch}.vocab_size``, ``rwkvpy.tokenizer`` (``"world"``,
-``"neox"`` or ``"bytes"``, when known) and, for the world tokenizer when its tokens are given,
-llama.cpp's RWKV vocabulary (``tokenizer.ggml.model = "rwkv"``, tokens escaped as Python
-bytes literals, id 0 ``<s>``); otherwise ``tokenizer.ggml.model = "none"`` (llama.cpp then
-makes ``vocab_size`` dummy tokens).
+``"neox"`` or ``"bytes"``, when known) and the full vocabulary (:func:`vocab_for_file`), from
+whatever source it was converted (a ``.pth``, ``.bin`` or ``.safetensors`` file, a Hugging Face
+folder, a GGUF):
+
+* World (RWKV v5-v7): the keys llama.cpp's converter writes for RWKV6/RWKV7
+  (``_set_vocab_rwkv_world``): ``tokenizer.ggml.model = "rwkv"``; ``tokenizer.ggml.tokens``,
+  one per id up to the model's vocabulary size: id 0 ``<s>`` (CONTROL), each vocabulary token
+  as the body of its Python bytes literal (``repr(b)[2:-1]``, NORMAL), and ``[PAD<id>]``
+  (UNUSED) for the ids the vocabulary does not define (``[PAD65530]`` .. ``[PAD65535]``);
+  ``tokenizer.ggml.token_type``; ``bos_token_id = eos_token_id = 0`` and ``eot_token_id = 261``
+  (``"\\n\\n"``); ``tokenizer.chat_template``, the template's text: rwkvpy's
+  :data:`WORLD_CHAT_TEMPLATE` (the chat format of :mod:`rwkvpy.chat`), or the source GGUF's.
+* NeoX (RWKV-4 Pile, vocabulary 50277 or 50304): ``tokenizer.ggml.model = "gpt2"`` with
+  ``tokens`` (the byte-level BPE strings), ``token_type`` (CONTROL for special added tokens,
+  USER_DEFINED for the other added ones, ``[PAD<id>]`` UNUSED up to the model's size),
+  ``merges``, ``bos/eos_token_id`` (``<|endoftext|>``), and the whole ``tokenizer.json`` as
+  ``tokenizer.huggingface.json``, which rwkvpy reads back. llama.cpp has no RWKV-4
+  architecture, so no llama.cpp tool loads these files anyway.
+* Bytes (vocabulary 256, e.g. rwkv.cpp's tiny models and rwkvpy's demo model): an RWKV
+  vocabulary of the 256 single bytes (``tokenizer.ggml.model = "rwkv"``, token ``i`` = byte
+  ``i`` escaped as above, all NORMAL, no special ids), plus ``rwkvpy.tokenizer = "bytes"``.
+  llama.cpp's RWKV tokenizer matches byte strings greedily, so it tokenizes text into exactly
+  the byte ids; rwkvpy reads the ``rwkvpy.tokenizer`` key.
+* Unknown (random models of other sizes, no ``--tokenizer``): ``tokenizer.ggml.model = "none"``;
+  llama.cpp then makes ``vocab_size`` placeholder tokens: it loads and runs the model on token
+  ids, but cannot turn text into tokens.
+
+Reading: :func:`read_vocab` returns those keys; :func:`rwkvpy.tokenizers.model_tokenizer`
+builds the tokenizer from them (llama.cpp's own RWKV files included).
 
 Tensor types read: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0. Types written follow rwkv.cpp's
 rules (:mod:`rwkvpy.formats.plan`), which differ from llama.cpp's tools in two places, both
@@ -88,7 +113,10 @@ them F32), and v6's ``time_mix_w1``, ``time_mix_decay_w1/w2`` are quantized in q
 from __future__ import annotations
 
 import codecs
+import json
 import os
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -264,9 +292,60 @@ def gguf_entries(names, shapes: dict, version: Version, cfg: ModelConfig):
 # -- writing: metadata and file ----------------------------------------------------------------
 
 def guess_tokenizer(vocab_size: int) -> str | None:
-    """The tokenizer RWKV releases of this vocabulary size use (None when unknown)."""
-    return {65536: "world", 65529: "world", 50277: "neox", 50304: "neox", 256: "bytes"}.get(
-        int(vocab_size))
+    """The tokenizer RWKV releases of this vocabulary size use (None when unknown): rwkvpy's one
+    table, :data:`rwkvpy.tokenizers.KIND_BY_VOCAB_SIZE`."""
+    from ..tokenizers import kind_for_vocab_size
+
+    return kind_for_vocab_size(vocab_size)
+
+
+#: The chat template written into World GGUFs: the chat format of :mod:`rwkvpy.chat`
+#: (``System: ...``, ``User: ...``, ``Assistant: ...``, turns separated by a blank line, and
+#: ``Assistant:`` to ask for a reply).
+WORLD_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}\n"
+    "{%- if message['content'] is not none -%}\n"
+    "{%- if message['role'] == 'system' -%}\n"
+    "{{- 'System: ' + (message['content'] | trim) + '\\n\\n' -}}\n"
+    "{%- elif message['role'] == 'user' -%}\n"
+    "{{- 'User: ' + (message['content'] | trim) + '\\n\\n' -}}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{{- 'Assistant: ' + (message['content'] | trim) + '\\n\\n' -}}\n"
+    "{%- endif -%}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- 'Assistant:' -}}\n"
+    "{%- endif -%}\n")
+WORLD_SPECIAL = {"bos": 0, "eos": 0, "eot": 261}  # as llama.cpp's converter sets them
+KEY_HF_JSON = "tokenizer.huggingface.json"
+_SPECIAL_KEYS = ("bos", "eos", "eot", "eom", "unk", "sep", "pad", "mask")
+
+# gguf.TokenType values, without importing gguf at module import
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+@dataclass
+class Vocab:
+    """A GGUF file's vocabulary: the values of its ``tokenizer.*`` keys."""
+
+    model: str                                  # tokenizer.ggml.model: "rwkv", "gpt2", "none"
+    tokens: list = field(default_factory=list)  # tokenizer.ggml.tokens as stored (bytes)
+    types: list = field(default_factory=list)   # tokenizer.ggml.token_type
+    merges: list | None = None                  # tokenizer.ggml.merges (bytes)
+    special: dict = field(default_factory=dict)  # "bos"/"eos"/"eot"/... -> id
+    chat_template: str | None = None
+    hf_json: str | None = None                  # tokenizer.huggingface.json
+    kind: str | None = None                     # rwkvpy.tokenizer
+    pre: str | None = None                      # tokenizer.ggml.pre
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of each id (``b""`` for control, padding and unused tokens) of an RWKV
+        vocabulary; the stored texts of other models."""
+        if self.model != "rwkv":
+            return list(self.tokens)
+        types = self.types or [NORMAL] * len(self.tokens)
+        return [_unescape_token(t) if k == NORMAL else b"" for t, k in zip(self.tokens, types)]
 
 
 def _escape_token(tok: bytes) -> str:
@@ -278,7 +357,147 @@ def _unescape_token(text: bytes) -> bytes:
     return codecs.escape_decode(bytes(text))[0]
 
 
-def _add_metadata(w, version, cfg, shapes, file_type, tokenizer, tokens, name):
+def _pad(texts: list, types: list, vocab_size: int) -> None:
+    for i in range(len(texts), vocab_size):  # named by id, as llama.cpp's converter does
+        texts.append(f"[PAD{i}]".encode())
+        types.append(UNUSED)
+
+
+def world_vocab(tokens, vocab_size: int, *, special: dict | None = None,
+                chat_template: str | None = None) -> Vocab:
+    """llama.cpp's RWKV World vocabulary for a model of ``vocab_size`` logits from ``tokens``:
+    bytes per id (index = id; ``b""`` for ids it does not define; id 0 is always ``<s>``)."""
+    from ..errors import ConversionError
+
+    tokens = [bytes(t) for t in tokens]
+    if len(tokens) > vocab_size:
+        raise ConversionError(f"the vocabulary has {len(tokens)} tokens, more than the "
+                              f"model's {vocab_size}")
+    texts, types = [b"<s>"], [CONTROL]
+    for i in range(1, len(tokens)):
+        if tokens[i]:
+            texts.append(_escape_token(tokens[i]).encode("utf-8"))
+            types.append(NORMAL)
+        else:
+            texts.append(f"[PAD{i}]".encode())
+            types.append(UNUSED)
+    _pad(texts, types, vocab_size)
+    sp = dict(WORLD_SPECIAL if special is None else special)
+    return Vocab("rwkv", texts, types, special={k: v for k, v in sp.items() if v < vocab_size},
+                 chat_template=WORLD_CHAT_TEMPLATE if chat_template is None else chat_template,
+                 kind="world")
+
+
+def bytes_vocab(vocab_size: int = 256) -> Vocab:
+    """The 256 single bytes as an RWKV vocabulary (token i = byte i), padded to ``vocab_size``."""
+    texts = [_escape_token(bytes([i])).encode("utf-8") for i in range(256)]
+    types = [NORMAL] * 256
+    _pad(texts, types, vocab_size)
+    return Vocab("rwkv", texts, types, kind="bytes")
+
+
+def neox_vocab(json_text: str, vocab_size: int) -> Vocab:
+    """A ``tokenizer.json`` (the 20B one) as a GPT-2 style GGUF vocabulary, its JSON kept."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ..errors import ConversionError
+
+    try:
+        tok = HFTokenizer.from_str(json_text)
+    except Exception as e:  # the library raises its own Exception type
+        raise ConversionError(f"not a tokenizers JSON file: {e}") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise ConversionError(f"the tokenizer has {n} tokens, more than the model's {vocab_size}")
+    added = tok.get_added_tokens_decoder()
+    texts, types = [], []
+    for i in range(n):
+        piece = tok.id_to_token(i)
+        if piece is None:
+            texts.append(f"[PAD{i}]".encode())
+            types.append(UNUSED)
+            continue
+        texts.append(piece.encode("utf-8"))
+        a = added.get(i)
+        types.append(NORMAL if a is None else CONTROL if a.special else USER_DEFINED)
+    _pad(texts, types, vocab_size)
+    merges = json.loads(json_text).get("model", {}).get("merges") or []
+    merges = [(m if isinstance(m, str) else " ".join(m)).encode("utf-8") for m in merges]
+    eot = tok.token_to_id("<|endoftext|>")
+    special = {"bos": eot, "eos": eot} if eot is not None else {}
+    return Vocab("gpt2", texts, types, merges=merges, special=special, hf_json=json_text,
+                 kind="neox")
+
+
+def vocab_for_file(kind: str | None, vocab_size: int, *, tokens=None, vocab_file=None,
+                   source: Vocab | None = None) -> Vocab:
+    """The vocabulary to write for a model of ``kind`` (None: unknown) and ``vocab_size``.
+
+    In order: ``tokens`` (World: bytes per id); ``vocab_file`` (a World vocabulary file or a
+    ``tokenizer.json``); ``source``, the vocabulary of a source GGUF (its special ids and chat
+    template are kept); the files rwkvpy ships.
+    """
+    from ..errors import ConversionError
+    from ..tokenizers import TokenizerError, default_neox_path, default_world_vocab_path
+    from ..tokenizers.base import with_hint
+    from ..tokenizers.world import read_world_vocab
+
+    try:
+        if kind == "world":
+            special = template = None
+            if tokens is None and vocab_file is None and source is not None and source.tokens \
+                    and source.model == "rwkv":
+                tokens = source.token_bytes()
+                special = {**WORLD_SPECIAL, **source.special}
+                # a template's name (earlier rwkvpy files wrote "rwkv-world") becomes the text
+                template = source.chat_template if source.chat_template != "rwkv-world" else None
+            if tokens is None:
+                v = read_world_vocab(vocab_file or default_world_vocab_path())
+                tokens = [b""] * (max(v) + 1)
+                for i, t in v.items():
+                    tokens[i] = t
+            return world_vocab(tokens, vocab_size, special=special, chat_template=template)
+        if kind == "neox":
+            if vocab_file is None and source is not None and source.hf_json:
+                return neox_vocab(source.hf_json, vocab_size)
+            with open(vocab_file or default_neox_path(), encoding="utf-8") as f:
+                return neox_vocab(f.read(), vocab_size)
+        if kind == "bytes":
+            return bytes_vocab(vocab_size)
+    except TokenizerError as e:
+        raise ConversionError(f"cannot write the {kind} vocabulary: {with_hint(e)}") from None
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot write the {kind} vocabulary: {e}; give the vocabulary "
+                              f"file with --vocab PATH") from None
+    if kind is not None:
+        raise ConversionError(f"unknown tokenizer {kind!r}; expected one of "
+                              f"{', '.join(TOKENIZERS)}")
+    return Vocab("none")
+
+
+def _add_vocab(w, vocab: Vocab) -> None:
+    import gguf
+
+    if vocab.kind:
+        w.add_string(KEY_TOKENIZER, vocab.kind)
+    w.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        w.add_tokenizer_pre(vocab.pre)
+    if vocab.tokens:
+        w.add_token_list(vocab.tokens)
+        w.add_token_types([gguf.TokenType(t) for t in vocab.types])
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
+    for name in _SPECIAL_KEYS:
+        if name in vocab.special:
+            w.add_uint32(f"tokenizer.ggml.{name}_token_id", int(vocab.special[name]))
+    if vocab.chat_template is not None:
+        w.add_chat_template(vocab.chat_template)
+    if vocab.hf_json is not None:
+        w.add_string(KEY_HF_JSON, vocab.hf_json)
+
+
+def _add_metadata(w, version, cfg, shapes, file_type, vocab, name):
     import gguf
 
     arch = ARCHITECTURES[version]
@@ -312,35 +531,18 @@ def _add_metadata(w, version, cfg, shapes, file_type, tokenizer, tokens, name):
             w.add_float32(KEY_GROUP_NORM_EPS.format(arch=arch), GROUP_NORM_EPS)
     w.add_file_type(FILE_TYPES[file_type])
     w.add_head_count(0)  # required by llama.cpp, unused
-    if tokenizer:
-        w.add_string(KEY_TOKENIZER, tokenizer)
-    if tokenizer == "world" and tokens:
-        if len(tokens) > cfg.vocab_size:
-            from ..errors import ConversionError
-            raise ConversionError(f"the vocabulary has {len(tokens)} tokens, more than the "
-                                  f"model's {cfg.vocab_size}")
-        texts = [b"<s>"] + [_escape_token(t).encode("utf-8") for t in tokens[1:]]
-        types = [gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (len(texts) - 1)
-        for i in range(1, cfg.vocab_size - len(texts) + 1):
-            texts.append(f"[PAD{i}]".encode("utf-8"))
-            types.append(gguf.TokenType.UNUSED)
-        w.add_tokenizer_model("rwkv")
-        w.add_token_list(texts)
-        w.add_token_types(types)
-        w.add_chat_template("rwkv-world")
-        w.add_eot_token_id(261)  # "\n\n", as llama.cpp's converter sets it
-    else:
-        w.add_tokenizer_model("none")
+    _add_vocab(w, vocab if vocab is not None else vocab_for_file(None, cfg.vocab_size))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def write(path, version: Version, cfg: ModelConfig, entries, chunks, *, shapes: dict,
-          file_type: str, tokenizer: str | None = None, tokens=None, name: str | None = None,
+          file_type: str, vocab: Vocab | None = None, name: str | None = None,
           on_bytes=None) -> None:
     """Write a GGUF file atomically (temp file, then rename), streaming the tensor data.
 
     entries: resolved :class:`Entry` list with types; chunks: one iterable of uint8 arrays per
-    entry, in order (produced lazily: only the current tensor is in memory).
+    entry, in order (produced lazily: only the current tensor is in memory); vocab: the
+    vocabulary (:func:`vocab_for_file`; None: unknown, ``tokenizer.ggml.model = "none"``).
     """
     import gguf
 
@@ -350,7 +552,7 @@ def write(path, version: Version, cfg: ModelConfig, entries, chunks, *, shapes: 
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCHITECTURES[version])
         try:
-            _add_metadata(w, version, cfg, shapes, file_type, tokenizer, tokens, name)
+            _add_metadata(w, version, cfg, shapes, file_type, vocab, name)
             sizes = []
             for e in entries:
                 nbytes = get_format(e.type).nbytes(e.shape)
@@ -380,11 +582,69 @@ def write(path, version: Version, cfg: ModelConfig, entries, chunks, *, shapes: 
 
 # -- reading ----------------------------------------------------------------------------------
 
+_READER = None
+
+
+def _reader_class():
+    """gguf.GGUFReader, with arrays (a vocabulary: 65536 tokens and their types) parsed in one
+    pass: the library takes two memory-map slices per element, seconds for a World vocabulary,
+    on every load. The fields are the same (same parts, indices and types); anything but an
+    array of strings or scalars in the host's byte order goes to the library's own code."""
+    global _READER
+    if _READER is not None:
+        return _READER
+    import gguf
+
+    base = gguf.GGUFReader
+    vt = gguf.GGUFValueType
+    scalars = getattr(base, "gguf_scalar_to_np", None)
+
+    class Reader(base):
+        def _get_field_parts(self, orig_offs, raw_type):
+            if (raw_type != vt.ARRAY or self.byte_order != "I" or scalars is None
+                    or sys.byteorder != "little"):
+                return super()._get_field_parts(orig_offs, raw_type)
+            plain = self.data.view(np.ndarray)
+            raw_itype = plain[orig_offs:orig_offs + 4].view(np.uint32)
+            alen = plain[orig_offs + 4:orig_offs + 12].view(np.uint64)
+            if len(raw_itype) != 1 or len(alen) != 1:
+                return super()._get_field_parts(orig_offs, raw_type)
+            itype, n = int(raw_itype[0]), int(alen[0])
+            offs = orig_offs + 12
+            parts = [raw_itype, alen]
+            if itype == vt.STRING:
+                buf = memoryview(plain)
+                end = len(plain)
+                for _ in range(n):
+                    k = int.from_bytes(buf[offs:offs + 8], "little")
+                    if offs + 8 + k > end:
+                        raise IndexError("string past the end of the file")
+                    parts.append(plain[offs:offs + 8].view(np.uint64))
+                    parts.append(plain[offs + 8:offs + 8 + k])
+                    offs += 8 + k
+                idxs = list(range(3, 2 + 2 * n + 1, 2))
+            elif itype in (int(t) for t in scalars):
+                dtype = np.dtype(scalars[vt(itype)])
+                vals = plain[offs:offs + n * dtype.itemsize]
+                if len(vals) != n * dtype.itemsize:
+                    raise IndexError("array past the end of the file")
+                parts += list(vals.view(dtype).reshape(n, 1))
+                offs += n * dtype.itemsize
+                idxs = list(range(2, 2 + n))
+            else:
+                return super()._get_field_parts(orig_offs, raw_type)
+            types = [vt.ARRAY] + ([vt(itype)] if n else [])
+            return offs - orig_offs, parts, idxs, types
+
+    _READER = Reader
+    return Reader
+
+
 def _open(path):
     import gguf
 
     try:
-        return gguf.GGUFReader(path, "c")
+        return _reader_class()(path, "c")
     except ValueError as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "GGMLQuantizationType" in msg:
@@ -410,40 +670,55 @@ def _value(reader, key, default=None):
 
 
 def read_metadata(path) -> dict:
-    """Every GGUF key -> value (token arrays left out), without mapping tensors."""
+    """Every GGUF key -> value (the token arrays and the tokenizer.json text left out), without
+    mapping tensors."""
     reader = _open(os.fspath(path))
     out = {}
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml.") and key.endswith(
-                ("tokens", "token_type", "scores", "merges")):
+        if key.startswith("GGUF.") or key == KEY_HF_JSON or key.startswith(
+                "tokenizer.ggml.") and key.endswith(("tokens", "token_type", "scores", "merges")):
             continue
         out[key] = field.contents()
     return out
 
 
+def _strings(field) -> list[bytes]:
+    return [field.parts[i].tobytes() for i in field.data]
+
+
+def read_vocab(path) -> Vocab | None:
+    """The vocabulary stored in a GGUF file (None when it has no ``tokenizer.ggml.model``)."""
+    reader = _open(os.fspath(path))
+    model = _value(reader, "tokenizer.ggml.model")
+    if model is None:
+        return None
+    f = reader.get_field("tokenizer.ggml.tokens")
+    tokens = _strings(f) if f is not None else []
+    f = reader.get_field("tokenizer.ggml.token_type")
+    types = [int(t) for t in f.contents()] if f is not None else []
+    f = reader.get_field("tokenizer.ggml.merges")
+    merges = _strings(f) if f is not None else None
+    special = {}
+    for name in _SPECIAL_KEYS:
+        v = _value(reader, f"tokenizer.ggml.{name}_token_id")
+        if v is not None:
+            special[name] = int(v)
+    return Vocab(str(model), tokens, types, merges, special,
+                 chat_template=_value(reader, "tokenizer.chat_template"),
+                 hf_json=_value(reader, KEY_HF_JSON), kind=_value(reader, KEY_TOKENIZER),
+                 pre=_value(reader, "tokenizer.ggml.pre"))
+
+
 def read_tokens(path) -> list[bytes] | None:
     """The vocabulary stored in a GGUF file as bytes per token id (None when it holds none).
 
-    For llama.cpp's RWKV vocabulary (``tokenizer.ggml.model = "rwkv"``) the escaped texts are
-    decoded back to bytes; control and padding tokens give ``b""``.
+    For an RWKV vocabulary (``tokenizer.ggml.model = "rwkv"``) the escaped texts are decoded
+    back to bytes; control and padding tokens give ``b""``.
     """
-    import gguf
-
-    reader = _open(os.fspath(path))
-    field = reader.get_field("tokenizer.ggml.tokens")
-    if field is None:
+    vocab = read_vocab(path)
+    if vocab is None or not vocab.tokens:
         return None
-    model = _value(reader, "tokenizer.ggml.model", "")
-    kinds = reader.get_field("tokenizer.ggml.token_type")
-    kinds = kinds.contents() if kinds is not None else [gguf.TokenType.NORMAL] * len(field.data)
-    out = []
-    for i, idx in enumerate(field.data):
-        raw = field.parts[idx].tobytes()
-        if model == "rwkv":
-            out.append(_unescape_token(raw) if kinds[i] == gguf.TokenType.NORMAL else b"")
-        else:
-            out.append(raw)
-    return out
+    return vocab.token_bytes()
 
 
 def _version(path, reader, arch) -> Version:
@@ -585,7 +860,7 @@ def read(path) -> Checkpoint:
     tokenizer = _value(reader, KEY_TOKENIZER)
     if tokenizer is None:
         model = _value(reader, "tokenizer.ggml.model")
-        tokenizer = {"rwkv": "world"}.get(model)
+        tokenizer = {"rwkv": "world", "gpt2": "neox"}.get(model)
     meta = {"gguf_version": int(_value(reader, "GGUF.version", 3)), "architecture": arch}
     ftype = _value(reader, "general.file_type")
     if ftype is not None:

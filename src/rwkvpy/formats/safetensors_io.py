@@ -228,6 +228,7 @@ def read_hf(folder) -> Checkpoint:
     elif os.path.exists(os.path.join(folder, "tokenizer.json")) and \
             50000 <= int(config.get("vocab_size", 0)) <= 50304:
         meta["tokenizer"] = "neox"
+        meta["vocab_file"] = os.path.join(folder, "tokenizer.json")
     ckpt = _checkpoint(folder, "hf", tensors, meta)
     if "head.weight" not in ckpt.tensors and config.get("tie_word_embeddings") \
             and "emb.weight" in ckpt.tensors:
