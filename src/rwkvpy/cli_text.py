@@ -129,8 +129,10 @@ def _params(args):
 
 def _start_state(path: str, model):
     """A saved rwkvpy state file, or a BlinkDL state-tuning .pth."""
+    from .formats.atomic import require_regular
     from .state import MAGIC, State
 
+    require_regular(path, CliError)  # a FIFO would block the open below
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC))

@@ -45,6 +45,27 @@ class TensorShapeError(ModelFileError):
     """A tensor has a shape other than the one the model's dimensions imply."""
 
 
+class NotARegularFileError(ModelFileError):
+    """A path that names a FIFO, a device or a socket where a file is read or written: reading
+    one could block forever or never end, and replacing one would destroy it."""
+
+
+class FileWriteError(RwkvpyError, OSError):
+    """A file cannot be written (missing or read-only folder, full disk, a destination that is
+    not a regular file): the message names the file and the cause. Also an OSError, so that
+    callers which handle failed writes as OSError keep doing so."""
+
+    def __init__(self, path, message: str, errno: int | None = None):
+        self.path = str(path)
+        self.message = f"{self.path}: {message}"
+        super().__init__(self.message)
+        self.errno = errno
+        self.strerror = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class NotAStateDictError(ModelFileError):
     """A .pth file that is not a plain mapping of names to tensors."""
 

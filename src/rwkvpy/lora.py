@@ -18,7 +18,6 @@ BF16): merging into quantized weights would quantize twice, so quantize after me
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import torch
@@ -80,7 +79,7 @@ def merge_lora(base_path, lora_path, dst, alpha: float, type: str = "f16", force
     ``dst`` (.gguf, .bin, or .pth for a float32 BlinkDL checkpoint). Returns the report."""
     from .convert import convert
     from .formats import read
-    from .formats.atomic import atomic_path
+    from .formats.atomic import atomic_path, temp_next_to
 
     dst = os.fspath(dst)
     if os.path.exists(dst) and not force:
@@ -103,8 +102,7 @@ def merge_lora(base_path, lora_path, dst, alpha: float, type: str = "f16", force
         with atomic_path(dst) as tmp:
             torch.save(tensors, tmp)
         return report
-    fd, tmp = tempfile.mkstemp(prefix=".merge-lora.", suffix=".pth",
-                               dir=os.path.dirname(os.path.abspath(dst)))
+    fd, tmp = temp_next_to(dst)  # a float32 .pth for convert, removed by a later writer if killed
     os.close(fd)
     try:
         torch.save(tensors, tmp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ModelFileError, UnknownFormatError
+from .atomic import require_regular
 from .base import Checkpoint, QTensor, to_float32, type_name
 
 
@@ -19,6 +20,7 @@ def sniff(path) -> str:
                              "or a Hugging Face model folder")
     if not os.path.exists(path):
         raise ModelFileError(path, "no such file")
+    require_regular(path)  # a FIFO would block the open, a device never end
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == b"fmgg":  # 0x67676d66 little-endian

@@ -1,16 +1,132 @@
-"""Atomic file writes: a temp file next to the target, renamed over it only when complete."""
+"""Safe file access.
+
+Reading: :func:`require_regular` refuses paths that are not regular files (FIFOs, devices,
+sockets) before anything opens them: opening a FIFO blocks until a writer comes, and a device
+such as the zero device never ends.
+
+Writing: :func:`atomic_write` and :func:`atomic_path` write a temp file next to the target and
+rename it over the target only when complete; a destination that exists and is not a regular
+file is refused (renaming over it would replace the device node or FIFO). A writer killed
+mid-write (SIGKILL, power loss) cannot clean up after itself, so temp names carry this host's
+tag and the writer's pid, ``.NAME.HOST-PID.RANDOM.tmp``, and each writer of NAME first removes
+the temps of writers on this host whose process is gone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
+import stat
 import tempfile
 
+from ..errors import FileWriteError, NotARegularFileError
 
-def _temp_next_to(path):
-    """A new empty temp file beside path, with the permissions a plain open() would give."""
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a directory"))
+
+
+def not_regular(path) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (``"a FIFO (named pipe)"``,
+    ``"a character device"``...); None for a regular file (or a link to one) and for a path
+    that does not exist (the caller's own open reports that)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreadable, or a name with a NUL
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def require_regular(path, error=None) -> None:
+    """Refuse to read ``path`` unless it is a regular file: raises ``error(message)`` (by
+    default :class:`NotARegularFileError` naming the path)."""
+    kind = not_regular(path)
+    if kind is not None:
+        msg = f"is {kind}, not a regular file: refusing to read it (it could block or never end)"
+        raise error(f"{os.fspath(path)}: {msg}") if error else NotARegularFileError(path, msg)
+
+
+# -- temp files ------------------------------------------------------------------------------------
+
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_BASE_CHARS = 160  # of the target's name kept in its temp names (names are at most 255 bytes)
+
+
+def _temp_prefix(base: str) -> str:
+    return "." + base[:_BASE_CHARS] + "."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process, alive
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) writes nothing more
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def clean_dead_temps(path) -> list:
+    """Remove the temp files of ``path`` that writers on this host left when they died; returns
+    their paths. Temps of live writers, of other hosts and other files are left alone."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    pattern = re.compile(re.escape(_temp_prefix(os.path.basename(path)))
+                         + r"([0-9a-f]{8})-(\d+)\.[A-Za-z0-9_]+\.tmp\Z")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m and m.group(1) == _HOST and not _alive(int(m.group(2))):
+            p = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+                removed.append(p)
+    return removed
+
+
+def _write_error(path, e: OSError) -> FileWriteError:
+    if isinstance(e, FileWriteError):
+        return e
+    return FileWriteError(path, f"cannot write: {e.strerror or e}", e.errno)
+
+
+def _check_destination(path) -> None:
+    kind = not_regular(path)
+    if kind is not None:
+        raise FileWriteError(path, f"is {kind}, not a regular file: refusing to replace it")
+
+
+def temp_next_to(path, suffix=".tmp"):
+    """(fd, path) of a new empty temp file beside ``path``, named so that a later writer of
+    ``path`` removes it if this process dies, with the permissions a plain open() would give.
+    Raises FileWriteError (naming ``path``) when the folder is missing or not writable."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    clean_dead_temps(path)
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{_temp_prefix(os.path.basename(path))}{_HOST}-{os.getpid()}.",
+            suffix=suffix, dir=folder)
+    except OSError as e:
+        raise FileWriteError(path, f"cannot create a file in {folder}: {e.strerror or e}",
+                             e.errno) from None
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600
@@ -19,14 +135,24 @@ def _temp_next_to(path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
+    """Yield a file object; on success its content replaces ``path`` in one rename. A
+    destination that is not a regular file, a missing or read-only folder, and a failed flush
+    or rename raise FileWriteError naming ``path``; the temp file never stays behind."""
     path = os.fspath(path)
-    fd, tmp = _temp_next_to(path)
+    _check_destination(path)
+    fd, tmp = temp_next_to(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise _write_error(path, e) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _write_error(path, e) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -39,13 +165,17 @@ def atomic_path(path):
     a temp file next to ``path`` (closed, empty), renamed over ``path`` when the block ends
     without an exception and removed when it raises."""
     path = os.fspath(path)
-    fd, tmp = _temp_next_to(path)
+    _check_destination(path)
+    fd, tmp = temp_next_to(path)
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _write_error(path, e) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

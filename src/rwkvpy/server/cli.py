@@ -113,8 +113,10 @@ def _parse_states(items) -> list:
 def load_state_file(path, model):
     """A starting state from a file: an rwkvpy state file (``State.save``) or a BlinkDL
     state-tuned ``.pth`` (``blocks.N.att.time_state``)."""
+    from ..formats.atomic import require_regular
     from ..state import MAGIC, State
 
+    require_regular(path, ServeError)  # a FIFO would block the open below
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC))
