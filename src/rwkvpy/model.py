@@ -7,6 +7,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import formats, models
@@ -66,6 +67,18 @@ def describe(ckpt: formats.Checkpoint, cfg: ModelConfig) -> ModelInfo:
 
 
 CPU = torch.device("cpu")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _show(v) -> str:
+    try:
+        r = repr(v)
+    except Exception:  # noqa: BLE001 - a user's object whose repr fails: name its type only
+        return f"a {type(v).__name__}"
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def layer_devices(n_layer: int, device="cpu", gpu_layers: int | None = None) -> tuple:
@@ -209,10 +222,12 @@ class Model:
             want = State.zeros(cfg, device="meta")
             self._state_shapes = want.att_x.shape, want.wkv.shape
         att_shape, wkv_shape = self._state_shapes
-        if (not isinstance(state, State) or state.version is not cfg.version
-                or state.att_x.shape != att_shape or state.wkv.shape != wkv_shape):
-            got = (f"{state.version.label}, wkv {tuple(state.wkv.shape)}"
-                   if isinstance(state, State) else type(state).__name__)
+        tensors = isinstance(state, State) and all(
+            isinstance(getattr(state, k), torch.Tensor) for k in ("att_x", "ffn_x", "wkv"))
+        if (not tensors or state.version is not cfg.version or state.att_x.shape != att_shape
+                or state.ffn_x.shape != att_shape or state.wkv.shape != wkv_shape):
+            got = (f"{getattr(state.version, 'label', state.version)}, wkv "
+                   f"{tuple(state.wkv.shape)}" if tensors else type(state).__name__)
             raise StateError(f"{source} ({got}) does not fit this model ({cfg.version.label}, "
                              f"wkv {tuple(wkv_shape)})")
         if state.model_fingerprint and state.model_fingerprint != self.fingerprint:
@@ -222,31 +237,55 @@ class Model:
     # -- running ------------------------------------------------------------------------------
     def _own(self, state: State | None) -> State:
         """A fresh state for None; else the given one, checked, on this model's state device
-        (a state made on another device, or read from a file, is copied there)."""
+        (a state made on another device, or read from a file, is copied there), its tensors
+        float32 and contiguous, its values finite (State.ready)."""
         if state is None:
             return self.new_state()
         self.check_state(state)
-        return state.to(self.state_device)
+        return state.ready(self.state_device, self.config.vocab_size)
 
     def _tokens(self, tokens) -> torch.Tensor:
-        if isinstance(tokens, int):
+        """The token ids as a 1-D int64 CPU tensor. Taken: an int, a list, tuple or range of
+        ints, a 1-D integer tensor or numpy array; anything else (floats, bools, complex
+        numbers, strings, bytes, None, nested lists, dicts, sets, generators, the meta
+        device) and ids outside the vocabulary raise TokenError."""
+        V = self.config.vocab_size
+        if _is_int(tokens):
             tokens = [tokens]
         if (isinstance(tokens, list) and len(tokens) == 1 and type(tokens[0]) is int
-                and 0 <= tokens[0] < self.config.vocab_size):  # the decode step's common case
+                and 0 <= tokens[0] < V):  # the decode step's common case
             return torch.tensor(tokens)
-        t = torch.as_tensor(tokens)
-        if t.dim() != 1 or t.numel() == 0:
-            raise TokenError(f"tokens must be a non-empty list of ints, got shape {tuple(t.shape)}")
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise TokenError(f"tokens must be ints, got {t.dtype}")
-        t = t.long()
-        V = self.config.vocab_size
-        bad = ((t < 0) | (t >= V)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise TokenError(f"token id {int(t[i])} at position {i} is out of range: "
+        if isinstance(tokens, (torch.Tensor, np.ndarray)):
+            if isinstance(tokens, torch.Tensor) and tokens.device.type == "meta":
+                raise TokenError("tokens are on the meta device: they hold no values")
+            dtype = tokens.dtype
+            integer = (dtype.kind in "iu" if isinstance(tokens, np.ndarray) else
+                       not (tokens.is_floating_point() or tokens.is_complex()
+                            or dtype == torch.bool))
+            if not integer:
+                raise TokenError(f"tokens must be ints, got {dtype}")
+            if tokens.ndim != 1 or tokens.shape[0] == 0:
+                raise TokenError(f"tokens must be a non-empty list of ints, got shape "
+                                 f"{tuple(tokens.shape)}")
+            ids = tokens.tolist()  # exact Python ints, whatever the width
+        elif isinstance(tokens, (list, tuple, range)):
+            ids = list(tokens)
+            if not all(type(x) is int for x in ids):
+                for i, x in enumerate(ids):
+                    if not _is_int(x):
+                        raise TokenError(f"tokens must be ints: the one at position {i} is "
+                                         f"{_show(x)} ({type(x).__name__})")
+                ids = [int(x) for x in ids]
+            if not ids:
+                raise TokenError("tokens must be a non-empty list of ints, got an empty list")
+        else:
+            raise TokenError(f"tokens must be an int or a list of ints, got {_show(tokens)} "
+                             f"({type(tokens).__name__})")
+        if min(ids) < 0 or max(ids) >= V:
+            i = next(i for i, x in enumerate(ids) if not 0 <= x < V)
+            raise TokenError(f"token id {ids[i]} at position {i} is out of range: "
                              f"the vocabulary has ids 0..{V - 1}")
-        return t
+        return torch.tensor(ids, dtype=torch.long)
 
     @torch.no_grad()
     def forward(self, tokens, state: State | None = None, all_logits: bool = False):
@@ -270,6 +309,7 @@ class Model:
             logits = torch.cat(parts) if all_logits else self._net.head(parts[-1])
         new = dataclasses.replace(new, model_fingerprint=self.fingerprint,
                                   last_logits=(logits[-1] if all_logits else logits).clone())
+        new.mark_ready(self.state_device)  # made by the kernels: float32, contiguous, on device
         return logits, new
 
     @torch.no_grad()
@@ -280,6 +320,12 @@ class Model:
         sequence alone. Sequences of one token (the decode step of a server) go through the
         model together, in one pass over the weights; longer ones run in sequence mode.
         """
+        if not isinstance(token_lists, (list, tuple)):
+            raise TokenError(f"forward_batch takes a list of token lists, got "
+                             f"{_show(token_lists)} ({type(token_lists).__name__})")
+        if states is not None and not isinstance(states, (list, tuple)):
+            raise StateError(f"forward_batch takes a list of states (or None), got "
+                             f"{type(states).__name__}")
         token_lists = list(token_lists)
         n = len(token_lists)
         states = [None] * n if states is None else list(states)
@@ -296,6 +342,7 @@ class Model:
                 logits[i] = row
                 new[i] = dataclasses.replace(outs[j], model_fingerprint=self.fingerprint,
                                              last_logits=lg[j].clone())
+                new[i].mark_ready(self.state_device)
         for i in range(n):
             if logits[i] is None:
                 logits[i], new[i] = self.forward(ts[i], states[i], all_logits=all_logits)

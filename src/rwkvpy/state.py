@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -24,7 +25,102 @@ from .errors import StateError
 from .models.config import ModelConfig, Version
 
 MAGIC = b"RWKVSTAT"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 1: the checksum (in the header) covers the data only; still read
+_TENSORS = ("att_x", "ffn_x", "wkv", "last_logits")
+
+
+def _show(v) -> str:
+    try:
+        r = repr(v)
+    except (ValueError, RecursionError):  # an int of too many digits, a value nested too deep
+        return f"a {type(v).__name__}"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _float_tensor(t, name, device, source) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise StateError(f"{source}: {name} is a {type(t).__name__}, expected a torch tensor")
+    if t.device.type == "meta":
+        raise StateError(f"{source}: {name} is on the meta device: it holds no values")
+    if not t.is_floating_point():
+        raise StateError(f"{source}: {name} has dtype {t.dtype}, expected float32 (float16, "
+                         "bfloat16 and float64 are converted)")
+    t = t.detach().to(device=device, dtype=torch.float32).contiguous()
+    if not bool(torch.isfinite(t).all()):
+        raise StateError(f"{source}: {name} holds NaN or infinite values")
+    return t
+
+
+def _check_header(header, path, version) -> tuple:
+    """(tensors, Version, n_tokens) of a state file's header, every field checked for its type,
+    its range and its agreement with the others; StateError naming the field otherwise."""
+    def fail(what):
+        return StateError(f"{path}: corrupt state header: {what}")
+
+    if not isinstance(header, dict):
+        raise fail(f"a {type(header).__name__}, expected an object")
+    for key in ("architecture", "n_layer", "n_embd", "wkv_shape", "n_tokens", "tensors"):
+        if key not in header:
+            raise fail(f"field '{key}' is missing")
+    try:
+        arch = Version(header["architecture"])
+    except (ValueError, TypeError):
+        raise StateError(f"{path}: unknown architecture {_show(header['architecture'])}") from None
+    L, C, n_tokens = header["n_layer"], header["n_embd"], header["n_tokens"]
+    for key, v in (("n_layer", L), ("n_embd", C)):
+        if not _is_int(v) or not 0 < v <= 1 << 20:
+            raise fail(f"'{key}' is {_show(v)}, expected an int from 1 to {1 << 20}")
+    if not _is_int(n_tokens) or n_tokens < 0:
+        raise fail(f"'n_tokens' is {_show(n_tokens)}, expected an int >= 0")
+    if not isinstance(header.get("model_fingerprint", ""), str):
+        raise fail(f"'model_fingerprint' is {_show(header['model_fingerprint'])}, expected a string")
+    if version < 2 and not isinstance(header.get("sha256"), str):
+        raise fail("field 'sha256' is missing")
+    tensors = header["tensors"]
+    if not isinstance(tensors, dict):
+        raise fail(f"'tensors' is {_show(tensors)}, expected an object")
+    for key in tensors:
+        if key not in _TENSORS:
+            raise fail(f"unknown tensor {_show(key)}")
+    for key in _TENSORS[:3]:
+        if key not in tensors:
+            raise fail(f"tensor '{key}' is missing")
+    for key, t in tensors.items():
+        if not isinstance(t, dict) or set(t) != {"shape", "offset", "nbytes"}:
+            raise fail(f"tensor '{key}' is {_show(t)}, expected shape, offset and nbytes")
+        shape, nbytes = t["shape"], t["nbytes"]
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
+                or not all(_is_int(d) and 0 < d <= 1 << 31 for d in shape)):
+            raise fail(f"tensor '{key}' has shape {_show(shape)}, expected 1 to 4 sizes > 0")
+        if not _is_int(nbytes) or nbytes != 4 * math.prod(shape):
+            raise fail(f"tensor '{key}' has nbytes {_show(nbytes)}, its shape {shape} needs "
+                       f"{4 * math.prod(shape)}")
+        if not _is_int(t["offset"]):
+            raise fail(f"tensor '{key}' has offset {_show(t['offset'])}, expected an int")
+    end = 0
+    for key in sorted(tensors, key=lambda k: tensors[k]["offset"]):
+        if tensors[key]["offset"] != end:  # packed one after another from offset 0
+            raise fail(f"tensor '{key}' at offset {tensors[key]['offset']}, expected {end}")
+        end += tensors[key]["nbytes"]
+    wkv_shape = header["wkv_shape"]
+    if tensors["wkv"]["shape"] != wkv_shape:
+        raise fail(f"'wkv_shape' {_show(wkv_shape)} is not the wkv tensor's shape "
+                   f"{tensors['wkv']['shape']}")
+    for key in ("att_x", "ffn_x"):
+        if tensors[key]["shape"] != [L, C]:
+            raise fail(f"tensor '{key}' has shape {tensors[key]['shape']}, expected [{L}, {C}] "
+                       "(n_layer, n_embd)")
+    dims = 3 if arch is Version.V4 else 4
+    if len(wkv_shape) != dims or wkv_shape[0] != L or (arch is Version.V4 and wkv_shape[1] != 3):
+        raise fail(f"wkv shape {wkv_shape} does not fit {arch.label} with {L} layers")
+    if "last_logits" in tensors and len(tensors["last_logits"]["shape"]) != 1:
+        raise fail(f"tensor 'last_logits' has shape {tensors['last_logits']['shape']}, "
+                   "expected one dimension")
+    return tensors, arch, n_tokens
 
 
 @dataclass(frozen=True)
@@ -63,12 +159,51 @@ class State:
                      self.n_tokens, self.model_fingerprint,
                      None if self.last_logits is None else self.last_logits.clone())
 
+    # -- checks ---------------------------------------------------------------------------------
+    def ready(self, device="cpu", vocab_size: int | None = None, source: str = "state") -> "State":
+        """This state as the kernels take it: att_x, ffn_x, wkv (and last_logits) float32,
+        contiguous and on ``device``, every value finite, ``n_tokens`` an int >= 0. Float16,
+        bfloat16 and float64 tensors, other devices and other layouts are converted (the kernels
+        are compiled for float32 only); integer, bool or complex tensors, the meta device, NaN
+        or infinity raise StateError. The result is marked, so that a state that passed (and
+        the states ``Model.forward`` returns) is not checked again."""
+        device = torch.device(device)
+        if self.__dict__.get("_ready_on") == device:
+            return self
+        if not isinstance(self.version, Version):
+            raise StateError(f"{source}: version is {_show(self.version)}, expected a Version")
+        n = self.n_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise StateError(f"{source}: n_tokens is {_show(n)}, expected an int >= 0")
+        if not isinstance(self.model_fingerprint, str):
+            raise StateError(f"{source}: model_fingerprint is {_show(self.model_fingerprint)}, "
+                             "expected a string")
+        att_x, ffn_x, wkv = (_float_tensor(getattr(self, k), k, device, source)
+                             for k in ("att_x", "ffn_x", "wkv"))
+        last = self.last_logits
+        if last is not None:
+            last = _float_tensor(last, "last_logits", device, source)
+            if last.dim() != 1 or (vocab_size is not None and last.shape[0] != vocab_size):
+                raise StateError(f"{source}: last_logits has shape {tuple(last.shape)}, expected "
+                                 f"({vocab_size if vocab_size is not None else 'vocab'},)")
+        out = State(self.version, att_x, ffn_x, wkv, int(n), self.model_fingerprint, last)
+        out.mark_ready(device)
+        return out
+
+    def mark_ready(self, device) -> None:
+        """Mark this state as checked for ``device`` (see :meth:`ready`): for the states the
+        model's own kernels make."""
+        object.__setattr__(self, "_ready_on", torch.device(device))
+
     # -- files ------------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write the state to a file (atomically), with its metadata and a SHA-256 checksum.
 
-        Layout: b"RWKVSTAT", uint32 file version, uint64 header length, JSON header, then the
-        float32 tensors att_x, ffn_x, wkv and (if present) last_logits, little-endian.
+        Layout (file version 2): b"RWKVSTAT", uint32 file version, uint64 header length, JSON
+        header, the float32 tensors att_x, ffn_x, wkv and (if present) last_logits,
+        little-endian, then the 32-byte SHA-256 of every byte before it (header included).
+        A folder that is missing or not writable, or a destination that is not a regular file,
+        raise FileWriteError naming the file.
         """
         from .formats.atomic import atomic_write
 
@@ -81,21 +216,26 @@ class State:
             tensors[name] = {"shape": list(t.shape), "offset": off, "nbytes": len(b)}
             payload.append(b)
             off += len(b)
-        data = b"".join(payload)
         header = {
             "architecture": self.version.value, "n_layer": int(self.att_x.shape[0]),
             "n_embd": int(self.att_x.shape[1]), "wkv_shape": list(self.wkv.shape),
-            "model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens,
-            "tensors": tensors, "sha256": hashlib.sha256(data).hexdigest(),
+            "model_fingerprint": self.model_fingerprint, "n_tokens": int(self.n_tokens),
+            "tensors": tensors,
         }
         hb = json.dumps(header, sort_keys=True).encode()
+        body = MAGIC + struct.pack("<IQ", FILE_VERSION, len(hb)) + hb + b"".join(payload)
         with atomic_write(path) as f:
-            f.write(MAGIC + struct.pack("<IQ", FILE_VERSION, len(hb)) + hb + data)
+            f.write(body + hashlib.sha256(body).digest())
 
     @classmethod
     def load(cls, path, model=None) -> "State":
-        """Read a state file; with ``model``, check that the state belongs to it."""
+        """Read a state file; with ``model``, check that the state belongs to it. Every way a
+        file can be wrong (not a regular file, truncated, a header field missing, of the wrong
+        type or inconsistent, a checksum mismatch, NaN values) raises StateError."""
+        from .formats.atomic import require_regular
+
         path = os.fspath(path)
+        require_regular(path, StateError)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -107,18 +247,26 @@ class State:
         if len(raw) < 20:
             raise StateError(f"{path}: truncated state file ({len(raw)} bytes)")
         version, hlen = struct.unpack_from("<IQ", raw, 8)
-        if version != FILE_VERSION:
+        if version not in (1, FILE_VERSION):
             raise StateError(f"{path}: state file version {version}, expected {FILE_VERSION}")
+        digest = 32 if version >= 2 else 0
+        if hlen > len(raw) - 20 - digest:
+            raise StateError(f"{path}: truncated state file: a {hlen}-byte header announced, "
+                             f"{len(raw) - 20} bytes follow")
         try:
             header = json.loads(raw[20:20 + hlen])
-            data = raw[20 + hlen:]
-            tensors = header["tensors"]
-            want = sum(t["nbytes"] for t in tensors.values())
-        except (ValueError, KeyError, TypeError):
-            raise StateError(f"{path}: corrupt state header") from None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+            raise StateError(f"{path}: corrupt state header (not JSON)") from None
+        tensors, arch, n_tokens = _check_header(header, path, version)
+        data = raw[20 + hlen:len(raw) - digest]
+        want = sum(t["nbytes"] for t in tensors.values())
         if len(data) != want:
             raise StateError(f"{path}: truncated or padded: {len(data)} data bytes, expected {want}")
-        if hashlib.sha256(data).hexdigest() != header.get("sha256"):
+        if version >= 2:
+            ok = hashlib.sha256(raw[:-32]).digest() == raw[-32:]
+        else:  # version 1: the checksum in the header covers the data only
+            ok = hashlib.sha256(data).hexdigest() == header.get("sha256")
+        if not ok:
             raise StateError(f"{path}: checksum mismatch: the file is corrupt")
 
         def get(name):
@@ -126,13 +274,10 @@ class State:
             a = np.frombuffer(data, "<f4", t["nbytes"] // 4, t["offset"]).reshape(t["shape"])
             return torch.from_numpy(a.astype(np.float32))
 
-        try:
-            arch = Version(header["architecture"])
-        except ValueError:
-            raise StateError(f"{path}: unknown architecture {header['architecture']!r}") from None
-        state = cls(arch, get("att_x"), get("ffn_x"), get("wkv"), int(header["n_tokens"]),
+        state = cls(arch, get("att_x"), get("ffn_x"), get("wkv"), n_tokens,
                     header.get("model_fingerprint", ""),
                     get("last_logits") if "last_logits" in tensors else None)
+        state = state.ready("cpu", source=path)
         if model is not None:
             model.check_state(state, source=path)
         return state

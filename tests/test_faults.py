@@ -1,0 +1,330 @@
+"""Regression tests of the fault record (issue 23, docs/reliability.md): one test per class of
+finding, each fed the input that once failed (built here from a small valid file, mutated).
+
+Every bad input must end as a typed ``rwkvpy.errors`` exception (or a clean refusal), never
+another exception, a hang, a wrong answer or a file left behind. Tests of inputs that once hung
+run in a subprocess with a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import rwkvpy
+from rwkvpy import State, errors
+
+PY = sys.executable
+CLI_TIMEOUT = 120  # seconds: far above a normal run, bounds a hang
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return rwkvpy.load("demo")
+
+
+@pytest.fixture(scope="module")
+def demo_state(demo):
+    return demo.forward([1, 2, 3])[1]
+
+
+# -- API input: forward, forward_batch, states -------------------------------------------------------
+
+BAD_TOKENS = [2 ** 63, [2 ** 63], "abc", b"ab", [[1, 2]], None, {1: 2}, {1, 2},
+              (x for x in [1]), [1.5], [True], 1 + 2j, [1 + 2j], torch.tensor([1 + 2j]),
+              np.array([1.0]), np.array([1 + 2j]), [], torch.zeros(0, dtype=torch.long),
+              torch.tensor([1], device="meta"), [-1], [256], [1, "2"]]
+
+
+@pytest.mark.parametrize("tokens", BAD_TOKENS, ids=lambda t: type(t).__name__)
+def test_forward_refuses_bad_tokens(demo, tokens):
+    with pytest.raises(errors.TokenError):
+        demo.forward(tokens)
+
+
+@pytest.mark.parametrize("arg", [5, "abc", None, {1: [2]}])
+def test_forward_batch_refuses_non_lists(demo, arg):
+    with pytest.raises(errors.TokenError):
+        demo.forward_batch(arg)
+    with pytest.raises(errors.StateError):
+        demo.forward_batch([[1]], states=5)
+
+
+def test_forward_takes_integer_arrays(demo):
+    want = demo.forward([1, 2])[0]
+    for t in (np.array([1, 2], dtype=np.uint8), torch.tensor([1, 2], dtype=torch.int32),
+              (1, 2), range(1, 3)):
+        assert torch.equal(demo.forward(t)[0], want)
+
+
+def _swap(state, fn):
+    return dataclasses.replace(state, att_x=fn(state.att_x), ffn_x=fn(state.ffn_x),
+                               wkv=fn(state.wkv))
+
+
+@pytest.mark.parametrize("fn", [lambda t: t.half(), lambda t: t.double(),
+                                lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)],
+                         ids=["float16", "float64", "non-contiguous"])
+def test_state_of_other_float_layout_is_converted(demo, demo_state, fn):
+    """Converted to float32 contiguous before the kernels: no new numba specialization."""
+    want = demo.forward([4], demo_state)[0]
+    s = _swap(demo_state, fn)
+    for tokens in ([4], [4, 5]):
+        lg, new = demo.forward(tokens, s)
+        assert new.wkv.dtype == torch.float32 and torch.isfinite(lg).all()
+    assert (demo.forward([4], s)[0] - want).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("fn,needle", [
+    (lambda t: t.int(), "dtype torch.int32"),
+    (lambda t: t.to(torch.complex64), "dtype torch.complex64"),
+    (lambda t: t.to("meta"), "meta device"),
+    (lambda t: t * float("nan"), "NaN or infinite"),
+    (lambda t: t + float("inf"), "NaN or infinite"),
+])
+def test_state_of_bad_values_is_refused(demo, demo_state, fn, needle):
+    with pytest.raises(errors.StateError, match=needle):
+        demo.forward([4], _swap(demo_state, fn))
+    with pytest.raises(errors.StateError, match=needle):
+        demo.forward_batch([[4], [5]], [demo_state, _swap(demo_state, fn)])
+
+
+def test_state_fields_of_wrong_type_are_refused(demo, demo_state):
+    for bad in (dataclasses.replace(demo_state, n_tokens="3"),
+                dataclasses.replace(demo_state, n_tokens=-1),
+                dataclasses.replace(demo_state, att_x=[0.0]),
+                dataclasses.replace(demo_state, last_logits=torch.zeros(3)),
+                dataclasses.replace(demo_state, model_fingerprint=7)):
+        with pytest.raises(errors.StateError):
+            demo.forward([4], bad)
+
+
+# -- saved states ---------------------------------------------------------------------------------------
+
+def _state_file(path, header, data, version=2):
+    """A state file with this header and data and a valid checksum: what is refused is the
+    header itself."""
+    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
+    body = b"RWKVSTAT" + struct.pack("<IQ", version, len(hb)) + hb + data
+    path.write_bytes(body + (hashlib.sha256(body).digest() if version >= 2 else b""))
+    return path
+
+
+def _parts(path):
+    raw = path.read_bytes()
+    hlen = struct.unpack_from("<Q", raw, 12)[0]
+    return json.loads(raw[20:20 + hlen]), raw[20 + hlen:-32]
+
+
+def _mutations():
+    def drop(*keys):
+        def f(h):
+            d = h
+            for k in keys[:-1]:
+                d = d[k]
+            del d[keys[-1]]
+        return f
+
+    def put(value, *keys):
+        def f(h):
+            d = h
+            for k in keys[:-1]:
+                d = d[k]
+            d[keys[-1]] = value
+        return f
+
+    return {
+        "no tensors": drop("tensors"), "no n_tokens": drop("n_tokens"),
+        "no wkv": drop("tensors", "wkv"), "no shape": drop("tensors", "att_x", "shape"),
+        "n_tokens str": put("3", "n_tokens"), "n_tokens neg": put(-3, "n_tokens"),
+        "n_layer bool": put(True, "n_layer"), "n_embd float": put(192.0, "n_embd"),
+        "tensors list": put([1, 2], "tensors"), "tensor str": put("x", "tensors", "wkv"),
+        "shape str": put("abc", "tensors", "wkv", "shape"),
+        "shape nested": put([[4]], "tensors", "wkv", "shape"),
+        "shape zero": put([0, 192], "tensors", "att_x", "shape"),
+        "nbytes wrong": put(12, "tensors", "att_x", "nbytes"),
+        "offset str": put("0", "tensors", "att_x", "offset"),
+        "offset overlap": put(4, "tensors", "ffn_x", "offset"),
+        "wkv_shape other": put([4, 3, 64, 32], "wkv_shape"),
+        "architecture list": put(["7"], "architecture"),
+        "architecture other": put("4", "architecture"),
+        "fingerprint int": put(5, "model_fingerprint"),
+        "extra tensor": put({"shape": [1], "offset": 0, "nbytes": 4}, "tensors", "x"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mutations()))
+def test_state_header_fields_are_checked(demo_state, tmp_path, name):
+    demo_state.save(tmp_path / "s.state")
+    header, data = _parts(tmp_path / "s.state")
+    _mutations()[name](header)
+    bad = _state_file(tmp_path / "bad.state", header, data)
+    with pytest.raises(errors.StateError):
+        State.load(bad)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b"[1, 2]", b"null", b"\xff\xfe{", b"7"])
+def test_state_header_that_is_not_an_object(tmp_path, raw):
+    with pytest.raises(errors.StateError, match="corrupt state header"):
+        State.load(_state_file(tmp_path / "bad.state", raw, b""))
+
+
+def test_state_header_length_beyond_the_file(demo_state, tmp_path):
+    demo_state.save(tmp_path / "s.state")
+    raw = bytearray((tmp_path / "s.state").read_bytes())
+    raw[12:20] = struct.pack("<Q", 2 ** 64 - 1)
+    (tmp_path / "bad.state").write_bytes(bytes(raw))
+    with pytest.raises(errors.StateError, match="truncated"):
+        State.load(tmp_path / "bad.state")
+
+
+def test_state_checksum_covers_the_header(demo, demo_state, tmp_path):
+    demo_state.save(tmp_path / "s.state")
+    raw = (tmp_path / "s.state").read_bytes()
+    n = b'"n_tokens": 3'
+    assert raw.count(n) == 1
+    (tmp_path / "bad.state").write_bytes(raw.replace(n, b'"n_tokens": 9'))
+    with pytest.raises(errors.StateError, match="checksum mismatch"):
+        State.load(tmp_path / "bad.state", demo)
+
+
+def test_state_file_with_nan_is_refused(demo_state, tmp_path):
+    demo_state.save(tmp_path / "s.state")
+    header, data = _parts(tmp_path / "s.state")
+    data = bytearray(data)
+    data[0:4] = struct.pack("<f", float("nan"))
+    with pytest.raises(errors.StateError, match="NaN or infinite"):
+        State.load(_state_file(tmp_path / "bad.state", header, bytes(data)))
+
+
+def test_state_file_version_1_still_reads(demo, demo_state, tmp_path):
+    demo_state.save(tmp_path / "s.state")
+    header, data = _parts(tmp_path / "s.state")
+    header["sha256"] = hashlib.sha256(data).hexdigest()
+    s = State.load(_state_file(tmp_path / "v1.state", header, data, version=1), demo)
+    assert torch.equal(s.wkv, demo_state.wkv) and s.n_tokens == 3
+
+
+# -- non-regular files: FIFOs and devices are refused before they are opened ----------------------
+
+def test_fifo_and_device_reads_are_refused(tmp_path):
+    """Each of these once blocked forever (a FIFO) or read without end (the zero device): run
+    in a subprocess with a timeout."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code = textwrap.dedent(f"""
+        import rwkvpy
+        from rwkvpy import State, errors, formats
+        for call in (lambda: formats.sniff({str(fifo)!r}), lambda: formats.read({str(fifo)!r}),
+                     lambda: rwkvpy.inspect({str(fifo)!r}), lambda: formats.read("/dev/zero")):
+            try:
+                call()
+            except errors.NotARegularFileError as e:
+                print("refused:", e)
+        for path in ({str(fifo)!r}, "/dev/zero"):
+            try:
+                State.load(path)
+            except errors.StateError as e:
+                print("refused:", e)
+    """)
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 6 and all("not a regular file" in ln for ln in lines), r.stdout
+    assert "FIFO" in lines[0] and "character device" in lines[-1]
+
+
+def test_cli_refuses_fifo_model_and_state(tmp_path):
+    """rwkvpy info FIFO and generate --state FIFO once blocked forever: one process runs both
+    commands (bounded by the timeout), each must fail with one line."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code = textwrap.dedent(f"""
+        from rwkvpy.cli import main
+        print(main(["info", {str(fifo)!r}]))
+        print(main(["generate", "demo", "hi", "--max-tokens", "1", "--state", {str(fifo)!r}]))
+    """)
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.stdout.split() == ["1", "1"], r.stderr
+    errs = [ln for ln in r.stderr.splitlines() if ln.startswith("rwkvpy: error:")]
+    assert len(errs) == 2 and "Traceback" not in r.stderr, r.stderr
+    assert all("is a FIFO (named pipe), not a regular file" in e for e in errs), r.stderr
+
+
+# -- writers -----------------------------------------------------------------------------------------
+
+def test_write_refuses_non_regular_destination(demo_state, tmp_path):
+    import stat
+
+    from rwkvpy.formats.atomic import atomic_path
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(errors.FileWriteError, match="is a FIFO .* refusing to replace it"):
+        demo_state.save(fifo)
+    with pytest.raises(errors.FileWriteError, match="is a FIFO"):
+        with atomic_path(fifo):
+            pass
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    try:  # a character device of our own (the null device's numbers), where mknod is allowed
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except OSError:
+        pass
+    else:
+        with pytest.raises(errors.FileWriteError, match="is a character device"):
+            demo_state.save(tmp_path / "null")
+        assert stat.S_ISCHR(os.stat(tmp_path / "null").st_mode)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_write_into_missing_or_read_only_folder(demo_state, tmp_path):
+    dst = tmp_path / "missing" / "s.state"
+    with pytest.raises(errors.FileWriteError, match=f"{dst}: cannot create a file in") as e:
+        demo_state.save(dst)
+    assert isinstance(e.value, OSError) and e.value.errno is not None
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(errors.FileWriteError, match="Permission denied"):
+            demo_state.save(ro / "s.state")
+
+
+def test_temp_of_killed_writer_is_removed(tmp_path):
+    """A writer killed with SIGKILL mid-write leaves its temp file; the next writer of the same
+    file removes it (its name carries the dead writer's pid), and never a live writer's."""
+    from rwkvpy.formats.atomic import atomic_write, clean_dead_temps
+
+    dst = tmp_path / "model.bin"
+    code = textwrap.dedent(f"""
+        import time
+        from rwkvpy.formats.atomic import atomic_write
+        with atomic_write({str(dst)!r}) as f:
+            f.write(b"x" * (1 << 20))
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(600)
+    """)
+    p = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        temps = os.listdir(tmp_path)
+        assert len(temps) == 1 and temps[0].endswith(f"-{p.pid}.{temps[0].split('.')[-2]}.tmp")
+        assert clean_dead_temps(dst) == [] and os.listdir(tmp_path) == temps  # alive: kept
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    assert os.listdir(tmp_path) == temps  # the kill left it
+    with atomic_write(dst) as f:
+        f.write(b"complete")
+    assert os.listdir(tmp_path) == ["model.bin"] and dst.read_bytes() == b"complete"
