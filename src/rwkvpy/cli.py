@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_commands(sub)
     add_eval_commands(sub)
     add_serve_command(sub)
+    from .batch import add_batch_command
+
+    add_batch_command(sub)
     return p
 
 
