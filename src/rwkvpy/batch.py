@@ -443,6 +443,10 @@ def _local_groups(todo, worker_kw):
         w.close()
 
 
+def _actor_restarts() -> dict:
+    return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
+
+
 def _ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor):
     """Each group one row of a Ray Data dataset, mapped over a pool of ``concurrency``
     BatchWorker actors; yields each group's rows as its block comes back, in input order."""
@@ -469,8 +473,7 @@ def _ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor):
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             BatchWorker, fn_constructor_kwargs=worker_kw, batch_size=1,
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=cpus_per_actor, max_restarts=ACTOR_RESTARTS,
-            max_task_retries=ACTOR_RESTARTS)
+            num_cpus=cpus_per_actor, ray_remote_args_fn=_actor_restarts)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = [json.loads(s) for s in block.column("row").to_pylist()]
             pids = block.column("pid").to_pylist()

@@ -108,6 +108,28 @@ class ServerState:
                              code="state_not_found")
         return ns.state, ns.root
 
+    def own_stats(self) -> dict:
+        """The counters of this server alone (GET /v1/stats)."""
+        return {"model": self.config.model_name, "slots_used": self.slots_used,
+                "max_concurrent": self.config.max_concurrent,
+                "requests_total": self.requests_total, "rejected_busy": self.rejected_busy,
+                "named_states": len(self.states), "engine": self.engine.stats()}
+
+    # Hooks for servers whose replicas share the named states and the counters
+    # (server/ray_serve.py); here, with one process, there is nothing to share.
+    async def sync_states(self) -> None:
+        """Bring ``states`` up to date, before a route reads it."""
+
+    async def state_saved(self, ns: NamedState) -> None:
+        """``ns`` was put in ``states`` (an ApiError undoes it)."""
+
+    async def state_deleted(self, sid: str) -> None:
+        """``sid`` was removed from ``states``."""
+
+    async def stats_body(self, own: dict) -> dict:
+        """The body of GET /v1/stats, from this server's :meth:`own_stats`."""
+        return own
+
     async def drain(self, grace: float) -> None:
         """SIGTERM: refuse new work, give running requests ``grace`` seconds, cancel the rest."""
         if self.draining:
@@ -305,10 +327,7 @@ def create_app(server: ServerState) -> FastAPI:
 
     @app.get("/v1/stats")
     async def stats():
-        return {"model": cfg.model_name, "slots_used": server.slots_used,
-                "max_concurrent": cfg.max_concurrent, "requests_total": server.requests_total,
-                "rejected_busy": server.rejected_busy, "named_states": len(server.states),
-                "engine": server.engine.stats()}
+        return await server.stats_body(server.own_stats())
 
     # -- generation --------------------------------------------------------------------------------
     def start(job: Job, prompts, params, n, named) -> None:
@@ -346,6 +365,8 @@ def create_app(server: ServerState) -> FastAPI:
         else:
             spec, raw = P.parse_completion(body, server.limits, V)
             prompts = await run_in_threadpool(P.encode_prompts, raw, tok)
+        if spec.state is not None:
+            await server.sync_states()
         named = server.named(spec.state)
         k = len(prompts) * spec.n
         server.acquire(k)
@@ -475,17 +496,21 @@ def create_app(server: ServerState) -> FastAPI:
     # -- named states ------------------------------------------------------------------------------
     @app.get("/v1/states")
     async def list_states():
+        await server.sync_states()
         return {"object": "list", "data": [s.describe() for s in server.states.values()]}
 
     @app.get("/v1/states/{state_id}")
     async def get_state(state_id: str):
+        await server.sync_states()
         server.named(state_id)
         return server.states[state_id].describe()
 
     @app.delete("/v1/states/{state_id}")
     async def delete_state(state_id: str):
+        await server.sync_states()
         server.named(state_id)
         del server.states[state_id]
+        await server.state_deleted(state_id)
         return {"id": state_id, "object": "state", "deleted": True}
 
     @app.post("/v1/states")
@@ -495,6 +520,7 @@ def create_app(server: ServerState) -> FastAPI:
         sid = P.state_name(body, "id")
         if sid is None:
             raise P.bad("'id' is required: the name to save the state under", "id")
+        await server.sync_states()
         saved = sum(1 for s in server.states.values() if s.source == "request")
         if sid not in server.states and saved >= cfg.max_states:
             raise P.bad(f"this server keeps at most {cfg.max_states} saved states: delete one "
@@ -539,6 +565,7 @@ def create_app(server: ServerState) -> FastAPI:
         base_tokens = server.states[base_name].tokens if base_name in server.states else 0
         ns = NamedState(sid, state, root, base_tokens + len(prompt.ids), "request")
         server.states[sid] = ns
+        await server.state_saved(ns)
         return {**ns.describe(), "prompt_tokens": len(prompt.ids),
                 "cached_tokens": ev[1]["cached_tokens"], "base": base_name}
 

@@ -23,7 +23,8 @@ log = logging.getLogger("rwkvpy.server")
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 32, "max_concurrent": 64,
             "max_tokens_limit": 4096, "max_request_bytes": 1 << 20, "cache_bytes": 512 << 20,
-            "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64}
+            "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64,
+            "max_prompt_tokens": 32768}
 
 
 class ServeError(RwkvpyError):
@@ -52,6 +53,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d['max_tokens_limit']}; also the chat default)")
     p.add_argument("--max-request-bytes", type=int, default=d["max_request_bytes"], metavar="N",
                    help=f"largest request body; larger gets 413 (default {d['max_request_bytes']})")
+    p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"], metavar="N",
+                   help="longest prompt in tokens (a chat's whole conversation); longer gets 400 "
+                        f"before it runs (default {d['max_prompt_tokens']})")
     p.add_argument("--state", action="append", default=[], metavar="NAME=FILE",
                    help="a named starting state: an rwkvpy state file or a BlinkDL state-tuned "
                         ".pth (repeatable)")
@@ -63,7 +67,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="World vocabulary file or NeoX tokenizer.json")
     add_run_options(p)
     p.add_argument("--cache-bytes", type=int, default=d["cache_bytes"], metavar="N",
-                   help=f"prefix cache size (default {d['cache_bytes']}; 0 disables it)")
+                   help=f"prefix cache memory cap in bytes: the states it keeps, least "
+                        f"recently used out first (default {d['cache_bytes']} = "
+                        f"{d['cache_bytes'] >> 20} MB; 0 disables it)")
     p.add_argument("--cache-every", type=int, default=d["cache_every"], metavar="N",
                    help=f"prefix cache checkpoint interval in tokens (default {d['cache_every']})")
     p.add_argument("--graceful-timeout", type=float, default=d["graceful_timeout"],
@@ -72,6 +78,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                                            f"{d['graceful_timeout']:.0f})")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    r = p.add_argument_group("Ray Serve (pip install 'rwkvpy[ray]'; see docs/scale-out.md)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment of replicas (one model each) behind "
+                        "Ray Serve's HTTP proxy on --host/--port")
+    r.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="with --ray: join this Ray cluster ('auto': the one 'ray start' runs "
+                        "here; default: start a local Ray instance)")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="with --ray: this many replicas (default 1)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                   help="with --ray: let Ray Serve keep MIN to MAX replicas, by the load")
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
@@ -100,7 +117,7 @@ def _parse_states(items) -> list:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ServeError(f"--state expects NAME=FILE, got {item!r}")
-        if not STATE_ID.match(name):
+        if not STATE_ID.fullmatch(name):
             raise ServeError(f"--state name {name!r}: use letters, digits, '.', '_', '-' "
                              f"(at most 64)")
         if name in seen:
@@ -190,7 +207,7 @@ def cmd_serve(args) -> int:
 
     _setup_logging(args.log_level)
     for name in ("max_batch", "max_concurrent", "max_tokens_limit", "max_request_bytes",
-                 "max_states"):
+                 "max_states", "max_prompt_tokens"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--cache-bytes", args.cache_bytes, zero_ok=True)
     _positive("--cache-every", args.cache_every, zero_ok=True)
@@ -201,6 +218,12 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("RWKVPY_API_KEY")
     if api_key is not None and not api_key.strip():
         raise ServeError("--api-key is empty")
+    if args.ray:
+        from .ray_serve import cmd_serve_ray
+
+        return cmd_serve_ray(args, api_key, states)
+    if args.ray_address or args.replicas is not None or args.autoscale:
+        raise ServeError("--ray-address, --replicas and --autoscale go with --ray")
 
     model = rwkvpy.load(args.model, **run_options(args))
     tok = model.tokenizer(args.tokenizer, args.vocab)
@@ -224,7 +247,8 @@ def cmd_serve(args) -> int:
                           max_concurrent=args.max_concurrent,
                           max_request_bytes=args.max_request_bytes,
                           graceful_timeout=args.graceful_timeout,
-                          max_states=args.max_states)
+                          max_states=args.max_states,
+                          max_prompt_tokens=args.max_prompt_tokens)
     server = ServerState(model, tok, engine, config, named)
     app = build_app(server)
 
