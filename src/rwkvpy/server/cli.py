@@ -23,8 +23,7 @@ log = logging.getLogger("rwkvpy.server")
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 32, "max_concurrent": 64,
             "max_tokens_limit": 4096, "max_request_bytes": 1 << 20, "cache_bytes": 512 << 20,
-            "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64,
-            "max_prompt_tokens": 32768}
+            "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64}
 
 
 class ServeError(RwkvpyError):
@@ -53,9 +52,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d['max_tokens_limit']}; also the chat default)")
     p.add_argument("--max-request-bytes", type=int, default=d["max_request_bytes"], metavar="N",
                    help=f"largest request body; larger gets 413 (default {d['max_request_bytes']})")
-    p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"], metavar="N",
-                   help="longest prompt in tokens (a chat's whole conversation); longer gets 400 "
-                        f"before it runs (default {d['max_prompt_tokens']})")
     p.add_argument("--state", action="append", default=[], metavar="NAME=FILE",
                    help="a named starting state: an rwkvpy state file or a BlinkDL state-tuned "
                         ".pth (repeatable)")
@@ -67,9 +63,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="World vocabulary file or NeoX tokenizer.json")
     add_run_options(p)
     p.add_argument("--cache-bytes", type=int, default=d["cache_bytes"], metavar="N",
-                   help=f"prefix cache memory cap in bytes: the states it keeps, least "
-                        f"recently used out first (default {d['cache_bytes']} = "
-                        f"{d['cache_bytes'] >> 20} MB; 0 disables it)")
+                   help=f"prefix cache size (default {d['cache_bytes']}; 0 disables it)")
     p.add_argument("--cache-every", type=int, default=d["cache_every"], metavar="N",
                    help=f"prefix cache checkpoint interval in tokens (default {d['cache_every']})")
     p.add_argument("--graceful-timeout", type=float, default=d["graceful_timeout"],
@@ -117,7 +111,7 @@ def _parse_states(items) -> list:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ServeError(f"--state expects NAME=FILE, got {item!r}")
-        if not STATE_ID.fullmatch(name):
+        if not STATE_ID.match(name):
             raise ServeError(f"--state name {name!r}: use letters, digits, '.', '_', '-' "
                              f"(at most 64)")
         if name in seen:
@@ -207,7 +201,7 @@ def cmd_serve(args) -> int:
 
     _setup_logging(args.log_level)
     for name in ("max_batch", "max_concurrent", "max_tokens_limit", "max_request_bytes",
-                 "max_states", "max_prompt_tokens"):
+                 "max_states"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--cache-bytes", args.cache_bytes, zero_ok=True)
     _positive("--cache-every", args.cache_every, zero_ok=True)
@@ -247,8 +241,7 @@ def cmd_serve(args) -> int:
                           max_concurrent=args.max_concurrent,
                           max_request_bytes=args.max_request_bytes,
                           graceful_timeout=args.graceful_timeout,
-                          max_states=args.max_states,
-                          max_prompt_tokens=args.max_prompt_tokens)
+                          max_states=args.max_states)
     server = ServerState(model, tok, engine, config, named)
     app = build_app(server)
 
