@@ -19,6 +19,7 @@ Each response carries ``X-Rwkvpy-Replica`` (the replica that served it); ``/v1/s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -255,6 +256,7 @@ def replica_spec(args, api_key, states) -> dict:
     """What a replica needs from ``rwkvpy serve``'s parsed arguments (plain values)."""
     from ..cli import run_options
     from ..hub import resolve_model
+    from .app import ServerConfig
 
     load_kw = run_options(args)
     if load_kw.get("threads") is None:
@@ -269,11 +271,10 @@ def replica_spec(args, api_key, states) -> dict:
         "states": [(n, os.path.abspath(p)) for n, p in states],
         "engine": {"max_batch": args.max_batch, "cache_bytes": args.cache_bytes,
                    "cache_every": args.cache_every},
-        "config": {"model_name": name, "api_key": api_key,
-                   "max_tokens_limit": args.max_tokens_limit,
-                   "max_concurrent": args.max_concurrent,
-                   "max_request_bytes": args.max_request_bytes,
-                   "graceful_timeout": args.graceful_timeout, "max_states": args.max_states},
+        # every ServerConfig field that has an option of the same name
+        "config": {**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
+                      if getattr(args, f.name, None) is not None},
+                   "model_name": name, "api_key": api_key},
     }
 
 
