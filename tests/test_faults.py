@@ -174,7 +174,8 @@ def test_state_header_fields_are_checked(demo_state, tmp_path, name):
         State.load(bad)
 
 
-@pytest.mark.parametrize("raw", [b"[" * 100_000, b"[1, 2]", b"null", b"\xff\xfe{", b"7"])
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b"[1, 2]", b"null", b"\xff\xfe{", b"7"],
+                         ids=["deep", "list", "null", "not-utf8", "int"])
 def test_state_header_that_is_not_an_object(tmp_path, raw):
     with pytest.raises(errors.StateError, match="corrupt state header"):
         State.load(_state_file(tmp_path / "bad.state", raw, b""))
@@ -328,3 +329,101 @@ def test_temp_of_killed_writer_is_removed(tmp_path):
     with atomic_write(dst) as f:
         f.write(b"complete")
     assert os.listdir(tmp_path) == ["model.bin"] and dst.read_bytes() == b"complete"
+
+
+# -- .pth and safetensors ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_pth(tmp_path_factory):
+    """A small valid v7 BlinkDL checkpoint (300 KB), float32."""
+    from rwkvpy.models.config import Version
+    from rwkvpy.synth import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("pth") / "small.pth", version=Version.V7,
+                             n_embd=64, n_layer=1, vocab=50, seed=1, dtype=torch.float32)
+
+
+def _rezip(src, dst, change):
+    """Copy a PyTorch zip archive, record by record, through change(name, bytes) (CRCs valid)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, change(info.filename, zin.read(info)))
+    return dst
+
+
+def _loads_or_typed(path):
+    """Load and run one forward: fine, or a typed error; never another exception or NaN."""
+    try:
+        model = rwkvpy.load(path, cache=False)
+    except errors.RwkvpyError:
+        return "typed"
+    logits, _ = model.forward([1, 2, 3])
+    assert torch.isfinite(logits).all()
+    return "loaded"
+
+
+@pytest.mark.parametrize("pickle_bytes", [
+    b"\x80\x02h\x05.",                                           # KeyError: no memo 5
+    b"\x80\x02.",                                                # IndexError: empty stack
+    b"\x80\x02K\x01K\x02\x86R.",                                 # IndexError
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00)R.",      # TypeError: no arguments
+])
+def test_pth_unpickler_errors_are_typed(small_pth, tmp_path, pickle_bytes):
+    (tmp_path / "legacy.pth").write_bytes(pickle_bytes)  # read by torch's weights-only unpickler
+    with pytest.raises(errors.ModelFileError):
+        rwkvpy.load(tmp_path / "legacy.pth")
+    bad = _rezip(small_pth, tmp_path / "zip.pth",
+                 lambda n, d: pickle_bytes if n.endswith("data.pkl") else d)
+    with pytest.raises(errors.ModelFileError):
+        rwkvpy.load(bad)
+
+
+def test_pth_mutated_pickles_load_or_are_typed(small_pth, tmp_path):
+    import random
+
+    rng = random.Random(23)
+    for i in range(20):
+        def change(name, data):
+            if not name.endswith("data.pkl"):
+                return data
+            data = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF])
+            return bytes(data)
+        _loads_or_typed(_rezip(small_pth, tmp_path / f"m{i}.pth", change))
+
+
+@pytest.mark.parametrize("cut", [lambda d: b"", lambda d: d[:len(d) // 2]], ids=["empty", "half"])
+def test_pth_storage_record_shorter_than_its_tensor(small_pth, tmp_path, cut):
+    """Once loaded with NaN logits (mmap read past the record): the CRC is valid, the size is
+    what is wrong."""
+    bad = _rezip(small_pth, tmp_path / "cut.pth",
+                 lambda n, d: cut(d) if n.endswith("/data/0") else d)
+    with pytest.raises(errors.TruncatedFileError, match="storage record .*data/0' holds"):
+        rwkvpy.load(bad)
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("emb.weight", (50, 0)), ("blocks.0.att.w1", (64, 0)), ("blocks.0.att.w2", (33, 64)),
+    ("blocks.0.att.g1", (64, 3)), ("blocks.0.ffn.key.weight", (0, 64)),
+])
+def test_pth_empty_or_disagreeing_dimensions(small_pth, tmp_path, name, shape):
+    """Empty dimensions once reached a division by zero in the kernels, LoRA ranks that disagree
+    a failed product: both are shape errors at load."""
+    sd = torch.load(small_pth, weights_only=True)
+    sd[name] = torch.zeros(shape)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises((errors.TensorShapeError, errors.MissingTensorError)):
+        rwkvpy.load(tmp_path / "bad.pth")
+
+
+def test_safetensors_starting_like_a_zip(small_pth, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(torch.load(small_pth, weights_only=True), tmp_path / "m.safetensors")
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "pk.safetensors").write_bytes(b"PK\x03\x04" + raw[4:])
+    with pytest.raises(errors.ModelFileError):
+        rwkvpy.load(tmp_path / "pk.safetensors")

@@ -18,7 +18,19 @@ from ..formats.base import QTensor, release_pages, to_float32, type_name
 from ..state import State
 from .config import ModelConfig
 
-ANY = None  # a dimension a spec does not fix (LoRA ranks)
+ANY = None  # a dimension a spec does not fix
+
+
+def lora_rank(weights, name, parts: int = 1):
+    """The rank of a low-rank pair, read from its first matrix ``name``: its last dimension
+    divided in ``parts`` equal parts (v6's fused time_maa_w1). The specs of both matrices use
+    it, so that a second matrix of another rank, or a first one that does not split, is a
+    TensorShapeError rather than a failed product. ANY when ``name`` is missing (reported as
+    missing)."""
+    t = weights.get(name)
+    if t is None or len(t.shape) == 0:
+        return ANY
+    return int(t.shape[-1]) // parts
 
 
 def _squeezed(shape):
@@ -28,7 +40,8 @@ def _squeezed(shape):
 def _fits(actual, expected) -> bool:
     a = _squeezed(actual)
     e = [d for d in expected if d != 1]
-    return len(a) == len(e) and all(x is None or x == y for x, y in zip(e, a))
+    return (len(a) == len(e) and all(y > 0 for y in a)  # no weight has an empty dimension
+            and all(x is None or x == y for x, y in zip(e, a)))
 
 
 LINEAR_SUFFIXES = ("key.weight", "value.weight", "receptance.weight", "output.weight",

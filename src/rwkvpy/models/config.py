@@ -102,6 +102,10 @@ def config_from_shapes(shapes: dict, path="<model>", version: Version | None = N
     key = _shape(shapes, "blocks.0.att.key.weight", path)
     ffn = _shape(shapes, "blocks.0.ffn.key.weight", path)
     n_att, n_ffn = key[0], ffn[0]
+    for what, n in (("vocab size", vocab), ("n_embd", n_embd), ("attention width", n_att),
+                    ("n_ffn", n_ffn)):
+        if n <= 0:  # an empty dimension (a corrupt header): nothing to run, and divisions by it
+            raise TensorShapeError(path, f"the tensors give a {what} of {n}, expected > 0")
     n_head = head_size = 0
     if version is Version.V5_0:
         td = _squeezed(_shape(shapes, "blocks.0.att.time_decay", path))

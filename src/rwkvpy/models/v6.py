@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ANY, RWKVBase
+from .base import RWKVBase, lora_rank
 from .v5 import RWKV5
 
 
@@ -29,10 +29,12 @@ class RWKV6(RWKVBase):
         cfg = self.cfg
         C, A, F_, H, N = cfg.n_embd, cfg.n_att, cfg.n_ffn, cfg.n_head, cfg.head_size
         a, f = p + "att.", p + "ffn."
+        rm = lora_rank(weights, a + "time_maa_w1", 5)  # five mixes' ranks side by side
+        rd = lora_rank(weights, a + "time_decay_w1")
         s = {a + f"time_maa_{n}": (C,) for n in "xwkvrg"}
         s.update({
-            a + "time_maa_w1": (C, ANY), a + "time_maa_w2": (5, ANY, C),
-            a + "time_decay": (A,), a + "time_decay_w1": (C, ANY), a + "time_decay_w2": (ANY, A),
+            a + "time_maa_w1": (C, None if rm is None else 5 * rm), a + "time_maa_w2": (5, rm, C),
+            a + "time_decay": (A,), a + "time_decay_w1": (C, rd), a + "time_decay_w2": (rd, A),
             a + "time_faaaa": (H, N),
             a + "key.weight": (A, C), a + "value.weight": (A, C), a + "receptance.weight": (A, C),
             a + "gate.weight": (A, C), a + "output.weight": (C, A),

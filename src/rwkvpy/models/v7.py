@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import ANY, RWKVBase
+from .base import RWKVBase, lora_rank
 
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^{-0.5} sigmoid(.)) = exp(-softplus(-.) - 0.5) in log form
 
@@ -47,18 +47,19 @@ class RWKV7(RWKVBase):
         cfg = self.cfg
         C, A, F_, H, N = cfg.n_embd, cfg.n_att, cfg.n_ffn, cfg.n_head, cfg.head_size
         a, f = p + "att.", p + "ffn."
+        r = {n: lora_rank(weights, a + n + "1") for n in "wavg"}
         s = {a + f"x_{n}": (C,) for n in "rwkvag"}
         s.update({
-            a + "w0": (A,), a + "w1": (C, ANY), a + "w2": (ANY, A),
-            a + "a0": (A,), a + "a1": (C, ANY), a + "a2": (ANY, A),
-            a + "g1": (C, ANY), a + "g2": (ANY, A),
+            a + "w0": (A,), a + "w1": (C, r["w"]), a + "w2": (r["w"], A),
+            a + "a0": (A,), a + "a1": (C, r["a"]), a + "a2": (r["a"], A),
+            a + "g1": (C, r["g"]), a + "g2": (r["g"], A),
             a + "k_k": (A,), a + "k_a": (A,), a + "r_k": (H, N),
             a + "key.weight": (A, C), a + "value.weight": (A, C), a + "receptance.weight": (A, C),
             a + "output.weight": (C, A), a + "ln_x.weight": (A,), a + "ln_x.bias": (A,),
             f + "x_k": (C,), f + "key.weight": (F_, C), f + "value.weight": (C, F_),
         })
         if i > 0:  # layer 0's value is the value residual itself: v0/v1/v2 unused there
-            s.update({a + "v0": (A,), a + "v1": (C, ANY), a + "v2": (ANY, A)})
+            s.update({a + "v0": (A,), a + "v1": (C, r["v"]), a + "v2": (r["v"], A)})
         return s
 
     def product_groups(self, i):
