@@ -427,3 +427,44 @@ def test_safetensors_starting_like_a_zip(small_pth, tmp_path):
     (tmp_path / "pk.safetensors").write_bytes(b"PK\x03\x04" + raw[4:])
     with pytest.raises(errors.ModelFileError):
         rwkvpy.load(tmp_path / "pk.safetensors")
+
+
+# -- Hugging Face folders --------------------------------------------------------------------------------
+
+@pytest.fixture
+def hf_folder(small_pth, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(torch.load(small_pth, weights_only=True), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Rwkv7ForCausalLM"]}))
+    return folder
+
+
+@pytest.mark.parametrize("config", [b"[1, 2]", b"[" * 100_000, b"\xff",
+                                    b'{"architectures": 5}', b'{"rescale_every": "abc"}',
+                                    b'{"vocab_size": [1]}', b'{"model_type": {}}'],
+                         ids=["list", "deep", "not-utf8", "architectures", "rescale_every",
+                              "vocab_size", "model_type"])
+def test_hf_config_of_wrong_shape(hf_folder, config):
+    (hf_folder / "config.json").write_bytes(config)
+    with pytest.raises(errors.UnknownFormatError, match="config.json"):
+        rwkvpy.load(hf_folder)
+
+
+def test_hf_index_stays_inside_the_folder(hf_folder, tmp_path):
+    os.replace(hf_folder / "model.safetensors", tmp_path / "outside.safetensors")
+    index = hf_folder / "model.safetensors.index.json"
+    for ref in ("../outside.safetensors", "../../../../x", str(tmp_path / "outside.safetensors"),
+                "a/../../outside.safetensors"):
+        index.write_text(json.dumps({"weight_map": {"emb.weight": ref}}))
+        with pytest.raises(errors.UnknownFormatError, match="outside the model folder"):
+            rwkvpy.load(hf_folder)
+    for doc in ([1], {"weight_map": [1]}, {"weight_map": {"emb.weight": 5}}):
+        index.write_text(json.dumps(doc))
+        with pytest.raises(errors.UnknownFormatError, match="index.json"):
+            rwkvpy.load(hf_folder)
+    os.replace(tmp_path / "outside.safetensors", hf_folder / "model.safetensors")
+    index.write_text(json.dumps({"weight_map": {"emb.weight": "./model.safetensors"}}))
+    assert _loads_or_typed(hf_folder) == "loaded"

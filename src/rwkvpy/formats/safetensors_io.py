@@ -39,9 +39,14 @@ import torch
 
 from ..errors import (MissingTensorError, NotAStateDictError, TruncatedFileError,
                       UnknownFormatError, UnsupportedVersionError)
+from .atomic import require_regular
 from .base import Checkpoint, type_name
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _load_safetensors(path) -> dict:
@@ -174,13 +179,44 @@ def read_safetensors(path) -> Checkpoint:
 
 # -- Hugging Face folders ----------------------------------------------------------------------
 
+def _read_json(folder, name):
+    """A JSON file of a Hugging Face folder (refused unless a regular file), parsed."""
+    path = os.path.join(folder, name)
+    require_regular(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+        raise UnknownFormatError(folder, f"cannot read {name}: {type(e).__name__}: "
+                                 f"{str(e)[:200]}") from None
+
+
+def _inside(folder, index, ref) -> str:
+    """The path of a file an index names, which must stay inside the folder: a relative path
+    without '..' components (symbolic links inside the folder are followed, as the Hugging Face
+    cache's are)."""
+    if not isinstance(ref, str) or not ref or "\0" in ref:
+        raise UnknownFormatError(folder, f"{index}: weight_map names {str(ref)[:80]!r}, "
+                                 "expected a file name")
+    if os.path.isabs(ref) or ".." in ref.replace("\\", "/").split("/"):
+        raise UnknownFormatError(folder, f"{index}: weight_map names {ref[:120]!r}, a file "
+                                 "outside the model folder: refused")
+    return os.path.join(folder, os.path.normpath(ref))
+
+
 def _weight_files(folder) -> list[str]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         p = os.path.join(folder, index)
         if os.path.exists(p):
-            with open(p, encoding="utf-8") as f:
-                files = sorted(set(json.load(f).get("weight_map", {}).values()))
-            return [os.path.join(folder, x) for x in files]
+            doc = _read_json(folder, index)
+            wmap = doc.get("weight_map", {}) if isinstance(doc, dict) else None
+            if not isinstance(wmap, dict):
+                raise UnknownFormatError(folder, f"{index}: expected an object with a "
+                                         "'weight_map' object (tensor name -> file)")
+            files = sorted({_inside(folder, index, x) for x in wmap.values()})
+            for f in files:
+                require_regular(f)
+            return files
     single = os.path.join(folder, "model.safetensors")
     if os.path.exists(single):
         return [single]
@@ -197,13 +233,19 @@ def _weight_files(folder) -> list[str]:
 def read_hf(folder) -> Checkpoint:
     """A Hugging Face model folder: ``config.json`` and its weights."""
     folder = os.fspath(folder)
-    cfg_path = os.path.join(folder, "config.json")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UnknownFormatError(folder, f"cannot read config.json: {e}") from None
-    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    config = _read_json(folder, "config.json")
+    if not isinstance(config, dict):
+        raise UnknownFormatError(folder, f"config.json holds a {type(config).__name__}, "
+                                 "expected an object")
+    for key, ok, want in (("architectures", lambda v: isinstance(v, list) and all(
+                               isinstance(x, str) for x in v), "a list of strings"),
+                          ("model_type", lambda v: isinstance(v, str), "a string"),
+                          ("rescale_every", _is_count, "an int >= 0"),
+                          ("vocab_size", _is_count, "an int >= 0")):
+        if config.get(key) is not None and not ok(config[key]):
+            raise UnknownFormatError(folder, f"config.json: '{key}' is {str(config[key])[:60]!r}, "
+                                     f"expected {want}")
+    arch = (config.get("architectures") or [config.get("model_type") or "?"])[0]
     if config.get("attn"):
         raise UnsupportedVersionError(folder, f"{arch} with attention layers (a hybrid model) "
                                       "is not a pure RWKV model; rwkvpy cannot run it")
@@ -226,7 +268,7 @@ def read_hf(folder) -> Checkpoint:
         meta["tokenizer"] = "world"
         meta["vocab_file"] = vocab_file
     elif os.path.exists(os.path.join(folder, "tokenizer.json")) and \
-            50000 <= int(config.get("vocab_size", 0)) <= 50304:
+            50000 <= (config.get("vocab_size") or 0) <= 50304:
         meta["tokenizer"] = "neox"
         meta["vocab_file"] = os.path.join(folder, "tokenizer.json")
     ckpt = _checkpoint(folder, "hf", tensors, meta)
