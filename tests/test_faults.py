@@ -468,3 +468,19 @@ def test_hf_index_stays_inside_the_folder(hf_folder, tmp_path):
     os.replace(tmp_path / "outside.safetensors", hf_folder / "model.safetensors")
     index.write_text(json.dumps({"weight_map": {"emb.weight": "./model.safetensors"}}))
     assert _loads_or_typed(hf_folder) == "loaded"
+
+
+# -- rwkv.cpp .bin -------------------------------------------------------------------------------------
+
+def test_bin_with_a_duplicated_tensor_is_refused(tmp_path):
+    """Once loaded, the last copy winning."""
+    from conftest import fixture_path
+
+    raw = fixture_path("rwkv-cpp-tiny", "tiny-rwkv-4v0-660K-FP32.bin").read_bytes()
+    n_dims, key_len, type_id = struct.unpack_from("<3i", raw, 24)
+    dims = struct.unpack_from(f"<{n_dims}i", raw, 36)
+    assert type_id == 0  # F32
+    end = 36 + 4 * n_dims + key_len + 4 * int(np.prod(dims))
+    (tmp_path / "dup.bin").write_bytes(raw + raw[24:end])
+    with pytest.raises(errors.UnknownFormatError, match="'emb.weight' at offset .* appears twice"):
+        rwkvpy.load(tmp_path / "dup.bin")

@@ -83,6 +83,9 @@ def read_raw(path) -> tuple[dict, dict, dict]:
         except UnicodeDecodeError:
             raise UnknownFormatError(path, f"{where} has a name that is not UTF-8 (corrupt file?)") from None
         where = f"tensor '{name}'"
+        if name in tensors:  # which copy a reader takes is undefined: refuse both
+            raise UnknownFormatError(path, f"{where} at offset {off} appears twice in the file "
+                                     "(corrupt file?)")
         fmt = _type_name(path, type_id, where)
         if fmt not in FLOAT_DTYPES and version == 100:
             raise UnsupportedVersionError(
