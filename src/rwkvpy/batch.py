@@ -59,9 +59,6 @@ COLUMNS = {
     "perplexity": ("id", "tokens", "nll", "perplexity", "error"),
 }
 DEFAULT_BATCH_SIZE = 8
-#: With Ray: how often an actor is restarted (and its group retried) after it died. Finite, so
-#: that an actor that cannot start (a model it cannot load) ends the job instead of looping.
-ACTOR_RESTARTS = 8
 
 
 class BatchError(RwkvpyError):
@@ -396,6 +393,9 @@ def run(task: str, model: str, input: str, output: str, *, ray: bool = False,
     model = resolve_model(model)  # once here: every actor loads this file
     if not os.path.exists(model):
         raise BatchError(f"{model}: no such model file")
+    from .model import inspect
+
+    inspect(model)  # a file that is no model fails here, not in every actor
     out = Output(output, task, resume=resume, force=force)
     todo = [g for g in groups(reqs, batch_size) if any(_key(r["id"]) not in out.done for r in g)]
     missing = sum(1 for g in todo for r in g if _key(r["id"]) not in out.done)
@@ -443,10 +443,6 @@ def _local_groups(todo, worker_kw):
         w.close()
 
 
-def _actor_restarts() -> dict:
-    return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
-
-
 def _ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor):
     """Each group one row of a Ray Data dataset, mapped over a pool of ``concurrency``
     BatchWorker actors; yields each group's rows as its block comes back, in input order."""
@@ -473,7 +469,7 @@ def _ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor):
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             BatchWorker, fn_constructor_kwargs=worker_kw, batch_size=1,
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=cpus_per_actor, ray_remote_args_fn=_actor_restarts)
+            num_cpus=cpus_per_actor)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = [json.loads(s) for s in block.column("row").to_pylist()]
             pids = block.column("pid").to_pylist()
