@@ -4,7 +4,8 @@
   bytes and on edge cases (zero scales, largest codes and scales, NaN/inf/subnormal float16
   factors);
 * quantization byte for byte against ggml's own quantizer: tests/fixtures/kquants (made by
-  tools/make_kquant_fixtures.py with ggml_quantize_chunk);
+  tools/make_kquant_fixtures.py with ggml_quantize_chunk: bytes of a few rows, digests of
+  8192 super-blocks the tool's wide_rows regenerates);
 * the exact kernels (kernels/kquants_ir.py) bit for bit / within float32 summation of the
   dequantized weights; the integer kernels as close to float32 as llama.cpp's Q8_K method;
 * llama-quantize's choice of types (formats/kquant_mix.py), and K-quant GGUFs loaded in both
@@ -13,6 +14,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import json
 import os
 
 import numpy as np
@@ -35,6 +40,8 @@ SIZES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 #: byte offsets of each format's float16 factors in a block
 HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "kquants", "kquants.npz")
+WIDE = os.path.join(os.path.dirname(FIXTURE), "kquants_wide.json")
+TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "make_kquant_fixtures.py")
 
 
 def bits(a):
@@ -80,6 +87,69 @@ def test_quantize_matches_ggml(name):
     """Bytes of ggml_quantize_chunk (tools/make_kquant_fixtures.py), NaN/inf rows included."""
     data = np.load(FIXTURE)
     assert np.array_equal(get_format(name).quantize(data["x"]), data[name])
+
+
+@functools.cache
+def _wide():
+    """tools/make_kquant_fixtures.py's wide rows and the sha256 of ggml's bytes for them."""
+    spec = importlib.util.spec_from_file_location("make_kquant_fixtures", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with open(WIDE) as f:
+        ref = json.load(f)
+    with np.errstate(all="ignore"):
+        return tool.wide_rows(ref["rows"]), ref
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_quantize_matches_ggml_wide(name):
+    """8192 super-blocks of 13 kinds (extreme scales, NaN/inf/huge/subnormal elements, zero
+    and constant sub-blocks, ties), against the sha256 of ggml_quantize_chunk's bytes."""
+    x, ref = _wide()
+    c = ref["chunk"]
+    raw = get_format(name).quantize(x).reshape(x.shape[0], SIZES[name])
+    got = [hashlib.sha256(raw[a:a + c].tobytes()).hexdigest() for a in range(0, len(x), c)]
+    bad = [a * c for a, (g, r) in enumerate(zip(got, ref["sha256"][name])) if g != r]
+    assert not bad, f"rows from {bad} (chunks of {c}) differ from ggml's"
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_quantize_any_rows_and_threads(name):
+    """The same bytes for any row count (groups of super-blocks cut anywhere), any input layout
+    and one thread or several."""
+    import numba
+
+    x = _wide()[0][:45]
+    fmt = get_format(name)
+    full = fmt.quantize(x).reshape(45, -1)
+    for k in (1, 7, 17, 33):
+        assert np.array_equal(fmt.quantize(x[:k]), full[:k].reshape(-1))
+    assert np.array_equal(fmt.quantize(np.asfortranarray(x[:40].reshape(20, 512))),
+                          full[:40].reshape(-1))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert np.array_equal(fmt.quantize(x), full.reshape(-1))
+    finally:
+        numba.set_num_threads(threads)
+
+
+def test_float16_rounding():
+    """The quantizers' float32 -> float16 (ggml's GGML_FP32_TO_FP16: nearest even) and back,
+    against numpy's, on every float32 whose low 12 bits are one of a few patterns and on the
+    rounding boundaries."""
+    from rwkvpy.quant.q_k import float16_bits
+
+    hi = np.arange(1 << 20, dtype=np.uint32) << 12
+    b = (hi[:, None] | np.array([0, 1, 0x7FF, 0x800, 0x801, 0xFFF], np.uint32)).reshape(-1)
+    f = b.view(np.float32)
+    h, back = float16_bits(f)
+    ok = ~np.isnan(f)
+    with np.errstate(over="ignore"):
+        ref = f.astype(np.float16)
+    assert np.array_equal(h[ok], ref.view(np.uint16)[ok])
+    assert np.array_equal(bits(back[ok]), bits(ref[ok].astype(np.float32)))
+    assert np.isnan(h[~ok].view(np.float16)).all() and np.isnan(back[~ok]).all()
 
 
 @pytest.mark.parametrize("name", KQ)

@@ -13,6 +13,7 @@ to float32. Quantization (``quantize_row_q2_K_ref``): weights ``|x|``,
 ``make_qkx2_quants(16, 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad)``, scales and mins
 quantized to 4 bits against their largest (``d = max/15``), elements re-coded
 ``nearest_int((x + dm)/d)`` clamped to 0..3.
+The quantizer is compiled: ``q_k.quantize_q2_k`` (numba; see quant/q_k.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import WeightFormat, f16_to_f32
-from .q_k import QK_K, clamp, fold_max, make_qkx2_quants, nearest_int, pack_2bit, unpack_2bit
+from .q_k import QK_K, block_bytes, quantize_q2_k, unpack_2bit
 
 _F = np.float32
 
@@ -43,24 +44,7 @@ class Q2_KFormat(WeightFormat):
         np.subtract(o, ml, out=o)
 
     def _quantize_blocks(self, x: np.ndarray, records: np.ndarray) -> None:
-        n = x.shape[0]
-        xs = x.reshape(n * 16, 16)
-        scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
-        scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
-        max_scale, max_min = fold_max(scales), fold_max(mins)
-        has_s, has_m = max_scale > 0, max_min > 0
-        ls = np.where(has_s[:, None], nearest_int((_F(15) / max_scale)[:, None] * scales), 0)
-        lm = np.where(has_m[:, None], nearest_int((_F(15) / max_min)[:, None] * mins), 0)
-        # C stores l into a byte, then or-s l << 4 into it
-        sc = ((ls & 0xFF) | ((lm << 4) & 0xFF)).astype(np.uint8)
-        records["scales"] = sc
-        records["d"] = np.where(has_s, max_scale / _F(15), _F(0))
-        records["dmin"] = np.where(has_m, max_min / _F(15), _F(0))
-        d = f16_to_f32(records["d"]) * (sc & 15).astype(_F)
-        dm = f16_to_f32(records["dmin"]) * (sc >> 4).astype(_F)
-        new = clamp(nearest_int((x.reshape(n, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
-        L = np.where((d != 0)[:, :, None], new, L.reshape(n, 16, 16).astype(np.int64))
-        records["qs"] = pack_2bit(L.reshape(n, QK_K))
+        quantize_q2_k(*block_bytes(x, records))
 
 
 Q2_K = Q2_KFormat()

@@ -13,6 +13,7 @@ Dequantization (``dequantize_row_q3_K``): ``dl = d * (sc - 32)``, then ``dl * (q
 Quantization (``quantize_row_q3_K_ref``): per sub-block ``make_q3_quants(16, 4, do_rmse)``;
 the scales quantized to 6 bits against the largest magnitude (``iscale = -32/max``, ``d =
 1/iscale``); elements re-coded ``nearest_int(x/(d*sc))`` clamped to -4..3.
+The quantizer is compiled: ``q_k.quantize_q3_k`` (numba; see quant/q_k.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import WeightFormat, f16_to_f32
-from .q_k import (QK_K, clamp, fold_signed_absmax, make_q3_quants_rmse, nearest_int,
-                  pack_2bit, unpack_2bit)
+from .q_k import QK_K, block_bytes, quantize_q3_k, unpack_2bit
 
 _F = np.float32
 
@@ -53,30 +53,7 @@ class Q3_KFormat(WeightFormat):
         np.multiply(dl, q.reshape(-1, 16, 16).astype(_F), out=out.reshape(-1, 16, 16))
 
     def _quantize_blocks(self, x: np.ndarray, records: np.ndarray) -> None:
-        n = x.shape[0]
-        scales, L = make_q3_quants_rmse(x.reshape(n * 16, 16), 4)
-        scales = scales.reshape(n, 16)
-        _, max_scale = fold_signed_absmax(scales)
-        has = max_scale != 0
-        iscale = _F(-32) / max_scale
-        l = nearest_int(iscale[:, None] * scales).astype(np.int8).astype(np.int32)  # int8_t l
-        l = (clamp(l, -32, 31) + 32).astype(np.uint8)
-        l = np.where(has[:, None], l, 0).astype(np.uint8)
-        sc = np.zeros((n, 12), np.uint8)
-        sc[:, :8] = (l[:, :8] & 15) | ((l[:, 8:] & 15) << 4)
-        hi = l >> 4
-        for k in range(4):
-            sc[:, 8 + k] = hi[:, k] | (hi[:, 4 + k] << 2) | (hi[:, 8 + k] << 4) | (hi[:, 12 + k] << 6)
-        records["scales"] = sc
-        records["d"] = np.where(has, _F(1) / iscale, _F(0))
-        d = f16_to_f32(records["d"]) * q3_scales(sc).astype(_F)
-        new = clamp(nearest_int(x.reshape(n, 16, 16) / d[:, :, None]), -4, 3) + 4
-        L = np.where((d != 0)[:, :, None], new, L.reshape(n, 16, 16).astype(np.int64))
-        L = L.reshape(n, 8, 32)
-        hb = (L > 3).astype(np.uint8)
-        records["hmask"] = np.bitwise_or.reduce(hb << np.arange(8, dtype=np.uint8)[None, :, None],
-                                                axis=1)
-        records["qs"] = pack_2bit(np.where(L > 3, L - 4, L).reshape(n, QK_K))
+        quantize_q3_k(*block_bytes(x, records))
 
 
 Q3_K = Q3_KFormat()

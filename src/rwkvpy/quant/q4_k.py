@@ -15,6 +15,7 @@ Quantization (``quantize_row_q4_K_ref``): per sub-block, weights ``sqrt(sum x²/
 quantized to 6 bits against their largest (``d = max/63``), then every element is re-coded
 with the stored scale and min: ``nearest_int((x + dm)/d)`` clamped to 0..15 (a sub-block
 whose stored scale is 0 keeps the codes of the search).
+The quantizer is compiled: ``q_k.quantize_q4_k_q5_k`` (numba; see quant/q_k.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import WeightFormat, f16_to_f32
-from .q_k import (QK_K, clamp, fold_max, make_qkx2_quants, nearest_int, pack_scale_min_k4,
-                  seqsum, unpack_scale_min_k4)
+from .q_k import QK_K, block_bytes, quantize_q4_k_q5_k, unpack_scale_min_k4
 
 _F = np.float32
 
@@ -34,12 +34,6 @@ def split_nibbles(qs: np.ndarray) -> np.ndarray:
     return (q & np.uint8(15)).reshape(-1, QK_K)
 
 
-def join_nibbles(L: np.ndarray) -> np.ndarray:
-    """Codes (n, 256), low 4 bits used -> qs (n, 128), the inverse of :func:`split_nibbles`."""
-    q = (L.reshape(-1, 4, 2, 32) & 15).astype(np.uint8)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-
-
 def dequantize_scaled(d, dmin, scales, q, out):
     """out (n, 256) = (d * sc) * q - dmin * m per 32-element sub-block (Q4_K, Q5_K)."""
     sc, m = unpack_scale_min_k4(scales)
@@ -48,32 +42,6 @@ def dequantize_scaled(d, dmin, scales, q, out):
     o = out.reshape(-1, 8, 32)
     np.multiply(d1, q.reshape(-1, 8, 32).astype(_F), out=o)
     np.subtract(o, m1, out=o)
-
-
-def quantize_scaled(x, nmax, rmin, nstep, records):
-    """The shared part of quantize_row_q4_K_ref / q5_K_ref: fills records' d, dmin and scales
-    and returns the codes (n, 256), 0..nmax."""
-    n = x.shape[0]
-    xs = x.reshape(n * 8, 32)
-    av = np.sqrt(seqsum(xs * xs) / _F(32))
-    w = av[:, None] + np.abs(xs)
-    scales, mins, L = make_qkx2_quants(xs, w, nmax, rmin, 0.1, nstep, False)
-    scales = scales.reshape(n, 8)
-    mins = mins.reshape(n, 8)
-    max_scale = fold_max(scales)
-    max_min = fold_max(mins)
-    inv_scale = np.where(max_scale > 0, _F(63) / max_scale, _F(0))
-    inv_min = np.where(max_min > 0, _F(63) / max_min, _F(0))
-    ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
-    lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
-    records["scales"] = pack_scale_min_k4(ls, lm)
-    records["d"] = max_scale / _F(63)
-    records["dmin"] = max_min / _F(63)
-    d = f16_to_f32(records["d"]) * ls.astype(_F)
-    dm = f16_to_f32(records["dmin"]) * lm.astype(_F)
-    L = L.reshape(n, 8, 32).astype(np.int64)
-    new = clamp(nearest_int((x.reshape(n, 8, 32) + dm[:, :, None]) / d[:, :, None]), 0, nmax)
-    return np.where((d != 0)[:, :, None], new, L).reshape(n, QK_K)
 
 
 class Q4_KFormat(WeightFormat):
@@ -90,8 +58,7 @@ class Q4_KFormat(WeightFormat):
                           split_nibbles(records["qs"]), out)
 
     def _quantize_blocks(self, x: np.ndarray, records: np.ndarray) -> None:
-        L = quantize_scaled(x, 15, -1.0, 20, records)
-        records["qs"] = join_nibbles(L)
+        quantize_q4_k_q5_k(*block_bytes(x, records), 15)
 
 
 Q4_K = Q4_KFormat()

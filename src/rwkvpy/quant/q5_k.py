@@ -11,6 +11,7 @@ Block layout (ggml ``block_q5_K``, 176 bytes)::
 Dequantization (``dequantize_row_q5_K``): ``(d * sc) * q - dmin * m``, each operation rounded
 to float32. Quantization (``quantize_row_q5_K_ref``): as Q4_K with
 ``make_qkx2_quants(32, 31, rmin=-0.5, rdelta=0.1, nstep=15)`` and codes clamped to 0..31.
+The quantizer is compiled: ``q_k.quantize_q4_k_q5_k`` (numba; see quant/q_k.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from .base import WeightFormat
-from .q4_k import dequantize_scaled, join_nibbles, quantize_scaled, split_nibbles
-from .q_k import QK_K
+from .q4_k import dequantize_scaled, split_nibbles
+from .q_k import QK_K, block_bytes, quantize_q4_k_q5_k
 
 
 def high_bits(qh: np.ndarray) -> np.ndarray:
@@ -42,11 +43,7 @@ class Q5_KFormat(WeightFormat):
         dequantize_scaled(records["d"], records["dmin"], records["scales"], q, out)
 
     def _quantize_blocks(self, x: np.ndarray, records: np.ndarray) -> None:
-        L = quantize_scaled(x, 31, -0.5, 15, records)
-        hb = ((L >> 4) & 1).astype(np.uint8).reshape(-1, 8, 32)
-        records["qh"] = np.bitwise_or.reduce(hb << np.arange(8, dtype=np.uint8)[None, :, None],
-                                             axis=1)
-        records["qs"] = join_nibbles(L)
+        quantize_q4_k_q5_k(*block_bytes(x, records), 31)
 
 
 Q5_K = Q5_KFormat()

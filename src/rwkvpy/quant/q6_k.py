@@ -16,6 +16,7 @@ the scales are quantized to int8 against the one of largest magnitude (``iscale 
 ``d = 1/iscale``), then every element re-coded ``nearest_int(x/(d*sc))`` clamped to -32..31
 (a sub-block whose stored scale is 0 keeps the search's codes). A super-block whose scales are
 all below 1e-15 is written as zeros.
+The quantizer is compiled: ``q_k.quantize_q6_k`` (numba; see quant/q_k.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import WeightFormat, f16_to_f32
-from .q_k import GROUP_MAX_EPS, QK_K, clamp, fold_signed_absmax, make_qx_quants_rmse1, nearest_int
+from .q_k import QK_K, block_bytes, quantize_q6_k
 
 _F = np.float32
 
@@ -51,29 +52,7 @@ class Q6_KFormat(WeightFormat):
         np.multiply(ds, q.reshape(-1, 16, 16).astype(_F), out=out.reshape(-1, 16, 16))
 
     def _quantize_blocks(self, x: np.ndarray, records: np.ndarray) -> None:
-        n = x.shape[0]
-        scales, L = make_qx_quants_rmse1(x.reshape(n * 16, 16), 32)
-        scales = scales.reshape(n, 16)
-        amax, max_scale = fold_signed_absmax(scales)
-        zero = amax < GROUP_MAX_EPS
-        iscale = _F(-128) / max_scale
-        sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
-        records["d"] = _F(1) / iscale
-        records["scales"] = sc
-        d = f16_to_f32(records["d"]) * sc.astype(_F)
-        new = clamp(nearest_int(x.reshape(n, 16, 16) / d[:, :, None]), -32, 31) + 32
-        L = np.where((d != 0)[:, :, None], new, L.reshape(n, 16, 16)).reshape(n, 2, 4, 32)
-        L = L.astype(np.uint8)
-        lo = L & 15
-        ql = np.empty((n, 2, 2, 32), np.uint8)
-        ql[:, :, 0] = lo[:, :, 0] | (lo[:, :, 2] << 4)
-        ql[:, :, 1] = lo[:, :, 1] | (lo[:, :, 3] << 4)
-        hi = L >> 4
-        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-        records["ql"] = ql.reshape(n, 128)
-        records["qh"] = qh.reshape(n, 64)
-        if zero.any():
-            records[zero] = np.zeros(1, self.block_dtype)
+        quantize_q6_k(*block_bytes(x, records))
 
 
 Q6_K = Q6_KFormat()
