@@ -299,7 +299,8 @@ def test_fast_q8_0_prompt_error_against_the_format(quantized_tiny, model):
 def v7_mid(tmp_path_factory):
     """A random v7 (n_embd 512, 2 layers) whose FFN matrices (2048 x 512) are above
     kernels.linear.SERIAL_MAX_ELEMENTS, so that its products run on numba's threads, in the
-    formats of every product kind (rows, int8 groups, int16 groups)."""
+    formats of every product kind (rows, int8 groups, int16 groups; K-quants: rows, int8
+    groups), K-quants as GGUFs (rwkv.cpp's files have none)."""
     from rwkvpy.convert import convert
     from rwkvpy.models.config import Version
     from rwkvpy.synth import save_random_model
@@ -309,7 +310,7 @@ def v7_mid(tmp_path_factory):
                             dtype=torch.float16)
 
     def path(fmt):
-        dst = d / f"m-{fmt}.bin"
+        dst = d / f"m-{fmt}.{'gguf' if '_k' in fmt else 'bin'}"
         if not dst.exists():
             convert(pth, dst, type=fmt, progress=False)
         return dst
@@ -317,7 +318,7 @@ def v7_mid(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("fmt", ["f16", "q4_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["f16", "q4_0", "q5_1", "q8_0", "q4_k_m", "q5_k", "q6_k"])
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 def test_v7_block_kernels_equal_stepwise(v7_mid, fmt, mode):
     """v7's one-token blocks run as one numba call each (fused._v7_block) where every product

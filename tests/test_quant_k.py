@@ -8,6 +8,8 @@
   8192 super-blocks the tool's wide_rows regenerates);
 * the exact kernels (kernels/kquants_ir.py) bit for bit / within float32 summation of the
   dequantized weights; the integer kernels as close to float32 as llama.cpp's Q8_K method;
+  the 8-row interleaved kernels (Q4_K, Q5_K, Q6_K) equal to the row kernels within float32
+  summation, bit-identical across their own variants (streams, 4-vector passes, threads);
 * llama-quantize's choice of types (formats/kquant_mix.py), and K-quant GGUFs loaded in both
   modes.
 """
@@ -187,6 +189,32 @@ def _q8k_ggml(x):
     return (q * (np.float32(1) / iscale).astype(np.float64)[:, None]).reshape(x.shape)
 
 
+def test_quantize_q8k():
+    """The activations' rounding (vector code) against its float32 operations in numpy: blocks
+    of zeros, of subnormals, of values so small that 127 / amax overflows, with NaN or inf,
+    with ties, and ordinary ones."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(256 * 12) * np.exp(3 * rng.standard_normal(256 * 12)))
+    x = x.astype(np.float32)
+    x[:256] = 0
+    x[256:512] = rng.standard_normal(256) * np.float32(1e-39)
+    x[512:768] = rng.standard_normal(256) * np.float32(1e-37)
+    x[800], x[1100] = np.nan, -np.inf
+    x[1280:1536] = np.round(rng.standard_normal(256) * 4) / 2
+    xq, dx, bs = np.empty(x.size, np.int8), np.empty(12, np.float32), np.empty(192, np.int16)
+    kir.quantize_q8k(x, xq, dx, bs)
+    xb = x.reshape(-1, 256)
+    finite = np.isfinite(xb).all(1)
+    amax = np.where(finite, np.abs(np.where(np.isfinite(xb), xb, 0)).max(1), 0)
+    with np.errstate(all="ignore"):
+        inv = np.float32(127) / amax
+        q = np.rint(xb * inv[:, None])
+    q = np.where((finite & (inv < np.inf))[:, None], q, 0).astype(np.int8)
+    assert np.array_equal(xq, q.reshape(-1))
+    assert np.array_equal(bits(dx), bits(np.where(finite, amax / np.float32(127), np.nan)))
+    assert np.array_equal(bs, q.reshape(-1, 16).astype(np.int32).sum(1).astype(np.int16))
+
+
 @pytest.mark.parametrize("name", KQ)
 def test_kernels(name):
     rng = np.random.default_rng(11)
@@ -218,6 +246,77 @@ def test_kernels(name):
     assert np.isnan(yq[1]).all() and np.isfinite(yq[[0, 2]]).all()
 
 
+X8 = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+def _x8(kind, raw):
+    """raw (O, row bytes) as KQuantX8Linear holds it: the whole groups of 8 rows repacked, and
+    the rows after them as they are."""
+    G = raw.shape[0] // 8
+    pk = np.empty((G, 8 * raw.shape[1]), np.uint8)
+    table = kir.x8_table(kind)
+    kir.repack_groups(table, raw, pk, 0, G)
+    back = np.empty((8 * G, raw.shape[1]), np.uint8)
+    kir.unpack_groups(table, pk, back, 0, G)
+    assert np.array_equal(back, raw[:8 * G])
+    return pk, np.ascontiguousarray(raw[8 * G:])
+
+
+@pytest.mark.parametrize("name", X8)
+def test_x8_kernels(name):
+    """The interleaved kernels against the row kernels (kir.mvq): the same integers, so equal
+    within float32 summation; each row and vector computed alike whichever variant runs it (4
+    streams, one group, 4-vector passes; serial or parallel): bit-identical across T; the rows
+    past the last group are the row kernel's."""
+    rng = np.random.default_rng(12)
+    kind = kir.KIND[name]
+    O, K = 45, 768  # 5 groups (4 streams + 1), 5 rows after them
+    w = rng.standard_normal((O, K)).astype(np.float32)
+    raw = get_format(name).quantize(w).reshape(O, -1)
+    # largest codes and scales with factors 1.0 (edge_blocks' row 42), against activations of
+    # one sign: the int16 partial sums at their largest
+    big = np.tile(edge_blocks(name, rng)[42], (8, 3))
+    for r2 in (raw, np.concatenate([raw[:8], big, raw[8:]])):
+        O = r2.shape[0]
+        pk, tail = _x8(kind, r2)
+        xs = (rng.standard_normal((9, K)) * np.exp(rng.standard_normal(K))).astype(np.float32)
+        xs[8] = np.abs(xs[8])
+        outs = {}
+        for T in (1, 2, 5, 9):
+            x = xs[:T] if T < 9 else xs
+            yq = np.empty((T, O), np.float32)
+            kir.mvq(kind, r2, x, yq)
+            y = np.empty((T, O), np.float32)
+            kir.mvx8(kind, pk, tail, x, y)
+            yp = np.empty((T, O), np.float32)
+            kir.mvx8_par(kind, pk, tail, x, yp, 1)
+            assert np.array_equal(bits(y), bits(yp))
+            assert np.abs(y - yq).max() <= 1e-5 * np.abs(yq).max()
+            assert np.array_equal(bits(y[:, 8 * pk.shape[0]:]), bits(yq[:, 8 * pk.shape[0]:]))
+            outs[T] = y
+        for T in (1, 2, 5):
+            assert np.array_equal(bits(outs[T]), bits(outs[9][:T]))
+
+
+@pytest.mark.parametrize("name", X8)
+def test_x8_special_factors(name):
+    """NaN/inf/subnormal float16 factors and NaN activations: a product is finite exactly when
+    the row kernel's is (the sums run in another order, so a non-finite one may be inf in one and
+    NaN in the other)."""
+    rng = np.random.default_rng(13)
+    kind = kir.KIND[name]
+    raw = edge_blocks(name, rng)[:48].reshape(16, -1)  # 16 rows of 3 super-blocks
+    pk, tail = _x8(kind, raw)
+    x = rng.standard_normal((3, 768)).astype(np.float32)
+    x[1, 300] = np.nan
+    yq, y = np.empty((3, 16), np.float32), np.empty((3, 16), np.float32)
+    kir.mvq(kind, raw, x, yq)
+    kir.mvx8(kind, pk, tail, x, y)
+    fin = np.isfinite(yq)
+    assert np.array_equal(np.isfinite(y), fin) and np.isnan(y[1]).all()
+    assert np.abs(y - yq)[fin].max() <= 1e-5 * np.abs(yq[fin]).max()
+
+
 @pytest.mark.parametrize("name", KQ)
 @pytest.mark.parametrize("policy", ["exact", "fast"])
 def test_make_linear(name, policy):
@@ -230,12 +329,48 @@ def test_make_linear(name, policy):
     q = QTensor(name, (O, K), fmt.quantize(w))
     lin = make_linear(q, policy)
     wd = torch.from_numpy(fmt.dequantize(q.data, (O, K)))
-    for T in (1, 3, 9):  # one vector, the row kernels' prompts, exact tiles + GEMM
+    for T in (1, 3, 9):  # one vector, the row kernels' prompts, exact tiles + GEMM (or not)
         x = torch.randn(T, K)
         ref = x.double() @ wd.double().T
-        tol = (1e-5 if lin.exact or T > 4 else 2e-2) * ref.abs().max()
+        tol = (1e-5 if lin.exact or T > lin.rows_max_t else 2e-2) * ref.abs().max()
         assert (lin(x).double() - ref).abs().max() < tol
     assert lin.exact == (policy == "exact" or not lin.strategy.startswith("int8"))
+    want = "int8-dot-kx8" if name in X8 else "int8-dot-k"
+    assert lin.strategy == ("numba-kblocks" if policy == "exact" else want)
+    spec = lin.numba_spec()
+    assert spec is not None and spec[1] == kir.KIND[name]
+
+
+@pytest.mark.parametrize("name", X8)
+def test_x8_linear_repacked(name):
+    """KQuantX8Linear: the same products as the row kernels' linear; its repacked tensors
+    (the repack cache's) are taken as they are by a second linear, which gives the same
+    numbers; ggml's rows come back from the groups; exact tiles from them."""
+    from rwkvpy.kernels.kquants import KQuantDotLinear, KQuantX8Linear
+    from rwkvpy.kernels.linear import make_linear
+
+    rng = np.random.default_rng(6)
+    O, K = 44, 512
+    fmt = get_format(name)
+    q = QTensor(name, (O, K), fmt.quantize(rng.standard_normal((O, K)).astype(np.float32)))
+    lin = make_linear(q, "fast")
+    assert isinstance(lin, KQuantX8Linear) and lin.nbytes == np.asarray(q.data).nbytes
+    rows = KQuantDotLinear(q)
+    again = make_linear(q, "fast", repacked=lin.repacked())
+    assert np.shares_memory(again._pk, lin._pk)
+    raw = np.asarray(q.data).reshape(O, -1)
+    assert np.array_equal(lin.ggml_rows(0, O), raw) and np.array_equal(lin.ggml_rows(8, 43),
+                                                                         raw[8:43])
+    for T in (1, 4, 70):
+        x = torch.randn(T, K)
+        y = lin(x)
+        assert torch.equal(again(x), y)
+        want = rows(x) if T <= rows.rows_max_t else None
+        if want is not None:
+            assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+    x = torch.randn(9, K)
+    ref = x.double() @ torch.from_numpy(fmt.dequantize(q.data, (O, K))).double().T
+    assert (lin._gemm(x).double() - ref).abs().max() < 1e-5 * ref.abs().max()
 
 
 # ------------------------------------------------------------------------- types, models

@@ -101,8 +101,10 @@ NUMBA_MAX_T = 2
 #: Elements per block of every quantized format (passed to the kernels at run time).
 _QK = 32
 #: Product kinds of a numba spec (Linear.numba_spec, row_product): rows of any format
-#: (_mv_rows), interleaved groups with int8 activations (_mvx8), with int16 ones (_mvx8w).
-ROWS, X8_INT8, X8_INT16 = 0, 1, 2
+#: (_mv_rows), interleaved groups with int8 activations (_mvx8), with int16 ones (_mvx8w);
+#: K-quants (kernels/kquants_ir.py, ``kind`` its KIND): exact rows (mv_rows), rows with int8
+#: activations (mvq), interleaved groups with int8 activations (mvx8).
+ROWS, X8_INT8, X8_INT16, K_ROWS, K_ROWS_INT8, K_X8 = 0, 1, 2, 3, 4, 5
 _NO_TAIL = np.zeros((0, 0), np.uint8)
 #: Elements of one dequantized tile (float32) for the tiled GEMM path: 1 Mi elements = 4 MiB.
 TILE_ELEMENTS = 1 << 20
@@ -118,6 +120,7 @@ try:  # numba is optional
     from numba.core import types as _nbtypes
     from numba.extending import intrinsic
 
+    from . import kquants_ir as _kq
     from . import simd as _simd
 
     HAVE_NUMBA = True
@@ -650,11 +653,25 @@ if HAVE_NUMBA:
                 _mvx8_par(kind, a, b, x2, y2, max(1, chunk // 8))
             else:
                 _mvx8(kind, a, b, x2, y2)
-        else:
+        elif mode == X8_INT16:
             if par:
                 _mvx8w_par(a, b, x2, y2, max(1, chunk // 8))
             else:
                 _mvx8w(a, b, x2, y2)
+        elif mode == K_X8:
+            if par:
+                _kq.mvx8_par(kind, a, b, x2, y2, max(1, chunk // 8))
+            else:
+                _kq.mvx8(kind, a, b, x2, y2)
+        elif mode == K_ROWS_INT8:
+            if par:
+                _kq.mvq_par(kind, a, x2, y2, chunk)
+            else:
+                _kq.mvq(kind, a, x2, y2)
+        elif par:  # K_ROWS
+            _kq.mv_par(kind, a, x2, y2, chunk)
+        else:
+            _kq.mv_rows(kind, a, x2, y2, np.int64(0), n_out)
 
 
 _KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16": 6, "F32": 7}
@@ -1133,7 +1150,7 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None,
         integer = policy == "fast" and _int8_dot() and (cpu or host_kernels()).int8_dot
         if fmt.block_size == 256:  # the K-quants: kernels/kquants.py
             from .kquants import make_kquant_linear
-            return make_kquant_linear(w, integer)
+            return make_kquant_linear(w, integer, repacked)
         if integer and fmt.name in INT8_DOT_FORMATS:
             return Int8DotLinear(w, repacked)
         if integer and fmt.name in INT16_DOT_FORMATS:
