@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""rwkvpy on Ray against one process, on this machine (the demo model unless --model).
+
+Measured, in one run:
+
+- serving: requests/s and generated tokens/s of ``--clients`` concurrent clients sending
+  ``--requests`` completions of ``--max-tokens`` tokens each, to ``rwkvpy serve --ray`` with 1
+  replica (all CPUs' threads) and with 2 replicas (half each), each in ``--rounds`` rounds
+  that alternate with rounds on the single-process server (``rwkvpy serve``, all CPUs'
+  threads), which stays up meanwhile: the median round of each;
+- the Ray hop: p50/p99 latency of a short completion (``--latency-tokens`` tokens, one
+  client, ``--latency-requests`` requests after a warm-up), single process and 1 replica
+  alternating request by request;
+- batch: rows/s of ``rwkvpy batch generate`` over ``--rows`` requests, in one process vs on
+  Ray Data with 2 actors (one CPU each), over the whole job; and the time to the first rows
+  (in one process: loading the model; on Ray: mostly the actors starting and loading it).
+
+Ray runs as a local instance with the machine's CPUs (127.0.0.1, no dashboard); everything is
+shut down at the end. Usage::
+
+    python benchmarks/ray_bench.py [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+PROMPTS = ["Once upon a time", "The sea is", "Hello there", "RWKV is", "A cat sat on the",
+           "Dear sir,", "In the morning", "The end of the"]
+
+
+def _load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def drive(url: str, n: int, clients: int, max_tokens: int) -> dict:
+    """``n`` completions from ``clients`` threads: requests/s, tokens/s."""
+    def one(i):
+        r = httpx.post(url + "/v1/completions", timeout=600, json={
+            "model": "bench", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+            "seed": i, "temperature": 1.0, "stop": []})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))  # warm-up: every replica's kernels and buffers
+        t0 = time.perf_counter()
+        tokens = sum(pool.map(one, range(n)))
+        wall = time.perf_counter() - t0
+    return {"requests": n, "clients": clients, "seconds": wall, "requests_per_s": n / wall,
+            "tokens_per_s": tokens / wall}
+
+
+def latency(urls: dict, n: int, max_tokens: int) -> dict:
+    """p50/p99 of a short completion for each of ``urls`` ({name: url}), one request to each
+    in turn, so that they share whatever else the machine does."""
+    times = {k: [] for k in urls}
+    with httpx.Client(timeout=60) as c:
+        for i in range(n + 5):
+            for k, url in urls.items():
+                t0 = time.perf_counter()
+                r = c.post(url + "/v1/completions", json={
+                    "model": "bench", "prompt": "Hello", "max_tokens": max_tokens, "seed": i})
+                r.raise_for_status()
+                if i >= 5:  # the first ones warm up
+                    times[k].append((time.perf_counter() - t0) * 1000)
+    out = {}
+    for k, t in times.items():
+        t.sort()
+        out[k] = {"n": n, "max_tokens": max_tokens, "p50_ms": statistics.median(t),
+                  "p99_ms": t[min(len(t) - 1, round(0.99 * (len(t) - 1)))],
+                  "mean_ms": statistics.fmean(t)}
+    return out
+
+
+def rounds(urls: dict, k: int, n: int, clients: int, max_tokens: int) -> dict:
+    """``k`` rounds of :func:`drive` on each of ``urls`` in turn; the median round of each."""
+    got = {name: [] for name in urls}
+    for _ in range(k):
+        for name, url in urls.items():
+            got[name].append(drive(url, n, clients, max_tokens))
+    out = {}
+    for name, rs in got.items():
+        rs.sort(key=lambda r: r["requests_per_s"])
+        out[name] = {**rs[len(rs) // 2], "rounds": k,
+                     "requests_per_s_all": [round(r["requests_per_s"], 2) for r in rs]}
+    return out
+
+
+def single_process_server(model: str, threads: int):
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "rwkvpy.server", model, "--port", "0",
+                             "--threads", str(threads), "--model-name", "bench",
+                             "--no-access-log"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        with open(log.name) as f:
+            m = re.search(r"listening on (http://[0-9.]+:\d+)", f.read())
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            with open(log.name) as f:
+                raise SystemExit(f"the server did not start:\n{f.read()}")
+        time.sleep(0.2)
+
+
+def ray_spec(model: str, threads: int) -> dict:
+    from rwkvpy.cli import take_positionals
+    from rwkvpy.server.cli import add_serve_arguments
+    from rwkvpy.server.ray_serve import replica_spec
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    args = p.parse_args([model, "--threads", str(threads), "--model-name", "bench",
+                         "--no-access-log"])
+    take_positionals(args)
+    return replica_spec(args, None, [])
+
+
+def batch_rows(model: str, rows: int, max_tokens: int, ray_on: bool, cpus: int, tmp: str):
+    from rwkvpy import batch
+
+    src = os.path.join(tmp, "in.jsonl")
+    with open(src, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": i, "prompt": PROMPTS[i % len(PROMPTS)],
+                                "max_tokens": max_tokens, "seed": i}) + "\n")
+    first = []  # (time, rows) of the first group to come back
+
+    def seen(rows, _pid):
+        if not first:
+            first.append((time.perf_counter(), len(rows)))
+
+    t0 = time.perf_counter()
+    kw = ({"ray": True, "concurrency": cpus, "load_kw": {"threads": 1}} if ray_on
+          else {"load_kw": {"threads": cpus}})
+    batch.run("generate", model, src, os.path.join(tmp, f"out{int(ray_on)}.jsonl"),
+              force=True, on_rows=seen, **kw)
+    wall = time.perf_counter() - t0
+    start = first[0][0] - t0
+    # groups come back in input order: the first one's time is mostly the start (Ray's actors
+    # starting and loading the model), not a rate
+    return {"rows": rows, "max_tokens": max_tokens, "seconds": wall,
+            "rows_per_s": rows / wall, "first_rows_s": start}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--requests", type=int, default=32, help="requests per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--latency-requests", type=int, default=100)
+    ap.add_argument("--latency-tokens", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--json", metavar="PATH", default=None)
+    a = ap.parse_args()
+    import ray
+
+    from rwkvpy.model import physical_cores
+    from rwkvpy.server import ray_serve
+
+    cpus = physical_cores()
+    out = {"cpus": cpus, "cpu": _cpu_name(), "model": a.model, "load_avg_start": _load_avg()}
+    say = lambda m: print(f"... {m}", file=sys.stderr, flush=True)  # noqa: E731
+
+    say("single-process server")
+    proc, single = single_process_server(a.model, cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        # the single-process server stays up: each Ray configuration is measured in rounds
+        # that alternate with it, so that both see the same machine
+        for replicas in (1, 2):
+            say(f"Ray Serve, {replicas} replica(s), against the single process")
+            url = ray_serve.deploy(ray_spec(a.model, max(1, cpus // replicas)),
+                                   replicas=replicas, port=0)
+            try:
+                out[f"serve_{replicas}_replica"] = {
+                    "load_avg": _load_avg(),
+                    **rounds({"single": single, "ray": url}, a.rounds, a.requests, a.clients,
+                             a.max_tokens)}
+                if replicas == 1:
+                    out["latency"] = latency({"single": single, "ray": url},
+                                             a.latency_requests, a.latency_tokens)
+            finally:
+                ray_serve.shutdown()
+        proc.terminate()
+        proc.wait(30)
+        with tempfile.TemporaryDirectory() as tmp:
+            say("batch, one process")
+            out["batch_local"] = {"load_avg": _load_avg(),
+                                  **batch_rows(a.model, a.rows, a.max_tokens, False, cpus, tmp)}
+            say("batch, Ray Data")
+            out["batch_ray"] = {"load_avg": _load_avg(),
+                                **batch_rows(a.model, a.rows, a.max_tokens, True, cpus, tmp)}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ray.shutdown()
+    out["load_avg_end"] = _load_avg()
+    print(json.dumps(out, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
