@@ -484,3 +484,156 @@ def test_bin_with_a_duplicated_tensor_is_refused(tmp_path):
     (tmp_path / "dup.bin").write_bytes(raw + raw[24:end])
     with pytest.raises(errors.UnknownFormatError, match="'emb.weight' at offset .* appears twice"):
         rwkvpy.load(tmp_path / "dup.bin")
+
+
+# -- the server --------------------------------------------------------------------------------------------
+
+MAX_PROMPT = 64
+
+
+@pytest.fixture(scope="module")
+def api(demo):
+    """The app in this process (starlette's TestClient), the demo model behind it."""
+    from starlette.testclient import TestClient
+
+    from rwkvpy.server.app import ServerConfig, ServerState, build_app
+    from rwkvpy.server.engine import Engine
+
+    tok = demo.tokenizer()
+    server = ServerState(demo, tok, Engine(demo, tok),
+                         ServerConfig(model_name="demo", max_prompt_tokens=MAX_PROMPT))
+    with TestClient(build_app(server), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _error(r, status, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert "Traceback" not in err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"prompt": ' + b"[" * 100_000,
+                                  b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"],
+                         ids=["array", "in-object", "closed"])
+def test_server_deep_json_is_400(api, body):
+    r = api.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 1}'),
+    ("/v1/completions", '{"prompt": "a\\udfff", "max_tokens": 1, "echo": true}'),
+    ("/v1/completions", '{"prompt": ["ok", "\\ud83d"], "max_tokens": 1}'),
+    ("/v1/completions", '{"prompt": "a", "stop": ["\\ud800"], "max_tokens": 1}'),
+    ("/v1/completions", '{"prompt": "a", "model": "\\ud800", "max_tokens": 1}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+    ("/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}'),
+    ("/v1/states", '{"id": "s", "prompt": "\\ud800"}'),
+    ("/v1/completions", '{"\\ud800": 1, "prompt": "a", "max_tokens": 1}'),
+])
+def test_server_lone_surrogates_are_400(api, route, body):
+    r = api.post(route, content=body.encode(), headers={"content-type": "application/json"})
+    _error(r, 400, "invalid_unicode")
+
+
+def test_server_state_ids_match_in_full(api):
+    from rwkvpy.server.cli import ServeError, _parse_states
+
+    for sid in ("a\n", "a\nb", "../x", "/etc/x", "a\x00", ""):
+        _error(api.post("/v1/states", json={"id": sid, "prompt": "x"}), 400)
+        if sid:
+            _error(api.post("/v1/completions", json={"prompt": "x", "max_tokens": 1,
+                                                     "state": sid}), 400)
+            with pytest.raises(ServeError):
+                _parse_states([f"{sid}=file.state"])
+    r = api.post("/v1/states", json={"id": "fine-1", "prompt": "x"})
+    assert r.status_code == 200, r.text
+
+
+def test_server_prompt_size_bound(api):
+    ok = api.post("/v1/completions", json={"prompt": [1] * MAX_PROMPT, "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+    for route, body in [
+        ("/v1/completions", {"prompt": [1] * (MAX_PROMPT + 1), "max_tokens": 1}),
+        ("/v1/completions", {"prompt": ["a", "b" * (MAX_PROMPT + 1)], "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w " * MAX_PROMPT}]}),
+        ("/v1/states", {"id": "long", "prompt": "c" * (MAX_PROMPT + 1)}),
+    ]:
+        err = _error(api.post(route, json=body), 400, "context_length_exceeded")
+        assert f"at most {MAX_PROMPT}" in err["message"]
+    stats = api.get("/v1/stats").json()
+    assert stats["slots_used"] == 0
+
+
+def test_serve_help_documents_limits():
+    import argparse
+
+    from rwkvpy.server.cli import DEFAULTS, add_serve_arguments
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert "--max-prompt-tokens" in text and "default 32768" in text
+    assert "prefix cache memory cap" in text and "= 512 MiB" in text
+    assert DEFAULTS["cache_bytes"] == 512 << 20 and DEFAULTS["max_prompt_tokens"] == 32768
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "server.md")).read()
+    assert "`--max-prompt-tokens N` | 32768" in doc and "512 MiB by default" in doc
+
+
+def test_server_answers_503_while_draining(demo):
+    """SIGTERM with a stream running: the server keeps listening and answers new requests 503
+    until the stream ends (it once refused new connections), then stops. uvicorn runs in a
+    thread here, so the signal handler is called directly."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from rwkvpy.server.app import ServerConfig, ServerState, build_app
+    from rwkvpy.server.cli import _bind, _server_class
+    from rwkvpy.server.engine import Engine
+
+    tok = demo.tokenizer()
+    state = ServerState(demo, tok, Engine(demo, tok),
+                        ServerConfig(model_name="demo", graceful_timeout=60,
+                                     max_tokens_limit=100000))
+    sock = _bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv = _server_class(uvicorn)(uvicorn.Config(build_app(state), lifespan="on",
+                                                log_level="warning"), state)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            with http.stream("POST", "/v1/completions",
+                             json={"prompt": "Once", "max_tokens": 100000, "stream": True}) as r:
+                lines = r.iter_lines()  # kept: a dropped iterator would close the stream
+                assert next(lines).startswith("data: ")
+                srv.handle_exit(signal.SIGTERM, None)
+                deadline = time.monotonic() + 30
+                while http.get("/health").status_code != 503:  # the drain has begun
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                with httpx.Client(base_url=url, timeout=30) as fresh:  # a new connection
+                    _error(fresh.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}),
+                           503, "server_shutting_down")
+                assert not srv.should_exit and state.slots_used == 1
+        thread.join(CLI_TIMEOUT)  # the client went away: the drain ends, uvicorn stops
+        assert not thread.is_alive()
+    finally:
+        srv.should_exit = True
+        thread.join(CLI_TIMEOUT)
+        sock.close()

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import RwkvpyError
 from ..sampling import SamplingParams
 from . import protocol as P
 from .engine import Engine, EngineClosed, Sequence
@@ -47,6 +48,7 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20
     graceful_timeout: float = 10.0    # seconds running requests get to finish on SIGTERM
     max_states: int = 64              # states saved through POST /v1/states, at most
+    max_prompt_tokens: int = 32768    # longest prompt (a chat's whole conversation), in tokens
 
 
 @dataclass
@@ -79,7 +81,8 @@ class ServerState:
         self.started = int(time.time())
         self.fingerprint = f"rwkvpy-{model.fingerprint}"
         self.limits = P.Limits(max_tokens=config.max_tokens_limit,
-                               max_sequences=config.max_concurrent)
+                               max_sequences=config.max_concurrent,
+                               max_prompt_tokens=config.max_prompt_tokens)
 
     # slots: only touched from the event loop's thread
     def acquire(self, n: int) -> None:
@@ -231,8 +234,12 @@ async def read_json(request: Request, limit: int) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise P.bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise P.bad("the request body is not valid JSON: nested too deep",
+                    code="invalid_json") from None
     if not isinstance(data, dict):
         raise P.bad("the request body must be a JSON object", code="invalid_json")
+    P.check_unicode(data)
     return data
 
 
@@ -298,6 +305,10 @@ def create_app(server: ServerState) -> FastAPI:
     async def _validation_error(request, exc):
         return error_response(P.bad("invalid request"))
 
+    @app.exception_handler(RwkvpyError)
+    async def _input_error(request, exc):  # a request's text or tokens the model cannot take
+        return error_response(P.bad(str(exc)))
+
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
         log.error("internal error on %s %s: %s: %s", request.method, request.url.path,
@@ -336,6 +347,7 @@ def create_app(server: ServerState) -> FastAPI:
             from ..prefix_cache import cache_root
 
             root = cache_root(server.model)
+        P.check_prompt_tokens(prompts, server.limits)  # before anything runs
         for pi, prompt in enumerate(prompts):
             for j in range(n):
                 job.seqs.append(Sequence(prompt.ids, params[j], job.emitter(pi * n + j),

@@ -23,7 +23,8 @@ log = logging.getLogger("rwkvpy.server")
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 32, "max_concurrent": 64,
             "max_tokens_limit": 4096, "max_request_bytes": 1 << 20, "cache_bytes": 512 << 20,
-            "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64}
+            "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64,
+            "max_prompt_tokens": 32768}
 
 
 class ServeError(RwkvpyError):
@@ -52,6 +53,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d['max_tokens_limit']}; also the chat default)")
     p.add_argument("--max-request-bytes", type=int, default=d["max_request_bytes"], metavar="N",
                    help=f"largest request body; larger gets 413 (default {d['max_request_bytes']})")
+    p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"], metavar="N",
+                   help="longest prompt in tokens (a chat's whole conversation); longer gets 400 "
+                        f"before it runs (default {d['max_prompt_tokens']})")
     p.add_argument("--state", action="append", default=[], metavar="NAME=FILE",
                    help="a named starting state: an rwkvpy state file or a BlinkDL state-tuned "
                         ".pth (repeatable)")
@@ -63,7 +67,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="World vocabulary file or NeoX tokenizer.json")
     add_run_options(p)
     p.add_argument("--cache-bytes", type=int, default=d["cache_bytes"], metavar="N",
-                   help=f"prefix cache size (default {d['cache_bytes']}; 0 disables it)")
+                   help=f"prefix cache memory cap in bytes: the states it keeps, least "
+                        f"recently used out first (default {d['cache_bytes']} = "
+                        f"{d['cache_bytes'] >> 20} MiB; 0 disables it)")
     p.add_argument("--cache-every", type=int, default=d["cache_every"], metavar="N",
                    help=f"prefix cache checkpoint interval in tokens (default {d['cache_every']})")
     p.add_argument("--graceful-timeout", type=float, default=d["graceful_timeout"],
@@ -111,7 +117,7 @@ def _parse_states(items) -> list:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ServeError(f"--state expects NAME=FILE, got {item!r}")
-        if not STATE_ID.match(name):
+        if not STATE_ID.fullmatch(name):
             raise ServeError(f"--state name {name!r}: use letters, digits, '.', '_', '-' "
                              f"(at most 64)")
         if name in seen:
@@ -201,7 +207,7 @@ def cmd_serve(args) -> int:
 
     _setup_logging(args.log_level)
     for name in ("max_batch", "max_concurrent", "max_tokens_limit", "max_request_bytes",
-                 "max_states"):
+                 "max_states", "max_prompt_tokens"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--cache-bytes", args.cache_bytes, zero_ok=True)
     _positive("--cache-every", args.cache_every, zero_ok=True)
@@ -241,7 +247,8 @@ def cmd_serve(args) -> int:
                           max_concurrent=args.max_concurrent,
                           max_request_bytes=args.max_request_bytes,
                           graceful_timeout=args.graceful_timeout,
-                          max_states=args.max_states)
+                          max_states=args.max_states,
+                          max_prompt_tokens=args.max_prompt_tokens)
     server = ServerState(model, tok, engine, config, named)
     app = build_app(server)
 
@@ -269,15 +276,17 @@ def cmd_serve(args) -> int:
 def _server_class(uvicorn):
     class _Server(uvicorn.Server):
         """uvicorn's server, with our own SIGTERM/SIGINT handling: the first signal starts a
-        drain (running requests get ``graceful_timeout`` seconds, then are cancelled) while
-        uvicorn stops accepting connections; the process then exits with status 0 (uvicorn
-        itself re-raises the signal after its shutdown, which would make the exit status
-        143). A second SIGINT quits at once."""
+        drain: running requests get ``graceful_timeout`` seconds, then are cancelled, while the
+        server keeps listening and answers new requests 503 (a refused connection would look
+        like a crash to a client or a load balancer); then uvicorn stops and the process exits
+        with status 0 (uvicorn itself re-raises the signal after its shutdown, which would make
+        the exit status 143). A second signal stops listening at once, a second SIGINT quits."""
 
         def __init__(self, config, state):
             super().__init__(config)
             self._state = state
             self._loop = None
+            self._draining = False
 
         async def serve(self, sockets=None):
             import asyncio
@@ -300,14 +309,21 @@ def _server_class(uvicorn):
                     signal.signal(sig, handler)
 
         def handle_exit(self, sig, frame):
-            first = not self.should_exit
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            self.should_exit = True
-            if first and self._loop is not None:
-                log.info("rwkvpy serve: received %s", signal.Signals(sig).name)
-                grace = self._state.config.graceful_timeout
-                self._loop.call_soon_threadsafe(
-                    lambda: self._loop.create_task(self._state.drain(grace)))
+            if self._draining or self.should_exit or self._loop is None:
+                if sig == signal.SIGINT and (self._draining or self.should_exit):
+                    self.force_exit = True
+                self.should_exit = True
+                return
+            self._draining = True
+            log.info("rwkvpy serve: received %s", signal.Signals(sig).name)
+            grace = self._state.config.graceful_timeout
+            self._loop.call_soon_threadsafe(
+                lambda: self._loop.create_task(self._drain_then_exit(grace)))
+
+        async def _drain_then_exit(self, grace):
+            try:
+                await self._state.drain(grace)
+            finally:
+                self.should_exit = True  # uvicorn stops listening only now
 
     return _Server

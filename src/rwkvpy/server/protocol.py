@@ -72,6 +72,7 @@ class Limits:
     max_tokens: int = 4096       # the most tokens one choice may ask for
     max_sequences: int = 64      # choices (prompts x n) one request may ask for
     default_completion_tokens: int = 16
+    max_prompt_tokens: int = 32768   # the longest prompt (a chat's whole conversation)
 
 
 @dataclass
@@ -143,6 +144,36 @@ def _show(v) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
+def check_unicode(body) -> None:
+    """400 unless every string of the body (keys included) is valid Unicode: JSON's escapes
+    can make lone surrogates ("\\ud800"), which no tokenizer encodes and no response can
+    carry back."""
+    stack = [body]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad(f"the request holds a lone surrogate (U+{ord(v[e.start]):04X}) in the "
+                          f"string {_show(v)}: text must be valid Unicode",
+                          code="invalid_unicode") from None
+
+
+def check_prompt_tokens(prompts, limits: Limits) -> None:
+    """400 for a prompt longer than the server's --max-prompt-tokens."""
+    for p in prompts:
+        if len(p.ids) > limits.max_prompt_tokens:
+            raise bad(f"the prompt is {len(p.ids)} tokens; this server takes at most "
+                      f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
+                      code="context_length_exceeded")
+
+
 def check_model(body, served: list) -> str:
     name = body.get("model")
     if name is None:
@@ -160,7 +191,7 @@ def state_name(body, name="state"):
     v = body.get(name)
     if v is None:
         return None
-    if not isinstance(v, str) or not STATE_ID.match(v):
+    if not isinstance(v, str) or not STATE_ID.fullmatch(v):
         raise bad(f"'{name}' must be a state id (letters, digits, '.', '_', '-'; at most 64), "
                   f"got {_show(v)}", name)
     return v
