@@ -637,3 +637,133 @@ def test_server_answers_503_while_draining(demo):
         srv.should_exit = True
         thread.join(CLI_TIMEOUT)
         sock.close()
+
+
+# -- GGUF ----------------------------------------------------------------------------------------------------
+
+DEMO_GGUF = os.path.join(os.path.dirname(rwkvpy.__file__), "data", "demo-v7-192x4-q8_0.gguf")
+G_U32, G_I32, G_F32, G_STR, G_ARR, G_U8 = 4, 5, 6, 8, 9, 0
+
+
+def _gstr(b):
+    b = b.encode() if isinstance(b, str) else b
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key, vtype, payload):
+    return _gstr(key) + struct.pack("<I", vtype) + payload
+
+
+def _gguf(dst, kvs, infos=(), data=b""):
+    """A GGUF v3 file: raw key-values, tensor infos (name, ggml dims, type, offset), data."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(infos), len(kvs)) + b"".join(kvs)
+    for name, dims, typ, off in infos:
+        out += (_gstr(name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+                + struct.pack("<IQ", typ, off))
+    dst.write_bytes(out + b"\0" * (-len(out) % 32) + data)
+    return dst
+
+
+def _regguf(dst, kvs=None, tensor=None):
+    """The demo model's GGUF rewritten: key-values replaced or added (raw bytes by key), each
+    tensor info through tensor(name, dims, type, offset); the data section unchanged."""
+    import gguf
+
+    r = gguf.GGUFReader(DEMO_GGUF)
+    kvs = dict(kvs or {})
+    raw = [kvs.pop(k) if k in kvs else b"".join(p.tobytes() for p in f.parts)
+           for k, f in r.fields.items() if not k.startswith("GGUF.")] + list(kvs.values())
+    infos = []
+    for t in r.tensors:
+        info = (t.name, [int(d) for d in t.field.parts[3]], int(t.field.parts[4][0]),
+                int(t.field.parts[5][0]))
+        infos.append(tensor(*info) if tensor else info)
+    return _gguf(dst, raw, infos, bytes(r.data[r.data_offset:]))
+
+
+def _retensor(target, name=None, dims=None, offset=None):
+    def change(n, d, t, o):
+        if n != target:
+            return n, d, t, o
+        return name or n, dims or d, t, o if offset is None else offset
+    return change
+
+
+GGUF_HEADER_FAULTS = {
+    "arch not UTF-8": dict(kvs={"general.architecture": _kv("general.architecture", G_STR,
+                                                            _gstr(b"rwkv\xff"))}),
+    "head_size str": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_STR,
+                                                          _gstr("abc"))}),
+    "head_size 7": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_U32,
+                                                        struct.pack("<I", 7))}),
+    "head_size -64": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_I32,
+                                                          struct.pack("<i", -64))}),
+    "head_size 2^32-1": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_U32,
+                                                             struct.pack("<I", 2 ** 32 - 1))}),
+    "file_type str": dict(kvs={"general.file_type": _kv("general.file_type", G_STR,
+                                                        _gstr("abc"))}),
+    "rescale str": dict(kvs={"rwkv7.rescale_every_n_layers": _kv(
+        "rwkv7.rescale_every_n_layers", G_STR, _gstr("abc"))}),
+    "eps str": dict(kvs={"rwkv7.attention.group_norm_epsilon": _kv(
+        "rwkv7.attention.group_norm_epsilon", G_STR, _gstr("abc"))}),
+    "eps NaN": dict(kvs={"rwkv7.attention.group_norm_epsilon": _kv(
+        "rwkv7.attention.group_norm_epsilon", G_F32, struct.pack("<f", float("nan")))}),
+    "r_k misshaped": dict(tensor=_retensor("blk.0.time_mix_r_k.weight", dims=[191])),
+    "fused lerp misshaped": dict(tensor=_retensor("blk.0.time_mix_lerp_fused.weight",
+                                                  dims=[193, 1, 1, 5])),
+    "w1 one dimension": dict(tensor=_retensor("blk.0.time_mix_w1.weight", dims=[192 * 32])),
+    "layer ²": dict(tensor=_retensor("blk.0.attn_norm.weight", name="blk.\u00b2.attn_norm.weight")),
+    "layer 5000": dict(tensor=_retensor("blk.0.time_mix_output.weight",
+                                        name="blk.5000.time_mix_output.weight")),
+    "rescale 2^100": dict(kvs={"rwkv7.rescale_every_n_layers": _kv(
+        "rwkv7.rescale_every_n_layers", G_U32, struct.pack("<I", 1))},
+        tensor=_retensor("blk.0.time_mix_output.weight", name="blk.100.time_mix_output.weight")),
+    "offset 2^64-1": dict(tensor=_retensor("blk.0.attn_norm.weight", offset=2 ** 64 - 1)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the library's sum
+@pytest.mark.parametrize("fault", list(GGUF_HEADER_FAULTS))
+def test_gguf_header_fields_are_checked(tmp_path, fault):
+    """Each once escaped as ValueError, RuntimeError, IndexError, UnicodeDecodeError or
+    OverflowError, or (the offset) loaded with NaN logits."""
+    bad = _regguf(tmp_path / "bad.gguf", **GGUF_HEADER_FAULTS[fault])
+    with pytest.raises(errors.ModelFileError):
+        rwkvpy.load(bad, cache=False)
+
+
+def test_gguf_counts_are_bounded_by_the_file(tmp_path):
+    """An array announcing 2^40 items (once half a minute and 664 MB), arrays nested 2,000 deep
+    (once a RecursionError): refused before anything is allocated. Bounded by a subprocess."""
+    arch = _kv("general.architecture", G_STR, _gstr("rwkv7"))
+    nested = b"".join(struct.pack("<IQ", G_ARR, 1) for _ in range(2000)) + \
+        struct.pack("<IQ", G_U8, 0)
+    files = [_gguf(tmp_path / "nested.gguf", [arch, _kv("x", G_ARR, nested)])]
+    for i, itype in enumerate((G_U32, G_STR, G_ARR, 7)):  # 7: bool
+        files.append(_gguf(tmp_path / f"count{i}.gguf",
+                           [arch, _kv("x", G_ARR, struct.pack("<IQ", itype, 2 ** 40) + bytes(64))]))
+    swapped = bytearray(files[1].read_bytes())
+    swapped[4:8] = struct.pack(">I", 3)  # the big-endian reading of the same file
+    files.append(tmp_path / "swapped.gguf")
+    files[-1].write_bytes(bytes(swapped))
+    code = textwrap.dedent(f"""
+        import rwkvpy
+        for path in {[str(f) for f in files]!r}:
+            try:
+                rwkvpy.inspect(path)
+            except rwkvpy.errors.ModelFileError as e:
+                print("refused")
+    """)
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0 and r.stdout.split() == ["refused"] * len(files), r.stderr
+
+
+def test_gguf_cli_prints_one_line(tmp_path, capsys):
+    from rwkvpy.cli import main
+
+    bad = _regguf(tmp_path / "bad.gguf", **GGUF_HEADER_FAULTS["arch not UTF-8"])
+    assert main(["info", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rwkvpy: error: {bad}: GGUF key 'general.architecture' cannot be read: "
+                   "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 4: "
+                   "invalid start byte"], err

@@ -114,6 +114,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -121,8 +122,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import (MissingTensorError, TruncatedFileError, UnknownFormatError,
-                      UnsupportedTensorTypeError, UnsupportedVersionError)
+from ..errors import (MissingTensorError, ModelFileError, TensorShapeError, TruncatedFileError,
+                      UnknownFormatError, UnsupportedTensorTypeError, UnsupportedVersionError)
 from ..models.config import ModelConfig, Version
 from .base import Checkpoint, QTensor, to_float32
 from .plan import Entry, resolve_shapes, split_name
@@ -208,6 +209,8 @@ _V7 = {
 _RULES = {Version.V4: _V4V5, Version.V5_0: _V4V5, Version.V5_2: _V4V5, Version.V6: _V6,
           Version.V7: _V7}
 _FUSED_NAME = "time_mix_lerp_fused.weight"
+MAX_ARRAY_DEPTH = 8  # key-value arrays of arrays, at most this deep
+MAX_RESCALE_EXPONENT = 64  # v6 rescaling multiplies a layer by 2^(layer // every), at most this
 _FUSED = {Version.V6: tuple(f"att.time_maa_{c}" for c in "wkvrg"),
           Version.V7: tuple(f"att.x_{c}" for c in "rwkvag")}
 
@@ -600,9 +603,38 @@ def _reader_class():
     scalars = getattr(base, "gguf_scalar_to_np", None)
 
     class Reader(base):
+        _depth = 0
+
         def _get_field_parts(self, orig_offs, raw_type):
-            if (raw_type != vt.ARRAY or self.byte_order != "I" or scalars is None
-                    or sys.byteorder != "little"):
+            if raw_type == vt.ARRAY:  # before any array is parsed: its count against the file
+                self._check_array(orig_offs)
+                self._depth += 1
+                try:
+                    return self._array_parts(orig_offs, raw_type)
+                finally:
+                    self._depth -= 1
+            return super()._get_field_parts(orig_offs, raw_type)
+
+        def _check_array(self, offs):
+            """An array's item count times its smallest item size must fit in the bytes left
+            (one announcing 2^40 items once took half a minute and 664 MB to fail), and arrays
+            nest at most MAX_ARRAY_DEPTH deep (2,000 deep once hit the recursion limit)."""
+            if self._depth >= MAX_ARRAY_DEPTH:
+                raise ValueError(f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
+            itype, n = self._get(offs, np.uint32), self._get(offs + 4, np.uint64)
+            if len(itype) != 1 or len(n) != 1:
+                raise IndexError("array header past the end of the file")
+            itype, n = int(itype[0]), int(n[0])
+            scalar = scalars.get(itype) if scalars is not None else None
+            least = {int(vt.STRING): 8, int(vt.ARRAY): 12}.get(
+                itype, np.dtype(scalar).itemsize if scalar is not None else 1)
+            left = len(self.data) - offs - 12
+            if n * least > left:
+                raise IndexError(f"an array of {n} items needs at least {n * least} bytes, "
+                                 f"{max(0, left)} are left")
+
+        def _array_parts(self, orig_offs, raw_type):
+            if self.byte_order != "I" or scalars is None or sys.byteorder != "little":
                 return super()._get_field_parts(orig_offs, raw_type)
             plain = self.data.view(np.ndarray)
             raw_itype = plain[orig_offs:orig_offs + 4].view(np.uint32)
@@ -660,13 +692,42 @@ def _open(path):
     except (IndexError, OverflowError, KeyError, EOFError) as e:
         raise TruncatedFileError(path, f"cannot read the GGUF file (truncated or corrupt?): "
                                  f"{type(e).__name__}: {str(e)[:200]}") from None
+    except Exception as e:  # noqa: BLE001 - whatever else the library raises on a corrupt file
+        raise TruncatedFileError(path, f"cannot read the GGUF file (corrupt?): "
+                                 f"{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _value(reader, key, default=None):
     field = reader.get_field(key)
     if field is None:
         return default
-    return field.contents()
+    try:
+        return field.contents()
+    except Exception as e:  # noqa: BLE001 - a string that is not UTF-8, a truncated value
+        raise UnknownFormatError(getattr(reader.data, "filename", None) or "<gguf>",
+                                 f"GGUF key '{key}' cannot be read: {type(e).__name__}: "
+                                 f"{str(e)[:120]}") from None
+
+
+def _meta(path, reader, key, kind, default=None, lo=None):
+    """A metadata value checked for its type: ``str``, ``int`` (not a bool) or ``float`` (a
+    finite number), and at least ``lo``; UnknownFormatError naming the key otherwise."""
+    v = _value(reader, key)
+    if v is None:
+        return default
+    if kind is str:
+        ok = isinstance(v, str)
+    elif kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    else:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (lo is not None and v < lo):
+        shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+        raise UnknownFormatError(path, f"GGUF key '{key}' is {shown}, expected "
+                                 + {str: "a string", int: "an integer",
+                                    float: "a finite number"}[kind]
+                                 + (f" >= {lo}" if lo is not None else ""))
+    return v
 
 
 def read_metadata(path) -> dict:
@@ -729,7 +790,7 @@ def _version(path, reader, arch) -> Version:
     if arch == "rwkv4":
         return Version.V4
     if arch == "rwkv5":
-        v = _value(reader, KEY_VERSION.format(arch=arch))
+        v = _meta(path, reader, KEY_VERSION.format(arch=arch), str)
         if v in ("5.0", "5.2"):
             return Version.V5_0 if v == "5.0" else Version.V5_2
         if v is not None:
@@ -751,11 +812,15 @@ def _tensor(path, reader, t):
         raise UnsupportedTensorTypeError(
             path, f"tensor '{t.name}' has type {fmt}; rwkvpy reads " + ", ".join(SUPPORTED_TYPES))
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-    raw = reader.data[t.data_offset:t.data_offset + t.n_bytes]
-    if raw.size != t.n_bytes:
+    # offset and size in Python ints: the library's numpy uint64 sums wrap around (an offset of
+    # 2^64 - 1 once became the byte before the data, and the model loaded with NaN logits)
+    start = int(reader.data_offset) + int(t.field.parts[-1][0])
+    n_bytes = FORMATS[fmt].nbytes(shape) if all(d > 0 for d in shape) else 0
+    if n_bytes == 0 or start + n_bytes > reader.data.size:
         raise TruncatedFileError(path, f"tensor '{t.name}' ({fmt}, shape {shape}) needs "
-                                 f"{t.n_bytes} bytes at offset {t.data_offset}, the file has "
-                                 f"{max(0, reader.data.size - t.data_offset)} left")
+                                 f"{n_bytes} bytes at offset {start}, the file has "
+                                 f"{max(0, reader.data.size - start)} left")
+    raw = reader.data[start:start + n_bytes]
     if fmt == "F32":
         return torch.from_numpy(raw.view(np.float32)).view(shape), fmt
     if fmt == "F16":
@@ -791,12 +856,12 @@ def _rescaled(t, factor: float):
 def read(path) -> Checkpoint:
     path = os.fspath(path)
     reader = _open(path)
-    arch = _value(reader, "general.architecture")
+    arch = _meta(path, reader, "general.architecture", str)
     if arch is None:
         raise UnknownFormatError(path, "GGUF file without 'general.architecture'")
     version = _version(path, reader, arch)
-    head_size = _value(reader, f"{arch}.wkv.head_size")
-    rescale = int(_value(reader, f"{arch}.rescale_every_n_layers", 0) or 0)
+    head_size = _meta(path, reader, f"{arch}.wkv.head_size", int, lo=1)
+    rescale = _meta(path, reader, f"{arch}.rescale_every_n_layers", int, 0, lo=0)
 
     inv_layer = {g: (c, kind) for c, (g, kind) in _layer_rules(version).items()}
     if version is Version.V6:
@@ -812,33 +877,29 @@ def read(path) -> Checkpoint:
         tensors[name] = value
         types[name] = fmt
 
-    for t in reader.tensors:
-        value, fmt = _tensor(path, reader, t)
-        if t.name in inv_global:
-            put(inv_global[t.name], value, fmt)
-            continue
-        parts = t.name.split(".", 2)
-        if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdigit():
-            put(t.name, value, fmt)  # not an RWKV tensor: kept under its GGUF name
-            continue
-        bid, gleaf = int(parts[1]), parts[2]
+    def put_layer(t, bid, gleaf, value, fmt):
         prefix = f"blocks.{bid}."
         if version is Version.V7 and bid == 0 and gleaf in (
                 "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight"):
-            continue  # copies of a0/a1/a2 (see the module docstring)
+            return  # copies of a0/a1/a2 (see the module docstring)
         if gleaf == _FUSED_NAME and fused_members:
+            n = math.prod(value.shape)
+            if n % len(fused_members):
+                raise TensorShapeError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}: "
+                                       f"{n} values do not split into {len(fused_members)} mixes")
             f = to_float32(value) if isinstance(value, QTensor) else value
             f = f.reshape(len(fused_members), -1)
-            if f.shape[0] != len(fused_members):
-                raise UnknownFormatError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}")
             for j, m in enumerate(fused_members):
                 put(prefix + m, f[j], fmt)
-            continue
+            return
         rule = inv_layer.get(gleaf)
         if rule is None:
             put(t.name, value, fmt)
-            continue
+            return
         cleaf, kind = rule
+        if kind in (T, P021) and len(value.shape) != (2 if kind == T else 3):
+            raise TensorShapeError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}, "
+                                   f"expected {2 if kind == T else 3} dimensions")
         if (kind in (T, P021) and version in (Version.V6, Version.V7)
                 and not isinstance(value, QTensor)):  # LoRAs: views, in the file's dtype
             value = value.transpose(0, 1) if kind == T else value.permute(0, 2, 1)
@@ -848,38 +909,71 @@ def read(path) -> Checkpoint:
         elif kind == FLAT and version is Version.V7 and cleaf == "att.r_k":
             if not head_size:
                 raise UnknownFormatError(path, f"GGUF key '{arch}.wkv.head_size' is missing")
+            n = math.prod(value.shape)
+            if n % head_size:
+                raise TensorShapeError(path, f"tensor '{t.name}' has {n} values, not heads of "
+                                       f"'{arch}.wkv.head_size' = {head_size}")
             if isinstance(value, QTensor):
                 value = to_float32(value)
-            value = value.reshape(-1, int(head_size))
+            value = value.reshape(-1, head_size)
         if rescale > 0 and cleaf in ("att.output.weight", "ffn.value.weight"):
-            value = _rescaled(value, float(2 ** (bid // rescale)))
+            k = bid // rescale
+            if k > MAX_RESCALE_EXPONENT:
+                raise UnknownFormatError(path, f"tensor '{t.name}': rescaling every {rescale} "
+                                         f"layers would multiply it by 2^{k} (corrupt file?)")
+            value = _rescaled(value, float(2 ** k))
         put(prefix + cleaf, value, fmt)
+
+    for t in reader.tensors:
+        value, fmt = _tensor(path, reader, t)
+        if t.name in inv_global:
+            put(inv_global[t.name], value, fmt)
+            continue
+        parts = t.name.split(".", 2)
+        if (len(parts) < 3 or parts[0] != "blk" or not parts[1].isascii()
+                or not parts[1].isdigit()):  # ASCII digits only: str.isdigit() takes "²"
+            put(t.name, value, fmt)  # not an RWKV tensor: kept under its GGUF name
+            continue
+        bid = int(parts[1])
+        if bid >= len(reader.tensors):  # each layer holds tensors: a larger number is corrupt
+            raise UnknownFormatError(path, f"tensor '{t.name}': layer {bid} in a file of "
+                                     f"{len(reader.tensors)} tensors")
+        try:
+            put_layer(t, bid, parts[2], value, fmt)
+        except (RuntimeError, IndexError, ValueError) as e:  # a shape no rule takes
+            if isinstance(e, ModelFileError):
+                raise
+            raise TensorShapeError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}, "
+                                   f"which its rule cannot take ({str(e)[:120]})") from None
 
     if "emb.weight" not in tensors:
         raise MissingTensorError(path, "tensor 'token_embd.weight' not found: not an RWKV model")
-    tokenizer = _value(reader, KEY_TOKENIZER)
+    tokenizer = _meta(path, reader, KEY_TOKENIZER, str)
     if tokenizer is None:
-        model = _value(reader, "tokenizer.ggml.model")
+        model = _meta(path, reader, "tokenizer.ggml.model", str)
         tokenizer = {"rwkv": "world", "gpt2": "neox"}.get(model)
     meta = {"gguf_version": int(_value(reader, "GGUF.version", 3)), "architecture": arch}
-    ftype = _value(reader, "general.file_type")
+    ftype = _meta(path, reader, "general.file_type", int)
     if ftype is not None:
         names = {v: k for k, v in FILE_TYPES.items()}
-        meta["file_type"] = names.get(int(ftype), int(ftype))
+        meta["file_type"] = names.get(ftype, ftype)
     if tokenizer:
         meta["tokenizer"] = tokenizer
     tok_field = reader.get_field("tokenizer.ggml.tokens")
     if tok_field is not None:
         meta["n_tokens"] = len(tok_field.data)
-    vocab = _value(reader, f"{arch}.vocab_size")
+    vocab = _meta(path, reader, f"{arch}.vocab_size", int, lo=0)
     if vocab is not None:
-        meta["vocab_size"] = int(vocab)
+        meta["vocab_size"] = vocab
     if rescale:
         meta["rescale_every_n_layers"] = rescale
-    name = _value(reader, "general.name")
+    name = _meta(path, reader, "general.name", str)
     if name:
         meta["name"] = name
-    eps = _value(reader, KEY_GROUP_NORM_EPS.format(arch=arch))
+    eps = _meta(path, reader, KEY_GROUP_NORM_EPS.format(arch=arch), float)
+    if eps is not None and not 0 < eps < 1:  # a norm's epsilon: NaN or 0 gives NaN logits
+        raise UnknownFormatError(path, f"GGUF key '{KEY_GROUP_NORM_EPS.format(arch=arch)}' is "
+                                 f"{eps}, expected a small number > 0")
     return Checkpoint(path=path, format="gguf", tensors=tensors, file_types=types,
                       file_size=os.path.getsize(path), meta=meta,
                       ln_x_eps=float(eps) if eps is not None and version.has_heads else None)
