@@ -87,7 +87,7 @@ __all__ = [
 POLICIES = ("exact", "fast")
 #: Formats whose ``policy="fast"`` is :class:`Int8DotLinear` where the CPU has AVX2.
 #: Not Q8_0: with 8-bit weights the activations' rounding doubles the format's own error
-#: (README "Speed": added 1.0-1.6x of Q8_0's own error on the fixtures, 0.06-0.25x for Q4/Q5).
+#: (docs/performance.md, "Speed": added 1.0-1.6x of Q8_0's own error on the fixtures, 0.06-0.25x for Q4/Q5).
 INT8_DOT_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 #: Formats whose ``policy="fast"`` is :class:`Int16DotLinear` where the CPU has AVX2 (16-bit
 #: activations: added error well under 1 % of Q8_0's own on the fixtures).
@@ -973,7 +973,7 @@ class Int16DotLinear(Int8DotLinear):
     ``dotx8w_q8_0``). ``policy="fast"`` for Q8_0 on CPUs with AVX2.
 
     Why not int8 activations as for Q4/Q5: against 8-bit weights they double Q8_0's own error
-    (README "Speed"); 16-bit ones move each activation by at most 1/65534 of its block's
+    (docs/performance.md, "Speed"); 16-bit ones move each activation by at most 1/65534 of its block's
     largest magnitude, which adds well under 1 % of the format's own error on the fixtures
     (tests/test_fast_paths.py), at the speed of the int8 kernels. Rows past the last whole
     group use the exact float kernel.

@@ -855,7 +855,7 @@ deqx8_q8_0 = _x8_deq(34, False, False, 0)
 
 # -- Q8_0 with 16-bit activations (Int16DotLinear) ----------------------------------------------
 #
-# 8-bit activations against 8-bit weights double Q8_0's error (README "Speed"). Rounded to int16
+# 8-bit activations against 8-bit weights double Q8_0's error (docs/performance.md, "Speed"). Rounded to int16
 # per block of 32 instead (scale amax / 32767), an activation moves by at most 1/65534 of its
 # block's largest magnitude, ~1/250 of what the int8 rounding costs, and the products still run
 # in integers: each code widened to int16 (vpmovsxbw), vpmaddwd against the 4 activations of
