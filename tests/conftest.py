@@ -40,9 +40,13 @@ def serial_logits(model, tokens, state=None):
 
 
 def pytest_sessionstart(session):
-    # the repack cache of the suite's loads goes to a folder of its own, not the user's
+    # the repack cache of the suite's loads goes to a folder of its own, not the user's; numba's
+    # compiled kernels stay in the user's (compiling them again in every session takes minutes)
     import tempfile
 
+    from rwkvpy.paths import user_cache_dir
+
+    os.environ.setdefault("NUMBA_CACHE_DIR", user_cache_dir("numba"))
     os.environ["RWKVPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkvpy-test-cache-")
     if not FIXTURES.is_dir():
         raise pytest.UsageError(f"fixtures folder {FIXTURES} not found: set RWKVPY_FIXTURES")

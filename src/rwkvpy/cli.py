@@ -282,9 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args) -> int:
     """Run a parsed command: a user error is one line on stderr and status 1, Ctrl-C 130."""
+    from .compiling import quiet
+
     try:
         take_positionals(args)
-        return args.func(args)
+        # no first-run compile notice on stderr with --quiet or --json (rwkvpy.compiling)
+        with quiet(bool(getattr(args, "quiet", False) or getattr(args, "json", False))):
+            return args.func(args)
     except (RwkvpyError, OSError, MemoryError) as e:
         print(f"rwkvpy: error: {e}", file=sys.stderr)
         return 1

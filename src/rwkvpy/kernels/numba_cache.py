@@ -1,24 +1,47 @@
-"""numba's on-disk cache for this package's kernels, keyed on all of their sources.
+"""numba's on-disk cache of rwkvpy's compiled functions: in the user cache folder, keyed on all
+kernel sources.
 
-numba stamps each cached function with the hash of its own source file only. The kernels here
-compile code from other files into theirs: linear.py and fused.py inline the LLVM intrinsics of
-simd.py, and fused.py links linear.py's products. After a change to simd.py alone, numba loaded
-the old machine code of linear.py's products as fresh (measured: a product kept its old result
-until ``kernels/__pycache__/*.nbi`` was deleted), and an upgrade that leaves the old cache files
-behind would do the same. Here every function defined in this folder is stamped with the hash of
-every ``.py`` file of the folder, so a change to any of them recompiles them all.
+Where. numba's own default keeps a function's compiled code next to its source
+(``__pycache__`` of the installed package), which writes into site-packages at the first call
+and fails where that folder is read-only. Every numba function defined in the rwkvpy package is
+cached in :func:`cache_dir` instead: ``$NUMBA_CACHE_DIR`` when the user set it (numba's own
+setting, ``numba.config.CACHE_DIR``), else ``rwkvpy.paths.user_cache_dir("numba")``:
+``$RWKVPY_CACHE_DIR/numba``, else ``$XDG_CACHE_HOME/rwkvpy/numba`` (``~/.cache/rwkvpy/numba``),
+``~/Library/Caches/rwkvpy/numba`` on macOS, ``%LOCALAPPDATA%\\rwkvpy\\Cache\\numba`` on
+Windows. Inside it, one subfolder per source folder, named as numba names them (the folder's
+name and a hash of its path), so two installations never share entries. Deleting the folder
+clears the cache; the next run compiles again. Where that folder cannot be written, the
+functions are cached in a temporary folder of the process, removed when it exits: every run
+compiles, and none fails for want of a writable cache (a RuntimeWarning says so once).
 
-Imported by ``rwkvpy.kernels`` before any of its kernels is defined (the locator is chosen when a
-function is decorated). numba's locator classes are not a public API: where they differ from
-what is expected here, nothing is registered and numba's own stamps stay.
+Freshness. numba stamps each cached function with the hash of its own source file only. The
+kernels compile code from other files into theirs: linear.py and fused.py inline the LLVM
+intrinsics of simd.py, and fused.py links linear.py's products. After a change to simd.py alone,
+numba loaded the old machine code of linear.py's products as fresh (measured: a product kept its
+old result until its cache files were deleted), and an upgrade that leaves old cache files
+behind would do the same. Here every function defined in the kernels folder is stamped with the
+hash of every ``.py`` file of that folder, so a change to any of them recompiles them all;
+functions elsewhere in the package keep numba's stamp (their own file's hash).
+
+Registered when imported (by ``rwkvpy.kernels``, and by the tokenizer's kernels) before any of
+those functions is decorated: numba chooses a function's locator when it is decorated. numba's
+locator classes are not a public API: where they differ from what is expected here, nothing is
+registered and numba's own locators stay (tests/test_cold_start.py checks the registration).
+Importing this module also installs rwkvpy.compiling's listener (the first-run notice).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
+import warnings
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
+#: the rwkvpy package folder: the functions defined below it are cached by this module
+_PKG = os.path.dirname(_DIR)
 
 
 def sources_stamp(folder: str = _DIR) -> bytes:
@@ -31,33 +54,118 @@ def sources_stamp(folder: str = _DIR) -> bytes:
     return h.digest()
 
 
+def _file_stamp(path: str) -> bytes:
+    """numba's own stamp of a source file: sha256 of its contents."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
+
+
+def cache_dir() -> str:
+    """The folder of rwkvpy's numba cache: ``$NUMBA_CACHE_DIR`` if set, else the user cache
+    folder's ``numba`` (see the module's docstring). Read when a function is decorated."""
+    try:
+        from numba.core import config
+
+        if config.CACHE_DIR:
+            return os.path.abspath(config.CACHE_DIR)
+    except ImportError:  # pragma: no cover - numba is optional
+        pass
+    from ..paths import user_cache_dir
+
+    return os.path.abspath(user_cache_dir("numba"))
+
+
+_unwritable: set = set()  # cache folders found not writable in this process
+_temp: list = []  # the process's temporary cache folder, once made
+
+
+def _temp_dir() -> str | None:
+    if not _temp:
+        try:
+            path = tempfile.mkdtemp(prefix="rwkvpy-numba-")
+        except OSError:
+            return None
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _temp.append(path)
+    return _temp[0]
+
+
+def _in_package(py_file: str) -> bool:
+    path = os.path.abspath(py_file)
+    try:
+        return os.path.commonpath([path, _PKG]) == _PKG
+    except ValueError:  # another drive (Windows)
+        return False
+
+
 def _register() -> tuple:
     try:
         from numba.core import caching
-        bases = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator,
-                 caching.UserWideCacheLocator)
+        base = caching._CacheLocator
         classes = caching.CacheImpl._locator_classes
+        base.get_suitable_cache_subpath  # noqa: B018 - present in the numba this expects
     except (ImportError, AttributeError):  # pragma: no cover - another numba
         return ()
-    stamp = sources_stamp()
+    kernels_stamp = sources_stamp()
 
-    class _KernelsStamp:
-        """A numba locator for functions defined in this folder: the folder's stamp."""
+    class PackageLocator(base):
+        """A numba locator for the functions defined in the rwkvpy package: cached in
+        :func:`cache_dir` (else a temporary folder), stamped as the module's docstring says."""
+
+        def __init__(self, py_func, py_file, root):
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+            self._cache_path = os.path.join(root, self.get_suitable_cache_subpath(py_file))
+
+        def get_cache_path(self):
+            return self._cache_path
 
         def get_source_stamp(self):
-            return stamp
+            if os.path.dirname(os.path.abspath(self._py_file)) == _DIR:
+                return kernels_stamp
+            return _file_stamp(self._py_file)
+
+        def get_disambiguator(self):
+            return str(self._lineno)
 
         @classmethod
         def from_function(cls, py_func, py_file):
-            if os.path.dirname(os.path.abspath(py_file)) != _DIR:
+            if not _in_package(py_file) or not os.path.isfile(py_file):
                 return None
-            return super().from_function(py_func, py_file)
+            root = cache_dir()
+            if root not in _unwritable:
+                self = cls(py_func, py_file, root)
+                try:
+                    self.ensure_cache_path()  # numba's check: makes the folder, writes a file
+                    return self
+                except OSError as e:
+                    _unwritable.add(root)
+                    warnings.warn(f"rwkvpy: numba's cache folder {root} cannot be written "
+                                  f"({e.strerror or e}): kernels are compiled in every run",
+                                  RuntimeWarning, stacklevel=2)
+            temp = _temp_dir()
+            if temp is not None:
+                self = cls(py_func, py_file, temp)
+                try:
+                    self.ensure_cache_path()
+                    return self
+                except OSError:
+                    pass
+            return None  # nothing writable: numba's own locators decide
 
-    ours = tuple(type("Kernels" + base.__name__, (_KernelsStamp, base), {}) for base in bases)
-    if not any(getattr(c, "__name__", "").startswith("Kernels") for c in classes):
-        classes[:0] = ours
-    return ours
+    if not any(getattr(c, "__name__", "") == "PackageLocator" for c in classes):
+        classes.insert(0, PackageLocator)
+    else:  # pragma: no cover - registered by an earlier import of this module
+        PackageLocator = next(c for c in classes if getattr(c, "__name__", "") == "PackageLocator")
+    return (PackageLocator,)
 
 
 #: the locator classes registered with numba (empty where numba's internals differ)
 LOCATORS = _register()
+
+try:
+    from .. import compiling
+
+    compiling.install()
+except ImportError:  # pragma: no cover - numba is optional
+    pass
