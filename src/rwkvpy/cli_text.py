@@ -209,9 +209,11 @@ def cmd_generate(args) -> int:
         r = s.result
         if not args.quiet:
             t = r.timings
+            compiled = (f", {t.compile_seconds:.1f} s of it compiling kernels (first run), not "
+                        "in the speeds" if t.compile_seconds >= 0.05 else "")
             print(f"[{r.prompt_tokens} prompt tokens, {t.prompt_tokens_per_second:.1f} tokens/s; "
                   f"{r.completion_tokens} generated, {t.tokens_per_second:.1f} tokens/s; "
-                  f"{t.total_seconds:.2f} s; finish: {r.finish_reason}; seed {r.seed}]",
+                  f"{t.total_seconds:.2f} s{compiled}; finish: {r.finish_reason}; seed {r.seed}]",
                   file=sys.stderr)
     if args.save_state:
         r.state.save(args.save_state)

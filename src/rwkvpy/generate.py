@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .compiling import thread_seconds as compile_seconds
 from .errors import RwkvpyError
 from .sampling import Sampler, SamplingParams
 from .tokenizers import StreamDecoder, TokenizerError
@@ -43,16 +44,20 @@ class GenerationError(RwkvpyError):
 @dataclass(frozen=True)
 class Timings:
     """Wall-clock seconds. When streaming, ``generation_seconds`` also counts the time the
-    consumer spends between pieces."""
+    consumer spends between pieces. Time numba spent compiling kernels during the run (a first
+    run with an empty cache: rwkvpy.compiling) is ``compile_seconds``, left out of the prompt's
+    and the generation's seconds, so that the speeds below are those of the compiled kernels."""
 
     prompt_seconds: float       # the prompt's forward call
     generation_seconds: float   # sampling, the per-token forward calls and decoding
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    compile_seconds: float = 0.0  # compiling kernels, in either phase
 
     @property
     def total_seconds(self) -> float:
-        return self.prompt_seconds + self.generation_seconds
+        """The whole run's wall-clock time, compiling included."""
+        return self.prompt_seconds + self.generation_seconds + self.compile_seconds
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -164,11 +169,13 @@ def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
     sampler = Sampler(params)
     stops, stop_tokens = params.stop, frozenset(params.stop_tokens)
     decoder = StreamDecoder(tokenizer)
+    c0 = compile_seconds()
     t0 = time.perf_counter()
     logits, state, cached = _process_prompt(model, ids, state, cache, checkpoints, live)
     live._progress = (0, state)
     live.prompt_state = state
     t1 = time.perf_counter()
+    c1 = compile_seconds()
     tokens: list[int] = live._tokens
     parts: list[str] = []
     pending = ""  # decoded, not yet emitted: may be the beginning of a stop string
@@ -216,7 +223,10 @@ def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
         if cache is not None and n:
             cache.insert(ids + tokens[:n], done, root=live._cache_root)
     t2 = time.perf_counter()
-    timings = Timings(t1 - t0, t2 - t1, len(ids) - cached, sampled)
+    c2 = compile_seconds()
+    # never negative: compile seconds are counted per thread, and a stream may move between them
+    cp, cg = max(0.0, c1 - c0), max(0.0, c2 - c1)
+    timings = Timings(t1 - t0 - cp, t2 - t1 - cg, len(ids) - cached, sampled, cp + cg)
     return GenerationResult(text="".join(parts), tokens=list(tokens), finish_reason=finish,
                             prompt_tokens=len(ids), completion_tokens=sampled, timings=timings,
                             state=state, stop=stop, seed=sampler.seed, cached_tokens=cached)
