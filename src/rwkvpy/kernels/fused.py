@@ -42,10 +42,14 @@ def _vexp(x):
     n8 = n // 8
     _simd.exp8_f32(x, x, n8)
     if n > 8 * n8:
+        # element loops, not slice copies: a slice copy brings numba's shape-mismatch error
+        # (message formatting, ~150 KB of IR) into this function and every caller's compile
         t = np.zeros(8, np.float32)
-        t[:n - 8 * n8] = x[8 * n8:]
+        for j in range(8 * n8, n):
+            t[j - 8 * n8] = x[j]
         _simd.exp8_f32(t, t, 1)
-        x[8 * n8:] = t[:n - 8 * n8]
+        for j in range(8 * n8, n):
+            x[j] = t[j - 8 * n8]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -188,7 +192,7 @@ def _col_dots(x2, WT, kind, y2, threads):
     if threads > 1:
         _mv_par(kind, WT, x2, y2, max(1, -(-D // (8 * threads))), 32)
     else:
-        _mv_rows(kind, WT, x2, y2, 0, D, 32)
+        _mv_rows(kind, WT, x2, y2, np.int64(0), D, 32)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -209,12 +213,13 @@ def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, 
     second as their rows (_rows_bytes), in the dtype stored (``kind`` as in _vec_mat_part)."""
     B = xw.shape[0]
     hid = _lora_hidden((w1, a1, v1, g1), kind, B)
-    _loras_in((xw, xa, xv, xg), (w1, a1, v1, g1), kind, hid, 0, _lora_units(hid))
+    # np.int64(0), not 0: a literal argument gets a compiled version of the callee of its own
+    _loras_in((xw, xa, xv, xg), (w1, a1, v1, g1), kind, hid, np.int64(0), _lora_units(hid))
     parts = np.empty((4, B, LORA_PARTS, wl.shape[1]), np.float32)
     for b in range(B):
         for p in range(LORA_PARTS):
             _lora_out_part(hid, (w2, a2, v2, g2), kind, parts, b, p)
-        _lora_out_sum(parts, (wl, al, vl, g), hid[2].shape[1] > 0, b, 0, wl.shape[1])
+        _lora_out_sum(parts, (wl, al, vl, g), hid[2].shape[1] > 0, b, np.int64(0), wl.shape[1])
 
 
 #: the activation between the two matrices of v7's four LoRAs (w, a, v, g): 1 tanh, 2 sigmoid
@@ -377,8 +382,8 @@ def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, l
     """
     for bi in range(S_in.shape[0]):
         _v7_heads(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first, w0,
-                  a0, v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi], 0,
-                  S_in.shape[1])
+                  a0, v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi], np.int64(0),
+                  S_in.shape[1])  # (np.int64: one compiled _v7_heads for both callers)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -472,7 +477,8 @@ def _silu_gate(y, g):
             yb[j] *= gb[j] * e[j]
 
 
-@numba.njit(cache=True, nogil=True)
+# inlined: compiled on its own, it would link in and optimize all of row_product once more
+@numba.njit(inline="always", cache=True, nogil=True)
 def _products(spec, x, n_out, threads):
     """x (B, in) @ W^T as a new (B, n_out) array (kernels.linear.row_product)."""
     y = np.empty((x.shape[0], n_out), np.float32)

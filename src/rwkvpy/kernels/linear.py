@@ -469,7 +469,7 @@ if HAVE_NUMBA:
         xw2 = np.empty((T, K), np.int16)
         dx2 = np.empty((T, K // 32), np.float32)
         _quantize_x(x2, xw2, dx2, np.empty((T, K // 32), np.float32), 32767.0)
-        _mvx8w_groups(pk, xw2, dx2, y2, 0, pk.shape[0])
+        _mvx8w_groups(pk, xw2, dx2, y2, np.int64(0), pk.shape[0])
         _mvx8w_tail(tail, x2, y2, 8 * pk.shape[0])
 
     @njit(parallel=True, **_CACHE)
@@ -610,7 +610,7 @@ if HAVE_NUMBA:
         dx2 = np.empty((T, K // 32), np.float32)
         sx2 = np.empty((T, K // 32), np.float32)
         _quantize_x(x2, xq2, dx2, sx2, 127.0)
-        _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, 0, pk.shape[0])
+        _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, np.int64(0), pk.shape[0])
         _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, 8 * pk.shape[0])
 
     @njit(parallel=True, **_CACHE)
@@ -647,7 +647,7 @@ if HAVE_NUMBA:
             if par:
                 _mv_par(kind, a, x2, y2, chunk, _QK)
             else:
-                _mv_rows(kind, a, x2, y2, 0, n_out, _QK)
+                _mv_rows(kind, a, x2, y2, np.int64(0), n_out, _QK)
         elif mode == X8_INT8:
             if par:
                 _mvx8_par(kind, a, b, x2, y2, max(1, chunk // 8))
