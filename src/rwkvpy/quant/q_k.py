@@ -587,7 +587,9 @@ def quantize_q2_k(x, out):
 def quantize_q3_k(x, out):
     """quantize_row_q3_K_ref of x (n, 256) float32 into out (n, 110)."""
     n = x.shape[0]
-    G = _G // 2
+    # one super-block per search: make_q3_quants' passes stop when none of its lanes changes,
+    # which comes sooner with fewer lanes (measured faster than 8 super-blocks at a time)
+    G = 1
     for g in prange((n + G - 1) // G):
         s0 = g * G
         nsb = min(G, n - s0)
