@@ -3,10 +3,10 @@ file and kept in the user cache folder (rwkvpy.paths: ``<cache>/repack/``), or, 
 (``load(cache="beside")``), next to the model as ``MODEL.rwkvpy-cache``.
 
 At load, repacking is CPU work proportional to the model: in mode "fast" at CPU level avx2 and
-up, Q4_0..Q8_0 matrices into Int8DotLinear's groups of 8 interleaved rows (the same bytes,
-moved). With the cache a later load memory-maps the repacked tensors
-(``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is copied), and the model
-file's own pages of those matrices are never read.
+up, Q4_0..Q8_0 matrices into Int8DotLinear's groups of 8 interleaved rows and Q4_K/Q5_K/Q6_K
+ones into KQuantX8Linear's (the same bytes, moved). With the cache a later load memory-maps the
+repacked tensors (``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is
+copied), and the model file's own pages of those matrices are never read.
 
 The user folder's entries are named after the model file's name and a hash of its absolute
 path; together they are kept under a size limit (:func:`max_bytes`): after a write, the entries
