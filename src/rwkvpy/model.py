@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import formats, models
+from . import formats, models, runtime
 from .errors import RwkvpyError, StateError, TokenError
 from .models.config import ModelConfig, Version
 from .state import State
@@ -294,6 +294,7 @@ class Model:
         logits: float32 (vocab,) for the last token, or (T, vocab) with all_logits=True.
         The given state is never modified.
         """
+        runtime.tick()  # torch's thread count for the machine's load (rwkvpy.runtime)
         t = self._tokens(tokens)
         state = self._own(state)
         if self._step is not None and t.shape[0] == 1:
@@ -320,6 +321,7 @@ class Model:
         sequence alone. Sequences of one token (the decode step of a server) go through the
         model together, in one pass over the weights; longer ones run in sequence mode.
         """
+        runtime.tick()
         if not isinstance(token_lists, (list, tuple)):
             raise TokenError(f"forward_batch takes a list of token lists, got "
                              f"{_show(token_lists)} ({type(token_lists).__name__})")
@@ -436,7 +438,8 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     (the format is detected from the content).
 
     mode: "fast" (default), "exact" or "reference" (see rwkvpy.kernels.backend).
-    threads: torch's intra-op thread count for this process (default: physical cores).
+    threads: torch's intra-op thread count for this process, fixed (default: the physical
+    cores, fewer while other processes keep them busy: rwkvpy.runtime).
     device: "cpu" (default) or a GPU, "cuda" / "cuda:N" (see rwkvpy.kernels.gpu).
     gpu_layers: with a GPU device, only the first N layers there and the rest on the CPU (the
     head goes to the GPU when every layer does), for models larger than the GPU's memory.
@@ -463,7 +466,7 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
     from .kernels.linear import start_numba_pool
 
     start_numba_pool()  # before torch's count is set: starting it later would reset that
-    torch.set_num_threads(threads or physical_cores())
+    runtime.start_threads(threads, physical_cores())  # None: fewer while others hold the cores
     from .kernels.cpu import resolve
 
     cpu = resolve(cpu_capability)  # before reading the file: a bad level fails at once
