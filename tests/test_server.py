@@ -39,13 +39,16 @@ HISTORY = [{"role": "system", "content": "You are a storyteller."},
 
 # -- the server process --------------------------------------------------------------------------
 class Server:
-    def __init__(self, args, log_path):
+    """``rwkvpy.server`` in a subprocess: MODEL_FILE unless ``model`` (a path or 'demo')."""
+
+    def __init__(self, args, log_path, model=None):
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("RWKVPY_API_KEY", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rwkvpy.server", "-m", str(fixture_path(*MODEL_FILE)),
+            [sys.executable, "-m", "rwkvpy.server", "-m",
+             str(model if model is not None else fixture_path(*MODEL_FILE)),
              "--port", "0", "--threads", "1", *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_url()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 import rwkvpy
 import rwkvpy.demo as demo
+from rwkvpy.convert import convert
 from rwkvpy.errors import RwkvpyError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +134,63 @@ def test_same_seed_same_checkpoint(tiny_run, tmp_path):
     other, _, _ = run_script(tmp_path, "c", "--seed", "4", "--no-eval", "--steps", "1")
     assert not torch.equal(torch.load(other, weights_only=True)["head.weight"],
                            first["head.weight"])
+
+
+def test_init_reads_a_quantized_gguf(tiny_run, tmp_path):
+    """--init: a GGUF (flat vectors, Q8_0 matrices, no layer-0 v0/v1/v2) becomes a module that
+    computes what rwkvpy computes on that file."""
+    gguf = tmp_path / "tiny-q8_0.gguf"
+    convert(str(tiny_run[0]), str(gguf), type="q8_0", progress=False)
+    net = td.load_init(str(gguf))
+    assert (net.n_embd, net.n_layer, net.head_size) == (32, 2, 16)
+    ref = rwkvpy.load(str(gguf), mode="reference")
+    toks = list(demo.held_out_text().encode()[:100])
+    want, _ = ref.forward(toks, None, all_logits=True)
+    with torch.no_grad():
+        got, _ = net(torch.tensor([toks]))
+    assert (got[0] - want).abs().max() < 1e-3
+    # a float checkpoint comes back exactly
+    pth = td.load_init(str(tiny_run[0])).state_dict()
+    sd = torch.load(tiny_run[0], weights_only=True)
+    assert all(torch.equal(pth[k], sd[k]) for k in sd)
+
+
+def test_mix_chat():
+    doc = b"".join(b"paragraph %d line\nmore text\n\n" % i for i in range(400))
+    turns = [f"User: q{i}?\n\nAssistant: a{i}.\n\n" for i in range(30)]
+    mixed = td.mix_chat(doc, turns, 0.3, seed=5)
+    assert mixed == td.mix_chat(doc, turns, 0.3, seed=5)
+    assert mixed != td.mix_chat(doc, turns, 0.3, seed=6)
+    assert td.mix_chat(doc, turns, 0.0, seed=5) == doc
+    chat = re.findall(rb"User: q\d+\?\n\nAssistant: a\d+\.\n\n", mixed)
+    n_chat = sum(map(len, chat))
+    assert n_chat + len(doc) == len(mixed)                       # whole turns, nothing else
+    assert 0.3 <= n_chat / len(mixed) < 0.3 + 120 / len(mixed)   # the share, to a conversation
+    assert re.sub(rb"User: q\d+\?\n\nAssistant: a\d+\.\n\n", b"", mixed) == doc  # doc in order
+    counts = [chat.count(t.encode()) for t in turns]
+    assert max(counts) - min(counts) <= 1                         # each once per pass
+    # the replies' bytes: after "Assistant:", the closing blank line included
+    mask = td.reply_mask(turns[:2])
+    text = "".join(turns[:2]).encode()
+    assert bytes(b for b, m in zip(text, mask) if m) == b" a0.\n\n a1.\n\n"
+
+
+def test_fine_tune_with_chat(tiny_run, tmp_path):
+    """--init a model and --chat-fraction: the run starts from its weights, mixes the chat
+    turns in and evaluates the held-out chat and the starting model."""
+    out, summary, stdout = run_script(tmp_path, "ft", "--init", str(tiny_run[0]),
+                                      "--chat-fraction", "0.5", "--steps", "2")
+    assert "init: " in stdout and "chat: " in stdout
+    info = summary["corpus"]
+    assert info["chat"] == demo.chat_info()
+    assert info["mixed_train_bytes"] > 1.9 * info["train_bytes"]
+    assert summary["init_eval"]["heldout_ppl"] == pytest.approx(tiny_run[1]["heldout_ppl"],
+                                                                rel=1e-9)
+    for ev in (summary, summary["init_eval"]):
+        assert 1 < ev["chat_ppl"] < 256 and 1 < ev["chat_reply_ppl"] < 256
+        assert ev["chat_tokens"] == len(demo.held_out_chat_text().encode()) - 1
+    # the first step starts from the trained model, not from a fresh (uniform) one
+    assert summary["loss_curve"][0]["loss"] < tiny_run[1]["loss_curve"][0]["loss"] - 0.3
 
 
 def _wkv7_loop(r, lw, k, v, kk, a, S):

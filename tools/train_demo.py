@@ -25,6 +25,16 @@ the first half of the run, by more than 15 %) when the machine got faster. A rev
 cosine schedule and is printed ("re-planned") and listed in the JSON summary; a run with
 revisions is reproduced only by the same revisions.
 
+Chat: ``--chat-fraction F`` mixes the chat turns of :func:`rwkvpy.demo.chat_turns` (questions
+about Python answered with the first sentences of its documentation, in the format of
+:mod:`rwkvpy.chat`) into the training bytes, so that F of them are chat (:func:`mix_chat`);
+``--init PATH`` starts from an existing model (any file rwkvpy reads, ``demo`` for the shipped
+one; quantized weights are dequantized) instead of a fresh initialisation, for a fine-tune.
+The held-out chat turns (subjects whose answers are never trained on) are evaluated next to
+the held-out documentation: perplexity over all their bytes and over the replies alone (the
+bytes after ``Assistant:``, closing blank line included), and with ``--init`` the same numbers
+for the starting model.
+
 At the end the checkpoint is written atomically and the held-out perplexity (exp of the mean
 negative log-likelihood per byte) is computed with rwkvpy itself: ``rwkvpy.load`` of the written
 file, sequence mode over the held-out bytes in chunks with the state carried.
@@ -33,6 +43,8 @@ Example::
 
     python tools/train_demo.py --minutes 28 --out /tmp/demo.pth
     python tools/train_demo.py --n-embd 32 --n-layer 1 --steps 5 --out /tmp/tiny.pth  # smoke test
+    python tools/train_demo.py --init demo-doc.gguf --chat-fraction 0.4 --lr 3e-4 \\
+        --lr-final 2e-5 --warmup 10 --minutes 10 --out /tmp/demo.pth   # teach a model to chat
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ import argparse
 import json
 import math
 import os
+import random
+import re
 import sys
 import time
 
@@ -53,7 +67,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from rwkvpy.demo import corpus_info, demo_corpus  # noqa: E402
+from rwkvpy.demo import chat_info, chat_turns, corpus_info, demo_corpus  # noqa: E402
 from rwkvpy.formats.atomic import atomic_write  # noqa: E402
 
 VOCAB = 256
@@ -339,6 +353,34 @@ class RWKV7LM(nn.Module):
         return logits, (torch.stack(new_att), torch.stack(new_ffn), torch.stack(new_wkv))
 
 
+def load_init(spec) -> RWKV7LM:
+    """A trainable module holding the weights of an existing v7 model file (``spec``: a path,
+    or ``demo``), read by rwkvpy's readers: block-quantized tensors are dequantized, vectors
+    stored flat (GGUF) take the module's shapes. Layer 0's v0/v1/v2, which v7 does not use
+    and converters may drop, keep the module's initialisation."""
+    from rwkvpy.formats import read, to_float32
+    from rwkvpy.hub import resolve_model
+
+    ck = read(resolve_model(spec))
+    sd = {k: to_float32(v) for k, v in ck.tensors.items()}
+    if "blocks.0.att.r_k" not in sd or "emb.weight" not in sd:
+        raise SystemExit(f"train_demo: {spec} is not an RWKV-7 model")
+    vocab, C = sd["emb.weight"].shape
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    H = sd["blocks.0.att.r_k"].shape[0]
+    model = RWKV7LM(C, n_layer, C // H, vocab)
+    want = model.state_dict()
+    unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    missing = set(want) - set(sd) - unused
+    extra = set(sd) - set(want)
+    if missing or extra:
+        raise SystemExit(f"train_demo: {spec}: tensors missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(extra)[:5]}")
+    model.load_state_dict({k: (sd[k].reshape(v.shape).contiguous() if k in sd else v)
+                           for k, v in want.items()})
+    return model
+
+
 def checkpoint_state_dict(model: nn.Module, dtype=torch.float32) -> dict:
     return {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -387,6 +429,53 @@ class Streams:
         return win[:, :-1], win[:, 1:], reset
 
 
+def mix_chat(doc: bytes, turns, fraction: float, seed: int, block: int = 2048) -> bytes:
+    """The training bytes with chat turns mixed in, ``fraction`` of them chat.
+
+    The documentation is cut at paragraph ends (a blank line) into blocks of at least ``block``
+    bytes, kept in order; after each block come as many conversations as keep the chat's share
+    of the bytes so far at ``fraction``. A conversation is 1 to 4 turns; the turns are drawn in
+    a seeded random order, each once per pass over them. Deterministic for a given seed."""
+    if fraction <= 0:
+        return doc
+    if fraction >= 1 or not turns:
+        raise SystemExit("train_demo: --chat-fraction must be in [0, 1) and needs chat turns")
+    rng = random.Random(seed)
+    enc = [t.encode("utf-8") for t in turns]
+    order: list = []
+    ratio = fraction / (1.0 - fraction)
+    out, cur = bytearray(), bytearray()
+    n_doc = n_chat = 0
+    paras = re.split(b"(?<=\n\n)", doc)
+    for i, para in enumerate(paras):
+        cur += para
+        if len(cur) < block and i + 1 < len(paras):
+            continue
+        out += cur
+        n_doc += len(cur)
+        cur.clear()
+        while n_chat < ratio * n_doc:
+            for _ in range(rng.randint(1, 4)):
+                if not order:
+                    order = list(range(len(enc)))
+                    rng.shuffle(order)
+                t = enc[order.pop()]
+                out += t
+                n_chat += len(t)
+    return bytes(out)
+
+
+def reply_mask(turns) -> torch.Tensor:
+    """For the concatenated ``turns``, a bool per byte: True on the replies' bytes (what
+    follows ``Assistant:``, the closing blank line included)."""
+    marks = []
+    for t in turns:
+        b = t.encode("utf-8")
+        at = b.index(b"\n\nAssistant:") + len(b"\n\nAssistant:")
+        marks += [False] * at + [True] * (len(b) - at)
+    return torch.tensor(marks)
+
+
 def lr_at(step, total, warmup, lr0, lr1):
     """Linear warm-up to lr0 over ``warmup`` steps, then cosine to lr1 at ``total``."""
     if step < warmup:
@@ -413,24 +502,51 @@ def heldout_loss_quick(model, held: bytes, pieces: int = 8, ctx: int = 512) -> f
     return tot / (pieces * seg)
 
 
-def heldout_perplexity_rwkvpy(path, held: bytes, threads: int, chunk: int = 1024) -> dict:
-    """exp(mean NLL per byte) of held[1:] given the preceding held-out bytes, computed by
-    rwkvpy: load the written file, sequence mode in chunks with the state carried."""
-    import rwkvpy
-
-    t0 = time.time()
-    model = rwkvpy.load(path, threads=threads)
-    toks = list(held)
-    state, nll, n = None, 0.0, 0
+def _nll_rwkvpy(model, data: bytes, chunk: int = 1024) -> torch.Tensor:
+    """NLL of each of data[1:] given the bytes before it: rwkvpy's sequence mode in chunks with
+    the state carried."""
+    toks = list(data)
+    state, out = None, []
     for i in range(0, len(toks) - 1, chunk):
         inp = toks[i:i + chunk]
         tgt = torch.tensor(toks[i + 1:i + 1 + chunk])
         inp = inp[:len(tgt)]
         logits, state = model.forward(inp, state, all_logits=True)
-        nll += float(F.cross_entropy(logits.double(), tgt, reduction="sum"))
-        n += len(tgt)
-    return {"heldout_nll": nll / n, "heldout_ppl": math.exp(nll / n), "heldout_tokens": n,
-            "eval_seconds": round(time.time() - t0, 1)}
+        out.append(F.cross_entropy(logits.double(), tgt, reduction="none"))
+    return torch.cat(out)
+
+
+def heldout_perplexity_rwkvpy(path, held: bytes, threads: int, chunk: int = 1024,
+                              chat_turns_held=None) -> dict:
+    """exp(mean NLL per byte) of held[1:] given the preceding held-out bytes, computed by
+    rwkvpy: load the written file, sequence mode in chunks with the state carried. With
+    ``chat_turns_held``, the same over those turns as one conversation (``chat_ppl``) and over
+    their replies' bytes alone (``chat_reply_ppl``)."""
+    import rwkvpy
+
+    t0 = time.time()
+    model = rwkvpy.load(path, threads=threads)
+    nll = _nll_rwkvpy(model, held, chunk)
+    out = {"heldout_nll": float(nll.mean()), "heldout_ppl": math.exp(float(nll.mean())),
+           "heldout_tokens": len(nll)}
+    if chat_turns_held:
+        nll = _nll_rwkvpy(model, "".join(chat_turns_held).encode("utf-8"), chunk)
+        reply = reply_mask(chat_turns_held)[1:]
+        out.update({"chat_ppl": math.exp(float(nll.mean())), "chat_tokens": len(nll),
+                    "chat_reply_ppl": math.exp(float(nll[reply].mean())),
+                    "chat_reply_tokens": int(reply.sum())})
+    out["eval_seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _print_eval(what, ev):
+    print(f"{what} held-out (rwkvpy, {ev['heldout_tokens']} bytes, state carried): "
+          f"NLL {ev['heldout_nll']:.4f} nats/byte = {ev['heldout_nll'] / math.log(2):.3f} "
+          f"bits/byte, perplexity {ev['heldout_ppl']:.3f} ({ev['eval_seconds']}s)", flush=True)
+    if "chat_ppl" in ev:
+        print(f"{what} held-out chat ({ev['chat_tokens']} bytes): perplexity "
+              f"{ev['chat_ppl']:.3f}, replies alone ({ev['chat_reply_tokens']} bytes) "
+              f"{ev['chat_reply_ppl']:.3f}", flush=True)
 
 
 def tune_malloc():
@@ -482,6 +598,11 @@ def parse_args(argv=None):
                    help="seconds of --minutes kept for saving and the final evaluation")
     p.add_argument("--no-eval", action="store_true", help="skip the final rwkvpy evaluation")
     p.add_argument("--json", default=None, help="write a JSON summary here")
+    p.add_argument("--chat-fraction", type=float, default=0.0,
+                   help="share of the training bytes that are chat turns (rwkvpy.demo.chat_turns)")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from this v7 model (a file rwkvpy reads, or 'demo'); its "
+                        "dimensions replace --n-embd, --n-layer, --head-size")
     a = p.parse_args(argv)
     if a.steps is None and a.minutes is None:
         p.error("give --steps or --minutes (or both)")
@@ -500,10 +621,25 @@ def main(argv=None):
 
     train, held = demo_corpus()
     info = corpus_info()
-    model = RWKV7LM(args.n_embd, args.n_layer, args.head_size)
+    if args.init is not None:
+        model = load_init(args.init)
+        args.n_embd, args.n_layer, args.head_size = model.n_embd, model.n_layer, model.head_size
+    else:
+        model = RWKV7LM(args.n_embd, args.n_layer, args.head_size)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"corpus: pydoc_data.topics, {info['train_bytes']} train / {info['heldout_bytes']} "
           f"held-out bytes, sha256 {info['sha256']}, Python {sys.version.split()[0]}")
+    chat_train, chat_held = chat_turns() if args.chat_fraction > 0 or args.init else ([], [])
+    chat_bytes = "".join(chat_held).encode("utf-8")
+    if args.chat_fraction > 0:
+        train = mix_chat(train, chat_train, args.chat_fraction, args.seed)
+        info["chat"] = chat_info()
+        info["mixed_train_bytes"] = len(train)
+        print(f"chat: {len(chat_train)} train / {len(chat_held)} held-out turns, "
+              f"{args.chat_fraction:.0%} of {len(train)} training bytes, "
+              f"sha256 {info['chat']['sha256']}")
+    if args.init is not None:
+        print(f"init: {args.init}", flush=True)
     print(f"model: RWKV-7 n_embd {args.n_embd} x {args.n_layer} layers, head size "
           f"{args.head_size}, vocab {VOCAB}, {n_params:,} parameters; "
           f"lora {lora_dims(args.n_embd)}")
@@ -537,9 +673,14 @@ def main(argv=None):
     if args.eval_every:
         t0 = time.time()
         hl = heldout_loss_quick(model, held)
+        point = {"step": 0, "loss": round(hl, 4)}
+        if chat_bytes:
+            point["chat_loss"] = round(heldout_loss_quick(model, chat_bytes), 4)
         t_eval = time.time() - t0
-        held_curve.append({"step": 0, "loss": round(hl, 4)})
-        print(f"step 0 held-out loss (quick, training module) {hl:.4f} ({t_eval:.1f}s)", flush=True)
+        held_curve.append(point)
+        print(f"step 0 held-out loss (quick, training module) {hl:.4f}"
+              + (f", chat {point['chat_loss']:.4f}" if chat_bytes else "")
+              + f" ({t_eval:.1f}s)", flush=True)
     acc, acc_n = 0.0, 0
     t_loop = t_int = time.time()
     t_evals = 0.0  # time spent in held-out evaluations inside the loop
@@ -582,6 +723,8 @@ def main(argv=None):
             if marks[0][0] <= step - 50:  # speed of the last 50..100 steps, evaluations included
                 per_step = (now - marks[0][1]) / (step - marks[0][0])
                 fit = step + int((deadline - now) / per_step * 0.97)
+                if args.steps is not None:  # --steps stays the upper bound
+                    fit = min(fit, args.steps)
                 over = now + per_step * (total - step) > deadline + 30
                 longer = fit > 1.15 * total and step < total / 2
                 if (over and fit < total) or longer:
@@ -601,9 +744,13 @@ def main(argv=None):
         if args.eval_every and (step % args.eval_every == 0 or step == total):
             t0 = time.time()
             hl = heldout_loss_quick(model, held)
-            held_curve.append({"step": step, "loss": round(hl, 4)})
-            print(f"step {step} held-out loss (quick, training module) {hl:.4f} "
-                  f"({time.time() - t0:.1f}s)", flush=True)
+            point = {"step": step, "loss": round(hl, 4)}
+            if chat_bytes:
+                point["chat_loss"] = round(heldout_loss_quick(model, chat_bytes), 4)
+            held_curve.append(point)
+            print(f"step {step} held-out loss (quick, training module) {hl:.4f}"
+                  + (f", chat {point['chat_loss']:.4f}" if chat_bytes else "")
+                  + f" ({time.time() - t0:.1f}s)", flush=True)
             t_int += time.time() - t0
             t_evals += time.time() - t0
     if acc_n:
@@ -622,11 +769,16 @@ def main(argv=None):
                "corpus": info, "train_seconds": round(train_seconds, 1), "loss_curve": curve,
                "heldout_quick_curve": held_curve}
     if not args.no_eval:
-        ev = heldout_perplexity_rwkvpy(args.out, held, args.threads)
+        ev = heldout_perplexity_rwkvpy(args.out, held, args.threads, chat_turns_held=chat_held)
         summary.update(ev)
-        print(f"held-out (rwkvpy, {ev['heldout_tokens']} bytes, state carried): "
-              f"NLL {ev['heldout_nll']:.4f} nats/byte = {ev['heldout_nll'] / math.log(2):.3f} "
-              f"bits/byte, perplexity {ev['heldout_ppl']:.3f} ({ev['eval_seconds']}s)", flush=True)
+        _print_eval("final", ev)
+        if args.init is not None:
+            from rwkvpy.hub import resolve_model
+
+            ev0 = heldout_perplexity_rwkvpy(resolve_model(args.init), held, args.threads,
+                                            chat_turns_held=chat_held)
+            summary["init_eval"] = ev0
+            _print_eval("init", ev0)
     summary["total_seconds"] = round(time.time() - t_start, 1)
     print(f"total time {summary['total_seconds']:.0f}s", flush=True)
     if args.json:
