@@ -13,7 +13,8 @@ preset) in rwkv.cpp's format per ``--types``, written to ``--models`` (kept) or 
 folder. Per row: wall seconds to the first generated token (the first byte on stdout) and to
 the end, the child's CPU seconds, and the kernels compiled. ``--kernels`` adds, per model, the
 kernels numba compiled in an in-process run (numba's compile events): seconds each, exclusive of
-the kernels compiled inside it, and how many versions (signatures). ``--python``: the
+the kernels compiled inside it (CPU seconds of the compiling thread, which a busy machine
+changes less than wall time), and how many versions (signatures). ``--python``: the
 interpreter to measure (e.g. a fresh venv's). The 1-minute load average is printed before and
 after: on a busy machine wall times are long and CPU seconds are the better measure.
 """
@@ -41,10 +42,10 @@ PROBE = textwrap.dedent("""
     class L(event.Listener):
         def on_start(self, e):
             f = e.data["dispatcher"].py_func
-            stack.append([f.__module__ + "." + f.__qualname__, time.perf_counter(), 0.0])
+            stack.append([f.__module__ + "." + f.__qualname__, time.thread_time(), 0.0])
         def on_end(self, e):
             name, t, inner = stack.pop()
-            d = time.perf_counter() - t
+            d = time.thread_time() - t
             if stack:
                 stack[-1][2] += d
             rows.append((name, d - inner, not stack))
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
             continue
         pr = r["probe"]
         print(f"\n{r['name']}: load {pr['load']:.1f} s, prompt {pr['prompt']:.1f} s, first step "
-              f"{pr['first_step']:.1f} s; compiled (seconds exclusive of inner compiles):")
+              f"{pr['first_step']:.1f} s (wall); compiled (CPU seconds exclusive of inner "
+              "compiles):")
         agg: dict = {}
         for name, ex, _top in pr["rows"]:
             a = agg.setdefault(name, [0, 0.0])

@@ -211,7 +211,7 @@ def test_x8_one_vector_streams_bit_identical(fmt, n_out):
     q = _qtensor(fmt.split()[0], _weights((n_out, K), 23))
     lin = L.Int16DotLinear(q) if fmt == "Q8_0 int16" else L.Int8DotLinear(q)
     spec = lin.numba_spec()
-    mode, kind, pk, tail = spec
+    mode, kind, pk, tail = spec[:4]
     x = _x(1, K, seed=5).numpy()
     want = np.full((1, n_out), np.nan, np.float32)
     if mode == L.X8_INT16:

@@ -105,6 +105,11 @@ _QK = 32
 #: K-quants (kernels/kquants_ir.py, ``kind`` its KIND): exact rows (mv_rows), rows with int8
 #: activations (mvq), interleaved groups with int8 activations (mvx8).
 ROWS, X8_INT8, X8_INT16, K_ROWS, K_ROWS_INT8, K_X8 = 0, 1, 2, 3, 4, 5
+#: The length of a spec of each product kind (:func:`_spec`: 4 + the kind's number, padded
+#: with Nones): numba reads a tuple argument's length when it compiles and drops
+#: row_product's branches of the other kinds, so a model compiles the products it has only.
+_LEN_ROWS, _LEN_X8_INT8, _LEN_X8_INT16, _LEN_K_ROWS, _LEN_K_ROWS_INT8, _LEN_K_X8 = (
+    4, 5, 6, 7, 8, 9)
 _NO_TAIL = np.zeros((0, 0), np.uint8)
 #: Elements of one dequantized tile (float32) for the tiled GEMM path: 1 Mi elements = 4 MiB.
 TILE_ELEMENTS = 1 << 20
@@ -639,39 +644,40 @@ if HAVE_NUMBA:
         kernels), ``spec`` being the matrix's :meth:`Linear.numba_spec`; on numba's ``n``
         threads (the caller has set them; 1: serial) when the matrix is large, as
         :func:`_rows_kernel` decides in Python."""
-        mode, kind, a, b = spec
+        kind, a, b = spec[1], spec[2], spec[3]
         n_out = y2.shape[1]
         par = n > 1 and n_out * x2.shape[1] > SERIAL_MAX_ELEMENTS
         chunk = _row_chunk(n_out, n)
-        if mode == ROWS:
+        if len(spec) == _LEN_ROWS:
             if par:
                 _mv_par(kind, a, x2, y2, chunk, _QK)
             else:
                 _mv_rows(kind, a, x2, y2, np.int64(0), n_out, _QK)
-        elif mode == X8_INT8:
+        elif len(spec) == _LEN_X8_INT8:
             if par:
                 _mvx8_par(kind, a, b, x2, y2, max(1, chunk // 8))
             else:
                 _mvx8(kind, a, b, x2, y2)
-        elif mode == X8_INT16:
+        elif len(spec) == _LEN_X8_INT16:
             if par:
                 _mvx8w_par(a, b, x2, y2, max(1, chunk // 8))
             else:
                 _mvx8w(a, b, x2, y2)
-        elif mode == K_X8:
+        elif len(spec) == _LEN_K_X8:
             if par:
                 _kq.mvx8_par(kind, a, b, x2, y2, max(1, chunk // 8))
             else:
                 _kq.mvx8(kind, a, b, x2, y2)
-        elif mode == K_ROWS_INT8:
+        elif len(spec) == _LEN_K_ROWS_INT8:
             if par:
                 _kq.mvq_par(kind, a, x2, y2, chunk)
             else:
                 _kq.mvq(kind, a, x2, y2)
-        elif par:  # K_ROWS
-            _kq.mv_par(kind, a, x2, y2, chunk)
-        else:
-            _kq.mv_rows(kind, a, x2, y2, np.int64(0), n_out)
+        elif len(spec) == _LEN_K_ROWS:
+            if par:
+                _kq.mv_par(kind, a, x2, y2, chunk)
+            else:
+                _kq.mv_rows(kind, a, x2, y2, np.int64(0), n_out)
 
 
 _KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16": 6, "F32": 7}
@@ -679,7 +685,9 @@ _KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "F16": 5, "BF16"
 
 def _spec(mode: int, kind: int, a: np.ndarray, b: np.ndarray | None = None) -> tuple | None:
     """A numba product spec (see :func:`row_product`), or None for strided arrays (never
-    copied): the arrays as read-only uint8 views, so that every spec has one numba type."""
+    copied): (mode, kind, a, b) and ``mode`` Nones (the length tells row_product the mode when
+    it compiles), the arrays as read-only uint8 views, so that the specs of a mode have one
+    numba type."""
     arrs = []
     for arr in (a, _NO_TAIL if b is None else b):
         if not HAVE_NUMBA or arr.dtype != np.uint8 or arr.ndim != 2 or not arr.flags.c_contiguous:
@@ -687,7 +695,7 @@ def _spec(mode: int, kind: int, a: np.ndarray, b: np.ndarray | None = None) -> t
         v = arr.view()
         v.flags.writeable = False
         arrs.append(v)
-    return (mode, kind, *arrs)
+    return (mode, kind, *arrs) + (None,) * mode
 
 
 class Linear:
