@@ -47,6 +47,12 @@ class Tokenizer(ABC):
         """The text the token ids stand for; invalid UTF-8 becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def vocabulary_bytes(self) -> list[bytes]:
+        """The bytes of every token id, ``0..vocab_size-1`` (``b""`` for an id that stands for
+        no text, such as an end-of-text or padding token): what a byte-level grammar engine
+        needs to know which tokens can continue a text."""
+        return [self.decode_bytes([i]) for i in range(self.vocab_size)]
+
     def __repr__(self) -> str:
         return f"<rwkvpy {type(self).__name__} {self.name} vocab={self.vocab_size}>"
 

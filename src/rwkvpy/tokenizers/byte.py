@@ -16,3 +16,6 @@ class ByteTokenizer(Tokenizer):
 
     def decode_bytes(self, ids) -> bytes:
         return bytes(id_list(ids, 256, "ByteTokenizer.decode"))
+
+    def vocabulary_bytes(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)]

@@ -119,6 +119,12 @@ class NeoXTokenizer(Tokenizer):
             return b"".join([table[i] for i in ids])
         return self._tok.decode(ids).encode("utf-8")
 
+    def vocabulary_bytes(self) -> list[bytes]:
+        if self._table is not None:
+            return list(self._table)  # special tokens: b""
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return [b"" if i in special else self.decode_bytes([i]) for i in range(self.vocab_size)]
+
     def decode(self, ids) -> str:
         if self._table is not None:
             return super().decode(ids)

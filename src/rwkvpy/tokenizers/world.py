@@ -335,6 +335,9 @@ class WorldTokenizer(Tokenizer):
         table = self._id_to_bytes
         return b"".join([table[i] for i in id_list(ids, self.vocab_size, "WorldTokenizer.decode")])
 
+    def vocabulary_bytes(self) -> list[bytes]:
+        return list(self._id_to_bytes)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token (b"" for ids the vocabulary does not define, such as 0)."""
         return self.decode_bytes([token_id])
