@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -101,6 +102,8 @@ class Constraint:
         self.kind = kind
         self.source = source
         self.lark = lark  # the Lark text handed to llguidance
+        self._protos: dict = {}  # (tokenizer id, vocab size) -> (tokenizer, a fresh matcher)
+        self._lock = threading.Lock()
         llg = _llg()
         try:
             self._grammar = llg.LLMatcher.grammar_from_lark(lark)
@@ -146,9 +149,30 @@ class Constraint:
         del llg
         return cls("grammar", text, lark)
 
+    @classmethod
+    def from_lark(cls, lark: str, *, kind: str = "grammar") -> Constraint:
+        """A grammar already in llguidance's Lark (no GBNF conversion)."""
+        return cls(kind, lark, lark)
+
     def processor(self, tokenizer) -> GrammarProcessor:
         """A fresh per-sequence :class:`GrammarProcessor` for text of ``tokenizer``."""
         return GrammarProcessor(self, tokenizer)
+
+    def matcher(self, tokenizer, vocab_size: int):
+        """A new llguidance matcher at the start of the text. The grammar is compiled once per
+        tokenizer and vocabulary size; each matcher is a copy of that first one (a copy takes
+        microseconds, a compile a millisecond or more, and the copies share its lexer's
+        cache)."""
+        llg = _llg()
+        key = (id(tokenizer), vocab_size)
+        with self._lock:
+            entry = self._protos.get(key)
+            if entry is None:
+                vocab = vocabulary(tokenizer, vocab_size)
+                # the tokenizer is kept: its id stays its own while the entry lives
+                entry = (tokenizer, llg.LLMatcher(vocab, self._grammar, log_level=0))
+                self._protos[key] = entry
+            return entry[1].deep_copy()
 
 
 def _json_lark(body: str, leading_space: bool) -> str:
@@ -215,9 +239,7 @@ class GrammarProcessor:
         self.steps = 0
 
     def _start(self, V: int) -> None:
-        llg = _llg()
-        self._matcher = llg.LLMatcher(vocabulary(self.tokenizer, V), self.constraint._grammar,
-                                      log_level=0)
+        self._matcher = self.constraint.matcher(self.tokenizer, V)
         self._check()
         self._bits = torch.zeros((V + 31) // 32, dtype=torch.int32)
 
@@ -226,7 +248,7 @@ class GrammarProcessor:
             raise ConstraintError(f"the {self.constraint.kind.replace('_', ' ')} failed: "
                                   f"{_one_line(self._matcher.get_error())}")
 
-    def allowed(self, V: int) -> torch.Tensor:
+    def allowed(self, V: int) -> np.ndarray:
         """The bool mask (V,) of tokens that may come next (id 0: the text may end here)."""
         if self._matcher is None:
             self._start(V)
@@ -234,21 +256,23 @@ class GrammarProcessor:
         self._matcher.unsafe_compute_mask_ptr(b.data_ptr(), b.numel() * 4)
         self._check()
         bits = np.unpackbits(b.numpy().view(np.uint8), bitorder="little")[:V]
-        return torch.from_numpy(bits.view(np.bool_))
+        return bits.view(np.bool_)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        import time
-
         t0 = time.perf_counter()
-        x = logits
-        allowed = self.allowed(x.numel())
+        x = logits.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        xn = x.numpy()  # shares x's memory: the changes below are x's
+        allowed = self.allowed(xn.size)
         end_ok = bool(allowed[END_TOKEN])
         allowed[END_TOKEN] = False
-        forbidden = ~allowed
-        end = torch.logsumexp(x[forbidden], 0) if end_ok else None
-        x.masked_fill_(forbidden, -math.inf)
+        end = None
+        if end_ok:  # log of the forbidden tokens' summed probability (unnormalized)
+            z = np.where(allowed, -np.inf, xn)
+            top = z.max()
+            end = top + math.log(np.exp(z - top).sum()) if np.isfinite(top) else -math.inf
+        np.copyto(xn, -np.inf, where=~allowed)
         if end is not None:
-            x[END_TOKEN] = end
+            xn[END_TOKEN] = end
         self.steps += 1
         self.mask_seconds += time.perf_counter() - t0
         return x
