@@ -5,7 +5,8 @@ import torch
 
 import rwkvpy
 from conftest import fixture_path
-from rwkvpy.generate import (GenerationError, GenerationResult, _held_back, generate, stream)
+from rwkvpy.generate import GenerationError, GenerationResult, generate, stream
+from rwkvpy.generation import held_back as _held_back
 from rwkvpy.sampling import SamplingParams
 from rwkvpy.tokenizers import ByteTokenizer, TokenizerError
 

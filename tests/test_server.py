@@ -399,7 +399,10 @@ def test_bad_requests(http):
                  param="logit_bias")
     expect_error(http.post(p, json={"prompt": [1, 2, 300]}), 400, param="prompt")
     expect_error(http.post(p, json={"prompt": ""}), 400, param="prompt")
-    expect_error(http.post(p, json={"prompt": "a", "logprobs": 2}), 400, param="logprobs")
+    expect_error(http.post(p, json={"prompt": "a", "logprobs": 21}), 400, param="logprobs")
+    expect_error(http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), 400,
+        param="top_logprobs")
     expect_error(http.post("/v1/chat/completions", json={
         "messages": [{"role": "tool", "content": "a"}]}), 400)
     expect_error(http.post("/v1/chat/completions", json={"messages": []}), 400,

@@ -227,6 +227,7 @@ class BatchWorker:
         return row
 
     def _generate(self, reqs: list) -> list[dict]:
+        from .generation import DoneEvent, ErrorEvent, TextEvent
         from .sampling import SamplingParams
         from .server.engine import Sequence
 
@@ -238,19 +239,19 @@ class BatchWorker:
 
         def emitter(i):
             def emit(ev):
-                if ev[0] == "text":
-                    texts[i].append(ev[1])
+                if isinstance(ev, TextEvent):
+                    texts[i].append(ev.text)
                     return
                 req = reqs[i]
-                if ev[0] == "done":
-                    info = ev[1]
+                if isinstance(ev, DoneEvent):
                     rows[i] = {"id": req["id"], "text": "".join(texts[i]),
-                               "finish_reason": info["finish_reason"],
-                               "prompt_tokens": info["prompt_tokens"],
-                               "completion_tokens": info["completion_tokens"],
-                               "seed": info["seed"], "error": None}
-                else:  # ("error", message, user) or ("cancelled", reason)
-                    rows[i] = self._empty(req, ev[1])
+                               "finish_reason": ev.finish_reason,
+                               "prompt_tokens": ev.prompt_tokens,
+                               "completion_tokens": ev.completion_tokens,
+                               "seed": ev.seed, "error": None}
+                else:  # an ErrorEvent or a CancelledEvent
+                    rows[i] = self._empty(req, ev.message if isinstance(ev, ErrorEvent)
+                                          else ev.reason)
                 with lock:
                     left[0] -= 1
                     if left[0] == 0:

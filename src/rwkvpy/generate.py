@@ -4,7 +4,8 @@ The prompt goes to ``model.forward`` in one call (sequence mode); each generated
 goes in alone. Text is decoded with :class:`~rwkvpy.tokenizers.StreamDecoder`, so a character
 split across tokens is never emitted half-done.
 
-Stopping:
+Each step's token handling (sampling, log probabilities, decoding, stop strings) is
+:class:`rwkvpy.generation.TokenLoop`'s, shared with the server's engine. Stopping:
 
 - ``max_tokens`` tokens sampled: ``finish_reason`` "length";
 - a token in ``stop_tokens`` sampled: "stop"; that token is not in ``tokens`` nor in the text,
@@ -33,8 +34,9 @@ from dataclasses import dataclass, field
 
 from .compiling import thread_seconds as compile_seconds
 from .errors import RwkvpyError
-from .sampling import Sampler, SamplingParams
-from .tokenizers import StreamDecoder, TokenizerError
+from .generation import TokenLoop
+from .sampling import SamplingParams
+from .tokenizers import TokenizerError
 
 
 class GenerationError(RwkvpyError):
@@ -82,6 +84,7 @@ class GenerationResult:
     stop: object = None       # the stop string or stop token id that ended generation, if any
     seed: int | None = None   # the sampler's seed (reproduces the run with the same inputs)
     cached_tokens: int = 0    # prompt tokens taken from the prefix cache (not processed)
+    logprobs: tuple | None = None  # TokenLogprob per token of ``text`` (params.logprobs set)
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -96,27 +99,6 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
         raise GenerationError("the prompt is empty: the model needs at least one token to "
                               "predict the next one")
     return ids
-
-
-def _held_back(text: str, stops) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def _first_stop(text: str, stops):
-    """(index, stop string) of the earliest stop string in ``text``, or (-1, None)."""
-    at, which = -1, None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (at < 0 or i < at):
-            at, which = i, s
-    return at, which
 
 
 def _check(model, tokenizer, params):
@@ -161,14 +143,12 @@ def _process_prompt(model, ids: list, state, cache, checkpoints, live):
 
 
 def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
-         checkpoints=(), live=None):
+         checkpoints=(), live=None, processors=()):
     """Yields the text pieces; returns the GenerationResult. ``live`` (a GenerationStream) is
     kept up to date with the progress, so an interrupted run leaves a consistent account."""
     if live is None:
         live = GenerationStream(iter(()))
-    sampler = Sampler(params)
-    stops, stop_tokens = params.stop, frozenset(params.stop_tokens)
-    decoder = StreamDecoder(tokenizer)
+    loop = TokenLoop(tokenizer, params, processors)
     c0 = compile_seconds()
     t0 = time.perf_counter()
     logits, state, cached = _process_prompt(model, ids, state, cache, checkpoints, live)
@@ -176,48 +156,26 @@ def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
     live.prompt_state = state
     t1 = time.perf_counter()
     c1 = compile_seconds()
-    tokens: list[int] = live._tokens
+    live._tokens = tokens = loop.tokens
     parts: list[str] = []
-    pending = ""  # decoded, not yet emitted: may be the beginning of a stop string
-    finish, stop, sampled, by_string = "length", None, 0, False
 
     try:
-        while sampled < params.max_tokens:
-            token = sampler.sample(logits)
-            sampled += 1
-            if token in stop_tokens:
-                finish, stop = "stop", token
+        while not loop.done:
+            token = loop.choose(logits)
+            if token is None:
                 break
             logits, state = model.forward([token], state)
-            tokens.append(token)
+            event = loop.accept(token)
             live._progress = (len(tokens), state)  # one assignment: never half updated
-            pending += decoder.feed([token])
-            if not stops:
-                out, pending = pending, ""
-            else:
-                at, which = _first_stop(pending, stops)
-                if at >= 0:
-                    finish, stop, by_string = "stop", which, True
-                    pending = pending[:at]
-                    break
-                keep = _held_back(pending, stops)
-                out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-            if out:
-                parts.append(out)
-                live.text += out
-                yield out
-        if not by_string:
-            # The end: held-back text is no stop string after all; an unfinished character
-            # becomes U+FFFD.
-            pending += decoder.flush()
-            if stops:
-                at, which = _first_stop(pending, stops)
-                if at >= 0:
-                    finish, stop, pending = "stop", which, pending[:at]
-        if pending:
-            parts.append(pending)
-            live.text += pending
-            yield pending
+            if event is not None:
+                parts.append(event.text)
+                live.text += event.text
+                yield event.text
+        event = loop.close()
+        if event is not None and event.text:
+            parts.append(event.text)
+            live.text += event.text
+            yield event.text
     finally:
         n, done = live._progress
         if cache is not None and n:
@@ -226,10 +184,13 @@ def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
     c2 = compile_seconds()
     # never negative: compile seconds are counted per thread, and a stream may move between them
     cp, cg = max(0.0, c1 - c0), max(0.0, c2 - c1)
-    timings = Timings(t1 - t0 - cp, t2 - t1 - cg, len(ids) - cached, sampled, cp + cg)
-    return GenerationResult(text="".join(parts), tokens=list(tokens), finish_reason=finish,
-                            prompt_tokens=len(ids), completion_tokens=sampled, timings=timings,
-                            state=state, stop=stop, seed=sampler.seed, cached_tokens=cached)
+    timings = Timings(t1 - t0 - cp, t2 - t1 - cg, len(ids) - cached, loop.sampled, cp + cg)
+    return GenerationResult(text="".join(parts), tokens=list(tokens),
+                            finish_reason=loop.finish_reason, prompt_tokens=len(ids),
+                            completion_tokens=loop.sampled, timings=timings, state=state,
+                            stop=loop.stop, seed=loop.seed, cached_tokens=cached,
+                            logprobs=(tuple(loop.logprobs) if params.logprobs is not None
+                                      else None))
 
 
 class GenerationStream:
@@ -275,28 +236,30 @@ class GenerationStream:
 
 
 def stream(model, tokenizer, prompt, params: SamplingParams | None = None,
-           state=None, cache=None, checkpoints=()) -> GenerationStream:
+           state=None, cache=None, checkpoints=(), processors=()) -> GenerationStream:
     """Generate from ``prompt`` (a str, or a list of token ids), yielding text pieces as they
     are decided. Concatenated, the pieces are the result's ``text``; the stream's ``result``
     holds the :class:`GenerationResult` once it is exhausted. ``state``: continue from this
     state (None: a fresh one); it is not modified. ``cache``: a PrefixCache to start from and
     fill (see the module's docstring); ``checkpoints``: extra prompt positions whose states
-    are stored in it."""
+    are stored in it; ``processors``: :class:`~rwkvpy.generation.LogitsProcessor` objects for
+    this run (each step's logits go through them before the draw)."""
     params = _check(model, tokenizer, params)
     ids = _prompt_ids(tokenizer, prompt)  # bad prompts fail here, not at the first piece
     if cache is not None and not hasattr(cache, "lookup"):
         raise GenerationError(f"cache must be a PrefixCache, got {type(cache).__name__}")
     live = GenerationStream(None)
-    live._gen = _run(model, tokenizer, ids, params, state, cache, tuple(checkpoints), live)
+    live._gen = _run(model, tokenizer, ids, params, state, cache, tuple(checkpoints), live,
+                     tuple(processors))
     return live
 
 
 def generate(model, tokenizer, prompt, params: SamplingParams | None = None,
-             state=None, cache=None) -> GenerationResult:
+             state=None, cache=None, processors=()) -> GenerationResult:
     """Generate from ``prompt`` (a str, or a list of token ids) until a stop condition (see the
     module's docstring); ``state``: continue from this state (None: a fresh one); ``cache``: a
-    PrefixCache (see the module's docstring)."""
-    s = stream(model, tokenizer, prompt, params, state, cache)
+    PrefixCache (see the module's docstring); ``processors``: as for :func:`stream`."""
+    s = stream(model, tokenizer, prompt, params, state, cache, processors=processors)
     for _ in s:
         pass
     return s.result

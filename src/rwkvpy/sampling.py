@@ -82,7 +82,9 @@ class SamplingParams:
     the stop string itself is not part of the output). stop_tokens: ids that end generation (not
     part of the output). max_tokens: the most tokens to generate (>= 0). seed: an int for
     reproducible draws; None draws a fresh seed (see ``Sampler.seed``). greedy: always take the
-    most likely token.
+    most likely token. logprobs: None, or report each chosen token's log probability and the
+    ``logprobs`` most probable alternatives (0: the chosen token's alone); see
+    :mod:`rwkvpy.generation` for what they are computed from.
     """
 
     temperature: float = 1.0
@@ -99,6 +101,7 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     greedy: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         put = object.__setattr__.__get__(self)  # frozen: normalize in place once
@@ -140,6 +143,8 @@ class SamplingParams:
             put("seed", _int("seed", self.seed))
         if not isinstance(self.greedy, bool):
             raise SamplingError(f"greedy must be True or False, got {self.greedy!r}")
+        if self.logprobs is not None:
+            put("logprobs", _int("logprobs", self.logprobs))
 
     @property
     def is_greedy(self) -> bool:
@@ -272,7 +277,11 @@ class Sampler:
     # -- choosing --------------------------------------------------------------------------
     def sample(self, logits) -> int:
         """Choose the next token and record it (see :meth:`record`)."""
-        x = self.process(logits)
+        return self.choose(self.process(logits))
+
+    def choose(self, x: torch.Tensor) -> int:
+        """Steps 4-5 on logits already through :meth:`process` (and any further mask, such as
+        a grammar's): draw the token and record it."""
         if self.params.is_greedy:
             token = int(torch.argmax(x))
         else:

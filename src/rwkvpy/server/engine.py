@@ -1,8 +1,8 @@
 """The scheduler: one thread owns the model and runs every request's sequences together.
 
 Each :class:`Sequence` is one generated text (one choice of one HTTP request) with its own
-prompt tokens, starting state, :class:`~rwkvpy.sampling.Sampler` (seeded on its own) and
-:class:`~rwkvpy.tokenizers.StreamDecoder`. The engine thread loops:
+prompt tokens, starting state and :class:`~rwkvpy.generation.TokenLoop` (its sampler, seeded on
+its own, decoder and stop conditions). The engine thread loops:
 
 1. take the sequences submitted since the last iteration into the prefill queue (FIFO);
 2. drop cancelled sequences (a client that went away, a server shutting down);
@@ -33,9 +33,17 @@ compare 32 concurrent requests with ``generate``), but it is not a bit-exact gua
 ``max_batch=1`` gives bit-exact results at the cost of batching. Likewise, a prompt whose
 beginning comes from the prefix cache is processed in other pieces than a cold one.
 
-Events go to each sequence's ``emit`` callback, from the engine thread: ``("text", str)``,
-``("done", dict)``, ``("error", message, is_user_error)``, ``("cancelled", reason)`` (only for a
-cancellation with a reason, such as a shutdown: a client that went away gets nothing).
+Each sequence's token handling (sampling, log probabilities, decoding, stop strings) is a
+:class:`~rwkvpy.generation.TokenLoop`, the one ``generate`` uses. Events go to each sequence's
+``emit`` callback, from the engine thread: :class:`~rwkvpy.generation.TextEvent`,
+:class:`~rwkvpy.generation.DoneEvent`, :class:`~rwkvpy.generation.ErrorEvent` and
+:class:`~rwkvpy.generation.CancelledEvent` (only for a cancellation with a reason, such as a
+shutdown: a client that went away gets nothing).
+
+A sequence made with ``prompt_logprobs=N`` (scoring a prompt, ``echo`` with ``logprobs``)
+processes its whole prompt (no prefix-cache lookup) with the logits of every position, and its
+PromptEvent (when the prompt is done) and DoneEvent carry each prompt token's log probability
+under the model's raw logits (the first's is None).
 """
 
 from __future__ import annotations
@@ -46,9 +54,8 @@ import time
 from collections import deque
 
 from ..errors import RwkvpyError
-from ..generate import _first_stop, _held_back
-from ..sampling import Sampler
-from ..tokenizers import StreamDecoder
+from ..generation import (CancelledEvent, DoneEvent, ErrorEvent, PromptEvent, TokenLogprob,
+                          TokenLoop, token_logprobs)
 
 log = logging.getLogger("rwkvpy.server")
 
@@ -61,23 +68,27 @@ class Sequence:
     """One sequence to generate. ``ids``: the prompt's token ids (non-empty); ``params``: a
     SamplingParams; ``state``: the starting state (None: fresh) and ``root`` its prefix-cache
     root; ``checkpoints``: extra prompt positions whose states go to the cache; ``emit``:
-    called with each event."""
+    called with each event; ``processors``: LogitsProcessor objects of this sequence;
+    ``prompt_logprobs``: None, or score the prompt with this many alternatives per token."""
 
-    __slots__ = ("by_string", "cached", "cancel_reason", "cancelled", "checkpoints",
-                 "decoder", "emit", "finish", "ids", "logits", "params", "pending", "phase", "pos",
-                 "root", "sampled", "sampler", "start_state", "state", "stop",
-                 "stop_tokens", "t_first", "t_submit", "tokens")
+    __slots__ = ("cached", "cancel_reason", "cancelled", "checkpoints", "emit", "ids", "logits",
+                 "loop", "params", "phase", "pos", "processors", "prompt_logprobs", "prompt_lp",
+                 "root", "row", "start_state", "started", "state", "t_first", "t_submit")
 
-    def __init__(self, ids, params, emit, *, state=None, root=None, checkpoints=()):
+    def __init__(self, ids, params, emit, *, state=None, root=None, checkpoints=(),
+                 processors=(), prompt_logprobs=None):
         self.ids = list(ids)
         self.params = params
         self.start_state = state
         self.root = root
         self.checkpoints = tuple(checkpoints)
         self.emit = emit
-        self.sampler = Sampler(params)
-        self.decoder = None
-        self.stop_tokens = frozenset(params.stop_tokens)
+        self.processors = tuple(processors)
+        self.loop = None  # the TokenLoop, made when the sequence starts (on the engine thread)
+        self.prompt_logprobs = prompt_logprobs
+        self.prompt_lp = None  # TokenLogprob per prompt token read so far
+        self.row = None        # the last prompt piece's last logits (they predict the next)
+        self.started = False
         self.cancelled = False
         self.cancel_reason = None
         self.phase = "queued"  # queued -> prefill -> decode -> done
@@ -85,18 +96,20 @@ class Sequence:
         self.cached = 0        # prompt tokens found in the prefix cache
         self.state = state
         self.logits = None
-        self.tokens: list = []
-        self.pending = ""
-        self.sampled = 0
-        self.finish = "length"
-        self.stop = None
-        self.by_string = False
         self.t_submit = time.perf_counter()
         self.t_first = None
 
+    @property
+    def tokens(self) -> list:
+        return self.loop.tokens if self.loop is not None else []
+
+    @property
+    def sampled(self) -> int:
+        return self.loop.sampled if self.loop is not None else 0
+
     def cancel(self, reason=None) -> None:
         """Stop this sequence at the engine's next iteration. ``reason``: None for a client
-        that went away (no event), else a message sent as a ``("cancelled", reason)`` event."""
+        that went away (no event), else a message sent as a CancelledEvent."""
         if not self.cancelled:
             self.cancel_reason = reason
             self.cancelled = True
@@ -217,8 +230,12 @@ class Engine:
 
     # -- prefill -----------------------------------------------------------------------------
     def _start_prefill(self, s: Sequence) -> None:
-        s.decoder = StreamDecoder(self.tokenizer)
+        s.started = True
+        s.loop = TokenLoop(self.tokenizer, s.params, s.processors)
         ids, cache = s.ids, self.cache
+        if s.prompt_logprobs is not None:  # every position's logits are needed: no lookup
+            s.prompt_lp = []
+            return
         if cache is None:
             return
         n, st, logits = cache.lookup(ids, root=s.root)
@@ -247,13 +264,18 @@ class Engine:
         while self._prefill and budget > 0:
             s = self._prefill[0]
             try:
-                if s.decoder is None:
+                if not s.started:
                     self._start_prefill(s)
                 if s.logits is None:
                     end = self._next_cut(s)
-                    logits, state = self.model.forward(s.ids[s.pos:end], s.state)
+                    scoring = s.prompt_lp is not None
+                    logits, state = self.model.forward(s.ids[s.pos:end], s.state,
+                                                       all_logits=scoring)
                     self.prefill_tokens += end - s.pos
                     budget -= end - s.pos
+                    if scoring:
+                        self._score_prompt(s, logits, end)
+                        logits = logits[-1]
                     if self.cache is not None:
                         self.cache.insert(s.ids[:end], state, root=s.root)
                     s.pos, s.state = end, state
@@ -267,6 +289,19 @@ class Engine:
                 self._prefill.popleft()
                 s.phase = "decode"
                 self._decode.append(s)
+                if s.prompt_lp is not None:
+                    s.emit(PromptEvent(tuple(s.prompt_lp)))
+
+    def _score_prompt(self, s: Sequence, rows, end: int) -> None:
+        """Log probabilities of the prompt tokens ``s.pos .. end-1`` from the logits of the
+        positions before them (``rows``: one per token of the piece ``s.pos .. end-1``)."""
+        if s.pos == 0:
+            s.prompt_lp.append(TokenLogprob(s.ids[0], None))  # nothing predicted it
+        else:
+            s.prompt_lp += token_logprobs(s.row.unsqueeze(0), [s.ids[s.pos]], s.prompt_logprobs)
+        if end - s.pos > 1:
+            s.prompt_lp += token_logprobs(rows[:-1], s.ids[s.pos + 1:end], s.prompt_logprobs)
+        s.row = rows[-1]
 
     # -- decode ------------------------------------------------------------------------------
     def _decode_step(self) -> None:
@@ -275,13 +310,8 @@ class Engine:
             if s.phase != "decode":
                 continue
             try:
-                if s.sampled >= s.params.max_tokens:
-                    self._finish(s)
-                    continue
-                token = s.sampler.sample(s.logits)
-                s.sampled += 1
-                if token in s.stop_tokens:
-                    s.finish, s.stop = "stop", token
+                token = s.loop.choose(s.logits)
+                if token is None:
                     self._finish(s)
                     continue
                 run.append((s, token))
@@ -301,34 +331,16 @@ class Engine:
             self.max_batch_seen = max(self.max_batch_seen, len(group))
             for (s, token), lg, st in zip(group, logits, states):
                 try:
-                    s.tokens.append(token)
                     s.state, s.logits = st, lg
-                    self._took(s, token)
-                    if s.phase == "decode" and s.sampled >= s.params.max_tokens:
+                    event = s.loop.accept(token)
+                    if event is not None:
+                        if s.t_first is None:
+                            s.t_first = time.perf_counter()
+                        s.emit(event)
+                    if s.loop.done:
                         self._finish(s)
                 except Exception as e:  # noqa: BLE001 - one sequence fails, the rest go on
                     self._fail(s, e)
-
-    def _took(self, s: Sequence, token: int) -> None:
-        """Decode a token the state has read; stop strings; emit what is decided."""
-        stops = s.params.stop
-        s.pending += s.decoder.feed([token])
-        if not stops:
-            out, s.pending = s.pending, ""
-        else:
-            at, which = _first_stop(s.pending, stops)
-            if at >= 0:
-                s.finish, s.stop, s.by_string = "stop", which, True
-                s.pending = s.pending[:at]
-                self._finish(s)
-                return
-            keep = _held_back(s.pending, stops)
-            cut = len(s.pending) - keep
-            out, s.pending = s.pending[:cut], s.pending[cut:]
-        if out:
-            if s.t_first is None:
-                s.t_first = time.perf_counter()
-            s.emit(("text", out))
 
     # -- endings -----------------------------------------------------------------------------
     def _store_end(self, s: Sequence) -> None:
@@ -339,23 +351,18 @@ class Engine:
                 log.exception("prefix cache insert failed")
 
     def _finish(self, s: Sequence) -> None:
-        if not s.by_string:
-            s.pending += s.decoder.flush()
-            if s.params.stop:
-                at, which = _first_stop(s.pending, s.params.stop)
-                if at >= 0:
-                    s.finish, s.stop, s.pending = "stop", which, s.pending[:at]
-        if s.pending:
-            s.emit(("text", s.pending))
-            s.pending = ""
+        event = s.loop.close()
+        if event is not None:
+            s.emit(event)
         self._store_end(s)
         s.phase = "done"
         self.sequences_done += 1
         self._forget(s)
-        s.emit(("done", {"finish_reason": s.finish, "stop": s.stop,
-                         "prompt_tokens": len(s.ids), "completion_tokens": s.sampled,
-                         "cached_tokens": s.cached, "tokens": list(s.tokens),
-                         "state": s.state, "seed": s.sampler.seed}))
+        s.emit(DoneEvent(finish_reason=s.loop.finish_reason, stop=s.loop.stop,
+                         prompt_tokens=len(s.ids), completion_tokens=s.loop.sampled,
+                         cached_tokens=s.cached, tokens=list(s.loop.tokens), state=s.state,
+                         seed=s.loop.seed,
+                         prompt_logprobs=None if s.prompt_lp is None else tuple(s.prompt_lp)))
 
     def _drop(self, s: Sequence) -> None:
         if s.phase == "done":
@@ -366,10 +373,10 @@ class Engine:
         self.sequences_cancelled += 1
         self._forget(s)
         if s.cancel_reason is not None:
-            s.emit(("cancelled", s.cancel_reason))
+            s.emit(CancelledEvent(s.cancel_reason))
 
     def _fail(self, s: Sequence, err) -> None:
-        """End ``s`` with an error event: ``("error", message, is_user_error)``."""
+        """End ``s`` with an ErrorEvent."""
         if s.phase == "done":
             return
         user = isinstance(err, RwkvpyError)  # bad input (a prompt, a sampling setting)
@@ -382,7 +389,7 @@ class Engine:
             msg = "internal error in the inference engine"
         s.phase = "done"
         self._forget(s)
-        s.emit(("error", msg, user))
+        s.emit(ErrorEvent(msg, user))
 
     def _forget(self, s: Sequence) -> None:
         with self._cond:

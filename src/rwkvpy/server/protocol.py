@@ -15,8 +15,11 @@ Parameter mapping (OpenAI -> rwkvpy):
   (a string, a list of token ids, or a list of either), ``echo``.
 - rwkvpy extensions: ``top_k``, ``min_p``, ``penalty_decay``, ``state`` (start from a named
   state, see ``POST /v1/states``).
-- Refused with 400 (they would change what the client gets without it noticing): ``logprobs``,
-  ``top_logprobs``, ``suffix``, ``best_of`` above ``n``, ``tools``/``functions``, a
+- Log probabilities: completions' ``logprobs`` (0-20 alternatives per token; with ``echo``
+  the prompt's tokens are scored too, and ``max_tokens: 0`` scores a text without generating),
+  chat's ``logprobs: true`` with ``top_logprobs`` (0-20); shapes in server/responses.py.
+- Refused with 400 (they would change what the client gets without it noticing):
+  ``suffix``, ``best_of`` above ``n``, ``tools``/``functions``, a
   ``response_format`` other than text. Other unknown fields are ignored, as OpenAI's clients
   send some (``user``, ``metadata``...).
 
@@ -41,6 +44,7 @@ from ..sampling import SamplingError, SamplingParams
 
 CHAT_STOP = "\n\n"
 MAX_STOPS = 16
+MAX_LOGPROBS = 20
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 STATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -92,6 +96,7 @@ class Spec:
     include_usage: bool = False
     echo: bool = False
     state: str | None = None     # named starting state
+    logprobs: int | None = None  # alternatives per token with log probabilities; None: none
     extra: dict = field(default_factory=dict)
 
 
@@ -198,7 +203,8 @@ def state_name(body, name="state"):
 
 
 # -- sampling ------------------------------------------------------------------------------------
-def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=()) -> list:
+def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(),
+             logprobs=None) -> list:
     """One SamplingParams per choice."""
     temperature = get_num(body, "temperature", 1.0, lo=0)
     top_p = get_num(body, "top_p", 1.0, lo=0, hi=1)
@@ -211,7 +217,7 @@ def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=()) -
         "min_p": get_num(body, "min_p", 0.0, lo=0),
         "presence_penalty": get_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
         "frequency_penalty": get_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
-        "max_tokens": max_tokens,
+        "max_tokens": max_tokens, "logprobs": logprobs,
     }
     decay = get_num(body, "penalty_decay", None)
     if decay is not None:
@@ -260,18 +266,24 @@ def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=()) -
     return out
 
 
+def logprobs_asked(body, kind: str):
+    """How many alternatives per token the request wants with log probabilities, or None for
+    no log probabilities: completions' ``logprobs`` (an integer); chat's ``logprobs`` (true or
+    false) and ``top_logprobs`` (an integer, which needs ``logprobs: true``)."""
+    if kind == "completion":
+        return get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    on = get_bool(body, "logprobs")
+    top = get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if top is not None and not on:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if on else None
+
+
 def _refuse_unsupported(body, kind: str) -> None:
     if kind == "completion":
-        if body.get("logprobs") is not None:
-            raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported")
         if body.get("suffix") not in (None, ""):
             raise bad("'suffix' is not supported by this server", "suffix", "unsupported")
     else:
-        if body.get("logprobs") not in (None, False):
-            raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported")
-        if body.get("top_logprobs") is not None:
-            raise bad("'top_logprobs' is not supported by this server", "top_logprobs",
-                      "unsupported")
         for name in ("tools", "functions"):
             if body.get(name):
                 raise bad(f"'{name}' (function calling) is not supported by this server", name,
@@ -307,8 +319,9 @@ def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, de
         if not isinstance(opts, dict):
             raise bad("'stream_options' must be an object", "stream_options")
         include_usage = get_bool(opts, "include_usage")
+    logprobs = logprobs_asked(body, kind)
     params = sampling(body, vocab_size=vocab_size, max_tokens=max_tokens, n=n,
-                      extra_stop=(CHAT_STOP,) if kind == "chat" else ())
+                      extra_stop=(CHAT_STOP,) if kind == "chat" else (), logprobs=logprobs)
     return n, stream, include_usage, params
 
 
@@ -355,7 +368,8 @@ def parse_completion(body, limits: Limits, vocab_size: int) -> tuple:
     n, stream, include_usage, params = _common(body, "completion", limits, vocab_size, len(raw),
                                                limits.default_completion_tokens)
     spec = Spec("completion", [], params, n=n, stream=stream, include_usage=include_usage,
-                echo=get_bool(body, "echo"), state=state_name(body))
+                echo=get_bool(body, "echo"), state=state_name(body),
+                logprobs=params[0].logprobs)
     return spec, raw
 
 
@@ -435,5 +449,5 @@ def parse_chat(body, limits: Limits, vocab_size: int) -> tuple:
     n, stream, include_usage, params = _common(body, "chat", limits, vocab_size, 1,
                                                limits.max_tokens)
     spec = Spec("chat", [], params, n=n, stream=stream, include_usage=include_usage,
-                state=state_name(body))
+                state=state_name(body), logprobs=params[0].logprobs)
     return spec, msgs
