@@ -36,6 +36,7 @@ import math
 import threading
 import time
 import weakref
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -121,10 +122,18 @@ class Constraint:
         """JSON valid under ``schema`` (a dict, or JSON text). ``leading_space``: the output may
         start with one space (as a chat reply after ``Assistant:`` does)."""
         schema = _json_schema_arg(schema)
+        full = _with_whitespace(schema)
         try:
-            body = json.dumps(_with_whitespace(schema), ensure_ascii=False, allow_nan=False)
+            body = json.dumps(full, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ConstraintError(f"the JSON schema cannot be written as JSON: {e}") from None
+        llg = _llg()
+        try:  # the schema alone first: its errors, without the grammar around it
+            err = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_json_schema(body))
+        except (ValueError, TypeError) as e:
+            err = str(e)
+        if err:
+            raise ConstraintError(f"invalid JSON schema: {_one_line(err)}")
         return cls("json_schema", schema, _json_lark(body, leading_space))
 
     @classmethod
@@ -173,6 +182,47 @@ class Constraint:
                 entry = (tokenizer, llg.LLMatcher(vocab, self._grammar, log_level=0))
                 self._protos[key] = entry
             return entry[1].deep_copy()
+
+
+_made: OrderedDict = OrderedDict()  # (kind, canonical text) -> Constraint, most recent last
+_made_lock = threading.Lock()
+CACHED_CONSTRAINTS = 64
+
+
+def constraint_for(kind: str, source) -> Constraint:
+    """The Constraint of a ``kind`` ("json_schema", "json_object" or "grammar") and its source,
+    made once for the same schema or grammar (the last :data:`CACHED_CONSTRAINTS` are kept):
+    requests that share a schema share its compiled grammar."""
+    if kind == "json_schema":
+        schema = _json_schema_arg(source)
+        try:
+            key = json.dumps(schema, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConstraintError(f"the JSON schema cannot be written as JSON: {e}") from None
+    elif kind == "json_object":
+        schema, key = None, ""
+    elif kind == "grammar":
+        if not isinstance(source, str):
+            raise ConstraintError(f"a grammar must be a str, got {type(source).__name__}")
+        key = source
+    else:
+        raise ConstraintError(f"unknown constraint kind {kind!r}")
+    with _made_lock:
+        c = _made.get((kind, key))
+        if c is not None:
+            _made.move_to_end((kind, key))
+            return c
+    if kind == "json_schema":
+        c = Constraint.json_schema(schema)
+    elif kind == "json_object":
+        c = Constraint.json_object()
+    else:
+        c = Constraint.grammar(source)
+    with _made_lock:
+        _made[(kind, key)] = c
+        while len(_made) > CACHED_CONSTRAINTS:
+            _made.popitem(last=False)
+    return c
 
 
 def _json_lark(body: str, leading_space: bool) -> str:

@@ -168,8 +168,13 @@ class TokenLoop:
         self.params = params
         self.sampler = Sampler(params)
         self.decoder = StreamDecoder(tokenizer)
-        self.processors = tuple(processors)
-        self.stop_tokens = frozenset(params.stop_tokens)
+        procs = tuple(processors)
+        if params.constraint is not None:  # json_schema / json_object / grammar
+            procs += (params.constraint.processor(tokenizer),)
+        self.processors = procs
+        # a processor may end the sequence through tokens of its own (a grammar's end token)
+        self.stop_tokens = frozenset(params.stop_tokens).union(
+            *(getattr(p, "stop_tokens", ()) for p in procs))
         self.tokens: list[int] = []    # chosen tokens the state has read
         self.sampled = 0               # tokens chosen (a stop token included)
         self.finish_reason: str | None = None

@@ -85,6 +85,11 @@ class SamplingParams:
     most likely token. logprobs: None, or report each chosen token's log probability and the
     ``logprobs`` most probable alternatives (0: the chosen token's alone); see
     :mod:`rwkvpy.generation` for what they are computed from.
+    Structured output (at most one of the three; see :mod:`rwkvpy.constrain`, needs
+    ``rwkvpy[structured]``): json_schema: the output is JSON valid under this schema (a dict or
+    JSON text); json_object: the output is a JSON object; grammar: the output follows this
+    grammar (GBNF or Lark text). A bad schema or grammar is a
+    :class:`~rwkvpy.constrain.ConstraintError` (a SamplingError) here.
     """
 
     temperature: float = 1.0
@@ -102,6 +107,9 @@ class SamplingParams:
     seed: int | None = None
     greedy: bool = False
     logprobs: int | None = None
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    grammar: str | None = None
 
     def __post_init__(self):
         put = object.__setattr__.__get__(self)  # frozen: normalize in place once
@@ -145,6 +153,28 @@ class SamplingParams:
             raise SamplingError(f"greedy must be True or False, got {self.greedy!r}")
         if self.logprobs is not None:
             put("logprobs", _int("logprobs", self.logprobs))
+        if not isinstance(self.json_object, bool):
+            raise SamplingError(f"json_object must be True or False, got {self.json_object!r}")
+        given = [n for n in ("json_schema", "grammar") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) > 1:
+            raise SamplingError(f"give at most one of json_schema, json_object and grammar, "
+                                f"got {' and '.join(given)}")
+        self.constraint  # noqa: B018 - checks the schema or grammar now
+
+    @property
+    def constraint(self):
+        """The :class:`~rwkvpy.constrain.Constraint` of json_schema, json_object or grammar
+        (None without one); the same object for the same schema or grammar."""
+        if self.json_schema is None and self.grammar is None and not self.json_object:
+            return None
+        from .constrain import constraint_for
+
+        if self.json_object:
+            return constraint_for("json_object", None)
+        if self.json_schema is not None:
+            return constraint_for("json_schema", self.json_schema)
+        return constraint_for("grammar", self.grammar)
 
     @property
     def is_greedy(self) -> bool:
