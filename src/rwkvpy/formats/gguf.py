@@ -347,8 +347,17 @@ class Vocab:
         vocabulary; the stored texts of other models."""
         if self.model != "rwkv":
             return list(self.tokens)
+        from ..tokenizers.base import TokenizerError
+
         types = self.types or [NORMAL] * len(self.tokens)
-        return [_unescape_token(t) if k == NORMAL else b"" for t, k in zip(self.tokens, types)]
+        out = []
+        for i, (t, k) in enumerate(zip(self.tokens, types)):
+            try:
+                out.append(_unescape_token(t) if k == NORMAL else b"")
+            except ValueError as e:  # a broken escape: "\\x" without two hex digits, a lone "\\"
+                raise TokenizerError(f"tokenizer.ggml.tokens: token {i} ({bytes(t)[:40]!r}) is "
+                                     f"not an escaped RWKV token: {e}") from None
+        return out
 
 
 def _escape_token(tok: bytes) -> str:

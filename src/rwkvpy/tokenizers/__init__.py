@@ -157,5 +157,6 @@ def model_tokenizer(model_path, vocab_size: int, kind: str | None = None,
     try:
         tok = stored()
     except TokenizerError as e:
-        raise with_hint(e) from None
+        where = os.fspath(model_path)
+        raise with_hint(e if where in str(e) else TokenizerError(f"{where}: {e}")) from None
     return _check_fits(tok, kind, vocab_size)
