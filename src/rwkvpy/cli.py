@@ -268,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_options(quant)
     quant.set_defaults(func=cmd_convert)
     from .cli_eval import add_eval_commands
+    from .cli_lm_eval import add_lm_eval_command
     from .cli_text import add_text_commands
     from .server.cli import add_serve_command
 
     add_text_commands(sub)
     add_eval_commands(sub)
+    add_lm_eval_command(sub)
     add_serve_command(sub)
     from .batch import add_batch_command
 
