@@ -124,7 +124,17 @@ def _params(args):
         kw["stop"] = tuple(_unescape(s) for s in args.stop)
     if args.greedy:
         kw["greedy"] = True
-    return SamplingParams(**kw)
+    if getattr(args, "json_schema", None) is not None:
+        kw["json_schema"] = _read_text(args.json_schema)
+    if getattr(args, "grammar", None) is not None:
+        kw["grammar"] = _read_text(args.grammar)
+    if getattr(args, "json_object", False):
+        kw["json_object"] = True
+    try:
+        return SamplingParams(**kw)
+    except RwkvpyError as e:  # a bad schema or grammar names its file
+        what = args.json_schema or args.grammar if kw.keys() & {"json_schema", "grammar"} else None
+        raise CliError(f"{what}: {e}" if what else str(e)) from None
 
 
 def _start_state(path: str, model):
@@ -177,6 +187,12 @@ def _add_sampling_options(p) -> None:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop at this text (repeatable; \\n, \\t, \\r and \\\\ are unescaped)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="the output is JSON valid under this JSON schema (needs rwkvpy[structured])")
+    s.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    s.add_argument("--grammar", metavar="FILE", default=None,
+                   help="the output follows this grammar (GBNF or Lark)")
 
 
 # -- generate -------------------------------------------------------------------------------

@@ -18,10 +18,13 @@ Parameter mapping (OpenAI -> rwkvpy):
 - Log probabilities: completions' ``logprobs`` (0-20 alternatives per token; with ``echo``
   the prompt's tokens are scored too, and ``max_tokens: 0`` scores a text without generating),
   chat's ``logprobs: true`` with ``top_logprobs`` (0-20); shapes in server/responses.py.
+- Structured outputs and tool calls: ``response_format`` (text, ``json_object``,
+  ``json_schema``), rwkvpy's ``grammar`` extension, and chat's ``tools``, ``tool_choice``,
+  ``parallel_tool_calls``, ``role: "tool"`` messages and assistant ``tool_calls``: see
+  server/structured.py.
 - Refused with 400 (they would change what the client gets without it noticing):
-  ``suffix``, ``best_of`` above ``n``, ``tools``/``functions``, a
-  ``response_format`` other than text. Other unknown fields are ignored, as OpenAI's clients
-  send some (``user``, ``metadata``...).
+  ``suffix``, ``best_of`` above ``n``, the deprecated ``functions``. Other unknown fields are
+  ignored, as OpenAI's clients send some (``user``, ``metadata``...).
 
 Chat format (RWKV's): each message is rendered as ``System: ...\\n\\n``, ``User: ...\\n\\n`` or
 ``Assistant: ...\\n\\n`` (``developer`` counts as system), and the prompt ends with
@@ -204,8 +207,8 @@ def state_name(body, name="state"):
 
 # -- sampling ------------------------------------------------------------------------------------
 def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(),
-             logprobs=None) -> list:
-    """One SamplingParams per choice."""
+             logprobs=None, constraint=None) -> list:
+    """One SamplingParams per choice; ``constraint``: their json_schema/json_object/grammar."""
     temperature = get_num(body, "temperature", 1.0, lo=0)
     top_p = get_num(body, "top_p", 1.0, lo=0, hi=1)
     greedy = temperature == 0.0 or top_p == 0.0
@@ -217,7 +220,7 @@ def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(),
         "min_p": get_num(body, "min_p", 0.0, lo=0),
         "presence_penalty": get_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
         "frequency_penalty": get_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
-        "max_tokens": max_tokens, "logprobs": logprobs,
+        "max_tokens": max_tokens, "logprobs": logprobs, **(constraint or {}),
     }
     decay = get_num(body, "penalty_decay", None)
     if decay is not None:
@@ -284,18 +287,19 @@ def _refuse_unsupported(body, kind: str) -> None:
         if body.get("suffix") not in (None, ""):
             raise bad("'suffix' is not supported by this server", "suffix", "unsupported")
     else:
-        for name in ("tools", "functions"):
-            if body.get(name):
-                raise bad(f"'{name}' (function calling) is not supported by this server", name,
-                          "unsupported")
-        fmt = body.get("response_format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            raise bad("only response_format {\"type\": \"text\"} is supported", "response_format",
+        if body.get("functions"):
+            raise bad("the deprecated 'functions' is not supported: give 'tools'", "functions",
                       "unsupported")
+    if kind == "completion" and body.get("tools"):
+        raise bad("'tools' work with /v1/chat/completions", "tools", "unsupported")
 
 
-def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, default_max):
+def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, default_max,
+            tools=None):
+    from .structured import constraint_kw, tools_kw
+
     _refuse_unsupported(body, kind)
+    constraint = tools_kw(tools, constraint_kw(body))
     n = get_int(body, "n", 1, lo=1)
     if n * n_prompts > limits.max_sequences:
         raise bad(f"this request asks for {n * n_prompts} choices; this server allows at most "
@@ -321,7 +325,8 @@ def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, de
         include_usage = get_bool(opts, "include_usage")
     logprobs = logprobs_asked(body, kind)
     params = sampling(body, vocab_size=vocab_size, max_tokens=max_tokens, n=n,
-                      extra_stop=(CHAT_STOP,) if kind == "chat" else (), logprobs=logprobs)
+                      extra_stop=(CHAT_STOP,) if kind == "chat" else (), logprobs=logprobs,
+                      constraint=constraint)
     return n, stream, include_usage, params
 
 
@@ -412,15 +417,27 @@ def check_messages(body, *, required=True) -> list:
         return None
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty list", "messages")
+    from .structured import assistant_calls_text, call_names, tool_label
+
     out = []
+    names = None
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object", f"messages[{i}]")
         role = m.get("role")
-        if role not in ROLES:
-            raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_show(role)}",
-                      f"messages[{i}].role", "unsupported" if isinstance(role, str) else None)
-        out.append((role, normalize_message(message_text(m, i))))
+        if role not in ROLES and role != "tool":
+            raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, tool, got "
+                      f"{_show(role)}", f"messages[{i}].role",
+                      "unsupported" if isinstance(role, str) else None)
+        text = message_text(m, i)
+        if role == "assistant" and m.get("tool_calls"):
+            calls = assistant_calls_text(m["tool_calls"], i)
+            text = f"{text}\n{calls}" if text.strip() else calls
+        if role == "tool":  # rendered under its own label: "Tool (name): ..."
+            if names is None:
+                names = call_names(msgs)
+            role = tool_label(m, names)
+        out.append((role, normalize_message(text)))
     return out
 
 
@@ -433,21 +450,28 @@ def render_messages(messages, tokenizer, generation_prompt: bool = True) -> Prom
             ids += tokenizer.encode("Assistant:") + tokenizer.encode(f" {text}{CHAT_STOP}")
             boundary = len(ids)
         else:
-            ids += tokenizer.encode(f"{ROLES[role]}: {text}{CHAT_STOP}")
+            ids += tokenizer.encode(f"{ROLES.get(role, role)}: {text}{CHAT_STOP}")
     if generation_prompt:
         ids += tokenizer.encode("Assistant:")
     text = "".join((f"Assistant: {t}{CHAT_STOP}" if r == "assistant" else
-                    f"{ROLES[r]}: {t}{CHAT_STOP}") for r, t in messages)
+                    f"{ROLES.get(r, r)}: {t}{CHAT_STOP}") for r, t in messages)
     if generation_prompt:
         text += "Assistant:"
     return Prompt(ids, text=text, checkpoints=(boundary,) if 0 < boundary < len(ids) else ())
 
 
 def parse_chat(body, limits: Limits, vocab_size: int) -> tuple:
-    """(Spec without encoded prompts, checked messages)."""
+    """(Spec without encoded prompts, checked messages). With tools that constrain the reply,
+    their system message comes first and ``spec.extra["tools"]`` holds them."""
+    from .structured import parse_tools
+
     msgs = check_messages(body)
+    tools = parse_tools(body)
     n, stream, include_usage, params = _common(body, "chat", limits, vocab_size, 1,
-                                               limits.max_tokens)
+                                               limits.max_tokens, tools=tools)
     spec = Spec("chat", [], params, n=n, stream=stream, include_usage=include_usage,
                 state=state_name(body), logprobs=params[0].logprobs)
+    if tools is not None and tools.active:
+        msgs = [("system", tools.system_text())] + msgs
+        spec.extra["tools"] = tools
     return spec, msgs

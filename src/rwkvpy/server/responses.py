@@ -134,6 +134,13 @@ class Chunks:
             c = completion_choice(i, text, None, logprobs)
         return self._choice(c)
 
+    def tool_calls(self, i: int, calls: list) -> str:
+        """A chat choice's tool calls, whole (``calls`` in the message shape), as a delta."""
+        delta = {"content": None,
+                 "tool_calls": [dict(c, index=j) for j, c in enumerate(calls)]}
+        return self._choice({"index": i, "delta": delta, "logprobs": None,
+                             "finish_reason": None})
+
     def finish(self, i: int, finish_reason: str) -> str:
         if self.chat:
             c = {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason}

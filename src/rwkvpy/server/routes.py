@@ -22,6 +22,7 @@ from ..generation import CancelledEvent, DoneEvent, PromptEvent, TextEvent
 from ..sampling import SamplingParams
 from . import protocol as P
 from . import responses as R
+from . import structured as S
 from .context import SHUTDOWN_MESSAGE, NamedState, ServerState
 from .engine import EngineClosed, Sequence
 
@@ -222,6 +223,7 @@ class _Request:
         self.meta = {"id": ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24],
                      "created": int(time.time()), "model": server.config.model_name}
         self.scoring = spec.echo and spec.logprobs is not None
+        self.tools = spec.extra.get("tools")  # chat tools that constrain the reply
 
     def prompt_of(self, i: int):
         return self.prompts[i // self.spec.n]
@@ -257,6 +259,9 @@ async def _generate(request: Request, kind: str):
     else:
         spec, raw = P.parse_completion(body, server.limits, V)
         prompts = await run_in_threadpool(P.encode_prompts, raw, tok)
+    constraint = spec.params[0].constraint
+    if constraint is not None:  # compile its matcher here, not on the engine's thread
+        await run_in_threadpool(constraint.matcher, tok, V)
     if spec.state is not None:
         await server.sync_states()
     named = server.named(spec.state)
@@ -305,7 +310,10 @@ async def _collect(req: _Request):
         text = "".join(texts[i])
         fr = infos[i].finish_reason
         if req.chat:
-            choices.append(R.chat_choice(i, text.lstrip(), fr, req.piece_shape(lps[i], 0)))
+            c = R.chat_choice(i, text.lstrip(), fr, req.piece_shape(lps[i], 0))
+            if req.tools is not None:
+                c = S.shape_tool_reply(c, text, fr)
+            choices.append(c)
             continue
         prefix = req.echo_text(i) if req.spec.echo else ""
         logprobs = req.piece_shape(lps[i], len(prefix))
@@ -331,10 +339,24 @@ async def _stream(req: _Request):
             yield ch.piece(i, text)
     leading = [req.chat] * k  # chat replies leave out their leading whitespace
     held = [[] for _ in range(k)]  # logprobs of that whitespace, sent with the next piece
+    # with tools: each reply is held until its first character tells text from calls
+    split = [S.ReplySplitter() if req.tools is not None else None for _ in range(k)]
     infos = [None] * k
     left = k
     while left:
         idx, ev = await req.job.queue.get()
+        if isinstance(ev, TextEvent) and split[idx] is not None:
+            ev = split[idx].feed(ev)
+            if ev is None:
+                continue
+        if isinstance(ev, DoneEvent) and split[idx] is not None and split[idx].is_calls:
+            found = split[idx].calls()
+            if found:
+                yield ch.tool_calls(idx, found)
+            infos[idx] = ev
+            left -= 1
+            yield ch.finish(idx, S.tool_finish_reason(found, ev.finish_reason))
+            continue
         if isinstance(ev, TextEvent):
             piece, entries = ev.text, held[idx] + list(ev.logprobs)
             if leading[idx]:

@@ -1,7 +1,13 @@
-"""Tool calls (OpenAI's ``tools`` / ``tool_choice``) in RWKV's chat format.
+"""Structured outputs and tool calls in the server: ``response_format``, ``grammar``, ``tools``.
 
-The prompt. The tools are described in one more system message at the start of the
-conversation (one line, as every message is)::
+Structured outputs (both completion routes): ``response_format`` ``{"type": "text"}`` (the
+default), ``{"type": "json_object"}`` (any JSON object) or ``{"type": "json_schema",
+"json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` (JSON valid under ``schema``),
+and rwkvpy's extension ``grammar`` (a GBNF or Lark grammar, as text). Each choice follows its
+own matcher (rwkvpy.constrain); a bad schema or grammar is a 400 naming the field.
+
+Tool calls (chat completions), RWKV's chat format. The tools are described in one more system
+message at the start of the conversation (one line, as every message is)::
 
     System: You can call these functions. To call one, reply with <tool_call>{"name": NAME,
     "arguments": ARGUMENTS}</tool_call> (several calls: one per line) and nothing else.
@@ -16,11 +22,13 @@ with the same ``tool_call_id``, or from the message's ``name``)::
 
     Tool (get_weather): 18 degrees, light rain
 
-The output. The reply is constrained by a grammar (rwkvpy.constrain) built from the tools:
+The reply is constrained by a grammar built from the tools:
 
 - ``required``: one or more calls, ``<tool_call>{"name": "f", "arguments": {...}}</tool_call>``
   separated by line breaks (one call when ``parallel_tool_calls`` is false), where ``name`` is
-  one of the tools and ``arguments`` valid under that tool's ``parameters`` JSON schema;
+  one of the tools and ``arguments`` valid under that tool's ``parameters`` JSON schema (an
+  object schema that does not say otherwise gets ``"additionalProperties": false``: only the
+  declared keys, which is still valid under the schema as given);
 - a named function (``{"type": "function", "function": {"name": "f"}}``): the same, with that
   function only;
 - ``auto`` (the default when tools are given): either the calls above or a plain reply whose
@@ -30,7 +38,9 @@ The output. The reply is constrained by a grammar (rwkvpy.constrain) built from 
 
 A reply that starts with ``<tool_call>`` becomes ``tool_calls`` in OpenAI's shape (ids
 ``call_...``, ``arguments`` as JSON text) with ``finish_reason`` "tool_calls" and ``content``
-null; calls cut short by ``max_tokens`` are left out and the reply says "length".
+null; calls cut short by ``max_tokens`` are left out and the reply says "length". Streamed, a
+tool-call reply comes as one chunk with the whole calls when it is complete. Tools cannot be
+combined with ``response_format`` or ``grammar`` (400).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ import re
 import secrets
 
 from ..chat import normalize_message
+from ..constrain import ConstraintError, constraint_for
+from ..generation import TextEvent
 from .protocol import bad
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -86,6 +98,8 @@ class Tools:
         alts = []
         for i, name in enumerate(names):
             schema = dict(by_name[name]["parameters"])
+            if schema.get("type") == "object":  # no keys the function did not declare
+                schema.setdefault("additionalProperties", False)
             opts = {"whitespace_pattern": JSON_WHITESPACE}
             if isinstance(schema.get("x-guidance"), dict):
                 opts.update(schema["x-guidance"])
@@ -101,11 +115,6 @@ class Tools:
         else:
             top = "start: / ?/ calls"
         return "\n".join([top, calls, call, *lines]) + "\n"
-
-    def constraint(self):
-        from ..constrain import Constraint
-
-        return Constraint.from_lark(self.lark(), kind="tool_calls")
 
 
 def parse_tools(body) -> Tools | None:
@@ -229,3 +238,107 @@ def parse_calls(text: str) -> list:
                                  "arguments": json.dumps(d.get("arguments", {}),
                                                          ensure_ascii=False)}})
     return out
+
+
+# -- response_format and grammar ---------------------------------------------------------------------
+def constraint_kw(body) -> dict:
+    """The SamplingParams fields (json_schema / json_object / grammar) of ``response_format``
+    and ``grammar``, each checked (a 400 naming the field)."""
+    fmt = body.get("response_format")
+    grammar = body.get("grammar")
+    kw = {}
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise bad("'response_format' must be an object with a 'type'", "response_format")
+        kind = fmt["type"]
+        if kind == "json_object":
+            kw["json_object"] = True
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict):
+                raise bad("response_format.json_schema must be an object holding 'schema'",
+                          "response_format.json_schema")
+            schema = js.get("schema", {"type": "object"} if "name" in js else js)
+            try:
+                constraint_for("json_schema", schema)
+            except ConstraintError as e:
+                raise bad(str(e), "response_format.json_schema", "invalid_json_schema") from None
+            kw["json_schema"] = schema
+        elif kind != "text":
+            raise bad(f"response_format type must be \"text\", \"json_object\" or "
+                      f"\"json_schema\", got {kind!r:.40}", "response_format", "unsupported")
+    if grammar is not None:
+        if kw:
+            raise bad("give 'grammar' or a JSON response_format, not both", "grammar")
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise bad("'grammar' must be a non-empty string (GBNF or Lark)", "grammar")
+        try:
+            constraint_for("grammar", grammar)
+        except ConstraintError as e:
+            raise bad(str(e), "grammar", "invalid_grammar") from None
+        kw["grammar"] = grammar
+    return kw
+
+
+def tools_kw(tools: Tools | None, kw: dict) -> dict:
+    """``kw`` with the tools' grammar when they constrain the reply (400 beside another
+    constraint)."""
+    if tools is None or not tools.active:
+        return kw
+    if kw:
+        raise bad("'tools' cannot be combined with 'response_format' or 'grammar'", "tools",
+                  "unsupported")
+    lark = tools.lark()
+    try:
+        constraint_for("grammar", lark)
+    except ConstraintError as e:
+        raise bad(f"the tools' parameters: {e}", "tools", "invalid_json_schema") from None
+    return {"grammar": lark}
+
+
+def tool_finish_reason(calls, finish_reason: str) -> str:
+    """"tool_calls" for a reply that made calls and ended normally."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+
+class ReplySplitter:
+    """Tells a streamed chat reply's text from its tool calls: its pieces are held until its
+    first character other than whitespace decides; a plain reply's then flow on unchanged,
+    a tool call's are kept for :meth:`calls` at the end."""
+
+    def __init__(self):
+        self.mode = None  # None (undecided), "text" or "calls"
+        self._held = []
+
+    @property
+    def is_calls(self) -> bool:
+        return self.mode == "calls"
+
+    def feed(self, ev: TextEvent) -> TextEvent | None:
+        """The event to stream now (None: held)."""
+        if self.mode == "text":
+            return ev
+        self._held.append(ev)
+        text = "".join(e.text for e in self._held)
+        if self.mode is None and text.strip():
+            self.mode = "calls" if is_call_text(text) else "text"
+            if self.mode == "text":
+                lps = tuple(x for e in self._held for x in e.logprobs)
+                self._held = []
+                return TextEvent(text, lps)
+        return None
+
+    def calls(self) -> list:
+        return parse_calls("".join(e.text for e in self._held))
+
+
+def shape_tool_reply(choice: dict, text: str, finish_reason: str) -> dict:
+    """A chat choice whose reply made tool calls, in OpenAI's shape (see the module's
+    docstring); other choices unchanged."""
+    if not is_call_text(text):
+        return choice
+    calls = parse_calls(text)
+    if not calls:
+        return choice
+    msg = dict(choice["message"], content=None, tool_calls=calls)
+    return dict(choice, message=msg, finish_reason=tool_finish_reason(calls, finish_reason))
