@@ -3,7 +3,8 @@
 Routes (server/routes.py): ``GET /health`` (no key needed), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST/GET /v1/states``, ``GET/DELETE /v1/states/{id}``, ``GET /v1/stats`` (engine and
-prefix-cache counters).
+prefix-cache counters); server/extra_routes.py: ``POST /tokenize``, ``POST /detokenize``,
+``GET /metrics`` (Prometheus; it needs the key like the others unless ``metrics_public``).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with its status (400 bad JSON
 or parameters, 401 missing or wrong key, 404 unknown model, state or route, 413 body too large,
@@ -27,6 +28,8 @@ from ..errors import RwkvpyError
 from . import protocol as P
 from .context import SHUTDOWN_MESSAGE, NamedState, ServerConfig, ServerState
 from .engine import Engine
+from .extra_routes import router as extra_router
+from .metrics import CountRequests, Metrics
 from .routes import read_json, router
 
 __all__ = ["SHUTDOWN_MESSAGE", "Engine", "Guard", "NamedState", "ServerConfig", "ServerState",
@@ -92,19 +95,24 @@ def create_app(server: ServerState) -> FastAPI:
     app.add_exception_handler(RwkvpyError, _input_error)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(router)
+    app.include_router(extra_router)
+    if getattr(server, "metrics", None) is None:
+        server.metrics = Metrics(server)
+    server.engine.observer = server.metrics
     return app
 
 
 class Guard:
-    """ASGI middleware: with an API key, every route but /health needs
-    ``Authorization: Bearer KEY`` (401 otherwise)."""
+    """ASGI middleware: with an API key, every route but /health (and /metrics when
+    ``metrics_public``) needs ``Authorization: Bearer KEY`` (401 otherwise)."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_key: str | None, metrics_public: bool = False):
         self.app = app
         self.key = api_key.encode() if api_key else None
+        self.open = {"/health", "/metrics"} if metrics_public else {"/health"}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.key is None or scope.get("path") == "/health":
+        if scope["type"] != "http" or self.key is None or scope.get("path") in self.open:
             return await self.app(scope, receive, send)
         got = b""
         for name, value in scope.get("headers", ()):
@@ -122,7 +130,8 @@ class Guard:
 
 
 def build_app(server: ServerState):
-    """The ASGI application: the routes behind the API-key guard."""
+    """The ASGI application: the routes behind the API-key guard, every response counted."""
     app = create_app(server)
-    return Guard(app, server.config.api_key)
+    guarded = Guard(app, server.config.api_key, server.config.metrics_public)
+    return CountRequests(guarded, server.metrics)
 

@@ -43,6 +43,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $RWKVPY_API_KEY if set)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="answer GET /metrics without the API key (for a Prometheus scraper "
+                        "that sends none)")
     p.add_argument("--max-batch", type=int, default=d["max_batch"], metavar="N",
                    help=f"most sequences per batched decode step (default {d['max_batch']})")
     p.add_argument("--max-concurrent", type=int, default=d["max_concurrent"], metavar="N",
@@ -192,6 +195,7 @@ def warm_up(model) -> None:
 def cmd_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError as e:
         raise ServeError(f"rwkvpy serve needs the server extra: pip install 'rwkvpy[server]' "
@@ -248,7 +252,8 @@ def cmd_serve(args) -> int:
                           max_request_bytes=args.max_request_bytes,
                           graceful_timeout=args.graceful_timeout,
                           max_states=args.max_states,
-                          max_prompt_tokens=args.max_prompt_tokens)
+                          max_prompt_tokens=args.max_prompt_tokens,
+                          metrics_public=args.metrics_public)
     server = ServerState(model, tok, engine, config, named)
     app = build_app(server)
 

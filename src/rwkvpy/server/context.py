@@ -26,6 +26,7 @@ class ServerConfig:
     graceful_timeout: float = 10.0    # seconds running requests get to finish on SIGTERM
     max_states: int = 64              # states saved through POST /v1/states, at most
     max_prompt_tokens: int = 32768    # longest prompt (a chat's whole conversation), in tokens
+    metrics_public: bool = False      # GET /metrics answers without the API key
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ServerState:
         self.requests_total = 0
         self.rejected_busy = 0
         self.started = int(time.time())
+        self.metrics = None               # server/metrics.py's Metrics, made by create_app
         self.fingerprint = f"rwkvpy-{model.fingerprint}"
         self.limits = P.Limits(max_tokens=config.max_tokens_limit,
                                max_sequences=config.max_concurrent,

@@ -73,7 +73,8 @@ class Sequence:
 
     __slots__ = ("cached", "cancel_reason", "cancelled", "checkpoints", "emit", "ids", "logits",
                  "loop", "params", "phase", "pos", "processors", "prompt_logprobs", "prompt_lp",
-                 "root", "row", "start_state", "started", "state", "t_first", "t_submit")
+                 "root", "row", "start_state", "started", "state", "t_first", "t_last",
+                 "t_submit")
 
     def __init__(self, ids, params, emit, *, state=None, root=None, checkpoints=(),
                  processors=(), prompt_logprobs=None):
@@ -97,7 +98,8 @@ class Sequence:
         self.state = state
         self.logits = None
         self.t_submit = time.perf_counter()
-        self.t_first = None
+        self.t_first = None    # when its first token was chosen
+        self.t_last = None     # when its latest token was chosen
 
     @property
     def tokens(self) -> list:
@@ -142,6 +144,13 @@ class Engine:
         self.max_batch_seen = 0
         self.sequences_done = 0
         self.sequences_cancelled = 0
+        self.sequences_failed = 0
+        self.prompt_tokens = 0     # prompt tokens of the sequences started, cached ones included
+        self.generated_tokens = 0  # tokens chosen (a stop token included), as usage counts them
+        #: None, or an object told ``batch_size(n)`` for each forward_batch group,
+        #: ``first_token(seconds since submit)`` and ``token_gap(seconds since the previous
+        #: token)`` for each token chosen (server/metrics.py's Metrics)
+        self.observer = None
 
     # -- control (any thread) ----------------------------------------------------------------
     def start(self) -> None:
@@ -191,7 +200,9 @@ class Engine:
                "decode_tokens": self.decode_tokens, "decode_steps": self.decode_steps,
                "max_batch_seen": self.max_batch_seen, "max_batch": self.max_batch,
                "sequences_done": self.sequences_done,
-               "sequences_cancelled": self.sequences_cancelled}
+               "sequences_cancelled": self.sequences_cancelled,
+               "sequences_failed": self.sequences_failed,
+               "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens}
         if self.cache is not None:
             out["prefix_cache"] = self.cache.stats()
         return out
@@ -232,6 +243,7 @@ class Engine:
     def _start_prefill(self, s: Sequence) -> None:
         s.started = True
         s.loop = TokenLoop(self.tokenizer, s.params, s.processors)
+        self.prompt_tokens += len(s.ids)
         ids, cache = s.ids, self.cache
         if s.prompt_logprobs is not None:  # every position's logits are needed: no lookup
             s.prompt_lp = []
@@ -306,11 +318,15 @@ class Engine:
     # -- decode ------------------------------------------------------------------------------
     def _decode_step(self) -> None:
         run = []
+        now = time.perf_counter()
         for s in self._decode:
             if s.phase != "decode":
                 continue
             try:
+                before = s.loop.sampled
                 token = s.loop.choose(s.logits)
+                if s.loop.sampled > before:
+                    self._chose(s, now)
                 if token is None:
                     self._finish(s)
                     continue
@@ -329,18 +345,30 @@ class Engine:
             self.decode_tokens += len(group)
             self.decode_steps += 1
             self.max_batch_seen = max(self.max_batch_seen, len(group))
+            if self.observer is not None:
+                self.observer.batch_size(len(group))
             for (s, token), lg, st in zip(group, logits, states):
                 try:
                     s.state, s.logits = st, lg
                     event = s.loop.accept(token)
                     if event is not None:
-                        if s.t_first is None:
-                            s.t_first = time.perf_counter()
                         s.emit(event)
                     if s.loop.done:
                         self._finish(s)
                 except Exception as e:  # noqa: BLE001 - one sequence fails, the rest go on
                     self._fail(s, e)
+
+    def _chose(self, s: Sequence, now: float) -> None:
+        """Count a token ``s`` chose at ``now``."""
+        self.generated_tokens += 1
+        if self.observer is not None:
+            if s.t_first is None:
+                self.observer.first_token(now - s.t_submit)
+            else:
+                self.observer.token_gap(now - s.t_last)
+        if s.t_first is None:
+            s.t_first = now
+        s.t_last = now
 
     # -- endings -----------------------------------------------------------------------------
     def _store_end(self, s: Sequence) -> None:
@@ -388,6 +416,7 @@ class Engine:
             log.error("sequence failed: %s: %s", type(err).__name__, err)
             msg = "internal error in the inference engine"
         s.phase = "done"
+        self.sequences_failed += 1
         self._forget(s)
         s.emit(ErrorEvent(msg, user))
 
