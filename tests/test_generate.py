@@ -213,3 +213,61 @@ def test_tokenizer_named_by_the_file_wins(tmp_path):
     assert model.info.file_meta["tokenizer"] == "bytes"
     with pytest.raises(TokenizerError, match="names the bytes tokenizer, not neox"):
         model.tokenizer("neox")
+
+
+def test_logprobs_follow_the_text_and_the_model(model, tok, greedy_run):
+    """TokenLoop's log probabilities: the model's log_softmax at each chosen token (greedy, no
+    bias), top-N sorted with the chosen one first, offsets into the text, and the tokens inside
+    a stop string left out with it."""
+    tokens, text = greedy_run
+    stop = text[10:13]
+    at = text.find(stop)
+    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40, stop=stop,
+                                                    logprobs=3))
+    assert r.text == text[:at]
+    ids = tok.encode(PROMPT) + tokens
+    logits, _ = model.forward(ids, all_logits=True)
+    ref = torch.log_softmax(logits, dim=-1)
+    n = len(tok.encode(PROMPT))
+    assert [e.token for e in r.logprobs] == tokens[:at]  # byte model: one token a character
+    assert [e.offset for e in r.logprobs] == list(range(at))
+    for i, e in enumerate(r.logprobs):
+        assert e.logprob == pytest.approx(float(ref[n - 1 + i, e.token]), abs=1e-4)
+        assert len(e.top) == 3 and e.top[0][0] == e.token
+        assert [p for _, p in e.top] == sorted((p for _, p in e.top), reverse=True)
+    assert generate(model, tok, PROMPT, SamplingParams(max_tokens=3)).logprobs is None
+
+
+def test_logits_processor_hook(model, tok, greedy_run):
+    """A LogitsProcessor masks each step's logits before the draw, is told each token taken,
+    and ends the sequence with "stop" when it says it is finished."""
+    from rwkvpy.generation import LogitsProcessor
+
+    tokens, _ = greedy_run
+    banned = tokens[0]
+
+    class Ban(LogitsProcessor):
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, logits):
+            logits[banned] = -float("inf")
+            return logits
+
+        def accept(self, token):
+            self.seen.append(token)
+
+        def finished(self):
+            return len(self.seen) == 5
+
+    p = Ban()
+    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=20, logprobs=0),
+                 processors=[p])
+    assert banned not in r.tokens and p.seen == r.tokens and len(r.tokens) == 5
+    assert r.finish_reason == "stop" and r.tokens[0] != tokens[0]
+    # the logprobs are those of the masked logits the token was drawn from
+    logits, _ = model.forward(tok.encode(PROMPT))
+    masked = logits.clone()
+    masked[banned] = -float("inf")
+    assert r.logprobs[0].logprob == pytest.approx(
+        float(torch.log_softmax(masked, 0)[r.tokens[0]]), abs=1e-5)
