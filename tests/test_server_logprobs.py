@@ -92,6 +92,10 @@ def test_echo_scores_a_text_as_perplexity_does(client, demo):
     assert lp.tokens[ss:ss + 2] == ["bytes:\\xc3", "bytes:\\x9f"]
     assert lp.text_offset[ss:ss + 3] == [ss, ss, ss + 1]
     assert "".join(lp.tokens[:ss]) == TEXT[:ss]
+    # a long text is read in pieces (cache checkpoints, at most 512 tokens): the same numbers
+    long = " ".join([TEXT] * 12)
+    assert len(tok.encode(long)) > 600
+    check_scoring(client, model, tok, long)
 
 
 def test_echo_with_generation_streamed(http, demo):

@@ -59,6 +59,10 @@ from ..generation import (CancelledEvent, DoneEvent, ErrorEvent, PromptEvent, To
 
 log = logging.getLogger("rwkvpy.server")
 
+#: Most tokens per prefill piece of a prompt scored with every position's logits: 512 x a
+#: 65536-token vocabulary is 128 MiB of float32 logits.
+SCORE_CHUNK = 512
+
 
 class EngineClosed(RuntimeError):
     """The engine is stopping or stopped: no new sequences."""
@@ -261,9 +265,11 @@ class Engine:
     def _next_cut(self, s: Sequence) -> int:
         """Where the next prefill piece ends: the next cache checkpoint (as generate() cuts),
         a requested checkpoint, or at the latest ``max_chunk`` tokens on (a bound on the
-        activations' memory, for prompts that have no checkpoints closer)."""
+        activations' memory, for prompts that have no checkpoints closer); a scored prompt's
+        pieces are at most SCORE_CHUNK tokens (their logits are (tokens, vocab) float32)."""
         end = len(s.ids)
-        cuts = [(s.pos // self.max_chunk + 1) * self.max_chunk]
+        chunk = self.max_chunk if s.prompt_lp is None else min(self.max_chunk, SCORE_CHUNK)
+        cuts = [(s.pos // chunk + 1) * chunk]
         if self.cache is not None:
             cuts += [c for c in s.checkpoints if s.pos < c]
             every = self.cache.every

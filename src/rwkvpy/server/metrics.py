@@ -28,8 +28,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-ROUTES = frozenset(("/health", "/metrics", "/tokenize", "/detokenize", "/v1/models",
-                    "/v1/completions", "/v1/chat/completions", "/v1/states", "/v1/stats"))
+ROUTES = frozenset(("/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info",
+                    "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/states",
+                    "/v1/stats"))
 _PREFIXES = (("/v1/models/", "/v1/models/{id}"), ("/v1/states/", "/v1/states/{id}"))
 
 
