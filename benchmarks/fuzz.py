@@ -134,14 +134,19 @@ class Runner:
                 "findings": [{"signature": k, **v} for k, v in self.findings.items()]}
 
 
+DEADLINE = [None]  # (monotonic time, summary printer) at which a timed run ends
+
+
 def _watchdog(runners, hard):
-    """Ends the process when one input runs past ``hard`` seconds (numba compiling aside): a
-    hang. The input is written first."""
-    from rwkvpy import compiling  # noqa: F401 - the compile seconds are per thread: wall here
+    """Ends the process when one input runs past ``hard`` seconds: a hang (the input is
+    written first); and a timed run at its deadline, whatever the fuzzer is doing."""
 
     def watch():
         while True:
             time.sleep(1)
+            if DEADLINE[0] is not None and time.monotonic() > DEADLINE[0][0]:
+                DEADLINE[0][1]()
+                os._exit(0)
             for r in runners:
                 s = r.started
                 if s is not None and time.monotonic() - s[0] > hard:
@@ -202,10 +207,15 @@ def coverage_guided(runner, minutes: float, seed: int):
             out = runner.target.mutate(data, rng)
         return out[:max_size]
 
+    def finish():
+        _print([runner.summary()], runner.args.json)
+
+    DEADLINE[0] = (deadline, finish)
+
     def test_one(data):
         runner.run_one(bytes(data))
         if time.monotonic() > deadline:
-            _print([runner.summary()], runner.args.json)
+            finish()
             os._exit(0)
 
     corpus = f"/tmp/rwkvpy-fuzz-corpus/{runner.name}"
