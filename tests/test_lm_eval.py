@@ -37,6 +37,11 @@ LAST_WORD = [
      "sequence"),
     "The pass statement is a null operation: when it is executed, nothing happens",
 ]
+GEN = [  # (prompt, reference): greedy generation up to a full stop, compared whole
+    ('The "while" statement is used for', " each"),
+    ('The "if" statement is used for', " conditional execution"),
+    ('The "try" statement specifies', " exception handlers and/or cleanup code"),
+]
 DOCS = [  # the rolling task's document: more than one 512-token chunk of the byte vocabulary
     ("The while statement is used for repeated execution as long as an expression is true. "
      "It repeatedly tests the expression and, if it is true, executes the first suite; if the "
@@ -65,6 +70,14 @@ metric_list:
   - {metric: perplexity, aggregation: perplexity, higher_is_better: false}
   - {metric: acc, aggregation: mean, higher_is_better: true}
 """),
+    "tiny_gen": ("gen.jsonl", """\
+output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{reference}}"
+generation_kwargs: {until: [".", ":", "\\n"], max_gen_toks: 24, do_sample: false}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+"""),
     "tiny_rolling": ("docs.jsonl", """\
 output_type: loglikelihood_rolling
 doc_to_text: ""
@@ -81,6 +94,7 @@ def write_tasks(folder) -> str:
     """The three tasks' JSONL and YAML files in ``folder``; the folder, for --include-path."""
     rows = {"mc.jsonl": [{"question": q, "choices": c, "answer": a} for q, c, a in MC],
             "last_word.jsonl": [{"text": t} for t in LAST_WORD],
+            "gen.jsonl": [{"prompt": p, "reference": r} for p, r in GEN],
             "docs.jsonl": [{"text": t} for t in DOCS]}
     for name, items in rows.items():
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in items))
@@ -227,6 +241,11 @@ def test_eval_scores_equal_the_models_own(model, cli_result):
     assert res["tiny_last_word"]["acc,none"] == sum(g for _, g in scored) / len(LAST_WORD)
     assert res["tiny_last_word"]["perplexity,none"] == pytest.approx(
         math.exp(-sum(ll for ll, _ in scored) / len(LAST_WORD)), rel=1e-3)
+    # generation: rwkvpy.generate's greedy text up to the first stop string, compared whole
+    params = SamplingParams(greedy=True, max_tokens=24, stop=[".", ":", "\n"])
+    texts = [generate(model, model.tokenizer(), p, params).text for p, _ in GEN]
+    assert res["tiny_gen"]["exact_match,none"] == pytest.approx(
+        sum(t == r for t, (_, r) in zip(texts, GEN)) / len(GEN))
     # the rolling task: every token of each document after token 0
     nll = sum(-reference(model, [0], enc(t))[0] for t in DOCS)
     words = sum(len(t.split()) for t in DOCS)
@@ -286,3 +305,39 @@ def test_unknown_task_names_the_nearest(task_dir, monkeypatch, capsys):
     assert err[-1].startswith("rwkvpy: error: unknown task 'tiny_mcq'")
     assert "did you mean tiny_mc" in err[-1]
     assert len(err) == 2 and "indexing lm-eval's tasks" in err[0]  # the notice, then the error
+
+
+# -- the same tasks through the server -------------------------------------------------------------
+def test_server_with_lm_evals_local_completions_gives_the_same_scores(cli_result, task_dir,
+                                                                      tmp_path):
+    """lm-eval's own ``local-completions`` model against the real server (echo and logprobs,
+    lm-eval's remote tokenizer through /tokenizer_info, /tokenize and /detokenize): the same
+    accuracies, and log likelihoods within float32 rounding of the in-process ones (the server
+    scores each prompt in one sequence-mode pass, the in-process model steps continuations)."""
+    import httpx
+    from lm_eval.tasks import TaskManager
+    from test_server import Server
+
+    server = Server([], tmp_path / "server.log", model="demo")
+    try:
+        name = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+        out = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args={"model": name, "base_url": server.url + "/v1/completions",
+                        "tokenizer_backend": "remote", "custom_prefix_token_id": 0,
+                        "max_length": 100000},
+            tasks=list(TASKS), log_samples=False, bootstrap_iters=0,
+            task_manager=TaskManager(include_path=task_dir, include_defaults=False))
+    finally:
+        server.stop()
+    local, remote = cli_result[0]["results"], out["results"]
+    for task in TASKS:
+        # the rolling task is one sequence-mode pass both ways; the last word's perplexity is
+        # exp(-mean log likelihood): rel 1e-3 is 1e-3 nats per word
+        rel = 1e-5 if task == "tiny_rolling" else 1e-3
+        for key, value in local[task].items():
+            if key.endswith("_stderr,none") or not isinstance(value, float):
+                continue
+            exact = key.split(",")[0] in ("acc", "acc_norm", "exact_match")
+            assert remote[task][key] == (value if exact else pytest.approx(value, rel=rel)), \
+                (task, key)

@@ -41,6 +41,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+# lm_eval.models first: lm-eval registers its own models (lazily) only while its registry is
+# empty, so registering this one before them would leave their names unknown
+import lm_eval.models  # noqa: F401
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

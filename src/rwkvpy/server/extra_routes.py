@@ -1,5 +1,6 @@
 """Routes beside OpenAI's: ``POST /tokenize``, ``POST /detokenize`` (the shapes of llama.cpp's
-and vLLM's servers) and ``GET /metrics`` (Prometheus, server/metrics.py).
+and vLLM's servers), ``GET /tokenizer_info`` (vLLM's) and ``GET /metrics`` (Prometheus,
+server/metrics.py).
 
 - ``/tokenize``: ``{"content": TEXT}`` (llama.cpp) or ``{"prompt": TEXT}`` (vLLM) gives
   ``{"tokens": [ids], "count": n}``; ``"with_pieces": true`` makes each token
@@ -8,6 +9,11 @@ and vLLM's servers) and ``GET /metrics`` (Prometheus, server/metrics.py).
   ``"add_generation_prompt": false``.
 - ``/detokenize``: ``{"tokens": [ids]}`` gives ``{"content": TEXT, "prompt": TEXT}`` (llama.cpp
   reads ``content``, vLLM ``prompt``); invalid UTF-8 becomes U+FFFD.
+- ``/tokenizer_info``: ``{"eos_token", "bos_token", "pad_token", "tokenizer", "vocab_size"}``,
+  what lm-eval's remote tokenizer (``local-completions`` with ``tokenizer_backend=remote``)
+  reads. The end-of-text token is id 0; ``eos_token``/``bos_token`` give its text where that
+  text tokenizes back to id 0 alone (NUL in the byte vocabulary), else null (the World
+  vocabulary's id 0 has no text: lm-eval then needs ``custom_prefix_token_id=0``).
 """
 
 from __future__ import annotations
@@ -59,6 +65,17 @@ async def detokenize(request: Request):
         raise P.bad(f"'tokens' must be a list of token ids in 0..{V - 1}", "tokens")
     text = await run_in_threadpool(server.tokenizer.decode, ids)
     return {"content": text, "prompt": text}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    server = server_of(request)
+    tok = server.tokenizer
+    end = tok.decode([0])
+    if not end or tok.encode(end) != [0]:
+        end = None
+    return {"eos_token": end, "bos_token": end, "pad_token": None, "tokenizer": tok.name,
+            "vocab_size": server.model.config.vocab_size}
 
 
 @router.get("/metrics")
