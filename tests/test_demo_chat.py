@@ -39,6 +39,17 @@ def test_chat_turns_are_deterministic():
         assert json.loads(r.stdout) == here
 
 
+def test_chat_turns_ignore_replaced_builtins(monkeypatch):
+    """A library that swaps a builtin in the running process (Ray's progress bars replace
+    print) changes nothing: the turns are Python's own."""
+    import builtins
+
+    here = demo.chat_info()
+    assert any(s == "builtin:print" for s, *_ in demo.chat_pairs())
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
+    assert demo.chat_info() == here
+
+
 def test_chat_turns_follow_the_chat_format_and_hold_out_subjects():
     pairs = demo.chat_pairs()
     train, held = demo.chat_turns()

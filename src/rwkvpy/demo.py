@@ -223,10 +223,9 @@ def _topic_pairs():
         yield "topic:" + s.lower(), qs, answer
 
 
-def _doc_answer(obj) -> str:
-    """The first sentences of an object's docstring, signature lines (``len(obj) -> int``)
-    skipped; '' if there is none."""
-    doc = getattr(obj, "__doc__", None)
+def _doc_answer(doc) -> str:
+    """The first sentences of a docstring, signature lines (``len(obj) -> int``) skipped; ''
+    if there is none."""
     if not isinstance(doc, str):
         return ""
     import inspect
@@ -239,35 +238,58 @@ def _doc_answer(obj) -> str:
     return ""
 
 
-def _builtin_pairs():
-    import builtins
-    import inspect
+# Lists the builtins and the builtin types' methods with their docstrings, run in a fresh
+# isolated interpreter: libraries replace builtins in a running process (Ray's progress bars
+# swap in their own ``print``), and the chat turns must be Python's, the same in any process.
+_BUILTINS_PROBE = """
+import builtins, inspect, json, sys
+rows = []
+for name in sorted(vars(builtins)):
+    obj = getattr(builtins, name)
+    if name.startswith("_") or not (inspect.isclass(obj) or inspect.isbuiltin(obj)):
+        continue
+    kind = ("exception" if inspect.isclass(obj) and issubclass(obj, BaseException)
+            else "class" if inspect.isclass(obj) else "function")
+    rows.append([kind, name, getattr(obj, "__doc__", None)])
+for typ in (%s):
+    for name in sorted(vars(typ)):
+        if not name.startswith("_"):
+            rows.append(["method", typ.__name__ + "." + name, getattr(getattr(typ, name), "__doc__", None)])
+json.dump(rows, sys.stdout)
+"""
 
-    for name in sorted(vars(builtins)):
-        obj = getattr(builtins, name)
-        if name.startswith("_") or not (inspect.isclass(obj) or inspect.isbuiltin(obj)):
-            continue
-        answer = _doc_answer(obj)
+
+def _builtin_docs() -> list:
+    """[kind, name, docstring] of every public builtin class and function and of every public
+    method of :data:`_METHOD_TYPES`, from a fresh interpreter (see ``_BUILTINS_PROBE``)."""
+    import json
+    import subprocess
+    import sys
+
+    code = _BUILTINS_PROBE % ", ".join(t.__name__ for t in _METHOD_TYPES)
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def _builtin_pairs():
+    for kind, name, doc in _builtin_docs():
+        answer = _doc_answer(doc)
         if not answer:
             continue
-        if inspect.isclass(obj) and issubclass(obj, BaseException):
+        if kind == "exception":
             qs = [f"What is {name}?", f"When is {name} raised?", f"What does {name} mean?"]
-        elif inspect.isclass(obj):
+        elif kind == "class":
             qs = [f"What is {name}?", f"What does {name} do?", f"Tell me about {name}."]
-        else:
+        elif kind == "function":
             qs = [f"What does {name} do?", f"What does {name}() do?", f"What is {name} for?"]
+        else:
+            t, _, meth = name.partition(".")
+            qs = [f"What does {name} do?", f"What does the {meth} method of {t} do?",
+                  f"How do I use {name}()?"]
+            yield f"method:{name}", qs, answer
+            continue
         yield "builtin:" + name, qs, answer
-    for typ in _METHOD_TYPES:
-        t = typ.__name__
-        for name in sorted(vars(typ)):
-            if name.startswith("_"):
-                continue
-            answer = _doc_answer(getattr(typ, name))
-            if not answer:
-                continue
-            qs = [f"What does {t}.{name} do?", f"What does the {name} method of {t} do?",
-                  f"How do I use {t}.{name}()?"]
-            yield f"method:{t}.{name}", qs, answer
 
 
 def chat_pairs() -> list:
