@@ -404,7 +404,7 @@ def test_bad_requests(http):
         "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), 400,
         param="top_logprobs")
     expect_error(http.post("/v1/chat/completions", json={
-        "messages": [{"role": "tool", "content": "a"}]}), 400)
+        "messages": [{"role": "robot", "content": "a"}]}), 400, param="messages[0].role")
     expect_error(http.post("/v1/chat/completions", json={"messages": []}), 400,
                  param="messages")
     expect_error(http.post(p, json={"prompt": "x" * 70000}), 413, code="request_too_large")
