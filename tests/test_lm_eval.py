@@ -190,6 +190,9 @@ def test_rolling_is_one_pass_from_the_prefix_token(model):
         want, _ = reference(model, [0], lm.tok.encode(text))
         assert ll == pytest.approx(want, rel=1e-5)
     assert got[-1] == 0.0
+    newline = RwkvpyLM(model, prefix_token=10, progress=False)  # --prefix-token 10
+    (ll,) = newline.loglikelihood_rolling([Req(texts[1])])
+    assert ll == pytest.approx(reference(model, [10], lm.tok.encode(texts[1]))[0], rel=1e-5)
     assert len(lm.tok.encode(DOCS[0])) > 512  # more than one chunk: the state carried
 
 
@@ -197,8 +200,8 @@ def test_generate_until_is_rwkvpy_generate(model):
     lm = RwkvpyLM(model, progress=False)
     reqs = [Req("The pass statement", {"until": ["\n"], "max_gen_toks": 40}),
             Req("Dictionaries map keys to", {"until": ".", "max_gen_toks": 5}),
-            Req("User: What does len do?\n\nAssistant:", {"max_gen_toks": 12,
-                                                          "do_sample": False})]
+            Req("A for loop iterates over the items of any", {"max_gen_toks": 64,
+                                                              "do_sample": False})]
     got = lm.generate_until(reqs)
     tok = lm.tok
     for r, text in zip(reqs, got):
@@ -209,6 +212,9 @@ def test_generate_until_is_rwkvpy_generate(model):
         assert text == generate(model, tok, r.args[0], params).text
         assert not any(u in text for u in ([until] if isinstance(until, str) else until))
     assert len(tok.encode(got[1])) <= 5
+    # the prefix token is no stop token: a newline prefix leaves newlines in the text
+    assert "\n" in got[2]
+    assert RwkvpyLM(model, prefix_token=10, progress=False).generate_until(reqs) == got
 
 
 def test_bad_arguments_are_one_clear_error(model):

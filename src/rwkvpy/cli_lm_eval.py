@@ -156,7 +156,7 @@ def summary(out: dict, model: str, seconds: float) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from .cli import run_options
+    from .cli.options import run_options
 
     _import_lm_eval()
     if args.model is None:
@@ -173,7 +173,8 @@ def cmd_eval(args) -> int:
     with _quieted(quiet):  # every task found before the model loads
         tm = task_manager(args.tasks, args.include_path, quiet)
     model = rwkvpy.load(args.model, **opts)
-    lm = RwkvpyLM(model, batch_size=args.batch_size, progress=not quiet)
+    lm = RwkvpyLM(model, batch_size=args.batch_size, prefix_token=args.prefix_token,
+                  progress=not quiet)
     out = run_tasks(lm, args.tasks, args.include_path, args.limit, args.num_fewshot,
                     quiet=quiet, tasks_index=tm, bootstrap_iters=args.bootstrap_iters)
     result = summary(out, args.model, time.perf_counter() - t0)
@@ -217,7 +218,7 @@ def _non_negative(s):
 
 
 def add_lm_eval_command(subparsers) -> None:
-    from .cli import MODEL_HELP, add_run_options
+    from .cli.options import MODEL_HELP, add_run_options
 
     p = subparsers.add_parser(
         "eval", help="run lm-evaluation-harness tasks (accuracy, perplexity) on a model",
@@ -235,6 +236,10 @@ def add_lm_eval_command(subparsers) -> None:
                    help="examples in each prompt (default: the task's own)")
     p.add_argument("--batch-size", type=_positive, default=16, metavar="N",
                    help="continuations scored side by side (default 16)")
+    p.add_argument("--prefix-token", type=_non_negative, default=0, metavar="ID",
+                   help="the token whole documents and empty contexts are conditioned on "
+                        "(default 0, RWKV's end-of-text token; a model that never saw it, "
+                        "such as the byte-level demo, may do better from 10, a newline)")
     p.add_argument("--bootstrap-iters", type=_non_negative, default=100000, metavar="N",
                    help="resamples for the standard errors of metrics such as perplexity "
                         "(default 100000, as lm-eval; 0: leave them out)")

@@ -2,12 +2,17 @@
 
 :class:`RwkvpyLM` answers lm-eval's three kinds of request with rwkvpy's public API
 (``rwkvpy.load``, ``Model.forward`` / ``forward_batch``, the model's tokenizer,
-:func:`rwkvpy.generate.generate` and :func:`rwkvpy.perplexity.perplexity`). Importing this
-module registers it with lm-eval as ``rwkvpy``, so lm-eval's own command line takes it too::
+:func:`rwkvpy.generate.generate` and :func:`rwkvpy.perplexity.perplexity`). ``rwkvpy eval`` runs
+it; from Python::
 
-    lm-eval run --model rwkvpy --model_args model=demo,batch_size=16 --tasks lambada_openai
+    import lm_eval
+    from rwkvpy.lm_eval_model import RwkvpyLM
 
-(with ``--include`` / ``import rwkvpy.lm_eval_model`` first; ``rwkvpy eval`` does all that).
+    lm = RwkvpyLM("model.gguf", batch_size=16)      # or RwkvpyLM(rwkvpy.load(...))
+    results = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai", "arc_easy"])
+
+Importing this module also registers the class with lm-eval as ``rwkvpy``, for
+``simple_evaluate(model="rwkvpy", model_args="model=demo,batch_size=16", ...)``.
 
 What each request computes:
 
@@ -33,8 +38,10 @@ What each request computes:
 
 The prefix token: lm-eval conditions documents and empty contexts on a start token. RWKV models
 are trained with token 0 between documents (``<|endoftext|>`` of the World and 20B
-vocabularies), so ``prefix_token`` is 0 by default; in a byte-level vocabulary (the demo
-model) token 0 is the NUL byte.
+vocabularies), so ``prefix_token`` is 0 by default. In a byte-level vocabulary token 0 is the NUL
+byte, which a model trained on plain text (the demo) never saw: each document then starts from a
+state it does not know, and ``prefix_token=10`` (a newline) measures it better (docs/scoring.md
+has the numbers).
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ from lm_eval.api.registry import register_model
 import rwkvpy
 
 from .errors import RwkvpyError
+
+#: RWKV's end-of-text token (World and 20B vocabularies; NUL in a byte vocabulary): the default
+#: prefix token, and a stop token of generate_until.
+END_OF_TEXT = 0
 
 #: Continuations up to this many tokens are stepped side by side with other requests'
 #: (forward_batch); longer ones run alone in sequence mode, which is faster per token.
@@ -96,12 +107,19 @@ class RwkvpyLM(TemplateLM):
         self.tok = model.tokenizer()
         self.batch_size = self._positive("batch_size", batch_size)
         self.max_gen_toks = self._positive("max_gen_toks", max_gen_toks)
-        self.prefix_token = int(prefix_token)
+        self.prefix_token = self._index("prefix_token", prefix_token)
         if not 0 <= self.prefix_token < model.config.vocab_size:
             raise LmEvalError(f"prefix_token {self.prefix_token} is outside the vocabulary "
                               f"(0..{model.config.vocab_size - 1})")
         self.progress = _bool(progress)
         self._device = str(model.device)
+
+    @staticmethod
+    def _index(name, v) -> int:
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            raise LmEvalError(f"{name} must be an integer, got {v!r}") from None
 
     @staticmethod
     def _positive(name, v) -> int:
@@ -116,6 +134,10 @@ class RwkvpyLM(TemplateLM):
     # -- what TemplateLM asks for ---------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
+        return END_OF_TEXT
+
+    @property
+    def prefix_token_id(self) -> int:
         return self.prefix_token
 
     @property
@@ -237,7 +259,7 @@ class RwkvpyLM(TemplateLM):
         max_tokens = self._positive("max_gen_toks", kw.pop("max_gen_toks", self.max_gen_toks))
         sample = _bool(kw.pop("do_sample", False))
         temperature = float(kw.pop("temperature", 0.0) or 0.0)
-        common = {"stop": tuple(until), "stop_tokens": (self.prefix_token,),
+        common = {"stop": tuple(until), "stop_tokens": (END_OF_TEXT,),
                   "max_tokens": max_tokens, "penalty_decay": 1.0}
         if not sample or temperature == 0.0:
             return SamplingParams(greedy=True, **common)
