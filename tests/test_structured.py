@@ -354,6 +354,15 @@ def test_tool_prompt_format():
     assert "\n" not in line and line.startswith("You can call these functions.")
     assert '"name": "get_weather"' in line and '"name": "add"' in line
     Constraint.from_lark(tools.lark())  # a grammar llguidance takes
+    from rwkvpy.server.structured import parse_calls
+
+    reply = (' <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
+             '<tool_call>{"name": "get_weather", "arguments": {"city": "</tool_call>", '
+             '"unit": "c"}}</tool_call>\n<tool_call>{"name": "add", "argu')  # cut short
+    calls = parse_calls(reply)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("add", {"a": 1, "b": 2}), ("get_weather", {"city": "</tool_call>", "unit": "c"})]
+    assert len({c["id"] for c in calls}) == 2
 
 
 # -- the command line --------------------------------------------------------------------------------

@@ -59,7 +59,6 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 INTRO = ("You can call these functions. To call one, reply with <tool_call>{\"name\": NAME, "
          "\"arguments\": ARGUMENTS}</tool_call> (several calls: one per line) and nothing else. "
          "Functions: ")
-CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
 
 
 class Tools:
@@ -224,19 +223,24 @@ def is_call_text(text: str) -> bool:
 
 
 def parse_calls(text: str) -> list:
-    """The complete calls of a reply, in OpenAI's shape (an incomplete last one left out)."""
+    """The complete calls of a reply, in OpenAI's shape (an incomplete last one left out).
+    Each call's JSON is read as JSON, so a "</tool_call>" inside a string value is no end."""
     out = []
-    for m in CALL.finditer(text):
+    decoder = json.JSONDecoder()
+    at = text.find(OPEN)
+    while at >= 0:
         try:
-            d = json.loads(m.group(1))
+            d, end = decoder.raw_decode(text, at + len(OPEN))
         except json.JSONDecodeError:
-            continue
-        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
-            continue
-        out.append({"id": "call_" + secrets.token_hex(12), "type": "function",
-                    "function": {"name": d["name"],
-                                 "arguments": json.dumps(d.get("arguments", {}),
-                                                         ensure_ascii=False)}})
+            break
+        if not text.startswith(CLOSE, end):
+            break
+        if isinstance(d, dict) and isinstance(d.get("name"), str):
+            out.append({"id": "call_" + secrets.token_hex(12), "type": "function",
+                        "function": {"name": d["name"],
+                                     "arguments": json.dumps(d.get("arguments", {}),
+                                                             ensure_ascii=False)}})
+        at = text.find(OPEN, end + len(CLOSE))
     return out
 
 
