@@ -118,8 +118,8 @@ def single_process_server(model: str, threads: int):
 
 
 def ray_spec(model: str, threads: int) -> dict:
-    from rwkvpy.cli import take_positionals
-    from rwkvpy.server.cli import add_serve_arguments
+    from rwkvpy.cli.options import take_positionals
+    from rwkvpy.cli.serve import add_serve_arguments
     from rwkvpy.server.ray_serve import replica_spec
 
     p = argparse.ArgumentParser()

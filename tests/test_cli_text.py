@@ -15,7 +15,7 @@ import torch
 import rwkvpy
 from conftest import fixture_path
 from rwkvpy.cli import main as main_for_tests
-from rwkvpy.cli_text import _show_reply
+from rwkvpy.cli.text import _show_reply
 from rwkvpy.generate import generate
 from rwkvpy.hub import HubError, parse_hf_spec, resolve_model
 from rwkvpy.sampling import SamplingParams

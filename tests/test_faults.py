@@ -556,7 +556,7 @@ def test_server_lone_surrogates_are_400(api, route, body):
 
 
 def test_server_state_ids_match_in_full(api):
-    from rwkvpy.server.cli import ServeError, _parse_states
+    from rwkvpy.cli.serve import ServeError, _parse_states
 
     for sid in ("a\n", "a\nb", "../x", "/etc/x", "a\x00", ""):
         _error(api.post("/v1/states", json={"id": sid, "prompt": "x"}), 400)
@@ -587,7 +587,7 @@ def test_server_prompt_size_bound(api):
 def test_serve_help_documents_limits():
     import argparse
 
-    from rwkvpy.server.cli import DEFAULTS, add_serve_arguments
+    from rwkvpy.cli.serve import DEFAULTS, add_serve_arguments
 
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
@@ -610,7 +610,7 @@ def test_server_answers_503_while_draining(demo):
     import uvicorn
 
     from rwkvpy.server.app import ServerConfig, ServerState, build_app
-    from rwkvpy.server.cli import _bind, _server_class
+    from rwkvpy.cli.serve import _bind, _server_class
     from rwkvpy.server.engine import Engine
 
     tok = demo.tokenizer()

@@ -45,7 +45,7 @@ PROMPTS = ["Once upon a time", "The sea is", "Hello", "RWKV", "A cat sat on", "1
 def cluster():
     """The module's Ray instance (its GCS address); the numba cache warmed first, in this
     process, so that the actors load compiled kernels instead of compiling them each."""
-    from rwkvpy.server.cli import warm_up
+    from rwkvpy.server.startup import warm_up
 
     warm_up(rwkvpy.load("demo", **LOAD))
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -185,7 +185,7 @@ def reference(model, tok, prompt, *, chat=False, state=None, **kw) -> tuple:
 
 # -- basics --------------------------------------------------------------------------------------
 def test_serve_command_parser():
-    from rwkvpy.server.cli import add_serve_command
+    from rwkvpy.cli.serve import add_serve_command
 
     p = argparse.ArgumentParser(prog="rwkvpy")
     add_serve_command(p.add_subparsers(dest="command"))
@@ -368,7 +368,7 @@ def test_named_states(client, http, model, tok, state_file):
 
 
 def test_state_tuned_file_is_loaded(tmp_path):
-    from rwkvpy.server.cli import load_state_file
+    from rwkvpy.server.startup import load_state_file
 
     m = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin"), threads=1)
     H, N = m.config.n_head, m.config.head_size

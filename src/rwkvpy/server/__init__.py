@@ -7,12 +7,12 @@
 - :mod:`.engine`: the scheduler thread that owns the model (continuous batching, prefix cache);
 - :mod:`.protocol`: OpenAI request bodies -> prompts and SamplingParams, with OpenAI errors;
 - :mod:`.app`: the FastAPI routes, streaming, limits, API key;
-- :mod:`.cli`: the ``serve`` command (``add_serve_command(subparsers)``).
+- :mod:`.startup`: what a server process does before it serves (shared with Ray replicas);
+- the ``serve`` command itself lives in :mod:`rwkvpy.cli.serve`.
 
 FastAPI and uvicorn are needed only here: ``pip install 'rwkvpy[server]'``.
 """
 
-from .cli import add_serve_command
 from .engine import Engine, EngineClosed, Sequence
 
-__all__ = ["Engine", "EngineClosed", "Sequence", "add_serve_command"]
+__all__ = ["Engine", "EngineClosed", "Sequence"]

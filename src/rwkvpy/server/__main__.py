@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_serve_arguments, cmd_serve
+from ..cli.serve import add_serve_arguments, cmd_serve
 
 
 def main(argv=None) -> int:
-    from ..cli import take_positionals
+    from ..cli.options import take_positionals
     from ..errors import RwkvpyError
 
     p = argparse.ArgumentParser(prog="python -m rwkvpy.server",

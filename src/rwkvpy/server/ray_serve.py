@@ -19,12 +19,9 @@ Each response carries ``X-Rwkvpy-Replica`` (the replica that served it); ``/v1/s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 
 log = logging.getLogger("rwkvpy.server")
@@ -234,7 +231,7 @@ def _build_server(spec: dict, store, replica: str):
 
     from ..prefix_cache import PrefixCache, cache_root
     from .app import NamedState, ServerConfig
-    from .cli import load_state_file, warm_up
+    from .startup import load_state_file, warm_up
     from .engine import Engine
 
     model = rwkvpy.load(spec["model"], **spec["load_kw"])
@@ -252,47 +249,7 @@ def _build_server(spec: dict, store, replica: str):
     return _server_state_class()(model, tok, engine, config, named, store=store, replica=replica)
 
 
-def replica_spec(args, api_key, states) -> dict:
-    """What a replica needs from ``rwkvpy serve``'s parsed arguments (plain values)."""
-    from ..cli import run_options
-    from ..hub import resolve_model
-    from .app import ServerConfig
-
-    load_kw = run_options(args)
-    if load_kw.get("threads") is None:
-        load_kw["threads"] = 1
-    name = args.model_name or (
-        "demo" if args.model == "demo"
-        else os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0])
-    return {
-        "model": resolve_model(args.model),  # every replica loads this file
-        "load_kw": load_kw, "access_log": not getattr(args, "no_access_log", False), "tokenizer": args.tokenizer,
-        "vocab": args.vocab,
-        "states": [(n, os.path.abspath(p)) for n, p in states],
-        "engine": {"max_batch": args.max_batch, "cache_bytes": args.cache_bytes,
-                   "cache_every": args.cache_every},
-        # every ServerConfig field that has an option of the same name
-        "config": {**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
-                      if getattr(args, f.name, None) is not None},
-                   "model_name": name, "api_key": api_key},
-    }
-
-
 # -- the deployment ------------------------------------------------------------------------------
-def parse_autoscale(text: str) -> tuple[int, int]:
-    from .cli import ServeError
-
-    lo, sep, hi = (text or "").partition(":")
-    try:
-        lo, hi = int(lo), int(hi)
-    except ValueError:
-        raise ServeError(f"--autoscale expects MIN:MAX (replica counts), got {text!r}") from None
-    if not sep or lo < 0 or hi < 1 or lo > hi:
-        raise ServeError(f"--autoscale expects MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got "
-                         f"{text!r}")
-    return lo, hi
-
-
 def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
            host: str = "127.0.0.1", port: int = 8000, blocking_timeout: float = 300.0) -> str:
     """Start the deployment on the connected Ray cluster; returns the proxy's URL once every
@@ -333,7 +290,7 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
 def _wait_running(timeout: float) -> None:
     from ray import serve
 
-    from .cli import ServeError
+    from .startup import ServeError
 
     deadline = time.monotonic() + timeout
     while True:
@@ -365,49 +322,3 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def cmd_serve_ray(args, api_key, states) -> int:
-    """``rwkvpy serve --ray``: deploy, print the URL, wait for SIGINT/SIGTERM, clean up."""
-    from .cli import ServeError
-
-    try:
-        import ray
-        from ray import serve  # noqa: F401
-    except ImportError as e:
-        raise ServeError(f"rwkvpy serve --ray needs Ray Serve: pip install 'rwkvpy[ray]' "
-                         f"({e.name} is missing)") from None
-    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
-    if autoscale is not None and args.replicas is not None:
-        raise ServeError("give --replicas or --autoscale, not both")
-    replicas = args.replicas if args.replicas is not None else 1
-    if replicas < 1:
-        raise ServeError(f"--replicas must be > 0, got {replicas}")
-    spec = replica_spec(args, api_key, states)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=args.ray_address, include_dashboard=False,
-                 logging_level=logging.WARNING)
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set())
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        url = deploy(spec, replicas=replicas, autoscale=autoscale, host=args.host,
-                     port=args.port)
-        how = (f"autoscaling {autoscale[0]}..{autoscale[1]} replicas" if autoscale
-               else f"{replicas} replica{'s' if replicas > 1 else ''}")
-        log.info("rwkvpy serve: model %r on Ray Serve, %s", spec["config"]["model_name"], how)
-        log.info("rwkvpy serve: listening on %s", url)
-        while not stop.wait(0.5):
-            pass
-        log.info("rwkvpy serve: stopping")
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        try:
-            shutdown()
-        finally:
-            if started:
-                ray.shutdown()
-    log.info("rwkvpy serve: stopped")
-    return 0

@@ -1,10 +1,9 @@
 """The evaluation commands of the ``rwkvpy`` command line: ``perplexity`` and ``compare``.
 
-``add_eval_commands(subparsers)`` adds them to an argparse subparsers object (``rwkvpy.cli``'s
+``add_scoring_commands(subparsers)`` adds them to an argparse subparsers object (:mod:`rwkvpy.cli.main`'s
 ``build_parser`` calls it); each sets ``func`` to a function taking the parsed arguments and
 returning the exit status. User errors are raised as :class:`~rwkvpy.errors.RwkvpyError`
-subclasses, for the caller to print as one line. ``main_for_tests(argv)`` runs these commands
-alone, with the same error handling as ``rwkvpy.cli.main``.
+subclasses, for the caller to print as one line.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ import math
 import os
 import sys
 
-from .cli import MODEL_HELP, add_model_argument, add_run_options, run_options
-from .compare import DEFAULT_TYPES
-from .errors import RwkvpyError
-from .perplexity import DEFAULT_CHUNK
+from .options import MODEL_HELP, add_model_argument, add_run_options, run_options
+from ..compare import DEFAULT_TYPES
+from ..errors import RwkvpyError
+from ..perplexity import DEFAULT_CHUNK
 
 
 class EvalCliError(RwkvpyError):
@@ -50,14 +49,14 @@ def read_text(path: str) -> str:
 def _tokenizer(kind, vocab_path, info):
     """The tokenizer: --vocab, else the vocabulary the file holds (GGUF), else the one rwkvpy
     ships for --tokenizer, the kind the file names or its vocabulary size."""
-    from .tokenizers import model_tokenizer
+    from ..tokenizers import model_tokenizer
 
     return model_tokenizer(info.path, info.vocab_size, kind, vocab_path)
 
 
 def _tokens(args, info) -> tuple[list, str]:
     """(token ids of the text, tokenizer name), after --max-tokens, checked for --ignore-first."""
-    from .perplexity import check_scorable
+    from ..perplexity import check_scorable
 
     text = read_text(args.text)
     tok = _tokenizer(args.tokenizer, args.vocab, info)
@@ -73,7 +72,7 @@ def _tokens(args, info) -> tuple[list, str]:
 
 def _model_path(path: str) -> str:
     """The model reference's file (rwkvpy.hub: demo, hf:, a path)."""
-    from .hub import resolve_model
+    from ..hub import resolve_model
 
     path = resolve_model(path)
     if not os.path.exists(path):
@@ -107,7 +106,7 @@ def _non_negative(s):
 def cmd_perplexity(args) -> int:
     import rwkvpy
 
-    from .perplexity import perplexity
+    from ..perplexity import perplexity
 
     path = _model_path(args.model)
     info = rwkvpy.inspect(path)
@@ -145,7 +144,7 @@ def model_threads() -> int:
 def cmd_compare(args) -> int:
     import rwkvpy
 
-    from . import compare as cmp
+    from .. import compare as cmp
 
     path = _model_path(args.model)
     types = cmp.parse_types(args.types)
@@ -192,7 +191,7 @@ def _add_common(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def add_eval_commands(subparsers) -> None:
+def add_scoring_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "perplexity", help="perplexity of a model on a text file",
         description="Average negative log likelihood (nats per token) and perplexity of MODEL "

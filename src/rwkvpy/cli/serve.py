@@ -16,8 +16,8 @@ import socket
 import sys
 import threading
 
-from ..cli import add_model_argument, add_run_options, run_options
-from ..errors import RwkvpyError
+from .options import add_model_argument, add_run_options, run_options
+from ..server.startup import ServeError, load_state_file, warm_up
 
 log = logging.getLogger("rwkvpy.server")
 
@@ -25,10 +25,6 @@ DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 32, "max_concurrent"
             "max_tokens_limit": 4096, "max_request_bytes": 1 << 20, "cache_bytes": 512 << 20,
             "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64,
             "max_prompt_tokens": 32768}
-
-
-class ServeError(RwkvpyError):
-    """A bad ``rwkvpy serve`` option (or a missing optional dependency)."""
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,7 +110,7 @@ def _positive(name, v, zero_ok=False):
 
 def _parse_states(items) -> list:
     out, seen = [], set()
-    from .protocol import STATE_ID
+    from ..server.protocol import STATE_ID
 
     for item in items:
         name, sep, path = item.partition("=")
@@ -128,23 +124,6 @@ def _parse_states(items) -> list:
         seen.add(name)
         out.append((name, path))
     return out
-
-
-def load_state_file(path, model):
-    """A starting state from a file: an rwkvpy state file (``State.save``) or a BlinkDL
-    state-tuned ``.pth`` (``blocks.N.att.time_state``)."""
-    from ..formats.atomic import require_regular
-    from ..state import MAGIC, State
-
-    require_regular(path, ServeError)  # a FIFO would block the open below
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC))
-    except OSError as e:
-        raise ServeError(f"{path}: cannot read: {e.strerror}") from None
-    if head == MAGIC:
-        return State.load(path, model)
-    return State.from_time_state(path, model)
 
 
 def _loopback(host: str) -> bool:
@@ -183,15 +162,6 @@ def _setup_logging(level: str) -> None:
     log.setLevel(level.upper())
 
 
-def warm_up(model) -> None:
-    """Run each code path once (JIT-compiled kernels load on first use)."""
-    V = model.config.vocab_size
-    t = [min(1, V - 1), min(2, V - 1)]
-    _, s = model.forward(t)
-    model.forward(t[:1], s)
-    model.forward_batch([t[:1], t[1:]], [s, s])
-
-
 def cmd_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -206,8 +176,8 @@ def cmd_serve(args) -> int:
     import rwkvpy
 
     from ..prefix_cache import PrefixCache
-    from .app import NamedState, ServerConfig, ServerState, build_app
-    from .engine import Engine
+    from ..server.app import NamedState, ServerConfig, ServerState, build_app
+    from ..server.engine import Engine
 
     _setup_logging(args.log_level)
     for name in ("max_batch", "max_concurrent", "max_tokens_limit", "max_request_bytes",
@@ -223,7 +193,7 @@ def cmd_serve(args) -> int:
     if api_key is not None and not api_key.strip():
         raise ServeError("--api-key is empty")
     if args.ray:
-        from .ray_serve import cmd_serve_ray
+        from .serve_ray import cmd_serve_ray
 
         return cmd_serve_ray(args, api_key, states)
     if args.ray_address or args.replicas is not None or args.autoscale:

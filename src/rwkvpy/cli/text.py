@@ -1,10 +1,9 @@
 """The text commands of the ``rwkvpy`` command line: ``generate``, ``chat`` and ``tokenize``.
 
-``add_text_commands(subparsers)`` adds them to an argparse subparsers object (``rwkvpy.cli``'s
+``add_text_commands(subparsers)`` adds them to an argparse subparsers object (:mod:`rwkvpy.cli.main`'s
 ``build_parser`` calls it); each sets ``func`` to a function taking the parsed arguments and
 returning the exit status. User errors are raised as :class:`~rwkvpy.errors.RwkvpyError`
-subclasses, for the caller to print as one line. ``main_for_tests(argv)`` runs these commands
-alone, with the same error handling as ``rwkvpy.cli.main``.
+subclasses, for the caller to print as one line.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ import json
 import os
 import sys
 
-from .cli import add_model_argument, add_run_options, run_options
-from .errors import RwkvpyError
+from .options import add_model_argument, add_run_options, run_options
+from ..errors import RwkvpyError
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /regen (a new reply to the last "
              "message), /save FILE, /load FILE, /quit; Ctrl-C stops a reply")
@@ -42,7 +41,7 @@ def _unescape(s: str) -> str:
 
 def decode_utf8(raw: bytes, name: str) -> str:
     """``raw`` as UTF-8 text; a TokenizerError naming the byte offset of the first bad byte."""
-    from .tokenizers import TokenizerError
+    from ..tokenizers import TokenizerError
 
     try:
         return raw.decode("utf-8")
@@ -82,7 +81,7 @@ def _model_spec(args) -> str:
 
 def _tokenizer(kind, vocab_path, vocab_size):
     """The tokenizer for a model of ``vocab_size`` (None: no model, ``kind`` is required)."""
-    from .tokenizers import ByteTokenizer, NeoXTokenizer, WorldTokenizer, tokenizer_for
+    from ..tokenizers import ByteTokenizer, NeoXTokenizer, WorldTokenizer, tokenizer_for
 
     if vocab_size is not None:
         return tokenizer_for(vocab_size, kind, vocab_path)
@@ -101,7 +100,7 @@ def _load(args):
     """(model, tokenizer) from -m (or the demo model), --mode, --threads, --tokenizer, --vocab."""
     import rwkvpy
 
-    from .hub import resolve_model
+    from ..hub import resolve_model
 
     path = resolve_model(_model_spec(args))
     if not os.path.exists(path):
@@ -111,7 +110,7 @@ def _load(args):
 
 
 def _params(args):
-    from .sampling import SamplingParams
+    from ..sampling import SamplingParams
 
     given = {
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
@@ -139,8 +138,8 @@ def _params(args):
 
 def _start_state(path: str, model):
     """A saved rwkvpy state file, or a BlinkDL state-tuning .pth."""
-    from .formats.atomic import require_regular
-    from .state import MAGIC, State
+    from ..formats.atomic import require_regular
+    from ..state import MAGIC, State
 
     require_regular(path, CliError)  # a FIFO would block the open below
     try:
@@ -197,7 +196,7 @@ def _add_sampling_options(p) -> None:
 
 # -- generate -------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from .generate import generate, stream
+    from ..generate import generate, stream
 
     _utf8_stdout()
     model, tok = _load(args)
@@ -257,7 +256,7 @@ def _show_reply(reply, out) -> None:
 
 
 def cmd_chat(args) -> int:
-    from .chat import ChatSession
+    from ..chat import ChatSession
 
     _utf8_stdout()
     model, tok = _load(args)
@@ -328,12 +327,12 @@ def cmd_tokenize(args) -> int:
     if args.model is not None:
         import rwkvpy
 
-        from .hub import resolve_model
+        from ..hub import resolve_model
 
         path = resolve_model(args.model)
         if not os.path.exists(path):
             raise CliError(f"{path}: no such model file")
-        from .tokenizers import model_tokenizer
+        from ..tokenizers import model_tokenizer
 
         tok = model_tokenizer(path, rwkvpy.inspect(path).vocab_size, args.tokenizer, args.vocab)
     else:

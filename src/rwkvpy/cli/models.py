@@ -1,85 +1,12 @@
-"""The ``rwkvpy`` command line. Every user error is one readable line and a non-zero exit."""
+"""The verbs about model files: ``info``, ``bench``, ``cache``, ``convert``/``quantize``,
+``merge-lora``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from .errors import RwkvpyError
-
-
-def add_run_options(p) -> None:
-    """--threads, --mode, --device, --gpu-layers: how a command runs its model."""
-    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
-    p.add_argument("--mode", choices=("fast", "exact", "reference"), default="fast",
-                   help="compute mode (default fast)")
-    p.add_argument("--device", default="cpu", metavar="DEVICE",
-                   help="cpu (default), cuda or cuda:N")
-    p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
-                   help="with a GPU device: the first N layers there, the rest on the CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="with a GPU device: fuse the decode step with torch.compile (faster "
-                        "tokens after a compilation at start)")
-    p.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="do not read or write the repack cache (the CPU's repacked weights, "
-                        "kept in the user cache folder: rwkvpy cache list)")
-    p.add_argument("--cache-beside", action="store_true",
-                   help="keep the repack cache next to the model (MODEL.rwkvpy-cache) instead")
-    p.add_argument("--cpu-capability", default=None, metavar="LEVEL",
-                   help="CPU kernels: generic, avx2, avx512, avx512_bf16 or amx (default: "
-                        "$RWKVPY_CPU_CAPABILITY, else this CPU's level)")
-
-
-MODEL_HELP = ("model: a file (.bin, .pth, .gguf, .safetensors), a Hugging Face folder, "
-              "hf:OWNER/REPO/FILE, or demo (the demo model shipped with rwkvpy)")
-
-
-class CliUsageError(RwkvpyError):
-    """Command-line arguments that do not fit the verb (e.g. the model given twice)."""
-
-
-def add_model_argument(p, *rest, dest: str = "model", required: bool = True,
-                       help: str = MODEL_HELP) -> None:
-    """The model of a verb, the same way in every verb: ``-m MODEL`` or the first positional
-    argument, followed by the verb's own positionals ``rest`` (their names, e.g. ``"dst"``);
-    :func:`take_positionals` sorts them after parsing. ``dest``: the model's attribute;
-    ``required=False``: the verb has a default (None when not given)."""
-    p.add_argument("-m", "--model", dest=dest, metavar="MODEL", default=None, help=help)
-    names = " ".join(n.upper() for n in rest)
-    p.add_argument("positionals", nargs="*", metavar=f"[MODEL] {names}".rstrip(),
-                   help=f"the model (unless -m is given){', then ' + names if names else ''}")
-    p.set_defaults(_rest=rest, _model_dest=dest, _model_required=required)
-
-
-def take_positionals(args) -> None:
-    """Assign the positionals of a verb made with :func:`add_model_argument`."""
-    rest = getattr(args, "_rest", None)
-    if rest is None:
-        return
-    dest, pos = args._model_dest, list(args.positionals)
-    verb = getattr(args, "command", None) or "this command"
-    usage = f"rwkvpy {verb} [MODEL | -m MODEL] {' '.join(n.upper() for n in rest)}".rstrip()
-    if len(pos) == len(rest) + 1:
-        if getattr(args, dest) is not None:
-            raise CliUsageError(f"the model is given twice ({getattr(args, dest)!r} with -m and "
-                                f"{pos[0]!r}): usage: {usage}")
-        setattr(args, dest, pos.pop(0))
-    elif len(pos) != len(rest):
-        raise CliUsageError(f"expected {len(rest)} or {len(rest) + 1} arguments, got "
-                            f"{len(pos)}: usage: {usage}")
-    for name, value in zip(rest, pos):
-        setattr(args, name, value)
-    if getattr(args, dest) is None and args._model_required:
-        raise CliUsageError(f"no model given: usage: {usage}")
-
-
-def run_options(args) -> dict:
-    """The keyword arguments of rwkvpy.load for the options of :func:`add_run_options`."""
-    return {"mode": args.mode, "threads": args.threads, "device": args.device,
-            "gpu_layers": args.gpu_layers, "compile": args.compile,
-            "cache": "beside" if args.cache and args.cache_beside else args.cache,
-            "cpu_capability": args.cpu_capability}
+from .options import MODEL_HELP, add_model_argument, add_run_options, run_options
 
 
 def _fmt_bytes(n: int) -> str:
@@ -111,7 +38,7 @@ def cmd_info(args) -> int:
           f"ffn {s['n_ffn']}{heads}")
     tok = s.get("file", {}).get("tokenizer")
     if tok is None:
-        from .tokenizers import _BY_SIZE
+        from ..tokenizers import _BY_SIZE
 
         guess = _BY_SIZE.get(s["vocab_size"])
         tok = f"{guess} (from the vocabulary size)" if guess else "unknown"
@@ -137,7 +64,7 @@ def format_kernels(k: dict) -> str:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from .. import bench
 
     say = None if (args.quiet or args.json) else (lambda m: print(f"... {m}", file=sys.stderr))
     r = bench.run(args.model, tokens=args.tokens, prompt=args.prompt, progress=say,
@@ -147,7 +74,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .kernels import cache
+    from ..kernels import cache
 
     if args.action == "clear":
         removed = cache.clear()
@@ -168,7 +95,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
+    from ..convert import convert
 
     result = convert(args.src, args.dst, type=args.type, quantize_head=args.quantize_head,
                      force=args.force, progress=not args.quiet, tokenizer=args.tokenizer,
@@ -194,7 +121,7 @@ def _add_convert_options(p) -> None:
 def cmd_merge_lora(args) -> int:
     import warnings
 
-    from .lora import merge_lora
+    from ..lora import merge_lora
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -208,11 +135,10 @@ def cmd_merge_lora(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rwkvpy", description="Fast RWKV inference in Python.")
-    p.add_argument("--version", action="version", version=f"rwkvpy {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+
+
+def add_model_commands(sub) -> None:
+    """Add info, cache, bench, merge-lora, convert and quantize to an argparse subparsers object."""
     info = sub.add_parser("info", help="show what a model file holds")
     add_model_argument(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -267,50 +193,3 @@ def build_parser() -> argparse.ArgumentParser:
                             f"and TYPE: {types}")
     _add_convert_options(quant)
     quant.set_defaults(func=cmd_convert)
-    from .cli_eval import add_eval_commands
-    from .cli_lm_eval import add_lm_eval_command
-    from .cli_text import add_text_commands
-    from .server.cli import add_serve_command
-
-    add_text_commands(sub)
-    add_eval_commands(sub)
-    add_lm_eval_command(sub)
-    add_serve_command(sub)
-    from .batch import add_batch_command
-
-    add_batch_command(sub)
-    return p
-
-
-def run_command(args) -> int:
-    """Run a parsed command: a user error is one line on stderr and status 1, Ctrl-C 130."""
-    from .compiling import quiet
-
-    try:
-        take_positionals(args)
-        # no first-run compile notice on stderr with --quiet or --json (rwkvpy.compiling)
-        with quiet(bool(getattr(args, "quiet", False) or getattr(args, "json", False))):
-            return args.func(args)
-    except (RwkvpyError, OSError, MemoryError) as e:
-        print(f"rwkvpy: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rwkvpy: interrupted", file=sys.stderr)
-        return 130
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("rwkvpy")
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree
-        return "unknown"
-
-
-def main(argv=None) -> int:
-    return run_command(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
