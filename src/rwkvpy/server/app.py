@@ -30,6 +30,7 @@ from .context import SHUTDOWN_MESSAGE, NamedState, ServerConfig, ServerState
 from .engine import Engine
 from .extra_routes import router as extra_router
 from .metrics import CountRequests, Metrics
+from .openapi import router as openapi_router
 from .routes import read_json, router
 
 __all__ = ["SHUTDOWN_MESSAGE", "Engine", "Guard", "NamedState", "ServerConfig", "ServerState",
@@ -96,6 +97,7 @@ def create_app(server: ServerState) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(router)
     app.include_router(extra_router)
+    app.include_router(openapi_router)
     if getattr(server, "metrics", None) is None:
         server.metrics = Metrics(server)
     server.engine.observer = server.metrics
