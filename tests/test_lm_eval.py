@@ -263,16 +263,18 @@ def test_eval_scores_equal_the_models_own(model, cli_result):
     assert result["n-samples"]["tiny_mc"]["effective"] == len(MC)
 
 
-def test_rolling_equals_rwkvpy_perplexity(cli_result, tmp_path):
-    """The rolling task's per-word and per-byte perplexity from ``rwkvpy perplexity`` on the
-    same document with token 0 (NUL in the byte vocabulary) in front."""
+def test_rolling_equals_rwkvpy_perplexity(cli_result, tmp_path, capsys):
+    """The rolling task's per-word and per-byte perplexity from ``rwkvpy perplexity`` (its
+    command-line code, run in this process) on the same document with token 0 (NUL in the byte
+    vocabulary) in front."""
+    from rwkvpy.cli import main
+
     (doc,) = DOCS
     f = tmp_path / "doc.txt"
     f.write_bytes(b"\0" + doc.encode())
-    p = subprocess.run([sys.executable, "-m", "rwkvpy", "perplexity", "-m", "demo", str(f),
-                        "--json"], capture_output=True, text=True, timeout=120, check=False)
-    assert p.returncode == 0, p.stderr
-    nll = json.loads(p.stdout)["nll_sum"]
+    capsys.readouterr()
+    assert main(["perplexity", "-m", "demo", str(f), "--json"]) == 0
+    nll = json.loads(capsys.readouterr().out)["nll_sum"]
     roll = cli_result[0]["results"]["tiny_rolling"]
     assert roll["word_perplexity,none"] == pytest.approx(math.exp(nll / len(doc.split())),
                                                          rel=1e-6)
@@ -321,19 +323,20 @@ def test_server_with_lm_evals_local_completions_gives_the_same_scores(cli_result
     accuracies, and log likelihoods within float32 rounding of the in-process ones (the server
     scores each prompt in one sequence-mode pass, the in-process model steps continuations)."""
     import httpx
+    from lm_eval.api.registry import get_model
+    from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
     from test_server import Server
 
     server = Server([], tmp_path / "server.log", model="demo")
     try:
         name = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
-        out = lm_eval.simple_evaluate(
-            model="local-completions",
-            model_args={"model": name, "base_url": server.url + "/v1/completions",
-                        "tokenizer_backend": "remote", "custom_prefix_token_id": 0,
-                        "max_length": 100000},
-            tasks=list(TASKS), log_samples=False, bootstrap_iters=0,
-            task_manager=TaskManager(include_path=task_dir, include_defaults=False))
+        client = get_model("local-completions")(
+            model=name, base_url=server.url + "/v1/completions", tokenizer_backend="remote",
+            custom_prefix_token_id=0, max_length=100000)
+        # lm-eval's evaluation itself (simple_evaluate adds only its environment report)
+        tasks = TaskManager(include_path=task_dir, include_defaults=False).load(list(TASKS))
+        out = evaluate(client, tasks, log_samples=False, bootstrap_iters=0)
     finally:
         server.stop()
     local, remote = cli_result[0]["results"], out["results"]
