@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
@@ -94,8 +95,6 @@ def models(world_path):
 @pytest.fixture(scope="module")
 def servers(world_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("servers")
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(2) as pool:  # both start side by side
         make = [pool.submit(Server, ["--no-access-log"], d / f"{name}.log", model=m)
                 for name, m in (("demo", "demo"), ("world", world_path))]
@@ -104,8 +103,9 @@ def servers(world_path, tmp_path_factory):
         with client(s) as c:
             s.name = c.models.list().data[0].id
     yield out
+    with ThreadPoolExecutor(2) as pool:  # both stop side by side
+        assert list(pool.map(Server.stop, out.values())) == [0, 0]
     for s in out.values():
-        assert s.stop() == 0
         assert "Traceback" not in s.text(), s.text()
 
 
