@@ -41,6 +41,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .generation import LogitsProcessor
 from .sampling import SamplingError
 
 #: Whitespace allowed between JSON tokens: at most one space (``{"a": 1, "b": [2, 3]}``). Never
@@ -148,14 +149,13 @@ class Constraint:
         them (its Lark dialect also takes ``%json {schema}`` and regular expressions)."""
         if not isinstance(text, str) or not text.strip():
             raise ConstraintError("a grammar must be a non-empty str")
-        llg = _llg()
+        _llg()  # installed, or the error that says how
         from llguidance.gbnf_to_lark import any_to_lark
 
         try:
             lark = any_to_lark(text)
         except Exception as e:  # noqa: BLE001 - the converter raises its own types
             raise ConstraintError(f"invalid grammar: {_one_line(str(e))}") from None
-        del llg
         return cls("grammar", text, lark)
 
     @classmethod
@@ -274,7 +274,7 @@ def vocabulary(tokenizer, vocab_size: int):
 
 
 # -- per sequence ------------------------------------------------------------------------------------
-class GrammarProcessor:
+class GrammarProcessor(LogitsProcessor):
     """One sequence's matcher, applied to each step's logits (see the module's docstring).
     The matcher is made at the first step, when the model's vocabulary size is known."""
 
