@@ -184,12 +184,13 @@ def test_api_length_stop_strings_and_chat(models):
 
 
 # -- the server: JSON schemas, 50 seeded requests each, batched, streamed and not -----------------
-async def _ask_all(server, schema, seeds, chat):
+async def _ask_all(server, jobs):
+    """Send every (schema, seed, chat) of ``jobs`` at once; odd seeds streamed. Returns the
+    (text, finish_reason) of each."""
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
                                   timeout=300) as c:
-        fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": schema}}
-
-        async def one(seed):
+        async def one(schema, seed, chat):
+            fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": schema}}
             streamed = seed % 2 == 1
             if chat:
                 kw = dict(messages=[{"role": "user", "content": PROMPT}], response_format=fmt)
@@ -209,25 +210,33 @@ async def _ask_all(server, schema, seeds, chat):
                     finish = ch.finish_reason or finish
             return "".join(parts), finish
 
-        return await asyncio.gather(*(one(s) for s in seeds))
+        return await asyncio.gather(*(one(*job) for job in jobs))
 
 
 @pytest.mark.parametrize("name", ["demo", "world"])
 def test_server_json_schemas_batched(models, servers, name):
+    """SEEDS requests per schema, in two rounds that each mix both schemas (one per route),
+    streamed and not: every request follows its own schema in the shared batch."""
     m, server = models[name], servers[name]
     tok = m.tokenizer()
-    for i, (sname, schema) in enumerate(SCHEMAS.items()):
-        chat = (i + (name == "world")) % 2 == 1  # each model: one schema per route
-        out = asyncio.run(_ask_all(server, schema, range(SEEDS), chat))
-        for seed, (text, finish) in enumerate(out):
-            assert finish == "stop", (sname, seed, text)
-            valid(text, schema)
-        if chat:
+    chat = {sname: (i + (name == "world")) % 2 == 1 for i, sname in enumerate(SCHEMAS)}
+    half = SEEDS // 2
+    out = {}
+    for seeds in (range(half), range(half, SEEDS)):
+        jobs = [(sname, seed) for seed in seeds for sname in SCHEMAS]
+        got = asyncio.run(_ask_all(server, [(SCHEMAS[sn], seed, chat[sn]) for sn, seed in jobs]))
+        out.update(zip(jobs, got))
+    assert len(out) == SEEDS * len(SCHEMAS)
+    for (sname, seed), (text, finish) in out.items():
+        assert finish == "stop", (sname, seed, text)
+        valid(text, SCHEMAS[sname])
+    for sname, schema in SCHEMAS.items():
+        if chat[sname]:
             continue
         for seed in range(ALONE):  # alone, in this process: the same text as in the batch
             r = generate(m, tok, PROMPT, SamplingParams(json_schema=schema, seed=seed,
                                                         max_tokens=300))
-            assert r.text == out[seed][0], (sname, seed)
+            assert r.text == out[sname, seed][0], (sname, seed)
 
 
 def test_server_json_object_grammar_length_and_errors(servers):
