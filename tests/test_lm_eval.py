@@ -197,18 +197,23 @@ def test_rolling_is_one_pass_from_the_prefix_token(model):
 
 
 def test_generate_until_is_rwkvpy_generate(model):
-    lm = RwkvpyLM(model, progress=False)
+    """Batched generation (batch_size 2: ragged batches, sequences ending at different steps)
+    gives rwkvpy.generate's text for each request alone."""
+    lm = RwkvpyLM(model, batch_size=2, progress=False)
     reqs = [Req("The pass statement", {"until": ["\n"], "max_gen_toks": 40}),
             Req("Dictionaries map keys to", {"until": ".", "max_gen_toks": 5}),
             Req("A for loop iterates over the items of any", {"max_gen_toks": 64,
-                                                              "do_sample": False})]
+                                                              "do_sample": False}),
+            Req("The import statement", {"until": ["\n\n"], "max_gen_toks": 30,
+                                         "do_sample": True, "temperature": 0.8})]
     got = lm.generate_until(reqs)
     tok = lm.tok
     for r, text in zip(reqs, got):
         kw = r.args[1]
         until = kw.get("until", [])
-        params = SamplingParams(greedy=True, max_tokens=kw["max_gen_toks"],
-                                stop=[until] if isinstance(until, str) else until)
+        params = (lm._params(kw) if kw.get("do_sample") else  # sampled: the same seed
+                  SamplingParams(greedy=True, max_tokens=kw["max_gen_toks"],
+                                 stop=[until] if isinstance(until, str) else until))
         assert text == generate(model, tok, r.args[0], params).text
         assert not any(u in text for u in ([until] if isinstance(until, str) else until))
     assert len(tok.encode(got[1])) <= 5

@@ -23,7 +23,7 @@ What each request computes:
   so a multiple-choice question with four answers reads its question once, not four times.
   A continuation of one token needs no model call at all (the context's last logits score it);
   longer ones are stepped one token at a time, up to ``batch_size`` continuations side by side
-  in one ``forward_batch`` call (one pass over the weights for all of them).
+  in one ``forward_batch`` call (the model's batched one-token step).
 - ``loglikelihood_rolling(text)``: the log likelihood of a whole document, every token scored
   once, conditioned on the prefix token. lm-eval cuts documents longer than a transformer's
   context into overlapping windows; an RNN's state carries everything read so far, so a
@@ -31,10 +31,13 @@ What each request computes:
   (:func:`rwkvpy.perplexity.perplexity` on ``[prefix] + tokens``, whose ``nll_sum`` it is:
   ``rwkvpy perplexity`` on the same tokens gives the same number).
 - ``generate_until(context, {"until": [...], "max_gen_toks": N, ...})``: greedy decoding
-  through :func:`rwkvpy.generate.generate` (the generation loop of ``rwkvpy generate`` and of the
-  server) with the ``until`` strings as stop strings, at most ``max_gen_toks`` tokens, and the
+  with the ``until`` strings as stop strings, at most ``max_gen_toks`` tokens, and the
   end-of-text token as a stop token; ``do_sample=True`` samples with the request's
-  ``temperature`` / ``top_p`` / ``top_k`` instead.
+  ``temperature`` / ``top_p`` / ``top_k`` instead. ``batch_size`` requests at a time: each
+  reads its prompt alone, then each step decodes one token of every unfinished one in one
+  ``forward_batch`` call. Each sequence goes through :class:`rwkvpy.generation.TokenLoop`, the
+  loop of :func:`rwkvpy.generate.generate` and of the server, so the text is what
+  ``rwkvpy.generate`` gives for that request alone.
 
 The prefix token: lm-eval conditions documents and empty contexts on a start token. RWKV models
 are trained with token 0 between documents (``<|endoftext|>`` of the World and 20B
@@ -268,19 +271,50 @@ class RwkvpyLM(TemplateLM):
                               **common)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .generate import generate
-
-        out = []
+        """Greedy (or sampled) text for each request, ``batch_size`` sequences at a time: each
+        reads its prompt alone, then every step decodes one token of each unfinished sequence in
+        one ``forward_batch`` call. Each sequence's tokens, stops and text are handled by
+        :class:`rwkvpy.generation.TokenLoop`, the loop of ``rwkvpy.generate`` and the server."""
+        out: list = [None] * len(requests)
         bar = self._bar(len(requests), "generate_until")
         try:
-            for req in requests:
-                context, kw = req.args[0], req.args[1]
-                ids = self.tok.encode(context) or [self.prefix_token]
-                text = generate(self.model, self.tok, ids, self._params(kw)).text
-                out.append(text)
-                self.cache_hook.add_partial("generate_until", (context, kw), text)
-                bar.update(1)
+            for a in range(0, len(requests), self.batch_size):
+                for i, text in self._generate_batch(requests, range(a, a + self.batch_size)):
+                    out[i] = text
+                    context, kw = requests[i].args[0], requests[i].args[1]
+                    self.cache_hook.add_partial("generate_until", (context, kw), text)
+                    bar.update(1)
         finally:
             bar.close()
         return out
 
+    def _generate_batch(self, requests, indices):
+        """Yields (request index, generated text) as each of ``indices`` finishes."""
+        from .generation import TokenLoop
+
+        live = []  # [request index, loop, logits, state, text pieces]
+        for i in indices:
+            if i >= len(requests):
+                break
+            context, kw = requests[i].args[0], requests[i].args[1]
+            ids = self.tok.encode(context) or [self.prefix_token]
+            logits, state = self.model.forward(ids)
+            live.append([i, TokenLoop(self.tok, self._params(kw)), logits, state, []])
+        while live:
+            stepping = []
+            for seq in live:
+                token = None if seq[1].done else seq[1].choose(seq[2])
+                if token is None:
+                    last = seq[1].close()
+                    yield seq[0], "".join(seq[4]) + (last.text if last is not None else "")
+                else:
+                    stepping.append((seq, token))
+            if stepping:
+                logits, states = self.model.forward_batch([[t] for _, t in stepping],
+                                                          [seq[3] for seq, _ in stepping])
+                for (seq, token), lg, st in zip(stepping, logits, states):
+                    seq[2], seq[3] = lg, st
+                    event = seq[1].accept(token)
+                    if event is not None:
+                        seq[4].append(event.text)
+            live = [seq for seq, _ in stepping]
