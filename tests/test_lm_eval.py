@@ -287,6 +287,19 @@ def test_rolling_equals_rwkvpy_perplexity(cli_result, tmp_path, capsys):
                                                          rel=1e-6)
 
 
+def test_eval_prints_the_table_and_quiet_is_quiet(task_dir, capsys):
+    from rwkvpy.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "-m", "demo", "tiny_mc", "--include-path", task_dir, "--limit", "2",
+                 "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    rows = [r for r in out.splitlines() if r.startswith("|tiny_mc")]
+    assert len(rows) == 1 and "|acc " in rows[0] and "n-shot" in out
+    assert "|acc_norm|" in out.replace(" ", "")
+
+
 def test_eval_errors_are_one_line(task_dir, monkeypatch, capsys):
     from rwkvpy.cli import main
 
