@@ -222,6 +222,29 @@ def test_generate_until_is_rwkvpy_generate(model):
     assert RwkvpyLM(model, prefix_token=10, progress=False).generate_until(reqs) == got
 
 
+def test_world_vocabulary(tmp_path):
+    """A World-vocabulary model (random weights): lm-eval splits each pair as the context's
+    tokens and the rest of the whole text's; the scores are the whole text's forward."""
+    from rwkvpy.models.config import Version
+    from rwkvpy.synth import save_random_model
+
+    world = rwkvpy.load(save_random_model(tmp_path / "w.pth", version=Version.V7, n_embd=64,
+                                          n_layer=1, vocab=65536, seed=1))
+    lm = RwkvpyLM(world, batch_size=2, progress=False)
+    assert lm.tok.name == "world"
+    enc = lm.tok.encode
+    q = "Question: what is the capital of France?\nAnswer:"
+    pairs = [(q, " Paris"), (q, " the city of light"), ("", "Hello world")]
+    got = lm.loglikelihood([Req(c, x) for c, x in pairs])
+    for (c, x), (ll, greedy) in zip(pairs, got):
+        ctx = enc(c) if c else [0]
+        cont = enc(c + x)[len(ctx):] if c else enc(x)
+        want, want_greedy = reference(world, ctx, cont)
+        assert ll == pytest.approx(want, abs=1e-3) and greedy == want_greedy
+    (ll,) = lm.loglikelihood_rolling([Req(DOCS[0])])
+    assert ll == pytest.approx(reference(world, [0], enc(DOCS[0]))[0], rel=1e-5)
+
+
 def test_bad_arguments_are_one_clear_error(model):
     from rwkvpy.errors import RwkvpyError
 

@@ -160,6 +160,9 @@ class RwkvpyLM(TemplateLM):
                     leave=False, dynamic_ncols=True)
 
     # -- loglikelihood ------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """``requests``: ((context, continuation), context ids, continuation ids) each; the
         (log likelihood, is_greedy) of each, in order."""
