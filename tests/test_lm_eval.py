@@ -311,10 +311,11 @@ def test_rolling_equals_rwkvpy_perplexity(cli_result, tmp_path, capsys):
 
 
 def test_eval_prints_the_table_and_quiet_is_quiet(task_dir, capsys):
+    """The table on stdout, nothing on stderr; the task given as its YAML file."""
     from rwkvpy.cli import main
 
     capsys.readouterr()
-    assert main(["eval", "-m", "demo", "tiny_mc", "--include-path", task_dir, "--limit", "2",
+    assert main(["eval", "-m", "demo", f"{task_dir}/tiny_mc.yaml", "--limit", "2",
                  "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == ""

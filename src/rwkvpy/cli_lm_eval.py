@@ -42,22 +42,23 @@ def _notice(quiet: bool, msg: str) -> None:
 
 
 def task_manager(tasks, include_path=None, quiet=False):
-    """An lm-eval TaskManager that knows every task in ``tasks``: the ``include_path`` folders
-    alone when they hold them all, else with lm-eval's own tasks; EvalError naming any task
-    still unknown, with the nearest names."""
+    """An lm-eval TaskManager that knows every task in ``tasks`` (names, or paths of task YAML
+    files): the ``include_path`` folders alone when they hold them all, else with lm-eval's own
+    tasks; EvalError naming any task still unknown, with the nearest names."""
     from lm_eval.tasks import TaskManager
 
     paths = list(include_path or [])
     for p in paths:
         if not os.path.isdir(p):
             raise EvalError(f"--include-path {p}: no such folder")
-    if paths:
-        tm = TaskManager(include_path=paths, include_defaults=False)
-        if all(t in tm.all_tasks for t in tasks):
+    names = [t for t in tasks if not os.path.isfile(t)]  # a task's YAML file is taken as is
+    if paths or not names:
+        tm = TaskManager(include_path=paths or None, include_defaults=False)
+        if all(t in tm.all_tasks for t in names):
             return tm
     _notice(quiet, "indexing lm-eval's tasks (a few seconds)")
     tm = TaskManager(include_path=paths or None)
-    unknown = [t for t in tasks if t not in tm.all_tasks]
+    unknown = [t for t in names if t not in tm.all_tasks]
     if unknown:
         import difflib
 
@@ -227,7 +228,8 @@ def add_lm_eval_command(subparsers) -> None:
                     "process and print lm-eval's table. Needs pip install 'rwkvpy[eval]'; "
                     "lm-eval's own tasks download their data sets from the Hugging Face hub.")
     p.add_argument("-m", "--model", metavar="MODEL", default=None, help=MODEL_HELP)
-    p.add_argument("tasks", nargs="*", metavar="TASK", help="lm-eval task or group names")
+    p.add_argument("tasks", nargs="*", metavar="TASK",
+                   help="lm-eval task or group names, or paths of task YAML files")
     p.add_argument("--include-path", action="append", metavar="DIR", default=None,
                    help="a folder of lm-eval task YAML files (may be repeated)")
     p.add_argument("--limit", type=_positive, default=None, metavar="N",
