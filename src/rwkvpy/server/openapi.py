@@ -85,6 +85,7 @@ RESULTS = {
     ("get", "/v1/states"): _obj("object", "data"),
     ("post", "/tokenize"): _obj("tokens", "count"),
     ("post", "/detokenize"): _obj("content"),
+    ("get", "/tokenizer_info"): _obj("eos_token", "bos_token", "tokenizer", "vocab_size"),
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions"}
 #: each server-sent event of a stream ("stream": true): a JSON chunk, then "[DONE]"
