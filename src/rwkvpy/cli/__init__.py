@@ -4,6 +4,7 @@
 - :mod:`.models`: info, bench, cache, convert, quantize, merge-lora;
 - :mod:`.text`: generate, chat, tokenize;
 - :mod:`.scoring`: perplexity, compare;
+- :mod:`.evaluate`: eval (lm-evaluation-harness tasks);
 - :mod:`.serve` and :mod:`.serve_ray`: serve (one process or Ray Serve);
 - :mod:`.batch`: batch generate / perplexity;
 - :mod:`.main`: the parser of every verb and :func:`main`, which runs one.

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli_lm_eval import add_lm_eval_command
 from ..errors import RwkvpyError
 from .batch import add_batch_command
+from .evaluate import add_lm_eval_command
 from .models import add_model_commands
 from .options import take_positionals
 from .scoring import add_scoring_commands

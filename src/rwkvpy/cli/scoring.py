@@ -14,10 +14,10 @@ import math
 import os
 import sys
 
-from .options import MODEL_HELP, add_model_argument, add_run_options, run_options
 from ..compare import DEFAULT_TYPES
 from ..errors import RwkvpyError
 from ..perplexity import DEFAULT_CHUNK
+from .options import MODEL_HELP, add_model_argument, add_run_options, run_options
 
 
 class EvalCliError(RwkvpyError):

@@ -16,8 +16,8 @@ import socket
 import sys
 import threading
 
-from .options import add_model_argument, add_run_options, run_options
 from ..server.startup import ServeError, load_state_file, warm_up
+from .options import add_model_argument, add_run_options, run_options
 
 log = logging.getLogger("rwkvpy.server")
 

@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-from .options import add_model_argument, add_run_options, run_options
 from ..errors import RwkvpyError
+from .options import add_model_argument, add_run_options, run_options
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /regen (a new reply to the last "
              "message), /save FILE, /load FILE, /quit; Ctrl-C stops a reply")

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from .errors import RwkvpyError
+from ..errors import RwkvpyError
 
 
 class EvalError(RwkvpyError):
@@ -121,7 +121,7 @@ def run_tasks(model, tasks, include_path=None, limit=None, num_fewshot=None, bat
     with _quieted(quiet):
         import lm_eval
 
-        from .lm_eval_model import RwkvpyLM
+        from ..lm_eval_model import RwkvpyLM
 
         tm = tasks_index or task_manager(tasks, include_path, quiet)
         lm = model if isinstance(model, RwkvpyLM) else RwkvpyLM(
@@ -157,14 +157,14 @@ def summary(out: dict, model: str, seconds: float) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from .cli.options import run_options
+    from .options import run_options
 
     _import_lm_eval()
     if args.model is None:
         raise EvalError("no model given: usage: rwkvpy eval -m MODEL TASK...")
     import rwkvpy
 
-    from .lm_eval_model import RwkvpyLM
+    from ..lm_eval_model import RwkvpyLM
 
     t0 = time.perf_counter()
     opts = run_options(args)
@@ -180,7 +180,7 @@ def cmd_eval(args) -> int:
                     quiet=quiet, tasks_index=tm, bootstrap_iters=args.bootstrap_iters)
     result = summary(out, args.model, time.perf_counter() - t0)
     if args.output:
-        from .formats.atomic import atomic_write
+        from ..formats.atomic import atomic_write
 
         with atomic_write(args.output, "w") as f:
             f.write(json.dumps(result, indent=2) + "\n")
@@ -219,7 +219,7 @@ def _non_negative(s):
 
 
 def add_lm_eval_command(subparsers) -> None:
-    from .cli.options import MODEL_HELP, add_run_options
+    from .options import MODEL_HELP, add_run_options
 
     p = subparsers.add_parser(
         "eval", help="run lm-evaluation-harness tasks (accuracy, perplexity) on a model",
