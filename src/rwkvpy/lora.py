@@ -79,7 +79,7 @@ def merge_lora(base_path, lora_path, dst, alpha: float, type: str = "f16", force
     ``dst`` (.gguf, .bin, or .pth for a float32 BlinkDL checkpoint). Returns the report."""
     from .convert import convert
     from .formats import read
-    from .formats.atomic import atomic_path, temp_next_to
+    from .formats.atomic import atomic_write, failed_write, temp_next_to, torch_save
 
     dst = os.fspath(dst)
     if os.path.exists(dst) and not force:
@@ -99,15 +99,20 @@ def merge_lora(base_path, lora_path, dst, alpha: float, type: str = "f16", force
     for name in report["unused"]:
         warnings.warn(f"{lora_path}: tensor '{name}' matches nothing in the model; not used")
     if dst.endswith(".pth"):
-        with atomic_path(dst) as tmp:
-            torch.save(tensors, tmp)
+        with atomic_write(dst) as f:
+            torch_save(tensors, f)
         return report
     fd, tmp = temp_next_to(dst)  # a float32 .pth for convert, removed by a later writer if killed
-    os.close(fd)
     try:
-        torch.save(tensors, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch_save(tensors, f)
         del tensors
         convert(tmp, dst, type=type, force=force, progress=progress)
+    except BaseException as e:
+        mapped = failed_write(dst, e)  # a full disk while writing the intermediate file
+        if mapped is not None and mapped is not e:
+            raise mapped from None
+        raise
     finally:
         os.unlink(tmp)
     return report

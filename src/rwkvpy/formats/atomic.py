@@ -15,6 +15,7 @@ the temps of writers on this host whose process is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -107,6 +108,56 @@ def _write_error(path, e: OSError) -> FileWriteError:
     return FileWriteError(path, f"cannot write: {e.strerror or e}", e.errno)
 
 
+#: errors of a write that mean the destination's disk or folder, not the data written
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def failed_write(path, e: BaseException):
+    """``e`` as the FileWriteError naming ``path`` when it is a failed write (a full disk, a
+    file size limit, a read-only or failing device); None otherwise."""
+    if isinstance(e, FileWriteError):
+        return e
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return _write_error(path, e)
+    return None
+
+
+class _Recorder:
+    """A file object's write and flush, the first OSError they raise kept: torch.save reports
+    a failed write as a RuntimeError without its cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        try:
+            return self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+def torch_save(obj, f) -> None:
+    """``torch.save(obj, f)`` into an open binary file, a failed write raised as the OSError
+    that caused it (which atomic_write turns into a FileWriteError naming the file)."""
+    import torch
+
+    rec = _Recorder(f)
+    try:
+        torch.save(obj, rec)
+    except RuntimeError:
+        if rec.error is not None:
+            raise rec.error from None
+        raise
+
+
 def _check_destination(path) -> None:
     kind = not_regular(path)
     if kind is not None:
@@ -153,9 +204,12 @@ def atomic_write(path, mode="wb"):
             os.replace(tmp, path)
         except OSError as e:
             raise _write_error(path, e) from None
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        mapped = failed_write(path, e)
+        if mapped is not None and mapped is not e:
+            raise mapped from None
         raise
 
 
@@ -176,7 +230,10 @@ def atomic_path(path):
             os.replace(tmp, path)
         except OSError as e:
             raise _write_error(path, e) from None
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        mapped = failed_write(path, e)
+        if mapped is not None and mapped is not e:
+            raise mapped from None
         raise

@@ -164,7 +164,7 @@ class RepackCache:
     def save(self) -> None:
         if not self._fresh:
             return
-        from ..formats.atomic import atomic_write
+        from ..formats.atomic import atomic_write, torch_save
 
         where = os.path.dirname(os.path.abspath(self.path))
         if self.beside and not os.stat(where).st_mode & 0o222:
@@ -180,9 +180,9 @@ class RepackCache:
         tensors = {**{k: v for k, v in self._cached.items()}, **self._fresh}
         try:
             with atomic_write(self.path) as f:
-                torch.save({"key": self.key, "tensors": tensors}, f)
+                torch_save({"key": self.key, "tensors": tensors}, f)
             self.status = "written"
-        except OSError as e:
+        except OSError as e:  # a full disk: skipped (FileWriteError is an OSError)
             self.status = f"not written: {e.strerror or e}"
             return
         if not self.beside:

@@ -1,0 +1,132 @@
+"""Faults in writing (issue 23, docs/reliability.md): each writer killed at the worst moment (its
+temp file complete, not yet renamed), run into a full disk (RLIMIT_FSIZE) and into a folder it
+may not write. The destination is absent or complete and valid, the next writer removes the
+dead one's temp file, and errors are a FileWriteError naming the file and the cause.
+benchmarks/write_faults.py kills each writer at 20 random moments.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks import write_faults as wf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """The writers' inputs; the kernels they run compiled here first, so that the children
+    (under a file size limit) load them from numba's cache instead of writing it."""
+    src = wf.inputs(tmp_path_factory.mktemp("in"))
+    warm = tmp_path_factory.mktemp("warm")
+    for name in ("state.save", "repack-cache"):
+        wf.write(name, str(warm / wf.DEST[name]), src)
+    return src
+
+
+def _spawn(name, dst, src, **kw):
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-m", "benchmarks.write_faults", "--child", name, dst,
+           json.dumps(src), "--kill-at-rename", str(kw.get("kill_at_rename", 0)),
+           "--fsize", str(kw.get("fsize", 0))]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def test_writers_killed_before_their_rename(src, tmp_path):
+    """All at once (2 cores: the imports overlap): each child kills itself with SIGKILL at its
+    first rename (the chat's save also at its second: the state renamed, the transcript not)."""
+    cases = [(name, 1) for name in wf.WRITERS] + [("chat-save", 2)]
+    runs = []
+    for name, at in cases:
+        folder = tmp_path / f"{name}-{at}"
+        folder.mkdir()
+        dst = str(folder / wf.DEST[name])
+        if name == "repack-cache":
+            import shutil
+
+            shutil.copy(src["q8"], dst)
+        runs.append((name, at, folder, dst, _spawn(name, dst, src, kill_at_rename=at)))
+    for name, at, folder, dst, p in runs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == -signal.SIGKILL, out
+        left = wf.temps(folder)
+        assert left, (name, os.listdir(folder))  # the dead writer's (merge-lora: and its .pth)
+        if name == "chat-save" and at == 2:  # a state without its transcript: refused, typed
+            from rwkvpy.chat import ChatError
+
+            with pytest.raises(ChatError, match="cannot read the chat transcript"):
+                wf.check(name, dst, src)
+        else:
+            assert wf.check(name, dst, src) == "absent", name
+        wf.write(name, dst, src)  # the next writer of the same file
+        assert wf.temps(folder) == [], (name, os.listdir(folder))
+        assert wf.check(name, dst, src) == "valid"
+
+
+def test_writers_on_a_full_disk(src, tmp_path):
+    """Every file write beyond 2,000 bytes fails with EFBIG: a FileWriteError naming the
+    destination and 'File too large'; nothing left behind (the repack cache is skipped)."""
+    names, dsts = [], []
+    for name in wf.WRITERS:
+        folder = tmp_path / name
+        folder.mkdir()
+        dst = str(folder / wf.DEST[name])
+        if name == "repack-cache":
+            import shutil
+
+            shutil.copy(src["q8"], dst)
+        names.append(name)
+        dsts.append(dst)
+    p = _spawn(",".join(names), ",".join(dsts), src, fsize=2000)
+    out = p.communicate(timeout=300)[0]
+    lines = {ln.split(" ", 1)[0]: ln for ln in out.splitlines() if ln.split(" ", 1)[0] in names}
+    assert set(lines) == set(names), out
+    for name, dst in zip(names, dsts):
+        if name == "repack-cache":
+            assert lines[name] == "repack-cache ok", out
+            assert not os.path.exists(wf.written(name, dst))
+        else:
+            assert "error FileWriteError" in lines[name] and "File too large" in lines[name], out
+            assert f": {dst}: " in lines[name] or lines[name].split(": ", 1)[1].startswith(dst), \
+                lines[name]
+            assert wf.check(name, dst, src) == "absent"
+        assert wf.temps(Path(dst).parent) == [], os.listdir(Path(dst).parent)
+    assert "Traceback" not in out, out
+
+
+def test_writers_into_a_read_only_folder(src, tmp_path):
+    from rwkvpy.errors import FileWriteError
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    import shutil
+
+    shutil.copy(src["q8"], ro / "model.gguf")
+    ro.chmod(0o555)
+    try:
+        # root writes into a 0555 folder: it is refused creating files in /sys instead
+        where = ro if os.geteuid() != 0 else Path("/sys")
+        for name in wf.WRITERS:
+            if name == "repack-cache":  # skipped, not an error: the model still loads
+                wf.write(name, str(ro / "model.gguf"), src)
+                assert not os.path.exists(ro / ("model.gguf" + ".rwkvpy-cache"))
+                continue
+            dst = str(where / wf.DEST[name])
+            with pytest.raises(FileWriteError) as e:
+                wf.write(name, dst, src)
+            assert str(e.value).startswith(dst) and "Permission denied" in str(e.value), str(e.value)
+            assert not os.path.exists(dst)
+        assert sorted(os.listdir(ro)) == ["model.gguf"]
+    finally:
+        ro.chmod(0o755)
