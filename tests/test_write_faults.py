@@ -130,3 +130,17 @@ def test_writers_into_a_read_only_folder(src, tmp_path):
         assert sorted(os.listdir(ro)) == ["model.gguf"]
     finally:
         ro.chmod(0o755)
+
+
+def test_generate_checks_the_state_destination_first(tmp_path):
+    """--save-state into a missing folder fails before the model is loaded and anything is
+    generated (100,000 tokens would take minutes): one line, no text."""
+    import subprocess
+
+    dst = tmp_path / "missing" / "x.state"
+    r = subprocess.run([sys.executable, "-m", "rwkvpy", "generate", "demo", "Hi",
+                        "--max-tokens", "100000", "--save-state", str(dst)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == "", (r.stdout[:200], r.stderr)
+    assert r.stderr.strip() == (f"rwkvpy: error: {dst}: cannot create a file in {dst.parent}: "
+                                "it does not exist"), r.stderr

@@ -199,6 +199,10 @@ def cmd_generate(args) -> int:
     from ..generate import generate, stream
 
     _utf8_stdout()
+    if args.save_state:  # before any work: a missing folder found after generating wastes it
+        from ..formats.atomic import check_writable
+
+        check_writable(args.save_state)
     model, tok = _load(args)
     params = _params(args)
     state = _start_state(args.state, model) if args.state else None

@@ -164,6 +164,20 @@ def _check_destination(path) -> None:
         raise FileWriteError(path, f"is {kind}, not a regular file: refusing to replace it")
 
 
+def check_writable(path) -> None:
+    """Raise FileWriteError naming ``path`` now if it cannot be written later: its folder is
+    missing, not a folder or not writable, or ``path`` is something other than a regular file.
+    For commands that write a file at the end of long work (``generate --save-state``)."""
+    path = os.fspath(path)
+    _check_destination(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "does not exist" if not os.path.exists(folder) else "is not a folder"
+        raise FileWriteError(path, f"cannot create a file in {folder}: it {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FileWriteError(path, f"cannot create a file in {folder}: Permission denied")
+
+
 def temp_next_to(path, suffix=".tmp"):
     """(fd, path) of a new empty temp file beside ``path``, named so that a later writer of
     ``path`` removes it if this process dies, with the permissions a plain open() would give.
