@@ -46,6 +46,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 from .errors import RwkvpyError
 
@@ -109,7 +110,7 @@ def read_requests(path: str, task: str, *, max_tokens=None, seed=None) -> list[d
             raise BatchError(f"{_at(where)}: unknown field{'s' if len(extra) > 1 else ''} "
                              f"{', '.join(extra)}; a request takes id, prompt (or text) and "
                              f"{', '.join(SAMPLING_FIELDS)}")
-        req = {"id": rid, "index": index, "prompt": prompt}
+        req: dict[str, Any] = {"id": rid, "index": index, "prompt": prompt}
         if task == "generate":
             params = {k: row[k] for k in SAMPLING_FIELDS if k in row and row[k] is not None}
             if max_tokens is not None:

@@ -144,7 +144,7 @@ class ChatSession:
             cache = PrefixCache(max_bytes=4 * (per_state + 8 * 4096), every=0)
         self.cache = cache
         self._root = cache_root(model)
-        self._open = None  # the ChatReply being streamed, if any
+        self._open: ChatReply | None = None  # the ChatReply being streamed, if any
         self._set_system(system)
         self.reset()
 
@@ -186,7 +186,8 @@ class ChatSession:
         self._messages: list = []
         self._tokens: list = list(self._system_tokens)
         self._state = None if self._tokens else self._fresh_state()
-        self._last = None  # (turn start, reply start, state at reply start, regenerations)
+        # (turn start, reply start, state at reply start, regenerations)
+        self._last: tuple | None = None
 
     def _fresh_state(self):
         return dataclasses.replace(self.model.new_state(), model_fingerprint=self.model.fingerprint)

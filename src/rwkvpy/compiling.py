@@ -44,14 +44,14 @@ def thread_seconds() -> float:
 
 def kernels_compiled() -> int:
     """How many rwkvpy kernels numba has compiled in this process (not loaded from its cache)."""
-    return _state["kernels"]
+    return int(_state["kernels"])
 
 
 def set_quiet(on: bool) -> bool:
     """Show the notice (False) or not (True); returns the previous setting."""
     with _lock:
         before, _state["quiet"] = _state["quiet"], bool(on)
-    return before
+    return bool(before)
 
 
 @contextlib.contextmanager

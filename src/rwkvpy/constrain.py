@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -283,8 +284,8 @@ class GrammarProcessor(LogitsProcessor):
     def __init__(self, constraint: Constraint, tokenizer):
         self.constraint = constraint
         self.tokenizer = tokenizer
-        self._matcher = None
-        self._bits = None
+        self._matcher: Any = None  # llguidance's LLMatcher, made at the first step
+        self._bits: torch.Tensor | None = None
         self.mask_seconds = 0.0  # time spent computing and applying masks (for benchmarks)
         self.steps = 0
 

@@ -31,6 +31,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class ConvertResult:
                 f"{self.n_tensors} tensors: {types})")
 
 
-def _target(type) -> object:
+def _target(type) -> Any:
     from .quant import get_format
 
     name = str(type).strip().lower().replace("-", "_")
@@ -221,7 +222,7 @@ def _write_bin(path, header: dict, entries, chunks, on_bytes) -> None:
                                 *reversed(e.shape)))
             f.write(key)
             for part in parts:
-                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                f.write(np.ascontiguousarray(part).data.cast("B"))
                 on_bytes(part.nbytes)
 
 
@@ -288,9 +289,8 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
     """
     from . import formats
     from .formats import gguf, plan, rwkvcpp
-    from .models.config import config_from_shapes, detect_version
-
     from .hub import resolve_model
+    from .models.config import config_from_shapes, detect_version
 
     target = _target(type)
     kmix = str(type).strip().lower().replace("-", "_")

@@ -178,7 +178,7 @@ class TokenLoop:
         self.tokens: list[int] = []    # chosen tokens the state has read
         self.sampled = 0               # tokens chosen (a stop token included)
         self.finish_reason: str | None = None
-        self.stop = None
+        self.stop: int | str | None = None
         self.logprobs: list = []       # TokenLogprob of the tokens released with text so far
         self._pending = ""             # decoded, not yet emitted (may begin a stop string)
         self._decoded = 0              # characters decoded so far

@@ -50,6 +50,7 @@ has the numbers).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 # lm_eval.models first: lm-eval registers its own models (lazily) only while its registry is
 # empty, so registering this one before them would leave their names unknown
@@ -167,7 +168,7 @@ class RwkvpyLM(TemplateLM):
         """``requests``: ((context, continuation), context ids, continuation ids) each; the
         (log likelihood, is_greedy) of each, in order."""
         groups: OrderedDict = OrderedDict()  # context ids -> request indices, first seen first
-        for i, (_, ctx, cont) in enumerate(requests):
+        for i, (_, ctx, _cont) in enumerate(requests):
             if not ctx:
                 raise LmEvalError("a loglikelihood request has no context tokens")
             groups.setdefault(tuple(ctx), []).append(i)
@@ -265,7 +266,7 @@ class RwkvpyLM(TemplateLM):
         max_tokens = self._positive("max_gen_toks", kw.pop("max_gen_toks", self.max_gen_toks))
         sample = _bool(kw.pop("do_sample", False))
         temperature = float(kw.pop("temperature", 0.0) or 0.0)
-        common = {"stop": tuple(until), "stop_tokens": (END_OF_TEXT,),
+        common: dict[str, Any] = {"stop": tuple(until), "stop_tokens": (END_OF_TEXT,),
                   "max_tokens": max_tokens, "penalty_decay": 1.0}
         if not sample or temperature == 0.0:
             return SamplingParams(greedy=True, **common)

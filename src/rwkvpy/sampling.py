@@ -208,7 +208,9 @@ class Sampler:
         self.vocab_size: int | None = None
         self._counts: torch.Tensor | None = None   # float64 decayed occurrence counts
         self._seen: torch.Tensor | None = None     # bool: occurred at least once
-        self._bias_ids = self._bias_vals = self._banned = None
+        self._bias_ids: torch.Tensor | None = None
+        self._bias_vals: torch.Tensor | None = None
+        self._banned: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Forget the recorded tokens and restart the draws from the seed."""

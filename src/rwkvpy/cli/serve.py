@@ -28,7 +28,7 @@ DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 32, "max_concurrent"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
+    d: dict = DEFAULTS
     add_model_argument(p)
     p.add_argument("--model-name", metavar="NAME", default=None,
                    help="the model id clients use (default: the file name without extension)")

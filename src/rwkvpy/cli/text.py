@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+from typing import Any
 
 from ..errors import RwkvpyError
 from .options import add_model_argument, add_run_options, run_options
@@ -208,7 +209,7 @@ def cmd_generate(args) -> int:
     state = _start_state(args.state, model) if args.state else None
     prompt = _read_text("-") if args.prompt == "-" else args.prompt
     if args.json:
-        r = generate(model, tok, prompt, params, state=state)
+        r: Any = generate(model, tok, prompt, params, state=state)
         t = r.timings
         print(json.dumps({
             "text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,

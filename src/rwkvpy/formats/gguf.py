@@ -580,7 +580,7 @@ def write(path, version: Version, cfg: ModelConfig, entries, chunks, *, shapes: 
                 f.write(b"\0" * (-f.tell() % align))
                 done = 0
                 for part in parts:
-                    f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                    f.write(np.ascontiguousarray(part).data.cast("B"))
                     done += part.nbytes
                     if on_bytes:
                         on_bytes(part.nbytes)
@@ -682,8 +682,6 @@ def _reader_class():
 
 
 def _open(path):
-    import gguf
-
     try:
         return _reader_class()(path, "c")
     except ValueError as e:
@@ -744,11 +742,11 @@ def read_metadata(path) -> dict:
     mapping tensors."""
     reader = _open(os.fspath(path))
     out = {}
-    for key, field in reader.fields.items():
+    for key, fld in reader.fields.items():
         if key.startswith("GGUF.") or key == KEY_HF_JSON or key.startswith(
                 "tokenizer.ggml.") and key.endswith(("tokens", "token_type", "scores", "merges")):
             continue
-        out[key] = field.contents()
+        out[key] = fld.contents()
     return out
 
 

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import (TensorShapeError, TruncatedFileError, UnknownFormatError, UnsupportedTensorTypeError,
-                      UnsupportedVersionError)
+from ..errors import (
+    TensorShapeError,
+    TruncatedFileError,
+    UnknownFormatError,
+    UnsupportedTensorTypeError,
+    UnsupportedVersionError,
+)
 from ..models.config import Version, detect_version
 from .base import Checkpoint, QTensor, to_float32
 
@@ -52,7 +58,7 @@ def read_raw(path) -> tuple[dict, dict, dict]:
     if size < 24:
         raise TruncatedFileError(path, f"file is {size} bytes, shorter than the 24-byte rwkv.cpp header")
     buf = np.memmap(path, dtype=np.uint8, mode="c")
-    magic, version, n_vocab, n_embed, n_layer, data_type = struct.unpack_from("<6i", buf, 0)
+    magic, version, n_vocab, n_embed, n_layer, data_type = struct.unpack_from("<6i", buf.data, 0)
     if magic != MAGIC:
         raise UnknownFormatError(path, f"magic 0x{magic & 0xFFFFFFFF:08x} is not rwkv.cpp's 0x{MAGIC:08x}")
     if version not in VERSIONS:
@@ -61,13 +67,14 @@ def read_raw(path) -> tuple[dict, dict, dict]:
     header = dict(file_version=version, n_vocab=n_vocab, n_embed=n_embed, n_layer=n_layer,
                   data_type=model_type)
 
-    tensors, types = {}, {}
+    tensors: dict[str, Any] = {}
+    types: dict[str, str] = {}
     off = 24
     while off < size:
         if size - off < 12:
             raise TruncatedFileError(path, f"{size - off} stray bytes at offset {off}, "
                                      "shorter than a 12-byte tensor header")
-        n_dims, key_len, type_id = struct.unpack_from("<3i", buf, off)
+        n_dims, key_len, type_id = struct.unpack_from("<3i", buf.data, off)
         where = f"tensor #{len(tensors)} at offset {off}"
         if not 1 <= n_dims <= 3:
             raise UnsupportedTensorTypeError(path, f"{where} has {n_dims} dimensions, expected 1 to 3")
@@ -77,7 +84,7 @@ def read_raw(path) -> tuple[dict, dict, dict]:
         head_end = off + 12 + 4 * n_dims + key_len
         if head_end > size:
             raise TruncatedFileError(path, f"{where}: file ends inside the tensor header")
-        dims = struct.unpack_from(f"<{n_dims}i", buf, off + 12)
+        dims = struct.unpack_from(f"<{n_dims}i", buf.data, off + 12)
         try:
             name = bytes(buf[off + 12 + 4 * n_dims:head_end]).decode("utf-8")
         except UnicodeDecodeError:

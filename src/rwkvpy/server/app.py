@@ -90,7 +90,7 @@ def create_app(server: ServerState) -> FastAPI:
     app = FastAPI(title="rwkvpy", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=_lifespan)
     app.state.server = server
-    app.add_exception_handler(P.ApiError, _api_error)
+    app.add_exception_handler(P.ApiError, _api_error)  # type: ignore[arg-type]  # a subclass handler
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RwkvpyError, _input_error)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import protocol as P
 from .engine import Engine
@@ -57,7 +58,7 @@ class ServerState:
         self.requests_total = 0
         self.rejected_busy = 0
         self.started = int(time.time())
-        self.metrics = None               # server/metrics.py's Metrics, made by create_app
+        self.metrics: Any = None          # server/metrics.py's Metrics, made by create_app
         self.fingerprint = f"rwkvpy-{model.fingerprint}"
         self.limits = P.Limits(max_tokens=config.max_tokens_limit,
                                max_sequences=config.max_concurrent,

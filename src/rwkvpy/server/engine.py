@@ -54,8 +54,15 @@ import time
 from collections import deque
 
 from ..errors import RwkvpyError
-from ..generation import (CancelledEvent, DoneEvent, ErrorEvent, PromptEvent, TokenLogprob,
-                          TokenLoop, token_logprobs)
+from ..generation import (
+    CancelledEvent,
+    DoneEvent,
+    ErrorEvent,
+    PromptEvent,
+    TokenLogprob,
+    TokenLoop,
+    token_logprobs,
+)
 
 log = logging.getLogger("rwkvpy.server")
 
@@ -140,7 +147,7 @@ class Engine:
         self._decode: list = []
         self._live: set = set()  # every sequence submitted and not finished
         self._closing = False
-        self._thread = None
+        self._thread: threading.Thread | None = None
         # counters (read without the lock: ints, informational)
         self.prefill_tokens = 0   # prompt tokens given to model.forward
         self.decode_tokens = 0    # tokens given to model.forward_batch

@@ -12,6 +12,7 @@ other. Limits come from the server's configuration (``max_tokens`` at most
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -121,7 +122,7 @@ def document(app, cfg) -> dict:
             continue
         path, names = _template(route.path)
         for method in sorted(m.lower() for m in methods if m != "HEAD"):
-            ok = {"description": "OK"}
+            ok: dict[str, Any] = {"description": "OK"}
             if path in TEXT:
                 ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
             else:
@@ -130,7 +131,7 @@ def document(app, cfg) -> dict:
                     ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}
             err = {"description": "error", "content": {"application/json": {"schema": ERROR}}}
             responses = {"200": ok, **{str(c): err for c in (400, 404, 413, 429, 503)}}
-            op = {"operationId": f"{method}_{path.strip('/').replace('/', '_') or 'root'}",
+            op: dict[str, Any] = {"operationId": f"{method}_{path.strip('/').replace('/', '_') or 'root'}",
                   "responses": responses}
             if names:
                 op["parameters"] = [{"name": n, "in": "path", "required": True,

@@ -188,7 +188,7 @@ class Replica:
     """One replica of the deployment: the model, its engine, the app (see the module's
     docstring). ``spec``: what ``rwkvpy serve`` was given (see :func:`replica_spec`)."""
 
-    async def __init__(self, spec: dict, store):
+    async def __init__(self, spec: dict, store):  # type: ignore[misc]  # Ray Serve awaits it
         from ray import serve
 
         try:
@@ -231,8 +231,8 @@ def _build_server(spec: dict, store, replica: str):
 
     from ..prefix_cache import PrefixCache, cache_root
     from .app import NamedState, ServerConfig
-    from .startup import load_state_file, warm_up
     from .engine import Engine
+    from .startup import load_state_file, warm_up
 
     model = rwkvpy.load(spec["model"], **spec["load_kw"])
     tok = model.tokenizer(spec["tokenizer"], spec["vocab"])
@@ -276,7 +276,8 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
             "target_ongoing_requests": max(1, spec["config"]["max_concurrent"] // 2)}
     else:
         options["num_replicas"] = replicas
-    deployment = serve.deployment(serve.ingress()(Replica), name="rwkvpy").options(**options)
+    deployment = serve.deployment(serve.ingress()(Replica), name="rwkvpy")
+    deployment = deployment.options(**options)  # type: ignore[attr-defined]  # Ray's stub types
     if port == 0:
         port = _free_port(host)
     serve.start(http_options={"host": host, "port": port})

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -289,7 +290,7 @@ async def _collect(req: _Request):
     k = len(req.job.seqs)
     texts = [[] for _ in range(k)]
     lps = [[] for _ in range(k)]
-    infos = [None] * k
+    infos: list[Any] = [None] * k
     left = k
     while left:
         idx, ev = await req.job.queue.get()
@@ -341,7 +342,7 @@ async def _stream(req: _Request):
     held = [[] for _ in range(k)]  # logprobs of that whitespace, sent with the next piece
     # with tools: each reply is held until its first character tells text from calls
     split = [S.ReplySplitter() if req.tools is not None else None for _ in range(k)]
-    infos = [None] * k
+    infos: list[Any] = [None] * k
     left = k
     while left:
         idx, ev = await req.job.queue.get()

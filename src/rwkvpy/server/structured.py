@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from typing import Any
 
 from ..chat import normalize_message
 from ..constrain import ConstraintError, constraint_for
@@ -250,7 +251,7 @@ def constraint_kw(body) -> dict:
     and ``grammar``, each checked (a 400 naming the field)."""
     fmt = body.get("response_format")
     grammar = body.get("grammar")
-    kw = {}
+    kw: dict[str, Any] = {}
     if fmt is not None:
         if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
             raise bad("'response_format' must be an object with a 'type'", "response_format")

@@ -73,8 +73,9 @@ class NeoXTokenizer(Tokenizer):
             load = HFTokenizer.from_str
             arg = json_text
         else:
-            self.path = Path(path) if path is not None else default_neox_path()
-            if not self.path.is_file():
+            file = Path(path) if path is not None else default_neox_path()
+            self.path = str(file)
+            if not file.is_file():
                 raise TokenizerError(f"{self.path}: tokenizer file not found; {VOCAB_HINT}")
             load = HFTokenizer.from_file
             arg = str(self.path)
