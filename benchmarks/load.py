@@ -128,7 +128,7 @@ def worker(spec: dict) -> dict:
     os.environ.update(cfg.get("late", {}))
     from rwkvpy import bench
     from rwkvpy.generate import generate
-    from rwkvpy.kernels import linear
+    from rwkvpy.kernels.linear import threads as linear  # imports numba, sets its layer
     from rwkvpy.sampling import SamplingParams
     from rwkvpy.tokenizers import tokenizer_for
 

@@ -143,7 +143,7 @@ def fixture_errors(path, model, fmt, make):
 
     from rwkvpy import formats
     from rwkvpy.formats.base import QTensor
-    from rwkvpy.kernels.fused import FusedStep
+    from rwkvpy.kernels.decode import FusedStep
 
     ref = np.load(fixture_path("rwkv-cpp-tiny", f"rwkvcpp-logits-{model}-FP32.npz"))
     toks, f32 = ref["tokens"].tolist(), torch.from_numpy(ref["logits"])
@@ -321,7 +321,7 @@ def v7_mid(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["f16", "q4_0", "q5_1", "q8_0", "q4_k_m", "q5_k", "q6_k"])
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 def test_v7_block_kernels_equal_stepwise(v7_mid, fmt, mode):
-    """v7's one-token blocks run as one numba call each (fused._v7_block) where every product
+    """v7's one-token blocks run as one numba call each (v7._v7_block) where every product
     has a numba spec: the same kernels as the step-by-step path from Python, so the same
     numbers, with the products on two threads and serially (another launch holding the lock)."""
     from rwkvpy.kernels.linear import PARALLEL_LOCK
@@ -346,7 +346,7 @@ def test_v7_block_kernels_equal_stepwise(v7_mid, fmt, mode):
 
 
 def test_block_kernels_equal_stepwise(pair):
-    """Every version's one-token blocks run as one numba call each (fused._v4_block ...
+    """Every version's one-token blocks run as one numba call each (v4._v4_block ...
     _v7_block) and give what the step-by-step path gives: the same kernels, except the SiLU
     gate of v5.2/v6 (numba's instead of torch's: observed up to 1e-5)."""
     _, exact = pair
@@ -366,7 +366,7 @@ def test_block_kernels_equal_stepwise(pair):
 def test_v7_blocks_need_a_numba_spec_for_every_product():
     """A product served by torch (here an F32Linear) sends the blocks back to the step-by-step
     path, which still matches the reference."""
-    from rwkvpy.kernels.fused import FusedStep
+    from rwkvpy.kernels.decode import FusedStep
     from rwkvpy.kernels.linear import F32Linear
 
     path = fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin")

@@ -18,6 +18,11 @@ from conftest import fixture_path
 from rwkvpy.formats.base import QTensor
 from rwkvpy.errors import CpuCapabilityError
 from rwkvpy.kernels import linear as L
+from rwkvpy.kernels.kinds import Kind
+from rwkvpy.kernels.linear import classes as LC
+from rwkvpy.kernels.linear import rows as LR
+from rwkvpy.kernels.linear import spec as LS
+from rwkvpy.kernels.linear import x8 as LX
 from rwkvpy.kernels.cpu import LEVELS, resolve
 from rwkvpy.quant import get_format
 
@@ -126,17 +131,17 @@ def test_x8_repack_is_a_permutation(fmt, shape):
     (same byte count), and a cached repack of the wrong shape is not trusted."""
     q = _qtensor(fmt, _weights(shape, 8))
     raw2 = np.asarray(q.data).reshape(shape[0], -1)
-    pk = L.repack_x8(L._KIND[fmt], raw2)
+    pk = L.repack_x8(int(Kind[fmt]), raw2)
     assert pk.shape == (shape[0] // 8, 8 * raw2.shape[1])
     row = np.empty(raw2.shape[1], np.uint8)
     for r in range(8 * pk.shape[0]):
-        L._unpack_row(L._KIND[fmt], pk, r, row)
+        LX._unpack_row(int(Kind[fmt]), pk, r, row)
         assert np.array_equal(row, raw2[r]), (fmt, shape, r)
     wd = get_format(fmt).dequantize(q.data, shape)
     tail = np.ascontiguousarray(raw2[8 * pk.shape[0]:])
     for r0, r1 in [(0, shape[0]), (3, shape[0] - 2), (9, 16), (5, 6)]:
         out = np.full((r1 - r0, shape[1]), np.nan, np.float32)  # prompt tiles: bit-exact
-        L._dec_rows_x8(L._KIND[fmt], pk, tail, out, r0, r0, r1, 32)
+        LX._dec_rows_x8(int(Kind[fmt]), pk, tail, out, r0, r0, r1, 32)
         assert np.array_equal(out.view(np.uint32), wd[r0:r1].view(np.uint32)), (fmt, r0, r1)
     if L._int8_dot():
         lin = L.Int8DotLinear(q)
@@ -181,12 +186,12 @@ def test_int8_dot_extreme_codes(fmt):
 @pytest.mark.parametrize("fmt", QUANT + ["Q8_0 int16"])
 @pytest.mark.parametrize("n_out", [37, 100, 520])
 def test_x8_one_vector_streams_bit_identical(fmt, n_out):
-    """One vector: the x8 products read simd.X8_STREAMS groups a quarter of the range apart at
+    """One vector: the x8 products read ir.x8.X8_STREAMS groups a quarter of the range apart at
     once; each group's 8 sums equal the one-group kernel's bit for bit, the groups after the
     last whole quarter and the rows past the last group included, serial and on 2 threads."""
     from numba import njit
 
-    from rwkvpy.kernels import simd
+    from rwkvpy.kernels.ir import x8 as ir_x8
 
     @njit
     def one_group_at_a_time(kind, pk, x2, y2):
@@ -194,18 +199,18 @@ def test_x8_one_vector_streams_bit_identical(fmt, n_out):
         xq2 = np.empty((1, K), np.int8)
         dx2 = np.empty((1, K // 32), np.float32)
         sx2 = np.empty((1, K // 32), np.float32)
-        L._quantize_x(x2, xq2, dx2, sx2, 127.0)
+        LX._quantize_x(x2, xq2, dx2, sx2, 127.0)
         for g in range(pk.shape[0]):
-            L._dotx8(kind, pk, g, xq2, dx2, sx2, K // 32, y2, 0)
+            LX._dotx8(kind, pk, g, xq2, dx2, sx2, K // 32, y2, 0)
 
     @njit
     def one_group_at_a_time_i16(pk, x2, y2):
         K = x2.shape[1]
         xw2 = np.empty((1, K), np.int16)
         dx2 = np.empty((1, K // 32), np.float32)
-        L._quantize_x(x2, xw2, dx2, np.empty((1, K // 32), np.float32), 32767.0)
+        LX._quantize_x(x2, xw2, dx2, np.empty((1, K // 32), np.float32), 32767.0)
         for g in range(pk.shape[0]):
-            simd.dotx8w_q8_0(pk, g, xw2, dx2, K // 32, y2, 0)
+            ir_x8.dotx8w_q8_0(pk, g, xw2, dx2, K // 32, y2, 0)
 
     K = 1024
     q = _qtensor(fmt.split()[0], _weights((n_out, K), 23))
@@ -279,7 +284,7 @@ def test_int8_dot_nonfinite_activations(fmt):
 
 @pytest.mark.parametrize("dtype,qmax", [(np.int8, 127.0), (np.int16, 32767.0)])
 def test_activation_blocks_rounded_as_float32_formula(dtype, qmax):
-    """The vector code rounding activations to integer blocks (simd.quantize_blocks) against
+    """The vector code rounding activations to integer blocks (ir.vecmath.quantize_blocks) against
     the formula in float32 numpy: dx = amax / qmax, xq = rint(x * (1 / dx)), sx = dx sum(xq),
     bit for bit, over blocks of very different scales, an all-zero block, a block of
     subnormals only (counts as zeros), and NaN / inf blocks (dx = sx = NaN)."""
@@ -292,7 +297,7 @@ def test_activation_blocks_rounded_as_float32_formula(dtype, qmax):
     x = x.reshape(T, nb * 32)
     xq = np.zeros((T, nb * 32), dtype)
     dx, sx = np.empty((T, nb), np.float32), np.empty((T, nb), np.float32)
-    L._quantize_x(x, xq, dx, sx, qmax)
+    LX._quantize_x(x, xq, dx, sx, qmax)
 
     blocks = x.reshape(T, nb, 32)
     d = np.abs(blocks).max(-1) / np.float32(qmax)
@@ -331,7 +336,7 @@ def test_float_exact(dtype, shape):
 @pytest.mark.parametrize("n_out", [3, 4, 37, 520])
 def test_float_rows_in_four_streams_bit_identical(dtype, n_out):
     """One-vector float products read 4 rows a quarter of the range apart at once
-    (simd._row_dot_streams): every row summed as the one-row kernel sums it, bit for bit,
+    (ir.rows._row_dot_streams): every row summed as the one-row kernel sums it, bit for bit,
     fewer than 4 rows and the rows after the last whole quarter included, with and without a
     scalar tail, serial and on two threads."""
     from numba import njit
@@ -339,7 +344,7 @@ def test_float_rows_in_four_streams_bit_identical(dtype, n_out):
     @njit
     def one_by_one(kind, raw2, x, y, nb):
         for r in range(raw2.shape[0]):
-            y[r] = L._dot_row(kind, raw2[r], x, nb)
+            y[r] = LR._dot_row(kind, raw2[r], x, nb)
 
     kind = {torch.float16: 5, torch.bfloat16: 6, torch.float32: 7}[dtype]
     for K in (1024, 100):
@@ -349,10 +354,10 @@ def test_float_rows_in_four_streams_bit_identical(dtype, n_out):
         want = np.empty((1, n_out), np.float32)
         one_by_one(kind, raw2, x[0], want[0], K // 32)
         if K % 32:
-            want[0] += [L._float_tail(kind, raw2[r], x[0], 32 * (K // 32)) for r in range(n_out)]
+            want[0] += [LR._float_tail(kind, raw2[r], x[0], 32 * (K // 32)) for r in range(n_out)]
         for threads in (1, 2):
             got = np.full((1, n_out), np.nan, np.float32)
-            L.row_product(L._spec(L.ROWS, kind, raw2), x, got, threads)
+            L.row_product(LS._spec(L.ROWS, kind, raw2), x, got, threads)
             assert np.array_equal(got, want), (K, threads)
         assert _err(torch.from_numpy(want), _ref(torch.from_numpy(x), w.float())) < EXACT_TOL
 
@@ -377,16 +382,16 @@ def test_half_special_values():
 
 def test_h2f_exhaustive():
     """Both float16 -> float32 conversions, on all 65536 bit patterns: the scalar one (row
-    decoders, tails) bit for bit, the vector one (simd.dot_f16) through a product with 1."""
+    decoders, tails) bit for bit, the vector one (ir.rows.dot_f16) through a product with 1."""
     from numba import njit
 
-    from rwkvpy.kernels import simd
+    from rwkvpy.kernels.ir import rows as ir_rows
 
     @njit
     def convert(out, rows, one):
         for i in range(65536):
-            out[0, i] = L._h2f(np.int64(i))
-            out[1, i] = simd.dot_f16(rows[i], one, 1)
+            out[0, i] = LR._h2f(np.int64(i))
+            out[1, i] = ir_rows.dot_f16(rows[i], one, 1)
 
     rows = np.zeros((65536, 32), np.uint16)
     rows[:, 0] = np.arange(65536)
@@ -413,8 +418,8 @@ def test_tile_dequant_bit_exact(fmt):
                 f.quantize(_weights(shape, 2))):
         ref = f.dequantize(raw, shape)
         out = np.empty(shape, np.float32)
-        raw2 = L._rows_view(QTensor(fmt, shape, raw), f, *shape)
-        L._dec_rows(L._KIND[fmt], raw2, out, 0, 0, shape[0], 32)
+        raw2 = LC._rows_view(QTensor(fmt, shape, raw), f, *shape)
+        LR._dec_rows(int(Kind[fmt]), raw2, out, 0, 0, shape[0], 32)
         same = (out.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(out) & np.isnan(ref))
         assert same.all()
 
@@ -668,12 +673,12 @@ def test_quantized_first_low_rank_held_by_columns():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 96, 40])
 def test_fused_low_rank_products(dtype, D):
-    """kernels.fused's LoRA products on the matrices as stored: the second products' axpys
+    """kernels.decode's LoRA products on the matrices as stored: the second products' axpys
     (_vec_mat_part, whole and in two row parts) and the first products' column dots
     (_col_dots, serial and threaded) equal the float32 product of the exactly widened
     weights, a 32-value tail included (D = 40); the axpys bit for bit the rows added one
-    after another in float32 (70 rows: groups of simd.AXPY_ROWS and the rest)."""
-    from rwkvpy.kernels.fused import _col_dots, _cols_bytes, _rows_bytes, _vec_mat_part
+    after another in float32 (70 rows: groups of ir.vecmath.AXPY_ROWS and the rest)."""
+    from rwkvpy.kernels.decode.glue import _col_dots, _cols_bytes, _rows_bytes, _vec_mat_part
 
     C = 70
     W = torch.from_numpy(_weights((C, D), 31)).to(dtype)
@@ -701,11 +706,11 @@ def test_fused_low_rank_products(dtype, D):
 def test_v7_glue_split_across_threads_is_bit_identical(n):
     """The one-token v7 block on several threads splits its LoRAs (columns of the first
     products, in units of 32; parts of the rows of the second, then heads) and its recurrence
-    (heads) between the threads (fused._loras_in_par, _lora_out_par, _v7_time_par): the same
+    (heads) between the threads (v7._loras_in_par, _lora_out_par, _v7_time_par): the same
     numbers, bit for bit, as the serial _v7_loras + _v7_core, for 2 sequences, an odd head
     count, hidden sizes not a multiple of the parts, tails shorter than 32 and a layer
     without the value LoRA (layer 0)."""
-    from rwkvpy.kernels import fused
+    from rwkvpy.kernels.decode import glue, v7
 
     B, H, N = 2, 5, 64
     C = H * N
@@ -716,7 +721,7 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
 
     for first, Dv in ((True, 0), (False, 25)):
         # first matrices as their columns, second ones as their rows: (D, C) bytes each
-        W1s, W2s = ([fused._rows_bytes(torch.from_numpy(f32(D, C)).half()) if D else
+        W1s, W2s = ([glue._rows_bytes(torch.from_numpy(f32(D, C)).half()) if D else
                      np.zeros((0, 1), np.uint8) for D in (42, 72, Dv, 96)] for _ in range(2))
         xs = f32(4, B, C, scale=1.0)
         rkv = f32(3, B, C, scale=1.0)
@@ -729,16 +734,16 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
             lor = [np.empty((B, C), np.float32) for _ in range(4)]
             S_out, y = np.empty_like(S), np.empty((B, C), np.float32)
             if par:
-                hid = fused._lora_hidden(tuple(W1s), 5, B)
-                fused._loras_in_par(tuple(xs), tuple(W1s), 5, hid, n)
-                parts = np.empty((4, B, fused.LORA_PARTS, C), np.float32)
-                fused._lora_out_par(hid, tuple(W2s), 5, parts)
-                fused._v7_time_par(*rkv, vf, parts, Dv > 0, *lor, first, *vecs, eps, S,
+                hid = v7._lora_hidden(tuple(W1s), 5, B)
+                v7._loras_in_par(tuple(xs), tuple(W1s), 5, hid, n)
+                parts = np.empty((4, B, glue.LORA_PARTS, C), np.float32)
+                v7._lora_out_par(hid, tuple(W2s), 5, parts)
+                v7._v7_time_par(*rkv, vf, parts, Dv > 0, *lor, first, *vecs, eps, S,
                                    S_out, y, n)
             else:
-                fused._v7_loras(*xs, W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3],
+                v7._v7_loras(*xs, W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3],
                                 W2s[3], 5, *lor)
-                fused._v7_core(*rkv, vf, *lor, first, *vecs, eps, S, S_out, y)
+                v7._v7_core(*rkv, vf, *lor, first, *vecs, eps, S, S_out, y)
             outs.append((y, S_out, vf) + tuple(lor[j] for j in range(4) if Dv or j != 2))
         for a, b in zip(*outs):
             assert np.array_equal(a, b) and np.isfinite(a).all()
@@ -747,11 +752,11 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
 
 @pytest.mark.parametrize("kind", [5, 7])
 def test_v6_mix_threads_bit_identical(kind):
-    """v6's data-dependent mixes and decay (fused._v6_mix): the first products by columns,
-    the second ones summing their rows in fused.LORA_PARTS parts, on numba's threads or
+    """v6's data-dependent mixes and decay (v6._v6_mix): the first products by columns,
+    the second ones summing their rows in glue.LORA_PARTS parts, on numba's threads or
     serially, the same numbers bit for bit, for 2 sequences, row counts not a multiple of the
     parts, F16 and F32 LoRAs; and they are the float64 formula within 1e-5."""
-    from rwkvpy.kernels import fused
+    from rwkvpy.kernels.decode import glue, v6
 
     B, C, D, Dd = 2, 96, 10, 14
     rng = np.random.default_rng(8)
@@ -762,7 +767,7 @@ def test_v6_mix_threads_bit_identical(kind):
     dtype = torch.float16 if kind == 5 else torch.float32
     ws = [torch.from_numpy(f32(*shape)).to(dtype) for shape in ((C, 5 * D), (5 * D, C),
                                                                (C, Dd), (Dd, C))]
-    w1, w2, dw1, dw2 = ((fused._rows_bytes if i % 2 else fused._cols_bytes)(t)
+    w1, w2, dw1, dw2 = ((glue._rows_bytes if i % 2 else glue._cols_bytes)(t)
                         for i, t in enumerate(ws))
     w2 = w2.reshape(5, D, -1)
     maa, td = f32(5, C), f32(C) - 1
@@ -770,7 +775,7 @@ def test_v6_mix_threads_bit_identical(kind):
     outs = []
     for threads in (1, 2):
         out, dec = np.empty((5, B, C), np.float32), np.empty((B, C), np.float32)
-        fused._v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads)
+        v6._v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads)
         outs.append((out, dec))
     for a, b in zip(*outs):
         assert np.array_equal(a, b) and np.isfinite(a).all()
@@ -785,11 +790,11 @@ def test_v6_mix_threads_bit_identical(kind):
 
 
 def test_vector_exp_within_one_ulp():
-    """kernels.simd.exp8_f32 through fused._vexp (the one-token glue's exponentials) against
+    """kernels.ir.vecmath.exp8_f32 through glue._vexp (the one-token glue's exponentials) against
     float64 exp rounded to float32: at most 1 ulp over [-110, 95] (subnormal results
     included), inf above the float32 range, 0 below it, NaN kept; a length that is not a
     multiple of 8 (the padded tail) gives every value the same function."""
-    from rwkvpy.kernels.fused import _vexp
+    from rwkvpy.kernels.decode.glue import _vexp
 
     x = np.concatenate([np.linspace(-110, 95, 400_003, dtype=np.float32),
                         np.array([np.nan, np.inf, -np.inf, 0.0, 88.72, 88.73, -87.3, -103.9],
@@ -811,28 +816,31 @@ def test_vector_exp_within_one_ulp():
 
 def test_numba_cache_keyed_on_every_kernel_source(tmp_path):
     """The kernels' numba cache is stamped with the hash of every source file of the kernels
-    folder (kernels/numba_cache.py): a change to simd.py alone, whose intrinsics linear.py and
-    fused.py compile into their own functions, makes their cached code stale. numba's own stamp
+    folder (kernels/numba_cache.py): a change to an intrinsic alone (kernels/ir/, a subfolder), which linear/ and
+    decode/ compile into their own functions, makes their cached code stale. numba's own stamp
     (the function's file only) stays for functions elsewhere."""
     import hashlib
     import shutil
 
-    from rwkvpy.kernels import fused, numba_cache, simd
+    from rwkvpy.kernels import numba_cache
+    from rwkvpy.kernels.decode import v7
+    from rwkvpy.kernels.ir import rows as ir_rows
     from rwkvpy.tokenizers import _world_kernels
 
     assert numba_cache.LOCATORS
     stamp = numba_cache.sources_stamp()
-    for f in (L.row_product, fused._v7_block):
+    for f in (L.row_product, v7._v7_block):
         loc = f._cache._impl.locator
         assert isinstance(loc, numba_cache.LOCATORS) and loc.get_source_stamp() == stamp
     other = _world_kernels.encode._cache._impl.locator
     with open(_world_kernels.__file__, "rb") as f:
         assert other.get_source_stamp() == hashlib.sha256(f.read()).digest()
-    # the stamp follows every file of the folder: simd.py changed, the same for linear.py
+    # the stamp follows every file of the folder and its subfolders: ir/rows.py changed, the
+    # same for linear/
     copy = tmp_path / "kernels"
     shutil.copytree(numba_cache._DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert numba_cache.sources_stamp(str(copy)) == stamp
-    with open(copy / "simd.py", "a") as f:
+    with open(copy / "ir" / "rows.py", "a") as f:
         f.write("\n# changed\n")
     assert numba_cache.sources_stamp(str(copy)) != stamp
-    assert simd.__file__.startswith(numba_cache._DIR)
+    assert ir_rows.__file__.startswith(numba_cache._DIR)

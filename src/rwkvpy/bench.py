@@ -144,7 +144,7 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5, device="cpu") ->
 def cpu_read_bandwidths(nbytes: int = 1 << 30, repeats: int = 7) -> dict:
     """GB/s of two reads of an ``nbytes`` float32 buffer, each the median of ``repeats``:
     ``torch.sum`` and a one-vector product through rwkvpy's float row kernel, which reads each
-    thread's range as 4 streams at once (kernels/simd.py, _row_dot_streams; without numba, only
+    thread's range as 4 streams at once (kernels/ir/rows.py, _row_dot_streams; without numba, only
     the first). On this project's 2-core machine the second read faster (36-46 GB/s where
     torch.sum read 26-38 in the same runs), so torch.sum alone understated the bandwidth and
     made the bound look looser than it is."""

@@ -154,7 +154,7 @@ class Model:
         self.prompt_chunk = prompt_chunk(cfg.n_embd) if set(devices) == {CPU} else None
         if mode != "reference":
             if set(devices) == {CPU}:
-                from .kernels.fused import FusedStep
+                from .kernels.decode import FusedStep
 
                 self._step = FusedStep(self._net)
             else:

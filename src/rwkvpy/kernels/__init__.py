@@ -1,10 +1,19 @@
-"""Compiled kernels: the matrix products (:mod:`.linear`), the one-token step (:mod:`.fused`), the
-sequence-mode recurrences (:mod:`.wkv`) and their pieces.
+"""Compiled CPU kernels, by concern:
 
-:mod:`.wkv` holds the v5/v6 and v7 state recurrences over a sequence: token by token in compiled
-vector code on the CPU (:func:`wkv5_serial`, :func:`wkv7_serial`) and in chunked parallel form
-for GPUs (:func:`wkv5_chunked`, :func:`wkv7_chunked`); they are imported from here on first use
-(importing this package defines no kernel and compiles nothing).
+* :mod:`.linear`: the matrix products (one class per storage format and policy, make_linear
+  the one place that picks; exact row kernels, the integer products, prompt tiles, numba's
+  threads);
+* :mod:`.decode`: the one-token step, one module per RWKV version;
+* :mod:`.wkv`: the v4, v5/v6 and v7 state recurrences over a sequence: token by token in
+  compiled vector code on the CPU (:func:`wkv5_serial`, :func:`wkv7_serial`) and in chunked
+  parallel form for GPUs (:func:`wkv5_chunked`, :func:`wkv7_chunked`), imported from here on
+  first use;
+* :mod:`.ir`: the explicit LLVM vector code they are built from, by subject; :mod:`.kinds`:
+  the formats as the kernels number them; :mod:`.kquants` / :mod:`.kquants_ir`: the K-quants;
+* :mod:`.cpu` (the capability level), :mod:`.backend` (a mode's fast paths), :mod:`.cache`
+  (repacked weights on disk), :mod:`.gpu`, :mod:`.numba_cache`.
+
+Importing this package defines no kernel and compiles nothing.
 """
 
 from . import numba_cache  # noqa: F401  (first: numba's cache, before any kernel is defined)

@@ -21,7 +21,7 @@ Prompts: :class:`KQuantX8Linear` takes every T with its integer kernels (4 vecto
 the codes); the row kernels take a few vectors, and above that the rows are dequantized in tiles
 (bit-exact) and multiplied by torch's float32 GEMM (exact in both policies; far faster per flop
 than a row kernel run once per vector). Every class has a numba spec
-(kernels.linear.row_product), so the fused one-token step (kernels/fused.py) runs whole-layer
+(kernels.linear.row_product), so the fused one-token step (kernels/decode/) runs whole-layer
 numba blocks on K-quant models too.
 """
 
@@ -32,8 +32,10 @@ import torch
 
 from ..formats.base import QTensor, release_pages
 from ..quant import get_format
-from .linear import (HAVE_NUMBA, K_ROWS, K_ROWS_INT8, K_X8, NUMBA_MAX_T, DequantLinear, Linear,
-                     _rows_kernel, _rows_view, _shape2, _tiled_dequant_mm)
+from .linear.classes import NUMBA_MAX_T, DequantLinear, Linear, _rows_view, _shape2
+from .linear.spec import K_ROWS, K_ROWS_INT8, K_X8
+from .linear.threads import HAVE_NUMBA, _rows_kernel
+from .linear.tiles import _tiled_dequant_mm
 
 #: ggml's names of the formats served here (super-blocks of 256).
 KQUANT_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")

@@ -1,7 +1,7 @@
 """K-quant (Q2_K .. Q6_K) row kernels: explicit LLVM vector code (numba intrinsics) on ggml's
 super-blocks of 256 weights, read as stored (no repacking), and their numba drivers.
 
-Two families, as for the 32-weight formats (kernels/simd.py):
+Two families, as for the 32-weight formats (kernels/ir/rows.py, kernels/ir/x8.py):
 
 * exact (``kdot_*``, ``kdeq_*``): each super-block decoded exactly as ggml's
   ``dequantize_row_*_K`` (the sub-block factors ``d * sc`` and ``dmin * m`` rounded to float32,
@@ -32,10 +32,11 @@ from numba.core import cgutils
 from numba.core import types as nbt
 from numba.extending import intrinsic
 
-from .simd import (X8_PREFETCH, X8_STREAMS, _F32, _F32x8, _FMA, _I8, _I16, _I16x16, _I32,
-                   _I32x8, _I64, _arg_ptr, _bcast4, _codes_to_float, _const, _fma8,
-                   _groups_args, _half8, _halves, _hsum, _load, _maddubs, _maddwd, _ones16,
-                   _passes, _prefetch, _rows2, _splat, _vec, _x86, _x8_store)
+from .ir.base import (_F32, _FMA, _I8, _I16, _I32, _I64, _arg_ptr, _codes_to_float, _const,
+                      _F32x8, _halves, _hsum, _I16x16, _I32x8, _load, _maddubs, _maddwd,
+                      _ones16, _splat, _vec, _x86)
+from .ir.x8 import (X8_PREFETCH, X8_STREAMS, _bcast4, _fma8, _groups_args, _half8, _passes,
+                    _prefetch, _rows2, _x8_store)
 
 QK_K = 256
 #: (name, ggml bytes per super-block) of the kinds 0..4 the drivers take.
@@ -328,7 +329,7 @@ kdotq_q2_k, kdotq_q3_k, kdotq_q4_k, kdotq_q5_k, kdotq_q6_k = (_kdotq(k) for k in
 # Read row by row, each super-block of a row pays its scale decode, its 8-lane integer sum,
 # conversions and float multiply-adds, and ggml's layout puts 32 codes of one row in a vector:
 # the kernels above stay compute-bound at about half of Q4_0/Q8_0's speed per byte. As for
-# those (kernels/simd.py, the x8 kernels), the rows are repacked once into groups of 8 and each
+# those (kernels/ir/x8.py), the rows are repacked once into groups of 8 and each
 # super-block column of a group is one record of 8 * super-block bytes (the same bytes, moved;
 # X8_FIELDS): a field's dword w of row r lands at 32 w + 4 r, the float16 factors side by side.
 # One 32-byte load then holds 4 consecutive codes of each of the 8 rows, the 4 activations they

@@ -15,13 +15,14 @@ functions are cached in a temporary folder of the process, removed when it exits
 compiles, and none fails for want of a writable cache (a RuntimeWarning says so once).
 
 Freshness. numba stamps each cached function with the hash of its own source file only. The
-kernels compile code from other files into theirs: linear.py and fused.py inline the LLVM
-intrinsics of simd.py, and fused.py links linear.py's products. After a change to simd.py alone,
-numba loaded the old machine code of linear.py's products as fresh (measured: a product kept its
+kernels compile code from other files into theirs: linear/ and decode/ inline the LLVM
+intrinsics of ir/, and decode/ links linear/'s products. After a change to the intrinsics alone,
+numba loaded the old machine code of the products as fresh (measured: a product kept its
 old result until its cache files were deleted), and an upgrade that leaves old cache files
-behind would do the same. Here every function defined in the kernels folder is stamped with the
-hash of every ``.py`` file of that folder, so a change to any of them recompiles them all;
-functions elsewhere in the package keep numba's stamp (their own file's hash).
+behind would do the same. Here every function defined in the kernels folder (or below it) is
+stamped with the hash of every ``.py`` file of that folder and its subfolders (kernels/ir/: the
+intrinsics), so a change to any of them recompiles them all; functions elsewhere in the package
+keep numba's stamp (their own file's hash).
 
 Registered when imported (by ``rwkvpy.kernels``, and by the tokenizer's kernels) before any of
 those functions is decorated: numba chooses a function's locator when it is decorated. numba's
@@ -44,14 +45,34 @@ _DIR = os.path.dirname(os.path.abspath(__file__))
 _PKG = os.path.dirname(_DIR)
 
 
+def _sources(folder: str) -> list:
+    """The ``.py`` files under ``folder`` (its subfolders included), as relative paths with
+    '/' separators, in name order."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        rel = os.path.relpath(root, folder)
+        out += [name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+                for name in files if name.endswith(".py")]
+    return sorted(out)
+
+
 def sources_stamp(folder: str = _DIR) -> bytes:
-    """sha256 over the names and contents of the folder's ``.py`` files, in name order."""
+    """sha256 over the relative names and contents of the ``.py`` files under the folder
+    (subfolders included), in name order."""
     h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                h.update(name.encode() + b"\0" + f.read() + b"\0")
+    for name in _sources(folder):
+        with open(os.path.join(folder, *name.split("/")), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
     return h.digest()
+
+
+def _in_kernels(py_file: str) -> bool:
+    path = os.path.abspath(py_file)
+    try:
+        return os.path.commonpath([path, _DIR]) == _DIR
+    except ValueError:  # another drive (Windows)
+        return False
 
 
 def _file_stamp(path: str) -> bytes:
@@ -121,7 +142,7 @@ def _register() -> tuple:
             return self._cache_path
 
         def get_source_stamp(self):
-            if os.path.dirname(os.path.abspath(self._py_file)) == _DIR:
+            if _in_kernels(self._py_file):
                 return kernels_stamp
             return _file_stamp(self._py_file)
 

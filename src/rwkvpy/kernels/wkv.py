@@ -486,7 +486,7 @@ try:
     @_numba.njit(inline="always", cache=True, nogil=True)
     def wkv4_step(kt, vt, aa, bb, pp, decay, u):
         """One token of the v4 WKV for one channel (float32, exp through float64 rounded
-        back): returns (out, aa, bb, pp) after it. Also the one-token step's (kernels/fused.py)."""
+        back): returns (out, aa, bb, pp) after it. Also the one-token step's (kernels/decode/)."""
         ww = u + kt
         p = max(pp, ww)
         e1 = _np.float32(math.exp(pp - p))
@@ -519,7 +519,7 @@ except ImportError:  # pragma: no cover
 
 # -- v5/v6 and v7 on the CPU: the recurrence itself, head by head ------------------------------
 # A head's state (64 x 64 float32, 16 KB) stays in the core's L1 cache for the whole sequence,
-# and a token costs ~3-4 multiply-adds per state entry in vector code (kernels.simd.wkv5_token,
+# and a token costs ~3-4 multiply-adds per state entry in vector code (kernels.ir.state.wkv5_token,
 # wkv7_token), heads split across numba's threads. The chunked forms above do 2-5x more
 # arithmetic in small matrix products plus a dozen elementwise passes over each chunk, and on
 # the CPU they lose: T = 512, 64-channel heads, 2 threads, one process, alternating, medians
@@ -531,7 +531,7 @@ def _heads_kernel(serial, parallel, H, work):
     """Run a kernel over H independent heads (v4: channels) on numba's threads, a range of
     them each, when H * work is large, torch allows more than one thread and no other parallel
     launch runs; else serially (kernels.linear's rule for products)."""
-    from .linear import _rows_kernel
+    from .linear.threads import _rows_kernel
     _rows_kernel(serial, parallel, H, work)
 
 
@@ -570,9 +570,9 @@ def wkv5_serial(r, k, v, w, u, S):
 
 
 if _HAVE_NUMBA:
-    from . import simd as _simd
+    from .ir import state as _ir_state
 
-    _STEP = _simd._STATE_LANES
+    _STEP = _ir_state._STATE_LANES
 
     @_numba.njit(cache=True, nogil=True)
     def _wkv7_heads(r, w, k, v, kk, a, S, out, S_out, h0, h1):
@@ -590,7 +590,7 @@ if _HAVE_NUMBA:
                 kkt, wt, kt, rt, vt = kk[t, h], w[t, h], k[t, h], r[t, h], v[t, h]
                 for j in range(K):
                     ka[j] = kkt[j] * a[t, h, j]
-                _simd.wkv7_token(st, kkt, wt, ka, kt, vt, rt, out[t, h], K, V, nb)
+                _ir_state.wkv7_token(st, kkt, wt, ka, kt, vt, rt, out[t, h], K, V, nb)
                 for i in range(nb * _STEP, V):
                     sa = _np.float32(0.0)
                     for j in range(K):
@@ -625,7 +625,7 @@ if _HAVE_NUMBA:
             for t in range(T):
                 rt, kt, vt = r[t, h], k[t, h], v[t, h]
                 wt = w[t, h] if per_token else w[0, h]
-                _simd.wkv5_token(st, rt, kt, wt, uh, vt, out[t, h], K, V, nb)
+                _ir_state.wkv5_token(st, rt, kt, wt, uh, vt, out[t, h], K, V, nb)
                 for i in range(nb * _STEP, V):
                     o = _np.float32(0.0)
                     for j in range(K):

@@ -91,7 +91,7 @@ class RWKVBase:
     CPU when the file stores them so (read through :meth:`f32`). ``LOW_RANK_COLUMNS``: those
     of them (first matrices, x @ W) held column by column on the CPU (W (C, D) as the
     transpose of a contiguous (D, C) tensor), which the one-token step reads as D dot
-    products over whole columns (kernels/fused.py); the same values, any product works on them.
+    products over whole columns (kernels/decode/); the same values, any product works on them.
 
     ``devices``: the torch device of each layer (default: all on the CPU). The embedding and
     ln0 live with the first layer, ln_out and the head with the last; activations and each
@@ -145,7 +145,7 @@ class RWKVBase:
                 self.w[name] = t.to(dev)  # rows are converted to float32 as they are looked up
             else:
                 # LOW_RANK matrices stored 16-bit stay so on the CPU: the one-token step reads them
-                # at memory speed (kernels/fused.py), the model code widens them (self.f32)
+                # at memory speed (kernels/decode/), the model code widens them (self.f32)
                 columns = (dev.type == "cpu" and name.endswith(self.LOW_RANK_COLUMNS)
                            and len(t.shape) == 2)
                 if (dev.type == "cpu" and name.endswith(self.LOW_RANK)
