@@ -298,3 +298,71 @@ def test_serve_state_made_on_one_replica_is_used_on_the_other(served, single):
     assert httpx.delete(served + "/v1/states/s0", headers=AUTH).status_code == 200
     for _ in range(4):  # gone for every replica
         assert httpx.get(served + "/v1/states/s0", headers=AUTH).status_code == 404
+
+
+def _replica_pid(rid: str) -> int:
+    """The process of the live replica ``rid`` (Ray's actor table: Serve names a replica's
+    actor ``SERVE_REPLICA::APP#DEPLOYMENT#ID``)."""
+    from ray._private.state import actors
+
+    pids = [a["Pid"] for a in actors().values()
+            if a["Name"].endswith("#" + rid) and a["State"] == "ALIVE"]
+    assert len(pids) == 1, f"replica {rid} is not one live actor: {pids}"
+    return pids[0]
+
+
+def _replicas_up() -> tuple[set, dict]:
+    """(the ids of the deployment's live replica actors, Ray Serve's count of replicas by
+    state)."""
+    from ray import serve
+    from ray._private.state import actors
+
+    alive = {a["Name"].rsplit("#", 1)[1] for a in actors().values()
+             if a["Name"].startswith("SERVE_REPLICA::rwkvpy#") and a["State"] == "ALIVE"}
+    app = serve.status().applications["rwkvpy"]
+    return alive, dict(app.deployments["rwkvpy"].replica_states)
+
+
+# the last test of the module: it leaves the deployment with 2 replicas again, one of them new
+def test_serve_replica_killed_mid_stream(served):
+    req = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 4000, "stream": True,
+           "temperature": 1.0, "stop": [], "seed": 5}
+    events, outcome = 0, None
+    t0 = time.monotonic()
+    try:
+        with httpx.stream("POST", served + "/v1/completions", json=req, headers=AUTH,
+                          timeout=httpx.Timeout(60, read=20)) as r:
+            assert r.status_code == 200
+            victim = _replica(r)
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events += 1
+                    if events == 3:
+                        os.kill(_replica_pid(victim), signal.SIGKILL)
+                        killed = time.monotonic()
+                if line == "data: [DONE]":
+                    outcome = "done"
+            outcome = outcome or "ended"
+    except httpx.ReadTimeout:
+        outcome = "hang"
+    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+        outcome = f"error: {e!r}"
+    assert events >= 3
+    # the broken stream ends (closed or cut) soon after the kill, without its [DONE]
+    assert outcome != "hang" and outcome != "done", outcome
+    assert time.monotonic() - killed < 15, time.monotonic() - t0
+    # the other replica serves right away
+    for _ in range(4):
+        r = httpx.post(served + "/v1/completions", headers=AUTH, timeout=30,
+                       json={"model": "demo", "prompt": "Hello", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert _replica(r) != victim
+    # and Ray Serve starts a new replica in the dead one's place
+    deadline = time.monotonic() + 90
+    while True:
+        alive, states = _replicas_up()
+        if len(alive) == 2 and victim not in alive and states == {"RUNNING": 2}:
+            break
+        assert time.monotonic() < deadline, (alive, states)
+        time.sleep(0.5)
+    print(f"stream: {outcome}; replica back after {time.monotonic() - killed:.1f} s")
