@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..batch import DEFAULT_BATCH_SIZE, run
-from .options import add_model_argument, add_run_options, run_options
+from .options import add_model_argument, add_run_options, add_tokenizer_options, run_options
 
 
 def add_batch_command(subparsers) -> None:
@@ -39,10 +39,7 @@ def add_batch_command(subparsers) -> None:
         t.add_argument("--resume", action="store_true",
                        help="skip the requests whose ids are already in OUTPUT")
         t.add_argument("--force", action="store_true", help="overwrite OUTPUT")
-        t.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
-                       help="tokenizer (default: from the model's vocabulary size)")
-        t.add_argument("--vocab", metavar="PATH", default=None,
-                       help="World vocabulary file or NeoX tokenizer.json")
+        add_tokenizer_options(t)
         if task == "generate":
             t.add_argument("--max-tokens", type=int, default=None, metavar="N",
                            help="max_tokens of requests that do not say (default 256)")

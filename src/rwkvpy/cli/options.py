@@ -77,3 +77,17 @@ def run_options(args) -> dict:
             "gpu_layers": args.gpu_layers, "compile": args.compile,
             "cache": "beside" if args.cache and args.cache_beside else args.cache,
             "cpu_capability": args.cpu_capability}
+
+
+TOKENIZER_HELP = ("world, neox or bytes (default: the vocabulary stored in the model file, else "
+                  "the one rwkvpy ships for the model's vocabulary size)")
+
+
+def add_tokenizer_options(p, help: str = TOKENIZER_HELP) -> None:
+    """--tokenizer KIND and --vocab PATH: which tokenizer a verb uses (see
+    :func:`rwkvpy.tokenizers.model_tokenizer`)."""
+    p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None, help=help)
+    p.add_argument("--vocab", metavar="PATH", default=None,
+                   help="a World vocabulary file (rwkv_vocab_v20230424.txt format) or a NeoX "
+                        "tokenizer.json, instead of the model file's or the shipped one")
+

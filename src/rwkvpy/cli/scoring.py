@@ -17,7 +17,13 @@ import sys
 from ..compare import DEFAULT_TYPES
 from ..errors import RwkvpyError
 from ..perplexity import DEFAULT_CHUNK
-from .options import MODEL_HELP, add_model_argument, add_run_options, run_options
+from .options import (
+    MODEL_HELP,
+    add_model_argument,
+    add_run_options,
+    add_tokenizer_options,
+    run_options,
+)
 
 
 class EvalCliError(RwkvpyError):
@@ -176,10 +182,7 @@ def cmd_compare(args) -> int:
 def _add_common(p) -> None:
     add_model_argument(p, "text", help=MODEL_HELP + "; then FILE.TXT: the UTF-8 text to "
                                                     "evaluate ('-' = stdin)")
-    p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
-                   help="tokenizer (default: the model file's, else from its vocabulary size)")
-    p.add_argument("--vocab", metavar="PATH", default=None,
-                   help="World vocabulary file or NeoX tokenizer.json")
+    add_tokenizer_options(p)
     p.add_argument("--ignore-first", type=_non_negative, default=0, metavar="N",
                    help="the first N tokens are context only: their predictions are not scored")
     p.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None, metavar="N",

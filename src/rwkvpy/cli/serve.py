@@ -17,7 +17,7 @@ import sys
 import threading
 
 from ..server.startup import ServeError, load_state_file, warm_up
-from .options import add_model_argument, add_run_options, run_options
+from .options import add_model_argument, add_run_options, add_tokenizer_options, run_options
 
 log = logging.getLogger("rwkvpy.server")
 
@@ -60,10 +60,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         ".pth (repeatable)")
     p.add_argument("--max-states", type=int, default=d["max_states"], metavar="N",
                    help=f"most states saved through POST /v1/states (default {d['max_states']})")
-    p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
-                   help="tokenizer (default: from the model's vocabulary size)")
-    p.add_argument("--vocab", metavar="PATH", default=None,
-                   help="World vocabulary file or NeoX tokenizer.json")
+    add_tokenizer_options(p)
     add_run_options(p)
     p.add_argument("--cache-bytes", type=int, default=d["cache_bytes"], metavar="N",
                    help=f"prefix cache memory cap in bytes: the states it keeps, least "

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from ..errors import RwkvpyError
-from .options import add_model_argument, add_run_options, run_options
+from .options import add_model_argument, add_run_options, add_tokenizer_options, run_options
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /regen (a new reply to the last "
              "message), /save FILE, /load FILE, /quit; Ctrl-C stops a reply")
@@ -163,10 +163,7 @@ def _utf8_stdout():
 
 def _add_model_options(p, *rest, model_help: str) -> None:
     add_model_argument(p, *rest, required=False, help=model_help)
-    p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
-                   help="tokenizer (default: from the model's vocabulary size)")
-    p.add_argument("--vocab", metavar="PATH", default=None,
-                   help="World vocabulary file or NeoX tokenizer.json")
+    add_tokenizer_options(p)
 
 
 
@@ -389,10 +386,7 @@ def add_text_commands(subparsers) -> None:
     add_model_argument(t, "file", required=False,
                        help="use this model's tokenizer (the one its file names, else its "
                             "vocabulary size picks it); then FILE: UTF-8 text ('-': stdin)")
-    t.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None,
-                   help="tokenizer kind (with -m: must fit the model)")
-    t.add_argument("--vocab", metavar="PATH", default=None,
-                   help="World vocabulary file or NeoX tokenizer.json")
+    add_tokenizer_options(t, "tokenizer kind (with -m: must fit the model)")
     t.add_argument("--json", action="store_true", help="print a JSON list")
     t.set_defaults(func=cmd_tokenize)
 

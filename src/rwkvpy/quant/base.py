@@ -19,7 +19,10 @@ Bit-exactness notes shared by the quantized formats (see each format's module fo
   the first one wins, NaN inputs are skipped, and a zero's sign is the first zero's sign: the
   helpers below reproduce that, where ``np.min`` or ``np.argmax`` alone would not;
 * C converts a NaN or infinite float to an integer with undefined behaviour; x86 gives 0 (the
-  ``cvttss2si`` "integer indefinite" value truncated to a byte), and so do we.
+  ``cvttss2si`` "integer indefinite" value truncated to a byte), and so do we;
+* the K-quants' quantizers (:mod:`.q_k`: ggml's searches for the best scale of each sub-block)
+  run in numba, in ggml's float32 operation order with no fast-math (no reassociation, no
+  fused multiply-add), so they stay byte-exact with ggml (tests/fixtures/kquants).
 """
 
 from __future__ import annotations
