@@ -63,6 +63,7 @@ class Runner:
         self.target = ft.TARGETS[name]
         self.counts = {"inputs": 0, "typed": 0, "loaded": 0, "other": 0}
         self.seconds = 0.0
+        self.regressions = None  # {"inputs", "other"} of the replayed regressions
         self.findings: dict = {}  # signature -> {"error", "input", "count"}
         self.findings_dir = Path(args.findings or f"/tmp/rwkvpy-fuzz-findings/{name}")
         self.ctx = None
@@ -131,6 +132,7 @@ class Runner:
 
     def summary(self) -> dict:
         return {"target": self.name, **self.counts, "seconds": round(self.seconds, 2),
+                "regressions": self.regressions,
                 "findings": [{"signature": k, **v} for k, v in self.findings.items()]}
 
 
@@ -322,9 +324,16 @@ def main(argv=None):
         seeded(runners, 0, args.seed, seconds=args.minutes * 60 / len(runners))
     else:
         seeded(runners, args.seeded if args.seeded is not None else 40, args.seed)
+        for r in runners:  # and every kept regression, under the same limits
+            before = dict(r.counts)
+            for p in ft.regressions(r.name):
+                r.run_one(p.read_bytes())
+            r.regressions = {k: r.counts[k] - before[k] for k in ("inputs", "other")}
+            r.counts = before
     summaries = [r.summary() for r in runners]
     _print(summaries, args.json)
-    return 1 if any(s["other"] for s in summaries) else 0
+    return 1 if any(s["other"] or (s["regressions"] or {}).get("other") for s in summaries) \
+        else 0
 
 
 if __name__ == "__main__":

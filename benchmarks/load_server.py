@@ -1,11 +1,12 @@
 """Load test of ``rwkvpy serve``: requests/s and generated tokens/s at 1, 4 and 16 concurrent
-clients, each client sending streaming completions one after the other.
+clients (``--levels``), each client sending streaming completions one after the other; requests
+the server refuses (429 beyond ``--max-concurrent``) are counted by status, not failed.
 
 Starts its own server on a free loopback port (``-m MODEL``, killed at the end) or targets a
 running one (``--url``, loopback addresses only). Each level runs until ``--requests`` requests
 completed or ``--seconds`` elapsed (a request in flight then still finishes). Reported per
-level: completed requests, requests/s, generated tokens/s (from the responses' usage), mean and
-p95 request latency, mean time to the first token, and the mean size of the server's decode batches.
+level: completed requests, requests/s, generated tokens/s (from the responses' usage), mean,
+p50, p95 and p99 request latency, the refused requests by status, mean time to the first token, and the mean size of the server's decode batches.
 
     PYTHONPATH=src python benchmarks/load_server.py -m ../shared/fixtures/rwkv-cpp-tiny/tiny-rwkv-7v0-834K-FP32.bin
     PYTHONPATH=src python benchmarks/load_server.py --url http://127.0.0.1:8000 --api-key KEY
@@ -39,7 +40,7 @@ def start_server(args) -> tuple:
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "rwkvpy.server", "-m", args.model, "--port", "0",
-           "--no-access-log", "--max-concurrent", str(max(args.levels) * 2),
+           "--no-access-log", "--max-concurrent", str(args.max_concurrent or max(args.levels) * 2),
            "--max-tokens-limit", str(max(args.max_tokens, 16))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -68,6 +69,14 @@ def start_server(args) -> tuple:
         sys.exit(f"the server did not start:\n{f.read()}")
 
 
+class Refused(Exception):
+    """A request the server answered with an error status (429 beyond its limits)."""
+
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"HTTP {status}: {body.decode(errors='replace')[:200]}")
+        self.status, self.body = status, body
+
+
 async def one_request(client, body) -> tuple:
     """(latency s, time to first text s or None, completion tokens)."""
     t0 = time.perf_counter()
@@ -75,7 +84,7 @@ async def one_request(client, body) -> tuple:
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+            raise Refused(r.status_code, await r.aread())
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -94,6 +103,7 @@ async def run_level(url, headers, clients, args) -> dict:
     stop_at = time.monotonic() + args.seconds
     issued = 0
     results = []
+    refused: dict = {}
 
     async def worker(w, client):
         nonlocal issued
@@ -103,7 +113,15 @@ async def run_level(url, headers, clients, args) -> dict:
             body = {"prompt": f"{PROMPTS[i % len(PROMPTS)]} ({w}.{i})", "stream": True,
                     "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i,
                     "stream_options": {"include_usage": True}}
-            results.append(await one_request(client, body))
+            try:
+                results.append(await one_request(client, body))
+            except Refused as e:
+                key = str(e.status)
+                if e.status == 429 and json.loads(e.body).get("error", {}).get("type"):
+                    key = "429 (JSON error body)"
+                refused[key] = refused.get(key, 0) + 1
+            except (httpx.HTTPError, RuntimeError) as e:
+                refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
@@ -115,13 +133,18 @@ async def run_level(url, headers, clients, args) -> dict:
         st = (await client.get("/v1/stats")).json()["engine"]
     steps = st["decode_steps"] - st0["decode_steps"]
     mean_batch = (st["decode_tokens"] - st0["decode_tokens"]) / steps if steps else 0.0
-    lat = sorted(r[0] for r in results)
+    lat = sorted(r[0] for r in results) or [float("nan")]
     ttft = [r[1] for r in results if r[1] is not None]
     toks = sum(r[2] for r in results)
+
+    def pct(q):
+        return lat[min(len(lat) - 1, int(q * len(lat)))]
+
     return {"clients": clients, "requests": len(results), "seconds": wall,
             "requests_per_s": len(results) / wall, "tokens_per_s": toks / wall,
             "completion_tokens": toks, "latency_mean_s": statistics.fmean(lat),
-            "latency_p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "latency_p50_s": pct(0.5), "latency_p95_s": pct(0.95), "latency_p99_s": pct(0.99),
+            "refused": refused,
             "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
             "mean_decode_batch": mean_batch}
 
@@ -138,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (64)")
     p.add_argument("--threads", type=int, default=None, help="server threads (started server)")
     p.add_argument("--max-batch", type=int, default=None, help="server --max-batch")
+    p.add_argument("--max-concurrent", type=int, default=None, help="server --max-concurrent "
+                   "(started server; default twice the largest level): levels above it get 429s")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -170,13 +195,13 @@ def main(argv=None) -> int:
         print(json.dumps({"url": url, "max_tokens": args.max_tokens, "levels": rows}))
         return 0
     print(f"server {url}, {args.max_tokens} tokens per request (streaming completions)")
-    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>8} {'lat mean':>9} "
-          f"{'lat p95':>8} {'ttft':>7} {'mean batch':>10}")
+    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>8} {'lat p50':>8} "
+          f"{'lat p99':>8} {'ttft':>7} {'mean batch':>10}  refused")
     for r in rows:
         ttft = f"{r['ttft_mean_s']:.3f}" if r["ttft_mean_s"] is not None else "-"
         print(f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} "
-              f"{r['tokens_per_s']:>8.1f} {r['latency_mean_s']:>8.3f}s {r['latency_p95_s']:>7.3f}s "
-              f"{ttft:>7} {r['mean_decode_batch']:>10.1f}")
+              f"{r['tokens_per_s']:>8.1f} {r['latency_p50_s']:>7.3f}s {r['latency_p99_s']:>7.3f}s "
+              f"{ttft:>7} {r['mean_decode_batch']:>10.1f}  {r['refused'] or '-'}")
     return 0
 
 

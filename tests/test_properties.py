@@ -20,10 +20,10 @@ from rwkvpy import SamplingParams, State, errors
 from rwkvpy.tokenizers import (ByteTokenizer, NeoXTokenizer, StreamDecoder, TokenizerError,
                                WorldTokenizer)
 
-FAST = settings(max_examples=30, deadline=None, derandomize=True,
+FAST = settings(max_examples=15, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
-MODEL = settings(FAST, max_examples=12)
+MODEL = settings(FAST, max_examples=6)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ PARAMS = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(FAST, max_examples=50)
+@settings(FAST, max_examples=30)
 @given(kw=PARAMS)
 def test_any_sampling_params_are_used_or_refused(demo, kw):
     tok = ByteTokenizer()

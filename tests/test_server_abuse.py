@@ -53,7 +53,7 @@ def test_openapi_document_lists_every_route(server):
 
 
 @schema.parametrize()
-@settings(max_examples=6, deadline=None, derandomize=True,
+@settings(max_examples=4, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_every_route_conforms(case, server):
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,

@@ -116,6 +116,26 @@ def _check_records(path) -> None:
                                              "of the file")
 
 
+class _Clamped(io.FileIO):
+    """A file whose reads never ask for more than the bytes left: a pickle opcode announcing a
+    3 GB string in a 7-byte file is then "truncated", not a 3 GB allocation."""
+
+    def __init__(self, path):
+        super().__init__(path, "rb")
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, n=-1):
+        if n is not None and n >= 0:
+            n = min(n, max(0, self._size - self.tell()))
+        return super().read(n)
+
+    def readinto(self, b):
+        left = max(0, self._size - self.tell())
+        if len(b) > left:
+            return super().readinto(memoryview(b)[:left])
+        return super().readinto(b)
+
+
 def read(path) -> Checkpoint:
     path = os.fspath(path)
     try:
@@ -126,7 +146,8 @@ def read(path) -> Checkpoint:
         except RuntimeError as e:
             if "zip" not in str(e).lower() and "mmap" not in str(e).lower():
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip file
+            with _Clamped(path) as f:  # legacy, non-zip file
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except (TruncatedFileError, NotAStateDictError):
         raise
     except pickle.UnpicklingError as e:
