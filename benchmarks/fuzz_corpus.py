@@ -72,7 +72,7 @@ def make_corpus():
     from rwkvpy.chat import SIDECAR_SUFFIX, ChatSession
     from rwkvpy.convert import convert
     from rwkvpy.formats import gguf as rg
-    from rwkvpy.models.config import Version
+    from rwkvpy.config import Version
     from rwkvpy.sampling import SamplingParams
     from rwkvpy.tokenizers import ByteTokenizer
 
@@ -95,6 +95,8 @@ def make_corpus():
             _pth(tmp / f"{tag}.pth", v)
         shutil.copy(tmp / "v6.pth", out("pth", "v6-f16.pth"))
         _pth(out("pth", "v7-bf16.pth"), Version.V7, dtype=torch.bfloat16)
+        torch.save(torch.load(tmp / "v4.pth", weights_only=True), out("pth", "v4-legacy.pth"),
+                   _use_new_zipfile_serialization=False)  # the pre-zip format
         convert(tmp / "v7.pth", out("gguf", "v7-q8_0.gguf"), type="q8_0", progress=False)
         convert(tmp / "v5.pth", out("gguf", "v5-f16.gguf"), type="f16", progress=False)
         convert(tmp / "v4.pth", out("bin", "v4-f16.bin"), type="f16", progress=False)
