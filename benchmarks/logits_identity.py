@@ -35,7 +35,7 @@ def models(folder: str) -> list:
     """(name, path) of every model of the set, written to ``folder`` when missing."""
     from rwkvpy.convert import convert
     from rwkvpy.demo import demo_model_path
-    from rwkvpy.models.config import Version
+    from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
     out = [("demo", demo_model_path())]

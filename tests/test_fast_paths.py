@@ -302,7 +302,7 @@ def v7_mid(tmp_path_factory):
     formats of every product kind (rows, int8 groups, int16 groups; K-quants: rows, int8
     groups), K-quants as GGUFs (rwkv.cpp's files have none)."""
     from rwkvpy.convert import convert
-    from rwkvpy.models.config import Version
+    from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
     d = tmp_path_factory.mktemp("v7mid")

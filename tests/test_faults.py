@@ -351,7 +351,7 @@ def test_temp_of_killed_writer_is_removed(tmp_path):
 @pytest.fixture(scope="module")
 def small_pth(tmp_path_factory):
     """A small valid v7 BlinkDL checkpoint (300 KB), float32."""
-    from rwkvpy.models.config import Version
+    from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
     return save_random_model(tmp_path_factory.mktemp("pth") / "small.pth", version=Version.V7,

@@ -241,7 +241,7 @@ def test_logprobs_follow_the_text_and_the_model(model, tok, greedy_run):
 def test_logits_processor_hook(model, tok, greedy_run):
     """A LogitsProcessor masks each step's logits before the draw, is told each token taken,
     and ends the sequence with "stop" when it says it is finished."""
-    from rwkvpy.generation import LogitsProcessor
+    from rwkvpy.processors import LogitsProcessor
 
     tokens, _ = greedy_run
     banned = tokens[0]

@@ -15,7 +15,7 @@ import torch
 import rwkvpy
 from rwkvpy.convert import convert
 from rwkvpy.formats import gguf as rgguf
-from rwkvpy.models.config import Version
+from rwkvpy.config import Version
 from rwkvpy.synth import save_random_model
 from rwkvpy.tokenizers import (ByteTokenizer, NeoXTokenizer, TokenizerError, WorldTokenizer,
                                default_world_vocab_path, model_tokenizer, tokenizer_for)

@@ -225,7 +225,7 @@ def test_generate_until_is_rwkvpy_generate(model):
 def test_world_vocabulary(tmp_path):
     """A World-vocabulary model (random weights): lm-eval splits each pair as the context's
     tokens and the rest of the whole text's; the scores are the whole text's forward."""
-    from rwkvpy.models.config import Version
+    from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
     world = rwkvpy.load(save_random_model(tmp_path / "w.pth", version=Version.V7, n_embd=64,

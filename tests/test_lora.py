@@ -10,7 +10,7 @@ import rwkvpy
 from rwkvpy.errors import ConversionError, OutputExistsError
 from rwkvpy.formats import read, to_float32
 from rwkvpy.lora import merge_lora
-from rwkvpy.models.config import Version
+from rwkvpy.config import Version
 from rwkvpy.synth import random_state_dict
 
 

@@ -16,7 +16,7 @@ from test_server import Server
 
 import rwkvpy
 from rwkvpy.generate import generate
-from rwkvpy.models.config import Version
+from rwkvpy.config import Version
 from rwkvpy.perplexity import perplexity
 from rwkvpy.sampling import SamplingParams
 from rwkvpy.synth import save_random_model

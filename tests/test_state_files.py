@@ -7,7 +7,7 @@ import torch
 
 import rwkvpy
 from rwkvpy import State, errors
-from rwkvpy.models.config import Version
+from rwkvpy.config import Version
 from conftest import fixture_path
 
 

@@ -22,7 +22,7 @@ import rwkvpy
 from rwkvpy.constrain import ConstraintError, Constraint, vocabulary
 from rwkvpy.errors import RwkvpyError
 from rwkvpy.generate import generate, stream
-from rwkvpy.models.config import Version
+from rwkvpy.config import Version
 from rwkvpy.sampling import SamplingError, SamplingParams
 from rwkvpy.server.protocol import check_messages, render_messages
 from rwkvpy.synth import save_random_model

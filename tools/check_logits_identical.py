@@ -68,7 +68,7 @@ def fixture_models() -> list:
 def synth_models(folder: str) -> list:
     """(name, path) of the random models, written to ``folder`` when missing."""
     from rwkvpy.convert import convert
-    from rwkvpy.models.config import Version
+    from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
     out = []

@@ -7,7 +7,7 @@ runtime.apply()
 
 from . import errors  # noqa: E402
 from .model import Model, ModelInfo, inspect, load  # noqa: E402
-from .models.config import ModelConfig, Version  # noqa: E402
+from .config import ModelConfig, Version  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 from .state import State  # noqa: E402
 

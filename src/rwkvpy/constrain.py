@@ -9,7 +9,7 @@ checked when it is made (a bad schema or grammar is a :class:`ConstraintError`) 
 the 20B one, bytes) all work.
 
 Each generated sequence gets its own :class:`GrammarProcessor` (``constraint.processor(
-tokenizer)``), the :class:`~rwkvpy.generation.LogitsProcessor` that, at every step:
+tokenizer)``), the :class:`~rwkvpy.processors.LogitsProcessor` that, at every step:
 
 1. asks the matcher which tokens may come next (a bit per token id);
 2. sets the logits of every other token to ``-inf``, so that the sampler's temperature, top-k,
@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .generation import LogitsProcessor
-from .sampling import SamplingError
+from .errors import SamplingError
+from .processors import LogitsProcessor
 
 #: Whitespace allowed between JSON tokens: at most one space (``{"a": 1, "b": [2, 3]}``). Never
 #: a line break, so never a blank line (which ends a chat reply), and no room for a model to

@@ -290,7 +290,7 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
     from . import formats
     from .formats import gguf, plan, rwkvcpp
     from .hub import resolve_model
-    from .models.config import config_from_shapes, detect_version
+    from .config import config_from_shapes, detect_version
 
     target = _target(type)
     kmix = str(type).strip().lower().replace("-", "_")

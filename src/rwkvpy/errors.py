@@ -78,6 +78,10 @@ class TokenError(RwkvpyError):
     """A token id outside the model's vocabulary, or an empty token list."""
 
 
+class SamplingError(RwkvpyError):
+    """Sampling parameters out of range, or logits that cannot be sampled from."""
+
+
 class StateError(RwkvpyError):
     """A state that does not belong to the model it is used with."""
 

@@ -242,7 +242,7 @@ def stream(model, tokenizer, prompt, params: SamplingParams | None = None,
     holds the :class:`GenerationResult` once it is exhausted. ``state``: continue from this
     state (None: a fresh one); it is not modified. ``cache``: a PrefixCache to start from and
     fill (see the module's docstring); ``checkpoints``: extra prompt positions whose states
-    are stored in it; ``processors``: :class:`~rwkvpy.generation.LogitsProcessor` objects for
+    are stored in it; ``processors``: :class:`~rwkvpy.processors.LogitsProcessor` objects for
     this run (each step's logits go through them before the draw)."""
     params = _check(model, tokenizer, params)
     ids = _prompt_ids(tokenizer, prompt)  # bad prompts fail here, not at the first piece

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .processors import LogitsProcessor  # noqa: F401  (the loop's hook, importable beside it)
 from .sampling import Sampler, SamplingParams
 from .tokenizers import StreamDecoder
 
@@ -119,23 +120,6 @@ def token_logprobs(rows: torch.Tensor, targets, top: int = 0) -> list:
         vals, ids = torch.topk(lp, min(top, lp.shape[1]), dim=1)
         tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
     return [TokenLogprob(int(tok), p, tp) for tok, p, tp in zip(targets, picked, tops)]
-
-
-# -- the hook --------------------------------------------------------------------------------------
-class LogitsProcessor:
-    """A change to each step's logits before the token is drawn (one object per sequence: it
-    may keep state). ``__call__`` gets the float32 logits after the sampler's bias, penalties
-    and bans and returns the logits to draw from (it may change them in place); ``accept`` is
-    told each token the sequence takes; ``finished`` ends the sequence with "stop" when True."""
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
-    def accept(self, token: int) -> None:
-        """``token`` was chosen and the state has read it."""
-
-    def finished(self) -> bool:
-        return False
 
 
 # -- the loop --------------------------------------------------------------------------------------

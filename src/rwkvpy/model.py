@@ -12,7 +12,7 @@ import torch
 
 from . import formats, models, runtime
 from .errors import RwkvpyError, StateError, TokenError
-from .models.config import ModelConfig, Version
+from .config import ModelConfig, Version
 from .state import State
 
 

@@ -32,11 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import RwkvpyError
+from .errors import SamplingError
 
-
-class SamplingError(RwkvpyError):
-    """Sampling parameters out of range, or logits that cannot be sampled from."""
+__all__ = ["Sampler", "SamplingError", "SamplingParams"]
 
 
 def _number(name, v, *, lo=None, hi=None, lo_open=False, hi_open=False, what=""):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import StateError
-from .models.config import ModelConfig, Version
+from .config import ModelConfig, Version
 
 MAGIC = b"RWKVSTAT"
 FILE_VERSION = 2  # 1: the checksum (in the header) covers the data only; still read

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .models.config import Version
+from .config import Version
 
 # name -> (version, n_embd, n_layer, vocab): the shapes of released models
 PRESETS = {

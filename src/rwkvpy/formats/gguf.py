@@ -124,7 +124,7 @@ import torch
 
 from ..errors import (MissingTensorError, ModelFileError, TensorShapeError, TruncatedFileError,
                       UnknownFormatError, UnsupportedTensorTypeError, UnsupportedVersionError)
-from ..models.config import ModelConfig, Version
+from ..config import ModelConfig, Version
 from .base import Checkpoint, QTensor, to_float32
 from .plan import Entry, resolve_shapes, split_name
 

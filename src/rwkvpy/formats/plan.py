@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..models.config import ModelConfig, Version
+from ..config import ModelConfig, Version
 
 # ------------------------------------------------------------------------------------------
 # BlinkDL's shapes.

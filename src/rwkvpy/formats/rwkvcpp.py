@@ -25,7 +25,7 @@ from ..errors import (
     UnsupportedTensorTypeError,
     UnsupportedVersionError,
 )
-from ..models.config import Version, detect_version
+from ..config import Version, detect_version
 from .base import Checkpoint, QTensor, to_float32
 
 MAGIC = 0x67676D66

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import REFERENCE, Backend
-from .config import ModelConfig, Version, config_from_shapes, detect_version
+from ..config import ModelConfig, Version, config_from_shapes, detect_version
 from .v4 import RWKV4
 from .v5 import RWKV5
 from .v6 import RWKV6

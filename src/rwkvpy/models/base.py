@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import MissingTensorError, TensorShapeError
 from ..formats.base import QTensor, release_pages, to_float32, type_name
 from ..state import State
-from .config import ModelConfig
+from ..config import ModelConfig
 
 ANY = None  # a dimension a spec does not fix
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import RWKVBase
-from .config import Version
+from ..config import Version
 from .v4 import RWKV4
 
 

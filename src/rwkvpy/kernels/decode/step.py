@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...models.config import Version
+from ...config import Version
 from ...state import State
 from ..linear.threads import PARALLEL_LOCK, _numba_threads
 from . import v4, v5, v6, v7

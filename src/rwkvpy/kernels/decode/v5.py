@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...models.config import Version
+from ...config import Version
 from . import v4
 from .glue import (_mix_in, _norm_stats, _np, _products, _silu_gate)
 from .v4 import (_channel_mix_v4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ..errors import MissingTensorError, TensorShapeError, UnsupportedVersionError
+from .errors import MissingTensorError, TensorShapeError, UnsupportedVersionError
 
 
 class Version(enum.Enum):
