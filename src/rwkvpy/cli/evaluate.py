@@ -12,7 +12,6 @@ index of its ~14,000 tasks takes seconds to build: when every task named is foun
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -198,28 +197,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _positive(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def _non_negative(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
 def add_lm_eval_command(subparsers) -> None:
-    from .options import MODEL_HELP, add_run_options
+    from .options import MODEL_HELP, add_run_options, int_at_least
 
     p = subparsers.add_parser(
         "eval", help="run lm-evaluation-harness tasks (accuracy, perplexity) on a model",
@@ -232,17 +211,17 @@ def add_lm_eval_command(subparsers) -> None:
                    help="lm-eval task or group names, or paths of task YAML files")
     p.add_argument("--include-path", action="append", metavar="DIR", default=None,
                    help="a folder of lm-eval task YAML files (may be repeated)")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N",
+    p.add_argument("--limit", type=int_at_least(1), default=None, metavar="N",
                    help="only the first N documents of each task (for a quick look)")
-    p.add_argument("--num-fewshot", type=_non_negative, default=None, metavar="N",
+    p.add_argument("--num-fewshot", type=int_at_least(0), default=None, metavar="N",
                    help="examples in each prompt (default: the task's own)")
-    p.add_argument("--batch-size", type=_positive, default=16, metavar="N",
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, metavar="N",
                    help="continuations scored side by side (default 16)")
-    p.add_argument("--prefix-token", type=_non_negative, default=0, metavar="ID",
+    p.add_argument("--prefix-token", type=int_at_least(0), default=0, metavar="ID",
                    help="the token whole documents and empty contexts are conditioned on "
                         "(default 0, RWKV's end-of-text token; a model that never saw it, "
                         "such as the byte-level demo, may do better from 10, a newline)")
-    p.add_argument("--bootstrap-iters", type=_non_negative, default=100000, metavar="N",
+    p.add_argument("--bootstrap-iters", type=int_at_least(0), default=100000, metavar="N",
                    help="resamples for the standard errors of metrics such as perplexity "
                         "(default 100000, as lm-eval; 0: leave them out)")
     add_run_options(p)

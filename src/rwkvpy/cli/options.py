@@ -3,6 +3,8 @@ and how a verb runs its model (threads, mode, device, caches, CPU level)."""
 
 from __future__ import annotations
 
+import argparse
+
 from ..errors import RwkvpyError
 
 
@@ -90,4 +92,18 @@ def add_tokenizer_options(p, help: str = TOKENIZER_HELP) -> None:
     p.add_argument("--vocab", metavar="PATH", default=None,
                    help="a World vocabulary file (rwkv_vocab_v20230424.txt format) or a NeoX "
                         "tokenizer.json, instead of the model file's or the shipped one")
+
+
+def int_at_least(lo: int):
+    """An argparse ``type`` for an integer option that must be ``lo`` or more (0: a count that
+    may be zero, 1: a size); a bad value is argparse's one-line usage error."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {lo} or more, got {v}")
+        return v
+    return parse
 

@@ -8,7 +8,6 @@ subclasses, for the caller to print as one line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from .options import (
     add_model_argument,
     add_run_options,
     add_tokenizer_options,
+    int_at_least,
     run_options,
 )
 
@@ -84,28 +84,6 @@ def _model_path(path: str) -> str:
     if not os.path.exists(path):
         raise EvalCliError(f"{path}: no such model file")
     return path
-
-
-def _positive(name):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
-        return v
-    return parse
-
-
-def _non_negative(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
 
 
 # -- perplexity ----------------------------------------------------------------------------------
@@ -183,11 +161,11 @@ def _add_common(p) -> None:
     add_model_argument(p, "text", help=MODEL_HELP + "; then FILE.TXT: the UTF-8 text to "
                                                     "evaluate ('-' = stdin)")
     add_tokenizer_options(p)
-    p.add_argument("--ignore-first", type=_non_negative, default=0, metavar="N",
+    p.add_argument("--ignore-first", type=int_at_least(0), default=0, metavar="N",
                    help="the first N tokens are context only: their predictions are not scored")
-    p.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None, metavar="N",
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N",
                    help="use only the first N tokens of the text")
-    p.add_argument("--chunk", type=_positive("--chunk"), default=DEFAULT_CHUNK, metavar="N",
+    p.add_argument("--chunk", type=int_at_least(1), default=DEFAULT_CHUNK, metavar="N",
                    help=f"tokens per model call, the state carried between calls (default "
                         f"{DEFAULT_CHUNK})")
     add_run_options(p)
@@ -223,9 +201,9 @@ def add_scoring_commands(subparsers) -> None:
                         "else gguf)")
     c.add_argument("--quantize-head", action="store_true",
                    help="quantize head.weight too (kept F16 by default, as rwkv.cpp does)")
-    c.add_argument("--bench-tokens", type=_positive("--bench-tokens"), default=32, metavar="N",
+    c.add_argument("--bench-tokens", type=int_at_least(1), default=32, metavar="N",
                    help="decode steps timed per type (default 32)")
-    c.add_argument("--prompt", type=_positive("--prompt"), default=512, metavar="N",
+    c.add_argument("--prompt", type=int_at_least(1), default=512, metavar="N",
                    help="prompt length timed per type (default 512)")
     c.add_argument("--json", metavar="FILE", default=None,
                    help="write the results as JSON ('-': print JSON instead of the table)")
