@@ -15,10 +15,19 @@ Measured, in one run:
   Ray Data with 2 actors (one CPU each), over the whole job; and the time to the first rows
   (in one process: loading the model; on Ray: mostly the actors starting and loading it).
 
+With ``--sessions``, only the prefix cache's hit rate on 2 replicas instead: ``--sessions``
+chat sessions at once, each of ``--turns`` turns (one request after another, the reply added to
+the conversation), all opening with the same long system prompt; once with ``X-Session-Id``
+(each session on its replica: the session affinity of rwkvpy.server.ray_router) and once
+without (Ray Serve's default choice), on fresh replicas each time. Reported: the prompt tokens
+read from the prefix cache (the responses' ``cached_tokens``) over all prompt tokens, the
+cache's lookup hits and misses (``/v1/stats``), and the time of the whole workload.
+
 Ray runs as a local instance with the machine's CPUs (127.0.0.1, no dashboard); everything is
 shut down at the end. Usage::
 
     python benchmarks/ray_bench.py [--json results.json]
+    python benchmarks/ray_bench.py --sessions 8 --turns 4
 """
 
 from __future__ import annotations
@@ -99,6 +108,70 @@ def rounds(urls: dict, k: int, n: int, clients: int, max_tokens: int) -> dict:
     return out
 
 
+SYSTEM = ("You are the ship's log of the schooner Wanderer. Answer in the voice of an old "
+          "sailor who has crossed every ocean twice; mention the weather, the wind and the "
+          "state of the rigging in every answer, and never use more than three sentences. ") * 4
+
+
+def chat_sessions(url: str, sessions: int, turns: int, max_tokens: int, affinity: bool) -> dict:
+    """``sessions`` conversations at once, ``turns`` turns each: prompt tokens, cached ones."""
+    def session(i):
+        msgs, got = [{"role": "system", "content": SYSTEM}], []
+        headers = {"X-Session-Id": f"session-{i}"} if affinity else {}
+        with httpx.Client(timeout=600) as c:
+            for t in range(turns):
+                msgs.append({"role": "user", "content": f"Day {t} of voyage {i}: any news?"})
+                r = c.post(url + "/v1/chat/completions", headers=headers, json={
+                    "model": "bench", "messages": msgs, "max_tokens": max_tokens,
+                    "seed": 100 * i + t, "temperature": 1.0})
+                r.raise_for_status()
+                u = r.json()["usage"]
+                got.append((u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
+                            r.headers.get("x-rwkvpy-replica")))
+                msgs.append(r.json()["choices"][0]["message"])
+        return got
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(sessions) as pool:
+        done = list(pool.map(session, range(sessions)))
+    wall = time.perf_counter() - t0
+    prompt = sum(p for s in done for p, _, _ in s)
+    cached = sum(c for s in done for _, c, _ in s)
+    return {"sessions": sessions, "turns": turns, "seconds": wall, "prompt_tokens": prompt,
+            "cached_tokens": cached, "cached_fraction": cached / prompt,
+            "replicas_per_session": statistics.fmean(len({r for *_, r in s}) for s in done)}
+
+
+def sessions_mode(a, cpus: int) -> dict:
+    import ray
+
+    from rwkvpy.server import ray_serve
+
+    out = {}
+    ray.init(num_cpus=max(cpus, 2), include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        for affinity in (True, False):
+            name = "session_affinity" if affinity else "default_routing"
+            print(f"... {a.sessions} chat sessions on 2 replicas, {name}", file=sys.stderr,
+                  flush=True)
+            url = ray_serve.deploy(ray_spec(a.model, max(1, cpus // 2)), replicas=2, port=0)
+            try:
+                load = _load_avg()
+                r = chat_sessions(url, a.sessions, a.turns, a.max_tokens, affinity)
+                time.sleep(2 * ray_serve.STATS_EVERY)  # the replicas' last counters published
+                cache = httpx.get(url + "/v1/stats").json()["engine"]["prefix_cache"]
+                lookups = cache["hits"] + cache["misses"]
+                out[name] = {"load_avg": load, **r, "cache_hits": cache["hits"],
+                             "cache_misses": cache["misses"],
+                             "lookup_hit_rate": cache["hits"] / lookups if lookups else None}
+            finally:
+                ray_serve.shutdown()
+    finally:
+        ray.shutdown()
+    return out
+
+
 def single_process_server(model: str, threads: int):
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "rwkvpy.server", model, "--port", "0",
@@ -120,7 +193,7 @@ def single_process_server(model: str, threads: int):
 def ray_spec(model: str, threads: int) -> dict:
     from rwkvpy.cli.options import take_positionals
     from rwkvpy.cli.serve import add_serve_arguments
-    from rwkvpy.server.ray_serve import replica_spec
+    from rwkvpy.cli.serve_ray import replica_spec
 
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
@@ -167,6 +240,9 @@ def main() -> int:
     ap.add_argument("--latency-requests", type=int, default=100)
     ap.add_argument("--latency-tokens", type=int, default=1)
     ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--sessions", type=int, default=0,
+                    help="measure only the prefix cache's hit rate with this many chat sessions")
+    ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--json", metavar="PATH", default=None)
     a = ap.parse_args()
     import ray
@@ -177,6 +253,9 @@ def main() -> int:
     cpus = physical_cores()
     out = {"cpus": cpus, "cpu": _cpu_name(), "model": a.model, "load_avg_start": _load_avg()}
     say = lambda m: print(f"... {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if a.sessions:
+        out.update(sessions_mode(a, cpus))
+        return _report(out, a.json)
 
     say("single-process server")
     proc, single = single_process_server(a.model, cpus)
@@ -212,10 +291,14 @@ def main() -> int:
         if proc.poll() is None:
             proc.kill()
         ray.shutdown()
+    return _report(out, a.json)
+
+
+def _report(out: dict, path: str | None) -> int:
     out["load_avg_end"] = _load_avg()
     print(json.dumps(out, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(out, f, indent=2)
     return 0
 

@@ -300,6 +300,40 @@ def test_serve_state_made_on_one_replica_is_used_on_the_other(served, single):
         assert httpx.get(served + "/v1/states/s0", headers=AUTH).status_code == 404
 
 
+SYSTEM = ("You are the ship's log of the schooner Wanderer. Answer in the voice of an old sailor "
+          "who has crossed every ocean twice, mentions the weather, the wind and the state of the "
+          "rigging in every answer, and never uses more than three sentences. ") * 3
+
+
+def test_serve_session_goes_to_the_replica_that_caches_it(served):
+    from rwkvpy.server.ray_router import home_replica
+
+    alive, _ = _replicas_up()
+    # two sessions whose home replicas differ
+    sessions = {}
+    for i in range(64):
+        sessions.setdefault(home_replica(f"chat-{i}", sorted(alive)), f"chat-{i}")
+    assert len(sessions) == 2
+    for home, sid in sessions.items():
+        msgs, before = [{"role": "system", "content": SYSTEM}], 0
+        for turn in range(3):
+            msgs.append({"role": "user", "content": f"Turn {turn}: how is the sea today?"})
+            r = httpx.post(served + "/v1/chat/completions", headers={**AUTH, "X-Session-Id": sid},
+                           timeout=60, json={"model": "demo", "messages": msgs, "max_tokens": 8,
+                                             "seed": turn})
+            assert r.status_code == 200, r.text
+            assert _replica(r) == home, (sid, turn)
+            usage = r.json()["usage"]
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            # the conversation so far (at least the previous prompt) is read from the cache
+            if turn:
+                assert cached >= before > len(SYSTEM), (turn, usage)
+            else:
+                assert cached == 0, usage
+            before = usage["prompt_tokens"]
+            msgs.append(r.json()["choices"][0]["message"])
+
+
 def _replica_pid(rid: str) -> int:
     """The process of the live replica ``rid`` (Ray's actor table: Serve names a replica's
     actor ``SERVE_REPLICA::APP#DEPLOYMENT#ID``)."""

@@ -13,7 +13,8 @@ replica that made them; at most ``--max-states`` saved ones, as in one process, 
 prefix cache, slots (``--max-concurrent`` is per replica) and engine.
 
 Each response carries ``X-Rwkvpy-Replica`` (the replica that served it); ``/v1/stats`` adds
-``replicas`` (each replica's own counters) to the sums.
+``replicas`` (each replica's own counters) to the sums. Requests that carry ``X-Session-Id`` go
+to that session's replica (:mod:`rwkvpy.server.ray_router`), where its prefix is cached.
 """
 
 from __future__ import annotations
@@ -256,6 +257,9 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
     replica is up. Ray must be initialized; :func:`shutdown` undoes it."""
     import ray
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from .ray_router import SessionAffinityRouter
 
     threads = spec["load_kw"]["threads"]
     store = ray.remote(StateStore).options(
@@ -267,6 +271,10 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
         "graceful_shutdown_timeout_s": max(spec["config"]["graceful_timeout"], 0.1),
         "health_check_period_s": 2.0,
         "logging_config": {"enable_access_log": spec.get("access_log", True)},
+        # X-Session-Id: a session's requests go to one replica, where its prefix is cached
+        "request_router_config": RequestRouterConfig(
+            request_router_class=SessionAffinityRouter,
+            request_router_kwargs={"overload": spec["config"]["max_concurrent"]}),
     }
     if autoscale is not None:
         lo, hi = autoscale
