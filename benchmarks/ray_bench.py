@@ -113,6 +113,11 @@ SYSTEM = ("You are the ship's log of the schooner Wanderer. Answer in the voice 
           "state of the rigging in every answer, and never use more than three sentences. ") * 4
 
 
+NEWS = ("We sighted two whales off the port bow this morning, the cook burned the bread again, "
+        "and the mate swears the barometer is falling. What do you make of it, and what should "
+        "we do about the foresail before nightfall?")
+
+
 def chat_sessions(url: str, sessions: int, turns: int, max_tokens: int, affinity: bool) -> dict:
     """``sessions`` conversations at once, ``turns`` turns each: prompt tokens, cached ones."""
     def session(i):
@@ -120,7 +125,7 @@ def chat_sessions(url: str, sessions: int, turns: int, max_tokens: int, affinity
         headers = {"X-Session-Id": f"session-{i}"} if affinity else {}
         with httpx.Client(timeout=600) as c:
             for t in range(turns):
-                msgs.append({"role": "user", "content": f"Day {t} of voyage {i}: any news?"})
+                msgs.append({"role": "user", "content": f"Day {t} of voyage {i}. " + NEWS})
                 r = c.post(url + "/v1/chat/completions", headers=headers, json={
                     "model": "bench", "messages": msgs, "max_tokens": max_tokens,
                     "seed": 100 * i + t, "temperature": 1.0})
@@ -139,6 +144,7 @@ def chat_sessions(url: str, sessions: int, turns: int, max_tokens: int, affinity
     cached = sum(c for s in done for _, c, _ in s)
     return {"sessions": sessions, "turns": turns, "seconds": wall, "prompt_tokens": prompt,
             "cached_tokens": cached, "cached_fraction": cached / prompt,
+            "prefilled_tokens": prompt - cached,
             "replicas_per_session": statistics.fmean(len({r for *_, r in s}) for s in done)}
 
 
