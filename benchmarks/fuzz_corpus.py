@@ -72,7 +72,7 @@ def make_corpus():
     from rwkvpy.chat import SIDECAR_SUFFIX, ChatSession
     from rwkvpy.convert import convert
     from rwkvpy.formats import gguf as rg
-    from rwkvpy.config import Version
+    from rwkvpy import Version
     from rwkvpy.sampling import SamplingParams
     from rwkvpy.tokenizers import ByteTokenizer
 

@@ -45,7 +45,7 @@ def inputs(folder: Path, big: bool = False) -> dict:
     base = folder / "base.pth"
     if not base.exists():
         if big:
-            from rwkvpy.config import Version
+            from rwkvpy import Version
             from rwkvpy.synth import save_random_model
 
             save_random_model(base, version=Version.V7, n_embd=512, n_layer=4, vocab=8192,
