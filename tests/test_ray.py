@@ -148,6 +148,18 @@ def test_batch_perplexity_on_ray_resumes_an_interrupted_run(cluster, tmp_path, c
 
 
 # -- Ray Serve -----------------------------------------------------------------------------------
+def test_serve_ray_options_are_checked_before_ray_starts(capsys):
+    from rwkvpy.cli import main
+
+    for args, says in ((["--autoscale", "2:1"], "0 <= MIN <= MAX"),
+                       (["--autoscale", "two"], "MIN:MAX"),
+                       (["--autoscale", "1:2", "--replicas", "2"], "not both"),
+                       (["--replicas", "0"], "--replicas must be > 0")):
+        assert main(["serve", "demo", "--ray", *args]) == 1
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+
+
 @pytest.fixture(scope="module")
 def served(cluster, tmp_path_factory):
     """``rwkvpy serve demo --ray`` with 2 replicas, joining the module's Ray instance."""

@@ -42,8 +42,6 @@ def replica_spec(args, api_key, states) -> dict:
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
-    from .startup import ServeError
-
     lo, sep, hi = (text or "").partition(":")
     try:
         lo, hi = int(lo), int(hi)
