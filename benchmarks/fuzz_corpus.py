@@ -69,10 +69,10 @@ def make_corpus():
     from safetensors.torch import save_file
 
     import rwkvpy
+    from rwkvpy import Version
     from rwkvpy.chat import SIDECAR_SUFFIX, ChatSession
     from rwkvpy.convert import convert
     from rwkvpy.formats import gguf as rg
-    from rwkvpy import Version
     from rwkvpy.sampling import SamplingParams
     from rwkvpy.tokenizers import ByteTokenizer
 
@@ -112,7 +112,7 @@ def make_corpus():
         model.forward([1, 2, 3])[1].save(out("state", "v7.state"))
         session = ChatSession(model, ByteTokenizer(),
                               SamplingParams(max_tokens=4, seed=1, temperature=1.0))
-        session.say("hi").text
+        _ = session.say("hi").text  # the reply, read to its end
         session.save(tmp / "chat.state")
         shutil.copy(tmp / "chat.state", CONTEXT / "chat.state")
         shutil.copy(tmp / ("chat.state" + SIDECAR_SUFFIX), out("chat", "chat.json"))

@@ -92,7 +92,7 @@ def write(name: str, dst: str, src: dict) -> None:
             from rwkvpy.tokenizers import ByteTokenizer
 
             session = ChatSession(model, ByteTokenizer(), SamplingParams(max_tokens=4, seed=1))
-            session.say("Hello there").text
+            _ = session.say("Hello there").text  # the reply, read to its end
             session.save(dst)
     elif name == "repack-cache":
         if not os.path.exists(dst):

@@ -17,8 +17,13 @@ from hypothesis import strategies as st
 
 import rwkvpy
 from rwkvpy import SamplingParams, State, errors
-from rwkvpy.tokenizers import (ByteTokenizer, NeoXTokenizer, StreamDecoder, TokenizerError,
-                               WorldTokenizer)
+from rwkvpy.tokenizers import (
+    ByteTokenizer,
+    NeoXTokenizer,
+    StreamDecoder,
+    TokenizerError,
+    WorldTokenizer,
+)
 
 FAST = settings(max_examples=15, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -8,17 +8,24 @@ the storm every slot is free, the server answers, and its memory is near where i
 
 from __future__ import annotations
 
-import threading
+import sys
 import time
 
 import httpx
 import pytest
 import schemathesis
+from conftest import ROOT
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import (content_type_conformance, not_a_server_error,
-                                 response_schema_conformance, status_code_conformance)
-
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from test_server import Server
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.disconnect_storm import rss_mb, storm  # noqa: E402
 
 KEY = "abuse-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -71,47 +78,6 @@ def test_every_route_conforms(case, server):
 
 # -- a storm of streams, half the clients hanging up -----------------------------------------------
 
-def _rss_mb(pid) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def storm(url: str, clients: int, hang_up_after: int = 3, full_tokens: int = 16) -> dict:
-    """``clients`` concurrent streaming completions: the even ones hang up after
-    ``hang_up_after`` events of an endless request, the odd ones read to the end. Returns what
-    the finishers received."""
-    done, errors = [], []
-
-    def run(i):
-        try:
-            with httpx.Client(base_url=url, timeout=120) as http:
-                body = {"prompt": f"Client {i} says", "stream": True, "seed": i,
-                        "max_tokens": 100000 if i % 2 == 0 else full_tokens}
-                with http.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        errors.append((i, r.status_code, r.read()))
-                        return
-                    n, last = 0, None
-                    for line in r.iter_lines():
-                        if line.startswith("data: "):
-                            n, last = n + 1, line
-                            if i % 2 == 0 and n >= hang_up_after:
-                                return  # the with blocks close the connection mid-stream
-                    done.append((i, n, last))
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            errors.append((i, type(e).__name__, str(e)))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    return {"done": done, "errors": errors}
-
-
 def test_disconnect_storm_frees_every_slot(tmp_path):
     s = Server(["--max-tokens-limit", "100000", "--max-concurrent", "32"], tmp_path / "log",
                model="demo")
@@ -120,7 +86,7 @@ def test_disconnect_storm_frees_every_slot(tmp_path):
             for _ in range(3):  # warm: the kernels, the prefix cache's first states
                 assert http.post("/v1/completions", json={"prompt": "Warm up",
                                                           "max_tokens": 16}).status_code == 200
-            base = _rss_mb(s.proc.pid)
+            base = rss_mb(s.proc.pid)
             out = storm(s.url, 16)
             assert not out["errors"], out["errors"]
             assert len(out["done"]) == 8 and all(last == "data: [DONE]"
@@ -131,7 +97,7 @@ def test_disconnect_storm_frees_every_slot(tmp_path):
                 time.sleep(0.05)
             r = http.post("/v1/completions", json={"prompt": "Still there?", "max_tokens": 4})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-            grown = _rss_mb(s.proc.pid) - base
+            grown = rss_mb(s.proc.pid) - base
             assert grown < 150, f"RSS grew {grown:.0f} MB over the storm (from {base:.0f} MB)"
     finally:
         s.stop()

@@ -20,8 +20,6 @@ from __future__ import annotations
 import os
 import warnings
 
-import torch
-
 from .errors import ConversionError, OutputExistsError
 
 
