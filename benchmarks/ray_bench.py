@@ -23,11 +23,18 @@ without (Ray Serve's default choice), on fresh replicas each time. Reported: the
 read from the prefix cache (the responses' ``cached_tokens``) over all prompt tokens, the
 cache's lookup hits and misses (``/v1/stats``), and the time of the whole workload.
 
+With ``--autoscale MIN:MAX``, only autoscaling instead: the deployment autoscales from MIN
+replicas (1 thread each, ``--max-concurrent`` 8 so that one replica is meant for 4 requests in
+flight), ``--clients`` clients send completions without pause until MAX replicas run or
+``--autoscale-timeout`` seconds pass; reported: when each replica count was first seen
+(Ray Serve's status) and the completions finished in each interval between.
+
 Ray runs as a local instance with the machine's CPUs (127.0.0.1, no dashboard); everything is
 shut down at the end. Usage::
 
     python benchmarks/ray_bench.py [--json results.json]
     python benchmarks/ray_bench.py --sessions 8 --turns 4
+    python benchmarks/ray_bench.py --autoscale 1:2 --clients 16
 """
 
 from __future__ import annotations
@@ -178,6 +185,79 @@ def sessions_mode(a, cpus: int) -> dict:
     return out
 
 
+def autoscale_mode(a, cpus: int) -> dict:
+    import threading
+
+    import ray
+    from ray import serve
+
+    from rwkvpy.cli.serve_ray import parse_autoscale
+    from rwkvpy.server import ray_serve
+
+    lo, hi = parse_autoscale(a.autoscale)
+    ray.init(num_cpus=max(cpus, hi), include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)
+    stop, done, rejected, lock = threading.Event(), [], [], threading.Lock()
+
+    def client(i):
+        with httpx.Client(timeout=600) as c:
+            while not stop.is_set():
+                r = c.post(url + "/v1/completions", json={
+                    "model": "bench", "prompt": PROMPTS[i % len(PROMPTS)],
+                    "max_tokens": a.max_tokens, "seed": i, "stop": []})
+                if r.status_code == 429:  # the replica's slots are full: counted, tried again
+                    rejected.append(time.perf_counter())
+                    time.sleep(0.1)
+                    continue
+                r.raise_for_status()
+                with lock:
+                    done.append(time.perf_counter())
+
+    timeline = []
+    try:
+        url = ray_serve.deploy(ray_spec(a.model, 1, "--max-concurrent", "8"),
+                               autoscale=(lo, hi), port=0)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
+        for t in threads:
+            t.start()
+        last = None
+        while time.perf_counter() - t0 < a.autoscale_timeout:
+            st = serve.status().applications[ray_serve.APP_NAME].deployments["rwkvpy"]
+            running = dict(st.replica_states).get("RUNNING", 0)
+            if running != last:
+                now = time.perf_counter()
+                with lock:
+                    n = len(done)
+                timeline.append({"seconds": round(now - t0, 1), "running": running,
+                                 "completions_so_far": n, "load_avg": _load_avg()})
+                print(f"... {now - t0:.1f} s: {running} replica(s) running, {n} completions",
+                      file=sys.stderr, flush=True)
+                last = running
+            if running >= hi:
+                break
+            time.sleep(0.5)
+        time.sleep(10)  # the rate with MAX replicas
+        stop.set()
+        for t in threads:
+            t.join()
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        ray_serve.shutdown()
+        ray.shutdown()
+    out = {"autoscale": [lo, hi], "clients": a.clients, "max_tokens": a.max_tokens,
+           "timeline": timeline, "seconds": end - t0, "completions": len(done),
+           "rejected_429": len(rejected)}
+    if len(timeline) > 1:  # completions/s before the last scale-up and in the 10 s after it
+        up = t0 + timeline[-1]["seconds"]
+        before = [t for t in done if t < up]
+        after = [t for t in done if up <= t < up + 10]
+        out["completions_per_s_before"] = len(before) / (up - t0)
+        out["completions_per_s_after"] = len(after) / 10
+    return out
+
+
 def single_process_server(model: str, threads: int):
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "rwkvpy.server", model, "--port", "0",
@@ -196,7 +276,7 @@ def single_process_server(model: str, threads: int):
         time.sleep(0.2)
 
 
-def ray_spec(model: str, threads: int) -> dict:
+def ray_spec(model: str, threads: int, *extra: str) -> dict:
     from rwkvpy.cli.options import take_positionals
     from rwkvpy.cli.serve import add_serve_arguments
     from rwkvpy.cli.serve_ray import replica_spec
@@ -204,7 +284,7 @@ def ray_spec(model: str, threads: int) -> dict:
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
     args = p.parse_args([model, "--threads", str(threads), "--model-name", "bench",
-                         "--no-access-log"])
+                         "--no-access-log", *extra])
     take_positionals(args)
     return replica_spec(args, None, [])
 
@@ -249,6 +329,9 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=0,
                     help="measure only the prefix cache's hit rate with this many chat sessions")
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                    help="measure only the scale-up under load")
+    ap.add_argument("--autoscale-timeout", type=float, default=180.0)
     ap.add_argument("--json", metavar="PATH", default=None)
     a = ap.parse_args()
     import ray
@@ -261,6 +344,9 @@ def main() -> int:
     say = lambda m: print(f"... {m}", file=sys.stderr, flush=True)  # noqa: E731
     if a.sessions:
         out.update(sessions_mode(a, cpus))
+        return _report(out, a.json)
+    if a.autoscale:
+        out.update(autoscale_mode(a, cpus))
         return _report(out, a.json)
 
     say("single-process server")
