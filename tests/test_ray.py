@@ -148,6 +148,21 @@ def test_batch_perplexity_on_ray_resumes_an_interrupted_run(cluster, tmp_path, c
 
 
 # -- Ray Serve -----------------------------------------------------------------------------------
+def test_session_home_replica_is_stable():
+    """Rendezvous hashing: every proxy picks the same home whatever the order it lists the
+    replicas in, sessions spread over all of them, and a replica that leaves moves only its own
+    sessions."""
+    from rwkvpy.server.ray_router import home_replica
+
+    ids = [f"replica{i}" for i in range(4)]
+    homes = {f"s{k}": home_replica(f"s{k}", ids) for k in range(400)}
+    assert all(home_replica(s, ids[::-1]) == h for s, h in homes.items())
+    assert all(60 < list(homes.values()).count(r) < 140 for r in ids)
+    rest = ids[1:]
+    for s, h in homes.items():
+        assert home_replica(s, rest) == h if h != ids[0] else home_replica(s, rest) in rest
+
+
 def test_serve_ray_options_are_checked_before_ray_starts(capsys):
     from rwkvpy.cli import main
 
