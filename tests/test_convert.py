@@ -132,7 +132,7 @@ def test_quantized_gguf_equals_bin(tmp_path, typ):
         ckpt = rwkvpy.formats.read(pth(name))
         entries, _ = rgguf.gguf_entries(list(ckpt.tensors), ckpt.shapes,
                                         rwkvpy.models.detect_version(ckpt.shapes),
-                                        rwkvpy.config_from_shapes(ckpt.shapes))
+                                        rwkvpy.models.config_from_shapes(ckpt.shapes))
         to_gguf = {e.inputs[0]: e.name for e in entries if len(e.inputs) == 1
                    and not e.extra.get("dummy")}
         assert len(gq) == len(bq) > 0, name
