@@ -259,8 +259,6 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from .ray_router import SessionAffinityRouter
-
     threads = spec["load_kw"]["threads"]
     store = ray.remote(StateStore).options(
         name=STORE_NAME, namespace="serve", get_if_exists=True, max_restarts=0,
@@ -273,7 +271,8 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
         "logging_config": {"enable_access_log": spec.get("access_log", True)},
         # X-Session-Id: a session's requests go to one replica, where its prefix is cached
         "request_router_config": RequestRouterConfig(
-            request_router_class=SessionAffinityRouter,
+            # a path: imported where each proxy runs (pydantic's signature confuses mypy)
+            request_router_class="rwkvpy.server.ray_router.SessionAffinityRouter",  # type: ignore[arg-type]
             request_router_kwargs={"overload": spec["config"]["max_concurrent"]}),
     }
     if autoscale is not None:
