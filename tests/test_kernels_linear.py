@@ -201,7 +201,7 @@ def test_x8_one_vector_streams_bit_identical(fmt, n_out):
         sx2 = np.empty((1, K // 32), np.float32)
         LX._quantize_x(x2, xq2, dx2, sx2, 127.0)
         for g in range(pk.shape[0]):
-            LX._dotx8(kind, pk, g, xq2, dx2, sx2, K // 32, y2, 0)
+            LX._dotx8(kind, (pk, g, xq2, dx2, sx2, K // 32, y2, 0))
 
     @njit
     def one_group_at_a_time_i16(pk, x2, y2):
@@ -738,12 +738,12 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
                 v7._loras_in_par(tuple(xs), tuple(W1s), 5, hid, n)
                 parts = np.empty((4, B, glue.LORA_PARTS, C), np.float32)
                 v7._lora_out_par(hid, tuple(W2s), 5, parts)
-                v7._v7_time_par(*rkv, vf, parts, Dv > 0, *lor, first, *vecs, eps, S,
-                                   S_out, y, n)
+                v7._v7_time_par((*rkv, vf, *lor), parts, Dv > 0, tuple(vecs), first, eps, S,
+                                S_out, y, n)
             else:
-                v7._v7_loras(*xs, W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3],
-                                W2s[3], 5, *lor)
-                v7._v7_core(*rkv, vf, *lor, first, *vecs, eps, S, S_out, y)
+                v7._v7_loras(tuple(xs), (W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3],
+                                         W2s[3]), 5, tuple(lor))
+                v7._v7_core((*rkv, vf, *lor), tuple(vecs), first, eps, S, S_out, y)
             outs.append((y, S_out, vf) + tuple(lor[j] for j in range(4) if Dv or j != 2))
         for a, b in zip(*outs):
             assert np.array_equal(a, b) and np.isfinite(a).all()
@@ -775,7 +775,7 @@ def test_v6_mix_threads_bit_identical(kind):
     outs = []
     for threads in (1, 2):
         out, dec = np.empty((5, B, C), np.float32), np.empty((B, C), np.float32)
-        v6._v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads)
+        v6._v6_mix(xx, prev, xxx, (w1, w2, td, dw1, dw2), maa, kind, out, dec, threads)
         outs.append((out, dec))
     for a, b in zip(*outs):
         assert np.array_equal(a, b) and np.isfinite(a).all()

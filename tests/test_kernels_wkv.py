@@ -237,7 +237,7 @@ def test_affine_scan_composes_maps():
     for n in (1, 2, 5, 8, 13):
         A, B = torch.randn(n, 3, 4, 4, generator=g) * 0.5, torch.randn(n, 3, 4, 2, generator=g)
         S0 = torch.randn(3, 4, 2, generator=g)
-        PA, PB = W._affine_scan(A, B, torch.matmul)
+        PA, PB = W.chunked._affine_scan(A, B, torch.matmul)
         S = S0
         for c in range(n):
             S = A[c] @ S + B[c]
@@ -300,8 +300,8 @@ def test_serial_forms_with_extreme_decays(kind):
 def _spy(monkeypatch, name, calls=None):
     """Record the thread count of each call of wkv's parallel kernel ``name`` in ``calls``."""
     calls = [] if calls is None else calls
-    kernel = getattr(W, name)
-    monkeypatch.setattr(W, name, lambda *a: calls.append(a[-1]) or kernel(*a))
+    kernel = getattr(W.serial, name)
+    monkeypatch.setattr(W.serial, name, lambda *a: calls.append(a[-1]) or kernel(*a))
     return calls
 
 

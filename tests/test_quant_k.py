@@ -6,7 +6,7 @@
 * quantization byte for byte against ggml's own quantizer: tests/fixtures/kquants (made by
   tools/make_kquant_fixtures.py with ggml_quantize_chunk: bytes of a few rows, digests of
   8192 super-blocks the tool's wide_rows regenerates);
-* the exact kernels (kernels/kquants_ir.py) bit for bit / within float32 summation of the
+* the exact kernels (kernels/ir/kquants.py) bit for bit / within float32 summation of the
   dequantized weights; the integer kernels as close to float32 as llama.cpp's Q8_K method;
   the 8-row interleaved kernels (Q4_K, Q5_K, Q6_K) equal to the row kernels within float32
   summation, bit-identical across their own variants (streams, 4-vector passes, threads);
@@ -177,7 +177,7 @@ def test_nearest_int_is_ggml():
 
 # ------------------------------------------------------------------------------ kernels
 
-kir = pytest.importorskip("rwkvpy.kernels.kquants_ir")
+kir = pytest.importorskip("rwkvpy.kernels.linear.kquant_drivers")
 
 
 def _q8k_ggml(x):
@@ -398,7 +398,7 @@ def test_mix_types():
 @pytest.fixture(scope="module")
 def kmodels(tmp_path_factory):
     from rwkvpy.convert import convert
-    from rwkvpy.models.config import Version
+    from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
     d = tmp_path_factory.mktemp("kq")

@@ -1,15 +1,15 @@
 """Compiled CPU kernels, by concern:
 
 * :mod:`.linear`: the matrix products (one class per storage format and policy, make_linear
-  the one place that picks; exact row kernels, the integer products, prompt tiles, numba's
-  threads);
+  the one place that picks; exact row kernels, the integer products, the K-quants' drivers,
+  prompt tiles, numba's threads); :mod:`.kquants`: the K-quants' linears;
 * :mod:`.decode`: the one-token step, one module per RWKV version;
 * :mod:`.wkv`: the v4, v5/v6 and v7 state recurrences over a sequence: token by token in
-  compiled vector code on the CPU (:func:`wkv5_serial`, :func:`wkv7_serial`) and in chunked
-  parallel form for GPUs (:func:`wkv5_chunked`, :func:`wkv7_chunked`), imported from here on
-  first use;
-* :mod:`.ir`: the explicit LLVM vector code they are built from, by subject; :mod:`.kinds`:
-  the formats as the kernels number them; :mod:`.kquants` / :mod:`.kquants_ir`: the K-quants;
+  compiled vector code on the CPU (wkv/serial.py: :func:`wkv5_serial`, :func:`wkv7_serial`)
+  and in chunked parallel form for GPUs (wkv/chunked.py: :func:`wkv5_chunked`,
+  :func:`wkv7_chunked`), imported from here on first use;
+* :mod:`.ir`: the explicit LLVM vector code they are built from, by subject (the K-quants'
+  too); :mod:`.kinds`: the formats as the kernels number them;
 * :mod:`.cpu` (the capability level), :mod:`.backend` (a mode's fast paths), :mod:`.cache`
   (repacked weights on disk), :mod:`.gpu`, :mod:`.numba_cache`.
 

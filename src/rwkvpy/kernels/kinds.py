@@ -5,7 +5,7 @@ serves every format: its ``kind`` argument selects the branch), and it answers w
 kernels need to know of a format's blocks. Those facts are read from the format classes of
 :mod:`rwkvpy.quant` (bytes and elements per block, the fields of ggml's block struct), so that
 no kernel repeats them as literals. The K-quants (256-element blocks) have kernels of their own
-(kernels/kquants_ir.py).
+(kernels/ir/kquants.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Linears for the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): ggml's super-blocks of 256 weights,
-multiplied by the kernels of kernels/kquants_ir.py. :func:`kernels.linear.make_linear` hands
-K-quant weights to :func:`make_kquant_linear`.
+multiplied by the kernels of kernels/ir/kquants.py and kquants_x8.py (numba drivers:
+kernels/linear/kquant_drivers.py). :func:`kernels.linear.make_linear` hands K-quant weights to
+:func:`make_kquant_linear`.
 
 ==============  ================================================================================
 policy          kernel
@@ -46,7 +47,7 @@ KQUANT_X8_FORMATS = ("Q4_K", "Q5_K", "Q6_K")
 KQUANT_DOT_MAX_T = 4
 
 if HAVE_NUMBA:
-    from . import kquants_ir as _k
+    from .linear import kquant_drivers as _k
 
 
 def _chunk(n_out: int, n: int) -> int:
@@ -81,7 +82,7 @@ class KQuantLinear(Linear):
         return fmt
 
     def numba_spec(self):
-        # Linear._rows runs kernels.linear.row_product on this spec: kquants_ir's mv_rows /
+        # Linear._rows runs kernels.linear.row_product on this spec: kquant_drivers' mv_rows /
         # mv_par (K_ROWS), mvq / mvq_par (K_ROWS_INT8), mvx8 / mvx8_par (K_X8)
         return self._cached_spec(self._spec_mode, self._raw2)
 
@@ -107,7 +108,7 @@ class KQuantDotLinear(KQuantLinear):
 
 class KQuantX8Linear(KQuantLinear):
     """Q4_K, Q5_K, Q6_K weights repacked once into groups of 8 interleaved rows (the same bytes,
-    moved: kernels/kquants_ir.py, X8_FIELDS), activations rounded to Q8_K-like int8 blocks,
+    moved: kernels/ir/kquants_x8.py, X8_FIELDS), activations rounded to Q8_K-like int8 blocks,
     integer products with each row's sum in its own lane (``policy="fast"``, CPU level avx2 and
     up). The same integers as :class:`KQuantDotLinear`'s products on ggml's rows (llama.cpp's
     method), summed in float32 in another order.

@@ -19,10 +19,13 @@ import torch
 
 from ..ir import vecmath as _vm
 from ..kinds import Kind
+from ..linear.dispatch import by_kind
 from ..linear.product import row_product
 from ..linear.rows import _float_at, _mv_par, _mv_rows
 
 _F16, _F32 = int(Kind.F16), int(Kind.F32)
+#: rows of a float kind scaled and added into one output (dispatch.by_kind)
+_axpys = by_kind((_vm.axpys_f16, _vm.axpys_bf16, _vm.axpys_f32), _F16)
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
@@ -132,12 +135,7 @@ def _vec_mat_part(x, W, kind, out, c0, c1, d0, d1):
     for d in range(d0, d1):
         out[d] = 0.0
     o = out[d0:e]
-    if kind == _F32:
-        _vm.axpys_f32(o, W, x, c0, c1, d0 * size, n32)
-    elif kind == _F16:
-        _vm.axpys_f16(o, W, x, c0, c1, d0 * size, n32)
-    else:
-        _vm.axpys_bf16(o, W, x, c0, c1, d0 * size, n32)
+    _axpys(kind, (o, W, x, c0, c1, d0 * size, n32))
     for c in range(c0, c1):  # the columns past the last whole 32 (each its own sum: the
         xc = x[c]            # same order of rows as the vector part)
         row = W[c]

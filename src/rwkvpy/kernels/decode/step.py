@@ -116,8 +116,8 @@ class FusedStep:
             v7 = cfg.version is Version.V7
             for i, (block, args) in enumerate(self.blocks):
                 state = (att_in[i], ffn_in[i], wkv_in[i], ao[i], fo[i], so[i])
-                delta = (block(xn, delta, *state, v_first, *args, eps, threads) if v7 else
-                         block(xn, delta, *state, *args, eps, threads))
+                delta = (block(xn, delta, state, v_first, *args, eps, threads) if v7 else
+                         block(xn, delta, state, *args, eps, threads))
         finally:
             if parallel:
                 PARALLEL_LOCK.release()

@@ -17,13 +17,14 @@ from .glue import (_mix_in, _np, _products, _relu_sq, _sigmoid)
 
 
 @numba.njit(cache=True, nogil=True)
-def _channel_mix_v4(x, att, ln2w, ln2b, eps, ffn_prev, fmix, ffn_new, kind, prods, n_ffn,
-                    threads):
+def _channel_mix_v4(x, att, layer, eps, ffn_prev, ffn_new, kind, threads):
     """v4/v5/v6 channel mix of a whole block: x += att, then sigmoid(x_r W_r) * W_v
-    relu(x_k W_k)^2 (prods[4:7]: ffn key, receptance, value)."""
+    relu(x_k W_k)^2 (layer.prods[4:7]: ffn key, receptance, value); ``layer`` a V4Layer,
+    V5Layer or V6Layer with its products' specs."""
+    prods, n_ffn = layer.prods, layer.n_ffn
     B, C = x.shape
     fn = np.empty((2, B, C), np.float32)
-    _mix_in(x, att, ln2w, ln2b, eps, ffn_prev, fmix, ffn_new, fn, kind)
+    _mix_in(x, att, layer.ln[2], layer.ln[3], eps, ffn_prev, layer.fmix, ffn_new, fn, kind)
     kk = _products(prods[4], fn[0], n_ffn, threads)
     _relu_sq(kk)
     rr = _products(prods[5], fn[1], C, threads)
@@ -36,10 +37,12 @@ def _channel_mix_v4(x, att, ln2w, ln2b, eps, ffn_prev, fmix, ffn_new, kind, prod
 
 
 @numba.njit(cache=True, nogil=True)
-def _v4_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
-              ln, mix, fmix, decay, u, prods, n_ffn, eps, threads):
-    """One whole v4 block in one call (FusedStep._layer's steps; see _v7_block). prods:
-    receptance, key, value, output, ffn key, ffn receptance, ffn value."""
+def _v4_block(x, delta, state, layer, eps, threads):
+    """One whole v4 block in one call (:func:`layer`'s steps; see v7._v7_block). layer: a
+    V4Layer with the specs of receptance, key, value, output, ffn key, ffn receptance, ffn
+    value."""
+    att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new = state
+    ln, mix, decay, u, prods = layer.ln, layer.mix, layer.decay, layer.first, layer.prods
     B, C = x.shape
     A = decay.shape[0]
     mn = np.empty((3, B, C), np.float32)
@@ -51,8 +54,7 @@ def _v4_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
     y = np.empty((B, A), np.float32)
     _v4_core(r, k, v, decay, u, S_prev, S_new, y)
     att = _products(prods[3], y, C, threads)
-    return _channel_mix_v4(x, att, ln[2], ln[3], eps[0], ffn_prev, fmix, ffn_new, 1, prods,
-                           n_ffn, threads)
+    return _channel_mix_v4(x, att, layer, eps[0], ffn_prev, ffn_new, 1, threads)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -80,6 +82,9 @@ class V4Layer(NamedTuple):
     fmix: np.ndarray  #: (2, C): the channel mix's time_mix_k, _r
     decay: np.ndarray  #: (C,) the WKV decay, as the model holds it
     first: np.ndarray  #: (C,) the WKV bonus of the current token (time_first)
+    #: the numba specs of the block's products (:func:`products`; set by :func:`block`)
+    prods: tuple = ()
+    n_ffn: int = 0  #: the channel mix's hidden size
 
 
 def layer_norms(w, i) -> tuple:
@@ -105,9 +110,8 @@ def pack(w, i, cfg) -> V4Layer:
 
 
 def block(layer: V4Layer, specs: tuple, cfg, i: int) -> tuple:
-    """(the block kernel, its arguments after the state's)."""
-    return _v4_block, (layer.ln, layer.mix, layer.fmix, layer.decay, layer.first, specs,
-                       cfg.n_ffn)
+    """(the block kernel, its arguments after the state)."""
+    return _v4_block, (layer._replace(prods=specs, n_ffn=cfg.n_ffn),)
 
 
 def channel_mix_steps(step, i, xn, y, io, ctx, kind):

@@ -20,9 +20,12 @@ from .v4 import (_channel_mix_v4)
 
 
 @numba.njit(cache=True, nogil=True)
-def _v5_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
-              ln, mix, fmix, w, u, lnx, prods, n_ffn, eps, threads):
-    """One whole v5 block (5.2: with the gate, prods[7], when mix has 4 rows)."""
+def _v5_block(x, delta, state, layer, eps, threads):
+    """One whole v5 block (see v7._v7_block; 5.2: with the gate, prods[7], when mix has 4
+    rows); layer: a V5Layer with its products' specs."""
+    att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new = state
+    ln, mix, w, u, lnx, prods = (layer.ln, layer.mix, layer.decay, layer.bonus, layer.lnx,
+                                 layer.prods)
     B, C = x.shape
     A = u.shape[0]
     mn = np.empty((mix.shape[0], B, C), np.float32)
@@ -35,8 +38,7 @@ def _v5_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
     if mix.shape[0] > 3:
         _silu_gate(y, _products(prods[7], mn[3], A, threads))
     att = _products(prods[3], y, C, threads)
-    return _channel_mix_v4(x, att, ln[2], ln[3], eps[0], ffn_prev, fmix, ffn_new, 1, prods,
-                           n_ffn, threads)
+    return _channel_mix_v4(x, att, layer, eps[0], ffn_prev, ffn_new, 1, threads)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -80,6 +82,9 @@ class V5Layer(NamedTuple):
     decay: np.ndarray  #: (1, C) the per-channel decay w
     bonus: np.ndarray  #: (C,) the bonus u of the current token
     lnx: tuple  #: the group norm's weight, bias
+    #: the numba specs of the block's products (:func:`products`; set by :func:`block`)
+    prods: tuple = ()
+    n_ffn: int = 0  #: the channel mix's hidden size
 
 
 def products(cfg) -> tuple:
@@ -100,12 +105,11 @@ def pack(w, i, cfg) -> V5Layer:
 
 
 def block(layer: V5Layer, specs: tuple, cfg, i: int) -> tuple:
-    """(the block kernel, its arguments after the state's). 5.0 has no gate: a placeholder
+    """(the block kernel, its arguments after the state). 5.0 has no gate: a placeholder
     spec for _v5_block's unused prods[7]."""
     if cfg.version is Version.V5_0:
         specs += specs[:1]
-    return _v5_block, (layer.ln, layer.mix, layer.fmix, layer.decay, layer.bonus, layer.lnx,
-                       specs, cfg.n_ffn)
+    return _v5_block, (layer._replace(prods=specs, n_ffn=cfg.n_ffn),)
 
 
 def layer(step, i, xn, delta, io, ctx):

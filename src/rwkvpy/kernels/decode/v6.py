@@ -21,8 +21,9 @@ from .v5 import (_v5_core)
 
 
 @numba.njit(cache=True, nogil=True)
-def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
-    """v6's data-dependent token shift and decay for each of B sequences (rows):
+def _v6_mix(xx, prev, xxx, lora, maa, kind, out, dec, threads):
+    """v6's data-dependent token shift and decay for each of B sequences (rows), with
+    ``lora`` = (w1, w2, td, dw1, dw2) (V6Layer.lora):
     h = tanh(xxx w1) (5 slices of D), x_j = xx + (prev - xx) * (maa_j + h_j w2[j]) for
     j = w, k, v, r, g into out[j], and dec = exp(-exp(td + tanh(x_w dw1) dw2)) (its exps
     in vector code: _vexp).
@@ -32,6 +33,7 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
     rows in LORA_PARTS parts, added in order (_parts_sum): on ``threads`` > 1 the parts (and
     the first products' columns) run on numba's threads, the same numbers. 24 layers of v6
     1.6B (F32 LoRAs, 88 MB a token), one thread, all four by axpys: 5.4 ms, 16-18 GB/s."""
+    w1, w2, td, dw1, dw2 = lora
     B, C = xx.shape
     D = w2.shape[1]
     P = LORA_PARTS
@@ -65,18 +67,19 @@ def _v6_mix(xx, prev, xxx, w1, w2, maa, td, dw1, dw2, kind, out, dec, threads):
 
 
 @numba.njit(cache=True, nogil=True)
-def _v6_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
-              ln, mix, fmix, maa, lora, lora_kind, u, lnx, prods, n_ffn, eps, threads):
-    """One whole v6 block: the data-dependent mixes and decay (_v6_mix), r/k/v/g, the v5
-    recurrence, the SiLU gate (prods[7]), output, channel mix."""
+def _v6_block(x, delta, state, layer, eps, threads):
+    """One whole v6 block (see v7._v7_block): the data-dependent mixes and decay (_v6_mix),
+    r/k/v/g, the v5 recurrence, the SiLU gate (prods[7]), output, channel mix; layer: a
+    V6Layer with its products' specs."""
+    att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new = state
+    ln, mix, u, lnx, prods = layer.ln, layer.mix, layer.bonus, layer.lnx, layer.prods
     B, C = x.shape
     A = u.shape[0]
-    w1, w2, td, dw1, dw2 = lora
     mn = np.empty((1, B, C), np.float32)
     _mix_in(x, delta, ln[0], ln[1], eps[0], att_prev, mix, att_new, mn, 0)
     x5 = np.empty((5, B, C), np.float32)
     dec = np.empty((B, A), np.float32)
-    _v6_mix(att_new, att_prev, mn[0], w1, w2, maa, td, dw1, dw2, lora_kind, x5, dec, threads)
+    _v6_mix(att_new, att_prev, mn[0], layer.lora, layer.maa, layer.lora_kind, x5, dec, threads)
     r = _products(prods[0], x5[3], A, threads)
     k = _products(prods[1], x5[1], A, threads)
     v = _products(prods[2], x5[2], A, threads)
@@ -85,8 +88,7 @@ def _v6_block(x, delta, att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new,
     _v5_core(r, k, v, dec, u, lnx[0], lnx[1], eps[1], S_prev, S_new, y)
     _silu_gate(y, g)
     att = _products(prods[3], y, C, threads)
-    return _channel_mix_v4(x, att, ln[2], ln[3], eps[0], ffn_prev, fmix, ffn_new, 0, prods,
-                           n_ffn, threads)
+    return _channel_mix_v4(x, att, layer, eps[0], ffn_prev, ffn_new, 0, threads)
 
 
 class V6Layer(NamedTuple):
@@ -103,6 +105,9 @@ class V6Layer(NamedTuple):
     lora_kind: int  #: the LoRAs' float format (kernels.kinds.Kind)
     bonus: np.ndarray  #: (C,) time_faaaa, the bonus u of the current token
     lnx: tuple  #: the group norm's weight, bias
+    #: the numba specs of the block's products (:func:`products`; set by :func:`block`)
+    prods: tuple = ()
+    n_ffn: int = 0  #: the channel mix's hidden size
 
 
 def products(cfg) -> tuple:
@@ -128,9 +133,8 @@ def pack(w, i, cfg) -> V6Layer:
 
 
 def block(layer: V6Layer, specs: tuple, cfg, i: int) -> tuple:
-    """(the block kernel, its arguments after the state's)."""
-    return _v6_block, (layer.ln, layer.mix, layer.fmix, layer.maa, layer.lora,
-                       layer.lora_kind, layer.bonus, layer.lnx, specs, cfg.n_ffn)
+    """(the block kernel, its arguments after the state)."""
+    return _v6_block, (layer._replace(prods=specs, n_ffn=cfg.n_ffn),)
 
 
 def layer(step, i, xn, delta, io, ctx):
@@ -147,8 +151,7 @@ def layer(step, i, xn, delta, io, ctx):
     y = np.empty((B, cfg.n_att), np.float32)
     x5 = step.scratch(ctx, "mixed5", (5, B, C))
     dec = step.scratch(ctx, "decay", (B, cfg.n_att))
-    w1, w2, td, dw1, dw2 = d.lora
-    _v6_mix(ao[i], att_in[i], mn[0], w1, w2, d.maa, td, dw1, dw2, d.lora_kind, x5, dec, 1)
+    _v6_mix(ao[i], att_in[i], mn[0], d.lora, d.maa, d.lora_kind, x5, dec, 1)
     mm = step.np_mm
     r, k, v = (mm(x5[j], a + n) for j, n in ((3, "receptance.weight"), (1, "key.weight"),
                                             (2, "value.weight")))

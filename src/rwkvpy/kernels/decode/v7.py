@@ -24,11 +24,16 @@ DECAY_SCALE = math.exp(-0.5)
 
 
 @numba.njit(cache=True, nogil=True)
-def _v7_loras(xw, xa, xv, xg, w1, w2, a1, a2, v1, v2, g1, g2, kind, wl, al, vl, g):
-    """The low-rank projections of a v7 time mix, for each of B sequences (rows):
-    wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped when v1 has no rows:
-    layer 0), g = sigmoid(xg g1) g2. The first matrices as their columns (_cols_bytes), the
-    second as their rows (_rows_bytes), in the dtype stored (``kind`` as in _vec_mat_part)."""
+def _v7_loras(xs, lora, kind, outs):
+    """The low-rank projections of a v7 time mix, for each of B sequences (rows): with
+    ``xs`` = (xw, xa, xv, xg), ``lora`` = (w1, w2, a1, a2, v1, v2, g1, g2) (V7Layer.lora) and
+    ``outs`` = (wl, al, vl, g): wl = tanh(xw w1) w2, al = (xa a1) a2, vl = (xv v1) v2 (skipped
+    when v1 has no rows: layer 0), g = sigmoid(xg g1) g2. The first matrices as their columns
+    (_cols_bytes), the second as their rows (_rows_bytes), in the dtype stored (``kind`` as in
+    _vec_mat_part)."""
+    xw, xa, xv, xg = xs
+    w1, w2, a1, a2, v1, v2, g1, g2 = lora
+    wl, al, vl, g = outs
     B = xw.shape[0]
     hid = _lora_hidden((w1, a1, v1, g1), kind, B)
     # np.int64(0), not 0: a literal argument gets a compiled version of the callee of its own
@@ -129,39 +134,40 @@ def _lora_out_sum(parts, outs, has_v, b, c0, c1):
 
 
 @numba.njit(cache=True, nogil=True)
-def _v7_core(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
-             S_in, S_out, y):
+def _v7_core(tok, vecs, first, eps, S_in, S_out, y):
     """v7 time mix after the projections, for one token of each of B sequences.
 
-    r, k, v, wl, al, vl, g (B, C) float32; vfirst (B, C) read (or written when first);
-    S_in (B, H, N, N) as in models/v7.py, read; S_out receives the new state (may be S_in);
-    y (B, C) receives (group_norm(S r) + bonus) * g.
+    tok = (r, k, v, vfirst, wl, al, vl, g): (B, C) float32, vfirst read (or written when
+    first); vecs: V7Layer.vecs; S_in (B, H, N, N) as in models/v7.py, read; S_out receives the
+    new state (may be S_in); y (B, C) receives (group_norm(S r) + bonus) * g.
     """
+    r, k, v, vfirst, wl, al, vl, g = tok
     for bi in range(S_in.shape[0]):
-        _v7_heads(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first, w0,
-                  a0, v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi], np.int64(0),
+        _v7_heads((r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi]), vecs, first,
+                  eps, S_in[bi], S_out[bi], y[bi], np.int64(0),
                   S_in.shape[1])  # (np.int64: one compiled _v7_heads for both callers)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _v7_time_par(r, k, v, vfirst, parts, has_v, wl, al, vl, g, first, w0, a0, v0, k_k, k_a,
-                 r_k, lnw, lnb, eps, S_in, S_out, y, n):
+def _v7_time_par(tok, parts, has_v, vecs, first, eps, S_in, S_out, y, n):
     """The LoRAs' outputs from their parts (_lora_out_par) and _v7_core on n threads, each
     taking a range of heads (the LoRA output columns of those heads, then their recurrence)."""
+    r, k, v, vfirst, wl, al, vl, g = tok
     B, H, N = S_in.shape[0], S_in.shape[1], S_in.shape[2]
     for t in numba.prange(n):
         h0, h1 = t * H // n, (t + 1) * H // n
         for bi in range(B):
             _lora_out_sum(parts, (wl, al, vl, g), has_v, bi, h0 * N, h1 * N)
-            _v7_heads(r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi], first,
-                      w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps, S_in[bi], S_out[bi], y[bi],
-                      h0, h1)
+            _v7_heads((r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi]), vecs,
+                      first, eps, S_in[bi], S_out[bi], y[bi], h0, h1)
 
 
 @numba.njit(cache=True, nogil=True)
-def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps,
-              S, S_out, y, h0, h1):
-    """Heads h0 .. h1 of one sequence's v7 recurrence (see _v7_core)."""
+def _v7_heads(tok, vecs, first, eps, S, S_out, y, h0, h1):
+    """Heads h0 .. h1 of one sequence's v7 recurrence (see _v7_core; ``tok``: the sequence's
+    rows)."""
+    r, k, v, vfirst, wl, al, vl, g = tok
+    w0, a0, v0, k_k, k_a, r_k, lnw, lnb = vecs
     N = S.shape[1]
     kk = np.empty(N, np.float32)
     kt = np.empty(N, np.float32)
@@ -223,18 +229,21 @@ def _v7_heads(r, k, v, vfirst, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new, v_first,
-              ln, mix, fmix, lora, lora_kind, vecs, prods, n_ffn, first, eps, threads):
-    """One whole v7 block in one call (FusedStep._layer_v7's steps, no Python between them):
+def _v7_block(x, delta, state, v_first, layer, first, eps, threads):
+    """One whole v7 block in one call (:func:`layer`'s steps, no Python between them):
     x (B, C) += delta, time mix, channel mix; returns the channel mix's output (B, C).
-    prods: the numba specs (kernels.linear.row_product) of receptance, key, value, output,
-    ffn key (n_ffn outputs), ffn value; eps: (layer norm, group norm); threads: numba's
-    threads for the products (set by the caller; 1: serial)."""
+    state: (att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new), the layer's rows of the
+    states read and written; layer: a V7Layer with its products' numba specs (receptance,
+    key, value, output, ffn key, ffn value: kernels.linear.row_product); first: layer 0 (sets
+    v_first, the value residual); eps: (layer norm, group norm); threads: numba's threads
+    for the products (set by the caller; 1: serial)."""
+    att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new = state
+    mix, fmix, lora, lora_kind = layer.mix, layer.fmix, layer.lora, layer.lora_kind
+    vecs, prods, n_ffn = layer.vecs, layer.prods, layer.n_ffn
     B, C = x.shape
-    ln1w, ln1b, ln2w, ln2b = ln
+    ln1w, ln1b, ln2w, ln2b = layer.ln
     w1, w2, a1, a2, v1, v2, g1, g2 = lora
-    w0, a0, v0, k_k, k_a, r_k, lnw, lnb = vecs
-    A = w0.shape[0]
+    A = vecs[0].shape[0]
     mn = np.empty((6, B, C), np.float32)
     _mix_in(x, delta, ln1w, ln1b, eps[0], att_prev, mix, att_new, mn, 0)
     r = _products(prods[0], mn[0], A, threads)
@@ -251,13 +260,11 @@ def _v7_block(x, delta, att_prev, ffn_prev, wkv_prev, att_new, ffn_new, wkv_new,
         _loras_in_par(xs, W1s, lora_kind, hid, threads)
         parts = np.empty((4, B, LORA_PARTS, A), np.float32)
         _lora_out_par(hid, (w2, a2, v2, g2), lora_kind, parts)
-        _v7_time_par(r, k, v, v_first, parts, hid[2].shape[1] > 0, wl, al, vl, g, first,
-                     w0, a0, v0, k_k, k_a, r_k, lnw, lnb, eps[1], wkv_prev, wkv_new, y, threads)
+        _v7_time_par((r, k, v, v_first, wl, al, vl, g), parts, hid[2].shape[1] > 0, vecs,
+                     first, eps[1], wkv_prev, wkv_new, y, threads)
     else:
-        _v7_loras(mn[1], mn[4], mn[3], mn[5], w1, w2, a1, a2, v1, v2, g1, g2, lora_kind,
-                  wl, al, vl, g)
-        _v7_core(r, k, v, v_first, wl, al, vl, g, first, w0, a0, v0, k_k, k_a, r_k, lnw, lnb,
-                 eps[1], wkv_prev, wkv_new, y)
+        _v7_loras((mn[1], mn[4], mn[3], mn[5]), lora, lora_kind, (wl, al, vl, g))
+        _v7_core((r, k, v, v_first, wl, al, vl, g), vecs, first, eps[1], wkv_prev, wkv_new, y)
     att = _products(prods[3], y, C, threads)
     kn = np.empty((1, B, C), np.float32)
     _mix_in(x, att, ln2w, ln2b, eps[0], ffn_prev, fmix, ffn_new, kn, 0)
@@ -278,6 +285,9 @@ class V7Layer(NamedTuple):
     lora: tuple
     lora_kind: int  #: the LoRAs' float format (kernels.kinds.Kind)
     vecs: tuple  #: w0, a0, v0 (layer 0: unused), k_k, k_a, r_k, ln_x weight, bias
+    #: the numba specs of the block's products (:func:`products`; set by :func:`block`)
+    prods: tuple = ()
+    n_ffn: int = 0  #: the channel mix's hidden size
 
 
 def products(cfg) -> tuple:
@@ -304,9 +314,8 @@ def pack(w, i, cfg) -> V7Layer:
 
 
 def block(layer: V7Layer, specs: tuple, cfg, i: int) -> tuple:
-    """(the block kernel, its arguments after the state's and v_first)."""
-    return _v7_block, (layer.ln, layer.mix, layer.fmix, layer.lora, layer.lora_kind,
-                       layer.vecs, specs, cfg.n_ffn, i == 0)
+    """(the block kernel, its arguments after the state and v_first)."""
+    return _v7_block, (layer._replace(prods=specs, n_ffn=cfg.n_ffn), i == 0)
 
 
 def layer(step, i, xn, delta, io, ctx):
@@ -326,11 +335,10 @@ def layer(step, i, xn, delta, io, ctx):
     k = mm(mn[2], a + "key.weight")
     v = mm(mn[3], a + "value.weight")
     wl, al, vl, g = (step.scratch(ctx, n, (B, A)) for n in ("wl", "al", "vl", "g"))
-    _v7_loras(mn[1], mn[4], mn[3], mn[5], *d.lora, d.lora_kind, wl, al, vl, g)
+    _v7_loras((mn[1], mn[4], mn[3], mn[5]), d.lora, d.lora_kind, (wl, al, vl, g))
     y = np.empty((B, A), np.float32)
-    w0, a0, v0, k_k, k_a, r_k, lnw, lnb = d.vecs
-    _v7_core(r, k, v, step.scratch(ctx, "v_first", (B, A)), wl, al, vl, g, i == 0, w0, a0,
-             v0, k_k, k_a, r_k, lnw, lnb, np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
+    _v7_core((r, k, v, step.scratch(ctx, "v_first", (B, A)), wl, al, vl, g), d.vecs, i == 0,
+             np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
     att = mm(y, a + "output.weight")
     kn = step.scratch(ctx, "fmixed", (1, B, C))
     _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d.fmix, fo[i], kn, 0)

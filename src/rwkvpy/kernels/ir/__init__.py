@@ -11,6 +11,8 @@ into one rounding); integer products use x86 AVX2 instructions, everything else 
 Modules: :mod:`.base` (IR helpers, the block decoders), :mod:`.rows` (products and decoding of
 rows as ggml stores them), :mod:`.x8` (the interleaved groups of the integer products),
 :mod:`.vecmath` (axpy, short dots, rounding activations to integer blocks, exp), :mod:`.state`
-(one token of a head's state, for kernels/wkv.py). The block formats' parameters (bytes per
-block, fields) come from kernels.kinds.Kind, itself read from rwkvpy.quant's format classes.
+(one token of a head's state, for kernels/wkv/serial.py), :mod:`.kquants` and
+:mod:`.kquants_x8` (the K-quants: rows as ggml stores them, interleaved groups). The block
+formats' parameters (bytes per block, fields) come from kernels.kinds.Kind, itself read from
+rwkvpy.quant's format classes.
 """

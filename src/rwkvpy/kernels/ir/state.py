@@ -1,4 +1,4 @@
-"""One token of a head's state for the sequence-mode recurrences of kernels/wkv.py
+"""One token of a head's state for the sequence-mode recurrences of kernels/wkv/serial.py
 (``wkv7_token``, ``wkv5_token``), as explicit LLVM vector code on rows of 16 value channels.
 """
 
@@ -11,7 +11,7 @@ from numba.extending import intrinsic
 
 from .base import _F32, _FMA, _I64, _arg_ptr, _splat, _vec
 
-# -- one token of a head's state (the CPU sequence recurrences of kernels/wkv.py) ---------------
+# -- one token of a head's state (the CPU sequence recurrences of kernels/wkv/) ---------------
 #
 # A head's state is kept as nk rows of nv values (row j: what key channel j holds of each value
 # channel), so every update of a token is a run of vertical multiply-adds on rows: the value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .. import kquants_ir as _kq
+from . import kquant_drivers as _kq
 from ..kinds import CHUNK
 from .rows import _mv_par, _mv_rows
 from .spec import (_LEN_K_ROWS, _LEN_K_ROWS_INT8, _LEN_K_X8, _LEN_ROWS, _LEN_X8_INT8,

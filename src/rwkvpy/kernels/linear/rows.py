@@ -23,9 +23,19 @@ from numba.extending import intrinsic
 
 from ..ir import rows as _ir_rows
 from ..kinds import Kind
+from .dispatch import by_kind
 
 _CACHE = {"cache": True, "nogil": True}
 _F16, _BF16, _F32 = int(Kind.F16), int(Kind.BF16), int(Kind.F32)
+#: The row kernels by kind (dispatch.by_kind): dequantize a row, row . vector (block and float
+#: kinds), 4 float rows a stride apart . vector (each summed as _dot_row sums it:
+#: ir.rows._row_dot_streams).
+_DEQ = by_kind((_ir_rows.deq_q4_0, _ir_rows.deq_q4_1, _ir_rows.deq_q5_0, _ir_rows.deq_q5_1,
+                _ir_rows.deq_q8_0))
+_DOT_BLOCKS = by_kind((_ir_rows.dot_q4_0, _ir_rows.dot_q4_1, _ir_rows.dot_q5_0,
+                       _ir_rows.dot_q5_1, _ir_rows.dot_q8_0))
+_DOT_FLOATS = by_kind((_ir_rows.dot_f16, _ir_rows.dot_bf16, _ir_rows.dot_f32), _F16)
+_DOTS = by_kind((_ir_rows.dots_f16, _ir_rows.dots_bf16, _ir_rows.dots_f32), _F16)
 
 
 @intrinsic
@@ -108,17 +118,7 @@ def _float_tail(kind, row, x, k0):
 @njit(**_CACHE)
 def _dec_row(kind, row, w, qk):
     """w = the row dequantized (kernels/ir/rows.py's deq_*: ggml's arithmetic, vector code)."""
-    nb = w.shape[0] // qk
-    if kind == 0:
-        _ir_rows.deq_q4_0(row, w, nb)
-    elif kind == 1:
-        _ir_rows.deq_q4_1(row, w, nb)
-    elif kind == 2:
-        _ir_rows.deq_q5_0(row, w, nb)
-    elif kind == 3:
-        _ir_rows.deq_q5_1(row, w, nb)
-    else:
-        _ir_rows.deq_q8_0(row, w, nb)
+    _DEQ(kind, (row, w, w.shape[0] // qk))
 
 
 @njit(inline="always", **_CACHE)
@@ -126,33 +126,9 @@ def _dot_row(kind, row, x, nb):
     """The first ``32 * nb`` weights of a row of format ``kind`` . x (inlined into the
     drivers; ``nb`` computed once per matrix: a call or a division per row cost ~20 % of
     a 65536 x 768 F16 product, and so did an F16 tail test inside the row loop)."""
-    if kind == 0:
-        return _ir_rows.dot_q4_0(row, x, nb)
-    elif kind == 1:
-        return _ir_rows.dot_q4_1(row, x, nb)
-    elif kind == 2:
-        return _ir_rows.dot_q5_0(row, x, nb)
-    elif kind == 3:
-        return _ir_rows.dot_q5_1(row, x, nb)
-    elif kind == 4:
-        return _ir_rows.dot_q8_0(row, x, nb)
-    elif kind == 5:
-        return _ir_rows.dot_f16(row, x, nb)
-    elif kind == 6:
-        return _ir_rows.dot_bf16(row, x, nb)
-    return _ir_rows.dot_f32(row, x, nb)
-
-
-@njit(inline="always", **_CACHE)
-def _dots_row(kind, raw2, r0, q, x, y, nb):
-    """y[r] = row r . x for r = r0, r0 + q, r0 + 2q, r0 + 3q (float kinds 5, 6, 7; each
-    row summed as _dot_row sums it: ir.rows._row_dot_streams)."""
-    if kind == 5:
-        _ir_rows.dots_f16(raw2, r0, q, x, y, nb)
-    elif kind == 6:
-        _ir_rows.dots_bf16(raw2, r0, q, x, y, nb)
-    else:
-        _ir_rows.dots_f32(raw2, r0, q, x, y, nb)
+    if kind >= _F16:
+        return _DOT_FLOATS(kind, (row, x, nb))
+    return _DOT_BLOCKS(kind, (row, x, nb))
 
 
 # --- drivers: ``kind`` selects the format (one compiled driver for all formats) ---------
@@ -168,7 +144,7 @@ def _mv_rows(kind, raw2, x2, y2, r0, r1, qk):
     if T == 1 and kind >= _F16:  # float rows, one vector: 4 quarters of the range at once
         q = (r1 - r0) // 4
         for i in range(q):
-            _dots_row(kind, raw2, r0 + i, q, x2[0], y2[0], nb)
+            _DOTS(kind, (raw2, r0 + i, q, x2[0], y2[0], nb))
         r = r0 + 4 * q
     for r in range(r, r1):
         row = raw2[r]

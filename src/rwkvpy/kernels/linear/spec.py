@@ -9,8 +9,9 @@ import numpy as np
 
 #: Product kinds of a numba spec (Linear.numba_spec, row_product): rows of any format
 #: (_mv_rows), interleaved groups with int8 activations (_mvx8), with int16 ones (_mvx8w);
-#: K-quants (kernels/kquants_ir.py, ``kind`` its KIND): exact rows (mv_rows), rows with int8
-#: activations (mvq), interleaved groups with int8 activations (mvx8).
+#: K-quants (kernels/linear/kquant_drivers.py, ``kind`` kernels/ir/kquants.py's KIND): exact
+#: rows (mv_rows), rows with int8 activations (mvq), interleaved groups with int8 activations
+#: (mvx8).
 ROWS, X8_INT8, X8_INT16, K_ROWS, K_ROWS_INT8, K_X8 = 0, 1, 2, 3, 4, 5
 #: The length of a spec of each product kind (:func:`_spec`: 4 + the kind's number, padded
 #: with Nones): numba reads a tuple argument's length when it compiles and drops

@@ -14,6 +14,7 @@ from ..ir import rows as _ir_rows
 from ..ir import vecmath as _vm
 from ..ir import x8 as _ir_x8
 from ..kinds import BLOCK_KINDS, Kind
+from .dispatch import by_kind
 from .rows import _dec_row, _dot_row, _rd32
 from .threads import _row_chunk, _rows_kernel
 
@@ -50,17 +51,9 @@ def _quantize_par(x2, xq2, dx2, sx2, qmax):
         _quantize_x(x2, xq2, dx2, sx2, qmax)
 
 
-@njit(inline="always", **_CACHE)
-def _dotq_row(kind, row, xq, dx, sx, nb):
-    if kind == 0:
-        return _ir_rows.dotq_q4_0(row, xq, dx, sx, nb)
-    elif kind == 1:
-        return _ir_rows.dotq_q4_1(row, xq, dx, sx, nb)
-    elif kind == 2:
-        return _ir_rows.dotq_q5_0(row, xq, dx, sx, nb)
-    elif kind == 3:
-        return _ir_rows.dotq_q5_1(row, xq, dx, sx, nb)
-    return _ir_rows.dotq_q8_0(row, xq, dx, sx, nb)
+#: row . int8 blocks of each block kind (dispatch.by_kind)
+_dotq_row = by_kind((_ir_rows.dotq_q4_0, _ir_rows.dotq_q4_1, _ir_rows.dotq_q5_0,
+                     _ir_rows.dotq_q5_1, _ir_rows.dotq_q8_0))
 
 
 # --- the 8-row interleaved layout of Int8DotLinear (record layout: kernels/ir/x8.py) -----
@@ -203,18 +196,9 @@ def _mvx8w_par(pk, tail, x2, y2, chunk):
     _mvx8w_tail(tail, x2, y2, 8 * G)
 
 
-@njit(inline="always", **_CACHE)
-def _deqx8(kind, pk, g, out, o0, nb):
-    if kind == 0:
-        _ir_x8.deqx8_q4_0(pk, g, out, o0, nb)
-    elif kind == 1:
-        _ir_x8.deqx8_q4_1(pk, g, out, o0, nb)
-    elif kind == 2:
-        _ir_x8.deqx8_q5_0(pk, g, out, o0, nb)
-    elif kind == 3:
-        _ir_x8.deqx8_q5_1(pk, g, out, o0, nb)
-    else:
-        _ir_x8.deqx8_q8_0(pk, g, out, o0, nb)
+#: a group's 8 rows decoded, per block kind
+_deqx8 = by_kind((_ir_x8.deqx8_q4_0, _ir_x8.deqx8_q4_1, _ir_x8.deqx8_q5_0, _ir_x8.deqx8_q5_1,
+                  _ir_x8.deqx8_q8_0))
 
 
 @njit(**_CACHE)
@@ -228,10 +212,10 @@ def _dec_rows_x8(kind, pk, tail, out, base, r0, r1, qk):
     while r < min(r1, n8):
         g = r >> 3
         if r % 8 == 0 and r + 8 <= r1:
-            _deqx8(kind, pk, g, out, r - base, nb)
+            _deqx8(kind, (pk, g, out, r - base, nb))
             r += 8
         else:  # part of a group: all of it into scratch, the rows asked for copied out
-            _deqx8(kind, pk, g, scratch, 0, nb)
+            _deqx8(kind, (pk, g, scratch, 0, nb))
             e = min(r1, 8 * g + 8)
             out[r - base: e - base] = scratch[r - 8 * g: e - 8 * g]
             r = e
@@ -247,19 +231,11 @@ def _dec_par_x8(kind, pk, tail, out, r0, r1, chunk, qk):
         _dec_rows_x8(kind, pk, tail, out, r0, a, min(r1, a + chunk), qk)
 
 
-@njit(inline="always", **_CACHE)
-def _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, t):
-    """Rows 8g .. 8g+7 for the vector t of x2 (as int8 blocks)."""
-    if kind == 0:
-        _ir_x8.dotx8_q4_0(pk, g, xq2, dx2, sx2, nb, y2, t)
-    elif kind == 1:
-        _ir_x8.dotx8_q4_1(pk, g, xq2, dx2, sx2, nb, y2, t)
-    elif kind == 2:
-        _ir_x8.dotx8_q5_0(pk, g, xq2, dx2, sx2, nb, y2, t)
-    elif kind == 3:
-        _ir_x8.dotx8_q5_1(pk, g, xq2, dx2, sx2, nb, y2, t)
-    else:
-        _ir_x8.dotx8_q8_0(pk, g, xq2, dx2, sx2, nb, y2, t)
+#: a group's 8 rows . one vector of int8 blocks, per block kind
+_dotx8 = by_kind((_ir_x8.dotx8_q4_0, _ir_x8.dotx8_q4_1, _ir_x8.dotx8_q5_0, _ir_x8.dotx8_q5_1,
+                  _ir_x8.dotx8_q8_0))
+_dotx8t_kind = by_kind((_ir_x8.dotx8t_q4_0, _ir_x8.dotx8t_q4_1, _ir_x8.dotx8t_q5_0,
+                        _ir_x8.dotx8t_q5_1, _ir_x8.dotx8t_q8_0))
 
 
 @njit(**_CACHE)
@@ -269,31 +245,12 @@ def _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t, n4):
     inlined: with the 5 formats' kernels inlined into _mvx8_groups' loop, 2048 x 2048 Q4_0
     products of 512 tokens ran 241-253 GOPS where a loop around one kernel ran 320-346;
     called, 342-356 (2 threads, one process, alternating)."""
-    if kind == 0:
-        _ir_x8.dotx8t_q4_0(pk, g, xq2, dx2, sx2, nb, y2, t, n4)
-    elif kind == 1:
-        _ir_x8.dotx8t_q4_1(pk, g, xq2, dx2, sx2, nb, y2, t, n4)
-    elif kind == 2:
-        _ir_x8.dotx8t_q5_0(pk, g, xq2, dx2, sx2, nb, y2, t, n4)
-    elif kind == 3:
-        _ir_x8.dotx8t_q5_1(pk, g, xq2, dx2, sx2, nb, y2, t, n4)
-    else:
-        _ir_x8.dotx8t_q8_0(pk, g, xq2, dx2, sx2, nb, y2, t, n4)
+    _dotx8t_kind(kind, (pk, g, xq2, dx2, sx2, nb, y2, t, n4))
 
 
-@njit(inline="always", **_CACHE)
-def _dotsx8(kind, pk, g, q, xq2, dx2, sx2, nb, y2):
-    """Groups g, g + q, g + 2q, ... (ir.x8.X8_STREAMS of them) for the one vector of x2."""
-    if kind == 0:
-        _ir_x8.dotsx8_q4_0(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
-    elif kind == 1:
-        _ir_x8.dotsx8_q4_1(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
-    elif kind == 2:
-        _ir_x8.dotsx8_q5_0(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
-    elif kind == 3:
-        _ir_x8.dotsx8_q5_1(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
-    else:
-        _ir_x8.dotsx8_q8_0(pk, g, q, xq2, dx2, sx2, nb, y2, 0)
+#: X8_STREAMS groups a stride apart . the one vector, per block kind
+_dotsx8 = by_kind((_ir_x8.dotsx8_q4_0, _ir_x8.dotsx8_q4_1, _ir_x8.dotsx8_q5_0,
+                   _ir_x8.dotsx8_q5_1, _ir_x8.dotsx8_q8_0))
 
 
 @njit(**_CACHE)
@@ -309,7 +266,7 @@ def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
         ns = _ir_x8.X8_STREAMS
         q = (g1 - g0) // ns
         for i in range(q):
-            _dotsx8(kind, pk, g0 + i, q, xq2, dx2, sx2, nb, y2)
+            _dotsx8(kind, (pk, g0 + i, q, xq2, dx2, sx2, nb, y2, 0))
         g0 += ns * q
     for t0 in range(0, T, X8_TOKENS):
         t1 = min(T, t0 + X8_TOKENS)
@@ -318,7 +275,7 @@ def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
             if n4:
                 _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t0, n4)
             for t in range(t0 + 4 * n4, t1):
-                _dotx8(kind, pk, g, xq2, dx2, sx2, nb, y2, t)
+                _dotx8(kind, (pk, g, xq2, dx2, sx2, nb, y2, t))
 
 
 @njit(**_CACHE)
@@ -326,7 +283,7 @@ def _mvx8_tail(kind, tail, xq2, dx2, sx2, y2, n8):
     nb = dx2.shape[1]
     for r in range(tail.shape[0]):
         for t in range(xq2.shape[0]):
-            y2[t, n8 + r] = _dotq_row(kind, tail[r], xq2[t], dx2[t], sx2[t], nb)
+            y2[t, n8 + r] = _dotq_row(kind, (tail[r], xq2[t], dx2[t], sx2[t], nb))
 
 
 @njit(**_CACHE)
