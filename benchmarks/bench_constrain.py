@@ -32,16 +32,20 @@ SCHEMA = {
         "email": {"type": "string", "format": "email"},
         "role": {"enum": ["admin", "user", "guest"]},
         "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 4},
-        "address": {"type": "object", "properties": {
-            "city": {"type": "string", "maxLength": 16},
-            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-            "required": ["city", "zip"]},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 16},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+        },
     },
     "required": ["name", "age", "role", "scores", "address"],
 }
-GBNF = r'''root ::= item ("," " "? item)*
+GBNF = r"""root ::= item ("," " "? item)*
 item ::= [a-z]+ ("=" [0-9]+)?
-'''
+"""
 
 
 def model_path(args) -> str:
@@ -123,29 +127,46 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     vocabulary(tok, model.config.vocab_size)
     vocab_s = time.perf_counter() - t0
-    cases = {"json_schema": Constraint.json_schema(SCHEMA), "json_object": Constraint.json_object(),
-             "gbnf": Constraint.grammar(GBNF)}
+    cases = {
+        "json_schema": Constraint.json_schema(SCHEMA),
+        "json_object": Constraint.json_object(),
+        "gbnf": Constraint.grammar(GBNF),
+    }
     rows = []
     for name, c in cases.items():
         r = run_case(model, tok, c, args)
         r["case"] = name
         rows.append(r)
-    info = {"model": os.path.basename(model_path(args)), "vocab": model.config.vocab_size,
-            "tokenizer": tok.name, "threads": args.threads, "vocabulary_build_s": vocab_s,
-            "loadavg": os.getloadavg()[0], "rows": rows}
+    info = {
+        "model": os.path.basename(model_path(args)),
+        "vocab": model.config.vocab_size,
+        "tokenizer": tok.name,
+        "threads": args.threads,
+        "vocabulary_build_s": vocab_s,
+        "loadavg": os.getloadavg()[0],
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"{info['model']}  vocab {info['vocab']} ({info['tokenizer']})  threads {args.threads}  "
-          f"llguidance vocabulary built in {vocab_s:.2f} s  load average {info['loadavg']:.2f}")
-    print(f"{'case':12} {'steps':>6} {'forward ms':>16} {'mask ms':>16} {'accept ms':>16} "
-          f"{'share':>6}")
+    print(
+        f"{info['model']}  vocab {info['vocab']} ({info['tokenizer']})  threads {args.threads}  "
+        f"llguidance vocabulary built in {vocab_s:.2f} s  load average {info['loadavg']:.2f}"
+    )
+    print(
+        f"{'case':12} {'steps':>6} {'forward ms':>16} {'mask ms':>16} {'accept ms':>16} "
+        f"{'share':>6}"
+    )
     print(f"{'':12} {'':>6} {'median / mean':>16} {'median / mean':>16} {'median / mean':>16}")
     for r in rows:
-        cells = [f"{r[k + '_median_ms']:.3f} / {r[k + '_mean_ms']:.3f}"
-                 for k in ("forward", "mask", "accept")]
-        print(f"{r['case']:12} {r['steps']:>6} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
-              f"{100 * r['share_mean']:5.1f}%")
+        cells = [
+            f"{r[k + '_median_ms']:.3f} / {r[k + '_mean_ms']:.3f}"
+            for k in ("forward", "mask", "accept")
+        ]
+        print(
+            f"{r['case']:12} {r['steps']:>6} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
+            f"{100 * r['share_mean']:5.1f}%"
+        )
     return 0
 
 

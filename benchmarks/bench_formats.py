@@ -47,10 +47,26 @@ def main() -> int:
             if not os.path.exists(dst):
                 print(f"converting to {dst}", file=sys.stderr)
                 convert(src, dst, type=typ, progress=False)
-            r = subprocess.run([sys.executable, "-m", "rwkvpy", "bench", dst, "--json",
-                                "--threads", str(args.threads), "--mode", args.mode,
-                                "--tokens", str(args.tokens), "--prompt", str(args.prompt)],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "rwkvpy",
+                    "bench",
+                    dst,
+                    "--json",
+                    "--threads",
+                    str(args.threads),
+                    "--mode",
+                    args.mode,
+                    "--tokens",
+                    str(args.tokens),
+                    "--prompt",
+                    str(args.prompt),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if r.returncode:
                 print(f"{dst}: {r.stderr.strip()}", file=sys.stderr)
                 continue
@@ -68,9 +84,11 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['format']} | {r['file_mb']:.0f} | {r['per_token_ms']:.1f} | "
-                     f"{r['bound_ms']:.1f} | {r['bound_ratio']:.2f} | {r['prompt_tokens_per_s']:.0f} | "
-                     f"{r['load_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['bandwidth_gbs']:.1f} |")
+        lines.append(
+            f"| {r['preset']} | {r['format']} | {r['file_mb']:.0f} | {r['per_token_ms']:.1f} | "
+            f"{r['bound_ms']:.1f} | {r['bound_ratio']:.2f} | {r['prompt_tokens_per_s']:.0f} | "
+            f"{r['load_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['bandwidth_gbs']:.1f} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -70,8 +70,12 @@ def bench_preset(preset, workdir, blinkdl, split, compare_separate=True):
     if not os.path.exists(path):
         t = time.perf_counter()
         save_random_model(path, preset, dtype=torch.float16)
-        report(section="make", preset=preset, seconds=round(time.perf_counter() - t, 1),
-               file_gb=round(os.path.getsize(path) / 1e9, 2))
+        report(
+            section="make",
+            preset=preset,
+            seconds=round(time.perf_counter() - t, 1),
+            file_gb=round(os.path.getsize(path) / 1e9, 2),
+        )
     t = time.perf_counter()
     model = rwkvpy.load(path, device="cuda")
     load_s = time.perf_counter() - t
@@ -90,17 +94,40 @@ def bench_preset(preset, workdir, blinkdl, split, compare_separate=True):
     model._step = TorchStep(model._net, model.state_device, graphs=False)
     eager_ms, _ = per_token_ms(model, 10)
     model._step = step
-    report(section="decode", preset=preset, gpu=torch.cuda.get_device_name(), load_s=round(load_s, 1),
-           bandwidth_gbs=round(bw, 1), bytes_per_token=nbytes, bound_ms=round(bound, 3),
-           graph_ms=round(graph_ms, 3), graph_min_ms=round(graph_min, 3),
-           graph_ratio=round(graph_ms / bound, 2), graphs_ok=graphs_ok,
-           graph_errors=step.graph_errors, groups=len(groups),
-           graph_separate_products_ms=round(separate_ms, 3), eager_ms=round(eager_ms, 3),
-           peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2))
-    section("batch", lambda: report(section="batch", preset=preset, **{
-        f"b{B}_tok_s": round(batch_tps(model, B), 1) for B in (4, 16, 64)}))
-    section("prompt", lambda: report(section="prompt", preset=preset, **{
-        f"t{T}_tok_s": round(prompt_tps(model, T), 1) for T in (512, 4096)}))
+    report(
+        section="decode",
+        preset=preset,
+        gpu=torch.cuda.get_device_name(),
+        load_s=round(load_s, 1),
+        bandwidth_gbs=round(bw, 1),
+        bytes_per_token=nbytes,
+        bound_ms=round(bound, 3),
+        graph_ms=round(graph_ms, 3),
+        graph_min_ms=round(graph_min, 3),
+        graph_ratio=round(graph_ms / bound, 2),
+        graphs_ok=graphs_ok,
+        graph_errors=step.graph_errors,
+        groups=len(groups),
+        graph_separate_products_ms=round(separate_ms, 3),
+        eager_ms=round(eager_ms, 3),
+        peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+    )
+    section(
+        "batch",
+        lambda: report(
+            section="batch",
+            preset=preset,
+            **{f"b{B}_tok_s": round(batch_tps(model, B), 1) for B in (4, 16, 64)},
+        ),
+    )
+    section(
+        "prompt",
+        lambda: report(
+            section="prompt",
+            preset=preset,
+            **{f"t{T}_tok_s": round(prompt_tps(model, T), 1) for T in (512, 4096)},
+        ),
+    )
     model = None  # frees the GPU memory before the next load
     torch.cuda.empty_cache()
 
@@ -111,32 +138,55 @@ def bench_preset(preset, workdir, blinkdl, split, compare_separate=True):
         m.synchronize()
         first_s = time.perf_counter() - t
         ms, mn = per_token_ms(m, 50)
-        report(section="compiled", preset=preset, first_token_s=round(first_s, 1),
-               per_token_ms=round(ms, 3), min_ms=round(mn, 3), ratio=round(ms / bound, 2),
-               graph_errors=m._step.graph_errors, compile_error=m._step.compile_error)
+        report(
+            section="compiled",
+            preset=preset,
+            first_token_s=round(first_s, 1),
+            per_token_ms=round(ms, 3),
+            min_ms=round(mn, 3),
+            ratio=round(ms / bound, 2),
+            graph_errors=m._step.graph_errors,
+            compile_error=m._step.compile_error,
+        )
         section("anatomy", lambda: anatomy(m, preset))
         return m
+
     compiled = []
     section("compiled", lambda: compiled.append(do_compiled()))
     torch.cuda.empty_cache()
     if split:
+
         def do_split():
             m = rwkvpy.load(path, device="cuda", gpu_layers=split)
             ms, _ = per_token_ms(m, 5)
-            report(section="split", preset=preset, gpu_layers=split, per_token_ms=round(ms, 1),
-                   threads=torch.get_num_threads())
+            report(
+                section="split",
+                preset=preset,
+                gpu_layers=split,
+                per_token_ms=round(ms, 1),
+                threads=torch.get_num_threads(),
+            )
+
         section("split", do_split)
     if blinkdl:
         section("blinkdl", lambda: run_blinkdl(path, preset))
     if compiled and compare_separate:
+
         def do_separate():
             m = compiled[0]
             n = len(m._net.groups)
             m._net.groups.clear()
             m._step = TorchStep(m._net, m.state_device, graphs=True, compile=True)
             ms, mn = per_token_ms(m, 50)
-            report(section="compiled_separate_products", preset=preset, groups_removed=n,
-                   per_token_ms=round(ms, 3), min_ms=round(mn, 3), ratio=round(ms / bound, 2))
+            report(
+                section="compiled_separate_products",
+                preset=preset,
+                groups_removed=n,
+                per_token_ms=round(ms, 3),
+                min_ms=round(mn, 3),
+                ratio=round(ms / bound, 2),
+            )
+
         section("compiled_separate", do_separate)
 
 
@@ -162,9 +212,14 @@ def anatomy(model, preset):
             k[0] += 1
             k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:10]
-    report(section="anatomy", preset=preset, replay_ms=round(statistics.median(times), 3),
-           kernels=sum(v[0] for v in kernels.values()), distinct=len(kernels),
-           top=[(n, c, round(t / 1e3, 3)) for n, (c, t) in top])
+    report(
+        section="anatomy",
+        preset=preset,
+        replay_ms=round(statistics.median(times), 3),
+        kernels=sum(v[0] for v in kernels.values()),
+        distinct=len(kernels),
+        top=[(n, c, round(t / 1e3, 3)) for n, (c, t) in top],
+    )
 
 
 BLINKDL = r"""
@@ -194,13 +249,19 @@ def run_blinkdl(path, preset):
     import importlib.metadata
 
     version = importlib.metadata.version("rwkv")
-    r = subprocess.run([sys.executable, "-c", BLINKDL, path], capture_output=True, text=True,
-                       timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-c", BLINKDL, path], capture_output=True, text=True, timeout=240
+    )
     if r.returncode != 0:
         report(section="blinkdl", preset=preset, error=r.stderr.strip().splitlines()[-1:])
         return
-    report(section="blinkdl", preset=preset, rwkv=version, strategy="cuda fp16",
-           **json.loads(r.stdout.strip().splitlines()[-1]))
+    report(
+        section="blinkdl",
+        preset=preset,
+        rwkv=version,
+        strategy="cuda fp16",
+        **json.loads(r.stdout.strip().splitlines()[-1]),
+    )
 
 
 def bench_chunks():
@@ -222,7 +283,9 @@ def bench_chunks():
             for _ in range(3):
                 wkv7_chunked(r, w, k, v, kk, a, S, chunk=L, scan=scan)
             torch.cuda.synchronize()
-            out[f"L{L}_{'scan' if scan else 'loop'}_ms"] = round((time.perf_counter() - t) / 3 * 1e3, 2)
+            out[f"L{L}_{'scan' if scan else 'loop'}_ms"] = round(
+                (time.perf_counter() - t) / 3 * 1e3, 2
+            )
     report(section="wkv7_chunks", T=T, H=H, N=N, **out)
 
 
@@ -234,18 +297,33 @@ def main():
     ap.add_argument("--split", type=int, default=12, help="gpu_layers for the split run (0: none)")
     ap.add_argument("--no-blinkdl", action="store_true")
     ap.add_argument("--no-chunks", action="store_true", help="skip the chunk-length table")
-    ap.add_argument("--no-separate", action="store_true",
-                    help="skip the compiled step with separate products (the A/B's baseline)")
+    ap.add_argument(
+        "--no-separate",
+        action="store_true",
+        help="skip the compiled step with separate products (the A/B's baseline)",
+    )
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    report(section="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(),
-           cpu_threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
+    report(
+        section="env",
+        torch=torch.__version__,
+        gpu=torch.cuda.get_device_name(),
+        cpu_threads=torch.get_num_threads(),
+        date=time.strftime("%Y-%m-%d"),
+    )
     if not args.no_chunks:
         section("chunks", bench_chunks)
     for i, preset in enumerate(args.presets.split(",")):
-        section(preset, lambda: bench_preset(preset, args.workdir, not args.no_blinkdl,
-                                             args.split if i == 0 else 0,
-                                             i == 0 and not args.no_separate))
+        section(
+            preset,
+            lambda: bench_preset(
+                preset,
+                args.workdir,
+                not args.no_blinkdl,
+                args.split if i == 0 else 0,
+                i == 0 and not args.no_separate,
+            ),
+        )
         with open(args.out, "w") as f:
             json.dump(RESULTS, f, indent=1)
     with open(args.out, "w") as f:

@@ -75,8 +75,16 @@ def _time(lins, x, calls, rounds, clock=time.perf_counter):
     return times
 
 
-def run(rounds: int, mode: str, shapes, threads, memory_mb: float, prompt: bool,
-        cpu_time: bool = False, calls: int = 20) -> list[dict]:
+def run(
+    rounds: int,
+    mode: str,
+    shapes,
+    threads,
+    memory_mb: float,
+    prompt: bool,
+    cpu_time: bool = False,
+    calls: int = 20,
+) -> list[dict]:
     rows = []
     for O, K in shapes:
         rng = np.random.default_rng(1)
@@ -93,18 +101,29 @@ def run(rounds: int, mode: str, shapes, threads, memory_mb: float, prompt: bool,
                 torch.set_num_threads(th)
                 n_calls = calls if T == 1 else max(2, calls * 16 // T)
                 cpu = cpu_time and th == 1
-                times = _time(lins, x, n_calls, rounds,
-                              time.thread_time if cpu else time.perf_counter)
+                times = _time(
+                    lins, x, n_calls, rounds, time.thread_time if cpu else time.perf_counter
+                )
                 for f, t in times.items():
                     t = np.array(t)
                     lin = lins[f][0]
                     med, best = float(np.median(t)), float(t.min())
-                    row = dict(shape=f"{O}x{K}", where=where, T=T, threads=th, format=f,
-                               strategy=lin.strategy, mbytes=lin.nbytes / 1e6,
-                               copies=len(lins[f]), us=med * 1e6, clock="cpu" if cpu else "wall")
+                    row = dict(
+                        shape=f"{O}x{K}",
+                        where=where,
+                        T=T,
+                        threads=th,
+                        format=f,
+                        strategy=lin.strategy,
+                        mbytes=lin.nbytes / 1e6,
+                        copies=len(lins[f]),
+                        us=med * 1e6,
+                        clock="cpu" if cpu else "wall",
+                    )
                     if T == 1:
-                        row.update(gbs_median=lin.nbytes / med / 1e9,
-                                   gbs_best=lin.nbytes / best / 1e9)
+                        row.update(
+                            gbs_median=lin.nbytes / med / 1e9, gbs_best=lin.nbytes / best / 1e9
+                        )
                     else:
                         ops = 2 * O * K * T
                         row.update(gops_median=ops / med / 1e9, gops_best=ops / best / 1e9)
@@ -121,24 +140,30 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--memory-mb", type=float, default=256.0)
     ap.add_argument("--prompt", action="store_true")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="one thread's rows: the calling thread's CPU time")
+    ap.add_argument(
+        "--cpu-time", action="store_true", help="one thread's rows: the calling thread's CPU time"
+    )
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     threads = [int(v) for v in args.threads.split(",")]
     load = os.getloadavg()[0]
-    rows = run(args.rounds, args.mode, shapes, threads, args.memory_mb, args.prompt,
-               args.cpu_time)
-    print(f"mode {args.mode}, {os.cpu_count()} CPUs, load average {load:.1f} -> "
-          f"{os.getloadavg()[0]:.1f}, {args.rounds} rounds")
-    print(f"{'shape':>10} {'where':>6} {'T':>4} {'thr':>3} {'format':>9} {'kernel':>13} "
-          f"{'MB':>6} {'clock':>5} {'us':>9} {'med':>7} {'best':>7}")
+    rows = run(args.rounds, args.mode, shapes, threads, args.memory_mb, args.prompt, args.cpu_time)
+    print(
+        f"mode {args.mode}, {os.cpu_count()} CPUs, load average {load:.1f} -> "
+        f"{os.getloadavg()[0]:.1f}, {args.rounds} rounds"
+    )
+    print(
+        f"{'shape':>10} {'where':>6} {'T':>4} {'thr':>3} {'format':>9} {'kernel':>13} "
+        f"{'MB':>6} {'clock':>5} {'us':>9} {'med':>7} {'best':>7}"
+    )
     for r in rows:
         unit = "gbs" if r["T"] == 1 else "gops"
-        print(f"{r['shape']:>10} {r['where']:>6} {r['T']:>4} {r['threads']:>3} {r['format']:>9} "
-              f"{r['strategy']:>13} {r['mbytes']:6.2f} {r['clock']:>5} {r['us']:9.1f} "
-              f"{r[unit + '_median']:7.1f} {r[unit + '_best']:7.1f}"
-              f"{'  GOPS' if unit == 'gops' else ''}")
+        print(
+            f"{r['shape']:>10} {r['where']:>6} {r['T']:>4} {r['threads']:>3} {r['format']:>9} "
+            f"{r['strategy']:>13} {r['mbytes']:6.2f} {r['clock']:>5} {r['us']:9.1f} "
+            f"{r[unit + '_median']:7.1f} {r[unit + '_best']:7.1f}"
+            f"{'  GOPS' if unit == 'gops' else ''}"
+        )
 
 
 if __name__ == "__main__":

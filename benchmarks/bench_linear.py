@@ -108,12 +108,16 @@ def main():
     global ALL
     ALL = args.all
 
-    print(f"torch {torch.__version__}, numba {'yes' if L.HAVE_NUMBA else 'no'}, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16: {L.fast_bf16_cpu()}, {os.cpu_count()} cpus")
-    print("Calls are interleaved (one call of each strategy in turn, then the next round), so "
-          "that the load of a shared machine weighs on all of them alike; the bandwidth probe "
-          "(sum and matvec over a 1 GiB tensor) runs in the same rounds.")
+    print(
+        f"torch {torch.__version__}, numba {'yes' if L.HAVE_NUMBA else 'no'}, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"native bf16: {L.fast_bf16_cpu()}, {os.cpu_count()} cpus"
+    )
+    print(
+        "Calls are interleaved (one call of each strategy in turn, then the next round), so "
+        "that the load of a shared machine weighs on all of them alike; the bandwidth probe "
+        "(sum and matvec over a 1 GiB tensor) runs in the same rounds."
+    )
     threads = [int(t) for t in args.threads.split(",")]
     probe = torch.ones(1 << 28)
     rng = np.random.default_rng(0)
@@ -140,8 +144,10 @@ def main():
                 X = torch.randn(args.prompt, K)
                 _, tp = interleaved(cands, X, args.prompt_reps, None)
             results[n] = (bw, t1, tp)
-        print(f"\n{O}x{K}: read bandwidth (median, same rounds) "
-              + ", ".join(f"{n} thread(s) {results[n][0]:.1f} GB/s" for n in threads))
+        print(
+            f"\n{O}x{K}: read bandwidth (median, same rounds) "
+            + ", ".join(f"{n} thread(s) {results[n][0]:.1f} GB/s" for n in threads)
+        )
         for i, (fmt, label, lins) in enumerate(cands):
             cols = []
             for n in threads:
@@ -152,8 +158,7 @@ def main():
                     gf = 2 * args.prompt * O * K / tp[i] / 1e9
                     c += f", T={args.prompt} {tp[i] * 1e3:7.1f} ms ({gf:4.0f} GFLOPS)"
                 cols.append(c)
-            print(f"{fmt:5s} {label:24s} {lins[0].strategy:24s} | " + " | ".join(cols),
-                  flush=True)
+            print(f"{fmt:5s} {label:24s} {lins[0].strategy:24s} | " + " | ".join(cols), flush=True)
         del cands
 
 

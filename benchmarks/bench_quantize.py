@@ -46,9 +46,15 @@ def run(rows: int, cols: int, rounds: int, threads: list[int], formats: list[str
                 cpu[f].append(time.process_time() - c0)
         for f in formats:
             a = np.array(times[f])
-            out.append(dict(format=f, threads=t, median=x.size / np.median(a) / 1e6,
-                            best=x.size / a.min() / 1e6,
-                            cpu=x.size / np.median(cpu[f]) / 1e6))
+            out.append(
+                dict(
+                    format=f,
+                    threads=t,
+                    median=x.size / np.median(a) / 1e6,
+                    best=x.size / a.min() / 1e6,
+                    cpu=x.size / np.median(cpu[f]) / 1e6,
+                )
+            )
     return out
 
 
@@ -65,13 +71,16 @@ def main() -> None:
     load0 = os.getloadavg()
     res = run(a.rows, a.cols, a.rounds, threads, formats)
     load1 = os.getloadavg()
-    print(f"{a.rows} x {a.cols} float32, {a.rounds} rounds, load average "
-          f"{load0[0]:.2f} -> {load1[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"{'format':8} {'threads':>7} {'median Mw/s':>12} {'best Mw/s':>10} "
-          f"{'Mw/CPU-s':>9}")
+    print(
+        f"{a.rows} x {a.cols} float32, {a.rounds} rounds, load average "
+        f"{load0[0]:.2f} -> {load1[0]:.2f} on {os.cpu_count()} CPUs"
+    )
+    print(f"{'format':8} {'threads':>7} {'median Mw/s':>12} {'best Mw/s':>10} {'Mw/CPU-s':>9}")
     for r in res:
-        print(f"{r['format']:8} {r['threads']:7d} {r['median']:12.2f} {r['best']:10.2f} "
-              f"{r['cpu']:9.2f}")
+        print(
+            f"{r['format']:8} {r['threads']:7d} {r['median']:12.2f} {r['best']:10.2f} "
+            f"{r['cpu']:9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,14 +29,18 @@ def main():
     ap.add_argument("text", nargs="?", help="UTF-8 text file (default: Python's docs, 4 MB)")
     ap.add_argument("--kind", choices=("world", "neox"), default="world")
     ap.add_argument("--vocab", default=None, help="vocabulary file (default: the shipped one)")
-    ap.add_argument("--reference", action="store_true",
-                    help="also time the reference implementation and compare the ids")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the reference implementation and compare the ids",
+    )
     args = ap.parse_args()
     if args.text:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
     else:
         import pydoc_data.topics as t
+
         text = "\n\n".join(t.topics[k] for k in sorted(t.topics))
         text = text * (4_000_000 // len(text) + 1)
     tok = tokenizer_for(65536 if args.kind == "world" else 50277, args.kind, args.vocab)
@@ -58,8 +62,10 @@ def main():
             name = "tokenizers library"
             t, enc_out = best_of(lambda: tok._tok.encode(text), n=1)
             ref_ids = enc_out.ids
-        print(f"  {name} encode {n / t / 1e6:6.2f} MB/s  {len(ref_ids) / t / 1e6:5.2f} "
-              f"M tokens/s; same ids: {ref_ids == ids}")
+        print(
+            f"  {name} encode {n / t / 1e6:6.2f} MB/s  {len(ref_ids) / t / 1e6:5.2f} "
+            f"M tokens/s; same ids: {ref_ids == ids}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,17 +54,22 @@ def main():
     u = torch.randn(H, N, generator=g)
     S = torch.randn(H, N, N, generator=g) * 0.1
     ref5 = median_ms(lambda: wkv_heads(r, k, v, w, u, S), 3)
-    chunk5, serial5 = medians_ms([lambda: wkv5_chunked(r, k, v, w, u, S),
-                                  lambda: wkv5_serial(r, k, v, w, u, S)], 10)
+    chunk5, serial5 = medians_ms(
+        [lambda: wkv5_chunked(r, k, v, w, u, S), lambda: wkv5_serial(r, k, v, w, u, S)], 10
+    )
     kk = F.normalize(torch.randn(T, H, N, generator=g), dim=-1)
     aa = torch.rand(T, H, N, generator=g)
     w7 = torch.exp(-0.6065 * torch.rand(T, H, N, generator=g))
     ref7 = median_ms(lambda: wkv7(r, w7, k, v, kk, aa, S), 3)
-    chunk7, serial7 = medians_ms([lambda: wkv7_chunked(r, w7, k, v, kk, aa, S),
-                                  lambda: wkv7_serial(r, w7, k, v, kk, aa, S)], 10)
-    print(f"{a.threads} threads, T={T}, H={H}: v5/v6 torch loop {ref5:.1f} ms, chunked "
-          f"{chunk5:.2f} ms, serial {serial5:.2f} ms; v7 torch loop {ref7:.1f} ms, chunked "
-          f"{chunk7:.2f} ms, serial {serial7:.2f} ms")
+    chunk7, serial7 = medians_ms(
+        [lambda: wkv7_chunked(r, w7, k, v, kk, aa, S), lambda: wkv7_serial(r, w7, k, v, kk, aa, S)],
+        10,
+    )
+    print(
+        f"{a.threads} threads, T={T}, H={H}: v5/v6 torch loop {ref5:.1f} ms, chunked "
+        f"{chunk5:.2f} ms, serial {serial5:.2f} ms; v7 torch loop {ref7:.1f} ms, chunked "
+        f"{chunk7:.2f} ms, serial {serial7:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

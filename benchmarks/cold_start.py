@@ -90,8 +90,12 @@ def _timed(cmd: list, env: dict) -> dict:
     if p.returncode:
         raise RuntimeError(f"{cmd} failed: {err.decode(errors='replace')}")
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    return {"first_token_s": first, "wall_s": wall, "cpu_s": cpu,
-            "notice": b"compiling kernels" in err}
+    return {
+        "first_token_s": first,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "notice": b"compiling kernels" in err,
+    }
 
 
 def _kernels(cache: str) -> int:
@@ -115,8 +119,9 @@ def measure(name: str, cmd: list) -> dict:
 def probe(py: str, path: str) -> dict:
     cache = tempfile.mkdtemp(prefix="rwkvpy-cold-")
     try:
-        p = subprocess.run([py, "-c", PROBE, path], env=_env(cache), capture_output=True,
-                           text=True, check=True)
+        p = subprocess.run(
+            [py, "-c", PROBE, path], env=_env(cache), capture_output=True, text=True, check=True
+        )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -141,8 +146,21 @@ def models(folder: str, types) -> list:
 
 
 def _gen(py: str, model: str) -> list:
-    return [py, "-m", "rwkvpy", "generate", "-m", model, PROMPT, "--max-tokens", "8",
-            "--seed", "1", "--threads", "2"]
+    return [
+        py,
+        "-m",
+        "rwkvpy",
+        "generate",
+        "-m",
+        model,
+        PROMPT,
+        "--max-tokens",
+        "8",
+        "--seed",
+        "1",
+        "--threads",
+        "2",
+    ]
 
 
 def main(argv=None) -> int:
@@ -155,8 +173,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     py = args.python
     load0 = os.getloadavg()[0]
-    rows = [measure("import rwkvpy", [py, "-c", "import rwkvpy"]),
-            measure("generate demo", _gen(py, "demo"))]
+    rows = [
+        measure("import rwkvpy", [py, "-c", "import rwkvpy"]),
+        measure("generate demo", _gen(py, "demo")),
+    ]
     tmp = None if args.models else tempfile.mkdtemp(prefix="rwkvpy-models-")
     try:
         for t, path in models(args.models or tmp, args.types):
@@ -172,20 +192,26 @@ def main(argv=None) -> int:
         print(json.dumps({"load_before": load0, "load_after": load1, "rows": rows}))
         return 0
     print(f"load average (1 min): {load0:.2f} before, {load1:.2f} after; {os.cpu_count()} CPUs")
-    print(f"{'':24s} {'cold: first token':>18s} {'end':>7s} {'cpu':>7s} {'kernels':>8s}   "
-          f"{'warm: first token':>18s} {'end':>7s} {'cpu':>7s}")
+    print(
+        f"{'':24s} {'cold: first token':>18s} {'end':>7s} {'cpu':>7s} {'kernels':>8s}   "
+        f"{'warm: first token':>18s} {'end':>7s} {'cpu':>7s}"
+    )
     for r in rows:
         c, w = r["cold"], r["warm"]
         ft = lambda d: "-" if d["first_token_s"] is None else f"{d['first_token_s']:.1f}"  # noqa
-        print(f"{r['name']:24s} {ft(c):>18s} {c['wall_s']:7.1f} {c['cpu_s']:7.1f} "
-              f"{r['kernels']:8d}   {ft(w):>18s} {w['wall_s']:7.1f} {w['cpu_s']:7.1f}")
+        print(
+            f"{r['name']:24s} {ft(c):>18s} {c['wall_s']:7.1f} {c['cpu_s']:7.1f} "
+            f"{r['kernels']:8d}   {ft(w):>18s} {w['wall_s']:7.1f} {w['cpu_s']:7.1f}"
+        )
     for r in rows:
         if "probe" not in r:
             continue
         pr = r["probe"]
-        print(f"\n{r['name']}: load {pr['load']:.1f} s, prompt {pr['prompt']:.1f} s, first step "
-              f"{pr['first_step']:.1f} s (wall); compiled (CPU seconds exclusive of inner "
-              "compiles):")
+        print(
+            f"\n{r['name']}: load {pr['load']:.1f} s, prompt {pr['prompt']:.1f} s, first step "
+            f"{pr['first_step']:.1f} s (wall); compiled (CPU seconds exclusive of inner "
+            "compiles):"
+        )
         agg: dict = {}
         for name, ex, _top in pr["rows"]:
             a = agg.setdefault(name, [0, 0.0])

@@ -42,8 +42,12 @@ def storm(url: str, clients: int, hang_up_after: int = 3, full_tokens: int = 16)
     def run(i):
         try:
             with httpx.Client(base_url=url, timeout=300) as http:
-                body = {"prompt": f"Client {i} says", "stream": True, "seed": i,
-                        "max_tokens": 100000 if i % 2 == 0 else full_tokens}
+                body = {
+                    "prompt": f"Client {i} says",
+                    "stream": True,
+                    "seed": i,
+                    "max_tokens": 100000 if i % 2 == 0 else full_tokens,
+                }
                 with http.stream("POST", "/v1/completions", json=body) as r:
                     if r.status_code != 200:
                         errors.append((i, r.status_code, r.read()))
@@ -77,17 +81,33 @@ def wait_free(http, timeout=60.0) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.disconnect_storm",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.disconnect_storm", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("-m", "--model", default="demo")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     fd, log = tempfile.mkstemp(suffix=".log")
-    proc = subprocess.Popen([sys.executable, "-m", "rwkvpy.server", "-m", a.model, "--port", "0",
-                             "--no-access-log", "--max-concurrent", str(2 * a.clients),
-                             "--max-tokens-limit", "100000"], stdout=fd, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy.server",
+            "-m",
+            a.model,
+            "--port",
+            "0",
+            "--no-access-log",
+            "--max-concurrent",
+            str(2 * a.clients),
+            "--max-tokens-limit",
+            "100000",
+        ],
+        stdout=fd,
+        stderr=subprocess.STDOUT,
+    )
     os.close(fd)
     rows = []
     try:
@@ -113,16 +133,25 @@ def main(argv=None):
                 out = storm(url, a.clients)
                 storm_s = time.monotonic() - t0
                 free_s = wait_free(http)
-                after = http.post("/v1/completions", json={"prompt": "Still there?",
-                                                           "max_tokens": 4})
-                rows.append({"round": r + 1, "clients": a.clients, "finished": len(out["done"]),
-                             "ended_with_done": sum(last == "data: [DONE]"
-                                                    for _, _, last in out["done"]),
-                             "errors": len(out["errors"]), "storm_s": round(storm_s, 2),
-                             "slots_free_after_s": round(free_s, 2),
-                             "answers_after": after.status_code == 200,
-                             "rss_before_mb": round(base, 1),
-                             "rss_after_mb": round(rss_mb(proc.pid), 1)})
+                after = http.post(
+                    "/v1/completions", json={"prompt": "Still there?", "max_tokens": 4}
+                )
+                rows.append(
+                    {
+                        "round": r + 1,
+                        "clients": a.clients,
+                        "finished": len(out["done"]),
+                        "ended_with_done": sum(
+                            last == "data: [DONE]" for _, _, last in out["done"]
+                        ),
+                        "errors": len(out["errors"]),
+                        "storm_s": round(storm_s, 2),
+                        "slots_free_after_s": round(free_s, 2),
+                        "answers_after": after.status_code == 200,
+                        "rss_before_mb": round(base, 1),
+                        "rss_after_mb": round(rss_mb(proc.pid), 1),
+                    }
+                )
                 if not a.json:
                     print(rows[-1], flush=True)
     finally:

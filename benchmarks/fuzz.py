@@ -110,8 +110,10 @@ class Runner:
             outcome, error = "other", Finding(f"slow: {spent:.1f} s (limit {self.args.timeout})")
         grew = _rss_peak() - rss0
         if error is None and grew > (256 << 20) + 32 * len(data):
-            outcome, error = "other", Finding(f"memory: peak RSS grew {grew >> 20} MB for a "
-                                              f"{len(data)}-byte input")
+            outcome, error = (
+                "other",
+                Finding(f"memory: peak RSS grew {grew >> 20} MB for a {len(data)}-byte input"),
+            )
         self.counts[outcome] += 1
         if error is not None:
             self._record(error, data)
@@ -119,8 +121,9 @@ class Runner:
 
     def _record(self, e: BaseException, data: bytes):
         sig = self._signature(e) if not isinstance(e, Finding) else str(e).split(":")[0]
-        f = self.findings.setdefault(sig, {"error": f"{type(e).__name__}: {str(e)[:300]}",
-                                           "count": 0})
+        f = self.findings.setdefault(
+            sig, {"error": f"{type(e).__name__}: {str(e)[:300]}", "count": 0}
+        )
         f["count"] += 1
         if "input" not in f:
             self.findings_dir.mkdir(parents=True, exist_ok=True)
@@ -131,9 +134,13 @@ class Runner:
                 print(f"[{self.name}] finding: {sig}: {f['error'][:200]} -> {p}", flush=True)
 
     def summary(self) -> dict:
-        return {"target": self.name, **self.counts, "seconds": round(self.seconds, 2),
-                "regressions": self.regressions,
-                "findings": [{"signature": k, **v} for k, v in self.findings.items()]}
+        return {
+            "target": self.name,
+            **self.counts,
+            "seconds": round(self.seconds, 2),
+            "regressions": self.regressions,
+            "findings": [{"signature": k, **v} for k, v in self.findings.items()],
+        }
 
 
 DEADLINE = [None]  # (monotonic time, summary printer) at which a timed run ends
@@ -222,9 +229,17 @@ def coverage_guided(runner, minutes: float, seed: int):
 
     corpus = f"/tmp/rwkvpy-fuzz-corpus/{runner.name}"
     os.makedirs(corpus, exist_ok=True)
-    libfuzzer = [sys.argv[0], corpus, str(ft.CORPUS / runner.name), f"-seed={seed}",
-                 "-max_len=262144", "-rss_limit_mb=0", "-timeout=600",
-                 f"-max_total_time={int(minutes * 60) + 60}", "-print_final_stats=1"]
+    libfuzzer = [
+        sys.argv[0],
+        corpus,
+        str(ft.CORPUS / runner.name),
+        f"-seed={seed}",
+        "-max_len=262144",
+        "-rss_limit_mb=0",
+        "-timeout=600",
+        f"-max_total_time={int(minutes * 60) + 60}",
+        "-print_final_stats=1",
+    ]
     atheris.Setup(libfuzzer, test_one, custom_mutator=mutate)
     atheris.Fuzz()
 
@@ -256,34 +271,55 @@ def _print(summaries, as_json):
     if as_json:
         print(json.dumps(summaries), flush=True)
         return
-    print(f"{'target':<15} {'inputs':>7} {'typed':>7} {'loaded':>7} {'other':>6} {'seconds':>8}"
-          "  findings")
+    print(
+        f"{'target':<15} {'inputs':>7} {'typed':>7} {'loaded':>7} {'other':>6} {'seconds':>8}"
+        "  findings"
+    )
     for s in summaries:
-        print(f"{s['target']:<15} {s['inputs']:>7} {s['typed']:>7} {s['loaded']:>7} "
-              f"{s['other']:>6} {s['seconds']:>8.1f}  {len(s['findings'])}")
+        print(
+            f"{s['target']:<15} {s['inputs']:>7} {s['typed']:>7} {s['loaded']:>7} "
+            f"{s['other']:>6} {s['seconds']:>8.1f}  {len(s['findings'])}"
+        )
         for f in s["findings"]:
             print(f"    {f['signature']} (x{f['count']}): {f['error'][:160]}  {f.get('input', '')}")
     sys.stdout.flush()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.fuzz", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("target", help="a target name or 'all': " + ", ".join(ft.TARGETS))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--minutes", type=float, help="fuzz this long (coverage-guided with atheris)")
     g.add_argument("--seeded", type=int, metavar="N", help="N seeded mutants per target")
     g.add_argument("--replay", action="store_true", help="the corpus and the regressions only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-atheris", action="store_true", help="seeded mutants even if atheris "
-                   "is installed")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds an input may take, "
-                   "compiling aside (default 10)")
-    p.add_argument("--hard-timeout", type=float, default=300.0, help="seconds after which an "
-                   "input is a hang and the process ends (default 300)")
-    p.add_argument("--memory-mb", type=int, default=2048, help="address space allowed beyond "
-                   "the warmed-up process (RLIMIT_AS; 0: no limit; default 2048)")
-    p.add_argument("--findings", help="folder for failing inputs (default "
-                   "/tmp/rwkvpy-fuzz-findings/TARGET)")
+    p.add_argument(
+        "--no-atheris", action="store_true", help="seeded mutants even if atheris is installed"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds an input may take, compiling aside (default 10)",
+    )
+    p.add_argument(
+        "--hard-timeout",
+        type=float,
+        default=300.0,
+        help="seconds after which an input is a hang and the process ends (default 300)",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=2048,
+        help="address space allowed beyond "
+        "the warmed-up process (RLIMIT_AS; 0: no limit; default 2048)",
+    )
+    p.add_argument(
+        "--findings", help="folder for failing inputs (default /tmp/rwkvpy-fuzz-findings/TARGET)"
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     names = list(ft.TARGETS) if args.target == "all" else [args.target]
@@ -332,8 +368,7 @@ def main(argv=None):
             r.counts = before
     summaries = [r.summary() for r in runners]
     _print(summaries, args.json)
-    return 1 if any(s["other"] or (s["regressions"] or {}).get("other") for s in summaries) \
-        else 0
+    return 1 if any(s["other"] or (s["regressions"] or {}).get("other") for s in summaries) else 0
 
 
 if __name__ == "__main__":

@@ -80,12 +80,14 @@ def _use_tokenizer(tok):
 
 # -- targets: bytes of one file -> loaded (return) or an exception -----------------------------
 
+
 def model_file(ext):
     def run(data: bytes, ctx: Context):
         import rwkvpy
 
         path = ctx.write("input" + ext, data)
         _forward(rwkvpy.load(path, cache=False))
+
     return run
 
 
@@ -155,6 +157,7 @@ def gguf_vocab(data: bytes, ctx: Context):
 
 # -- structure-aware fix-ups: what a mutation broke that is not the point of the test ----------
 
+
 def fix_state(data: bytes) -> bytes:
     """A state file's trailing SHA-256 recomputed (else every mutant is a checksum mismatch)."""
     if len(data) > 52 and data[:8] == b"RWKVSTAT":
@@ -187,14 +190,30 @@ def fix_safetensors(data: bytes, rng: random.Random, mutate) -> bytes:
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
         return data
-    head = mutate_json(data[8:8 + n], rng)
-    return len(head).to_bytes(8, "little") + head + data[8 + n:]
+    head = mutate_json(data[8 : 8 + n], rng)
+    return len(head).to_bytes(8, "little") + head + data[8 + n :]
 
 
 # -- mutations from a seeded RNG (the CI tier: no atheris needed) -------------------------------
 
-INTERESTING = [0, 1, 2, 7, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000,
-               0xFFFFFFFF, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+INTERESTING = [
+    0,
+    1,
+    2,
+    7,
+    0x7F,
+    0x80,
+    0xFF,
+    0x7FFF,
+    0xFFFF,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1 << 40,
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+]
 
 
 def mutate_bytes(data: bytes, rng: random.Random, header: int = 4096) -> bytes:
@@ -213,23 +232,49 @@ def mutate_bytes(data: bytes, rng: random.Random, header: int = 4096) -> bytes:
         elif op in (2, 3):
             size = rng.choice([1, 2, 4, 8])
             v = rng.choice(INTERESTING) & ((1 << (8 * size)) - 1)
-            b[pos:pos + size] = v.to_bytes(size, rng.choice(["little", "big"]))
+            b[pos : pos + size] = v.to_bytes(size, rng.choice(["little", "big"]))
         elif op == 4:
-            del b[rng.randrange(n):]  # truncate
+            del b[rng.randrange(n) :]  # truncate
         elif op == 5:
-            del b[pos:pos + rng.randint(1, 64)]
+            del b[pos : pos + rng.randint(1, 64)]
         elif op == 6:
             src = rng.randrange(n)
-            b[pos:pos] = b[src:src + rng.randint(1, 64)]
+            b[pos:pos] = b[src : src + rng.randint(1, 64)]
         else:
             b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     return bytes(b)
 
 
 def _json_values(rng):
-    return rng.choice([None, True, False, 0, -1, 1, 2 ** 31, 2 ** 64, -(2 ** 63), 1.5, 1e308,
-                       float("nan"), float("inf"), "", "x", "\ud800", "a" * 300, "../../x",
-                       [], [1], {}, {"a": 1}, [[[[[]]]]], "7", "rwkv7"])
+    return rng.choice(
+        [
+            None,
+            True,
+            False,
+            0,
+            -1,
+            1,
+            2**31,
+            2**64,
+            -(2**63),
+            1.5,
+            1e308,
+            float("nan"),
+            float("inf"),
+            "",
+            "x",
+            "\ud800",
+            "a" * 300,
+            "../../x",
+            [],
+            [1],
+            {},
+            {"a": 1},
+            [[[[[]]]]],
+            "7",
+            "rwkv7",
+        ]
+    )
 
 
 def mutate_json(data: bytes, rng: random.Random) -> bytes:
@@ -263,8 +308,9 @@ def mutate_json(data: bytes, rng: random.Random) -> bytes:
             if op == 0 and isinstance(parent, dict):
                 del parent[key]
             elif op == 1 and isinstance(parent[key], int) and not isinstance(parent[key], bool):
-                parent[key] = rng.choice([0, -1, parent[key] + 1, parent[key] * 2 ** 32,
-                                          -parent[key]])
+                parent[key] = rng.choice(
+                    [0, -1, parent[key] + 1, parent[key] * 2**32, -parent[key]]
+                )
             else:
                 parent[key] = _json_values(rng)
         except (KeyError, IndexError, TypeError):
@@ -278,6 +324,7 @@ def mutate_json(data: bytes, rng: random.Random) -> bytes:
 def mutator(kind):
     """The seeded mutation of a target's inputs: byte mutations, plus JSON-aware ones and
     fix-ups for formats whose checksums or length prefixes would stop most mutants early."""
+
     def mutate(data: bytes, rng: random.Random) -> bytes:
         r = rng.random()
         if kind == "json" and r < 0.6:
@@ -285,8 +332,8 @@ def mutator(kind):
         if kind == "state":
             if r < 0.3 and len(data) > 20:
                 n = int.from_bytes(data[12:20], "little")
-                head = mutate_json(data[20:20 + n], rng)
-                data = data[:12] + struct.pack("<Q", len(head)) + head + data[20 + n:]
+                head = mutate_json(data[20 : 20 + n], rng)
+                data = data[:12] + struct.pack("<Q", len(head)) + head + data[20 + n :]
                 return fix_state(data)
             out = mutate_bytes(data, rng)
             return fix_state(out) if r < 0.8 else out
@@ -295,6 +342,7 @@ def mutator(kind):
         if kind == "safetensors" and r < 0.5:
             return fix_safetensors(data, rng, None)
         return mutate_bytes(data, rng)
+
     return mutate
 
 

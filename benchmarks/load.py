@@ -59,8 +59,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The variables the configs control: removed from the workers' environment unless a config
 #: sets them, so an outer shell's setting does not leak into every case.
-CONTROLLED = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NUMBA_THREADING_LAYER",
-              "NUMBA_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+CONTROLLED = (
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "OMP_NUM_THREADS",
+    "NUMBA_THREADING_LAYER",
+    "NUMBA_NUM_THREADS",
+    "OMP_PROC_BIND",
+    "OMP_PLACES",
+    "GOMP_CPU_AFFINITY",
+)
 
 # name -> env: set at process start; late: set after ``import rwkvpy`` (torch loaded, numba's
 # pool not started); unset: removed then; layer: numba's threading layer (None: rwkvpy's
@@ -76,8 +84,11 @@ CONFIGS = {
     "spin1k": {"env": {"GOMP_SPINCOUNT": "1000"}},
     "spin10k": {"env": {"GOMP_SPINCOUNT": "10000"}},
     "spin100k": {"env": {"GOMP_SPINCOUNT": "100000"}},
-    "passive-late": {"env": {"GOMP_SPINCOUNT": SPIN}, "unset": ("GOMP_SPINCOUNT",),
-                     "late": {"OMP_WAIT_POLICY": "PASSIVE"}},
+    "passive-late": {
+        "env": {"GOMP_SPINCOUNT": SPIN},
+        "unset": ("GOMP_SPINCOUNT",),
+        "late": {"OMP_WAIT_POLICY": "PASSIVE"},
+    },
     "passive-torch": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}, "unset": ("OMP_WAIT_POLICY",)},
     "workqueue": {"layer": "workqueue"},
     "tbb": {"layer": "tbb"},
@@ -120,8 +131,9 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     if cfg.get("torch_first"):
         import torch  # noqa: F401
-    import rwkvpy  # imports torch (whose libgomp reads the environment as it loads)
     import torch
+
+    import rwkvpy  # imports torch (whose libgomp reads the environment as it loads)
 
     for k in cfg.get("unset", ()):
         os.environ.pop(k, None)
@@ -154,15 +166,23 @@ def worker(spec: dict) -> dict:
     wall = time.perf_counter() - w0
     world = model.config.vocab_size == 65536
     tok = tokenizer_for(model.config.vocab_size, path=spec.get("vocab") if world else None)
-    r = generate(model, tok, "The quick brown fox", SamplingParams(max_tokens=spec["gen_tokens"],
-                                                                  seed=0))
+    r = generate(
+        model, tok, "The quick brown fox", SamplingParams(max_tokens=spec["gen_tokens"], seed=0)
+    )
     ms = sorted(t * 1e3 for t in times)
-    return {"mean_ms": statistics.fmean(ms), "median_ms": statistics.median(ms),
-            "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "max_ms": ms[-1],
-            "cpu_per_wall": cpu / wall, "gen_tok_s": r.timings.tokens_per_second,
-            "gen_tokens": r.completion_tokens, "load_s": load_s, "layer": used,
-            "threads": statistics.fmean(counts),
-            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
+    return {
+        "mean_ms": statistics.fmean(ms),
+        "median_ms": statistics.median(ms),
+        "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
+        "max_ms": ms[-1],
+        "cpu_per_wall": cpu / wall,
+        "gen_tok_s": r.timings.tokens_per_second,
+        "gen_tokens": r.completion_tokens,
+        "load_s": load_s,
+        "layer": used,
+        "threads": statistics.fmean(counts),
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+    }
 
 
 # -- the background load --------------------------------------------------------------------
@@ -190,8 +210,9 @@ def run_in_own_session(argv: list, nice: int) -> int:
     """Run this script again (with ``argv``) in a session of its own at priority ``nice``, and
     wait for it; Ctrl-C here stops it (SIGTERM: its busy processes and run end with it)."""
     cmd = [sys.executable, "-m", "benchmarks.load", *argv, "--in-session"]
-    child = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
-                             preexec_fn=lambda: _session_priority(nice))
+    child = subprocess.Popen(
+        cmd, cwd=ROOT, start_new_session=True, preexec_fn=lambda: _session_priority(nice)
+    )
     try:
         return child.wait()
     except KeyboardInterrupt:
@@ -203,8 +224,10 @@ class Load:
     """n busy processes; each ends itself after ``limit_s`` or when this process is gone."""
 
     def __init__(self, n: int, limit_s: float):
-        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY, f"{max(1.0, limit_s):.0f}"])
-                      for _ in range(n)]
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", BUSY, f"{max(1.0, limit_s):.0f}"])
+            for _ in range(n)
+        ]
 
     def cpu_s(self) -> float:
         """CPU seconds the busy processes have used so far."""
@@ -232,14 +255,26 @@ def run_case(model: str, case: str, args, timeout: float, load: Load | None = No
     env = {k: v for k, v in os.environ.items() if k not in CONTROLLED}
     env.update(config(name).get("env", {}))
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    spec = {"config": name, "threads": None if threads == "auto" else int(threads),
-            "model": model, "tokens": args.tokens,
-            "warmup": args.warmup, "gen_tokens": args.gen_tokens, "vocab": args.vocab}
+    spec = {
+        "config": name,
+        "threads": None if threads == "auto" else int(threads),
+        "model": model,
+        "tokens": args.tokens,
+        "warmup": args.warmup,
+        "gen_tokens": args.gen_tokens,
+        "vocab": args.vocab,
+    }
     cmd = [sys.executable, "-m", "benchmarks.load", "--worker", json.dumps(spec)]
     ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_busy_s(), time.monotonic()
     load0 = load.cpu_s() if load else 0.0
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=min(300.0, max(10.0, timeout)))
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=min(300.0, max(10.0, timeout)),
+    )
     wall, busy = time.monotonic() - t0, cpu_busy_s() - busy0
     ours = load.cpu_s() - load0 if load else 0.0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -258,9 +293,11 @@ def world_vocab() -> str | None:
     from importlib.util import find_spec
 
     rwkv = find_spec("rwkv")
-    for path in (os.path.join(ROOT, "src", "rwkvpy", "tokenizers", "data", VOCAB),
-                 os.path.join(ROOT, "..", "shared", "vocab", VOCAB),
-                 rwkv and rwkv.origin and os.path.join(os.path.dirname(rwkv.origin), VOCAB)):
+    for path in (
+        os.path.join(ROOT, "src", "rwkvpy", "tokenizers", "data", VOCAB),
+        os.path.join(ROOT, "..", "shared", "vocab", VOCAB),
+        rwkv and rwkv.origin and os.path.join(os.path.dirname(rwkv.origin), VOCAB),
+    ):
         if path and os.path.exists(path):
             return os.path.abspath(path)
     return None
@@ -285,7 +322,8 @@ def wait_quiet(load: Load | None, max_wait: float, threshold: float = 0.25) -> f
         b0, l0, t0 = cpu_busy_s(), load.cpu_s() if load else 0.0, time.monotonic()
         time.sleep(1.0)
         others = (cpu_busy_s() - b0 - ((load.cpu_s() - l0) if load else 0.0)) / (
-            time.monotonic() - t0)
+            time.monotonic() - t0
+        )
         if others < threshold or time.monotonic() > end:
             return others
         time.sleep(2.0)
@@ -323,9 +361,13 @@ def summarize(runs: list, cases: list, loads: list) -> list:
             rs = [r for r in runs if r["case"] == case and r["load"] == n]
             if not rs:
                 continue
-            row = {"case": case, "load": n, "runs": len(rs),
-                   "loadavg": statistics.fmean(r["loadavg"] for r in rs),
-                   "others": statistics.fmean(r["others"] for r in rs)}
+            row = {
+                "case": case,
+                "load": n,
+                "runs": len(rs),
+                "loadavg": statistics.fmean(r["loadavg"] for r in rs),
+                "others": statistics.fmean(r["others"] for r in rs),
+            }
             for k in ("mean_ms", "median_ms", "p90_ms", "gen_tok_s", "cpu_per_wall", "threads"):
                 v = [r[k] for r in rs]
                 row[k] = statistics.median(v)
@@ -340,62 +382,114 @@ def summarize(runs: list, cases: list, loads: list) -> list:
 
 
 def format_table(rows: list) -> str:
-    cols = ("case", "busy", "n", "mean ms", "(range)", "median", "p90", "x idle", "gen tok/s",
-            "(range)", "x idle", "thr", "cpu", "others")
+    cols = (
+        "case",
+        "busy",
+        "n",
+        "mean ms",
+        "(range)",
+        "median",
+        "p90",
+        "x idle",
+        "gen tok/s",
+        "(range)",
+        "x idle",
+        "thr",
+        "cpu",
+        "others",
+    )
     lines = []
     for r in rows:
         lo, hi = r["mean_ms_range"]
         glo, ghi = r["gen_tok_s_range"]
-        lines.append((r["case"], str(r["load"]), str(r["runs"]), f"{r['mean_ms']:.1f}",
-                      f"{lo:.1f}-{hi:.1f}", f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
-                      f"{r.get('mean_x_idle', float('nan')):.2f}", f"{r['gen_tok_s']:.0f}",
-                      f"{glo:.0f}-{ghi:.0f}", f"{r.get('gen_x_idle', float('nan')):.2f}",
-                      f"{r['threads']:.2f}", f"{r['cpu_per_wall']:.2f}", f"{r['others']:.2f}"))
-    width = [max(len(c), *(len(x[i]) for x in lines)) if lines else len(c)
-             for i, c in enumerate(cols)]
+        lines.append(
+            (
+                r["case"],
+                str(r["load"]),
+                str(r["runs"]),
+                f"{r['mean_ms']:.1f}",
+                f"{lo:.1f}-{hi:.1f}",
+                f"{r['median_ms']:.1f}",
+                f"{r['p90_ms']:.1f}",
+                f"{r.get('mean_x_idle', float('nan')):.2f}",
+                f"{r['gen_tok_s']:.0f}",
+                f"{glo:.0f}-{ghi:.0f}",
+                f"{r.get('gen_x_idle', float('nan')):.2f}",
+                f"{r['threads']:.2f}",
+                f"{r['cpu_per_wall']:.2f}",
+                f"{r['others']:.2f}",
+            )
+        )
+    width = [
+        max(len(c), *(len(x[i]) for x in lines)) if lines else len(c) for i, c in enumerate(cols)
+    ]
     fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(width))
     out = [fmt.format(*cols), "-" * (sum(width) + 2 * (len(width) - 1))]
     out += [fmt.format(*x) for x in lines]
-    out.append("ms per decode token (median over runs; the mean's range); x idle: against the "
-               "same case with no busy process (mean ms; generate: idle tok/s / tok/s); thr: "
-               "torch's thread count over the timed steps (mean); cpu: "
-               "CPU seconds per wall second while decoding; others: cores kept busy by other "
-               "processes than the run and its busy ones (mean over the runs; above ~0.2 the "
-               "machine was shared)")
+    out.append(
+        "ms per decode token (median over runs; the mean's range); x idle: against the "
+        "same case with no busy process (mean ms; generate: idle tok/s / tok/s); thr: "
+        "torch's thread count over the timed steps (mean); cpu: "
+        "CPU seconds per wall second while decoding; others: cores kept busy by other "
+        "processes than the run and its busy ones (mean over the runs; above ~0.2 the "
+        "machine was shared)"
+    )
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load",
-                                description=__doc__.split("\n\n")[0],
-                                epilog="See the module docstring for the configs.")
-    p.add_argument("--model", default=None,
-                   help="model file or 'demo' (default: a synthesized --synth model)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.load",
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring for the configs.",
+    )
+    p.add_argument(
+        "--model", default=None, help="model file or 'demo' (default: a synthesized --synth model)"
+    )
     p.add_argument("--synth", default="v7-0.1b", help="rwkvpy.synth preset (default v7-0.1b)")
     p.add_argument("--type", default="q4_0", help="its matrices' type (default q4_0)")
-    p.add_argument("--work-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                      "rwkvpy-load-bench"),
-                   help="where the synthesized model is kept")
-    p.add_argument("--vocab", default=None,
-                   help="World vocabulary file for the generate runs (default: found here)")
-    p.add_argument("--cases", default=DEFAULT_CASES,
-                   help=f"CONFIG@THREADS,... (default {DEFAULT_CASES})")
+    p.add_argument(
+        "--work-dir",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "rwkvpy-load-bench"),
+        help="where the synthesized model is kept",
+    )
+    p.add_argument(
+        "--vocab",
+        default=None,
+        help="World vocabulary file for the generate runs (default: found here)",
+    )
+    p.add_argument(
+        "--cases", default=DEFAULT_CASES, help=f"CONFIG@THREADS,... (default {DEFAULT_CASES})"
+    )
     p.add_argument("--loads", default="0,1,2", help="busy processes per level (default 0,1,2)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each case per level")
     p.add_argument("--tokens", type=int, default=60, help="timed decode tokens (default 60)")
     p.add_argument("--warmup", type=int, default=10, help="untimed tokens first (default 10)")
     p.add_argument("--gen-tokens", type=int, default=60, help="generated tokens (default 60)")
-    p.add_argument("--time-limit", type=float, default=900,
-                   help="hard limit in seconds: no run starts after it, busy processes end at "
-                        "it (default 900)")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
-                   help="before each run wait up to S seconds for other processes to leave "
-                        "the cores (below 0.25 cores busy over a second; default 0: no wait)")
-    p.add_argument("--nice", type=int, default=None,
-                   help="run this script, its runs and its busy processes in a session of its "
-                        "own at this priority (e.g. -20, as root: on a machine others use, "
-                        "their processes then hardly take the cores from the measured ones; "
-                        "they wait meanwhile, so keep such runs short)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=900,
+        help="hard limit in seconds: no run starts after it, busy processes end at "
+        "it (default 900)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="before each run wait up to S seconds for other processes to leave "
+        "the cores (below 0.25 cores busy over a second; default 0: no wait)",
+    )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        help="run this script, its runs and its busy processes in a session of its "
+        "own at this priority (e.g. -20, as root: on a machine others use, "
+        "their processes then hardly take the cores from the measured ones; "
+        "they wait meanwhile, so keep such runs short)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (every run)")
     p.add_argument("--list", action="store_true", help="list the configs and exit")
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
@@ -413,8 +507,10 @@ def main(argv=None) -> int:
     for c in cases:
         name, _, t = c.partition("@")
         if config(name) is None or not (t.isdigit() or t == "auto"):
-            p.error(f"bad case {c!r}: CONFIG@THREADS (a count or 'auto') with CONFIG one of "
-                    f"{', '.join(CONFIGS)}")
+            p.error(
+                f"bad case {c!r}: CONFIG@THREADS (a count or 'auto') with CONFIG one of "
+                f"{', '.join(CONFIGS)}"
+            )
     if any(c.startswith("tbb@") for c in cases) and not have_tbb():
         print("... numba's tbb layer cannot load here: tbb cases skipped", file=sys.stderr)
         cases = [c for c in cases if not c.startswith("tbb@")]
@@ -423,6 +519,7 @@ def main(argv=None) -> int:
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_term)
 
     if args.nice is not None and not args.in_session:
@@ -441,7 +538,7 @@ def main(argv=None) -> int:
                     raise TimeoutError
                 load = Load(n, deadline - time.monotonic() + 5)
                 time.sleep(0.5 if n else 0)
-                order = cases[rep % len(cases):] + cases[:rep % len(cases)]
+                order = cases[rep % len(cases) :] + cases[: rep % len(cases)]
                 for case in order:
                     if time.monotonic() > deadline:
                         raise TimeoutError
@@ -451,9 +548,12 @@ def main(argv=None) -> int:
                     r = run_case(model, case, args, deadline - time.monotonic(), load)
                     r.update(case=case, load=n, repeat=rep, loadavg=la)
                     runs.append(r)
-                    print(f"... rep {rep} busy {n} {case:16s} mean {r['mean_ms']:7.2f} ms "
-                          f"p90 {r['p90_ms']:7.2f} gen {r['gen_tok_s']:7.1f} tok/s "
-                          f"others {r['others']:.2f} load1 {la:.2f}", file=sys.stderr)
+                    print(
+                        f"... rep {rep} busy {n} {case:16s} mean {r['mean_ms']:7.2f} ms "
+                        f"p90 {r['p90_ms']:7.2f} gen {r['gen_tok_s']:7.1f} tok/s "
+                        f"others {r['others']:.2f} load1 {la:.2f}",
+                        file=sys.stderr,
+                    )
                 load.stop()
     except (TimeoutError, subprocess.TimeoutExpired):
         print("... time limit reached: partial results", file=sys.stderr)
@@ -463,14 +563,22 @@ def main(argv=None) -> int:
         if load is not None:
             load.stop()
     rows = summarize(runs, cases, loads)
-    meta = {"model": model, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "priority": prio,
-            "tokens": args.tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats}
+    meta = {
+        "model": model,
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "priority": prio,
+        "tokens": args.tokens,
+        "gen_tokens": args.gen_tokens,
+        "repeats": args.repeats,
+    }
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows, "runs": runs}))
     else:
-        print(f"model {model}, {meta['cpus']} CPUs, {meta['date']}, {args.tokens} tokens "
-              f"timed, {args.gen_tokens} generated, priority: {prio}")
+        print(
+            f"model {model}, {meta['cpus']} CPUs, {meta['date']}, {args.tokens} tokens "
+            f"timed, {args.gen_tokens} generated, priority: {prio}"
+        )
         print(format_table(rows))
     return 0
 

@@ -30,8 +30,14 @@ from urllib.parse import urlparse
 
 import httpx
 
-PROMPTS = ["Once upon a time", "The quick brown fox", "In the beginning", "It was a dark night",
-           "The old man and the", "Far away, beyond the hills"]
+PROMPTS = [
+    "Once upon a time",
+    "The quick brown fox",
+    "In the beginning",
+    "It was a dark night",
+    "The old man and the",
+    "Far away, beyond the hills",
+]
 
 
 def start_server(args) -> tuple:
@@ -39,9 +45,20 @@ def start_server(args) -> tuple:
     env = dict(os.environ)
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "rwkvpy.server", "-m", args.model, "--port", "0",
-           "--no-access-log", "--max-concurrent", str(args.max_concurrent or max(args.levels) * 2),
-           "--max-tokens-limit", str(max(args.max_tokens, 16))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rwkvpy.server",
+        "-m",
+        args.model,
+        "--port",
+        "0",
+        "--no-access-log",
+        "--max-concurrent",
+        str(args.max_concurrent or max(args.levels) * 2),
+        "--max-tokens-limit",
+        str(max(args.max_tokens, 16)),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.max_batch:
@@ -110,9 +127,14 @@ async def run_level(url, headers, clients, args) -> dict:
         while issued < args.requests and time.monotonic() < stop_at:
             i = issued
             issued += 1
-            body = {"prompt": f"{PROMPTS[i % len(PROMPTS)]} ({w}.{i})", "stream": True,
-                    "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "prompt": f"{PROMPTS[i % len(PROMPTS)]} ({w}.{i})",
+                "stream": True,
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "seed": i,
+                "stream_options": {"include_usage": True},
+            }
             try:
                 results.append(await one_request(client, body))
             except Refused as e:
@@ -124,8 +146,9 @@ async def run_level(url, headers, clients, args) -> dict:
                 refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
 
     limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=300, limits=limits
+    ) as client:
         st0 = (await client.get("/v1/stats")).json()["engine"]
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w, client) for w in range(clients)))
@@ -140,13 +163,21 @@ async def run_level(url, headers, clients, args) -> dict:
     def pct(q):
         return lat[min(len(lat) - 1, int(q * len(lat)))]
 
-    return {"clients": clients, "requests": len(results), "seconds": wall,
-            "requests_per_s": len(results) / wall, "tokens_per_s": toks / wall,
-            "completion_tokens": toks, "latency_mean_s": statistics.fmean(lat),
-            "latency_p50_s": pct(0.5), "latency_p95_s": pct(0.95), "latency_p99_s": pct(0.99),
-            "refused": refused,
-            "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
-            "mean_decode_batch": mean_batch}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "seconds": wall,
+        "requests_per_s": len(results) / wall,
+        "tokens_per_s": toks / wall,
+        "completion_tokens": toks,
+        "latency_mean_s": statistics.fmean(lat),
+        "latency_p50_s": pct(0.5),
+        "latency_p95_s": pct(0.95),
+        "latency_p99_s": pct(0.99),
+        "refused": refused,
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+        "mean_decode_batch": mean_batch,
+    }
 
 
 def main(argv=None) -> int:
@@ -161,8 +192,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (64)")
     p.add_argument("--threads", type=int, default=None, help="server threads (started server)")
     p.add_argument("--max-batch", type=int, default=None, help="server --max-batch")
-    p.add_argument("--max-concurrent", type=int, default=None, help="server --max-concurrent "
-                   "(started server; default twice the largest level): levels above it get 429s")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="server --max-concurrent "
+        "(started server; default twice the largest level): levels above it get 429s",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -180,8 +216,16 @@ def main(argv=None) -> int:
         proc, url, log = start_server(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        asyncio.run(run_level(url, headers, 1, argparse.Namespace(  # warm-up, not reported
-            requests=2, seconds=30, max_tokens=8)))
+        asyncio.run(
+            run_level(
+                url,
+                headers,
+                1,
+                argparse.Namespace(  # warm-up, not reported
+                    requests=2, seconds=30, max_tokens=8
+                ),
+            )
+        )
         rows = [asyncio.run(run_level(url, headers, c, args)) for c in args.levels]
     finally:
         if proc is not None:
@@ -195,13 +239,17 @@ def main(argv=None) -> int:
         print(json.dumps({"url": url, "max_tokens": args.max_tokens, "levels": rows}))
         return 0
     print(f"server {url}, {args.max_tokens} tokens per request (streaming completions)")
-    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>8} {'lat p50':>8} "
-          f"{'lat p99':>8} {'ttft':>7} {'mean batch':>10}  refused")
+    print(
+        f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>8} {'lat p50':>8} "
+        f"{'lat p99':>8} {'ttft':>7} {'mean batch':>10}  refused"
+    )
     for r in rows:
         ttft = f"{r['ttft_mean_s']:.3f}" if r["ttft_mean_s"] is not None else "-"
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} "
-              f"{r['tokens_per_s']:>8.1f} {r['latency_p50_s']:>7.3f}s {r['latency_p99_s']:>7.3f}s "
-              f"{ttft:>7} {r['mean_decode_batch']:>10.1f}  {r['refused'] or '-'}")
+        print(
+            f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} "
+            f"{r['tokens_per_s']:>8.1f} {r['latency_p50_s']:>7.3f}s {r['latency_p99_s']:>7.3f}s "
+            f"{ttft:>7} {r['mean_decode_batch']:>10.1f}  {r['refused'] or '-'}"
+        )
     return 0
 
 

@@ -33,17 +33,24 @@ STEPS = [38, 462, 643, 383, 279]
 
 def models(folder: str) -> list:
     """(name, path) of every model of the set, written to ``folder`` when missing."""
+    from rwkvpy.config import Version
     from rwkvpy.convert import convert
     from rwkvpy.demo import demo_model_path
-    from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
     out = [("demo", demo_model_path())]
     for v in VERSIONS:
         pth = os.path.join(folder, f"{v}.pth")
         if not os.path.exists(pth):
-            save_random_model(pth, version=Version[v], n_embd=512, n_layer=2, vocab=1000,
-                              seed=7, dtype=torch.float16)
+            save_random_model(
+                pth,
+                version=Version[v],
+                n_embd=512,
+                n_layer=2,
+                vocab=1000,
+                seed=7,
+                dtype=torch.float16,
+            )
         for t in TYPES:
             dst = os.path.join(folder, f"{v}-{t}.bin")
             if not os.path.exists(dst):
@@ -89,9 +96,14 @@ def main(argv=None) -> int:
         print(f"recorded {len(got)} runs to {args.file}")
         return 0
     want = np.load(args.file)
-    bad = [k for k in sorted(set(want.files) | set(got))
-           if k not in got or k not in want.files
-           or want[k].tobytes() != got[k].tobytes() or want[k].shape != got[k].shape]
+    bad = [
+        k
+        for k in sorted(set(want.files) | set(got))
+        if k not in got
+        or k not in want.files
+        or want[k].tobytes() != got[k].tobytes()
+        or want[k].shape != got[k].shape
+    ]
     for k in bad:
         print(f"DIFFERENT: {k}")
     print(f"{len(got) - len(bad)} of {len(got)} runs bit-identical")

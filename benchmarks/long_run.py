@@ -25,8 +25,9 @@ def rss_mb() -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.long_run",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.long_run", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", default="demo")
     p.add_argument("--tokens", type=int, default=1_000_000)
     p.add_argument("--block", type=int, default=50_000)
@@ -53,19 +54,30 @@ def main(argv=None):
             ok &= finite
             now, cpu = time.monotonic(), time.process_time()
             n = done - (rows[-1]["tokens"] if rows else 0)
-            rows.append({"tokens": done, "tokens_per_s": round(n / (now - block_t), 1),
-                         "cpu_s_per_wall_s": round((cpu - block_cpu) / (now - block_t), 2),
-                         "rss_mb": round(rss_mb(), 1), "logits_finite": finite,
-                         "logit_abs_max": round(float(logits.abs().max()), 2),
-                         "state_n_tokens": state.n_tokens})
+            rows.append(
+                {
+                    "tokens": done,
+                    "tokens_per_s": round(n / (now - block_t), 1),
+                    "cpu_s_per_wall_s": round((cpu - block_cpu) / (now - block_t), 2),
+                    "rss_mb": round(rss_mb(), 1),
+                    "logits_finite": finite,
+                    "logit_abs_max": round(float(logits.abs().max()), 2),
+                    "state_n_tokens": state.n_tokens,
+                }
+            )
             block_t, block_cpu = now, cpu
             if not a.json:
                 print(rows[-1], flush=True)
             if not finite:
                 break
-    out = {"model": a.model, "tokens": done, "seconds": round(time.monotonic() - t0, 1),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "all_finite": ok, "blocks": rows}
+    out = {
+        "model": a.model,
+        "tokens": done,
+        "seconds": round(time.monotonic() - t0, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "all_finite": ok,
+        "blocks": rows,
+    }
     print(json.dumps(out) if a.json else {k: v for k, v in out.items() if k != "blocks"})
     return 0 if ok else 1
 

@@ -53,8 +53,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-PROMPTS = ["Once upon a time", "The sea is", "Hello there", "RWKV is", "A cat sat on the",
-           "Dear sir,", "In the morning", "The end of the"]
+PROMPTS = [
+    "Once upon a time",
+    "The sea is",
+    "Hello there",
+    "RWKV is",
+    "A cat sat on the",
+    "Dear sir,",
+    "In the morning",
+    "The end of the",
+]
 
 
 def _load_avg() -> float:
@@ -63,10 +71,20 @@ def _load_avg() -> float:
 
 def drive(url: str, n: int, clients: int, max_tokens: int) -> dict:
     """``n`` completions from ``clients`` threads: requests/s, tokens/s."""
+
     def one(i):
-        r = httpx.post(url + "/v1/completions", timeout=600, json={
-            "model": "bench", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-            "seed": i, "temperature": 1.0, "stop": []})
+        r = httpx.post(
+            url + "/v1/completions",
+            timeout=600,
+            json={
+                "model": "bench",
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": max_tokens,
+                "seed": i,
+                "temperature": 1.0,
+                "stop": [],
+            },
+        )
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
 
@@ -75,8 +93,13 @@ def drive(url: str, n: int, clients: int, max_tokens: int) -> dict:
         t0 = time.perf_counter()
         tokens = sum(pool.map(one, range(n)))
         wall = time.perf_counter() - t0
-    return {"requests": n, "clients": clients, "seconds": wall, "requests_per_s": n / wall,
-            "tokens_per_s": tokens / wall}
+    return {
+        "requests": n,
+        "clients": clients,
+        "seconds": wall,
+        "requests_per_s": n / wall,
+        "tokens_per_s": tokens / wall,
+    }
 
 
 def latency(urls: dict, n: int, max_tokens: int) -> dict:
@@ -87,17 +110,23 @@ def latency(urls: dict, n: int, max_tokens: int) -> dict:
         for i in range(n + 5):
             for k, url in urls.items():
                 t0 = time.perf_counter()
-                r = c.post(url + "/v1/completions", json={
-                    "model": "bench", "prompt": "Hello", "max_tokens": max_tokens, "seed": i})
+                r = c.post(
+                    url + "/v1/completions",
+                    json={"model": "bench", "prompt": "Hello", "max_tokens": max_tokens, "seed": i},
+                )
                 r.raise_for_status()
                 if i >= 5:  # the first ones warm up
                     times[k].append((time.perf_counter() - t0) * 1000)
     out = {}
     for k, t in times.items():
         t.sort()
-        out[k] = {"n": n, "max_tokens": max_tokens, "p50_ms": statistics.median(t),
-                  "p99_ms": t[min(len(t) - 1, round(0.99 * (len(t) - 1)))],
-                  "mean_ms": statistics.fmean(t)}
+        out[k] = {
+            "n": n,
+            "max_tokens": max_tokens,
+            "p50_ms": statistics.median(t),
+            "p99_ms": t[min(len(t) - 1, round(0.99 * (len(t) - 1)))],
+            "mean_ms": statistics.fmean(t),
+        }
     return out
 
 
@@ -110,36 +139,57 @@ def rounds(urls: dict, k: int, n: int, clients: int, max_tokens: int) -> dict:
     out = {}
     for name, rs in got.items():
         rs.sort(key=lambda r: r["requests_per_s"])
-        out[name] = {**rs[len(rs) // 2], "rounds": k,
-                     "requests_per_s_all": [round(r["requests_per_s"], 2) for r in rs]}
+        out[name] = {
+            **rs[len(rs) // 2],
+            "rounds": k,
+            "requests_per_s_all": [round(r["requests_per_s"], 2) for r in rs],
+        }
     return out
 
 
-SYSTEM = ("You are the ship's log of the schooner Wanderer. Answer in the voice of an old "
-          "sailor who has crossed every ocean twice; mention the weather, the wind and the "
-          "state of the rigging in every answer, and never use more than three sentences. ") * 4
+SYSTEM = (
+    "You are the ship's log of the schooner Wanderer. Answer in the voice of an old "
+    "sailor who has crossed every ocean twice; mention the weather, the wind and the "
+    "state of the rigging in every answer, and never use more than three sentences. "
+) * 4
 
 
-NEWS = ("We sighted two whales off the port bow this morning, the cook burned the bread again, "
-        "and the mate swears the barometer is falling. What do you make of it, and what should "
-        "we do about the foresail before nightfall?")
+NEWS = (
+    "We sighted two whales off the port bow this morning, the cook burned the bread again, "
+    "and the mate swears the barometer is falling. What do you make of it, and what should "
+    "we do about the foresail before nightfall?"
+)
 
 
 def chat_sessions(url: str, sessions: int, turns: int, max_tokens: int, affinity: bool) -> dict:
     """``sessions`` conversations at once, ``turns`` turns each: prompt tokens, cached ones."""
+
     def session(i):
         msgs, got = [{"role": "system", "content": SYSTEM}], []
         headers = {"X-Session-Id": f"session-{i}"} if affinity else {}
         with httpx.Client(timeout=600) as c:
             for t in range(turns):
                 msgs.append({"role": "user", "content": f"Day {t} of voyage {i}. " + NEWS})
-                r = c.post(url + "/v1/chat/completions", headers=headers, json={
-                    "model": "bench", "messages": msgs, "max_tokens": max_tokens,
-                    "seed": 100 * i + t, "temperature": 1.0})
+                r = c.post(
+                    url + "/v1/chat/completions",
+                    headers=headers,
+                    json={
+                        "model": "bench",
+                        "messages": msgs,
+                        "max_tokens": max_tokens,
+                        "seed": 100 * i + t,
+                        "temperature": 1.0,
+                    },
+                )
                 r.raise_for_status()
                 u = r.json()["usage"]
-                got.append((u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
-                            r.headers.get("x-rwkvpy-replica")))
+                got.append(
+                    (
+                        u["prompt_tokens"],
+                        u["prompt_tokens_details"]["cached_tokens"],
+                        r.headers.get("x-rwkvpy-replica"),
+                    )
+                )
                 msgs.append(r.json()["choices"][0]["message"])
         return got
 
@@ -149,10 +199,16 @@ def chat_sessions(url: str, sessions: int, turns: int, max_tokens: int, affinity
     wall = time.perf_counter() - t0
     prompt = sum(p for s in done for p, _, _ in s)
     cached = sum(c for s in done for _, c, _ in s)
-    return {"sessions": sessions, "turns": turns, "seconds": wall, "prompt_tokens": prompt,
-            "cached_tokens": cached, "cached_fraction": cached / prompt,
-            "prefilled_tokens": prompt - cached,
-            "replicas_per_session": statistics.fmean(len({r for *_, r in s}) for s in done)}
+    return {
+        "sessions": sessions,
+        "turns": turns,
+        "seconds": wall,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "cached_fraction": cached / prompt,
+        "prefilled_tokens": prompt - cached,
+        "replicas_per_session": statistics.fmean(len({r for *_, r in s}) for s in done),
+    }
 
 
 def sessions_mode(a, cpus: int) -> dict:
@@ -161,13 +217,19 @@ def sessions_mode(a, cpus: int) -> dict:
     from rwkvpy.server import ray_serve
 
     out = {}
-    ray.init(num_cpus=max(cpus, 2), include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(
+        num_cpus=max(cpus, 2),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     try:
         for affinity in (True, False):
             name = "session_affinity" if affinity else "default_routing"
-            print(f"... {a.sessions} chat sessions on 2 replicas, {name}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"... {a.sessions} chat sessions on 2 replicas, {name}", file=sys.stderr, flush=True
+            )
             url = ray_serve.deploy(ray_spec(a.model, max(1, cpus // 2)), replicas=2, port=0)
             try:
                 load = _load_avg()
@@ -175,9 +237,13 @@ def sessions_mode(a, cpus: int) -> dict:
                 time.sleep(2 * ray_serve.STATS_EVERY)  # the replicas' last counters published
                 cache = httpx.get(url + "/v1/stats").json()["engine"]["prefix_cache"]
                 lookups = cache["hits"] + cache["misses"]
-                out[name] = {"load_avg": load, **r, "cache_hits": cache["hits"],
-                             "cache_misses": cache["misses"],
-                             "lookup_hit_rate": cache["hits"] / lookups if lookups else None}
+                out[name] = {
+                    "load_avg": load,
+                    **r,
+                    "cache_hits": cache["hits"],
+                    "cache_misses": cache["misses"],
+                    "lookup_hit_rate": cache["hits"] / lookups if lookups else None,
+                }
             finally:
                 ray_serve.shutdown()
     finally:
@@ -195,16 +261,28 @@ def autoscale_mode(a, cpus: int) -> dict:
     from rwkvpy.server import ray_serve
 
     lo, hi = parse_autoscale(a.autoscale)
-    ray.init(num_cpus=max(cpus, hi), include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(
+        num_cpus=max(cpus, hi),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     stop, done, rejected, lock = threading.Event(), [], [], threading.Lock()
 
     def client(i):
         with httpx.Client(timeout=600) as c:
             while not stop.is_set():
-                r = c.post(url + "/v1/completions", json={
-                    "model": "bench", "prompt": PROMPTS[i % len(PROMPTS)],
-                    "max_tokens": a.max_tokens, "seed": i, "stop": []})
+                r = c.post(
+                    url + "/v1/completions",
+                    json={
+                        "model": "bench",
+                        "prompt": PROMPTS[i % len(PROMPTS)],
+                        "max_tokens": a.max_tokens,
+                        "seed": i,
+                        "stop": [],
+                    },
+                )
                 if r.status_code == 429:  # the replica's slots are full: counted, tried again
                     rejected.append(time.perf_counter())
                     time.sleep(0.1)
@@ -215,8 +293,9 @@ def autoscale_mode(a, cpus: int) -> dict:
 
     timeline = []
     try:
-        url = ray_serve.deploy(ray_spec(a.model, 1, "--max-concurrent", "8"),
-                               autoscale=(lo, hi), port=0)
+        url = ray_serve.deploy(
+            ray_spec(a.model, 1, "--max-concurrent", "8"), autoscale=(lo, hi), port=0
+        )
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
         for t in threads:
@@ -229,10 +308,19 @@ def autoscale_mode(a, cpus: int) -> dict:
                 now = time.perf_counter()
                 with lock:
                     n = len(done)
-                timeline.append({"seconds": round(now - t0, 1), "running": running,
-                                 "completions_so_far": n, "load_avg": _load_avg()})
-                print(f"... {now - t0:.1f} s: {running} replica(s) running, {n} completions",
-                      file=sys.stderr, flush=True)
+                timeline.append(
+                    {
+                        "seconds": round(now - t0, 1),
+                        "running": running,
+                        "completions_so_far": n,
+                        "load_avg": _load_avg(),
+                    }
+                )
+                print(
+                    f"... {now - t0:.1f} s: {running} replica(s) running, {n} completions",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 last = running
             if running >= hi:
                 break
@@ -246,9 +334,15 @@ def autoscale_mode(a, cpus: int) -> dict:
         stop.set()
         ray_serve.shutdown()
         ray.shutdown()
-    out = {"autoscale": [lo, hi], "clients": a.clients, "max_tokens": a.max_tokens,
-           "timeline": timeline, "seconds": end - t0, "completions": len(done),
-           "rejected_429": len(rejected)}
+    out = {
+        "autoscale": [lo, hi],
+        "clients": a.clients,
+        "max_tokens": a.max_tokens,
+        "timeline": timeline,
+        "seconds": end - t0,
+        "completions": len(done),
+        "rejected_429": len(rejected),
+    }
     if len(timeline) > 1:  # completions/s before the last scale-up and in the 10 s after it
         up = t0 + timeline[-1]["seconds"]
         before = [t for t in done if t < up]
@@ -260,9 +354,23 @@ def autoscale_mode(a, cpus: int) -> dict:
 
 def single_process_server(model: str, threads: int):
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "rwkvpy.server", model, "--port", "0",
-                             "--threads", str(threads), "--model-name", "bench",
-                             "--no-access-log"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy.server",
+            model,
+            "--port",
+            "0",
+            "--threads",
+            str(threads),
+            "--model-name",
+            "bench",
+            "--no-access-log",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300
     while True:
         with open(log.name) as f:
@@ -283,8 +391,9 @@ def ray_spec(model: str, threads: int, *extra: str) -> dict:
 
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
-    args = p.parse_args([model, "--threads", str(threads), "--model-name", "bench",
-                         "--no-access-log", *extra])
+    args = p.parse_args(
+        [model, "--threads", str(threads), "--model-name", "bench", "--no-access-log", *extra]
+    )
     take_positionals(args)
     return replica_spec(args, None, [])
 
@@ -295,8 +404,17 @@ def batch_rows(model: str, rows: int, max_tokens: int, ray_on: bool, cpus: int, 
     src = os.path.join(tmp, "in.jsonl")
     with open(src, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"id": i, "prompt": PROMPTS[i % len(PROMPTS)],
-                                "max_tokens": max_tokens, "seed": i}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": i,
+                        "prompt": PROMPTS[i % len(PROMPTS)],
+                        "max_tokens": max_tokens,
+                        "seed": i,
+                    }
+                )
+                + "\n"
+            )
     first = []  # (time, rows) of the first group to come back
 
     def seen(rows, _pid):
@@ -304,16 +422,31 @@ def batch_rows(model: str, rows: int, max_tokens: int, ray_on: bool, cpus: int, 
             first.append((time.perf_counter(), len(rows)))
 
     t0 = time.perf_counter()
-    kw = ({"ray": True, "concurrency": cpus, "load_kw": {"threads": 1}} if ray_on
-          else {"load_kw": {"threads": cpus}})
-    batch.run("generate", model, src, os.path.join(tmp, f"out{int(ray_on)}.jsonl"),
-              force=True, on_rows=seen, **kw)
+    kw = (
+        {"ray": True, "concurrency": cpus, "load_kw": {"threads": 1}}
+        if ray_on
+        else {"load_kw": {"threads": cpus}}
+    )
+    batch.run(
+        "generate",
+        model,
+        src,
+        os.path.join(tmp, f"out{int(ray_on)}.jsonl"),
+        force=True,
+        on_rows=seen,
+        **kw,
+    )
     wall = time.perf_counter() - t0
     start = first[0][0] - t0
     # groups come back in input order: the first one's time is mostly the start (Ray's actors
     # starting and loading the model), not a rate
-    return {"rows": rows, "max_tokens": max_tokens, "seconds": wall,
-            "rows_per_s": rows / wall, "first_rows_s": start}
+    return {
+        "rows": rows,
+        "max_tokens": max_tokens,
+        "seconds": wall,
+        "rows_per_s": rows / wall,
+        "first_rows_s": start,
+    }
 
 
 def main() -> int:
@@ -326,11 +459,16 @@ def main() -> int:
     ap.add_argument("--latency-requests", type=int, default=100)
     ap.add_argument("--latency-tokens", type=int, default=1)
     ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--sessions", type=int, default=0,
-                    help="measure only the prefix cache's hit rate with this many chat sessions")
+    ap.add_argument(
+        "--sessions",
+        type=int,
+        default=0,
+        help="measure only the prefix cache's hit rate with this many chat sessions",
+    )
     ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--autoscale", metavar="MIN:MAX", default=None,
-                    help="measure only the scale-up under load")
+    ap.add_argument(
+        "--autoscale", metavar="MIN:MAX", default=None, help="measure only the scale-up under load"
+    )
     ap.add_argument("--autoscale-timeout", type=float, default=180.0)
     ap.add_argument("--json", metavar="PATH", default=None)
     a = ap.parse_args()
@@ -351,34 +489,51 @@ def main() -> int:
 
     say("single-process server")
     proc, single = single_process_server(a.model, cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     try:
         # the single-process server stays up: each Ray configuration is measured in rounds
         # that alternate with it, so that both see the same machine
         for replicas in (1, 2):
             say(f"Ray Serve, {replicas} replica(s), against the single process")
-            url = ray_serve.deploy(ray_spec(a.model, max(1, cpus // replicas)),
-                                   replicas=replicas, port=0)
+            url = ray_serve.deploy(
+                ray_spec(a.model, max(1, cpus // replicas)), replicas=replicas, port=0
+            )
             try:
                 out[f"serve_{replicas}_replica"] = {
                     "load_avg": _load_avg(),
-                    **rounds({"single": single, "ray": url}, a.rounds, a.requests, a.clients,
-                             a.max_tokens)}
+                    **rounds(
+                        {"single": single, "ray": url},
+                        a.rounds,
+                        a.requests,
+                        a.clients,
+                        a.max_tokens,
+                    ),
+                }
                 if replicas == 1:
-                    out["latency"] = latency({"single": single, "ray": url},
-                                             a.latency_requests, a.latency_tokens)
+                    out["latency"] = latency(
+                        {"single": single, "ray": url}, a.latency_requests, a.latency_tokens
+                    )
             finally:
                 ray_serve.shutdown()
         proc.terminate()
         proc.wait(30)
         with tempfile.TemporaryDirectory() as tmp:
             say("batch, one process")
-            out["batch_local"] = {"load_avg": _load_avg(),
-                                  **batch_rows(a.model, a.rows, a.max_tokens, False, cpus, tmp)}
+            out["batch_local"] = {
+                "load_avg": _load_avg(),
+                **batch_rows(a.model, a.rows, a.max_tokens, False, cpus, tmp),
+            }
             say("batch, Ray Data")
-            out["batch_ray"] = {"load_avg": _load_avg(),
-                                **batch_rows(a.model, a.rows, a.max_tokens, True, cpus, tmp)}
+            out["batch_ray"] = {
+                "load_avg": _load_avg(),
+                **batch_rows(a.model, a.rows, a.max_tokens, True, cpus, tmp),
+            }
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -54,10 +54,17 @@ def machine() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         pass
-    return {"cpu": cpu, "cpu_level": host_level(), "cpus": os.cpu_count(),
-            "memory_gib": round(mem, 1) if mem else None, "python": platform.python_version(),
-            "torch": torch.__version__, "numba": numba.__version__,
-            "rwkvpy": getattr(rwkvpy, "__version__", "?"), "os": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cpu_level": host_level(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem, 1) if mem else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "rwkvpy": getattr(rwkvpy, "__version__", "?"),
+        "os": platform.platform(),
+    }
 
 
 def _models(folder: str, types) -> list:
@@ -80,8 +87,20 @@ def _models(folder: str, types) -> list:
 
 
 def _bench(model: str, threads: str, tokens: int, prompt: int) -> dict:
-    cmd = [sys.executable, "-m", "rwkvpy", "bench", "-m", model, "--json", "--quiet",
-           "--tokens", str(tokens), "--prompt", str(prompt)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rwkvpy",
+        "bench",
+        "-m",
+        model,
+        "--json",
+        "--quiet",
+        "--tokens",
+        str(tokens),
+        "--prompt",
+        str(prompt),
+    ]
     if threads != "auto":  # auto: rwkvpy's default (the thread governor)
         cmd += ["--threads", threads]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -93,8 +112,10 @@ def _bench(model: str, threads: str, tokens: int, prompt: int) -> dict:
 def _in_child(call: str) -> object:
     """``call`` (an expression over this module) evaluated in a fresh interpreter: the process
     that runs the benchmarks stays small, since a child's peak memory starts from its parent's."""
-    code = f"import json, sys; sys.path.insert(0, {os.path.dirname(HERE)!r}); " \
-           f"import benchmarks.results as r; print(json.dumps({call}))"
+    code = (
+        f"import json, sys; sys.path.insert(0, {os.path.dirname(HERE)!r}); "
+        f"import benchmarks.results as r; print(json.dumps({call}))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"{call} failed: {p.stderr.strip()[-400:]}")
@@ -113,12 +134,21 @@ def run(args) -> str:
             r["threads_asked"] = threads
             rows.append(r)
             if not args.quiet:
-                print(f"{name} @ {threads} threads: {r['per_token_ms']:.2f} ms/token median, "
-                      f"{r['per_token_mean_ms']:.2f} mean", file=sys.stderr)
+                print(
+                    f"{name} @ {threads} threads: {r['per_token_ms']:.2f} ms/token median, "
+                    f"{r['per_token_mean_ms']:.2f} mean",
+                    file=sys.stderr,
+                )
     now = datetime.datetime.now(datetime.timezone.utc)
-    doc = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "host": socket.gethostname(),
-           "machine": _in_child("r.machine()"), "load_avg_start": start, "load_avg_end": os.getloadavg()[0],
-           "note": args.note, "bench": rows}
+    doc = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "host": socket.gethostname(),
+        "machine": _in_child("r.machine()"),
+        "load_avg_start": start,
+        "load_avg_end": os.getloadavg()[0],
+        "note": args.note,
+        "bench": rows,
+    }
     os.makedirs(RESULTS_DIR, exist_ok=True)
     out = os.path.join(RESULTS_DIR, f"{now:%Y%m%d-%H%M}-{doc['host']}.json")
     tmp = out + ".partial"
@@ -130,17 +160,22 @@ def run(args) -> str:
 
 def _section(doc: dict) -> list:
     m = doc["machine"]
-    lines = [f"## {doc['date']}: {m['cpu']}, {m['cpus']} CPUs",
-             "",
-             f"CPU level `{m['cpu_level']}`, {m['memory_gib']} GiB; Python {m['python']}, "
-             f"torch {m['torch']}, numba {m['numba']}, rwkvpy {m['rwkvpy']}. Load average "
-             f"{doc['load_avg_start']:.1f} at the start, {doc['load_avg_end']:.1f} at the end "
-             f"(on {m['cpus']} CPUs).", ""]
+    lines = [
+        f"## {doc['date']}: {m['cpu']}, {m['cpus']} CPUs",
+        "",
+        f"CPU level `{m['cpu_level']}`, {m['memory_gib']} GiB; Python {m['python']}, "
+        f"torch {m['torch']}, numba {m['numba']}, rwkvpy {m['rwkvpy']}. Load average "
+        f"{doc['load_avg_start']:.1f} at the start, {doc['load_avg_end']:.1f} at the end "
+        f"(on {m['cpus']} CPUs).",
+        "",
+    ]
     if doc.get("note"):
         lines += [doc["note"], ""]
-    lines += ["| model | threads | ms/token median | mean | p90 | decode tok/s | prompt tok/s "
-              "| bound ms | load s | peak MB | kernels |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| model | threads | ms/token median | mean | p90 | decode tok/s | prompt tok/s "
+        "| bound ms | load s | peak MB | kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc["bench"]:
         k = r.get("kernels", {})
         kern = ", ".join(f"{t} {v}" for t, v in sorted(k.get("products", {}).items()))
@@ -149,7 +184,8 @@ def _section(doc: dict) -> list:
             f"{r['per_token_mean_ms']:.2f} | {r['per_token_p90_ms']:.2f} | "
             f"{r['decode_tokens_per_s']:.0f} | {r['prompt_tokens_per_s']:.0f} | "
             f"{r.get('bound_ms', float('nan')):.2f} | {r['load_s']:.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {kern}; {k.get('step', '')} |")
+            f"{r['peak_rss_mb']:.0f} | {kern}; {k.get('step', '')} |"
+        )
     return lines + [""]
 
 
@@ -160,14 +196,18 @@ def render() -> str:
             with open(os.path.join(RESULTS_DIR, name)) as f:
                 docs.append(json.load(f))
     docs.sort(key=lambda d: d["date"], reverse=True)
-    lines = ["# Results", "",
-             "Generated by `python -m benchmarks.results render` from the JSON files in "
-             "`benchmarks/results/` (written by `python -m benchmarks.results run`); do not edit "
-             "by hand. Each section is one run on one machine: the date, the machine, the load "
-             "around it. `rwkvpy bench`: per-token decode time (median, mean, p90 over the "
-             "timed tokens), tokens/s over the whole decode and for a prompt, the bandwidth "
-             "bound (the model's bytes per token over the memory bandwidth measured in the same "
-             "run), load time and peak memory.", ""]
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python -m benchmarks.results render` from the JSON files in "
+        "`benchmarks/results/` (written by `python -m benchmarks.results run`); do not edit "
+        "by hand. Each section is one run on one machine: the date, the machine, the load "
+        "around it. `rwkvpy bench`: per-token decode time (median, mean, p90 over the "
+        "timed tokens), tokens/s over the whole decode and for a prompt, the bandwidth "
+        "bound (the model's bytes per token over the memory bandwidth measured in the same "
+        "run), load time and peak memory.",
+        "",
+    ]
     for d in docs:
         lines += _section(d)
     tmp = RESULTS_MD + ".partial"
@@ -182,8 +222,12 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="measure this machine into benchmarks/results/")
     r.add_argument("--types", nargs="*", default=["q4_0", "q5_1", "q8_0", "q4_k_m", "f16"])
-    r.add_argument("--threads", nargs="*", default=["auto", "1", "2"],
-                   help="thread counts; auto: rwkvpy's default (default: auto 1 2)")
+    r.add_argument(
+        "--threads",
+        nargs="*",
+        default=["auto", "1", "2"],
+        help="thread counts; auto: rwkvpy's default (default: auto 1 2)",
+    )
     r.add_argument("--tokens", type=int, default=64)
     r.add_argument("--prompt", type=int, default=256)
     r.add_argument("--models", default=None, help="folder of the random v7 0.1B files (kept)")

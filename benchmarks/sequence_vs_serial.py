@@ -43,10 +43,14 @@ def measure(path, toks, level=None) -> dict:
     def d(a, b):
         return float((a - b).abs().max())
 
-    return {"fast_seq_vs_fast_serial": d(fq, fs), "fast_serial_vs_exact": d(fs, es),
-            "fast_seq_vs_exact": d(fq, es), "exact_seq_vs_exact_serial": d(eq, es),
-            "logit_scale": float(es.abs().max()),
-            "products": fast.kernels["products"]}
+    return {
+        "fast_seq_vs_fast_serial": d(fq, fs),
+        "fast_serial_vs_exact": d(fs, es),
+        "fast_seq_vs_exact": d(fq, es),
+        "exact_seq_vs_exact_serial": d(eq, es),
+        "logit_scale": float(es.abs().max()),
+        "products": fast.kernels["products"],
+    }
 
 
 def main(argv=None) -> int:
@@ -69,15 +73,22 @@ def main(argv=None) -> int:
                 dst = os.path.join(tmp, f"{preset}-{typ}.bin")
                 convert(pth, dst, type=typ, progress=False)
                 toks = [(i * 7919 + 13) % 50000 for i in range(args.tokens)]
-                r = {"preset": preset, "type": typ, "tokens": args.tokens,
-                     **measure(dst, toks, args.level)}
+                r = {
+                    "preset": preset,
+                    "type": typ,
+                    "tokens": args.tokens,
+                    **measure(dst, toks, args.level),
+                }
                 rows.append(r)
                 if not args.json:
-                    print(f"{preset:8s} {typ:5s} fast seq-serial {r['fast_seq_vs_fast_serial']:.2e}"
-                          f"  fast serial-exact {r['fast_serial_vs_exact']:.2e}"
-                          f"  fast seq-exact {r['fast_seq_vs_exact']:.2e}"
-                          f"  exact seq-serial {r['exact_seq_vs_exact_serial']:.2e}"
-                          f"  (logits up to {r['logit_scale']:.1f})", flush=True)
+                    print(
+                        f"{preset:8s} {typ:5s} fast seq-serial {r['fast_seq_vs_fast_serial']:.2e}"
+                        f"  fast serial-exact {r['fast_serial_vs_exact']:.2e}"
+                        f"  fast seq-exact {r['fast_seq_vs_exact']:.2e}"
+                        f"  exact seq-serial {r['exact_seq_vs_exact_serial']:.2e}"
+                        f"  (logits up to {r['logit_scale']:.1f})",
+                        flush=True,
+                    )
                 os.remove(dst)
             os.remove(pth)
     if args.json:

@@ -79,21 +79,51 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--mode", default="fast")
     args = p.parse_args()
-    lines = ["| file | type | rwkvpy ms/token | rwkv.cpp ms/token | ratio | rwkvpy prompt tok/s "
-             "| rwkv.cpp prompt tok/s | ratio | rwkvpy load s | rwkv.cpp load s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| file | type | rwkvpy ms/token | rwkv.cpp ms/token | ratio | rwkvpy prompt tok/s "
+        "| rwkv.cpp prompt tok/s | ratio | rwkvpy load s | rwkv.cpp load s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines), flush=True)
     for f in args.files:
-        c = run_json([sys.executable, "-c", _CHILD, args.lib, f, str(args.threads),
-                      str(args.tokens), str(args.prompt)])
-        r = run_json([sys.executable, "-m", "rwkvpy", "bench", f, "--json", "--quiet",
-                      "--threads", str(args.threads), "--tokens", str(args.tokens),
-                      "--prompt", str(args.prompt), "--mode", args.mode])
-        line = (f"| {f.rsplit('/', 1)[-1]} | {r['type']} | {r['per_token_ms']:.1f} | "
-                f"{c['per_token_ms']:.1f} | {r['per_token_ms'] / c['per_token_ms']:.2f} | "
-                f"{r['prompt_tokens_per_s']:.0f} | {c['prompt_tokens_per_s']:.0f} | "
-                f"{r['prompt_tokens_per_s'] / c['prompt_tokens_per_s']:.1f} | "
-                f"{r['load_s']:.2f} | {c['load_s']:.2f} |")
+        c = run_json(
+            [
+                sys.executable,
+                "-c",
+                _CHILD,
+                args.lib,
+                f,
+                str(args.threads),
+                str(args.tokens),
+                str(args.prompt),
+            ]
+        )
+        r = run_json(
+            [
+                sys.executable,
+                "-m",
+                "rwkvpy",
+                "bench",
+                f,
+                "--json",
+                "--quiet",
+                "--threads",
+                str(args.threads),
+                "--tokens",
+                str(args.tokens),
+                "--prompt",
+                str(args.prompt),
+                "--mode",
+                args.mode,
+            ]
+        )
+        line = (
+            f"| {f.rsplit('/', 1)[-1]} | {r['type']} | {r['per_token_ms']:.1f} | "
+            f"{c['per_token_ms']:.1f} | {r['per_token_ms'] / c['per_token_ms']:.2f} | "
+            f"{r['prompt_tokens_per_s']:.0f} | {c['prompt_tokens_per_s']:.0f} | "
+            f"{r['prompt_tokens_per_s'] / c['prompt_tokens_per_s']:.1f} | "
+            f"{r['load_s']:.2f} | {c['load_s']:.2f} |"
+        )
         lines.append(line)
         print(line, flush=True)
     return 0

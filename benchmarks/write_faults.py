@@ -33,8 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = ROOT / "tests" / "fuzz_corpus" / "_context"
 WRITERS = ["convert", "quantize", "merge-lora", "state.save", "chat-save", "repack-cache"]
-DEST = {"convert": "out.gguf", "quantize": "out.bin", "merge-lora": "merged.gguf",
-        "state.save": "s.state", "chat-save": "chat.state", "repack-cache": "model.gguf"}
+DEST = {
+    "convert": "out.gguf",
+    "quantize": "out.bin",
+    "merge-lora": "merged.gguf",
+    "state.save": "s.state",
+    "chat-save": "chat.state",
+    "repack-cache": "model.gguf",
+}
 
 
 def inputs(folder: Path, big: bool = False) -> dict:
@@ -48,20 +54,30 @@ def inputs(folder: Path, big: bool = False) -> dict:
             from rwkvpy import Version
             from rwkvpy.synth import save_random_model
 
-            save_random_model(base, version=Version.V7, n_embd=512, n_layer=4, vocab=8192,
-                              seed=3, dtype=torch.float16)
+            save_random_model(
+                base,
+                version=Version.V7,
+                n_embd=512,
+                n_layer=4,
+                vocab=8192,
+                seed=3,
+                dtype=torch.float16,
+            )
         else:
             shutil.copy(CONTEXT / "base.pth", base)
         g = torch.Generator().manual_seed(2)
         C = 512 if big else 32
-        torch.save({"blocks.0.att.receptance.lora_A.weight": torch.randn(8, C, generator=g),
-                    "blocks.0.att.receptance.lora_B.weight": torch.randn(C, 8, generator=g)},
-                   folder / "lora.pth")
+        torch.save(
+            {
+                "blocks.0.att.receptance.lora_A.weight": torch.randn(8, C, generator=g),
+                "blocks.0.att.receptance.lora_B.weight": torch.randn(C, 8, generator=g),
+            },
+            folder / "lora.pth",
+        )
         from rwkvpy.convert import convert
 
         convert(base, folder / "model.gguf", type="q8_0", progress=False)
-    return {"base": str(base), "lora": str(folder / "lora.pth"),
-            "q8": str(folder / "model.gguf")}
+    return {"base": str(base), "lora": str(folder / "lora.pth"), "q8": str(folder / "model.gguf")}
 
 
 def write(name: str, dst: str, src: dict) -> None:
@@ -80,8 +96,7 @@ def write(name: str, dst: str, src: dict) -> None:
     elif name == "merge-lora":
         from rwkvpy.lora import merge_lora
 
-        merge_lora(src["base"], src["lora"], dst, alpha=8, type="f16", force=True,
-                   progress=False)
+        merge_lora(src["base"], src["lora"], dst, alpha=8, type="f16", force=True, progress=False)
     elif name in ("state.save", "chat-save"):
         model = rwkvpy.load(src["base"], cache=False)
         if name == "state.save":
@@ -142,6 +157,7 @@ def temps(folder) -> list:
 
 # -- the child process: one write, maybe killed by itself at its n-th rename ----------------------
 
+
 def child(argv):
     p = argparse.ArgumentParser()
     p.add_argument("name", help="a writer, or several separated by commas")
@@ -197,11 +213,23 @@ def run_child(name, dst, src, *, kill_after=None, kill_at_rename=0, fsize=0, tim
     """Run one write in a subprocess: killed ``kill_after`` seconds after it reports that it
     started (its imports done), or by itself at its ``kill_at_rename``-th rename. Returns
     (returncode, output, seconds from its start to its end)."""
-    cmd = [sys.executable, "-m", "benchmarks.write_faults", "--child", name, dst,
-           json.dumps(src), "--kill-at-rename", str(kill_at_rename), "--fsize", str(fsize)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.write_faults",
+        "--child",
+        name,
+        dst,
+        json.dumps(src),
+        "--kill-at-rename",
+        str(kill_at_rename),
+        "--fsize",
+        str(fsize),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=env)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     first = p.stdout.readline()
     started = time.monotonic()
     if kill_after is not None and first.strip() == "started":
@@ -219,8 +247,14 @@ def kills(name, src, folder: Path, n: int, rng: random.Random) -> dict:
     dst = str(folder / DEST[name])
     rc, out, whole = run_child(name, dst, src)
     assert rc == 0, out
-    outcomes = {"absent": 0, "valid": 0, "kept previous": 0, "bad": 0, "temps left": 0,
-                "temps after next write": 0}
+    outcomes = {
+        "absent": 0,
+        "valid": 0,
+        "kept previous": 0,
+        "bad": 0,
+        "temps left": 0,
+        "temps after next write": 0,
+    }
     for i in range(n):
         if rng.random() < 0.5 and os.path.exists(written(name, dst)):
             os.unlink(written(name, dst))  # half the runs write a new file, half replace one
@@ -247,8 +281,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return child(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m benchmarks.write_faults",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.write_faults", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--writers", default=",".join(WRITERS))
     p.add_argument("--big", action="store_true", help="a 512 x 4 model: longer writes")

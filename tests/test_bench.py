@@ -25,9 +25,17 @@ def test_step_stats_on_known_numbers():
     assert why == "mean 2.80 ms vs median 1.00 ms; p90 10.00 ms vs median 1.00 ms"
 
 
-@pytest.mark.parametrize("values, q, want", [
-    ([1, 1, 1, 1, 10], 90, 10), (list(range(1, 11)), 90, 9), (list(range(20, 0, -1)), 90, 18),
-    ([7], 90, 7), ([3, 1, 2], 50, 2), ([], 90, math.nan)])
+@pytest.mark.parametrize(
+    "values, q, want",
+    [
+        ([1, 1, 1, 1, 10], 90, 10),
+        (list(range(1, 11)), 90, 9),
+        (list(range(20, 0, -1)), 90, 18),
+        ([7], 90, 7),
+        ([3, 1, 2], 50, 2),
+        ([], 90, math.nan),
+    ],
+)
 def test_percentile_is_the_nearest_rank(values, q, want):
     got = bench.percentile(values, q)
     assert (math.isnan(got) and math.isnan(want)) or got == want
@@ -43,16 +51,23 @@ def stats(median, mean, p90):
     return {"per_token_ms": median, "per_token_mean_ms": mean, "per_token_p90_ms": p90}
 
 
-@pytest.mark.parametrize("s, load, cpus, want", [
-    (stats(1.0, 1.05, 1.2), (0.4, 1.9), 2, None),  # a quiet run
-    (stats(1.0, 1.5, 1.9), (2.0, 2.0), 2, None),  # at the thresholds: not above them
-    (stats(0.5, 4.6, 0.6), (5.2, 5.0), 2,
-     "load average 5.20 -> 5.00 on 2 CPUs; mean 4.60 ms vs median 0.50 ms"),
-    (stats(1.0, 1.1, 2.5), (0.1, 0.2), 4, "p90 2.50 ms vs median 1.00 ms"),
-    (stats(1.0, 1.0, 1.0), (0.2, 1.5), 1, "load average 0.20 -> 1.50 on 1 CPU"),
-    (stats(1.0, 1.0, 1.0), (None, 9.0), 2, "load average 9.00 on 2 CPUs"),
-    (stats(1.0, 1.0, 1.0), (9.0, 9.0), None, None),  # no CPU count: the load is not judged
-])
+@pytest.mark.parametrize(
+    "s, load, cpus, want",
+    [
+        (stats(1.0, 1.05, 1.2), (0.4, 1.9), 2, None),  # a quiet run
+        (stats(1.0, 1.5, 1.9), (2.0, 2.0), 2, None),  # at the thresholds: not above them
+        (
+            stats(0.5, 4.6, 0.6),
+            (5.2, 5.0),
+            2,
+            "load average 5.20 -> 5.00 on 2 CPUs; mean 4.60 ms vs median 0.50 ms",
+        ),
+        (stats(1.0, 1.1, 2.5), (0.1, 0.2), 4, "p90 2.50 ms vs median 1.00 ms"),
+        (stats(1.0, 1.0, 1.0), (0.2, 1.5), 1, "load average 0.20 -> 1.50 on 1 CPU"),
+        (stats(1.0, 1.0, 1.0), (None, 9.0), 2, "load average 9.00 on 2 CPUs"),
+        (stats(1.0, 1.0, 1.0), (9.0, 9.0), None, None),  # no CPU count: the load is not judged
+    ],
+)
 def test_busy_reason_on_injected_numbers(s, load, cpus, want):
     assert bench.busy_reason(s, *load, cpus) == want
 
@@ -64,7 +79,8 @@ def test_machine_fields_and_the_warning_line(monkeypatch):
     assert f["busy_reason"] == "load average 5.20 -> 5.00 on 2 CPUs; mean 4.60 ms vs median 0.50 ms"
     assert bench.busy_warning(f["busy_reason"]) == (
         "warning: the machine was busy (load average 5.20 -> 5.00 on 2 CPUs; mean 4.60 ms vs "
-        "median 0.50 ms): these numbers are not this model's speed")
+        "median 0.50 ms): these numbers are not this model's speed"
+    )
     quiet = bench.machine_fields(stats(1.0, 1.0, 1.0), 0.3, 0.5)
     assert quiet["busy"] is False and quiet["busy_reason"] is None
 
@@ -98,8 +114,9 @@ def test_first_calls_are_never_timed(monkeypatch):
     monkeypatch.setattr(bench, "time", clock)
     model = FakeModel(clock)
     seen = []
-    times = bench.time_decode(model, list(range(10)), 4,
-                              before=lambda: seen.append(len(model.calls)))
+    times = bench.time_decode(
+        model, list(range(10)), 4, before=lambda: seen.append(len(model.calls))
+    )
     assert times == [1.0] * 4
     # three untimed warm-up steps (the first one the slow one), then the timed ones
     assert model.calls[:4] == [[0], [1], [2], "sync"] and seen == [4]
@@ -130,10 +147,12 @@ def test_run_reports_consistent_user_figures(demo_run):
     assert r["tokens_timed"] == 8 and r["prompt_tokens"] == 8
     assert r["per_token_min_ms"] <= r["per_token_ms"] <= r["per_token_p90_ms"]
     assert r["per_token_min_ms"] <= r["per_token_mean_ms"]
-    assert r["decode_s"] == pytest.approx(r["tokens_timed"] * r["per_token_mean_ms"] / 1e3,
-                                          rel=1e-3, abs=1e-5)
-    assert r["decode_tokens_per_s"] == pytest.approx(r["tokens_timed"] / r["decode_s"],
-                                                     rel=1e-3, abs=0.1)
+    assert r["decode_s"] == pytest.approx(
+        r["tokens_timed"] * r["per_token_mean_ms"] / 1e3, rel=1e-3, abs=1e-5
+    )
+    assert r["decode_tokens_per_s"] == pytest.approx(
+        r["tokens_timed"] / r["decode_s"], rel=1e-3, abs=0.1
+    )
     assert r["cpus"] >= 1 and r["cpu_count"] >= r["cpus"]
     for k in ("load_avg_start", "load_avg_end"):
         assert r[k] is None or r[k] >= 0
@@ -153,9 +172,16 @@ def test_run_reports_the_kernels_when_the_model_has_them(demo_run):
 @pytest.mark.parametrize("busy", [False, True])
 def test_report_text(demo_run, busy):
     why = "load average 5.2 on 2 CPUs" if busy else None
-    r = dict(demo_run, busy=busy, busy_reason=why,
-             kernels={"mode": "fast", "cpu_capability": {"level": "avx2", "forced": False},
-                      "products": {"Q8_0": "int8-dot", "F32": "float"}})
+    r = dict(
+        demo_run,
+        busy=busy,
+        busy_reason=why,
+        kernels={
+            "mode": "fast",
+            "cpu_capability": {"level": "avx2", "forced": False},
+            "products": {"Q8_0": "int8-dot", "F32": "float"},
+        },
+    )
     lines = bench.format_report(r).splitlines()
     assert "kernels:      mode fast; CPU level avx2; products Q8_0 int8-dot, F32 float" in lines
     per_token = next(x for x in lines if x.startswith("per token:"))

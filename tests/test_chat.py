@@ -5,9 +5,9 @@ import re
 
 import pytest
 import torch
+from conftest import Spy, fixture_path
 
 import rwkvpy
-from conftest import Spy, fixture_path
 from rwkvpy.chat import ChatError, ChatSession, normalize_message, render_system, render_user
 from rwkvpy.errors import StateError
 from rwkvpy.generate import stream
@@ -41,8 +41,9 @@ def check_consistent(session, model, tok):
     msgs = session.messages
     for user, asst in zip(msgs[::2], msgs[1::2]):
         assert (user["role"], asst["role"]) == ("user", "assistant")
-        m = re.compile(re.escape(render_user(user["content"])) + r"\s*"
-                       + re.escape(asst["content"]) + "\n\n").match(text, pos)
+        m = re.compile(
+            re.escape(render_user(user["content"])) + r"\s*" + re.escape(asst["content"]) + "\n\n"
+        ).match(text, pos)
         assert m, (text[pos:], user, asst)
         pos = m.end()
     assert pos == len(text)
@@ -51,8 +52,9 @@ def check_consistent(session, model, tok):
         assert session.state.n_tokens == len(session.tokens)
         assert torch.allclose(session.state.last_logits, ref_logits, atol=1e-4)
         probe = tok.encode("User:")
-        assert torch.allclose(model.forward(probe, session.state)[0],
-                              model.forward(probe, ref)[0], atol=1e-4)
+        assert torch.allclose(
+            model.forward(probe, session.state)[0], model.forward(probe, ref)[0], atol=1e-4
+        )
 
 
 def test_normalize_message():
@@ -67,8 +69,10 @@ def test_second_turn_only_new_tokens_and_same_as_cold(model, tok):
     spy = Spy(model)
     chat = ChatSession(spy, tok, PARAMS, system="Be brief.")
     first = "".join(chat.say("Hello there"))
-    assert chat.messages == [{"role": "user", "content": "Hello there"},
-                             {"role": "assistant", "content": first}]
+    assert chat.messages == [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": first},
+    ]
     check_consistent(chat, model, tok)
     history = chat.tokens
     spy.calls.clear()
@@ -106,8 +110,7 @@ def test_shared_cache_reuses_the_system_prompt(model, tok):
 
 
 def test_closed_early_commits_what_was_shown(model, tok):
-    chat = ChatSession(model, tok, SamplingParams(seed=1, temperature=0.7, top_k=5,
-                                                  max_tokens=40))
+    chat = ChatSession(model, tok, SamplingParams(seed=1, temperature=0.7, top_k=5, max_tokens=40))
     reply = chat.say("Tell me about the sea")
     shown = next(reply) + next(reply)
     reply.close()

@@ -8,8 +8,12 @@ from conftest import fixture_path
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "rwkvpy", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkvpy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_info_bin():
@@ -50,12 +54,29 @@ def test_console_script_entry_point():
 
 
 def test_bench_json():
-    r = run("bench", fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-Q5_1.bin"), "--json",
-            "--tokens", "30", "--prompt", "16", "--threads", "1")
+    r = run(
+        "bench",
+        fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-Q5_1.bin"),
+        "--json",
+        "--tokens",
+        "30",
+        "--prompt",
+        "16",
+        "--threads",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    for key in ("per_token_ms", "prompt_tokens_per_s", "load_s", "peak_rss_mb", "bandwidth_gbs",
-                "bound_ms", "threads", "type"):
+    for key in (
+        "per_token_ms",
+        "prompt_tokens_per_s",
+        "load_s",
+        "peak_rss_mb",
+        "bandwidth_gbs",
+        "bound_ms",
+        "threads",
+        "type",
+    ):
         assert key in res
     assert res["type"] == "Q5_1" and res["threads"] == 1 and res["tokens_timed"] == 30
     assert res["bandwidth_gbs"] > 0 and res["bound_ms"] > 0
@@ -76,12 +97,15 @@ def test_model_reference_the_same_in_every_verb(tmp_path):
     text.write_text("def f(x):\n    return x\n")
     forms = {
         "info": (["info", "demo"], ["info", "-m", "demo"]),
-        "generate": (["generate", "demo", "def", "--max-tokens", "6", "--seed", "1", "--quiet"],
-                     ["generate", "-m", "demo", "def", "--max-tokens", "6", "--seed", "1",
-                      "--quiet"]),
+        "generate": (
+            ["generate", "demo", "def", "--max-tokens", "6", "--seed", "1", "--quiet"],
+            ["generate", "-m", "demo", "def", "--max-tokens", "6", "--seed", "1", "--quiet"],
+        ),
         "tokenize": (["tokenize", "demo", text], ["tokenize", "-m", "demo", text]),
-        "perplexity": (["perplexity", "demo", text, "--json", "--quiet"],
-                       ["perplexity", "-m", "demo", text, "--json", "--quiet"]),
+        "perplexity": (
+            ["perplexity", "demo", text, "--json", "--quiet"],
+            ["perplexity", "-m", "demo", text, "--json", "--quiet"],
+        ),
     }
     for verb, (positional, option) in forms.items():
         a, b = run(*positional), run(*option)
@@ -96,10 +120,12 @@ def test_model_reference_the_same_in_every_verb(tmp_path):
         assert r.returncode == 0 and (tmp_path / dst).stat().st_size > 0, r.stderr
     r = run("info", "--json", tmp_path / "q.gguf")
     assert json.loads(r.stdout)["n_layer"] == 4
-    for args, msg in ((["generate", "-m", "demo", "x", "y"], "the model is given twice"),
-                      (["bench"], "no model given: usage: rwkvpy bench [MODEL | -m MODEL]"),
-                      (["convert", "demo"], "no model given: usage: rwkvpy convert [MODEL | -m MODEL] DST"),
-                      (["info", "demo", "x"], "expected 0 or 1 arguments, got 2")):
+    for args, msg in (
+        (["generate", "-m", "demo", "x", "y"], "the model is given twice"),
+        (["bench"], "no model given: usage: rwkvpy bench [MODEL | -m MODEL]"),
+        (["convert", "demo"], "no model given: usage: rwkvpy convert [MODEL | -m MODEL] DST"),
+        (["info", "demo", "x"], "expected 0 or 1 arguments, got 2"),
+    ):
         r = run(*args)
         assert r.returncode == 1 and "Traceback" not in r.stderr and msg in r.stderr, r.stderr
 

@@ -11,9 +11,9 @@ import types
 
 import pytest
 import torch
+from conftest import fixture_path
 
 import rwkvpy
-from conftest import fixture_path
 from rwkvpy.cli import main as main_for_tests
 from rwkvpy.cli.text import _show_reply
 from rwkvpy.generate import generate
@@ -21,8 +21,10 @@ from rwkvpy.hub import HubError, parse_hf_spec, resolve_model
 from rwkvpy.sampling import SamplingParams
 from rwkvpy.tokenizers import ByteTokenizer
 
-MAIN = ("import sys; from rwkvpy.cli import main as main_for_tests; "
-        "sys.exit(main_for_tests(sys.argv[1:]))")
+MAIN = (
+    "import sys; from rwkvpy.cli import main as main_for_tests; "
+    "sys.exit(main_for_tests(sys.argv[1:]))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,16 @@ def v7():
 # Subprocesses run in --mode reference: the same results, without the seconds it takes to
 # import numba and load the compiled kernels (in-process comparisons use the same mode).
 def run_cli(*args, stdin="", env=None, timeout=120):
-    return subprocess.run([sys.executable, "-c", MAIN, *args], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", env=env, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", MAIN, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def cli(capsys, *args):
@@ -45,8 +55,22 @@ def cli(capsys, *args):
 
 # -- generate -----------------------------------------------------------------------------
 def test_generate_same_seed_same_text(v7, capsys):
-    args = ["generate", "-m", v7, "In the beginning", "--seed", "7", "--max-tokens", "20",
-            "--temperature", "0.9", "--mode", "reference", "--threads", "1"]
+    args = [
+        "generate",
+        "-m",
+        v7,
+        "In the beginning",
+        "--seed",
+        "7",
+        "--max-tokens",
+        "20",
+        "--temperature",
+        "0.9",
+        "--mode",
+        "reference",
+        "--threads",
+        "1",
+    ]
     p = run_cli(*args, "--quiet")
     assert p.returncode == 0, p.stderr
     assert p.stderr == "" and p.stdout.endswith("\n") and len(p.stdout) > 1
@@ -60,26 +84,88 @@ def test_generate_same_seed_same_text(v7, capsys):
 def test_generate_json_and_stop(v7, capsys):
     model = rwkvpy.load(v7, threads=1)
     greedy = generate(model, ByteTokenizer(), "In the", SamplingParams(greedy=True, max_tokens=12))
-    rc, out, _ = cli(capsys, "generate", "-m", v7, "In the", "--greedy", "--max-tokens", "12",
-                     "--json", "--threads", "1")
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        "In the",
+        "--greedy",
+        "--max-tokens",
+        "12",
+        "--json",
+        "--threads",
+        "1",
+    )
     assert rc == 0
     obj = json.loads(out)
-    assert set(obj) >= {"text", "finish_reason", "prompt_tokens", "completion_tokens",
-                        "prompt_tokens_per_s", "tokens_per_s", "seconds"}
-    assert (obj["text"], obj["finish_reason"], obj["prompt_tokens"],
-            obj["completion_tokens"]) == (greedy.text, "length", 6, 12)
+    assert set(obj) >= {
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_per_s",
+        "tokens_per_s",
+        "seconds",
+    }
+    assert (obj["text"], obj["finish_reason"], obj["prompt_tokens"], obj["completion_tokens"]) == (
+        greedy.text,
+        "length",
+        6,
+        12,
+    )
     assert obj["tokens_per_s"] > 0 and obj["prompt_tokens_per_s"] > 0 and obj["seconds"] > 0
     stop = greedy.text[3:6]
-    rc, out, _ = cli(capsys, "generate", "-m", v7, "In the", "--greedy", "--max-tokens", "12",
-                     "--json", "--threads", "1", "--stop", "zz", "--stop", stop)
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        "In the",
+        "--greedy",
+        "--max-tokens",
+        "12",
+        "--json",
+        "--threads",
+        "1",
+        "--stop",
+        "zz",
+        "--stop",
+        stop,
+    )
     obj = json.loads(out)
-    assert (obj["text"], obj["finish_reason"]) == (greedy.text[:greedy.text.find(stop)], "stop")
+    assert (obj["text"], obj["finish_reason"]) == (greedy.text[: greedy.text.find(stop)], "stop")
     # escapes in --stop: "\n" is a newline
-    rc, out, _ = cli(capsys, "generate", "-m", v7, "Hi", "--max-tokens", "10", "--json",
-                     "--threads", "1", "--seed", "1", "--stop", "\\n", "--temperature", "0.7",
-                     "--top-k", "3", "--top-p", "0.9", "--min-p", "0.01",
-                     "--presence-penalty", "0.1", "--frequency-penalty", "0.1",
-                     "--penalty-decay", "0.99")
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        "Hi",
+        "--max-tokens",
+        "10",
+        "--json",
+        "--threads",
+        "1",
+        "--seed",
+        "1",
+        "--stop",
+        "\\n",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "3",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.01",
+        "--presence-penalty",
+        "0.1",
+        "--frequency-penalty",
+        "0.1",
+        "--penalty-decay",
+        "0.99",
+    )
     assert rc == 0 and "\n" not in json.loads(out)["text"]
 
 
@@ -87,15 +173,42 @@ def test_generate_states(v7, capsys, tmp_path):
     model = rwkvpy.load(v7, threads=1)
     tok = ByteTokenizer()
     saved = tmp_path / "s.state"
-    rc, out, _ = cli(capsys, "generate", "-m", v7, "The sea", "--greedy", "--max-tokens", "5",
-                     "--save-state", str(saved), "--quiet", "--threads", "1")
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        "The sea",
+        "--greedy",
+        "--max-tokens",
+        "5",
+        "--save-state",
+        str(saved),
+        "--quiet",
+        "--threads",
+        "1",
+    )
     assert rc == 0 and saved.exists()
     first = generate(model, tok, "The sea", SamplingParams(greedy=True, max_tokens=5))
     assert out == first.text + "\n"
-    rc, out, _ = cli(capsys, "generate", "-m", v7, " and", "--greedy", "--max-tokens", "5",
-                     "--state", str(saved), "--quiet", "--threads", "1")
-    cont = generate(model, tok, " and", SamplingParams(greedy=True, max_tokens=5),
-                    state=first.state)
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        " and",
+        "--greedy",
+        "--max-tokens",
+        "5",
+        "--state",
+        str(saved),
+        "--quiet",
+        "--threads",
+        "1",
+    )
+    cont = generate(
+        model, tok, " and", SamplingParams(greedy=True, max_tokens=5), state=first.state
+    )
     assert rc == 0 and out == cont.text + "\n"
     # a state of another model, a missing state file
     v4 = str(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-4v0-660K-FP32.bin"))
@@ -107,10 +220,25 @@ def test_generate_states(v7, capsys, tmp_path):
     v5 = str(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin"))
     c = rwkvpy.load(v5, threads=1).config
     tuned = tmp_path / "tuned.pth"
-    torch.save({f"blocks.{i}.att.time_state": torch.zeros(c.n_head, c.head_size, c.head_size)
-                for i in range(c.n_layer)}, tuned)
-    args = ["generate", "-m", v5, "Hello", "--greedy", "--max-tokens", "5", "--quiet",
-            "--threads", "1"]
+    torch.save(
+        {
+            f"blocks.{i}.att.time_state": torch.zeros(c.n_head, c.head_size, c.head_size)
+            for i in range(c.n_layer)
+        },
+        tuned,
+    )
+    args = [
+        "generate",
+        "-m",
+        v5,
+        "Hello",
+        "--greedy",
+        "--max-tokens",
+        "5",
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     rc, plain, _ = cli(capsys, *args)
     rc2, from_tuned, _ = cli(capsys, *args, "--state", str(tuned))
     assert rc == rc2 == 0 and plain == from_tuned
@@ -144,22 +272,70 @@ def test_prompt_from_stdin(v7, capsys, monkeypatch):
 
     stdin = io.TextIOWrapper(io.BytesIO(b"In the"), encoding="utf-8")
     monkeypatch.setattr(sys, "stdin", stdin)
-    rc, a, _ = cli(capsys, "generate", "-m", v7, "-", "--greedy", "--max-tokens", "4", "--quiet",
-                   "--threads", "1")
-    rc2, b, _ = cli(capsys, "generate", "-m", v7, "In the", "--greedy", "--max-tokens", "4",
-                    "--quiet", "--threads", "1")
+    rc, a, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        "-",
+        "--greedy",
+        "--max-tokens",
+        "4",
+        "--quiet",
+        "--threads",
+        "1",
+    )
+    rc2, b, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        "In the",
+        "--greedy",
+        "--max-tokens",
+        "4",
+        "--quiet",
+        "--threads",
+        "1",
+    )
     assert rc == rc2 == 0 and a == b
 
 
 # -- chat ---------------------------------------------------------------------------------
 def test_chat_through_a_pipe(v7, tmp_path):
     conv = tmp_path / "conv.state"
-    lines = ["Hello there", f"/save {conv}", "What now?", "/regen", f"/load {conv}", "",
-             "/reset", "Again", "/quit", "never read"]
-    p = run_cli("chat", "-m", v7, "--threads", "1", "--seed", "5", "--max-tokens", "24",
-                "--mode", "reference",
-                "--temperature", "0.8", "--top-k", "10", "--system", "Be brief.",
-                stdin="\n".join(lines) + "\n")
+    lines = [
+        "Hello there",
+        f"/save {conv}",
+        "What now?",
+        "/regen",
+        f"/load {conv}",
+        "",
+        "/reset",
+        "Again",
+        "/quit",
+        "never read",
+    ]
+    p = run_cli(
+        "chat",
+        "-m",
+        v7,
+        "--threads",
+        "1",
+        "--seed",
+        "5",
+        "--max-tokens",
+        "24",
+        "--mode",
+        "reference",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "10",
+        "--system",
+        "Be brief.",
+        stdin="\n".join(lines) + "\n",
+    )
     assert p.returncode == 0, p.stderr
     replies = [ln for ln in p.stdout.split("\n\n") if ln]
     assert len(replies) == 4 and all(r.startswith("Assistant: ") for r in replies), p.stdout
@@ -168,8 +344,10 @@ def test_chat_through_a_pipe(v7, tmp_path):
     assert conv.exists() and (tmp_path / "conv.state.chat.json").exists()
     doc = json.loads((tmp_path / "conv.state.chat.json").read_text())
     assert doc["system"] == "Be brief." and [m["role"] for m in doc["messages"]] == [
-        "user", "assistant"]
-    assert doc["messages"][1]["content"] == replies[0][len("Assistant: "):]
+        "user",
+        "assistant",
+    ]
+    assert doc["messages"][1]["content"] == replies[0][len("Assistant: ") :]
 
 
 def test_chat_command_errors_do_not_end_the_chat(v7, tmp_path, capsys, monkeypatch):
@@ -218,10 +396,14 @@ def test_tokenize(v7, capsys, tmp_path):
     rc, out, err = cli(capsys, "tokenize", "--tokenizer", "bytes", str(bad), "--json")
     assert rc == 1 and out == ""
     assert err.startswith(f"rwkvpy: error: {bad}: invalid UTF-8 at byte offset 6")
-    for args, msg in [(["tokenize", str(f)], "-m MODEL or --tokenizer"),
-                      (["tokenize", "--tokenizer", "bytes", str(tmp_path / "no.txt")], "no such"),
-                      (["tokenize", "--tokenizer", "neox", "--vocab", str(tmp_path / "no.json"),
-                        str(f)], "--vocab")]:
+    for args, msg in [
+        (["tokenize", str(f)], "-m MODEL or --tokenizer"),
+        (["tokenize", "--tokenizer", "bytes", str(tmp_path / "no.txt")], "no such"),
+        (
+            ["tokenize", "--tokenizer", "neox", "--vocab", str(tmp_path / "no.json"), str(f)],
+            "--vocab",
+        ),
+    ]:
         rc, _, err = cli(capsys, *args)
         assert rc == 1 and msg in err and err.count("\n") == 1
 
@@ -241,6 +423,7 @@ def test_hf_spec_parsing(monkeypatch, v7):
 
 def test_hf_model_from_an_offline_cache(v7, tmp_path, capsys):
     import huggingface_hub  # noqa: F401  (the test extra installs it; never skip)
+
     with open(v7, "rb") as f:
         data = f.read()
     sha = hashlib.sha256(data).hexdigest()
@@ -262,15 +445,38 @@ def test_hf_model_from_an_offline_cache(v7, tmp_path, capsys):
         "'--greedy', '--max-tokens', '8', '--threads', '1', '--json', '--mode', 'reference'])\n"
         "sys.stdout.flush(); sys.stderr.write('--\\n'); sys.stderr.flush()\n"
         f"b = m(['tokenize', '-m', 'hf:tiny-owner/tiny-rwkv/models/other.bin', {v7!r}])\n"
-        "sys.exit(a * 10 + b)\n")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       encoding="utf-8", env=env, timeout=120, check=False)
+        "sys.exit(a * 10 + b)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert p.returncode == 1, p.stderr  # the first command succeeded, the second failed
-    rc, out, _ = cli(capsys, "generate", "-m", v7, "In the", "--greedy", "--max-tokens", "8",
-                     "--threads", "1", "--json", "--mode", "reference")
+    rc, out, _ = cli(
+        capsys,
+        "generate",
+        "-m",
+        v7,
+        "In the",
+        "--greedy",
+        "--max-tokens",
+        "8",
+        "--threads",
+        "1",
+        "--json",
+        "--mode",
+        "reference",
+    )
     assert rc == 0 and json.loads(p.stdout)["text"] == json.loads(out)["text"]
     err = p.stderr.split("--\n", 1)[1].strip()
-    assert "\n" not in err and err.startswith("rwkvpy: error: hf:tiny-owner/tiny-rwkv/models/"
-                                              "other.bin: models/other.bin of tiny-owner/"
-                                              "tiny-rwkv is not in the Hugging Face cache")
+    assert "\n" not in err and err.startswith(
+        "rwkvpy: error: hf:tiny-owner/tiny-rwkv/models/"
+        "other.bin: models/other.bin of tiny-owner/"
+        "tiny-rwkv is not in the Hugging Face cache"
+    )
     assert "HF_HUB_OFFLINE" in err

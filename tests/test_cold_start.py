@@ -48,14 +48,18 @@ def installed(tmp_path_factory) -> Path:
     """A copy of the package (sources and data, no caches) in a folder of its own: the folder
     to put on PYTHONPATH."""
     site = tmp_path_factory.mktemp("site")
-    shutil.copytree(PKG, site / "rwkvpy",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.rwkvpy-cache"))
+    shutil.copytree(
+        PKG, site / "rwkvpy", ignore=shutil.ignore_patterns("__pycache__", "*.rwkvpy-cache")
+    )
     return site
 
 
 def _env(tmp: Path, site: Path | None = None, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NUMBA_CACHE_DIR", "RWKVPY_CACHE_DIR", "XDG_CACHE_HOME")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NUMBA_CACHE_DIR", "RWKVPY_CACHE_DIR", "XDG_CACHE_HOME")
+    }
     if site is not None:  # the copy first, before the installed package
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
     env["XDG_CACHE_HOME"] = str(tmp)
@@ -68,13 +72,20 @@ def _env(tmp: Path, site: Path | None = None, **extra) -> dict:
 
 def _snapshot(folder: Path) -> dict:
     """Every file below ``folder``: path -> (size, mtime)."""
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def _run(env, *args, script=RUN, timeout=600):
-    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_first_run_compiles_into_the_user_cache(tmp_path, installed):
@@ -116,9 +127,15 @@ def test_quiet_and_json_show_no_notice(tmp_path, installed):
     args = ["tokenize", "-", "--tokenizer", "world"]
     if vocab.exists():
         args += ["--vocab", str(vocab)]
-    p = subprocess.run([sys.executable, "-c", script, *args, "--json"], input="Hello world",
-                       env=_env(tmp_path, installed), capture_output=True, text=True,
-                       timeout=300, check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", script, *args, "--json"],
+        input="Hello world",
+        env=_env(tmp_path, installed),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stderr == "" and p.stdout.startswith("[")
     assert list((tmp_path / "rwkvpy" / "numba").rglob("*.nbi"))  # it did compile

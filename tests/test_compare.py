@@ -9,16 +9,18 @@ import math
 import os
 
 import pytest
+from conftest import fixture_path
 
 import rwkvpy
-from conftest import fixture_path
 from rwkvpy import compare as cmp
 from rwkvpy.cli import main as main_for_tests
 from rwkvpy.perplexity import perplexity
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Beautiful is better than ugly. Explicit "
-        "is better than implicit. Simple is better than complex. Flat is better than nested. "
-        "Sparse is better than dense. Readability counts.\n") * 2
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Beautiful is better than ugly. Explicit "
+    "is better than implicit. Simple is better than complex. Flat is better than nested. "
+    "Sparse is better than dense. Readability counts.\n"
+) * 2
 
 TYPES = ["q4_0", "f16"]
 
@@ -37,10 +39,31 @@ def run(src, tmp_path_factory):
     text.write_text(TEXT, encoding="utf-8")
     out = d / "models"
     out.mkdir()
-    argv = ["compare", "-m", src, str(text), "--types", ",".join(TYPES), "--out-dir", str(out),
-            "--max-tokens", "300", "--ignore-first", "20", "--threads", "1", "--bench-tokens",
-            "4", "--prompt", "32", "--json", str(d / "r.json"), "--csv", str(d / "r.csv"),
-            "--quiet"]
+    argv = [
+        "compare",
+        "-m",
+        src,
+        str(text),
+        "--types",
+        ",".join(TYPES),
+        "--out-dir",
+        str(out),
+        "--max-tokens",
+        "300",
+        "--ignore-first",
+        "20",
+        "--threads",
+        "1",
+        "--bench-tokens",
+        "4",
+        "--prompt",
+        "32",
+        "--json",
+        str(d / "r.json"),
+        "--csv",
+        str(d / "r.csv"),
+        "--quiet",
+    ]
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
@@ -48,8 +71,14 @@ def run(src, tmp_path_factory):
     with redirect_stdout(so), redirect_stderr(se):
         rc = main_for_tests(argv)
     assert rc == 0, se.getvalue()
-    return {"dir": d, "out": out, "text": text, "stdout": so.getvalue(), "stderr": se.getvalue(),
-            "argv": argv}
+    return {
+        "dir": d,
+        "out": out,
+        "text": text,
+        "stdout": so.getvalue(),
+        "stderr": se.getvalue(),
+        "argv": argv,
+    }
 
 
 def test_one_row_per_type_with_every_column(run):
@@ -60,8 +89,15 @@ def test_one_row_per_type_with_every_column(run):
         assert set(cmp.COLUMNS) <= set(r), set(cmp.COLUMNS) - set(r)
         assert r["tokens"] == 280 and r["threads"] == 1 and r["reused"] is False
         assert r["perplexity"] == pytest.approx(math.exp(r["nll"]))
-        for k in ("file_size", "per_token_ms", "prompt_tokens_per_s", "eval_tokens_per_s",
-                  "rss_mb", "base_rss_mb", "load_s"):
+        for k in (
+            "file_size",
+            "per_token_ms",
+            "prompt_tokens_per_s",
+            "eval_tokens_per_s",
+            "rss_mb",
+            "base_rss_mb",
+            "load_s",
+        ):
             assert r[k] > 0, k
         assert r["rss_mb"] >= r["base_rss_mb"]
         assert os.path.getsize(r["file"]) == r["file_size"]
@@ -122,20 +158,35 @@ def test_reuse_checks_the_file_is_this_model(run, capsys, tmp_path):
     other = str(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-Q5_1.bin"))
     src = str(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin"))
     os.symlink(other, tmp_path / cmp.type_file_name(src, "q5_1", ".bin"))
-    rc = main_for_tests(["compare", "-m", src, str(run["text"]), "--types", "q5_1",
-                         "--out-dir", str(tmp_path), "--reuse", "--quiet"])
+    rc = main_for_tests(
+        [
+            "compare",
+            "-m",
+            src,
+            str(run["text"]),
+            "--types",
+            "q5_1",
+            "--out-dir",
+            str(tmp_path),
+            "--reuse",
+            "--quiet",
+        ]
+    )
     _, err = capsys.readouterr()
     assert rc == 1 and err.count("\n") == 1 and "is not a conversion of" in err, err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--types", "f16,q3_k"], "unknown type 'q3_k'"),
-    (["--types", ","], "no type to compare"),
-    (["--types", "bf16"], "rwkv.cpp .bin files cannot hold bf16"),
-    (["--reuse"], "--reuse needs --out-dir"),
-    (["--out-dir", "{tmp}/nothere"], "nothere: no such folder"),
-    (["--ignore-first", "1000"], "ignoring the first 1000 leaves none to score"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--types", "f16,q3_k"], "unknown type 'q3_k'"),
+        (["--types", ","], "no type to compare"),
+        (["--types", "bf16"], "rwkv.cpp .bin files cannot hold bf16"),
+        (["--reuse"], "--reuse needs --out-dir"),
+        (["--out-dir", "{tmp}/nothere"], "nothere: no such folder"),
+        (["--ignore-first", "1000"], "ignoring the first 1000 leaves none to score"),
+    ],
+)
 def test_cli_errors(run, src, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
     rc = main_for_tests(["compare", "-m", src, str(run["text"]), "--quiet", *argv])
@@ -153,17 +204,44 @@ def test_invalid_text_is_one_line_before_any_conversion(src, tmp_path, capsys):
 
 
 def fake_result(busy_type=None):
-    rows = [{"type": t, "perplexity": p, "nll": math.log(p), "tokens": 100, "file_size": s,
-             "per_token_ms": ms, "per_token_mean_ms": ms * 1.1, "per_token_p90_ms": ms * 1.2,
-             "prompt_tokens_per_s": 1000.0, "eval_tokens_per_s": 900.0,
-             "rss_mb": 300.0, "base_rss_mb": 200.0, "load_s": 0.1, "threads": 1, "file": None,
-             "reused": False, "busy": t == busy_type,
-             "busy_reason": "p90 9.00 ms vs median 2.00 ms" if t == busy_type else None}
-            for t, p, s, ms in (("q4_0", 9.5, 500_000, 2.0), ("f16", 8.9, 1_500_000, 3.0),
-                                ("q8_0", 8.91, 800_000, 2.5))]
+    rows = [
+        {
+            "type": t,
+            "perplexity": p,
+            "nll": math.log(p),
+            "tokens": 100,
+            "file_size": s,
+            "per_token_ms": ms,
+            "per_token_mean_ms": ms * 1.1,
+            "per_token_p90_ms": ms * 1.2,
+            "prompt_tokens_per_s": 1000.0,
+            "eval_tokens_per_s": 900.0,
+            "rss_mb": 300.0,
+            "base_rss_mb": 200.0,
+            "load_s": 0.1,
+            "threads": 1,
+            "file": None,
+            "reused": False,
+            "busy": t == busy_type,
+            "busy_reason": "p90 9.00 ms vs median 2.00 ms" if t == busy_type else None,
+        }
+        for t, p, s, ms in (
+            ("q4_0", 9.5, 500_000, 2.0),
+            ("f16", 8.9, 1_500_000, 3.0),
+            ("q8_0", 8.91, 800_000, 2.5),
+        )
+    ]
     cmp._rank(rows)
-    return cmp.CompareResult(model="m.bin", tokens=101, scored=100, ignore_first=0, threads=1,
-                             mode="fast", date="2026-01-01", rows=rows)
+    return cmp.CompareResult(
+        model="m.bin",
+        tokens=101,
+        scored=100,
+        ignore_first=0,
+        threads=1,
+        mode="fast",
+        date="2026-01-01",
+        rows=rows,
+    )
 
 
 def test_rank_and_table():
@@ -181,8 +259,10 @@ def test_rank_and_table():
 def test_busy_rows_get_one_warning_line_each():
     lines = cmp.format_table(fake_result(busy_type="q4_0")).splitlines()
     warnings = [x for x in lines if x.startswith("warning:")]
-    assert warnings == ["warning: the machine was busy (q4_0: p90 9.00 ms vs median 2.00 ms): "
-                        "its speed figures are not this type's speed"]
+    assert warnings == [
+        "warning: the machine was busy (q4_0: p90 9.00 ms vs median 2.00 ms): "
+        "its speed figures are not this type's speed"
+    ]
     assert lines[-1] == warnings[0]  # after the table
 
 
@@ -202,6 +282,7 @@ def test_csv_and_json_carry_the_new_fields(tmp_path):
 
 def test_plot(tmp_path):
     import matplotlib  # noqa: F401  (the test extra installs it; never skip)
+
     out = tmp_path / "p.png"
     cmp.plot(fake_result(), out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -209,8 +290,11 @@ def test_plot(tmp_path):
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, src, tmp_path, capsys):
     real = cmp.importlib.util.find_spec
-    monkeypatch.setattr(cmp.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(
+        cmp.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
     rc = main_for_tests(["compare", "-m", src, str(text), "--plot", str(tmp_path / "p.png")])

@@ -10,21 +10,25 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REF_MODELS, ROOT, TINY, fixture_path
 
 import rwkvpy
 from rwkvpy import convert as convert_mod
 from rwkvpy import errors
 from rwkvpy.convert import convert
-from rwkvpy.formats import QTensor, gguf as rgguf, rwkvcpp
-from conftest import REF_MODELS, ROOT, TINY, fixture_path
+from rwkvpy.formats import QTensor, rwkvcpp
+from rwkvpy.formats import gguf as rgguf
 
 TOKENS = [0, 100, 511, 42]
 QTYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 # Tensors rwkv.cpp's converter computes with exp(): torch's float32 exp may differ by 1 ulp
 # between CPUs (the fixtures were made on another machine: 2 of 192 values of v4's layer-1
 # time_decay, 4-5 of v5.2's). Every other byte of every file is compared exactly.
-EXP_TENSORS = {"v4": ("att.time_decay",), "v5_0": ("att.time_decay", "att.time_first"),
-               "v5_2": ("att.time_decay",)}
+EXP_TENSORS = {
+    "v4": ("att.time_decay",),
+    "v5_0": ("att.time_decay", "att.time_first"),
+    "v5_2": ("att.time_decay",),
+}
 
 
 def load(path):
@@ -80,6 +84,7 @@ def assert_bin_equal(ours, ref, name):
 
 # -- rwkv.cpp .bin -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", REF_MODELS)
 @pytest.mark.parametrize("typ", ["FP16", "Q5_1"])
 def test_bin_equals_rwkvcpp_converter(tmp_path, name, typ):
@@ -97,9 +102,16 @@ def test_bin_equals_rwkvcpp_converter(tmp_path, name, typ):
 def test_bin_quantize_equals_rwkvcpp_quantizer(tmp_path, name):
     """.bin FP16 -> Q5_1 is rwkv.cpp's quantizer, byte for byte."""
     out = tmp_path / "q.bin"
-    convert(fixture_path("reference-pth", "rwkvcpp", f"{name}-FP16.bin"), out, type="q5_1",
-            progress=False)
-    assert out.read_bytes() == fixture_path("reference-pth", "rwkvcpp", f"{name}-Q5_1.bin").read_bytes()
+    convert(
+        fixture_path("reference-pth", "rwkvcpp", f"{name}-FP16.bin"),
+        out,
+        type="q5_1",
+        progress=False,
+    )
+    assert (
+        out.read_bytes()
+        == fixture_path("reference-pth", "rwkvcpp", f"{name}-Q5_1.bin").read_bytes()
+    )
 
 
 @pytest.mark.parametrize("model", ["4v0-660K", "5v2-730K", "7v0-834K"])
@@ -125,16 +137,26 @@ def test_quantized_gguf_equals_bin(tmp_path, typ):
         convert(pth(name), g, type=typ, progress=False)
         convert(pth(name), b, type=typ, progress=False)
         r = gguf.GGUFReader(g)
-        gq = {t.name: (t.tensor_type.name, np.asarray(r.data[t.data_offset:t.data_offset + t.n_bytes]))
-              for t in r.tensors if t.tensor_type.name == typ.upper()}
+        gq = {
+            t.name: (
+                t.tensor_type.name,
+                np.asarray(r.data[t.data_offset : t.data_offset + t.n_bytes]),
+            )
+            for t in r.tensors
+            if t.tensor_type.name == typ.upper()
+        }
         _, bt, by = rwkvcpp.read_raw(b)
         bq = {k: t for k, t in bt.items() if by[k] == typ.upper()}
         ckpt = rwkvpy.formats.read(pth(name))
-        entries, _ = rgguf.gguf_entries(list(ckpt.tensors), ckpt.shapes,
-                                        rwkvpy.models.detect_version(ckpt.shapes),
-                                        rwkvpy.models.config_from_shapes(ckpt.shapes))
-        to_gguf = {e.inputs[0]: e.name for e in entries if len(e.inputs) == 1
-                   and not e.extra.get("dummy")}
+        entries, _ = rgguf.gguf_entries(
+            list(ckpt.tensors),
+            ckpt.shapes,
+            rwkvpy.models.detect_version(ckpt.shapes),
+            rwkvpy.models.config_from_shapes(ckpt.shapes),
+        )
+        to_gguf = {
+            e.inputs[0]: e.name for e in entries if len(e.inputs) == 1 and not e.extra.get("dummy")
+        }
         assert len(gq) == len(bq) > 0, name
         for k, t in bq.items():  # the same quantized bytes under both names
             assert gq[to_gguf[k]][1].tobytes() == np.asarray(t.data).tobytes(), (name, k)
@@ -181,6 +203,7 @@ def test_bin_gguf_cross_conversions(tmp_path, name):
 
 # -- safetensors and Hugging Face folders ----------------------------------------------------------
 
+
 def test_safetensors_round_trip(tmp_path):
     from safetensors.torch import save_file
 
@@ -199,8 +222,11 @@ def test_safetensors_round_trip(tmp_path):
 
 def _hf_rwkv4_names(sd):
     out = {}
-    leaf = {"time_mix_k": "time_mix_key", "time_mix_v": "time_mix_value",
-            "time_mix_r": "time_mix_receptance"}
+    leaf = {
+        "time_mix_k": "time_mix_key",
+        "time_mix_v": "time_mix_value",
+        "time_mix_r": "time_mix_receptance",
+    }
     for k, v in sd.items():
         if k == "head.weight":
             out[k] = v
@@ -219,9 +245,18 @@ def test_hf_transformers_rwkv4_folder(tmp_path):
     folder = tmp_path / "rwkv-4-hf"
     folder.mkdir()
     save_file(_hf_rwkv4_names(sd), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "hidden_size": 192,
-        "num_hidden_layers": 2, "vocab_size": 512, "rescale_every": 6}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["RwkvForCausalLM"],
+                "model_type": "rwkv",
+                "hidden_size": 192,
+                "num_hidden_layers": 2,
+                "vocab_size": 512,
+                "rescale_every": 6,
+            }
+        )
+    )
     ckpt = rwkvpy.formats.read(folder)
     assert ckpt.format == "hf" and ckpt.meta["rescale_every"] == 6
     assert ckpt.meta["naming"] == "transformers"
@@ -246,8 +281,12 @@ def _fla_rwkv7_names(sd):
                 out[p + ln + rest[3:]] = v
             elif rest.startswith("att."):
                 leaf = rest[4:]
-                proj = {"receptance.weight": "r_proj", "key.weight": "k_proj",
-                        "value.weight": "v_proj", "output.weight": "o_proj"}
+                proj = {
+                    "receptance.weight": "r_proj",
+                    "key.weight": "k_proj",
+                    "value.weight": "v_proj",
+                    "output.weight": "o_proj",
+                }
                 if leaf in proj:
                     out[p + f"attn.{proj[leaf]}.weight"] = v
                 elif leaf.startswith("ln_x."):
@@ -256,7 +295,9 @@ def _fla_rwkv7_names(sd):
                     if i == "0" and leaf[0] == "v":
                         continue  # fla has no v_lora on layer 0
                     part = {"1": "lora.0.weight", "2": "lora.2.weight", "0": "lora.2.bias"}[leaf[1]]
-                    out[p + f"attn.{leaf[0]}_lora.{part}"] = v.reshape(-1) if leaf[1] == "0" else v.t().contiguous()
+                    out[p + f"attn.{leaf[0]}_lora.{part}"] = (
+                        v.reshape(-1) if leaf[1] == "0" else v.t().contiguous()
+                    )
                 elif leaf in ("k_k", "k_a"):
                     out[p + f"attn.{leaf}"] = v.reshape(-1)
                 else:  # x_r..x_g (1,1,C), r_k (H,N)
@@ -277,11 +318,29 @@ def test_hf_fla_rwkv7_folder(tmp_path):
     keys = list(names)
     save_file({k: names[k] for k in keys[:half]}, folder / "model-00001-of-00002.safetensors")
     save_file({k: names[k] for k in keys[half:]}, folder / "model-00002-of-00002.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(keys)}}))
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["RWKV7ForCausalLM"], "model_type": "rwkv7", "hidden_size": 192,
-        "head_dim": 64, "num_hidden_layers": 2, "vocab_size": 512, "norm_first": True}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    k: f"model-0000{1 if i < half else 2}-of-00002.safetensors"
+                    for i, k in enumerate(keys)
+                }
+            }
+        )
+    )
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["RWKV7ForCausalLM"],
+                "model_type": "rwkv7",
+                "hidden_size": 192,
+                "head_dim": 64,
+                "num_hidden_layers": 2,
+                "vocab_size": 512,
+                "norm_first": True,
+            }
+        )
+    )
     ckpt = rwkvpy.formats.read(folder)
     assert ckpt.meta["naming"] == "fla"
     assert set(ckpt.tensors) == set(sd) - {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
@@ -300,8 +359,10 @@ def test_hf_world_vocabulary_goes_into_gguf(tmp_path):
     folder.mkdir()
     save_file(_hf_rwkv4_names(sd), folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"architectures": ["RwkvForCausalLM"]}))
-    lines = [f"{i} {repr(t)} {len(t.encode() if isinstance(t, str) else t)}"
-             for i, t in [(1, "\x00"), (2, "a"), (3, "it's"), (4, b"\xff\xfe"), (5, "ü")]]
+    lines = [
+        f"{i} {repr(t)} {len(t.encode() if isinstance(t, str) else t)}"
+        for i, t in [(1, "\x00"), (2, "a"), (3, "it's"), (4, b"\xff\xfe"), (5, "ü")]
+    ]
     (folder / "rwkv_vocab_v20230424.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     g = tmp_path / "w.gguf"
     convert(folder, g, progress=False)
@@ -311,6 +372,7 @@ def test_hf_world_vocabulary_goes_into_gguf(tmp_path):
 
 
 # -- safety ----------------------------------------------------------------------------------------
+
 
 def test_overwrite_refused(tmp_path):
     out = tmp_path / "x.gguf"
@@ -324,11 +386,14 @@ def test_overwrite_refused(tmp_path):
         convert(out, out, progress=False, force=True)
 
 
-@pytest.mark.parametrize("dst,typ,needle", [
-    ("x.bin", "bf16", "rwkv.cpp .bin files cannot hold BF16"),
-    ("x.safetensors", "f16", "unknown output extension '.safetensors'"),
-    ("x.gguf", "q3_k", "unknown type 'q3_k'; expected one of f32, f16, bf16"),
-])
+@pytest.mark.parametrize(
+    "dst,typ,needle",
+    [
+        ("x.bin", "bf16", "rwkv.cpp .bin files cannot hold BF16"),
+        ("x.safetensors", "f16", "unknown output extension '.safetensors'"),
+        ("x.gguf", "q3_k", "unknown type 'q3_k'; expected one of f32, f16, bf16"),
+    ],
+)
 def test_bad_requests(tmp_path, dst, typ, needle):
     with pytest.raises(errors.ConversionError, match=needle):
         convert(pth("v4_c192_l2"), tmp_path / dst, type=typ, progress=False)
@@ -348,6 +413,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, ext, existing):
         if len(calls) == 10:
             raise RuntimeError("disk on fire")
         return real(fmt, x)
+
     monkeypatch.setattr(convert_mod, "_encode", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert(pth("v6_c192_l2"), out, type="q5_1", progress=False, force=True)
@@ -372,17 +438,31 @@ def test_conversion_streams(tmp_path, monkeypatch):
 
     C, L, Vv = 512, 4, 4096
     g = torch.Generator().manual_seed(0)
-    sd = {"emb.weight": torch.randn(Vv, C, generator=g), "head.weight": torch.randn(Vv, C, generator=g),
-          "blocks.0.ln0.weight": torch.ones(C), "blocks.0.ln0.bias": torch.zeros(C),
-          "ln_out.weight": torch.ones(C), "ln_out.bias": torch.zeros(C)}
+    sd = {
+        "emb.weight": torch.randn(Vv, C, generator=g),
+        "head.weight": torch.randn(Vv, C, generator=g),
+        "blocks.0.ln0.weight": torch.ones(C),
+        "blocks.0.ln0.bias": torch.zeros(C),
+        "ln_out.weight": torch.ones(C),
+        "ln_out.bias": torch.zeros(C),
+    }
     for i in range(L):
         p = f"blocks.{i}."
-        sd.update({p + "ln1.weight": torch.ones(C), p + "ln1.bias": torch.zeros(C),
-                   p + "ln2.weight": torch.ones(C), p + "ln2.bias": torch.zeros(C),
-                   p + "att.time_decay": torch.randn(C), p + "att.time_first": torch.randn(C),
-                   p + "att.time_mix_k": torch.rand(1, 1, C), p + "att.time_mix_v": torch.rand(1, 1, C),
-                   p + "att.time_mix_r": torch.rand(1, 1, C), p + "ffn.time_mix_k": torch.rand(1, 1, C),
-                   p + "ffn.time_mix_r": torch.rand(1, 1, C)})
+        sd.update(
+            {
+                p + "ln1.weight": torch.ones(C),
+                p + "ln1.bias": torch.zeros(C),
+                p + "ln2.weight": torch.ones(C),
+                p + "ln2.bias": torch.zeros(C),
+                p + "att.time_decay": torch.randn(C),
+                p + "att.time_first": torch.randn(C),
+                p + "att.time_mix_k": torch.rand(1, 1, C),
+                p + "att.time_mix_v": torch.rand(1, 1, C),
+                p + "att.time_mix_r": torch.rand(1, 1, C),
+                p + "ffn.time_mix_k": torch.rand(1, 1, C),
+                p + "ffn.time_mix_r": torch.rand(1, 1, C),
+            }
+        )
         for k in ("key", "value", "receptance", "output"):
             sd[p + f"att.{k}.weight"] = torch.randn(C, C, generator=g)
         sd[p + "ffn.key.weight"] = torch.randn(4 * C, C, generator=g)
@@ -399,6 +479,7 @@ def test_conversion_streams(tmp_path, monkeypatch):
         out = real(fmt, x)
         peak[0] = max(peak[0], _rss_anon())
         return out
+
     monkeypatch.setattr(convert_mod, "_encode", sampling)
     base = _rss_anon()
     for dst, typ in (("big.gguf", "f16"), ("big.bin", "q8_0")):
@@ -408,10 +489,16 @@ def test_conversion_streams(tmp_path, monkeypatch):
 
 # -- command line ------------------------------------------------------------------------------------
 
+
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, "-m", "rwkvpy", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkvpy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_cli_subprocess(tmp_path):
@@ -421,8 +508,9 @@ def test_cli_subprocess(tmp_path):
     assert rwkvpy.formats.read(out).file_types["blocks.0.att.key.weight"] == "Q8_0"
     # errors: one line, exit 1
     r = run_cli("quantize", pth("v5_2_c192_l2"), out, "q4_0")
-    assert r.returncode == 1 and r.stderr == (f"rwkvpy: error: {out}: already exists; use "
-                                              "force=True (--force) to overwrite it\n")
+    assert r.returncode == 1 and r.stderr == (
+        f"rwkvpy: error: {out}: already exists; use force=True (--force) to overwrite it\n"
+    )
 
 
 def test_cli_in_process(tmp_path, capsys):
@@ -440,17 +528,25 @@ def test_cli_in_process(tmp_path, capsys):
     assert rwkvpy.formats.read(g).meta["tokenizer"] == "bytes"
     capsys.readouterr()
     for argv, needle in [
-        (["convert", str(src), str(tmp_path / "n.gguf"), "--type", "q3_k"],
-         "rwkvpy: error: unknown type 'q3_k'; expected one of f32, f16, bf16, q4_0, q4_1, "
-         "q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m\n"),
-        (["convert", str(src), str(tmp_path / "n.bin"), "--type", "bf16"],
-         f"rwkvpy: error: {tmp_path / 'n.bin'}: rwkv.cpp .bin files cannot hold BF16; use f16 "
-         "or f32, or write a .gguf\n"),
-        (["convert", str(tmp_path / "missing.pth"), str(tmp_path / "n.gguf")],
-         f"rwkvpy: error: {tmp_path / 'missing.pth'}: no such file\n"),
-        (["convert", str(src), str(tmp_path / "n.gguf"), "--tokenizer", "sentencepiece"],
-         "rwkvpy: error: unknown tokenizer 'sentencepiece'; expected one of world, neox, "
-         "bytes\n"),
+        (
+            ["convert", str(src), str(tmp_path / "n.gguf"), "--type", "q3_k"],
+            "rwkvpy: error: unknown type 'q3_k'; expected one of f32, f16, bf16, q4_0, q4_1, "
+            "q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m\n",
+        ),
+        (
+            ["convert", str(src), str(tmp_path / "n.bin"), "--type", "bf16"],
+            f"rwkvpy: error: {tmp_path / 'n.bin'}: rwkv.cpp .bin files cannot hold BF16; use f16 "
+            "or f32, or write a .gguf\n",
+        ),
+        (
+            ["convert", str(tmp_path / "missing.pth"), str(tmp_path / "n.gguf")],
+            f"rwkvpy: error: {tmp_path / 'missing.pth'}: no such file\n",
+        ),
+        (
+            ["convert", str(src), str(tmp_path / "n.gguf"), "--tokenizer", "sentencepiece"],
+            "rwkvpy: error: unknown tokenizer 'sentencepiece'; expected one of world, neox, "
+            "bytes\n",
+        ),
     ]:
         assert main(argv) == 1
         assert capsys.readouterr().err == needle

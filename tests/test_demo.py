@@ -35,14 +35,30 @@ def test_demo_generates_deterministically():
     a = model.generate("The for statement", params)
     assert a == model.generate("The for statement", params)
     assert len(a.encode("utf-8")) >= 30
-    assert a != model.generate("The for statement", rwkvpy.SamplingParams(max_tokens=60, seed=4,
-                                                                           temperature=0.8))
+    assert a != model.generate(
+        "The for statement", rwkvpy.SamplingParams(max_tokens=60, seed=4, temperature=0.8)
+    )
 
 
 def test_generate_without_model_uses_demo():
-    r = subprocess.run([sys.executable, "-m", "rwkvpy", "generate", "The while loop",
-                        "--max-tokens", "20", "--seed", "1", "--threads", "1"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy",
+            "generate",
+            "The while loop",
+            "--max-tokens",
+            "20",
+            "--seed",
+            "1",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "using the built-in demo model" in r.stderr
     assert len(r.stdout) > 0

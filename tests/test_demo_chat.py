@@ -33,8 +33,13 @@ def test_chat_turns_are_deterministic():
     here = demo.chat_info()
     code = "import json, rwkvpy.demo as d; print(json.dumps(d.chat_info()))"
     for seed in ("1", "2"):  # another process, another string hash seed: the same turns
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120, env={**os.environ, "PYTHONHASHSEED": seed})
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == here
 
@@ -68,8 +73,9 @@ def test_chat_turns_follow_the_chat_format_and_hold_out_subjects():
             assert answer[:-1] not in doc_held, subject
     # nor any held-out reply
     assert not ({a for _, _, a, h in pairs if h} & {a for _, _, a, h in pairs if not h})
-    assert {s for s, *_ in pairs} == {s for s, *_ in pairs if s.startswith(
-        ("topic:", "builtin:", "method:", "self:"))}
+    assert {s for s, *_ in pairs} == {
+        s for s, *_ in pairs if s.startswith(("topic:", "builtin:", "method:", "self:"))
+    }
     assert demo.held_out_chat_text() == "".join(held)
 
 
@@ -87,48 +93,67 @@ def test_demo_replies_to_held_out_chat():
     nll = torch.zeros(len(tokens) - 1, dtype=torch.float64)
     state = None
     for a in range(0, len(tokens) - 1, 1024):
-        inp = tokens[a:a + 1024]
-        tgt = torch.tensor(tokens[a + 1:a + 1025])
-        logits, state = model.forward(inp[:len(tgt)], state, all_logits=True)
-        nll[a:a + len(tgt)] = torch.nn.functional.cross_entropy(logits.double(), tgt,
-                                                                reduction="none")
-    reply = torch.cat([nll[s - 1:e - 1] for s, e in scored])
+        inp = tokens[a : a + 1024]
+        tgt = torch.tensor(tokens[a + 1 : a + 1025])
+        logits, state = model.forward(inp[: len(tgt)], state, all_logits=True)
+        nll[a : a + len(tgt)] = torch.nn.functional.cross_entropy(
+            logits.double(), tgt, reduction="none"
+        )
+    reply = torch.cat([nll[s - 1 : e - 1] for s, e in scored])
     assert float(reply.mean().exp()) < CHAT_REPLY_PPL_BOUND
     # the whole conversation scores as rwkvpy.perplexity does
-    assert float(nll.mean().exp()) == pytest.approx(perplexity(model, tokens).perplexity,
-                                                    rel=1e-6)
+    assert float(nll.mean().exp()) == pytest.approx(perplexity(model, tokens).perplexity, rel=1e-6)
 
 
 def test_rwkvpy_chat_with_the_demo_replies():
-    r = subprocess.run([sys.executable, "-m", "rwkvpy", "chat", "-m", "demo", "--seed", "1",
-                        "--threads", "1", "--max-tokens", "200", "--quiet"],
-                       input="\n".join(QUESTIONS) + "\n", capture_output=True, text=True,
-                       timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy",
+            "chat",
+            "-m",
+            "demo",
+            "--seed",
+            "1",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "200",
+            "--quiet",
+        ],
+        input="\n".join(QUESTIONS) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     replies = [line for line in r.stdout.split("\n") if line.startswith("Assistant:")]
     assert len(replies) == len(QUESTIONS), r.stdout
     for line in replies:
-        assert line[len("Assistant:"):].strip(), r.stdout
+        assert line[len("Assistant:") :].strip(), r.stdout
 
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    s = Server(["--no-access-log"], tmp_path_factory.mktemp("demo-server") / "server.log",
-               model="demo")
+    s = Server(
+        ["--no-access-log"], tmp_path_factory.mktemp("demo-server") / "server.log", model="demo"
+    )
     yield s
     assert s.stop() == 0
     assert "Traceback" not in s.text(), s.text()
 
 
 def test_openai_chat_completion_with_the_demo(demo_server):
-    with openai.OpenAI(base_url=demo_server.url + "/v1", api_key="x", max_retries=0,
-                       timeout=120) as client:
+    with openai.OpenAI(
+        base_url=demo_server.url + "/v1", api_key="x", max_retries=0, timeout=120
+    ) as client:
         name = client.models.list().data[0].id
         assert name == "demo"
         for q in QUESTIONS:
-            r = client.chat.completions.create(model=name, messages=[{"role": "user",
-                                                                      "content": q}],
-                                               max_tokens=200, seed=1)
+            r = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": q}], max_tokens=200, seed=1
+            )
             content = r.choices[0].message.content
             assert content and content.strip(), (q, r)
             assert "\n\n" not in content

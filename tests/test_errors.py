@@ -7,11 +7,11 @@ import struct
 
 import pytest
 import torch
+from conftest import fixture_path
 
 import rwkvpy
 from rwkvpy import errors
 from rwkvpy.formats import rwkvcpp
-from conftest import fixture_path
 
 BIN = "tiny-rwkv-4v0-660K-FP32.bin"
 
@@ -42,13 +42,19 @@ def test_all_errors_are_value_errors():
             assert issubclass(obj, ValueError), name
 
 
-@pytest.mark.parametrize("size,needle", [
-    (10, "shorter than the 24-byte rwkv.cpp header"),
-    (24 + 6, "stray bytes"),
-    (24 + 14, "file ends inside the tensor header"),
-    (24 + 12 + 8 + 10 + 100, "tensor 'emb.weight' (F32, shape (256, 128)) needs 131072 bytes "
-                             "at offset 54, the file has 100 left"),
-])
+@pytest.mark.parametrize(
+    "size,needle",
+    [
+        (10, "shorter than the 24-byte rwkv.cpp header"),
+        (24 + 6, "stray bytes"),
+        (24 + 14, "file ends inside the tensor header"),
+        (
+            24 + 12 + 8 + 10 + 100,
+            "tensor 'emb.weight' (F32, shape (256, 128)) needs 131072 bytes "
+            "at offset 54, the file has 100 left",
+        ),
+    ],
+)
 def test_truncated_bin(bin_copy, size, needle):
     truncate(bin_copy, size)
     with pytest.raises(errors.TruncatedFileError) as e:
@@ -58,7 +64,10 @@ def test_truncated_bin(bin_copy, size, needle):
 
 def test_truncated_in_last_tensor(bin_copy):
     truncate(bin_copy, os.path.getsize(bin_copy) - 3)
-    with pytest.raises(errors.TruncatedFileError, match=r"tensor 'head.weight' .* needs 131072 bytes at offset \d+, the file has 131069 left"):
+    with pytest.raises(
+        errors.TruncatedFileError,
+        match=r"tensor 'head.weight' .* needs 131072 bytes at offset \d+, the file has 131069 left",
+    ):
         rwkvpy.load(bin_copy)
 
 
@@ -71,26 +80,34 @@ def test_wrong_magic(tmp_path):
 
 def test_unknown_file_version(bin_copy):
     patch(bin_copy, 4, "<i", 102)
-    with pytest.raises(errors.UnsupportedVersionError, match="file version 102, expected 100 or 101"):
+    with pytest.raises(
+        errors.UnsupportedVersionError, match="file version 102, expected 100 or 101"
+    ):
         rwkvpy.load(bin_copy)
 
 
 def test_unknown_tensor_type(bin_copy):
     patch(bin_copy, 24 + 8, "<i", 42)
-    with pytest.raises(errors.UnsupportedTensorTypeError,
-                       match=r"tensor 'emb.weight' has unknown data type 42; expected one of 0 \(F32\)"):
+    with pytest.raises(
+        errors.UnsupportedTensorTypeError,
+        match=r"tensor 'emb.weight' has unknown data type 42; expected one of 0 \(F32\)",
+    ):
         rwkvpy.load(bin_copy)
 
 
 def test_removed_tensor_type(bin_copy):
     patch(bin_copy, 24 + 8, "<i", 5)
-    with pytest.raises(errors.UnsupportedTensorTypeError, match=r"data type 5 \(Q4_2\), a format ggml removed"):
+    with pytest.raises(
+        errors.UnsupportedTensorTypeError, match=r"data type 5 \(Q4_2\), a format ggml removed"
+    ):
         rwkvpy.load(bin_copy)
 
 
 def test_unknown_header_type(bin_copy):
     patch(bin_copy, 20, "<i", 99)
-    with pytest.raises(errors.UnsupportedTensorTypeError, match="the header has unknown data type 99"):
+    with pytest.raises(
+        errors.UnsupportedTensorTypeError, match="the header has unknown data type 99"
+    ):
         rwkvpy.load(bin_copy)
 
 
@@ -125,16 +142,21 @@ def rewrite_bin(src, dst, drop=(), reshape=None):
 def test_missing_tensor_bin(tmp_path):
     p = tmp_path / "m.bin"
     rewrite_bin(fixture_path("rwkv-cpp-tiny", BIN), p, drop={"blocks.1.att.key.weight"})
-    with pytest.raises(errors.MissingTensorError, match=r"tensor 'blocks.1.att.key.weight' not found"):
+    with pytest.raises(
+        errors.MissingTensorError, match=r"tensor 'blocks.1.att.key.weight' not found"
+    ):
         rwkvpy.load(p)
 
 
 def test_misshaped_tensor_bin(tmp_path):
     p = tmp_path / "s.bin"
-    rewrite_bin(fixture_path("rwkv-cpp-tiny", BIN), p,
-                reshape={"blocks.1.ffn.key.weight": (128, 256)})
-    with pytest.raises(errors.TensorShapeError,
-                       match=r"tensor 'blocks.1.ffn.key.weight' has shape \(128, 256\), expected \(256, 128\)"):
+    rewrite_bin(
+        fixture_path("rwkv-cpp-tiny", BIN), p, reshape={"blocks.1.ffn.key.weight": (128, 256)}
+    )
+    with pytest.raises(
+        errors.TensorShapeError,
+        match=r"tensor 'blocks.1.ffn.key.weight' has shape \(128, 256\), expected \(256, 128\)",
+    ):
         rwkvpy.load(p)
 
 
@@ -146,6 +168,7 @@ def test_written_bin_round_trips(tmp_path):
 
 # -- .pth ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def v6_state_dict():
     return torch.load(fixture_path("reference-pth", "v6_c192_l2.pth"), weights_only=True)
@@ -155,7 +178,9 @@ def test_pth_missing_tensor(tmp_path, v6_state_dict):
     sd = dict(v6_state_dict)
     del sd["blocks.1.att.time_maa_w2"]
     torch.save(sd, tmp_path / "m.pth")
-    with pytest.raises(errors.MissingTensorError, match=r"m.pth: tensor 'blocks.1.att.time_maa_w2' not found"):
+    with pytest.raises(
+        errors.MissingTensorError, match=r"m.pth: tensor 'blocks.1.att.time_maa_w2' not found"
+    ):
         rwkvpy.load(tmp_path / "m.pth")
 
 
@@ -163,8 +188,11 @@ def test_pth_misshaped_tensor(tmp_path, v6_state_dict):
     sd = dict(v6_state_dict)
     sd["blocks.1.ffn.key.weight"] = sd["blocks.1.ffn.key.weight"].t().contiguous()
     torch.save(sd, tmp_path / "s.pth")
-    with pytest.raises(errors.TensorShapeError, match=r"'blocks.1.ffn.key.weight' has shape \(192, 672\), "
-                                                      r"expected \(672, 192\) for RWKV v6"):
+    with pytest.raises(
+        errors.TensorShapeError,
+        match=r"'blocks.1.ffn.key.weight' has shape \(192, 672\), "
+        r"expected \(672, 192\) for RWKV v6",
+    ):
         rwkvpy.load(tmp_path / "s.pth")
 
 
@@ -203,23 +231,29 @@ def test_pth_truncated(tmp_path):
 
 def test_pth_not_rwkv(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "n.pth")
-    with pytest.raises(errors.MissingTensorError, match="'emb.weight' not found: this is not an RWKV"):
+    with pytest.raises(
+        errors.MissingTensorError, match="'emb.weight' not found: this is not an RWKV"
+    ):
         rwkvpy.load(tmp_path / "n.pth")
 
 
 # -- tokens and states --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny():
     return rwkvpy.load(fixture_path("rwkv-cpp-tiny", BIN))
 
 
-@pytest.mark.parametrize("tokens,needle", [
-    ([1, 256], "token id 256 at position 1 is out of range: the vocabulary has ids 0..255"),
-    ([-1], "token id -1 at position 0 is out of range"),
-    ([], "non-empty list of ints"),
-    ([1.5], "tokens must be ints"),
-])
+@pytest.mark.parametrize(
+    "tokens,needle",
+    [
+        ([1, 256], "token id 256 at position 1 is out of range: the vocabulary has ids 0..255"),
+        ([-1], "token id -1 at position 0 is out of range"),
+        ([], "non-empty list of ints"),
+        ([1.5], "tokens must be ints"),
+    ],
+)
 def test_bad_tokens(tiny, tokens, needle):
     with pytest.raises(errors.TokenError) as e:
         tiny.forward(tokens)
@@ -228,11 +262,15 @@ def test_bad_tokens(tiny, tokens, needle):
 
 def test_state_of_another_model(tiny):
     other = rwkvpy.load(fixture_path("reference-pth", "v7_c192_l2.pth"))
-    with pytest.raises(errors.StateError, match=r"state \(RWKV v7.*does not fit this model \(RWKV v4"):
+    with pytest.raises(
+        errors.StateError, match=r"state \(RWKV v7.*does not fit this model \(RWKV v4"
+    ):
         tiny.forward([1], other.new_state())
 
 
 def test_header_disagrees_with_tensors(bin_copy):
     patch(bin_copy, 16, "<i", 5)  # n_layer
-    with pytest.raises(errors.TensorShapeError, match="header field n_layer = 5, but the tensors hold 4"):
+    with pytest.raises(
+        errors.TensorShapeError, match="header field n_layer = 5, but the tensors hold 4"
+    ):
         rwkvpy.load(bin_copy)

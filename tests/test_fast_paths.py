@@ -6,16 +6,24 @@ float32 activations) must match the reference to 1e-4 on every fixture.
 
 import pytest
 import torch
+from conftest import REF_MODELS, fixture_path, serial_logits
 
 import rwkvpy
-from conftest import REF_MODELS, fixture_path, serial_logits
 
 EXACT_TOL = 1e-4
 
 FILES = [("reference-pth", f"{n}.pth") for n in REF_MODELS] + [
-    ("rwkv-cpp-tiny", f"tiny-rwkv-{m}.bin") for m in (
-        "4v0-660K-FP32", "4v0-660K-Q5_0", "5v1-730K-FP16", "5v2-730K-Q5_1", "6v0-3m-Q5_0",
-        "7v0-834K-FP32", "7v0-834K-Q5_1")]
+    ("rwkv-cpp-tiny", f"tiny-rwkv-{m}.bin")
+    for m in (
+        "4v0-660K-FP32",
+        "4v0-660K-Q5_0",
+        "5v1-730K-FP16",
+        "5v2-730K-Q5_1",
+        "6v0-3m-Q5_0",
+        "7v0-834K-FP32",
+        "7v0-834K-Q5_1",
+    )
+]
 
 
 def tokens_for(model, n=40):
@@ -158,8 +166,11 @@ def fixture_errors(path, model, fmt, make):
     fast._step = FusedStep(fast._net)  # the one-token step reads the products when built
 
     le, lf = serial_logits(exact, toks)[0], serial_logits(fast, toks)[0]
-    return (float((le - f32).abs().amax(1).mean()), float((lf - le).abs().amax(1).mean()),
-            float((lf - f32).abs().amax(1).mean()))
+    return (
+        float((le - f32).abs().amax(1).mean()),
+        float((lf - le).abs().amax(1).mean()),
+        float((lf - f32).abs().amax(1).mean()),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +186,12 @@ def quantized_tiny(tmp_path_factory):
             return fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{model}-{fmt}.bin")
         dst = out / f"tiny-rwkv-{model}-{fmt}.bin"
         if not dst.exists():
-            convert(fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{model}-FP32.bin"), dst,
-                    type=fmt.lower(), progress=False)
+            convert(
+                fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{model}-FP32.bin"),
+                dst,
+                type=fmt.lower(),
+                progress=False,
+            )
         return dst
 
     return path
@@ -290,7 +305,7 @@ def test_fast_q8_0_prompt_error_against_the_format(quantized_tiny, model):
     fast = rwkvpy.load(path, mode="fast")
     assert fast._net.lin["blocks.0.att.key.weight"].strategy == "int16-dot"
     got = fast.forward(toks * 2, None, all_logits=True)[0]
-    own = float((exact[:len(toks)] - f32).abs().amax(1).mean())
+    own = float((exact[: len(toks)] - f32).abs().amax(1).mean())
     added = float((got - exact).abs().amax(1).mean())
     assert 0 < added <= 0.02 * own, (own, added)
 
@@ -301,13 +316,14 @@ def v7_mid(tmp_path_factory):
     kernels.linear.SERIAL_MAX_ELEMENTS, so that its products run on numba's threads, in the
     formats of every product kind (rows, int8 groups, int16 groups; K-quants: rows, int8
     groups), K-quants as GGUFs (rwkv.cpp's files have none)."""
-    from rwkvpy.convert import convert
     from rwkvpy.config import Version
+    from rwkvpy.convert import convert
     from rwkvpy.synth import save_random_model
 
     d = tmp_path_factory.mktemp("v7mid")
-    pth = save_random_model(d / "m.pth", version=Version.V7, n_embd=512, n_layer=2, vocab=1000,
-                            dtype=torch.float16)
+    pth = save_random_model(
+        d / "m.pth", version=Version.V7, n_embd=512, n_layer=2, vocab=1000, dtype=torch.float16
+    )
 
     def path(fmt):
         dst = d / f"m-{fmt}.{'gguf' if '_k' in fmt else 'bin'}"

@@ -62,10 +62,30 @@ def _bounded(fn, timeout=CLI_TIMEOUT):
 
 # -- API input: forward, forward_batch, states -------------------------------------------------------
 
-BAD_TOKENS = [2 ** 63, [2 ** 63], "abc", b"ab", [[1, 2]], None, {1: 2}, {1, 2},
-              (x for x in [1]), [1.5], [True], 1 + 2j, [1 + 2j], torch.tensor([1 + 2j]),
-              np.array([1.0]), np.array([1 + 2j]), [], torch.zeros(0, dtype=torch.long),
-              torch.tensor([1], device="meta"), [-1], [256], [1, "2"]]
+BAD_TOKENS = [
+    2**63,
+    [2**63],
+    "abc",
+    b"ab",
+    [[1, 2]],
+    None,
+    {1: 2},
+    {1, 2},
+    (x for x in [1]),
+    [1.5],
+    [True],
+    1 + 2j,
+    [1 + 2j],
+    torch.tensor([1 + 2j]),
+    np.array([1.0]),
+    np.array([1 + 2j]),
+    [],
+    torch.zeros(0, dtype=torch.long),
+    torch.tensor([1], device="meta"),
+    [-1],
+    [256],
+    [1, "2"],
+]
 
 
 @pytest.mark.parametrize("tokens", BAD_TOKENS, ids=lambda t: type(t).__name__)
@@ -84,19 +104,30 @@ def test_forward_batch_refuses_non_lists(demo, arg):
 
 def test_forward_takes_integer_arrays(demo):
     want = demo.forward([1, 2])[0]
-    for t in (np.array([1, 2], dtype=np.uint8), torch.tensor([1, 2], dtype=torch.int32),
-              (1, 2), range(1, 3)):
+    for t in (
+        np.array([1, 2], dtype=np.uint8),
+        torch.tensor([1, 2], dtype=torch.int32),
+        (1, 2),
+        range(1, 3),
+    ):
         assert torch.equal(demo.forward(t)[0], want)
 
 
 def _swap(state, fn):
-    return dataclasses.replace(state, att_x=fn(state.att_x), ffn_x=fn(state.ffn_x),
-                               wkv=fn(state.wkv))
+    return dataclasses.replace(
+        state, att_x=fn(state.att_x), ffn_x=fn(state.ffn_x), wkv=fn(state.wkv)
+    )
 
 
-@pytest.mark.parametrize("fn", [lambda t: t.half(), lambda t: t.double(),
-                                lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)],
-                         ids=["float16", "float64", "non-contiguous"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda t: t.half(),
+        lambda t: t.double(),
+        lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+    ],
+    ids=["float16", "float64", "non-contiguous"],
+)
 def test_state_of_other_float_layout_is_converted(demo, demo_state, fn):
     """Converted to float32 contiguous before the kernels: no new numba specialization."""
     want = demo.forward([4], demo_state)[0]
@@ -107,13 +138,16 @@ def test_state_of_other_float_layout_is_converted(demo, demo_state, fn):
     assert (demo.forward([4], s)[0] - want).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("fn,needle", [
-    (lambda t: t.int(), "dtype torch.int32"),
-    (lambda t: t.to(torch.complex64), "dtype torch.complex64"),
-    (lambda t: t.to("meta"), "meta device"),
-    (lambda t: t * float("nan"), "NaN or infinite"),
-    (lambda t: t + float("inf"), "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "fn,needle",
+    [
+        (lambda t: t.int(), "dtype torch.int32"),
+        (lambda t: t.to(torch.complex64), "dtype torch.complex64"),
+        (lambda t: t.to("meta"), "meta device"),
+        (lambda t: t * float("nan"), "NaN or infinite"),
+        (lambda t: t + float("inf"), "NaN or infinite"),
+    ],
+)
 def test_state_of_bad_values_is_refused(demo, demo_state, fn, needle):
     with pytest.raises(errors.StateError, match=needle):
         demo.forward([4], _swap(demo_state, fn))
@@ -122,16 +156,19 @@ def test_state_of_bad_values_is_refused(demo, demo_state, fn, needle):
 
 
 def test_state_fields_of_wrong_type_are_refused(demo, demo_state):
-    for bad in (dataclasses.replace(demo_state, n_tokens="3"),
-                dataclasses.replace(demo_state, n_tokens=-1),
-                dataclasses.replace(demo_state, att_x=[0.0]),
-                dataclasses.replace(demo_state, last_logits=torch.zeros(3)),
-                dataclasses.replace(demo_state, model_fingerprint=7)):
+    for bad in (
+        dataclasses.replace(demo_state, n_tokens="3"),
+        dataclasses.replace(demo_state, n_tokens=-1),
+        dataclasses.replace(demo_state, att_x=[0.0]),
+        dataclasses.replace(demo_state, last_logits=torch.zeros(3)),
+        dataclasses.replace(demo_state, model_fingerprint=7),
+    ):
         with pytest.raises(errors.StateError):
             demo.forward([4], bad)
 
 
 # -- saved states ---------------------------------------------------------------------------------------
+
 
 def _state_file(path, header, data, version=2):
     """A state file with this header and data and a valid checksum: what is refused is the
@@ -145,7 +182,7 @@ def _state_file(path, header, data, version=2):
 def _parts(path):
     raw = path.read_bytes()
     hlen = struct.unpack_from("<Q", raw, 12)[0]
-    return json.loads(raw[20:20 + hlen]), raw[20 + hlen:-32]
+    return json.loads(raw[20 : 20 + hlen]), raw[20 + hlen : -32]
 
 
 def _mutations():
@@ -155,6 +192,7 @@ def _mutations():
             for k in keys[:-1]:
                 d = d[k]
             del d[keys[-1]]
+
         return f
 
     def put(value, *keys):
@@ -163,14 +201,20 @@ def _mutations():
             for k in keys[:-1]:
                 d = d[k]
             d[keys[-1]] = value
+
         return f
 
     return {
-        "no tensors": drop("tensors"), "no n_tokens": drop("n_tokens"),
-        "no wkv": drop("tensors", "wkv"), "no shape": drop("tensors", "att_x", "shape"),
-        "n_tokens str": put("3", "n_tokens"), "n_tokens neg": put(-3, "n_tokens"),
-        "n_layer bool": put(True, "n_layer"), "n_embd float": put(192.0, "n_embd"),
-        "tensors list": put([1, 2], "tensors"), "tensor str": put("x", "tensors", "wkv"),
+        "no tensors": drop("tensors"),
+        "no n_tokens": drop("n_tokens"),
+        "no wkv": drop("tensors", "wkv"),
+        "no shape": drop("tensors", "att_x", "shape"),
+        "n_tokens str": put("3", "n_tokens"),
+        "n_tokens neg": put(-3, "n_tokens"),
+        "n_layer bool": put(True, "n_layer"),
+        "n_embd float": put(192.0, "n_embd"),
+        "tensors list": put([1, 2], "tensors"),
+        "tensor str": put("x", "tensors", "wkv"),
         "shape str": put("abc", "tensors", "wkv", "shape"),
         "shape nested": put([[4]], "tensors", "wkv", "shape"),
         "shape zero": put([0, 192], "tensors", "att_x", "shape"),
@@ -195,8 +239,11 @@ def test_state_header_fields_are_checked(demo_state, tmp_path, name):
         State.load(bad)
 
 
-@pytest.mark.parametrize("raw", [b"[" * 100_000, b"[1, 2]", b"null", b"\xff\xfe{", b"7"],
-                         ids=["deep", "list", "null", "not-utf8", "int"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 100_000, b"[1, 2]", b"null", b"\xff\xfe{", b"7"],
+    ids=["deep", "list", "null", "not-utf8", "int"],
+)
 def test_state_header_that_is_not_an_object(tmp_path, raw):
     with pytest.raises(errors.StateError, match="corrupt state header"):
         State.load(_state_file(tmp_path / "bad.state", raw, b""))
@@ -205,7 +252,7 @@ def test_state_header_that_is_not_an_object(tmp_path, raw):
 def test_state_header_length_beyond_the_file(demo_state, tmp_path):
     demo_state.save(tmp_path / "s.state")
     raw = bytearray((tmp_path / "s.state").read_bytes())
-    raw[12:20] = struct.pack("<Q", 2 ** 64 - 1)
+    raw[12:20] = struct.pack("<Q", 2**64 - 1)
     (tmp_path / "bad.state").write_bytes(bytes(raw))
     with pytest.raises(errors.StateError, match="truncated"):
         State.load(tmp_path / "bad.state")
@@ -239,6 +286,7 @@ def test_state_file_version_1_still_reads(demo, demo_state, tmp_path):
 
 
 # -- non-regular files: FIFOs and devices are refused before they are opened ----------------------
+
 
 def test_fifo_and_device_reads_are_refused(tmp_path):
     """Each of these once blocked forever (a FIFO) or read without end (the zero device): the
@@ -276,6 +324,7 @@ def test_fifo_and_device_reads_are_refused(tmp_path):
 
 
 # -- writers -----------------------------------------------------------------------------------------
+
 
 def test_write_refuses_non_regular_destination(demo_state, tmp_path):
     import stat
@@ -348,14 +397,22 @@ def test_temp_of_killed_writer_is_removed(tmp_path):
 
 # -- .pth and safetensors ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_pth(tmp_path_factory):
     """A small valid v7 BlinkDL checkpoint (300 KB), float32."""
     from rwkvpy.config import Version
     from rwkvpy.synth import save_random_model
 
-    return save_random_model(tmp_path_factory.mktemp("pth") / "small.pth", version=Version.V7,
-                             n_embd=64, n_layer=1, vocab=50, seed=1, dtype=torch.float32)
+    return save_random_model(
+        tmp_path_factory.mktemp("pth") / "small.pth",
+        version=Version.V7,
+        n_embd=64,
+        n_layer=1,
+        vocab=50,
+        seed=1,
+        dtype=torch.float32,
+    )
 
 
 def _rezip(src, dst, change):
@@ -379,18 +436,22 @@ def _loads_or_typed(path):
     return "loaded"
 
 
-@pytest.mark.parametrize("pickle_bytes", [
-    b"\x80\x02h\x05.",                                           # KeyError: no memo 5
-    b"\x80\x02.",                                                # IndexError: empty stack
-    b"\x80\x02K\x01K\x02\x86R.",                                 # IndexError
-    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00)R.",      # TypeError: no arguments
-])
+@pytest.mark.parametrize(
+    "pickle_bytes",
+    [
+        b"\x80\x02h\x05.",  # KeyError: no memo 5
+        b"\x80\x02.",  # IndexError: empty stack
+        b"\x80\x02K\x01K\x02\x86R.",  # IndexError
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00)R.",  # TypeError: no arguments
+    ],
+)
 def test_pth_unpickler_errors_are_typed(small_pth, tmp_path, pickle_bytes):
     (tmp_path / "legacy.pth").write_bytes(pickle_bytes)  # read by torch's weights-only unpickler
     with pytest.raises(errors.ModelFileError):
         rwkvpy.load(tmp_path / "legacy.pth")
-    bad = _rezip(small_pth, tmp_path / "zip.pth",
-                 lambda n, d: pickle_bytes if n.endswith("data.pkl") else d)
+    bad = _rezip(
+        small_pth, tmp_path / "zip.pth", lambda n, d: pickle_bytes if n.endswith("data.pkl") else d
+    )
     with pytest.raises(errors.ModelFileError):
         rwkvpy.load(bad)
 
@@ -400,6 +461,7 @@ def test_pth_mutated_pickles_load_or_are_typed(small_pth, tmp_path):
 
     rng = random.Random(23)
     for i in range(20):
+
         def change(name, data):
             if not name.endswith("data.pkl"):
                 return data
@@ -407,23 +469,31 @@ def test_pth_mutated_pickles_load_or_are_typed(small_pth, tmp_path):
             for _ in range(rng.randint(1, 4)):
                 data[rng.randrange(len(data))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF])
             return bytes(data)
+
         _loads_or_typed(_rezip(small_pth, tmp_path / f"m{i}.pth", change))
 
 
-@pytest.mark.parametrize("cut", [lambda d: b"", lambda d: d[:len(d) // 2]], ids=["empty", "half"])
+@pytest.mark.parametrize("cut", [lambda d: b"", lambda d: d[: len(d) // 2]], ids=["empty", "half"])
 def test_pth_storage_record_shorter_than_its_tensor(small_pth, tmp_path, cut):
     """Once loaded with NaN logits (mmap read past the record): the CRC is valid, the size is
     what is wrong."""
-    bad = _rezip(small_pth, tmp_path / "cut.pth",
-                 lambda n, d: cut(d) if n.endswith("/data/0") else d)
+    bad = _rezip(
+        small_pth, tmp_path / "cut.pth", lambda n, d: cut(d) if n.endswith("/data/0") else d
+    )
     with pytest.raises(errors.TruncatedFileError, match="storage record .*data/0' holds"):
         rwkvpy.load(bad)
 
 
-@pytest.mark.parametrize("name,shape", [
-    ("emb.weight", (50, 0)), ("blocks.0.att.w1", (64, 0)), ("blocks.0.att.w2", (33, 64)),
-    ("blocks.0.att.g1", (64, 3)), ("blocks.0.ffn.key.weight", (0, 64)),
-])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("emb.weight", (50, 0)),
+        ("blocks.0.att.w1", (64, 0)),
+        ("blocks.0.att.w2", (33, 64)),
+        ("blocks.0.att.g1", (64, 3)),
+        ("blocks.0.ffn.key.weight", (0, 64)),
+    ],
+)
 def test_pth_empty_or_disagreeing_dimensions(small_pth, tmp_path, name, shape):
     """Empty dimensions once reached a division by zero in the kernels, LoRA ranks that disagree
     a failed product: both are shape errors at load."""
@@ -446,6 +516,7 @@ def test_safetensors_starting_like_a_zip(small_pth, tmp_path):
 
 # -- Hugging Face folders --------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def hf_folder(small_pth, tmp_path):
     from safetensors.torch import save_file
@@ -457,11 +528,19 @@ def hf_folder(small_pth, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("config", [b"[1, 2]", b"[" * 100_000, b"\xff",
-                                    b'{"architectures": 5}', b'{"rescale_every": "abc"}',
-                                    b'{"vocab_size": [1]}', b'{"model_type": {}}'],
-                         ids=["list", "deep", "not-utf8", "architectures", "rescale_every",
-                              "vocab_size", "model_type"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        b"[1, 2]",
+        b"[" * 100_000,
+        b"\xff",
+        b'{"architectures": 5}',
+        b'{"rescale_every": "abc"}',
+        b'{"vocab_size": [1]}',
+        b'{"model_type": {}}',
+    ],
+    ids=["list", "deep", "not-utf8", "architectures", "rescale_every", "vocab_size", "model_type"],
+)
 def test_hf_config_of_wrong_shape(hf_folder, config):
     (hf_folder / "config.json").write_bytes(config)
     with pytest.raises(errors.UnknownFormatError, match="config.json"):
@@ -471,8 +550,12 @@ def test_hf_config_of_wrong_shape(hf_folder, config):
 def test_hf_index_stays_inside_the_folder(hf_folder, tmp_path):
     os.replace(hf_folder / "model.safetensors", tmp_path / "outside.safetensors")
     index = hf_folder / "model.safetensors.index.json"
-    for ref in ("../outside.safetensors", "../../../../x", str(tmp_path / "outside.safetensors"),
-                "a/../../outside.safetensors"):
+    for ref in (
+        "../outside.safetensors",
+        "../../../../x",
+        str(tmp_path / "outside.safetensors"),
+        "a/../../outside.safetensors",
+    ):
         index.write_text(json.dumps({"weight_map": {"emb.weight": ref}}))
         with pytest.raises(errors.UnknownFormatError, match="outside the model folder"):
             rwkvpy.load(hf_folder)
@@ -486,6 +569,7 @@ def test_hf_index_stays_inside_the_folder(hf_folder, tmp_path):
 
 
 # -- rwkv.cpp .bin -------------------------------------------------------------------------------------
+
 
 def test_bin_with_a_duplicated_tensor_is_refused(tmp_path):
     """Once loaded, the last copy winning."""
@@ -515,8 +599,9 @@ def api(demo):
     from rwkvpy.server.engine import Engine
 
     tok = demo.tokenizer()
-    server = ServerState(demo, tok, Engine(demo, tok),
-                         ServerConfig(model_name="demo", max_prompt_tokens=MAX_PROMPT))
+    server = ServerState(
+        demo, tok, Engine(demo, tok), ServerConfig(model_name="demo", max_prompt_tokens=MAX_PROMPT)
+    )
     with TestClient(build_app(server), raise_server_exceptions=False) as client:
         yield client
 
@@ -530,26 +615,37 @@ def _error(r, status, code=None):
     return err
 
 
-@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"prompt": ' + b"[" * 100_000,
-                                  b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"],
-                         ids=["array", "in-object", "closed"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,
+        b'{"prompt": ' + b"[" * 100_000,
+        b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
+    ids=["array", "in-object", "closed"],
+)
 def test_server_deep_json_is_400(api, body):
     r = api.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
 
 
-@pytest.mark.parametrize("route,body", [
-    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 1}'),
-    ("/v1/completions", '{"prompt": "a\\udfff", "max_tokens": 1, "echo": true}'),
-    ("/v1/completions", '{"prompt": ["ok", "\\ud83d"], "max_tokens": 1}'),
-    ("/v1/completions", '{"prompt": "a", "stop": ["\\ud800"], "max_tokens": 1}'),
-    ("/v1/completions", '{"prompt": "a", "model": "\\ud800", "max_tokens": 1}'),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
-    ("/v1/chat/completions",
-     '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}'),
-    ("/v1/states", '{"id": "s", "prompt": "\\ud800"}'),
-    ("/v1/completions", '{"\\ud800": 1, "prompt": "a", "max_tokens": 1}'),
-])
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 1}'),
+        ("/v1/completions", '{"prompt": "a\\udfff", "max_tokens": 1, "echo": true}'),
+        ("/v1/completions", '{"prompt": ["ok", "\\ud83d"], "max_tokens": 1}'),
+        ("/v1/completions", '{"prompt": "a", "stop": ["\\ud800"], "max_tokens": 1}'),
+        ("/v1/completions", '{"prompt": "a", "model": "\\ud800", "max_tokens": 1}'),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+        ),
+        ("/v1/states", '{"id": "s", "prompt": "\\ud800"}'),
+        ("/v1/completions", '{"\\ud800": 1, "prompt": "a", "max_tokens": 1}'),
+    ],
+)
 def test_server_lone_surrogates_are_400(api, route, body):
     r = api.post(route, content=body.encode(), headers={"content-type": "application/json"})
     _error(r, 400, "invalid_unicode")
@@ -561,8 +657,10 @@ def test_server_state_ids_match_in_full(api):
     for sid in ("a\n", "a\nb", "../x", "/etc/x", "a\x00", ""):
         _error(api.post("/v1/states", json={"id": sid, "prompt": "x"}), 400)
         if sid:
-            _error(api.post("/v1/completions", json={"prompt": "x", "max_tokens": 1,
-                                                     "state": sid}), 400)
+            _error(
+                api.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "state": sid}),
+                400,
+            )
             with pytest.raises(ServeError):
                 _parse_states([f"{sid}=file.state"])
     r = api.post("/v1/states", json={"id": "fine-1", "prompt": "x"})
@@ -609,18 +707,22 @@ def test_server_answers_503_while_draining(demo):
     import httpx
     import uvicorn
 
-    from rwkvpy.server.app import ServerConfig, ServerState, build_app
     from rwkvpy.cli.serve import _bind, _server_class
+    from rwkvpy.server.app import ServerConfig, ServerState, build_app
     from rwkvpy.server.engine import Engine
 
     tok = demo.tokenizer()
-    state = ServerState(demo, tok, Engine(demo, tok),
-                        ServerConfig(model_name="demo", graceful_timeout=60,
-                                     max_tokens_limit=100000))
+    state = ServerState(
+        demo,
+        tok,
+        Engine(demo, tok),
+        ServerConfig(model_name="demo", graceful_timeout=60, max_tokens_limit=100000),
+    )
     sock = _bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = _server_class(uvicorn)(uvicorn.Config(build_app(state), lifespan="on",
-                                                log_level="warning"), state)
+    srv = _server_class(uvicorn)(
+        uvicorn.Config(build_app(state), lifespan="on", log_level="warning"), state
+    )
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -633,8 +735,11 @@ def test_server_answers_503_while_draining(demo):
                 except httpx.TransportError:
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
-            with http.stream("POST", "/v1/completions",
-                             json={"prompt": "Once", "max_tokens": 100000, "stream": True}) as r:
+            with http.stream(
+                "POST",
+                "/v1/completions",
+                json={"prompt": "Once", "max_tokens": 100000, "stream": True},
+            ) as r:
                 lines = r.iter_lines()  # kept: a dropped iterator would close the stream
                 assert next(lines).startswith("data: ")
                 srv.handle_exit(signal.SIGTERM, None)
@@ -643,8 +748,11 @@ def test_server_answers_503_while_draining(demo):
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
                 with httpx.Client(base_url=url, timeout=30) as fresh:  # a new connection
-                    _error(fresh.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}),
-                           503, "server_shutting_down")
+                    _error(
+                        fresh.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}),
+                        503,
+                        "server_shutting_down",
+                    )
                 assert not srv.should_exit and state.slots_used == 1
         thread.join(CLI_TIMEOUT)  # the client went away: the drain ends, uvicorn stops
         assert not thread.is_alive()
@@ -673,8 +781,11 @@ def _gguf(dst, kvs, infos=(), data=b""):
     """A GGUF v3 file: raw key-values, tensor infos (name, ggml dims, type, offset), data."""
     out = b"GGUF" + struct.pack("<IQQ", 3, len(infos), len(kvs)) + b"".join(kvs)
     for name, dims, typ, off in infos:
-        out += (_gstr(name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
-                + struct.pack("<IQ", typ, off))
+        out += (
+            _gstr(name)
+            + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+            + struct.pack("<IQ", typ, off)
+        )
     dst.write_bytes(out + b"\0" * (-len(out) % 32) + data)
     return dst
 
@@ -686,14 +797,21 @@ def _regguf(dst, kvs=None, tensor=None):
 
     r = gguf.GGUFReader(DEMO_GGUF)
     kvs = dict(kvs or {})
-    raw = [kvs.pop(k) if k in kvs else b"".join(p.tobytes() for p in f.parts)
-           for k, f in r.fields.items() if not k.startswith("GGUF.")] + list(kvs.values())
+    raw = [
+        kvs.pop(k) if k in kvs else b"".join(p.tobytes() for p in f.parts)
+        for k, f in r.fields.items()
+        if not k.startswith("GGUF.")
+    ] + list(kvs.values())
     infos = []
     for t in r.tensors:
-        info = (t.name, [int(d) for d in t.field.parts[3]], int(t.field.parts[4][0]),
-                int(t.field.parts[5][0]))
+        info = (
+            t.name,
+            [int(d) for d in t.field.parts[3]],
+            int(t.field.parts[4][0]),
+            int(t.field.parts[5][0]),
+        )
         infos.append(tensor(*info) if tensor else info)
-    return _gguf(dst, raw, infos, bytes(r.data[r.data_offset:]))
+    return _gguf(dst, raw, infos, bytes(r.data[r.data_offset :]))
 
 
 def _retensor(target, name=None, dims=None, offset=None):
@@ -701,39 +819,64 @@ def _retensor(target, name=None, dims=None, offset=None):
         if n != target:
             return n, d, t, o
         return name or n, dims or d, t, o if offset is None else offset
+
     return change
 
 
 GGUF_HEADER_FAULTS = {
-    "arch not UTF-8": dict(kvs={"general.architecture": _kv("general.architecture", G_STR,
-                                                            _gstr(b"rwkv\xff"))}),
-    "head_size str": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_STR,
-                                                          _gstr("abc"))}),
-    "head_size 7": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_U32,
-                                                        struct.pack("<I", 7))}),
-    "head_size -64": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_I32,
-                                                          struct.pack("<i", -64))}),
-    "head_size 2^32-1": dict(kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_U32,
-                                                             struct.pack("<I", 2 ** 32 - 1))}),
-    "file_type str": dict(kvs={"general.file_type": _kv("general.file_type", G_STR,
-                                                        _gstr("abc"))}),
-    "rescale str": dict(kvs={"rwkv7.rescale_every_n_layers": _kv(
-        "rwkv7.rescale_every_n_layers", G_STR, _gstr("abc"))}),
-    "eps str": dict(kvs={"rwkv7.attention.group_norm_epsilon": _kv(
-        "rwkv7.attention.group_norm_epsilon", G_STR, _gstr("abc"))}),
-    "eps NaN": dict(kvs={"rwkv7.attention.group_norm_epsilon": _kv(
-        "rwkv7.attention.group_norm_epsilon", G_F32, struct.pack("<f", float("nan")))}),
+    "arch not UTF-8": dict(
+        kvs={"general.architecture": _kv("general.architecture", G_STR, _gstr(b"rwkv\xff"))}
+    ),
+    "head_size str": dict(
+        kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_STR, _gstr("abc"))}
+    ),
+    "head_size 7": dict(
+        kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_U32, struct.pack("<I", 7))}
+    ),
+    "head_size -64": dict(
+        kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_I32, struct.pack("<i", -64))}
+    ),
+    "head_size 2^32-1": dict(
+        kvs={"rwkv7.wkv.head_size": _kv("rwkv7.wkv.head_size", G_U32, struct.pack("<I", 2**32 - 1))}
+    ),
+    "file_type str": dict(kvs={"general.file_type": _kv("general.file_type", G_STR, _gstr("abc"))}),
+    "rescale str": dict(
+        kvs={
+            "rwkv7.rescale_every_n_layers": _kv("rwkv7.rescale_every_n_layers", G_STR, _gstr("abc"))
+        }
+    ),
+    "eps str": dict(
+        kvs={
+            "rwkv7.attention.group_norm_epsilon": _kv(
+                "rwkv7.attention.group_norm_epsilon", G_STR, _gstr("abc")
+            )
+        }
+    ),
+    "eps NaN": dict(
+        kvs={
+            "rwkv7.attention.group_norm_epsilon": _kv(
+                "rwkv7.attention.group_norm_epsilon", G_F32, struct.pack("<f", float("nan"))
+            )
+        }
+    ),
     "r_k misshaped": dict(tensor=_retensor("blk.0.time_mix_r_k.weight", dims=[191])),
-    "fused lerp misshaped": dict(tensor=_retensor("blk.0.time_mix_lerp_fused.weight",
-                                                  dims=[193, 1, 1, 5])),
+    "fused lerp misshaped": dict(
+        tensor=_retensor("blk.0.time_mix_lerp_fused.weight", dims=[193, 1, 1, 5])
+    ),
     "w1 one dimension": dict(tensor=_retensor("blk.0.time_mix_w1.weight", dims=[192 * 32])),
     "layer ²": dict(tensor=_retensor("blk.0.attn_norm.weight", name="blk.\u00b2.attn_norm.weight")),
-    "layer 5000": dict(tensor=_retensor("blk.0.time_mix_output.weight",
-                                        name="blk.5000.time_mix_output.weight")),
-    "rescale 2^100": dict(kvs={"rwkv7.rescale_every_n_layers": _kv(
-        "rwkv7.rescale_every_n_layers", G_U32, struct.pack("<I", 1))},
-        tensor=_retensor("blk.0.time_mix_output.weight", name="blk.100.time_mix_output.weight")),
-    "offset 2^64-1": dict(tensor=_retensor("blk.0.attn_norm.weight", offset=2 ** 64 - 1)),
+    "layer 5000": dict(
+        tensor=_retensor("blk.0.time_mix_output.weight", name="blk.5000.time_mix_output.weight")
+    ),
+    "rescale 2^100": dict(
+        kvs={
+            "rwkv7.rescale_every_n_layers": _kv(
+                "rwkv7.rescale_every_n_layers", G_U32, struct.pack("<I", 1)
+            )
+        },
+        tensor=_retensor("blk.0.time_mix_output.weight", name="blk.100.time_mix_output.weight"),
+    ),
+    "offset 2^64-1": dict(tensor=_retensor("blk.0.attn_norm.weight", offset=2**64 - 1)),
 }
 
 
@@ -751,12 +894,17 @@ def test_gguf_counts_are_bounded_by_the_file(tmp_path):
     """An array announcing 2^40 items (once half a minute and 664 MB), arrays nested 2,000 deep
     (once a RecursionError): refused before anything is allocated. Bounded by a timeout."""
     arch = _kv("general.architecture", G_STR, _gstr("rwkv7"))
-    nested = b"".join(struct.pack("<IQ", G_ARR, 1) for _ in range(2000)) + \
-        struct.pack("<IQ", G_U8, 0)
+    nested = b"".join(struct.pack("<IQ", G_ARR, 1) for _ in range(2000)) + struct.pack(
+        "<IQ", G_U8, 0
+    )
     files = [_gguf(tmp_path / "nested.gguf", [arch, _kv("x", G_ARR, nested)])]
     for i, itype in enumerate((G_U32, G_STR, G_ARR, 7)):  # 7: bool
-        files.append(_gguf(tmp_path / f"count{i}.gguf",
-                           [arch, _kv("x", G_ARR, struct.pack("<IQ", itype, 2 ** 40) + bytes(64))]))
+        files.append(
+            _gguf(
+                tmp_path / f"count{i}.gguf",
+                [arch, _kv("x", G_ARR, struct.pack("<IQ", itype, 2**40) + bytes(64))],
+            )
+        )
     swapped = bytearray(files[1].read_bytes())
     swapped[4:8] = struct.pack(">I", 3)  # the big-endian reading of the same file
     files.append(tmp_path / "swapped.gguf")
@@ -771,6 +919,8 @@ def test_gguf_cli_prints_one_line(tmp_path, capsys):
     bad = _regguf(tmp_path / "bad.gguf", **GGUF_HEADER_FAULTS["arch not UTF-8"])
     assert main(["info", str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"rwkvpy: error: {bad}: GGUF key 'general.architecture' cannot be read: "
-                   "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 4: "
-                   "invalid start byte"], err
+    assert err == [
+        f"rwkvpy: error: {bad}: GGUF key 'general.architecture' cannot be read: "
+        "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 4: "
+        "invalid start byte"
+    ], err

@@ -28,10 +28,29 @@ def test_every_target_has_seeds():
 
 
 def test_seeded_mutants_are_typed_or_load():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.fuzz", "all", "--seeded", str(SEEDED),
-                        "--seed", "23", "--json", "--timeout", "20", "--hard-timeout", "120",
-                        "--findings", "/tmp/rwkvpy-fuzz-ci"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.fuzz",
+            "all",
+            "--seeded",
+            str(SEEDED),
+            "--seed",
+            "23",
+            "--json",
+            "--timeout",
+            "20",
+            "--hard-timeout",
+            "120",
+            "--findings",
+            "/tmp/rwkvpy-fuzz-ci",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.stdout.strip(), r.stderr[-3000:]
     summaries = json.loads(r.stdout.strip().splitlines()[-1])
     assert [s["target"] for s in summaries] == list(ft.TARGETS)

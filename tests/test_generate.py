@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import fixture_path
 
 import rwkvpy
-from conftest import fixture_path
 from rwkvpy.generate import GenerationError, GenerationResult, generate, stream
 from rwkvpy.generation import held_back as _held_back
 from rwkvpy.sampling import SamplingParams
@@ -74,8 +74,9 @@ def test_same_seed_same_text(model, tok):
     a = generate(model, tok, PROMPT, params)
     b = generate(model, tok, PROMPT, params)
     assert (a.text, a.tokens) == (b.text, b.tokens) and a.seed == b.seed == 1234
-    c = generate(model, tok, PROMPT, SamplingParams(seed=4321, temperature=0.9, top_p=0.9,
-                                                     max_tokens=30))
+    c = generate(
+        model, tok, PROMPT, SamplingParams(seed=4321, temperature=0.9, top_p=0.9, max_tokens=30)
+    )
     assert c.tokens != a.tokens
     s = stream(model, tok, PROMPT, params)
     assert "".join(s) == a.text and s.result.tokens == a.tokens
@@ -83,8 +84,9 @@ def test_same_seed_same_text(model, tok):
 
 def test_unseeded_run_reports_its_seed(model, tok):
     r = generate(model, tok, PROMPT, SamplingParams(max_tokens=10, temperature=1.5))
-    again = generate(model, tok, PROMPT, SamplingParams(max_tokens=10, temperature=1.5,
-                                                         seed=r.seed))
+    again = generate(
+        model, tok, PROMPT, SamplingParams(max_tokens=10, temperature=1.5, seed=r.seed)
+    )
     assert again.tokens == r.tokens
 
 
@@ -106,7 +108,7 @@ def test_stop_string_never_emitted(model, tok, greedy_run):
     assert (r.finish_reason, r.stop) == ("stop", stop)
     assert all(stop not in p for p in pieces)
     # the tokens up to the one that completed the stop string were generated and consumed
-    assert r.tokens == tok.encode(text[:at + len(stop)])
+    assert r.tokens == tok.encode(text[: at + len(stop)])
 
 
 def test_text_that_might_start_a_stop_string_is_held_then_released(model, tok, greedy_run):
@@ -130,8 +132,9 @@ def test_stop_token(model, tok, greedy_run):
     tokens, text = greedy_run
     stop_id = tokens[5]
     first = tokens.index(stop_id)
-    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40,
-                                                     stop_tokens=[stop_id]))
+    r = generate(
+        model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40, stop_tokens=[stop_id])
+    )
     assert r.tokens == tokens[:first] and r.text == tok.decode(tokens[:first])
     assert (r.finish_reason, r.stop, r.completion_tokens) == ("stop", stop_id, first + 1)
 
@@ -144,14 +147,19 @@ def test_final_state_has_seen_prompt_and_tokens(model, tok):
     assert torch.allclose(cont, whole, atol=1e-4)
     # generation can continue from a state
     r2 = generate(model, tok, " and", SamplingParams(greedy=True, max_tokens=5), state=r.state)
-    ref = generate(model, tok, tok.encode(PROMPT) + r.tokens + nxt,
-                   SamplingParams(greedy=True, max_tokens=5))
+    ref = generate(
+        model, tok, tok.encode(PROMPT) + r.tokens + nxt, SamplingParams(greedy=True, max_tokens=5)
+    )
     assert r2.tokens == ref.tokens
 
 
 def test_presence_penalty_prevents_repeats(model, tok):
-    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=20,
-                                                     presence_penalty=100.0, penalty_decay=1.0))
+    r = generate(
+        model,
+        tok,
+        PROMPT,
+        SamplingParams(greedy=True, max_tokens=20, presence_penalty=100.0, penalty_decay=1.0),
+    )
     assert len(set(r.tokens)) == len(r.tokens) == 20
     plain = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=20))
     assert len(set(plain.tokens)) < 20
@@ -184,11 +192,12 @@ def test_bad_arguments(model, tok):
 
 def test_model_generate_and_stream_methods():
     """The Model's own text methods: tokenizer from the file, same text as generate()."""
+    from conftest import fixture_path
+
     import rwkvpy
     from rwkvpy.generate import generate
     from rwkvpy.sampling import SamplingParams
     from rwkvpy.tokenizers import ByteTokenizer, TokenizerError
-    from conftest import fixture_path
 
     model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), threads=1)
     assert isinstance(model.tokenizer(), ByteTokenizer)
@@ -201,14 +210,19 @@ def test_model_generate_and_stream_methods():
 
 
 def test_tokenizer_named_by_the_file_wins(tmp_path):
+    from conftest import fixture_path
+
     import rwkvpy
     from rwkvpy.convert import convert
     from rwkvpy.tokenizers import TokenizerError
-    from conftest import fixture_path
 
     dst = tmp_path / "m.gguf"
-    convert(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), dst, type="f16",
-            progress=False)
+    convert(
+        fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"),
+        dst,
+        type="f16",
+        progress=False,
+    )
     model = rwkvpy.load(dst, threads=1)
     assert model.info.file_meta["tokenizer"] == "bytes"
     with pytest.raises(TokenizerError, match="names the bytes tokenizer, not neox"):
@@ -222,8 +236,9 @@ def test_logprobs_follow_the_text_and_the_model(model, tok, greedy_run):
     tokens, text = greedy_run
     stop = text[10:13]
     at = text.find(stop)
-    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40, stop=stop,
-                                                    logprobs=3))
+    r = generate(
+        model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=40, stop=stop, logprobs=3)
+    )
     assert r.text == text[:at]
     ids = tok.encode(PROMPT) + tokens
     logits, _ = model.forward(ids, all_logits=True)
@@ -261,8 +276,9 @@ def test_logits_processor_hook(model, tok, greedy_run):
             return len(self.seen) == 5
 
     p = Ban()
-    r = generate(model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=20, logprobs=0),
-                 processors=[p])
+    r = generate(
+        model, tok, PROMPT, SamplingParams(greedy=True, max_tokens=20, logprobs=0), processors=[p]
+    )
     assert banned not in r.tokens and p.seen == r.tokens and len(r.tokens) == 5
     assert r.finish_reason == "stop" and r.tokens[0] != tokens[0]
     # the logprobs are those of the masked logits the token was drawn from
@@ -270,4 +286,5 @@ def test_logits_processor_hook(model, tok, greedy_run):
     masked = logits.clone()
     masked[banned] = -float("inf")
     assert r.logprobs[0].logprob == pytest.approx(
-        float(torch.log_softmax(masked, 0)[r.tokens[0]]), abs=1e-5)
+        float(torch.log_softmax(masked, 0)[r.tokens[0]]), abs=1e-5
+    )

@@ -5,12 +5,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import REF_MODELS, fixture_path
 
 import rwkvpy
 from rwkvpy import errors
 from rwkvpy.convert import convert
 from rwkvpy.formats import gguf as rgguf
-from conftest import REF_MODELS, fixture_path
 
 TOKENS = [0, 100, 511, 42]
 C, V, HEAD = 192, 512, 64
@@ -46,6 +46,7 @@ def converted(tmp_path_factory):
             convert(fixture_path("reference-pth", f"{name}.pth"), p, type=typ, progress=False)
             cache[name, typ] = p
         return cache[name, typ]
+
     return get
 
 
@@ -65,65 +66,100 @@ def pad4(*dims):
 
 # -- what llama.cpp expects (src/llama-model.cpp, load_tensors for LLM_ARCH_RWKV6 / RWKV7) -----
 
+
 def llama_cpp_v6(n_layer, F, extra=32, decay_extra=64):
-    t = {"token_embd.weight": pad4(C, V), "token_embd_norm.weight": pad4(C),
-         "token_embd_norm.bias": pad4(C), "output_norm.weight": pad4(C),
-         "output_norm.bias": pad4(C), "output.weight": pad4(C, V)}
+    t = {
+        "token_embd.weight": pad4(C, V),
+        "token_embd_norm.weight": pad4(C),
+        "token_embd_norm.bias": pad4(C),
+        "output_norm.weight": pad4(C),
+        "output_norm.bias": pad4(C),
+        "output.weight": pad4(C, V),
+    }
     for i in range(n_layer):
         p = f"blk.{i}."
-        t.update({
-            p + "attn_norm.weight": pad4(C), p + "attn_norm.bias": pad4(C),
-            p + "attn_norm_2.weight": pad4(C), p + "attn_norm_2.bias": pad4(C),
-            p + "time_mix_w1.weight": pad4(C, extra * 5), p + "time_mix_w2.weight": pad4(extra, C, 5),
-            p + "time_mix_lerp_x.weight": pad4(C, 1, 1),
-            p + "time_mix_lerp_fused.weight": pad4(C, 1, 1, 5),
-            p + "time_mix_first.weight": pad4(HEAD, C // HEAD), p + "time_mix_decay.weight": pad4(C),
-            p + "time_mix_decay_w1.weight": pad4(C, decay_extra),
-            p + "time_mix_decay_w2.weight": pad4(decay_extra, C),
-            p + "time_mix_key.weight": pad4(C, C), p + "time_mix_value.weight": pad4(C, C),
-            p + "time_mix_receptance.weight": pad4(C, C), p + "time_mix_gate.weight": pad4(C, C),
-            p + "time_mix_ln.weight": pad4(C), p + "time_mix_ln.bias": pad4(C),
-            p + "time_mix_output.weight": pad4(C, C),
-            p + "channel_mix_lerp_k.weight": pad4(C, 1, 1),
-            p + "channel_mix_lerp_r.weight": pad4(C, 1, 1),
-            p + "channel_mix_key.weight": pad4(C, F), p + "channel_mix_value.weight": pad4(F, C),
-            p + "channel_mix_receptance.weight": pad4(C, C),
-        })
+        t.update(
+            {
+                p + "attn_norm.weight": pad4(C),
+                p + "attn_norm.bias": pad4(C),
+                p + "attn_norm_2.weight": pad4(C),
+                p + "attn_norm_2.bias": pad4(C),
+                p + "time_mix_w1.weight": pad4(C, extra * 5),
+                p + "time_mix_w2.weight": pad4(extra, C, 5),
+                p + "time_mix_lerp_x.weight": pad4(C, 1, 1),
+                p + "time_mix_lerp_fused.weight": pad4(C, 1, 1, 5),
+                p + "time_mix_first.weight": pad4(HEAD, C // HEAD),
+                p + "time_mix_decay.weight": pad4(C),
+                p + "time_mix_decay_w1.weight": pad4(C, decay_extra),
+                p + "time_mix_decay_w2.weight": pad4(decay_extra, C),
+                p + "time_mix_key.weight": pad4(C, C),
+                p + "time_mix_value.weight": pad4(C, C),
+                p + "time_mix_receptance.weight": pad4(C, C),
+                p + "time_mix_gate.weight": pad4(C, C),
+                p + "time_mix_ln.weight": pad4(C),
+                p + "time_mix_ln.bias": pad4(C),
+                p + "time_mix_output.weight": pad4(C, C),
+                p + "channel_mix_lerp_k.weight": pad4(C, 1, 1),
+                p + "channel_mix_lerp_r.weight": pad4(C, 1, 1),
+                p + "channel_mix_key.weight": pad4(C, F),
+                p + "channel_mix_value.weight": pad4(F, C),
+                p + "channel_mix_receptance.weight": pad4(C, C),
+            }
+        )
     return t
 
 
 def llama_cpp_v7(n_layer, F, decay=64, iclr=64, vres=32, gate=128):
-    t = {"token_embd.weight": pad4(C, V), "token_embd_norm.weight": pad4(C),
-         "token_embd_norm.bias": pad4(C), "output_norm.weight": pad4(C),
-         "output_norm.bias": pad4(C), "output.weight": pad4(C, V)}
+    t = {
+        "token_embd.weight": pad4(C, V),
+        "token_embd_norm.weight": pad4(C),
+        "token_embd_norm.bias": pad4(C),
+        "output_norm.weight": pad4(C),
+        "output_norm.bias": pad4(C),
+        "output.weight": pad4(C, V),
+    }
     for i in range(n_layer):
         p = f"blk.{i}."
         v = iclr if i == 0 else vres
-        t.update({
-            p + "attn_norm.weight": pad4(C), p + "attn_norm.bias": pad4(C),
-            p + "attn_norm_2.weight": pad4(C), p + "attn_norm_2.bias": pad4(C),
-            p + "time_mix_w0.weight": pad4(C), p + "time_mix_w1.weight": pad4(C, decay),
-            p + "time_mix_w2.weight": pad4(decay, C),
-            p + "time_mix_a0.weight": pad4(C), p + "time_mix_a1.weight": pad4(C, iclr),
-            p + "time_mix_a2.weight": pad4(iclr, C),
-            p + "time_mix_v0.weight": pad4(C), p + "time_mix_v1.weight": pad4(C, v),
-            p + "time_mix_v2.weight": pad4(v, C),
-            p + "time_mix_g1.weight": pad4(C, gate), p + "time_mix_g2.weight": pad4(gate, C),
-            p + "time_mix_lerp_fused.weight": pad4(C, 1, 1, 6),
-            p + "time_mix_k_k.weight": pad4(C), p + "time_mix_k_a.weight": pad4(C),
-            p + "time_mix_r_k.weight": pad4(C),
-            p + "time_mix_key.weight": pad4(C, C), p + "time_mix_value.weight": pad4(C, C),
-            p + "time_mix_receptance.weight": pad4(C, C),
-            p + "time_mix_ln.weight": pad4(C), p + "time_mix_ln.bias": pad4(C),
-            p + "time_mix_output.weight": pad4(C, C),
-            p + "channel_mix_lerp_k.weight": pad4(C, 1, 1),
-            p + "channel_mix_key.weight": pad4(C, F), p + "channel_mix_value.weight": pad4(F, C),
-        })
+        t.update(
+            {
+                p + "attn_norm.weight": pad4(C),
+                p + "attn_norm.bias": pad4(C),
+                p + "attn_norm_2.weight": pad4(C),
+                p + "attn_norm_2.bias": pad4(C),
+                p + "time_mix_w0.weight": pad4(C),
+                p + "time_mix_w1.weight": pad4(C, decay),
+                p + "time_mix_w2.weight": pad4(decay, C),
+                p + "time_mix_a0.weight": pad4(C),
+                p + "time_mix_a1.weight": pad4(C, iclr),
+                p + "time_mix_a2.weight": pad4(iclr, C),
+                p + "time_mix_v0.weight": pad4(C),
+                p + "time_mix_v1.weight": pad4(C, v),
+                p + "time_mix_v2.weight": pad4(v, C),
+                p + "time_mix_g1.weight": pad4(C, gate),
+                p + "time_mix_g2.weight": pad4(gate, C),
+                p + "time_mix_lerp_fused.weight": pad4(C, 1, 1, 6),
+                p + "time_mix_k_k.weight": pad4(C),
+                p + "time_mix_k_a.weight": pad4(C),
+                p + "time_mix_r_k.weight": pad4(C),
+                p + "time_mix_key.weight": pad4(C, C),
+                p + "time_mix_value.weight": pad4(C, C),
+                p + "time_mix_receptance.weight": pad4(C, C),
+                p + "time_mix_ln.weight": pad4(C),
+                p + "time_mix_ln.bias": pad4(C),
+                p + "time_mix_output.weight": pad4(C, C),
+                p + "channel_mix_lerp_k.weight": pad4(C, 1, 1),
+                p + "channel_mix_key.weight": pad4(C, F),
+                p + "channel_mix_value.weight": pad4(F, C),
+            }
+        )
     return t
 
 
-@pytest.mark.parametrize("name,typ", [("v6_c192_l2", "f16"), ("v6_c192_l2", "q5_1"),
-                                      ("v7_c192_l2", "f16"), ("v7_c192_l2", "q8_0")])
+@pytest.mark.parametrize(
+    "name,typ",
+    [("v6_c192_l2", "f16"), ("v6_c192_l2", "q5_1"), ("v7_c192_l2", "f16"), ("v7_c192_l2", "q8_0")],
+)
 def test_gguf_library_sees_llama_cpp_layout(converted, name, typ):
     r = gguf.GGUFReader(converted(name, typ))
     f = fields(r)
@@ -143,9 +179,12 @@ def test_gguf_library_sees_llama_cpp_layout(converted, name, typ):
         assert f["rwkv6.rescale_every_n_layers"] == 0
         expected = llama_cpp_v6(2, F)
     else:
-        assert (f["rwkv7.attention.decay_lora_rank"], f["rwkv7.attention.iclr_lora_rank"],
-                f["rwkv7.attention.value_residual_mix_lora_rank"],
-                f["rwkv7.attention.gate_lora_rank"]) == (64, 64, 32, 128)
+        assert (
+            f["rwkv7.attention.decay_lora_rank"],
+            f["rwkv7.attention.iclr_lora_rank"],
+            f["rwkv7.attention.value_residual_mix_lora_rank"],
+            f["rwkv7.attention.gate_lora_rank"],
+        ) == (64, 64, 32, 128)
         expected = llama_cpp_v7(2, F)
     got = {t.name: t for t in r.tensors}
     assert set(got) == set(expected)  # llama.cpp refuses files with tensors it does not create
@@ -165,9 +204,14 @@ def test_gguf_library_sees_llama_cpp_layout(converted, name, typ):
             assert np.array_equal(np.asarray(a.data), np.asarray(v.data))
 
 
-@pytest.mark.parametrize("name,arch,version", [("v4_c192_l2", "rwkv4", "4"),
-                                               ("v5_0_c192_l2", "rwkv5", "5.0"),
-                                               ("v5_2_c192_l2", "rwkv5", "5.2")])
+@pytest.mark.parametrize(
+    "name,arch,version",
+    [
+        ("v4_c192_l2", "rwkv4", "4"),
+        ("v5_0_c192_l2", "rwkv5", "5.0"),
+        ("v5_2_c192_l2", "rwkv5", "5.2"),
+    ],
+)
 def test_v4_v5_architectures(converted, name, arch, version):
     r = gguf.GGUFReader(converted(name, "f16"))
     f = fields(r)
@@ -203,7 +247,11 @@ def test_raw_parameters_survive(converted):
         pth = rwkvpy.formats.read(fixture_path("reference-pth", f"{name}.pth"))
         g = rwkvpy.formats.read(converted(name, "f32"))
         for k, t in pth.tensors.items():
-            if name.startswith("v7") and k in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"):
+            if name.startswith("v7") and k in (
+                "blocks.0.att.v0",
+                "blocks.0.att.v1",
+                "blocks.0.att.v2",
+            ):
                 assert k not in g.tensors  # unused; llama.cpp's dummies are dropped on read
                 continue
             a = t.float().reshape(-1)
@@ -263,6 +311,7 @@ def test_tokenizer_metadata_and_tokens(tmp_path):
 
 # -- GGUFs as llama.cpp's converter makes them from HF models ------------------------------------
 
+
 def _rewrite(src, dst, kv=None, tensors=None):
     """Copy a GGUF, replacing metadata values and tensors (name -> (type, ggml-order dims,
     data array) or None to drop; extra names are added)."""
@@ -278,16 +327,20 @@ def _rewrite(src, dst, kv=None, tensors=None):
         w.add_key_value(k, val, fld.types[0], sub_type=sub)
     out = {}
     for t in r.tensors:
-        out[t.name] = (t.tensor_type, [int(x) for x in t.shape],
-                       np.asarray(r.data[t.data_offset:t.data_offset + t.n_bytes]))
+        out[t.name] = (
+            t.tensor_type,
+            [int(x) for x in t.shape],
+            np.asarray(r.data[t.data_offset : t.data_offset + t.n_bytes]),
+        )
     for k, v in (tensors or {}).items():
         if v is None:
             out.pop(k, None)
         else:
             out[k] = v
     for name, (typ, dims, data) in out.items():
-        w.add_tensor_info(name, list(reversed(dims)), np.dtype(np.float32), data.nbytes,
-                          raw_dtype=typ)
+        w.add_tensor_info(
+            name, list(reversed(dims)), np.dtype(np.float32), data.nbytes, raw_dtype=typ
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -305,7 +358,7 @@ def test_llama_cpp_rescaled_v6_is_undone(converted, tmp_path, typ):
     repl = {}
     qt = gguf.GGMLQuantizationType
     for t in r.tensors:
-        raw = np.array(r.data[t.data_offset:t.data_offset + t.n_bytes])
+        raw = np.array(r.data[t.data_offset : t.data_offset + t.n_bytes])
         if t.name == "blk.1.time_mix_output.weight" or t.name == "blk.1.channel_mix_value.weight":
             if t.tensor_type == qt.F32:
                 raw = (raw.view(np.float32) / np.float32(2)).view(np.uint8)
@@ -333,6 +386,7 @@ def test_llama_cpp_rescaled_v6_is_undone(converted, tmp_path, typ):
 
 # -- bad files -----------------------------------------------------------------------------------
 
+
 def _tiny_gguf(path, arch="rwkv7", ttype=gguf.GGMLQuantizationType.F32, nbytes=16, n=4):
     w = gguf.GGUFWriter(path, arch)
     w.add_tensor_info("token_embd.weight", [n], np.dtype(np.float32), nbytes, raw_dtype=ttype)
@@ -351,8 +405,9 @@ def test_gguf_not_rwkv(tmp_path):
 
 def test_gguf_unsupported_tensor_type(tmp_path):
     _tiny_gguf(tmp_path / "k.gguf", ttype=gguf.GGMLQuantizationType.IQ2_XXS, nbytes=66, n=256)
-    with pytest.raises(errors.UnsupportedTensorTypeError,
-                       match=r"'token_embd.weight' has type IQ2_XXS"):
+    with pytest.raises(
+        errors.UnsupportedTensorTypeError, match=r"'token_embd.weight' has type IQ2_XXS"
+    ):
         rwkvpy.formats.read(tmp_path / "k.gguf")
 
 

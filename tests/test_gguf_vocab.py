@@ -13,12 +13,19 @@ import pytest
 import torch
 
 import rwkvpy
+from rwkvpy.config import Version
 from rwkvpy.convert import convert
 from rwkvpy.formats import gguf as rgguf
-from rwkvpy.config import Version
 from rwkvpy.synth import save_random_model
-from rwkvpy.tokenizers import (ByteTokenizer, NeoXTokenizer, TokenizerError, WorldTokenizer,
-                               default_world_vocab_path, model_tokenizer, tokenizer_for)
+from rwkvpy.tokenizers import (
+    ByteTokenizer,
+    NeoXTokenizer,
+    TokenizerError,
+    WorldTokenizer,
+    default_world_vocab_path,
+    model_tokenizer,
+    tokenizer_for,
+)
 
 WORLD_V = 65536
 TEXT = "Hello world! 你好 👋 def f(x): return x\n\n"
@@ -27,13 +34,24 @@ DEMO = Path(rwkvpy.__file__).parent / "data" / "demo-v7-192x4-q8_0.gguf"
 # The keys llama.cpp's converter writes for an RWKV-7 World model (set_gguf_parameters and
 # _set_vocab_rwkv_world), besides general.*.
 LLAMA_CPP_V7_KEYS = {
-    "rwkv7.context_length", "rwkv7.embedding_length", "rwkv7.block_count",
-    "rwkv7.attention.layer_norm_epsilon", "rwkv7.wkv.head_size",
-    "rwkv7.attention.decay_lora_rank", "rwkv7.attention.iclr_lora_rank",
-    "rwkv7.attention.value_residual_mix_lora_rank", "rwkv7.attention.gate_lora_rank",
-    "rwkv7.feed_forward_length", "general.file_type", "rwkv7.attention.head_count",
-    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+    "rwkv7.context_length",
+    "rwkv7.embedding_length",
+    "rwkv7.block_count",
+    "rwkv7.attention.layer_norm_epsilon",
+    "rwkv7.wkv.head_size",
+    "rwkv7.attention.decay_lora_rank",
+    "rwkv7.attention.iclr_lora_rank",
+    "rwkv7.attention.value_residual_mix_lora_rank",
+    "rwkv7.attention.gate_lora_rank",
+    "rwkv7.feed_forward_length",
+    "general.file_type",
+    "rwkv7.attention.head_count",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
     "tokenizer.chat_template",
 }
 
@@ -78,8 +96,11 @@ def check_world_gguf(path, expected, arch="rwkv7"):
     assert f["tokenizer.ggml.model"] == "rwkv"
     assert f["tokenizer.ggml.tokens"] == texts
     assert f["tokenizer.ggml.token_type"] == [int(t) for t in types]
-    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"],
-            f["tokenizer.ggml.eot_token_id"]) == (0, 0, 261)
+    assert (
+        f["tokenizer.ggml.bos_token_id"],
+        f["tokenizer.ggml.eos_token_id"],
+        f["tokenizer.ggml.eot_token_id"],
+    ) == (0, 0, 261)
     assert f["tokenizer.ggml.tokens"][261] == "\\n\\n"
     assert f["tokenizer.chat_template"] == rgguf.WORLD_CHAT_TEMPLATE
     assert f["rwkvpy.tokenizer"] == "world"
@@ -93,8 +114,9 @@ def check_world_gguf(path, expected, arch="rwkv7"):
 @pytest.fixture(scope="module")
 def world_pth(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
-    return save_random_model(d / "w.pth", version=Version.V7, n_embd=64, n_layer=1,
-                             vocab=WORLD_V, seed=3)
+    return save_random_model(
+        d / "w.pth", version=Version.V7, n_embd=64, n_layer=1, vocab=WORLD_V, seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +127,7 @@ def world_gguf(world_pth, tmp_path_factory):
 
 
 # -- one test per source kind ---------------------------------------------------------------
+
 
 def test_pth_source(world_gguf, expected_world):
     f = check_world_gguf(world_gguf, expected_world)
@@ -137,8 +160,9 @@ def test_hf_folder_source(world_pth, tmp_path, expected_world):
     folder = tmp_path / "hf"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"architectures": ["RWKV7ForCausalLM"],
-                                                    "vocab_size": WORLD_V}))
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["RWKV7ForCausalLM"], "vocab_size": WORLD_V})
+    )
     g = tmp_path / "plain.gguf"
     convert(folder, g, type="f16", progress=False)  # no vocabulary file: the shipped one
     check_world_gguf(g, expected_world)
@@ -174,13 +198,18 @@ def _rewrite_keys(src, dst, drop=(), replace=None):
         sub = fld.types[-1] if fld.types[0] == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(k, replace.get(k, fld.contents()), fld.types[0], sub_type=sub)
     for t in r.tensors:
-        w.add_tensor_info(t.name, [int(x) for x in reversed(t.shape)], np.dtype(np.float32),
-                          t.n_bytes, raw_dtype=t.tensor_type)
+        w.add_tensor_info(
+            t.name,
+            [int(x) for x in reversed(t.shape)],
+            np.dtype(np.float32),
+            t.n_bytes,
+            raw_dtype=t.tensor_type,
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for t in r.tensors:
-        w.write_tensor_data(np.asarray(r.data[t.data_offset:t.data_offset + t.n_bytes]))
+        w.write_tensor_data(np.asarray(r.data[t.data_offset : t.data_offset + t.n_bytes]))
     w.close()
 
 
@@ -190,8 +219,12 @@ def test_llama_cpp_gguf_vocabulary_is_used(world_gguf, tmp_path, expected_world)
     texts = list(expected_world[0])
     texts[2] = "zqxzqx"  # proves the file's vocabulary is used, not the shipped one
     src = tmp_path / "llama.gguf"
-    _rewrite_keys(world_gguf, src, drop={"rwkvpy.tokenizer"},
-                  replace={"tokenizer.ggml.tokens": texts, "tokenizer.chat_template": "T"})
+    _rewrite_keys(
+        world_gguf,
+        src,
+        drop={"rwkvpy.tokenizer"},
+        replace={"tokenizer.ggml.tokens": texts, "tokenizer.chat_template": "T"},
+    )
     assert "rwkvpy.tokenizer" not in fields(src)
     tok = model_tokenizer(src, WORLD_V)
     assert isinstance(tok, WorldTokenizer) and tok.encode("zqxzqx") == [2]
@@ -208,6 +241,7 @@ def test_llama_cpp_gguf_vocabulary_is_used(world_gguf, tmp_path, expected_world)
 
 # -- other vocabularies ----------------------------------------------------------------------
 
+
 def test_bytes_vocab_demo_model(tmp_path):
     g = tmp_path / "demo.gguf"
     convert(DEMO, g, type="f16", progress=False)
@@ -222,8 +256,9 @@ def test_bytes_vocab_demo_model(tmp_path):
 
 
 def test_unknown_vocab_random_model(tmp_path):
-    pth = save_random_model(tmp_path / "r.pth", version=Version.V7, n_embd=64, n_layer=1,
-                            vocab=1000)
+    pth = save_random_model(
+        tmp_path / "r.pth", version=Version.V7, n_embd=64, n_layer=1, vocab=1000
+    )
     g = tmp_path / "r.gguf"
     convert(pth, g, progress=False)
     f = fields(g)
@@ -234,8 +269,9 @@ def test_unknown_vocab_random_model(tmp_path):
 
 
 def test_neox_vocab(tmp_path):
-    pth = save_random_model(tmp_path / "n.pth", version=Version.V4, n_embd=64, n_layer=1,
-                            vocab=50304)
+    pth = save_random_model(
+        tmp_path / "n.pth", version=Version.V4, n_embd=64, n_layer=1, vocab=50304
+    )
     g = tmp_path / "n.gguf"
     convert(pth, g, progress=False)
     f = fields(g)
@@ -278,8 +314,24 @@ def test_vocab_option_and_errors(world_pth, tmp_path):
 
 
 def test_cli_generate_converted_world_model_without_vocab(world_gguf):
-    r = subprocess.run([sys.executable, "-m", "rwkvpy", "generate", "-m", str(world_gguf),
-                        "Hello", "--max-tokens", "3", "--temperature", "0", "--quiet"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy",
+            "generate",
+            "-m",
+            str(world_gguf),
+            "Hello",
+            "--max-tokens",
+            "3",
+            "--temperature",
+            "0",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "--vocab" not in r.stderr

@@ -20,10 +20,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import rwkvpy
 from conftest import REF_MODELS, fixture_path
 from conftest import serial_logits as serial
+
+import rwkvpy
 from rwkvpy.errors import RwkvpyError
 from rwkvpy.kernels.gpu import DeviceLinear, TorchStep, group_products
 from rwkvpy.models.base import Float32Linear
@@ -131,7 +131,7 @@ def test_device_linear_expands_quantized_to_fp16():
     exact = torch.from_numpy(dequantize("Q5_1", q.data, (32, 64)))
     fast = DeviceLinear(q, torch.device("cpu"), "fast")
     assert fast.weight.dtype == torch.float16 and fast.fmt == "Q5_1"
-    assert err(fast.weight, exact) <= float(exact.abs().max()) * 2 ** -11
+    assert err(fast.weight, exact) <= float(exact.abs().max()) * 2**-11
     full = DeviceLinear(q, torch.device("cpu"), "exact")
     assert full.weight.dtype == torch.float32 and err(full.weight, exact) == 0.0
 
@@ -153,9 +153,24 @@ def test_device_choice_errors():
 
 @pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")
 def test_cli_device_cuda_without_gpu_is_one_line():
-    r = subprocess.run([sys.executable, "-m", "rwkvpy", "generate", "-m",
-                        str(ref_path("v7_c192_l2")), "--tokenizer", "bytes", "--device", "cuda",
-                        "hello"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy",
+            "generate",
+            "-m",
+            str(ref_path("v7_c192_l2")),
+            "--tokenizer",
+            "bytes",
+            "--device",
+            "cuda",
+            "hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "CUDA is not available" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -296,8 +311,8 @@ def test_gpu_state_moves_between_devices(tmp_path):
     _, s = g.forward(tokens[:10])
     s.save(tmp_path / "s.state")
     loaded = rwkvpy.State.load(tmp_path / "s.state", g)
-    a, _ = g.forward(tokens[10:], loaded)      # a CPU state given to a GPU model
-    b, _ = c.forward(tokens[10:], s)           # a GPU state given to a CPU model
+    a, _ = g.forward(tokens[10:], loaded)  # a CPU state given to a GPU model
+    b, _ = c.forward(tokens[10:], s)  # a GPU state given to a CPU model
     assert a.device.type == "cuda" and b.device.type == "cpu" and err(a, b) < 1e-4
 
 
@@ -306,18 +321,56 @@ def test_gpu_state_moves_between_devices(tmp_path):
 def test_cli_bench_and_generate_on_gpu():
     path = str(ref_path("v7_c192_l2"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-m", "rwkvpy", "bench", path, "--device", "cuda",
-                        "--tokens", "8", "--prompt", "64", "--json"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy",
+            "bench",
+            path,
+            "--device",
+            "cuda",
+            "--tokens",
+            "8",
+            "--prompt",
+            "64",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["device"].startswith("cuda") and out["cuda_graphs"] is True
     assert out["bandwidth_gbs"] > 100 and out["gpu_layers"] == 2
     tiny = str(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"))  # byte-level
-    r = subprocess.run([sys.executable, "-m", "rwkvpy", "generate", "-m", tiny, "--tokenizer",
-                        "bytes", "--device", "cuda", "--gpu-layers", "1", "--max-tokens", "8",
-                        "--seed", "1", "hello"], capture_output=True, text=True, timeout=300,
-                       env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy",
+            "generate",
+            "-m",
+            tiny,
+            "--tokenizer",
+            "bytes",
+            "--device",
+            "cuda",
+            "--gpu-layers",
+            "1",
+            "--max-tokens",
+            "8",
+            "--seed",
+            "1",
+            "hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
 
 

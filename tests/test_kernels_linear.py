@@ -12,18 +12,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import fixture_path
 
 import rwkvpy
-from conftest import fixture_path
-from rwkvpy.formats.base import QTensor
 from rwkvpy.errors import CpuCapabilityError
+from rwkvpy.formats.base import QTensor
 from rwkvpy.kernels import linear as L
+from rwkvpy.kernels.cpu import LEVELS, resolve
 from rwkvpy.kernels.kinds import Kind
 from rwkvpy.kernels.linear import classes as LC
 from rwkvpy.kernels.linear import rows as LR
 from rwkvpy.kernels.linear import spec as LS
 from rwkvpy.kernels.linear import x8 as LX
-from rwkvpy.kernels.cpu import LEVELS, resolve
 from rwkvpy.quant import get_format
 
 QUANT = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -95,8 +95,7 @@ def _int8_blocks(x):
     return xq, dx
 
 
-needs_avx2 = pytest.mark.skipif(not L._int8_dot(),
-                                reason="the int8 dot kernels need AVX2")
+needs_avx2 = pytest.mark.skipif(not L._int8_dot(), reason="the int8 dot kernels need AVX2")
 
 
 @needs_avx2
@@ -138,16 +137,19 @@ def test_x8_repack_is_a_permutation(fmt, shape):
         LX._unpack_row(int(Kind[fmt]), pk, r, row)
         assert np.array_equal(row, raw2[r]), (fmt, shape, r)
     wd = get_format(fmt).dequantize(q.data, shape)
-    tail = np.ascontiguousarray(raw2[8 * pk.shape[0]:])
+    tail = np.ascontiguousarray(raw2[8 * pk.shape[0] :])
     for r0, r1 in [(0, shape[0]), (3, shape[0] - 2), (9, 16), (5, 6)]:
         out = np.full((r1 - r0, shape[1]), np.nan, np.float32)  # prompt tiles: bit-exact
         LX._dec_rows_x8(int(Kind[fmt]), pk, tail, out, r0, r0, r1, 32)
         assert np.array_equal(out.view(np.uint32), wd[r0:r1].view(np.uint32)), (fmt, r0, r1)
     if L._int8_dot():
         lin = L.Int8DotLinear(q)
-        assert np.array_equal(lin._pk, pk) and np.array_equal(lin._tail, raw2[8 * pk.shape[0]:])
+        assert np.array_equal(lin._pk, pk) and np.array_equal(lin._tail, raw2[8 * pk.shape[0] :])
         assert lin.nbytes == raw2.nbytes
-        bad = {"x8": torch.zeros((1, 8), dtype=torch.uint8), "tail": torch.zeros(0, dtype=torch.uint8)}
+        bad = {
+            "x8": torch.zeros((1, 8), dtype=torch.uint8),
+            "tail": torch.zeros(0, dtype=torch.uint8),
+        }
         assert np.array_equal(L.Int8DotLinear(q, bad)._pk, pk)
         again = L.Int8DotLinear(q, lin.repacked())
         assert np.shares_memory(again._pk, lin._pk)  # taken as given, not repacked
@@ -167,7 +169,7 @@ def test_int8_dot_extreme_codes(fmt):
     blocks[0::2, :, nq:] = 0xFF  # all-ones codes (Q8_0: -1)
     blocks[1::4, :, nq:] = 0x00
     if fmt in ("Q5_0", "Q5_1"):
-        blocks[0::2, :, nq - 4:nq] = 0xFF  # every high bit set: code 31
+        blocks[0::2, :, nq - 4 : nq] = 0xFF  # every high bit set: code 31
     if fmt == "Q8_0":
         blocks[0::4, :, nq:] = 0x80  # -128
         blocks[2::4, :, nq:] = 0x7F  # 127
@@ -290,7 +292,9 @@ def test_activation_blocks_rounded_as_float32_formula(dtype, qmax):
     subnormals only (counts as zeros), and NaN / inf blocks (dx = sx = NaN)."""
     rng = np.random.default_rng(5)
     T, nb = 7, 40
-    x = (rng.standard_normal((T, nb, 32)) * 10.0 ** rng.uniform(-6, 6, (T, nb, 1))).astype(np.float32)
+    x = (rng.standard_normal((T, nb, 32)) * 10.0 ** rng.uniform(-6, 6, (T, nb, 1))).astype(
+        np.float32
+    )
     x[0, 1] = 0.0
     x[1, 2] = 1e-40
     x[2, 3, 5], x[3, 4, 0], x[4, 5, 31] = np.nan, np.inf, -np.inf
@@ -323,8 +327,10 @@ def test_float_exact(dtype, shape):
     w = torch.from_numpy(_weights(shape, 11)).to(dtype)
     wd = w.float()
     lin = L.make_linear(w, "exact")
-    assert lin.exact and lin.fmt == {torch.float16: "F16", torch.bfloat16: "BF16",
-                                     torch.float32: "F32"}[dtype]
+    assert (
+        lin.exact
+        and lin.fmt == {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]
+    )
     lins = [lin, L.FloatLinear(w)]
     for T in TS:
         x = _x(T, shape[1])
@@ -414,8 +420,10 @@ def test_tile_dequant_bit_exact(fmt):
     f = get_format(fmt)
     shape = (64, 128)
     rng = np.random.default_rng(9)
-    for raw in (rng.integers(0, 256, size=f.nbytes(shape), dtype=np.uint8),
-                f.quantize(_weights(shape, 2))):
+    for raw in (
+        rng.integers(0, 256, size=f.nbytes(shape), dtype=np.uint8),
+        f.quantize(_weights(shape, 2)),
+    ):
         ref = f.dequantize(raw, shape)
         out = np.empty(shape, np.float32)
         raw2 = LC._rows_view(QTensor(fmt, shape, raw), f, *shape)
@@ -527,6 +535,7 @@ def test_threads_and_layer():
 
     try:
         import numba.np.ufunc.omppool  # noqa: F401
+
         layer = "omp"
     except ImportError:  # no OpenMP runtime on this machine
         layer = "workqueue"
@@ -721,8 +730,15 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
 
     for first, Dv in ((True, 0), (False, 25)):
         # first matrices as their columns, second ones as their rows: (D, C) bytes each
-        W1s, W2s = ([glue._rows_bytes(torch.from_numpy(f32(D, C)).half()) if D else
-                     np.zeros((0, 1), np.uint8) for D in (42, 72, Dv, 96)] for _ in range(2))
+        W1s, W2s = (
+            [
+                glue._rows_bytes(torch.from_numpy(f32(D, C)).half())
+                if D
+                else np.zeros((0, 1), np.uint8)
+                for D in (42, 72, Dv, 96)
+            ]
+            for _ in range(2)
+        )
         xs = f32(4, B, C, scale=1.0)
         rkv = f32(3, B, C, scale=1.0)
         vecs = [f32(C) for _ in range(3)] + [f32(C), f32(C), f32(H, N), f32(C) + 1, f32(C)]
@@ -738,11 +754,16 @@ def test_v7_glue_split_across_threads_is_bit_identical(n):
                 v7._loras_in_par(tuple(xs), tuple(W1s), 5, hid, n)
                 parts = np.empty((4, B, glue.LORA_PARTS, C), np.float32)
                 v7._lora_out_par(hid, tuple(W2s), 5, parts)
-                v7._v7_time_par((*rkv, vf, *lor), parts, Dv > 0, tuple(vecs), first, eps, S,
-                                S_out, y, n)
+                v7._v7_time_par(
+                    (*rkv, vf, *lor), parts, Dv > 0, tuple(vecs), first, eps, S, S_out, y, n
+                )
             else:
-                v7._v7_loras(tuple(xs), (W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3],
-                                         W2s[3]), 5, tuple(lor))
+                v7._v7_loras(
+                    tuple(xs),
+                    (W1s[0], W2s[0], W1s[1], W2s[1], W1s[2], W2s[2], W1s[3], W2s[3]),
+                    5,
+                    tuple(lor),
+                )
                 v7._v7_core((*rkv, vf, *lor), tuple(vecs), first, eps, S, S_out, y)
             outs.append((y, S_out, vf) + tuple(lor[j] for j in range(4) if Dv or j != 2))
         for a, b in zip(*outs):
@@ -765,10 +786,13 @@ def test_v6_mix_threads_bit_identical(kind):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     dtype = torch.float16 if kind == 5 else torch.float32
-    ws = [torch.from_numpy(f32(*shape)).to(dtype) for shape in ((C, 5 * D), (5 * D, C),
-                                                               (C, Dd), (Dd, C))]
-    w1, w2, dw1, dw2 = ((glue._rows_bytes if i % 2 else glue._cols_bytes)(t)
-                        for i, t in enumerate(ws))
+    ws = [
+        torch.from_numpy(f32(*shape)).to(dtype)
+        for shape in ((C, 5 * D), (5 * D, C), (C, Dd), (Dd, C))
+    ]
+    w1, w2, dw1, dw2 = (
+        (glue._rows_bytes if i % 2 else glue._cols_bytes)(t) for i, t in enumerate(ws)
+    )
     w2 = w2.reshape(5, D, -1)
     maa, td = f32(5, C), f32(C) - 1
     xx, prev, xxx = f32(B, C), f32(B, C), f32(B, C)
@@ -782,7 +806,7 @@ def test_v6_mix_threads_bit_identical(kind):
     W1, W2, DW1, DW2 = (t.double().numpy() for t in ws)
     h = np.tanh(xxx.astype(np.float64) @ W1)
     for j in range(5):
-        m = h[:, j * D:(j + 1) * D] @ W2[j * D:(j + 1) * D]
+        m = h[:, j * D : (j + 1) * D] @ W2[j * D : (j + 1) * D]
         ref = xx + (prev - xx).astype(np.float64) * (maa[j] + m)
         assert np.abs(outs[0][0][j] - ref).max() < 1e-5
     ref = np.exp(-np.exp(td + np.tanh(outs[0][0][0].astype(np.float64) @ DW1) @ DW2))
@@ -796,9 +820,12 @@ def test_vector_exp_within_one_ulp():
     multiple of 8 (the padded tail) gives every value the same function."""
     from rwkvpy.kernels.decode.glue import _vexp
 
-    x = np.concatenate([np.linspace(-110, 95, 400_003, dtype=np.float32),
-                        np.array([np.nan, np.inf, -np.inf, 0.0, 88.72, 88.73, -87.3, -103.9],
-                                 np.float32)])
+    x = np.concatenate(
+        [
+            np.linspace(-110, 95, 400_003, dtype=np.float32),
+            np.array([np.nan, np.inf, -np.inf, 0.0, 88.72, 88.73, -87.3, -103.9], np.float32),
+        ]
+    )
     y = x.copy()
     _vexp(y)
     ref = np.exp(x.astype(np.float64))

@@ -51,7 +51,7 @@ def rel_err(x, ref):
 def v5_inputs(T, seed, h=H, n=N):
     g = torch.Generator().manual_seed(seed)
     r, k, v = (torch.randn(T, h, n, generator=g) for _ in range(3))
-    w = torch.exp(-torch.exp(torch.randn(T, h, n, generator=g) - 1))    # v5/v6: exp(-exp(N(-1, 1)))
+    w = torch.exp(-torch.exp(torch.randn(T, h, n, generator=g) - 1))  # v5/v6: exp(-exp(N(-1, 1)))
     u = 0.5 * torch.randn(h, n, generator=g)
     S = torch.randn(h, n, n, generator=g)
     return r, k, v, w, u, S
@@ -60,29 +60,29 @@ def v5_inputs(T, seed, h=H, n=N):
 def v7_inputs(T, seed, h=H, n=N):
     g = torch.Generator().manual_seed(seed)
     r, k, v = (torch.randn(T, h, n, generator=g) for _ in range(3))
-    kk = F.normalize(torch.randn(T, h, n, generator=g), dim=-1)          # unit norm per head
-    a = torch.rand(T, h, n, generator=g)                                 # in (0, 1)
-    w = torch.exp(-math.exp(-0.5) * torch.rand(T, h, n, generator=g))   # (exp(-e^-0.5), 1)
+    kk = F.normalize(torch.randn(T, h, n, generator=g), dim=-1)  # unit norm per head
+    a = torch.rand(T, h, n, generator=g)  # in (0, 1)
+    w = torch.exp(-math.exp(-0.5) * torch.rand(T, h, n, generator=g))  # (exp(-e^-0.5), 1)
     S = torch.randn(h, n, n, generator=g)
     return r, w, k, v, kk, a, S
 
 
 def extreme_decays(kind, T, seed):
     g = torch.Generator().manual_seed(seed)
-    tiny = torch.exp(-torch.exp(torch.tensor(5.0)))                     # rounds to 0 in float32
+    tiny = torch.exp(-torch.exp(torch.tensor(5.0)))  # rounds to 0 in float32
     near1 = torch.tensor(1 - 1e-7)
     shape = (T, H, N)
     if kind == "tiny":
         return tiny.expand(shape)
-    if kind == "e^-e^4":                          # 1.8e-24: not 0 in float32, but 1 / g overflows
+    if kind == "e^-e^4":  # 1.8e-24: not 0 in float32, but 1 / g overflows
         return torch.full(shape, math.exp(-math.exp(4)))
     if kind == "near1":
         return near1.expand(shape)
-    if kind == "mixed":                           # tiny / near 1 / ordinary, per element
+    if kind == "mixed":  # tiny / near 1 / ordinary, per element
         pick = torch.randint(0, 3, shape, generator=g)
         ordinary = torch.exp(-torch.exp(torch.randn(shape, generator=g) - 1))
         return torch.where(pick == 0, tiny, torch.where(pick == 1, near1, ordinary))
-    if kind == "rare-tiny":                       # a few tiny decays among v7-range ones
+    if kind == "rare-tiny":  # a few tiny decays among v7-range ones
         ordinary = torch.exp(-math.exp(-0.5) * torch.rand(shape, generator=g))
         return torch.where(torch.rand(shape, generator=g) < 0.03, tiny, ordinary)
     raise ValueError(kind)
@@ -98,7 +98,7 @@ def test_wkv5_matches_reference(T, chunk):
     assert rel_err(out, ref_out) <= TOL
     assert rel_err(S1, ref_S) <= TOL
 
-    w0 = w[0]                                                            # v5: one decay per channel
+    w0 = w[0]  # v5: one decay per channel
     ref_out, ref_S = wkv_heads(r, k, v, w0, u, S)
     out, S1 = wkv5_chunked(r, k, v, w0, u, S, chunk=chunk)
     assert rel_err(out, ref_out) <= TOL
@@ -139,7 +139,7 @@ def test_extreme_decays(kind, chunk):
     out, S1 = wkv5_chunked(r, k, v, w, u, S, chunk=chunk)
     assert rel_err(out, ref_out) <= TOL
     assert rel_err(S1, ref_S) <= TOL
-    if kind in ("tiny", "near1"):                                        # constant-decay form too
+    if kind in ("tiny", "near1"):  # constant-decay form too
         ref_out, ref_S = wkv_heads(r, k, v, w[0], u, S)
         out, S1 = wkv5_chunked(r, k, v, w[0], u, S, chunk=chunk)
         assert rel_err(out, ref_out) <= TOL
@@ -256,8 +256,13 @@ def test_wkv4_serial_matches_reference(T):
     v = torch.randn(T, A, generator=g)
     decay = -torch.exp(torch.randn(A, generator=g))
     u = torch.randn(A, generator=g)
-    S = torch.stack([torch.randn(A, generator=g), torch.rand(A, generator=g) + 0.5,
-                     torch.randn(A, generator=g) * 10])
+    S = torch.stack(
+        [
+            torch.randn(A, generator=g),
+            torch.rand(A, generator=g) + 0.5,
+            torch.randn(A, generator=g) * 10,
+        ]
+    )
     out, S1 = W.wkv4_serial(k, v, decay, u, S)
     ref, S_ref = wkv4(k, v, decay, u, S)
     assert torch.isfinite(out).all() and torch.isfinite(S1).all()
@@ -267,12 +272,15 @@ def test_wkv4_serial_matches_reference(T):
 
 # -- the CPU's serial forms ---------------------------------------------------------------------
 
+
 def _both_serial(T, h, n, seed, w5=None, w7=None):
     """(kernel, reference) pairs of (out, S) for v5 per-token decays, v5 per-channel decays, v7."""
     r, k, v, w, u, S = v5_inputs(T, seed, h, n)
     w = w if w5 is None else w5
-    pairs = [(wkv5_serial(r, k, v, w, u, S), wkv_heads(r, k, v, w, u, S)),
-             (wkv5_serial(r, k, v, w[0], u, S), wkv_heads(r, k, v, w[0], u, S))]
+    pairs = [
+        (wkv5_serial(r, k, v, w, u, S), wkv_heads(r, k, v, w, u, S)),
+        (wkv5_serial(r, k, v, w[0], u, S), wkv_heads(r, k, v, w[0], u, S)),
+    ]
     r, w, k, v, kk, a, S = v7_inputs(T, seed + 1, h, n)
     w = w if w7 is None else w7
     pairs.append((wkv7_serial(r, w, k, v, kk, a, S), ref_wkv7(r, w, k, v, kk, a, S)))
@@ -326,8 +334,13 @@ def test_wkv4_serial_threads_identical(monkeypatch):
     T, A = 300, 1024
     k, v = torch.randn(T, A, generator=g) * 30, torch.randn(T, A, generator=g)
     decay, u = -torch.exp(torch.randn(A, generator=g)), torch.randn(A, generator=g)
-    S = torch.stack([torch.randn(A, generator=g), torch.rand(A, generator=g) + 0.5,
-                     torch.randn(A, generator=g) * 10])
+    S = torch.stack(
+        [
+            torch.randn(A, generator=g),
+            torch.rand(A, generator=g) + 0.5,
+            torch.randn(A, generator=g) * 10,
+        ]
+    )
     one = W.wkv4_serial(k, v, decay, u, S)
     torch.set_num_threads(2)
     two = W.wkv4_serial(k, v, decay, u, S)

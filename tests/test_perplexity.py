@@ -9,23 +9,32 @@ import sys
 
 import pytest
 import torch
+from conftest import fixture_path
 
 import rwkvpy
-from conftest import fixture_path
 from rwkvpy.cli import main as main_for_tests
 from rwkvpy.errors import TokenError
 from rwkvpy.perplexity import PerplexityError, perplexity
 
-MAIN = ("import sys; from rwkvpy.cli import main as main_for_tests; "
-        "sys.exit(main_for_tests(sys.argv[1:]))")
+MAIN = (
+    "import sys; from rwkvpy.cli import main as main_for_tests; "
+    "sys.exit(main_for_tests(sys.argv[1:]))"
+)
 
-TEXT = ("In the beginning the quick brown fox jumps over the lazy dog. Beautiful is better than "
-        "ugly. Explicit is better than implicit. Simple is better than complex. Readability "
-        "counts, and the rest of the sentence goes on to the end of the line.\n")
+TEXT = (
+    "In the beginning the quick brown fox jumps over the lazy dog. Beautiful is better than "
+    "ugly. Explicit is better than implicit. Simple is better than complex. Readability "
+    "counts, and the rest of the sentence goes on to the end of the line.\n"
+)
 
 # every tiny trained model; 6v0-3m exists only quantized
-MODELS = {"4v0-660K": "FP32", "5v1-730K": "FP32", "5v2-730K": "FP32", "6v0-3m": "Q5_1",
-          "7v0-834K": "FP32"}
+MODELS = {
+    "4v0-660K": "FP32",
+    "5v1-730K": "FP32",
+    "5v2-730K": "FP32",
+    "6v0-3m": "Q5_1",
+    "7v0-834K": "FP32",
+}
 
 
 def tiny(name, kind=None):
@@ -78,7 +87,7 @@ def test_ignore_first(v5, tokens, v5_nlls, n):
     r = perplexity(v5, tokens, ignore_first=n)
     start = max(n, 1)  # token 0 never has a prediction
     assert r.tokens == len(tokens) - start and r.ignored == start
-    want = v5_nlls[start - 1:]  # v5_nlls[i] scores token i+1
+    want = v5_nlls[start - 1 :]  # v5_nlls[i] scores token i+1
     assert len(want) == r.tokens
     assert abs(r.nll - sum(want) / len(want)) < 1e-4
     assert r.nll_sum == pytest.approx(r.nll * r.tokens, rel=1e-12)
@@ -86,8 +95,9 @@ def test_ignore_first(v5, tokens, v5_nlls, n):
 
 def test_chunk_boundaries_do_not_change_the_result(v5, tokens):
     toks = tokens[:120]
-    runs = [perplexity(v5, toks, chunk=c, ignore_first=ig)
-            for c in (1, 7, 64, 512) for ig in (0, 30)]
+    runs = [
+        perplexity(v5, toks, chunk=c, ignore_first=ig) for c in (1, 7, 64, 512) for ig in (0, 30)
+    ]
     for ig in (0, 30):
         nlls = [r.nll for r in runs if r.ignored == max(ig, 1)]
         assert max(nlls) - min(nlls) < 1e-5, nlls
@@ -108,15 +118,18 @@ def test_tensor_and_array_tokens(v5, tokens):
     assert perplexity(v5, np.array(tokens[:60], dtype=np.int32)).nll == pytest.approx(a, abs=1e-9)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"tokens": []}, "no tokens"),
-    ({"tokens": [5]}, "at least 2"),
-    ({"tokens": [5, 6, 7], "ignore_first": 3}, "ignoring the first 3 leaves none"),
-    ({"tokens": [5, 6, 7], "chunk": 0}, "chunk must be at least 1"),
-    ({"tokens": [5, 6, 7], "ignore_first": -1}, "ignore_first must be at least 0"),
-    ({"tokens": [[5, 6]]}, "1-D"),
-    ({"tokens": [0.5, 1.0]}, "ints"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tokens": []}, "no tokens"),
+        ({"tokens": [5]}, "at least 2"),
+        ({"tokens": [5, 6, 7], "ignore_first": 3}, "ignoring the first 3 leaves none"),
+        ({"tokens": [5, 6, 7], "chunk": 0}, "chunk must be at least 1"),
+        ({"tokens": [5, 6, 7], "ignore_first": -1}, "ignore_first must be at least 0"),
+        ({"tokens": [[5, 6]]}, "1-D"),
+        ({"tokens": [0.5, 1.0]}, "ints"),
+    ],
+)
 def test_library_errors(v5, kwargs, match):
     with pytest.raises(PerplexityError, match=match):
         perplexity(v5, **kwargs)
@@ -131,8 +144,13 @@ def test_out_of_vocabulary_token_fails_before_any_work(v5):
 
 # -- the command ----------------------------------------------------------------------------------
 def run_cli(*args):
-    return subprocess.Popen([sys.executable, "-c", MAIN, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    return subprocess.Popen(
+        [sys.executable, "-c", MAIN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+    )
 
 
 def finish(p, timeout=120):
@@ -143,9 +161,23 @@ def finish(p, timeout=120):
 def test_cli_json_matches_the_library(tmp_path, v5, tokens):
     f = tmp_path / "t.txt"
     f.write_text(TEXT, encoding="utf-8")
-    rc, out, err = finish(run_cli("perplexity", "-m", tiny("5v2-730K"), str(f), "--json",
-                                  "--ignore-first", "20", "--max-tokens", "150", "--chunk", "64",
-                                  "--threads", "1"))
+    rc, out, err = finish(
+        run_cli(
+            "perplexity",
+            "-m",
+            tiny("5v2-730K"),
+            str(f),
+            "--json",
+            "--ignore-first",
+            "20",
+            "--max-tokens",
+            "150",
+            "--chunk",
+            "64",
+            "--threads",
+            "1",
+        )
+    )
     assert rc == 0, err
     assert err == ""  # --json: no progress bar
     assert out.count("\n") == 1
@@ -160,8 +192,7 @@ def test_cli_json_matches_the_library(tmp_path, v5, tokens):
 def test_cli_report_and_quiet(tmp_path, capsys, v5, tokens):
     f = tmp_path / "t.txt"
     f.write_text(TEXT, encoding="utf-8")
-    rc = main_for_tests(["perplexity", "-m", tiny("5v2-730K"), str(f), "--quiet",
-                         "--threads", "1"])
+    rc = main_for_tests(["perplexity", "-m", tiny("5v2-730K"), str(f), "--quiet", "--threads", "1"])
     out, err = capsys.readouterr()
     assert rc == 0 and err == ""
     want = perplexity(v5, tokens)
@@ -178,12 +209,18 @@ def test_cli_errors_are_one_line(tmp_path):
     short.write_text("hello", encoding="utf-8")
     m = tiny("5v2-730K")
     cases = {  # run side by side: each is mostly interpreter start-up
-        "utf8": (["perplexity", "-m", m, str(bad)],
-                 f"{bad}: not a UTF-8 text file: invalid byte 0xff at byte offset 16"),
+        "utf8": (
+            ["perplexity", "-m", m, str(bad)],
+            f"{bad}: not a UTF-8 text file: invalid byte 0xff at byte offset 16",
+        ),
         "empty": (["perplexity", "-m", m, str(empty)], f"{empty}: the file is empty"),
-        "short": (["perplexity", "-m", m, str(short), "--ignore-first", "10"],
-                  (f"{short} has 5 tokens; ignoring the first 10 leaves none to score "
-                   "(at least 11 tokens are needed)")),
+        "short": (
+            ["perplexity", "-m", m, str(short), "--ignore-first", "10"],
+            (
+                f"{short} has 5 tokens; ignoring the first 10 leaves none to score "
+                "(at least 11 tokens are needed)"
+            ),
+        ),
     }
     procs = {k: run_cli(*argv) for k, (argv, _) in cases.items()}
     for k, p in procs.items():
@@ -193,13 +230,18 @@ def test_cli_errors_are_one_line(tmp_path):
         assert cases[k][1] in err, (k, err)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-tokens", "1"], "{short} cut at --max-tokens 1 has 1 token; at least 2 are needed"),
-    (["--ignore-first", "5"], "{short} has 5 tokens; ignoring the first 5 leaves none"),
-    (["-m", "{tmp}/nope.bin"], "{tmp}/nope.bin: no such model file"),
-    (["--tokenizer", "world", "--vocab", "{tmp}/v.txt"],
-     "does not fit a model with vocab size 256"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-tokens", "1"], "{short} cut at --max-tokens 1 has 1 token; at least 2 are needed"),
+        (["--ignore-first", "5"], "{short} has 5 tokens; ignoring the first 5 leaves none"),
+        (["-m", "{tmp}/nope.bin"], "{tmp}/nope.bin: no such model file"),
+        (
+            ["--tokenizer", "world", "--vocab", "{tmp}/v.txt"],
+            "does not fit a model with vocab size 256",
+        ),
+    ],
+)
 def test_cli_more_errors(tmp_path, capsys, argv, message):
     short = tmp_path / "short.txt"
     short.write_text("hello", encoding="utf-8")

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import torch
+from conftest import Spy, fixture_path
 
 import rwkvpy
-from conftest import Spy, fixture_path
 from rwkvpy.generate import generate, stream
 from rwkvpy.prefix_cache import PrefixCache, PrefixCacheError, cache_root, state_nbytes
 from rwkvpy.sampling import SamplingParams
@@ -19,8 +19,15 @@ from rwkvpy.tokenizers import ByteTokenizer
 def fake_state(tag: float = 0.0, size: int = 16):
     """A small State (v7 layout is not checked by the cache): 3 tensors of ``size`` floats."""
     z = torch.full((1, size), float(tag))
-    return State(rwkvpy.Version.V7, z, z.clone(), z.clone().view(1, 1, 1, size), 0, "",
-                 torch.full((4,), float(tag)))
+    return State(
+        rwkvpy.Version.V7,
+        z,
+        z.clone(),
+        z.clone().view(1, 1, 1, size),
+        0,
+        "",
+        torch.full((4,), float(tag)),
+    )
 
 
 ONE = state_nbytes(fake_state())  # 3 * 64 + 16 = 208 bytes
@@ -32,7 +39,7 @@ def test_longest_prefix():
     a, b, d = fake_state(1), fake_state(2), fake_state(3)
     assert c.insert([1, 2, 3], a) and c.insert([1, 2, 3, 4, 5], b) and c.insert([1, 2, 9], d)
     assert c.lookup([7]) == (0, None, None)
-    assert c.lookup([1, 2]) == (0, None, None)   # no state stored at [1, 2]
+    assert c.lookup([1, 2]) == (0, None, None)  # no state stored at [1, 2]
     n, s, logits = c.lookup([1, 2, 3, 4])
     assert (n, s) == (3, a) and logits is a.last_logits  # stored objects, not copies
     assert c.lookup([1, 2, 3, 4, 5, 6])[:2] == (5, b)
@@ -63,8 +70,8 @@ def test_lru_order_and_bound():
     c.insert([1, 2, 3], a)
     c.insert([4, 5, 6], b)
     assert len(c) == 2 and c.nbytes == 2 * (ONE + key_bytes)
-    c.lookup([1, 2, 3, 7])          # a is now the most recently used
-    c.insert([7, 8, 9], d)          # evicts b, the least recently used
+    c.lookup([1, 2, 3, 7])  # a is now the most recently used
+    c.insert([7, 8, 9], d)  # evicts b, the least recently used
     assert c.lookup([4, 5, 6]) == (0, None, None)
     assert c.lookup([1, 2, 3])[1] is a and c.lookup([7, 8, 9])[1] is d
     assert c.keys() == [[1, 2, 3], [7, 8, 9]] and c.evictions == 1

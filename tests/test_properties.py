@@ -25,9 +25,12 @@ from rwkvpy.tokenizers import (
     WorldTokenizer,
 )
 
-FAST = settings(max_examples=15, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FAST = settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 MODEL = settings(FAST, max_examples=6)
 
 
@@ -41,15 +44,22 @@ _TOKENIZERS = {}
 
 def tokenizer(kind):
     if kind not in _TOKENIZERS:
-        _TOKENIZERS[kind] = {"bytes": ByteTokenizer, "world": WorldTokenizer,
-                             "neox": NeoXTokenizer}[kind]()
+        _TOKENIZERS[kind] = {
+            "bytes": ByteTokenizer,
+            "world": WorldTokenizer,
+            "neox": NeoXTokenizer,
+        }[kind]()
     return _TOKENIZERS[kind]
 
 
 KINDS = ["bytes", "world", "neox"]
 # any code point but the surrogates; a few scripts and emoji weighted in
-TEXT = st.text(st.one_of(st.characters(exclude_categories=["Cs"]),
-                         st.sampled_from("aé你好😀\u0301\n \t\x00\ufffd")), max_size=40)
+TEXT = st.text(
+    st.one_of(
+        st.characters(exclude_categories=["Cs"]), st.sampled_from("aé你好😀\u0301\n \t\x00\ufffd")
+    ),
+    max_size=40,
+)
 
 
 def _normal(kind, text):
@@ -58,6 +68,7 @@ def _normal(kind, text):
 
 
 # -- tokenizers ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 @FAST
@@ -99,7 +110,7 @@ def test_decoding_any_ids_never_raises(kind, data):
     text = tok.decode(ids)
     assert text == tok.decode_bytes(ids).decode("utf-8", errors="replace") or kind == "neox"
     with pytest.raises(TokenizerError):
-        tok.decode(ids + [data.draw(st.sampled_from([-1, tok.vocab_size, 2 ** 70]))])
+        tok.decode(ids + [data.draw(st.sampled_from([-1, tok.vocab_size, 2**70]))])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -112,7 +123,7 @@ def test_stream_decode_never_splits_a_character(kind, text, data):
     pieces, i = [], 0
     while i < len(ids):
         n = data.draw(st.integers(1, 4))
-        pieces.append(dec.feed(ids[i:i + n]))
+        pieces.append(dec.feed(ids[i : i + n]))
         i += n
     pieces.append(dec.flush())
     assert "".join(pieces) == _normal(kind, text)
@@ -167,39 +178,64 @@ def test_any_split_gives_the_same_logits_and_state(float_models, tokens, cuts):
         lg, state = _run(fast, chunks)
         assert (lg - want).abs().max().item() <= 1e-4, chunks
         assert state.n_tokens == len(tokens)
-        for a, b in ((state.att_x, want_state.att_x), (state.ffn_x, want_state.ffn_x),
-                     (state.wkv, want_state.wkv)):
+        for a, b in (
+            (state.att_x, want_state.att_x),
+            (state.ffn_x, want_state.ffn_x),
+            (state.wkv, want_state.wkv),
+        ):
             assert (a - b).abs().max().item() <= 1e-4, chunks
 
 
 # -- sampling parameters ------------------------------------------------------------------------------
 
-ODD = st.sampled_from([math.nan, math.inf, -math.inf, -1, -1e-300, 0, 1e-300, 1, 2, 1e300,
-                       2 ** 70, -(2 ** 70), True, "1", None])
+ODD = st.sampled_from(
+    [
+        math.nan,
+        math.inf,
+        -math.inf,
+        -1,
+        -1e-300,
+        0,
+        1e-300,
+        1,
+        2,
+        1e300,
+        2**70,
+        -(2**70),
+        True,
+        "1",
+        None,
+    ]
+)
 
 
 def _maybe(good):
     return st.one_of(good, ODD)
 
 
-PARAMS = st.fixed_dictionaries({}, optional={
-    "temperature": _maybe(st.floats(0, 3)),
-    "top_p": _maybe(st.floats(0, 1)),
-    "top_k": _maybe(st.integers(0, 300)),
-    "min_p": _maybe(st.floats(0, 1)),
-    "presence_penalty": _maybe(st.floats(-2, 2)),
-    "frequency_penalty": _maybe(st.floats(-2, 2)),
-    "penalty_decay": _maybe(st.floats(0, 1)),
-    "logit_bias": st.one_of(st.dictionaries(_maybe(st.integers(0, 255)),
-                                            _maybe(st.floats(-100, 100)), max_size=3), ODD),
-    "banned_tokens": st.one_of(st.lists(_maybe(st.integers(0, 300)), max_size=3), ODD),
-    "stop_tokens": st.one_of(st.lists(_maybe(st.integers(0, 300)), max_size=3), ODD),
-    "stop": st.one_of(st.lists(st.text(max_size=3), max_size=2), ODD),
-    "max_tokens": _maybe(st.integers(0, 4)),
-    "seed": _maybe(st.integers(0, 2 ** 64)),
-    "greedy": _maybe(st.booleans()),
-    "logprobs": _maybe(st.integers(0, 5)),
-})
+PARAMS = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": _maybe(st.floats(0, 3)),
+        "top_p": _maybe(st.floats(0, 1)),
+        "top_k": _maybe(st.integers(0, 300)),
+        "min_p": _maybe(st.floats(0, 1)),
+        "presence_penalty": _maybe(st.floats(-2, 2)),
+        "frequency_penalty": _maybe(st.floats(-2, 2)),
+        "penalty_decay": _maybe(st.floats(0, 1)),
+        "logit_bias": st.one_of(
+            st.dictionaries(_maybe(st.integers(0, 255)), _maybe(st.floats(-100, 100)), max_size=3),
+            ODD,
+        ),
+        "banned_tokens": st.one_of(st.lists(_maybe(st.integers(0, 300)), max_size=3), ODD),
+        "stop_tokens": st.one_of(st.lists(_maybe(st.integers(0, 300)), max_size=3), ODD),
+        "stop": st.one_of(st.lists(st.text(max_size=3), max_size=2), ODD),
+        "max_tokens": _maybe(st.integers(0, 4)),
+        "seed": _maybe(st.integers(0, 2**64)),
+        "greedy": _maybe(st.booleans()),
+        "logprobs": _maybe(st.integers(0, 5)),
+    },
+)
 
 
 @settings(FAST, max_examples=30)
@@ -228,20 +264,32 @@ def test_any_sampling_params_are_used_or_refused(demo, kw):
 
 # -- states ---------------------------------------------------------------------------------------------
 
+
 @MODEL
 @given(tokens=TOKENS, data=st.data())
 def test_state_save_load_round_trips_exactly(demo, tmp_path_factory, tokens, data):
     _, state = demo.forward(tokens)
     scale = data.draw(st.sampled_from([1.0, 1e-30, 1e30, -3.5]))
-    state = State(state.version, state.att_x * scale, state.ffn_x, state.wkv * scale,
-                  state.n_tokens, state.model_fingerprint, state.last_logits)
+    state = State(
+        state.version,
+        state.att_x * scale,
+        state.ffn_x,
+        state.wkv * scale,
+        state.n_tokens,
+        state.model_fingerprint,
+        state.last_logits,
+    )
     path = tmp_path_factory.mktemp("s") / "x.state"
     state.save(path)
     back = State.load(path, demo)
     for name in ("att_x", "ffn_x", "wkv", "last_logits"):
         a, b = getattr(state, name), getattr(back, name)
         assert (a is None and b is None) or torch.equal(a, b), name
-    assert (back.n_tokens, back.model_fingerprint, back.version) == \
-        (state.n_tokens, state.model_fingerprint, state.version)
-    torch.testing.assert_close(demo.forward([5], back)[0], demo.forward([5], state)[0],
-                               rtol=0, atol=0, equal_nan=True)  # 1e30 states overflow to NaN
+    assert (back.n_tokens, back.model_fingerprint, back.version) == (
+        state.n_tokens,
+        state.model_fingerprint,
+        state.version,
+    )
+    torch.testing.assert_close(
+        demo.forward([5], back)[0], demo.forward([5], state)[0], rtol=0, atol=0, equal_nan=True
+    )  # 1e30 states overflow to NaN

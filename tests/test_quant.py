@@ -217,9 +217,17 @@ def ggml_ref_quantize_block(name: str, x: np.ndarray) -> bytes:
 
 def test_registry_and_attributes():
     # the K-quants after these: tests/test_quant_k.py
-    assert list(FORMATS)[:len(ALL)] == ALL
-    expected_type = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7,
-                     "Q8_0": 8, "BF16": 30}
+    assert list(FORMATS)[: len(ALL)] == ALL
+    expected_type = {
+        "F32": 0,
+        "F16": 1,
+        "Q4_0": 2,
+        "Q4_1": 3,
+        "Q5_0": 6,
+        "Q5_1": 7,
+        "Q8_0": 8,
+        "BF16": 30,
+    }
     for name, fmt in ((n, FORMATS[n]) for n in ALL):
         assert isinstance(fmt, WeightFormat)
         assert fmt.name == name
@@ -232,10 +240,23 @@ def test_registry_and_attributes():
 
 @pytest.mark.parametrize(
     "alias, name",
-    [("fp32", "F32"), ("f32", "F32"), ("FLOAT32", "F32"), ("fp16", "F16"), ("F16", "F16"),
-     ("half", "F16"), ("bf16", "BF16"), ("bfloat16", "BF16"), ("q4_0", "Q4_0"),
-     ("Q4-1", "Q4_1"), ("q5_0", "Q5_0"), ("q5_1", "Q5_1"), (" Q8_0 ", "Q8_0"), (7, "Q5_1"),
-     (np.int32(30), "BF16")],
+    [
+        ("fp32", "F32"),
+        ("f32", "F32"),
+        ("FLOAT32", "F32"),
+        ("fp16", "F16"),
+        ("F16", "F16"),
+        ("half", "F16"),
+        ("bf16", "BF16"),
+        ("bfloat16", "BF16"),
+        ("q4_0", "Q4_0"),
+        ("Q4-1", "Q4_1"),
+        ("q5_0", "Q5_0"),
+        ("q5_1", "Q5_1"),
+        (" Q8_0 ", "Q8_0"),
+        (7, "Q5_1"),
+        (np.int32(30), "BF16"),
+    ],
 )
 def test_get_format_aliases(alias, name):
     assert get_format(alias) is FORMATS[name]
@@ -264,8 +285,11 @@ def test_nbytes():
     assert get_format("BF16").nbytes((7,)) == 14
     assert get_format("F32").nbytes(()) == 4
     assert get_format("Q4_1").nbytes((0, 32)) == 0
-    with pytest.raises(QuantizationError, match=r"^Q4_0: row size 33 \(last dim of shape "
-                       r"\(2, 33\)\) is not a multiple of the block size 32$"):
+    with pytest.raises(
+        QuantizationError,
+        match=r"^Q4_0: row size 33 \(last dim of shape "
+        r"\(2, 33\)\) is not a multiple of the block size 32$",
+    ):
         get_format("Q4_0").nbytes((2, 33))
     with pytest.raises(QuantizationError, match="negative"):
         get_format("F32").nbytes((2, -1))
@@ -276,8 +300,7 @@ def test_size_mismatch_messages():
     with pytest.raises(QuantizationError) as e:
         dequantize("Q5_1", q, (768, 192))
     assert str(e.value) == (
-        "Q5_1 data for shape (768, 192) needs 110592 bytes (4608 blocks of 24 bytes), "
-        "got 110584"
+        "Q5_1 data for shape (768, 192) needs 110592 bytes (4608 blocks of 24 bytes), got 110584"
     )
     with pytest.raises(QuantizationError) as e:
         dequantize("Q8_0", np.zeros(35, dtype=np.uint8), (32,))
@@ -331,7 +354,7 @@ def test_dequantize_edge_blocks(name):
     # Independent spot check of the layout: decode block by block by hand.
     f16 = lambda h: float(np.array([h], np.uint16).view(np.float16)[0])  # noqa: E731
     for i in range(0, n, max(1, n // 40)):
-        blk = raw[i * fmt.type_size:(i + 1) * fmt.type_size]
+        blk = raw[i * fmt.type_size : (i + 1) * fmt.type_size]
         d = f16(int(blk[0]) | int(blk[1]) << 8)
         if name == "Q8_0":
             want = blk[2:].view(np.int8).astype(np.float64) * d
@@ -340,7 +363,7 @@ def test_dequantize_edge_blocks(name):
             qs = blk[-16:]
             q = np.concatenate([qs & 0x0F, qs >> 4]).astype(np.int64)
             if name in WITH_QH:
-                qh = int.from_bytes(bytes(blk[WITH_QH[name]:WITH_QH[name] + 4]), "little")
+                qh = int.from_bytes(bytes(blk[WITH_QH[name] : WITH_QH[name] + 4]), "little")
                 q |= np.array([((qh >> j) & 1) << 4 for j in range(32)])
             offset = {"Q4_0": 8, "Q5_0": 16}.get(name, 0)
             want = (q - offset) * d + m
@@ -403,7 +426,7 @@ def test_dequantize_inputs_and_chunks(name, monkeypatch, tmp_path):
     path = tmp_path / "t.bin"
     path.write_bytes(b"abc" + raw.tobytes() + b"xyz")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    view = mm[3:3 + raw.size]
+    view = mm[3 : 3 + raw.size]
     got = fmt.dequantize(view, shape)
     assert np.array_equal(bits(got), bits(want))
     assert type(got) is np.ndarray and got.flags.writeable and got.flags.c_contiguous
@@ -437,8 +460,13 @@ def quant_cases() -> dict[str, np.ndarray]:
     normal = rng.standard_normal((16, k)).astype(np.float32)
     outlier = (rng.standard_normal((8, k)) * 0.02).astype(np.float32)
     outlier[np.arange(8), rng.integers(0, k, 8)] = [1e4, -1e4, 300, -300, 65504, -7e4, 1e6, 5]
-    const = np.repeat(np.array([[0.0], [1.0], [-1.0], [3.3e-3], [-1234.5], [65504.0],
-                                [1e-7], [-2.5]], np.float32), k, axis=1)
+    const = np.repeat(
+        np.array(
+            [[0.0], [1.0], [-1.0], [3.3e-3], [-1234.5], [65504.0], [1e-7], [-2.5]], np.float32
+        ),
+        k,
+        axis=1,
+    )
     zeros = np.zeros((4, k), np.float32)
     zeros[1, 5] = 1.0  # one nonzero element in an otherwise zero row
     mixed = np.concatenate([normal[:4], zeros, const[:4]])
@@ -514,8 +542,22 @@ def test_bf16_rounding_and_nan():
         dtype=np.uint32,
     )
     got = quantize("BF16", u.view(np.float32)).view("<u2")
-    want = [0x3F80, 0x3F82, 0x3F81, 0x3F80, 0x7F80, 0xFF80, 0x0000, 0x0002, 0x7F80, 0xFF80,
-            0x7FC0, 0xFFE1, 0x7FC0, 0x8000]
+    want = [
+        0x3F80,
+        0x3F82,
+        0x3F81,
+        0x3F80,
+        0x7F80,
+        0xFF80,
+        0x0000,
+        0x0002,
+        0x7F80,
+        0xFF80,
+        0x7FC0,
+        0xFFE1,
+        0x7FC0,
+        0x8000,
+    ]
     assert [hex(v) for v in got] == [hex(v) for v in want]
     assert np.array_equal(got.view(np.uint8), ref_quantize("BF16", u.view(np.float32)))
 
@@ -576,15 +618,24 @@ def test_quantize_matches_ggml_scalar_reference(name):
     fmt = FORMATS[name]
     for i, block in enumerate(special):
         want = ggml_ref_quantize_block(name, block)
-        assert got[i * fmt.type_size:(i + 1) * fmt.type_size].tobytes() == want, i
+        assert got[i * fmt.type_size : (i + 1) * fmt.type_size].tobytes() == want, i
 
 
 # ------------------------------------------------------------------------------ round trip
 
 
 @pytest.mark.parametrize(
-    "name, rel_rms", [("F32", 0.0), ("F16", 1e-3), ("BF16", 5e-3), ("Q4_0", 0.15),
-                      ("Q4_1", 0.12), ("Q5_0", 0.07), ("Q5_1", 0.06), ("Q8_0", 0.01)]
+    "name, rel_rms",
+    [
+        ("F32", 0.0),
+        ("F16", 1e-3),
+        ("BF16", 5e-3),
+        ("Q4_0", 0.15),
+        ("Q4_1", 0.12),
+        ("Q5_0", 0.07),
+        ("Q5_1", 0.06),
+        ("Q8_0", 0.01),
+    ],
 )
 def test_round_trip(name, rel_rms):
     rng = np.random.default_rng(17)

@@ -34,8 +34,10 @@ from rwkvpy.formats.base import QTensor  # noqa: E402
 from rwkvpy.quant import FORMATS_BY_GGML_TYPE, get_format  # noqa: E402
 from rwkvpy.quant.q_k import nearest_int  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf")]
+pytestmark = [
+    pytest.mark.filterwarnings("error::RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf"),
+]
 
 KQ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 SIZES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -54,17 +56,19 @@ def edge_blocks(name: str, rng) -> np.ndarray:
     """Random blocks, then blocks with special float16 factors, all-zero and all-ones bytes."""
     size = SIZES[name]
     raw = rng.integers(0, 256, (72, size), dtype=np.uint8)
-    specials = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00,
-                         0x7E00, 0x3C00], np.uint16)
+    specials = np.array(
+        [0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x3C00],
+        np.uint16,
+    )
     for k, h in enumerate(specials):
         for off in HALVES[name]:
-            raw[k, off:off + 2] = np.frombuffer(h.tobytes(), np.uint8)
-            raw[k + 16, off:off + 2] = np.frombuffer(h.tobytes(), np.uint8)
+            raw[k, off : off + 2] = np.frombuffer(h.tobytes(), np.uint8)
+            raw[k + 16, off : off + 2] = np.frombuffer(h.tobytes(), np.uint8)
     raw[40] = 0
     raw[41] = 255  # largest codes, scales and mins (float16 factors NaN)
     raw[42] = 255
     for off in HALVES[name]:
-        raw[42, off:off + 2] = (0x00, 0x3C)  # 1.0: largest codes and scales, finite
+        raw[42, off : off + 2] = (0x00, 0x3C)  # 1.0: largest codes and scales, finite
     return raw
 
 
@@ -110,7 +114,7 @@ def test_quantize_matches_ggml_wide(name):
     x, ref = _wide()
     c = ref["chunk"]
     raw = get_format(name).quantize(x).reshape(x.shape[0], SIZES[name])
-    got = [hashlib.sha256(raw[a:a + c].tobytes()).hexdigest() for a in range(0, len(x), c)]
+    got = [hashlib.sha256(raw[a : a + c].tobytes()).hexdigest() for a in range(0, len(x), c)]
     bad = [a * c for a, (g, r) in enumerate(zip(got, ref["sha256"][name])) if g != r]
     assert not bad, f"rows from {bad} (chunks of {c}) differ from ggml's"
 
@@ -126,8 +130,9 @@ def test_quantize_any_rows_and_threads(name):
     full = fmt.quantize(x).reshape(45, -1)
     for k in (1, 7, 17, 33):
         assert np.array_equal(fmt.quantize(x[:k]), full[:k].reshape(-1))
-    assert np.array_equal(fmt.quantize(np.asfortranarray(x[:40].reshape(20, 512))),
-                          full[:40].reshape(-1))
+    assert np.array_equal(
+        fmt.quantize(np.asfortranarray(x[:40].reshape(20, 512))), full[:40].reshape(-1)
+    )
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
@@ -163,15 +168,15 @@ def test_quantize_round_trip(name):
     raw = fmt.quantize(x)
     y = fmt.dequantize(raw, x.shape)
     bits_per_weight = 8 * SIZES[name] / 256
-    rel = np.sqrt(np.mean((y - x) ** 2) / np.mean(x ** 2))
+    rel = np.sqrt(np.mean((y - x) ** 2) / np.mean(x**2))
     assert rel < 2.0 ** (1.5 - bits_per_weight) * 1.5
-    assert np.array_equal(fmt.quantize(y), fmt.quantize(fmt.dequantize(fmt.quantize(y),
-                                                                       x.shape)))
+    assert np.array_equal(fmt.quantize(y), fmt.quantize(fmt.dequantize(fmt.quantize(y), x.shape)))
 
 
 def test_nearest_int_is_ggml():
-    v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 2.4999998, 4194303.0, -4194303.0, np.nan, np.inf],
-                 np.float32)
+    v = np.array(
+        [0.5, 1.5, 2.5, -0.5, -1.5, 2.4999998, 4194303.0, -4194303.0, np.nan, np.inf], np.float32
+    )
     assert nearest_int(v)[:8].tolist() == [0, 2, 2, 0, -2, 2, 4194303, -4194303]
 
 
@@ -194,7 +199,7 @@ def test_quantize_q8k():
     of zeros, of subnormals, of values so small that 127 / amax overflows, with NaN or inf,
     with ties, and ordinary ones."""
     rng = np.random.default_rng(3)
-    x = (rng.standard_normal(256 * 12) * np.exp(3 * rng.standard_normal(256 * 12)))
+    x = rng.standard_normal(256 * 12) * np.exp(3 * rng.standard_normal(256 * 12))
     x = x.astype(np.float32)
     x[:256] = 0
     x[256:512] = rng.standard_normal(256) * np.float32(1e-39)
@@ -224,7 +229,7 @@ def test_kernels(name):
     fmt, kind = get_format(name), kir.KIND[name]
     raw = fmt.quantize(w).reshape(O, -1)
     wd = fmt.dequantize(raw.reshape(-1), (O, K))
-    edge = edge_blocks(name, rng)[:3 * O].reshape(O, -1)  # special factors, NaN included
+    edge = edge_blocks(name, rng)[: 3 * O].reshape(O, -1)  # special factors, NaN included
     for r2, deq in ((raw, wd), (edge, fmt.dequantize(edge.reshape(-1), (O, K)))):
         out = np.empty((O, K), np.float32)
         kir.dec_rows(kind, r2, out, 0, 0, O)
@@ -258,8 +263,8 @@ def _x8(kind, raw):
     kir.repack_groups(table, raw, pk, 0, G)
     back = np.empty((8 * G, raw.shape[1]), np.uint8)
     kir.unpack_groups(table, pk, back, 0, G)
-    assert np.array_equal(back, raw[:8 * G])
-    return pk, np.ascontiguousarray(raw[8 * G:])
+    assert np.array_equal(back, raw[: 8 * G])
+    return pk, np.ascontiguousarray(raw[8 * G :])
 
 
 @pytest.mark.parametrize("name", X8)
@@ -292,7 +297,7 @@ def test_x8_kernels(name):
             kir.mvx8_par(kind, pk, tail, x, yp, 1)
             assert np.array_equal(bits(y), bits(yp))
             assert np.abs(y - yq).max() <= 1e-5 * np.abs(yq).max()
-            assert np.array_equal(bits(y[:, 8 * pk.shape[0]:]), bits(yq[:, 8 * pk.shape[0]:]))
+            assert np.array_equal(bits(y[:, 8 * pk.shape[0] :]), bits(yq[:, 8 * pk.shape[0] :]))
             outs[T] = y
         for T in (1, 2, 5):
             assert np.array_equal(bits(outs[T]), bits(outs[9][:T]))
@@ -359,8 +364,9 @@ def test_x8_linear_repacked(name):
     again = make_linear(q, "fast", repacked=lin.repacked())
     assert np.shares_memory(again._pk, lin._pk)
     raw = np.asarray(q.data).reshape(O, -1)
-    assert np.array_equal(lin.ggml_rows(0, O), raw) and np.array_equal(lin.ggml_rows(8, 43),
-                                                                         raw[8:43])
+    assert np.array_equal(lin.ggml_rows(0, O), raw) and np.array_equal(
+        lin.ggml_rows(8, 43), raw[8:43]
+    )
     for T in (1, 4, 70):
         x = torch.randn(T, K)
         y = lin(x)
@@ -389,21 +395,26 @@ def test_mix_types():
     assert t("q5_k", "blk.0.channel_mix_value.weight", (256, 896)) == "Q5_1"
     assert t("q6_k", "blk.0.channel_mix_value.weight", (256, 896)) == "Q8_0"
     assert t("q6_k", "blk.0.channel_mix_value.weight", (256, 200)) == "F16"
-    for keep in ("blk.0.time_mix_w1.weight", "blk.0.time_mix_lerp_fused.weight",
-                 "blk.0.attn_norm.weight", "blk.0.time_mix_first.weight"):
+    for keep in (
+        "blk.0.time_mix_w1.weight",
+        "blk.0.time_mix_lerp_fused.weight",
+        "blk.0.attn_norm.weight",
+        "blk.0.time_mix_first.weight",
+    ):
         assert t("q4_k_m", keep, (64, 2048)) is None
     assert t("q4_k_m", "blk.0.time_mix_k_k.weight", (1, 1, 2048)) is None  # 1-D for ggml
 
 
 @pytest.fixture(scope="module")
 def kmodels(tmp_path_factory):
-    from rwkvpy.convert import convert
     from rwkvpy.config import Version
+    from rwkvpy.convert import convert
     from rwkvpy.synth import save_random_model
 
     d = tmp_path_factory.mktemp("kq")
-    src = save_random_model(d / "v7.pth", version=Version.V7, n_embd=256, n_layer=2, vocab=256,
-                            dtype=torch.float32)
+    src = save_random_model(
+        d / "v7.pth", version=Version.V7, n_embd=256, n_layer=2, vocab=256, dtype=torch.float32
+    )
     out = {}
     for typ in ("q4_k_m", "q5_k", "q6_k"):
         r = convert(src, d / f"{typ}.gguf", type=typ, progress=False, tokenizer="bytes")

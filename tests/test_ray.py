@@ -37,8 +37,16 @@ from rwkvpy.batch import read_output  # noqa: E402
 KEY = "ray-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LOAD = {"threads": 1}
-PROMPTS = ["Once upon a time", "The sea is", "Hello", "RWKV", "A cat sat on", "1, 2, 3,",
-           "Dear sir,", "The end of"]
+PROMPTS = [
+    "Once upon a time",
+    "The sea is",
+    "Hello",
+    "RWKV",
+    "A cat sat on",
+    "1, 2, 3,",
+    "Dear sir,",
+    "The end of",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +56,13 @@ def cluster():
     from rwkvpy.server.startup import warm_up
 
     warm_up(rwkvpy.load("demo", **LOAD))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -65,8 +78,12 @@ def model():
 def _requests(path, n=12):
     with open(path, "w") as f:
         for i in range(n):
-            row = {"id": f"r{i}", "prompt": PROMPTS[i % len(PROMPTS)],
-                   "max_tokens": 6 + i % 5, "temperature": 0.9}
+            row = {
+                "id": f"r{i}",
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": 6 + i % 5,
+                "temperature": 0.9,
+            }
             if i % 3 == 0:
                 row["seed"] = 1000 + i
             if i == 5:
@@ -99,8 +116,18 @@ def test_batch_generate_on_ray_equals_in_process_and_survives_a_killed_actor(clu
             os.kill(pid, signal.SIGKILL)
 
     out = tmp_path / "ray.jsonl"
-    r = batch.run("generate", "demo", src, str(out), ray=True, concurrency=2, batch_size=2,
-                  seed=7, load_kw=LOAD, on_rows=kill_first_actor)
+    r = batch.run(
+        "generate",
+        "demo",
+        src,
+        str(out),
+        ray=True,
+        concurrency=2,
+        batch_size=2,
+        seed=7,
+        load_kw=LOAD,
+        on_rows=kill_first_actor,
+    )
     assert killed and killed[0] != os.getpid()
     assert r["written"] == 12
     got = _by_id(read_output(str(out)))  # every row exactly once
@@ -118,8 +145,23 @@ def test_batch_perplexity_on_ray_resumes_an_interrupted_run(cluster, tmp_path, c
         (src / ("sub" if i % 2 else "") / f"t{i}.txt").write_text(p + " and so on, " * (i + 1))
     (src / "short.txt").write_text("x")  # one token: nothing to score, an error row
     local = tmp_path / "local.jsonl"
-    assert main(["batch", "perplexity", "demo", str(src), str(local), "--batch-size", "2",
-                 "--threads", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "batch",
+                "perplexity",
+                "demo",
+                str(src),
+                str(local),
+                "--batch-size",
+                "2",
+                "--threads",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     ref = _by_id(read_output(str(local)))
     assert len(ref) == 6 and ref["short.txt"]["error"] and ref["short.txt"]["nll"] is None
     assert ref["sub/t1.txt"]["tokens"] > 0 and ref["t0.txt"]["perplexity"] > 1
@@ -130,8 +172,9 @@ def test_batch_perplexity_on_ray_resumes_an_interrupted_run(cluster, tmp_path, c
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # killed after its first group
-        batch.run("perplexity", "demo", str(src), str(out), batch_size=2, load_kw=LOAD,
-                  on_rows=interrupt)
+        batch.run(
+            "perplexity", "demo", str(src), str(out), batch_size=2, load_kw=LOAD, on_rows=interrupt
+        )
     partial = tmp_path / "out.parquet.partial.jsonl"
     assert len(read_output(str(partial))) == 2 and not out.exists()
     with open(partial, "a") as f:
@@ -139,9 +182,29 @@ def test_batch_perplexity_on_ray_resumes_an_interrupted_run(cluster, tmp_path, c
     # without --resume or --force, OUTPUT is kept
     assert main(["batch", "perplexity", "demo", str(src), str(out), "--quiet"]) == 1
     assert "--resume" in capsys.readouterr().err
-    assert main(["batch", "perplexity", "-m", "demo", str(src), str(out), "--batch-size", "2",
-                 "--threads", "1", "--ray", cluster, "--concurrency", "2", "--resume",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "batch",
+                "perplexity",
+                "-m",
+                "demo",
+                str(src),
+                str(out),
+                "--batch-size",
+                "2",
+                "--threads",
+                "1",
+                "--ray",
+                cluster,
+                "--concurrency",
+                "2",
+                "--resume",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == 2 and summary["written"] == 4
     assert _by_id(read_output(str(out))) == ref and not partial.exists()
@@ -166,10 +229,12 @@ def test_session_home_replica_is_stable():
 def test_serve_ray_options_are_checked_before_ray_starts(capsys):
     from rwkvpy.cli import main
 
-    for args, says in ((["--autoscale", "2:1"], "0 <= MIN <= MAX"),
-                       (["--autoscale", "two"], "MIN:MAX"),
-                       (["--autoscale", "1:2", "--replicas", "2"], "not both"),
-                       (["--replicas", "0"], "--replicas must be > 0")):
+    for args, says in (
+        (["--autoscale", "2:1"], "0 <= MIN <= MAX"),
+        (["--autoscale", "two"], "MIN:MAX"),
+        (["--autoscale", "1:2", "--replicas", "2"], "not both"),
+        (["--replicas", "0"], "--replicas must be > 0"),
+    ):
         assert main(["serve", "demo", "--ray", *args]) == 1
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err
@@ -183,14 +248,37 @@ def served(cluster, tmp_path_factory):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RWKVPY_API_KEY", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rwkvpy.server", "demo", "--ray", "--ray-address", cluster,
-         "--replicas", "2", "--port", "0", "--threads", "1", "--api-key", KEY,
-         "--max-states", "3", "--graceful-timeout", "1", "--no-access-log"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy.server",
+            "demo",
+            "--ray",
+            "--ray-address",
+            cluster,
+            "--replicas",
+            "2",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--api-key",
+            KEY,
+            "--max-states",
+            "3",
+            "--graceful-timeout",
+            "1",
+            "--no-access-log",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
     def text():
         with open(log_path) as f:
             return f.read()
+
     try:
         deadline = time.monotonic() + 240
         while not (m := re.search(r"listening on (http://[0-9.]+:\d+)", text())):
@@ -215,8 +303,9 @@ def single(model):
     from rwkvpy.server.engine import Engine
 
     m, tok = model
-    server = ServerState(m, tok, Engine(m, tok), ServerConfig(model_name="demo", api_key=KEY,
-                                                               max_states=3))
+    server = ServerState(
+        m, tok, Engine(m, tok), ServerConfig(model_name="demo", api_key=KEY, max_states=3)
+    )
     with TestClient(build_app(server)) as client:
         yield client
 
@@ -232,23 +321,32 @@ def test_serve_openai_client_gives_the_single_process_text(served, single):
     assert [m.id for m in client.models.list()] == ["demo"]
     kw = {"model": "demo", "max_tokens": 12, "temperature": 0.8, "seed": 42}
     c = client.completions.create(prompt="Once upon a time", **kw)
-    ref = single.post("/v1/completions", json={"prompt": "Once upon a time", **kw},
-                      headers=AUTH).json()
+    ref = single.post(
+        "/v1/completions", json={"prompt": "Once upon a time", **kw}, headers=AUTH
+    ).json()
     assert c.choices[0].text == ref["choices"][0]["text"] and c.usage.completion_tokens == 12
     msgs = [{"role": "user", "content": "Tell me about the sea."}]
     ch = client.chat.completions.create(messages=msgs, **kw)
     ref = single.post("/v1/chat/completions", json={"messages": msgs, **kw}, headers=AUTH).json()
     assert ch.choices[0].message.content == ref["choices"][0]["message"]["content"]
-    pieces = [e.choices[0].text for e in client.completions.create(
-        prompt="Once upon a time", stream=True, **kw) if e.choices]
-    first = single.post("/v1/completions", json={"prompt": "Once upon a time", **kw},
-                        headers=AUTH).json()["choices"][0]["text"]
+    pieces = [
+        e.choices[0].text
+        for e in client.completions.create(prompt="Once upon a time", stream=True, **kw)
+        if e.choices
+    ]
+    first = single.post(
+        "/v1/completions", json={"prompt": "Once upon a time", **kw}, headers=AUTH
+    ).json()["choices"][0]["text"]
     assert "".join(pieces) == first and len(pieces) > 1
     # the app's own validation and error bodies, through the proxy
-    r = httpx.post(served + "/v1/completions", json={"model": "demo", "prompt": "x",
-                                                     "temperature": -1}, headers=AUTH)
-    ref = single.post("/v1/completions", json={"model": "demo", "prompt": "x",
-                                               "temperature": -1}, headers=AUTH)
+    r = httpx.post(
+        served + "/v1/completions",
+        json={"model": "demo", "prompt": "x", "temperature": -1},
+        headers=AUTH,
+    )
+    ref = single.post(
+        "/v1/completions", json={"model": "demo", "prompt": "x", "temperature": -1}, headers=AUTH
+    )
     assert r.status_code == ref.status_code == 400 and r.json() == ref.json()
 
 
@@ -267,8 +365,12 @@ def test_serve_spreads_requests_over_both_replicas(served):
     seen, lock = [], threading.Lock()
 
     def one():
-        r = httpx.post(served + "/v1/completions", headers=AUTH, timeout=60,
-                       json={"model": "demo", "prompt": "Hello", "max_tokens": 4})
+        r = httpx.post(
+            served + "/v1/completions",
+            headers=AUTH,
+            timeout=60,
+            json={"model": "demo", "prompt": "Hello", "max_tokens": 4},
+        )
         assert r.status_code == 200
         with lock:
             seen.append(_replica(r))
@@ -287,8 +389,9 @@ def test_serve_spreads_requests_over_both_replicas(served):
     while True:
         st = httpx.get(served + "/v1/stats", headers=AUTH).json()
         per = st["replicas"]
-        if (len(per) == 2 and sum(p["requests_total"] for p in per) >= len(seen)) \
-                or time.monotonic() > deadline:
+        if (
+            len(per) == 2 and sum(p["requests_total"] for p in per) >= len(seen)
+        ) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert {p["replica"] for p in per} == set(seen)
@@ -316,8 +419,12 @@ def test_serve_state_made_on_one_replica_is_used_on_the_other(served, single):
     assert others, "no request landed on the other replica"
     # the bound is the cluster's: --max-states 3 saved states in all
     for i in range(2):
-        assert httpx.post(served + "/v1/states", headers=AUTH, timeout=60,
-                          json={**body, "id": f"s{i}"}).status_code == 200
+        assert (
+            httpx.post(
+                served + "/v1/states", headers=AUTH, timeout=60, json={**body, "id": f"s{i}"}
+            ).status_code
+            == 200
+        )
     r = httpx.post(served + "/v1/states", json={**body, "id": "one-too-many"}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_states"
     listed = httpx.get(served + "/v1/states", headers=AUTH).json()["data"]
@@ -327,9 +434,11 @@ def test_serve_state_made_on_one_replica_is_used_on_the_other(served, single):
         assert httpx.get(served + "/v1/states/s0", headers=AUTH).status_code == 404
 
 
-SYSTEM = ("You are the ship's log of the schooner Wanderer. Answer in the voice of an old sailor "
-          "who has crossed every ocean twice, mentions the weather, the wind and the state of the "
-          "rigging in every answer, and never uses more than three sentences. ") * 3
+SYSTEM = (
+    "You are the ship's log of the schooner Wanderer. Answer in the voice of an old sailor "
+    "who has crossed every ocean twice, mentions the weather, the wind and the state of the "
+    "rigging in every answer, and never uses more than three sentences. "
+) * 3
 
 
 def test_serve_session_goes_to_the_replica_that_caches_it(served):
@@ -345,9 +454,12 @@ def test_serve_session_goes_to_the_replica_that_caches_it(served):
         msgs, before = [{"role": "system", "content": SYSTEM}], 0
         for turn in range(3):
             msgs.append({"role": "user", "content": f"Turn {turn}: how is the sea today?"})
-            r = httpx.post(served + "/v1/chat/completions", headers={**AUTH, "X-Session-Id": sid},
-                           timeout=60, json={"model": "demo", "messages": msgs, "max_tokens": 8,
-                                             "seed": turn})
+            r = httpx.post(
+                served + "/v1/chat/completions",
+                headers={**AUTH, "X-Session-Id": sid},
+                timeout=60,
+                json={"model": "demo", "messages": msgs, "max_tokens": 8, "seed": turn},
+            )
             assert r.status_code == 200, r.text
             assert _replica(r) == home, (sid, turn)
             usage = r.json()["usage"]
@@ -366,8 +478,11 @@ def _replica_pid(rid: str) -> int:
     actor ``SERVE_REPLICA::APP#DEPLOYMENT#ID``)."""
     from ray._private.state import actors
 
-    pids = [a["Pid"] for a in actors().values()
-            if a["Name"].endswith("#" + rid) and a["State"] == "ALIVE"]
+    pids = [
+        a["Pid"]
+        for a in actors().values()
+        if a["Name"].endswith("#" + rid) and a["State"] == "ALIVE"
+    ]
     assert len(pids) == 1, f"replica {rid} is not one live actor: {pids}"
     return pids[0]
 
@@ -378,21 +493,36 @@ def _replicas_up() -> tuple[set, dict]:
     from ray import serve
     from ray._private.state import actors
 
-    alive = {a["Name"].rsplit("#", 1)[1] for a in actors().values()
-             if a["Name"].startswith("SERVE_REPLICA::rwkvpy#") and a["State"] == "ALIVE"}
+    alive = {
+        a["Name"].rsplit("#", 1)[1]
+        for a in actors().values()
+        if a["Name"].startswith("SERVE_REPLICA::rwkvpy#") and a["State"] == "ALIVE"
+    }
     app = serve.status().applications["rwkvpy"]
     return alive, dict(app.deployments["rwkvpy"].replica_states)
 
 
 # the last test of the module: it leaves the deployment with 2 replicas again, one of them new
 def test_serve_replica_killed_mid_stream(served):
-    req = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 4000, "stream": True,
-           "temperature": 1.0, "stop": [], "seed": 5}
+    req = {
+        "model": "demo",
+        "prompt": "Once upon a time",
+        "max_tokens": 4000,
+        "stream": True,
+        "temperature": 1.0,
+        "stop": [],
+        "seed": 5,
+    }
     events, outcome = 0, None
     t0 = time.monotonic()
     try:
-        with httpx.stream("POST", served + "/v1/completions", json=req, headers=AUTH,
-                          timeout=httpx.Timeout(60, read=20)) as r:
+        with httpx.stream(
+            "POST",
+            served + "/v1/completions",
+            json=req,
+            headers=AUTH,
+            timeout=httpx.Timeout(60, read=20),
+        ) as r:
             assert r.status_code == 200
             victim = _replica(r)
             for line in r.iter_lines():
@@ -414,8 +544,12 @@ def test_serve_replica_killed_mid_stream(served):
     assert time.monotonic() - killed < 15, time.monotonic() - t0
     # the other replica serves right away
     for _ in range(4):
-        r = httpx.post(served + "/v1/completions", headers=AUTH, timeout=30,
-                       json={"model": "demo", "prompt": "Hello", "max_tokens": 4})
+        r = httpx.post(
+            served + "/v1/completions",
+            headers=AUTH,
+            timeout=30,
+            json={"model": "demo", "prompt": "Hello", "max_tokens": 4},
+        )
         assert r.status_code == 200, r.text
         assert _replica(r) != victim
     # and Ray Serve starts a new replica in the dead one's place

@@ -4,9 +4,9 @@ default mode at every CPU capability level (kernels/cpu.py), forced on this mach
 import numpy as np
 import pytest
 import torch
+from conftest import REF_MODELS, fixture_path, serial_logits
 
 import rwkvpy
-from conftest import REF_MODELS, fixture_path, serial_logits
 from rwkvpy.errors import CpuCapabilityError
 from rwkvpy.kernels.cpu import LEVELS, resolve
 
@@ -21,7 +21,11 @@ def reference(name):
     d = np.load(fixture_path("reference-pth", f"{name}.npz"))
     # v4-v6: the reference run on the bf16 weights upcast to fp32 (see the fixtures README);
     # v7's reference already computes in fp32 from the bf16 file.
-    target = d["logits_serial_bf16upcast"] if "logits_serial_bf16upcast" in d.files else d["logits_serial"]
+    target = (
+        d["logits_serial_bf16upcast"]
+        if "logits_serial_bf16upcast" in d.files
+        else d["logits_serial"]
+    )
     return d["tokens"].tolist(), target
 
 

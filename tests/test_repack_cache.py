@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import fixture_path, serial_logits
 
 import rwkvpy
 import rwkvpy.quant
-from conftest import fixture_path, serial_logits
 from rwkvpy.convert import convert
 from rwkvpy.kernels import cache as C
 from rwkvpy.kernels import linear as L
@@ -46,6 +46,7 @@ def logits_of(model):
 def forbid(monkeypatch, module, name):
     def fail(*a, **k):
         raise AssertionError(f"{name} called: the cache was not used")
+
     monkeypatch.setattr(module, name, fail)
 
 
@@ -69,8 +70,12 @@ def test_int8_dot_groups_cached(q5_model, monkeypatch):
 
 def test_q4_0_groups_cached(tmp_path, monkeypatch):
     src = tmp_path / "m-q4_0.gguf"
-    convert(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), src, type="q4_0",
-            progress=False)
+    convert(
+        fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"),
+        src,
+        type="q4_0",
+        progress=False,
+    )
     written_then_hit(monkeypatch, src, L.Int8DotLinear, "repack_x8")
 
 
@@ -111,6 +116,7 @@ def test_unwritable_folder_is_skipped(q5_model, monkeypatch):
 
     def refuse(path, mode="wb"):
         raise PermissionError(13, "Permission denied", path)
+
     monkeypatch.setattr(atomic, "atomic_write", refuse)
     m = rwkvpy.load(q5_model)
     assert m.repack_cache.startswith("not written: Permission denied")
@@ -178,8 +184,12 @@ def test_cli_cache_list_and_clear(q5_model):
     rwkvpy.load(q5_model)
 
     def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "rwkvpy", "cache", *args], capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "rwkvpy", "cache", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         return r.stdout
 
@@ -198,9 +208,26 @@ def test_cli_bench_reports_and_no_cache_skips(q5_model):
     import sys
 
     def bench(*extra):
-        r = subprocess.run([sys.executable, "-m", "rwkvpy", "bench", str(q5_model), "--tokens",
-                            "4", "--prompt", "8", "--threads", "1", "--json", *extra],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rwkvpy",
+                "bench",
+                str(q5_model),
+                "--tokens",
+                "4",
+                "--prompt",
+                "8",
+                "--threads",
+                "1",
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 

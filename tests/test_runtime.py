@@ -14,18 +14,21 @@ from rwkvpy import runtime
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
-SHOW = ("import json, os, sys\n"
-        "{pre}\n"
-        "names = ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')\n"
-        "print(json.dumps({{k: os.environ.get(k) for k in names}}))")
+SHOW = (
+    "import json, os, sys\n"
+    "{pre}\n"
+    "names = ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')\n"
+    "print(json.dumps({{k: os.environ.get(k) for k in names}}))"
+)
 
 
 def _run(code: str, env_extra: dict | None = None, args=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in runtime.WAIT_VARIABLES}
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _env_after(pre: str, env_extra: dict | None = None) -> dict:
@@ -41,24 +44,33 @@ def test_import_rwkvpy_sets_the_policy():
 
 def test_the_setting_is_in_place_when_torch_loads():
     # torch's libgomp reads the variable as it loads: it must be set before torch is imported
-    code = ("import sys, builtins, os\n"
-            "seen = {}\n"
-            "real = builtins.__import__\n"
-            "def spy(name, *a, **k):\n"
-            "    if name == 'torch' and 'torch' not in sys.modules and not seen:\n"
-            "        seen.update({k: os.environ.get(k) for k in %r})\n"
-            "    return real(name, *a, **k)\n"
-            "builtins.__import__ = spy\n"
-            "import rwkvpy\n"
-            "import json; print(json.dumps(seen))" % (runtime.WAIT_VARIABLES,))
+    code = (
+        "import sys, builtins, os\n"
+        "seen = {}\n"
+        "real = builtins.__import__\n"
+        "def spy(name, *a, **k):\n"
+        "    if name == 'torch' and 'torch' not in sys.modules and not seen:\n"
+        "        seen.update({k: os.environ.get(k) for k in %r})\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = spy\n"
+        "import rwkvpy\n"
+        "import json; print(json.dumps(seen))" % (runtime.WAIT_VARIABLES,)
+    )
     p = _run(code)
     assert p.returncode == 0, p.stderr
     seen = json.loads(p.stdout.strip().splitlines()[-1])
     assert seen and all(seen[k] == v for k, v in runtime.SETTINGS.items())
 
 
-@pytest.mark.parametrize("user", [{"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"},
-                                  {"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": ""}])
+@pytest.mark.parametrize(
+    "user",
+    [
+        {"GOMP_SPINCOUNT": "300000"},
+        {"OMP_WAIT_POLICY": "ACTIVE"},
+        {"OMP_WAIT_POLICY": "passive"},
+        {"GOMP_SPINCOUNT": ""},
+    ],
+)
 def test_a_users_setting_wins(user):
     got = _env_after("import rwkvpy", user)
     want = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
@@ -72,13 +84,15 @@ def test_nothing_is_set_when_torch_was_imported_first():
 
 
 def test_the_cli_applies_it():
-    code = ("import os, sys, json\n"
-            "from rwkvpy.cli import main\n"
-            "try:\n"
-            "    main(['info', '--help'])\n"
-            "except SystemExit:\n"
-            "    pass\n"
-            "print(json.dumps({k: os.environ.get(k) for k in %r}))" % (runtime.WAIT_VARIABLES,))
+    code = (
+        "import os, sys, json\n"
+        "from rwkvpy.cli import main\n"
+        "try:\n"
+        "    main(['info', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps({k: os.environ.get(k) for k in %r}))" % (runtime.WAIT_VARIABLES,)
+    )
     p = _run(code)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
@@ -157,8 +171,9 @@ def test_governor_drops_to_one_thread_beside_a_busy_process_and_comes_back(machi
     assert torch.get_num_threads() == 1
     assert _ticks(gov, machine, 5, own=1.0, others=1.0) == [1] * 5
     # the other process ended: back to 2 after UP_LOOKS looks in a row
-    assert _ticks(gov, machine, runtime.UP_LOOKS, own=1.0, others=0.0) == \
-        [1] * (runtime.UP_LOOKS - 1) + [2]
+    assert _ticks(gov, machine, runtime.UP_LOOKS, own=1.0, others=0.0) == [1] * (
+        runtime.UP_LOOKS - 1
+    ) + [2]
     assert torch.get_num_threads() == 2
 
 

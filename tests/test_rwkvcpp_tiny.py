@@ -1,16 +1,19 @@
 """rwkv.cpp's tiny trained models (.bin) against rwkv.cpp's own expected logits."""
 
-
 import numpy as np
 import pytest
+from conftest import TINY, TINY_MODELS, fixture_path, serial_logits
 
 import rwkvpy
-from conftest import TINY, TINY_MODELS, fixture_path, serial_logits
 from rwkvpy.kernels.linear import _int8_dot
 
 PROMPT = [34, 105, 110]  # '"in'
-FILES = [(m, f) for m in TINY_MODELS for f in ("FP32", "FP16", "Q5_0", "Q5_1")
-         if (TINY / f"tiny-rwkv-{m}-{f}.bin").exists()]
+FILES = [
+    (m, f)
+    for m in TINY_MODELS
+    for f in ("FP32", "FP16", "Q5_0", "Q5_1")
+    if (TINY / f"tiny-rwkv-{m}-{f}.bin").exists()
+]
 # Quantized and FP16 files: our distance to the FP32 file's logits may exceed rwkv.cpp's by at
 # most this factor. Both engines carry the same weight-quantization error, which dominates;
 # rwkv.cpp adds 8-bit rounding of activations, which moves it either way by a few percent
@@ -32,7 +35,9 @@ def prompt_logits(model):
 @pytest.mark.parametrize("name", [m for m in TINY_MODELS if m != "6v0-3m"])
 def test_fp32_in_prompt_matches_expected_logits(name):
     model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{name}-FP32.bin"))
-    expected = np.fromfile(fixture_path("rwkv-cpp-tiny", f"expected-logits-{name}.bin"), dtype="<f4")
+    expected = np.fromfile(
+        fixture_path("rwkv-cpp-tiny", f"expected-logits-{name}.bin"), dtype="<f4"
+    )
     err = np.abs(prompt_logits(model) - expected).max()
     assert err < 1e-4, f"max abs {err:.2e}"
 
@@ -55,11 +60,17 @@ def test_reduced_precision_as_close_as_rwkvcpp(name, fmt, path, serial):
     mode, level = path
     if level not in (None, "generic") and not _int8_dot():
         pytest.skip("the integer kernels need AVX2")
-    model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{name}-{fmt}.bin"), mode=mode,
-                        cpu_capability=level)
+    model = rwkvpy.load(
+        fixture_path("rwkv-cpp-tiny", f"tiny-rwkv-{name}-{fmt}.bin"),
+        mode=mode,
+        cpu_capability=level,
+    )
     tokens, cpp = seq64(name, fmt)
-    ours = (serial_logits(model, tokens)[0] if serial
-            else model.forward(tokens, None, all_logits=True)[0])
+    ours = (
+        serial_logits(model, tokens)[0]
+        if serial
+        else model.forward(tokens, None, all_logits=True)[0]
+    )
     ours = ours.numpy()
     if name == "6v0-3m":  # no FP32 file: compare with rwkv.cpp itself (measured 0.030 / 0.029)
         diff = np.abs(ours - cpp).max(1).mean()
@@ -99,8 +110,9 @@ def test_bin_weights_are_memory_mapped(fmt):
     assert _mapped_file(address) == str(path)
 
 
-@pytest.mark.parametrize("name", ["v4_c192_l2", "v5_0_c192_l2", "v5_2_c192_l2", "v6_c192_l2",
-                                  "v7_c192_l2"])
+@pytest.mark.parametrize(
+    "name", ["v4_c192_l2", "v5_0_c192_l2", "v5_2_c192_l2", "v6_c192_l2", "v7_c192_l2"]
+)
 def test_rwkvcpp_conversion_of_reference_checkpoints(name):
     """rwkv.cpp's converter output (FP16) reads back to the .pth's tensors."""
     from rwkvpy.formats import to_float32

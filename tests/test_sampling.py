@@ -16,34 +16,38 @@ def probs_to_logits(p):
 
 # -- SamplingParams ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"temperature": -0.1}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"temperature": "1"}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_p": -1}, "top_p"),
-    ({"top_k": -1}, "top_k"),
-    ({"top_k": 2.5}, "top_k"),
-    ({"min_p": 1.0}, "min_p"),
-    ({"min_p": -0.1}, "min_p"),
-    ({"presence_penalty": math.inf}, "presence_penalty"),
-    ({"frequency_penalty": None}, "frequency_penalty"),
-    ({"penalty_decay": 0.0}, "penalty_decay"),
-    ({"penalty_decay": 1.01}, "penalty_decay"),
-    ({"logit_bias": {1: math.nan}}, "logit_bias"),
-    ({"logit_bias": {-1: 1.0}}, "logit_bias"),
-    ({"logit_bias": [1, 2]}, "logit_bias"),
-    ({"banned_tokens": [1, -2]}, "banned_tokens"),
-    ({"banned_tokens": "abc"}, "banned_tokens"),
-    ({"stop": [""]}, "stop"),
-    ({"stop": [1]}, "stop"),
-    ({"stop_tokens": [1.0]}, "stop_tokens"),
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"max_tokens": True}, "max_tokens"),
-    ({"seed": "x"}, "seed"),
-    ({"greedy": 1}, "greedy"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "1"}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": -1}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"min_p": 1.0}, "min_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"presence_penalty": math.inf}, "presence_penalty"),
+        ({"frequency_penalty": None}, "frequency_penalty"),
+        ({"penalty_decay": 0.0}, "penalty_decay"),
+        ({"penalty_decay": 1.01}, "penalty_decay"),
+        ({"logit_bias": {1: math.nan}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"banned_tokens": [1, -2]}, "banned_tokens"),
+        ({"banned_tokens": "abc"}, "banned_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [1]}, "stop"),
+        ({"stop_tokens": [1.0]}, "stop_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"seed": "x"}, "seed"),
+        ({"greedy": 1}, "greedy"),
+    ],
+)
 def test_params_rejected_with_clear_message(kwargs, field):
     with pytest.raises(SamplingError, match=field) as e:
         SamplingParams(**kwargs)
@@ -51,8 +55,14 @@ def test_params_rejected_with_clear_message(kwargs, field):
 
 
 def test_params_normalized():
-    p = SamplingParams(stop="\n\n", stop_tokens=0, banned_tokens=[3, 4], logit_bias={5: -math.inf},
-                       temperature=1, top_k=np.int64(3))
+    p = SamplingParams(
+        stop="\n\n",
+        stop_tokens=0,
+        banned_tokens=[3, 4],
+        logit_bias={5: -math.inf},
+        temperature=1,
+        top_k=np.int64(3),
+    )
     assert p.stop == ("\n\n",) and p.stop_tokens == (0,) and p.banned_tokens == (3, 4)
     assert p.logit_bias == {5: -math.inf} and p.temperature == 1.0 and p.top_k == 3
     assert SamplingParams(temperature=0).is_greedy and SamplingParams(greedy=True).is_greedy
@@ -62,6 +72,7 @@ def test_params_normalized():
 
 
 # -- greedy, bias, bans --------------------------------------------------------------------
+
 
 def test_greedy_is_argmax_lowest_id_on_tie():
     logits = torch.tensor([0.0, 3.0, 1.0, 3.0])
@@ -109,8 +120,9 @@ def test_temperature():
     d = Sampler(SamplingParams(temperature=2.0)).distribution(logits)
     expected = torch.softmax(logits.double() / 2.0, 0)
     assert torch.allclose(d, expected, atol=1e-7)
-    assert torch.allclose(Sampler().distribution(logits), torch.tensor(P, dtype=torch.float64),
-                          atol=1e-6)
+    assert torch.allclose(
+        Sampler().distribution(logits), torch.tensor(P, dtype=torch.float64), atol=1e-6
+    )
 
 
 def test_top_k_top_p_min_p():
@@ -144,6 +156,7 @@ def test_draws_follow_the_distribution():
 
 
 # -- penalties -----------------------------------------------------------------------------
+
 
 def test_penalties_hand_computed():
     """presence 0.5, frequency 0.25, decay 0.5, tokens 3, 3, 1 recorded in this order:
@@ -185,6 +198,7 @@ def test_sample_records_and_penalizes_repeats():
 
 
 # -- determinism ---------------------------------------------------------------------------
+
 
 def test_same_seed_same_draws_and_global_rng_untouched():
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))

@@ -32,9 +32,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL_FILE = ("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin")
 NAME = "tiny-rwkv-7v0-834K-FP32"
 EVERY = 32  # the server's --cache-every
-HISTORY = [{"role": "system", "content": "You are a storyteller."},
-           {"role": "user", "content": "Tell me about the sea."},
-           {"role": "assistant", "content": "The sea is wide."}]
+HISTORY = [
+    {"role": "system", "content": "You are a storyteller."},
+    {"role": "user", "content": "Tell me about the sea."},
+    {"role": "assistant", "content": "The sea is wide."},
+]
 
 
 # -- the server process --------------------------------------------------------------------------
@@ -47,10 +49,22 @@ class Server:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("RWKVPY_API_KEY", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rwkvpy.server", "-m",
-             str(model if model is not None else fixture_path(*MODEL_FILE)),
-             "--port", "0", "--threads", "1", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "rwkvpy.server",
+                "-m",
+                str(model if model is not None else fixture_path(*MODEL_FILE)),
+                "--port",
+                "0",
+                "--threads",
+                "1",
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         self.url = self._wait_url()
         deadline = time.monotonic() + 60
         while True:
@@ -114,10 +128,24 @@ def state_file(model, tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, state_file):
-    s = Server(["--api-key", KEY, "--max-concurrent", "32", "--max-tokens-limit", "256",
-                "--max-request-bytes", "65536", "--state", f"keeper={state_file}",
-                "--cache-every", str(EVERY), "--no-access-log"],
-               tmp_path_factory.mktemp("server") / "server.log")
+    s = Server(
+        [
+            "--api-key",
+            KEY,
+            "--max-concurrent",
+            "32",
+            "--max-tokens-limit",
+            "256",
+            "--max-request-bytes",
+            "65536",
+            "--state",
+            f"keeper={state_file}",
+            "--cache-every",
+            str(EVERY),
+            "--no-access-log",
+        ],
+        tmp_path_factory.mktemp("server") / "server.log",
+    )
     yield s
     assert s.stop() == 0
     assert "Traceback" not in s.text(), s.text()
@@ -125,8 +153,7 @@ def server(tmp_path_factory, state_file):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
-                       timeout=60) as c:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
         yield c
 
 
@@ -178,8 +205,9 @@ def reference(model, tok, prompt, *, chat=False, state=None, **kw) -> tuple:
     # a fresh cache with the server's checkpoint interval: the prompt is cut where the server
     # cuts it, so a request run alone is bit-exact
     cache = PrefixCache(max_bytes=1 << 26, every=EVERY)
-    r = generate(model, tok, prompt, SamplingParams(stop=tuple(stops), **kw), state=state,
-                 cache=cache)
+    r = generate(
+        model, tok, prompt, SamplingParams(stop=tuple(stops), **kw), state=state, cache=cache
+    )
     return (r.text.lstrip() if chat else r.text), r.finish_reason, r.completion_tokens
 
 
@@ -197,8 +225,12 @@ def test_serve_command_parser():
 def test_health_models_and_auth(server, client, http):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"),
-                             ("GET", "/v1/stats"), ("GET", "/nowhere")):
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/completions"),
+            ("GET", "/v1/stats"),
+            ("GET", "/nowhere"),
+        ):
             r = httpx.request(method, server.url + path, headers=headers, json={"prompt": "a"})
             expect_error(r, 401, code="invalid_api_key")
     assert [m.id for m in client.models.list().data] == [NAME]
@@ -211,27 +243,35 @@ def test_health_models_and_auth(server, client, http):
 
 def test_completions_match_generate(client, model, tok):
     prompt = "Once upon a time"
-    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, seed=7, n=2,
-                                  temperature=0.9, top_p=0.95)
+    r = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=20, seed=7, n=2, temperature=0.9, top_p=0.95
+    )
     assert [c.index for c in r.choices] == [0, 1]
     for i, c in enumerate(r.choices):
-        text, finish, n = reference(model, tok, prompt, max_tokens=20, seed=7 + i,
-                                    temperature=0.9, top_p=0.95)
+        text, finish, n = reference(
+            model, tok, prompt, max_tokens=20, seed=7 + i, temperature=0.9, top_p=0.95
+        )
         assert (c.text, c.finish_reason) == (text, finish)
     assert r.usage.prompt_tokens == len(prompt)
     assert r.usage.completion_tokens == 40 and r.usage.total_tokens == 40 + len(prompt)
     # greedy with a stop string; token-id prompts
-    r = client.completions.create(model=NAME, prompt=list(b"The cat"), max_tokens=30,
-                                  temperature=0, stop=["the t"])
-    text, finish, n = reference(model, tok, "The cat", max_tokens=30, temperature=0,
-                                stop=["the t"])
+    r = client.completions.create(
+        model=NAME, prompt=list(b"The cat"), max_tokens=30, temperature=0, stop=["the t"]
+    )
+    text, finish, n = reference(model, tok, "The cat", max_tokens=30, temperature=0, stop=["the t"])
     assert (r.choices[0].text, r.choices[0].finish_reason) == (text, finish)
     assert r.usage.completion_tokens == n
 
 
 def test_streaming_completions_and_chat(client, model, tok):
-    kw = {"max_tokens": 24, "seed": 3, "temperature": 1.0, "presence_penalty": 0.5,
-          "frequency_penalty": 0.3, "logit_bias": {"32": 2.5}}
+    kw = {
+        "max_tokens": 24,
+        "seed": 3,
+        "temperature": 1.0,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.3,
+        "logit_bias": {"32": 2.5},
+    }
     prompt = "It was a dark"
     pieces = list(client.completions.create(model=NAME, prompt=prompt, stream=True, **kw))
     text = "".join(p.choices[0].text for p in pieces if p.choices)
@@ -239,8 +279,9 @@ def test_streaming_completions_and_chat(client, model, tok):
     assert (text, pieces[-1].choices[0].finish_reason) == ref[:2]
 
     msgs = [{"role": "user", "content": "Hello there!"}]
-    stream = client.chat.completions.create(model=NAME, messages=msgs, stream=True,
-                                            stream_options={"include_usage": True}, **kw)
+    stream = client.chat.completions.create(
+        model=NAME, messages=msgs, stream=True, stream_options={"include_usage": True}, **kw
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -257,8 +298,12 @@ def test_streaming_completions_and_chat(client, model, tok):
 
 def test_chat_stops_at_blank_line(client):
     # byte 10 is "\n": biased up, the reply is the blank line at once, and stops there
-    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
-                                       logit_bias={"10": 100}, max_tokens=50)
+    r = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Hi"}],
+        logit_bias={"10": 100},
+        max_tokens=50,
+    )
     c = r.choices[0]
     assert (c.message.content, c.finish_reason, r.usage.completion_tokens) == ("", "stop", 2)
 
@@ -267,9 +312,13 @@ def test_chat_stops_at_blank_line(client):
 def test_32_concurrent_streams_equal_requests_alone(server, http, model, tok):
     reqs = []
     for i in range(32):
-        kw = {"max_tokens": 12 + i % 8, "seed": 1000 + i,
-              "temperature": (0.0, 0.8, 1.0, 1.2)[i % 4], "top_p": (1.0, 0.9, 0.6)[i % 3],
-              "presence_penalty": 0.4 if i % 5 == 0 else 0.0}
+        kw = {
+            "max_tokens": 12 + i % 8,
+            "seed": 1000 + i,
+            "temperature": (0.0, 0.8, 1.0, 1.2)[i % 4],
+            "top_p": (1.0, 0.9, 0.6)[i % 3],
+            "presence_penalty": 0.4 if i % 5 == 0 else 0.0,
+        }
         if i % 6 == 1:
             kw["stop"] = ["e", "the"]
         if i % 2:
@@ -294,8 +343,9 @@ def test_32_concurrent_streams_equal_requests_alone(server, http, model, tok):
         return "".join(parts), finish
 
     async def run_all():
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
-                                      timeout=60) as ac:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60
+        ) as ac:
             return await asyncio.gather(*(run_one(ac, *r) for r in reqs))
 
     got = asyncio.run(run_all())
@@ -312,14 +362,18 @@ def test_32_concurrent_streams_equal_requests_alone(server, http, model, tok):
 
 # -- prefix cache --------------------------------------------------------------------------------
 def test_next_chat_turn_only_processes_new_messages(client, http):
-    msgs = [{"role": "system", "content": "You answer briefly."},
-            {"role": "user", "content": "What is the capital of the moon?"}]
+    msgs = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is the capital of the moon?"},
+    ]
     r1 = client.chat.completions.create(model=NAME, messages=msgs, temperature=0, max_tokens=12)
     reply = r1.choices[0].message.content
     assert r1.usage.prompt_tokens == len(chat_prompt(msgs))
     before = stats(http)["engine"]["prefill_tokens"]
-    turn2 = msgs + [{"role": "assistant", "content": reply},
-                    {"role": "user", "content": "And of the sun?"}]
+    turn2 = msgs + [
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And of the sun?"},
+    ]
     r2 = client.chat.completions.create(model=NAME, messages=turn2, temperature=0, max_tokens=4)
     processed = stats(http)["engine"]["prefill_tokens"] - before
     cached = r2.usage.prompt_tokens_details.cached_tokens
@@ -342,10 +396,10 @@ def test_named_states(client, http, model, tok, state_file):
     assert r.json()["prompt_tokens"] == len(chat_prompt(HISTORY)) - len("Assistant:")
     ids = sorted(s["id"] for s in http.get("/v1/states").json()["data"])
     assert ids == ["keeper", "sea"]
-    ids = tok.encode(chat_prompt(HISTORY)[:-len("Assistant:")])
+    ids = tok.encode(chat_prompt(HISTORY)[: -len("Assistant:")])
     after_history = None
     for i in range(0, len(ids), EVERY):  # in the server's pieces
-        _, after_history = model.forward(ids[i:i + EVERY], after_history)
+        _, after_history = model.forward(ids[i : i + EVERY], after_history)
     ask = [{"role": "user", "content": "And the sky?"}]
     kw = {"max_tokens": 16, "seed": 5, "temperature": 0.8}
     r = client.chat.completions.create(model=NAME, messages=ask, extra_body={"state": "sea"}, **kw)
@@ -353,15 +407,19 @@ def test_named_states(client, http, model, tok, state_file):
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ref[:2]
     assert r.usage.prompt_tokens == len(chat_prompt(ask))
     # a state given at startup (--state keeper=FILE)
-    r = client.completions.create(model=NAME, prompt=" Beware", extra_body={"state": "keeper"},
-                                  **kw)
+    r = client.completions.create(
+        model=NAME, prompt=" Beware", extra_body={"state": "keeper"}, **kw
+    )
     ref = reference(model, tok, " Beware", state=State.load(state_file), **kw)
     assert r.choices[0].text == ref[0]
     # unknown state, bad id, delete
-    expect_error(http.post("/v1/completions", json={"prompt": "a", "state": "nope"}), 404,
-                 param="state", code="state_not_found")
-    expect_error(http.post("/v1/states", json={"id": "no spaces", "prompt": "a"}), 400,
-                 param="id")
+    expect_error(
+        http.post("/v1/completions", json={"prompt": "a", "state": "nope"}),
+        404,
+        param="state",
+        code="state_not_found",
+    )
+    expect_error(http.post("/v1/states", json={"id": "no spaces", "prompt": "a"}), 400, param="id")
     expect_error(http.post("/v1/states", json={"id": "x"}), 400)
     assert http.delete("/v1/states/sea").json()["deleted"] is True
     expect_error(http.get("/v1/states/sea"), 404)
@@ -373,8 +431,10 @@ def test_state_tuned_file_is_loaded(tmp_path):
     m = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin"), threads=1)
     H, N = m.config.n_head, m.config.head_size
     g = torch.Generator().manual_seed(0)
-    sd = {f"blocks.{i}.att.time_state": torch.randn(H, N, N, generator=g)
-          for i in range(m.config.n_layer)}
+    sd = {
+        f"blocks.{i}.att.time_state": torch.randn(H, N, N, generator=g)
+        for i in range(m.config.n_layer)
+    }
     torch.save(sd, tmp_path / "tuned.pth")
     st = load_state_file(tmp_path / "tuned.pth", m)
     assert torch.equal(st.wkv[0], sd["blocks.0.att.time_state"].transpose(1, 2))
@@ -383,30 +443,49 @@ def test_state_tuned_file_is_loaded(tmp_path):
 # -- limits and errors ---------------------------------------------------------------------------
 def test_bad_requests(http):
     p = "/v1/completions"
-    expect_error(http.post(p, content=b"{not json", headers={"Content-Type": "application/json"}),
-                 400, code="invalid_json")
+    expect_error(
+        http.post(p, content=b"{not json", headers={"Content-Type": "application/json"}),
+        400,
+        code="invalid_json",
+    )
     expect_error(http.post(p, json=["a list"]), 400)
-    expect_error(http.post(p, json={"model": "gpt-4", "prompt": "a"}), 404, param="model",
-                 code="model_not_found")
+    expect_error(
+        http.post(p, json={"model": "gpt-4", "prompt": "a"}),
+        404,
+        param="model",
+        code="model_not_found",
+    )
     expect_error(http.post(p, json={"prompt": "a", "max_tokens": 257}), 400, param="max_tokens")
-    expect_error(http.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 1000}), 400,
-        param="max_completion_tokens")
-    expect_error(http.post(p, json={"prompt": "a", "temperature": "hot"}), 400,
-                 param="temperature")
+    expect_error(
+        http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 1000},
+        ),
+        400,
+        param="max_completion_tokens",
+    )
+    expect_error(http.post(p, json={"prompt": "a", "temperature": "hot"}), 400, param="temperature")
     expect_error(http.post(p, json={"prompt": "a", "n": 33}), 400, param="n")
-    expect_error(http.post(p, json={"prompt": "a", "logit_bias": {"999": 1}}), 400,
-                 param="logit_bias")
+    expect_error(
+        http.post(p, json={"prompt": "a", "logit_bias": {"999": 1}}), 400, param="logit_bias"
+    )
     expect_error(http.post(p, json={"prompt": [1, 2, 300]}), 400, param="prompt")
     expect_error(http.post(p, json={"prompt": ""}), 400, param="prompt")
     expect_error(http.post(p, json={"prompt": "a", "logprobs": 21}), 400, param="logprobs")
-    expect_error(http.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), 400,
-        param="top_logprobs")
-    expect_error(http.post("/v1/chat/completions", json={
-        "messages": [{"role": "robot", "content": "a"}]}), 400, param="messages[0].role")
-    expect_error(http.post("/v1/chat/completions", json={"messages": []}), 400,
-                 param="messages")
+    expect_error(
+        http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
+        ),
+        400,
+        param="top_logprobs",
+    )
+    expect_error(
+        http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "a"}]}),
+        400,
+        param="messages[0].role",
+    )
+    expect_error(http.post("/v1/chat/completions", json={"messages": []}), 400, param="messages")
     expect_error(http.post(p, json={"prompt": "x" * 70000}), 413, code="request_too_large")
     expect_error(http.get(p), 405)
     assert wait_idle(http)["slots_used"] == 0
@@ -423,17 +502,22 @@ def sse_stream(http, body):
             if line.startswith("data: "):
                 data = line[6:]
                 yield data if data == "[DONE]" else json.loads(data)
+
     return ctx, events()
 
 
 def test_busy_429_and_disconnect_frees_slots(http, client):
     # n=32 fills every slot of this server (--max-concurrent 32)
-    ctx, events = sse_stream(http, {"prompt": "Once", "n": 32, "max_tokens": 256,
-                                    "temperature": 1.0})
+    ctx, events = sse_stream(
+        http, {"prompt": "Once", "n": 32, "max_tokens": 256, "temperature": 1.0}
+    )
     first = next(events)
     assert first["object"] == "text_completion"
-    err = expect_error(http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}), 429,
-                       code="rate_limit_exceeded")
+    err = expect_error(
+        http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}),
+        429,
+        code="rate_limit_exceeded",
+    )
     assert "busy" in err["message"]
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model=NAME, prompt="a", max_tokens=1)
@@ -470,8 +554,9 @@ def test_disconnect_mid_stream_stops_generation(http):
 
 # -- shutdown ------------------------------------------------------------------------------------
 def test_sigterm_cancels_running_requests_and_exits_0(tmp_path):
-    s = Server(["--graceful-timeout", "0.5", "--max-tokens-limit", "100000"],
-               tmp_path / "server.log")
+    s = Server(
+        ["--graceful-timeout", "0.5", "--max-tokens-limit", "100000"], tmp_path / "server.log"
+    )
     try:
         with httpx.Client(base_url=s.url, timeout=30) as http:
             ctx, events = sse_stream(http, {"prompt": "Long ago", "max_tokens": 100000})

@@ -34,8 +34,20 @@ OPEN = {"/health"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(["--api-key", KEY, "--max-tokens-limit", "8", "--max-prompt-tokens", "256",
-                "--max-concurrent", "8"], tmp_path_factory.mktemp("srv") / "log", model="demo")
+    s = Server(
+        [
+            "--api-key",
+            KEY,
+            "--max-tokens-limit",
+            "8",
+            "--max-prompt-tokens",
+            "256",
+            "--max-concurrent",
+            "8",
+        ],
+        tmp_path_factory.mktemp("srv") / "log",
+        model="demo",
+    )
     yield s
     s.stop()
 
@@ -51,8 +63,14 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 def test_openapi_document_lists_every_route(server):
     doc = httpx.get(server.url + "/openapi.json", headers=AUTH, timeout=30).json()
-    for path in ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions",
-                 "/v1/states", "/v1/states/{state_id}"):
+    for path in (
+        "/health",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/states",
+        "/v1/states/{state_id}",
+    ):
         assert path in doc["paths"], sorted(doc["paths"])
     body = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]
     assert body["application/json"]["schema"]["properties"]["max_tokens"]["maximum"] == 8
@@ -60,11 +78,14 @@ def test_openapi_document_lists_every_route(server):
 
 
 @schema.parametrize()
-@settings(max_examples=4, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_every_route_conforms(case, server):
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
-              response_schema_conformance]
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
     r = case.call(base_url=server.url, headers=AUTH, timeout=60)
     case.validate_response(r, checks=checks)
     assert "Traceback" not in r.text and 'File "' not in r.text
@@ -78,19 +99,26 @@ def test_every_route_conforms(case, server):
 
 # -- a storm of streams, half the clients hanging up -----------------------------------------------
 
+
 def test_disconnect_storm_frees_every_slot(tmp_path):
-    s = Server(["--max-tokens-limit", "100000", "--max-concurrent", "32"], tmp_path / "log",
-               model="demo")
+    s = Server(
+        ["--max-tokens-limit", "100000", "--max-concurrent", "32"], tmp_path / "log", model="demo"
+    )
     try:
         with httpx.Client(base_url=s.url, timeout=60) as http:
             for _ in range(3):  # warm: the kernels, the prefix cache's first states
-                assert http.post("/v1/completions", json={"prompt": "Warm up",
-                                                          "max_tokens": 16}).status_code == 200
+                assert (
+                    http.post(
+                        "/v1/completions", json={"prompt": "Warm up", "max_tokens": 16}
+                    ).status_code
+                    == 200
+                )
             base = rss_mb(s.proc.pid)
             out = storm(s.url, 16)
             assert not out["errors"], out["errors"]
-            assert len(out["done"]) == 8 and all(last == "data: [DONE]"
-                                                  for _, _, last in out["done"]), out["done"]
+            assert len(out["done"]) == 8 and all(
+                last == "data: [DONE]" for _, _, last in out["done"]
+            ), out["done"]
             deadline = time.monotonic() + 10
             while http.get("/v1/stats").json()["slots_used"]:
                 assert time.monotonic() < deadline, http.get("/v1/stats").json()

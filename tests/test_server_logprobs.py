@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server import Server
 
 import rwkvpy
-from rwkvpy.generate import generate
 from rwkvpy.config import Version
+from rwkvpy.generate import generate
 from rwkvpy.perplexity import perplexity
 from rwkvpy.sampling import SamplingParams
 from rwkvpy.synth import save_random_model
@@ -36,8 +36,11 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(["--api-key", KEY, "--no-access-log"],
-               tmp_path_factory.mktemp("lp") / "server.log", model="demo")
+    s = Server(
+        ["--api-key", KEY, "--no-access-log"],
+        tmp_path_factory.mktemp("lp") / "server.log",
+        model="demo",
+    )
     yield s
     assert s.stop() == 0
     assert "Traceback" not in s.text(), s.text()
@@ -45,8 +48,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
-                       timeout=60) as c:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
         yield c
 
 
@@ -65,8 +67,9 @@ def reference_logprobs(model, ids) -> list:
 
 def check_scoring(client, model, tok, text):
     """echo + max_tokens 0 scores ``text``: per-token NLL equal to perplexity's."""
-    r = client.completions.create(model=client.models.list().data[0].id, prompt=text,
-                                  echo=True, max_tokens=0, logprobs=2)
+    r = client.completions.create(
+        model=client.models.list().data[0].id, prompt=text, echo=True, max_tokens=0, logprobs=2
+    )
     c = r.choices[0]
     ids = tok.encode(text)
     assert c.text == text and c.finish_reason == "length"
@@ -89,8 +92,8 @@ def test_echo_scores_a_text_as_perplexity_does(client, demo):
     lp = check_scoring(client, model, tok, TEXT)
     # byte tokens of a split character are written "bytes:\xNN"; whole ones are their text
     ss = TEXT.index("ß")
-    assert lp.tokens[ss:ss + 2] == ["bytes:\\xc3", "bytes:\\x9f"]
-    assert lp.text_offset[ss:ss + 3] == [ss, ss, ss + 1]
+    assert lp.tokens[ss : ss + 2] == ["bytes:\\xc3", "bytes:\\x9f"]
+    assert lp.text_offset[ss : ss + 3] == [ss, ss, ss + 1]
     assert "".join(lp.tokens[:ss]) == TEXT[:ss]
     # a long text is read in pieces (cache checkpoints, at most 512 tokens): the same numbers
     long = " ".join([TEXT] * 12)
@@ -104,8 +107,11 @@ def test_echo_with_generation_streamed(http, demo):
     body = {"prompt": TEXT, "echo": True, "max_tokens": 4, "temperature": 0, "logprobs": 1}
     whole = http.post("/v1/completions", json=body).json()["choices"][0]
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-        chunks = [json.loads(line[6:])["choices"][0] for line in r.iter_lines()
-                  if line.startswith("data: {")]
+        chunks = [
+            json.loads(line[6:])["choices"][0]
+            for line in r.iter_lines()
+            if line.startswith("data: {")
+        ]
     assert chunks[0]["text"] == TEXT and len(chunks[0]["logprobs"]["tokens"]) == n
     assert "".join(c["text"] for c in chunks) == whole["text"]
     offsets = [o for c in chunks if c["logprobs"] for o in c["logprobs"]["text_offset"]]
@@ -116,11 +122,21 @@ def test_echo_with_generation_streamed(http, demo):
 def test_generated_logprobs_match_generate_and_the_model(client, http, demo):
     model, tok = demo
     prompt = "Python lists"
-    body = {"prompt": prompt, "max_tokens": 24, "logprobs": 3, "seed": 11,
-            "temperature": 0.9, "presence_penalty": 0.3}
+    body = {
+        "prompt": prompt,
+        "max_tokens": 24,
+        "logprobs": 3,
+        "seed": 11,
+        "temperature": 0.9,
+        "presence_penalty": 0.3,
+    }
     c = http.post("/v1/completions", json=body).json()["choices"][0]
-    ref = generate(model, tok, prompt, SamplingParams(max_tokens=24, logprobs=3, seed=11,
-                                                      temperature=0.9, presence_penalty=0.3))
+    ref = generate(
+        model,
+        tok,
+        prompt,
+        SamplingParams(max_tokens=24, logprobs=3, seed=11, temperature=0.9, presence_penalty=0.3),
+    )
     assert c["text"] == ref.text
     lp = c["logprobs"]
     assert [e.logprob for e in ref.logprobs] == pytest.approx(lp["token_logprobs"], abs=1e-6)
@@ -128,8 +144,7 @@ def test_generated_logprobs_match_generate_and_the_model(client, http, demo):
     assert all(len(t) == 3 for t in lp["top_logprobs"])
     # streamed: the same tokens and numbers, spread over the chunks
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-        chunks = [json.loads(line[6:]) for line in r.iter_lines()
-                  if line.startswith("data: {")]
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
     for ch in chunks:
         got = ch["choices"][0]["logprobs"]
@@ -137,13 +152,15 @@ def test_generated_logprobs_match_generate_and_the_model(client, http, demo):
             streamed[k] += got[k] if got else []
     assert streamed == {k: lp[k] for k in streamed}
     # greedy and no penalties: the model's own distribution (what perplexity scores)
-    g = client.completions.create(model="demo", prompt=prompt, max_tokens=16, temperature=0,
-                                  logprobs=1)
+    g = client.completions.create(
+        model="demo", prompt=prompt, max_tokens=16, temperature=0, logprobs=1
+    )
     ids = tok.encode(prompt) + tok.encode(g.choices[0].text)
-    ref_lp = reference_logprobs(model, ids)[len(tok.encode(prompt)) - 1:]
+    ref_lp = reference_logprobs(model, ids)[len(tok.encode(prompt)) - 1 :]
     assert max(abs(a - b) for a, b in zip(g.choices[0].logprobs.token_logprobs, ref_lp)) < 1e-4
-    assert [list(t)[0] for t in g.choices[0].logprobs.top_logprobs] == \
-        g.choices[0].logprobs.tokens  # greedy: the chosen token is the most probable
+    assert [list(t)[0] for t in g.choices[0].logprobs.top_logprobs] == g.choices[
+        0
+    ].logprobs.tokens  # greedy: the chosen token is the most probable
 
 
 def test_logprobs_are_those_of_the_biased_logits(http, demo):
@@ -151,21 +168,30 @@ def test_logprobs_are_those_of_the_biased_logits(http, demo):
     prompt = "Hello"
     raw, _ = model.forward(tok.encode(prompt))
     target = int(torch.argsort(raw, descending=True)[5])
-    c = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "temperature": 0,
-                                           "logit_bias": {str(target): 40},
-                                           "logprobs": 0}).json()["choices"][0]
+    c = http.post(
+        "/v1/completions",
+        json={
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logit_bias": {str(target): 40},
+            "logprobs": 0,
+        },
+    ).json()["choices"][0]
     biased = raw.float().clone()
     biased[target] += 40
     assert c["text"] == chr(target)
     assert c["logprobs"]["token_logprobs"][0] == pytest.approx(
-        float(torch.log_softmax(biased, 0)[target]), abs=1e-5)
+        float(torch.log_softmax(biased, 0)[target]), abs=1e-5
+    )
 
 
 # -- chat ------------------------------------------------------------------------------------------
 def test_chat_logprobs_in_the_chat_shape(client):
     msgs = [{"role": "user", "content": "What does print do?"}]
-    r = client.chat.completions.create(model="demo", messages=msgs, max_tokens=20, seed=3,
-                                       logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model="demo", messages=msgs, max_tokens=20, seed=3, logprobs=True, top_logprobs=2
+    )
     c = r.choices[0]
     content = c.logprobs.content
     assert len(content) <= r.usage.completion_tokens
@@ -174,10 +200,22 @@ def test_chat_logprobs_in_the_chat_shape(client):
     for e in content:
         assert len(e.top_logprobs) == 2 and e.logprob <= 0
         assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
-    s = client.chat.completions.create(model="demo", messages=msgs, max_tokens=20, seed=3,
-                                       logprobs=True, top_logprobs=2, stream=True)
-    streamed = [e for ch in s for e in ((ch.choices[0].logprobs.content or [])
-                                        if ch.choices and ch.choices[0].logprobs else [])]
+    s = client.chat.completions.create(
+        model="demo",
+        messages=msgs,
+        max_tokens=20,
+        seed=3,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    streamed = [
+        e
+        for ch in s
+        for e in (
+            (ch.choices[0].logprobs.content or []) if ch.choices and ch.choices[0].logprobs else []
+        )
+    ]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
 
 
@@ -186,8 +224,7 @@ def test_tokenize_and_detokenize(http, demo):
     _, tok = demo
     ids = http.post("/tokenize", json={"content": TEXT}).json()["tokens"]
     assert ids == tok.encode(TEXT)
-    assert http.post("/tokenize", json={"prompt": "ab"}).json() == {"tokens": [97, 98],
-                                                                    "count": 2}
+    assert http.post("/tokenize", json={"prompt": "ab"}).json() == {"tokens": [97, 98], "count": 2}
     pieces = http.post("/tokenize", json={"content": "é", "with_pieces": True}).json()["tokens"]
     assert pieces == [{"id": 195, "piece": "bytes:\\xc3"}, {"id": 169, "piece": "bytes:\\xa9"}]
     back = http.post("/detokenize", json={"tokens": ids}).json()
@@ -201,8 +238,11 @@ def scrape(http) -> dict:
     """{(sample name, labels as a sorted tuple): value} of GET /metrics."""
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
 
 
 def test_metrics_count_requests_and_tokens(http, demo):
@@ -210,9 +250,13 @@ def test_metrics_count_requests_and_tokens(http, demo):
     assert httpx.get(str(http.base_url) + "/metrics").status_code == 401  # the key guards it
     before = scrape(http)
     prompts = ["metrics one", "metrics two, longer", "metrics three, the longest one"]
-    usage = [http.post("/v1/completions", json={"prompt": p, "max_tokens": 5, "temperature": 0,
-                                                "logit_bias": {"10": -100}}).json()["usage"]
-             for p in prompts]
+    usage = [
+        http.post(
+            "/v1/completions",
+            json={"prompt": p, "max_tokens": 5, "temperature": 0, "logit_bias": {"10": -100}},
+        ).json()["usage"]
+        for p in prompts
+    ]
     assert http.post("/v1/completions", json={"prompt": "x", "n": 0}).status_code == 400
     assert httpx.get(str(http.base_url) + "/v1/models").status_code == 401
     after = scrape(http)
@@ -229,14 +273,14 @@ def test_metrics_count_requests_and_tokens(http, demo):
     assert delta("rwkvpy_prompt_tokens_total") == sum(len(tok.encode(p)) for p in prompts)
     cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)
     assert delta("rwkvpy_prefill_tokens_total") == delta("rwkvpy_prompt_tokens_total") - cached
-    assert delta("rwkvpy_generation_tokens_total") == 15 == sum(u["completion_tokens"]
-                                                                for u in usage)
+    assert (
+        delta("rwkvpy_generation_tokens_total") == 15 == sum(u["completion_tokens"] for u in usage)
+    )
     assert delta("rwkvpy_sequences_total", outcome="finished") == 3
     assert delta("rwkvpy_batch_size_count") == 15 and delta("rwkvpy_batch_size_sum") == 15
     assert delta("rwkvpy_time_to_first_token_seconds_count") == 3
     assert delta("rwkvpy_time_per_output_token_seconds_count") == 12
-    assert delta("rwkvpy_prefix_cache_hits_total") + delta("rwkvpy_prefix_cache_misses_total") \
-        == 3
+    assert delta("rwkvpy_prefix_cache_hits_total") + delta("rwkvpy_prefix_cache_misses_total") == 3
     assert after[("rwkvpy_queue_length", ())] == 0 == after[("rwkvpy_running_sequences", ())]
 
 
@@ -250,8 +294,12 @@ def test_metrics_public_flag(tmp_path):
     model = rwkvpy.load("demo", threads=1)
     tok = model.tokenizer()
     for public, status in ((True, 200), (False, 401)):
-        server = ServerState(model, tok, Engine(model, tok),
-                             ServerConfig(model_name="demo", api_key=KEY, metrics_public=public))
+        server = ServerState(
+            model,
+            tok,
+            Engine(model, tok),
+            ServerConfig(model_name="demo", api_key=KEY, metrics_public=public),
+        )
         with TestClient(build_app(server)) as c:
             assert c.get("/metrics").status_code == status
             assert c.get("/v1/models").status_code == 401
@@ -259,14 +307,20 @@ def test_metrics_public_flag(tmp_path):
 
 # -- a World-vocabulary model ----------------------------------------------------------------------
 def test_world_vocab_scoring_equals_perplexity(tmp_path):
-    path = save_random_model(tmp_path / "world.pth", version=Version.V7, n_embd=64, n_layer=2,
-                             vocab=65536, seed=5, dtype=torch.float32)
+    path = save_random_model(
+        tmp_path / "world.pth",
+        version=Version.V7,
+        n_embd=64,
+        n_layer=2,
+        vocab=65536,
+        seed=5,
+        dtype=torch.float32,
+    )
     model = rwkvpy.load(path, threads=1)
     tok = model.tokenizer()
     s = Server(["--api-key", KEY, "--no-access-log"], tmp_path / "world.log", model=path)
     try:
-        with openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0,
-                           timeout=60) as c:
+        with openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
             lp = check_scoring(c, model, tok, TEXT)
             assert "".join(lp.tokens) == TEXT  # World tokens are whole characters here
         with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as h:

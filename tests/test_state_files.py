@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
+from conftest import fixture_path
 
 import rwkvpy
 from rwkvpy import State, errors
 from rwkvpy.config import Version
-from conftest import fixture_path
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +39,25 @@ def test_state_of_another_model_is_refused(model, tmp_path):
     other = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-4v0-660K-FP32.bin"))
     _, s = other.forward([1, 2], None)
     s.save(tmp_path / "o.state")
-    with pytest.raises(errors.StateError, match=r"o.state \(RWKV v4.*does not fit this model \(RWKV v7"):
+    with pytest.raises(
+        errors.StateError, match=r"o.state \(RWKV v4.*does not fit this model \(RWKV v7"
+    ):
         State.load(tmp_path / "o.state", model)
 
 
 def test_same_shape_other_weights_refused(tmp_path):
     from rwkvpy.synth import save_random_model
 
-    a = rwkvpy.load(save_random_model(tmp_path / "a.pth", version=Version.V6, n_embd=64,
-                                      n_layer=1, vocab=50, seed=1))
-    b = rwkvpy.load(save_random_model(tmp_path / "b.pth", version=Version.V6, n_embd=64,
-                                      n_layer=1, vocab=50, seed=2))
+    a = rwkvpy.load(
+        save_random_model(
+            tmp_path / "a.pth", version=Version.V6, n_embd=64, n_layer=1, vocab=50, seed=1
+        )
+    )
+    b = rwkvpy.load(
+        save_random_model(
+            tmp_path / "b.pth", version=Version.V6, n_embd=64, n_layer=1, vocab=50, seed=2
+        )
+    )
     _, s = a.forward([1], None)
     s.save(tmp_path / "a.state")
     with pytest.raises(errors.StateError, match="was made by another model"):
@@ -58,12 +66,15 @@ def test_same_shape_other_weights_refused(tmp_path):
         b.forward([1], s)
 
 
-@pytest.mark.parametrize("damage,needle", [
-    (lambda b: b[:-5], "truncated or padded"),
-    (lambda b: b[:-100] + bytes([b[-100] ^ 1]) + b[-99:], "checksum mismatch"),
-    (lambda b: b"NOTSTATE" + b[8:], "not an rwkvpy state file"),
-    (lambda b: b[:12], "truncated state file"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda b: b[:-5], "truncated or padded"),
+        (lambda b: b[:-100] + bytes([b[-100] ^ 1]) + b[-99:], "checksum mismatch"),
+        (lambda b: b"NOTSTATE" + b[8:], "not an rwkvpy state file"),
+        (lambda b: b[:12], "truncated state file"),
+    ],
+)
 def test_corrupt_state_files(model, tmp_path, damage, needle):
     _, s = model.forward([1, 2, 3], None)
     s.save(tmp_path / "s.state")
@@ -80,6 +91,7 @@ def test_save_is_atomic(model, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(torch.Tensor, "numpy", boom)
     with pytest.raises(RuntimeError):
         s.save(tmp_path / "keep.state")
@@ -92,8 +104,9 @@ def test_blinkdl_state_tuning_matches_reference(tmp_path, version, monkeypatch):
     """A .pth carrying blocks.N.att.time_state, run by BlinkDL's package and by rwkvpy."""
     monkeypatch.setenv("RWKV_JIT_ON", "0")
     monkeypatch.setenv("RWKV_CUDA_ON", "0")
-    from rwkvpy.synth import random_state_dict
     from rwkv.model import RWKV as Reference
+
+    from rwkvpy.synth import random_state_dict
 
     sd = random_state_dict(version, 128, 2, 300, seed=3, dtype=torch.float32)
     g = torch.Generator().manual_seed(4)

@@ -9,11 +9,17 @@ from pathlib import Path
 import pytest
 
 from rwkvpy.errors import RwkvpyError
-from rwkvpy.tokenizers import (ByteTokenizer, NeoXTokenizer, StreamDecoder, TokenizerError,
-                               WorldTokenizer, default_neox_path, default_world_vocab_path,
-                               tokenizer_for)
+from rwkvpy.tokenizers import (
+    ByteTokenizer,
+    NeoXTokenizer,
+    StreamDecoder,
+    TokenizerError,
+    WorldTokenizer,
+    default_neox_path,
+    default_world_vocab_path,
+    tokenizer_for,
+)
 from rwkvpy.tokenizers import world as world_mod
-
 
 # -- shared inputs -------------------------------------------------------------------------
 
@@ -21,7 +27,8 @@ ENGLISH = (
     "The quick brown fox jumps over the lazy dog. In the beginning, the model reads every "
     "byte of the prompt at once; afterwards it produces one token at a time, and the sampler "
     "decides which. Numbers like 3.14159, 2024-05-01 and 1,000,000 appear too, as do "
-    "contractions (don't, it's, we'll) and \"quoted\" words.\n\n")
+    "contractions (don't, it's, we'll) and \"quoted\" words.\n\n"
+)
 CHINESE = "我们今天去公园散步，天气非常好。人工智能正在改变世界：语言模型可以写诗、翻译和编程。\n"
 JAPANESE_KOREAN = "東京は日本の首都です。ひらがなとカタカナ。한국어 문장도 있습니다.\n"
 EMOJI = "Hi 👋🏽! Family: 👨‍👩‍👧‍👦, flags 🇫🇷🇯🇵, heart ❤️‍🔥, math 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 😀😃😄\n"
@@ -41,8 +48,16 @@ WHITESPACE = " " * 300 + "\t" * 20 + "\n" * 12 + "\r\n" + " \u3000 " + "#" * 100
 
 def random_unicode(seed: int, n: int) -> str:
     rng = random.Random(seed)
-    ranges = [(0x20, 0x7E), (0xA0, 0x2FFF), (0x3000, 0x9FFF), (0xAC00, 0xD7A3),
-              (0xE000, 0xFFFD), (0x1F300, 0x1FAFF), (0x10000, 0x10FFFF), (0x0, 0x1F)]
+    ranges = [
+        (0x20, 0x7E),
+        (0xA0, 0x2FFF),
+        (0x3000, 0x9FFF),
+        (0xAC00, 0xD7A3),
+        (0xE000, 0xFFFD),
+        (0x1F300, 0x1FAFF),
+        (0x10000, 0x10FFFF),
+        (0x0, 0x1F),
+    ]
     out = []
     for _ in range(n):
         lo, hi = rng.choice(ranges)
@@ -73,13 +88,16 @@ TEXTS = {
 
 # -- World ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ref_vocab():
     try:
         import rwkv
     except ImportError:
-        pytest.fail("the World tokenizer tests compare with BlinkDL's reference: "
-                    "pip install rwkv==0.8.32", pytrace=False)
+        pytest.fail(
+            "the World tokenizer tests compare with BlinkDL's reference: pip install rwkv==0.8.32",
+            pytrace=False,
+        )
     p = Path(rwkv.__file__).resolve().parent / "rwkv_vocab_v20230424.txt"
     assert p.is_file(), p
     return p
@@ -88,6 +106,7 @@ def ref_vocab():
 @pytest.fixture(scope="module")
 def ref(ref_vocab):
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
     return TRIE_TOKENIZER(str(ref_vocab))
 
 
@@ -118,7 +137,7 @@ def test_world_random_texts_match_reference(world, ref):
     rng = random.Random(7)
     pool = list(TEXTS.values())
     for seed in range(40):
-        parts = [rng.choice(pool)[rng.randrange(50):][:rng.randrange(1, 400)] for _ in range(5)]
+        parts = [rng.choice(pool)[rng.randrange(50) :][: rng.randrange(1, 400)] for _ in range(5)]
         parts.append(random_unicode(100 + seed, rng.randrange(1, 50)))
         text = "".join(rng.sample(parts, len(parts)))
         assert world.encode(text) == ref.encode(text), text
@@ -171,14 +190,17 @@ def test_world_vocab_shared_between_instances(ref_vocab, world):
     assert WorldTokenizer(ref_vocab)._trie is world._trie
 
 
-@pytest.mark.parametrize("line,match", [
-    ("1 __import__('os').system('echo hacked') 1", "literal"),
-    ("1 'ab' 3", "2 bytes"),
-    ("1 123 3", "str or bytes"),
-    ("x 'a' 1", "integers"),
-    ("1'a'1", "expected"),
-    ("1 '' 0", "empty"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("1 __import__('os').system('echo hacked') 1", "literal"),
+        ("1 'ab' 3", "2 bytes"),
+        ("1 123 3", "str or bytes"),
+        ("x 'a' 1", "integers"),
+        ("1'a'1", "expected"),
+        ("1 '' 0", "empty"),
+    ],
+)
 def test_world_vocab_malformed(tmp_path, line, match):
     p = tmp_path / "vocab.txt"
     p.write_text("2 'b' 1\n" + line + "\n", encoding="utf-8")
@@ -236,8 +258,7 @@ def test_shipped_files(ref_vocab):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_SHA256[path.name]
         assert path.name in (path.parent / "README.md").read_text(encoding="utf-8")
     # the rwkv package's copy differs only by its CRLF line ends
-    assert default_world_vocab_path().read_bytes() == ref_vocab.read_bytes().replace(b"\r\n",
-                                                                                    b"\n")
+    assert default_world_vocab_path().read_bytes() == ref_vocab.read_bytes().replace(b"\r\n", b"\n")
 
 
 def test_shipped_world_matches_reference(ref):
@@ -284,16 +305,19 @@ def test_shipped_neox_matches_tokenizers_library():
 def test_vocabulary_errors_name_the_vocab_option(tmp_path):
     bad = tmp_path / "v.txt"
     bad.write_text("1 nope 1\n", encoding="utf-8")
-    for make in (lambda: tokenizer_for(65536, path=tmp_path / "missing.txt"),
-                 lambda: tokenizer_for(65536, path=bad),
-                 lambda: tokenizer_for(50277, path=tmp_path / "missing.json"),
-                 lambda: tokenizer_for(50277, path=bad),
-                 lambda: tokenizer_for(1000)):
+    for make in (
+        lambda: tokenizer_for(65536, path=tmp_path / "missing.txt"),
+        lambda: tokenizer_for(65536, path=bad),
+        lambda: tokenizer_for(50277, path=tmp_path / "missing.json"),
+        lambda: tokenizer_for(50277, path=bad),
+        lambda: tokenizer_for(1000),
+    ):
         with pytest.raises(TokenizerError, match="--vocab"):
             make()
 
 
 # -- bytes ---------------------------------------------------------------------------------
+
 
 def test_byte_tokenizer():
     tok = ByteTokenizer()
@@ -312,14 +336,19 @@ def test_byte_tokenizer():
 
 # -- NeoX (tokenizers library) -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def neox_json(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([ENGLISH, CHINESE, CODE, EMOJI] * 20, trainer=trainer)
     tok.add_tokens(["    ", "  "])  # plain added tokens (the 20B tokenizer has runs of spaces)
     p = tmp_path_factory.mktemp("neox") / "tokenizer.json"
@@ -329,6 +358,7 @@ def neox_json(tmp_path_factory):
 
 def test_neox_matches_tokenizers_library(neox_json):
     from tokenizers import Tokenizer
+
     hf = Tokenizer.from_file(str(neox_json))
     tok = NeoXTokenizer(neox_json)
     assert tok.name == "neox"
@@ -359,6 +389,7 @@ def test_neox_errors(tmp_path, neox_json):
 
 # -- tokenizer_for -------------------------------------------------------------------------
 
+
 def test_tokenizer_for_by_size_and_kind(ref_vocab, neox_json):
     assert isinstance(tokenizer_for(256), ByteTokenizer)
     assert isinstance(tokenizer_for(65536, path=ref_vocab), WorldTokenizer)
@@ -388,6 +419,7 @@ def test_tokenizer_for_mismatches(ref_vocab, neox_json):
 
 # -- StreamDecoder -------------------------------------------------------------------------
 
+
 def test_stream_decoder_holds_back_incomplete_characters():
     d = StreamDecoder(ByteTokenizer())
     e = "é".encode()
@@ -402,12 +434,12 @@ def test_stream_decoder_holds_back_incomplete_characters():
 
 def test_stream_decoder_invalid_bytes_and_flush():
     d = StreamDecoder(ByteTokenizer())
-    assert d.feed([0xFF]) == "\ufffd"          # can never start a character
+    assert d.feed([0xFF]) == "\ufffd"  # can never start a character
     assert d.feed([0x80, ord("a")]) == "\ufffda"  # stray continuation byte
-    assert d.feed([0xE4, 0xBD]) == ""          # incomplete, held back
-    assert d.feed([ord("b")]) == "\ufffdb"     # broken by an ASCII byte
+    assert d.feed([0xE4, 0xBD]) == ""  # incomplete, held back
+    assert d.feed([ord("b")]) == "\ufffdb"  # broken by an ASCII byte
     assert d.feed([0xF0, 0x9F]) == ""
-    assert d.flush() == "\ufffd"               # never completed
+    assert d.flush() == "\ufffd"  # never completed
     assert d.flush() == ""
 
 
@@ -415,13 +447,16 @@ def test_stream_decoder_equals_whole_decode_on_random_splits():
     rng = random.Random(11)
     tok = ByteTokenizer()
     for _ in range(200):
-        data = bytes(rng.choice([rng.randrange(256), *"aé😀中".encode()]) for _ in range(rng.randrange(1, 60)))
+        data = bytes(
+            rng.choice([rng.randrange(256), *"aé😀中".encode()])
+            for _ in range(rng.randrange(1, 60))
+        )
         ids = list(data)
         d = StreamDecoder(tok)
         out, i = [], 0
         while i < len(ids):
             k = rng.randrange(1, 5)
-            out.append(d.feed(ids[i:i + k]))
+            out.append(d.feed(ids[i : i + k]))
             i += k
         out.append(d.flush())
         assert "".join(out) == data.decode("utf-8", errors="replace")

@@ -28,17 +28,42 @@ SCRIPT = ROOT / "tools" / "train_demo.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import train_demo as td  # noqa: E402
 
-TINY = ["--n-embd", "32", "--n-layer", "2", "--head-size", "16", "--batch", "4", "--ctx", "64",
-        "--steps", "8", "--warmup", "2", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0",
-        "--threads", "2"]
+TINY = [
+    "--n-embd",
+    "32",
+    "--n-layer",
+    "2",
+    "--head-size",
+    "16",
+    "--batch",
+    "4",
+    "--ctx",
+    "64",
+    "--steps",
+    "8",
+    "--warmup",
+    "2",
+    "--lr",
+    "3e-3",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "0",
+    "--threads",
+    "2",
+]
 
 
 def run_script(tmp_path, name, *extra):
     out = tmp_path / f"{name}.pth"
     summary = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--out", str(out),
-                           "--json", str(summary), *extra],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--out", str(out), "--json", str(summary), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, json.loads(summary.read_text()), proc.stdout
 
@@ -54,23 +79,36 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_run):
     printed = [float(line.split()[3]) for line in stdout.splitlines() if line.startswith("step ")]
     assert printed == pytest.approx(losses, abs=1e-4)
     assert len(losses) == 8
-    assert losses[0] == pytest.approx(math.log(256), abs=0.3)        # a fresh model is uniform
+    assert losses[0] == pytest.approx(math.log(256), abs=0.3)  # a fresh model is uniform
     assert losses[-1] < losses[0] - 0.5
     assert summary["steps"] == 8 and summary["params"] > 0
 
     model = rwkvpy.load(path)
     info = model.info
-    assert (info.version, info.n_embd, info.n_layer, info.vocab_size, info.head_size) == \
-        (rwkvpy.Version.V7, 32, 2, 256, 16)
+    assert (info.version, info.n_embd, info.n_layer, info.vocab_size, info.head_size) == (
+        rwkvpy.Version.V7,
+        32,
+        2,
+        256,
+        16,
+    )
     ppl = summary["heldout_ppl"]
     assert math.isfinite(ppl) and 1 < ppl < 256
     assert summary["heldout_tokens"] == len(demo.demo_corpus()[1]) - 1
     assert f"perplexity {ppl:.3f}" in stdout
     # the checkpoint is a plain BlinkDL state dict: the names of a real v7 release
     sd = torch.load(path, weights_only=True)
-    assert set(sd) >= {"emb.weight", "blocks.0.ln0.weight", "blocks.1.att.v1", "blocks.0.att.x_r",
-                       "blocks.1.att.r_k", "blocks.1.att.ln_x.bias", "blocks.1.ffn.key.weight",
-                       "ln_out.bias", "head.weight"}
+    assert set(sd) >= {
+        "emb.weight",
+        "blocks.0.ln0.weight",
+        "blocks.1.att.v1",
+        "blocks.0.att.x_r",
+        "blocks.1.att.r_k",
+        "blocks.1.att.ln_x.bias",
+        "blocks.1.ffn.key.weight",
+        "ln_out.bias",
+        "head.weight",
+    }
     assert sd["blocks.0.att.x_r"].shape == (1, 1, 32) and sd["blocks.0.att.r_k"].shape == (2, 16)
     assert all(t.dtype == torch.float32 for t in sd.values())
 
@@ -79,18 +117,36 @@ def test_time_budget_plans_the_steps(tmp_path):
     """--minutes: the step count is fixed after the timed warm-up, the run ends in budget."""
     args = [a for a in TINY]
     i = args.index("--steps")
-    del args[i:i + 2]
+    del args[i : i + 2]
     out, summary = tmp_path / "m.pth", tmp_path / "m.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--minutes", "0.25",
-                           "--eval-reserve", "6", "--log-every", "50", "--no-eval",
-                           "--out", str(out), "--json", str(summary)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *args,
+            "--minutes",
+            "0.25",
+            "--eval-reserve",
+            "6",
+            "--log-every",
+            "50",
+            "--no-eval",
+            "--out",
+            str(out),
+            "--json",
+            str(summary),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads(summary.read_text())
     plan = [line for line in proc.stdout.splitlines() if line.startswith("plan: ")]
     assert len(plan) == 1 and f"--steps {int(plan[0].split()[1])}" in plan[0]
     assert s["steps"] > 2 and s["steps"] <= s["planned_steps"]
-    assert s["total_seconds"] < 15 + 10                 # 15 s budget, generous slack
+    assert s["total_seconds"] < 15 + 10  # 15 s budget, generous slack
     assert rwkvpy.load(out).info.n_layer == 2
 
 
@@ -129,11 +185,13 @@ def test_same_seed_same_checkpoint(tiny_run, tmp_path):
     second = torch.load(again, weights_only=True)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert [p["loss"] for p in summary["loss_curve"]] == \
-        [p["loss"] for p in tiny_run[1]["loss_curve"]]
+    assert [p["loss"] for p in summary["loss_curve"]] == [
+        p["loss"] for p in tiny_run[1]["loss_curve"]
+    ]
     other, _, _ = run_script(tmp_path, "c", "--seed", "4", "--no-eval", "--steps", "1")
-    assert not torch.equal(torch.load(other, weights_only=True)["head.weight"],
-                           first["head.weight"])
+    assert not torch.equal(
+        torch.load(other, weights_only=True)["head.weight"], first["head.weight"]
+    )
 
 
 def test_init_reads_a_quantized_gguf(tiny_run, tmp_path):
@@ -164,11 +222,11 @@ def test_mix_chat():
     assert td.mix_chat(doc, turns, 0.0, seed=5) == doc
     chat = re.findall(rb"User: q\d+\?\n\nAssistant: a\d+\.\n\n", mixed)
     n_chat = sum(map(len, chat))
-    assert n_chat + len(doc) == len(mixed)                       # whole turns, nothing else
-    assert 0.3 <= n_chat / len(mixed) < 0.3 + 120 / len(mixed)   # the share, to a conversation
+    assert n_chat + len(doc) == len(mixed)  # whole turns, nothing else
+    assert 0.3 <= n_chat / len(mixed) < 0.3 + 120 / len(mixed)  # the share, to a conversation
     assert re.sub(rb"User: q\d+\?\n\nAssistant: a\d+\.\n\n", b"", mixed) == doc  # doc in order
     counts = [chat.count(t.encode()) for t in turns]
-    assert max(counts) - min(counts) <= 1                         # each once per pass
+    assert max(counts) - min(counts) <= 1  # each once per pass
     # the replies' bytes: after "Assistant:", the closing blank line included
     mask = td.reply_mask(turns[:2])
     text = "".join(turns[:2]).encode()
@@ -178,14 +236,16 @@ def test_mix_chat():
 def test_fine_tune_with_chat(tiny_run, tmp_path):
     """--init a model and --chat-fraction: the run starts from its weights, mixes the chat
     turns in and evaluates the held-out chat and the starting model."""
-    out, summary, stdout = run_script(tmp_path, "ft", "--init", str(tiny_run[0]),
-                                      "--chat-fraction", "0.5", "--steps", "2")
+    out, summary, stdout = run_script(
+        tmp_path, "ft", "--init", str(tiny_run[0]), "--chat-fraction", "0.5", "--steps", "2"
+    )
     assert "init: " in stdout and "chat: " in stdout
     info = summary["corpus"]
     assert info["chat"] == demo.chat_info()
     assert info["mixed_train_bytes"] > 1.9 * info["train_bytes"]
-    assert summary["init_eval"]["heldout_ppl"] == pytest.approx(tiny_run[1]["heldout_ppl"],
-                                                                rel=1e-9)
+    assert summary["init_eval"]["heldout_ppl"] == pytest.approx(
+        tiny_run[1]["heldout_ppl"], rel=1e-9
+    )
     for ev in (summary, summary["init_eval"]):
         assert 1 < ev["chat_ppl"] < 256 and 1 < ev["chat_reply_ppl"] < 256
         assert ev["chat_tokens"] == len(demo.held_out_chat_text().encode()) - 1
@@ -196,9 +256,11 @@ def test_fine_tune_with_chat(tiny_run, tmp_path):
 def _wkv7_loop(r, lw, k, v, kk, a, S):
     outs = []
     for t in range(r.shape[1]):
-        S = (S * lw[:, t].exp().unsqueeze(-2)
-             + (S @ -kk[:, t].unsqueeze(-1)) @ (kk[:, t] * a[:, t]).unsqueeze(-2)
-             + v[:, t].unsqueeze(-1) * k[:, t].unsqueeze(-2))
+        S = (
+            S * lw[:, t].exp().unsqueeze(-2)
+            + (S @ -kk[:, t].unsqueeze(-1)) @ (kk[:, t] * a[:, t]).unsqueeze(-2)
+            + v[:, t].unsqueeze(-1) * k[:, t].unsqueeze(-2)
+        )
         outs.append((S @ r[:, t].unsqueeze(-1)).squeeze(-1))
     return torch.stack(outs, 1), S
 
@@ -214,8 +276,10 @@ def test_chunked_recurrence_equals_per_token_recurrence(T, chunk):
     kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
     lw = -math.exp(-0.5) * torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
     a = torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
-    xs = [x.requires_grad_() for x in (rnd(B, T, H, N), lw, rnd(B, T, H, N), rnd(B, T, H, N),
-                                       kk, a, rnd(B, H, N, N))]
+    xs = [
+        x.requires_grad_()
+        for x in (rnd(B, T, H, N), lw, rnd(B, T, H, N), rnd(B, T, H, N), kk, a, rnd(B, H, N, N))
+    ]
     out, S = td.wkv7_train(*xs, chunk=chunk)
     ref_out, ref_S = _wkv7_loop(*xs)
     assert (out - ref_out).abs().max() < 1e-10 and (S - ref_S).abs().max() < 1e-10
@@ -243,6 +307,7 @@ def test_init_follows_blinkdl_layout():
 
 # -- rwkvpy.demo ---------------------------------------------------------------------------------
 
+
 def test_demo_corpus_split():
     train, held = demo.demo_corpus()
     total = len(train) + len(held)
@@ -268,4 +333,4 @@ def test_demo_model_path(tmp_path, monkeypatch, tiny_run):
     model = rwkvpy.load("demo")
     assert model.info.path == str(pth) and model.info.n_layer == 2
     (tmp_path / "data" / "demo-v7-32x2.gguf").write_bytes(b"")
-    assert demo.demo_model_path().endswith(".gguf")          # GGUF first
+    assert demo.demo_model_path().endswith(".gguf")  # GGUF first

@@ -34,12 +34,23 @@ def _spawn(name, dst, src, **kw):
     import json
     import subprocess
 
-    cmd = [sys.executable, "-m", "benchmarks.write_faults", "--child", name, dst,
-           json.dumps(src), "--kill-at-rename", str(kw.get("kill_at_rename", 0)),
-           "--fsize", str(kw.get("fsize", 0))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.write_faults",
+        "--child",
+        name,
+        dst,
+        json.dumps(src),
+        "--kill-at-rename",
+        str(kw.get("kill_at_rename", 0)),
+        "--fsize",
+        str(kw.get("fsize", 0)),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def test_writers_killed_before_their_rename(src, tmp_path):
@@ -97,8 +108,9 @@ def test_writers_on_a_full_disk(src, tmp_path):
             assert not os.path.exists(wf.written(name, dst))
         else:
             assert "error FileWriteError" in lines[name] and "File too large" in lines[name], out
-            assert f": {dst}: " in lines[name] or lines[name].split(": ", 1)[1].startswith(dst), \
+            assert f": {dst}: " in lines[name] or lines[name].split(": ", 1)[1].startswith(dst), (
                 lines[name]
+            )
             assert wf.check(name, dst, src) == "absent"
         assert wf.temps(Path(dst).parent) == [], os.listdir(Path(dst).parent)
     assert "Traceback" not in out, out
@@ -124,7 +136,9 @@ def test_writers_into_a_read_only_folder(src, tmp_path):
             dst = str(where / wf.DEST[name])
             with pytest.raises(FileWriteError) as e:
                 wf.write(name, dst, src)
-            assert str(e.value).startswith(dst) and "Permission denied" in str(e.value), str(e.value)
+            assert str(e.value).startswith(dst) and "Permission denied" in str(e.value), str(
+                e.value
+            )
             assert not os.path.exists(dst)
         assert sorted(os.listdir(ro)) == ["model.gguf"]
     finally:
@@ -137,9 +151,24 @@ def test_generate_checks_the_state_destination_first(tmp_path):
     import subprocess
 
     dst = tmp_path / "missing" / "x.state"
-    r = subprocess.run([sys.executable, "-m", "rwkvpy", "generate", "demo", "Hi",
-                        "--max-tokens", "100000", "--save-state", str(dst)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkvpy",
+            "generate",
+            "demo",
+            "Hi",
+            "--max-tokens",
+            "100000",
+            "--save-state",
+            str(dst),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stdout == "", (r.stdout[:200], r.stderr)
-    assert r.stderr.strip() == (f"rwkvpy: error: {dst}: cannot create a file in {dst.parent}: "
-                                "it does not exist"), r.stderr
+    assert r.stderr.strip() == (
+        f"rwkvpy: error: {dst}: cannot create a file in {dst.parent}: it does not exist"
+    ), r.stderr

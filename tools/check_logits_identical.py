@@ -48,8 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("RWKVPY_FIXTURES", ROOT / "tests" / "fixtures"))
 MODES = ("fast", "exact")
 THREADS = (1, 2)
-V7_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "f16",
-            "bf16")
+V7_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "f16", "bf16")
 OTHER_VERSIONS = ("V4", "V5_2", "V6")
 OTHER_TYPES = ("f16.bin", "q4_0.bin", "q8_0.bin", "q5_k.gguf")
 PROMPT_LEN, SHORT_LEN, STEPS = 70, 3, 12
@@ -67,8 +66,8 @@ def fixture_models() -> list:
 
 def synth_models(folder: str) -> list:
     """(name, path) of the random models, written to ``folder`` when missing."""
-    from rwkvpy.convert import convert
     from rwkvpy.config import Version
+    from rwkvpy.convert import convert
     from rwkvpy.synth import save_random_model
 
     out = []
@@ -77,8 +76,15 @@ def synth_models(folder: str) -> list:
     for v, t in plan:
         pth = os.path.join(folder, f"{v}.pth")
         if not os.path.exists(pth):
-            save_random_model(pth, version=Version[v], n_embd=512, n_layer=2, vocab=1000,
-                              seed=11, dtype=torch.float16)
+            save_random_model(
+                pth,
+                version=Version[v],
+                n_embd=512,
+                n_layer=2,
+                vocab=1000,
+                seed=11,
+                dtype=torch.float16,
+            )
         dst = os.path.join(folder, f"{v}-{t}")
         if not os.path.exists(dst):
             convert(pth, dst, type=t.split(".")[0], progress=False)
@@ -157,8 +163,9 @@ def compare(want, got: dict) -> list:
             bad.append(f"DIFFERENT shape/dtype: {k}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}")
         elif a.tobytes() != b.tobytes():
             if k.endswith("|kernels"):
-                bad.append(f"DIFFERENT kernels: {k}: {a.tobytes().decode()} vs "
-                           f"{b.tobytes().decode()}")
+                bad.append(
+                    f"DIFFERENT kernels: {k}: {a.tobytes().decode()} vs {b.tobytes().decode()}"
+                )
             else:
                 n = int((a.view(np.uint8) != b.view(np.uint8)).sum())
                 d = float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64))))
@@ -170,15 +177,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("record", "check"))
     p.add_argument("file", help=".npz of recorded logits and states")
-    p.add_argument("--models", default=os.path.join(tempfile.gettempdir(),
-                                                    "rwkvpy-identity-models"),
-                   help="folder of the random models (kept between runs)")
-    p.add_argument("--only", default=None,
-                   help="only the models whose name contains this (check: the rest of the "
-                        "recording is ignored)")
-    p.add_argument("--levels", default=None,
-                   help="comma-separated capability levels (default: every level this machine "
-                        "can run; check: the rest of the recording is ignored)")
+    p.add_argument(
+        "--models",
+        default=os.path.join(tempfile.gettempdir(), "rwkvpy-identity-models"),
+        help="folder of the random models (kept between runs)",
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        help="only the models whose name contains this (check: the rest of the "
+        "recording is ignored)",
+    )
+    p.add_argument(
+        "--levels",
+        default=None,
+        help="comma-separated capability levels (default: every level this machine "
+        "can run; check: the rest of the recording is ignored)",
+    )
     args = p.parse_args(argv)
     lvls = args.levels.split(",") if args.levels else levels()
     os.makedirs(args.models, exist_ok=True)
@@ -187,19 +202,26 @@ def main(argv=None) -> int:
     if args.action == "record":
         np.savez_compressed(args.file, **got)
         runs = sum(k.endswith("|kernels") for k in got)
-        print(f"recorded {runs} runs ({len(got)} arrays) to {args.file} in "
-              f"{time.perf_counter() - t0:.0f} s")
+        print(
+            f"recorded {runs} runs ({len(got)} arrays) to {args.file} in "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
         return 0
     want = np.load(args.file)
     if args.only or args.levels:
-        keep = {k for k in want.files if (args.only or "") in k.split("|")[0]
-                and k.split("|")[2] in lvls}
+        keep = {
+            k
+            for k in want.files
+            if (args.only or "") in k.split("|")[0] and k.split("|")[2] in lvls
+        }
         want = _Subset(want, keep)
     bad = compare(want, got)
     for line in bad:
         print(line)
-    print(f"{len(got) - len(bad)} of {len(got)} arrays bit-identical "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"{len(got) - len(bad)} of {len(got)} arrays bit-identical "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     return 1 if bad else 0
 
 

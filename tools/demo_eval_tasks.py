@@ -60,8 +60,9 @@ def mc_rows() -> list:
         others = [held[(i + k) % len(held)][1] for k in (1, 2, 3)]
         correct = i % 4  # the right answer's place rotates
         choices = others[:correct] + [answer] + others[correct:]
-        rows.append({"prompt": render_user(question).rstrip(), "choices": choices,
-                     "answer": correct})
+        rows.append(
+            {"prompt": render_user(question).rstrip(), "choices": choices, "answer": correct}
+        )
     return rows
 
 
@@ -72,12 +73,15 @@ def doc_rows() -> list:
 
 def write(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, rows, yaml in (("demo_chat_mc", mc_rows(), MC_YAML),
-                             ("demo_heldout_doc", doc_rows(), DOC_YAML)):
+    for name, rows, yaml in (
+        ("demo_chat_mc", mc_rows(), MC_YAML),
+        ("demo_heldout_doc", doc_rows(), DOC_YAML),
+    ):
         data = folder / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        (folder / f"{name}.yaml").write_text(yaml.format(data=json.dumps(str(data.resolve()))),
-                                              encoding="utf-8")
+        (folder / f"{name}.yaml").write_text(
+            yaml.format(data=json.dumps(str(data.resolve()))), encoding="utf-8"
+        )
         print(f"{folder / name}.yaml: {len(rows)} documents")
 
 

@@ -72,7 +72,7 @@ from rwkvpy.formats.atomic import atomic_write  # noqa: E402
 
 VOCAB = 256
 DECAY_SCALE = math.exp(-0.5)  # log w = -e^-0.5 sigmoid(w0 + lora): decay in [e^-0.607, 1)
-WKV_CHUNK = 16                # chunk of wkv7_train: 1 / g <= e^(16 * 0.607) = e^9.7 in float32
+WKV_CHUNK = 16  # chunk of wkv7_train: 1 / g <= e^(16 * 0.607) = e^9.7 in float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,39 +135,39 @@ def wkv7_train(r, lw, k, v, kk, a, S0, chunk=WKV_CHUNK):
     nc = (T + pad) // L
 
     def chunks(x):
-        return x.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4)          # (B, H, nc, L, N)
+        return x.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4)  # (B, H, nc, L, N)
 
     r, lw, k, v, kk, a = (chunks(x) for x in (r, lw, k, v, kk, a))
-    cum = lw.cumsum(-2)                                                   # log g_t (inclusive)
-    tot = cum[..., -1:, :]                                                # log g_L
+    cum = lw.cumsum(-2)  # log g_t (inclusive)
+    tot = cum[..., -1:, :]  # log g_L
     b = kk * a
-    A = -kk * torch.exp(cum - lw)                                         # alpha g_{t-1}
+    A = -kk * torch.exp(cum - lw)  # alpha g_{t-1}
     R = r * torch.exp(cum)
     inv = torch.exp(-cum)
-    X = torch.cat([A, R], -2)                                             # (.., 2L, N)
+    X = torch.cat([A, R], -2)  # (.., 2L, N)
     Y = torch.cat([b * inv, k * inv], -2)
-    M = (X @ Y.transpose(-1, -2)) * _pair_mask(L, r.device)              # (.., 2L, 2L)
+    M = (X @ Y.transpose(-1, -2)) * _pair_mask(L, r.device)  # (.., 2L, 2L)
     Mab, Mak, Mrb, Mrk = M[..., :L, :L], M[..., :L, L:], M[..., L:, :L], M[..., L:, L:]
 
     PQ = _unit_lower_solve(Mab, torch.cat([A, Mak @ v], -1))
-    P, Q = PQ[..., :N], PQ[..., N:]                                       # U = P Z + Q
-    dec = torch.exp(tot - cum)                                            # g_L / g_i
+    P, Q = PQ[..., :N], PQ[..., N:]  # U = P Z + Q
+    dec = torch.exp(tot - cum)  # g_L / g_i
     Bg, Kg = (b * dec).transpose(-1, -2), (k * dec).transpose(-1, -2)
-    step = torch.diag_embed(torch.exp(tot).squeeze(-2)) + Bg @ P         # (B, H, nc, N, N)
+    step = torch.diag_embed(torch.exp(tot).squeeze(-2)) + Bg @ P  # (B, H, nc, N, N)
     add = Bg @ Q + Kg @ v
 
     # one unbind per tensor (slicing chunk c inside the loop would cost a full-size gradient
     # buffer per chunk in the backward pass)
     steps = step.permute(2, 0, 1, 3, 4).reshape(nc, B * H, N, N).unbind(0)
     adds = add.permute(2, 0, 1, 3, 4).reshape(nc, B * H, N, N).unbind(0)
-    Z = S0.transpose(-1, -2).reshape(B * H, N, N)                         # S^T: (B H, N_k, N_v)
+    Z = S0.transpose(-1, -2).reshape(B * H, N, N)  # S^T: (B H, N_k, N_v)
     starts = []
     for c in range(nc):
         starts.append(Z)
         Z = torch.baddbmm(adds[c], steps[c], Z)
     Zs = torch.stack(starts, 1).view(B, H, nc, N, N)
     Z = Z.view(B, H, N, N)
-    out = (R + Mrb @ P) @ Zs + Mrb @ Q + Mrk @ v                         # (B, H, nc, L, N)
+    out = (R + Mrb @ P) @ Zs + Mrb @ Q + Mrk @ v  # (B, H, nc, L, N)
     out = out.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
     return out, Z.transpose(-1, -2)
 
@@ -176,10 +176,13 @@ def wkv7_train(r, lw, k, v, kk, a, S0, chunk=WKV_CHUNK):
 # The model: parameter names and shapes of BlinkDL's RWKV-7 checkpoints
 # --------------------------------------------------------------------------------------------
 
+
 def lora_dims(C: int) -> dict:
     """LoRA ranks of BlinkDL's v7 training code (multiples of 32, at least 32)."""
+
     def r32(f):
-        return max(32, int(round(f * C ** 0.5 / 32)) * 32)
+        return max(32, int(round(f * C**0.5 / 32)) * 32)
+
     return {"w": r32(2.5), "a": r32(2.5), "v": r32(1.7), "g": r32(5.0)}
 
 
@@ -195,7 +198,7 @@ class TimeMix(nn.Module):
         super().__init__()
         self.layer_id, self.H, self.N = layer_id, H, C // H
         D = lora_dims(C)
-        vec = lambda: nn.Parameter(torch.zeros(1, 1, C))              # noqa: E731
+        vec = lambda: nn.Parameter(torch.zeros(1, 1, C))  # noqa: E731
         for n in "rwkvag":
             setattr(self, "x_" + n, vec())
         self.w0, self.a0, self.v0 = vec(), vec(), vec()
@@ -215,14 +218,14 @@ class TimeMix(nn.Module):
     def _init(self, C, layer_id, n_layer):
         # BlinkDL's RWKV-LM v7 initialisation (RWKV_Tmix_x070 and generate_init_weight)
         N = self.N
-        r01 = layer_id / (n_layer - 1) if n_layer > 1 else 0.0          # 0 .. 1 over the layers
-        r10 = 1.0 - layer_id / n_layer                                   # 1 .. ~0
+        r01 = layer_id / (n_layer - 1) if n_layer > 1 else 0.0  # 0 .. 1 over the layers
+        r10 = 1.0 - layer_id / n_layer  # 1 .. ~0
         n = torch.arange(C, dtype=torch.float64)
         ddd = n / C
         linear = n / (C - 1) - 0.5
         zig = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
         zig = zig * zig.abs()
-        www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
+        www = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
         for name, p in zip("rwkvag", (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)):
             getattr(self, "x_" + name).copy_((1.0 - ddd ** (p * r10)).view(1, 1, C))
         self.w0.copy_((www + 0.5 + zig * 2.5).view(1, 1, C))
@@ -260,8 +263,15 @@ class TimeMix(nn.Module):
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         rh, kh, vh = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
-        out, S = wkv7_train(rh.float(), lw.float().view(B, T, H, N), kh.float(), vh.float(),
-                            kk.float(), a.float().view(B, T, H, N), S)
+        out, S = wkv7_train(
+            rh.float(),
+            lw.float().view(B, T, H, N),
+            kh.float(),
+            vh.float(),
+            kk.float(),
+            a.float().view(B, T, H, N),
+            S,
+        )
         out = self.ln_x(out.reshape(B * T, C)).view(B, T, C)
         bonus = (rh * kh * self.r_k).sum(-1, keepdim=True) * vh
         out = self.output((out + bonus.reshape(B, T, C)) * g)
@@ -277,7 +287,7 @@ class ChannelMix(nn.Module):
         with torch.no_grad():
             r10 = 1.0 - layer_id / n_layer
             ddd = torch.arange(C, dtype=torch.float64) / C
-            self.x_k.copy_((1.0 - ddd ** (r10 ** 4)).view(1, 1, C))
+            self.x_k.copy_((1.0 - ddd ** (r10**4)).view(1, 1, C))
             _orthogonal_(self.key.weight, 1.0)
             self.value.weight.zero_()
 
@@ -316,7 +326,7 @@ class RWKV7LM(nn.Module):
             nn.init.orthogonal_(self.head.weight, gain=gain)
 
     @classmethod
-    def from_state_dict(cls, sd: dict) -> "RWKV7LM":
+    def from_state_dict(cls, sd: dict) -> RWKV7LM:
         """A module holding a BlinkDL v7 checkpoint's weights (float32)."""
         vocab, C = sd["emb.weight"].shape
         n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -374,10 +384,13 @@ def load_init(spec) -> RWKV7LM:
     missing = set(want) - set(sd) - unused
     extra = set(sd) - set(want)
     if missing or extra:
-        raise SystemExit(f"train_demo: {spec}: tensors missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]}")
-    model.load_state_dict({k: (sd[k].reshape(v.shape).contiguous() if k in sd else v)
-                           for k, v in want.items()})
+        raise SystemExit(
+            f"train_demo: {spec}: tensors missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}"
+        )
+    model.load_state_dict(
+        {k: (sd[k].reshape(v.shape).contiguous() if k in sd else v) for k, v in want.items()}
+    )
     return model
 
 
@@ -396,6 +409,7 @@ def save_checkpoint(model, path, dtype=torch.float32) -> int:
 # Data, schedule, evaluation
 # --------------------------------------------------------------------------------------------
 
+
 class Streams:
     """Truncated BPTT over ``batch`` contiguous streams of the training bytes. Epoch e shifts
     the stream boundaries by a seeded random offset in [0, ctx); a new epoch starts from a
@@ -408,8 +422,10 @@ class Streams:
         self.epoch = -1
         self.j = self.steps = 0
         if len(data) < batch * (ctx + 1) + ctx:
-            raise SystemExit(f"train_demo: {len(data)} training bytes are too few for "
-                             f"--batch {batch} --ctx {ctx}")
+            raise SystemExit(
+                f"train_demo: {len(data)} training bytes are too few for "
+                f"--batch {batch} --ctx {ctx}"
+            )
 
     def _new_epoch(self):
         self.epoch += 1
@@ -497,8 +513,11 @@ def heldout_loss_quick(model, held: bytes, pieces: int = 8, ctx: int = 512) -> f
         idx = starts.unsqueeze(1) + j + torch.arange(n + 1)
         win = data[idx]
         logits, state = model(win[:, :-1], state)
-        tot += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1),
-                                     reduction="sum"))
+        tot += float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1), reduction="sum"
+            )
+        )
     return tot / (pieces * seg)
 
 
@@ -508,16 +527,17 @@ def _nll_rwkvpy(model, data: bytes, chunk: int = 1024) -> torch.Tensor:
     toks = list(data)
     state, out = None, []
     for i in range(0, len(toks) - 1, chunk):
-        inp = toks[i:i + chunk]
-        tgt = torch.tensor(toks[i + 1:i + 1 + chunk])
-        inp = inp[:len(tgt)]
+        inp = toks[i : i + chunk]
+        tgt = torch.tensor(toks[i + 1 : i + 1 + chunk])
+        inp = inp[: len(tgt)]
         logits, state = model.forward(inp, state, all_logits=True)
         out.append(F.cross_entropy(logits.double(), tgt, reduction="none"))
     return torch.cat(out)
 
 
-def heldout_perplexity_rwkvpy(path, held: bytes, threads: int, chunk: int = 1024,
-                              chat_turns_held=None) -> dict:
+def heldout_perplexity_rwkvpy(
+    path, held: bytes, threads: int, chunk: int = 1024, chat_turns_held=None
+) -> dict:
     """exp(mean NLL per byte) of held[1:] given the preceding held-out bytes, computed by
     rwkvpy: load the written file, sequence mode in chunks with the state carried. With
     ``chat_turns_held``, the same over those turns as one conversation (``chat_ppl``) and over
@@ -527,26 +547,40 @@ def heldout_perplexity_rwkvpy(path, held: bytes, threads: int, chunk: int = 1024
     t0 = time.time()
     model = rwkvpy.load(path, threads=threads)
     nll = _nll_rwkvpy(model, held, chunk)
-    out = {"heldout_nll": float(nll.mean()), "heldout_ppl": math.exp(float(nll.mean())),
-           "heldout_tokens": len(nll)}
+    out = {
+        "heldout_nll": float(nll.mean()),
+        "heldout_ppl": math.exp(float(nll.mean())),
+        "heldout_tokens": len(nll),
+    }
     if chat_turns_held:
         nll = _nll_rwkvpy(model, "".join(chat_turns_held).encode("utf-8"), chunk)
         reply = reply_mask(chat_turns_held)[1:]
-        out.update({"chat_ppl": math.exp(float(nll.mean())), "chat_tokens": len(nll),
-                    "chat_reply_ppl": math.exp(float(nll[reply].mean())),
-                    "chat_reply_tokens": int(reply.sum())})
+        out.update(
+            {
+                "chat_ppl": math.exp(float(nll.mean())),
+                "chat_tokens": len(nll),
+                "chat_reply_ppl": math.exp(float(nll[reply].mean())),
+                "chat_reply_tokens": int(reply.sum()),
+            }
+        )
     out["eval_seconds"] = round(time.time() - t0, 1)
     return out
 
 
 def _print_eval(what, ev):
-    print(f"{what} held-out (rwkvpy, {ev['heldout_tokens']} bytes, state carried): "
-          f"NLL {ev['heldout_nll']:.4f} nats/byte = {ev['heldout_nll'] / math.log(2):.3f} "
-          f"bits/byte, perplexity {ev['heldout_ppl']:.3f} ({ev['eval_seconds']}s)", flush=True)
+    print(
+        f"{what} held-out (rwkvpy, {ev['heldout_tokens']} bytes, state carried): "
+        f"NLL {ev['heldout_nll']:.4f} nats/byte = {ev['heldout_nll'] / math.log(2):.3f} "
+        f"bits/byte, perplexity {ev['heldout_ppl']:.3f} ({ev['eval_seconds']}s)",
+        flush=True,
+    )
     if "chat_ppl" in ev:
-        print(f"{what} held-out chat ({ev['chat_tokens']} bytes): perplexity "
-              f"{ev['chat_ppl']:.3f}, replies alone ({ev['chat_reply_tokens']} bytes) "
-              f"{ev['chat_reply_ppl']:.3f}", flush=True)
+        print(
+            f"{what} held-out chat ({ev['chat_tokens']} bytes): perplexity "
+            f"{ev['chat_ppl']:.3f}, replies alone ({ev['chat_reply_tokens']} bytes) "
+            f"{ev['chat_reply_ppl']:.3f}",
+            flush=True,
+        )
 
 
 def tune_malloc():
@@ -569,19 +603,29 @@ def tune_malloc():
 # Main
 # --------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default="demo.pth", help="checkpoint to write (BlinkDL .pth)")
     p.add_argument("--n-embd", type=int, default=192)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--head-size", type=int, default=None, help="default: min(64, n_embd)")
     p.add_argument("--ctx", type=int, default=256, help="bytes per stream per step")
     p.add_argument("--batch", type=int, default=16, help="parallel streams")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (upper bound "
-                   "with --minutes); one of --steps / --minutes is required")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget for the whole run, final evaluation included")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps (upper bound with --minutes); one of --steps / --minutes is required",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget for the whole run, final evaluation included",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-final", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=30)
@@ -589,20 +633,40 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="dtype of the written checkpoint")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="dtype of the written checkpoint",
+    )
     p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=100,
-                   help="quick held-out loss every N steps with the training module (0: never)")
-    p.add_argument("--eval-reserve", type=float, default=75.0,
-                   help="seconds of --minutes kept for saving and the final evaluation")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=100,
+        help="quick held-out loss every N steps with the training module (0: never)",
+    )
+    p.add_argument(
+        "--eval-reserve",
+        type=float,
+        default=75.0,
+        help="seconds of --minutes kept for saving and the final evaluation",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the final rwkvpy evaluation")
     p.add_argument("--json", default=None, help="write a JSON summary here")
-    p.add_argument("--chat-fraction", type=float, default=0.0,
-                   help="share of the training bytes that are chat turns (rwkvpy.demo.chat_turns)")
-    p.add_argument("--init", default=None, metavar="MODEL",
-                   help="start from this v7 model (a file rwkvpy reads, or 'demo'); its "
-                        "dimensions replace --n-embd, --n-layer, --head-size")
+    p.add_argument(
+        "--chat-fraction",
+        type=float,
+        default=0.0,
+        help="share of the training bytes that are chat turns (rwkvpy.demo.chat_turns)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="start from this v7 model (a file rwkvpy reads, or 'demo'); its "
+        "dimensions replace --n-embd, --n-layer, --head-size",
+    )
     a = p.parse_args(argv)
     if a.steps is None and a.minutes is None:
         p.error("give --steps or --minutes (or both)")
@@ -627,25 +691,34 @@ def main(argv=None):
     else:
         model = RWKV7LM(args.n_embd, args.n_layer, args.head_size)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"corpus: pydoc_data.topics, {info['train_bytes']} train / {info['heldout_bytes']} "
-          f"held-out bytes, sha256 {info['sha256']}, Python {sys.version.split()[0]}")
+    print(
+        f"corpus: pydoc_data.topics, {info['train_bytes']} train / {info['heldout_bytes']} "
+        f"held-out bytes, sha256 {info['sha256']}, Python {sys.version.split()[0]}"
+    )
     chat_train, chat_held = chat_turns() if args.chat_fraction > 0 or args.init else ([], [])
     chat_bytes = "".join(chat_held).encode("utf-8")
     if args.chat_fraction > 0:
         train = mix_chat(train, chat_train, args.chat_fraction, args.seed)
         info["chat"] = chat_info()
         info["mixed_train_bytes"] = len(train)
-        print(f"chat: {len(chat_train)} train / {len(chat_held)} held-out turns, "
-              f"{args.chat_fraction:.0%} of {len(train)} training bytes, "
-              f"sha256 {info['chat']['sha256']}")
+        print(
+            f"chat: {len(chat_train)} train / {len(chat_held)} held-out turns, "
+            f"{args.chat_fraction:.0%} of {len(train)} training bytes, "
+            f"sha256 {info['chat']['sha256']}"
+        )
     if args.init is not None:
         print(f"init: {args.init}", flush=True)
-    print(f"model: RWKV-7 n_embd {args.n_embd} x {args.n_layer} layers, head size "
-          f"{args.head_size}, vocab {VOCAB}, {n_params:,} parameters; "
-          f"lora {lora_dims(args.n_embd)}")
-    print(f"train: batch {args.batch} x ctx {args.ctx} bytes/step, lr {args.lr} -> "
-          f"{args.lr_final} (warm-up {args.warmup}), wd {args.weight_decay}, seed {args.seed}, "
-          f"{args.threads} threads, float32", flush=True)
+    print(
+        f"model: RWKV-7 n_embd {args.n_embd} x {args.n_layer} layers, head size "
+        f"{args.head_size}, vocab {VOCAB}, {n_params:,} parameters; "
+        f"lora {lora_dims(args.n_embd)}"
+    )
+    print(
+        f"train: batch {args.batch} x ctx {args.ctx} bytes/step, lr {args.lr} -> "
+        f"{args.lr_final} (warm-up {args.warmup}), wd {args.weight_decay}, seed {args.seed}, "
+        f"{args.threads} threads, float32",
+        flush=True,
+    )
 
     # BlinkDL's groups: w0 at 2x lr; matrices (.weight, 2-D) with weight decay; the rest without
     decay, plain, fast = [], [], []
@@ -656,17 +729,24 @@ def main(argv=None):
             decay.append(p)
         else:
             plain.append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay, "scale": 1.0},
-                             {"params": plain, "weight_decay": 0.0, "scale": 1.0},
-                             {"params": fast, "weight_decay": 0.0, "scale": 2.0}],
-                            lr=args.lr, betas=(0.9, 0.99), eps=1e-8, foreach=False)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay, "scale": 1.0},
+            {"params": plain, "weight_decay": 0.0, "scale": 1.0},
+            {"params": fast, "weight_decay": 0.0, "scale": 2.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.99),
+        eps=1e-8,
+        foreach=False,
+    )
 
     streams = Streams(train, args.batch, args.ctx, args.seed)
     deadline = None if args.minutes is None else t_start + 60 * args.minutes - args.eval_reserve
-    total = args.steps if args.steps is not None else 10 ** 9
+    total = args.steps if args.steps is not None else 10**9
     planned = args.steps is not None and args.minutes is None
-    replans = []                    # (step, new total)
-    marks = []                      # (step, time) of recent steps: the current speed
+    replans = []  # (step, new total)
+    marks = []  # (step, time) of recent steps: the current speed
     state = None
     curve, held_curve = [], []
     t_eval = 0.0
@@ -678,9 +758,12 @@ def main(argv=None):
             point["chat_loss"] = round(heldout_loss_quick(model, chat_bytes), 4)
         t_eval = time.time() - t0
         held_curve.append(point)
-        print(f"step 0 held-out loss (quick, training module) {hl:.4f}"
-              + (f", chat {point['chat_loss']:.4f}" if chat_bytes else "")
-              + f" ({t_eval:.1f}s)", flush=True)
+        print(
+            f"step 0 held-out loss (quick, training module) {hl:.4f}"
+            + (f", chat {point['chat_loss']:.4f}" if chat_bytes else "")
+            + f" ({t_eval:.1f}s)",
+            flush=True,
+        )
     acc, acc_n = 0.0, 0
     t_loop = t_int = time.time()
     t_evals = 0.0  # time spent in held-out evaluations inside the loop
@@ -715,8 +798,11 @@ def main(argv=None):
             fit = step + int((deadline - time.time()) / per_step * 0.97)
             total = min(total, max(step, fit))
             planned = True
-            print(f"plan: {total} steps ({per_step:.2f} s/step measured over {step} steps); "
-                  f"--steps {total} reproduces this run", flush=True)
+            print(
+                f"plan: {total} steps ({per_step:.2f} s/step measured over {step} steps); "
+                f"--steps {total} reproduces this run",
+                flush=True,
+            )
         elif deadline is not None and planned and step % 25 == 0 and step < total:
             now = time.time()
             marks = [m for m in marks if m[0] >= step - 100] + [(step, now)]
@@ -730,16 +816,20 @@ def main(argv=None):
                 if (over and fit < total) or longer:
                     total = max(step + 1, fit)
                     replans.append((step, total))
-                    print(f"re-planned at step {step}: {total} steps (now {per_step:.2f} s/step)",
-                          flush=True)
+                    print(
+                        f"re-planned at step {step}: {total} steps (now {per_step:.2f} s/step)",
+                        flush=True,
+                    )
 
         if step % args.log_every == 0 or step == total:
             now = time.time()
             tok_s = acc_n * args.batch * args.ctx / (now - t_int)
             curve.append({"step": step, "loss": round(acc / acc_n, 4)})
-            print(f"step {step}/{total if planned else '?'} loss {acc / acc_n:.4f} lr {lr:.2e} "
-                  f"epoch {streams.epoch} {tok_s:.0f} tok/s elapsed {now - t_start:.0f}s",
-                  flush=True)
+            print(
+                f"step {step}/{total if planned else '?'} loss {acc / acc_n:.4f} lr {lr:.2e} "
+                f"epoch {streams.epoch} {tok_s:.0f} tok/s elapsed {now - t_start:.0f}s",
+                flush=True,
+            )
             acc, acc_n, t_int = 0.0, 0, time.time()
         if args.eval_every and (step % args.eval_every == 0 or step == total):
             t0 = time.time()
@@ -748,9 +838,12 @@ def main(argv=None):
             if chat_bytes:
                 point["chat_loss"] = round(heldout_loss_quick(model, chat_bytes), 4)
             held_curve.append(point)
-            print(f"step {step} held-out loss (quick, training module) {hl:.4f}"
-                  + (f", chat {point['chat_loss']:.4f}" if chat_bytes else "")
-                  + f" ({time.time() - t0:.1f}s)", flush=True)
+            print(
+                f"step {step} held-out loss (quick, training module) {hl:.4f}"
+                + (f", chat {point['chat_loss']:.4f}" if chat_bytes else "")
+                + f" ({time.time() - t0:.1f}s)",
+                flush=True,
+            )
             t_int += time.time() - t0
             t_evals += time.time() - t0
     if acc_n:
@@ -760,14 +853,26 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     size = save_checkpoint(model, args.out, dtype)
     tokens = step * args.batch * args.ctx
-    print(f"wrote {args.out} ({size:,} bytes, {args.dtype}) after {step} steps, {tokens:,} tokens "
-          f"({tokens / len(train):.2f} epochs) in {train_seconds:.0f}s", flush=True)
+    print(
+        f"wrote {args.out} ({size:,} bytes, {args.dtype}) after {step} steps, {tokens:,} tokens "
+        f"({tokens / len(train):.2f} epochs) in {train_seconds:.0f}s",
+        flush=True,
+    )
 
-    summary = {"out": os.path.abspath(args.out), "file_size": size, "steps": step, "tokens": tokens,
-               "planned_steps": total, "replans": replans, "params": n_params,
-               "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
-               "corpus": info, "train_seconds": round(train_seconds, 1), "loss_curve": curve,
-               "heldout_quick_curve": held_curve}
+    summary = {
+        "out": os.path.abspath(args.out),
+        "file_size": size,
+        "steps": step,
+        "tokens": tokens,
+        "planned_steps": total,
+        "replans": replans,
+        "params": n_params,
+        "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
+        "corpus": info,
+        "train_seconds": round(train_seconds, 1),
+        "loss_curve": curve,
+        "heldout_quick_curve": held_curve,
+    }
     if not args.no_eval:
         ev = heldout_perplexity_rwkvpy(args.out, held, args.threads, chat_turns_held=chat_held)
         summary.update(ev)
@@ -775,8 +880,9 @@ def main(argv=None):
         if args.init is not None:
             from rwkvpy.hub import resolve_model
 
-            ev0 = heldout_perplexity_rwkvpy(resolve_model(args.init), held, args.threads,
-                                            chat_turns_held=chat_held)
+            ev0 = heldout_perplexity_rwkvpy(
+                resolve_model(args.init), held, args.threads, chat_turns_held=chat_held
+            )
             summary["init_eval"] = ev0
             _print_eval("init", ev0)
     summary["total_seconds"] = round(time.time() - t_start, 1)

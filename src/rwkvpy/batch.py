@@ -51,12 +51,32 @@ from typing import Any
 from .errors import RwkvpyError
 
 TASKS = ("generate", "perplexity")
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                   "frequency_penalty", "penalty_decay", "logit_bias", "banned_tokens", "stop",
-                   "stop_tokens", "seed", "greedy")
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_decay",
+    "logit_bias",
+    "banned_tokens",
+    "stop",
+    "stop_tokens",
+    "seed",
+    "greedy",
+)
 COLUMNS = {
-    "generate": ("id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "seed",
-                 "error"),
+    "generate": (
+        "id",
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "seed",
+        "error",
+    ),
     "perplexity": ("id", "tokens", "nll", "perplexity", "error"),
 }
 DEFAULT_BATCH_SIZE = 8
@@ -102,14 +122,17 @@ def read_requests(path: str, task: str, *, max_tokens=None, seed=None) -> list[d
             raise BatchError(f"{_at(where)}: give exactly one of 'prompt' or 'text'")
         prompt = row["prompt" if has_p else "text"]
         if not isinstance(prompt, str):
-            raise BatchError(f"{_at(where)}: the prompt must be a string, got "
-                             f"{type(prompt).__name__}")
+            raise BatchError(
+                f"{_at(where)}: the prompt must be a string, got {type(prompt).__name__}"
+            )
         # perplexity ignores the sampling fields: one INPUT serves both tasks
         extra = sorted(set(row) - {"id", "prompt", "text", *SAMPLING_FIELDS})
         if extra:
-            raise BatchError(f"{_at(where)}: unknown field{'s' if len(extra) > 1 else ''} "
-                             f"{', '.join(extra)}; a request takes id, prompt (or text) and "
-                             f"{', '.join(SAMPLING_FIELDS)}")
+            raise BatchError(
+                f"{_at(where)}: unknown field{'s' if len(extra) > 1 else ''} "
+                f"{', '.join(extra)}; a request takes id, prompt (or text) and "
+                f"{', '.join(SAMPLING_FIELDS)}"
+            )
         req: dict[str, Any] = {"id": rid, "index": index, "prompt": prompt}
         if task == "generate":
             params = {k: row[k] for k in SAMPLING_FIELDS if k in row and row[k] is not None}
@@ -178,7 +201,7 @@ def _read_folder(path: str) -> list:
 
 def groups(requests: list, batch_size: int) -> list[list]:
     """The requests cut into groups of ``batch_size``, in input order (the unit of work)."""
-    return [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
+    return [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
 
 
 # -- the work ------------------------------------------------------------------------------------
@@ -186,9 +209,17 @@ class BatchWorker:
     """One model and what runs a group of requests on it: in this process, or as a Ray Data
     actor (``__call__`` takes a block of encoded requests and returns their rows)."""
 
-    def __init__(self, task: str, model: str, load_kw: dict | None = None, tokenizer=None,
-                 vocab=None, batch_size: int = DEFAULT_BATCH_SIZE, chunk: int | None = None,
-                 ignore_first: int = 0):
+    def __init__(
+        self,
+        task: str,
+        model: str,
+        load_kw: dict | None = None,
+        tokenizer=None,
+        vocab=None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        chunk: int | None = None,
+        ignore_first: int = 0,
+    ):
         import rwkvpy
 
         self.task = task
@@ -200,8 +231,9 @@ class BatchWorker:
         if task == "generate":
             from .server.engine import Engine
 
-            self.engine = Engine(self.model, self.tokenizer, cache=None,
-                                 max_batch=max(1, batch_size))
+            self.engine = Engine(
+                self.model, self.tokenizer, cache=None, max_batch=max(1, batch_size)
+            )
             self.engine.start()
 
     def close(self) -> None:
@@ -219,8 +251,10 @@ class BatchWorker:
         rows = []
         for text in batch.column("requests").to_pylist():
             rows += self.run(json.loads(text))
-        return {"row": [json.dumps(r, ensure_ascii=False) for r in rows],
-                "pid": [os.getpid()] * len(rows)}
+        return {
+            "row": [json.dumps(r, ensure_ascii=False) for r in rows],
+            "pid": [os.getpid()] * len(rows),
+        }
 
     def _empty(self, req, error: str) -> dict:
         row = dict.fromkeys(COLUMNS[self.task])
@@ -245,26 +279,35 @@ class BatchWorker:
                     return
                 req = reqs[i]
                 if isinstance(ev, DoneEvent):
-                    rows[i] = {"id": req["id"], "text": "".join(texts[i]),
-                               "finish_reason": ev.finish_reason,
-                               "prompt_tokens": ev.prompt_tokens,
-                               "completion_tokens": ev.completion_tokens,
-                               "seed": ev.seed, "error": None}
+                    rows[i] = {
+                        "id": req["id"],
+                        "text": "".join(texts[i]),
+                        "finish_reason": ev.finish_reason,
+                        "prompt_tokens": ev.prompt_tokens,
+                        "completion_tokens": ev.completion_tokens,
+                        "seed": ev.seed,
+                        "error": None,
+                    }
                 else:  # an ErrorEvent or a CancelledEvent
-                    rows[i] = self._empty(req, ev.message if isinstance(ev, ErrorEvent)
-                                          else ev.reason)
+                    rows[i] = self._empty(
+                        req, ev.message if isinstance(ev, ErrorEvent) else ev.reason
+                    )
                 with lock:
                     left[0] -= 1
                     if left[0] == 0:
                         done.set()
+
             return emit
 
         seqs = []
         for i, req in enumerate(reqs):
             ids = self.tokenizer.encode(req["prompt"])
             if not ids:
-                rows[i] = self._empty(req, "the prompt is empty: the model needs at least one "
-                                           "token to predict the next one")
+                rows[i] = self._empty(
+                    req,
+                    "the prompt is empty: the model needs at least one "
+                    "token to predict the next one",
+                )
                 continue
             seqs.append(Sequence(ids, SamplingParams(**req["params"]), emitter(i)))
         if seqs:
@@ -280,13 +323,24 @@ class BatchWorker:
         for req in reqs:
             ids = self.tokenizer.encode(req["prompt"])
             try:
-                r = perplexity(self.model, ids, chunk=self.chunk or DEFAULT_CHUNK,
-                               ignore_first=self.ignore_first)
+                r = perplexity(
+                    self.model,
+                    ids,
+                    chunk=self.chunk or DEFAULT_CHUNK,
+                    ignore_first=self.ignore_first,
+                )
             except RwkvpyError as e:
                 rows.append(self._empty(req, str(e)))
                 continue
-            rows.append({"id": req["id"], "tokens": r.tokens, "nll": r.nll,
-                         "perplexity": r.perplexity, "error": None})
+            rows.append(
+                {
+                    "id": req["id"],
+                    "tokens": r.tokens,
+                    "nll": r.nll,
+                    "perplexity": r.perplexity,
+                    "error": None,
+                }
+            )
         return rows
 
 
@@ -307,8 +361,9 @@ class Output:
             for p in there:
                 self.done |= {_key(r["id"]) for r in self._read(p, repair=True)}
         elif there and not force and any(os.path.getsize(p) for p in there):
-            raise BatchError(f"{there[0]} exists: give --resume to go on with it, or --force "
-                             f"to start over")
+            raise BatchError(
+                f"{there[0]} exists: give --resume to go on with it, or --force to start over"
+            )
         else:
             for p in there:
                 os.remove(p)
@@ -367,8 +422,9 @@ def _need_pyarrow():
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise BatchError("Parquet output needs pyarrow: pip install 'rwkvpy[ray]' or "
-                         "pip install pyarrow") from None
+        raise BatchError(
+            "Parquet output needs pyarrow: pip install 'rwkvpy[ray]' or pip install pyarrow"
+        ) from None
 
 
 def read_output(path: str) -> list[dict]:
@@ -377,12 +433,29 @@ def read_output(path: str) -> list[dict]:
 
 
 # -- the job -------------------------------------------------------------------------------------
-def run(task: str, model: str, input: str, output: str, *, ray: bool = False,
-        address: str | None = None, concurrency: int = 1, cpus_per_actor: float = 1,
-        batch_size: int = DEFAULT_BATCH_SIZE, resume: bool = False, force: bool = False,
-        max_tokens: int | None = None, seed: int | None = None, load_kw: dict | None = None,
-        tokenizer=None, vocab=None, chunk: int | None = None, ignore_first: int = 0,
-        progress: bool = False, on_rows=None) -> dict:
+def run(
+    task: str,
+    model: str,
+    input: str,
+    output: str,
+    *,
+    ray: bool = False,
+    address: str | None = None,
+    concurrency: int = 1,
+    cpus_per_actor: float = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    resume: bool = False,
+    force: bool = False,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+    load_kw: dict | None = None,
+    tokenizer=None,
+    vocab=None,
+    chunk: int | None = None,
+    ignore_first: int = 0,
+    progress: bool = False,
+    on_rows=None,
+) -> dict:
     """Run a batch job (see the module's docstring); returns a summary. ``on_rows(rows, pid)``
     is called after each group is written (``pid``: the process that ran it)."""
     if batch_size < 1:
@@ -401,20 +474,31 @@ def run(task: str, model: str, input: str, output: str, *, ray: bool = False,
     out = Output(output, task, resume=resume, force=force)
     todo = [g for g in groups(reqs, batch_size) if any(_key(r["id"]) not in out.done for r in g)]
     missing = sum(1 for g in todo for r in g if _key(r["id"]) not in out.done)
-    worker_kw = {"task": task, "model": model, "load_kw": dict(load_kw or {}),
-                 "tokenizer": tokenizer, "vocab": vocab, "batch_size": batch_size,
-                 "chunk": chunk, "ignore_first": ignore_first}
+    worker_kw = {
+        "task": task,
+        "model": model,
+        "load_kw": dict(load_kw or {}),
+        "tokenizer": tokenizer,
+        "vocab": vocab,
+        "batch_size": batch_size,
+        "chunk": chunk,
+        "ignore_first": ignore_first,
+    }
     bar = None
     if progress and missing:
         from tqdm import tqdm
 
-        bar = tqdm(total=missing, unit="row", desc=f"batch {task}", file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=missing, unit="row", desc=f"batch {task}", file=sys.stderr, dynamic_ncols=True
+        )
     written, errors = 0, 0
     t0 = time.perf_counter()
     try:
-        source = (_ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor) if ray
-                  else _local_groups(todo, worker_kw))
+        source = (
+            _ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor)
+            if ray
+            else _local_groups(todo, worker_kw)
+        )
         for rows, pid in source:
             new = out.write(rows)
             written += len(new)
@@ -428,10 +512,18 @@ def run(task: str, model: str, input: str, output: str, *, ray: bool = False,
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    return {"task": task, "input": input, "output": output, "requests": len(reqs),
-            "skipped": len(reqs) - missing, "written": written, "errors": errors,
-            "seconds": seconds, "rows_per_s": written / seconds if seconds > 0 else 0.0,
-            "ray": ray}
+    return {
+        "task": task,
+        "input": input,
+        "output": output,
+        "requests": len(reqs),
+        "skipped": len(reqs) - missing,
+        "written": written,
+        "errors": errors,
+        "seconds": seconds,
+        "rows_per_s": written / seconds if seconds > 0 else 0.0,
+        "ray": ray,
+    }
 
 
 def _local_groups(todo, worker_kw):
@@ -452,8 +544,9 @@ def _ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor):
         import ray
         import ray.data
     except ImportError as e:
-        raise BatchError(f"--ray needs Ray: pip install 'rwkvpy[ray]' ({e.name} is missing)") \
-            from None
+        raise BatchError(
+            f"--ray needs Ray: pip install 'rwkvpy[ray]' ({e.name} is missing)"
+        ) from None
     if not todo:
         return
     if worker_kw["load_kw"].get("threads") is None:
@@ -469,9 +562,13 @@ def _ray_groups(todo, worker_kw, address, concurrency, cpus_per_actor):
         # actor that dies loses (and Ray redoes) that one group
         items = [{"requests": json.dumps(g, ensure_ascii=False)} for g in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            BatchWorker, fn_constructor_kwargs=worker_kw, batch_size=1,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=cpus_per_actor)
+            BatchWorker,
+            fn_constructor_kwargs=worker_kw,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=cpus_per_actor,
+        )
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = [json.loads(s) for s in block.column("row").to_pylist()]
             pids = block.column("pid").to_pylist()

@@ -15,6 +15,7 @@ import os
 import resource
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,8 +111,14 @@ def machine_fields(stats: dict, load_start, load_end) -> dict:
     cpus = usable_cpus()
     why = busy_reason(stats, load_start, load_end, cpus)
     rnd = lambda x: None if x is None else round(x, 2)  # noqa: E731
-    return {"load_avg_start": rnd(load_start), "load_avg_end": rnd(load_end), "cpus": cpus,
-            "cpu_count": os.cpu_count(), "busy": why is not None, "busy_reason": why}
+    return {
+        "load_avg_start": rnd(load_start),
+        "load_avg_end": rnd(load_end),
+        "cpus": cpus,
+        "cpu_count": os.cpu_count(),
+        "busy": why is not None,
+        "busy_reason": why,
+    }
 
 
 def busy_warning(why: str, what: str = "these numbers are not this model's speed") -> str:
@@ -151,7 +158,7 @@ def cpu_read_bandwidths(nbytes: int = 1 << 30, repeats: int = 7) -> dict:
     from .kernels import linear
 
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    reads = {"torch.sum": buf.sum}
+    reads: dict[str, Any] = {"torch.sum": buf.sum}
     if linear.HAVE_NUMBA:
         lin = linear.FloatLinear(buf.view(-1, 1024))
         x = np.ones((1, 1024), np.float32)
@@ -204,7 +211,7 @@ def time_decode(model, ids, n: int, warmup: int = WARMUP_STEPS, before=None) -> 
     if before is not None:
         before()
     times = []
-    for tok in ids[warmup:warmup + n]:
+    for tok in ids[warmup : warmup + n]:
         t = time.perf_counter()
         _, state = model.forward([tok], state)
         model.synchronize()
@@ -228,17 +235,27 @@ def time_run(model, ids, tokens: int, prompt: int) -> dict:
     (:func:`time_prompt`), with the load average just before the first timed step and just
     after the prompt: :func:`step_stats` (unrounded), ``prompt_s`` and :func:`machine_fields`."""
     load = {}
-    times = time_decode(model, ids, tokens, before=lambda: load.setdefault("start",
-                                                                           load_average()))
+    times = time_decode(model, ids, tokens, before=lambda: load.setdefault("start", load_average()))
     prompt_s = time_prompt(model, ids[:prompt])
     load_end = load_average()
     stats = step_stats(times)
     return {**stats, "prompt_s": prompt_s, **machine_fields(stats, load.get("start"), load_end)}
 
 
-def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", threads=None,
-        device="cpu", gpu_layers=None, compile=False, cache=True, cpu_capability=None,
-        progress=None) -> dict:
+def run(
+    path,
+    *,
+    tokens: int = 32,
+    prompt: int = 512,
+    mode: str = "fast",
+    threads=None,
+    device="cpu",
+    gpu_layers=None,
+    compile=False,
+    cache=True,
+    cpu_capability=None,
+    progress=None,
+) -> dict:
     """Measure a model file: per-token latency (median, mean, p90, min) and decode tokens/s,
     prompt throughput, load time, memory, the machine's load (and whether it was busy: see
     :func:`busy_reason`), and the memory bandwidth of the device that holds the most weights, in
@@ -249,17 +266,29 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
     say = progress or (lambda msg: None)
     more = {} if cpu_capability is None else {"cpu_capability": cpu_capability}
     t0 = time.perf_counter()
-    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
-                        compile=compile, cache=cache, **more)
+    model = rwkvpy.load(
+        path,
+        mode=mode,
+        threads=threads,
+        device=device,
+        gpu_layers=gpu_layers,
+        compile=compile,
+        cache=cache,
+        **more,
+    )
     load_s = time.perf_counter() - t0
     ids = random_ids(model, max(tokens + WARMUP_STEPS, prompt) + 1)
-    say(f"decoding {tokens} tokens (after {WARMUP_STEPS} untimed), then a {prompt}-token prompt "
-        "(after an untimed one)")
+    say(
+        f"decoding {tokens} tokens (after {WARMUP_STEPS} untimed), then a {prompt}-token prompt "
+        "(after an untimed one)"
+    )
     m = time_run(model, ids, tokens, prompt)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = model.devices[0] if model.devices[0].type == "cuda" else None
     # the bound of the slowest part: the GPU when every layer is there, else the CPU's layers
-    where = gpu if gpu is not None and model.gpu_layers == model.config.n_layer else torch.device("cpu")
+    where = (
+        gpu if gpu is not None and model.gpu_layers == model.config.n_layer else torch.device("cpu")
+    )
     say(f"measuring the memory bandwidth of {where}")
     if where.type == "cpu":
         bws = cpu_read_bandwidths()
@@ -276,26 +305,44 @@ def run(path, *, tokens: int = 32, prompt: int = 512, mode: str = "fast", thread
     kernels = getattr(model, "kernels", None)  # which kernels ran (where the model says)
     extra = {}
     if gpu is not None:
-        extra = {"gpu": torch.cuda.get_device_name(gpu), "gpu_layers": model.gpu_layers,
-                 "weights_dtype": str(first.weight.dtype).removeprefix("torch."),
-                 "compiled": compile, "cuda_graphs": bool(getattr(step, "graphs", False)
-                                     and 1 not in getattr(step, "graph_errors", {1: ""})),
-                 "peak_gpu_mb": round(torch.cuda.max_memory_allocated(gpu) / 2**20, 1)}
+        extra = {
+            "gpu": torch.cuda.get_device_name(gpu),
+            "gpu_layers": model.gpu_layers,
+            "weights_dtype": str(first.weight.dtype).removeprefix("torch."),
+            "compiled": compile,
+            "cuda_graphs": bool(
+                getattr(step, "graphs", False) and 1 not in getattr(step, "graph_errors", {1: ""})
+            ),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated(gpu) / 2**20, 1),
+        }
     return {
-        "model": str(path), "version": model.info.version.value, "type": first.fmt,
-        "mode": mode, "device": str(where), "threads": torch.get_num_threads(),
-        "repack_cache": model.repack_cache, **extra,
-        **{k: round(m[k], 3) for k in ("per_token_ms", "per_token_mean_ms", "per_token_p90_ms",
-                                       "per_token_min_ms")},
-        "tokens_timed": m["tokens_timed"], "decode_s": round(m["decode_s"], 6),
+        "model": str(path),
+        "version": model.info.version.value,
+        "type": first.fmt,
+        "mode": mode,
+        "device": str(where),
+        "threads": torch.get_num_threads(),
+        "repack_cache": model.repack_cache,
+        **extra,
+        **{
+            k: round(m[k], 3)
+            for k in ("per_token_ms", "per_token_mean_ms", "per_token_p90_ms", "per_token_min_ms")
+        },
+        "tokens_timed": m["tokens_timed"],
+        "decode_s": round(m["decode_s"], 6),
         "decode_tokens_per_s": round(m["decode_tokens_per_s"], 1),
-        "prompt_tokens": prompt, "prompt_tokens_per_s": round(prompt / m["prompt_s"], 1),
-        **{k: m[k] for k in ("load_avg_start", "load_avg_end", "cpus", "cpu_count", "busy",
-                             "busy_reason")},
-        "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb, 1),
+        "prompt_tokens": prompt,
+        "prompt_tokens_per_s": round(prompt / m["prompt_s"], 1),
+        **{
+            k: m[k]
+            for k in ("load_avg_start", "load_avg_end", "cpus", "cpu_count", "busy", "busy_reason")
+        },
+        "load_s": round(load_s, 3),
+        "peak_rss_mb": round(peak_rss_mb, 1),
         "bandwidth_gbs": round(bw, 2),
         **({"bandwidth_by_read_gbs": {k: round(v, 2) for k, v in bws.items()}} if bws else {}),
-        "bytes_per_token": nbytes, "bound_ms": round(bound_ms, 3),
+        "bytes_per_token": nbytes,
+        "bound_ms": round(bound_ms, 3),
         "bound_ratio": round(per_token_ms / bound_ms, 2),
         **({"kernels": kernels} if kernels is not None else {}),
     }
@@ -323,29 +370,36 @@ def _load_avg(x) -> str:
 
 
 def format_report(r: dict) -> str:
-    return "\n".join([
-        f"model:        {r['model']} (v{r['version']}, {r['type']}, mode {r['mode']}, "
-        f"{r['threads']} threads)",
-        *([f"gpu:          {r['gpu']}: {r['gpu_layers']} layers, weights {r['weights_dtype']}, "
-           f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}, peak {r['peak_gpu_mb']:.0f} MB"]
-          if "gpu" in r else []),
-        *([f"kernels:      {format_kernels(r['kernels'])}"] if "kernels" in r else []),
-        f"per token:    {r['per_token_ms']:.2f} ms median, {r['per_token_mean_ms']:.2f} ms mean, "
-        f"{r['per_token_p90_ms']:.2f} ms p90, {r['per_token_min_ms']:.2f} ms min over "
-        f"{r['tokens_timed']} tokens (after {WARMUP_STEPS} untimed)",
-        f"decode:       {r['decode_tokens_per_s']:.1f} tokens/s over the timed run "
-        f"({r['tokens_timed']} tokens in {r['decode_s']:.3f} s)",
-        f"bound:        {r['bound_ms']:.2f} ms = {r['bytes_per_token'] / 1e6:.1f} MB per token / "
-        f"{r['bandwidth_gbs']:.1f} GB/s read bandwidth of {r['device']} (measured now"
-        + "".join(f"; {k} {v:.1f}" for k, v in r.get("bandwidth_by_read_gbs", {}).items())
-        + "); "
-        f"ratio {r['bound_ratio']:.2f}",
-        f"prompt:       {r['prompt_tokens_per_s']:.1f} tokens/s over {r['prompt_tokens']} tokens "
-        "(after an untimed call)",
-        f"load:         {r['load_s']:.2f} s (repack cache: {r['repack_cache']}), "
-        f"peak RSS {r['peak_rss_mb']:.0f} MB",
-        f"machine:      load average {_load_avg(r['load_avg_start'])} -> "
-        f"{_load_avg(r['load_avg_end'])} (1 min, start -> end of the timing), {r['cpus']} "
-        f"CPUs usable of {r['cpu_count']}",
-        *([busy_warning(r["busy_reason"])] if r.get("busy") else []),
-    ])
+    return "\n".join(
+        [
+            f"model:        {r['model']} (v{r['version']}, {r['type']}, mode {r['mode']}, "
+            f"{r['threads']} threads)",
+            *(
+                [
+                    f"gpu:          {r['gpu']}: {r['gpu_layers']} layers, weights {r['weights_dtype']}, "
+                    f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}, peak {r['peak_gpu_mb']:.0f} MB"
+                ]
+                if "gpu" in r
+                else []
+            ),
+            *([f"kernels:      {format_kernels(r['kernels'])}"] if "kernels" in r else []),
+            f"per token:    {r['per_token_ms']:.2f} ms median, {r['per_token_mean_ms']:.2f} ms mean, "
+            f"{r['per_token_p90_ms']:.2f} ms p90, {r['per_token_min_ms']:.2f} ms min over "
+            f"{r['tokens_timed']} tokens (after {WARMUP_STEPS} untimed)",
+            f"decode:       {r['decode_tokens_per_s']:.1f} tokens/s over the timed run "
+            f"({r['tokens_timed']} tokens in {r['decode_s']:.3f} s)",
+            f"bound:        {r['bound_ms']:.2f} ms = {r['bytes_per_token'] / 1e6:.1f} MB per token / "
+            f"{r['bandwidth_gbs']:.1f} GB/s read bandwidth of {r['device']} (measured now"
+            + "".join(f"; {k} {v:.1f}" for k, v in r.get("bandwidth_by_read_gbs", {}).items())
+            + "); "
+            f"ratio {r['bound_ratio']:.2f}",
+            f"prompt:       {r['prompt_tokens_per_s']:.1f} tokens/s over {r['prompt_tokens']} tokens "
+            "(after an untimed call)",
+            f"load:         {r['load_s']:.2f} s (repack cache: {r['repack_cache']}), "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB",
+            f"machine:      load average {_load_avg(r['load_avg_start'])} -> "
+            f"{_load_avg(r['load_avg_end'])} (1 min, start -> end of the timing), {r['cpus']} "
+            f"CPUs usable of {r['cpu_count']}",
+            *([busy_warning(r["busy_reason"])] if r.get("busy") else []),
+        ]
+    )

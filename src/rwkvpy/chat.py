@@ -128,8 +128,14 @@ class ChatSession:
     on every run).
     """
 
-    def __init__(self, model, tokenizer, params: SamplingParams | None = None, system=None,
-                 cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        params: SamplingParams | None = None,
+        system=None,
+        cache: PrefixCache | None = None,
+    ):
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -155,8 +161,9 @@ class ChatSession:
             if not system:
                 system = None
         self.system = system
-        self._system_tokens = (self.tokenizer.encode(render_system(system))
-                               if system is not None else [])
+        self._system_tokens = (
+            self.tokenizer.encode(render_system(system)) if system is not None else []
+        )
 
     @property
     def messages(self) -> list:
@@ -227,19 +234,28 @@ class ChatSession:
         prompt = self._tokens[:reply_start]
         if reply_state is not None:  # start right there, whatever the shared cache dropped
             self.cache.insert(prompt, reply_state, root=self._root)
-        return self._reply(prompt, turn_start, user_msg, None, params, regens=regens + 1,
-                           replaces=True)
+        return self._reply(
+            prompt, turn_start, user_msg, None, params, regens=regens + 1, replaces=True
+        )
 
-    def _reply(self, prompt, turn_start, user_msg, history_state, params, regens,
-               replaces=False) -> ChatReply:
+    def _reply(
+        self, prompt, turn_start, user_msg, history_state, params, regens, replaces=False
+    ) -> ChatReply:
         if history_state is not None and turn_start:
             # make sure the conversation's state is found, whatever the shared cache dropped
             self.cache.insert(prompt[:turn_start], history_state, root=self._root)
         holder = {"text": "", "result": None, "committed": False, "interrupted": False}
-        s = stream(self.model, self.tokenizer, prompt, params, cache=self.cache,
-                   checkpoints=(turn_start,) if turn_start else ())
+        s = stream(
+            self.model,
+            self.tokenizer,
+            prompt,
+            params,
+            cache=self.cache,
+            checkpoints=(turn_start,) if turn_start else (),
+        )
         self._open = ChatReply(
-            self._pieces(s, prompt, turn_start, user_msg, regens, replaces, holder), holder)
+            self._pieces(s, prompt, turn_start, user_msg, regens, replaces, holder), holder
+        )
         return self._open
 
     def _pieces(self, s, prompt, turn_start, user_msg, regens, replaces, holder):
@@ -270,8 +286,10 @@ class ChatSession:
         holder["text"] = raw.lstrip()
         if replaces:
             self._messages = self._messages[:-2]
-        self._messages += [{"role": "user", "content": user_msg},
-                           {"role": "assistant", "content": holder["text"]}]
+        self._messages += [
+            {"role": "user", "content": user_msg},
+            {"role": "assistant", "content": holder["text"]},
+        ]
         self._tokens = prompt + tokens
         self._state = state
         self._last = (turn_start, len(prompt), pre, regens)
@@ -290,7 +308,7 @@ class ChatSession:
         pos = 0
         for i, t in enumerate(gen):
             b = tok.decode_bytes([t])
-            if target[pos:pos + len(b)] != b:
+            if target[pos : pos + len(b)] != b:
                 break
             pos += len(b)
             if pos == len(target) or (target[pos] & 0xC0) != 0x80:
@@ -317,12 +335,22 @@ class ChatSession:
             digest = hashlib.sha256(f.read()).hexdigest()
         last = None
         if self._last is not None:
-            last = {"turn_start": self._last[0], "reply_start": self._last[1],
-                    "regenerations": self._last[3]}
-        doc = {"format": CHAT_FORMAT, "version": CHAT_FORMAT_VERSION,
-               "model_fingerprint": self.model.fingerprint, "tokenizer": self.tokenizer.name,
-               "system": self.system, "messages": self._messages, "tokens": self._tokens,
-               "last_turn": last, "state_sha256": digest}
+            last = {
+                "turn_start": self._last[0],
+                "reply_start": self._last[1],
+                "regenerations": self._last[3],
+            }
+        doc = {
+            "format": CHAT_FORMAT,
+            "version": CHAT_FORMAT_VERSION,
+            "model_fingerprint": self.model.fingerprint,
+            "tokenizer": self.tokenizer.name,
+            "system": self.system,
+            "messages": self._messages,
+            "tokens": self._tokens,
+            "last_turn": last,
+            "state_sha256": digest,
+        }
         with atomic_write(path + SIDECAR_SUFFIX) as f:
             f.write(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
 
@@ -344,10 +372,13 @@ class ChatSession:
             if doc.get("format") != CHAT_FORMAT:
                 raise ValueError("not a chat file")
             if doc.get("version") != CHAT_FORMAT_VERSION:
-                raise ChatError(f"{side}: chat file version {doc.get('version')!r}, expected "
-                                f"{CHAT_FORMAT_VERSION}")
-            messages = [{"role": str(m["role"]), "content": str(m["content"])}
-                        for m in doc["messages"]]
+                raise ChatError(
+                    f"{side}: chat file version {doc.get('version')!r}, expected "
+                    f"{CHAT_FORMAT_VERSION}"
+                )
+            messages = [
+                {"role": str(m["role"]), "content": str(m["content"])} for m in doc["messages"]
+            ]
             tokens = [int(t) for t in doc["tokens"]]
             system = doc.get("system")
             last = doc.get("last_turn")
@@ -361,26 +392,42 @@ class ChatSession:
         except OSError as e:
             raise ChatError(f"{path}: cannot read the chat state: {e.strerror}") from None
         if digest != doc.get("state_sha256"):
-            raise ChatError(f"{path}: the state file does not match its transcript {side} "
-                            f"(was one of them replaced?)")
+            raise ChatError(
+                f"{path}: the state file does not match its transcript {side} "
+                f"(was one of them replaced?)"
+            )
         if doc.get("model_fingerprint") not in (None, "", self.model.fingerprint):
-            raise ChatError(f"{path}: the chat was saved with another model (fingerprint "
-                            f"{doc['model_fingerprint']}, this model is {self.model.fingerprint})")
+            raise ChatError(
+                f"{path}: the chat was saved with another model (fingerprint "
+                f"{doc['model_fingerprint']}, this model is {self.model.fingerprint})"
+            )
         if doc.get("tokenizer") != self.tokenizer.name:
-            raise ChatError(f"{path}: the chat was saved with the {doc.get('tokenizer')} "
-                            f"tokenizer, this session uses {self.tokenizer.name}")
+            raise ChatError(
+                f"{path}: the chat was saved with the {doc.get('tokenizer')} "
+                f"tokenizer, this session uses {self.tokenizer.name}"
+            )
         state = State.load(path, self.model)  # checks the model
         if state.n_tokens != len(tokens):
-            raise ChatError(f"{path}: the state has read {state.n_tokens} tokens, the "
-                            f"transcript has {len(tokens)}")
+            raise ChatError(
+                f"{path}: the state has read {state.n_tokens} tokens, the "
+                f"transcript has {len(tokens)}"
+            )
         self._set_system(system)
         self._messages = messages
         self._tokens = tokens
         self._state = state
         self._last = None
-        if (last and messages and messages[-1]["role"] == "assistant"
-                and 0 <= last.get("turn_start", -1) <= last.get("reply_start", -1) <= len(tokens)):
-            self._last = (int(last["turn_start"]), int(last["reply_start"]), None,
-                          int(last.get("regenerations", 0)))
+        if (
+            last
+            and messages
+            and messages[-1]["role"] == "assistant"
+            and 0 <= last.get("turn_start", -1) <= last.get("reply_start", -1) <= len(tokens)
+        ):
+            self._last = (
+                int(last["turn_start"]),
+                int(last["reply_start"]),
+                None,
+                int(last.get("regenerations", 0)),
+            )
         if tokens:
             self.cache.insert(tokens, state, root=self._root)

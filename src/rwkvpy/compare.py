@@ -47,11 +47,34 @@ from .perplexity import DEFAULT_CHUNK, check_scorable
 DEFAULT_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_1", "q5_0", "q4_k_m", "q4_1", "q4_0")
 
 #: Row fields, in the order of the CSV columns.
-COLUMNS = ("type", "perplexity", "delta_perplexity", "delta_pct", "nll", "tokens", "file_size",
-           "per_token_ms", "per_token_mean_ms", "per_token_p90_ms", "per_token_min_ms",
-           "tokens_timed", "decode_tokens_per_s", "prompt_tokens_per_s", "eval_tokens_per_s",
-           "rss_mb", "base_rss_mb", "load_s", "threads", "load_avg_start", "load_avg_end", "cpus",
-           "busy", "busy_reason", "file", "reused")
+COLUMNS = (
+    "type",
+    "perplexity",
+    "delta_perplexity",
+    "delta_pct",
+    "nll",
+    "tokens",
+    "file_size",
+    "per_token_ms",
+    "per_token_mean_ms",
+    "per_token_p90_ms",
+    "per_token_min_ms",
+    "tokens_timed",
+    "decode_tokens_per_s",
+    "prompt_tokens_per_s",
+    "eval_tokens_per_s",
+    "rss_mb",
+    "base_rss_mb",
+    "load_s",
+    "threads",
+    "load_avg_start",
+    "load_avg_end",
+    "cpus",
+    "busy",
+    "busy_reason",
+    "file",
+    "reused",
+)
 
 
 class CompareError(RwkvpyError):
@@ -70,9 +93,16 @@ class CompareResult:
     rows: list = field(default_factory=list)  # dicts with COLUMNS, best perplexity first
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "tokens": self.tokens, "scored": self.scored,
-                "ignore_first": self.ignore_first, "threads": self.threads, "mode": self.mode,
-                "date": self.date, "rows": [dict(r) for r in self.rows]}
+        return {
+            "model": self.model,
+            "tokens": self.tokens,
+            "scored": self.scored,
+            "ignore_first": self.ignore_first,
+            "threads": self.threads,
+            "mode": self.mode,
+            "date": self.date,
+            "rows": [dict(r) for r in self.rows],
+        }
 
 
 # -- types and files -----------------------------------------------------------------------------
@@ -82,8 +112,7 @@ def parse_types(types) -> list[str]:
 
     if isinstance(types, str):
         types = types.split(",")
-    aliases = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16",
-               "bfloat16": "bf16"}
+    aliases = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}
     out = []
     for t in types:
         name = str(t).strip().lower().replace("-", "_")
@@ -91,8 +120,9 @@ def parse_types(types) -> list[str]:
         if not name:
             continue
         if name not in TYPES:
-            raise CompareError(f"unknown type {str(t).strip()!r}; expected some of "
-                               f"{', '.join(TYPES)}")
+            raise CompareError(
+                f"unknown type {str(t).strip()!r}; expected some of {', '.join(TYPES)}"
+            )
         if name not in out:
             out.append(name)
     if not out:
@@ -122,13 +152,17 @@ def _check_reused(path: str, type: str, src_info) -> None:
     want = (src_info.version, src_info.n_embd, src_info.n_layer, src_info.vocab_size)
     got = (info.version, info.n_embd, info.n_layer, info.vocab_size)
     if got != want:
-        raise CompareError(f"{path}: is not a conversion of {src_info.path} ({got[0].label} "
-                           f"{got[1]}x{got[2]}, vocab {got[3]}; the source is {want[0].label} "
-                           f"{want[1]}x{want[2]}, vocab {want[3]}); remove it or use another "
-                           "--out-dir")
+        raise CompareError(
+            f"{path}: is not a conversion of {src_info.path} ({got[0].label} "
+            f"{got[1]}x{got[2]}, vocab {got[3]}; the source is {want[0].label} "
+            f"{want[1]}x{want[2]}, vocab {want[3]}); remove it or use another "
+            "--out-dir"
+        )
     if type.upper() not in info.tensor_types:
-        raise CompareError(f"{path}: holds no {type.upper()} tensor (types "
-                           f"{', '.join(sorted(info.tensor_types))}); remove it or drop --reuse")
+        raise CompareError(
+            f"{path}: holds no {type.upper()} tensor (types "
+            f"{', '.join(sorted(info.tensor_types))}); remove it or drop --reuse"
+        )
 
 
 # -- measuring one file in a process of its own ----------------------------------------------
@@ -156,10 +190,23 @@ def _peak_rss_mb() -> float:
     return kb / 1024
 
 
-def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None,
-            mode: str = "fast", device="cpu", gpu_layers=None, compile=False, cache=True,
-            cpu_capability=None, bench_tokens: int = 32, prompt: int = 512,
-            progress=False) -> dict:
+def measure(
+    path,
+    tokens,
+    *,
+    ignore_first: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+    threads=None,
+    mode: str = "fast",
+    device="cpu",
+    gpu_layers=None,
+    compile=False,
+    cache=True,
+    cpu_capability=None,
+    bench_tokens: int = 32,
+    prompt: int = 512,
+    progress=False,
+) -> dict:
     """Measure one model file in this process (see the module docstring). Use it in a fresh
     process for a meaningful ``rss_mb``; :func:`compare` does."""
     import time
@@ -174,20 +221,42 @@ def measure(path, tokens, *, ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, 
     more = {} if cpu_capability is None else {"cpu_capability": cpu_capability}
     base_rss = (_vm_kb("VmRSS") or 0) / 1024
     t0 = time.perf_counter()
-    model = rwkvpy.load(path, mode=mode, threads=threads, device=device, gpu_layers=gpu_layers,
-                        compile=compile, cache=cache, **more)
+    model = rwkvpy.load(
+        path,
+        mode=mode,
+        threads=threads,
+        device=device,
+        gpu_layers=gpu_layers,
+        compile=compile,
+        cache=cache,
+        **more,
+    )
     load_s = time.perf_counter() - t0
     ids = random_ids(model, max(bench_tokens + WARMUP_STEPS, prompt, 16))
     m = time_run(model, ids, bench_tokens, prompt)
     rss = _peak_rss_mb()
     r = perplexity(model, tokens, chunk=chunk, ignore_first=ignore_first, progress=progress)
     return {
-        "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
+        "perplexity": r.perplexity,
+        "nll": r.nll,
+        "tokens": r.tokens,
         "file_size": os.path.getsize(path),
-        **{k: m[k] for k in ("per_token_ms", "per_token_mean_ms", "per_token_p90_ms",
-                             "per_token_min_ms", "tokens_timed", "decode_tokens_per_s")},
-        "prompt_tokens_per_s": prompt / m["prompt_s"], "eval_tokens_per_s": r.tokens_per_s,
-        "rss_mb": rss, "base_rss_mb": base_rss, "load_s": load_s,
+        **{
+            k: m[k]
+            for k in (
+                "per_token_ms",
+                "per_token_mean_ms",
+                "per_token_p90_ms",
+                "per_token_min_ms",
+                "tokens_timed",
+                "decode_tokens_per_s",
+            )
+        },
+        "prompt_tokens_per_s": prompt / m["prompt_s"],
+        "eval_tokens_per_s": r.tokens_per_s,
+        "rss_mb": rss,
+        "base_rss_mb": base_rss,
+        "load_s": load_s,
         "threads": torch.get_num_threads(),
         **{k: m[k] for k in ("load_avg_start", "load_avg_end", "cpus", "busy", "busy_reason")},
     }
@@ -202,13 +271,22 @@ def _worker(spec_path: str) -> int:
         spec = json.load(f)
     try:
         tokens = np.load(spec["tokens"])
-        out = measure(spec["path"], tokens, ignore_first=spec["ignore_first"],
-                      chunk=spec["chunk"], threads=spec["threads"], mode=spec["mode"],
-                      device=spec["device"], gpu_layers=spec["gpu_layers"],
-                      compile=spec["compile"], cache=spec["cache"],
-                      cpu_capability=spec.get("cpu_capability"),
-                      bench_tokens=spec["bench_tokens"], prompt=spec["prompt"],
-                      progress=spec["progress"])
+        out = measure(
+            spec["path"],
+            tokens,
+            ignore_first=spec["ignore_first"],
+            chunk=spec["chunk"],
+            threads=spec["threads"],
+            mode=spec["mode"],
+            device=spec["device"],
+            gpu_layers=spec["gpu_layers"],
+            compile=spec["compile"],
+            cache=spec["cache"],
+            cpu_capability=spec.get("cpu_capability"),
+            bench_tokens=spec["bench_tokens"],
+            prompt=spec["prompt"],
+            progress=spec["progress"],
+        )
     except (RwkvpyError, OSError, MemoryError) as e:
         out = {"error": str(e)}
     with open(spec["result"], "w") as f:
@@ -223,9 +301,13 @@ def _measure_in_subprocess(path, tmp, spec: dict, progress: bool) -> dict:
         os.remove(spec["result"])
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    p = subprocess.run([sys.executable, "-m", "rwkvpy.compare", spec_path], check=False,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=None if progress else subprocess.PIPE)
+    p = subprocess.run(
+        [sys.executable, "-m", "rwkvpy.compare", spec_path],
+        check=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=None if progress else subprocess.PIPE,
+    )
     try:
         with open(spec["result"]) as f:
             out = json.load(f)
@@ -235,19 +317,37 @@ def _measure_in_subprocess(path, tmp, spec: dict, progress: bool) -> dict:
             lines = p.stderr.decode("utf-8", "replace").strip().splitlines()
             tail = f": {lines[-1]}" if lines else ""
         why = " (killed: out of memory?)" if p.returncode in (-9, 137) else ""
-        raise CompareError(f"{path}: the measuring process ended with status {p.returncode}"
-                           f"{why}{tail}") from None
+        raise CompareError(
+            f"{path}: the measuring process ended with status {p.returncode}{why}{tail}"
+        ) from None
     if "error" in out:
         raise CompareError(out["error"])
     return out
 
 
 # -- the comparison ------------------------------------------------------------------------------
-def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = False,
-            ignore_first: int = 0, chunk: int = DEFAULT_CHUNK, threads=None, mode: str = "fast",
-            device="cpu", gpu_layers=None, compile=False, cache=True, cpu_capability=None,
-            bench_tokens: int = 32, prompt: int = 512, quantize_head: bool = False,
-            format: str | None = None, progress=True) -> CompareResult:
+def compare(
+    model,
+    tokens,
+    types=DEFAULT_TYPES,
+    *,
+    out_dir=None,
+    reuse: bool = False,
+    ignore_first: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+    threads=None,
+    mode: str = "fast",
+    device="cpu",
+    gpu_layers=None,
+    compile=False,
+    cache=True,
+    cpu_capability=None,
+    bench_tokens: int = 32,
+    prompt: int = 512,
+    quantize_head: bool = False,
+    format: str | None = None,
+    progress=True,
+) -> CompareResult:
     """Convert ``model`` (a file path) into each of ``types`` and measure each file.
 
     Args:
@@ -286,10 +386,14 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
     src_info = rwkvpy.inspect(src)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= src_info.vocab_size):
         bad = int(tokens[(tokens < 0) | (tokens >= src_info.vocab_size)][0])
-        raise CompareError(f"token id {bad} is outside the model's vocabulary "
-                           f"(0..{src_info.vocab_size - 1})")
-    say = progress if callable(progress) else (
-        (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None))
+        raise CompareError(
+            f"token id {bad} is outside the model's vocabulary (0..{src_info.vocab_size - 1})"
+        )
+    say = (
+        progress
+        if callable(progress)
+        else ((lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None))
+    )
     show_bar = progress is True
 
     if out_dir is not None:
@@ -299,22 +403,35 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
         for typ in type_list:
             p = os.path.join(out_dir, type_file_name(src, typ, ext))
             if os.path.exists(p) and not reuse:
-                raise CompareError(f"{p}: already exists; pass --reuse to measure it as it is, "
-                                   "or remove it")
+                raise CompareError(
+                    f"{p}: already exists; pass --reuse to measure it as it is, or remove it"
+                )
     main_type = max(src_info.tensor_types, key=lambda k: src_info.tensor_bytes[k])
     if main_type.startswith("Q"):
-        say(f"note: the source is {main_type}: every type is made from its already quantized "
-            "weights (start from the f32/f16/bf16 model to compare the formats themselves)")
+        say(
+            f"note: the source is {main_type}: every type is made from its already quantized "
+            "weights (start from the f32/f16/bf16 model to compare the formats themselves)"
+        )
 
     rows = []
     n = len(type_list)
     with tempfile.TemporaryDirectory(prefix="rwkvpy-compare-") as tmp:
         tok_path = os.path.join(tmp, "tokens.npy")
         np.save(tok_path, tokens)
-        spec = {"tokens": tok_path, "ignore_first": ignore_first, "chunk": chunk,
-                "threads": threads, "mode": mode, "device": device, "gpu_layers": gpu_layers,
-                "compile": compile, "cache": cache, "cpu_capability": cpu_capability,
-                "bench_tokens": bench_tokens, "prompt": prompt}
+        spec = {
+            "tokens": tok_path,
+            "ignore_first": ignore_first,
+            "chunk": chunk,
+            "threads": threads,
+            "mode": mode,
+            "device": device,
+            "gpu_layers": gpu_layers,
+            "compile": compile,
+            "cache": cache,
+            "cpu_capability": cpu_capability,
+            "bench_tokens": bench_tokens,
+            "prompt": prompt,
+        }
         for i, typ in enumerate(type_list, 1):
             folder = out_dir if out_dir is not None else tmp
             path = os.path.join(folder, type_file_name(src, typ, ext))
@@ -324,21 +441,29 @@ def compare(model, tokens, types=DEFAULT_TYPES, *, out_dir=None, reuse: bool = F
                 say(f"[{i}/{n}] {typ}: reusing {path}")
             else:
                 say(f"[{i}/{n}] {typ}: converting to {path}")
-                convert(src, path, type=typ, quantize_head=quantize_head, force=False,
-                        progress=show_bar)
+                convert(
+                    src, path, type=typ, quantize_head=quantize_head, force=False, progress=show_bar
+                )
             say(f"[{i}/{n}] {typ}: measuring (speed, memory, perplexity of {scored} tokens)")
             try:
                 m = _measure_in_subprocess(path, tmp, spec, show_bar)
             finally:
                 if out_dir is None and os.path.exists(path):
                     os.remove(path)
-            rows.append({"type": typ, **m, "file": path if out_dir is not None else None,
-                         "reused": reused})
+            rows.append(
+                {"type": typ, **m, "file": path if out_dir is not None else None, "reused": reused}
+            )
     _rank(rows)
-    return CompareResult(model=src, tokens=int(tokens.size), scored=scored,
-                         ignore_first=ignore_first,
-                         threads=rows[0]["threads"] if rows else 0, mode=mode,
-                         date=datetime.date.today().isoformat(), rows=rows)
+    return CompareResult(
+        model=src,
+        tokens=int(tokens.size),
+        scored=scored,
+        ignore_first=ignore_first,
+        threads=rows[0]["threads"] if rows else 0,
+        mode=mode,
+        date=datetime.date.today().isoformat(),
+        rows=rows,
+    )
 
 
 def _rank(rows: list) -> None:
@@ -365,29 +490,57 @@ def format_table(result: CompareResult) -> str:
     row measured on a busy machine."""
     from .bench import busy_warning
 
-    head = ("type", "perplexity", "vs best", "nll/token", "size MiB", "median ms", "mean ms",
-            "p90 ms", "prompt tok/s", "RSS MiB")
+    head = (
+        "type",
+        "perplexity",
+        "vs best",
+        "nll/token",
+        "size MiB",
+        "median ms",
+        "mean ms",
+        "p90 ms",
+        "prompt tok/s",
+        "RSS MiB",
+    )
     body = []
     for i, r in enumerate(result.rows):
-        body.append((
-            r["type"], f"{r['perplexity']:.4f}",
-            "best" if i == 0 else f"+{r['delta_perplexity']:.4f} ({r['delta_pct']:+.2f}%)",
-            f"{r['nll']:.5f}", f"{r['file_size'] / 2**20:.2f}", _ms(r["per_token_ms"]),
-            _ms(r.get("per_token_mean_ms")), _ms(r.get("per_token_p90_ms")),
-            f"{r['prompt_tokens_per_s']:.0f}", f"{r['rss_mb']:.0f}"))
+        body.append(
+            (
+                r["type"],
+                f"{r['perplexity']:.4f}",
+                "best" if i == 0 else f"+{r['delta_perplexity']:.4f} ({r['delta_pct']:+.2f}%)",
+                f"{r['nll']:.5f}",
+                f"{r['file_size'] / 2**20:.2f}",
+                _ms(r["per_token_ms"]),
+                _ms(r.get("per_token_mean_ms")),
+                _ms(r.get("per_token_p90_ms")),
+                f"{r['prompt_tokens_per_s']:.0f}",
+                f"{r['rss_mb']:.0f}",
+            )
+        )
     widths = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
-    lines = [(f"model: {result.model} ({result.scored} tokens scored of {result.tokens}, "
-              f"{_threads(result.threads)}, mode {result.mode}, {result.date})")]
+    lines = [
+        (
+            f"model: {result.model} ({result.scored} tokens scored of {result.tokens}, "
+            f"{_threads(result.threads)}, mode {result.mode}, {result.date})"
+        )
+    ]
     for j, row in enumerate([head, *body]):
-        cells = [str(v).ljust(w) if c == 0 else str(v).rjust(w)
-                 for c, (v, w) in enumerate(zip(row, widths))]
+        cells = [
+            str(v).ljust(w) if c == 0 else str(v).rjust(w)
+            for c, (v, w) in enumerate(zip(row, widths))
+        ]
         lines.append("  ".join(cells).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     for r in result.rows:
         if r.get("busy"):
-            lines.append(busy_warning(f"{r['type']}: {r['busy_reason']}",
-                                      "its speed figures are not this type's speed"))
+            lines.append(
+                busy_warning(
+                    f"{r['type']}: {r['busy_reason']}",
+                    "its speed figures are not this type's speed",
+                )
+            )
     return "\n".join(lines)
 
 
@@ -410,8 +563,10 @@ def write_csv(result: CompareResult, path) -> None:
 
 def check_plot_available() -> None:
     if importlib.util.find_spec("matplotlib") is None:
-        raise CompareError("--plot needs matplotlib, which is not installed: "
-                           "pip install 'rwkvpy[plot]' (or pip install matplotlib)")
+        raise CompareError(
+            "--plot needs matplotlib, which is not installed: "
+            "pip install 'rwkvpy[plot]' (or pip install matplotlib)"
+        )
 
 
 def plot(result: CompareResult, path) -> None:
@@ -424,8 +579,9 @@ def plot(result: CompareResult, path) -> None:
     rows = result.rows
     ys = [r["perplexity"] for r in rows]
     for ax, key, label, scale in (
-            (axes[0], "per_token_ms", "latency per token (ms, median)", 1.0),
-            (axes[1], "file_size", "file size (MiB)", 1 / 2**20)):
+        (axes[0], "per_token_ms", "latency per token (ms, median)", 1.0),
+        (axes[1], "file_size", "file size (MiB)", 1 / 2**20),
+    ):
         xs = [r[key] * scale for r in rows]
         ax.scatter(xs, ys)
         for x, y, r in zip(xs, ys, rows):
@@ -433,8 +589,10 @@ def plot(result: CompareResult, path) -> None:
         ax.set_xlabel(label)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("perplexity (lower is better)")
-    fig.suptitle(f"{os.path.basename(result.model)}: {result.scored} tokens, "
-                 f"{_threads(result.threads)}, {result.date}")
+    fig.suptitle(
+        f"{os.path.basename(result.model)}: {result.scored} tokens, "
+        f"{_threads(result.threads)}, {result.date}"
+    )
     try:
         fig.savefig(path, dpi=120)
     except ValueError as e:  # an unknown image extension

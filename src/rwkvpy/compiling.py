@@ -33,8 +33,14 @@ SHOW_AFTER_S = 1.0
 
 _tls = threading.local()  # depth: rwkvpy compiles in progress; seconds: finished, this thread
 _lock = threading.Lock()
-_state = {"quiet": False, "noticed": False, "kernels": 0, "seconds": 0.0, "line": False,
-          "installed": False}
+_state = {
+    "quiet": False,
+    "noticed": False,
+    "kernels": 0,
+    "seconds": 0.0,
+    "line": False,
+    "installed": False,
+}
 
 
 def thread_seconds() -> float:

@@ -59,8 +59,11 @@ def detect_version(shapes: dict, path="<model>") -> Version:
     Accepts BlinkDL's names and rwkv.cpp's (which differ only in v7's ``att.x_rwkvag``).
     """
     if "emb.weight" not in shapes:
-        raise MissingTensorError(path, "tensor 'emb.weight' not found: this is not an RWKV checkpoint "
-                                 f"(it holds {len(shapes)} tensors, e.g. {sorted(shapes)[:3]})")
+        raise MissingTensorError(
+            path,
+            "tensor 'emb.weight' not found: this is not an RWKV checkpoint "
+            f"(it holds {len(shapes)} tensors, e.g. {sorted(shapes)[:3]})",
+        )
     if "blocks.0.att.k_k" in shapes or "blocks.0.att.x_rwkvag" in shapes:
         return Version.V7
     if "blocks.0.att.time_maa_x" in shapes:
@@ -71,13 +74,17 @@ def detect_version(shapes: dict, path="<model>") -> Version:
         if "blocks.0.att.time_faaaa" in shapes:
             return Version.V5_2
         raise UnsupportedVersionError(
-            path, "RWKV v5.1 (gate with per-head time_first) is not supported; "
-            "expected v4, v5.0, v5.2, v6 or v7")
+            path,
+            "RWKV v5.1 (gate with per-head time_first) is not supported; "
+            "expected v4, v5.0, v5.2, v6 or v7",
+        )
     if "blocks.0.att.time_decay" in shapes and "blocks.0.att.time_first" in shapes:
         return Version.V4
     raise UnsupportedVersionError(
-        path, "no RWKV version matches these tensor names: expected 'blocks.0.att.time_decay' "
-        "(v4/v5), 'blocks.0.att.time_maa_x' (v6) or 'blocks.0.att.k_k' (v7)")
+        path,
+        "no RWKV version matches these tensor names: expected 'blocks.0.att.time_decay' "
+        "(v4/v5), 'blocks.0.att.time_maa_x' (v6) or 'blocks.0.att.k_k' (v7)",
+    )
 
 
 def _shape(shapes, name, path):
@@ -86,13 +93,16 @@ def _shape(shapes, name, path):
     return tuple(int(s) for s in shapes[name])
 
 
-def config_from_shapes(shapes: dict, path="<model>", version: Version | None = None,
-                       ln_x_eps: float | None = None) -> ModelConfig:
+def config_from_shapes(
+    shapes: dict, path="<model>", version: Version | None = None, ln_x_eps: float | None = None
+) -> ModelConfig:
     """Derive a ModelConfig from canonical tensor names and shapes."""
     version = version or detect_version(shapes, path)
     emb = _shape(shapes, "emb.weight", path)
     if len(emb) != 2:
-        raise TensorShapeError(path, f"tensor 'emb.weight' has shape {emb}, expected (vocab, n_embd)")
+        raise TensorShapeError(
+            path, f"tensor 'emb.weight' has shape {emb}, expected (vocab, n_embd)"
+        )
     vocab, n_embd = emb
     n_layer = 0
     while f"blocks.{n_layer}.ln1.weight" in shapes:
@@ -102,8 +112,12 @@ def config_from_shapes(shapes: dict, path="<model>", version: Version | None = N
     key = _shape(shapes, "blocks.0.att.key.weight", path)
     ffn = _shape(shapes, "blocks.0.ffn.key.weight", path)
     n_att, n_ffn = key[0], ffn[0]
-    for what, n in (("vocab size", vocab), ("n_embd", n_embd), ("attention width", n_att),
-                    ("n_ffn", n_ffn)):
+    for what, n in (
+        ("vocab size", vocab),
+        ("n_embd", n_embd),
+        ("attention width", n_att),
+        ("n_ffn", n_ffn),
+    ):
         if n <= 0:  # an empty dimension (a corrupt header): nothing to run, and divisions by it
             raise TensorShapeError(path, f"the tensors give a {what} of {n}, expected > 0")
     n_head = head_size = 0
@@ -118,10 +132,18 @@ def config_from_shapes(shapes: dict, path="<model>", version: Version | None = N
         n_head = rk[0] if len(rk) == 2 else 1
     if version.has_heads:
         if n_head <= 0 or n_att % n_head:
-            raise TensorShapeError(path, f"{n_head} heads do not divide the attention width {n_att}")
+            raise TensorShapeError(
+                path, f"{n_head} heads do not divide the attention width {n_att}"
+            )
         head_size = n_att // n_head
     return ModelConfig(
-        version=version, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab, n_att=n_att,
-        n_ffn=n_ffn, n_head=n_head, head_size=head_size,
+        version=version,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        vocab_size=vocab,
+        n_att=n_att,
+        n_ffn=n_ffn,
+        n_head=n_head,
+        head_size=head_size,
         ln_x_eps=64e-5 if ln_x_eps is None else ln_x_eps,
     )

@@ -80,8 +80,9 @@ def _json_schema_arg(schema):
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
-        raise ConstraintError(f"a JSON schema must be an object (or true), got "
-                              f"{type(schema).__name__}")
+        raise ConstraintError(
+            f"a JSON schema must be an object (or true), got {type(schema).__name__}"
+        )
     return schema
 
 
@@ -227,7 +228,7 @@ def constraint_for(kind: str, source) -> Constraint:
 
 
 def _json_lark(body: str, leading_space: bool) -> str:
-    return f'start: {"/ ?/ " if leading_space else ""}json_value\njson_value: %json {body}\n'
+    return f"start: {'/ ?/ ' if leading_space else ''}json_value\njson_value: %json {body}\n"
 
 
 def _one_line(msg: str) -> str:
@@ -296,8 +297,10 @@ class GrammarProcessor(LogitsProcessor):
 
     def _check(self) -> None:
         if self._matcher.is_error():
-            raise ConstraintError(f"the {self.constraint.kind.replace('_', ' ')} failed: "
-                                  f"{_one_line(self._matcher.get_error())}")
+            raise ConstraintError(
+                f"the {self.constraint.kind.replace('_', ' ')} failed: "
+                f"{_one_line(self._matcher.get_error())}"
+            )
 
     def allowed(self, V: int) -> np.ndarray:
         """The bool mask (V,) of tokens that may come next (id 0: the text may end here)."""
@@ -331,8 +334,9 @@ class GrammarProcessor(LogitsProcessor):
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(int(token)):
             self._check()
-            raise ConstraintError(f"token {token} does not follow the "
-                                  f"{self.constraint.kind.replace('_', ' ')}")
+            raise ConstraintError(
+                f"token {token} does not follow the {self.constraint.kind.replace('_', ' ')}"
+            )
 
     def finished(self) -> bool:
         """True when the grammar admits no more text (the sequence ends with "stop")."""

@@ -39,8 +39,21 @@ import torch
 from .errors import ConversionError, OutputExistsError, QuantizationError
 from .formats.base import QTensor, to_float32
 
-TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
-         "q4_k_m", "q5_k_m")
+TYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q8_0",
+    "q4_k",
+    "q5_k",
+    "q6_k",
+    "q4_k_m",
+    "q5_k_m",
+)
 OUTPUT_FORMATS = {".gguf": "gguf", ".bin": "rwkv.cpp"}
 
 #: Elements converted at a time when a tensor is streamed in row chunks.
@@ -60,8 +73,10 @@ class ConvertResult:
 
     def summary(self) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
-        return (f"wrote {self.path} ({self.format}, {self.type}, {self.file_size:,} bytes, "
-                f"{self.n_tensors} tensors: {types})")
+        return (
+            f"wrote {self.path} ({self.format}, {self.type}, {self.file_size:,} bytes, "
+            f"{self.n_tensors} tensors: {types})"
+        )
 
 
 def _target(type) -> Any:
@@ -69,8 +84,13 @@ def _target(type) -> Any:
 
     name = str(type).strip().lower().replace("-", "_")
     if name not in TYPES:
-        aliases = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16",
-                   "bfloat16": "bf16"}
+        aliases = {
+            "fp32": "f32",
+            "float32": "f32",
+            "fp16": "f16",
+            "float16": "f16",
+            "bfloat16": "bf16",
+        }
         name = aliases.get(name, name)
     if name not in TYPES:
         raise ConversionError(f"unknown type {type!r}; expected one of {', '.join(TYPES)}")
@@ -85,8 +105,10 @@ def _target(type) -> Any:
 def _output_format(dst) -> str:
     ext = os.path.splitext(os.fspath(dst))[1].lower()
     if ext not in OUTPUT_FORMATS:
-        raise ConversionError(f"{os.fspath(dst)}: unknown output extension {ext or '(none)'!r}; "
-                              "expected .gguf (GGUF) or .bin (rwkv.cpp)")
+        raise ConversionError(
+            f"{os.fspath(dst)}: unknown output extension {ext or '(none)'!r}; "
+            "expected .gguf (GGUF) or .bin (rwkv.cpp)"
+        )
     return OUTPUT_FORMATS[ext]
 
 
@@ -98,14 +120,16 @@ def _check_paths(src, dst, force) -> None:
         if os.path.exists(src) and os.path.samefile(src, dst):
             raise ConversionError(f"{dst}: is the source file itself; write to another file")
         if not force:
-            raise OutputExistsError(f"{dst}: already exists; use force=True (--force) to "
-                                    "overwrite it")
+            raise OutputExistsError(
+                f"{dst}: already exists; use force=True (--force) to overwrite it"
+            )
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise ConversionError(f"{dst}: folder {folder} does not exist")
 
 
 # -- producing tensor data ---------------------------------------------------------------------
+
 
 def _encode(fmt_name: str, x) -> np.ndarray:
     """float32 array or tensor (..., K) -> the bytes of type fmt_name (1-D uint8)."""
@@ -121,7 +145,7 @@ def _q_rows(q: QTensor, r0: int, r1: int) -> QTensor:
     from .quant import get_format
 
     row_bytes = get_format(q.fmt).nbytes((row,))
-    return QTensor(q.fmt, (r1 - r0, row), np.asarray(q.data)[r0 * row_bytes:r1 * row_bytes])
+    return QTensor(q.fmt, (r1 - r0, row), np.asarray(q.data)[r0 * row_bytes : r1 * row_bytes])
 
 
 def _chunks(e, tensors: dict, version, cfg):
@@ -136,7 +160,7 @@ def _chunks(e, tensors: dict, version, cfg):
             if src.fmt == e.type and src.shape[-1] == row:
                 data = np.asarray(src.data)
                 for a in range(0, data.size, COPY_BYTES):
-                    yield data[a:a + COPY_BYTES]
+                    yield data[a : a + COPY_BYTES]
                 return
             if src.shape[-1] == row:
                 rows = src.numel() // row
@@ -151,7 +175,7 @@ def _chunks(e, tensors: dict, version, cfg):
         flat = src.reshape(-1)
         step = max(1, CHUNK_ELEMENTS // row) * row
         for a in range(0, n, step):
-            part = flat[a:min(n, a + step)].to(torch.float32)
+            part = flat[a : min(n, a + step)].to(torch.float32)
             yield _encode(e.type, part.reshape(-1, row))
         return
     ins = []
@@ -165,6 +189,7 @@ def _chunks(e, tensors: dict, version, cfg):
 
 
 # -- types -------------------------------------------------------------------------------------
+
 
 def _decide_types(entries, target, quantize_head) -> None:
     from .formats.plan import storage_type
@@ -200,8 +225,11 @@ def _raw_bin_types(entries, src_types, target, quantize_head) -> None:
         st = src_types[e.name]
         if not target.quantized:
             e.type = storage_type(e.name, e.shape, target, quantize_head)
-        elif (len(e.shape) == 2 and needs_quant(e.name, quantize_head)
-              and e.shape[-1] % target.block_size == 0):
+        elif (
+            len(e.shape) == 2
+            and needs_quant(e.name, quantize_head)
+            and e.shape[-1] % target.block_size == 0
+        ):
             e.type = target.name
         else:
             e.type = st if st in ("F32", "F16") else "F16"
@@ -209,17 +237,34 @@ def _raw_bin_types(entries, src_types, target, quantize_head) -> None:
 
 # -- writers -----------------------------------------------------------------------------------
 
+
 def _write_bin(path, header: dict, entries, chunks, on_bytes) -> None:
     from .formats.atomic import atomic_write
     from .formats.rwkvcpp import MAGIC, TYPE_IDS
 
     with atomic_write(path) as f:
-        f.write(struct.pack("<6i", MAGIC, 101, header["n_vocab"], header["n_embed"],
-                            header["n_layer"], TYPE_IDS[header["data_type"]]))
+        f.write(
+            struct.pack(
+                "<6i",
+                MAGIC,
+                101,
+                header["n_vocab"],
+                header["n_embed"],
+                header["n_layer"],
+                TYPE_IDS[header["data_type"]],
+            )
+        )
         for e, parts in zip(entries, chunks):
             key = e.name.encode("utf-8")
-            f.write(struct.pack(f"<3i{len(e.shape)}i", len(e.shape), len(key), TYPE_IDS[e.type],
-                                *reversed(e.shape)))
+            f.write(
+                struct.pack(
+                    f"<3i{len(e.shape)}i",
+                    len(e.shape),
+                    len(key),
+                    TYPE_IDS[e.type],
+                    *reversed(e.shape),
+                )
+            )
             f.write(key)
             for part in parts:
                 f.write(np.ascontiguousarray(part).data.cast("B"))
@@ -233,8 +278,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
 def _vocab(ckpt, src_fmt, src, vocab_size, tokenizer, tokens, vocab_file):
@@ -244,27 +288,46 @@ def _vocab(ckpt, src_fmt, src, vocab_size, tokenizer, tokens, vocab_file):
     from .formats import gguf
 
     source = gguf.read_vocab(src) if src_fmt == "gguf" else None
-    kind = (tokenizer or ckpt.meta.get("tokenizer")
-            or (source.kind or {"rwkv": "world", "gpt2": "neox"}.get(source.model)
-                if source is not None else None)
-            or gguf.guess_tokenizer(vocab_size))
+    kind = (
+        tokenizer
+        or ckpt.meta.get("tokenizer")
+        or (
+            source.kind or {"rwkv": "world", "gpt2": "neox"}.get(source.model)
+            if source is not None
+            else None
+        )
+        or gguf.guess_tokenizer(vocab_size)
+    )
     if kind is not None and kind not in gguf.TOKENIZERS:
-        raise ConversionError(f"unknown tokenizer {kind!r}; expected one of "
-                              f"{', '.join(gguf.TOKENIZERS)}")
+        raise ConversionError(
+            f"unknown tokenizer {kind!r}; expected one of {', '.join(gguf.TOKENIZERS)}"
+        )
     if tokens is not None and kind != "world":
         raise ConversionError(f"tokens= gives a World vocabulary; the tokenizer is {kind}")
     if vocab_file is None and tokens is None and source is None:
         vocab_file = ckpt.meta.get("vocab_file")  # a Hugging Face folder's own file
     if source is not None and source.kind is not None and source.kind != kind:
         source = None  # the source's vocabulary is of another kind
-    return gguf.vocab_for_file(kind, vocab_size, tokens=tokens, vocab_file=vocab_file,
-                               source=source)
+    return gguf.vocab_for_file(
+        kind, vocab_size, tokens=tokens, vocab_file=vocab_file, source=source
+    )
 
 
 # -- the API -----------------------------------------------------------------------------------
 
-def convert(src, dst, type="f16", quantize_head=False, force=False, progress=True, *,
-            tokenizer: str | None = None, tokens=None, vocab=None) -> ConvertResult:
+
+def convert(
+    src,
+    dst,
+    type="f16",
+    quantize_head=False,
+    force=False,
+    progress=True,
+    *,
+    tokenizer: str | None = None,
+    tokens=None,
+    vocab=None,
+) -> ConvertResult:
     """Convert model ``src`` (any supported format) to ``dst`` (``.gguf`` or ``.bin``).
 
     Args:
@@ -288,28 +351,32 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
         ConversionError, OutputExistsError, and the readers' ModelFileError subclasses.
     """
     from . import formats
+    from .config import config_from_shapes, detect_version
     from .formats import gguf, plan, rwkvcpp
     from .hub import resolve_model
-    from .config import config_from_shapes, detect_version
 
     target = _target(type)
     kmix = str(type).strip().lower().replace("-", "_")
     kmix = kmix if kmix in TYPES and target.block_size == 256 else None  # K-quants: GGUF only
     out_fmt = _output_format(dst)
     if kmix and out_fmt == "rwkv.cpp":
-        raise ConversionError(f"{dst}: rwkv.cpp .bin files cannot hold K-quants ({type}); "
-                              "write a .gguf")
+        raise ConversionError(
+            f"{dst}: rwkv.cpp .bin files cannot hold K-quants ({type}); write a .gguf"
+        )
     src, dst = resolve_model(src), os.fspath(dst)
     _check_paths(src, dst, force)
     src_fmt = formats.sniff(src)
     if out_fmt == "rwkv.cpp" and target.name == "BF16":
-        raise ConversionError(f"{dst}: rwkv.cpp .bin files cannot hold BF16; use f16 or f32, or "
-                              "write a .gguf")
+        raise ConversionError(
+            f"{dst}: rwkv.cpp .bin files cannot hold BF16; use f16 or f32, or write a .gguf"
+        )
 
     if out_fmt == "rwkv.cpp" and src_fmt == "rwkv.cpp":
         header, tensors, src_types = rwkvcpp.read_raw(src)
-        entries = [plan.Entry(n, (n,), None, shape=tuple(t.shape), policy=n,
-                              policy_shape=tuple(t.shape)) for n, t in tensors.items()]
+        entries = [
+            plan.Entry(n, (n,), None, shape=tuple(t.shape), policy=n, policy_shape=tuple(t.shape))
+            for n, t in tensors.items()
+        ]
         _raw_bin_types(entries, src_types, target, quantize_head)
         header = dict(header, data_type=target.name)
         version = cfg = None
@@ -323,15 +390,21 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
         rc = plan.rwkvcpp_entries(names, shapes, version, cfg)
         if out_fmt == "rwkv.cpp":
             entries = rc
-            header = dict(n_vocab=cfg.vocab_size, n_embed=cfg.n_embd, n_layer=cfg.n_layer,
-                          data_type=target.name)
+            header = dict(
+                n_vocab=cfg.vocab_size,
+                n_embed=cfg.n_embd,
+                n_layer=cfg.n_layer,
+                data_type=target.name,
+            )
         else:
             policy = {n: (e.name, e.shape) for e in rc for n in e.inputs}
             entries, unknown = gguf.gguf_entries(names, shapes, version, cfg)
             if unknown:
-                warnings.warn(f"{src}: {len(unknown)} tensors that are not part of an RWKV "
-                              f"{version.label} model are left out (e.g. {unknown[0]!r})",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{src}: {len(unknown)} tensors that are not part of an RWKV "
+                    f"{version.label} model are left out (e.g. {unknown[0]!r})",
+                    stacklevel=2,
+                )
             for e in entries:
                 e.policy, e.policy_shape = policy[e.inputs[0]]
         _decide_types(entries, target, quantize_head)
@@ -351,19 +424,32 @@ def convert(src, dst, type="f16", quantize_head=False, force=False, progress=Tru
             _write_bin(dst, header, entries, chunks, on_bytes)
         else:
             name = os.path.splitext(os.path.basename(src.rstrip(os.sep)))[0]
-            gguf.write(dst, version, cfg, entries, chunks, shapes=shapes,
-                       file_type=kmix.upper() if kmix else target.name,
-                       vocab=gvocab, name=name, on_bytes=on_bytes)
+            gguf.write(
+                dst,
+                version,
+                cfg,
+                entries,
+                chunks,
+                shapes=shapes,
+                file_type=kmix.upper() if kmix else target.name,
+                vocab=gvocab,
+                name=name,
+                on_bytes=on_bytes,
+            )
     finally:
         if bar is not None:
             bar.close()
     counts: dict = {}
     for e in entries:
         counts[e.type] = counts.get(e.type, 0) + 1
-    return ConvertResult(path=dst, format="gguf" if out_fmt == "gguf" else "rwkv.cpp",
-                         type=kmix.upper() if kmix else target.name,
-                         file_size=os.path.getsize(dst),
-                         n_tensors=len(entries), tensor_types=counts)
+    return ConvertResult(
+        path=dst,
+        format="gguf" if out_fmt == "gguf" else "rwkv.cpp",
+        type=kmix.upper() if kmix else target.name,
+        file_size=os.path.getsize(dst),
+        n_tensors=len(entries),
+        tensor_types=counts,
+    )
 
 
 def quantize(src, dst, type, **kwargs) -> ConvertResult:

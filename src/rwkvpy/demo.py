@@ -28,9 +28,19 @@ from pathlib import Path
 
 from .errors import RwkvpyError
 
-__all__ = ["HELDOUT_FRACTION", "DATA_DIR", "demo_corpus", "held_out_text", "corpus_info",
-           "demo_model_path", "chat_pairs", "chat_turns", "render_turn", "held_out_chat_text",
-           "chat_info"]
+__all__ = [
+    "HELDOUT_FRACTION",
+    "DATA_DIR",
+    "demo_corpus",
+    "held_out_text",
+    "corpus_info",
+    "demo_model_path",
+    "chat_pairs",
+    "chat_turns",
+    "render_turn",
+    "held_out_chat_text",
+    "chat_info",
+]
 
 # Fraction of the corpus (in bytes, at the end) held out for evaluation.
 HELDOUT_FRACTION = 0.05
@@ -66,8 +76,11 @@ def held_out_text() -> str:
 def corpus_info() -> dict:
     """Sizes and a SHA-256 of the corpus: what a perplexity was measured on."""
     train, held = demo_corpus()
-    return {"train_bytes": len(train), "heldout_bytes": len(held),
-            "sha256": hashlib.sha256(train + held).hexdigest()[:16]}
+    return {
+        "train_bytes": len(train),
+        "heldout_bytes": len(held),
+        "sha256": hashlib.sha256(train + held).hexdigest()[:16],
+    }
 
 
 def demo_model_path() -> str:
@@ -77,9 +90,11 @@ def demo_model_path() -> str:
         found = sorted(DATA_DIR.glob(pattern)) if DATA_DIR.is_dir() else []
         if found:
             return str(found[0])
-    raise RwkvpyError(f"no demo model file in {DATA_DIR} (looked for demo*.gguf and demo*.pth): "
-                      "this installation of rwkvpy does not ship the demo model; train one with "
-                      "tools/train_demo.py and load it by path")
+    raise RwkvpyError(
+        f"no demo model file in {DATA_DIR} (looked for demo*.gguf and demo*.pth): "
+        "this installation of rwkvpy does not ship the demo model; train one with "
+        "tools/train_demo.py and load it by path"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,14 +112,22 @@ CHAT_MIN_ANSWER = 60
 CHAT_MAX_ANSWER = 300
 
 # A few turns about the model itself, so a greeting (the README's "Hi!") gets a fitting answer.
-_SELF = ("I am rwkvpy's demo model, a tiny RWKV-7 that read Python's documentation. Ask me "
-         "about Python's statements, built-in functions and types.")
+_SELF = (
+    "I am rwkvpy's demo model, a tiny RWKV-7 that read Python's documentation. Ask me "
+    "about Python's statements, built-in functions and types."
+)
 CHAT_GREETINGS = (
-    ("greeting", ("Hi!", "Hello!", "Hi", "Hello", "Hey there.", "Good morning!"),
-     "Hello! " + _SELF),
+    (
+        "greeting",
+        ("Hi!", "Hello!", "Hi", "Hello", "Hey there.", "Good morning!"),
+        "Hello! " + _SELF,
+    ),
     ("who", ("Who are you?", "What are you?", "What can you do?", "Can you help me?"), _SELF),
-    ("thanks", ("Thanks!", "Thank you.", "Thank you, that helps."),
-     "You are welcome. Ask me anything else about Python."),
+    (
+        "thanks",
+        ("Thanks!", "Thank you.", "Thank you, that helps."),
+        "You are welcome. Ask me anything else about Python.",
+    ),
 )
 
 # Builtin types whose public methods become subjects ("What does str.upper do?").
@@ -148,11 +171,14 @@ def _prose(para: str) -> str:
     parentheses and version notes are not."""
     lines = para.strip("\n").split("\n")
     first = lines[0]
-    if (not first.strip() or first.startswith((" ", "* ", "(", "[")) or
-            re.fullmatch(r"[=*-]+", first) or
-            (len(lines) > 1 and re.fullmatch(r"[=*-]+", lines[1])) or
-            re.match(r"(class |classmethod |staticmethod )?[\w.]+(\(.*\))?$", first) or
-            re.match(r"(New|Changed|Added|Deprecated) in version", first)):
+    if (
+        not first.strip()
+        or first.startswith((" ", "* ", "(", "["))
+        or re.fullmatch(r"[=*-]+", first)
+        or (len(lines) > 1 and re.fullmatch(r"[=*-]+", lines[1]))
+        or re.match(r"(class |classmethod |staticmethod )?[\w.]+(\(.*\))?$", first)
+        or re.match(r"(New|Changed|Added|Deprecated) in version", first)
+    ):
         return ""
     text = _join(para)
     return text if text.count(" ") >= 4 else ""
@@ -165,12 +191,14 @@ def _topic_sections():
 
     for key in sorted(topics.topics):
         lines = topics.topics[key].split("\n")
-        heads = [(0, lines[0])] + [(i - 1, lines[i - 1]) for i in range(2, len(lines))
-                                   if re.fullmatch(r"=+", lines[i])
-                                   and len(lines[i]) == len(lines[i - 1])]
+        heads = [(0, lines[0])] + [
+            (i - 1, lines[i - 1])
+            for i in range(2, len(lines))
+            if re.fullmatch(r"=+", lines[i]) and len(lines[i]) == len(lines[i - 1])
+        ]
         for n, (at, title) in enumerate(heads):
             end = heads[n + 1][0] if n + 1 < len(heads) else len(lines)
-            for para in re.split(r"\n\s*\n", "\n".join(lines[at + 2:end])):
+            for para in re.split(r"\n\s*\n", "\n".join(lines[at + 2 : end])):
                 text = _prose(para)
                 if text:
                     yield key, title, text
@@ -188,8 +216,12 @@ def _subject_phrase(title: str) -> str:
     words = []
     for w in t.split(" "):
         core = w.strip("(),")
-        if (core[:1].isupper() and core[1:].islower() and core != "Python"
-                and not hasattr(builtins, core)):
+        if (
+            core[:1].isupper()
+            and core[1:].islower()
+            and core != "Python"
+            and not hasattr(builtins, core)
+        ):
             w = w.replace(core, core.lower())
         words.append(w)
     return " ".join(words)
@@ -267,8 +299,9 @@ def _builtin_docs() -> list:
     import sys
 
     code = _BUILTINS_PROBE % ", ".join(t.__name__ for t in _METHOD_TYPES)
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -285,8 +318,11 @@ def _builtin_pairs():
             qs = [f"What does {name} do?", f"What does {name}() do?", f"What is {name} for?"]
         else:
             t, _, meth = name.partition(".")
-            qs = [f"What does {name} do?", f"What does the {meth} method of {t} do?",
-                  f"How do I use {name}()?"]
+            qs = [
+                f"What does {name} do?",
+                f"What does the {meth} method of {t} do?",
+                f"How do I use {name}()?",
+            ]
             yield f"method:{name}", qs, answer
             continue
         yield "builtin:" + name, qs, answer
@@ -307,8 +343,9 @@ def chat_pairs() -> list:
         seen.add(subject)
         h = int(hashlib.sha256(answer.encode("utf-8")).hexdigest(), 16)
         # the answer's last character may be a full stop that replaced the text's colon
-        out.append((subject, tuple(qs), answer,
-                    answer[:-1] in held or h % CHAT_HELDOUT_MODULUS == 0))
+        out.append(
+            (subject, tuple(qs), answer, answer[:-1] in held or h % CHAT_HELDOUT_MODULUS == 0)
+        )
     out += [("self:" + s, qs, a, False) for s, qs, a in CHAT_GREETINGS]
     return sorted(out)
 
@@ -338,7 +375,10 @@ def held_out_chat_text() -> str:
 def chat_info() -> dict:
     """Counts and a SHA-256 of the chat turns: what a chat perplexity was measured on."""
     train, held = chat_turns()
-    return {"train_turns": len(train), "heldout_turns": len(held),
-            "train_bytes": len("".join(train).encode("utf-8")),
-            "heldout_bytes": len(held_out_chat_text().encode("utf-8")),
-            "sha256": hashlib.sha256("".join(train + held).encode("utf-8")).hexdigest()[:16]}
+    return {
+        "train_turns": len(train),
+        "heldout_turns": len(held),
+        "train_bytes": len("".join(train).encode("utf-8")),
+        "heldout_bytes": len(held_out_chat_text().encode("utf-8")),
+        "sha256": hashlib.sha256("".join(train + held).encode("utf-8")).hexdigest()[:16],
+    }

@@ -50,8 +50,8 @@ class Timings:
     run with an empty cache: rwkvpy.compiling) is ``compile_seconds``, left out of the prompt's
     and the generation's seconds, so that the speeds below are those of the compiled kernels."""
 
-    prompt_seconds: float       # the prompt's forward call
-    generation_seconds: float   # sampling, the per-token forward calls and decoding
+    prompt_seconds: float  # the prompt's forward call
+    generation_seconds: float  # sampling, the per-token forward calls and decoding
     prompt_tokens: int = 0
     completion_tokens: int = 0
     compile_seconds: float = 0.0  # compiling kernels, in either phase
@@ -68,22 +68,23 @@ class Timings:
     @property
     def tokens_per_second(self) -> float:
         """Generated tokens per second."""
-        return (self.completion_tokens / self.generation_seconds
-                if self.generation_seconds > 0 else 0.0)
+        return (
+            self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+        )
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    text: str                 # the generated text, without any stop string
-    tokens: list              # generated token ids (a stop token excluded)
-    finish_reason: str        # "stop" or "length"
-    prompt_tokens: int        # number of prompt tokens
-    completion_tokens: int    # number of tokens sampled (a stop token included)
+    text: str  # the generated text, without any stop string
+    tokens: list  # generated token ids (a stop token excluded)
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int  # number of prompt tokens
+    completion_tokens: int  # number of tokens sampled (a stop token included)
     timings: Timings
     state: object = field(repr=False)  # rwkvpy.State after the prompt and ``tokens``
-    stop: object = None       # the stop string or stop token id that ended generation, if any
-    seed: int | None = None   # the sampler's seed (reproduces the run with the same inputs)
-    cached_tokens: int = 0    # prompt tokens taken from the prefix cache (not processed)
+    stop: object = None  # the stop string or stop token id that ended generation, if any
+    seed: int | None = None  # the sampler's seed (reproduces the run with the same inputs)
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (not processed)
     logprobs: tuple | None = None  # TokenLogprob per token of ``text`` (params.logprobs set)
 
 
@@ -93,11 +94,13 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
         ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
     else:
-        raise GenerationError(f"prompt must be a str or a list of token ids, "
-                              f"got {type(prompt).__name__}")
+        raise GenerationError(
+            f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+        )
     if not ids:
-        raise GenerationError("the prompt is empty: the model needs at least one token to "
-                              "predict the next one")
+        raise GenerationError(
+            "the prompt is empty: the model needs at least one token to predict the next one"
+        )
     return ids
 
 
@@ -108,12 +111,15 @@ def _check(model, tokenizer, params):
         raise GenerationError(f"params must be a SamplingParams, got {type(params).__name__}")
     V = model.config.vocab_size
     if tokenizer.vocab_size > V:
-        raise TokenizerError(f"the {tokenizer.name} tokenizer (vocab size {tokenizer.vocab_size}) "
-                             f"does not fit the model (vocab size {V})")
+        raise TokenizerError(
+            f"the {tokenizer.name} tokenizer (vocab size {tokenizer.vocab_size}) "
+            f"does not fit the model (vocab size {V})"
+        )
     for i in params.stop_tokens:
         if i >= V:
-            raise GenerationError(f"stop token id {i} is out of range: the model's vocabulary "
-                                  f"has ids 0..{V - 1}")
+            raise GenerationError(
+                f"stop token id {i} is out of range: the model's vocabulary has ids 0..{V - 1}"
+            )
     return params
 
 
@@ -132,8 +138,13 @@ def _process_prompt(model, ids: list, state, cache, checkpoints, live):
     start = n
     if n:
         state = cached
-    cuts = sorted({c for c in list(cache.checkpoints(start, len(ids))) + list(checkpoints)
-                   if start < c < len(ids)})
+    cuts = sorted(
+        {
+            c
+            for c in list(cache.checkpoints(start, len(ids))) + list(checkpoints)
+            if start < c < len(ids)
+        }
+    )
     for end in cuts + [len(ids)]:
         if end > start:
             logits, state = model.forward(ids[start:end], state)
@@ -142,8 +153,17 @@ def _process_prompt(model, ids: list, state, cache, checkpoints, live):
     return logits, state, n
 
 
-def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
-         checkpoints=(), live=None, processors=()):
+def _run(
+    model,
+    tokenizer,
+    ids: list,
+    params: SamplingParams,
+    state,
+    cache=None,
+    checkpoints=(),
+    live=None,
+    processors=(),
+):
     """Yields the text pieces; returns the GenerationResult. ``live`` (a GenerationStream) is
     kept up to date with the progress, so an interrupted run leaves a consistent account."""
     if live is None:
@@ -185,12 +205,19 @@ def _run(model, tokenizer, ids: list, params: SamplingParams, state, cache=None,
     # never negative: compile seconds are counted per thread, and a stream may move between them
     cp, cg = max(0.0, c1 - c0), max(0.0, c2 - c1)
     timings = Timings(t1 - t0 - cp, t2 - t1 - cg, len(ids) - cached, loop.sampled, cp + cg)
-    return GenerationResult(text="".join(parts), tokens=list(tokens),
-                            finish_reason=loop.finish_reason, prompt_tokens=len(ids),
-                            completion_tokens=loop.sampled, timings=timings, state=state,
-                            stop=loop.stop, seed=loop.seed, cached_tokens=cached,
-                            logprobs=(tuple(loop.logprobs) if params.logprobs is not None
-                                      else None))
+    return GenerationResult(
+        text="".join(parts),
+        tokens=list(tokens),
+        finish_reason=loop.finish_reason,
+        prompt_tokens=len(ids),
+        completion_tokens=loop.sampled,
+        timings=timings,
+        state=state,
+        stop=loop.stop,
+        seed=loop.seed,
+        cached_tokens=cached,
+        logprobs=(tuple(loop.logprobs) if params.logprobs is not None else None),
+    )
 
 
 class GenerationStream:
@@ -214,7 +241,7 @@ class GenerationStream:
 
     @property
     def tokens(self) -> list[int]:
-        return self._tokens[:self._progress[0]]
+        return self._tokens[: self._progress[0]]
 
     @property
     def state(self):
@@ -235,8 +262,16 @@ class GenerationStream:
         self._gen.close()
 
 
-def stream(model, tokenizer, prompt, params: SamplingParams | None = None,
-           state=None, cache=None, checkpoints=(), processors=()) -> GenerationStream:
+def stream(
+    model,
+    tokenizer,
+    prompt,
+    params: SamplingParams | None = None,
+    state=None,
+    cache=None,
+    checkpoints=(),
+    processors=(),
+) -> GenerationStream:
     """Generate from ``prompt`` (a str, or a list of token ids), yielding text pieces as they
     are decided. Concatenated, the pieces are the result's ``text``; the stream's ``result``
     holds the :class:`GenerationResult` once it is exhausted. ``state``: continue from this
@@ -249,13 +284,21 @@ def stream(model, tokenizer, prompt, params: SamplingParams | None = None,
     if cache is not None and not hasattr(cache, "lookup"):
         raise GenerationError(f"cache must be a PrefixCache, got {type(cache).__name__}")
     live = GenerationStream(None)
-    live._gen = _run(model, tokenizer, ids, params, state, cache, tuple(checkpoints), live,
-                     tuple(processors))
+    live._gen = _run(
+        model, tokenizer, ids, params, state, cache, tuple(checkpoints), live, tuple(processors)
+    )
     return live
 
 
-def generate(model, tokenizer, prompt, params: SamplingParams | None = None,
-             state=None, cache=None, processors=()) -> GenerationResult:
+def generate(
+    model,
+    tokenizer,
+    prompt,
+    params: SamplingParams | None = None,
+    state=None,
+    cache=None,
+    processors=(),
+) -> GenerationResult:
     """Generate from ``prompt`` (a str, or a list of token ids) until a stop condition (see the
     module's docstring); ``state``: continue from this state (None: a fresh one); ``cache``: a
     PrefixCache (see the module's docstring); ``processors``: as for :func:`stream`."""

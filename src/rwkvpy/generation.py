@@ -54,9 +54,9 @@ class TokenLogprob:
     """One token's log probability (natural log) and the most probable alternatives."""
 
     token: int
-    logprob: float | None          # None: nothing predicted it (a prompt's first token)
-    top: tuple = ()                # ((token id, logprob), ...), most probable first
-    offset: int = 0                # its first character's index in the text it belongs to
+    logprob: float | None  # None: nothing predicted it (a prompt's first token)
+    top: tuple = ()  # ((token id, logprob), ...), most probable first
+    offset: int = 0  # its first character's index in the text it belongs to
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class TextEvent:
     it completes when they were asked for."""
 
     text: str
-    logprobs: tuple = ()           # of TokenLogprob
+    logprobs: tuple = ()  # of TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -73,20 +73,20 @@ class PromptEvent:
     """The prompt has been read and scored (only for a sequence that asked for its prompt's
     log probabilities)."""
 
-    logprobs: tuple                # of TokenLogprob, one per prompt token
+    logprobs: tuple  # of TokenLogprob, one per prompt token
 
 
 @dataclass(frozen=True)
 class DoneEvent:
     """The sequence ended normally; its last TextEvent came before."""
 
-    finish_reason: str             # "stop" or "length"
-    stop: object                   # the stop string or stop token that ended it, if any
+    finish_reason: str  # "stop" or "length"
+    stop: object  # the stop string or stop token that ended it, if any
     prompt_tokens: int
-    completion_tokens: int         # tokens sampled (a stop token included)
-    cached_tokens: int             # prompt tokens taken from the prefix cache
-    tokens: list                   # generated token ids the state has read
-    state: object                  # the state after the prompt and ``tokens``
+    completion_tokens: int  # tokens sampled (a stop token included)
+    cached_tokens: int  # prompt tokens taken from the prefix cache
+    tokens: list  # generated token ids the state has read
+    state: object  # the state after the prompt and ``tokens``
     seed: int | None
     prompt_logprobs: tuple | None = None  # of TokenLogprob per prompt token, when asked
 
@@ -158,17 +158,18 @@ class TokenLoop:
         self.processors = procs
         # a processor may end the sequence through tokens of its own (a grammar's end token)
         self.stop_tokens = frozenset(params.stop_tokens).union(
-            *(getattr(p, "stop_tokens", ()) for p in procs))
-        self.tokens: list[int] = []    # chosen tokens the state has read
-        self.sampled = 0               # tokens chosen (a stop token included)
+            *(getattr(p, "stop_tokens", ()) for p in procs)
+        )
+        self.tokens: list[int] = []  # chosen tokens the state has read
+        self.sampled = 0  # tokens chosen (a stop token included)
         self.finish_reason: str | None = None
         self.stop: int | str | None = None
-        self.logprobs: list = []       # TokenLogprob of the tokens released with text so far
-        self._pending = ""             # decoded, not yet emitted (may begin a stop string)
-        self._decoded = 0              # characters decoded so far
-        self._emitted = 0              # characters emitted so far
-        self._chosen = None            # TokenLogprob of the token chosen, not yet accepted
-        self._waiting: list = []       # TokenLogprob of accepted tokens awaiting their text
+        self.logprobs: list = []  # TokenLogprob of the tokens released with text so far
+        self._pending = ""  # decoded, not yet emitted (may begin a stop string)
+        self._decoded = 0  # characters decoded so far
+        self._emitted = 0  # characters emitted so far
+        self._chosen = None  # TokenLogprob of the token chosen, not yet accepted
+        self._waiting: list = []  # TokenLogprob of accepted tokens awaiting their text
         self._by_string = False
 
     @property

@@ -33,11 +33,13 @@ class HubError(RwkvpyError):
 
 def parse_hf_spec(spec: str):
     """``(repo_id, filename, revision or None)`` of ``hf:OWNER/REPO[@REVISION]/FILE``."""
-    body = spec[len(PREFIX):]
+    body = spec[len(PREFIX) :]
     parts = body.split("/")
     if len(parts) < 3 or not all(parts):
-        raise HubError(f"{spec}: expected hf:OWNER/REPO/FILE (for example "
-                       f"hf:BlinkDL/rwkv-7-world/RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth)")
+        raise HubError(
+            f"{spec}: expected hf:OWNER/REPO/FILE (for example "
+            f"hf:BlinkDL/rwkv-7-world/RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth)"
+        )
     owner, repo, filename = parts[0], parts[1], "/".join(parts[2:])
     revision = None
     if "@" in repo:
@@ -75,25 +77,36 @@ def resolve_model(spec) -> str:
         import huggingface_hub
         from huggingface_hub import errors as hf_errors
     except ImportError:
-        raise HubError(f"{spec}: hf: model specs need the huggingface_hub package: "
-                       f"pip install 'rwkvpy[hub]' (or pip install huggingface_hub)") from None
+        raise HubError(
+            f"{spec}: hf: model specs need the huggingface_hub package: "
+            f"pip install 'rwkvpy[hub]' (or pip install huggingface_hub)"
+        ) from None
     where = f"{repo_id}{'@' + revision if revision else ''}"
     try:
         return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
     except hf_errors.LocalEntryNotFoundError:
         from huggingface_hub import constants
 
-        why = ("offline mode is on (HF_HUB_OFFLINE)" if _offline()
-               else "the Hugging Face Hub cannot be reached")
-        raise HubError(f"{spec}: {filename} of {where} is not in the Hugging Face cache "
-                       f"({constants.HF_HUB_CACHE}) and {why}: connect once to download "
-                       f"it") from None
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE)"
+            if _offline()
+            else "the Hugging Face Hub cannot be reached"
+        )
+        raise HubError(
+            f"{spec}: {filename} of {where} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {why}: connect once to download "
+            f"it"
+        ) from None
     except hf_errors.GatedRepoError:
-        raise HubError(f"{spec}: {repo_id} is gated: accept its terms on huggingface.co and "
-                       f"log in (hf auth login, or set HF_TOKEN)") from None
+        raise HubError(
+            f"{spec}: {repo_id} is gated: accept its terms on huggingface.co and "
+            f"log in (hf auth login, or set HF_TOKEN)"
+        ) from None
     except hf_errors.RepositoryNotFoundError:
-        raise HubError(f"{spec}: repository {repo_id} not found on the Hugging Face Hub (or it "
-                       f"is private: log in with hf auth login, or set HF_TOKEN)") from None
+        raise HubError(
+            f"{spec}: repository {repo_id} not found on the Hugging Face Hub (or it "
+            f"is private: log in with hf auth login, or set HF_TOKEN)"
+        ) from None
     except hf_errors.RevisionNotFoundError:
         raise HubError(f"{spec}: revision {revision!r} not found in {repo_id}") from None
     except hf_errors.EntryNotFoundError:

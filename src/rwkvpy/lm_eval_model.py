@@ -93,28 +93,42 @@ class RwkvpyLM(TemplateLM):
     tokens. progress: a progress bar on stderr. mode, threads, device: as for rwkvpy.load.
     """
 
-    def __init__(self, model="demo", pretrained=None, batch_size=16, prefix_token=0,
-                 max_gen_toks=256, progress=True, mode="fast", threads=None, device="cpu",
-                 **unused):
+    def __init__(
+        self,
+        model="demo",
+        pretrained=None,
+        batch_size=16,
+        prefix_token=0,
+        max_gen_toks=256,
+        progress=True,
+        mode="fast",
+        threads=None,
+        device="cpu",
+        **unused,
+    ):
         super().__init__()
         unused.pop("max_batch_size", None)  # lm-eval passes its own defaults along
         unused.pop("device_map", None)
         if unused:
-            raise LmEvalError(f"unknown argument(s) of the rwkvpy lm-eval model: "
-                              f"{', '.join(sorted(unused))}")
+            raise LmEvalError(
+                f"unknown argument(s) of the rwkvpy lm-eval model: {', '.join(sorted(unused))}"
+            )
         if pretrained is not None:
             model = pretrained
         if not isinstance(model, rwkvpy.Model):
-            model = rwkvpy.load(model, mode=mode, device=device,
-                                threads=None if threads is None else int(threads))
+            model = rwkvpy.load(
+                model, mode=mode, device=device, threads=None if threads is None else int(threads)
+            )
         self.model = model
         self.tok = model.tokenizer()
         self.batch_size = self._positive("batch_size", batch_size)
         self.max_gen_toks = self._positive("max_gen_toks", max_gen_toks)
         self.prefix_token = self._index("prefix_token", prefix_token)
         if not 0 <= self.prefix_token < model.config.vocab_size:
-            raise LmEvalError(f"prefix_token {self.prefix_token} is outside the vocabulary "
-                              f"(0..{model.config.vocab_size - 1})")
+            raise LmEvalError(
+                f"prefix_token {self.prefix_token} is outside the vocabulary "
+                f"(0..{model.config.vocab_size - 1})"
+            )
         self.progress = _bool(progress)
         self._device = str(model.device)
 
@@ -157,8 +171,14 @@ class RwkvpyLM(TemplateLM):
     def _bar(self, total: int, desc: str):
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="req", disable=not self.progress or total == 0,
-                    leave=False, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="req",
+            disable=not self.progress or total == 0,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     # -- loglikelihood ------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -214,7 +234,7 @@ class RwkvpyLM(TemplateLM):
         chunk = self.model.prompt_chunk or 512
         feed = cont[:-1]
         for a in range(0, len(feed), chunk):
-            lg, state = self.model.forward(feed[a:a + chunk], state, all_logits=True)
+            lg, state = self.model.forward(feed[a : a + chunk], state, all_logits=True)
             rows.append(lg)
         return self._token_scores(torch.cat(rows), cont)
 
@@ -227,8 +247,9 @@ class RwkvpyLM(TemplateLM):
         states = [s for _, s, _, _ in jobs]
         for step in range(max(len(c) for _, _, _, c in jobs) - 1):
             live = [j for j, (_, _, _, c) in enumerate(jobs) if step + 1 < len(c)]
-            logits, new = self.model.forward_batch([[jobs[j][3][step]] for j in live],
-                                                   [states[j] for j in live])
+            logits, new = self.model.forward_batch(
+                [[jobs[j][3][step]] for j in live], [states[j] for j in live]
+            )
             for j, lg, s in zip(live, logits, new):
                 rows[j].append(lg)
                 states[j] = s
@@ -266,13 +287,21 @@ class RwkvpyLM(TemplateLM):
         max_tokens = self._positive("max_gen_toks", kw.pop("max_gen_toks", self.max_gen_toks))
         sample = _bool(kw.pop("do_sample", False))
         temperature = float(kw.pop("temperature", 0.0) or 0.0)
-        common: dict[str, Any] = {"stop": tuple(until), "stop_tokens": (END_OF_TEXT,),
-                  "max_tokens": max_tokens, "penalty_decay": 1.0}
+        common: dict[str, Any] = {
+            "stop": tuple(until),
+            "stop_tokens": (END_OF_TEXT,),
+            "max_tokens": max_tokens,
+            "penalty_decay": 1.0,
+        }
         if not sample or temperature == 0.0:
             return SamplingParams(greedy=True, **common)
-        return SamplingParams(temperature=temperature, top_p=float(kw.pop("top_p", 1.0)),
-                              top_k=int(kw.pop("top_k", 0) or 0), seed=kw.pop("seed", 1234),
-                              **common)
+        return SamplingParams(
+            temperature=temperature,
+            top_p=float(kw.pop("top_p", 1.0)),
+            top_k=int(kw.pop("top_k", 0) or 0),
+            seed=kw.pop("seed", 1234),
+            **common,
+        )
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled) text for each request, ``batch_size`` sequences at a time: each
@@ -314,8 +343,9 @@ class RwkvpyLM(TemplateLM):
                 else:
                     stepping.append((seq, token))
             if stepping:
-                logits, states = self.model.forward_batch([[t] for _, t in stepping],
-                                                          [seq[3] for seq, _ in stepping])
+                logits, states = self.model.forward_batch(
+                    [[t] for _, t in stepping], [seq[3] for seq, _ in stepping]
+                )
                 for (seq, token), lg, st in zip(stepping, logits, states):
                     seq[2], seq[3] = lg, st
                     event = seq[1].accept(token)

@@ -38,30 +38,39 @@ def merge(base: dict, lora: dict, alpha: float, base_name="base", lora_name="lor
     used = set()
     for name, t in base.items():
         if isinstance(t, QTensor):
-            raise ConversionError(f"{base_name}: tensor '{name}' is {t.fmt}: merge a LoRA into a "
-                                  "float model (F32, F16, BF16), then quantize (--type)")
+            raise ConversionError(
+                f"{base_name}: tensor '{name}' is {t.fmt}: merge a LoRA into a "
+                "float model (F32, F16, BF16), then quantize (--type)"
+            )
         w = to_float32(t).clone()
         if name in lora:
             rep = to_float32(lora[name])
             if _squeezed(rep.shape) != _squeezed(w.shape):
-                raise ConversionError(f"{lora_name}: tensor '{name}' has shape {tuple(rep.shape)}, "
-                                      f"the model's has {tuple(w.shape)}")
+                raise ConversionError(
+                    f"{lora_name}: tensor '{name}' has shape {tuple(rep.shape)}, "
+                    f"the model's has {tuple(w.shape)}"
+                )
             w = rep.reshape(w.shape).clone()
             used.add(name)
             replaced.append(name)
-        stem = name[:-len(".weight")] if name.endswith(".weight") else name
+        stem = name[: -len(".weight")] if name.endswith(".weight") else name
         for suffix in (".weight", ""):
             ka, kb = f"{stem}.lora_A{suffix}", f"{stem}.lora_B{suffix}"
             if ka in lora or kb in lora:
                 if ka not in lora or kb not in lora:
                     raise ConversionError(f"{lora_name}: '{ka}' and '{kb}' must come together")
                 a, b = to_float32(lora[ka]), to_float32(lora[kb])
-                if (a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]
-                        or (b.shape[0], a.shape[1]) != tuple(w.shape)):
+                if (
+                    a.dim() != 2
+                    or b.dim() != 2
+                    or b.shape[1] != a.shape[0]
+                    or (b.shape[0], a.shape[1]) != tuple(w.shape)
+                ):
                     raise ConversionError(
                         f"{lora_name}: LoRA for '{name}' has A {tuple(a.shape)} and B "
                         f"{tuple(b.shape)}; expected A (r, {w.shape[-1]}) and B "
-                        f"({w.shape[0]}, r) for the model's {tuple(w.shape)}")
+                        f"({w.shape[0]}, r) for the model's {tuple(w.shape)}"
+                    )
                 w = w + (b @ a) * (alpha / b.shape[1])
                 used.update((ka, kb))
                 merged.append(name)
@@ -71,8 +80,9 @@ def merge(base: dict, lora: dict, alpha: float, base_name="base", lora_name="lor
     return out, {"merged": merged, "replaced": replaced, "unused": unused}
 
 
-def merge_lora(base_path, lora_path, dst, alpha: float, type: str = "f16", force=False,
-               progress=True) -> dict:
+def merge_lora(
+    base_path, lora_path, dst, alpha: float, type: str = "f16", force=False, progress=True
+) -> dict:
     """Merge the LoRA checkpoint at ``lora_path`` into the model at ``base_path`` and write
     ``dst`` (.gguf, .bin, or .pth for a float32 BlinkDL checkpoint). Returns the report."""
     from .convert import convert
@@ -92,10 +102,14 @@ def merge_lora(base_path, lora_path, dst, alpha: float, type: str = "f16", force
         raise ConversionError(f"{lora_path}: a LoRA checkpoint is a .pth, this is {lora.format}")
     tensors, report = merge(base.tensors, lora.tensors, float(alpha), base.path, lora.path)
     if not report["merged"] and not report["replaced"]:
-        raise ConversionError(f"{lora_path}: no tensor of it matches the model "
-                              f"({len(report['unused'])} tensors, e.g. {report['unused'][:3]})")
+        raise ConversionError(
+            f"{lora_path}: no tensor of it matches the model "
+            f"({len(report['unused'])} tensors, e.g. {report['unused'][:3]})"
+        )
     for name in report["unused"]:
-        warnings.warn(f"{lora_path}: tensor '{name}' matches nothing in the model; not used")
+        warnings.warn(
+            f"{lora_path}: tensor '{name}' matches nothing in the model; not used", stacklevel=2
+        )
     if dst.endswith(".pth"):
         with atomic_write(dst) as f:
             torch_save(tensors, f)

@@ -6,13 +6,14 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import formats, models, runtime
-from .errors import RwkvpyError, StateError, TokenError
 from .config import ModelConfig, Version
+from .errors import RwkvpyError, StateError, TokenError
 from .state import State
 
 
@@ -35,11 +36,20 @@ class ModelInfo:
 
     def summary(self) -> dict:
         return {
-            "path": self.path, "format": self.format, "version": self.version.value,
-            "architecture": self.version.label, "n_embd": self.n_embd, "n_layer": self.n_layer,
-            "n_head": self.n_head, "head_size": self.head_size, "vocab_size": self.vocab_size,
-            "n_ffn": self.n_ffn, "params": self.params, "file_size": self.file_size,
-            "tensor_types": dict(self.tensor_types), "tensor_bytes": dict(self.tensor_bytes),
+            "path": self.path,
+            "format": self.format,
+            "version": self.version.value,
+            "architecture": self.version.label,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "head_size": self.head_size,
+            "vocab_size": self.vocab_size,
+            "n_ffn": self.n_ffn,
+            "params": self.params,
+            "file_size": self.file_size,
+            "tensor_types": dict(self.tensor_types),
+            "tensor_bytes": dict(self.tensor_bytes),
             **({"file": self.file_meta} if self.file_meta else {}),
         }
 
@@ -60,10 +70,21 @@ def describe(ckpt: formats.Checkpoint, cfg: ModelConfig) -> ModelInfo:
         sizes[typ] = sizes.get(typ, 0) + _nbytes(t)
     params = sum(int(torch.Size(t.shape).numel()) for t in ckpt.tensors.values())
     return ModelInfo(
-        path=ckpt.path, format=ckpt.format, version=cfg.version, n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, head_size=cfg.head_size,
-        vocab_size=cfg.vocab_size, n_ffn=cfg.n_ffn, params=params, file_size=ckpt.file_size,
-        tensor_types=types, tensor_bytes=sizes, file_meta=dict(ckpt.meta))
+        path=ckpt.path,
+        format=ckpt.format,
+        version=cfg.version,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        head_size=cfg.head_size,
+        vocab_size=cfg.vocab_size,
+        n_ffn=cfg.n_ffn,
+        params=params,
+        file_size=ckpt.file_size,
+        tensor_types=types,
+        tensor_bytes=sizes,
+        file_meta=dict(ckpt.meta),
+    )
 
 
 CPU = torch.device("cpu")
@@ -87,17 +108,25 @@ def layer_devices(n_layer: int, device="cpu", gpu_layers: int | None = None) -> 
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise RwkvpyError(f"device {device!r} is not a torch device name (cpu, cuda, cuda:1)") from None
+        raise RwkvpyError(
+            f"device {device!r} is not a torch device name (cpu, cuda, cuda:1)"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA" if torch.version.cuda is None and
-                   torch.version.hip is None else "no GPU is visible to torch")
-            raise RwkvpyError(f"device {device!r}: CUDA is not available ({why}; torch "
-                              f"{torch.__version__})")
+            why = (
+                "this torch build has no CUDA"
+                if torch.version.cuda is None and torch.version.hip is None
+                else "no GPU is visible to torch"
+            )
+            raise RwkvpyError(
+                f"device {device!r}: CUDA is not available ({why}; torch {torch.__version__})"
+            )
         index = 0 if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
-            raise RwkvpyError(f"device {device!r}: there are {torch.cuda.device_count()} GPUs "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise RwkvpyError(
+                f"device {device!r}: there are {torch.cuda.device_count()} GPUs "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
         dev = torch.device("cuda", index)
     elif dev.type != "cpu":
         raise RwkvpyError(f"device {device!r}: rwkvpy runs on 'cpu' or 'cuda' devices")
@@ -105,18 +134,31 @@ def layer_devices(n_layer: int, device="cpu", gpu_layers: int | None = None) -> 
         return (dev,) * n_layer
     if dev.type == "cpu":
         raise RwkvpyError("gpu_layers needs a GPU device (device='cuda')")
-    if isinstance(gpu_layers, bool) or not isinstance(gpu_layers, int) or not 0 <= gpu_layers <= n_layer:
-        raise RwkvpyError(f"gpu_layers must be an int from 0 to {n_layer} (the model's layers), "
-                          f"got {gpu_layers!r}")
+    if (
+        isinstance(gpu_layers, bool)
+        or not isinstance(gpu_layers, int)
+        or not 0 <= gpu_layers <= n_layer
+    ):
+        raise RwkvpyError(
+            f"gpu_layers must be an int from 0 to {n_layer} (the model's layers), "
+            f"got {gpu_layers!r}"
+        )
     return (dev,) * gpu_layers + (CPU,) * (n_layer - gpu_layers)
 
 
 class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
-    def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, mode: str = "fast",
-                 devices: tuple | None = None, compile: bool = False, cache: bool | str = False,
-                 cpu=None):
+    def __init__(
+        self,
+        ckpt: formats.Checkpoint,
+        cfg: ModelConfig,
+        mode: str = "fast",
+        devices: tuple | None = None,
+        compile: bool = False,
+        cache: bool | str = False,
+        cpu=None,
+    ):
         from .kernels.backend import make_backend
         from .kernels.cpu import host_kernels
 
@@ -129,8 +171,10 @@ class Model:
         # a state lives on the model's device; with layers split between devices, on the CPU
         self.state_device = devices[0] if len(set(devices)) == 1 else CPU
         if compile and (self.state_device.type != "cuda" or mode == "reference"):
-            raise RwkvpyError("compile=True fuses the GPU decode step: it needs every layer on a "
-                              "GPU (device='cuda', no gpu_layers) and mode fast or exact")
+            raise RwkvpyError(
+                "compile=True fuses the GPU decode step: it needs every layer on a "
+                "GPU (device='cuda', no gpu_layers) and mode fast or exact"
+            )
         repack = None
         if cache and mode == "fast" and CPU in devices and os.path.isfile(ckpt.path):
             from .kernels.cache import RepackCache
@@ -138,16 +182,17 @@ class Model:
             repack = RepackCache(ckpt.path, mode, beside=cache == "beside")
         #: the CPU kernels in force (kernels.cpu.CpuKernels: capability level, host, forced)
         self.cpu_kernels = cpu or host_kernels()
-        self._net = models.build(cfg, ckpt.tensors, ckpt.path,
-                                 make_backend(mode, repack, self.cpu_kernels), devices)
+        self._net = models.build(
+            cfg, ckpt.tensors, ckpt.path, make_backend(mode, repack, self.cpu_kernels), devices
+        )
         if repack is not None:
             repack.save()
         #: what the repack cache (kernels/cache.py) did: "hit", "written", "none" (nothing to
         #: cache), "not written: ...", or "off"
         self.repack_cache = "off" if repack is None else repack.status
-        self._step = None
-        self._fingerprint = None
-        self._state_shapes = None  # (att_x, wkv) shapes of this model's states
+        self._step: Any = None  # the one-token step (kernels' FusedStep or TorchStep), if any
+        self._fingerprint: str | None = None
+        self._state_shapes: tuple | None = None  # (att_x, wkv) shapes of this model's states
         self._tokenizers: dict = {}
         #: tokens per sequence-mode pass on the CPU (a longer prompt runs in pieces, the state
         #: carried: same result, activations bounded); None: one pass (GPUs)
@@ -180,12 +225,18 @@ class Model:
         else:
             step = type(self._step).__name__
         devs = sorted({d.type for d in self.devices})
-        recurrence = ("reference (models/)" if self.mode == "reference" else
-                      "+".join({"cpu": "numba serial", "cuda": "torch chunked"}.get(d, d)
-                               for d in devs))
-        return {"mode": self.mode, "cpu_capability": self.cpu_kernels.to_dict(),
-                "products": {k: "+".join(sorted(v)) for k, v in sorted(products.items())},
-                "recurrence": recurrence, "step": step}
+        recurrence = (
+            "reference (models/)"
+            if self.mode == "reference"
+            else "+".join({"cpu": "numba serial", "cuda": "torch chunked"}.get(d, d) for d in devs)
+        )
+        return {
+            "mode": self.mode,
+            "cpu_capability": self.cpu_kernels.to_dict(),
+            "products": {k: "+".join(sorted(v)) for k, v in sorted(products.items())},
+            "recurrence": recurrence,
+            "step": step,
+        }
 
     def synchronize(self) -> None:
         """Wait for the GPU work queued by forward calls (for timing; a no-op on the CPU)."""
@@ -207,11 +258,25 @@ class Model:
         """Identifies the model's weights across file formats and quantizations: a hash of the
         dims and of vectors every format keeps in float (the layer norms), rounded to bf16."""
         if self._fingerprint is None:
-            h = hashlib.sha256(repr((self.config.version.value, self.config.n_embd,
-                                     self.config.n_layer, self.config.vocab_size)).encode())
-            for name in ("ln_out.weight", "ln_out.bias", "blocks.0.ln1.weight", "blocks.0.ln2.bias"):
-                h.update(self._net.w[name].to(CPU, torch.bfloat16).view(torch.int16).numpy()
-                         .tobytes())
+            h = hashlib.sha256(
+                repr(
+                    (
+                        self.config.version.value,
+                        self.config.n_embd,
+                        self.config.n_layer,
+                        self.config.vocab_size,
+                    )
+                ).encode()
+            )
+            for name in (
+                "ln_out.weight",
+                "ln_out.bias",
+                "blocks.0.ln1.weight",
+                "blocks.0.ln2.bias",
+            ):
+                h.update(
+                    self._net.w[name].to(CPU, torch.bfloat16).view(torch.int16).numpy().tobytes()
+                )
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -223,16 +288,29 @@ class Model:
             self._state_shapes = want.att_x.shape, want.wkv.shape
         att_shape, wkv_shape = self._state_shapes
         tensors = isinstance(state, State) and all(
-            isinstance(getattr(state, k), torch.Tensor) for k in ("att_x", "ffn_x", "wkv"))
-        if (not tensors or state.version is not cfg.version or state.att_x.shape != att_shape
-                or state.ffn_x.shape != att_shape or state.wkv.shape != wkv_shape):
-            got = (f"{getattr(state.version, 'label', state.version)}, wkv "
-                   f"{tuple(state.wkv.shape)}" if tensors else type(state).__name__)
-            raise StateError(f"{source} ({got}) does not fit this model ({cfg.version.label}, "
-                             f"wkv {tuple(wkv_shape)})")
+            isinstance(getattr(state, k), torch.Tensor) for k in ("att_x", "ffn_x", "wkv")
+        )
+        if (
+            not tensors
+            or state.version is not cfg.version
+            or state.att_x.shape != att_shape
+            or state.ffn_x.shape != att_shape
+            or state.wkv.shape != wkv_shape
+        ):
+            got = (
+                f"{getattr(state.version, 'label', state.version)}, wkv {tuple(state.wkv.shape)}"
+                if tensors
+                else type(state).__name__
+            )
+            raise StateError(
+                f"{source} ({got}) does not fit this model ({cfg.version.label}, "
+                f"wkv {tuple(wkv_shape)})"
+            )
         if state.model_fingerprint and state.model_fingerprint != self.fingerprint:
-            raise StateError(f"{source} was made by another model (fingerprint "
-                             f"{state.model_fingerprint}, this model is {self.fingerprint})")
+            raise StateError(
+                f"{source} was made by another model (fingerprint "
+                f"{state.model_fingerprint}, this model is {self.fingerprint})"
+            )
 
     # -- running ------------------------------------------------------------------------------
     def _own(self, state: State | None) -> State:
@@ -252,39 +330,52 @@ class Model:
         V = self.config.vocab_size
         if _is_int(tokens):
             tokens = [tokens]
-        if (isinstance(tokens, list) and len(tokens) == 1 and type(tokens[0]) is int
-                and 0 <= tokens[0] < V):  # the decode step's common case
+        if (
+            isinstance(tokens, list)
+            and len(tokens) == 1
+            and type(tokens[0]) is int
+            and 0 <= tokens[0] < V
+        ):  # the decode step's common case
             return torch.tensor(tokens)
         if isinstance(tokens, (torch.Tensor, np.ndarray)):
             if isinstance(tokens, torch.Tensor) and tokens.device.type == "meta":
                 raise TokenError("tokens are on the meta device: they hold no values")
-            dtype = tokens.dtype
-            integer = (dtype.kind in "iu" if isinstance(tokens, np.ndarray) else
-                       not (tokens.is_floating_point() or tokens.is_complex()
-                            or dtype == torch.bool))
+            dtype: Any = tokens.dtype
+            integer = (
+                dtype.kind in "iu"
+                if isinstance(tokens, np.ndarray)
+                else not (tokens.is_floating_point() or tokens.is_complex() or dtype == torch.bool)
+            )
             if not integer:
                 raise TokenError(f"tokens must be ints, got {dtype}")
             if tokens.ndim != 1 or tokens.shape[0] == 0:
-                raise TokenError(f"tokens must be a non-empty list of ints, got shape "
-                                 f"{tuple(tokens.shape)}")
+                raise TokenError(
+                    f"tokens must be a non-empty list of ints, got shape {tuple(tokens.shape)}"
+                )
             ids = tokens.tolist()  # exact Python ints, whatever the width
         elif isinstance(tokens, (list, tuple, range)):
             ids = list(tokens)
             if not all(type(x) is int for x in ids):
                 for i, x in enumerate(ids):
                     if not _is_int(x):
-                        raise TokenError(f"tokens must be ints: the one at position {i} is "
-                                         f"{_show(x)} ({type(x).__name__})")
+                        raise TokenError(
+                            f"tokens must be ints: the one at position {i} is "
+                            f"{_show(x)} ({type(x).__name__})"
+                        )
                 ids = [int(x) for x in ids]
             if not ids:
                 raise TokenError("tokens must be a non-empty list of ints, got an empty list")
         else:
-            raise TokenError(f"tokens must be an int or a list of ints, got {_show(tokens)} "
-                             f"({type(tokens).__name__})")
+            raise TokenError(
+                f"tokens must be an int or a list of ints, got {_show(tokens)} "
+                f"({type(tokens).__name__})"
+            )
         if min(ids) < 0 or max(ids) >= V:
             i = next(i for i, x in enumerate(ids) if not 0 <= x < V)
-            raise TokenError(f"token id {ids[i]} at position {i} is out of range: "
-                             f"the vocabulary has ids 0..{V - 1}")
+            raise TokenError(
+                f"token id {ids[i]} at position {i} is out of range: "
+                f"the vocabulary has ids 0..{V - 1}"
+            )
         return torch.tensor(ids, dtype=torch.long)
 
     @torch.no_grad()
@@ -305,11 +396,14 @@ class Model:
             step = self.prompt_chunk or t.shape[0]
             new, parts = state, []
             for a in range(0, t.shape[0], step):
-                x, new = self._net.hidden(t[a:a + step], new)
+                x, new = self._net.hidden(t[a : a + step], new)
                 parts.append(self._net.head(x) if all_logits else x[-1])
             logits = torch.cat(parts) if all_logits else self._net.head(parts[-1])
-        new = dataclasses.replace(new, model_fingerprint=self.fingerprint,
-                                  last_logits=(logits[-1] if all_logits else logits).clone())
+        new = dataclasses.replace(
+            new,
+            model_fingerprint=self.fingerprint,
+            last_logits=(logits[-1] if all_logits else logits).clone(),
+        )
         new.mark_ready(self.state_device)  # made by the kernels: float32, contiguous, on device
         return logits, new
 
@@ -323,11 +417,14 @@ class Model:
         """
         runtime.tick()
         if not isinstance(token_lists, (list, tuple)):
-            raise TokenError(f"forward_batch takes a list of token lists, got "
-                             f"{_show(token_lists)} ({type(token_lists).__name__})")
+            raise TokenError(
+                f"forward_batch takes a list of token lists, got "
+                f"{_show(token_lists)} ({type(token_lists).__name__})"
+            )
         if states is not None and not isinstance(states, (list, tuple)):
-            raise StateError(f"forward_batch takes a list of states (or None), got "
-                             f"{type(states).__name__}")
+            raise StateError(
+                f"forward_batch takes a list of states (or None), got {type(states).__name__}"
+            )
         token_lists = list(token_lists)
         n = len(token_lists)
         states = [None] * n if states is None else list(states)
@@ -335,15 +432,19 @@ class Model:
             raise TokenError(f"forward_batch got {n} token lists but {len(states)} states")
         ts = [self._tokens(t) for t in token_lists]
         states = [self._own(s) for s in states]
-        logits, new = [None] * n, [None] * n
+        logits: list[Any] = [None] * n
+        new: list[Any] = [None] * n
         singles = [i for i, t in enumerate(ts) if t.shape[0] == 1]
         if self._step is not None and len(singles) > 1:
-            lg, outs = self._step.batch([int(ts[i][0]) for i in singles], [states[i] for i in singles])
+            lg, outs = self._step.batch(
+                [int(ts[i][0]) for i in singles], [states[i] for i in singles]
+            )
             for j, i in enumerate(singles):
                 row = lg[j].unsqueeze(0) if all_logits else lg[j]
                 logits[i] = row
-                new[i] = dataclasses.replace(outs[j], model_fingerprint=self.fingerprint,
-                                             last_logits=lg[j].clone())
+                new[i] = dataclasses.replace(
+                    outs[j], model_fingerprint=self.fingerprint, last_logits=lg[j].clone()
+                )
                 new[i].mark_ready(self.state_device)
         for i in range(n):
             if logits[i] is None:
@@ -360,8 +461,9 @@ class Model:
 
         key = (kind, None if path is None else os.fspath(path))
         if key not in self._tokenizers:
-            self._tokenizers[key] = model_tokenizer(self.info.path, self.config.vocab_size,
-                                                    kind, path)
+            self._tokenizers[key] = model_tokenizer(
+                self.info.path, self.config.vocab_size, kind, path
+            )
         return self._tokenizers[key]
 
     def generate(self, prompt, params=None, state: State | None = None, **kw) -> str:
@@ -378,8 +480,10 @@ class Model:
 
     def __repr__(self) -> str:
         i = self.info
-        return (f"<rwkvpy.Model {i.version.label} n_embd={i.n_embd} n_layer={i.n_layer} "
-                f"vocab={i.vocab_size} from {os.path.basename(i.path)}>")
+        return (
+            f"<rwkvpy.Model {i.version.label} n_embd={i.n_embd} n_layer={i.n_layer} "
+            f"vocab={i.vocab_size} from {os.path.basename(i.path)}>"
+        )
 
 
 #: Bytes of activations one sequence-mode pass may hold on the CPU, counted at 512 bytes per
@@ -431,9 +535,17 @@ def physical_cores() -> int:
     return max(1, len(cores) if cores else len(allowed))
 
 
-def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
-         gpu_layers: int | None = None, compile: bool = False, cache: bool | str = True,
-         cpu_capability: str | None = None) -> Model:
+def load(
+    path,
+    *,
+    mode: str = "fast",
+    threads: int | None = None,
+    device="cpu",
+    gpu_layers: int | None = None,
+    compile: bool = False,
+    cache: bool | str = True,
+    cpu_capability: str | None = None,
+) -> Model:
     """Load an RWKV model from an rwkv.cpp ``.bin``, a BlinkDL ``.pth``, GGUF or safetensors
     (the format is detected from the content).
 
@@ -471,8 +583,15 @@ def load(path, *, mode: str = "fast", threads: int | None = None, device="cpu",
 
     cpu = resolve(cpu_capability)  # before reading the file: a bad level fails at once
     ckpt, cfg = _read(path)
-    return Model(ckpt, cfg, mode=mode, devices=layer_devices(cfg.n_layer, device, gpu_layers),
-                 compile=compile, cache=cache, cpu=cpu)
+    return Model(
+        ckpt,
+        cfg,
+        mode=mode,
+        devices=layer_devices(cfg.n_layer, device, gpu_layers),
+        compile=compile,
+        cache=cache,
+        cpu=cpu,
+    )
 
 
 def inspect(path) -> ModelInfo:

@@ -27,6 +27,7 @@ def user_cache_dir(*parts: str) -> str:
             base = os.path.join(home, "Library", "Caches", "rwkvpy")
         else:
             xdg = os.environ.get("XDG_CACHE_HOME")
-            base = os.path.join(xdg if xdg and os.path.isabs(xdg) else
-                                os.path.join(home, ".cache"), "rwkvpy")
+            base = os.path.join(
+                xdg if xdg and os.path.isabs(xdg) else os.path.join(home, ".cache"), "rwkvpy"
+            )
     return os.path.join(base, *parts)

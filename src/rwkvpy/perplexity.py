@@ -69,8 +69,9 @@ def _token_tensor(tokens) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             raise PerplexityError("tokens must be a sequence of ints") from None
     if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
-        raise PerplexityError(f"tokens must be a 1-D sequence of ints, got {t.dtype} of shape "
-                              f"{tuple(t.shape)}")
+        raise PerplexityError(
+            f"tokens must be a 1-D sequence of ints, got {t.dtype} of shape {tuple(t.shape)}"
+        )
     return t.long()
 
 
@@ -94,9 +95,12 @@ def check_scorable(n_tokens: int, ignore_first: int = 0, source: str = "the text
         if ignore_first > 1:
             raise PerplexityError(
                 f"{source} has {n_tokens} tokens; ignoring the first {ignore_first} leaves none "
-                f"to score (at least {ignore_first + 1} tokens are needed)")
-        raise PerplexityError(f"{source} has {n_tokens} token; at least 2 are needed (the "
-                              "first token has no prediction)")
+                f"to score (at least {ignore_first + 1} tokens are needed)"
+            )
+        raise PerplexityError(
+            f"{source} has {n_tokens} token; at least 2 are needed (the "
+            "first token has no prediction)"
+        )
     return n_tokens - start
 
 
@@ -106,14 +110,22 @@ def _bar(total: int, progress):
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - tqdm is a dependency
             return None
-        return tqdm(total=total, unit="tok", desc="perplexity", leave=False, file=sys.stderr,
-                    dynamic_ncols=True, smoothing=0.1)
+        return tqdm(
+            total=total,
+            unit="tok",
+            desc="perplexity",
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
     return None
 
 
 @torch.no_grad()
-def perplexity(model, tokens, chunk: int = DEFAULT_CHUNK, ignore_first: int = 0,
-               progress=False) -> PerplexityResult:
+def perplexity(
+    model, tokens, chunk: int = DEFAULT_CHUNK, ignore_first: int = 0, progress=False
+) -> PerplexityResult:
     """Score ``tokens`` with ``model`` (see the module docstring for what is scored).
 
     Args:
@@ -151,7 +163,7 @@ def perplexity(model, tokens, chunk: int = DEFAULT_CHUNK, ignore_first: int = 0,
                 logits, state = model.forward(t[a:b], state, all_logits=True)
                 lo = max(start - 1 - a, 0)
                 rows = logits[lo:]
-                target = t[a + 1 + lo:b + 1].unsqueeze(1).to(rows.device)
+                target = t[a + 1 + lo : b + 1].unsqueeze(1).to(rows.device)
                 picked = rows.gather(1, target).squeeze(1)
                 nll_sum += (torch.logsumexp(rows, dim=-1) - picked).double().sum().cpu()
                 del logits, rows
@@ -168,6 +180,13 @@ def perplexity(model, tokens, chunk: int = DEFAULT_CHUNK, ignore_first: int = 0,
     seconds = time.perf_counter() - t0
     nll = float(nll_sum) / scored
     return PerplexityResult(
-        nll=nll, perplexity=math.exp(nll) if nll < 700 else math.inf, tokens=scored,
-        tokens_total=T, ignored=start, nll_sum=float(nll_sum), seconds=seconds,
-        tokens_per_s=fed / seconds if seconds > 0 else math.inf, chunk=chunk)
+        nll=nll,
+        perplexity=math.exp(nll) if nll < 700 else math.inf,
+        tokens=scored,
+        tokens_total=T,
+        ignored=start,
+        nll_sum=float(nll_sum),
+        seconds=seconds,
+        tokens_per_s=fed / seconds if seconds > 0 else math.inf,
+        chunk=chunk,
+    )

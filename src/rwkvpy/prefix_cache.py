@@ -70,8 +70,13 @@ def cache_root(model, state=None):
     every quantization of one model, whose states differ.
     """
     info = getattr(model, "info", None)
-    key = ("model", getattr(model, "fingerprint", None), getattr(info, "path", None),
-           getattr(info, "file_size", None), getattr(model, "mode", None))
+    key = (
+        "model",
+        getattr(model, "fingerprint", None),
+        getattr(info, "path", None),
+        getattr(info, "file_size", None),
+        getattr(model, "mode", None),
+    )
     if state is not None:
         key += ("state", state_digest(state))
     return key
@@ -93,10 +98,10 @@ class _Node:
 
     def __init__(self, parent, label: tuple, depth: int):
         self.parent = parent
-        self.label = label          # token ids on the edge from the parent
-        self.children = {}          # first token of the child's label -> child
-        self.entry = None           # (state, nbytes) or None
-        self.depth = depth          # tokens from the root to the end of this node's label
+        self.label = label  # token ids on the edge from the parent
+        self.children = {}  # first token of the child's label -> child
+        self.entry = None  # (state, nbytes) or None
+        self.depth = depth  # tokens from the root to the end of this node's label
 
 
 class PrefixCache:
@@ -115,12 +120,12 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.every = every
         self._lock = threading.Lock()
-        self._roots: dict = {}               # root key -> _Node
+        self._roots: dict = {}  # root key -> _Node
         self._lru: OrderedDict = OrderedDict()  # node -> root key, least recently used first
         self._state_bytes = 0
         self._key_tokens = 0
         self.hits = self.misses = self.evictions = 0
-        self.tokens_saved = 0                # prompt tokens served from the cache, in all
+        self.tokens_saved = 0  # prompt tokens served from the cache, in all
 
     # -- inspection ---------------------------------------------------------------------------
     @property
@@ -133,9 +138,15 @@ class PrefixCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"entries": len(self._lru), "nbytes": self.nbytes, "max_bytes": self.max_bytes,
-                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                    "tokens_saved": self.tokens_saved}
+            return {
+                "entries": len(self._lru),
+                "nbytes": self.nbytes,
+                "max_bytes": self.max_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "tokens_saved": self.tokens_saved,
+            }
 
     def keys(self, root=None) -> list:
         """The stored token sequences under ``root``, least recently used first."""
@@ -151,8 +162,10 @@ class PrefixCache:
         return list(range(first, end, self.every))
 
     def __repr__(self) -> str:
-        return (f"<rwkvpy.PrefixCache {len(self)} states, {self.nbytes} / {self.max_bytes} bytes, "
-                f"every={self.every}>")
+        return (
+            f"<rwkvpy.PrefixCache {len(self)} states, {self.nbytes} / {self.max_bytes} bytes, "
+            f"every={self.every}>"
+        )
 
     # -- operations ---------------------------------------------------------------------------
     def lookup(self, tokens, root=None):
@@ -172,7 +185,7 @@ class PrefixCache:
                 if child is None:
                     break
                 lab = child.label
-                if key[i:i + len(lab)] != lab:
+                if key[i : i + len(lab)] != lab:
                     break
                 i += len(lab)
                 node = child
@@ -248,7 +261,7 @@ class PrefixCache:
             i = 0
             while node is not None and i < len(key):
                 node = node.children.get(key[i])
-                if node is None or key[i:i + len(node.label)] != node.label:
+                if node is None or key[i : i + len(node.label)] != node.label:
                     return False
                 i += len(node.label)
             if node is None or node.entry is None or node.depth == 0:

@@ -65,7 +65,7 @@ MARGIN = 0.25
 #: Consecutive looks that must agree before the count goes up (it goes down at the first).
 UP_LOOKS = 2
 
-_clock = time.monotonic        # the governor's clocks (module attributes: tests replace them)
+_clock = time.monotonic  # the governor's clocks (module attributes: tests replace them)
 _own_cpu = time.process_time
 
 

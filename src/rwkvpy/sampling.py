@@ -117,16 +117,24 @@ class SamplingParams:
         put("min_p", _number("min_p", self.min_p, lo=0, hi=1, hi_open=True, what=" in [0, 1)"))
         put("presence_penalty", _number("presence_penalty", self.presence_penalty))
         put("frequency_penalty", _number("frequency_penalty", self.frequency_penalty))
-        put("penalty_decay", _number("penalty_decay", self.penalty_decay, lo=0, hi=1,
-                                     lo_open=True, what=" in (0, 1]"))
+        put(
+            "penalty_decay",
+            _number(
+                "penalty_decay", self.penalty_decay, lo=0, hi=1, lo_open=True, what=" in (0, 1]"
+            ),
+        )
         bias = self.logit_bias if self.logit_bias is not None else {}
         if not isinstance(bias, dict):
             raise SamplingError(f"logit_bias must be a dict {{token id: bias}}, got {bias!r:.80}")
         clean = {}
         for k, v in bias.items():
             k = _int("logit_bias token id", k)
-            if (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)
-                    or v == math.inf):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or math.isnan(v)
+                or v == math.inf
+            ):
                 raise SamplingError(f"logit_bias[{k}] must be a finite number or -inf, got {v!r}")
             clean[k] = float(v)
         put("logit_bias", clean)
@@ -156,8 +164,10 @@ class SamplingParams:
         given = [n for n in ("json_schema", "grammar") if getattr(self, n) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) > 1:
-            raise SamplingError(f"give at most one of json_schema, json_object and grammar, "
-                                f"got {' and '.join(given)}")
+            raise SamplingError(
+                f"give at most one of json_schema, json_object and grammar, "
+                f"got {' and '.join(given)}"
+            )
         self.constraint  # noqa: B018 - checks the schema or grammar now
 
     @property
@@ -204,8 +214,8 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         self.seed = self.generator.initial_seed()
         self.vocab_size: int | None = None
-        self._counts: torch.Tensor | None = None   # float64 decayed occurrence counts
-        self._seen: torch.Tensor | None = None     # bool: occurred at least once
+        self._counts: torch.Tensor | None = None  # float64 decayed occurrence counts
+        self._seen: torch.Tensor | None = None  # bool: occurred at least once
         self._bias_ids: torch.Tensor | None = None
         self._bias_vals: torch.Tensor | None = None
         self._banned: torch.Tensor | None = None
@@ -223,8 +233,10 @@ class Sampler:
         for what, ids in (("logit_bias", p.logit_bias.keys()), ("banned_tokens", p.banned_tokens)):
             for i in ids:
                 if i >= V:
-                    raise SamplingError(f"{what} token id {i} is out of range: the model's "
-                                        f"vocabulary has ids 0..{V - 1}")
+                    raise SamplingError(
+                        f"{what} token id {i} is out of range: the model's "
+                        f"vocabulary has ids 0..{V - 1}"
+                    )
         self.vocab_size = V
         self._counts = torch.zeros(V, dtype=torch.float64)
         self._seen = torch.zeros(V, dtype=torch.bool)
@@ -238,10 +250,12 @@ class Sampler:
                 logits = torch.as_tensor(logits)
             except Exception:
                 raise SamplingError(
-                    f"logits must be a tensor, got {type(logits).__name__}") from None
+                    f"logits must be a tensor, got {type(logits).__name__}"
+                ) from None
         if logits.dim() != 1 or logits.numel() == 0:
             raise SamplingError(
-                f"logits must be one non-empty vector, got shape {tuple(logits.shape)}")
+                f"logits must be one non-empty vector, got shape {tuple(logits.shape)}"
+            )
         V = logits.numel()
         if self.vocab_size is None:
             self._setup(V)
@@ -259,14 +273,18 @@ class Sampler:
         if self._bias_ids.numel():
             x.index_add_(0, self._bias_ids, self._bias_vals)
         if p.uses_penalties and bool(self._seen.any()):
-            pen = torch.where(self._seen, p.presence_penalty + p.frequency_penalty * self._counts,
-                              torch.zeros((), dtype=torch.float64))
+            pen = torch.where(
+                self._seen,
+                p.presence_penalty + p.frequency_penalty * self._counts,
+                torch.zeros((), dtype=torch.float64),
+            )
             x -= pen.to(torch.float32)
         if self._banned.numel():
             x[self._banned] = -math.inf
         if float(x.max()) == -math.inf:
             raise SamplingError(
-                "no token can be chosen: every logit is -inf (banned or biased away)")
+                "no token can be chosen: every logit is -inf (banned or biased away)"
+            )
         return x
 
     def _candidates(self, x: torch.Tensor):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import StateError
 from .config import ModelConfig, Version
+from .errors import StateError
 
 MAGIC = b"RWKVSTAT"
 FILE_VERSION = 2  # 1: the checksum (in the header) covers the data only; still read
@@ -47,8 +47,10 @@ def _float_tensor(t, name, device, source) -> torch.Tensor:
     if t.device.type == "meta":
         raise StateError(f"{source}: {name} is on the meta device: it holds no values")
     if not t.is_floating_point():
-        raise StateError(f"{source}: {name} has dtype {t.dtype}, expected float32 (float16, "
-                         "bfloat16 and float64 are converted)")
+        raise StateError(
+            f"{source}: {name} has dtype {t.dtype}, expected float32 (float16, "
+            "bfloat16 and float64 are converted)"
+        )
     t = t.detach().to(device=device, dtype=torch.float32).contiguous()
     if not bool(torch.isfinite(t).all()):
         raise StateError(f"{source}: {name} holds NaN or infinite values")
@@ -58,6 +60,7 @@ def _float_tensor(t, name, device, source) -> torch.Tensor:
 def _check_header(header, path, version) -> tuple:
     """(tensors, Version, n_tokens) of a state file's header, every field checked for its type,
     its range and its agreement with the others; StateError naming the field otherwise."""
+
     def fail(what):
         return StateError(f"{path}: corrupt state header: {what}")
 
@@ -77,7 +80,9 @@ def _check_header(header, path, version) -> tuple:
     if not _is_int(n_tokens) or n_tokens < 0:
         raise fail(f"'n_tokens' is {_show(n_tokens)}, expected an int >= 0")
     if not isinstance(header.get("model_fingerprint", ""), str):
-        raise fail(f"'model_fingerprint' is {_show(header['model_fingerprint'])}, expected a string")
+        raise fail(
+            f"'model_fingerprint' is {_show(header['model_fingerprint'])}, expected a string"
+        )
     if version < 2 and not isinstance(header.get("sha256"), str):
         raise fail("field 'sha256' is missing")
     tensors = header["tensors"]
@@ -93,12 +98,17 @@ def _check_header(header, path, version) -> tuple:
         if not isinstance(t, dict) or set(t) != {"shape", "offset", "nbytes"}:
             raise fail(f"tensor '{key}' is {_show(t)}, expected shape, offset and nbytes")
         shape, nbytes = t["shape"], t["nbytes"]
-        if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
-                or not all(_is_int(d) and 0 < d <= 1 << 31 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= 4
+            or not all(_is_int(d) and 0 < d <= 1 << 31 for d in shape)
+        ):
             raise fail(f"tensor '{key}' has shape {_show(shape)}, expected 1 to 4 sizes > 0")
         if not _is_int(nbytes) or nbytes != 4 * math.prod(shape):
-            raise fail(f"tensor '{key}' has nbytes {_show(nbytes)}, its shape {shape} needs "
-                       f"{4 * math.prod(shape)}")
+            raise fail(
+                f"tensor '{key}' has nbytes {_show(nbytes)}, its shape {shape} needs "
+                f"{4 * math.prod(shape)}"
+            )
         if not _is_int(t["offset"]):
             raise fail(f"tensor '{key}' has offset {_show(t['offset'])}, expected an int")
     end = 0
@@ -108,18 +118,24 @@ def _check_header(header, path, version) -> tuple:
         end += tensors[key]["nbytes"]
     wkv_shape = header["wkv_shape"]
     if tensors["wkv"]["shape"] != wkv_shape:
-        raise fail(f"'wkv_shape' {_show(wkv_shape)} is not the wkv tensor's shape "
-                   f"{tensors['wkv']['shape']}")
+        raise fail(
+            f"'wkv_shape' {_show(wkv_shape)} is not the wkv tensor's shape "
+            f"{tensors['wkv']['shape']}"
+        )
     for key in ("att_x", "ffn_x"):
         if tensors[key]["shape"] != [L, C]:
-            raise fail(f"tensor '{key}' has shape {tensors[key]['shape']}, expected [{L}, {C}] "
-                       "(n_layer, n_embd)")
+            raise fail(
+                f"tensor '{key}' has shape {tensors[key]['shape']}, expected [{L}, {C}] "
+                "(n_layer, n_embd)"
+            )
     dims = 3 if arch is Version.V4 else 4
     if len(wkv_shape) != dims or wkv_shape[0] != L or (arch is Version.V4 and wkv_shape[1] != 3):
         raise fail(f"wkv shape {wkv_shape} does not fit {arch.label} with {L} layers")
     if "last_logits" in tensors and len(tensors["last_logits"]["shape"]) != 1:
-        raise fail(f"tensor 'last_logits' has shape {tensors['last_logits']['shape']}, "
-                   "expected one dimension")
+        raise fail(
+            f"tensor 'last_logits' has shape {tensors['last_logits']['shape']}, "
+            "expected one dimension"
+        )
     return tensors, arch, n_tokens
 
 
@@ -134,7 +150,7 @@ class State:
     last_logits: torch.Tensor | None = None  # logits after the last token consumed
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, device="cpu") -> "State":
+    def zeros(cls, cfg: ModelConfig, device="cpu") -> State:
         L, C = cfg.n_layer, cfg.n_embd
         if cfg.version is Version.V4:
             wkv = torch.zeros(L, 3, cfg.n_att, dtype=torch.float32, device=device)
@@ -145,22 +161,35 @@ class State:
         z = torch.zeros(L, C, dtype=torch.float32, device=device)
         return cls(cfg.version, z, z.clone(), wkv, 0)
 
-    def to(self, device) -> "State":
+    def to(self, device) -> State:
         """This state on ``device`` (itself if it is there already)."""
         device = torch.device(device)
         if self.wkv.device == device:
             return self
         last = None if self.last_logits is None else self.last_logits.to(device)
-        return State(self.version, self.att_x.to(device), self.ffn_x.to(device),
-                     self.wkv.to(device), self.n_tokens, self.model_fingerprint, last)
+        return State(
+            self.version,
+            self.att_x.to(device),
+            self.ffn_x.to(device),
+            self.wkv.to(device),
+            self.n_tokens,
+            self.model_fingerprint,
+            last,
+        )
 
-    def copy(self) -> "State":
-        return State(self.version, self.att_x.clone(), self.ffn_x.clone(), self.wkv.clone(),
-                     self.n_tokens, self.model_fingerprint,
-                     None if self.last_logits is None else self.last_logits.clone())
+    def copy(self) -> State:
+        return State(
+            self.version,
+            self.att_x.clone(),
+            self.ffn_x.clone(),
+            self.wkv.clone(),
+            self.n_tokens,
+            self.model_fingerprint,
+            None if self.last_logits is None else self.last_logits.clone(),
+        )
 
     # -- checks ---------------------------------------------------------------------------------
-    def ready(self, device="cpu", vocab_size: int | None = None, source: str = "state") -> "State":
+    def ready(self, device="cpu", vocab_size: int | None = None, source: str = "state") -> State:
         """This state as the kernels take it: att_x, ffn_x, wkv (and last_logits) float32,
         contiguous and on ``device``, every value finite, ``n_tokens`` an int >= 0. Float16,
         bfloat16 and float64 tensors, other devices and other layouts are converted (the kernels
@@ -176,16 +205,20 @@ class State:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise StateError(f"{source}: n_tokens is {_show(n)}, expected an int >= 0")
         if not isinstance(self.model_fingerprint, str):
-            raise StateError(f"{source}: model_fingerprint is {_show(self.model_fingerprint)}, "
-                             "expected a string")
-        att_x, ffn_x, wkv = (_float_tensor(getattr(self, k), k, device, source)
-                             for k in ("att_x", "ffn_x", "wkv"))
+            raise StateError(
+                f"{source}: model_fingerprint is {_show(self.model_fingerprint)}, expected a string"
+            )
+        att_x, ffn_x, wkv = (
+            _float_tensor(getattr(self, k), k, device, source) for k in ("att_x", "ffn_x", "wkv")
+        )
         last = self.last_logits
         if last is not None:
             last = _float_tensor(last, "last_logits", device, source)
             if last.dim() != 1 or (vocab_size is not None and last.shape[0] != vocab_size):
-                raise StateError(f"{source}: last_logits has shape {tuple(last.shape)}, expected "
-                                 f"({vocab_size if vocab_size is not None else 'vocab'},)")
+                raise StateError(
+                    f"{source}: last_logits has shape {tuple(last.shape)}, expected "
+                    f"({vocab_size if vocab_size is not None else 'vocab'},)"
+                )
         out = State(self.version, att_x, ffn_x, wkv, int(n), self.model_fingerprint, last)
         out.mark_ready(device)
         return out
@@ -217,9 +250,12 @@ class State:
             payload.append(b)
             off += len(b)
         header = {
-            "architecture": self.version.value, "n_layer": int(self.att_x.shape[0]),
-            "n_embd": int(self.att_x.shape[1]), "wkv_shape": list(self.wkv.shape),
-            "model_fingerprint": self.model_fingerprint, "n_tokens": int(self.n_tokens),
+            "architecture": self.version.value,
+            "n_layer": int(self.att_x.shape[0]),
+            "n_embd": int(self.att_x.shape[1]),
+            "wkv_shape": list(self.wkv.shape),
+            "model_fingerprint": self.model_fingerprint,
+            "n_tokens": int(self.n_tokens),
             "tensors": tensors,
         }
         hb = json.dumps(header, sort_keys=True).encode()
@@ -228,7 +264,7 @@ class State:
             f.write(body + hashlib.sha256(body).digest())
 
     @classmethod
-    def load(cls, path, model=None) -> "State":
+    def load(cls, path, model=None) -> State:
         """Read a state file; with ``model``, check that the state belongs to it. Every way a
         file can be wrong (not a regular file, truncated, a header field missing, of the wrong
         type or inconsistent, a checksum mismatch, NaN values) raises StateError."""
@@ -242,8 +278,9 @@ class State:
         except OSError as e:
             raise StateError(f"{path}: cannot read: {e.strerror}") from None
         if raw[:8] != MAGIC:
-            raise StateError(f"{path}: not an rwkvpy state file (starts with {raw[:8]!r}, "
-                             f"expected {MAGIC!r})")
+            raise StateError(
+                f"{path}: not an rwkvpy state file (starts with {raw[:8]!r}, expected {MAGIC!r})"
+            )
         if len(raw) < 20:
             raise StateError(f"{path}: truncated state file ({len(raw)} bytes)")
         version, hlen = struct.unpack_from("<IQ", raw, 8)
@@ -251,17 +288,21 @@ class State:
             raise StateError(f"{path}: state file version {version}, expected {FILE_VERSION}")
         digest = 32 if version >= 2 else 0
         if hlen > len(raw) - 20 - digest:
-            raise StateError(f"{path}: truncated state file: a {hlen}-byte header announced, "
-                             f"{len(raw) - 20} bytes follow")
+            raise StateError(
+                f"{path}: truncated state file: a {hlen}-byte header announced, "
+                f"{len(raw) - 20} bytes follow"
+            )
         try:
-            header = json.loads(raw[20:20 + hlen])
+            header = json.loads(raw[20 : 20 + hlen])
         except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
             raise StateError(f"{path}: corrupt state header (not JSON)") from None
         tensors, arch, n_tokens = _check_header(header, path, version)
-        data = raw[20 + hlen:len(raw) - digest]
+        data = raw[20 + hlen : len(raw) - digest]
         want = sum(t["nbytes"] for t in tensors.values())
         if len(data) != want:
-            raise StateError(f"{path}: truncated or padded: {len(data)} data bytes, expected {want}")
+            raise StateError(
+                f"{path}: truncated or padded: {len(data)} data bytes, expected {want}"
+            )
         if version >= 2:
             ok = hashlib.sha256(raw[:-32]).digest() == raw[-32:]
         else:  # version 1: the checksum in the header covers the data only
@@ -274,38 +315,58 @@ class State:
             a = np.frombuffer(data, "<f4", t["nbytes"] // 4, t["offset"]).reshape(t["shape"])
             return torch.from_numpy(a.astype(np.float32))
 
-        state = cls(arch, get("att_x"), get("ffn_x"), get("wkv"), n_tokens,
-                    header.get("model_fingerprint", ""),
-                    get("last_logits") if "last_logits" in tensors else None)
+        state = cls(
+            arch,
+            get("att_x"),
+            get("ffn_x"),
+            get("wkv"),
+            n_tokens,
+            header.get("model_fingerprint", ""),
+            get("last_logits") if "last_logits" in tensors else None,
+        )
         state = state.ready("cpu", source=path)
         if model is not None:
             model.check_state(state, source=path)
         return state
 
     @classmethod
-    def from_time_state(cls, path, model) -> "State":
+    def from_time_state(cls, path, model) -> State:
         """A starting state from BlinkDL's state tuning: a .pth with blocks.N.att.time_state."""
         from .formats import read, to_float32
 
         ckpt = read(path)
         cfg = model.config
         if cfg.version not in (Version.V5_2, Version.V6):
-            raise StateError(f"{path}: state-tuned files are supported for RWKV v5.2 and v6 "
-                             f"models, this model is {cfg.version.label}")
+            raise StateError(
+                f"{path}: state-tuned files are supported for RWKV v5.2 and v6 "
+                f"models, this model is {cfg.version.label}"
+            )
         zero = cls.zeros(cfg)
         layers = []
         for i in range(cfg.n_layer):
             name = f"blocks.{i}.att.time_state"
             if name not in ckpt.tensors:
-                raise StateError(f"{path}: tensor '{name}' not found: not a state-tuning file "
-                                 f"for this {cfg.n_layer}-layer model")
+                raise StateError(
+                    f"{path}: tensor '{name}' not found: not a state-tuning file "
+                    f"for this {cfg.n_layer}-layer model"
+                )
             t = to_float32(ckpt.tensors[name])
             if tuple(t.shape) != tuple(zero.wkv.shape[1:]):
-                raise StateError(f"{path}: '{name}' has shape {tuple(t.shape)}, expected "
-                                 f"{tuple(zero.wkv.shape[1:])}")
-            layers.append(t.transpose(1, 2))  # stored (H, N_v, N_k); the recurrence uses (H, N_k, N_v)
-        return cls(cfg.version, zero.att_x, zero.ffn_x, torch.stack(layers).contiguous(), 0,
-                   model.fingerprint)
+                raise StateError(
+                    f"{path}: '{name}' has shape {tuple(t.shape)}, expected "
+                    f"{tuple(zero.wkv.shape[1:])}"
+                )
+            layers.append(
+                t.transpose(1, 2)
+            )  # stored (H, N_v, N_k); the recurrence uses (H, N_k, N_v)
+        return cls(
+            cfg.version,
+            zero.att_x,
+            zero.ffn_x,
+            torch.stack(layers).contiguous(),
+            0,
+            model.fingerprint,
+        )
 
     @property
     def device(self) -> torch.device:

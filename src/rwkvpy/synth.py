@@ -28,19 +28,29 @@ def _lora_dims_v7(C: int) -> tuple:
     # BlinkDL's formulas (RWKV-LM v7 train code): multiples of 32 around C^0.5 .. C^0.8
     def r32(x):
         return max(32, int(round(x / 32)) * 32)
-    return r32(1.8 * C ** 0.5), r32(1.8 * C ** 0.5), r32(1.3 * C ** 0.5), r32(0.6 * C ** 0.8)
+
+    return r32(1.8 * C**0.5), r32(1.8 * C**0.5), r32(1.3 * C**0.5), r32(0.6 * C**0.8)
 
 
-def random_state_dict(version: Version, n_embd: int, n_layer: int, vocab: int,
-                      head_size: int = 64, n_ffn: int | None = None, seed: int = 0,
-                      dtype=torch.bfloat16) -> dict:
+def random_state_dict(
+    version: Version,
+    n_embd: int,
+    n_layer: int,
+    vocab: int,
+    head_size: int = 64,
+    n_ffn: int | None = None,
+    seed: int = 0,
+    dtype=torch.bfloat16,
+) -> dict:
     """A state dict in BlinkDL's layout with random weights of plausible scale."""
     g = torch.Generator().manual_seed(seed)
     C = n_embd
     H = C // head_size if version is not Version.V4 else 0
     N = head_size
     if n_ffn is None:
-        n_ffn = 4 * C if version in (Version.V4, Version.V5_0, Version.V7) else int(C * 3.5) // 32 * 32
+        n_ffn = (
+            4 * C if version in (Version.V4, Version.V5_0, Version.V7) else int(C * 3.5) // 32 * 32
+        )
 
     def randn(*shape, std=1.0, mean=0.0):
         return torch.randn(*shape, generator=g) * std + mean
@@ -54,8 +64,11 @@ def random_state_dict(version: Version, n_embd: int, n_layer: int, vocab: int,
     def vec3(x):
         return x.reshape(1, 1, -1)
 
-    sd = {"emb.weight": randn(vocab, C),
-          "blocks.0.ln0.weight": uniform(C, lo=0.8, hi=1.2), "blocks.0.ln0.bias": randn(C, std=0.1)}
+    sd = {
+        "emb.weight": randn(vocab, C),
+        "blocks.0.ln0.weight": uniform(C, lo=0.8, hi=1.2),
+        "blocks.0.ln0.bias": randn(C, std=0.1),
+    }
     for i in range(n_layer):
         p, a, f = f"blocks.{i}.", f"blocks.{i}.att.", f"blocks.{i}.ffn."
         for ln in ("ln1", "ln2"):
@@ -117,9 +130,17 @@ def random_state_dict(version: Version, n_embd: int, n_layer: int, vocab: int,
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
-def save_random_model(path, preset: str | None = None, *, version: Version | None = None,
-                      n_embd: int = 0, n_layer: int = 0, vocab: int = 0, seed: int = 0,
-                      dtype=torch.bfloat16) -> str:
+def save_random_model(
+    path,
+    preset: str | None = None,
+    *,
+    version: Version | None = None,
+    n_embd: int = 0,
+    n_layer: int = 0,
+    vocab: int = 0,
+    seed: int = 0,
+    dtype=torch.bfloat16,
+) -> str:
     """Write a random checkpoint as a BlinkDL .pth (atomically) and return its path."""
     from .formats.atomic import atomic_write
 

@@ -31,8 +31,10 @@ def _import_lm_eval():
         import lm_eval  # noqa: F401
         from lm_eval.tasks import TaskManager  # noqa: F401
     except ImportError as e:
-        raise EvalError(f"rwkvpy eval needs EleutherAI's lm-evaluation-harness ({e}): "
-                        "pip install 'rwkvpy[eval]'") from None
+        raise EvalError(
+            f"rwkvpy eval needs EleutherAI's lm-evaluation-harness ({e}): "
+            "pip install 'rwkvpy[eval]'"
+        ) from None
 
 
 def _notice(quiet: bool, msg: str) -> None:
@@ -63,8 +65,10 @@ def task_manager(tasks, include_path=None, quiet=False):
 
         near = difflib.get_close_matches(unknown[0], tm.all_tasks, n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise EvalError(f"unknown task {unknown[0]!r} (lm-eval knows {len(tm.all_tasks)} tasks "
-                        f"and groups; tasks of your own: --include-path DIR){hint}")
+        raise EvalError(
+            f"unknown task {unknown[0]!r} (lm-eval knows {len(tm.all_tasks)} tasks "
+            f"and groups; tasks of your own: --include-path DIR){hint}"
+        )
     return tm
 
 
@@ -106,8 +110,17 @@ def _quieted(quiet: bool):
             lg.setLevel(lv)
 
 
-def run_tasks(model, tasks, include_path=None, limit=None, num_fewshot=None, batch_size=16,
-              quiet=False, tasks_index=None, bootstrap_iters=100000) -> dict:
+def run_tasks(
+    model,
+    tasks,
+    include_path=None,
+    limit=None,
+    num_fewshot=None,
+    batch_size=16,
+    quiet=False,
+    tasks_index=None,
+    bootstrap_iters=100000,
+) -> dict:
     """Run lm-eval ``tasks`` on ``model`` (an rwkvpy.Model, a model reference, or an
     RwkvpyLM); lm-eval's results dict (``results``, ``groups``, ``n-shot``, ``versions``,
     ``configs``, ...). ``tasks_index``: a TaskManager from :func:`task_manager` to reuse;
@@ -123,22 +136,34 @@ def run_tasks(model, tasks, include_path=None, limit=None, num_fewshot=None, bat
         from ..lm_eval_model import RwkvpyLM
 
         tm = tasks_index or task_manager(tasks, include_path, quiet)
-        lm = model if isinstance(model, RwkvpyLM) else RwkvpyLM(
-            model, batch_size=batch_size, progress=not quiet)
+        lm = (
+            model
+            if isinstance(model, RwkvpyLM)
+            else RwkvpyLM(model, batch_size=batch_size, progress=not quiet)
+        )
         try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm,
-                                          num_fewshot=num_fewshot, limit=limit,
-                                          bootstrap_iters=bootstrap_iters, log_samples=False)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=tm,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=False,
+            )
         except RwkvpyError:
             raise
         except Exception as e:  # noqa: BLE001 - lm-eval's and datasets' errors: one line
             line = next((s.strip() for s in str(e).splitlines() if s.strip()), "")
             hint = ""
             if any(w in line.lower() for w in ("connect", "offline", "reach", "internet")):
-                hint = " (the task's data set is downloaded from the Hugging Face hub: " \
-                       "this needs network access, or a local copy in its cache)"
-            raise EvalError(f"lm-eval failed on {', '.join(tasks)}: {type(e).__name__}: "
-                            f"{line}{hint}") from None
+                hint = (
+                    " (the task's data set is downloaded from the Hugging Face hub: "
+                    "this needs network access, or a local copy in its cache)"
+                )
+            raise EvalError(
+                f"lm-eval failed on {', '.join(tasks)}: {type(e).__name__}: {line}{hint}"
+            ) from None
     if out is None:  # pragma: no cover - only on non-zero ranks of distributed runs
         raise EvalError("lm-eval returned no results")
     return dict(out)
@@ -148,8 +173,15 @@ def summary(out: dict, model: str, seconds: float) -> dict:
     """The JSON of ``rwkvpy eval``: the metrics per task and group, and how they were made."""
     import lm_eval
 
-    keep = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions",
-            "higher_is_better")
+    keep = (
+        "results",
+        "groups",
+        "group_subtasks",
+        "n-shot",
+        "n-samples",
+        "versions",
+        "higher_is_better",
+    )
     res = {k: out[k] for k in keep if k in out}
     res.update(model=model, lm_eval_version=lm_eval.__version__, seconds=round(seconds, 3))
     return _clean(res)
@@ -173,10 +205,19 @@ def cmd_eval(args) -> int:
     with _quieted(quiet):  # every task found before the model loads
         tm = task_manager(args.tasks, args.include_path, quiet)
     model = rwkvpy.load(args.model, **opts)
-    lm = RwkvpyLM(model, batch_size=args.batch_size, prefix_token=args.prefix_token,
-                  progress=not quiet)
-    out = run_tasks(lm, args.tasks, args.include_path, args.limit, args.num_fewshot,
-                    quiet=quiet, tasks_index=tm, bootstrap_iters=args.bootstrap_iters)
+    lm = RwkvpyLM(
+        model, batch_size=args.batch_size, prefix_token=args.prefix_token, progress=not quiet
+    )
+    out = run_tasks(
+        lm,
+        args.tasks,
+        args.include_path,
+        args.limit,
+        args.num_fewshot,
+        quiet=quiet,
+        tasks_index=tm,
+        bootstrap_iters=args.bootstrap_iters,
+    )
     result = summary(out, args.model, time.perf_counter() - t0)
     if args.output:
         from ..formats.atomic import atomic_write
@@ -192,8 +233,7 @@ def cmd_eval(args) -> int:
     if out.get("groups"):
         print(make_table(out, "groups"))
     if not args.quiet:
-        print(f"model {args.model}, {result['seconds']:.1f} s, lm-eval "
-              f"{result['lm_eval_version']}")
+        print(f"model {args.model}, {result['seconds']:.1f} s, lm-eval {result['lm_eval_version']}")
     return 0
 
 
@@ -201,32 +241,69 @@ def add_lm_eval_command(subparsers) -> None:
     from .options import MODEL_HELP, add_run_options, int_at_least
 
     p = subparsers.add_parser(
-        "eval", help="run lm-evaluation-harness tasks (accuracy, perplexity) on a model",
+        "eval",
+        help="run lm-evaluation-harness tasks (accuracy, perplexity) on a model",
         description="Run EleutherAI's lm-evaluation-harness TASKs (lambada_openai, hellaswag, "
-                    "arc_easy, ..., or tasks of your own with --include-path) on MODEL in this "
-                    "process and print lm-eval's table. Needs pip install 'rwkvpy[eval]'; "
-                    "lm-eval's own tasks download their data sets from the Hugging Face hub.")
+        "arc_easy, ..., or tasks of your own with --include-path) on MODEL in this "
+        "process and print lm-eval's table. Needs pip install 'rwkvpy[eval]'; "
+        "lm-eval's own tasks download their data sets from the Hugging Face hub.",
+    )
     p.add_argument("-m", "--model", metavar="MODEL", default=None, help=MODEL_HELP)
-    p.add_argument("tasks", nargs="*", metavar="TASK",
-                   help="lm-eval task or group names, or paths of task YAML files")
-    p.add_argument("--include-path", action="append", metavar="DIR", default=None,
-                   help="a folder of lm-eval task YAML files (may be repeated)")
-    p.add_argument("--limit", type=int_at_least(1), default=None, metavar="N",
-                   help="only the first N documents of each task (for a quick look)")
-    p.add_argument("--num-fewshot", type=int_at_least(0), default=None, metavar="N",
-                   help="examples in each prompt (default: the task's own)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=16, metavar="N",
-                   help="continuations scored side by side (default 16)")
-    p.add_argument("--prefix-token", type=int_at_least(0), default=0, metavar="ID",
-                   help="the token whole documents and empty contexts are conditioned on "
-                        "(default 0, RWKV's end-of-text token; a model that never saw it, "
-                        "such as the byte-level demo, may do better from 10, a newline)")
-    p.add_argument("--bootstrap-iters", type=int_at_least(0), default=100000, metavar="N",
-                   help="resamples for the standard errors of metrics such as perplexity "
-                        "(default 100000, as lm-eval; 0: leave them out)")
+    p.add_argument(
+        "tasks",
+        nargs="*",
+        metavar="TASK",
+        help="lm-eval task or group names, or paths of task YAML files",
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        metavar="DIR",
+        default=None,
+        help="a folder of lm-eval task YAML files (may be repeated)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="only the first N documents of each task (for a quick look)",
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=int_at_least(0),
+        default=None,
+        metavar="N",
+        help="examples in each prompt (default: the task's own)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=16,
+        metavar="N",
+        help="continuations scored side by side (default 16)",
+    )
+    p.add_argument(
+        "--prefix-token",
+        type=int_at_least(0),
+        default=0,
+        metavar="ID",
+        help="the token whole documents and empty contexts are conditioned on "
+        "(default 0, RWKV's end-of-text token; a model that never saw it, "
+        "such as the byte-level demo, may do better from 10, a newline)",
+    )
+    p.add_argument(
+        "--bootstrap-iters",
+        type=int_at_least(0),
+        default=100000,
+        metavar="N",
+        help="resamples for the standard errors of metrics such as perplexity "
+        "(default 100000, as lm-eval; 0: leave them out)",
+    )
     add_run_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object, no table")
-    p.add_argument("--output", metavar="FILE", default=None,
-                   help="also write the results as JSON to FILE")
+    p.add_argument(
+        "--output", metavar="FILE", default=None, help="also write the results as JSON to FILE"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress or log output")
     p.set_defaults(func=cmd_eval)

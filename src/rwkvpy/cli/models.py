@@ -34,8 +34,10 @@ def cmd_info(args) -> int:
             print(f"  {k}: {v}")
     print(f"version:     {s['architecture']}")
     heads = f", {s['n_head']} heads of {s['head_size']}" if s["n_head"] else ""
-    print(f"dims:        n_embd {s['n_embd']}, n_layer {s['n_layer']}, vocab {s['vocab_size']}, "
-          f"ffn {s['n_ffn']}{heads}")
+    print(
+        f"dims:        n_embd {s['n_embd']}, n_layer {s['n_layer']}, vocab {s['vocab_size']}, "
+        f"ffn {s['n_ffn']}{heads}"
+    )
     tok = s.get("file", {}).get("tokenizer")
     if tok is None:
         from ..tokenizers import _BY_SIZE
@@ -58,17 +60,20 @@ def format_kernels(k: dict) -> str:
     how = "forced" if c["forced"] else "detected"
     emu = f", emulated on a {c['host']} CPU" if c["emulated"] else ""
     prods = ", ".join(f"{t} {name}" for t, name in k["products"].items())
-    return (f"kernels:     mode {k['mode']}, CPU level {c['level']} ({how}{emu})\n"
-            f"  products:  {prods}\n"
-            f"  sequences: {k['recurrence']}; one token: {k['step']}")
+    return (
+        f"kernels:     mode {k['mode']}, CPU level {c['level']} ({how}{emu})\n"
+        f"  products:  {prods}\n"
+        f"  sequences: {k['recurrence']}; one token: {k['step']}"
+    )
 
 
 def cmd_bench(args) -> int:
     from .. import bench
 
     say = None if (args.quiet or args.json) else (lambda m: print(f"... {m}", file=sys.stderr))
-    r = bench.run(args.model, tokens=args.tokens, prompt=args.prompt, progress=say,
-                  **run_options(args))
+    r = bench.run(
+        args.model, tokens=args.tokens, prompt=args.prompt, progress=say, **run_options(args)
+    )
     print(json.dumps(r) if args.json else bench.format_report(r))
     return 0
 
@@ -84,11 +89,22 @@ def cmd_cache(args) -> int:
     entries = cache.entries()
     total = sum(e["bytes"] for e in entries)
     if args.json:
-        print(json.dumps({"folder": cache.folder(), "bytes": total,
-                          "limit_bytes": cache.max_bytes(), "entries": entries}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "folder": cache.folder(),
+                    "bytes": total,
+                    "limit_bytes": cache.max_bytes(),
+                    "entries": entries,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"repack cache: {cache.folder()} ({_fmt_bytes(total)} of "
-          f"{_fmt_bytes(cache.max_bytes())}, ${cache.MAX_ENV} sets the limit)")
+    print(
+        f"repack cache: {cache.folder()} ({_fmt_bytes(total)} of "
+        f"{_fmt_bytes(cache.max_bytes())}, ${cache.MAX_ENV} sets the limit)"
+    )
     for e in entries:
         print(f"  {_fmt_bytes(e['bytes']):>10s}  {e['model'] or '?'}")
     return 0
@@ -97,25 +113,43 @@ def cmd_cache(args) -> int:
 def cmd_convert(args) -> int:
     from ..convert import convert
 
-    result = convert(args.src, args.dst, type=args.type, quantize_head=args.quantize_head,
-                     force=args.force, progress=not args.quiet, tokenizer=args.tokenizer,
-                     vocab=args.vocab)
+    result = convert(
+        args.src,
+        args.dst,
+        type=args.type,
+        quantize_head=args.quantize_head,
+        force=args.force,
+        progress=not args.quiet,
+        tokenizer=args.tokenizer,
+        vocab=args.vocab,
+    )
     if not args.quiet:
         print(result.summary())
     return 0
 
 
 def _add_convert_options(p) -> None:
-    p.add_argument("--quantize-head", action="store_true",
-                   help="quantize head.weight too (kept F16 by default, as rwkv.cpp does)")
+    p.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="quantize head.weight too (kept F16 by default, as rwkv.cpp does)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    p.add_argument("--tokenizer", metavar="KIND", default=None,
-                   help="world, neox or bytes: stored in a GGUF (default: from the source, or "
-                        "guessed from the vocabulary size)")
-    p.add_argument("--vocab", metavar="PATH", default=None,
-                   help="vocabulary file to store in a GGUF: rwkv_vocab_v20230424.txt format or "
-                        "a tokenizer.json (default: the source's, else the one rwkvpy ships)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="KIND",
+        default=None,
+        help="world, neox or bytes: stored in a GGUF (default: from the source, or "
+        "guessed from the vocabulary size)",
+    )
+    p.add_argument(
+        "--vocab",
+        metavar="PATH",
+        default=None,
+        help="vocabulary file to store in a GGUF: rwkv_vocab_v20230424.txt format or "
+        "a tokenizer.json (default: the source's, else the one rwkvpy ships)",
+    )
 
 
 def cmd_merge_lora(args) -> int:
@@ -125,16 +159,23 @@ def cmd_merge_lora(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = merge_lora(args.base, args.lora, args.dst, args.alpha, type=args.type,
-                            force=args.force, progress=not args.quiet)
+        report = merge_lora(
+            args.base,
+            args.lora,
+            args.dst,
+            args.alpha,
+            type=args.type,
+            force=args.force,
+            progress=not args.quiet,
+        )
     for w in caught:
         print(f"rwkvpy: warning: {w.message}", file=sys.stderr)
     if not args.quiet:
-        print(f"merged LoRA into {len(report['merged'])} matrices, replaced "
-              f"{len(report['replaced'])} tensors: {args.dst}")
+        print(
+            f"merged LoRA into {len(report['merged'])} matrices, replaced "
+            f"{len(report['replaced'])} tensors: {args.dst}"
+        )
     return 0
-
-
 
 
 def add_model_commands(sub) -> None:
@@ -142,9 +183,11 @@ def add_model_commands(sub) -> None:
     info = sub.add_parser("info", help="show what a model file holds")
     add_model_argument(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
-    info.add_argument("--kernels", action="store_true",
-                      help="load the model (with the run options below) and show which "
-                           "kernels run")
+    info.add_argument(
+        "--kernels",
+        action="store_true",
+        help="load the model (with the run options below) and show which kernels run",
+    )
     add_run_options(info)
     info.set_defaults(func=cmd_info)
 
@@ -163,11 +206,17 @@ def add_model_commands(sub) -> None:
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=cmd_bench)
 
-    ml = sub.add_parser("merge-lora", help="merge a LoRA checkpoint (Blealtan's RWKV-LM-LoRA) "
-                        "into a model")
-    add_model_argument(ml, "lora", "dst", dest="base",
-                       help="base model (float: F32, F16 or BF16); then LORA: the LoRA "
-                            "checkpoint (.pth), DST: the output (.gguf, .bin or .pth)")
+    ml = sub.add_parser(
+        "merge-lora", help="merge a LoRA checkpoint (Blealtan's RWKV-LM-LoRA) into a model"
+    )
+    add_model_argument(
+        ml,
+        "lora",
+        "dst",
+        dest="base",
+        help="base model (float: F32, F16 or BF16); then LORA: the LoRA "
+        "checkpoint (.pth), DST: the output (.gguf, .bin or .pth)",
+    )
     ml.add_argument("--alpha", type=float, required=True, help="lora_alpha used in training")
     ml.add_argument("--type", default="f16", help="type of the output's matrices (default f16)")
     ml.add_argument("--force", action="store_true", help="overwrite DST")
@@ -176,20 +225,34 @@ def add_model_commands(sub) -> None:
 
     types = "f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m"
     conv = sub.add_parser(
-        "convert", help="convert a model to GGUF (.gguf) or rwkv.cpp (.bin), optionally quantized",
+        "convert",
+        help="convert a model to GGUF (.gguf) or rwkv.cpp (.bin), optionally quantized",
         description="Convert SRC (.pth, .bin, .gguf, .safetensors or a Hugging Face folder) to "
-                    "DST; the extension of DST picks the format: .gguf or .bin (rwkv.cpp).")
-    add_model_argument(conv, "dst", dest="src",
-                       help=f"source {MODEL_HELP}; then DST: the output file, .gguf or .bin")
-    conv.add_argument("--type", default="f16", metavar="TYPE",
-                      help=f"type of the matrices: {types} (default f16)")
+        "DST; the extension of DST picks the format: .gguf or .bin (rwkv.cpp).",
+    )
+    add_model_argument(
+        conv,
+        "dst",
+        dest="src",
+        help=f"source {MODEL_HELP}; then DST: the output file, .gguf or .bin",
+    )
+    conv.add_argument(
+        "--type", default="f16", metavar="TYPE", help=f"type of the matrices: {types} (default f16)"
+    )
     _add_convert_options(conv)
     conv.set_defaults(func=cmd_convert)
 
-    quant = sub.add_parser("quantize", help="short form of convert: rwkvpy quantize SRC DST TYPE",
-                           description="Same as 'rwkvpy convert SRC DST --type TYPE'.")
-    add_model_argument(quant, "dst", "type", dest="src",
-                       help=f"source {MODEL_HELP}; then DST: the output file, .gguf or .bin, "
-                            f"and TYPE: {types}")
+    quant = sub.add_parser(
+        "quantize",
+        help="short form of convert: rwkvpy quantize SRC DST TYPE",
+        description="Same as 'rwkvpy convert SRC DST --type TYPE'.",
+    )
+    add_model_argument(
+        quant,
+        "dst",
+        "type",
+        dest="src",
+        help=f"source {MODEL_HELP}; then DST: the output file, .gguf or .bin, and TYPE: {types}",
+    )
     _add_convert_options(quant)
     quant.set_defaults(func=cmd_convert)

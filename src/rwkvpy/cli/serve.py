@@ -21,79 +21,173 @@ from .options import add_model_argument, add_run_options, add_tokenizer_options,
 
 log = logging.getLogger("rwkvpy.server")
 
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 32, "max_concurrent": 64,
-            "max_tokens_limit": 4096, "max_request_bytes": 1 << 20, "cache_bytes": 512 << 20,
-            "cache_every": 256, "graceful_timeout": 10.0, "max_states": 64,
-            "max_prompt_tokens": 32768}
+DEFAULTS = {
+    "host": "127.0.0.1",
+    "port": 8000,
+    "max_batch": 32,
+    "max_concurrent": 64,
+    "max_tokens_limit": 4096,
+    "max_request_bytes": 1 << 20,
+    "cache_bytes": 512 << 20,
+    "cache_every": 256,
+    "graceful_timeout": 10.0,
+    "max_states": 64,
+    "max_prompt_tokens": 32768,
+}
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d: dict = DEFAULTS
     add_model_argument(p)
-    p.add_argument("--model-name", metavar="NAME", default=None,
-                   help="the model id clients use (default: the file name without extension)")
-    p.add_argument("--host", default=d["host"],
-                   help=f"address to bind (default {d['host']}: this machine only)")
-    p.add_argument("--port", type=int, default=d["port"],
-                   help=f"port (default {d['port']}; 0 picks a free one)")
-    p.add_argument("--api-key", metavar="KEY", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health "
-                        "(default: $RWKVPY_API_KEY if set)")
-    p.add_argument("--metrics-public", action="store_true",
-                   help="answer GET /metrics without the API key (for a Prometheus scraper "
-                        "that sends none)")
-    p.add_argument("--max-batch", type=int, default=d["max_batch"], metavar="N",
-                   help=f"most sequences per batched decode step (default {d['max_batch']})")
-    p.add_argument("--max-concurrent", type=int, default=d["max_concurrent"], metavar="N",
-                   help="most sequences generating at once, all requests together; more get "
-                        f"429 (default {d['max_concurrent']})")
-    p.add_argument("--max-tokens-limit", type=int, default=d["max_tokens_limit"], metavar="N",
-                   help=f"largest max_tokens a request may ask for (default "
-                        f"{d['max_tokens_limit']}; also the chat default)")
-    p.add_argument("--max-request-bytes", type=int, default=d["max_request_bytes"], metavar="N",
-                   help=f"largest request body; larger gets 413 (default {d['max_request_bytes']})")
-    p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"], metavar="N",
-                   help="longest prompt in tokens (a chat's whole conversation); longer gets 400 "
-                        f"before it runs (default {d['max_prompt_tokens']})")
-    p.add_argument("--state", action="append", default=[], metavar="NAME=FILE",
-                   help="a named starting state: an rwkvpy state file or a BlinkDL state-tuned "
-                        ".pth (repeatable)")
-    p.add_argument("--max-states", type=int, default=d["max_states"], metavar="N",
-                   help=f"most states saved through POST /v1/states (default {d['max_states']})")
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        default=None,
+        help="the model id clients use (default: the file name without extension)",
+    )
+    p.add_argument(
+        "--host",
+        default=d["host"],
+        help=f"address to bind (default {d['host']}: this machine only)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=d["port"],
+        help=f"port (default {d['port']}; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(default: $RWKVPY_API_KEY if set)",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="answer GET /metrics without the API key (for a Prometheus scraper that sends none)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=d["max_batch"],
+        metavar="N",
+        help=f"most sequences per batched decode step (default {d['max_batch']})",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=d["max_concurrent"],
+        metavar="N",
+        help="most sequences generating at once, all requests together; more get "
+        f"429 (default {d['max_concurrent']})",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=d["max_tokens_limit"],
+        metavar="N",
+        help=f"largest max_tokens a request may ask for (default "
+        f"{d['max_tokens_limit']}; also the chat default)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=d["max_request_bytes"],
+        metavar="N",
+        help=f"largest request body; larger gets 413 (default {d['max_request_bytes']})",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=d["max_prompt_tokens"],
+        metavar="N",
+        help="longest prompt in tokens (a chat's whole conversation); longer gets 400 "
+        f"before it runs (default {d['max_prompt_tokens']})",
+    )
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="a named starting state: an rwkvpy state file or a BlinkDL state-tuned "
+        ".pth (repeatable)",
+    )
+    p.add_argument(
+        "--max-states",
+        type=int,
+        default=d["max_states"],
+        metavar="N",
+        help=f"most states saved through POST /v1/states (default {d['max_states']})",
+    )
     add_tokenizer_options(p)
     add_run_options(p)
-    p.add_argument("--cache-bytes", type=int, default=d["cache_bytes"], metavar="N",
-                   help=f"prefix cache memory cap in bytes: the states it keeps, least "
-                        f"recently used out first (default {d['cache_bytes']} = "
-                        f"{d['cache_bytes'] >> 20} MiB; 0 disables it)")
-    p.add_argument("--cache-every", type=int, default=d["cache_every"], metavar="N",
-                   help=f"prefix cache checkpoint interval in tokens (default {d['cache_every']})")
-    p.add_argument("--graceful-timeout", type=float, default=d["graceful_timeout"],
-                   metavar="SECONDS", help="on SIGTERM, how long running requests may finish "
-                                           f"before they are cancelled (default "
-                                           f"{d['graceful_timeout']:.0f})")
+    p.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=d["cache_bytes"],
+        metavar="N",
+        help=f"prefix cache memory cap in bytes: the states it keeps, least "
+        f"recently used out first (default {d['cache_bytes']} = "
+        f"{d['cache_bytes'] >> 20} MiB; 0 disables it)",
+    )
+    p.add_argument(
+        "--cache-every",
+        type=int,
+        default=d["cache_every"],
+        metavar="N",
+        help=f"prefix cache checkpoint interval in tokens (default {d['cache_every']})",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=d["graceful_timeout"],
+        metavar="SECONDS",
+        help="on SIGTERM, how long running requests may finish "
+        f"before they are cancelled (default "
+        f"{d['graceful_timeout']:.0f})",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     r = p.add_argument_group("Ray Serve (pip install 'rwkvpy[ray]'; see docs/scale-out.md)")
-    r.add_argument("--ray", action="store_true",
-                   help="serve as a Ray Serve deployment of replicas (one model each) behind "
-                        "Ray Serve's HTTP proxy on --host/--port")
-    r.add_argument("--ray-address", metavar="ADDR", default=None,
-                   help="with --ray: join this Ray cluster ('auto': the one 'ray start' runs "
-                        "here; default: start a local Ray instance)")
-    r.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="with --ray: this many replicas (default 1)")
-    r.add_argument("--autoscale", metavar="MIN:MAX", default=None,
-                   help="with --ray: let Ray Serve keep MIN to MAX replicas, by the load")
+    r.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve as a Ray Serve deployment of replicas (one model each) behind "
+        "Ray Serve's HTTP proxy on --host/--port",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=None,
+        help="with --ray: join this Ray cluster ('auto': the one 'ray start' runs "
+        "here; default: start a local Ray instance)",
+    )
+    r.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: this many replicas (default 1)",
+    )
+    r.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        default=None,
+        help="with --ray: let Ray Serve keep MIN to MAX replicas, by the load",
+    )
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
     """Add ``serve`` to an argparse subparsers object; it runs :func:`cmd_serve`."""
     p = subparsers.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, "
-                    "/v1/models, /v1/states, /health; OpenAI's clients work unchanged. "
-                    "Requests run together (continuous batching); SIGTERM drains and exits 0.")
+        "/v1/models, /v1/states, /health; OpenAI's clients work unchanged. "
+        "Requests run together (continuous batching); SIGTERM drains and exits 0.",
+    )
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -114,8 +208,9 @@ def _parse_states(items) -> list:
         if not sep or not name or not path:
             raise ServeError(f"--state expects NAME=FILE, got {item!r}")
         if not STATE_ID.fullmatch(name):
-            raise ServeError(f"--state name {name!r}: use letters, digits, '.', '_', '-' "
-                             f"(at most 64)")
+            raise ServeError(
+                f"--state name {name!r}: use letters, digits, '.', '_', '-' (at most 64)"
+            )
         if name in seen:
             raise ServeError(f"--state {name} is given twice")
         seen.add(name)
@@ -165,11 +260,15 @@ def cmd_serve(args) -> int:
         import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise ServeError(f"rwkvpy serve needs the server extra: pip install 'rwkvpy[server]' "
-                         f"({e.name} is missing)") from None
+        raise ServeError(
+            f"rwkvpy serve needs the server extra: pip install 'rwkvpy[server]' "
+            f"({e.name} is missing)"
+        ) from None
     if not hasattr(uvicorn.Server, "_serve"):
-        raise ServeError(f"rwkvpy serve needs uvicorn >= 0.30 (found {uvicorn.__version__}): "
-                         f"pip install 'rwkvpy[server]'")
+        raise ServeError(
+            f"rwkvpy serve needs uvicorn >= 0.30 (found {uvicorn.__version__}): "
+            f"pip install 'rwkvpy[server]'"
+        )
     import rwkvpy
 
     from ..prefix_cache import PrefixCache
@@ -177,8 +276,14 @@ def cmd_serve(args) -> int:
     from ..server.engine import Engine
 
     _setup_logging(args.log_level)
-    for name in ("max_batch", "max_concurrent", "max_tokens_limit", "max_request_bytes",
-                 "max_states", "max_prompt_tokens"):
+    for name in (
+        "max_batch",
+        "max_concurrent",
+        "max_tokens_limit",
+        "max_request_bytes",
+        "max_states",
+        "max_prompt_tokens",
+    ):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--cache-bytes", args.cache_bytes, zero_ok=True)
     _positive("--cache-every", args.cache_every, zero_ok=True)
@@ -199,8 +304,10 @@ def cmd_serve(args) -> int:
     model = rwkvpy.load(args.model, **run_options(args))
     tok = model.tokenizer(args.tokenizer, args.vocab)
     name = args.model_name or (
-        "demo" if args.model == "demo"
-        else os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0])
+        "demo"
+        if args.model == "demo"
+        else os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+    )
     named = {}
     if states:
         from ..prefix_cache import cache_root
@@ -210,17 +317,23 @@ def cmd_serve(args) -> int:
             named[sname] = NamedState(sname, st, cache_root(model, st), int(st.n_tokens), "file")
     warm_up(model)
 
-    cache = (PrefixCache(max_bytes=args.cache_bytes, every=args.cache_every)
-             if args.cache_bytes > 0 else None)
+    cache = (
+        PrefixCache(max_bytes=args.cache_bytes, every=args.cache_every)
+        if args.cache_bytes > 0
+        else None
+    )
     engine = Engine(model, tok, cache=cache, max_batch=args.max_batch)
-    config = ServerConfig(model_name=name, api_key=api_key,
-                          max_tokens_limit=args.max_tokens_limit,
-                          max_concurrent=args.max_concurrent,
-                          max_request_bytes=args.max_request_bytes,
-                          graceful_timeout=args.graceful_timeout,
-                          max_states=args.max_states,
-                          max_prompt_tokens=args.max_prompt_tokens,
-                          metrics_public=args.metrics_public)
+    config = ServerConfig(
+        model_name=name,
+        api_key=api_key,
+        max_tokens_limit=args.max_tokens_limit,
+        max_concurrent=args.max_concurrent,
+        max_request_bytes=args.max_request_bytes,
+        graceful_timeout=args.graceful_timeout,
+        max_states=args.max_states,
+        max_prompt_tokens=args.max_prompt_tokens,
+        metrics_public=args.metrics_public,
+    )
     server = ServerState(model, tok, engine, config, named)
     app = build_app(server)
 
@@ -228,13 +341,28 @@ def cmd_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not _loopback(args.host) and api_key is None:
-        log.warning("listening on %s without an API key: anyone who can reach this address "
-                    "can use the model (give --api-key)", args.host)
-    log.info("rwkvpy serve: model %r (%s, %s tokenizer), max batch %d, max concurrent %d",
-             name, model.config.version.label, tok.name, args.max_batch, args.max_concurrent)
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this address "
+            "can use the model (give --api-key)",
+            args.host,
+        )
+    log.info(
+        "rwkvpy serve: model %r (%s, %s tokenizer), max batch %d, max concurrent %d",
+        name,
+        model.config.version.label,
+        tok.name,
+        args.max_batch,
+        args.max_concurrent,
+    )
     log.info("rwkvpy serve: listening on http://%s:%d", shown, port)
-    uv_config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
-                               lifespan="on", timeout_keep_alive=5, server_header=False)
+    uv_config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+        lifespan="on",
+        timeout_keep_alive=5,
+        server_header=False,
+    )
     _Server = _server_class(uvicorn)
     srv = _Server(uv_config, server)
     try:
@@ -290,7 +418,8 @@ def _server_class(uvicorn):
             log.info("rwkvpy serve: received %s", signal.Signals(sig).name)
             grace = self._state.config.graceful_timeout
             self._loop.call_soon_threadsafe(
-                lambda: self._loop.create_task(self._drain_then_exit(grace)))
+                lambda: self._loop.create_task(self._drain_then_exit(grace))
+            )
 
         async def _drain_then_exit(self, grace):
             try:

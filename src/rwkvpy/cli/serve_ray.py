@@ -25,19 +25,32 @@ def replica_spec(args, api_key, states) -> dict:
     if load_kw.get("threads") is None:
         load_kw["threads"] = 1
     name = args.model_name or (
-        "demo" if args.model == "demo"
-        else os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0])
+        "demo"
+        if args.model == "demo"
+        else os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+    )
     return {
         "model": resolve_model(args.model),  # every replica loads this file
-        "load_kw": load_kw, "access_log": not getattr(args, "no_access_log", False), "tokenizer": args.tokenizer,
+        "load_kw": load_kw,
+        "access_log": not getattr(args, "no_access_log", False),
+        "tokenizer": args.tokenizer,
         "vocab": args.vocab,
         "states": [(n, os.path.abspath(p)) for n, p in states],
-        "engine": {"max_batch": args.max_batch, "cache_bytes": args.cache_bytes,
-                   "cache_every": args.cache_every},
+        "engine": {
+            "max_batch": args.max_batch,
+            "cache_bytes": args.cache_bytes,
+            "cache_every": args.cache_every,
+        },
         # every ServerConfig field that has an option of the same name
-        "config": {**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
-                      if getattr(args, f.name, None) is not None},
-                   "model_name": name, "api_key": api_key},
+        "config": {
+            **{
+                f.name: getattr(args, f.name)
+                for f in dataclasses.fields(ServerConfig)
+                if getattr(args, f.name, None) is not None
+            },
+            "model_name": name,
+            "api_key": api_key,
+        },
     }
 
 
@@ -48,8 +61,9 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     except ValueError:
         raise ServeError(f"--autoscale expects MIN:MAX (replica counts), got {text!r}") from None
     if not sep or lo < 0 or hi < 1 or lo > hi:
-        raise ServeError(f"--autoscale expects MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got "
-                         f"{text!r}")
+        raise ServeError(
+            f"--autoscale expects MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {text!r}"
+        )
     return lo, hi
 
 
@@ -59,8 +73,9 @@ def cmd_serve_ray(args, api_key, states) -> int:
         import ray
         from ray import serve  # noqa: F401
     except ImportError as e:
-        raise ServeError(f"rwkvpy serve --ray needs Ray Serve: pip install 'rwkvpy[ray]' "
-                         f"({e.name} is missing)") from None
+        raise ServeError(
+            f"rwkvpy serve --ray needs Ray Serve: pip install 'rwkvpy[ray]' ({e.name} is missing)"
+        ) from None
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     if autoscale is not None and args.replicas is not None:
         raise ServeError("give --replicas or --autoscale, not both")
@@ -70,16 +85,16 @@ def cmd_serve_ray(args, api_key, states) -> int:
     spec = replica_spec(args, api_key, states)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.ray_address, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set())
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        url = deploy(spec, replicas=replicas, autoscale=autoscale, host=args.host,
-                     port=args.port)
-        how = (f"autoscaling {autoscale[0]}..{autoscale[1]} replicas" if autoscale
-               else f"{replicas} replica{'s' if replicas > 1 else ''}")
+        url = deploy(spec, replicas=replicas, autoscale=autoscale, host=args.host, port=args.port)
+        how = (
+            f"autoscaling {autoscale[0]}..{autoscale[1]} replicas"
+            if autoscale
+            else f"{replicas} replica{'s' if replicas > 1 else ''}"
+        )
         log.info("rwkvpy serve: model %r on Ray Serve, %s", spec["config"]["model_name"], how)
         log.info("rwkvpy serve: listening on %s", url)
         while not stop.wait(0.5):

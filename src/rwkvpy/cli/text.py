@@ -17,8 +17,10 @@ from typing import Any
 from ..errors import RwkvpyError
 from .options import add_model_argument, add_run_options, add_tokenizer_options, run_options
 
-CHAT_HELP = ("commands: /reset (forget the conversation), /regen (a new reply to the last "
-             "message), /save FILE, /load FILE, /quit; Ctrl-C stops a reply")
+CHAT_HELP = (
+    "commands: /reset (forget the conversation), /regen (a new reply to the last "
+    "message), /save FILE, /load FILE, /quit; Ctrl-C stops a reply"
+)
 
 
 class CliError(RwkvpyError):
@@ -47,8 +49,10 @@ def decode_utf8(raw: bytes, name: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TokenizerError(f"{name}: invalid UTF-8 at byte offset {e.start} "
-                             f"(byte 0x{raw[e.start]:02x}: {e.reason})") from None
+        raise TokenizerError(
+            f"{name}: invalid UTF-8 at byte offset {e.start} "
+            f"(byte 0x{raw[e.start]:02x}: {e.reason})"
+        ) from None
 
 
 def _read_text(path: str) -> str:
@@ -114,9 +118,14 @@ def _params(args):
     from ..sampling import SamplingParams
 
     given = {
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-        "top_k": args.top_k, "min_p": args.min_p, "presence_penalty": args.presence_penalty,
-        "frequency_penalty": args.frequency_penalty, "penalty_decay": args.penalty_decay,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "penalty_decay": args.penalty_decay,
         "seed": args.seed,
     }
     kw = {k: v for k, v in given.items() if v is not None}
@@ -166,8 +175,6 @@ def _add_model_options(p, *rest, model_help: str) -> None:
     add_tokenizer_options(p)
 
 
-
-
 def _add_sampling_options(p) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (256)")
@@ -176,20 +183,36 @@ def _add_sampling_options(p) -> None:
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely (0 = all)")
     g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the best")
     g.add_argument("--presence-penalty", type=float, default=None, help="BlinkDL alpha_presence")
-    g.add_argument("--frequency-penalty", type=float, default=None,
-                   help="BlinkDL alpha_frequency")
-    g.add_argument("--penalty-decay", type=float, default=None,
-                   help="BlinkDL alpha_decay, (0, 1] (default 0.996)")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="BlinkDL alpha_frequency")
+    g.add_argument(
+        "--penalty-decay",
+        type=float,
+        default=None,
+        help="BlinkDL alpha_decay, (0, 1] (default 0.996)",
+    )
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible output")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop at this text (repeatable; \\n, \\t, \\r and \\\\ are unescaped)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop at this text (repeatable; \\n, \\t, \\r and \\\\ are unescaped)",
+    )
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     s = g.add_mutually_exclusive_group()
-    s.add_argument("--json-schema", metavar="FILE", default=None,
-                   help="the output is JSON valid under this JSON schema (needs rwkvpy[structured])")
+    s.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="the output is JSON valid under this JSON schema (needs rwkvpy[structured])",
+    )
     s.add_argument("--json-object", action="store_true", help="the output is a JSON object")
-    s.add_argument("--grammar", metavar="FILE", default=None,
-                   help="the output follows this grammar (GBNF or Lark)")
+    s.add_argument(
+        "--grammar",
+        metavar="FILE",
+        default=None,
+        help="the output follows this grammar (GBNF or Lark)",
+    )
 
 
 # -- generate -------------------------------------------------------------------------------
@@ -208,13 +231,21 @@ def cmd_generate(args) -> int:
     if args.json:
         r: Any = generate(model, tok, prompt, params, state=state)
         t = r.timings
-        print(json.dumps({
-            "text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-            "prompt_tokens_per_s": round(t.prompt_tokens_per_second, 3),
-            "tokens_per_s": round(t.tokens_per_second, 3), "seconds": round(t.total_seconds, 6),
-            "seed": r.seed,
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "prompt_tokens_per_s": round(t.prompt_tokens_per_second, 3),
+                    "tokens_per_s": round(t.tokens_per_second, 3),
+                    "seconds": round(t.total_seconds, 6),
+                    "seed": r.seed,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         s = stream(model, tok, prompt, params, state=state)
         out = sys.stdout
@@ -226,12 +257,18 @@ def cmd_generate(args) -> int:
         r = s.result
         if not args.quiet:
             t = r.timings
-            compiled = (f", {t.compile_seconds:.1f} s of it compiling kernels (first run), not "
-                        "in the speeds" if t.compile_seconds >= 0.05 else "")
-            print(f"[{r.prompt_tokens} prompt tokens, {t.prompt_tokens_per_second:.1f} tokens/s; "
-                  f"{r.completion_tokens} generated, {t.tokens_per_second:.1f} tokens/s; "
-                  f"{t.total_seconds:.2f} s{compiled}; finish: {r.finish_reason}; seed {r.seed}]",
-                  file=sys.stderr)
+            compiled = (
+                f", {t.compile_seconds:.1f} s of it compiling kernels (first run), not "
+                "in the speeds"
+                if t.compile_seconds >= 0.05
+                else ""
+            )
+            print(
+                f"[{r.prompt_tokens} prompt tokens, {t.prompt_tokens_per_second:.1f} tokens/s; "
+                f"{r.completion_tokens} generated, {t.tokens_per_second:.1f} tokens/s; "
+                f"{t.total_seconds:.2f} s{compiled}; finish: {r.finish_reason}; seed {r.seed}]",
+                file=sys.stderr,
+            )
     if args.save_state:
         r.state.save(args.save_state)
     return 0
@@ -347,31 +384,48 @@ def cmd_tokenize(args) -> int:
 # -- wiring ---------------------------------------------------------------------------------
 def add_text_commands(subparsers) -> None:
     """Add ``generate``, ``chat`` and ``tokenize`` to an argparse subparsers object."""
-    model_help = ("model file, or hf:OWNER/REPO/FILE from the Hugging Face Hub (default: the "
-                  "built-in demo model, when installed)")
+    model_help = (
+        "model file, or hf:OWNER/REPO/FILE from the Hugging Face Hub (default: the "
+        "built-in demo model, when installed)"
+    )
     g = subparsers.add_parser(
-        "generate", help="continue a prompt, streaming the text to stdout",
+        "generate",
+        help="continue a prompt, streaming the text to stdout",
         description="Continue PROMPT with the model and stream the text to stdout, followed by "
-                    "a newline; timings go to stderr (not with --quiet).")
-    _add_model_options(g, "prompt", model_help=model_help + "; then PROMPT: the prompt text "
-                                                            "('-': read stdin)")
+        "a newline; timings go to stderr (not with --quiet).",
+    )
+    _add_model_options(
+        g, "prompt", model_help=model_help + "; then PROMPT: the prompt text ('-': read stdin)"
+    )
     add_run_options(g)
     _add_sampling_options(g)
-    g.add_argument("--state", metavar="FILE", default=None,
-                   help="start from this state: an rwkvpy state file or a BlinkDL state-tuned "
-                        ".pth")
-    g.add_argument("--save-state", metavar="FILE", default=None,
-                   help="save the state after the prompt and the generated text")
+    g.add_argument(
+        "--state",
+        metavar="FILE",
+        default=None,
+        help="start from this state: an rwkvpy state file or a BlinkDL state-tuned .pth",
+    )
+    g.add_argument(
+        "--save-state",
+        metavar="FILE",
+        default=None,
+        help="save the state after the prompt and the generated text",
+    )
     g.add_argument("--quiet", action="store_true", help="no messages on stderr")
-    g.add_argument("--json", action="store_true",
-                   help="print one JSON object: text, finish_reason, prompt_tokens, "
-                        "completion_tokens, prompt_tokens_per_s, tokens_per_s, seconds, seed")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: text, finish_reason, prompt_tokens, "
+        "completion_tokens, prompt_tokens_per_s, tokens_per_s, seconds, seed",
+    )
     g.set_defaults(func=cmd_generate)
 
     c = subparsers.add_parser(
-        "chat", help="chat with the model in the terminal",
+        "chat",
+        help="chat with the model in the terminal",
         description="Chat in the RWKV format (User: ... / Assistant: ...). Reads one message "
-                    "a line from stdin (a terminal or a pipe) until EOF. " + CHAT_HELP + ".")
+        "a line from stdin (a terminal or a pipe) until EOF. " + CHAT_HELP + ".",
+    )
     _add_model_options(c, model_help=model_help)
     add_run_options(c)
     _add_sampling_options(c)
@@ -380,13 +434,18 @@ def add_text_commands(subparsers) -> None:
     c.set_defaults(func=cmd_chat)
 
     t = subparsers.add_parser(
-        "tokenize", help="print the token ids of a text file",
+        "tokenize",
+        help="print the token ids of a text file",
         description="Print the token ids of FILE (UTF-8 text; '-': stdin), space-separated or "
-                    "as a JSON list.")
-    add_model_argument(t, "file", required=False,
-                       help="use this model's tokenizer (the one its file names, else its "
-                            "vocabulary size picks it); then FILE: UTF-8 text ('-': stdin)")
+        "as a JSON list.",
+    )
+    add_model_argument(
+        t,
+        "file",
+        required=False,
+        help="use this model's tokenizer (the one its file names, else its "
+        "vocabulary size picks it); then FILE: UTF-8 text ('-': stdin)",
+    )
     add_tokenizer_options(t, "tokenizer kind (with -m: must fit the model)")
     t.add_argument("--json", action="store_true", help="print a JSON list")
     t.set_defaults(func=cmd_tokenize)
-

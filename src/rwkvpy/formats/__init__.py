@@ -16,8 +16,11 @@ def sniff(path) -> str:
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "config.json")):
             return "hf"
-        raise ModelFileError(path, "is a directory without config.json, expected a model file "
-                             "or a Hugging Face model folder")
+        raise ModelFileError(
+            path,
+            "is a directory without config.json, expected a model file "
+            "or a Hugging Face model folder",
+        )
     if not os.path.exists(path):
         raise ModelFileError(path, "no such file")
     require_regular(path)  # a FIFO would block the open, a device never end
@@ -29,29 +32,40 @@ def sniff(path) -> str:
         return "pth"
     if head[:4] == b"GGUF":
         return "gguf"
-    if len(head) == 9 and head[8:9] == b"{" and \
-            int.from_bytes(head[:8], "little") < os.path.getsize(path):
+    if (
+        len(head) == 9
+        and head[8:9] == b"{"
+        and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+    ):
         return "safetensors"
-    raise UnknownFormatError(path, f"starts with bytes {head[:4].hex(' ')}, which match no "
-                             "supported format: expected rwkv.cpp .bin (66 6d 67 67), "
-                             "PyTorch .pth (50 4b 03 04), GGUF (47 47 55 46) or safetensors")
+    raise UnknownFormatError(
+        path,
+        f"starts with bytes {head[:4].hex(' ')}, which match no "
+        "supported format: expected rwkv.cpp .bin (66 6d 67 67), "
+        "PyTorch .pth (50 4b 03 04), GGUF (47 47 55 46) or safetensors",
+    )
 
 
 def read(path) -> Checkpoint:
     fmt = sniff(path)
     if fmt == "rwkv.cpp":
         from . import rwkvcpp
+
         return rwkvcpp.read(path)
     if fmt == "gguf":
         from . import gguf
+
         return gguf.read(path)
     if fmt == "safetensors":
         from . import safetensors_io
+
         return safetensors_io.read_safetensors(path)
     if fmt == "hf":
         from . import safetensors_io
+
         return safetensors_io.read_hf(path)
     from . import pth
+
     return pth.read(path)
 
 

@@ -25,9 +25,13 @@ import tempfile
 
 from ..errors import FileWriteError, NotARegularFileError
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISDIR, "a directory"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def not_regular(path) -> str | None:
@@ -85,8 +89,10 @@ def clean_dead_temps(path) -> list:
     """Remove the temp files of ``path`` that writers on this host left when they died; returns
     their paths. Temps of live writers, of other hosts and other files are left alone."""
     folder = os.path.dirname(os.path.abspath(path))
-    pattern = re.compile(re.escape(_temp_prefix(os.path.basename(path)))
-                         + r"([0-9a-f]{8})-(\d+)\.[A-Za-z0-9_]+\.tmp\Z")
+    pattern = re.compile(
+        re.escape(_temp_prefix(os.path.basename(path)))
+        + r"([0-9a-f]{8})-(\d+)\.[A-Za-z0-9_]+\.tmp\Z"
+    )
     removed = []
     try:
         names = os.listdir(folder)
@@ -151,7 +157,7 @@ def torch_save(obj, f) -> None:
 
     rec = _Recorder(f)
     try:
-        torch.save(obj, rec)
+        torch.save(obj, rec)  # type: ignore[arg-type]  # a file-like object, as torch takes
     except RuntimeError:
         if rec.error is not None:
             raise rec.error from None
@@ -188,10 +194,13 @@ def temp_next_to(path, suffix=".tmp"):
     try:
         fd, tmp = tempfile.mkstemp(
             prefix=f"{_temp_prefix(os.path.basename(path))}{_HOST}-{os.getpid()}.",
-            suffix=suffix, dir=folder)
+            suffix=suffix,
+            dir=folder,
+        )
     except OSError as e:
-        raise FileWriteError(path, f"cannot create a file in {folder}: {e.strerror or e}",
-                             e.errno) from None
+        raise FileWriteError(
+            path, f"cannot create a file in {folder}: {e.strerror or e}", e.errno
+        ) from None
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600

@@ -42,7 +42,9 @@ def type_name(t) -> str:
     """The storage type of a tensor as ggml names it: F32, F16, BF16, Q5_1, ..."""
     if isinstance(t, QTensor):
         return t.fmt
-    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(t.dtype, str(t.dtype))
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
+        t.dtype, str(t.dtype)
+    )
 
 
 def to_float32(t) -> torch.Tensor:

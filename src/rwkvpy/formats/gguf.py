@@ -122,14 +122,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import (MissingTensorError, ModelFileError, TensorShapeError, TruncatedFileError,
-                      UnknownFormatError, UnsupportedTensorTypeError, UnsupportedVersionError)
 from ..config import ModelConfig, Version
+from ..errors import (
+    MissingTensorError,
+    ModelFileError,
+    TensorShapeError,
+    TruncatedFileError,
+    UnknownFormatError,
+    UnsupportedTensorTypeError,
+    UnsupportedVersionError,
+)
 from .base import Checkpoint, QTensor, to_float32
 from .plan import Entry, resolve_shapes, split_name
 
-ARCHITECTURES = {Version.V4: "rwkv4", Version.V5_0: "rwkv5", Version.V5_2: "rwkv5",
-                 Version.V6: "rwkv6", Version.V7: "rwkv7"}
+ARCHITECTURES = {
+    Version.V4: "rwkv4",
+    Version.V5_0: "rwkv5",
+    Version.V5_2: "rwkv5",
+    Version.V6: "rwkv6",
+    Version.V7: "rwkv7",
+}
 KEY_VERSION = "{arch}.version"
 KEY_TOKENIZER = "rwkvpy.tokenizer"
 KEY_GROUP_NORM_EPS = "{arch}.attention.group_norm_epsilon"  # written for rwkv5
@@ -137,12 +149,38 @@ GROUP_NORM_EPS = 64e-5  # BlinkDL's ln_x eps (1e-5 * 64); rwkv.cpp computes v5 w
 TOKENIZERS = ("world", "neox", "bytes")
 CONTEXT_LENGTH = 1 << 20  # what llama.cpp's converter writes: RWKV has no context limit
 LAYER_NORM_EPS = 1e-5
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K",
-                   "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
 
 # File types (llama.cpp's LlamaFileType) of the files rwkvpy writes.
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-              "BF16": 32, "Q4_K": 14, "Q4_K_M": 15, "Q5_K": 16, "Q5_K_M": 17, "Q6_K": 18}
+FILE_TYPES = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "BF16": 32,
+    "Q4_K": 14,
+    "Q4_K_M": 15,
+    "Q5_K": 16,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+}
 
 # -- names and layouts ----------------------------------------------------------------------
 
@@ -158,14 +196,17 @@ _GLOBAL = {
 }
 
 _COMMON = {
-    "ln1.weight": ("attn_norm.weight", SAME), "ln1.bias": ("attn_norm.bias", SAME),
-    "ln2.weight": ("attn_norm_2.weight", SAME), "ln2.bias": ("attn_norm_2.bias", SAME),
+    "ln1.weight": ("attn_norm.weight", SAME),
+    "ln1.bias": ("attn_norm.bias", SAME),
+    "ln2.weight": ("attn_norm_2.weight", SAME),
+    "ln2.bias": ("attn_norm_2.bias", SAME),
     "att.key.weight": ("time_mix_key.weight", SAME),
     "att.value.weight": ("time_mix_value.weight", SAME),
     "att.receptance.weight": ("time_mix_receptance.weight", SAME),
     "att.gate.weight": ("time_mix_gate.weight", SAME),
     "att.output.weight": ("time_mix_output.weight", SAME),
-    "att.ln_x.weight": ("time_mix_ln.weight", SAME), "att.ln_x.bias": ("time_mix_ln.bias", SAME),
+    "att.ln_x.weight": ("time_mix_ln.weight", SAME),
+    "att.ln_x.bias": ("time_mix_ln.bias", SAME),
     "ffn.key.weight": ("channel_mix_key.weight", SAME),
     "ffn.value.weight": ("channel_mix_value.weight", SAME),
     "ffn.receptance.weight": ("channel_mix_receptance.weight", SAME),
@@ -206,13 +247,20 @@ _V7 = {
     "ffn.x_k": ("channel_mix_lerp_k.weight", SQUEEZE),
 }
 
-_RULES = {Version.V4: _V4V5, Version.V5_0: _V4V5, Version.V5_2: _V4V5, Version.V6: _V6,
-          Version.V7: _V7}
+_RULES = {
+    Version.V4: _V4V5,
+    Version.V5_0: _V4V5,
+    Version.V5_2: _V4V5,
+    Version.V6: _V6,
+    Version.V7: _V7,
+}
 _FUSED_NAME = "time_mix_lerp_fused.weight"
 MAX_ARRAY_DEPTH = 8  # key-value arrays of arrays, at most this deep
 MAX_RESCALE_EXPONENT = 64  # v6 rescaling multiplies a layer by 2^(layer // every), at most this
-_FUSED = {Version.V6: tuple(f"att.time_maa_{c}" for c in "wkvrg"),
-          Version.V7: tuple(f"att.x_{c}" for c in "rwkvag")}
+_FUSED = {
+    Version.V6: tuple(f"att.time_maa_{c}" for c in "wkvrg"),
+    Version.V7: tuple(f"att.x_{c}" for c in "rwkvag"),
+}
 
 
 def _layer_rules(version):
@@ -222,6 +270,7 @@ def _layer_rules(version):
 
 
 # -- writing: the plan -----------------------------------------------------------------------
+
 
 def _transpose(ts):
     return ts[0].transpose(0, 1)
@@ -274,8 +323,11 @@ def gguf_entries(names, shapes: dict, version: Version, cfg: ModelConfig):
         if leaf in fused_members:
             if bid not in fused_done:
                 fused_done.add(bid)
-                entries.append(Entry(f"blk.{bid}.{_FUSED_NAME}",
-                                     tuple(prefix + m for m in fused_members), _stack))
+                entries.append(
+                    Entry(
+                        f"blk.{bid}.{_FUSED_NAME}", tuple(prefix + m for m in fused_members), _stack
+                    )
+                )
             continue
         rule = rules.get(leaf)
         if rule is None:
@@ -293,6 +345,7 @@ def gguf_entries(names, shapes: dict, version: Version, cfg: ModelConfig):
 
 
 # -- writing: metadata and file ----------------------------------------------------------------
+
 
 def guess_tokenizer(vocab_size: int) -> str | None:
     """The tokenizer RWKV releases of this vocabulary size use (None when unknown): rwkvpy's one
@@ -319,7 +372,8 @@ WORLD_CHAT_TEMPLATE = (
     "{%- endfor -%}\n"
     "{%- if add_generation_prompt -%}\n"
     "{{- 'Assistant:' -}}\n"
-    "{%- endif -%}\n")
+    "{%- endif -%}\n"
+)
 WORLD_SPECIAL = {"bos": 0, "eos": 0, "eot": 261}  # as llama.cpp's converter sets them
 KEY_HF_JSON = "tokenizer.huggingface.json"
 _SPECIAL_KEYS = ("bos", "eos", "eot", "eom", "unk", "sep", "pad", "mask")
@@ -332,15 +386,15 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 class Vocab:
     """A GGUF file's vocabulary: the values of its ``tokenizer.*`` keys."""
 
-    model: str                                  # tokenizer.ggml.model: "rwkv", "gpt2", "none"
+    model: str  # tokenizer.ggml.model: "rwkv", "gpt2", "none"
     tokens: list = field(default_factory=list)  # tokenizer.ggml.tokens as stored (bytes)
-    types: list = field(default_factory=list)   # tokenizer.ggml.token_type
-    merges: list | None = None                  # tokenizer.ggml.merges (bytes)
+    types: list = field(default_factory=list)  # tokenizer.ggml.token_type
+    merges: list | None = None  # tokenizer.ggml.merges (bytes)
     special: dict = field(default_factory=dict)  # "bos"/"eos"/"eot"/... -> id
     chat_template: str | None = None
-    hf_json: str | None = None                  # tokenizer.huggingface.json
-    kind: str | None = None                     # rwkvpy.tokenizer
-    pre: str | None = None                      # tokenizer.ggml.pre
+    hf_json: str | None = None  # tokenizer.huggingface.json
+    kind: str | None = None  # rwkvpy.tokenizer
+    pre: str | None = None  # tokenizer.ggml.pre
 
     def token_bytes(self) -> list[bytes]:
         """The bytes of each id (``b""`` for control, padding and unused tokens) of an RWKV
@@ -355,8 +409,10 @@ class Vocab:
             try:
                 out.append(_unescape_token(t) if k == NORMAL else b"")
             except ValueError as e:  # a broken escape: "\\x" without two hex digits, a lone "\\"
-                raise TokenizerError(f"tokenizer.ggml.tokens: token {i} ({bytes(t)[:40]!r}) is "
-                                     f"not an escaped RWKV token: {e}") from None
+                raise TokenizerError(
+                    f"tokenizer.ggml.tokens: token {i} ({bytes(t)[:40]!r}) is "
+                    f"not an escaped RWKV token: {e}"
+                ) from None
         return out
 
 
@@ -375,16 +431,18 @@ def _pad(texts: list, types: list, vocab_size: int) -> None:
         types.append(UNUSED)
 
 
-def world_vocab(tokens, vocab_size: int, *, special: dict | None = None,
-                chat_template: str | None = None) -> Vocab:
+def world_vocab(
+    tokens, vocab_size: int, *, special: dict | None = None, chat_template: str | None = None
+) -> Vocab:
     """llama.cpp's RWKV World vocabulary for a model of ``vocab_size`` logits from ``tokens``:
     bytes per id (index = id; ``b""`` for ids it does not define; id 0 is always ``<s>``)."""
     from ..errors import ConversionError
 
     tokens = [bytes(t) for t in tokens]
     if len(tokens) > vocab_size:
-        raise ConversionError(f"the vocabulary has {len(tokens)} tokens, more than the "
-                              f"model's {vocab_size}")
+        raise ConversionError(
+            f"the vocabulary has {len(tokens)} tokens, more than the model's {vocab_size}"
+        )
     texts, types = [b"<s>"], [CONTROL]
     for i in range(1, len(tokens)):
         if tokens[i]:
@@ -395,9 +453,14 @@ def world_vocab(tokens, vocab_size: int, *, special: dict | None = None,
             types.append(UNUSED)
     _pad(texts, types, vocab_size)
     sp = dict(WORLD_SPECIAL if special is None else special)
-    return Vocab("rwkv", texts, types, special={k: v for k, v in sp.items() if v < vocab_size},
-                 chat_template=WORLD_CHAT_TEMPLATE if chat_template is None else chat_template,
-                 kind="world")
+    return Vocab(
+        "rwkv",
+        texts,
+        types,
+        special={k: v for k, v in sp.items() if v < vocab_size},
+        chat_template=WORLD_CHAT_TEMPLATE if chat_template is None else chat_template,
+        kind="world",
+    )
 
 
 def bytes_vocab(vocab_size: int = 256) -> Vocab:
@@ -437,12 +500,14 @@ def neox_vocab(json_text: str, vocab_size: int) -> Vocab:
     merges = [(m if isinstance(m, str) else " ".join(m)).encode("utf-8") for m in merges]
     eot = tok.token_to_id("<|endoftext|>")
     special = {"bos": eot, "eos": eot} if eot is not None else {}
-    return Vocab("gpt2", texts, types, merges=merges, special=special, hf_json=json_text,
-                 kind="neox")
+    return Vocab(
+        "gpt2", texts, types, merges=merges, special=special, hf_json=json_text, kind="neox"
+    )
 
 
-def vocab_for_file(kind: str | None, vocab_size: int, *, tokens=None, vocab_file=None,
-                   source: Vocab | None = None) -> Vocab:
+def vocab_for_file(
+    kind: str | None, vocab_size: int, *, tokens=None, vocab_file=None, source: Vocab | None = None
+) -> Vocab:
     """The vocabulary to write for a model of ``kind`` (None: unknown) and ``vocab_size``.
 
     In order: ``tokens`` (World: bytes per id); ``vocab_file`` (a World vocabulary file or a
@@ -457,8 +522,13 @@ def vocab_for_file(kind: str | None, vocab_size: int, *, tokens=None, vocab_file
     try:
         if kind == "world":
             special = template = None
-            if tokens is None and vocab_file is None and source is not None and source.tokens \
-                    and source.model == "rwkv":
+            if (
+                tokens is None
+                and vocab_file is None
+                and source is not None
+                and source.tokens
+                and source.model == "rwkv"
+            ):
                 tokens = source.token_bytes()
                 special = {**WORLD_SPECIAL, **source.special}
                 # a template's name (earlier rwkvpy files wrote "rwkv-world") becomes the text
@@ -479,11 +549,13 @@ def vocab_for_file(kind: str | None, vocab_size: int, *, tokens=None, vocab_file
     except TokenizerError as e:
         raise ConversionError(f"cannot write the {kind} vocabulary: {with_hint(e)}") from None
     except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot write the {kind} vocabulary: {e}; give the vocabulary "
-                              f"file with --vocab PATH") from None
+        raise ConversionError(
+            f"cannot write the {kind} vocabulary: {e}; give the vocabulary file with --vocab PATH"
+        ) from None
     if kind is not None:
-        raise ConversionError(f"unknown tokenizer {kind!r}; expected one of "
-                              f"{', '.join(TOKENIZERS)}")
+        raise ConversionError(
+            f"unknown tokenizer {kind!r}; expected one of {', '.join(TOKENIZERS)}"
+        )
     return Vocab("none")
 
 
@@ -547,9 +619,19 @@ def _add_metadata(w, version, cfg, shapes, file_type, vocab, name):
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write(path, version: Version, cfg: ModelConfig, entries, chunks, *, shapes: dict,
-          file_type: str, vocab: Vocab | None = None, name: str | None = None,
-          on_bytes=None) -> None:
+def write(
+    path,
+    version: Version,
+    cfg: ModelConfig,
+    entries,
+    chunks,
+    *,
+    shapes: dict,
+    file_type: str,
+    vocab: Vocab | None = None,
+    name: str | None = None,
+    on_bytes=None,
+) -> None:
     """Write a GGUF file atomically (temp file, then rename), streaming the tensor data.
 
     entries: resolved :class:`Entry` list with types; chunks: one iterable of uint8 arrays per
@@ -569,8 +651,13 @@ def write(path, version: Version, cfg: ModelConfig, entries, chunks, *, shapes: 
             for e in entries:
                 nbytes = get_format(e.type).nbytes(e.shape)
                 sizes.append(nbytes)
-                w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), nbytes,
-                                  raw_dtype=gguf.GGMLQuantizationType[e.type])
+                w.add_tensor_info(
+                    e.name,
+                    e.shape,
+                    np.dtype(np.float32),
+                    nbytes,
+                    raw_dtype=gguf.GGMLQuantizationType[e.type],
+                )
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
@@ -636,18 +723,21 @@ def _reader_class():
             itype, n = int(itype[0]), int(n[0])
             scalar = scalars.get(itype) if scalars is not None else None
             least = {int(vt.STRING): 8, int(vt.ARRAY): 12}.get(
-                itype, np.dtype(scalar).itemsize if scalar is not None else 1)
+                itype, np.dtype(scalar).itemsize if scalar is not None else 1
+            )
             left = len(self.data) - offs - 12
             if n * least > left:
-                raise IndexError(f"an array of {n} items needs at least {n * least} bytes, "
-                                 f"{max(0, left)} are left")
+                raise IndexError(
+                    f"an array of {n} items needs at least {n * least} bytes, "
+                    f"{max(0, left)} are left"
+                )
 
         def _array_parts(self, orig_offs, raw_type):
             if self.byte_order != "I" or scalars is None or sys.byteorder != "little":
                 return super()._get_field_parts(orig_offs, raw_type)
             plain = self.data.view(np.ndarray)
-            raw_itype = plain[orig_offs:orig_offs + 4].view(np.uint32)
-            alen = plain[orig_offs + 4:orig_offs + 12].view(np.uint64)
+            raw_itype = plain[orig_offs : orig_offs + 4].view(np.uint32)
+            alen = plain[orig_offs + 4 : orig_offs + 12].view(np.uint64)
             if len(raw_itype) != 1 or len(alen) != 1:
                 return super()._get_field_parts(orig_offs, raw_type)
             itype, n = int(raw_itype[0]), int(alen[0])
@@ -657,16 +747,16 @@ def _reader_class():
                 buf = memoryview(plain)
                 end = len(plain)
                 for _ in range(n):
-                    k = int.from_bytes(buf[offs:offs + 8], "little")
+                    k = int.from_bytes(buf[offs : offs + 8], "little")
                     if offs + 8 + k > end:
                         raise IndexError("string past the end of the file")
-                    parts.append(plain[offs:offs + 8].view(np.uint64))
-                    parts.append(plain[offs + 8:offs + 8 + k])
+                    parts.append(plain[offs : offs + 8].view(np.uint64))
+                    parts.append(plain[offs + 8 : offs + 8 + k])
                     offs += 8 + k
                 idxs = list(range(3, 2 + 2 * n + 1, 2))
             elif itype in (int(t) for t in scalars):
                 dtype = np.dtype(scalars[vt(itype)])
-                vals = plain[offs:offs + n * dtype.itemsize]
+                vals = plain[offs : offs + n * dtype.itemsize]
                 if len(vals) != n * dtype.itemsize:
                     raise IndexError("array past the end of the file")
                 parts += list(vals.view(dtype).reshape(n, 1))
@@ -688,20 +778,27 @@ def _open(path):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "GGMLQuantizationType" in msg:
             raise UnsupportedTensorTypeError(
-                path, f"a tensor has an unknown ggml type ({msg}); rwkvpy reads "
-                + ", ".join(SUPPORTED_TYPES)) from None
+                path,
+                f"a tensor has an unknown ggml type ({msg}); rwkvpy reads "
+                + ", ".join(SUPPORTED_TYPES),
+            ) from None
         if "magic" in msg:
             raise UnknownFormatError(path, f"not a GGUF file ({msg})") from None
         if "version" in msg:
             raise UnsupportedVersionError(path, msg) from None
-        raise TruncatedFileError(path, f"cannot read the GGUF file (truncated or corrupt?): "
-                                 f"{msg[:200]}") from None
+        raise TruncatedFileError(
+            path, f"cannot read the GGUF file (truncated or corrupt?): {msg[:200]}"
+        ) from None
     except (IndexError, OverflowError, KeyError, EOFError) as e:
-        raise TruncatedFileError(path, f"cannot read the GGUF file (truncated or corrupt?): "
-                                 f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise TruncatedFileError(
+            path,
+            f"cannot read the GGUF file (truncated or corrupt?): "
+            f"{type(e).__name__}: {str(e)[:200]}",
+        ) from None
     except Exception as e:  # noqa: BLE001 - whatever else the library raises on a corrupt file
-        raise TruncatedFileError(path, f"cannot read the GGUF file (corrupt?): "
-                                 f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise TruncatedFileError(
+            path, f"cannot read the GGUF file (corrupt?): {type(e).__name__}: {str(e)[:200]}"
+        ) from None
 
 
 def _value(reader, key, default=None):
@@ -711,9 +808,10 @@ def _value(reader, key, default=None):
     try:
         return field.contents()
     except Exception as e:  # noqa: BLE001 - a string that is not UTF-8, a truncated value
-        raise UnknownFormatError(getattr(reader.data, "filename", None) or "<gguf>",
-                                 f"GGUF key '{key}' cannot be read: {type(e).__name__}: "
-                                 f"{str(e)[:120]}") from None
+        raise UnknownFormatError(
+            getattr(reader.data, "filename", None) or "<gguf>",
+            f"GGUF key '{key}' cannot be read: {type(e).__name__}: {str(e)[:120]}",
+        ) from None
 
 
 def _meta(path, reader, key, kind, default=None, lo=None):
@@ -730,10 +828,12 @@ def _meta(path, reader, key, kind, default=None, lo=None):
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or (lo is not None and v < lo):
         shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
-        raise UnknownFormatError(path, f"GGUF key '{key}' is {shown}, expected "
-                                 + {str: "a string", int: "an integer",
-                                    float: "a finite number"}[kind]
-                                 + (f" >= {lo}" if lo is not None else ""))
+        raise UnknownFormatError(
+            path,
+            f"GGUF key '{key}' is {shown}, expected "
+            + {str: "a string", int: "an integer", float: "a finite number"}[kind]
+            + (f" >= {lo}" if lo is not None else ""),
+        )
     return v
 
 
@@ -743,8 +843,12 @@ def read_metadata(path) -> dict:
     reader = _open(os.fspath(path))
     out = {}
     for key, fld in reader.fields.items():
-        if key.startswith("GGUF.") or key == KEY_HF_JSON or key.startswith(
-                "tokenizer.ggml.") and key.endswith(("tokens", "token_type", "scores", "merges")):
+        if (
+            key.startswith("GGUF.")
+            or key == KEY_HF_JSON
+            or key.startswith("tokenizer.ggml.")
+            and key.endswith(("tokens", "token_type", "scores", "merges"))
+        ):
             continue
         out[key] = fld.contents()
     return out
@@ -771,10 +875,17 @@ def read_vocab(path) -> Vocab | None:
         v = _value(reader, f"tokenizer.ggml.{name}_token_id")
         if v is not None:
             special[name] = int(v)
-    return Vocab(str(model), tokens, types, merges, special,
-                 chat_template=_value(reader, "tokenizer.chat_template"),
-                 hf_json=_value(reader, KEY_HF_JSON), kind=_value(reader, KEY_TOKENIZER),
-                 pre=_value(reader, "tokenizer.ggml.pre"))
+    return Vocab(
+        str(model),
+        tokens,
+        types,
+        merges,
+        special,
+        chat_template=_value(reader, "tokenizer.chat_template"),
+        hf_json=_value(reader, KEY_HF_JSON),
+        kind=_value(reader, KEY_TOKENIZER),
+        pre=_value(reader, "tokenizer.ggml.pre"),
+    )
 
 
 def read_tokens(path) -> list[bytes] | None:
@@ -801,13 +912,15 @@ def _version(path, reader, arch) -> Version:
         if v in ("5.0", "5.2"):
             return Version.V5_0 if v == "5.0" else Version.V5_2
         if v is not None:
-            raise UnsupportedVersionError(path, f"'{KEY_VERSION.format(arch=arch)}' is {v!r}, "
-                                          "expected '5.0' or '5.2'")
+            raise UnsupportedVersionError(
+                path, f"'{KEY_VERSION.format(arch=arch)}' is {v!r}, expected '5.0' or '5.2'"
+            )
         names = {t.name for t in reader.tensors}
         return Version.V5_2 if "blk.0.time_mix_gate.weight" in names else Version.V5_0
     raise UnsupportedVersionError(
-        path, f"GGUF architecture '{arch}' is not one rwkvpy runs; expected rwkv4, rwkv5, "
-        "rwkv6 or rwkv7")
+        path,
+        f"GGUF architecture '{arch}' is not one rwkvpy runs; expected rwkv4, rwkv5, rwkv6 or rwkv7",
+    )
 
 
 def _tensor(path, reader, t):
@@ -817,17 +930,21 @@ def _tensor(path, reader, t):
     fmt = t.tensor_type.name
     if fmt not in FORMATS:
         raise UnsupportedTensorTypeError(
-            path, f"tensor '{t.name}' has type {fmt}; rwkvpy reads " + ", ".join(SUPPORTED_TYPES))
+            path, f"tensor '{t.name}' has type {fmt}; rwkvpy reads " + ", ".join(SUPPORTED_TYPES)
+        )
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     # offset and size in Python ints: the library's numpy uint64 sums wrap around (an offset of
     # 2^64 - 1 once became the byte before the data, and the model loaded with NaN logits)
     start = int(reader.data_offset) + int(t.field.parts[-1][0])
     n_bytes = FORMATS[fmt].nbytes(shape) if all(d > 0 for d in shape) else 0
     if n_bytes == 0 or start + n_bytes > reader.data.size:
-        raise TruncatedFileError(path, f"tensor '{t.name}' ({fmt}, shape {shape}) needs "
-                                 f"{n_bytes} bytes at offset {start}, the file has "
-                                 f"{max(0, reader.data.size - start)} left")
-    raw = reader.data[start:start + n_bytes]
+        raise TruncatedFileError(
+            path,
+            f"tensor '{t.name}' ({fmt}, shape {shape}) needs "
+            f"{n_bytes} bytes at offset {start}, the file has "
+            f"{max(0, reader.data.size - start)} left",
+        )
+    raw = reader.data[start : start + n_bytes]
     if fmt == "F32":
         return torch.from_numpy(raw.view(np.float32)).view(shape), fmt
     if fmt == "F16":
@@ -886,14 +1003,20 @@ def read(path) -> Checkpoint:
 
     def put_layer(t, bid, gleaf, value, fmt):
         prefix = f"blocks.{bid}."
-        if version is Version.V7 and bid == 0 and gleaf in (
-                "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight"):
+        if (
+            version is Version.V7
+            and bid == 0
+            and gleaf in ("time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight")
+        ):
             return  # copies of a0/a1/a2 (see the module docstring)
         if gleaf == _FUSED_NAME and fused_members:
             n = math.prod(value.shape)
             if n % len(fused_members):
-                raise TensorShapeError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}: "
-                                       f"{n} values do not split into {len(fused_members)} mixes")
+                raise TensorShapeError(
+                    path,
+                    f"tensor '{t.name}' has shape {tuple(value.shape)}: "
+                    f"{n} values do not split into {len(fused_members)} mixes",
+                )
             f = to_float32(value) if isinstance(value, QTensor) else value
             f = f.reshape(len(fused_members), -1)
             for j, m in enumerate(fused_members):
@@ -905,10 +1028,16 @@ def read(path) -> Checkpoint:
             return
         cleaf, kind = rule
         if kind in (T, P021) and len(value.shape) != (2 if kind == T else 3):
-            raise TensorShapeError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}, "
-                                   f"expected {2 if kind == T else 3} dimensions")
-        if (kind in (T, P021) and version in (Version.V6, Version.V7)
-                and not isinstance(value, QTensor)):  # LoRAs: views, in the file's dtype
+            raise TensorShapeError(
+                path,
+                f"tensor '{t.name}' has shape {tuple(value.shape)}, "
+                f"expected {2 if kind == T else 3} dimensions",
+            )
+        if (
+            kind in (T, P021)
+            and version in (Version.V6, Version.V7)
+            and not isinstance(value, QTensor)
+        ):  # LoRAs: views, in the file's dtype
             value = value.transpose(0, 1) if kind == T else value.permute(0, 2, 1)
         elif kind in (T, P021):
             value = to_float32(value)
@@ -918,17 +1047,23 @@ def read(path) -> Checkpoint:
                 raise UnknownFormatError(path, f"GGUF key '{arch}.wkv.head_size' is missing")
             n = math.prod(value.shape)
             if n % head_size:
-                raise TensorShapeError(path, f"tensor '{t.name}' has {n} values, not heads of "
-                                       f"'{arch}.wkv.head_size' = {head_size}")
+                raise TensorShapeError(
+                    path,
+                    f"tensor '{t.name}' has {n} values, not heads of "
+                    f"'{arch}.wkv.head_size' = {head_size}",
+                )
             if isinstance(value, QTensor):
                 value = to_float32(value)
             value = value.reshape(-1, head_size)
         if rescale > 0 and cleaf in ("att.output.weight", "ffn.value.weight"):
             k = bid // rescale
             if k > MAX_RESCALE_EXPONENT:
-                raise UnknownFormatError(path, f"tensor '{t.name}': rescaling every {rescale} "
-                                         f"layers would multiply it by 2^{k} (corrupt file?)")
-            value = _rescaled(value, float(2 ** k))
+                raise UnknownFormatError(
+                    path,
+                    f"tensor '{t.name}': rescaling every {rescale} "
+                    f"layers would multiply it by 2^{k} (corrupt file?)",
+                )
+            value = _rescaled(value, float(2**k))
         put(prefix + cleaf, value, fmt)
 
     for t in reader.tensors:
@@ -937,21 +1072,26 @@ def read(path) -> Checkpoint:
             put(inv_global[t.name], value, fmt)
             continue
         parts = t.name.split(".", 2)
-        if (len(parts) < 3 or parts[0] != "blk" or not parts[1].isascii()
-                or not parts[1].isdigit()):  # ASCII digits only: str.isdigit() takes "²"
+        if (
+            len(parts) < 3 or parts[0] != "blk" or not parts[1].isascii() or not parts[1].isdigit()
+        ):  # ASCII digits only: str.isdigit() takes "²"
             put(t.name, value, fmt)  # not an RWKV tensor: kept under its GGUF name
             continue
         bid = int(parts[1])
         if bid >= len(reader.tensors):  # each layer holds tensors: a larger number is corrupt
-            raise UnknownFormatError(path, f"tensor '{t.name}': layer {bid} in a file of "
-                                     f"{len(reader.tensors)} tensors")
+            raise UnknownFormatError(
+                path, f"tensor '{t.name}': layer {bid} in a file of {len(reader.tensors)} tensors"
+            )
         try:
             put_layer(t, bid, parts[2], value, fmt)
         except (RuntimeError, IndexError, ValueError) as e:  # a shape no rule takes
             if isinstance(e, ModelFileError):
                 raise
-            raise TensorShapeError(path, f"tensor '{t.name}' has shape {tuple(value.shape)}, "
-                                   f"which its rule cannot take ({str(e)[:120]})") from None
+            raise TensorShapeError(
+                path,
+                f"tensor '{t.name}' has shape {tuple(value.shape)}, "
+                f"which its rule cannot take ({str(e)[:120]})",
+            ) from None
 
     if "emb.weight" not in tensors:
         raise MissingTensorError(path, "tensor 'token_embd.weight' not found: not an RWKV model")
@@ -979,8 +1119,17 @@ def read(path) -> Checkpoint:
         meta["name"] = name
     eps = _meta(path, reader, KEY_GROUP_NORM_EPS.format(arch=arch), float)
     if eps is not None and not 0 < eps < 1:  # a norm's epsilon: NaN or 0 gives NaN logits
-        raise UnknownFormatError(path, f"GGUF key '{KEY_GROUP_NORM_EPS.format(arch=arch)}' is "
-                                 f"{eps}, expected a small number > 0")
-    return Checkpoint(path=path, format="gguf", tensors=tensors, file_types=types,
-                      file_size=os.path.getsize(path), meta=meta,
-                      ln_x_eps=float(eps) if eps is not None and version.has_heads else None)
+        raise UnknownFormatError(
+            path,
+            f"GGUF key '{KEY_GROUP_NORM_EPS.format(arch=arch)}' is "
+            f"{eps}, expected a small number > 0",
+        )
+    return Checkpoint(
+        path=path,
+        format="gguf",
+        tensors=tensors,
+        file_types=types,
+        file_size=os.path.getsize(path),
+        meta=meta,
+        ln_x_eps=float(eps) if eps is not None and version.has_heads else None,
+    )

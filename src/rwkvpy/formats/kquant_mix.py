@@ -36,9 +36,9 @@ from __future__ import annotations
 #: ``--type`` name -> (the quantized tensors' type, ``output.weight``'s type or None for the same,
 #: llama.cpp's file type ``general.file_type``: LLAMA_FTYPE_MOSTLY_*).
 MIXES = {
-    "q4_k": ("Q4_K", None, 14),     # MOSTLY_Q4_K_S: for RWKV the same tensors as Q4_K_M but the head
-    "q5_k": ("Q5_K", None, 16),     # MOSTLY_Q5_K_S
-    "q6_k": ("Q6_K", "Q6_K", 18),   # MOSTLY_Q6_K
+    "q4_k": ("Q4_K", None, 14),  # MOSTLY_Q4_K_S: for RWKV the same tensors as Q4_K_M but the head
+    "q5_k": ("Q5_K", None, 16),  # MOSTLY_Q5_K_S
+    "q6_k": ("Q6_K", "Q6_K", 18),  # MOSTLY_Q6_K
     "q4_k_m": ("Q4_K", "Q6_K", 15),  # MOSTLY_Q4_K_M
     "q5_k_m": ("Q5_K", "Q6_K", 17),  # MOSTLY_Q5_K_M
 }
@@ -47,11 +47,24 @@ MIXES = {
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 #: RWKV tensors llama.cpp never quantizes (tensor_allows_quantization), plus v5.2's decay.
-_KEEP = ("time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight",
-         "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
-         "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight",
-         "time_mix_g2.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight",
-         "time_mix_lerp_fused.weight", "time_mix_decay.weight")
+_KEEP = (
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "time_mix_decay.weight",
+)
 
 
 def quantizes(name: str, shape) -> bool:

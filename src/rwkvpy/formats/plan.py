@@ -22,8 +22,8 @@ The storage-type policy is rwkv.cpp's, for every output format (see :func:`stora
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -33,13 +33,38 @@ from ..config import ModelConfig, Version
 # BlinkDL's shapes.
 
 _VEC3 = {  # parameters BlinkDL's code keeps as (1, 1, C)
-    Version.V4: {"att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "ffn.time_mix_k",
-                 "ffn.time_mix_r"},
-    Version.V6: {"att.time_maa_x", "att.time_maa_w", "att.time_maa_k", "att.time_maa_v",
-                 "att.time_maa_r", "att.time_maa_g", "att.time_decay", "ffn.time_maa_k",
-                 "ffn.time_maa_r"},
-    Version.V7: {"att.x_r", "att.x_w", "att.x_k", "att.x_v", "att.x_a", "att.x_g", "att.w0",
-                 "att.a0", "att.v0", "att.k_k", "att.k_a", "ffn.x_k"},
+    Version.V4: {
+        "att.time_mix_k",
+        "att.time_mix_v",
+        "att.time_mix_r",
+        "ffn.time_mix_k",
+        "ffn.time_mix_r",
+    },
+    Version.V6: {
+        "att.time_maa_x",
+        "att.time_maa_w",
+        "att.time_maa_k",
+        "att.time_maa_v",
+        "att.time_maa_r",
+        "att.time_maa_g",
+        "att.time_decay",
+        "ffn.time_maa_k",
+        "ffn.time_maa_r",
+    },
+    Version.V7: {
+        "att.x_r",
+        "att.x_w",
+        "att.x_k",
+        "att.x_v",
+        "att.x_a",
+        "att.x_g",
+        "att.w0",
+        "att.a0",
+        "att.v0",
+        "att.k_k",
+        "att.k_a",
+        "ffn.x_k",
+    },
 }
 _VEC3[Version.V5_0] = _VEC3[Version.V4]
 _VEC3[Version.V5_2] = _VEC3[Version.V4] | {"att.time_mix_g"}
@@ -62,9 +87,14 @@ def blinkdl_shape(version: Version, cfg: ModelConfig, name: str, shape) -> tuple
         n *= s
     if leaf in _VEC3[version]:
         return (1, 1, n)
-    if (version is Version.V5_2 and leaf in ("att.time_decay", "att.time_faaaa")
-            or version is Version.V6 and leaf == "att.time_faaaa"
-            or version is Version.V7 and leaf == "att.r_k"):
+    if (
+        version is Version.V5_2
+        and leaf in ("att.time_decay", "att.time_faaaa")
+        or version is Version.V6
+        and leaf == "att.time_faaaa"
+        or version is Version.V7
+        and leaf == "att.r_k"
+    ):
         return (cfg.n_head, n // cfg.n_head)
     if version in (Version.V4, Version.V5_0) and leaf in ("att.time_decay", "att.time_first"):
         return (n,)
@@ -111,8 +141,7 @@ def resolve_shapes(entries, shapes: dict, version: Version, cfg: ModelConfig) ->
             if not e.shape:
                 e.shape = blinkdl_shape(version, cfg, e.inputs[0], shapes[e.inputs[0]])
             continue
-        ins = [torch.zeros(()).expand(blinkdl_shape(version, cfg, n, shapes[n]))
-               for n in e.inputs]
+        ins = [torch.zeros(()).expand(blinkdl_shape(version, cfg, n, shapes[n])) for n in e.inputs]
         e.shape = tuple(e.fn(ins).shape)
 
 
@@ -162,6 +191,7 @@ def _rwkvcpp_fn(version: Version, leaf: str, n_head: int):
         for s in steps:
             t = s(t)
         return t
+
     return fn
 
 
@@ -205,8 +235,17 @@ def rwkvcpp_entries(names, shapes: dict, version: Version, cfg: ModelConfig) -> 
 # Storage types.
 
 _KEEP_F32 = (".time_", ".k_k", ".k_a", ".r_k", ".x_rwkvag", ".x_k", ".w0", ".a0", ".v0")
-_NO_QUANT = ("att.v1", "att.v2", "att.g1", "att.g2", "att.a1", "att.a2", "att.w1", "att.w2",
-             "att.r_k")
+_NO_QUANT = (
+    "att.v1",
+    "att.v2",
+    "att.g1",
+    "att.g2",
+    "att.a1",
+    "att.a2",
+    "att.w1",
+    "att.w2",
+    "att.r_k",
+)
 
 
 def needs_quant(key: str, quantize_head: bool = False) -> bool:
@@ -223,7 +262,11 @@ def storage_type(key: str, shape, target, quantize_head: bool = False) -> str:
         return "F32"
     half = "BF16" if target.name == "BF16" else "F16"
     base = half if len(shape) > 1 and not any(s in key for s in _KEEP_F32) else "F32"
-    if (target.quantized and len(shape) == 2 and needs_quant(key, quantize_head)
-            and shape[-1] % target.block_size == 0):
+    if (
+        target.quantized
+        and len(shape) == 2
+        and needs_quant(key, quantize_head)
+        and shape[-1] % target.block_size == 0
+    ):
         return target.name
     return base

@@ -18,9 +18,19 @@ from ..errors import NotAStateDictError, TruncatedFileError
 from .base import Checkpoint, type_name
 
 # bytes per element of the storage types a PyTorch archive names
-_ELEMENT_BYTES = {"FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "DoubleStorage": 8,
-                  "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
-                  "ByteStorage": 1, "BoolStorage": 1, "UntypedStorage": 1}
+_ELEMENT_BYTES = {
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "DoubleStorage": 8,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "UntypedStorage": 1,
+}
 
 
 def _first_line(e) -> str:
@@ -60,12 +70,20 @@ class _StorageLister(pickle._Unpickler):  # the Python one: its memo is a dict, 
         return type(name, (_Stub,), {})
 
     def persistent_load(self, pid):
-        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
-                or not isinstance(pid[2], str) or isinstance(pid[4], bool)
-                or not isinstance(pid[4], int) or pid[4] < 0):
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) != 5
+            or pid[0] != "storage"
+            or not isinstance(pid[2], str)
+            or isinstance(pid[4], bool)
+            or not isinstance(pid[4], int)
+            or pid[4] < 0
+        ):
             raise ValueError(f"a persistent id {str(pid)[:80]} that is not a storage")
-        self.storages[pid[2]] = (type(pid[1]).__name__ if not isinstance(pid[1], type)
-                                 else pid[1].__name__, pid[4])
+        self.storages[pid[2]] = (
+            type(pid[1]).__name__ if not isinstance(pid[1], type) else pid[1].__name__,
+            pid[4],
+        )
         return _Stub()
 
 
@@ -79,8 +97,9 @@ def _check_records(path) -> None:
         infos = {i.filename: i for i in z.infolist()}
         pkls = [n for n in infos if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pkls) != 1:
-            raise TruncatedFileError(path, f"a PyTorch archive holds one data.pkl, this one "
-                                     f"{len(pkls)}")
+            raise TruncatedFileError(
+                path, f"a PyTorch archive holds one data.pkl, this one {len(pkls)}"
+            )
         if infos[pkls[0]].file_size > size:
             raise TruncatedFileError(path, "data.pkl is larger than the file")
         lister = _StorageLister(z.read(pkls[0]))
@@ -89,9 +108,10 @@ def _check_records(path) -> None:
         except (TruncatedFileError, NotAStateDictError):
             raise
         except (Exception, MemoryError) as e:  # noqa: BLE001 - a corrupt pickle, any way
-            raise TruncatedFileError(path, f"data.pkl is corrupt: {type(e).__name__}: "
-                                     f"{_first_line(e)}") from None
-        prefix = pkls[0][:-len("data.pkl")]
+            raise TruncatedFileError(
+                path, f"data.pkl is corrupt: {type(e).__name__}: {_first_line(e)}"
+            ) from None
+        prefix = pkls[0][: -len("data.pkl")]
         with open(path, "rb") as f:
             for key, (kind, count) in lister.storages.items():
                 name = f"{prefix}data/{key}"
@@ -99,21 +119,25 @@ def _check_records(path) -> None:
                 if rec is None:
                     raise TruncatedFileError(path, f"storage record '{name}' is missing")
                 if kind not in _ELEMENT_BYTES:
-                    raise NotAStateDictError(path, f"storage '{name}' has type {kind[:40]!r}, "
-                                             "expected a tensor storage")
+                    raise NotAStateDictError(
+                        path, f"storage '{name}' has type {kind[:40]!r}, expected a tensor storage"
+                    )
                 want = count * _ELEMENT_BYTES[kind]
                 if rec.file_size != want:
                     raise TruncatedFileError(
-                        path, f"storage record '{name}' holds {rec.file_size} bytes, its "
-                        f"{count} {kind} elements need {want} (truncated or corrupt?)")
+                        path,
+                        f"storage record '{name}' holds {rec.file_size} bytes, its "
+                        f"{count} {kind} elements need {want} (truncated or corrupt?)",
+                    )
                 f.seek(rec.header_offset)
                 local = f.read(30)
                 if len(local) < 30 or local[:4] != b"PK\x03\x04":
                     raise TruncatedFileError(path, f"storage record '{name}': no local header")
                 n_name, n_extra = struct.unpack_from("<HH", local, 26)
                 if rec.header_offset + 30 + n_name + n_extra + rec.file_size > size:
-                    raise TruncatedFileError(path, f"storage record '{name}' ends past the end "
-                                             "of the file")
+                    raise TruncatedFileError(
+                        path, f"storage record '{name}' ends past the end of the file"
+                    )
 
 
 class _Clamped(io.FileIO):
@@ -151,32 +175,47 @@ def read(path) -> Checkpoint:
     except (TruncatedFileError, NotAStateDictError):
         raise
     except pickle.UnpicklingError as e:
-        raise NotAStateDictError(path, "not a plain state dict of tensors: loading it would run "
-                                 f"code or build objects ({_first_line(e)})") from None
+        raise NotAStateDictError(
+            path,
+            "not a plain state dict of tensors: loading it would run "
+            f"code or build objects ({_first_line(e)})",
+        ) from None
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the zip reader or the unpickler raise
         # (KeyError, TypeError, IndexError, BadZipFile, RecursionError ... on a corrupt file)
-        raise TruncatedFileError(path, f"cannot read the PyTorch archive (truncated or corrupt?): "
-                                 f"{type(e).__name__}: {_first_line(e)}") from None
+        raise TruncatedFileError(
+            path,
+            f"cannot read the PyTorch archive (truncated or corrupt?): "
+            f"{type(e).__name__}: {_first_line(e)}",
+        ) from None
     if not isinstance(obj, dict):
         raise NotAStateDictError(path, f"holds a {type(obj).__name__}, expected a dict of tensors")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         k = bad[0]
-        raise NotAStateDictError(path, f"entry {k!r} is a {type(obj[k]).__name__}, "
-                                 "expected only name -> tensor entries")
+        raise NotAStateDictError(
+            path, f"entry {k!r} is a {type(obj[k]).__name__}, expected only name -> tensor entries"
+        )
     tensors = {k: v for k, v in obj.items()}
     for k, v in tensors.items():
         if not v.is_floating_point():
-            raise NotAStateDictError(path, f"tensor '{k}' has dtype {v.dtype}, expected float32, "
-                                     "float16 or bfloat16")
+            raise NotAStateDictError(
+                path, f"tensor '{k}' has dtype {v.dtype}, expected float32, float16 or bfloat16"
+            )
         storage = v.untyped_storage().nbytes() // v.element_size()
         extent = v.storage_offset() + sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1
         if v.numel() and (min(v.stride(), default=0) < 0 or extent > storage):
-            raise TruncatedFileError(path, f"tensor '{k}' (shape {tuple(v.shape)}, offset "
-                                     f"{v.storage_offset()}) reaches past its storage of "
-                                     f"{storage} elements")
-    return Checkpoint(path=path, format="pth", tensors=tensors,
-                      file_types={k: type_name(v) for k, v in tensors.items()},
-                      file_size=os.path.getsize(path))
+            raise TruncatedFileError(
+                path,
+                f"tensor '{k}' (shape {tuple(v.shape)}, offset "
+                f"{v.storage_offset()}) reaches past its storage of "
+                f"{storage} elements",
+            )
+    return Checkpoint(
+        path=path,
+        format="pth",
+        tensors=tensors,
+        file_types={k: type_name(v) for k, v in tensors.items()},
+        file_size=os.path.getsize(path),
+    )

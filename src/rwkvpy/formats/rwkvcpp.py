@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import Version, detect_version
 from ..errors import (
     TensorShapeError,
     TruncatedFileError,
@@ -25,7 +26,6 @@ from ..errors import (
     UnsupportedTensorTypeError,
     UnsupportedVersionError,
 )
-from ..config import Version, detect_version
 from .base import Checkpoint, QTensor, to_float32
 
 MAGIC = 0x67676D66
@@ -42,11 +42,15 @@ def _type_name(path, type_id, where):
         return TYPES[type_id]
     if type_id in REMOVED:
         raise UnsupportedTensorTypeError(
-            path, f"{where} has data type {type_id} ({REMOVED[type_id]}), a format ggml removed; "
-            "requantize the model to Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0")
+            path,
+            f"{where} has data type {type_id} ({REMOVED[type_id]}), a format ggml removed; "
+            "requantize the model to Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0",
+        )
     raise UnsupportedTensorTypeError(
-        path, f"{where} has unknown data type {type_id}; expected one of "
-        + ", ".join(f"{k} ({v})" for k, v in TYPES.items()))
+        path,
+        f"{where} has unknown data type {type_id}; expected one of "
+        + ", ".join(f"{k} ({v})" for k, v in TYPES.items()),
+    )
 
 
 def read_raw(path) -> tuple[dict, dict, dict]:
@@ -56,56 +60,79 @@ def read_raw(path) -> tuple[dict, dict, dict]:
     path = os.fspath(path)
     size = os.path.getsize(path)
     if size < 24:
-        raise TruncatedFileError(path, f"file is {size} bytes, shorter than the 24-byte rwkv.cpp header")
+        raise TruncatedFileError(
+            path, f"file is {size} bytes, shorter than the 24-byte rwkv.cpp header"
+        )
     buf = np.memmap(path, dtype=np.uint8, mode="c")
     magic, version, n_vocab, n_embed, n_layer, data_type = struct.unpack_from("<6i", buf.data, 0)
     if magic != MAGIC:
-        raise UnknownFormatError(path, f"magic 0x{magic & 0xFFFFFFFF:08x} is not rwkv.cpp's 0x{MAGIC:08x}")
+        raise UnknownFormatError(
+            path, f"magic 0x{magic & 0xFFFFFFFF:08x} is not rwkv.cpp's 0x{MAGIC:08x}"
+        )
     if version not in VERSIONS:
         raise UnsupportedVersionError(path, f"rwkv.cpp file version {version}, expected 100 or 101")
     model_type = _type_name(path, data_type, "the header")
-    header = dict(file_version=version, n_vocab=n_vocab, n_embed=n_embed, n_layer=n_layer,
-                  data_type=model_type)
+    header = dict(
+        file_version=version,
+        n_vocab=n_vocab,
+        n_embed=n_embed,
+        n_layer=n_layer,
+        data_type=model_type,
+    )
 
     tensors: dict[str, Any] = {}
     types: dict[str, str] = {}
     off = 24
     while off < size:
         if size - off < 12:
-            raise TruncatedFileError(path, f"{size - off} stray bytes at offset {off}, "
-                                     "shorter than a 12-byte tensor header")
+            raise TruncatedFileError(
+                path,
+                f"{size - off} stray bytes at offset {off}, shorter than a 12-byte tensor header",
+            )
         n_dims, key_len, type_id = struct.unpack_from("<3i", buf.data, off)
         where = f"tensor #{len(tensors)} at offset {off}"
         if not 1 <= n_dims <= 3:
-            raise UnsupportedTensorTypeError(path, f"{where} has {n_dims} dimensions, expected 1 to 3")
+            raise UnsupportedTensorTypeError(
+                path, f"{where} has {n_dims} dimensions, expected 1 to 3"
+            )
         if not 0 < key_len <= 1024:
-            raise TruncatedFileError(path, f"{where} has a name length of {key_len} bytes, "
-                                     "expected 1 to 1024 (corrupt file?)")
+            raise TruncatedFileError(
+                path,
+                f"{where} has a name length of {key_len} bytes, expected 1 to 1024 (corrupt file?)",
+            )
         head_end = off + 12 + 4 * n_dims + key_len
         if head_end > size:
             raise TruncatedFileError(path, f"{where}: file ends inside the tensor header")
         dims = struct.unpack_from(f"<{n_dims}i", buf.data, off + 12)
         try:
-            name = bytes(buf[off + 12 + 4 * n_dims:head_end]).decode("utf-8")
+            name = bytes(buf[off + 12 + 4 * n_dims : head_end]).decode("utf-8")
         except UnicodeDecodeError:
-            raise UnknownFormatError(path, f"{where} has a name that is not UTF-8 (corrupt file?)") from None
+            raise UnknownFormatError(
+                path, f"{where} has a name that is not UTF-8 (corrupt file?)"
+            ) from None
         where = f"tensor '{name}'"
         if name in tensors:  # which copy a reader takes is undefined: refuse both
-            raise UnknownFormatError(path, f"{where} at offset {off} appears twice in the file "
-                                     "(corrupt file?)")
+            raise UnknownFormatError(
+                path, f"{where} at offset {off} appears twice in the file (corrupt file?)"
+            )
         fmt = _type_name(path, type_id, where)
         if fmt not in FLOAT_DTYPES and version == 100:
             raise UnsupportedVersionError(
-                path, f"{where} is {fmt} in a file version 100: quantized data of that version "
-                "uses block layouts ggml dropped; requantize it from an FP16 or FP32 file")
+                path,
+                f"{where} is {fmt} in a file version 100: quantized data of that version "
+                "uses block layouts ggml dropped; requantize it from an FP16 or FP32 file",
+            )
         shape = tuple(reversed(dims))  # ggml lists dimensions innermost first
         if any(d <= 0 for d in shape):
             raise UnknownFormatError(path, f"{where} has shape {shape} (corrupt file?)")
         nbytes = get_format(fmt).nbytes(shape)
         end = head_end + nbytes
         if end > size:
-            raise TruncatedFileError(path, f"{where} ({fmt}, shape {shape}) needs {nbytes} bytes "
-                                     f"at offset {head_end}, the file has {size - head_end} left")
+            raise TruncatedFileError(
+                path,
+                f"{where} ({fmt}, shape {shape}) needs {nbytes} bytes "
+                f"at offset {head_end}, the file has {size - head_end} left",
+            )
         raw = buf[head_end:end]
         if fmt in FLOAT_DTYPES:
             tensors[name] = torch.from_numpy(raw.view(FLOAT_DTYPES[fmt])).view(shape)
@@ -134,8 +161,16 @@ def to_canonical(tensors: dict, types: dict, path) -> tuple[dict, dict]:
                 out[f"{'.'.join(parts[:2])}.att.x_{n}"] = t[j]
                 out_types[f"{'.'.join(parts[:2])}.att.x_{n}"] = typ
             continue
-        if version is Version.V7 and leaf in ("att.w1", "att.w2", "att.a1", "att.a2", "att.v1",
-                                              "att.v2", "att.g1", "att.g2"):
+        if version is Version.V7 and leaf in (
+            "att.w1",
+            "att.w2",
+            "att.a1",
+            "att.a2",
+            "att.v1",
+            "att.v2",
+            "att.g1",
+            "att.g2",
+        ):
             t = (_t(t) if isinstance(t, QTensor) else t).t()  # a view, in the file's dtype
         elif version is Version.V6:
             if leaf in ("att.time_maa_w1", "att.time_decay_w1", "att.time_decay_w2"):
@@ -165,11 +200,18 @@ def read(path) -> Checkpoint:
     found = {"n_vocab": emb[0], "n_embed": emb[-1], "n_layer": n_layer}
     for field_, value in found.items():
         if header[field_] != value:
-            raise TensorShapeError(path, f"header field {field_} = {header[field_]}, but the "
-                                   f"tensors hold {value} (corrupt file?)")
+            raise TensorShapeError(
+                path,
+                f"header field {field_} = {header[field_]}, but the "
+                f"tensors hold {value} (corrupt file?)",
+            )
     return Checkpoint(
-        path=os.fspath(path), format="rwkv.cpp", tensors=tensors, file_types=types,
-        file_size=os.path.getsize(path), meta=header,
+        path=os.fspath(path),
+        format="rwkv.cpp",
+        tensors=tensors,
+        file_types=types,
+        file_size=os.path.getsize(path),
+        meta=header,
         # rwkv.cpp normalizes v5 heads with eps 1e-5 (64e-5 for v6 and v7, as BlinkDL does).
         ln_x_eps=1e-5 if version in (Version.V5_0, Version.V5_2) else None,
     )
@@ -184,11 +226,23 @@ def write_raw(path, header: dict, entries) -> None:
     from .atomic import atomic_write
 
     with atomic_write(path) as f:
-        f.write(struct.pack("<6i", MAGIC, header.get("file_version", 101), header["n_vocab"],
-                            header["n_embed"], header["n_layer"], TYPE_IDS[header["data_type"]]))
+        f.write(
+            struct.pack(
+                "<6i",
+                MAGIC,
+                header.get("file_version", 101),
+                header["n_vocab"],
+                header["n_embed"],
+                header["n_layer"],
+                TYPE_IDS[header["data_type"]],
+            )
+        )
         for name, fmt, shape, data in entries:
             key = name.encode("utf-8")
-            f.write(struct.pack(f"<3i{len(shape)}i", len(shape), len(key), TYPE_IDS[fmt],
-                                *reversed(shape)))
+            f.write(
+                struct.pack(
+                    f"<3i{len(shape)}i", len(shape), len(key), TYPE_IDS[fmt], *reversed(shape)
+                )
+            )
             f.write(key)
             f.write(bytes(data))

@@ -37,8 +37,13 @@ import re
 
 import torch
 
-from ..errors import (MissingTensorError, NotAStateDictError, TruncatedFileError,
-                      UnknownFormatError, UnsupportedVersionError)
+from ..errors import (
+    MissingTensorError,
+    NotAStateDictError,
+    TruncatedFileError,
+    UnknownFormatError,
+    UnsupportedVersionError,
+)
 from .atomic import require_regular
 from .base import Checkpoint, type_name
 
@@ -60,26 +65,32 @@ def _load_safetensors(path) -> dict:
         if isinstance(e, (MemoryError, KeyboardInterrupt)):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TruncatedFileError(path, f"cannot read the safetensors file (truncated or "
-                                 f"corrupt?): {msg[:200]}") from None
+        raise TruncatedFileError(
+            path, f"cannot read the safetensors file (truncated or corrupt?): {msg[:200]}"
+        ) from None
     for k, v in out.items():
         if v.dtype not in _FLOAT:
-            raise NotAStateDictError(path, f"tensor '{k}' has dtype {v.dtype}, expected float32, "
-                                     "float16 or bfloat16")
+            raise NotAStateDictError(
+                path, f"tensor '{k}' has dtype {v.dtype}, expected float32, float16 or bfloat16"
+            )
     return out
 
 
 # -- name mapping ------------------------------------------------------------------------------
 
-_HF_LEAF = {"time_mix_key": "time_mix_k", "time_mix_value": "time_mix_v",
-            "time_mix_receptance": "time_mix_r", "time_mix_gate": "time_mix_g"}
+_HF_LEAF = {
+    "time_mix_key": "time_mix_k",
+    "time_mix_value": "time_mix_v",
+    "time_mix_receptance": "time_mix_r",
+    "time_mix_gate": "time_mix_g",
+}
 
 
 def _from_transformers(name: str) -> str:
     if name.startswith("rwkv."):
-        name = name[len("rwkv."):]
+        name = name[len("rwkv.") :]
     if name.startswith("embeddings."):
-        return "emb." + name[len("embeddings."):]
+        return "emb." + name[len("embeddings.") :]
     name = name.replace("blocks.0.pre_ln.", "blocks.0.ln0.")
     name = name.replace(".attention.", ".att.").replace(".feed_forward.", ".ffn.")
     head, _, leaf = name.rpartition(".")
@@ -154,10 +165,13 @@ def to_blinkdl(tensors: dict, path="<model>") -> tuple[dict, str]:
     if any(n.startswith("model.layers.") or n.startswith("model.embeddings") for n in names):
         return _from_fla(tensors, path), "fla"
     if any(n.startswith("rwkv7.") for n in names):  # BlinkDL names under a prefix
-        return {_from_transformers(n[len("rwkv7."):]): t for n, t in tensors.items()}, "prefixed"
-    raise MissingTensorError(path, "no RWKV tensor naming recognised: expected BlinkDL's "
-                             "('emb.weight'), transformers' ('rwkv.embeddings.weight') or fla's "
-                             f"('model.embeddings.weight'); found e.g. {sorted(names)[:3]}")
+        return {_from_transformers(n[len("rwkv7.") :]): t for n, t in tensors.items()}, "prefixed"
+    raise MissingTensorError(
+        path,
+        "no RWKV tensor naming recognised: expected BlinkDL's "
+        "('emb.weight'), transformers' ('rwkv.embeddings.weight') or fla's "
+        f"('model.embeddings.weight'); found e.g. {sorted(names)[:3]}",
+    )
 
 
 def _checkpoint(path, fmt, tensors, meta) -> Checkpoint:
@@ -165,11 +179,19 @@ def _checkpoint(path, fmt, tensors, meta) -> Checkpoint:
     meta = dict(meta)
     if naming != "blinkdl":
         meta["naming"] = naming
-    size = (sum(os.path.getsize(f) for f in meta.pop("_files", [path]))
-            if os.path.isdir(path) else os.path.getsize(path))
-    return Checkpoint(path=os.fspath(path), format=fmt, tensors=tensors,
-                      file_types={k: type_name(v) for k, v in tensors.items()}, file_size=size,
-                      meta=meta)
+    size = (
+        sum(os.path.getsize(f) for f in meta.pop("_files", [path]))
+        if os.path.isdir(path)
+        else os.path.getsize(path)
+    )
+    return Checkpoint(
+        path=os.fspath(path),
+        format=fmt,
+        tensors=tensors,
+        file_types={k: type_name(v) for k, v in tensors.items()},
+        file_size=size,
+        meta=meta,
+    )
 
 
 def read_safetensors(path) -> Checkpoint:
@@ -179,6 +201,7 @@ def read_safetensors(path) -> Checkpoint:
 
 # -- Hugging Face folders ----------------------------------------------------------------------
 
+
 def _read_json(folder, name):
     """A JSON file of a Hugging Face folder (refused unless a regular file), parsed."""
     path = os.path.join(folder, name)
@@ -187,8 +210,9 @@ def _read_json(folder, name):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
-        raise UnknownFormatError(folder, f"cannot read {name}: {type(e).__name__}: "
-                                 f"{str(e)[:200]}") from None
+        raise UnknownFormatError(
+            folder, f"cannot read {name}: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
 
 
 def _inside(folder, index, ref) -> str:
@@ -196,11 +220,14 @@ def _inside(folder, index, ref) -> str:
     without '..' components (symbolic links inside the folder are followed, as the Hugging Face
     cache's are)."""
     if not isinstance(ref, str) or not ref or "\0" in ref:
-        raise UnknownFormatError(folder, f"{index}: weight_map names {str(ref)[:80]!r}, "
-                                 "expected a file name")
+        raise UnknownFormatError(
+            folder, f"{index}: weight_map names {str(ref)[:80]!r}, expected a file name"
+        )
     if os.path.isabs(ref) or ".." in ref.replace("\\", "/").split("/"):
-        raise UnknownFormatError(folder, f"{index}: weight_map names {ref[:120]!r}, a file "
-                                 "outside the model folder: refused")
+        raise UnknownFormatError(
+            folder,
+            f"{index}: weight_map names {ref[:120]!r}, a file outside the model folder: refused",
+        )
     return os.path.join(folder, os.path.normpath(ref))
 
 
@@ -211,8 +238,10 @@ def _weight_files(folder) -> list[str]:
             doc = _read_json(folder, index)
             wmap = doc.get("weight_map", {}) if isinstance(doc, dict) else None
             if not isinstance(wmap, dict):
-                raise UnknownFormatError(folder, f"{index}: expected an object with a "
-                                         "'weight_map' object (tensor name -> file)")
+                raise UnknownFormatError(
+                    folder,
+                    f"{index}: expected an object with a 'weight_map' object (tensor name -> file)",
+                )
             files = sorted({_inside(folder, index, x) for x in wmap.values()})
             for f in files:
                 require_regular(f)
@@ -235,30 +264,44 @@ def read_hf(folder) -> Checkpoint:
     folder = os.fspath(folder)
     config = _read_json(folder, "config.json")
     if not isinstance(config, dict):
-        raise UnknownFormatError(folder, f"config.json holds a {type(config).__name__}, "
-                                 "expected an object")
-    for key, ok, want in (("architectures", lambda v: isinstance(v, list) and all(
-                               isinstance(x, str) for x in v), "a list of strings"),
-                          ("model_type", lambda v: isinstance(v, str), "a string"),
-                          ("rescale_every", _is_count, "an int >= 0"),
-                          ("vocab_size", _is_count, "an int >= 0")):
+        raise UnknownFormatError(
+            folder, f"config.json holds a {type(config).__name__}, expected an object"
+        )
+    for key, ok, want in (
+        (
+            "architectures",
+            lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "a list of strings",
+        ),
+        ("model_type", lambda v: isinstance(v, str), "a string"),
+        ("rescale_every", _is_count, "an int >= 0"),
+        ("vocab_size", _is_count, "an int >= 0"),
+    ):
         if config.get(key) is not None and not ok(config[key]):
-            raise UnknownFormatError(folder, f"config.json: '{key}' is {str(config[key])[:60]!r}, "
-                                     f"expected {want}")
+            raise UnknownFormatError(
+                folder, f"config.json: '{key}' is {str(config[key])[:60]!r}, expected {want}"
+            )
     arch = (config.get("architectures") or [config.get("model_type") or "?"])[0]
     if config.get("attn"):
-        raise UnsupportedVersionError(folder, f"{arch} with attention layers (a hybrid model) "
-                                      "is not a pure RWKV model; rwkvpy cannot run it")
+        raise UnsupportedVersionError(
+            folder,
+            f"{arch} with attention layers (a hybrid model) "
+            "is not a pure RWKV model; rwkvpy cannot run it",
+        )
     files = _weight_files(folder)
     if not files:
-        raise MissingTensorError(folder, "no weights found: expected model.safetensors, "
-                                 "*.safetensors shards or pytorch_model.bin next to config.json")
+        raise MissingTensorError(
+            folder,
+            "no weights found: expected model.safetensors, "
+            "*.safetensors shards or pytorch_model.bin next to config.json",
+        )
     tensors = {}
     for p in files:
         if p.endswith(".safetensors"):
             tensors.update(_load_safetensors(p))
         else:
             from .pth import read as read_pth
+
             tensors.update(read_pth(p).tensors)
     meta = {"hf_architecture": arch, "_files": files}
     if config.get("rescale_every"):
@@ -267,13 +310,18 @@ def read_hf(folder) -> Checkpoint:
     if os.path.exists(vocab_file):
         meta["tokenizer"] = "world"
         meta["vocab_file"] = vocab_file
-    elif os.path.exists(os.path.join(folder, "tokenizer.json")) and \
-            50000 <= (config.get("vocab_size") or 0) <= 50304:
+    elif (
+        os.path.exists(os.path.join(folder, "tokenizer.json"))
+        and 50000 <= (config.get("vocab_size") or 0) <= 50304
+    ):
         meta["tokenizer"] = "neox"
         meta["vocab_file"] = os.path.join(folder, "tokenizer.json")
     ckpt = _checkpoint(folder, "hf", tensors, meta)
-    if "head.weight" not in ckpt.tensors and config.get("tie_word_embeddings") \
-            and "emb.weight" in ckpt.tensors:
+    if (
+        "head.weight" not in ckpt.tensors
+        and config.get("tie_word_embeddings")
+        and "emb.weight" in ckpt.tensors
+    ):
         ckpt.tensors["head.weight"] = ckpt.tensors["emb.weight"]
         ckpt.file_types["head.weight"] = ckpt.file_types["emb.weight"]
     return ckpt

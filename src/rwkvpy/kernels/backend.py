@@ -47,5 +47,6 @@ def make_backend(mode: str, cache=None, cpu: CpuKernels | None = None) -> Backen
                 cache.used()
         return lin
 
-    return Backend(name=mode, make_linear=linear, wkv4=wkv4_serial, wkv5=wkv5_serial,
-                   wkv7=wkv7_serial)
+    return Backend(
+        name=mode, make_linear=linear, wkv4=wkv4_serial, wkv5=wkv5_serial, wkv7=wkv7_serial
+    )

@@ -120,8 +120,14 @@ def source_key(model_path, mode: str) -> dict:
         if st.st_size > _EDGE:
             f.seek(max(_EDGE, st.st_size - _EDGE))
             h.update(f.read(_EDGE))
-    return {"format": FORMAT, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "edges_sha256": h.hexdigest(), "torch": str(torch.__version__), "mode": mode}
+    return {
+        "format": FORMAT,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "edges_sha256": h.hexdigest(),
+        "torch": str(torch.__version__),
+        "mode": mode,
+    }
 
 
 class RepackCache:

@@ -92,8 +92,12 @@ class CpuKernels:
         return LEVELS.index(self.level) > LEVELS.index(self.host)
 
     def to_dict(self) -> dict:
-        return {"level": self.level, "host": self.host, "forced": self.forced,
-                "emulated": self.emulated}
+        return {
+            "level": self.level,
+            "host": self.host,
+            "forced": self.forced,
+            "emulated": self.emulated,
+        }
 
 
 def resolve(requested: str | None = None) -> CpuKernels:
@@ -112,7 +116,8 @@ def resolve(requested: str | None = None) -> CpuKernels:
     if LEVELS.index(level) >= _INT8_LEVEL and not integer_kernels_run():
         raise CpuCapabilityError(
             f"{source}={level!r}: its integer kernels are AVX2 code, and this CPU (level "
-            f"{host}) has no AVX2; use 'generic' (exact products on any CPU)")
+            f"{host}) has no AVX2; use 'generic' (exact products on any CPU)"
+        )
     return CpuKernels(level=level, host=host, forced=True)
 
 

@@ -90,18 +90,20 @@ class StackedLinears:
     # the separate products, which vmap folds into one product per matrix
 
     def __init__(self, lins):
-        self.weight = torch.stack([lin.weight for lin in lins])          # (G, out, in)
+        self.weight = torch.stack([lin.weight for lin in lins])  # (G, out, in)
         for j, lin in enumerate(lins):
             lin.weight = self.weight[j]
 
     @staticmethod
     def fits(lins) -> bool:
         ws = [getattr(lin, "weight", None) for lin in lins]
-        return all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws) and len(
-            {(w.shape, w.dtype, w.device) for w in ws}) == 1
+        return (
+            all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws)
+            and len({(w.shape, w.dtype, w.device) for w in ws}) == 1
+        )
 
     def __call__(self, xs):
-        x = torch.stack(xs).to(self.weight.dtype)                        # (G, T, in)
+        x = torch.stack(xs).to(self.weight.dtype)  # (G, T, in)
         return list(torch.matmul(x, self.weight.transpose(1, 2)).float().unbind(0))
 
 
@@ -115,22 +117,22 @@ class LowRankGroup:
     vmaps = True  # 2-D weights: vmap folds the sequences into the rows of each product
 
     def __init__(self, firsts, seconds):
-        self.first = torch.cat(firsts, 1)                                # (C, R)
-        self.second = torch.cat(seconds, 0)                              # (R, out)
+        self.first = torch.cat(firsts, 1)  # (C, R)
+        self.second = torch.cat(seconds, 0)  # (R, out)
         ranks = [a.shape[1] for a in firsts]
         self.spans = [(sum(ranks[:j]), r) for j, r in enumerate(ranks)]
 
     def views(self):
         """(A_j, B_j) as views of the concatenations."""
-        return [(self.first[:, o:o + r], self.second[o:o + r]) for o, r in self.spans]
+        return [(self.first[:, o : o + r], self.second[o : o + r]) for o, r in self.spans]
 
     def __call__(self, terms):
         """terms: G pairs (x (1, C), act or None) -> G results (1, out)."""
-        y = torch.cat([x for x, _ in terms]) @ self.first                 # (G, R)
+        y = torch.cat([x for x, _ in terms]) @ self.first  # (G, R)
         R = y.shape[1]
         rows = []
         for j, ((o, r), (_, act)) in enumerate(zip(self.spans, terms)):
-            h = y[j, o:o + r]
+            h = y[j, o : o + r]
             rows.append(F.pad(h if act is None else act(h), (o, R - o - r)))
         return list((torch.stack(rows) @ self.second).unsqueeze(1).unbind(0))
 
@@ -203,7 +205,9 @@ class TorchStep:
         if len(tokens) > MAX_GRAPH_BATCH:
             out, news = [], []
             for i in range(0, len(tokens), MAX_GRAPH_BATCH):
-                lg, ns = self.batch(tokens[i:i + MAX_GRAPH_BATCH], states[i:i + MAX_GRAPH_BATCH])
+                lg, ns = self.batch(
+                    tokens[i : i + MAX_GRAPH_BATCH], states[i : i + MAX_GRAPH_BATCH]
+                )
                 out.append(lg)
                 news += ns
             return torch.cat(out), news
@@ -213,8 +217,10 @@ class TorchStep:
         else:
             outs = self._eager(*self._inputs(tokens, states))
         logits, att_x, ffn_x, wkv = outs
-        return logits, [State(s.version, att_x[b], ffn_x[b], wkv[b], s.n_tokens + 1)
-                        for b, s in enumerate(states)]
+        return logits, [
+            State(s.version, att_x[b], ffn_x[b], wkv[b], s.n_tokens + 1)
+            for b, s in enumerate(states)
+        ]
 
     def _inputs(self, tokens, states):
         """(tokens (B, 1), att_x (B, L, C), ffn_x, wkv (B, L, ...)) on the state device."""
@@ -228,21 +234,29 @@ class TorchStep:
         entry = self._graphs.get(Bp)
         if entry is None:
             ins = self._inputs(tokens, states)
-            static = [torch.zeros((Bp,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-                      for t in ins]
+            static = [
+                torch.zeros((Bp,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in ins
+            ]
             try:
                 entry = self._graphs[Bp] = (self._capture(static), static)
             except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
                 if Bp == 1 and self._single is not self._one:  # torch.compile failed: unfused
                     self.compile_error = f"{type(e).__name__}: {e}"
-                    warnings.warn(f"rwkvpy: torch.compile failed, decoding unfused "
-                                  f"({self.compile_error})", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"rwkvpy: torch.compile failed, decoding unfused ({self.compile_error})",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                     self._single = self._one
                     torch.cuda.synchronize()
                     return self._replay(tokens, states)
                 why = self.graph_errors[Bp] = f"{type(e).__name__}: {e}"
-                warnings.warn(f"rwkvpy: CUDA graph capture failed for batch size {Bp}, decoding "
-                              f"eagerly ({why})", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"rwkvpy: CUDA graph capture failed for batch size {Bp}, decoding "
+                    f"eagerly ({why})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 torch.cuda.synchronize()
                 return self._eager(*ins)
         (graph, outs), static = entry

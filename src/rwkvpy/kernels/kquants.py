@@ -77,8 +77,9 @@ class KQuantLinear(Linear):
     def _check(self, w: QTensor):
         fmt = get_format(w.fmt)
         if fmt.name not in self._formats:
-            raise ValueError(f"{type(self).__name__} reads {'/'.join(self._formats)}, got "
-                             f"{fmt.name}")
+            raise ValueError(
+                f"{type(self).__name__} reads {'/'.join(self._formats)}, got {fmt.name}"
+            )
         return fmt
 
     def numba_spec(self):
@@ -91,7 +92,9 @@ class KQuantLinear(Linear):
         return _tiled_dequant_mm(
             lambda out, r0, r1: _k.dec_rows(kind, raw2, out, r0, r0, r1),
             lambda out, r0, r1, chunk: _k.dec_par(kind, raw2, out, r0, r1, chunk),
-            x, self.out_features)
+            x,
+            self.out_features,
+        )
 
 
 class KQuantDotLinear(KQuantLinear):
@@ -137,19 +140,25 @@ class KQuantX8Linear(KQuantLinear):
         row_bytes = fmt.nbytes((1, K))
         shapes = {"x8": (O // 8, 8 * row_bytes), "tail": (O % 8, row_bytes)}
         if repacked is not None and all(
-                isinstance(repacked.get(k), torch.Tensor) and repacked[k].dtype == torch.uint8
-                and tuple(repacked[k].shape) == v for k, v in shapes.items()):
+            isinstance(repacked.get(k), torch.Tensor)
+            and repacked[k].dtype == torch.uint8
+            and tuple(repacked[k].shape) == v
+            for k, v in shapes.items()
+        ):
             self._pk = repacked["x8"].numpy()
             self._tail = repacked["tail"].numpy()
         else:
             raw2 = _rows_view(w, fmt, O, K)
             pk = np.empty(shapes["x8"], np.uint8)
             table = self._table
-            _rows_kernel(lambda: _k.repack_groups(table, raw2, pk, 0, pk.shape[0]),
-                         lambda n: _k.repack_par(table, raw2, pk, max(1, _chunk(O, n) // 8)),
-                         O, K)
+            _rows_kernel(
+                lambda: _k.repack_groups(table, raw2, pk, 0, pk.shape[0]),
+                lambda n: _k.repack_par(table, raw2, pk, max(1, _chunk(O, n) // 8)),
+                O,
+                K,
+            )
             self._pk = pk
-            self._tail = np.array(raw2[8 * (O // 8):])
+            self._tail = np.array(raw2[8 * (O // 8) :])
             release_pages(raw2)  # the file's copy is not read again
         self.nbytes = int(self._pk.nbytes + self._tail.nbytes)
 
@@ -169,8 +178,8 @@ class KQuantX8Linear(KQuantLinear):
             g0, g1 = r0 // 8, -(-a // 8)
             rows = np.empty((8 * (g1 - g0), tail.shape[1]), np.uint8)
             _k.unpack_groups(self._table, pk, rows, g0, g1)
-            out[:a - r0] = rows[r0 - 8 * g0:a - 8 * g0]
-        out[a - r0:] = tail[a - n8:r1 - n8]
+            out[: a - r0] = rows[r0 - 8 * g0 : a - 8 * g0]
+        out[a - r0 :] = tail[a - n8 : r1 - n8]
         return out
 
     def _gemm(self, x):  # not reached by __call__ (every T runs the integer kernels)
@@ -179,8 +188,9 @@ class KQuantX8Linear(KQuantLinear):
         def dec(out, r0, r1):
             _k.dec_rows(kind, self.ggml_rows(r0, r1), out, 0, 0, r1 - r0)
 
-        return _tiled_dequant_mm(dec, lambda out, r0, r1, chunk: dec(out, r0, r1), x,
-                                 self.out_features)
+        return _tiled_dequant_mm(
+            dec, lambda out, r0, r1, chunk: dec(out, r0, r1), x, self.out_features
+        )
 
 
 def make_kquant_linear(w: QTensor, integer: bool, repacked: dict | None = None) -> Linear:

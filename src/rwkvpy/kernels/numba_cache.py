@@ -52,8 +52,11 @@ def _sources(folder: str) -> list:
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         rel = os.path.relpath(root, folder)
-        out += [name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
-                for name in files if name.endswith(".py")]
+        out += [
+            name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+            for name in files
+            if name.endswith(".py")
+        ]
     return sorted(out)
 
 
@@ -122,6 +125,7 @@ def _in_package(py_file: str) -> bool:
 def _register() -> tuple:
     try:
         from numba.core import caching
+
         base = caching._CacheLocator
         classes = caching.CacheImpl._locator_classes
         base.get_suitable_cache_subpath  # noqa: B018 - present in the numba this expects
@@ -161,9 +165,12 @@ def _register() -> tuple:
                     return self
                 except OSError as e:
                     _unwritable.add(root)
-                    warnings.warn(f"rwkvpy: numba's cache folder {root} cannot be written "
-                                  f"({e.strerror or e}): kernels are compiled in every run",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"rwkvpy: numba's cache folder {root} cannot be written "
+                        f"({e.strerror or e}): kernels are compiled in every run",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             temp = _temp_dir()
             if temp is not None:
                 self = cls(py_func, py_file, temp)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import REFERENCE, Backend
 from ..config import ModelConfig, Version, config_from_shapes, detect_version
+from .base import REFERENCE, Backend
 from .v4 import RWKV4
 from .v5 import RWKV5
 from .v6 import RWKV6
@@ -18,8 +18,9 @@ CLASSES = {
 }
 
 
-def build(cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE,
-          devices=None):
+def build(
+    cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE, devices=None
+):
     """The model of cfg's version over ``weights``; ``devices``: one torch device per layer."""
     return CLASSES[cfg.version](cfg, weights, path, backend, devices)
 

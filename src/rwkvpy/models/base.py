@@ -7,16 +7,16 @@ the reference path that every fast path is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ModelConfig
 from ..errors import MissingTensorError, TensorShapeError
 from ..formats.base import QTensor, release_pages, to_float32, type_name
 from ..state import State
-from ..config import ModelConfig
 
 ANY = None  # a dimension a spec does not fix
 
@@ -40,12 +40,20 @@ def _squeezed(shape):
 def _fits(actual, expected) -> bool:
     a = _squeezed(actual)
     e = [d for d in expected if d != 1]
-    return (len(a) == len(e) and all(y > 0 for y in a)  # no weight has an empty dimension
-            and all(x is None or x == y for x, y in zip(e, a)))
+    return (
+        len(a) == len(e)
+        and all(y > 0 for y in a)  # no weight has an empty dimension
+        and all(x is None or x == y for x, y in zip(e, a))
+    )
 
 
-LINEAR_SUFFIXES = ("key.weight", "value.weight", "receptance.weight", "output.weight",
-                   "gate.weight")
+LINEAR_SUFFIXES = (
+    "key.weight",
+    "value.weight",
+    "receptance.weight",
+    "output.weight",
+    "gate.weight",
+)
 
 
 def is_linear(name: str) -> bool:
@@ -101,8 +109,14 @@ class RWKVBase:
     LOW_RANK: tuple = ()
     LOW_RANK_COLUMNS: tuple = ()
 
-    def __init__(self, cfg: ModelConfig, weights: dict, path="<model>", backend: Backend = REFERENCE,
-                 devices=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict,
+        path="<model>",
+        backend: Backend = REFERENCE,
+        devices=None,
+    ):
         self.cfg = cfg
         self.path = str(path)
         self.backend = backend
@@ -125,19 +139,29 @@ class RWKVBase:
         }
         for i in range(cfg.n_layer):
             p = f"blocks.{i}."
-            spec.update({p + "ln1.weight": (C,), p + "ln1.bias": (C,),
-                         p + "ln2.weight": (C,), p + "ln2.bias": (C,)})
+            spec.update(
+                {
+                    p + "ln1.weight": (C,),
+                    p + "ln1.bias": (C,),
+                    p + "ln2.weight": (C,),
+                    p + "ln2.bias": (C,),
+                }
+            )
             spec.update(self.layer_shapes(i, p, weights))
         for name, shape in spec.items():
             if name not in weights:
-                raise MissingTensorError(self.path, f"tensor '{name}' not found "
-                                         f"({cfg.version.label} needs it)")
+                raise MissingTensorError(
+                    self.path, f"tensor '{name}' not found ({cfg.version.label} needs it)"
+                )
             t = weights[name]
             if not _fits(t.shape, shape):
                 want = tuple("*" if d is None else d for d in shape)
-                raise TensorShapeError(self.path, f"tensor '{name}' has shape {tuple(t.shape)}, "
-                                       f"expected {want} for {cfg.version.label} "
-                                       f"(n_embd={C}, vocab={V})")
+                raise TensorShapeError(
+                    self.path,
+                    f"tensor '{name}' has shape {tuple(t.shape)}, "
+                    f"expected {want} for {cfg.version.label} "
+                    f"(n_embd={C}, vocab={V})",
+                )
             dev = self.device_of(name)
             if is_linear(name):
                 self.lin[name] = backend.make_linear(t, dev, name)
@@ -146,11 +170,15 @@ class RWKVBase:
             else:
                 # LOW_RANK matrices stored 16-bit stay so on the CPU: the one-token step reads them
                 # at memory speed (kernels/decode/), the model code widens them (self.f32)
-                columns = (dev.type == "cpu" and name.endswith(self.LOW_RANK_COLUMNS)
-                           and len(t.shape) == 2)
-                if (dev.type == "cpu" and name.endswith(self.LOW_RANK)
-                        and not isinstance(t, QTensor)
-                        and t.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+                columns = (
+                    dev.type == "cpu" and name.endswith(self.LOW_RANK_COLUMNS) and len(t.shape) == 2
+                )
+                if (
+                    dev.type == "cpu"
+                    and name.endswith(self.LOW_RANK)
+                    and not isinstance(t, QTensor)
+                    and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                ):
                     if not columns and not t.is_contiguous():  # a transposed view of the file
                         c = t.contiguous()
                         release_pages(t)
@@ -199,8 +227,13 @@ class RWKVBase:
         return t if t.dtype == torch.float32 else t.float()
 
     def ln(self, x, name):
-        return F.layer_norm(x, (x.shape[-1],), self.w[name + ".weight"], self.w[name + ".bias"],
-                            eps=self.cfg.layer_norm_eps)
+        return F.layer_norm(
+            x,
+            (x.shape[-1],),
+            self.w[name + ".weight"],
+            self.w[name + ".bias"],
+            eps=self.cfg.layer_norm_eps,
+        )
 
     @staticmethod
     def shift(x, prev):
@@ -233,8 +266,13 @@ class RWKVBase:
         def stack(ts):
             return torch.stack([t.to(sdev) for t in ts])
 
-        new = State(state.version, stack(att_x), stack(ffn_x), stack(wkv),
-                    state.n_tokens + int(tokens.shape[0]))
+        new = State(
+            state.version,
+            stack(att_x),
+            stack(ffn_x),
+            stack(wkv),
+            state.n_tokens + int(tokens.shape[0]),
+        )
         return x, new
 
     def head(self, x):
@@ -264,5 +302,6 @@ class RWKVBase:
     def group_norm(self, x, name):
         """Per-head group norm (ln_x) of x (T, H*N)."""
         H = self.cfg.n_head
-        return F.group_norm(x, H, self.w[name + ".weight"], self.w[name + ".bias"],
-                            eps=self.cfg.ln_x_eps)
+        return F.group_norm(
+            x, H, self.w[name + ".weight"], self.w[name + ".bias"], eps=self.cfg.ln_x_eps
+        )

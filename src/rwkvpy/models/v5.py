@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import RWKVBase
 from ..config import Version
+from .base import RWKVBase
 from .v4 import RWKV4
 
 
@@ -27,7 +27,7 @@ def wkv_heads(r, k, v, w, u, S):
     T = r.shape[0]
     out = torch.empty_like(v)
     for t in range(T):
-        kv = k[t].unsqueeze(-1) * v[t].unsqueeze(-2)                      # (H, N, N)
+        kv = k[t].unsqueeze(-1) * v[t].unsqueeze(-2)  # (H, N, N)
         out[t] = (r[t].unsqueeze(-1) * (u.unsqueeze(-1) * kv + S)).sum(-2)  # r (u kv + S)
         wt = w[t] if w.dim() == 3 else w
         S = kv + wt.unsqueeze(-1) * S
@@ -37,25 +37,43 @@ def wkv_heads(r, k, v, w, u, S):
 class RWKV5(RWKVBase):
     def wkv5(self, r, k, v, w, u, S):
         fast = self.backend.wkv5
-        return fast(r, k, v, w, u, S) if fast is not None and r.shape[0] > 1 else wkv_heads(r, k, v, w, u, S)
+        return (
+            fast(r, k, v, w, u, S)
+            if fast is not None and r.shape[0] > 1
+            else wkv_heads(r, k, v, w, u, S)
+        )
 
     def layer_shapes(self, i, p, weights):
         cfg = self.cfg
         C, A, F_, H, N = cfg.n_embd, cfg.n_att, cfg.n_ffn, cfg.n_head, cfg.head_size
         a, f = p + "att.", p + "ffn."
         s = {
-            a + "time_mix_k": (C,), a + "time_mix_v": (C,), a + "time_mix_r": (C,),
-            a + "key.weight": (A, C), a + "value.weight": (A, C),
-            a + "receptance.weight": (A, C), a + "output.weight": (C, A),
-            a + "ln_x.weight": (A,), a + "ln_x.bias": (A,),
-            f + "time_mix_k": (C,), f + "time_mix_r": (C,),
-            f + "key.weight": (F_, C), f + "value.weight": (C, F_), f + "receptance.weight": (C, C),
+            a + "time_mix_k": (C,),
+            a + "time_mix_v": (C,),
+            a + "time_mix_r": (C,),
+            a + "key.weight": (A, C),
+            a + "value.weight": (A, C),
+            a + "receptance.weight": (A, C),
+            a + "output.weight": (C, A),
+            a + "ln_x.weight": (A,),
+            a + "ln_x.bias": (A,),
+            f + "time_mix_k": (C,),
+            f + "time_mix_r": (C,),
+            f + "key.weight": (F_, C),
+            f + "value.weight": (C, F_),
+            f + "receptance.weight": (C, C),
         }
         if cfg.version is Version.V5_0:
             s.update({a + "time_decay": (H,), a + "time_first": (H,)})
         else:
-            s.update({a + "time_decay": (H, N), a + "time_faaaa": (H, N),
-                      a + "time_mix_g": (C,), a + "gate.weight": (A, C)})
+            s.update(
+                {
+                    a + "time_decay": (H, N),
+                    a + "time_faaaa": (H, N),
+                    a + "time_mix_g": (C,),
+                    a + "gate.weight": (A, C),
+                }
+            )
         return s
 
     def prepare(self):
@@ -72,8 +90,9 @@ class RWKV5(RWKVBase):
 
     def product_groups(self, i):
         a = f"blocks.{i}.att."
-        names = ("receptance", "key", "value") + (("gate",) if self.cfg.version is not Version.V5_0
-                                                  else ())
+        names = ("receptance", "key", "value") + (
+            ("gate",) if self.cfg.version is not Version.V5_0 else ()
+        )
         return (tuple(a + n + ".weight" for n in names),), ()
 
     def time_mix(self, i, x, att_x, wkv, ctx):
@@ -87,7 +106,7 @@ class RWKV5(RWKVBase):
             return x * m + sx * (1 - m)
 
         (names,), _ = self.product_groups(i)
-        r, k, v, *g = self.mm_group(tuple(mix(n) for n in "rkvg"[:len(names)]), names)  # (T, A)
+        r, k, v, *g = self.mm_group(tuple(mix(n) for n in "rkvg"[: len(names)]), names)  # (T, A)
         r, k, v = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
         out, S = self.wkv5(r, k, v, w[a + "decay"], w[a + "bonus"], wkv)
         out = self.group_norm(out.reshape(T, H * N), a + "ln_x")

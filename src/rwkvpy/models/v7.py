@@ -32,10 +32,10 @@ def wkv7(r, w, k, v, kk, a, S):
     for t in range(r.shape[0]):
         # matrix-vector products as broadcast-and-sum, outer products as broadcasts: on a GPU,
         # torch.compile fuses these into the step's kernels instead of calling cuBLAS for each
-        sk = (S * kk[t].unsqueeze(-2)).sum(-1, keepdim=True)                     # S kk (H, N, 1)
-        removal = -sk * (kk[t] * a[t]).unsqueeze(-2)                            # (H, N, N)
+        sk = (S * kk[t].unsqueeze(-2)).sum(-1, keepdim=True)  # S kk (H, N, 1)
+        removal = -sk * (kk[t] * a[t]).unsqueeze(-2)  # (H, N, N)
         S = S * w[t].unsqueeze(-2) + removal + v[t].unsqueeze(-1) * k[t].unsqueeze(-2)
-        out[t] = (S * r[t].unsqueeze(-2)).sum(-1)                               # S r (H, N)
+        out[t] = (S * r[t].unsqueeze(-2)).sum(-1)  # S r (H, N)
     return out, S
 
 
@@ -49,15 +49,30 @@ class RWKV7(RWKVBase):
         a, f = p + "att.", p + "ffn."
         r = {n: lora_rank(weights, a + n + "1") for n in "wavg"}
         s = {a + f"x_{n}": (C,) for n in "rwkvag"}
-        s.update({
-            a + "w0": (A,), a + "w1": (C, r["w"]), a + "w2": (r["w"], A),
-            a + "a0": (A,), a + "a1": (C, r["a"]), a + "a2": (r["a"], A),
-            a + "g1": (C, r["g"]), a + "g2": (r["g"], A),
-            a + "k_k": (A,), a + "k_a": (A,), a + "r_k": (H, N),
-            a + "key.weight": (A, C), a + "value.weight": (A, C), a + "receptance.weight": (A, C),
-            a + "output.weight": (C, A), a + "ln_x.weight": (A,), a + "ln_x.bias": (A,),
-            f + "x_k": (C,), f + "key.weight": (F_, C), f + "value.weight": (C, F_),
-        })
+        s.update(
+            {
+                a + "w0": (A,),
+                a + "w1": (C, r["w"]),
+                a + "w2": (r["w"], A),
+                a + "a0": (A,),
+                a + "a1": (C, r["a"]),
+                a + "a2": (r["a"], A),
+                a + "g1": (C, r["g"]),
+                a + "g2": (r["g"], A),
+                a + "k_k": (A,),
+                a + "k_a": (A,),
+                a + "r_k": (H, N),
+                a + "key.weight": (A, C),
+                a + "value.weight": (A, C),
+                a + "receptance.weight": (A, C),
+                a + "output.weight": (C, A),
+                a + "ln_x.weight": (A,),
+                a + "ln_x.bias": (A,),
+                f + "x_k": (C,),
+                f + "key.weight": (F_, C),
+                f + "value.weight": (C, F_),
+            }
+        )
         if i > 0:  # layer 0's value is the value residual itself: v0/v1/v2 unused there
             s.update({a + "v0": (A,), a + "v1": (C, r["v"]), a + "v2": (r["v"], A)})
         return s
@@ -65,20 +80,20 @@ class RWKV7(RWKVBase):
     def product_groups(self, i):
         a = f"blocks.{i}.att."
         rkv = tuple(a + n + ".weight" for n in ("receptance", "key", "value"))
-        lora = tuple((a + n + "1", a + n + "2") for n in ("w", "a", "g", "v")[:4 if i else 3])
+        lora = tuple((a + n + "1", a + n + "2") for n in ("w", "a", "g", "v")[: 4 if i else 3])
         return (rkv,), (lora,)
 
     def time_mix(self, i, x, att_x, wkv, ctx):
         w, H, N = self.w, self.cfg.n_head, self.cfg.head_size
         a = f"blocks.{i}.att."
         T = x.shape[0]
-        dx = self.shift(x, att_x) - x                                     # (T, C)
+        dx = self.shift(x, att_x) - x  # (T, C)
         xr, xw, xk, xv, xa, xg = (x + dx * w[a + "x_" + n] for n in "rwkvag")
 
         (rkv,), (lora,) = self.product_groups(i)
-        r, k, v = self.mm_group((xr, xk, xv), rkv)                         # (T, A) each
-        acts = [(xw, torch.tanh), (xa, None), (xg, torch.sigmoid), (xv, None)][:len(lora)]
-        d, iclr, g, *vg = self.low_rank(lora, acts)                       # tanh(xw @ w1) @ w2, ...
+        r, k, v = self.mm_group((xr, xk, xv), rkv)  # (T, A) each
+        acts = [(xw, torch.tanh), (xa, None), (xg, torch.sigmoid), (xv, None)][: len(lora)]
+        d, iclr, g, *vg = self.low_rank(lora, acts)  # tanh(xw @ w1) @ w2, ...
         decay = torch.exp(-DECAY_SCALE * torch.sigmoid(w[a + "w0"] + d))  # (T, A) in (0, 1)
         iclr = torch.sigmoid(w[a + "a0"] + iclr)
 
@@ -96,7 +111,7 @@ class RWKV7(RWKVBase):
         out, S = (fast if fast is not None and T > 1 else wkv7)(rh, wh, kh, vh, kkh, ah, wkv)
 
         out = self.group_norm(out.reshape(T, H * N), a + "ln_x")
-        bonus = (rh * kh * w[a + "r_k"]).sum(-1, keepdim=True) * vh       # (T, H, N)
+        bonus = (rh * kh * w[a + "r_k"]).sum(-1, keepdim=True) * vh  # (T, H, N)
         out = (out + bonus.reshape(T, -1)) * g
         return self.mm(out, a + "output.weight"), S
 

@@ -12,28 +12,28 @@ Shapes are in PyTorch order (the last dimension is the row, ggml's ``ne[0]``).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from ..errors import QuantizationError
 from .base import WeightFormat
 from .float import BF16, F16, F32
-from .q4_0 import Q4_0
-from .q4_1 import Q4_1
-from .q5_0 import Q5_0
-from .q5_1 import Q5_1
-from .q8_0 import Q8_0
 from .q2_k import Q2_K
 from .q3_k import Q3_K
+from .q4_0 import Q4_0
+from .q4_1 import Q4_1
 from .q4_k import Q4_K
+from .q5_0 import Q5_0
+from .q5_1 import Q5_1
 from .q5_k import Q5_K
 from .q6_k import Q6_K
+from .q8_0 import Q8_0
 
 #: Every supported format by ggml name.
 FORMATS: dict[str, WeightFormat] = {
-    f.name: f for f in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
-                        Q6_K)
+    f.name: f for f in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 }
 
 #: Every supported format by ggml type number (``enum ggml_type``, GGUF's tensor type).
@@ -64,9 +64,7 @@ def get_format(name: str | int | WeightFormat) -> WeightFormat:
         fmt = FORMATS_BY_GGML_TYPE.get(int(name))
         if fmt is None:
             known = ", ".join(f"{f.name}={t}" for t, f in FORMATS_BY_GGML_TYPE.items())
-            raise QuantizationError(
-                f"unsupported ggml type {int(name)}; supported types: {known}"
-            )
+            raise QuantizationError(f"unsupported ggml type {int(name)}; supported types: {known}")
         return fmt
     if isinstance(name, str):
         key = name.strip().upper().replace("-", "_")
@@ -74,9 +72,7 @@ def get_format(name: str | int | WeightFormat) -> WeightFormat:
         fmt = FORMATS.get(key)
         if fmt is not None:
             return fmt
-    raise QuantizationError(
-        f"unknown weight format {name!r}; known formats: {', '.join(FORMATS)}"
-    )
+    raise QuantizationError(f"unknown weight format {name!r}; known formats: {', '.join(FORMATS)}")
 
 
 def dequantize(name: str | int | WeightFormat, data: Any, shape: Iterable[int]) -> np.ndarray:

@@ -28,7 +28,8 @@ Bit-exactness notes shared by the quantized formats (see each format's module fo
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 

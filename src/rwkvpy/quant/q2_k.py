@@ -32,8 +32,9 @@ class Q2_KFormat(WeightFormat):
     block_size = QK_K
     type_size = 84
     quantized = True
-    block_dtype = np.dtype([("scales", "u1", (16,)), ("qs", "u1", (64,)), ("d", "<f2"),
-                            ("dmin", "<f2")])
+    block_dtype = np.dtype(
+        [("scales", "u1", (16,)), ("qs", "u1", (64,)), ("d", "<f2"), ("dmin", "<f2")]
+    )
 
     def _dequantize_blocks(self, records: np.ndarray, out: np.ndarray) -> None:
         sc = records["scales"]

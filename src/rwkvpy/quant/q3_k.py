@@ -41,15 +41,17 @@ class Q3_KFormat(WeightFormat):
     block_size = QK_K
     type_size = 110
     quantized = True
-    block_dtype = np.dtype([("hmask", "u1", (32,)), ("qs", "u1", (64,)), ("scales", "u1", (12,)),
-                            ("d", "<f2")])
+    block_dtype = np.dtype(
+        [("hmask", "u1", (32,)), ("qs", "u1", (64,)), ("scales", "u1", (12,)), ("d", "<f2")]
+    )
 
     def _dequantize_blocks(self, records: np.ndarray, out: np.ndarray) -> None:
         dl = (f16_to_f32(records["d"]) * q3_scales(records["scales"]).astype(_F))[:, :, None]
         hm = records["hmask"]
-        hb = ((hm[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1)
+        hb = (hm[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
         q = unpack_2bit(records["qs"]).astype(np.int8) - 4 * (1 - hb.reshape(-1, QK_K)).astype(
-            np.int8)
+            np.int8
+        )
         np.multiply(dl, q.reshape(-1, 16, 16).astype(_F), out=out.reshape(-1, 16, 16))
 
     def _quantize_blocks(self, x: np.ndarray, records: np.ndarray) -> None:

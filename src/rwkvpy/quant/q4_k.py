@@ -50,12 +50,14 @@ class Q4_KFormat(WeightFormat):
     block_size = QK_K
     type_size = 144
     quantized = True
-    block_dtype = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)),
-                            ("qs", "u1", (128,))])
+    block_dtype = np.dtype(
+        [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))]
+    )
 
     def _dequantize_blocks(self, records: np.ndarray, out: np.ndarray) -> None:
-        dequantize_scaled(records["d"], records["dmin"], records["scales"],
-                          split_nibbles(records["qs"]), out)
+        dequantize_scaled(
+            records["d"], records["dmin"], records["scales"], split_nibbles(records["qs"]), out
+        )
 
     def _quantize_blocks(self, x: np.ndarray, records: np.ndarray) -> None:
         quantize_q4_k_q5_k(*block_bytes(x, records), 15)

@@ -35,8 +35,15 @@ class Q5_KFormat(WeightFormat):
     block_size = QK_K
     type_size = 176
     quantized = True
-    block_dtype = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)),
-                            ("qh", "u1", (32,)), ("qs", "u1", (128,))])
+    block_dtype = np.dtype(
+        [
+            ("d", "<f2"),
+            ("dmin", "<f2"),
+            ("scales", "u1", (12,)),
+            ("qh", "u1", (32,)),
+            ("qs", "u1", (128,)),
+        ]
+    )
 
     def _dequantize_blocks(self, records: np.ndarray, out: np.ndarray) -> None:
         q = split_nibbles(records["qs"]) | high_bits(records["qh"])

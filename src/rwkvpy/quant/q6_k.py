@@ -43,8 +43,9 @@ class Q6_KFormat(WeightFormat):
     block_size = QK_K
     type_size = 210
     quantized = True
-    block_dtype = np.dtype([("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)),
-                            ("d", "<f2")])
+    block_dtype = np.dtype(
+        [("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)), ("d", "<f2")]
+    )
 
     def _dequantize_blocks(self, records: np.ndarray, out: np.ndarray) -> None:
         q = q6_codes(records["ql"], records["qh"]).astype(np.int16) - 32

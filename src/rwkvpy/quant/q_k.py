@@ -50,7 +50,7 @@ _TENTH = np.float32(0.1)  # make_qkx2_quants' rdelta, make_qx_quants' step
 _F63 = np.float32(63.0)
 _F15 = np.float32(15.0)
 _F32_ = np.float32(32.0)
-_TWO_M24 = np.float32(2.0 ** -24)
+_TWO_M24 = np.float32(2.0**-24)
 
 #: super-blocks per group: the lanes of one search (8 or 16 sub-blocks each)
 _G = 16
@@ -389,8 +389,13 @@ def _q3_rmse(xt, nmax, L, scales, t, active, changed):
                 nf = np.float32(new_l)
                 a2 = a + (w * v) * nf
                 b2 = b + (w * nf) * nf
-                go = (active[j] != 0 and a > _Z and new_l != li and b2 > _Z
-                      and (a2 * a2) * sl2[j] > (slx[j] * slx[j]) * b2)
+                go = (
+                    active[j] != 0
+                    and a > _Z
+                    and new_l != li
+                    and b2 > _Z
+                    and (a2 * a2) * sl2[j] > (slx[j] * slx[j]) * b2
+                )
                 L[i, j] = new_l if go else li
                 slx[j] = a2 if go else slx[j]
                 sl2[j] = b2 if go else sl2[j]
@@ -502,8 +507,9 @@ def quantize_q4_k_q5_k(x, out, nmax):
                 qs = 16
             for g4 in range(4):
                 for l in range(32):
-                    row[qs + 32 * g4 + l] = np.uint8((codes[64 * g4 + l] & 0xF)
-                                                     | ((codes[64 * g4 + 32 + l] & 0xF) << 4))
+                    row[qs + 32 * g4 + l] = np.uint8(
+                        (codes[64 * g4 + l] & 0xF) | ((codes[64 * g4 + 32 + l] & 0xF) << 4)
+                    )
 
 
 @njit(**_NB)
@@ -513,9 +519,12 @@ def _pack_2bit(codes, row, off):
     for h in range(2):
         for l in range(32):
             c = 128 * h + l
-            row[off + 32 * h + l] = np.uint8((codes[c] & 3) | ((codes[c + 32] & 3) << 2)
-                                             | ((codes[c + 64] & 3) << 4)
-                                             | ((codes[c + 96] & 3) << 6))
+            row[off + 32 * h + l] = np.uint8(
+                (codes[c] & 3)
+                | ((codes[c + 32] & 3) << 2)
+                | ((codes[c + 64] & 3) << 4)
+                | ((codes[c + 96] & 3) << 6)
+            )
 
 
 @njit(parallel=True, **_NB)
@@ -629,8 +638,12 @@ def quantize_q3_k(x, out):
             for j in range(8):
                 row[96 + j] = np.uint8((ls[j] & 0xF) | ((ls[j + 8] & 0xF) << 4))
             for k in range(4):
-                row[104 + k] = np.uint8((ls[k] >> 4) | ((ls[k + 4] >> 4) << 2)
-                                        | ((ls[k + 8] >> 4) << 4) | ((ls[k + 12] >> 4) << 6))
+                row[104 + k] = np.uint8(
+                    (ls[k] >> 4)
+                    | ((ls[k + 4] >> 4) << 2)
+                    | ((ls[k + 8] >> 4) << 4)
+                    | ((ls[k + 12] >> 4) << 6)
+                )
             _put_f16(row, 108, dh)
             d0 = _from_f16(dh)
             for j in range(16):
@@ -708,8 +721,9 @@ def quantize_q6_k(x, out):
                     q1, q2, q3, q4 = codes[c], codes[c + 32], codes[c + 64], codes[c + 96]
                     row[64 * h + l] = np.uint8((q1 & 0xF) | ((q3 & 0xF) << 4))
                     row[64 * h + 32 + l] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
-                    row[128 + 32 * h + l] = np.uint8((q1 >> 4) | ((q2 >> 4) << 2)
-                                                     | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
+                    row[128 + 32 * h + l] = np.uint8(
+                        (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+                    )
 
 
 def block_bytes(x: np.ndarray, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,10 @@ def main(argv=None) -> int:
     from ..cli.options import take_positionals
     from ..errors import RwkvpyError
 
-    p = argparse.ArgumentParser(prog="python -m rwkvpy.server",
-                                description="Serve an RWKV model over an OpenAI-compatible API.")
+    p = argparse.ArgumentParser(
+        prog="python -m rwkvpy.server",
+        description="Serve an RWKV model over an OpenAI-compatible API.",
+    )
     add_serve_arguments(p)
     args = p.parse_args(argv)
     try:

@@ -33,8 +33,17 @@ from .metrics import CountRequests, Metrics
 from .openapi import router as openapi_router
 from .routes import read_json, router
 
-__all__ = ["SHUTDOWN_MESSAGE", "Engine", "Guard", "NamedState", "ServerConfig", "ServerState",
-           "build_app", "create_app", "read_json"]
+__all__ = [
+    "SHUTDOWN_MESSAGE",
+    "Engine",
+    "Guard",
+    "NamedState",
+    "ServerConfig",
+    "ServerState",
+    "build_app",
+    "create_app",
+    "read_json",
+]
 
 log = logging.getLogger("rwkvpy.server")
 
@@ -52,8 +61,11 @@ async def _http_error(request, exc):
     if exc.status_code == 404:
         err = P.ApiError(404, f"no route {request.method} {request.url.path}", code="not_found")
     elif exc.status_code == 405:
-        err = P.ApiError(405, f"method {request.method} is not allowed on {request.url.path}",
-                         code="method_not_allowed")
+        err = P.ApiError(
+            405,
+            f"method {request.method} is not allowed on {request.url.path}",
+            code="method_not_allowed",
+        )
     else:
         err = P.ApiError(exc.status_code, str(exc.detail))
     return error_response(err)
@@ -68,10 +80,12 @@ async def _input_error(request, exc):  # a request's text or tokens the model ca
 
 
 async def _internal_error(request, exc):
-    log.error("internal error on %s %s: %s: %s", request.method, request.url.path,
-              type(exc).__name__, exc)
-    return error_response(P.ApiError(500, "internal server error", type="server_error",
-                                     code="internal_error"))
+    log.error(
+        "internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc
+    )
+    return error_response(
+        P.ApiError(500, "internal server error", type="server_error", code="internal_error")
+    )
 
 
 @asynccontextmanager
@@ -87,8 +101,9 @@ async def _lifespan(app):
 
 def create_app(server: ServerState) -> FastAPI:
     """The FastAPI app of ``server``: the routes, the error handlers, the engine's lifespan."""
-    app = FastAPI(title="rwkvpy", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_lifespan)
+    app = FastAPI(
+        title="rwkvpy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan
+    )
     app.state.server = server
     app.add_exception_handler(P.ApiError, _api_error)  # type: ignore[arg-type]  # a subclass handler
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -124,10 +139,12 @@ class Guard:
         scheme, _, token = got.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
-        msg = ("missing API key: send the header 'Authorization: Bearer KEY'" if not got
-               else "invalid API key")
-        err = P.ApiError(401, msg, code="invalid_api_key",
-                         headers={"WWW-Authenticate": "Bearer"})
+        msg = (
+            "missing API key: send the header 'Authorization: Bearer KEY'"
+            if not got
+            else "invalid API key"
+        )
+        err = P.ApiError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         await error_response(err)(scope, receive, send)
 
 
@@ -136,4 +153,3 @@ def build_app(server: ServerState):
     app = create_app(server)
     guarded = Guard(app, server.config.api_key, server.config.metrics_public)
     return CountRequests(guarded, server.metrics)
-

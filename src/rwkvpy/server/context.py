@@ -22,12 +22,12 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_tokens_limit: int = 4096
-    max_concurrent: int = 64          # sequences generating at once, all requests together
+    max_concurrent: int = 64  # sequences generating at once, all requests together
     max_request_bytes: int = 1 << 20
-    graceful_timeout: float = 10.0    # seconds running requests get to finish on SIGTERM
-    max_states: int = 64              # states saved through POST /v1/states, at most
-    max_prompt_tokens: int = 32768    # longest prompt (a chat's whole conversation), in tokens
-    metrics_public: bool = False      # GET /metrics answers without the API key
+    graceful_timeout: float = 10.0  # seconds running requests get to finish on SIGTERM
+    max_states: int = 64  # states saved through POST /v1/states, at most
+    max_prompt_tokens: int = 32768  # longest prompt (a chat's whole conversation), in tokens
+    metrics_public: bool = False  # GET /metrics answers without the API key
 
 
 @dataclass
@@ -36,12 +36,17 @@ class NamedState:
     state: object
     root: object
     tokens: int
-    source: str                       # "file" or "request"
+    source: str  # "file" or "request"
     created: int = field(default_factory=lambda: int(time.time()))
 
     def describe(self) -> dict:
-        return {"id": self.id, "object": "state", "created": self.created,
-                "tokens": self.tokens, "source": self.source}
+        return {
+            "id": self.id,
+            "object": "state",
+            "created": self.created,
+            "tokens": self.tokens,
+            "source": self.source,
+        }
 
 
 class ServerState:
@@ -58,24 +63,31 @@ class ServerState:
         self.requests_total = 0
         self.rejected_busy = 0
         self.started = int(time.time())
-        self.metrics: Any = None          # server/metrics.py's Metrics, made by create_app
+        self.metrics: Any = None  # server/metrics.py's Metrics, made by create_app
         self.fingerprint = f"rwkvpy-{model.fingerprint}"
-        self.limits = P.Limits(max_tokens=config.max_tokens_limit,
-                               max_sequences=config.max_concurrent,
-                               max_prompt_tokens=config.max_prompt_tokens)
+        self.limits = P.Limits(
+            max_tokens=config.max_tokens_limit,
+            max_sequences=config.max_concurrent,
+            max_prompt_tokens=config.max_prompt_tokens,
+        )
 
     # slots: only touched from the event loop's thread
     def acquire(self, n: int) -> None:
         if self.draining:
-            raise P.ApiError(503, SHUTDOWN_MESSAGE, type="server_error",
-                             code="server_shutting_down")
+            raise P.ApiError(
+                503, SHUTDOWN_MESSAGE, type="server_error", code="server_shutting_down"
+            )
         if self.slots_used + n > self.config.max_concurrent:
             self.rejected_busy += 1
-            raise P.ApiError(429, f"the server is busy: {self.slots_used} of "
-                                  f"{self.config.max_concurrent} generation slots are in use and "
-                                  f"this request needs {n}; retry later",
-                             type="rate_limit_error", code="rate_limit_exceeded",
-                             headers={"Retry-After": "1"})
+            raise P.ApiError(
+                429,
+                f"the server is busy: {self.slots_used} of "
+                f"{self.config.max_concurrent} generation slots are in use and "
+                f"this request needs {n}; retry later",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
         self.slots_used += n
         self.requests_total += 1
 
@@ -87,16 +99,25 @@ class ServerState:
             return None, None
         ns = self.states.get(name)
         if ns is None:
-            raise P.ApiError(404, f"no state named '{name}' (see GET /v1/states)", param="state",
-                             code="state_not_found")
+            raise P.ApiError(
+                404,
+                f"no state named '{name}' (see GET /v1/states)",
+                param="state",
+                code="state_not_found",
+            )
         return ns.state, ns.root
 
     def own_stats(self) -> dict:
         """The counters of this server alone (GET /v1/stats)."""
-        return {"model": self.config.model_name, "slots_used": self.slots_used,
-                "max_concurrent": self.config.max_concurrent,
-                "requests_total": self.requests_total, "rejected_busy": self.rejected_busy,
-                "named_states": len(self.states), "engine": self.engine.stats()}
+        return {
+            "model": self.config.model_name,
+            "slots_used": self.slots_used,
+            "max_concurrent": self.config.max_concurrent,
+            "requests_total": self.requests_total,
+            "rejected_busy": self.rejected_busy,
+            "named_states": len(self.states),
+            "engine": self.engine.stats(),
+        }
 
     # Hooks for servers whose replicas share the named states and the counters
     # (server/ray_serve.py); here, with one process, there is nothing to share.

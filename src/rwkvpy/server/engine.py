@@ -82,13 +82,43 @@ class Sequence:
     called with each event; ``processors``: LogitsProcessor objects of this sequence;
     ``prompt_logprobs``: None, or score the prompt with this many alternatives per token."""
 
-    __slots__ = ("cached", "cancel_reason", "cancelled", "checkpoints", "emit", "ids", "logits",
-                 "loop", "params", "phase", "pos", "processors", "prompt_logprobs", "prompt_lp",
-                 "root", "row", "start_state", "started", "state", "t_first", "t_last",
-                 "t_submit")
+    __slots__ = (
+        "cached",
+        "cancel_reason",
+        "cancelled",
+        "checkpoints",
+        "emit",
+        "ids",
+        "logits",
+        "loop",
+        "params",
+        "phase",
+        "pos",
+        "processors",
+        "prompt_logprobs",
+        "prompt_lp",
+        "root",
+        "row",
+        "start_state",
+        "started",
+        "state",
+        "t_first",
+        "t_last",
+        "t_submit",
+    )
 
-    def __init__(self, ids, params, emit, *, state=None, root=None, checkpoints=(),
-                 processors=(), prompt_logprobs=None):
+    def __init__(
+        self,
+        ids,
+        params,
+        emit,
+        *,
+        state=None,
+        root=None,
+        checkpoints=(),
+        processors=(),
+        prompt_logprobs=None,
+    ):
         self.ids = list(ids)
         self.params = params
         self.start_state = state
@@ -99,18 +129,18 @@ class Sequence:
         self.loop = None  # the TokenLoop, made when the sequence starts (on the engine thread)
         self.prompt_logprobs = prompt_logprobs
         self.prompt_lp = None  # TokenLogprob per prompt token read so far
-        self.row = None        # the last prompt piece's last logits (they predict the next)
+        self.row = None  # the last prompt piece's last logits (they predict the next)
         self.started = False
         self.cancelled = False
         self.cancel_reason = None
         self.phase = "queued"  # queued -> prefill -> decode -> done
-        self.pos = 0           # prompt tokens the state has read
-        self.cached = 0        # prompt tokens found in the prefix cache
+        self.pos = 0  # prompt tokens the state has read
+        self.cached = 0  # prompt tokens found in the prefix cache
         self.state = state
         self.logits = None
         self.t_submit = time.perf_counter()
-        self.t_first = None    # when its first token was chosen
-        self.t_last = None     # when its latest token was chosen
+        self.t_first = None  # when its first token was chosen
+        self.t_last = None  # when its latest token was chosen
 
     @property
     def tokens(self) -> list:
@@ -131,8 +161,16 @@ class Sequence:
 class Engine:
     """Runs sequences on ``model`` in one background thread (see the module's docstring)."""
 
-    def __init__(self, model, tokenizer, *, cache=None, max_batch: int = 32,
-                 prefill_budget: int = 1024, max_chunk: int = 2048):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        cache=None,
+        max_batch: int = 32,
+        prefill_budget: int = 1024,
+        max_chunk: int = 2048,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -149,14 +187,14 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         # counters (read without the lock: ints, informational)
-        self.prefill_tokens = 0   # prompt tokens given to model.forward
-        self.decode_tokens = 0    # tokens given to model.forward_batch
-        self.decode_steps = 0     # forward_batch calls
+        self.prefill_tokens = 0  # prompt tokens given to model.forward
+        self.decode_tokens = 0  # tokens given to model.forward_batch
+        self.decode_steps = 0  # forward_batch calls
         self.max_batch_seen = 0
         self.sequences_done = 0
         self.sequences_cancelled = 0
         self.sequences_failed = 0
-        self.prompt_tokens = 0     # prompt tokens of the sequences started, cached ones included
+        self.prompt_tokens = 0  # prompt tokens of the sequences started, cached ones included
         self.generated_tokens = 0  # tokens chosen (a stop token included), as usage counts them
         #: None, or an object told ``batch_size(n)`` for each forward_batch group,
         #: ``first_token(seconds since submit)`` and ``token_gap(seconds since the previous
@@ -206,14 +244,21 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self) -> dict:
-        out = {"active_sequences": len(self._live), "queued": len(self._inbox) + len(self._prefill),
-               "decoding": len(self._decode), "prefill_tokens": self.prefill_tokens,
-               "decode_tokens": self.decode_tokens, "decode_steps": self.decode_steps,
-               "max_batch_seen": self.max_batch_seen, "max_batch": self.max_batch,
-               "sequences_done": self.sequences_done,
-               "sequences_cancelled": self.sequences_cancelled,
-               "sequences_failed": self.sequences_failed,
-               "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens}
+        out = {
+            "active_sequences": len(self._live),
+            "queued": len(self._inbox) + len(self._prefill),
+            "decoding": len(self._decode),
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "decode_steps": self.decode_steps,
+            "max_batch_seen": self.max_batch_seen,
+            "max_batch": self.max_batch,
+            "sequences_done": self.sequences_done,
+            "sequences_cancelled": self.sequences_cancelled,
+            "sequences_failed": self.sequences_failed,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+        }
         if self.cache is not None:
             out["prefix_cache"] = self.cache.stats()
         return out
@@ -294,8 +339,9 @@ class Engine:
                 if s.logits is None:
                     end = self._next_cut(s)
                     scoring = s.prompt_lp is not None
-                    logits, state = self.model.forward(s.ids[s.pos:end], s.state,
-                                                       all_logits=scoring)
+                    logits, state = self.model.forward(
+                        s.ids[s.pos : end], s.state, all_logits=scoring
+                    )
                     self.prefill_tokens += end - s.pos
                     budget -= end - s.pos
                     if scoring:
@@ -325,7 +371,7 @@ class Engine:
         else:
             s.prompt_lp += token_logprobs(s.row.unsqueeze(0), [s.ids[s.pos]], s.prompt_logprobs)
         if end - s.pos > 1:
-            s.prompt_lp += token_logprobs(rows[:-1], s.ids[s.pos + 1:end], s.prompt_logprobs)
+            s.prompt_lp += token_logprobs(rows[:-1], s.ids[s.pos + 1 : end], s.prompt_logprobs)
         s.row = rows[-1]
 
     # -- decode ------------------------------------------------------------------------------
@@ -347,10 +393,11 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - one sequence fails, the rest go on
                 self._fail(s, e)
         for i in range(0, len(run), self.max_batch):
-            group = run[i:i + self.max_batch]
+            group = run[i : i + self.max_batch]
             try:
-                logits, states = self.model.forward_batch([[t] for _, t in group],
-                                                          [s.state for s, _ in group])
+                logits, states = self.model.forward_batch(
+                    [[t] for _, t in group], [s.state for s, _ in group]
+                )
             except Exception as e:  # noqa: BLE001 - one sequence fails, the rest go on
                 for s, _ in group:
                     self._fail(s, e)
@@ -399,11 +446,19 @@ class Engine:
         s.phase = "done"
         self.sequences_done += 1
         self._forget(s)
-        s.emit(DoneEvent(finish_reason=s.loop.finish_reason, stop=s.loop.stop,
-                         prompt_tokens=len(s.ids), completion_tokens=s.loop.sampled,
-                         cached_tokens=s.cached, tokens=list(s.loop.tokens), state=s.state,
-                         seed=s.loop.seed,
-                         prompt_logprobs=None if s.prompt_lp is None else tuple(s.prompt_lp)))
+        s.emit(
+            DoneEvent(
+                finish_reason=s.loop.finish_reason,
+                stop=s.loop.stop,
+                prompt_tokens=len(s.ids),
+                completion_tokens=s.loop.sampled,
+                cached_tokens=s.cached,
+                tokens=list(s.loop.tokens),
+                state=s.state,
+                seed=s.loop.seed,
+                prompt_logprobs=None if s.prompt_lp is None else tuple(s.prompt_lp),
+            )
+        )
 
     def _drop(self, s: Sequence) -> None:
         if s.phase == "done":

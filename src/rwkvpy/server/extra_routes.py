@@ -44,12 +44,13 @@ async def tokenize(request: Request):
         name = "content" if "content" in body else "prompt"
         text = body.get(name)
         if not isinstance(text, str):
-            raise P.bad("give the text to tokenize as 'content' (or 'prompt'), a string",
-                        name)
+            raise P.bad("give the text to tokenize as 'content' (or 'prompt'), a string", name)
         ids = await run_in_threadpool(tok.encode, text)
     if P.get_bool(body, "with_pieces"):
-        return {"tokens": [{"id": t, "piece": R.token_string(tok, t)} for t in ids],
-                "count": len(ids)}
+        return {
+            "tokens": [{"id": t, "piece": R.token_string(tok, t)} for t in ids],
+            "count": len(ids),
+        }
     return {"tokens": ids, "count": len(ids)}
 
 
@@ -61,7 +62,8 @@ async def detokenize(request: Request):
     ids = body.get("tokens")
     V = server.model.config.vocab_size
     if not isinstance(ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids
+    ):
         raise P.bad(f"'tokens' must be a list of token ids in 0..{V - 1}", "tokens")
     text = await run_in_threadpool(server.tokenizer.decode, ids)
     return {"content": text, "prompt": text}
@@ -74,8 +76,13 @@ async def tokenizer_info(request: Request):
     end = tok.decode([0])
     if not end or tok.encode(end) != [0]:
         end = None
-    return {"eos_token": end, "bos_token": end, "pad_token": None, "tokenizer": tok.name,
-            "vocab_size": server.model.config.vocab_size}
+    return {
+        "eos_token": end,
+        "bos_token": end,
+        "pad_token": None,
+        "tokenizer": tok.name,
+        "vocab_size": server.model.config.vocab_size,
+    }
 
 
 @router.get("/metrics")

@@ -28,9 +28,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-ROUTES = frozenset(("/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info",
-                    "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/states",
-                    "/v1/stats"))
+ROUTES = frozenset(
+    (
+        "/health",
+        "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/states",
+        "/v1/stats",
+    )
+)
 _PREFIXES = (("/v1/models/", "/v1/models/{id}"), ("/v1/states/", "/v1/states/{id}"))
 
 
@@ -54,36 +65,56 @@ class _EngineCollector:
         engine = self.server.engine
         st = engine.stats()
         for name, key, doc in (
-                ("rwkvpy_prompt_tokens", "prompt_tokens",
-                 "Prompt tokens of the sequences started, cached ones included"),
-                ("rwkvpy_prefill_tokens", "prefill_tokens",
-                 "Prompt tokens processed by the model (not taken from the prefix cache)"),
-                ("rwkvpy_generation_tokens", "generated_tokens",
-                 "Tokens chosen by the sequences (a stop token included)")):
+            (
+                "rwkvpy_prompt_tokens",
+                "prompt_tokens",
+                "Prompt tokens of the sequences started, cached ones included",
+            ),
+            (
+                "rwkvpy_prefill_tokens",
+                "prefill_tokens",
+                "Prompt tokens processed by the model (not taken from the prefix cache)",
+            ),
+            (
+                "rwkvpy_generation_tokens",
+                "generated_tokens",
+                "Tokens chosen by the sequences (a stop token included)",
+            ),
+        ):
             yield CounterMetricFamily(name, doc, value=st[key])
-        seqs = CounterMetricFamily("rwkvpy_sequences", "Sequences ended, by outcome",
-                                   labels=["outcome"])
+        seqs = CounterMetricFamily(
+            "rwkvpy_sequences", "Sequences ended, by outcome", labels=["outcome"]
+        )
         seqs.add_metric(["finished"], st["sequences_done"])
         seqs.add_metric(["cancelled"], st["sequences_cancelled"])
         seqs.add_metric(["failed"], st["sequences_failed"])
         yield seqs
-        yield GaugeMetricFamily("rwkvpy_queue_length",
-                                "Sequences waiting for or in prefill", value=st["queued"])
-        yield GaugeMetricFamily("rwkvpy_running_sequences",
-                                "Sequences in the decode batch", value=st["decoding"])
-        yield GaugeMetricFamily("rwkvpy_slots_used", "Generation slots held by requests",
-                                value=self.server.slots_used)
+        yield GaugeMetricFamily(
+            "rwkvpy_queue_length", "Sequences waiting for or in prefill", value=st["queued"]
+        )
+        yield GaugeMetricFamily(
+            "rwkvpy_running_sequences", "Sequences in the decode batch", value=st["decoding"]
+        )
+        yield GaugeMetricFamily(
+            "rwkvpy_slots_used", "Generation slots held by requests", value=self.server.slots_used
+        )
         cache = st.get("prefix_cache")
         if cache is not None:
-            yield CounterMetricFamily("rwkvpy_prefix_cache_hits",
-                                      "Prefix-cache lookups that found a cached prefix",
-                                      value=cache["hits"])
-            yield CounterMetricFamily("rwkvpy_prefix_cache_misses",
-                                      "Prefix-cache lookups that found none",
-                                      value=cache["misses"])
-            yield GaugeMetricFamily("rwkvpy_prefix_cache_bytes",
-                                    "Bytes of the states in the prefix cache",
-                                    value=cache["nbytes"])
+            yield CounterMetricFamily(
+                "rwkvpy_prefix_cache_hits",
+                "Prefix-cache lookups that found a cached prefix",
+                value=cache["hits"],
+            )
+            yield CounterMetricFamily(
+                "rwkvpy_prefix_cache_misses",
+                "Prefix-cache lookups that found none",
+                value=cache["misses"],
+            )
+            yield GaugeMetricFamily(
+                "rwkvpy_prefix_cache_bytes",
+                "Bytes of the states in the prefix cache",
+                value=cache["nbytes"],
+            )
 
 
 class Metrics:
@@ -91,19 +122,30 @@ class Metrics:
 
     def __init__(self, server):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("rwkvpy_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=self.registry)
-        self._batch = Histogram("rwkvpy_batch_size", "Sequences per forward_batch call",
-                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-                                registry=self.registry)
-        self._ttft = Histogram("rwkvpy_time_to_first_token_seconds",
-                               "From a sequence's submission to its first token",
-                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                                        60), registry=self.registry)
-        self._tpot = Histogram("rwkvpy_time_per_output_token_seconds",
-                               "Time between a sequence's consecutive tokens",
-                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                                        1, 2.5), registry=self.registry)
+        self.requests = Counter(
+            "rwkvpy_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self._batch = Histogram(
+            "rwkvpy_batch_size",
+            "Sequences per forward_batch call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self._ttft = Histogram(
+            "rwkvpy_time_to_first_token_seconds",
+            "From a sequence's submission to its first token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self._tpot = Histogram(
+            "rwkvpy_time_per_output_token_seconds",
+            "Time between a sequence's consecutive tokens",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(server))
 
     # the engine's observer (called from the engine thread)
@@ -140,5 +182,4 @@ class CountRequests:
         try:
             await self.app(scope, receive, sent)
         finally:
-            self.metrics.requests.labels(route_label(scope.get("path", "")),
-                                         str(status[0])).inc()
+            self.metrics.requests.labels(route_label(scope.get("path", "")), str(status[0])).inc()

@@ -19,21 +19,37 @@ from fastapi.responses import JSONResponse
 
 router = APIRouter()
 
-ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
 TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
-STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
-                                        "maxItems": 4}, {"type": "null"}]}
+STOP = {
+    "oneOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+        {"type": "null"},
+    ]
+}
 STREAM_OPTIONS = {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}}
 
 
 def _sampling(cfg) -> dict:
     return {
         "model": {"type": "string"},
-        "max_tokens": {"type": ["integer", "null"], "minimum": 0,
-                       "maximum": cfg.max_tokens_limit},
+        "max_tokens": {"type": ["integer", "null"], "minimum": 0, "maximum": cfg.max_tokens_limit},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": ["integer", "null"], "minimum": 0},
@@ -52,26 +68,61 @@ def _sampling(cfg) -> dict:
 
 def _bodies(cfg) -> dict:
     s = _sampling(cfg)
-    prompt = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
-                                               "minItems": 1, "maxItems": 1},
-                        {**TOKENS, "minItems": 1}]}
-    message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}
+    prompt = {
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+            {**TOKENS, "minItems": 1},
+        ]
+    }
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"enum": ["system", "user", "assistant"]},
+            "content": {"type": "string"},
+        },
+    }
     messages = {"type": "array", "items": message, "minItems": 1}
     return {
-        ("post", "/v1/completions"): {"type": "object", "required": ["prompt"], "properties": {
-            **s, "prompt": prompt, "echo": {"type": ["boolean", "null"]},
-            "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5}}},
-        ("post", "/v1/chat/completions"): {"type": "object", "required": ["messages"],
-                                           "properties": {**s, "messages": messages}},
-        ("post", "/v1/states"): {"type": "object", "required": ["id"], "properties": {
-            "id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
-            "prompt": {"type": "string"}, "model": {"type": "string"}}},
-        ("post", "/tokenize"): {"type": "object", "required": ["content"], "properties": {
-            "content": {"type": "string"}, "model": {"type": "string"},
-            "with_pieces": {"type": "boolean"}}},
-        ("post", "/detokenize"): {"type": "object", "required": ["tokens"], "properties": {
-            "tokens": TOKENS, "model": {"type": "string"}}},
+        ("post", "/v1/completions"): {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                **s,
+                "prompt": prompt,
+                "echo": {"type": ["boolean", "null"]},
+                "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5},
+            },
+        },
+        ("post", "/v1/chat/completions"): {
+            "type": "object",
+            "required": ["messages"],
+            "properties": {**s, "messages": messages},
+        },
+        ("post", "/v1/states"): {
+            "type": "object",
+            "required": ["id"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                "prompt": {"type": "string"},
+                "model": {"type": "string"},
+            },
+        },
+        ("post", "/tokenize"): {
+            "type": "object",
+            "required": ["content"],
+            "properties": {
+                "content": {"type": "string"},
+                "model": {"type": "string"},
+                "with_pieces": {"type": "boolean"},
+            },
+        },
+        ("post", "/detokenize"): {
+            "type": "object",
+            "required": ["tokens"],
+            "properties": {"tokens": TOKENS, "model": {"type": "string"}},
+        },
     }
 
 
@@ -90,8 +141,11 @@ RESULTS = {
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions"}
 #: each server-sent event of a stream ("stream": true): a JSON chunk, then "[DONE]"
-SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
-    "data": {"type": "string"}, "event": {"type": "string"}}}
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
 TEXT = {"/metrics"}
 
 
@@ -131,20 +185,29 @@ def document(app, cfg) -> dict:
                     ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}
             err = {"description": "error", "content": {"application/json": {"schema": ERROR}}}
             responses = {"200": ok, **{str(c): err for c in (400, 404, 413, 429, 503)}}
-            op: dict[str, Any] = {"operationId": f"{method}_{path.strip('/').replace('/', '_') or 'root'}",
-                  "responses": responses}
+            op: dict[str, Any] = {
+                "operationId": f"{method}_{path.strip('/').replace('/', '_') or 'root'}",
+                "responses": responses,
+            }
             if names:
-                op["parameters"] = [{"name": n, "in": "path", "required": True,
-                                     "schema": {"type": "string"}} for n in names]
+                op["parameters"] = [
+                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for n in names
+                ]
             if method in ("post", "put", "patch"):
-                op["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": bodies.get((method, path), {"type": "object"})}}}
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": bodies.get((method, path), {"type": "object"})
+                        }
+                    },
+                }
             if cfg.api_key and path not in open_paths:
                 op["security"] = [{"bearer": []}]
                 responses["401"] = err
             paths.setdefault(path, {})[method] = op
-    doc = {"openapi": "3.1.0", "info": {"title": "rwkvpy", "version": _version()},
-           "paths": paths}
+    doc = {"openapi": "3.1.0", "info": {"title": "rwkvpy", "version": _version()}, "paths": paths}
     if cfg.api_key:
         doc["components"] = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
     return doc

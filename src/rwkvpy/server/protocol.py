@@ -55,8 +55,16 @@ STATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers=None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers=None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -66,8 +74,14 @@ class ApiError(Exception):
         self.headers = headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -76,29 +90,29 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 @dataclass
 class Limits:
-    max_tokens: int = 4096       # the most tokens one choice may ask for
-    max_sequences: int = 64      # choices (prompts x n) one request may ask for
+    max_tokens: int = 4096  # the most tokens one choice may ask for
+    max_sequences: int = 64  # choices (prompts x n) one request may ask for
     default_completion_tokens: int = 16
-    max_prompt_tokens: int = 32768   # the longest prompt (a chat's whole conversation)
+    max_prompt_tokens: int = 32768  # the longest prompt (a chat's whole conversation)
 
 
 @dataclass
 class Prompt:
-    ids: list                    # token ids (non-empty)
-    text: str | None = None      # the text, when given as text (for echo)
-    checkpoints: tuple = ()      # positions whose states are worth caching (turn boundaries)
+    ids: list  # token ids (non-empty)
+    text: str | None = None  # the text, when given as text (for echo)
+    checkpoints: tuple = ()  # positions whose states are worth caching (turn boundaries)
 
 
 @dataclass
 class Spec:
-    kind: str                    # "completion" or "chat"
-    prompts: list                # of Prompt
-    params: list                 # SamplingParams per choice (n of them)
+    kind: str  # "completion" or "chat"
+    prompts: list  # of Prompt
+    params: list  # SamplingParams per choice (n of them)
     n: int = 1
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
-    state: str | None = None     # named starting state
+    state: str | None = None  # named starting state
     logprobs: int | None = None  # alternatives per token with log probabilities; None: none
     extra: dict = field(default_factory=dict)
 
@@ -168,18 +182,22 @@ def check_unicode(body) -> None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise bad(f"the request holds a lone surrogate (U+{ord(v[e.start]):04X}) in the "
-                          f"string {_show(v)}: text must be valid Unicode",
-                          code="invalid_unicode") from None
+                raise bad(
+                    f"the request holds a lone surrogate (U+{ord(v[e.start]):04X}) in the "
+                    f"string {_show(v)}: text must be valid Unicode",
+                    code="invalid_unicode",
+                ) from None
 
 
 def check_prompt_tokens(prompts, limits: Limits) -> None:
     """400 for a prompt longer than the server's --max-prompt-tokens."""
     for p in prompts:
         if len(p.ids) > limits.max_prompt_tokens:
-            raise bad(f"the prompt is {len(p.ids)} tokens; this server takes at most "
-                      f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
-                      code="context_length_exceeded")
+            raise bad(
+                f"the prompt is {len(p.ids)} tokens; this server takes at most "
+                f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
+                code="context_length_exceeded",
+            )
 
 
 def check_model(body, served: list) -> str:
@@ -189,9 +207,13 @@ def check_model(body, served: list) -> str:
     if not isinstance(name, str):
         raise bad(f"'model' must be a string, got {_show(name)}", "model")
     if name not in served:
-        raise ApiError(404, f"The model '{name}' does not exist: this server serves "
-                            f"{', '.join(repr(s) for s in served)}", param="model",
-                       code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model '{name}' does not exist: this server serves "
+            f"{', '.join(repr(s) for s in served)}",
+            param="model",
+            code="model_not_found",
+        )
     return name
 
 
@@ -200,14 +222,18 @@ def state_name(body, name="state"):
     if v is None:
         return None
     if not isinstance(v, str) or not STATE_ID.fullmatch(v):
-        raise bad(f"'{name}' must be a state id (letters, digits, '.', '_', '-'; at most 64), "
-                  f"got {_show(v)}", name)
+        raise bad(
+            f"'{name}' must be a state id (letters, digits, '.', '_', '-'; at most 64), "
+            f"got {_show(v)}",
+            name,
+        )
     return v
 
 
 # -- sampling ------------------------------------------------------------------------------------
-def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(),
-             logprobs=None, constraint=None) -> list:
+def sampling(
+    body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(), logprobs=None, constraint=None
+) -> list:
     """One SamplingParams per choice; ``constraint``: their json_schema/json_object/grammar."""
     temperature = get_num(body, "temperature", 1.0, lo=0)
     top_p = get_num(body, "top_p", 1.0, lo=0, hi=1)
@@ -215,12 +241,16 @@ def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(),
     if top_p == 0.0:
         top_p = 1.0
     kw = {
-        "temperature": temperature, "top_p": top_p, "greedy": greedy,
+        "temperature": temperature,
+        "top_p": top_p,
+        "greedy": greedy,
         "top_k": get_int(body, "top_k", 0, lo=0),
         "min_p": get_num(body, "min_p", 0.0, lo=0),
         "presence_penalty": get_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
         "frequency_penalty": get_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
-        "max_tokens": max_tokens, "logprobs": logprobs, **(constraint or {}),
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+        **(constraint or {}),
     }
     decay = get_num(body, "penalty_decay", None)
     if decay is not None:
@@ -236,11 +266,15 @@ def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(),
             except (TypeError, ValueError):
                 raise bad(f"logit_bias key {_show(k)} is not a token id", "logit_bias") from None
             if not 0 <= tid < vocab_size:
-                raise bad(f"logit_bias token id {tid} is out of range: the model's vocabulary has "
-                          f"ids 0..{vocab_size - 1}", "logit_bias")
+                raise bad(
+                    f"logit_bias token id {tid} is out of range: the model's vocabulary has "
+                    f"ids 0..{vocab_size - 1}",
+                    "logit_bias",
+                )
             if not _is_num(v) or not -100 <= v <= 100:
-                raise bad(f"logit_bias[{k}] must be a number in [-100, 100], got {_show(v)}",
-                          "logit_bias")
+                raise bad(
+                    f"logit_bias[{k}] must be a number in [-100, 100], got {_show(v)}", "logit_bias"
+                )
             clean[tid] = float(v)
         kw["logit_bias"] = clean
     stop = body.get("stop")
@@ -258,7 +292,7 @@ def sampling(body, *, vocab_size: int, max_tokens: int, n: int, extra_stop=(),
         raise bad("stop strings must not be empty", "stop")
     kw["stop"] = tuple(dict.fromkeys(stops + list(extra_stop)))
     seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 63 - 1024):
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63 - 1024):
         raise bad(f"'seed' must be an integer in [0, 2^63 - 1024), got {_show(seed)}", "seed")
     out = []
     for i in range(n):
@@ -288,34 +322,45 @@ def _refuse_unsupported(body, kind: str) -> None:
             raise bad("'suffix' is not supported by this server", "suffix", "unsupported")
     else:
         if body.get("functions"):
-            raise bad("the deprecated 'functions' is not supported: give 'tools'", "functions",
-                      "unsupported")
+            raise bad(
+                "the deprecated 'functions' is not supported: give 'tools'",
+                "functions",
+                "unsupported",
+            )
     if kind == "completion" and body.get("tools"):
         raise bad("'tools' work with /v1/chat/completions", "tools", "unsupported")
 
 
-def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, default_max,
-            tools=None):
+def _common(
+    body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, default_max, tools=None
+):
     from .structured import constraint_kw, tools_kw
 
     _refuse_unsupported(body, kind)
     constraint = tools_kw(tools, constraint_kw(body))
     n = get_int(body, "n", 1, lo=1)
     if n * n_prompts > limits.max_sequences:
-        raise bad(f"this request asks for {n * n_prompts} choices; this server allows at most "
-                  f"{limits.max_sequences} per request", "n")
+        raise bad(
+            f"this request asks for {n * n_prompts} choices; this server allows at most "
+            f"{limits.max_sequences} per request",
+            "n",
+        )
     best_of = get_int(body, "best_of", None, lo=1)
     if best_of is not None and best_of != n:
-        raise bad("'best_of' other than n is not supported by this server", "best_of",
-                  "unsupported")
+        raise bad(
+            "'best_of' other than n is not supported by this server", "best_of", "unsupported"
+        )
     name = "max_tokens"
     mt = body.get("max_tokens")
     if kind == "chat" and mt is None and body.get("max_completion_tokens") is not None:
         name = "max_completion_tokens"
     max_tokens = get_int(body, name, default_max, lo=0)
     if max_tokens > limits.max_tokens:
-        raise bad(f"'{name}' is {max_tokens}; this server allows at most {limits.max_tokens}",
-                  name, "max_tokens_too_large")
+        raise bad(
+            f"'{name}' is {max_tokens}; this server allows at most {limits.max_tokens}",
+            name,
+            "max_tokens_too_large",
+        )
     stream = get_bool(body, "stream")
     opts = body.get("stream_options")
     include_usage = False
@@ -324,9 +369,15 @@ def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, de
             raise bad("'stream_options' must be an object", "stream_options")
         include_usage = get_bool(opts, "include_usage")
     logprobs = logprobs_asked(body, kind)
-    params = sampling(body, vocab_size=vocab_size, max_tokens=max_tokens, n=n,
-                      extra_stop=(CHAT_STOP,) if kind == "chat" else (), logprobs=logprobs,
-                      constraint=constraint)
+    params = sampling(
+        body,
+        vocab_size=vocab_size,
+        max_tokens=max_tokens,
+        n=n,
+        extra_stop=(CHAT_STOP,) if kind == "chat" else (),
+        logprobs=logprobs,
+        constraint=constraint,
+    )
     return n, stream, include_usage, params
 
 
@@ -334,8 +385,11 @@ def _common(body, kind: str, limits: Limits, vocab_size: int, n_prompts: int, de
 def _ids(v, vocab_size, param="prompt"):
     for t in v:
         if not _is_int(t) or not 0 <= t < vocab_size:
-            raise bad(f"token id {_show(t)} in '{param}' is out of range: the model's vocabulary "
-                      f"has ids 0..{vocab_size - 1}", param)
+            raise bad(
+                f"token id {_show(t)} in '{param}' is out of range: the model's vocabulary "
+                f"has ids 0..{vocab_size - 1}",
+                param,
+            )
     return list(v)
 
 
@@ -353,28 +407,40 @@ def completion_prompts(body, vocab_size: int) -> list:
         for x in p:
             if isinstance(x, list):
                 if not x or not all(_is_int(t) for t in x):
-                    raise bad("'prompt' must be a string, a list of token ids, or a list of "
-                              "either (none empty)", "prompt")
+                    raise bad(
+                        "'prompt' must be a string, a list of token ids, or a list of "
+                        "either (none empty)",
+                        "prompt",
+                    )
                 items.append(_ids(x, vocab_size))
             else:
                 items.append(x)
     else:
-        raise bad("'prompt' must be a string, a list of token ids, or a list of either",
-                  "prompt")
+        raise bad("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
     if any(len(x) == 0 for x in items):
-        raise bad("the prompt is empty: the model needs at least one token to predict the next",
-                  "prompt")
+        raise bad(
+            "the prompt is empty: the model needs at least one token to predict the next", "prompt"
+        )
     return items
 
 
 def parse_completion(body, limits: Limits, vocab_size: int) -> tuple:
     """(Spec without encoded prompts, raw prompts)."""
     raw = completion_prompts(body, vocab_size)
-    n, stream, include_usage, params = _common(body, "completion", limits, vocab_size, len(raw),
-                                               limits.default_completion_tokens)
-    spec = Spec("completion", [], params, n=n, stream=stream, include_usage=include_usage,
-                echo=get_bool(body, "echo"), state=state_name(body),
-                logprobs=params[0].logprobs)
+    n, stream, include_usage, params = _common(
+        body, "completion", limits, vocab_size, len(raw), limits.default_completion_tokens
+    )
+    spec = Spec(
+        "completion",
+        [],
+        params,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        echo=get_bool(body, "echo"),
+        state=state_name(body),
+        logprobs=params[0].logprobs,
+    )
     return spec, raw
 
 
@@ -404,11 +470,15 @@ def message_text(m, i: int) -> str:
             if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
                 parts.append(p["text"])
             else:
-                raise bad(f"messages[{i}].content: only text parts are supported",
-                          f"messages[{i}].content", "unsupported")
+                raise bad(
+                    f"messages[{i}].content: only text parts are supported",
+                    f"messages[{i}].content",
+                    "unsupported",
+                )
         return "".join(parts)
-    raise bad(f"messages[{i}].content must be a string or a list of text parts",
-              f"messages[{i}].content")
+    raise bad(
+        f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content"
+    )
 
 
 def check_messages(body, *, required=True) -> list:
@@ -426,9 +496,11 @@ def check_messages(body, *, required=True) -> list:
             raise bad(f"messages[{i}] must be an object", f"messages[{i}]")
         role = m.get("role")
         if role not in ROLES and role != "tool":
-            raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, tool, got "
-                      f"{_show(role)}", f"messages[{i}].role",
-                      "unsupported" if isinstance(role, str) else None)
+            raise bad(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, tool, got {_show(role)}",
+                f"messages[{i}].role",
+                "unsupported" if isinstance(role, str) else None,
+            )
         text = message_text(m, i)
         if role == "assistant" and m.get("tool_calls"):
             calls = assistant_calls_text(m["tool_calls"], i)
@@ -453,8 +525,10 @@ def render_messages(messages, tokenizer, generation_prompt: bool = True) -> Prom
             ids += tokenizer.encode(f"{ROLES.get(role, role)}: {text}{CHAT_STOP}")
     if generation_prompt:
         ids += tokenizer.encode("Assistant:")
-    text = "".join((f"Assistant: {t}{CHAT_STOP}" if r == "assistant" else
-                    f"{ROLES.get(r, r)}: {t}{CHAT_STOP}") for r, t in messages)
+    text = "".join(
+        (f"Assistant: {t}{CHAT_STOP}" if r == "assistant" else f"{ROLES.get(r, r)}: {t}{CHAT_STOP}")
+        for r, t in messages
+    )
     if generation_prompt:
         text += "Assistant:"
     return Prompt(ids, text=text, checkpoints=(boundary,) if 0 < boundary < len(ids) else ())
@@ -467,10 +541,19 @@ def parse_chat(body, limits: Limits, vocab_size: int) -> tuple:
 
     msgs = check_messages(body)
     tools = parse_tools(body)
-    n, stream, include_usage, params = _common(body, "chat", limits, vocab_size, 1,
-                                               limits.max_tokens, tools=tools)
-    spec = Spec("chat", [], params, n=n, stream=stream, include_usage=include_usage,
-                state=state_name(body), logprobs=params[0].logprobs)
+    n, stream, include_usage, params = _common(
+        body, "chat", limits, vocab_size, 1, limits.max_tokens, tools=tools
+    )
+    spec = Spec(
+        "chat",
+        [],
+        params,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        state=state_name(body),
+        logprobs=params[0].logprobs,
+    )
     if tools is not None and tools.active:
         msgs = [("system", tools.system_text())] + msgs
         spec.extra["tools"] = tools

@@ -49,8 +49,7 @@ class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
         home = by_id[home_replica(session, list(by_id))]
         busy = self.replica_queue_len_cache.get(home.replica_id)
         waited = time.time() - pending_request.created_at
-        if (self.overload and busy is not None and busy >= self.overload) \
-                or waited > self.patience:
+        if (self.overload and busy is not None and busy >= self.overload) or waited > self.patience:
             return await super().choose_replicas(candidate_replicas, pending_request)
         # the home replica alone: asked again (with backoff) while it does not answer in time,
         # as happens on a busy machine, until ``patience`` runs out

@@ -30,8 +30,8 @@ log = logging.getLogger("rwkvpy.server")
 APP_NAME = "rwkvpy"
 STORE_NAME = "rwkvpy-state-store"
 REPLICA_HEADER = b"x-rwkvpy-replica"
-STATS_EVERY = 0.5      # seconds between a replica's publications of its counters
-STATS_STALE = 10.0     # a replica silent this long (gone) leaves the sums
+STATS_EVERY = 0.5  # seconds between a replica's publications of its counters
+STATS_STALE = 10.0  # a replica silent this long (gone) leaves the sums
 # /v1/stats fields that are not summed over replicas: the largest is shown
 MAX_FIELDS = ("max_batch_seen",)
 
@@ -47,8 +47,8 @@ class StateStore:
     def __init__(self, max_states: int):
         self.max_states = max_states
         self.version = 0
-        self.entries: dict = {}   # id -> (token, source, ObjectRef of the NamedState)
-        self.stats: dict = {}     # replica id -> (time, its /v1/stats body)
+        self.entries: dict = {}  # id -> (token, source, ObjectRef of the NamedState)
+        self.stats: dict = {}  # replica id -> (time, its /v1/stats body)
 
     def listing(self, known: int):
         """(version, {id: (token, ref)}), or (version, None) when ``known`` is current."""
@@ -93,6 +93,7 @@ def merge_stats(parts: dict) -> dict:
     """One /v1/stats body from the replicas' own ``{replica: body}``: numbers summed (the
     MAX_FIELDS: the largest), nested dicts merged alike, other values from any replica; and
     ``replicas``: each replica's body, by id."""
+
     def merge(bodies):
         out = {}
         for b in bodies:
@@ -107,8 +108,10 @@ def merge_stats(parts: dict) -> dict:
                     out[k] = max(out.get(k, v), v)
                 else:
                     out[k] = out.get(k, 0) + v
-        return {k: merge(v) if isinstance(v, list) and v and isinstance(v[0], dict) else v
-                for k, v in out.items()}
+        return {
+            k: merge(v) if isinstance(v, list) and v and isinstance(v[0], dict) else v
+            for k, v in out.items()
+        }
 
     body = merge(list(parts.values()))
     body["replicas"] = [{"replica": r, **b} for r, b in sorted(parts.items())]
@@ -128,7 +131,7 @@ def _server_state_class():
             self.store = store
             self.replica = replica
             self.seen_version = -1
-            self.tokens: dict = {}   # id -> the store's token of our copy
+            self.tokens: dict = {}  # id -> the store's token of our copy
             self.lock = asyncio.Lock()
 
         async def sync_states(self) -> None:
@@ -151,8 +154,12 @@ def _server_state_class():
             _, token = await self.store.put.remote(ns)
             if token is None:
                 self.states.pop(ns.id, None)
-                raise P.bad(f"this server keeps at most {self.config.max_states} saved states: "
-                            f"delete one first", "id", "too_many_states")
+                raise P.bad(
+                    f"this server keeps at most {self.config.max_states} saved states: "
+                    f"delete one first",
+                    "id",
+                    "too_many_states",
+                )
             self.tokens[ns.id] = token
 
         async def state_deleted(self, sid: str) -> None:
@@ -179,9 +186,12 @@ class _ReplicaHeader:
 
         async def tagged(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()),
-                                                  (REPLICA_HEADER, self.value)]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (REPLICA_HEADER, self.value)],
+                }
             await send(message)
+
         return await self.app(scope, receive, tagged)
 
 
@@ -243,16 +253,26 @@ def _build_server(spec: dict, store, replica: str):
         named[sname] = NamedState(sname, st, cache_root(model, st), int(st.n_tokens), "file")
     warm_up(model)
     e = spec["engine"]
-    cache = (PrefixCache(max_bytes=e["cache_bytes"], every=e["cache_every"])
-             if e["cache_bytes"] > 0 else None)
+    cache = (
+        PrefixCache(max_bytes=e["cache_bytes"], every=e["cache_every"])
+        if e["cache_bytes"] > 0
+        else None
+    )
     engine = Engine(model, tok, cache=cache, max_batch=e["max_batch"])
     config = ServerConfig(**spec["config"])
     return _server_state_class()(model, tok, engine, config, named, store=store, replica=replica)
 
 
 # -- the deployment ------------------------------------------------------------------------------
-def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
-           host: str = "127.0.0.1", port: int = 8000, blocking_timeout: float = 300.0) -> str:
+def deploy(
+    spec: dict,
+    *,
+    replicas: int = 1,
+    autoscale: tuple | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    blocking_timeout: float = 300.0,
+) -> str:
     """Start the deployment on the connected Ray cluster; returns the proxy's URL once every
     replica is up. Ray must be initialized; :func:`shutdown` undoes it."""
     import ray
@@ -260,9 +280,11 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
     from ray.serve.config import RequestRouterConfig
 
     threads = spec["load_kw"]["threads"]
-    store = ray.remote(StateStore).options(
-        name=STORE_NAME, namespace="serve", get_if_exists=True, max_restarts=0,
-        num_cpus=0).remote(spec["config"]["max_states"])
+    store = (
+        ray.remote(StateStore)
+        .options(name=STORE_NAME, namespace="serve", get_if_exists=True, max_restarts=0, num_cpus=0)
+        .remote(spec["config"]["max_states"])
+    )
     options = {
         "ray_actor_options": {"num_cpus": threads},
         "max_ongoing_requests": spec["config"]["max_concurrent"] + 16,
@@ -273,14 +295,18 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
         "request_router_config": RequestRouterConfig(
             # a path: imported where each proxy runs (pydantic's signature confuses mypy)
             request_router_class="rwkvpy.server.ray_router.SessionAffinityRouter",  # type: ignore[arg-type]
-            request_router_kwargs={"overload": spec["config"]["max_concurrent"]}),
+            request_router_kwargs={"overload": spec["config"]["max_concurrent"]},
+        ),
     }
     if autoscale is not None:
         lo, hi = autoscale
         options["autoscaling_config"] = {
-            "min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+            "min_replicas": lo,
+            "max_replicas": hi,
+            "initial_replicas": max(lo, 1),
             # one replica per this many requests in flight
-            "target_ongoing_requests": max(1, spec["config"]["max_concurrent"] // 2)}
+            "target_ongoing_requests": max(1, spec["config"]["max_concurrent"] // 2),
+        }
     else:
         options["num_replicas"] = replicas
     deployment = serve.deployment(serve.ingress()(Replica), name="rwkvpy")
@@ -288,8 +314,7 @@ def deploy(spec: dict, *, replicas: int = 1, autoscale: tuple | None = None,
     if port == 0:
         port = _free_port(host)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment.bind(spec, store), name=APP_NAME, route_prefix="/",
-              blocking=False)
+    serve.run(deployment.bind(spec, store), name=APP_NAME, route_prefix="/", blocking=False)
     _wait_running(blocking_timeout)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
@@ -309,8 +334,10 @@ def _wait_running(timeout: float) -> None:
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise ServeError(f"the Ray Serve deployment failed: {status.message}")
         if time.monotonic() > deadline:
-            raise ServeError(f"the Ray Serve deployment did not start in {timeout:.0f} s "
-                             f"({state or 'no status'})")
+            raise ServeError(
+                f"the Ray Serve deployment did not start in {timeout:.0f} s "
+                f"({state or 'no status'})"
+            )
         time.sleep(0.2)
 
 

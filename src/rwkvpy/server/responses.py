@@ -27,9 +27,12 @@ from ..tokenizers import StreamDecoder
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def totals(prompts, infos, n: int) -> dict:
@@ -37,8 +40,9 @@ def totals(prompts, infos, n: int) -> dict:
     choice (None for one that did not end), ``n`` choices per prompt."""
     pt = sum(len(p.ids) for p in prompts)
     ct = sum(i.completion_tokens for i in infos if i is not None)
-    cached = sum(infos[pi * n].cached_tokens for pi in range(len(prompts))
-                 if infos[pi * n] is not None)
+    cached = sum(
+        infos[pi * n].cached_tokens for pi in range(len(prompts)) if infos[pi * n] is not None
+    )
     return usage(pt, ct, cached)
 
 
@@ -77,19 +81,33 @@ def completion_logprobs(tokenizer, entries, offsets) -> dict:
     for e in entries:
         tokens.append(token_string(tokenizer, e.token))
         lps.append(e.logprob)
-        tops.append(None if e.logprob is None else
-                    {token_string(tokenizer, t): lp for t, lp in e.top})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
-            "text_offset": list(offsets)}
+        tops.append(
+            None if e.logprob is None else {token_string(tokenizer, t): lp for t, lp in e.top}
+        )
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "top_logprobs": tops,
+        "text_offset": list(offsets),
+    }
 
 
 def chat_logprobs(tokenizer, entries) -> dict:
     """The chat shape for ``entries`` (TokenLogprob)."""
+
     def one(t, lp):
-        return {"token": token_string(tokenizer, t), "logprob": lp,
-                "bytes": list(tokenizer.decode_bytes([t]))}
-    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
-                        for e in entries]}
+        return {
+            "token": token_string(tokenizer, t),
+            "logprob": lp,
+            "bytes": list(tokenizer.decode_bytes([t])),
+        }
+
+    return {
+        "content": [
+            {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+    }
 
 
 # -- whole responses -----------------------------------------------------------------------------
@@ -98,15 +116,25 @@ def completion_choice(i: int, text: str, finish_reason, logprobs=None) -> dict:
 
 
 def chat_choice(i: int, content: str, finish_reason, logprobs=None) -> dict:
-    return {"index": i, "message": {"role": "assistant", "content": content},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+    return {
+        "index": i,
+        "message": {"role": "assistant", "content": content},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
 
 
 def body(kind: str, meta: dict, fingerprint: str, choices: list, use: dict) -> dict:
     """A whole response (not streamed); ``meta``: id, created, model."""
-    return {"id": meta["id"], "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": meta["created"], "model": meta["model"],
-            "system_fingerprint": fingerprint, "choices": choices, "usage": use}
+    return {
+        "id": meta["id"],
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": meta["created"],
+        "model": meta["model"],
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+        "usage": use,
+    }
 
 
 class Chunks:
@@ -114,32 +142,43 @@ class Chunks:
 
     def __init__(self, kind: str, meta: dict, fingerprint: str, include_usage: bool):
         self.chat = kind == "chat"
-        self.base = {"id": meta["id"],
-                     "object": "chat.completion.chunk" if self.chat else "text_completion",
-                     "created": meta["created"], "model": meta["model"],
-                     "system_fingerprint": fingerprint}
+        self.base = {
+            "id": meta["id"],
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": meta["created"],
+            "model": meta["model"],
+            "system_fingerprint": fingerprint,
+        }
         if include_usage:
             self.base["usage"] = None
 
     def role(self, i: int) -> str:
         """A chat choice's first chunk: the role."""
-        return self._choice({"index": i, "delta": {"role": "assistant", "content": ""},
-                             "logprobs": None, "finish_reason": None})
+        return self._choice(
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
 
     def piece(self, i: int, text: str, logprobs=None) -> str:
         if self.chat:
-            c = {"index": i, "delta": {"content": text}, "logprobs": logprobs,
-                 "finish_reason": None}
+            c = {
+                "index": i,
+                "delta": {"content": text},
+                "logprobs": logprobs,
+                "finish_reason": None,
+            }
         else:
             c = completion_choice(i, text, None, logprobs)
         return self._choice(c)
 
     def tool_calls(self, i: int, calls: list) -> str:
         """A chat choice's tool calls, whole (``calls`` in the message shape), as a delta."""
-        delta = {"content": None,
-                 "tool_calls": [dict(c, index=j) for j, c in enumerate(calls)]}
-        return self._choice({"index": i, "delta": delta, "logprobs": None,
-                             "finish_reason": None})
+        delta = {"content": None, "tool_calls": [dict(c, index=j) for j, c in enumerate(calls)]}
+        return self._choice({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
 
     def finish(self, i: int, finish_reason: str) -> str:
         if self.chat:

@@ -59,6 +59,7 @@ class Job:
                 loop.call_soon_threadsafe(queue.put_nowait, (index, event))
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
+
         return emit
 
     def gone(self) -> None:
@@ -82,8 +83,11 @@ class _JobStream(StreamingResponse):
     """A streaming response that closes its job however the response ends."""
 
     def __init__(self, content, job: Job):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.job = job
 
     async def __call__(self, scope, receive, send):
@@ -97,8 +101,11 @@ class _JobStream(StreamingResponse):
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object; 413 past ``limit`` bytes (the rest is drained, up to a cap,
     so that the client can read the answer), 400 when it is not a JSON object."""
-    too_large = P.ApiError(413, f"the request body is larger than this server's limit of "
-                                f"{limit} bytes", code="request_too_large")
+    too_large = P.ApiError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes",
+        code="request_too_large",
+    )
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -124,8 +131,9 @@ async def read_json(request: Request, limit: int) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise P.bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
-        raise P.bad("the request body is not valid JSON: nested too deep",
-                    code="invalid_json") from None
+        raise P.bad(
+            "the request body is not valid JSON: nested too deep", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise P.bad("the request body must be a JSON object", code="invalid_json")
     P.check_unicode(data)
@@ -154,9 +162,12 @@ def event_error(ev) -> P.ApiError:
     """The ApiError of an ErrorEvent or a CancelledEvent."""
     if isinstance(ev, CancelledEvent):
         return P.ApiError(503, ev.reason, type="server_error", code="server_shutting_down")
-    return P.ApiError(400 if ev.user_error else 500, ev.message,
-                      type="invalid_request_error" if ev.user_error else "server_error",
-                      code=None if ev.user_error else "internal_error")
+    return P.ApiError(
+        400 if ev.user_error else 500,
+        ev.message,
+        type="invalid_request_error" if ev.user_error else "server_error",
+        code=None if ev.user_error else "internal_error",
+    )
 
 
 def start(server: ServerState, job: Job, prompts, params, n, named, score=None) -> None:
@@ -170,20 +181,33 @@ def start(server: ServerState, job: Job, prompts, params, n, named, score=None) 
     P.check_prompt_tokens(prompts, server.limits)  # before anything runs
     for pi, prompt in enumerate(prompts):
         for j in range(n):
-            job.seqs.append(Sequence(prompt.ids, params[j], job.emitter(pi * n + j),
-                                     state=state, root=root, checkpoints=prompt.checkpoints,
-                                     prompt_logprobs=score))
+            job.seqs.append(
+                Sequence(
+                    prompt.ids,
+                    params[j],
+                    job.emitter(pi * n + j),
+                    state=state,
+                    root=root,
+                    checkpoints=prompt.checkpoints,
+                    prompt_logprobs=score,
+                )
+            )
     try:
         server.engine.submit(job.seqs)
     except EngineClosed:
-        raise P.ApiError(503, SHUTDOWN_MESSAGE, type="server_error",
-                         code="server_shutting_down") from None
+        raise P.ApiError(
+            503, SHUTDOWN_MESSAGE, type="server_error", code="server_shutting_down"
+        ) from None
 
 
 # -- info routes -----------------------------------------------------------------------------------
 def _model_card(server: ServerState) -> dict:
-    return {"id": server.config.model_name, "object": "model", "created": server.started,
-            "owned_by": "rwkvpy"}
+    return {
+        "id": server.config.model_name,
+        "object": "model",
+        "created": server.started,
+        "owned_by": "rwkvpy",
+    }
 
 
 @router.get("/health")
@@ -217,12 +241,20 @@ class _Request:
     """One generation request, parsed: its prompts, spec, job and response metadata."""
 
     def __init__(self, server, kind, spec, prompts, job):
-        self.server, self.kind, self.spec, self.prompts, self.job = (server, kind, spec, prompts,
-                                                                     job)
+        self.server, self.kind, self.spec, self.prompts, self.job = (
+            server,
+            kind,
+            spec,
+            prompts,
+            job,
+        )
         self.chat = kind == "chat"
         self.tok = server.tokenizer
-        self.meta = {"id": ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24],
-                     "created": int(time.time()), "model": server.config.model_name}
+        self.meta = {
+            "id": ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24],
+            "created": int(time.time()),
+            "model": server.config.model_name,
+        }
         self.scoring = spec.echo and spec.logprobs is not None
         self.tools = spec.extra.get("tools")  # chat tools that constrain the reply
 
@@ -234,8 +266,9 @@ class _Request:
         return p.text if p.text is not None else self.tok.decode(p.ids)
 
     def prompt_shape(self, i: int, entries) -> dict:
-        return R.completion_logprobs(self.tok, entries,
-                                     R.prompt_offsets(self.tok, self.prompt_of(i).ids))
+        return R.completion_logprobs(
+            self.tok, entries, R.prompt_offsets(self.tok, self.prompt_of(i).ids)
+        )
 
     def piece_shape(self, entries, base: int):
         """The logprobs of generated tokens (None when not asked for); ``base``: characters
@@ -271,8 +304,15 @@ async def _generate(request: Request, kind: str):
     job = Job(server, k)
     req = _Request(server, kind, spec, prompts, job)
     try:
-        start(server, job, prompts, spec.params, spec.n, named,
-              score=spec.logprobs if req.scoring else None)
+        start(
+            server,
+            job,
+            prompts,
+            spec.params,
+            spec.n,
+            named,
+            score=spec.logprobs if req.scoring else None,
+        )
     except BaseException:
         job.close()
         raise
@@ -437,8 +477,11 @@ async def save_state(request: Request):
     await server.sync_states()
     saved = sum(1 for s in server.states.values() if s.source == "request")
     if sid not in server.states and saved >= cfg.max_states:
-        raise P.bad(f"this server keeps at most {cfg.max_states} saved states: delete one "
-                    f"first", "id", "too_many_states")
+        raise P.bad(
+            f"this server keeps at most {cfg.max_states} saved states: delete one first",
+            "id",
+            "too_many_states",
+        )
     msgs = P.check_messages(body, required=False)
     has_prompt = body.get("prompt") is not None
     if (msgs is None) == (not has_prompt):
@@ -478,5 +521,9 @@ async def save_state(request: Request):
     ns = NamedState(sid, ev.state, root, base_tokens + len(prompt.ids), "request")
     server.states[sid] = ns
     await server.state_saved(ns)
-    return {**ns.describe(), "prompt_tokens": len(prompt.ids),
-            "cached_tokens": ev.cached_tokens, "base": base_name}
+    return {
+        **ns.describe(),
+        "prompt_tokens": len(prompt.ids),
+        "cached_tokens": ev.cached_tokens,
+        "base": base_name,
+    }

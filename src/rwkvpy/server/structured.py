@@ -57,9 +57,11 @@ from .protocol import bad
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-INTRO = ("You can call these functions. To call one, reply with <tool_call>{\"name\": NAME, "
-         "\"arguments\": ARGUMENTS}</tool_call> (several calls: one per line) and nothing else. "
-         "Functions: ")
+INTRO = (
+    'You can call these functions. To call one, reply with <tool_call>{"name": NAME, '
+    '"arguments": ARGUMENTS}</tool_call> (several calls: one per line) and nothing else. '
+    "Functions: "
+)
 
 
 class Tools:
@@ -91,8 +93,11 @@ class Tools:
         """The grammar of the reply (see the module's docstring), in llguidance's Lark."""
         from ..constrain import JSON_WHITESPACE
 
-        names = ([self.choice] if self.choice not in ("auto", "required")
-                 else [f["name"] for f in self.functions])
+        names = (
+            [self.choice]
+            if self.choice not in ("auto", "required")
+            else [f["name"] for f in self.functions]
+        )
         by_name = {f["name"]: f for f in self.functions}
         lines = []
         alts = []
@@ -105,7 +110,7 @@ class Tools:
                 opts.update(schema["x-guidance"])
             schema["x-guidance"] = opts
             head = json.dumps(f'{{"name": {json.dumps(name)}, "arguments": ')
-            lines.append(f"fn{i}: {head} args{i} \"}}\"")
+            lines.append(f'fn{i}: {head} args{i} "}}"')
             lines.append(f"args{i}: %json {json.dumps(schema, ensure_ascii=False)}")
             alts.append(f"fn{i}")
         call = f"call: {json.dumps(OPEN)} ({' | '.join(alts)}) {json.dumps(CLOSE)}"
@@ -134,26 +139,34 @@ def parse_tools(body) -> Tools | None:
     functions = []
     for i, t in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(
-                t.get("function"), dict):
-            raise bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+        if (
+            not isinstance(t, dict)
+            or t.get("type") != "function"
+            or not isinstance(t.get("function"), dict)
+        ):
+            raise bad(f'{where} must be {{"type": "function", "function": {{...}}}}', where)
         f = t["function"]
         name = f.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise bad(f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got "
-                      f"{name!r:.60}", f"{where}.function.name")
+            raise bad(
+                f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {name!r:.60}",
+                f"{where}.function.name",
+            )
         if any(g["name"] == name for g in functions):
             raise bad(f"two tools are named {name!r}", f"{where}.function.name")
         desc = f.get("description")
         if desc is not None and not isinstance(desc, str):
-            raise bad(f"{where}.function.description must be a string",
-                      f"{where}.function.description")
+            raise bad(
+                f"{where}.function.description must be a string", f"{where}.function.description"
+            )
         params = f.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
         if not isinstance(params, dict):
-            raise bad(f"{where}.function.parameters must be a JSON schema object",
-                      f"{where}.function.parameters")
+            raise bad(
+                f"{where}.function.parameters must be a JSON schema object",
+                f"{where}.function.parameters",
+            )
         functions.append({"name": name, "description": desc, "parameters": params})
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
@@ -164,15 +177,20 @@ def parse_tools(body) -> Tools | None:
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if choice.get("type") != "function" or not isinstance(name, str):
-            raise bad("'tool_choice' must be \"auto\", \"none\", \"required\" or "
-                      "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+            raise bad(
+                '\'tool_choice\' must be "auto", "none", "required" or '
+                '{"type": "function", "function": {"name": ...}}',
+                "tool_choice",
+            )
         if all(f["name"] != name for f in functions):
-            raise bad(f"'tool_choice' names {name!r}, which is not among the tools",
-                      "tool_choice")
+            raise bad(f"'tool_choice' names {name!r}, which is not among the tools", "tool_choice")
         choice = name
     elif choice not in ("auto", "none", "required"):
-        raise bad("'tool_choice' must be \"auto\", \"none\", \"required\" or "
-                  "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+        raise bad(
+            '\'tool_choice\' must be "auto", "none", "required" or '
+            '{"type": "function", "function": {"name": ...}}',
+            "tool_choice",
+        )
     return Tools(functions, choice, parallel)
 
 
@@ -187,14 +205,18 @@ def assistant_calls_text(calls, i: int) -> str:
         name = fn.get("name") if isinstance(fn, dict) else None
         args = fn.get("arguments") if isinstance(fn, dict) else None
         if not isinstance(name, str) or not isinstance(args, (str, dict)):
-            raise bad(f"messages[{i}].tool_calls[{j}] must hold function.name and "
-                      f"function.arguments", f"messages[{i}].tool_calls")
+            raise bad(
+                f"messages[{i}].tool_calls[{j}] must hold function.name and function.arguments",
+                f"messages[{i}].tool_calls",
+            )
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
             except json.JSONDecodeError:
-                raise bad(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
-                          f"messages[{i}].tool_calls") from None
+                raise bad(
+                    f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
+                    f"messages[{i}].tool_calls",
+                ) from None
         call = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
         out.append(f"{OPEN}{call}{CLOSE}")
     return "\n".join(out)
@@ -237,10 +259,16 @@ def parse_calls(text: str) -> list:
         if not text.startswith(CLOSE, end):
             break
         if isinstance(d, dict) and isinstance(d.get("name"), str):
-            out.append({"id": "call_" + secrets.token_hex(12), "type": "function",
-                        "function": {"name": d["name"],
-                                     "arguments": json.dumps(d.get("arguments", {}),
-                                                             ensure_ascii=False)}})
+            out.append(
+                {
+                    "id": "call_" + secrets.token_hex(12),
+                    "type": "function",
+                    "function": {
+                        "name": d["name"],
+                        "arguments": json.dumps(d.get("arguments", {}), ensure_ascii=False),
+                    },
+                }
+            )
         at = text.find(OPEN, end + len(CLOSE))
     return out
 
@@ -261,8 +289,10 @@ def constraint_kw(body) -> dict:
         elif kind == "json_schema":
             js = fmt.get("json_schema")
             if not isinstance(js, dict):
-                raise bad("response_format.json_schema must be an object holding 'schema'",
-                          "response_format.json_schema")
+                raise bad(
+                    "response_format.json_schema must be an object holding 'schema'",
+                    "response_format.json_schema",
+                )
             schema = js.get("schema", {"type": "object"} if "name" in js else js)
             try:
                 constraint_for("json_schema", schema)
@@ -270,8 +300,12 @@ def constraint_kw(body) -> dict:
                 raise bad(str(e), "response_format.json_schema", "invalid_json_schema") from None
             kw["json_schema"] = schema
         elif kind != "text":
-            raise bad(f"response_format type must be \"text\", \"json_object\" or "
-                      f"\"json_schema\", got {kind!r:.40}", "response_format", "unsupported")
+            raise bad(
+                f'response_format type must be "text", "json_object" or '
+                f'"json_schema", got {kind!r:.40}',
+                "response_format",
+                "unsupported",
+            )
     if grammar is not None:
         if kw:
             raise bad("give 'grammar' or a JSON response_format, not both", "grammar")
@@ -291,8 +325,9 @@ def tools_kw(tools: Tools | None, kw: dict) -> dict:
     if tools is None or not tools.active:
         return kw
     if kw:
-        raise bad("'tools' cannot be combined with 'response_format' or 'grammar'", "tools",
-                  "unsupported")
+        raise bad(
+            "'tools' cannot be combined with 'response_format' or 'grammar'", "tools", "unsupported"
+        )
     lark = tools.lark()
     try:
         constraint_for("grammar", lark)
@@ -302,7 +337,7 @@ def tools_kw(tools: Tools | None, kw: dict) -> dict:
 
 
 def tool_finish_reason(calls, finish_reason: str) -> str:
-    """"tool_calls" for a reply that made calls and ended normally."""
+    """ "tool_calls" for a reply that made calls and ended normally."""
     return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 

@@ -34,10 +34,21 @@ from .stream import StreamDecoder
 from .world import WORLD_VOCAB_FILE, WorldTokenizer, default_world_vocab_path, read_world_vocab
 
 __all__ = [
-    "ByteTokenizer", "KIND_BY_VOCAB_SIZE", "NEOX_TOKENIZER_FILE", "NeoXTokenizer",
-    "StreamDecoder", "Tokenizer", "TokenizerError", "WORLD_VOCAB_FILE", "WorldTokenizer",
-    "default_neox_path", "default_world_vocab_path", "kind_for_vocab_size", "model_tokenizer",
-    "read_world_vocab", "tokenizer_for",
+    "ByteTokenizer",
+    "KIND_BY_VOCAB_SIZE",
+    "NEOX_TOKENIZER_FILE",
+    "NeoXTokenizer",
+    "StreamDecoder",
+    "Tokenizer",
+    "TokenizerError",
+    "WORLD_VOCAB_FILE",
+    "WorldTokenizer",
+    "default_neox_path",
+    "default_world_vocab_path",
+    "kind_for_vocab_size",
+    "model_tokenizer",
+    "read_world_vocab",
+    "tokenizer_for",
 ]
 
 KINDS = ("bytes", "world", "neox")
@@ -48,7 +59,7 @@ _WORLD_SIZE = 65530  # ids 0..65529 of rwkv_vocab_v20230424.txt
 
 
 def kind_for_vocab_size(vocab_size: int) -> str | None:
-    """"bytes", "world" or "neox" for a vocabulary size of RWKV's releases, else None."""
+    """ "bytes", "world" or "neox" for a vocabulary size of RWKV's releases, else None."""
     return KIND_BY_VOCAB_SIZE.get(int(vocab_size))
 
 
@@ -61,8 +72,10 @@ def _sizes() -> str:
 
 def _check_fits(tok: Tokenizer, kind: str, vocab_size: int) -> Tokenizer:
     if tok.vocab_size > vocab_size:
-        raise TokenizerError(f"the {kind} tokenizer (vocab size {tok.vocab_size}) does not fit "
-                             f"a model with vocab size {vocab_size}; {VOCAB_HINT}")
+        raise TokenizerError(
+            f"the {kind} tokenizer (vocab size {tok.vocab_size}) does not fit "
+            f"a model with vocab size {vocab_size}; {VOCAB_HINT}"
+        )
     return tok
 
 
@@ -83,13 +96,16 @@ def tokenizer_for(vocab_size: int, kind: str | None = None, path=None) -> Tokeni
             raise TokenizerError(
                 f"no tokenizer is known for a vocabulary of {vocab_size} tokens (known sizes: "
                 f"{_sizes()}): choose one with --tokenizer KIND and {VOCAB_HINT} "
-                f"(Python: kind=, path=)")
+                f"(Python: kind=, path=)"
+            )
     elif kind not in KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}: expected one of {', '.join(KINDS)}")
     nominal = {"bytes": 256, "world": _WORLD_SIZE}.get(kind)
     if nominal is not None and nominal > vocab_size:  # fail before reading any file
-        raise TokenizerError(f"the {kind} tokenizer (vocab size {nominal}) does not fit a model "
-                             f"with vocab size {vocab_size}")
+        raise TokenizerError(
+            f"the {kind} tokenizer (vocab size {nominal}) does not fit a model "
+            f"with vocab size {vocab_size}"
+        )
     if kind == "bytes":
         if path is not None:
             raise TokenizerError("the bytes tokenizer takes no vocabulary file (--vocab)")
@@ -135,8 +151,7 @@ def _file_vocabulary(model_path, vocab_size: int):
     return named, None
 
 
-def model_tokenizer(model_path, vocab_size: int, kind: str | None = None,
-                    path=None) -> Tokenizer:
+def model_tokenizer(model_path, vocab_size: int, kind: str | None = None, path=None) -> Tokenizer:
     """The tokenizer of the model file ``model_path`` (``vocab_size`` logits).
 
     In order: ``path`` (``--vocab``), a vocabulary file of ``kind``, else of the kind the model
@@ -149,8 +164,9 @@ def model_tokenizer(model_path, vocab_size: int, kind: str | None = None,
     """
     named, stored = _file_vocabulary(model_path, vocab_size)
     if kind is not None and named is not None and kind != named:
-        raise TokenizerError(f"{os.fspath(model_path)}: the model's file names the {named} "
-                             f"tokenizer, not {kind}")
+        raise TokenizerError(
+            f"{os.fspath(model_path)}: the model's file names the {named} tokenizer, not {kind}"
+        )
     kind = kind or named
     if path is not None or stored is None:
         return tokenizer_for(vocab_size, kind, path)

@@ -66,7 +66,8 @@ def utf8(text, who: str) -> bytes:
     except UnicodeEncodeError as e:
         raise TokenizerError(
             f"{who}.encode: the text is not valid Unicode: {text[e.start]!r} "
-            f"(a lone surrogate) at position {e.start}") from None
+            f"(a lone surrogate) at position {e.start}"
+        ) from None
 
 
 def id_list(ids, vocab_size: int, who: str) -> list[int]:
@@ -82,6 +83,8 @@ def id_list(ids, vocab_size: int, who: str) -> list[int]:
         raise TokenizerError(f"{who}: token ids must be ints, got {ids!r:.80}") from None
     if out and (min(out) < 0 or max(out) >= vocab_size):
         pos, bad = next((p, i) for p, i in enumerate(out) if i < 0 or i >= vocab_size)
-        raise TokenizerError(f"{who}: token id {bad} at position {pos} is out of range: "
-                             f"the vocabulary has ids 0..{vocab_size - 1}")
+        raise TokenizerError(
+            f"{who}: token id {bad} at position {pos} is out of range: "
+            f"the vocabulary has ids 0..{vocab_size - 1}"
+        )
     return out

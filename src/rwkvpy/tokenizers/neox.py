@@ -31,7 +31,8 @@ def default_neox_path() -> Path:
     if not p.is_file():
         raise TokenizerError(
             f"the 20B tokenizer {NEOX_TOKENIZER_FILE} that ships with rwkvpy is missing from "
-            f"{DATA_DIR} (a broken installation: reinstall rwkvpy); or {VOCAB_HINT}")
+            f"{DATA_DIR} (a broken installation: reinstall rwkvpy); or {VOCAB_HINT}"
+        )
     return p
 
 
@@ -42,8 +43,9 @@ def _byte_level_chars() -> dict[str, int]:
     stand for themselves; the other 68 bytes, in increasing order, take the characters
     U+0100, U+0101, ... in turn.
     """
-    printable = (set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD))
-                 | set(range(0xAE, 0x100)))
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    )
     table: dict[str, int] = {}
     extra = 0
     for b in range(256):
@@ -66,8 +68,9 @@ class NeoXTokenizer(Tokenizer):
             from tokenizers import Tokenizer as HFTokenizer
             from tokenizers import decoders
         except ImportError:
-            raise TokenizerError("NeoXTokenizer needs the 'tokenizers' package: "
-                                 "pip install tokenizers") from None
+            raise TokenizerError(
+                "NeoXTokenizer needs the 'tokenizers' package: pip install tokenizers"
+            ) from None
         if json_text is not None:
             self.path = str(source) if source is not None else "<tokenizer.json text>"
             load = HFTokenizer.from_str
@@ -82,8 +85,9 @@ class NeoXTokenizer(Tokenizer):
         try:
             self._tok = load(arg)
         except Exception as e:  # the library raises its own Exception type
-            raise TokenizerError(f"{self.path}: not a tokenizers JSON file: {e}; "
-                                 f"{VOCAB_HINT}") from None
+            raise TokenizerError(
+                f"{self.path}: not a tokenizers JSON file: {e}; {VOCAB_HINT}"
+            ) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._table = None
         if isinstance(self._tok.decoder, decoders.ByteLevel):

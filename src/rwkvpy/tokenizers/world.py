@@ -61,7 +61,8 @@ def default_world_vocab_path() -> Path:
     if not p.is_file():
         raise TokenizerError(
             f"the RWKV World vocabulary {WORLD_VOCAB_FILE} that ships with rwkvpy is missing "
-            f"from {DATA_DIR} (a broken installation: reinstall rwkvpy); or {VOCAB_HINT}")
+            f"from {DATA_DIR} (a broken installation: reinstall rwkvpy); or {VOCAB_HINT}"
+        )
     return p
 
 
@@ -82,31 +83,36 @@ def read_world_vocab(path) -> dict[int, bytes]:
         where = f"{path}:{lineno}"
         a, b = line.find(" "), line.rfind(" ")
         if a <= 0 or b <= a:
-            raise TokenizerError(f"{where}: expected '<id> <str or bytes literal> <length>', "
-                                 f"got {line!r:.80}")
+            raise TokenizerError(
+                f"{where}: expected '<id> <str or bytes literal> <length>', got {line!r:.80}"
+            )
         try:
-            idx, length = int(line[:a]), int(line[b + 1:])
+            idx, length = int(line[:a]), int(line[b + 1 :])
         except ValueError:
-            raise TokenizerError(f"{where}: the id and the length must be integers, "
-                                 f"got {line!r:.80}") from None
+            raise TokenizerError(
+                f"{where}: the id and the length must be integers, got {line!r:.80}"
+            ) from None
         try:
-            value = _literal(line[a + 1:b].strip())
+            value = _literal(line[a + 1 : b].strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError):
-            raise TokenizerError(f"{where}: the token is not a Python str or bytes literal: "
-                                 f"{line[a + 1:b]!r:.80}") from None
+            raise TokenizerError(
+                f"{where}: the token is not a Python str or bytes literal: {line[a + 1 : b]!r:.80}"
+            ) from None
         if isinstance(value, str):
             try:
                 value = value.encode("utf-8")
             except UnicodeEncodeError:
                 raise TokenizerError(f"{where}: the token is not valid Unicode") from None
         elif not isinstance(value, bytes):
-            raise TokenizerError(f"{where}: the token must be a str or bytes literal, "
-                                 f"got {type(value).__name__}")
+            raise TokenizerError(
+                f"{where}: the token must be a str or bytes literal, got {type(value).__name__}"
+            )
         if not value:
             raise TokenizerError(f"{where}: empty tokens are not allowed")
         if len(value) != length:
-            raise TokenizerError(f"{where}: the token has {len(value)} bytes, the line says "
-                                 f"{length}")
+            raise TokenizerError(
+                f"{where}: the token has {len(value)} bytes, the line says {length}"
+            )
         if not 0 <= idx < _MAX_ID:
             raise TokenizerError(f"{where}: token id {idx} is out of range 0..{_MAX_ID - 1}")
         if idx in vocab:
@@ -121,21 +127,26 @@ def _literal(lit: str):
     """``ast.literal_eval(lit)``, with a shortcut for the common plain quoted string with no
     backslash and no inner quote of its kind, whose value is the text between the quotes."""
     q = lit[:1]
-    if (q in ("'", '"') and len(lit) >= 2 and lit[-1] == q and "\\" not in lit
-            and q not in lit[1:-1]):
+    if (
+        q in ("'", '"')
+        and len(lit) >= 2
+        and lit[-1] == q
+        and "\\" not in lit
+        and q not in lit[1:-1]
+    ):
         return lit[1:-1]
     return ast.literal_eval(lit)
 
 
 @dataclass(frozen=True)
 class _Trie:
-    id_to_bytes: list          # id -> bytes (b"" where the file defines none)
-    root: np.ndarray           # int32 (256,): node of each one-byte prefix, -1 if none
-    node_token: np.ndarray     # int32 (nodes,): token id ending at the node, -1 if none
-    keys: np.ndarray           # uint64 (cap,): parent << 8 | byte, EMPTY where free
-    vals: np.ndarray           # int32 (cap,): child node
-    shift: np.uint64           # 64 - log2(cap)
-    edges: dict                # the same deeper edges as a dict, for the pure-Python walk
+    id_to_bytes: list  # id -> bytes (b"" where the file defines none)
+    root: np.ndarray  # int32 (256,): node of each one-byte prefix, -1 if none
+    node_token: np.ndarray  # int32 (nodes,): token id ending at the node, -1 if none
+    keys: np.ndarray  # uint64 (cap,): parent << 8 | byte, EMPTY where free
+    vals: np.ndarray  # int32 (cap,): child node
+    shift: np.uint64  # 64 - log2(cap)
+    edges: dict  # the same deeper edges as a dict, for the pure-Python walk
 
 
 def _build_trie(vocab: dict[int, bytes]) -> _Trie:
@@ -174,8 +185,9 @@ def _build_trie(vocab: dict[int, bytes]) -> _Trie:
     id_to_bytes = [b""] * (max(vocab) + 1)
     for i, tok in vocab.items():
         id_to_bytes[i] = tok
-    return _Trie(id_to_bytes, root, np.asarray(node_token, dtype=np.int32), keys, vals,
-                 shift, edges)
+    return _Trie(
+        id_to_bytes, root, np.asarray(node_token, dtype=np.int32), keys, vals, shift, edges
+    )
 
 
 def _hash_table(edges: dict, bits: int):
@@ -270,8 +282,9 @@ class WorldTokenizer(Tokenizer):
                 self.path = str(source) if source is not None else "<tokens>"
                 self._trie = _trie_of(_vocab_of(tokens))
             else:
-                self.path = (Path(vocab_path) if vocab_path is not None
-                             else default_world_vocab_path())
+                self.path = (
+                    Path(vocab_path) if vocab_path is not None else default_world_vocab_path()
+                )
                 self._trie = _load(self.path)
         except TokenizerError as e:
             raise with_hint(e) from None
@@ -326,9 +339,11 @@ class WorldTokenizer(Tokenizer):
         return out
 
     def _no_token_at(self, data: bytes, i: int):
-        raise TokenizerError(f"{self.path}: no token of the vocabulary starts with byte "
-                             f"0x{data[i]:02x} (at byte offset {i}): the vocabulary must hold "
-                             f"every single byte; {VOCAB_HINT}")
+        raise TokenizerError(
+            f"{self.path}: no token of the vocabulary starts with byte "
+            f"0x{data[i]:02x} (at byte offset {i}): the vocabulary must hold "
+            f"every single byte; {VOCAB_HINT}"
+        )
 
     # -- decoding --------------------------------------------------------------------------
     def decode_bytes(self, ids) -> bytes:

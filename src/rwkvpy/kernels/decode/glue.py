@@ -137,10 +137,11 @@ def _vec_mat_part(x, W, kind, out, c0, c1, d0, d1):
     o = out[d0:e]
     _axpys(kind, (o, W, x, c0, c1, d0 * size, n32))
     for c in range(c0, c1):  # the columns past the last whole 32 (each its own sum: the
-        xc = x[c]            # same order of rows as the vector part)
+        xc = x[c]  # same order of rows as the vector part)
         row = W[c]
         for d in range(e, d1):
             out[d] += xc * _float_at(kind, row, d)
+
 
 #: A LoRA's products here (v6's four, v7's second ones) sum the rows of their matrix in this
 #: many parts, each a whole output vector, then add the parts in order: the serial and the
@@ -155,8 +156,7 @@ LORA_PARTS = 4
 def _vm_part(x, W, kind, out, p):
     """out = x[rows] @ W[rows] over part p of W's rows (see LORA_PARTS)."""
     n = W.shape[0]
-    _vec_mat_part(x, W, kind, out, p * n // LORA_PARTS, (p + 1) * n // LORA_PARTS, 0,
-                  out.shape[0])
+    _vec_mat_part(x, W, kind, out, p * n // LORA_PARTS, (p + 1) * n // LORA_PARTS, 0, out.shape[0])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -227,6 +227,7 @@ def _silu_gate(y, g):
         for j in range(e.shape[0]):
             yb[j] *= gb[j] * e[j]
 
+
 # inlined: compiled on its own, it would link in and optimize all of row_product once more
 @numba.njit(inline="always", cache=True, nogil=True)
 def _products(spec, x, n_out, threads):
@@ -260,8 +261,9 @@ def _low_rank(ts: list):
     if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
         ts = [None if t is None else t.float() for t in ts]
         dtypes = {torch.float32}
-    return ts, int({torch.float32: Kind.F32, torch.float16: Kind.F16,
-                     torch.bfloat16: Kind.BF16}[dtypes.pop()])
+    return ts, int(
+        {torch.float32: Kind.F32, torch.float16: Kind.F16, torch.bfloat16: Kind.BF16}[dtypes.pop()]
+    )
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -97,10 +97,15 @@ class FusedStep:
         logits = net.head(net.ln(x, "ln_out"))
         att, ffn, wkv = outs
         if B == 1:
-            return logits, [State(states[0].version, att[:, 0], ffn[:, 0], wkv[:, 0],
-                                  states[0].n_tokens + 1)]
-        return logits, [State(s.version, att[:, b].clone(), ffn[:, b].clone(), wkv[:, b].clone(),
-                              s.n_tokens + 1) for b, s in enumerate(states)]
+            return logits, [
+                State(states[0].version, att[:, 0], ffn[:, 0], wkv[:, 0], states[0].n_tokens + 1)
+            ]
+        return logits, [
+            State(
+                s.version, att[:, b].clone(), ffn[:, b].clone(), wkv[:, b].clone(), s.n_tokens + 1
+            )
+            for b, s in enumerate(states)
+        ]
 
     def _run_blocks(self, xn, delta, io):
         """Every block as one numba call each (self.blocks); the products on numba's threads
@@ -116,8 +121,11 @@ class FusedStep:
             v7 = cfg.version is Version.V7
             for i, (block, args) in enumerate(self.blocks):
                 state = (att_in[i], ffn_in[i], wkv_in[i], ao[i], fo[i], so[i])
-                delta = (block(xn, delta, state, v_first, *args, eps, threads) if v7 else
-                         block(xn, delta, state, *args, eps, threads))
+                delta = (
+                    block(xn, delta, state, v_first, *args, eps, threads)
+                    if v7
+                    else block(xn, delta, state, *args, eps, threads)
+                )
         finally:
             if parallel:
                 PARALLEL_LOCK.release()

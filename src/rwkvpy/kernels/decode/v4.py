@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..wkv import wkv4_step
-from .glue import (_mix_in, _np, _products, _relu_sq, _sigmoid)
+from .glue import _mix_in, _np, _products, _relu_sq, _sigmoid
 
 
 @numba.njit(cache=True, nogil=True)
@@ -69,8 +69,9 @@ def _v4_core(r, k, v, decay, u, S_in, S_out, y):
 @numba.njit(cache=True, nogil=True)
 def _v4_one(r, k, v, decay, u, S, S_out, y):
     for c in range(k.shape[0]):
-        out, S_out[0, c], S_out[1, c], S_out[2, c] = wkv4_step(k[c], v[c], S[0, c], S[1, c],
-                                                               S[2, c], decay[c], u[c])
+        out, S_out[0, c], S_out[1, c], S_out[2, c] = wkv4_step(
+            k[c], v[c], S[0, c], S[1, c], S[2, c], decay[c], u[c]
+        )
         y[c] = r[c] * out
 
 
@@ -89,24 +90,35 @@ class V4Layer(NamedTuple):
 
 def layer_norms(w, i) -> tuple:
     """Layer i's ln1 weight, bias, ln2 weight, bias (every version)."""
-    return tuple(_np(w[f"blocks.{i}.{n}"]) for n in ("ln1.weight", "ln1.bias", "ln2.weight",
-                                                      "ln2.bias"))
+    return tuple(
+        _np(w[f"blocks.{i}.{n}"]) for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")
+    )
 
 
 def products(cfg) -> tuple:
     """The block's matrix products, in the order of _v4_block's specs."""
-    return ("att.receptance", "att.key", "att.value", "att.output", "ffn.key",
-            "ffn.receptance", "ffn.value")
+    return (
+        "att.receptance",
+        "att.key",
+        "att.value",
+        "att.output",
+        "ffn.key",
+        "ffn.receptance",
+        "ffn.value",
+    )
 
 
 def pack(w, i, cfg) -> V4Layer:
     """Layer i's weights from the model's weight dict ``w`` (token shifts as x*m + prev*(1-m)
     = prev + (x - prev)*m)."""
     a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
-    return V4Layer(layer_norms(w, i),
-                   _np(torch.stack([w[a + "time_mix_" + n] for n in "rkv"])),
-                   _np(torch.stack([w[f + "time_mix_k"], w[f + "time_mix_r"]])),
-                   _np(w[a + "decay"]), _np(w[a + "time_first"]))
+    return V4Layer(
+        layer_norms(w, i),
+        _np(torch.stack([w[a + "time_mix_" + n] for n in "rkv"])),
+        _np(torch.stack([w[f + "time_mix_k"], w[f + "time_mix_r"]])),
+        _np(w[a + "decay"]),
+        _np(w[a + "time_first"]),
+    )
 
 
 def block(layer: V4Layer, specs: tuple, cfg, i: int) -> tuple:
@@ -123,8 +135,18 @@ def channel_mix_steps(step, i, xn, y, io, ctx, kind):
     y = np.ascontiguousarray(_np(y) if isinstance(y, torch.Tensor) else y)
     att = step.np_mm(y, a + "output.weight")
     fn = step.scratch(ctx, "fmixed", (2, ctx["B"], cfg.n_embd))
-    _mix_in(xn, att, d.ln[2], d.ln[3], np.float32(cfg.layer_norm_eps), ffn_in[i], d.fmix, fo[i],
-            fn, kind)
+    _mix_in(
+        xn,
+        att,
+        d.ln[2],
+        d.ln[3],
+        np.float32(cfg.layer_norm_eps),
+        ffn_in[i],
+        d.fmix,
+        fo[i],
+        fn,
+        kind,
+    )
     kk = step.np_mm(fn[0], f + "key.weight")
     _relu_sq(kk)
     rr = step.np_mm(fn[1], f + "receptance.weight")
@@ -142,8 +164,9 @@ def layer(step, i, xn, delta, io, ctx):
     B, C = ctx["B"], cfg.n_embd
     a = f"blocks.{i}.att."
     mn = step.scratch(ctx, "mixed", (d.mix.shape[0], B, C))
-    _mix_in(xn, delta, d.ln[0], d.ln[1], np.float32(cfg.layer_norm_eps), att_in[i], d.mix,
-            ao[i], mn, 1)
+    _mix_in(
+        xn, delta, d.ln[0], d.ln[1], np.float32(cfg.layer_norm_eps), att_in[i], d.mix, ao[i], mn, 1
+    )
     y = np.empty((B, cfg.n_att), np.float32)
     r = step.np_mm(mn[0], a + "receptance.weight")
     k = step.np_mm(mn[1], a + "key.weight")

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from ...config import Version
 from . import v4
-from .glue import (_mix_in, _norm_stats, _np, _products, _silu_gate)
-from .v4 import (_channel_mix_v4)
+from .glue import _mix_in, _norm_stats, _np, _products, _silu_gate
+from .v4 import _channel_mix_v4
 
 
 @numba.njit(cache=True, nogil=True)
@@ -24,8 +24,14 @@ def _v5_block(x, delta, state, layer, eps, threads):
     """One whole v5 block (see v7._v7_block; 5.2: with the gate, prods[7], when mix has 4
     rows); layer: a V5Layer with its products' specs."""
     att_prev, ffn_prev, S_prev, att_new, ffn_new, S_new = state
-    ln, mix, w, u, lnx, prods = (layer.ln, layer.mix, layer.decay, layer.bonus, layer.lnx,
-                                 layer.prods)
+    ln, mix, w, u, lnx, prods = (
+        layer.ln,
+        layer.mix,
+        layer.decay,
+        layer.bonus,
+        layer.lnx,
+        layer.prods,
+    )
     B, C = x.shape
     A = u.shape[0]
     mn = np.empty((mix.shape[0], B, C), np.float32)
@@ -50,8 +56,19 @@ def _v5_core(r, k, v, w, u, lnw, lnb, eps, S_in, S_out, y):
     (key, value) read, S_out receives the new state (may be S_in); y (B, C).
     """
     for bi in range(S_in.shape[0]):
-        _v5_one(r[bi], k[bi], v[bi], w[bi if w.shape[0] > 1 else 0], u, lnw, lnb, eps,
-                S_in[bi], S_out[bi], y[bi])
+        _v5_one(
+            r[bi],
+            k[bi],
+            v[bi],
+            w[bi if w.shape[0] > 1 else 0],
+            u,
+            lnw,
+            lnb,
+            eps,
+            S_in[bi],
+            S_out[bi],
+            y[bi],
+        )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -96,12 +113,14 @@ def pack(w, i, cfg) -> V5Layer:
     """Layer i's weights from the model's weight dict ``w``."""
     a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
     names = "rkv" + ("g" if cfg.version is Version.V5_2 else "")
-    return V5Layer(v4.layer_norms(w, i),
-                   _np(torch.stack([w[a + "time_mix_" + n] for n in names])),
-                   _np(torch.stack([w[f + "time_mix_k"], w[f + "time_mix_r"]])),
-                   _np(w[a + "decay"].reshape(1, -1).contiguous()),
-                   _np(w[a + "bonus"].reshape(-1).contiguous()),
-                   (_np(w[a + "ln_x.weight"]), _np(w[a + "ln_x.bias"])))
+    return V5Layer(
+        v4.layer_norms(w, i),
+        _np(torch.stack([w[a + "time_mix_" + n] for n in names])),
+        _np(torch.stack([w[f + "time_mix_k"], w[f + "time_mix_r"]])),
+        _np(w[a + "decay"].reshape(1, -1).contiguous()),
+        _np(w[a + "bonus"].reshape(-1).contiguous()),
+        (_np(w[a + "ln_x.weight"]), _np(w[a + "ln_x.bias"])),
+    )
 
 
 def block(layer: V5Layer, specs: tuple, cfg, i: int) -> tuple:
@@ -121,15 +140,18 @@ def layer(step, i, xn, delta, io, ctx):
     B, C = ctx["B"], cfg.n_embd
     a = f"blocks.{i}.att."
     mn = step.scratch(ctx, "mixed", (d.mix.shape[0], B, C))
-    _mix_in(xn, delta, d.ln[0], d.ln[1], np.float32(cfg.layer_norm_eps), att_in[i], d.mix,
-            ao[i], mn, 1)
+    _mix_in(
+        xn, delta, d.ln[0], d.ln[1], np.float32(cfg.layer_norm_eps), att_in[i], d.mix, ao[i], mn, 1
+    )
     y = np.empty((B, cfg.n_att), np.float32)
     r = step.np_mm(mn[0], a + "receptance.weight")
     k = step.np_mm(mn[1], a + "key.weight")
     v = step.np_mm(mn[2], a + "value.weight")
-    _v5_core(r, k, v, d.decay, d.bonus, d.lnx[0], d.lnx[1], np.float32(cfg.ln_x_eps),
-             wkv_in[i], so[i], y)
+    _v5_core(
+        r, k, v, d.decay, d.bonus, d.lnx[0], d.lnx[1], np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y
+    )
     if cfg.version is Version.V5_2:
-        y = _np(torch.from_numpy(y) * F.silu(torch.from_numpy(
-            step.np_mm(mn[3], a + "gate.weight"))))
+        y = _np(
+            torch.from_numpy(y) * F.silu(torch.from_numpy(step.np_mm(mn[3], a + "gate.weight")))
+        )
     return v4.channel_mix_steps(step, i, xn, y, io, ctx, 1)

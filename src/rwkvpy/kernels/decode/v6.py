@@ -13,11 +13,24 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from . import v4
-from .glue import (LORA_PARTS, _col_dots, _cols_bytes, _low_rank, _mix_in, _np, _parts_sum,
-                   _products, _rows_bytes, _silu_gate, _vexp, _vm_parts)
-from .v4 import (_channel_mix_v4)
-from .v5 import (_v5_core)
+from .glue import (
+    LORA_PARTS,
+    _col_dots,
+    _cols_bytes,
+    _low_rank,
+    _mix_in,
+    _np,
+    _parts_sum,
+    _products,
+    _rows_bytes,
+    _silu_gate,
+    _vexp,
+    _vm_parts,
+)
+from .v4 import _channel_mix_v4
+from .v5 import _v5_core
 
 
 @numba.njit(cache=True, nogil=True)
@@ -44,7 +57,7 @@ def _v6_mix(xx, prev, xxx, lora, maa, kind, out, dec, threads):
     pm = np.empty((5, P, C), np.float32)
     pdec = np.empty((1, P, dec.shape[1]), np.float32)
     for b in range(B):
-        _col_dots(xxx[b:b + 1], w1, kind, h2, threads)
+        _col_dots(xxx[b : b + 1], w1, kind, h2, threads)
         for d in range(h.shape[0]):
             h[d] = np.float32(math.tanh(h[d]))
         _vm_parts(h.reshape(5, D), (w2[0], w2[1], w2[2], w2[3], w2[4]), kind, pm, threads)
@@ -52,7 +65,7 @@ def _v6_mix(xx, prev, xxx, lora, maa, kind, out, dec, threads):
             _parts_sum(pm[j], m)
             for c in range(C):
                 out[j, b, c] = xx[b, c] + (prev[b, c] - xx[b, c]) * (maa[j, c] + m[c])
-        _col_dots(out[0, b:b + 1], dw1, kind, hd, threads)
+        _col_dots(out[0, b : b + 1], dw1, kind, hd, threads)
         for d in range(hd.shape[1]):
             hd[0, d] = np.float32(math.tanh(hd[0, d]))
         _vm_parts(hd, (dw2,), kind, pdec, threads)
@@ -120,16 +133,28 @@ def pack(w, i, cfg) -> V6Layer:
     a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
     mix = _np(w[a + "time_maa_x"].reshape(1, -1))
     maa = _np(torch.stack([w[a + "time_maa_" + n] for n in "wkvrg"]))
-    (w1, w2, dw1, dw2), kind = _low_rank([w[a + "time_" + n] for n in (
-        "maa_w1", "maa_w2", "decay_w1", "decay_w2")])
-    lora = (_cols_bytes(w1),
-            _rows_bytes(w2.reshape(-1, w2.shape[-1])).reshape(w2.shape[0], w2.shape[1], -1),
-            _np(w[a + "time_decay"].reshape(-1).float().contiguous()),
-            _cols_bytes(dw1), _rows_bytes(dw2))
+    (w1, w2, dw1, dw2), kind = _low_rank(
+        [w[a + "time_" + n] for n in ("maa_w1", "maa_w2", "decay_w1", "decay_w2")]
+    )
+    lora = (
+        _cols_bytes(w1),
+        _rows_bytes(w2.reshape(-1, w2.shape[-1])).reshape(w2.shape[0], w2.shape[1], -1),
+        _np(w[a + "time_decay"].reshape(-1).float().contiguous()),
+        _cols_bytes(dw1),
+        _rows_bytes(dw2),
+    )
     u = _np(w[a + "time_faaaa"].reshape(-1).contiguous())
     fmix = _np(torch.stack([w[f + "time_maa_k"], w[f + "time_maa_r"]]))
-    return V6Layer(v4.layer_norms(w, i), mix, fmix, maa, lora, kind, u,
-                   (_np(w[a + "ln_x.weight"]), _np(w[a + "ln_x.bias"])))
+    return V6Layer(
+        v4.layer_norms(w, i),
+        mix,
+        fmix,
+        maa,
+        lora,
+        kind,
+        u,
+        (_np(w[a + "ln_x.weight"]), _np(w[a + "ln_x.bias"])),
+    )
 
 
 def block(layer: V6Layer, specs: tuple, cfg, i: int) -> tuple:
@@ -146,17 +171,21 @@ def layer(step, i, xn, delta, io, ctx):
     B, C = ctx["B"], cfg.n_embd
     a = f"blocks.{i}.att."
     mn = step.scratch(ctx, "mixed", (d.mix.shape[0], B, C))
-    _mix_in(xn, delta, d.ln[0], d.ln[1], np.float32(cfg.layer_norm_eps), att_in[i], d.mix,
-            ao[i], mn, 0)
+    _mix_in(
+        xn, delta, d.ln[0], d.ln[1], np.float32(cfg.layer_norm_eps), att_in[i], d.mix, ao[i], mn, 0
+    )
     y = np.empty((B, cfg.n_att), np.float32)
     x5 = step.scratch(ctx, "mixed5", (5, B, C))
     dec = step.scratch(ctx, "decay", (B, cfg.n_att))
     _v6_mix(ao[i], att_in[i], mn[0], d.lora, d.maa, d.lora_kind, x5, dec, 1)
     mm = step.np_mm
-    r, k, v = (mm(x5[j], a + n) for j, n in ((3, "receptance.weight"), (1, "key.weight"),
-                                            (2, "value.weight")))
+    r, k, v = (
+        mm(x5[j], a + n)
+        for j, n in ((3, "receptance.weight"), (1, "key.weight"), (2, "value.weight"))
+    )
     g = F.silu(torch.from_numpy(mm(x5[4], a + "gate.weight")))
-    _v5_core(r, k, v, dec, d.bonus, d.lnx[0], d.lnx[1], np.float32(cfg.ln_x_eps), wkv_in[i],
-             so[i], y)
+    _v5_core(
+        r, k, v, dec, d.bonus, d.lnx[0], d.lnx[1], np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y
+    )
     y = torch.from_numpy(y) * g
     return v4.channel_mix_steps(step, i, xn, y, io, ctx, 0)

@@ -15,10 +15,23 @@ import numpy as np
 import torch
 
 from ..linear.rows import _mv_rows
-from .glue import (LORA_PARTS, _cols_bytes, _dot, _low_rank, _mix_in, _norm_stats, _np,
-                   _parts_sum, _products, _relu_sq, _rows_bytes, _sig, _vexp, _vm_part,
-                   _vsigmoid)
-
+from .glue import (
+    LORA_PARTS,
+    _cols_bytes,
+    _dot,
+    _low_rank,
+    _mix_in,
+    _norm_stats,
+    _np,
+    _parts_sum,
+    _products,
+    _relu_sq,
+    _rows_bytes,
+    _sig,
+    _vexp,
+    _vm_part,
+    _vsigmoid,
+)
 
 DECAY_SCALE = math.exp(-0.5)
 
@@ -44,6 +57,7 @@ def _v7_loras(xs, lora, kind, outs):
             _lora_out_part(hid, (w2, a2, v2, g2), kind, parts, b, p)
         _lora_out_sum(parts, (wl, al, vl, g), hid[2].shape[1] > 0, b, np.int64(0), wl.shape[1])
 
+
 #: the activation between the two matrices of v7's four LoRAs (w, a, v, g): 1 tanh, 2 sigmoid
 _V7_ACTS = (1, 0, 0, 2)
 
@@ -52,10 +66,12 @@ _V7_ACTS = (1, 0, 0, 2)
 def _lora_hidden(W1s, kind, B):
     """The hidden vectors (B, D_j) of LoRAs whose first matrices are W1s (their D_j columns,
     each as a row of bytes: _cols_bytes)."""
-    return (np.empty((B, W1s[0].shape[0]), np.float32),
-            np.empty((B, W1s[1].shape[0]), np.float32),
-            np.empty((B, W1s[2].shape[0]), np.float32),
-            np.empty((B, W1s[3].shape[0]), np.float32))
+    return (
+        np.empty((B, W1s[0].shape[0]), np.float32),
+        np.empty((B, W1s[1].shape[0]), np.float32),
+        np.empty((B, W1s[2].shape[0]), np.float32),
+        np.empty((B, W1s[3].shape[0]), np.float32),
+    )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -143,9 +159,17 @@ def _v7_core(tok, vecs, first, eps, S_in, S_out, y):
     """
     r, k, v, vfirst, wl, al, vl, g = tok
     for bi in range(S_in.shape[0]):
-        _v7_heads((r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi]), vecs, first,
-                  eps, S_in[bi], S_out[bi], y[bi], np.int64(0),
-                  S_in.shape[1])  # (np.int64: one compiled _v7_heads for both callers)
+        _v7_heads(
+            (r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi]),
+            vecs,
+            first,
+            eps,
+            S_in[bi],
+            S_out[bi],
+            y[bi],
+            np.int64(0),
+            S_in.shape[1],
+        )  # (np.int64: one compiled _v7_heads for both callers)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -158,8 +182,17 @@ def _v7_time_par(tok, parts, has_v, vecs, first, eps, S_in, S_out, y, n):
         h0, h1 = t * H // n, (t + 1) * H // n
         for bi in range(B):
             _lora_out_sum(parts, (wl, al, vl, g), has_v, bi, h0 * N, h1 * N)
-            _v7_heads((r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi]), vecs,
-                      first, eps, S_in[bi], S_out[bi], y[bi], h0, h1)
+            _v7_heads(
+                (r[bi], k[bi], v[bi], vfirst[bi], wl[bi], al[bi], vl[bi], g[bi]),
+                vecs,
+                first,
+                eps,
+                S_in[bi],
+                S_out[bi],
+                y[bi],
+                h0,
+                h1,
+            )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -211,7 +244,7 @@ def _v7_heads(tok, vecs, first, eps, S, S_out, y, h0, h1):
             for j in range(N):
                 c = b + j
                 vv[j] = v[c] + (vfirst[c] - v[c]) * ev[j]
-        rh = r[b:b + N]
+        rh = r[b : b + N]
         for i in range(N):
             sa = -_dot(S[h, i], kk)
             vi = vv[i]
@@ -260,8 +293,18 @@ def _v7_block(x, delta, state, v_first, layer, first, eps, threads):
         _loras_in_par(xs, W1s, lora_kind, hid, threads)
         parts = np.empty((4, B, LORA_PARTS, A), np.float32)
         _lora_out_par(hid, (w2, a2, v2, g2), lora_kind, parts)
-        _v7_time_par((r, k, v, v_first, wl, al, vl, g), parts, hid[2].shape[1] > 0, vecs,
-                     first, eps[1], wkv_prev, wkv_new, y, threads)
+        _v7_time_par(
+            (r, k, v, v_first, wl, al, vl, g),
+            parts,
+            hid[2].shape[1] > 0,
+            vecs,
+            first,
+            eps[1],
+            wkv_prev,
+            wkv_new,
+            y,
+            threads,
+        )
     else:
         _v7_loras((mn[1], mn[4], mn[3], mn[5]), lora, lora_kind, (wl, al, vl, g))
         _v7_core((r, k, v, v_first, wl, al, vl, g), vecs, first, eps[1], wkv_prev, wkv_new, y)
@@ -298,18 +341,26 @@ def products(cfg) -> tuple:
 def pack(w, i, cfg) -> V7Layer:
     """Layer i's weights from the model's weight dict ``w``."""
     a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
-    ln = tuple(_np(w[f"blocks.{i}.{n}"]) for n in ("ln1.weight", "ln1.bias", "ln2.weight",
-                                                    "ln2.bias"))
+    ln = tuple(
+        _np(w[f"blocks.{i}.{n}"]) for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")
+    )
     mix = _np(torch.stack([w[a + "x_" + n] for n in "rwkvag"]))
     fmix = _np(w[f + "x_k"].reshape(1, -1))
-    lora, kind = _low_rank([w[a + n] if (i > 0 or n[0] != "v") else None
-                            for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")])
-    lora = tuple(np.zeros((0, 1), np.uint8) if t is None else
-                 (_rows_bytes if j % 2 else _cols_bytes)(t)
-                 for j, t in enumerate(lora))  # layer 0: no value residual LoRA
-    vecs = tuple([_np(w[a + n]) for n in ("w0", "a0")] + [
-        _np(w[a + "v0"]) if i > 0 else np.zeros(1, np.float32)] + [
-        _np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")])
+    lora, kind = _low_rank(
+        [
+            w[a + n] if (i > 0 or n[0] != "v") else None
+            for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+        ]
+    )
+    lora = tuple(
+        np.zeros((0, 1), np.uint8) if t is None else (_rows_bytes if j % 2 else _cols_bytes)(t)
+        for j, t in enumerate(lora)
+    )  # layer 0: no value residual LoRA
+    vecs = tuple(
+        [_np(w[a + n]) for n in ("w0", "a0")]
+        + [_np(w[a + "v0"]) if i > 0 else np.zeros(1, np.float32)]
+        + [_np(w[a + n]) for n in ("k_k", "k_a", "r_k", "ln_x.weight", "ln_x.bias")]
+    )
     return V7Layer(ln, mix, fmix, lora, kind, vecs)
 
 
@@ -337,8 +388,15 @@ def layer(step, i, xn, delta, io, ctx):
     wl, al, vl, g = (step.scratch(ctx, n, (B, A)) for n in ("wl", "al", "vl", "g"))
     _v7_loras((mn[1], mn[4], mn[3], mn[5]), d.lora, d.lora_kind, (wl, al, vl, g))
     y = np.empty((B, A), np.float32)
-    _v7_core((r, k, v, step.scratch(ctx, "v_first", (B, A)), wl, al, vl, g), d.vecs, i == 0,
-             np.float32(cfg.ln_x_eps), wkv_in[i], so[i], y)
+    _v7_core(
+        (r, k, v, step.scratch(ctx, "v_first", (B, A)), wl, al, vl, g),
+        d.vecs,
+        i == 0,
+        np.float32(cfg.ln_x_eps),
+        wkv_in[i],
+        so[i],
+        y,
+    )
     att = mm(y, a + "output.weight")
     kn = step.scratch(ctx, "fmixed", (1, B, C))
     _mix_in(xn, att, ln2w, ln2b, ln_eps, ffn_in[i], d.fmix, fo[i], kn, 0)

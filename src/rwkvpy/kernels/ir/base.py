@@ -15,8 +15,13 @@ from numba.core import cgutils
 
 from ..kinds import Kind
 
-_F32, _I8, _I16, _I32, _I64 = (ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32),
-                               ir.IntType(64))
+_F32, _I8, _I16, _I32, _I64 = (
+    ir.FloatType(),
+    ir.IntType(8),
+    ir.IntType(16),
+    ir.IntType(32),
+    ir.IntType(64),
+)
 _N = 32  # lanes = weights per block
 _MAGIC = 0x4B000000  # bits of 2^23
 _FMA = ("contract",)  # w * x + acc as one fused multiply-add (one rounding instead of two)
@@ -33,8 +38,9 @@ def _const(t, values):
 
 def _splat(b, v, n=_N):
     u = b.insert_element(ir.Constant(_vec(v.type, n), ir.Undefined), v, ir.Constant(_I32, 0))
-    return b.shuffle_vector(u, ir.Constant(_vec(v.type, n), ir.Undefined),
-                            ir.Constant(_vec(_I32, n), [0] * n))
+    return b.shuffle_vector(
+        u, ir.Constant(_vec(v.type, n), ir.Undefined), ir.Constant(_vec(_I32, n), [0] * n)
+    )
 
 
 def _load(b, base, offset, t, align=1):
@@ -78,8 +84,11 @@ def _with_high(b, codes, qh, byte_of, bit_of):
     (``qh`` <4 x i8>)."""
     spread = b.shuffle_vector(qh, qh, ir.Constant(_vec(_I32), [byte_of(j) for j in range(_N)]))
     bit = b.and_(spread, _const(_I8, [1 << bit_of(j) for j in range(_N)]))
-    high = b.select(b.icmp_unsigned("!=", bit, _const(_I8, [0] * _N)), _const(_I8, [16] * _N),
-                    _const(_I8, [0] * _N))
+    high = b.select(
+        b.icmp_unsigned("!=", bit, _const(_I8, [0] * _N)),
+        _const(_I8, [16] * _N),
+        _const(_I8, [0] * _N),
+    )
     return b.or_(codes, high)
 
 
@@ -185,5 +194,13 @@ def _store32(b, out_row, col, w):
 
 
 #: The decoder of each kind's blocks (kernels.kinds.Kind): ``w(b, blk)`` -> <32 x float>.
-WEIGHTS = {Kind.Q4_0: _q4_0, Kind.Q4_1: _q4_1, Kind.Q5_0: _q5_0, Kind.Q5_1: _q5_1,
-           Kind.Q8_0: _q8_0, Kind.F16: _f16, Kind.BF16: _bf16, Kind.F32: _f32}
+WEIGHTS = {
+    Kind.Q4_0: _q4_0,
+    Kind.Q4_1: _q4_1,
+    Kind.Q5_0: _q5_0,
+    Kind.Q5_1: _q5_1,
+    Kind.Q8_0: _q8_0,
+    Kind.F16: _f16,
+    Kind.BF16: _bf16,
+    Kind.F32: _f32,
+}

@@ -24,7 +24,6 @@ Integer ranges: vpmaddubsw adds two code x activation products, at most 2 * 63 *
 below 2^26 per lane.
 """
 
-
 from __future__ import annotations
 
 from llvmlite import ir
@@ -33,8 +32,28 @@ from numba.core import types as nbt
 from numba.extending import intrinsic
 
 from ...quant import get_format
-from .base import (_F32, _FMA, _I8, _I16, _I32, _I64, _arg_ptr, _codes_to_float, _const,
-                   _F32x8, _halves, _hsum, _I16x16, _I32x8, _load, _maddubs, _maddwd, _splat, _vec, _x86)
+from .base import (
+    _F32,
+    _FMA,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    _arg_ptr,
+    _codes_to_float,
+    _const,
+    _F32x8,
+    _halves,
+    _hsum,
+    _I16x16,
+    _I32x8,
+    _load,
+    _maddubs,
+    _maddwd,
+    _splat,
+    _vec,
+    _x86,
+)
 
 QK_K = 256
 #: (name, ggml bytes per super-block: quant's format class) of the kinds 0..4 the drivers take.
@@ -97,10 +116,12 @@ def _q3_scales(b, blk, off):
     """Q3_K's 12 bytes at blk + off -> <16 x i8> of the 6-bit scales (0..63, before - 32)."""
     u0, u1, u2 = (_u32(b, blk, off + 4 * k) for k in range(3))
     m4, m2 = _c32(0x0F0F0F0F), _c32(0x03030303)
-    words = [b.or_(b.and_(u0, m4), b.shl(b.and_(u2, m2), _c32(4))),
-             b.or_(b.and_(u1, m4), b.shl(b.and_(b.lshr(u2, _c32(2)), m2), _c32(4))),
-             b.or_(b.and_(b.lshr(u0, _c32(4)), m4), b.shl(b.and_(b.lshr(u2, _c32(4)), m2), _c32(4))),
-             b.or_(b.and_(b.lshr(u1, _c32(4)), m4), b.shl(b.and_(b.lshr(u2, _c32(6)), m2), _c32(4)))]
+    words = [
+        b.or_(b.and_(u0, m4), b.shl(b.and_(u2, m2), _c32(4))),
+        b.or_(b.and_(u1, m4), b.shl(b.and_(b.lshr(u2, _c32(2)), m2), _c32(4))),
+        b.or_(b.and_(b.lshr(u0, _c32(4)), m4), b.shl(b.and_(b.lshr(u2, _c32(4)), m2), _c32(4))),
+        b.or_(b.and_(b.lshr(u1, _c32(4)), m4), b.shl(b.and_(b.lshr(u2, _c32(6)), m2), _c32(4))),
+    ]
     v = ir.Constant(_vec(_I32, 4), ir.Undefined)
     for k, w in enumerate(words):
         v = b.insert_element(v, w, _c32(k))
@@ -152,8 +173,9 @@ def _parts_q3k(b, blk):
     for n in range(2):
         qs = _v32(b, blk, 32 + 32 * n)
         for j in range(4):
-            high = b.select(_bits(b, hm, 1 << (4 * n + j)), _const(_I8, [4] * 32),
-                            _const(_I8, [0] * 32))
+            high = b.select(
+                _bits(b, hm, 1 << (4 * n + j)), _const(_I8, [4] * 32), _const(_I8, [0] * 32)
+            )
             codes.append(b.or_(_shr_and(b, qs, 2 * j, 3), high))
     return d, None, codes, sc16, None, 4
 
@@ -169,8 +191,14 @@ def _parts_q45k(b, blk, five):
         for h in range(2):
             c = _shr_and(b, packed, 4 * h, 15)
             if five:
-                c = b.or_(c, b.select(_bits(b, qh, 1 << (2 * g + h)), _const(_I8, [16] * 32),
-                                      _const(_I8, [0] * 32)))
+                c = b.or_(
+                    c,
+                    b.select(
+                        _bits(b, qh, 1 << (2 * g + h)),
+                        _const(_I8, [16] * 32),
+                        _const(_I8, [0] * 32),
+                    ),
+                )
             codes.append(c)
     return d, dmin, codes, _dup16(b, _wide16(b, sc8)), _dup16(b, _wide16(b, mn8)), 0
 
@@ -188,8 +216,13 @@ def _parts_q6k(b, blk):
     return d, None, codes, sc16, None, 32
 
 
-_PARTS = (_parts_q2k, _parts_q3k, lambda b, blk: _parts_q45k(b, blk, False),
-          lambda b, blk: _parts_q45k(b, blk, True), _parts_q6k)
+_PARTS = (
+    _parts_q2k,
+    _parts_q3k,
+    lambda b, blk: _parts_q45k(b, blk, False),
+    lambda b, blk: _parts_q45k(b, blk, True),
+    _parts_q6k,
+)
 
 
 def _runs32(b, v16, j):
@@ -260,8 +293,11 @@ def _kdeq(kind):
                 d1, m1 = _factors(b, d, dmin, sc16, mn16)
                 for j, code in enumerate(codes):
                     yp = b.gep(ys, [b.add(b.mul(i, _c64(QK_K)), _c64(32 * j))])
-                    b.store(_exact_weights(b, d1, m1, code, offset, j),
-                            b.bitcast(yp, ir.PointerType(_vec(_F32))), align=4)
+                    b.store(
+                        _exact_weights(b, d1, m1, code, offset, j),
+                        b.bitcast(yp, ir.PointerType(_vec(_F32))),
+                        align=4,
+                    )
             return context.get_dummy_value()
 
         return sig, codegen
@@ -290,26 +326,38 @@ def _kdotq(kind):
                 blk = b.gep(base, [b.mul(i, _c64(size))])
                 d, dmin, codes, sc16, mn16, offset = parts(b, blk)
                 xb = b.gep(xqs, [b.mul(i, _c64(QK_K))])
-                bsv = b.load(b.bitcast(b.gep(bss, [b.mul(i, _c64(16))]),
-                                       ir.PointerType(_I16x16)), align=2)
+                bsv = b.load(
+                    b.bitcast(b.gep(bss, [b.mul(i, _c64(16))]), ir.PointerType(_I16x16)), align=2
+                )
                 isum = ir.Constant(_I32x8, None)
                 for j, code in enumerate(codes):
                     xv = _load(b, xb, _c64(32 * j), _vec(_I8))
-                    s16 = b.shuffle_vector(sc16, sc16, ir.Constant(
-                        _vec(_I32, 16), [2 * j] * 8 + [2 * j + 1] * 8))
+                    s16 = b.shuffle_vector(
+                        sc16, sc16, ir.Constant(_vec(_I32, 16), [2 * j] * 8 + [2 * j + 1] * 8)
+                    )
                     isum = b.add(isum, _maddwd(b, _maddubs(b, code, xv), s16))
                 if offset:  # sum (q - o) sc x = sum q sc x - o sum sc bs
                     corr = b.mul(_maddwd(b, sc16, bsv), ir.Constant(_I32x8, [offset] * 8))
                     isum = b.sub(isum, corr)
                 dxi = b.load(b.gep(dxs, [i]))
                 s = b.fmul(d, dxi)
-                b.store(b.fadd(b.load(acc), b.fmul(b.sitofp(isum, _F32x8), _splat(b, s, 8),
-                                                   flags=_FMA), flags=_FMA), acc)
+                b.store(
+                    b.fadd(
+                        b.load(acc),
+                        b.fmul(b.sitofp(isum, _F32x8), _splat(b, s, 8), flags=_FMA),
+                        flags=_FMA,
+                    ),
+                    acc,
+                )
                 if mn16 is not None:  # the mins: dmin dx sum m bs, subtracted at the end
                     msum = b.sitofp(_maddwd(b, mn16, bsv), _F32x8)
                     sm = b.fmul(dmin, dxi)
-                    b.store(b.fadd(b.load(accm), b.fmul(msum, _splat(b, sm, 8), flags=_FMA),
-                                   flags=_FMA), accm)
+                    b.store(
+                        b.fadd(
+                            b.load(accm), b.fmul(msum, _splat(b, sm, 8), flags=_FMA), flags=_FMA
+                        ),
+                        accm,
+                    )
             return b.fsub(_hsum(b, b.load(acc), 8), _hsum(b, b.load(accm), 8))
 
         return sig, codegen
@@ -320,8 +368,6 @@ def _kdotq(kind):
 kdot_q2_k, kdot_q3_k, kdot_q4_k, kdot_q5_k, kdot_q6_k = (_kdot(k) for k in range(5))
 kdeq_q2_k, kdeq_q3_k, kdeq_q4_k, kdeq_q5_k, kdeq_q6_k = (_kdeq(k) for k in range(5))
 kdotq_q2_k, kdotq_q3_k, kdotq_q4_k, kdotq_q5_k, kdotq_q6_k = (_kdotq(k) for k in range(5))
-
-
 
 
 def _quantize_q8k():
@@ -345,8 +391,13 @@ def _quantize_q8k():
             with cgutils.for_range(b, args[4]) as loop:
                 i = loop.index
                 o = b.mul(i, _c64(QK_K))
-                vs = [b.load(b.bitcast(b.gep(xs, [b.add(o, _c64(32 * j))]),
-                                       ir.PointerType(f32v)), align=4) for j in range(8)]
+                vs = [
+                    b.load(
+                        b.bitcast(b.gep(xs, [b.add(o, _c64(32 * j))]), ir.PointerType(f32v)),
+                        align=4,
+                    )
+                    for j in range(8)
+                ]
                 ab = [_x86(b, "llvm.fabs.v32f32", f32v, [f32v], [v]) for v in vs]
                 ok, m = None, None
                 for a in ab:  # every |x| < inf (false for NaN, inf), and the largest |x|
@@ -359,8 +410,9 @@ def _quantize_q8k():
                     m = b.select(b.fcmp_ordered(">", hi, lo), hi, lo)
                     n //= 2
                 amax = b.extract_element(m, _c32(0))
-                finite = b.icmp_unsigned("==", b.bitcast(ok, ir.IntType(32)),
-                                         ir.Constant(ir.IntType(32), (1 << 32) - 1))
+                finite = b.icmp_unsigned(
+                    "==", b.bitcast(ok, ir.IntType(32)), ir.Constant(ir.IntType(32), (1 << 32) - 1)
+                )
                 inv = b.fdiv(ir.Constant(_F32, 127.0), amax)
                 usable = b.and_(finite, b.fcmp_ordered("<", inv, inf))
                 d = b.fdiv(amax, ir.Constant(_F32, 127.0))
@@ -368,8 +420,11 @@ def _quantize_q8k():
                 for j, v in enumerate(vs):
                     q = _x86(b, "llvm.rint.v32f32", f32v, [f32v], [b.fmul(v, _splat(b, inv))])
                     qi = b.select(usable, b.fptosi(q, i32v), ir.Constant(i32v, None))
-                    b.store(b.trunc(qi, _vec(_I8)), b.bitcast(
-                        b.gep(qs, [b.add(o, _c64(32 * j))]), ir.PointerType(_vec(_I8))), align=1)
+                    b.store(
+                        b.trunc(qi, _vec(_I8)),
+                        b.bitcast(b.gep(qs, [b.add(o, _c64(32 * j))]), ir.PointerType(_vec(_I8))),
+                        align=1,
+                    )
                     for h, half in enumerate(_halves(b, qi, 32)):
                         s, n = half, 16
                         while n > 1:

@@ -11,13 +11,35 @@ from numba.core import cgutils
 from numba.core import types as nbt
 from numba.extending import intrinsic
 
-from .base import (_F32, _I8, _I16, _I32, _const,
-                   _F32x8, _I16x16, _I32x8, _load, _maddubs, _maddwd, _ones16,
-                   _splat, _vec)
-from .x8 import (X8_PREFETCH, X8_STREAMS, _bcast4, _fma8, _groups_args, _half8, _passes,
-                 _prefetch, _rows2, _x8_store)
+from .base import (
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    _const,
+    _F32x8,
+    _I16x16,
+    _I32x8,
+    _load,
+    _maddubs,
+    _maddwd,
+    _ones16,
+    _splat,
+    _vec,
+)
 from .kquants import KINDS, QK_K, _c32, _c64
-
+from .x8 import (
+    X8_PREFETCH,
+    X8_STREAMS,
+    _bcast4,
+    _fma8,
+    _groups_args,
+    _half8,
+    _passes,
+    _prefetch,
+    _rows2,
+    _x8_store,
+)
 
 # -- 8 interleaved rows (Q4_K, Q5_K, Q6_K; kernels/kquants.py KQuantX8Linear) ----------------
 #
@@ -46,10 +68,16 @@ from .kquants import KINDS, QK_K, _c32, _c64
 #: each group read as two streams far apart: from memory, one thread, 12 GB/s against 15 for
 #: the row kernels).
 X8_FIELDS = {
-    2: ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 4)),               # d, dmin, scales, qs
+    2: ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 4)),  # d, dmin, scales, qs
     3: ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 4), (48, 128, 4)),  # ... qh, qs
-    4: ((208, 2, 2), (192, 16, 4), (128, 32, 4), (0, 64, 4),           # d, scales, qh, ql of
-        (160, 32, 4), (64, 64, 4)),                                     # half 0, of half 1
+    4: (
+        (208, 2, 2),
+        (192, 16, 4),
+        (128, 32, 4),
+        (0, 64, 4),  # d, scales, qh, ql of
+        (160, 32, 4),
+        (64, 64, 4),
+    ),  # half 0, of half 1
 }
 X8_KINDS = tuple(X8_FIELDS)
 
@@ -77,8 +105,9 @@ def _pick16(b, words, picks, signed=False):
     for r in range(8):
         for p in picks:
             mask += [32, 4 * r + p] if signed else [4 * r + p, 32]
-    v = b.bitcast(b.shuffle_vector(v8, ir.Constant(_vec(_I8), None),
-                                   ir.Constant(_vec(_I32), mask)), _I16x16)
+    v = b.bitcast(
+        b.shuffle_vector(v8, ir.Constant(_vec(_I8), None), ir.Constant(_vec(_I32), mask)), _I16x16
+    )
     return b.ashr(v, ir.Constant(_I16x16, [8] * 16)) if signed else v
 
 
@@ -126,8 +155,12 @@ class _X8Rec:
                 m6, m4, m2 = _i32x8(0x3F3F3F3F), _i32x8(0x0F0F0F0F), _i32x8(0x03030303)
                 hi_s = b.shl(b.and_(b.lshr(u0, _i32x8(6)), m2), _i32x8(4))
                 hi_m = b.shl(b.and_(b.lshr(u1, _i32x8(6)), m2), _i32x8(4))
-                self._words = [b.and_(u0, m6), b.or_(b.and_(u2, m4), hi_s), b.and_(u1, m6),
-                               b.or_(b.and_(b.lshr(u2, _i32x8(4)), m4), hi_m)]
+                self._words = [
+                    b.and_(u0, m6),
+                    b.or_(b.and_(u2, m4), hi_s),
+                    b.and_(u1, m6),
+                    b.or_(b.and_(b.lshr(u2, _i32x8(4)), m4), hi_m),
+                ]
         return self._words
 
     def n_scales(self):
@@ -142,12 +175,14 @@ class _X8Rec:
         activation codes of s), from ``bs16`` (the 16 sums of 16 codes)."""
         b = self.b
         sums = b.trunc(_ones16(b, bs16), _vec(_I16, 8))  # the 8 sub-blocks' sums
-        pairs = b.bitcast(b.shuffle_vector(sums, sums, ir.Constant(
-            _vec(_I32, 16), list(range(8)) * 2)), _I16x16)
+        pairs = b.bitcast(
+            b.shuffle_vector(sums, sums, ir.Constant(_vec(_I32, 16), list(range(8)) * 2)), _I16x16
+        )
         w, out = self.words(), None
         for j in range(4):
-            p = _maddwd(b, _pick16(b, w[2 + j // 2], (2 * (j % 2), 2 * (j % 2) + 1)),
-                        _pairs_of(b, pairs, j))
+            p = _maddwd(
+                b, _pick16(b, w[2 + j // 2], (2 * (j % 2), 2 * (j % 2) + 1)), _pairs_of(b, pairs, j)
+            )
             out = p if out is None else b.add(out, p)
         return out
 
@@ -156,8 +191,11 @@ class _X8Rec:
         activation codes): the code offset 32 comes back as 32 times this."""
         b, w, out = self.b, self.words(), None
         for j in range(8):
-            p = _maddwd(b, _pick16(b, w[j // 2], (2 * (j % 2), 2 * (j % 2) + 1), signed=True),
-                        _pairs_of(b, bs16, j))
+            p = _maddwd(
+                b,
+                _pick16(b, w[j // 2], (2 * (j % 2), 2 * (j % 2) + 1), signed=True),
+                _pairs_of(b, bs16, j),
+            )
             out = p if out is None else b.add(out, p)
         return out
 
@@ -188,13 +226,16 @@ class _X8Rec:
         codes, qh_at, x_lo, _, sh = qv
         packed = self._load32(b.add(codes, _c64(32 * i)))
         lo = b.and_(b.bitcast(packed, _vec(_I8)), self._c8(15))
-        hi = b.and_(b.bitcast(b.lshr(packed, ir.Constant(_I16x16, [4] * 16)), _vec(_I8)),
-                    self._c8(15))
+        hi = b.and_(
+            b.bitcast(b.lshr(packed, ir.Constant(_I16x16, [4] * 16)), _vec(_I8)), self._c8(15)
+        )
         if kind != 2:  # the high bits: Q5_K bits 2q, 2q + 1 of qh byte 4i + t -> bit 4 (low,
             # high codes); Q6_K bits 2kk, 2kk + 1 -> 4, 5 (low), bits 4 + 2kk, 5 + 2kk (high)
             h = b.lshr(self._load32(b.add(qh_at, _c64(32 * i))), sh)
-            h4 = b.and_(b.bitcast(b.shl(h, ir.Constant(_I16x16, [4] * 16)), _vec(_I8)),
-                        self._c8(16 if kind == 3 else 0x30))
+            h4 = b.and_(
+                b.bitcast(b.shl(h, ir.Constant(_I16x16, [4] * 16)), _vec(_I8)),
+                self._c8(16 if kind == 3 else 0x30),
+            )
             if kind == 3:
                 h3 = b.shl(h, ir.Constant(_I16x16, [3] * 16))
                 hh = b.and_(b.bitcast(h3, _vec(_I8)), self._c8(16))
@@ -234,8 +275,7 @@ def _kdotx8(kind, tt, ng=1):
 
     def codegen(context, b, signature, args):
         arrs, gs, bases = _groups_args(context, b, signature, args, ng)
-        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
-               for _ in range(max(tt, ng))]
+        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(max(tt, ng))]
         units = [(k, u) for k in range(ng) for u in range(tt)]  # acc[k + u]
         s32 = [cgutils.alloca_once(b, _I32x8) for _ in units]
         n_sc = 16 if kind == 4 else 8
@@ -256,11 +296,18 @@ def _kdotx8(kind, tt, ng=1):
                     for s in range(n_sc):
                         b.store(rec.scale(s), b.gep(sc[k], [_c32(s)]))
                 for n, (k, u) in enumerate(units):
-                    bs16 = b.load(b.bitcast(b.gep(bss[u], [b.mul(i, _c64(16))]),
-                                            ir.PointerType(_I16x16)), align=2)
+                    bs16 = b.load(
+                        b.bitcast(b.gep(bss[u], [b.mul(i, _c64(16))]), ir.PointerType(_I16x16)),
+                        align=2,
+                    )
                     if kind == 4:  # sum sc (q - 32) x = sum sc q x - 32 sum sc bs
-                        b.store(b.sub(ir.Constant(_I32x8, None),
-                                      b.shl(recs[k].offset_sum(bs16), _i32x8(5))), s32[n])
+                        b.store(
+                            b.sub(
+                                ir.Constant(_I32x8, None),
+                                b.shl(recs[k].offset_sum(bs16), _i32x8(5)),
+                            ),
+                            s32[n],
+                        )
                     else:  # acc -= dmin dx sum m bs; then the integer sum from zero
                         msum = b.fmul(b.sitofp(recs[k].mins(bs16), _F32x8), b.fneg(dx[u]))
                         b.store(_fma8(b, recs[k].dmin8(), msum, b.load(acc[n])), acc[n])
@@ -277,8 +324,7 @@ def _kdotx8(kind, tt, ng=1):
                                 if (u, slot) not in xv:
                                     xv[u, slot] = _bcast4(b, xb[u], xo)
                                 p = _maddubs(b, codes, xv[u, slot])
-                                s16[n][slot] = p if s16[n][slot] is None else b.add(
-                                    s16[n][slot], p)
+                                s16[n][slot] = p if s16[n][slot] is None else b.add(s16[n][slot], p)
                         for slot, ds in _x8_closes(kind, st):
                             for n, (k, _) in enumerate(units):
                                 at = b.gep(sc[k], [b.add(qvs[k][3], _c64(ds))])
@@ -292,12 +338,15 @@ def _kdotx8(kind, tt, ng=1):
         return context.get_dummy_value()
 
     if ng > 1:
+
         def typer(typingctx, pk, g, q, xq, dx, bs, nb, y, t0):
             return nbt.void(pk, nbt.intp, nbt.intp, xq, dx, bs, nbt.intp, y, nbt.intp), codegen
     elif tt > 1:
+
         def typer(typingctx, pk, g, xq, dx, bs, nb, y, t0, npass):
             return nbt.void(pk, nbt.intp, xq, dx, bs, nbt.intp, y, nbt.intp, nbt.intp), codegen
     else:
+
         def typer(typingctx, pk, g, xq, dx, bs, nb, y, t0):
             return nbt.void(pk, nbt.intp, xq, dx, bs, nbt.intp, y, nbt.intp), codegen
 
@@ -309,5 +358,3 @@ def _kdotx8(kind, tt, ng=1):
 dotx8_q4_k, dotx8_q5_k, dotx8_q6_k = (_kdotx8(k, 1) for k in X8_KINDS)
 dotx8t_q4_k, dotx8t_q5_k, dotx8t_q6_k = (_kdotx8(k, 4) for k in X8_KINDS)
 dotsx8_q4_k, dotsx8_q5_k, dotsx8_q6_k = (_kdotx8(k, 1, X8_STREAMS) for k in X8_KINDS)
-
-

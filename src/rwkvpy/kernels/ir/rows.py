@@ -21,9 +21,29 @@ from numba.core import types as nbt
 from numba.extending import intrinsic
 
 from ..kinds import BLOCK_KINDS, FLOAT_KINDS, Kind
-from .base import (_F32, _FMA, _I8, _I16, _I64, _N, WEIGHTS, _arg_ptr, _codes4, _codes5, _F32x8,
-                   _half, _halves, _hsum, _load, _maddubs, _maddwd, _ones16, _splat, _store32,
-                   _vec)
+from .base import (
+    _F32,
+    _FMA,
+    _I8,
+    _I16,
+    _I64,
+    _N,
+    WEIGHTS,
+    _arg_ptr,
+    _codes4,
+    _codes5,
+    _F32x8,
+    _half,
+    _halves,
+    _hsum,
+    _load,
+    _maddubs,
+    _maddwd,
+    _ones16,
+    _splat,
+    _store32,
+    _vec,
+)
 
 
 def _row_dot(kind):
@@ -44,8 +64,13 @@ def _row_dot(kind):
                 i = loop.index
                 blk = b.gep(base, [b.mul(i, ir.Constant(_I64, block_bytes))])
                 w = weights(b, blk)
-                xv = _load(b, b.bitcast(b.gep(xs, [b.mul(i, ir.Constant(_I64, _N))]),
-                                        ir.PointerType(_I8)), None, _vec(_F32), align=4)
+                xv = _load(
+                    b,
+                    b.bitcast(b.gep(xs, [b.mul(i, ir.Constant(_I64, _N))]), ir.PointerType(_I8)),
+                    None,
+                    _vec(_F32),
+                    align=4,
+                )
                 b.store(b.fadd(b.load(acc), b.fmul(w, xv, flags=_FMA), flags=_FMA), acc)
             return _hsum(b, b.load(acc), _N)
 
@@ -75,17 +100,20 @@ def _row_dot_streams(kind, ns=4):
             idx = [b.add(args[1], b.mul(args[2], ir.Constant(_I64, k))) for k in range(ns)]
             rows = [b.gep(base, [b.mul(r, stride)]) for r in idx]
             xs, ys = (_arg_ptr(context, b, signature, args, k) for k in (3, 4))
-            acc = [cgutils.alloca_once_value(b, ir.Constant(_vec(_F32), None))
-                   for _ in range(ns)]
+            acc = [cgutils.alloca_once_value(b, ir.Constant(_vec(_F32), None)) for _ in range(ns)]
             with cgutils.for_range(b, args[5]) as loop:
                 i = loop.index
-                xv = _load(b, b.bitcast(b.gep(xs, [b.mul(i, ir.Constant(_I64, _N))]),
-                                        ir.PointerType(_I8)), None, _vec(_F32), align=4)
+                xv = _load(
+                    b,
+                    b.bitcast(b.gep(xs, [b.mul(i, ir.Constant(_I64, _N))]), ir.PointerType(_I8)),
+                    None,
+                    _vec(_F32),
+                    align=4,
+                )
                 off = b.mul(i, ir.Constant(_I64, block_bytes))
                 for k in range(ns):
                     w = weights(b, b.gep(rows[k], [off]))
-                    b.store(b.fadd(b.load(acc[k]), b.fmul(w, xv, flags=_FMA), flags=_FMA),
-                            acc[k])
+                    b.store(b.fadd(b.load(acc[k]), b.fmul(w, xv, flags=_FMA), flags=_FMA), acc[k])
             for k in range(ns):
                 b.store(_hsum(b, b.load(acc[k]), _N), b.gep(ys, [idx[k]]))
             return context.get_dummy_value()
@@ -96,7 +124,8 @@ def _row_dot_streams(kind, ns=4):
 
 
 dot_q4_0, dot_q4_1, dot_q5_0, dot_q5_1, dot_q8_0, dot_f16, dot_bf16, dot_f32 = (
-    _row_dot(k) for k in Kind)
+    _row_dot(k) for k in Kind
+)
 #: 4 rows a stride apart at once (one-vector products of float matrices: kernels/linear/rows.py)
 dots_f16, dots_bf16, dots_f32 = (_row_dot_streams(k) for k in FLOAT_KINDS)
 
@@ -147,8 +176,10 @@ def _row_dot_q8(kind):
         sig = nbt.float32(row, xq, dx, sx, nbt.intp)
 
         def codegen(context, b, signature, args):
-            ptrs = [context.make_array(t)(context, b, a).data
-                    for t, a in zip(signature.args[:4], args[:4])]
+            ptrs = [
+                context.make_array(t)(context, b, a).data
+                for t, a in zip(signature.args[:4], args[:4])
+            ]
             base, xs = (b.bitcast(p, ir.PointerType(_I8)) for p in ptrs[:2])
             dxs, sxs = (b.bitcast(p, ir.PointerType(_F32)) for p in ptrs[2:])
             acc = cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
@@ -174,8 +205,13 @@ def _row_dot_q8(kind):
     return intrinsic(typer)
 
 
-_INT8_BLOCKS = {Kind.Q4_0: _iq_q4_0, Kind.Q4_1: _iq_q4_1, Kind.Q5_0: _iq_q5_0,
-                Kind.Q5_1: _iq_q5_1, Kind.Q8_0: _iq_q8_0}
+_INT8_BLOCKS = {
+    Kind.Q4_0: _iq_q4_0,
+    Kind.Q4_1: _iq_q4_1,
+    Kind.Q5_0: _iq_q5_0,
+    Kind.Q5_1: _iq_q5_1,
+    Kind.Q8_0: _iq_q8_0,
+}
 dotq_q4_0, dotq_q4_1, dotq_q5_0, dotq_q5_1, dotq_q8_0 = (_row_dot_q8(k) for k in BLOCK_KINDS)
 
 
@@ -195,10 +231,13 @@ def _row_deq(kind):
         sig = nbt.void(row, out, nbt.intp)
 
         def codegen(context, b, signature, args):
-            base = b.bitcast(context.make_array(signature.args[0])(context, b, args[0]).data,
-                             ir.PointerType(_I8))
-            ys = b.bitcast(context.make_array(signature.args[1])(context, b, args[1]).data,
-                           ir.PointerType(_F32))
+            base = b.bitcast(
+                context.make_array(signature.args[0])(context, b, args[0]).data, ir.PointerType(_I8)
+            )
+            ys = b.bitcast(
+                context.make_array(signature.args[1])(context, b, args[1]).data,
+                ir.PointerType(_F32),
+            )
             with cgutils.for_range(b, args[2]) as loop:
                 i = loop.index
                 w = weights(b, b.gep(base, [b.mul(i, ir.Constant(_I64, block_bytes))]))

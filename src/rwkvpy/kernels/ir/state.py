@@ -59,9 +59,11 @@ def _state_kernel(n_arrays, body):
         return nbt.void(*arrays, nbt.intp, nbt.intp, nbt.intp), codegen
 
     if n_arrays == 7:  # numba's intrinsics take no *args: one typer per arity
+
         def typer(typingctx, a0, a1, a2, a3, a4, a5, a6, nk, nv, nb):
             return sig((a0, a1, a2, a3, a4, a5, a6))
     else:
+
         def typer(typingctx, a0, a1, a2, a3, a4, a5, a6, a7, nk, nv, nb):
             return sig((a0, a1, a2, a3, a4, a5, a6, a7))
 
@@ -114,8 +116,9 @@ def _v5_token(b, ptrs, nk, nv, c0, accs):
         p = _lanes_at(b, st, b.add(b.mul(j, nv), c0))
         x = b.load(p, align=4)
         kv = b.fmul(vv, _bcast(b, k, j))
-        b.store(_fmadd(b, _fmadd(b, kv, _bcast(b, u_, j), x), _bcast(b, r, j), b.load(outs[u])),
-                outs[u])
+        b.store(
+            _fmadd(b, _fmadd(b, kv, _bcast(b, u_, j), x), _bcast(b, r, j), b.load(outs[u])), outs[u]
+        )
         b.store(_fmadd(b, x, _bcast(b, w, j), kv), p, align=4)
 
     _each_row(b, nk, row)

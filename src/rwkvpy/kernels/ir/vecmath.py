@@ -15,8 +15,22 @@ from numba.core import types as nbt
 from numba.extending import intrinsic
 
 from ..kinds import FLOAT_KINDS
-from .base import (_F32, _FMA, _I8, _I32, _I64, _N, WEIGHTS, _arg_ptr, _F32x8, _halves, _I32x8,
-                   _splat, _vec, _x86)
+from .base import (
+    _F32,
+    _FMA,
+    _I8,
+    _I32,
+    _I64,
+    _N,
+    WEIGHTS,
+    _arg_ptr,
+    _F32x8,
+    _halves,
+    _I32x8,
+    _splat,
+    _vec,
+    _x86,
+)
 
 # -- axpy on float rows (the fused step's low-rank products) -------------------------------------
 
@@ -54,12 +68,14 @@ def _rows_axpy(kind):
                 ptrs = [b.gep(base, [b.mul(cu, stride)]) for cu in cs]
                 with cgutils.for_range(b, args[6]) as loop:
                     i = loop.index
-                    yp = b.bitcast(b.gep(ys, [b.mul(i, ir.Constant(_I64, _N))]),
-                                   ir.PointerType(_vec(_F32)))
+                    yp = b.bitcast(
+                        b.gep(ys, [b.mul(i, ir.Constant(_I64, _N))]), ir.PointerType(_vec(_F32))
+                    )
                     y = b.load(yp, align=4)
                     for av, p in zip(avs, ptrs):
-                        y = b.fadd(y, b.fmul(av, load(b, b.gep(p, [b.mul(
-                            i, ir.Constant(_I64, nbytes))]))))
+                        y = b.fadd(
+                            y, b.fmul(av, load(b, b.gep(p, [b.mul(i, ir.Constant(_I64, nbytes))])))
+                        )
                     b.store(y, yp, align=4)
 
             n_many = b.udiv(b.sub(args[4], args[3]), ir.Constant(_I64, AXPY_ROWS))
@@ -95,8 +111,10 @@ def _dot_f32x16():
             with cgutils.for_range(b, args[2]) as loop:
                 for u, acc in enumerate(accs):
                     off = b.add(b.mul(loop.index, ir.Constant(_I64, 16)), ir.Constant(_I64, 8 * u))
-                    av, xv = (b.load(b.bitcast(b.gep(p, [off]), ir.PointerType(_F32x8)), align=4)
-                              for p in ptrs)
+                    av, xv = (
+                        b.load(b.bitcast(b.gep(p, [off]), ir.PointerType(_F32x8)), align=4)
+                        for p in ptrs
+                    )
                     b.store(b.fadd(b.load(acc), b.fmul(av, xv, flags=_FMA), flags=_FMA), acc)
             v = b.fadd(b.load(accs[0]), b.load(accs[1]))
             for n in (8, 4, 2):
@@ -139,8 +157,10 @@ def _quantize_blocks():
                 v = b.load(b.bitcast(b.gep(xs, [off]), ir.PointerType(f32v)), align=4)
                 a = _x86(b, "llvm.fabs.v32f32", f32v, [f32v], [v])
                 finite = b.icmp_unsigned(  # every |v| < inf (false for NaN and inf)
-                    "==", b.bitcast(b.fcmp_ordered("<", a, inf), ir.IntType(_N)),
-                    ir.Constant(ir.IntType(_N), (1 << _N) - 1))
+                    "==",
+                    b.bitcast(b.fcmp_ordered("<", a, inf), ir.IntType(_N)),
+                    ir.Constant(ir.IntType(_N), (1 << _N) - 1),
+                )
                 n = _N
                 while n > 1:  # the largest |v| (all finite where it is used)
                     lo, hi = _halves(b, a, n)
@@ -149,15 +169,19 @@ def _quantize_blocks():
                 amax = b.extract_element(a, ir.Constant(_I32, 0))
                 d = b.fdiv(amax, qmax)
                 zero = ir.Constant(_F32, 0.0)
-                inv = b.select(b.fcmp_ordered(">", d, zero), b.fdiv(ir.Constant(_F32, 1.0), d),
-                               zero)
+                inv = b.select(
+                    b.fcmp_ordered(">", d, zero), b.fdiv(ir.Constant(_F32, 1.0), d), zero
+                )
                 # a block of subnormals only (amax < 2^-126 qmax) has 1 / dx = inf: it counts
                 # as zeros (xq = 0, sx = 0), which it is next to any normal float32 term
                 usable = b.and_(finite, b.fcmp_ordered("<", inv, ir.Constant(_F32, float("inf"))))
                 q = _x86(b, "llvm.rint.v32f32", f32v, [f32v], [b.fmul(v, _splat(b, inv))])
                 qi = b.select(usable, b.fptosi(q, i32v), ir.Constant(i32v, None))
-                b.store(b.trunc(qi, _vec(elem)),
-                        b.bitcast(b.gep(qs, [off]), ir.PointerType(_vec(elem))), align=1)
+                b.store(
+                    b.trunc(qi, _vec(elem)),
+                    b.bitcast(b.gep(qs, [off]), ir.PointerType(_vec(elem))),
+                    align=1,
+                )
                 n, s = _N, qi
                 while n > 1:
                     lo, hi = _halves(b, s, n)
@@ -165,8 +189,10 @@ def _quantize_blocks():
                     n //= 2
                 d = b.select(finite, d, ir.Constant(_F32, float("nan")))
                 b.store(d, b.gep(dxs, [i]))
-                b.store(b.fmul(d, b.sitofp(b.extract_element(s, ir.Constant(_I32, 0)), _F32)),
-                        b.gep(sxs, [i]))
+                b.store(
+                    b.fmul(d, b.sitofp(b.extract_element(s, ir.Constant(_I32, 0)), _F32)),
+                    b.gep(sxs, [i]),
+                )
             return context.get_dummy_value()
 
         return sig, codegen
@@ -186,13 +212,20 @@ quantize_blocks = _quantize_blocks()
 # as exp's; x above 88.72 gives inf, below -104 gives 0, NaN stays NaN. Within 1 ulp of exp
 # (tested against float64 exp over [-110, 95]).
 
-_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-          1.6666665459e-1, 5.0000001201e-1)
+_EXP_P = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
 _LN2_HI, _LN2_LO, _LOG2E = 0.693359375, -2.12194440e-4, 1.44269504088896341
 
 
 def _exp8(b, x):
     """exp of a <8 x float>."""
+
     def c(v):
         return ir.Constant(_F32x8, [v] * 8)
 

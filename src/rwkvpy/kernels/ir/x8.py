@@ -18,9 +18,32 @@ from numba.core import types as nbt
 from numba.extending import intrinsic
 
 from ..kinds import BLOCK_KINDS, Kind
-from .base import (_F32, _FMA, _I8, _I16, _I32, _I64, _N, _codes_to_float, _const, _F32x8,
-                   _half, _I16x16, _load, _maddubs, _maddwd, _nibbles, _ones16,
-                   _signed_to_float, _splat, _store32, _vec, _wide, _with_high, _x86)
+from .base import (
+    _F32,
+    _FMA,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    _N,
+    _codes_to_float,
+    _const,
+    _F32x8,
+    _half,
+    _I16x16,
+    _load,
+    _maddubs,
+    _maddwd,
+    _nibbles,
+    _ones16,
+    _signed_to_float,
+    _splat,
+    _store32,
+    _vec,
+    _wide,
+    _with_high,
+    _x86,
+)
 
 # -- int8 dots on 8 interleaved rows (the repacked layout of Int8DotLinear) ---------------------
 #
@@ -74,11 +97,20 @@ def _prefetch(b, p, ahead, nbytes):
     """Hint the cache lines of bytes [p + ahead, p + ahead + nbytes) (i8* p) into L1: a hint
     only, never a fault (addresses past the array's end are allowed)."""
     fn = cgutils.get_or_insert_function(
-        b.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(_I8)] + [_I32] * 3),
-        "llvm.prefetch.p0i8")
+        b.module,
+        ir.FunctionType(ir.VoidType(), [ir.PointerType(_I8)] + [_I32] * 3),
+        "llvm.prefetch.p0i8",
+    )
     for q in range(0, nbytes, 64):  # read, high locality, data cache
-        b.call(fn, [b.gep(p, [ir.Constant(_I64, ahead + q)]), ir.Constant(_I32, 0),
-                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        b.call(
+            fn,
+            [
+                b.gep(p, [ir.Constant(_I64, ahead + q)]),
+                ir.Constant(_I32, 0),
+                ir.Constant(_I32, 3),
+                ir.Constant(_I32, 1),
+            ],
+        )
 
 
 def _x8_layout(kind):
@@ -93,8 +125,10 @@ def _rows2(b, arr, t0, n, elem):
     """Pointers (``elem``*) to rows t0 .. t0+n-1 of a C-order 2-D array."""
     st = cgutils.unpack_tuple(b, arr.strides, 2)[0]
     base = b.bitcast(arr.data, ir.PointerType(_I8))
-    return [b.bitcast(b.gep(base, [b.mul(b.add(t0, ir.Constant(_I64, u)), st)]),
-                      ir.PointerType(elem)) for u in range(n)]
+    return [
+        b.bitcast(b.gep(base, [b.mul(b.add(t0, ir.Constant(_I64, u)), st)]), ir.PointerType(elem))
+        for u in range(n)
+    ]
 
 
 def _x8_code_steps(b, rec, kind):
@@ -128,8 +162,21 @@ def _x8_code_steps(b, rec, kind):
     def step(m):
         if kind.signed:  # |code| (<= 128), and the code for its sign
             c = _load(b, rec, ir.Constant(_I64, c_off + 32 * m), _vec(_I8))
-            return [(m, (_x86(b, "llvm.abs.v32i8", _vec(_I8), [_vec(_I8), ir.IntType(1)],
-                                [c, ir.Constant(ir.IntType(1), 0)]), c))]
+            return [
+                (
+                    m,
+                    (
+                        _x86(
+                            b,
+                            "llvm.abs.v32i8",
+                            _vec(_I8),
+                            [_vec(_I8), ir.IntType(1)],
+                            [c, ir.Constant(ir.IntType(1), 0)],
+                        ),
+                        c,
+                    ),
+                )
+            ]
         if has_qh:
             return [(m, nibbles(m))]
         return [(m, nibbles(m)), (m + 4, nibbles(m + 4))]
@@ -159,8 +206,9 @@ def _x8_integer_sums(b, steps, units, x0, q8, per_madd):
                 xv = _bcast4(b, xs, b.add(x0, ir.Constant(_I64, 4 * j)))
                 if q8:  # |code| times x with the code's sign: pairs <= 2 * 128 * 127
                     a, c = codes
-                    xv = _x86(b, "llvm.x86.avx2.psign.b", _vec(_I8), [_vec(_I8), _vec(_I8)],
-                              [xv, c])
+                    xv = _x86(
+                        b, "llvm.x86.avx2.psign.b", _vec(_I8), [_vec(_I8), _vec(_I8)], [xv, c]
+                    )
                     p = _ones16(b, _maddubs(b, a, xv))
                     s32[n] = p if s32[n] is None else b.add(s32[n], p)
                     continue
@@ -170,8 +218,9 @@ def _x8_integer_sums(b, steps, units, x0, q8, per_madd):
                     s32[n], s16[n] = _ones16(b, s16[n]), None
     if q8:
         return s32
-    return [_ones16(b, s) if s32[n] is None else b.add(s32[n], _ones16(b, s))
-            for n, s in enumerate(s16)]
+    return [
+        _ones16(b, s) if s32[n] is None else b.add(s32[n], _ones16(b, s)) for n, s in enumerate(s16)
+    ]
 
 
 def _x8_scale_add(b, s32, d8, m8, dx, cx, acc, offset):
@@ -185,8 +234,12 @@ def _x8_scale_add(b, s32, d8, m8, dx, cx, acc, offset):
     # (explicit fused multiply-adds: 'contract' leaves fusing to LLVM, which decided it
     # differently in the one-group and the 4-stream kernels)
     if offset:
-        t = _fma8(b, b.sitofp(s32, _F32x8), _splat(b, dx, 8),
-                  _splat(b, b.fmul(cx, ir.Constant(_F32, -offset)), 8))
+        t = _fma8(
+            b,
+            b.sitofp(s32, _F32x8),
+            _splat(b, dx, 8),
+            _splat(b, b.fmul(cx, ir.Constant(_F32, -offset)), 8),
+        )
         b.store(_fma8(b, d8, t, b.load(acc)), acc)
     else:
         t = b.fmul(b.sitofp(s32, _F32x8), _splat(b, dx, 8))
@@ -199,13 +252,16 @@ def _groups_args(context, b, signature, args, ng):
     """An x8 intrinsic's array arguments (None for the scalars), its groups g, g + q, ...
     (``ng`` of them: args[1] = g, args[2] = q when ng > 1) and the i8* of each group's row of
     the repacked matrix args[0]."""
-    arrs = [context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
-            for t, a in zip(signature.args, args)]
+    arrs = [
+        context.make_array(t)(context, b, a) if isinstance(t, nbt.Array) else None
+        for t, a in zip(signature.args, args)
+    ]
     stride = cgutils.unpack_tuple(b, arrs[0].strides, 2)[0]
-    gs = [args[1] if k == 0 else b.add(args[1], b.mul(args[2], ir.Constant(_I64, k)))
-          for k in range(ng)]
-    bases = [b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(g, stride)])
-             for g in gs]
+    gs = [
+        args[1] if k == 0 else b.add(args[1], b.mul(args[2], ir.Constant(_I64, k)))
+        for k in range(ng)
+    ]
+    bases = [b.gep(b.bitcast(arrs[0].data, ir.PointerType(_I8)), [b.mul(g, stride)]) for g in gs]
     return arrs, gs, bases
 
 
@@ -230,8 +286,9 @@ def _x8_store(b, gs, ys, acc, tt):
     for k, g in enumerate(gs):
         col = b.mul(g, ir.Constant(_I64, 8))
         for u in range(tt):
-            b.store(b.load(acc[k + u]), b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)),
-                    align=4)
+            b.store(
+                b.load(acc[k + u]), b.bitcast(b.gep(ys[u], [col]), ir.PointerType(_F32x8)), align=4
+            )
 
 
 def _row_dot_x8(kind, tt, ng=1):
@@ -262,16 +319,16 @@ def _row_dot_x8(kind, tt, ng=1):
 
     def codegen(context, b, signature, args):
         arrs, gs, bases = _groups_args(context, b, signature, args, ng)
-        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
-               for _ in range(max(tt, ng))]
+        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(max(tt, ng))]
         with _passes(b, args, ai + 6, tt, acc) as t0:
             xs = _rows2(b, arrs[ai + 1], t0, tt, _I8)
             dxs, sxs, ys = (_rows2(b, arrs[ai + k], t0, tt, _F32) for k in (2, 3, 5))
             with cgutils.for_range(b, args[ai + 4]) as loop:
                 i = loop.index
                 x0 = b.mul(i, ir.Constant(_I64, _N))
-                recs = [b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))])
-                        for k in range(ng)]
+                recs = [
+                    b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))]) for k in range(ng)
+                ]
                 if tt == 1 and ng == 1:  # the records stream from memory once: X8_PREFETCH
                     _prefetch(b, recs[0], X8_PREFETCH, rec_bytes)
                 steps = [_x8_code_steps(b, rec, kind) for rec in recs]
@@ -287,12 +344,15 @@ def _row_dot_x8(kind, tt, ng=1):
         return context.get_dummy_value()
 
     if ng > 1:
+
         def typer(typingctx, pk, g, q, xq, dx, sx, nb, y, t0):
             return nbt.void(pk, nbt.intp, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp), codegen
     elif tt > 1:
+
         def typer(typingctx, pk, g, xq, dx, sx, nb, y, t0, npass):
             return nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp, nbt.intp), codegen
     else:
+
         def typer(typingctx, pk, g, xq, dx, sx, nb, y, t0):
             return nbt.void(pk, nbt.intp, xq, dx, sx, nbt.intp, y, nbt.intp), codegen
 
@@ -314,7 +374,8 @@ dotx8_q5_1, dotx8t_q5_1 = (_row_dot_x8(Kind.Q5_1, tt) for tt in (1, 4))
 dotx8_q8_0, dotx8t_q8_0 = (_row_dot_x8(Kind.Q8_0, tt) for tt in (1, 4))
 #: dotsx8_<fmt>: one vector, X8_STREAMS groups a stride apart
 dotsx8_q4_0, dotsx8_q4_1, dotsx8_q5_0, dotsx8_q5_1, dotsx8_q8_0 = (
-    _row_dot_x8(k, 1, X8_STREAMS) for k in BLOCK_KINDS)
+    _row_dot_x8(k, 1, X8_STREAMS) for k in BLOCK_KINDS
+)
 
 
 def _x8_weights(b, rec, r, kind):
@@ -324,13 +385,19 @@ def _x8_weights(b, rec, r, kind):
     if kind.signed:  # Q8_0: dword j holds codes 4j .. 4j+3
         words = ir.Constant(_vec(_I32, 8), ir.Undefined)
         for j in range(8):
-            words = b.insert_element(words, _load(b, rec, ir.Constant(_I64, 16 + 32 * j + 4 * r),
-                                                  _I32), ir.Constant(_I32, j))
+            words = b.insert_element(
+                words,
+                _load(b, rec, ir.Constant(_I64, 16 + 32 * j + 4 * r), _I32),
+                ir.Constant(_I32, j),
+            )
         return b.fmul(_signed_to_float(b, b.bitcast(words, _vec(_I8))), _splat(b, d))
     words = ir.Constant(_vec(_I32, 4), ir.Undefined)
     for i in range(4):  # vector i's dword r: codes 4i+t (low nibbles), 16+4i+t (high)
-        words = b.insert_element(words, _load(b, rec, ir.Constant(_I64, c_off + 32 * i + 4 * r),
-                                              _I32), ir.Constant(_I32, i))
+        words = b.insert_element(
+            words,
+            _load(b, rec, ir.Constant(_I64, c_off + 32 * i + 4 * r), _I32),
+            ir.Constant(_I32, i),
+        )
     codes = _nibbles(b, b.bitcast(words, _vec(_I8, 16)))
     if kind.has_high_bits:  # code 4j+t: bit j of qh byte 4r+t
         qh = _load(b, rec, ir.Constant(_I64, qh_off + 4 * r), _vec(_I8, 4))
@@ -356,8 +423,12 @@ def _x8_deq(kind):
             ostride = cgutils.unpack_tuple(b, oa.strides, 2)[0]
             base = b.gep(b.bitcast(pa.data, ir.PointerType(_I8)), [b.mul(args[1], pstride)])
             obase = b.gep(b.bitcast(oa.data, ir.PointerType(_I8)), [b.mul(args[3], ostride)])
-            rows = [b.bitcast(b.gep(obase, [b.mul(ostride, ir.Constant(_I64, r))]),
-                              ir.PointerType(_F32)) for r in range(8)]
+            rows = [
+                b.bitcast(
+                    b.gep(obase, [b.mul(ostride, ir.Constant(_I64, r))]), ir.PointerType(_F32)
+                )
+                for r in range(8)
+            ]
             with cgutils.for_range(b, args[4]) as loop:
                 i = loop.index
                 rec = b.gep(base, [b.mul(i, ir.Constant(_I64, rec_bytes))])
@@ -398,8 +469,7 @@ def _dot_x8_q8_i16(tt, ng=1):
 
     def codegen(context, b, signature, args):
         arrs, gs, bases = _groups_args(context, b, signature, args, ng)
-        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None))
-               for _ in range(max(tt, ng))]
+        acc = [cgutils.alloca_once_value(b, ir.Constant(_F32x8, None)) for _ in range(max(tt, ng))]
         even = ir.Constant(_vec(_I32, 8), list(range(0, 16, 2)))
         odd = ir.Constant(_vec(_I32, 8), list(range(1, 16, 2)))
         with _passes(b, args, ai + 5, tt, acc) as t0:
@@ -408,27 +478,40 @@ def _dot_x8_q8_i16(tt, ng=1):
             with cgutils.for_range(b, args[ai + 3]) as loop:
                 i = loop.index
                 x0 = b.mul(i, ir.Constant(_I64, 2 * _N))  # bytes of int16
-                recs = [b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))])
-                        for k in range(ng)]
+                recs = [
+                    b.gep(bases[k], [b.mul(i, ir.Constant(_I64, rec_bytes))]) for k in range(ng)
+                ]
                 if tt == 1 and ng == 1:
                     _prefetch(b, recs[0], X8_PREFETCH, rec_bytes)
                 units = [(k, u) for k in range(ng) for u in range(tt)]  # acc[k + u]
                 lo, hi = [None] * len(units), [None] * len(units)
                 for j in range(8):  # code vector j of each record, met by its units
                     # codes 4j .. 4j+3: rows 0-3 in bytes 0-15 of vector j, rows 4-7 after
-                    w = [tuple(b.sext(_load(b, rec, ir.Constant(_I64, off + 32 * j),
-                                            _vec(_I8, 16)), _I16x16) for off in (16, 32))
-                         for rec in recs]
+                    w = [
+                        tuple(
+                            b.sext(
+                                _load(b, rec, ir.Constant(_I64, off + 32 * j), _vec(_I8, 16)),
+                                _I16x16,
+                            )
+                            for off in (16, 32)
+                        )
+                        for rec in recs
+                    ]
                     for n, (k, u) in enumerate(units):
-                        xv = b.bitcast(_splat(b, _load(b, xs[u], b.add(
-                            x0, ir.Constant(_I64, 8 * j)), _I64), 4), _I16x16)
+                        xv = b.bitcast(
+                            _splat(
+                                b, _load(b, xs[u], b.add(x0, ir.Constant(_I64, 8 * j)), _I64), 4
+                            ),
+                            _I16x16,
+                        )
                         p0, p1 = _maddwd(b, w[k][0], xv), _maddwd(b, w[k][1], xv)
                         lo[n] = p0 if lo[n] is None else b.add(lo[n], p0)
                         hi[n] = p1 if hi[n] is None else b.add(hi[n], p1)
                 for n, (k, u) in enumerate(units):
                     d8 = _half8(b, recs[k], 0)
-                    s32 = b.add(b.shuffle_vector(lo[n], hi[n], even),
-                                b.shuffle_vector(lo[n], hi[n], odd))
+                    s32 = b.add(
+                        b.shuffle_vector(lo[n], hi[n], even), b.shuffle_vector(lo[n], hi[n], odd)
+                    )
                     scale = b.fmul(d8, _splat(b, b.load(b.gep(dxs[u], [i])), 8))
                     prod = b.fmul(b.sitofp(s32, _F32x8), scale, flags=_FMA)
                     b.store(b.fadd(b.load(acc[n]), prod, flags=_FMA), acc[n])
@@ -436,12 +519,15 @@ def _dot_x8_q8_i16(tt, ng=1):
         return context.get_dummy_value()
 
     if ng > 1:
+
         def typer(typingctx, pk, g, q, xw, dx, nb, y, t0):
             return nbt.void(pk, nbt.intp, nbt.intp, xw, dx, nbt.intp, y, nbt.intp), codegen
     elif tt > 1:
+
         def typer(typingctx, pk, g, xw, dx, nb, y, t0, npass):
             return nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp, nbt.intp), codegen
     else:
+
         def typer(typingctx, pk, g, xw, dx, nb, y, t0):
             return nbt.void(pk, nbt.intp, xw, dx, nbt.intp, y, nbt.intp), codegen
 

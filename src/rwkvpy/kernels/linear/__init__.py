@@ -58,11 +58,19 @@ Modules: :mod:`.classes` (the interface :class:`Linear` and one class per format
 
 from __future__ import annotations
 
-from .threads import HAVE_NUMBA, PARALLEL_LOCK, SERIAL_MAX_ELEMENTS, start_numba_pool  # noqa: I001
-from .classes import (NUMBA_MAX_T, BlockLinear, DequantLinear, F32Linear, FloatLinear,
-                      Int8DotLinear, Int16DotLinear, Linear)
-from .spec import K_ROWS, K_ROWS_INT8, K_X8, ROWS, X8_INT8, X8_INT16
 from .choose import INT8_DOT_FORMATS, INT16_DOT_FORMATS, POLICIES, _int8_dot, make_linear  # noqa: F401
+from .classes import (
+    NUMBA_MAX_T,
+    BlockLinear,
+    DequantLinear,
+    F32Linear,
+    FloatLinear,
+    Int8DotLinear,
+    Int16DotLinear,
+    Linear,
+)
+from .spec import K_ROWS, K_ROWS_INT8, K_X8, ROWS, X8_INT8, X8_INT16
+from .threads import HAVE_NUMBA, PARALLEL_LOCK, SERIAL_MAX_ELEMENTS, start_numba_pool  # noqa: I001
 from .tiles import TILE_ELEMENTS
 
 if HAVE_NUMBA:

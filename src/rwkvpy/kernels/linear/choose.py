@@ -10,8 +10,18 @@ import torch
 from ...formats.base import QTensor
 from ...quant import get_format
 from ..cpu import CpuKernels, host_kernels, integer_kernels_run
-from .classes import (BlockLinear, DequantLinear, F32Linear, FloatLinear, Int8DotLinear,
-                      Int16DotLinear, Linear, _qtensor_to_torch, _shape2, _torch_fmt)
+from .classes import (
+    BlockLinear,
+    DequantLinear,
+    F32Linear,
+    FloatLinear,
+    Int8DotLinear,
+    Int16DotLinear,
+    Linear,
+    _qtensor_to_torch,
+    _shape2,
+    _torch_fmt,
+)
 from .threads import HAVE_NUMBA
 
 POLICIES = ("exact", "fast")
@@ -29,8 +39,9 @@ def _int8_dot() -> bool:
     return HAVE_NUMBA and integer_kernels_run()
 
 
-def make_linear(w, policy: str = "exact", repacked: dict | None = None,
-                cpu: CpuKernels | None = None) -> Linear:
+def make_linear(
+    w, policy: str = "exact", repacked: dict | None = None, cpu: CpuKernels | None = None
+) -> Linear:
     """The linear for weight ``w`` (a torch float tensor, F32/F16/BF16, or a :class:`QTensor`;
     shape (out, in)) under ``policy``, "exact" or "fast" (see the module docstring), with the
     kernels of ``cpu`` (kernels.cpu; None: the host's level).
@@ -46,6 +57,7 @@ def make_linear(w, policy: str = "exact", repacked: dict | None = None,
         integer = policy == "fast" and _int8_dot() and (cpu or host_kernels()).int8_dot
         if fmt.block_size == 256:  # the K-quants: kernels/kquants.py
             from ..kquants import make_kquant_linear
+
             return make_kquant_linear(w, integer, repacked)
         if integer and fmt.name in INT8_DOT_FORMATS:
             return Int8DotLinear(w, repacked)

@@ -50,8 +50,10 @@ class Linear:
         if x.dtype != torch.float32:
             x = x.float()
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, "
-                             f"expected {self.in_features}")
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.shape[-1]} features, "
+                f"expected {self.in_features}"
+            )
         if x.dim() == 1:
             return self._mv(x)
         if x.dim() == 2:
@@ -83,8 +85,12 @@ class Linear:
         decides."""
         spec = self.numba_spec()
         y = np.empty((xn.shape[0], self.out_features), np.float32)
-        _rows_kernel(lambda: row_product(spec, xn, y, 1), lambda n: row_product(spec, xn, y, n),
-                     self.out_features, self.in_features)
+        _rows_kernel(
+            lambda: row_product(spec, xn, y, 1),
+            lambda n: row_product(spec, xn, y, n),
+            self.out_features,
+            self.in_features,
+        )
         return y
 
     def numba_spec(self) -> tuple | None:
@@ -102,8 +108,10 @@ class Linear:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.fmt}, {self.out_features}x{self.in_features}, "
-                f"{self.strategy})")
+        return (
+            f"{type(self).__name__}({self.fmt}, {self.out_features}x{self.in_features}, "
+            f"{self.strategy})"
+        )
 
 
 class F32Linear(Linear):
@@ -178,7 +186,9 @@ class FloatLinear(Linear):
         if not HAVE_NUMBA:  # pragma: no cover
             raise RuntimeError("FloatLinear needs numba")
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"FloatLinear stores float32, float16 or bfloat16 weights, got {w.dtype}")
+            raise ValueError(
+                f"FloatLinear stores float32, float16 or bfloat16 weights, got {w.dtype}"
+            )
         self.fmt = fmt or _torch_fmt(w)
         self.weight = w.detach().contiguous()
         self.out_features, self.in_features = _shape2(self.weight.shape)
@@ -238,7 +248,9 @@ class BlockLinear(Linear):
         return _tiled_dequant_mm(
             lambda out, r0, r1: _dec_rows(kind, raw2, out, r0, r0, r1, _QK),
             lambda out, r0, r1, chunk: _dec_par(kind, raw2, out, r0, r1, chunk, _QK),
-            x, self.out_features)
+            x,
+            self.out_features,
+        )
 
 
 class Int8DotLinear(Linear):
@@ -274,22 +286,24 @@ class Int8DotLinear(Linear):
             raise RuntimeError("Int8DotLinear needs numba")
         fmt = get_format(w.fmt)
         if fmt.name not in _BLOCK_NAMES:
-            raise ValueError(f"Int8DotLinear reads Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, got "
-                             f"{fmt.name}")
+            raise ValueError(f"Int8DotLinear reads Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, got {fmt.name}")
         self.fmt = fmt.name
         O, K = self.out_features, self.in_features = _shape2(w.shape)
         self._kind = int(Kind[fmt.name])
         row_bytes = fmt.nbytes((1, K))
         shapes = {"x8": (O // 8, 8 * row_bytes), "tail": (O % 8, row_bytes)}
         if repacked is not None and all(
-                isinstance(repacked.get(k), torch.Tensor) and repacked[k].dtype == torch.uint8
-                and tuple(repacked[k].shape) == v for k, v in shapes.items()):
+            isinstance(repacked.get(k), torch.Tensor)
+            and repacked[k].dtype == torch.uint8
+            and tuple(repacked[k].shape) == v
+            for k, v in shapes.items()
+        ):
             self._pk = repacked["x8"].numpy()
             self._tail = repacked["tail"].numpy()
         else:
             raw2 = _rows_view(w, fmt, O, K)
             self._pk = repack_x8(self._kind, raw2)
-            self._tail = np.array(raw2[8 * (O // 8):])
+            self._tail = np.array(raw2[8 * (O // 8) :])
             release_pages(raw2)  # the file's copy is not read again
         self.nbytes = int(self._pk.nbytes + self._tail.nbytes)
 
@@ -304,7 +318,9 @@ class Int8DotLinear(Linear):
         return _tiled_dequant_mm(
             lambda out, r0, r1: _dec_rows_x8(kind, pk, tail, out, r0, r0, r1, _QK),
             lambda out, r0, r1, chunk: _dec_par_x8(kind, pk, tail, out, r0, r1, chunk, _QK),
-            x, self.out_features)
+            x,
+            self.out_features,
+        )
 
 
 class Int16DotLinear(Int8DotLinear):
@@ -339,15 +355,17 @@ def _rows_view(w: QTensor, fmt, O: int, K: int) -> np.ndarray:
     """The tensor's bytes as a read-only (O, row_bytes) uint8 view (copied only if they are
     not contiguous)."""
     if K % fmt.block_size:
-        raise ValueError(f"{fmt.name}: in_features {K} is not a multiple of the block size "
-                         f"{fmt.block_size}")
+        raise ValueError(
+            f"{fmt.name}: in_features {K} is not a multiple of the block size {fmt.block_size}"
+        )
     raw = np.asarray(w.data).reshape(-1)
     if raw.dtype != np.uint8:
         raw = np.ascontiguousarray(raw).view(np.uint8)
     want = fmt.nbytes((O, K))
     if raw.size != want:
-        raise ValueError(f"{fmt.name} data of {raw.size} bytes does not fit shape {(O, K)} "
-                         f"({want} bytes)")
+        raise ValueError(
+            f"{fmt.name} data of {raw.size} bytes does not fit shape {(O, K)} ({want} bytes)"
+        )
     raw2 = np.ascontiguousarray(raw).reshape(O, -1).view()
     raw2.flags.writeable = False
     return raw2
@@ -355,7 +373,8 @@ def _rows_view(w: QTensor, fmt, O: int, K: int) -> np.ndarray:
 
 def _torch_fmt(w) -> str:
     return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
-        w.dtype, str(w.dtype))
+        w.dtype, str(w.dtype)
+    )
 
 
 def _shape2(shape) -> tuple[int, int]:
@@ -367,8 +386,11 @@ def _shape2(shape) -> tuple[int, int]:
 def _qtensor_to_torch(w: QTensor) -> torch.Tensor:
     """An unquantized QTensor (F32/F16/BF16 bytes) as a torch tensor (a copy)."""
     fmt = get_format(w.fmt)
-    np_dt, t_dt = {"F32": (np.float32, None), "F16": (np.float16, None),
-                   "BF16": (np.int16, torch.bfloat16)}[fmt.name]
+    np_dt, t_dt = {
+        "F32": (np.float32, None),
+        "F16": (np.float16, None),
+        "BF16": (np.int16, torch.bfloat16),
+    }[fmt.name]
     raw = np.asarray(w.data).reshape(-1)
     if raw.dtype != np.uint8:
         raw = np.ascontiguousarray(raw).view(np.uint8)

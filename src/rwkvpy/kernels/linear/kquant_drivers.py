@@ -15,7 +15,6 @@ from ..ir.kquants_x8 import X8_FIELDS, X8_KINDS, x8_table  # noqa: F401
 from ..ir.x8 import X8_STREAMS
 from .dispatch import by_kind
 
-
 _NB = {"cache": True, "nogil": True}
 
 
@@ -25,8 +24,9 @@ _NB = {"cache": True, "nogil": True}
 _dot = by_kind((_kir.kdot_q2_k, _kir.kdot_q3_k, _kir.kdot_q4_k, _kir.kdot_q5_k, _kir.kdot_q6_k))
 
 
-_dotq = by_kind((_kir.kdotq_q2_k, _kir.kdotq_q3_k, _kir.kdotq_q4_k, _kir.kdotq_q5_k,
-                 _kir.kdotq_q6_k))
+_dotq = by_kind(
+    (_kir.kdotq_q2_k, _kir.kdotq_q3_k, _kir.kdotq_q4_k, _kir.kdotq_q5_k, _kir.kdotq_q6_k)
+)
 _deq = by_kind((_kir.kdeq_q2_k, _kir.kdeq_q3_k, _kir.kdeq_q4_k, _kir.kdeq_q5_k, _kir.kdeq_q6_k))
 
 
@@ -51,9 +51,6 @@ def mv_par(kind, raw2, x2, y2, chunk):
     n = raw2.shape[0]
     for c in prange((n + chunk - 1) // chunk):
         mv_rows(kind, raw2, x2, y2, c * chunk, min(n, (c + 1) * chunk))
-
-
-
 
 
 @njit(**_NB)
@@ -208,8 +205,11 @@ def mvx8_groups(kind, pk, xq2, dx2, bs2, y2, g0, g1):
 
 @njit(**_NB)
 def _q8k_arrays(T, K):
-    return (np.empty((T, K), np.int8), np.empty((T, K // QK_K), np.float32),
-            np.empty((T, K // 16), np.int16))
+    return (
+        np.empty((T, K), np.int8),
+        np.empty((T, K // QK_K), np.float32),
+        np.empty((T, K // 16), np.int16),
+    )
 
 
 @njit(parallel=True, **_NB)
@@ -243,5 +243,4 @@ def mvx8_par(kind, pk, tail, x2, y2, chunk):
     G = pk.shape[0]
     for c in prange((G + chunk - 1) // chunk):
         mvx8_groups(kind, pk, xq2, dx2, bs2, y2, c * chunk, min(G, (c + 1) * chunk))
-    mvq_rows(kind, tail, xq2, dx2, bs2, y2[:, 8 * G:], np.int64(0), tail.shape[0])
-
+    mvq_rows(kind, tail, xq2, dx2, bs2, y2[:, 8 * G :], np.int64(0), tail.shape[0])

@@ -9,11 +9,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import kquant_drivers as _kq
 from ..kinds import CHUNK
+from . import kquant_drivers as _kq
 from .rows import _mv_par, _mv_rows
-from .spec import (_LEN_K_ROWS, _LEN_K_ROWS_INT8, _LEN_K_X8, _LEN_ROWS, _LEN_X8_INT8,
-                   _LEN_X8_INT16)
+from .spec import _LEN_K_ROWS, _LEN_K_ROWS_INT8, _LEN_K_X8, _LEN_ROWS, _LEN_X8_INT8, _LEN_X8_INT16
 from .threads import SERIAL_MAX_ELEMENTS, _row_chunk
 from .x8 import _mvx8, _mvx8_par, _mvx8w, _mvx8w_par
 

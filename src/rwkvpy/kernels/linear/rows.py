@@ -30,10 +30,12 @@ _F16, _BF16, _F32 = int(Kind.F16), int(Kind.BF16), int(Kind.F32)
 #: The row kernels by kind (dispatch.by_kind): dequantize a row, row . vector (block and float
 #: kinds), 4 float rows a stride apart . vector (each summed as _dot_row sums it:
 #: ir.rows._row_dot_streams).
-_DEQ = by_kind((_ir_rows.deq_q4_0, _ir_rows.deq_q4_1, _ir_rows.deq_q5_0, _ir_rows.deq_q5_1,
-                _ir_rows.deq_q8_0))
-_DOT_BLOCKS = by_kind((_ir_rows.dot_q4_0, _ir_rows.dot_q4_1, _ir_rows.dot_q5_0,
-                       _ir_rows.dot_q5_1, _ir_rows.dot_q8_0))
+_DEQ = by_kind(
+    (_ir_rows.deq_q4_0, _ir_rows.deq_q4_1, _ir_rows.deq_q5_0, _ir_rows.deq_q5_1, _ir_rows.deq_q8_0)
+)
+_DOT_BLOCKS = by_kind(
+    (_ir_rows.dot_q4_0, _ir_rows.dot_q4_1, _ir_rows.dot_q5_0, _ir_rows.dot_q5_1, _ir_rows.dot_q8_0)
+)
 _DOT_FLOATS = by_kind((_ir_rows.dot_f16, _ir_rows.dot_bf16, _ir_rows.dot_f32), _F16)
 _DOTS = by_kind((_ir_rows.dots_f16, _ir_rows.dots_bf16, _ir_rows.dots_f32), _F16)
 
@@ -85,8 +87,12 @@ def _rd16(row, o):
 
 @njit(inline="always", **_CACHE)
 def _rd32(row, o):
-    return (np.int64(row[o]) | (np.int64(row[o + 1]) << 8) | (np.int64(row[o + 2]) << 16)
-            | (np.int64(row[o + 3]) << 24))
+    return (
+        np.int64(row[o])
+        | (np.int64(row[o + 1]) << 8)
+        | (np.int64(row[o + 2]) << 16)
+        | (np.int64(row[o + 3]) << 24)
+    )
 
 
 # --- one row . one vector, per format: explicit LLVM vector code (kernels/ir/rows.py) -----
@@ -146,7 +152,7 @@ def _mv_rows(kind, raw2, x2, y2, r0, r1, qk):
         for i in range(q):
             _DOTS(kind, (raw2, r0 + i, q, x2[0], y2[0], nb))
         r = r0 + 4 * q
-    for r in range(r, r1):
+    for r in range(r, r1):  # noqa: B020  (on from where the quarters stopped)
         row = raw2[r]
         for t in range(T):
             y2[t, r] = _dot_row(kind, row, x2[t], nb)

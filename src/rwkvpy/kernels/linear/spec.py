@@ -17,7 +17,13 @@ ROWS, X8_INT8, X8_INT16, K_ROWS, K_ROWS_INT8, K_X8 = 0, 1, 2, 3, 4, 5
 #: with Nones): numba reads a tuple argument's length when it compiles and drops
 #: row_product's branches of the other kinds, so a model compiles the products it has only.
 _LEN_ROWS, _LEN_X8_INT8, _LEN_X8_INT16, _LEN_K_ROWS, _LEN_K_ROWS_INT8, _LEN_K_X8 = (
-    4, 5, 6, 7, 8, 9)
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+)
 _NO_TAIL = np.zeros((0, 0), np.uint8)
 
 

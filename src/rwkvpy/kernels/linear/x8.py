@@ -46,14 +46,21 @@ def _quantize_par(x2, xq2, dx2, sx2, qmax):
     """_quantize_x with the vectors across numba's threads (one vector: serially)."""
     if x2.shape[0] > 1:
         for t in prange(x2.shape[0]):
-            _quantize_x(x2[t:t + 1], xq2[t:t + 1], dx2[t:t + 1], sx2[t:t + 1], qmax)
+            _quantize_x(x2[t : t + 1], xq2[t : t + 1], dx2[t : t + 1], sx2[t : t + 1], qmax)
     else:
         _quantize_x(x2, xq2, dx2, sx2, qmax)
 
 
 #: row . int8 blocks of each block kind (dispatch.by_kind)
-_dotq_row = by_kind((_ir_rows.dotq_q4_0, _ir_rows.dotq_q4_1, _ir_rows.dotq_q5_0,
-                     _ir_rows.dotq_q5_1, _ir_rows.dotq_q8_0))
+_dotq_row = by_kind(
+    (
+        _ir_rows.dotq_q4_0,
+        _ir_rows.dotq_q4_1,
+        _ir_rows.dotq_q5_0,
+        _ir_rows.dotq_q5_1,
+        _ir_rows.dotq_q8_0,
+    )
+)
 
 
 # --- the 8-row interleaved layout of Int8DotLinear (record layout: kernels/ir/x8.py) -----
@@ -67,8 +74,7 @@ def _x8_geom(kind):
     of qh and codes."""
     bb, hm, hq = _BLOCK_BYTES[kind], _HAS_MIN[kind], _HAS_QH[kind]
     sq = 2 + 2 * hm + 4 * hq  # d, m, qh, then the codes
-    return (bb, hm, hq, (bb - sq) // 4, 16, 16 + 16 * hm, 16 + 16 * hm + 32 * hq, 2 + 2 * hm,
-            sq)
+    return (bb, hm, hq, (bb - sq) // 4, 16, 16 + 16 * hm, 16 + 16 * hm + 32 * hq, 2 + 2 * hm, sq)
 
 
 # The record of a block column (kernels/ir/x8.py) holds, for each of the 8 rows, the same
@@ -197,8 +203,9 @@ def _mvx8w_par(pk, tail, x2, y2, chunk):
 
 
 #: a group's 8 rows decoded, per block kind
-_deqx8 = by_kind((_ir_x8.deqx8_q4_0, _ir_x8.deqx8_q4_1, _ir_x8.deqx8_q5_0, _ir_x8.deqx8_q5_1,
-                  _ir_x8.deqx8_q8_0))
+_deqx8 = by_kind(
+    (_ir_x8.deqx8_q4_0, _ir_x8.deqx8_q4_1, _ir_x8.deqx8_q5_0, _ir_x8.deqx8_q5_1, _ir_x8.deqx8_q8_0)
+)
 
 
 @njit(**_CACHE)
@@ -217,7 +224,7 @@ def _dec_rows_x8(kind, pk, tail, out, base, r0, r1, qk):
         else:  # part of a group: all of it into scratch, the rows asked for copied out
             _deqx8(kind, (pk, g, scratch, 0, nb))
             e = min(r1, 8 * g + 8)
-            out[r - base: e - base] = scratch[r - 8 * g: e - 8 * g]
+            out[r - base : e - base] = scratch[r - 8 * g : e - 8 * g]
             r = e
     for r in range(max(r0, n8), r1):
         _dec_row(kind, tail[r - n8], out[r - base], qk)
@@ -232,10 +239,18 @@ def _dec_par_x8(kind, pk, tail, out, r0, r1, chunk, qk):
 
 
 #: a group's 8 rows . one vector of int8 blocks, per block kind
-_dotx8 = by_kind((_ir_x8.dotx8_q4_0, _ir_x8.dotx8_q4_1, _ir_x8.dotx8_q5_0, _ir_x8.dotx8_q5_1,
-                  _ir_x8.dotx8_q8_0))
-_dotx8t_kind = by_kind((_ir_x8.dotx8t_q4_0, _ir_x8.dotx8t_q4_1, _ir_x8.dotx8t_q5_0,
-                        _ir_x8.dotx8t_q5_1, _ir_x8.dotx8t_q8_0))
+_dotx8 = by_kind(
+    (_ir_x8.dotx8_q4_0, _ir_x8.dotx8_q4_1, _ir_x8.dotx8_q5_0, _ir_x8.dotx8_q5_1, _ir_x8.dotx8_q8_0)
+)
+_dotx8t_kind = by_kind(
+    (
+        _ir_x8.dotx8t_q4_0,
+        _ir_x8.dotx8t_q4_1,
+        _ir_x8.dotx8t_q5_0,
+        _ir_x8.dotx8t_q5_1,
+        _ir_x8.dotx8t_q8_0,
+    )
+)
 
 
 @njit(**_CACHE)
@@ -249,8 +264,15 @@ def _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t, n4):
 
 
 #: X8_STREAMS groups a stride apart . the one vector, per block kind
-_dotsx8 = by_kind((_ir_x8.dotsx8_q4_0, _ir_x8.dotsx8_q4_1, _ir_x8.dotsx8_q5_0,
-                   _ir_x8.dotsx8_q5_1, _ir_x8.dotsx8_q8_0))
+_dotsx8 = by_kind(
+    (
+        _ir_x8.dotsx8_q4_0,
+        _ir_x8.dotsx8_q4_1,
+        _ir_x8.dotsx8_q5_0,
+        _ir_x8.dotsx8_q5_1,
+        _ir_x8.dotsx8_q8_0,
+    )
+)
 
 
 @njit(**_CACHE)
@@ -317,7 +339,10 @@ def repack_x8(kind: int, raw2: np.ndarray) -> np.ndarray:
     """The whole groups of 8 rows of ``raw2`` ((out, row_bytes) uint8, Q4_0..Q5_1 = kind
     0..3) in the interleaved layout of kernels/ir/x8.py: (out // 8, 8 * row_bytes) uint8."""
     pk = np.empty((raw2.shape[0] // 8, 8 * raw2.shape[1]), np.uint8)
-    _rows_kernel(lambda: _repack_groups(kind, raw2, pk, 0, pk.shape[0]),
-                 lambda n: _repack_par(kind, raw2, pk, max(1, _row_chunk(raw2.shape[0], n) // 8)),
-                 raw2.shape[0], raw2.shape[1] * 2)
+    _rows_kernel(
+        lambda: _repack_groups(kind, raw2, pk, 0, pk.shape[0]),
+        lambda n: _repack_par(kind, raw2, pk, max(1, _row_chunk(raw2.shape[0], n) // 8)),
+        raw2.shape[0],
+        raw2.shape[1] * 2,
+    )
     return pk

@@ -4,8 +4,16 @@ compiled vector code on the CPU (:mod:`.serial`: :func:`wkv4_serial`, :func:`wkv
 :func:`wkv5_chunked`, :func:`wkv7_chunked`).
 """
 
-from .chunked import (GPU_CHUNK, SAFE_DECAY, SCRATCH_BYTES, V5_CHUNK, V7_CHUNK, release_scratch,
-                      wkv5_chunked, wkv7_chunked)
+from .chunked import (
+    GPU_CHUNK,
+    SAFE_DECAY,
+    SCRATCH_BYTES,
+    V5_CHUNK,
+    V7_CHUNK,
+    release_scratch,
+    wkv5_chunked,
+    wkv7_chunked,
+)
 from .serial import wkv4_serial, wkv5_serial, wkv7_serial
 
 try:
@@ -13,5 +21,16 @@ try:
 except ImportError:  # pragma: no cover - numba is optional
     pass
 
-__all__ = ["GPU_CHUNK", "SAFE_DECAY", "SCRATCH_BYTES", "V5_CHUNK", "V7_CHUNK", "release_scratch",
-           "wkv4_serial", "wkv5_chunked", "wkv5_serial", "wkv7_chunked", "wkv7_serial"]
+__all__ = [
+    "GPU_CHUNK",
+    "SAFE_DECAY",
+    "SCRATCH_BYTES",
+    "V5_CHUNK",
+    "V7_CHUNK",
+    "release_scratch",
+    "wkv4_serial",
+    "wkv5_chunked",
+    "wkv5_serial",
+    "wkv7_chunked",
+    "wkv7_serial",
+]

@@ -71,8 +71,15 @@ import threading
 
 import torch
 
-__all__ = ["SAFE_DECAY", "SCRATCH_BYTES", "V5_CHUNK", "V7_CHUNK", "release_scratch",
-           "wkv5_chunked", "wkv7_chunked"]
+__all__ = [
+    "SAFE_DECAY",
+    "SCRATCH_BYTES",
+    "V5_CHUNK",
+    "V7_CHUNK",
+    "release_scratch",
+    "wkv5_chunked",
+    "wkv7_chunked",
+]
 
 # Default chunk lengths on the CPU (powers of two), measured at T = 512, H = 12, N = 64 with two
 # threads on a 2-core CPU. The CPU runs the serial forms of serial.py; these apply
@@ -117,10 +124,10 @@ class _Arena:
         n = math.prod(shape)
         end = self.off + n
         if self.buf is not None and end <= self.buf.numel():
-            t = self.buf[self.off:end].view(shape)
+            t = self.buf[self.off : end].view(shape)
         else:
             t = torch.empty(shape, dtype=F32, device=self.device)
-        self.off = (end + 15) & ~15                                     # 64-byte aligned views
+        self.off = (end + 15) & ~15  # 64-byte aligned views
         self.peak = max(self.peak, self.off)
         return t
 
@@ -128,7 +135,11 @@ class _Arena:
         self.off = 0
 
     def close(self):
-        if self.cpu and self.peak * 4 <= SCRATCH_BYTES and (self.buf is None or self.peak > self.buf.numel()):
+        if (
+            self.cpu
+            and self.peak * 4 <= SCRATCH_BYTES
+            and (self.buf is None or self.peak > self.buf.numel())
+        ):
             _tls.buf = torch.empty(self.peak, dtype=F32)
 
 
@@ -152,10 +163,10 @@ def _chunk_into(dst, x, fill=0.0):
     n, L = x.shape[0], dst.shape[2]
     full = n // L
     if full:
-        dst[:full].copy_(x[:full * L].reshape(full, L, *x.shape[1:]).transpose(1, 2))
+        dst[:full].copy_(x[: full * L].reshape(full, L, *x.shape[1:]).transpose(1, 2))
     rem = n - full * L
     if rem:
-        dst[full, :, :rem].copy_(x[full * L:].transpose(0, 1))
+        dst[full, :, :rem].copy_(x[full * L :].transpose(0, 1))
         dst[full, :, rem:].fill_(fill)
     return dst
 
@@ -165,10 +176,10 @@ def _unchunk_into(dst, y):
     n, L = dst.shape[0], y.shape[2]
     full = n // L
     if full:
-        dst[:full * L].view(full, L, *dst.shape[1:]).copy_(y[:full].transpose(1, 2))
+        dst[: full * L].view(full, L, *dst.shape[1:]).copy_(y[:full].transpose(1, 2))
     rem = n - full * L
     if rem:
-        dst[full * L:].copy_(y[full, :, :rem].transpose(0, 1))
+        dst[full * L :].copy_(y[full, :, :rem].transpose(0, 1))
 
 
 def _chunk_view(x, nc, L, ar, fill=0.0):
@@ -185,7 +196,7 @@ def _chunk_view(x, nc, L, ar, fill=0.0):
 
 def _unsafe(gL):
     """(nc, H) mask of the (chunk, head) pairs that need the exact path; None if there are none."""
-    bad = ~(gL.squeeze(-2).amin(-1) >= SAFE_DECAY)                      # NaN counts as unsafe
+    bad = ~(gL.squeeze(-2).amin(-1) >= SAFE_DECAY)  # NaN counts as unsafe
     return bad if bool(bad.any()) else None
 
 
@@ -224,7 +235,7 @@ def _lower_scores(X, Y, w, inclusive):
         qf = torch.cat([excl * wq if inc else excl.expand_as(wq) for inc in inclusive], -5)
         xq = Xs[..., h:, :] * qf
         yk = Ys[..., :h, :] * _excl_rev_cumprod(ws[..., :h, :])
-        blk = xq @ yk.transpose(-1, -2)                                  # (..., n, h, h)
+        blk = xq @ yk.transpose(-1, -2)  # (..., n, h, h)
         # the n diagonal (b x b) blocks of M as a view (..., b, b, n): fill their lower-left part
         diag = torch.diagonal(M.view(*batch, n, b, n, b), dim1=-4, dim2=-2)
         diag[..., h:, :h, :] = blk.movedim(-3, -1)
@@ -246,7 +257,7 @@ def _unit_lower_inverse(N, ar):
         return out
     s = min(L, 4)
     Nb = N.unflatten(-2, (L // s, s)).unflatten(-1, (L // s, s)).diagonal(dim1=-4, dim2=-2)
-    Ob = out.view(*batch, L // s, s, L // s, s).diagonal(dim1=-4, dim2=-2)   # (..., s, s, L/s)
+    Ob = out.view(*batch, L // s, s, L // s, s).diagonal(dim1=-4, dim2=-2)  # (..., s, s, L/s)
     Ob[..., 1, 0, :] = Nb[..., 1, 0, :]
     if s == 4:
         n10, n21, n31, n32 = Nb[..., 1, 0, :], Nb[..., 2, 1, :], Nb[..., 3, 1, :], Nb[..., 3, 2, :]
@@ -317,7 +328,7 @@ def wkv5_chunked(r, k, v, w, u, S, chunk=None, scan=None):
     scan = _use_scan(scan, k.device)
     if w.dim() == 2:
         w = w.expand(T, H, K)
-    u = u.to(F32).unsqueeze(-2)                                          # (H, 1, K)
+    u = u.to(F32).unsqueeze(-2)  # (H, 1, K)
     ar = _Arena(k.device)
     G = _group_len(L, T, H * (5 * K + 2 * V + L + 2 * K * V // L), ar.limit)
     for t0 in range(0, T, G):
@@ -332,18 +343,18 @@ def _wkv5_group(ar, r, k, v, w, u, S, out, L, scan):
     n, H, K = k.shape
     V = v.shape[-1]
     nc = -(-n // L)
-    rv, kv = _chunk_view(r, nc, L, ar), _chunk_view(k, nc, L, ar)      # (nc, H, L, K) views
+    rv, kv = _chunk_view(r, nc, L, ar), _chunk_view(k, nc, L, ar)  # (nc, H, L, K) views
     wv = _chunk_view(w, nc, L, ar, 1.0)
-    g = torch.cumprod(wv, -2, out=ar.take(nc, H, L, K))                 # decay through t
-    gL = g[..., -1:, :].clone()                                          # over the whole chunk
+    g = torch.cumprod(wv, -2, out=ar.take(nc, H, L, K))  # decay through t
+    gL = g[..., -1:, :].clone()  # over the whole chunk
     bad = _unsafe(gL)
     rd = torch.mul(rv, kv, out=ar.take(nc, H, L, K))
-    bonus = rd.mul_(u).sum(-1)                                           # r_t . (u * k_t)
+    bonus = rd.mul_(u).sum(-1)  # r_t . (u * k_t)
     rd[..., :1, :].copy_(rv[..., :1, :])
-    torch.mul(rv[..., 1:, :], g[..., :-1, :], out=rd[..., 1:, :])       # r_t g^-_t
-    kd = torch.div(kv, g, out=ar.take(nc, H, L, K))                     # k_i / g_i
+    torch.mul(rv[..., 1:, :], g[..., :-1, :], out=rd[..., 1:, :])  # r_t g^-_t
+    kd = torch.div(kv, g, out=ar.take(nc, H, L, K))  # k_i / g_i
     A = torch.matmul(rd, kd.transpose(-1, -2), out=ar.take(nc, H, L, L)).tril_(-1)
-    kd.mul_(gL)                                                          # k_i g_L / g_i
+    kd.mul_(gL)  # k_i g_L / g_i
     if bad is not None:  # 1 / g overflows: exact path (r g^- and g_L are safe as they are)
         rb, kb, wb = rv[bad], kv[bad], wv[bad]
         Ab = _lower_scores(rb[:, None, None], kb[:, None, None], wb[:, None, None], (False,))
@@ -353,9 +364,9 @@ def _wkv5_group(ar, r, k, v, w, u, S, out, L, scan):
 
     vc = _chunk_into(ar.take(nc, H, L, V), v)
     U = torch.matmul(kd.transpose(-1, -2), vc, out=ar.take(nc, H, K, V))
-    starts = ar.take(nc + 1, H, K, V)                                    # state at each chunk start
+    starts = ar.take(nc + 1, H, K, V)  # state at each chunk start
     starts[0].copy_(S)
-    Gt = gL.transpose(-1, -2)                                            # (nc, H, K, 1)
+    Gt = gL.transpose(-1, -2)  # (nc, H, K, 1)
     if scan:  # S_{c+1} = Gt_c * S_c + U_c
         decay, add = _affine_scan(Gt, U, torch.mul)
         torch.addcmul(add, decay, S, out=starts[1:])
@@ -379,7 +390,7 @@ def wkv7_chunked(r, w, k, v, kk, a, S, chunk=None, scan=None):
     """
     T, H, K = k.shape
     V = v.shape[-1]
-    Z = S.to(F32).transpose(-1, -2).clone()                              # S^T (H, K, V)
+    Z = S.to(F32).transpose(-1, -2).clone()  # S^T (H, K, V)
     out = torch.empty(T, H, V, dtype=F32, device=k.device)
     if T == 0:
         return out, Z.transpose(-1, -2).contiguous()
@@ -416,18 +427,18 @@ def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L, scan):
     torch.mul(kkv, av, out=Yb).div_(g)
     torch.div(kv, g, out=Yk)
     M = torch.matmul(X, Y.transpose(-1, -2), out=ar.take(nc, H, 2 * L, 2 * L))
-    M.mul_(_v7_mask(L, M.device))                    # masked entries are finite here (bad ones are redone)
-    Y.mul_(gL)                                                           # [beta; k] g_L / g
+    M.mul_(_v7_mask(L, M.device))  # masked entries are finite here (bad ones are redone)
+    Y.mul_(gL)  # [beta; k] g_L / g
     if bad is not None:  # 1 / g overflows: exact path (X and g_L are safe as they are)
         kkb, wb = kkv[bad], wv[bad]
-        Xb = torch.stack([kkb.neg(), rv[bad]], 1)                        # (nb, 2, L, K)
+        Xb = torch.stack([kkb.neg(), rv[bad]], 1)  # (nb, 2, L, K)
         Ybk = torch.stack([kkb * av[bad], kv[bad]], 1)
         Mb = _lower_scores(Xb.unsqueeze(2), Ybk.unsqueeze(1), wb[:, None, None], (False, True))
         Mb[:, 1].diagonal(dim1=-2, dim2=-1).copy_((Xb[:, 1:] * Ybk).sum(-1))
         M[bad] = Mb.transpose(2, 3).reshape(-1, 2 * L, 2 * L)
         Y[bad] = (Ybk * _excl_rev_cumprod(wb).unsqueeze(1)).reshape(-1, 2 * L, K)
 
-    UV = ar.take(nc, H, 2 * L, V)                                        # [U; V] per chunk
+    UV = ar.take(nc, H, 2 * L, V)  # [U; V] per chunk
     vc = _chunk_into(UV[..., L:, :], v)
     # (I - M_ab) U = alpha g^- S_0^T + M_ak V  =>  U = Q - P S_0^T
     Tinv = _unit_lower_inverse(M[..., :L, :L], ar)
@@ -435,7 +446,7 @@ def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L, scan):
     TM = torch.matmul(Tinv, M[..., :L, L:], out=ar.take(nc, H, L, L))
     Q = torch.matmul(TM, vc, out=ar.take(nc, H, L, V))
     KV = torch.matmul(Yk.transpose(-1, -2), vc, out=ar.take(nc, H, K, V))
-    starts = ar.take(nc + 1, H, K, V)                                    # S^T at each chunk start
+    starts = ar.take(nc + 1, H, K, V)  # S^T at each chunk start
     starts[0].copy_(Z)
     Bt, Gt = Yb.transpose(-1, -2), gL.transpose(-1, -2)
     if scan:  # S_{c+1} = (diag(Gt_c) - Bt_c P_c) S_c + (KV_c + Bt_c Q_c)
@@ -453,5 +464,3 @@ def _wkv7_group(ar, r, w, k, v, kk, a, Z, out, L, scan):
     _flat(o).baddbmm_(_flat(M[..., L:, :]), _flat(UV))
     _unchunk_into(out, o)
     return starts[nc].clone()
-
-

@@ -22,11 +22,13 @@ F32 = torch.float32
 # per token and layer. On the CPU the same loop runs in numba, channel by channel (v4 169M,
 # 256-token prompt: 0.25 s of 0.68 s in the torch loop before).
 
+
 def wkv4_serial(k, v, decay, u, S):
     """models.v4.wkv4 for a whole sequence: a numba loop on the CPU (same operations in float32,
     exp through float64 rounded back), the torch loop elsewhere."""
     if k.device.type != "cpu" or not _HAVE_NUMBA:
         from ...models.v4 import wkv4
+
         return wkv4(k, v, decay, u, S)
     T, A = k.shape
     out = torch.empty(T, A, dtype=F32)
@@ -87,11 +89,13 @@ except ImportError:  # pragma: no cover
 # token) H = 12 5.2 -> 3.3 ms, H = 32 15.2 -> 7.0 ms. GPUs keep the chunked forms (their
 # parallelism is across tokens).
 
+
 def _heads_kernel(serial, parallel, H, work):
     """Run a kernel over H independent heads (v4: channels) on numba's threads, a range of
     them each, when H * work is large, torch allows more than one thread and no other parallel
     launch runs; else serially (kernels.linear's rule for products)."""
     from ..linear.threads import _rows_kernel
+
     _rows_kernel(serial, parallel, H, work)
 
 
@@ -123,7 +127,7 @@ def wkv5_serial(r, k, v, w, u, S):
     V = v.shape[-1]
     out = torch.empty(T, H, V, dtype=F32)
     S_out = torch.empty(H, K, V, dtype=F32)
-    w3 = w if w.dim() == 3 else w.unsqueeze(0)                           # (1, H, K): every token
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)  # (1, H, K): every token
     args = (*_cpu_f32(r, k, v, w3, u, S), out.numpy(), S_out.numpy())
     _heads_kernel(lambda: _wkv5_heads(*args, 0, H), lambda n: _wkv5_par(*args, n), H, T * K * V)
     return out, S_out
@@ -201,4 +205,3 @@ if _HAVE_NUMBA:
         H = S.shape[0]
         for p in _numba.prange(n):
             _wkv5_heads(r, k, v, w, u, S, out, S_out, p * H // n, (p + 1) * H // n)
-
