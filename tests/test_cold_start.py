@@ -167,6 +167,26 @@ def test_numba_cache_dir_wins_and_an_unwritable_folder_is_skipped(tmp_path):
     assert not (blocked.parent / "numba").exists()
 
 
+def test_a_kernel_whose_cache_cannot_be_saved_still_runs(tmp_path):
+    """A full disk while numba saves a compiled kernel (here: a 64-byte file size limit set
+    after the cache folder was checked): the kernel runs, with one warning; numba alone
+    raises OSError (EFBIG) out of the first call."""
+    script = textwrap.dedent("""
+        import resource, signal
+        import numpy as np
+        from rwkvpy.kernels.decode import glue
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+        x = np.arange(11, dtype=np.float32) / 4
+        glue._vexp(x)
+        print(float(x[4]))
+    """)
+    p = _run(_env(tmp_path, NUMBA_CACHE_DIR=str(tmp_path / "own")), script=script)
+    assert p.returncode == 0, p.stderr
+    assert abs(float(p.stdout.split()[-1]) - 2.718281828) < 1e-5
+    assert p.stderr.count("could not be saved in numba's cache") == 1, p.stderr
+
+
 def test_locator_stamps():
     """Functions of the kernels folder carry the folder's stamp; the tokenizer's kernel its
     own file's hash (numba's rule); both are cached by rwkvpy's locator."""

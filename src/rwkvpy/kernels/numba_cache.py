@@ -183,9 +183,39 @@ def _register() -> tuple:
 
     if not any(getattr(c, "__name__", "") == "PackageLocator" for c in classes):
         classes.insert(0, PackageLocator)
+        _guard_saves(caching.Cache, PackageLocator)
     else:  # pragma: no cover - registered by an earlier import of this module
         PackageLocator = next(c for c in classes if getattr(c, "__name__", "") == "PackageLocator")
     return (PackageLocator,)
+
+
+_save_failed: list = []  # the first failed save of this process (its warning said)
+
+
+def _guard_saves(cache_class, locator_class) -> None:
+    """A kernel of rwkvpy whose compiled code cannot be saved (a full disk, a file size limit,
+    a folder made read-only meanwhile) still runs: the save's OSError becomes one warning per
+    process instead of an error out of the first call. numba's own handling is unchanged for
+    every other function (numba raises such errors, except EACCES on Windows)."""
+    save = cache_class.save_overload
+
+    def save_overload(self, sig, data):
+        try:
+            save(self, sig, data)
+        except OSError as e:
+            if not isinstance(getattr(self._impl, "locator", None), locator_class):
+                raise
+            if not _save_failed:
+                _save_failed.append(str(e))
+                warnings.warn(
+                    f"rwkvpy: a compiled kernel could not be saved in numba's cache "
+                    f"({e.strerror or e}): it runs, and is compiled again in the next run",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    save_overload.__wrapped__ = save  # type: ignore[attr-defined]
+    cache_class.save_overload = save_overload
 
 
 #: the locator classes registered with numba (empty where numba's internals differ)
