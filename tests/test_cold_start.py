@@ -32,7 +32,7 @@ RUN = textwrap.dedent("""
     import rwkvpy.kernels.decode, rwkvpy.kernels.wkv, rwkvpy.kernels.linear
     import rwkvpy.tokenizers._world_kernels
     from rwkvpy import compiling
-    from rwkvpy.kernels import numba_cache
+    from rwkvpy import numba_cache
     print("package:", rwkvpy.__path__[0])
     print("compiled at import:", compiling.kernels_compiled())
     print("cache:", numba_cache.cache_dir())
@@ -146,7 +146,7 @@ def test_numba_cache_dir_wins_and_an_unwritable_folder_is_skipped(tmp_path):
     file) leaves the kernels compiled in a temporary folder, with a warning, and no failure."""
     script = textwrap.dedent("""
         import numpy as np
-        from rwkvpy.kernels import numba_cache
+        from rwkvpy import numba_cache
         from rwkvpy.kernels.decode import glue
         x = np.arange(11, dtype=np.float32) / 4
         glue._vexp(x)
@@ -190,7 +190,7 @@ def test_a_kernel_whose_cache_cannot_be_saved_still_runs(tmp_path):
 def test_locator_stamps():
     """Functions of the kernels folder carry the folder's stamp; the tokenizer's kernel its
     own file's hash (numba's rule); both are cached by rwkvpy's locator."""
-    from rwkvpy.kernels import numba_cache
+    from rwkvpy import numba_cache
     from rwkvpy.kernels.decode import v7
     from rwkvpy.tokenizers import _world_kernels
 

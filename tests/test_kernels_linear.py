@@ -843,13 +843,13 @@ def test_vector_exp_within_one_ulp():
 
 def test_numba_cache_keyed_on_every_kernel_source(tmp_path):
     """The kernels' numba cache is stamped with the hash of every source file of the kernels
-    folder (kernels/numba_cache.py): a change to an intrinsic alone (kernels/ir/, a subfolder), which linear/ and
+    folder (numba_cache.py): a change to an intrinsic alone (kernels/ir/, a subfolder), which linear/ and
     decode/ compile into their own functions, makes their cached code stale. numba's own stamp
     (the function's file only) stays for functions elsewhere."""
     import hashlib
     import shutil
 
-    from rwkvpy.kernels import numba_cache
+    from rwkvpy import numba_cache
     from rwkvpy.kernels.decode import v7
     from rwkvpy.kernels.ir import rows as ir_rows
     from rwkvpy.tokenizers import _world_kernels

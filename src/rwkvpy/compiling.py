@@ -1,7 +1,7 @@
 """numba compiling rwkvpy's kernels: the first-run notice, and the compile time that speeds leave
 out.
 
-numba compiles a kernel at its first call, or loads it from its cache (kernels/numba_cache.py)
+numba compiles a kernel at its first call, or loads it from its cache (numba_cache.py)
 when an earlier run compiled it. With an empty cache the first load and the first tokens of a
 model compile tens of kernels, for tens of seconds (docs/performance.md, "Cold start"). While
 that happens, stderr shows :data:`NOTICE`: at the first compile of the process, and on a
@@ -16,7 +16,7 @@ them (rwkvpy.generate.Timings.compile_seconds).
 
 Counted: functions of the rwkvpy package, each time numba compiles one (a kernel called by
 another compiles inside the caller's compile; the seconds are those of the outermost one).
-This module imports nothing from numba at import time; kernels/numba_cache.py installs the
+This module imports nothing from numba at import time; numba_cache.py installs the
 listener when it registers the cache.
 """
 

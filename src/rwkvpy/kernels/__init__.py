@@ -11,12 +11,12 @@
 * :mod:`.ir`: the explicit LLVM vector code they are built from, by subject (the K-quants'
   too); :mod:`.kinds`: the formats as the kernels number them;
 * :mod:`.cpu` (the capability level), :mod:`.backend` (a mode's fast paths), :mod:`.cache`
-  (repacked weights on disk), :mod:`.gpu`, :mod:`.numba_cache`.
+  (repacked weights on disk), :mod:`.gpu`; numba's cache: :mod:`rwkvpy.numba_cache`.
 
 Importing this package defines no kernel and compiles nothing.
 """
 
-from . import numba_cache  # noqa: F401  (first: numba's cache, before any kernel is defined)
+from .. import numba_cache  # noqa: F401  (first: numba's cache, before any kernel is defined)
 
 __all__ = ["wkv5_chunked", "wkv5_serial", "wkv7_chunked", "wkv7_serial"]
 

@@ -33,7 +33,7 @@ from numba import njit, prange
 from numba.core import types as nbt
 from numba.extending import intrinsic
 
-from ..kernels import numba_cache  # noqa: F401  (numba's cache folder, before any njit)
+from .. import numba_cache  # noqa: F401  (numba's cache folder, before any njit)
 
 QK_K = 256
 #: ggml's GROUP_MAX_EPS: a sub-block whose largest magnitude is below this is all zeros.

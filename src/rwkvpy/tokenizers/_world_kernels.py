@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..kernels import numba_cache  # noqa: F401  (numba's cache in the user cache folder)
+from .. import numba_cache  # noqa: F401  (numba's cache in the user cache folder)
 
 EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MUL = np.uint64(0x9E3779B97F4A7C15)

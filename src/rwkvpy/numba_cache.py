@@ -24,7 +24,7 @@ stamped with the hash of every ``.py`` file of that folder and its subfolders (k
 intrinsics), so a change to any of them recompiles them all; functions elsewhere in the package
 keep numba's stamp (their own file's hash).
 
-Registered when imported (by ``rwkvpy.kernels``, and by the tokenizer's kernels) before any of
+Registered when imported (by ``rwkvpy.kernels``, ``rwkvpy.quant.q_k`` and the tokenizer's kernels) before any of
 those functions is decorated: numba chooses a function's locator when it is decorated. numba's
 locator classes are not a public API: where they differ from what is expected here, nothing is
 registered and numba's own locators stay (tests/test_cold_start.py checks the registration).
@@ -40,9 +40,9 @@ import shutil
 import tempfile
 import warnings
 
-_DIR = os.path.dirname(os.path.abspath(__file__))
+_PKG = os.path.dirname(os.path.abspath(__file__))  # the rwkvpy package
+_DIR = os.path.join(_PKG, "kernels")  # the kernels, stamped together
 #: the rwkvpy package folder: the functions defined below it are cached by this module
-_PKG = os.path.dirname(_DIR)
 
 
 def _sources(folder: str) -> list:
@@ -94,7 +94,7 @@ def cache_dir() -> str:
             return os.path.abspath(config.CACHE_DIR)
     except ImportError:  # pragma: no cover - numba is optional
         pass
-    from ..paths import user_cache_dir
+    from .paths import user_cache_dir
 
     return os.path.abspath(user_cache_dir("numba"))
 
@@ -222,7 +222,7 @@ def _guard_saves(cache_class, locator_class) -> None:
 LOCATORS = _register()
 
 try:
-    from .. import compiling
+    from . import compiling
 
     compiling.install()
 except ImportError:  # pragma: no cover - numba is optional
