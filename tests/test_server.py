@@ -426,7 +426,7 @@ def test_named_states(client, http, model, tok, state_file):
 
 
 def test_state_tuned_file_is_loaded(tmp_path):
-    from rwkvpy.server.startup import load_state_file
+    from rwkvpy.state import State
 
     m = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin"), threads=1)
     H, N = m.config.n_head, m.config.head_size
@@ -436,7 +436,7 @@ def test_state_tuned_file_is_loaded(tmp_path):
         for i in range(m.config.n_layer)
     }
     torch.save(sd, tmp_path / "tuned.pth")
-    st = load_state_file(tmp_path / "tuned.pth", m)
+    st = State.from_file(tmp_path / "tuned.pth", m)
     assert torch.equal(st.wkv[0], sd["blocks.0.att.time_state"].transpose(1, 2))
 
 

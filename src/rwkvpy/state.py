@@ -330,6 +330,23 @@ class State:
         return state
 
     @classmethod
+    def from_file(cls, path, model) -> State:
+        """A starting state from a file, whichever kind it is: an rwkvpy state file
+        (:meth:`save`, told by its magic) or a BlinkDL state-tuned ``.pth``
+        (:meth:`from_time_state`). A missing, unreadable or non-regular file is a StateError."""
+        from .formats.atomic import require_regular
+
+        require_regular(path, StateError)  # a FIFO would block the open below
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC))
+        except FileNotFoundError:
+            raise StateError(f"{path}: no such state file") from None
+        except OSError as e:
+            raise StateError(f"{path}: cannot read: {e.strerror}") from None
+        return cls.load(path, model) if head == MAGIC else cls.from_time_state(path, model)
+
+    @classmethod
     def from_time_state(cls, path, model) -> State:
         """A starting state from BlinkDL's state tuning: a .pth with blocks.N.att.time_state."""
         from .formats import read, to_float32

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 
-from ..server.startup import ServeError, load_state_file, warm_up
+from ..server.startup import ServeError, warm_up
 from .options import add_model_argument, add_run_options, add_tokenizer_options, run_options
 
 log = logging.getLogger("rwkvpy.server")
@@ -274,6 +274,7 @@ def cmd_serve(args) -> int:
     from ..prefix_cache import PrefixCache
     from ..server.app import NamedState, ServerConfig, ServerState, build_app
     from ..server.engine import Engine
+    from ..state import State
 
     _setup_logging(args.log_level)
     for name in (
@@ -313,7 +314,7 @@ def cmd_serve(args) -> int:
         from ..prefix_cache import cache_root
 
         for sname, path in states:
-            st = load_state_file(path, model)
+            st = State.from_file(path, model)
             named[sname] = NamedState(sname, st, cache_root(model, st), int(st.n_tokens), "file")
     warm_up(model)
 

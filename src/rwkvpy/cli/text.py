@@ -146,22 +146,6 @@ def _params(args):
         raise CliError(f"{what}: {e}" if what else str(e)) from None
 
 
-def _start_state(path: str, model):
-    """A saved rwkvpy state file, or a BlinkDL state-tuning .pth."""
-    from ..formats.atomic import require_regular
-    from ..state import MAGIC, State
-
-    require_regular(path, CliError)  # a FIFO would block the open below
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC))
-    except FileNotFoundError:
-        raise CliError(f"{path}: no such state file") from None
-    if head == MAGIC:
-        return State.load(path, model)
-    return State.from_time_state(path, model)
-
-
 def _utf8_stdout():
     for f in (sys.stdout, sys.stderr):
         try:
@@ -218,6 +202,7 @@ def _add_sampling_options(p) -> None:
 # -- generate -------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from ..generate import generate, stream
+    from ..state import State
 
     _utf8_stdout()
     if args.save_state:  # before any work: a missing folder found after generating wastes it
@@ -226,7 +211,7 @@ def cmd_generate(args) -> int:
         check_writable(args.save_state)
     model, tok = _load(args)
     params = _params(args)
-    state = _start_state(args.state, model) if args.state else None
+    state = State.from_file(args.state, model) if args.state else None
     prompt = _read_text("-") if args.prompt == "-" else args.prompt
     if args.json:
         r: Any = generate(model, tok, prompt, params, state=state)

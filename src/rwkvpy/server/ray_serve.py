@@ -241,15 +241,16 @@ def _build_server(spec: dict, store, replica: str):
     import rwkvpy
 
     from ..prefix_cache import PrefixCache, cache_root
+    from ..state import State
     from .app import NamedState, ServerConfig
     from .engine import Engine
-    from .startup import load_state_file, warm_up
+    from .startup import warm_up
 
     model = rwkvpy.load(spec["model"], **spec["load_kw"])
     tok = model.tokenizer(spec["tokenizer"], spec["vocab"])
     named = {}
     for sname, path in spec["states"]:
-        st = load_state_file(path, model)
+        st = State.from_file(path, model)
         named[sname] = NamedState(sname, st, cache_root(model, st), int(st.n_tokens), "file")
     warm_up(model)
     e = spec["engine"]

@@ -1,5 +1,5 @@
-"""What a server process does before it serves: its error type, starting states from files,
-the first run of each code path. Shared by ``rwkvpy serve`` and the Ray replicas."""
+"""What a server process does before it serves: its error type and the first run of each code
+path. Shared by ``rwkvpy serve`` and the Ray replicas."""
 
 from __future__ import annotations
 
@@ -8,23 +8,6 @@ from ..errors import RwkvpyError
 
 class ServeError(RwkvpyError):
     """A bad ``rwkvpy serve`` option (or a missing optional dependency)."""
-
-
-def load_state_file(path, model):
-    """A starting state from a file: an rwkvpy state file (``State.save``) or a BlinkDL
-    state-tuned ``.pth`` (``blocks.N.att.time_state``)."""
-    from ..formats.atomic import require_regular
-    from ..state import MAGIC, State
-
-    require_regular(path, ServeError)  # a FIFO would block the open below
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC))
-    except OSError as e:
-        raise ServeError(f"{path}: cannot read: {e.strerror}") from None
-    if head == MAGIC:
-        return State.load(path, model)
-    return State.from_time_state(path, model)
 
 
 def warm_up(model) -> None:
