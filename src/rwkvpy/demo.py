@@ -22,6 +22,7 @@ perplexity is only comparable on the same Python version: :func:`corpus_info` an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -291,9 +292,11 @@ json.dump(rows, sys.stdout)
 """
 
 
-def _builtin_docs() -> list:
-    """[kind, name, docstring] of every public builtin class and function and of every public
-    method of :data:`_METHOD_TYPES`, from a fresh interpreter (see ``_BUILTINS_PROBE``)."""
+@functools.cache
+def _builtin_docs() -> tuple:
+    """(kind, name, docstring) of every public builtin class and function and of every public
+    method of :data:`_METHOD_TYPES`, from a fresh interpreter (see ``_BUILTINS_PROBE``); read
+    once per process (the interpreter's builtins do not change)."""
     import json
     import subprocess
     import sys
@@ -302,7 +305,7 @@ def _builtin_docs() -> list:
     out = subprocess.run(
         [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
     )
-    return json.loads(out.stdout)
+    return tuple(tuple(row) for row in json.loads(out.stdout))
 
 
 def _builtin_pairs():
@@ -379,6 +382,6 @@ def chat_info() -> dict:
         "train_turns": len(train),
         "heldout_turns": len(held),
         "train_bytes": len("".join(train).encode("utf-8")),
-        "heldout_bytes": len(held_out_chat_text().encode("utf-8")),
+        "heldout_bytes": len("".join(held).encode("utf-8")),
         "sha256": hashlib.sha256("".join(train + held).encode("utf-8")).hexdigest()[:16],
     }
