@@ -185,8 +185,8 @@ def child(argv):
         # limit meets the writers' own files whatever the state of numba's cache
         import rwkvpy
 
+        src = json.loads(a.src)
         for key in ("base", "q8"):
-            src = json.loads(a.src)
             if key in src:
                 m = rwkvpy.load(src[key], cache=False)
                 m.forward([1, 2])

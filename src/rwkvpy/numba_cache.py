@@ -214,7 +214,6 @@ def _guard_saves(cache_class, locator_class) -> None:
                     stacklevel=2,
                 )
 
-    save_overload.__wrapped__ = save  # type: ignore[attr-defined]
     cache_class.save_overload = save_overload
 
 
