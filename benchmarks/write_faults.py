@@ -209,11 +209,9 @@ def child(argv):
     return failed
 
 
-def run_child(name, dst, src, *, kill_after=None, kill_at_rename=0, fsize=0, timeout=600):
-    """Run one write in a subprocess: killed ``kill_after`` seconds after it reports that it
-    started (its imports done), or by itself at its ``kill_at_rename``-th rename. Returns
-    (returncode, output, seconds from its start to its end)."""
-    cmd = [
+def child_command(name, dst, src, *, kill_at_rename=0, fsize=0) -> list:
+    """The command line of one child run (see :func:`child`)."""
+    return [
         sys.executable,
         "-m",
         "benchmarks.write_faults",
@@ -226,6 +224,13 @@ def run_child(name, dst, src, *, kill_after=None, kill_at_rename=0, fsize=0, tim
         "--fsize",
         str(fsize),
     ]
+
+
+def run_child(name, dst, src, *, kill_after=None, kill_at_rename=0, fsize=0, timeout=600):
+    """Run one write in a subprocess: killed ``kill_after`` seconds after it reports that it
+    started (its imports done), or by itself at its ``kill_at_rename``-th rename. Returns
+    (returncode, output, seconds from its start to its end)."""
+    cmd = child_command(name, dst, src, kill_at_rename=kill_at_rename, fsize=fsize)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env

@@ -31,22 +31,9 @@ def src(tmp_path_factory):
 
 
 def _spawn(name, dst, src, **kw):
-    import json
     import subprocess
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.write_faults",
-        "--child",
-        name,
-        dst,
-        json.dumps(src),
-        "--kill-at-rename",
-        str(kw.get("kill_at_rename", 0)),
-        "--fsize",
-        str(kw.get("fsize", 0)),
-    ]
+    cmd = wf.child_command(name, dst, src, **kw)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
