@@ -150,7 +150,7 @@ def tokenizer_json(data: bytes, ctx: Context):
 
 
 def gguf_vocab(data: bytes, ctx: Context):
-    from rwkvpy.tokenizers import model_tokenizer
+    from rwkvpy.formats.vocabulary import model_tokenizer
 
     _use_tokenizer(model_tokenizer(ctx.write("vocab.gguf", data), 512))
 

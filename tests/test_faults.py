@@ -595,8 +595,8 @@ def api(demo):
     """The app in this process (starlette's TestClient), the demo model behind it."""
     from starlette.testclient import TestClient
 
+    from rwkvpy.engine import Engine
     from rwkvpy.server.app import ServerConfig, ServerState, build_app
-    from rwkvpy.server.engine import Engine
 
     tok = demo.tokenizer()
     server = ServerState(
@@ -708,8 +708,8 @@ def test_server_answers_503_while_draining(demo):
     import uvicorn
 
     from rwkvpy.cli.serve import _bind, _server_class
+    from rwkvpy.engine import Engine
     from rwkvpy.server.app import ServerConfig, ServerState, build_app
-    from rwkvpy.server.engine import Engine
 
     tok = demo.tokenizer()
     state = ServerState(

@@ -16,6 +16,7 @@ import rwkvpy
 from rwkvpy.config import Version
 from rwkvpy.convert import convert
 from rwkvpy.formats import gguf as rgguf
+from rwkvpy.formats.vocabulary import model_tokenizer
 from rwkvpy.synth import save_random_model
 from rwkvpy.tokenizers import (
     ByteTokenizer,
@@ -23,7 +24,6 @@ from rwkvpy.tokenizers import (
     TokenizerError,
     WorldTokenizer,
     default_world_vocab_path,
-    model_tokenizer,
     tokenizer_for,
 )
 

@@ -299,8 +299,8 @@ def served(cluster, tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(model):
     """The single-process server (the same app, one process) with the same model."""
+    from rwkvpy.engine import Engine
     from rwkvpy.server.app import ServerConfig, ServerState, build_app
-    from rwkvpy.server.engine import Engine
 
     m, tok = model
     server = ServerState(

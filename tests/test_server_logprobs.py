@@ -288,8 +288,8 @@ def test_metrics_public_flag(tmp_path):
     """--metrics-public: /metrics answers without the key, the other routes still need it."""
     from starlette.testclient import TestClient
 
+    from rwkvpy.engine import Engine
     from rwkvpy.server.app import ServerConfig, ServerState, build_app
-    from rwkvpy.server.engine import Engine
 
     model = rwkvpy.load("demo", threads=1)
     tok = model.tokenizer()

@@ -19,8 +19,8 @@ OUTPUT is JSONL, or Parquet when its name ends in ``.parquet``: one row per requ
 the other fields are then null. A failed request is a row too: the job goes on.
 
 How the work is cut: requests are taken in input order in *groups* of ``batch_size``. A group
-is the unit of work: the requests of a generate group are decoded together by the server's
-:class:`~rwkvpy.server.engine.Engine` (each step one ``Model.forward_batch`` over the group,
+is the unit of work: the requests of a generate group are decoded together by the
+:class:`~rwkvpy.engine.Engine` the server runs (each step one ``Model.forward_batch`` over the group,
 each request sampling with its own seeded sampler, exactly as ``rwkvpy.generate`` does for one;
 a group of one *is* ``generate``); a perplexity group scores its texts one after another with
 :func:`rwkvpy.perplexity.perplexity` (sequence mode already runs a text's tokens together).
@@ -229,7 +229,7 @@ class BatchWorker:
         self.ignore_first = ignore_first
         self.engine = None
         if task == "generate":
-            from .server.engine import Engine
+            from .engine import Engine
 
             self.engine = Engine(
                 self.model, self.tokenizer, cache=None, max_batch=max(1, batch_size)
@@ -262,9 +262,9 @@ class BatchWorker:
         return row
 
     def _generate(self, reqs: list) -> list[dict]:
+        from .engine import Sequence
         from .generation import DoneEvent, ErrorEvent, TextEvent
         from .sampling import SamplingParams
-        from .server.engine import Sequence
 
         n = len(reqs)
         rows: list = [None] * n

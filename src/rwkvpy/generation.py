@@ -2,7 +2,7 @@
 
 :class:`TokenLoop` holds one sequence's sampler, stream decoder, stop conditions and log
 probabilities. The code that runs the model (``rwkvpy.generate`` for one sequence, the server's
-:class:`~rwkvpy.server.engine.Engine` for many in a batch) calls, per step::
+:class:`~rwkvpy.engine.Engine` for many in a batch) calls, per step::
 
     token = loop.choose(logits)      # None: the sequence ends here (length, stop token)
     ...the state reads ``token`` (model.forward or forward_batch)...

@@ -453,11 +453,11 @@ class Model:
 
     # -- text ---------------------------------------------------------------------------------
     def tokenizer(self, kind: str | None = None, path=None):
-        """The model's tokenizer (rwkvpy.tokenizers.model_tokenizer): ``path`` (a vocabulary
-        file, ``--vocab``) when given, else the vocabulary its file holds (GGUF), else the one
-        rwkvpy ships for the kind its file names or its vocabulary size. Asking for another
-        kind than the file names is an error."""
-        from .tokenizers import model_tokenizer
+        """The model's tokenizer (rwkvpy.formats.vocabulary.model_tokenizer): ``path`` (a
+        vocabulary file, ``--vocab``) when given, else the vocabulary its file holds (GGUF),
+        else the one rwkvpy ships for the kind its file names or its vocabulary size. Asking
+        for another kind than the file names is an error."""
+        from .formats.vocabulary import model_tokenizer
 
         key = (kind, None if path is None else os.fspath(path))
         if key not in self._tokenizers:

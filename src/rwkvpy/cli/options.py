@@ -128,7 +128,7 @@ TOKENIZER_HELP = (
 
 def add_tokenizer_options(p, help: str = TOKENIZER_HELP) -> None:
     """--tokenizer KIND and --vocab PATH: which tokenizer a verb uses (see
-    :func:`rwkvpy.tokenizers.model_tokenizer`)."""
+    :func:`rwkvpy.formats.vocabulary.model_tokenizer`)."""
     p.add_argument("--tokenizer", choices=("world", "neox", "bytes"), default=None, help=help)
     p.add_argument(
         "--vocab",

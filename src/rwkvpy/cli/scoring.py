@@ -57,7 +57,7 @@ def read_text(path: str) -> str:
 def _tokenizer(kind, vocab_path, info):
     """The tokenizer: --vocab, else the vocabulary the file holds (GGUF), else the one rwkvpy
     ships for --tokenizer, the kind the file names or its vocabulary size."""
-    from ..tokenizers import model_tokenizer
+    from ..formats.vocabulary import model_tokenizer
 
     return model_tokenizer(info.path, info.vocab_size, kind, vocab_path)
 

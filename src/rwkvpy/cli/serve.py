@@ -271,9 +271,9 @@ def cmd_serve(args) -> int:
         )
     import rwkvpy
 
+    from ..engine import Engine
     from ..prefix_cache import PrefixCache
     from ..server.app import NamedState, ServerConfig, ServerState, build_app
-    from ..server.engine import Engine
     from ..state import State
 
     _setup_logging(args.log_level)

@@ -356,7 +356,7 @@ def cmd_tokenize(args) -> int:
         path = resolve_model(args.model)
         if not os.path.exists(path):
             raise CliError(f"{path}: no such model file")
-        from ..tokenizers import model_tokenizer
+        from ..formats.vocabulary import model_tokenizer
 
         tok = model_tokenizer(path, rwkvpy.inspect(path).vocab_size, args.tokenizer, args.vocab)
     else:

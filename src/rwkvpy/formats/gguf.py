@@ -100,8 +100,9 @@ folder, a GGUF):
   llama.cpp then makes ``vocab_size`` placeholder tokens: it loads and runs the model on token
   ids, but cannot turn text into tokens.
 
-Reading: :func:`read_vocab` returns those keys; :func:`rwkvpy.tokenizers.model_tokenizer`
-builds the tokenizer from them (llama.cpp's own RWKV files included).
+Reading: :func:`read_vocab` returns those keys;
+:func:`rwkvpy.formats.vocabulary.model_tokenizer` builds the tokenizer from them (llama.cpp's own
+RWKV files included).
 
 Tensor types read: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0. Types written follow rwkv.cpp's
 rules (:mod:`rwkvpy.formats.plan`), which differ from llama.cpp's tools in two places, both

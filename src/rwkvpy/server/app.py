@@ -24,10 +24,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine import Engine
 from ..errors import RwkvpyError
 from . import protocol as P
 from .context import SHUTDOWN_MESSAGE, NamedState, ServerConfig, ServerState
-from .engine import Engine
 from .extra_routes import router as extra_router
 from .metrics import CountRequests, Metrics
 from .openapi import router as openapi_router

@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine import Engine
 from . import protocol as P
-from .engine import Engine
 
 log = logging.getLogger("rwkvpy.server")
 

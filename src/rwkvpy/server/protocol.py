@@ -44,48 +44,13 @@ from dataclasses import dataclass, field
 
 from ..chat import normalize_message
 from ..sampling import SamplingError, SamplingParams
+from .api_error import ApiError, bad
 
 CHAT_STOP = "\n\n"
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 STATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers=None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``rwkvpy serve --ray``: the same server as a Ray Serve deployment of several replicas.
 
 Each replica is one Ray actor that loads the model once (memory-mapped; the repack cache of its
-node reused), runs its own :class:`~rwkvpy.server.engine.Engine` (continuous batching, its own
+node reused), runs its own :class:`~rwkvpy.engine.Engine` (continuous batching, its own
 prefix cache) and serves the very FastAPI app of :mod:`rwkvpy.server.app` through Ray Serve's
 ASGI ingress: the paths, validation, API key, SSE streaming and error bodies are those of the
 single-process server. Ray Serve's HTTP proxy spreads requests over the replicas.
@@ -240,10 +240,10 @@ class Replica:
 def _build_server(spec: dict, store, replica: str):
     import rwkvpy
 
+    from ..engine import Engine
     from ..prefix_cache import PrefixCache, cache_root
     from ..state import State
     from .app import NamedState, ServerConfig
-    from .engine import Engine
     from .startup import warm_up
 
     model = rwkvpy.load(spec["model"], **spec["load_kw"])

@@ -19,13 +19,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..engine import EngineClosed, Sequence
 from ..generation import CancelledEvent, DoneEvent, PromptEvent, TextEvent
 from ..sampling import SamplingParams
 from . import protocol as P
 from . import responses as R
 from . import structured as S
 from .context import SHUTDOWN_MESSAGE, NamedState, ServerState
-from .engine import EngineClosed, Sequence
 
 log = logging.getLogger("rwkvpy.server")
 

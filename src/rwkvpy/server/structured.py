@@ -53,7 +53,7 @@ from typing import Any
 from ..chat import normalize_message
 from ..constrain import ConstraintError, constraint_for
 from ..generation import TextEvent
-from .protocol import bad
+from .api_error import bad
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"

@@ -17,17 +17,16 @@ work with no file argument:
 - ``20B_tokenizer.json``: EleutherAI's GPT-NeoX-20B tokenizer (Apache-2.0), distributed with
   ChatRWKV and rwkv.cpp.
 
-:func:`tokenizer_for` picks one for a model's vocabulary size; :func:`model_tokenizer` the one of
-a model file (its own vocabulary first); :class:`StreamDecoder` decodes tokens as they are
+:func:`tokenizer_for` picks one for a model's vocabulary size
+(:func:`rwkvpy.formats.vocabulary.model_tokenizer` the one of a model file, its own vocabulary
+first); :class:`StreamDecoder` decodes tokens as they are
 generated without splitting a character. Every error about a missing or unusable vocabulary
 names ``--vocab``, the command line's way to give another one.
 """
 
 from __future__ import annotations
 
-import os
-
-from .base import VOCAB_HINT, Tokenizer, TokenizerError, with_hint
+from .base import VOCAB_HINT, Tokenizer, TokenizerError
 from .byte import ByteTokenizer
 from .neox import NEOX_TOKENIZER_FILE, NeoXTokenizer, default_neox_path
 from .stream import StreamDecoder
@@ -45,8 +44,8 @@ __all__ = [
     "WorldTokenizer",
     "default_neox_path",
     "default_world_vocab_path",
+    "check_fits",
     "kind_for_vocab_size",
-    "model_tokenizer",
     "read_world_vocab",
     "tokenizer_for",
 ]
@@ -70,7 +69,8 @@ def _sizes() -> str:
     return ", ".join(f"{'/'.join(ns)} {k}" for k, ns in by_kind.items())
 
 
-def _check_fits(tok: Tokenizer, kind: str, vocab_size: int) -> Tokenizer:
+def check_fits(tok: Tokenizer, kind: str, vocab_size: int) -> Tokenizer:
+    """``tok``, unless it can produce ids a model of ``vocab_size`` logits does not have."""
     if tok.vocab_size > vocab_size:
         raise TokenizerError(
             f"the {kind} tokenizer (vocab size {tok.vocab_size}) does not fit "
@@ -114,65 +114,4 @@ def tokenizer_for(vocab_size: int, kind: str | None = None, path=None) -> Tokeni
         tok = WorldTokenizer(path)
     else:
         tok = NeoXTokenizer(path)
-    return _check_fits(tok, kind, vocab_size)
-
-
-def _file_vocabulary(model_path, vocab_size: int):
-    """(the kind the model file names or None, a function making the tokenizer of the
-    vocabulary the file holds or None)."""
-    model_path = os.fspath(model_path)
-    if os.path.isdir(model_path):  # a Hugging Face folder
-        world = os.path.join(model_path, WORLD_VOCAB_FILE)
-        if os.path.isfile(world):
-            return "world", lambda: WorldTokenizer(world)
-        neox = os.path.join(model_path, "tokenizer.json")
-        if os.path.isfile(neox) and 50000 <= vocab_size <= 50304:  # as formats.safetensors_io
-            return "neox", lambda: NeoXTokenizer(neox)
-        return None, None
-    try:
-        with open(model_path, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return None, None
-    if magic != b"GGUF":
-        return None, None
-    from ..formats import gguf
-
-    vocab = gguf.read_vocab(model_path)
-    if vocab is None:
-        return None, None
-    named = vocab.kind or {"rwkv": "world", "gpt2": "neox"}.get(vocab.model)
-    if named == "world" and vocab.model == "rwkv" and vocab.tokens:
-        where = f"{model_path} (tokenizer.ggml.tokens)"
-        return named, lambda: WorldTokenizer(tokens=vocab.token_bytes(), source=where)
-    if named == "neox" and vocab.hf_json:
-        where = f"{model_path} (tokenizer.huggingface.json)"
-        return named, lambda: NeoXTokenizer(json_text=vocab.hf_json, source=where)
-    return named, None
-
-
-def model_tokenizer(model_path, vocab_size: int, kind: str | None = None, path=None) -> Tokenizer:
-    """The tokenizer of the model file ``model_path`` (``vocab_size`` logits).
-
-    In order: ``path`` (``--vocab``), a vocabulary file of ``kind``, else of the kind the model
-    file names, else of the kind its vocabulary size picks; the vocabulary the model file holds
-    (a GGUF's ``tokenizer.ggml.*`` keys, llama.cpp's files included, or rwkvpy's
-    ``tokenizer.huggingface.json``; a Hugging Face folder's ``rwkv_vocab_v20230424.txt`` or
-    ``tokenizer.json``); the vocabulary rwkvpy ships for the kind the file names
-    (``rwkvpy.tokenizer``) or, failing that, for the vocabulary size (:func:`tokenizer_for`).
-    A ``kind`` other than the one the file names is a TokenizerError.
-    """
-    named, stored = _file_vocabulary(model_path, vocab_size)
-    if kind is not None and named is not None and kind != named:
-        raise TokenizerError(
-            f"{os.fspath(model_path)}: the model's file names the {named} tokenizer, not {kind}"
-        )
-    kind = kind or named
-    if path is not None or stored is None:
-        return tokenizer_for(vocab_size, kind, path)
-    try:
-        tok = stored()
-    except TokenizerError as e:
-        where = os.fspath(model_path)
-        raise with_hint(e if where in str(e) else TokenizerError(f"{where}: {e}")) from None
-    return _check_fits(tok, kind, vocab_size)
+    return check_fits(tok, kind, vocab_size)

@@ -1,6 +1,10 @@
-"""The scheduler: one thread owns the model and runs every request's sequences together.
+"""Continuous batching: one thread owns the model and runs every request's sequences together.
 
-Each :class:`Sequence` is one generated text (one choice of one HTTP request) with its own
+The server's scheduler (:mod:`rwkvpy.server`) and the decoder of batch jobs' generate groups
+(:mod:`rwkvpy.batch`). It sits below both front ends, which never import each other.
+
+Each :class:`Sequence` is one generated text (one choice of an HTTP request, or one request of
+a batch group) with its own
 prompt tokens, starting state and :class:`~rwkvpy.generation.TokenLoop` (its sampler, seeded on
 its own, decoder and stop conditions). The engine thread loops:
 
@@ -53,8 +57,8 @@ import threading
 import time
 from collections import deque
 
-from ..errors import RwkvpyError
-from ..generation import (
+from .errors import RwkvpyError
+from .generation import (
     CancelledEvent,
     DoneEvent,
     ErrorEvent,
@@ -64,6 +68,7 @@ from ..generation import (
     token_logprobs,
 )
 
+# the server's logger: the engine's failures appear among the lines `rwkvpy serve` writes
 log = logging.getLogger("rwkvpy.server")
 
 #: Most tokens per prefill piece of a prompt scored with every position's logits: 512 x a
