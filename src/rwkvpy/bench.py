@@ -152,9 +152,8 @@ def cpu_read_bandwidths(nbytes: int = 1 << 30, repeats: int = 7) -> dict:
     """GB/s of two reads of an ``nbytes`` float32 buffer, each the median of ``repeats``:
     ``torch.sum`` and a one-vector product through rwkvpy's float row kernel, which reads each
     thread's range as 4 streams at once (kernels/ir/rows.py, _row_dot_streams; without numba, only
-    the first). On this project's 2-core machine the second read faster (36-46 GB/s where
-    torch.sum read 26-38 in the same runs), so torch.sum alone understated the bandwidth and
-    made the bound look looser than it is."""
+    the first). Where the second reads faster (docs/performance.md has measured pairs),
+    torch.sum alone would understate the bandwidth and make the bound look looser than it is."""
     from .kernels import linear
 
     buf = torch.ones(nbytes // 4, dtype=torch.float32)

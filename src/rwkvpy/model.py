@@ -487,9 +487,8 @@ class Model:
 
 
 #: Bytes of activations one sequence-mode pass may hold on the CPU, counted at 512 bytes per
-#: token and channel. Measured for n_embd 2048 (v7 1.5B Q4_0, 512-token pass): 480 MB more
-#: resident memory while every layer's input stayed alive, 346 MB (~330 bytes per token and
-#: channel) since models/base.hidden keeps only their last rows.
+#: token and channel: more than a pass holds, since models/base.hidden keeps only each layer's
+#: last rows (docs/performance.md, "Speed", has the measured figure).
 PROMPT_BYTES = 512 << 20
 
 

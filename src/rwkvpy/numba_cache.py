@@ -17,9 +17,9 @@ compiles, and none fails for want of a writable cache (a RuntimeWarning says so 
 Freshness. numba stamps each cached function with the hash of its own source file only. The
 kernels compile code from other files into theirs: linear/ and decode/ inline the LLVM
 intrinsics of ir/, and decode/ links linear/'s products. After a change to the intrinsics alone,
-numba loaded the old machine code of the products as fresh (measured: a product kept its
-old result until its cache files were deleted), and an upgrade that leaves old cache files
-behind would do the same. Here every function defined in the kernels folder (or below it) is
+numba would load the products' stale machine code as fresh (a product keeps computing the old
+way until its cache files are deleted), and so would an upgrade that leaves old cache files
+behind. Here every function defined in the kernels folder (or below it) is
 stamped with the hash of every ``.py`` file of that folder and its subfolders (kernels/ir/: the
 intrinsics), so a change to any of them recompiles them all; functions elsewhere in the package
 keep numba's stamp (their own file's hash).

@@ -10,14 +10,14 @@ Two settings, both documented in docs/performance.md ("Under load", with the mea
    loaded first with global symbols, so both share one pool of threads (the system copy is
    loaded, reads the environment, and starts no thread). libgomp reads OMP_WAIT_POLICY and
    GOMP_SPINCOUNT once, as it is loaded. With neither set, a thread that finished its share of a
-   parallel region, or waits for the next one, busy-waits 300000 rounds (about 7.5 ms on this
-   project's AMD EPYC) before it sleeps, taking a core from other processes and from rwkvpy's
-   own threads that still have work. :func:`apply` sets :data:`SETTINGS` (10000 rounds, about
-   0.25 ms: longer than the gaps between the regions of a token, so a quiet machine's speed
-   stays) in ``os.environ``, before torch is imported: ``import rwkvpy`` calls it first thing,
-   and so the ``rwkvpy`` command. It sets nothing if the user has set OMP_WAIT_POLICY or
-   GOMP_SPINCOUNT (either one: the user's choice wins) or if torch is imported already (it would
-   reach no runtime). The variable stays in the environment: child processes inherit it. A
+   parallel region, or waits for the next one, busy-waits 300000 rounds (milliseconds:
+   docs/performance.md, "Under load") before it sleeps, taking a core from other processes and
+   from rwkvpy's own threads that still have work. :func:`apply` sets :data:`SETTINGS` (10000
+   rounds, a thirtieth of that: still longer than the gaps between the regions of a token, so a
+   quiet machine's speed stays) in ``os.environ``, before torch is imported: ``import rwkvpy``
+   calls it first thing, and so the ``rwkvpy`` command. It sets nothing if the user has set
+   OMP_WAIT_POLICY or GOMP_SPINCOUNT (either one: the user's choice wins) or if torch is
+   imported already (it would reach no runtime). The variable stays in the environment: child processes inherit it. A
    program that imports torch before rwkvpy and wants the setting sets it itself before
    ``import torch`` (``os.environ.setdefault("GOMP_SPINCOUNT", "10000")``) or in the shell.
 

@@ -935,7 +935,7 @@ def _tensor(path, reader, t):
         )
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     # offset and size in Python ints: the library's numpy uint64 sums wrap around (an offset of
-    # 2^64 - 1 once became the byte before the data, and the model loaded with NaN logits)
+    # 2^64 - 1 would point at the byte before the data: a model that loads with NaN logits)
     start = int(reader.data_offset) + int(t.field.parts[-1][0])
     n_bytes = FORMATS[fmt].nbytes(shape) if all(d > 0 for d in shape) else 0
     if n_bytes == 0 or start + n_bytes > reader.data.size:
