@@ -17,9 +17,10 @@ Two settings, both documented in docs/performance.md ("Under load", with the mea
    quiet machine's speed stays) in ``os.environ``, before torch is imported: ``import rwkvpy``
    calls it first thing, and so the ``rwkvpy`` command. It sets nothing if the user has set
    OMP_WAIT_POLICY or GOMP_SPINCOUNT (either one: the user's choice wins) or if torch is
-   imported already (it would reach no runtime). The variable stays in the environment: child processes inherit it. A
-   program that imports torch before rwkvpy and wants the setting sets it itself before
-   ``import torch`` (``os.environ.setdefault("GOMP_SPINCOUNT", "10000")``) or in the shell.
+   imported already (it would reach no runtime). The variable stays in the environment: child
+   processes inherit it. A program that imports torch before rwkvpy and wants the setting sets
+   it itself before ``import torch`` (``os.environ.setdefault("GOMP_SPINCOUNT", "10000")``) or
+   in the shell.
 
 2. **Fewer threads under load** (:class:`ThreadGovernor`). Each product of the one-token step
    is split across torch's thread count, and every split ends in a barrier that waits for the
