@@ -48,12 +48,11 @@ def bin_logits_blinkdl_eps(path):
     GGUF, instead of rwkv.cpp's 1e-5 for v5 that the .bin reader keeps."""
     import dataclasses
 
+    from rwkvpy.kernels.plan import choose
+
     ckpt, cfg = rwkvpy.model._read(path)
     cfg = dataclasses.replace(cfg, ln_x_eps=64e-5)
-    try:
-        model = rwkvpy.Model(ckpt, cfg, mode="reference")
-    except TypeError:
-        model = rwkvpy.Model(ckpt, cfg)
+    model = rwkvpy.Model(ckpt, cfg, choose(cfg.n_layer, mode="reference"))
     torch.set_num_threads(1)
     return model.forward(TOKENS, None, all_logits=True)[0]
 

@@ -667,14 +667,14 @@ def test_quantized_first_low_rank_held_by_columns():
     columns like the float ones (the one-token step then reads it without a copy)."""
     from rwkvpy import models
     from rwkvpy.formats.base import to_float32
-    from rwkvpy.kernels.backend import make_backend
+    from rwkvpy.kernels.plan import choose
 
     ck = rwkvpy.formats.read(fixture_path("reference-pth", "v6_c192_l2.pth"))
     cfg = models.config_from_shapes(ck.shapes, ck.path, ln_x_eps=ck.ln_x_eps)
     ws = dict(ck.tensors)
     name = "blocks.1.att.time_maa_w1"
     ws[name] = _qtensor("Q8_0", ws[name].float().numpy())
-    net = models.build(cfg, ws, ck.path, make_backend("fast"))
+    net = models.build(cfg, ws, ck.path, choose(cfg.n_layer).backend())
     t = net.w[name]
     assert t.t().is_contiguous() and torch.equal(t, to_float32(ws[name]))
 

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from . import formats, models, runtime
 from .config import ModelConfig, Version
 from .errors import RwkvpyError, StateError, TokenError
 from .state import State
+
+if TYPE_CHECKING:  # imported when a model is built: importing rwkvpy loads no kernel module
+    from .kernels.plan import KernelPlan
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,6 @@ def describe(ckpt: formats.Checkpoint, cfg: ModelConfig) -> ModelInfo:
     )
 
 
-CPU = torch.device("cpu")
-
-
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -102,141 +102,47 @@ def _show(v) -> str:
     return r if len(r) <= 40 else r[:37] + "..."
 
 
-def layer_devices(n_layer: int, device="cpu", gpu_layers: int | None = None) -> tuple:
-    """The device of each layer: all on ``device``, or with ``gpu_layers=N`` the first N on the
-    GPU ``device`` and the rest on the CPU. Raises RwkvpyError for an unusable choice."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RwkvpyError(
-            f"device {device!r} is not a torch device name (cpu, cuda, cuda:1)"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = (
-                "this torch build has no CUDA"
-                if torch.version.cuda is None and torch.version.hip is None
-                else "no GPU is visible to torch"
-            )
-            raise RwkvpyError(
-                f"device {device!r}: CUDA is not available ({why}; torch {torch.__version__})"
-            )
-        index = 0 if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise RwkvpyError(
-                f"device {device!r}: there are {torch.cuda.device_count()} GPUs "
-                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
-            )
-        dev = torch.device("cuda", index)
-    elif dev.type != "cpu":
-        raise RwkvpyError(f"device {device!r}: rwkvpy runs on 'cpu' or 'cuda' devices")
-    if gpu_layers is None:
-        return (dev,) * n_layer
-    if dev.type == "cpu":
-        raise RwkvpyError("gpu_layers needs a GPU device (device='cuda')")
-    if (
-        isinstance(gpu_layers, bool)
-        or not isinstance(gpu_layers, int)
-        or not 0 <= gpu_layers <= n_layer
-    ):
-        raise RwkvpyError(
-            f"gpu_layers must be an int from 0 to {n_layer} (the model's layers), "
-            f"got {gpu_layers!r}"
-        )
-    return (dev,) * gpu_layers + (CPU,) * (n_layer - gpu_layers)
-
-
 class Model:
     """An RWKV model ready to run. Build it with :func:`rwkvpy.load`."""
 
-    def __init__(
-        self,
-        ckpt: formats.Checkpoint,
-        cfg: ModelConfig,
-        mode: str = "fast",
-        devices: tuple | None = None,
-        compile: bool = False,
-        cache: bool | str = False,
-        cpu=None,
-    ):
-        from .kernels.backend import make_backend
-        from .kernels.cpu import host_kernels
+    def __init__(self, ckpt: formats.Checkpoint, cfg: ModelConfig, plan: KernelPlan | None = None):
+        """The model of ``ckpt`` (its ``cfg``) with the fast paths of ``plan``
+        (kernels.plan.choose; default: mode "fast", every layer on the CPU, no repack
+        cache)."""
+        if plan is None:
+            from .kernels.plan import choose
 
+            plan = choose(cfg.n_layer)
+        #: the fast paths chosen for this model (kernels.plan.KernelPlan)
+        self.plan = plan
         self.config = cfg
-        self.mode = mode
+        self.mode = plan.mode
         self.info = describe(ckpt, cfg)
-        devices = devices or (CPU,) * cfg.n_layer
-        self.devices = devices
-        self.device = devices[-1]  # where the head is: the logits come out here
-        # a state lives on the model's device; with layers split between devices, on the CPU
-        self.state_device = devices[0] if len(set(devices)) == 1 else CPU
-        if compile and (self.state_device.type != "cuda" or mode == "reference"):
-            raise RwkvpyError(
-                "compile=True fuses the GPU decode step: it needs every layer on a "
-                "GPU (device='cuda', no gpu_layers) and mode fast or exact"
-            )
-        repack = None
-        if cache and mode == "fast" and CPU in devices and os.path.isfile(ckpt.path):
-            from .kernels.cache import RepackCache
-
-            repack = RepackCache(ckpt.path, mode, beside=cache == "beside")
+        self.devices = plan.devices
+        self.device = plan.devices[-1]  # where the head is: the logits come out here
+        self.state_device = plan.state_device
         #: the CPU kernels in force (kernels.cpu.CpuKernels: capability level, host, forced)
-        self.cpu_kernels = cpu or host_kernels()
-        self._net = models.build(
-            cfg, ckpt.tensors, ckpt.path, make_backend(mode, repack, self.cpu_kernels), devices
-        )
-        if repack is not None:
-            repack.save()
+        self.cpu_kernels = plan.cpu
+        self._net, repack = plan.build(cfg, ckpt.tensors, ckpt.path)
         #: what the repack cache (kernels/cache.py) did: "hit", "written", "none" (nothing to
         #: cache), "not written: ...", or "off"
-        self.repack_cache = "off" if repack is None else repack.status
-        self._step: Any = None  # the one-token step (kernels' FusedStep or TorchStep), if any
+        self.repack_cache: str = repack
         self._fingerprint: str | None = None
         self._state_shapes: tuple | None = None  # (att_x, wkv) shapes of this model's states
         self._tokenizers: dict = {}
         #: tokens per sequence-mode pass on the CPU (a longer prompt runs in pieces, the state
         #: carried: same result, activations bounded); None: one pass (GPUs)
-        self.prompt_chunk = prompt_chunk(cfg.n_embd) if set(devices) == {CPU} else None
-        if mode != "reference":
-            if set(devices) == {CPU}:
-                from .kernels.decode import FusedStep
-
-                self._step = FusedStep(self._net)
-            else:
-                from .kernels.gpu import TorchStep, group_products
-
-                group_products(self._net, [i for i, d in enumerate(devices) if d.type != "cpu"])
-                graphs = self.state_device.type == "cuda"
-                self._step = TorchStep(self._net, self.state_device, graphs=graphs, compile=compile)
+        self.prompt_chunk = prompt_chunk(cfg.n_embd) if plan.cpu_only else None
+        #: the one-token step (kernels' FusedStep or TorchStep); None: models/ code
+        self._step: Any = plan.step(self._net)
 
     @property
     def kernels(self) -> dict:
-        """Which kernels run: the CPU capability level (kernels.cpu), the product kernel per
-        stored tensor type (e.g. ``{"Q4_0": "int8-dot", "F16": "numba-float"}``), the sequence
-        recurrence and the one-token step."""
-        products: dict = {}
-        for lin in self._net.lin.values():
-            name = getattr(lin, "strategy", "") or type(lin).__name__
-            products.setdefault(lin.fmt, set()).add(name)
-        if self._step is None:
-            step = "reference (models/)"
-        elif hasattr(self._step, "blocks"):
-            step = "numba whole-layer blocks" if self._step.blocks else "numba glue + products"
-        else:
-            step = type(self._step).__name__
-        devs = sorted({d.type for d in self.devices})
-        recurrence = (
-            "reference (models/)"
-            if self.mode == "reference"
-            else "+".join({"cpu": "numba serial", "cuda": "torch chunked"}.get(d, d) for d in devs)
-        )
-        return {
-            "mode": self.mode,
-            "cpu_capability": self.cpu_kernels.to_dict(),
-            "products": {k: "+".join(sorted(v)) for k, v in sorted(products.items())},
-            "recurrence": recurrence,
-            "step": step,
-        }
+        """Which kernels run (kernels.plan.KernelPlan.describe): the mode, the CPU capability
+        level (kernels.cpu), the product kernel per stored tensor type (e.g. ``{"Q4_0":
+        "int8-dot", "F16": "numba-float"}``), the sequence recurrence and the one-token
+        step."""
+        return self.plan.describe(self._net, self._step)
 
     def synchronize(self) -> None:
         """Wait for the GPU work queued by forward calls (for timing; a no-op on the CPU)."""
@@ -275,7 +181,7 @@ class Model:
                 "blocks.0.ln2.bias",
             ):
                 h.update(
-                    self._net.w[name].to(CPU, torch.bfloat16).view(torch.int16).numpy().tobytes()
+                    self._net.w[name].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
                 )
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
@@ -548,7 +454,9 @@ def load(
     """Load an RWKV model from an rwkv.cpp ``.bin``, a BlinkDL ``.pth``, GGUF or safetensors
     (the format is detected from the content).
 
-    mode: "fast" (default), "exact" or "reference" (see rwkvpy.kernels.backend).
+    ``path``: a model reference (rwkvpy.hub): a file or folder, ``"demo"`` (the demo model
+    shipped in the package) or ``hf:OWNER/REPO/FILE`` (downloaded into the Hugging Face cache).
+    mode: "fast" (default), "exact" or "reference" (see rwkvpy.kernels.plan).
     threads: torch's intra-op thread count for this process, fixed (default: the physical
     cores, fewer while other processes keep them busy: rwkvpy.runtime).
     device: "cpu" (default) or a GPU, "cuda" / "cuda:N" (see rwkvpy.kernels.gpu).
@@ -564,33 +472,40 @@ def load(
     "amx" (kernels/cpu.py: what each selects); default: ``$RWKVPY_CPU_CAPABILITY`` if set,
     else this CPU's own level. A level above this CPU's runs with the same numbers where its
     kernels can run here; one that cannot (avx2 and up without AVX2) raises CpuCapabilityError.
-    ``path``: a model reference (rwkvpy.hub): a file or folder, ``"demo"`` (the demo model
-    shipped in the package) or ``hf:OWNER/REPO/FILE`` (downloaded into the Hugging Face cache).
+    The kernels for these choices are chosen in one place, kernels.plan.choose
+    (``model.kernels`` says what it chose).
+
+    What it changes in the process, once the file is read and every argument checked (a bad
+    one raises before any of it): torch's thread count (``torch.set_num_threads``: ``threads``,
+    or rwkvpy's own count, which later forward calls lower and raise with the machine's load:
+    rwkvpy.runtime); numba's thread pool, started (OpenMP first, unless the user chose a
+    threading layer: kernels/linear/threads.py); and, during forward calls, numba's thread
+    count in the calling thread, which follows torch's. Environment variables (but the one
+    ``import rwkvpy`` sets: rwkvpy.runtime) and torch's other settings are left as they are.
+    It writes only into its caches: the repack cache (``cache``) and numba's compiled kernels
+    (rwkvpy.numba_cache).
     """
     from .hub import resolve_model
+    from .kernels.plan import choose
 
     path = resolve_model(path)
-    if cache not in (True, False, "beside"):
-        raise RwkvpyError(f"cache must be True, False or 'beside', got {cache!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RwkvpyError(f"threads must be a positive int, got {threads!r}")
+    ckpt, cfg = _read(path)
+    plan = choose(
+        cfg.n_layer,
+        mode=mode,
+        device=device,
+        gpu_layers=gpu_layers,
+        compile=compile,
+        cache=cache,
+        cpu_capability=cpu_capability,
+    )
     from .kernels.linear import start_numba_pool
 
     start_numba_pool()  # before torch's count is set: starting it later would reset that
     runtime.start_threads(threads, physical_cores())  # None: fewer while others hold the cores
-    from .kernels.cpu import resolve
-
-    cpu = resolve(cpu_capability)  # before reading the file: a bad level fails at once
-    ckpt, cfg = _read(path)
-    return Model(
-        ckpt,
-        cfg,
-        mode=mode,
-        devices=layer_devices(cfg.n_layer, device, gpu_layers),
-        compile=compile,
-        cache=cache,
-        cpu=cpu,
-    )
+    return Model(ckpt, cfg, plan)
 
 
 def inspect(path) -> ModelInfo:

@@ -29,6 +29,10 @@ Two settings, both documented in docs/performance.md ("Under load", with the mea
    thread count (``rwkvpy.load(threads=None)``, the command line without ``--threads``), the
    governor lowers torch's thread count while other processes use the CPUs this process may run
    on, and raises it back when they are free. A count the user gives stays fixed.
+
+Beside these, ``rwkvpy.load`` starts numba's thread pool (kernels/linear/threads.py: OpenMP
+first, unless the user chose numba's threading layer) and changes no other process-wide
+setting; its docstring lists what it changes.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@
   :func:`wkv7_chunked`), imported from here on first use;
 * :mod:`.ir`: the explicit LLVM vector code they are built from, by subject (the K-quants'
   too); :mod:`.kinds`: the formats as the kernels number them;
-* :mod:`.cpu` (the capability level), :mod:`.backend` (a mode's fast paths), :mod:`.cache`
-  (repacked weights on disk), :mod:`.gpu`; numba's cache: :mod:`rwkvpy.numba_cache`.
+* :mod:`.plan`: the one place that chooses a model's fast paths (products, recurrences, the
+  one-token step, the repack cache) for its mode, devices and CPU level (:mod:`.cpu`);
+  :mod:`.cache` (repacked weights on disk), :mod:`.gpu`; numba's cache:
+  :mod:`rwkvpy.numba_cache`.
 
 Importing this package defines no kernel and compiles nothing.
 """
