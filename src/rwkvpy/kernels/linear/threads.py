@@ -3,16 +3,20 @@ around parallel launches, and the choice between a driver's serial and parallel 
 
 The numba kernels run on as many threads as ``torch.get_num_threads()``. numba's threading
 layer is chosen here (``numba.config``, before its first parallel launch): OpenMP first, else
-'workqueue'. A launch on OpenMP's spinning pool costs a few microseconds, on workqueue tens of
-microseconds. Decode runs every product in numba, so torch's own OpenMP pool (a second one)
-stays idle between prompts. workqueue aborts the process when two Python threads launch
-parallel kernels at once, so launches take :data:`PARALLEL_LOCK` (a caller that finds it held
-runs the serial kernel). Below :data:`SERIAL_MAX_ELEMENTS` weights, or with one torch thread,
-the serial kernel runs directly.
+'workqueue', unless the user chose one (``NUMBA_THREADING_LAYER`` or
+``NUMBA_THREADING_LAYER_PRIORITY`` in the environment, or ``numba.config.THREADING_LAYER`` set
+before rwkvpy's kernels are imported): that choice stays. A launch on OpenMP's spinning pool
+costs a few microseconds, on workqueue tens of microseconds. Decode runs every product in
+numba, so torch's own OpenMP pool (a second one) stays idle between prompts. workqueue aborts
+the process when two Python threads launch parallel kernels at once, so launches take
+:data:`PARALLEL_LOCK` (a caller that finds it held runs the serial kernel). Below
+:data:`SERIAL_MAX_ELEMENTS` weights, or with one torch thread, the serial kernel runs
+directly.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -25,6 +29,9 @@ try:  # numba is optional
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
+#: numba's variables that choose its threading layer: where the user set one, rwkvpy keeps it.
+USER_LAYER_VARIABLES = ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")
+
 #: Below this many weight elements a numba matvec runs serially (a launch costs more than the
 #: work it splits).
 SERIAL_MAX_ELEMENTS = 1 << 18
@@ -32,10 +39,13 @@ SERIAL_MAX_ELEMENTS = 1 << 18
 if HAVE_NUMBA:
     from numba.np.ufunc import parallel as _nb_parallel
 
-    if not getattr(_nb_parallel, "_is_initialized", False):
+    if (
+        not getattr(_nb_parallel, "_is_initialized", False)
+        and numba.config.THREADING_LAYER == "default"
+        and not any(k in os.environ for k in USER_LAYER_VARIABLES)
+    ):
         # Set before the first parallel launch (importing numba does not read it again):
         # OpenMP where numba finds it, else workqueue (see the module docstring).
-        numba.config.THREADING_LAYER = "default"
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
     @njit(cache=True, nogil=True)
