@@ -41,44 +41,49 @@ HISTORY = [
 
 # -- the server process --------------------------------------------------------------------------
 class Server:
-    """``rwkvpy.server`` in a subprocess: MODEL_FILE unless ``model`` (a path or 'demo')."""
+    """``rwkvpy.server`` in a subprocess: MODEL_FILE unless ``model`` (a path or 'demo'). When
+    it does not start and answer /health within ``startup_s`` (or anything else fails while
+    it starts), the process is killed and reaped and the log closed before the error."""
 
-    def __init__(self, args, log_path, model=None):
+    def __init__(self, args, log_path, model=None, startup_s=120.0):
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
+        self.proc = None
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("RWKVPY_API_KEY", None)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rwkvpy.server",
-                "-m",
-                str(model if model is not None else fixture_path(*MODEL_FILE)),
-                "--port",
-                "0",
-                "--threads",
-                "1",
-                *args,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.url = self._wait_url()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                pytest.fail(f"the server did not become healthy:\n{self.text()}")
-            time.sleep(0.1)
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "rwkvpy.server",
+                    "-m",
+                    str(model if model is not None else fixture_path(*MODEL_FILE)),
+                    "--port",
+                    "0",
+                    "--threads",
+                    "1",
+                    *args,
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            deadline = time.monotonic() + startup_s
+            self.url = self._wait_url(deadline)
+            self._wait_healthy(deadline)
+        except BaseException:  # a failed start, a timeout, Ctrl-C: nothing left running
+            self._kill()
+            raise
 
-    def _wait_url(self) -> str:
-        deadline = time.monotonic() + 60
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+        self.log.close()
+
+    def _wait_url(self, deadline) -> str:
         while time.monotonic() < deadline:
             m = re.search(r"listening on (http://[0-9.]+:\d+)", self.text())
             if m:
@@ -87,6 +92,17 @@ class Server:
                 break
             time.sleep(0.1)
         pytest.fail(f"the server did not start:\n{self.text()}")
+
+    def _wait_healthy(self, deadline) -> None:
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                pytest.fail(f"the server did not become healthy:\n{self.text()}")
+            time.sleep(0.1)
 
     def text(self) -> str:
         with open(self.log_path) as f:
@@ -575,3 +591,39 @@ def test_sigterm_cancels_running_requests_and_exits_0(tmp_path):
     assert code == 0
     assert "Traceback" not in log and "ERROR" not in log, log
     assert "cancelled 1 running sequence" in log and "rwkvpy serve: stopped" in log
+
+
+def test_server_helper_reaps_a_server_that_fails_to_start(tmp_path, monkeypatch):
+    """Server's startup failures leave no process behind: a real server still starting when
+    its time is up, and stand-ins (shell scripts in place of the interpreter) for one that
+    exits at once and one that says where it listens but never answers /health."""
+    started = []
+    real = subprocess.Popen
+
+    def popen(*a, **kw):
+        started.append(real(*a, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(pytest.fail.Exception, match="did not start"):
+        Server([], tmp_path / "slow.log", startup_s=0.3)  # still importing at 0.3 s
+    assert started[-1].returncode == -signal.SIGKILL  # killed and reaped
+
+    def stand_in(name, body):
+        path = tmp_path / name
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+        monkeypatch.setattr(sys, "executable", str(path))
+
+    stand_in("exits", "echo bad flag; exit 2")
+    with pytest.raises(pytest.fail.Exception, match="did not start"):
+        Server([], tmp_path / "exits.log")
+    assert started[-1].returncode == 2
+    stand_in("deaf", "echo listening on http://127.0.0.1:9; exec sleep 60")  # nothing on :9
+    with pytest.raises(pytest.fail.Exception, match="did not become healthy"):
+        Server([], tmp_path / "deaf.log", startup_s=1.0)
+    assert started[-1].returncode == -signal.SIGKILL
+    assert len(started) == 3
+    for p in started:
+        with pytest.raises(ChildProcessError):  # reaped: no zombie left
+            os.waitpid(p.pid, os.WNOHANG)
