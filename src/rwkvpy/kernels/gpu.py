@@ -17,24 +17,23 @@ Q4_0..Q8_0 float16, dequantized at    float32, dequantized at
 A product casts the float32 activations to the weight's type and runs torch's matmul (cuBLAS on
 NVIDIA GPUs, hipBLAS on ROCm), accumulating in float32; the result is float32 again. Everything
 else (norms, token shift, the recurrences, the residual stream) stays float32. Quantized weights
-are expanded to float16 rather than kept in blocks: cuBLAS's float16 products run at about 80 %
-of the card's bandwidth (v7 1.5B on an H100: 1.2 ms for 2.9 GB) with no kernel of ours to
-maintain. The price is memory and bytes read per token (2 bytes per weight instead of
-0.56-1.06): a dequantizing product that reached the same fraction of the bandwidth on the
-blocks would save up to ~0.85 ms of that step's 2.4 ms for Q4_0; none is written or measured yet.
+are expanded to float16 rather than kept in blocks: cuBLAS's float16 products run near the
+card's bandwidth with no kernel of ours to maintain. The price is memory and bytes read per
+token (2 bytes per weight instead of 0.56-1.06), which a dequantizing product on the blocks
+would save; none is written (docs/kernels.md has the measured figures).
 
 Grouped products (:func:`group_products`): a layer's products that take different inputs but
 none of each other's results (each model's ``product_groups``) run together: r/k/v(/g) as one
 batched product over weights stacked once (:class:`StackedLinears`), and one token's v7 LoRAs as
 two products (:class:`LowRankGroup`). At batch 1 a GPU is bound by latency, not bytes: fewer,
-larger products (v7 1.5B compiled step on an H100: 4.15 -> 2.60 ms per token).
+larger products take less time (docs/kernels.md).
 
 Decode (:class:`TorchStep`): one token for each of B sequences runs the model's own torch code
 (models/vX.py), vectorized over the B sequences with :func:`torch.func.vmap`, so there is no
 second copy of the math to keep in step with the reference. On CUDA the whole step (embedding,
 every layer, head) is captured once per batch size (rounded up to a power of two) in a CUDA
 graph and replayed: one launch per token instead of one per operation, which is what limits
-eager PyTorch at batch 1 (BlinkDL's package: 16 ms per token for a 1.5B model on an H200).
+eager PyTorch at batch 1.
 A replayed graph still runs one kernel per operation of the eager code; ``compile=True``
 first lets torch.compile (TorchInductor) fuse the one-sequence step's elementwise chains into
 Triton kernels, at the price of a compilation when the model is first run (cached on disk by
@@ -86,7 +85,7 @@ class StackedLinears:
     (G, out, in) tensor, so the weights are held once."""
 
     vmaps = False  # under torch.func.vmap, a batched matmul would copy the (G, out, in)
-    # weights once per sequence (measured: batch decode 10x slower); the batched step keeps
+    # weights once per sequence (batch decode many times slower); the batched step keeps
     # the separate products, which vmap folds into one product per matrix
 
     def __init__(self, lins):

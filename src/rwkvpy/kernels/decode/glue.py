@@ -146,9 +146,8 @@ def _vec_mat_part(x, W, kind, out, c0, c1, d0, d1):
 #: A LoRA's products here (v6's four, v7's second ones) sum the rows of their matrix in this
 #: many parts, each a whole output vector, then add the parts in order: the serial and the
 #: threaded kernels alike, so the numbers do not depend on the thread count. Threads take
-#: whole parts, so each reads whole rows one after another: the 24 layers' v7 LoRA second
-#: products of v7 1.5B on two threads 3.9 ms split by columns (each thread half of every row),
-#: 2.3-2.5 by parts (one process, alternating, median of 15).
+#: whole parts, so each reads whole rows one after another, faster than splitting every row
+#: between the threads (docs/kernels.md).
 LORA_PARTS = 4
 
 

@@ -44,8 +44,8 @@ def _v6_mix(xx, prev, xxx, lora, maa, kind, out, dec, threads):
     w1 (C, 5D) and dw1 (C, Dd) as their columns (_cols_bytes: _col_dots), w2 (5, D, C) and
     dw2 (Dd, A) as their rows (axpys), ``kind`` as in _vec_mat_part. Each second product sums its
     rows in LORA_PARTS parts, added in order (_parts_sum): on ``threads`` > 1 the parts (and
-    the first products' columns) run on numba's threads, the same numbers. 24 layers of v6
-    1.6B (F32 LoRAs, 88 MB a token), one thread, all four by axpys: 5.4 ms, 16-18 GB/s."""
+    the first products' columns) run on numba's threads, the same numbers (docs/kernels.md has
+    their speed)."""
     w1, w2, td, dw1, dw2 = lora
     B, C = xx.shape
     D = w2.shape[1]

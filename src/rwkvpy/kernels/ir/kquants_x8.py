@@ -65,8 +65,7 @@ from .x8 import (
 #: 8 side by side (16 bytes); unit 4: dword w of row r at 32 w + 4 r (8 x bytes). The order is
 #: the order the kernels read in, so that a record streams front to back: Q6_K's high bits of
 #: each half (128 elements) just before that half's low bits (with ggml's order, qh then ql,
-#: each group read as two streams far apart: from memory, one thread, 12 GB/s against 15 for
-#: the row kernels).
+#: each group would be read as two streams far apart, slower from memory: docs/kernels.md).
 X8_FIELDS = {
     2: ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 4)),  # d, dmin, scales, qs
     3: ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 4), (48, 128, 4)),  # ... qh, qs

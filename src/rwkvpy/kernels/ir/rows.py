@@ -84,10 +84,9 @@ def _row_dot_streams(kind, ns=4):
     ``w2`` . x for the ``ns`` rows r = r0, r0 + q, ..., r0 + (ns - 1) q, each summed exactly
     as ``_row_dot`` sums it (same lanes, same order: the same float32 result).
 
-    One row at a time, a thread reads one sequential stream and the F16 products stayed at
-    27-28 GB/s on two threads where torch.sum read 34; rows a quarter of a thread's chunk
-    apart give the memory system ``ns`` streams to fetch at once: all the F16 products of
-    v7 1.5B 27.9 -> 35.6 GB/s (2 streams: 32.6; chunks of 128 rows, one process)."""
+    One row at a time, a thread reads one sequential stream, and the F16 products stay below
+    the bandwidth torch.sum reads; rows a quarter of a thread's chunk apart give the memory
+    system ``ns`` streams to fetch at once (docs/kernels.md has the measurements)."""
     block_bytes, weights = kind.chunk_bytes, WEIGHTS[kind]
 
     def typer(typingctx, w2, r0, q, x, y, nb):

@@ -36,10 +36,8 @@ from .base import (
 
 #: Rows an axpy intrinsic adds in one pass over the output (each output chunk loaded once,
 #: the rows added to it in order, stored once): the same operations in the same order as one
-#: row at a time, without a load and a store of the output per row. The 24 layers' v7 LoRA
-#: second products of v7 1.5B's shapes (F16, 50 MB) on two threads, one process, alternating,
-#: median of 21: 1.80 -> 1.42, 1.93 -> 1.63, 2.21 -> 1.83 ms in three runs (4 rows: 1.91 ->
-#: 1.81 and 1.92 -> 1.91; 16: 2.14 -> 2.10).
+#: row at a time, without a load and a store of the output per row. 8 measured faster than
+#: 1, 4 and 16 (docs/kernels.md).
 AXPY_ROWS = 8
 
 
@@ -138,8 +136,8 @@ def _quantize_blocks():
     values of x (1-D): dx[i] = amax / qmax, xq = rint(x / dx) as computed by x * (1 / dx), sx[i]
     = dx[i] * sum(xq) (xq int8 or int16, 1-D). A block holding a NaN or an infinity gets
     dx = sx = NaN and xq = 0 (its products come out NaN, as in float arithmetic). The float32
-    operations of the scalar loop it replaced (bit for bit the same blocks), in vector code:
-    512 x 3072 values 2.4 -> 0.56 ms on one thread."""
+    operations of the plain scalar loop (bit for bit the same blocks), in vector code
+    (docs/kernels.md has both speeds)."""
 
     def typer(typingctx, x, xq, dx, sx, nb, qmax):
         sig = nbt.void(x, xq, dx, sx, nbt.intp, nbt.float64)

@@ -63,8 +63,8 @@ from .base import (
 # So one 32-byte load holds 4 consecutive codes of each of the 8 rows; the 4 activations they
 # meet are one broadcast int32, and vpmaddubsw + vpmaddwd leave each row's sum in its own
 # lane: no lane sums per block, one conversion, one scale vector (8 fp16 in one vcvtph2ps)
-# and one multiply-add per 8 blocks. ~6 instructions per block instead of ~16: measured 1
-# thread, Q4_0 2048 x 1024 in cache 20 -> 57 Gweights/s, 16384 x 2048 from memory 20 -> 41.
+# and one multiply-add per 8 blocks: ~6 instructions per block instead of ~16 on ggml's rows
+# (docs/kernels.md has the measured speeds).
 #
 # Integer ranges: vpmaddubsw pairs are <= 2 * 15 * 127 = 3810 for 4-bit codes, so 8 of them
 # add up in int16 (<= 30480); 5-bit codes (<= 7874 a pair) add 4 at a time. Q8_0's signed
@@ -84,12 +84,9 @@ def _half8(b, rec, off):
 
 
 #: Bytes ahead of the record being read that a one-vector x8 product asks the CPU to fetch
-#: (one prefetch per 64-byte line of a record). The hardware prefetcher alone left these
-#: kernels well below torch.sum's read bandwidth. All the block products of v7 1.5B, 2 threads,
-#: one process, alternating (median of 7): Q4_0 23.8 -> 28.3 GB/s, Q4_1 26.0 -> 31.1, Q5_1
-#: 25.6 -> 32.3, Q8_0 (int16) 27.9 -> 30.8, torch.sum 34-38 in the same runs; 1024 and 4096
-#: bytes ahead measured less than 2048 (Q4_0 27.3, 26.8). The F16 row kernels gained nothing
-#: from it (27.0 vs 26.9-27.9 GB/s) and do not prefetch.
+#: (one prefetch per 64-byte line of a record). The hardware prefetcher alone leaves these
+#: kernels well below torch.sum's read bandwidth; 2048 bytes ahead measured faster than 1024
+#: and 4096. The F16 row kernels gain nothing from it and do not prefetch (docs/kernels.md).
 X8_PREFETCH = 2048
 
 
@@ -227,10 +224,9 @@ def _x8_scale_add(b, s32, d8, m8, dx, cx, acc, offset):
     """acc += the 8 rows' block products from their integer sums ``s32`` (dx: the vector's
     block scale, cx = dx sum(xq))."""
     # offset formats: acc += d (dx sum(c xq) - offset dx sum(xq)), two fused multiply-adds;
-    # m formats: acc += d (dx sum(c xq)) + m dx sum(xq). One accumulator: against a second
-    # one for the offset/m terms (a multiply, a multiply-add and 8 more registers a vector)
-    # the v7 1.5B one-vector products went 31.1 -> 32.2 GB/s (Q4_0), 29.9 -> 31.3 (Q5_1), and
-    # 4-vector prompt passes in cache 249 -> 264 GOPS (Q4_0), 207 -> 202 (Q5_1).
+    # m formats: acc += d (dx sum(c xq)) + m dx sum(xq). One accumulator: a second one for
+    # the offset/m terms costs a multiply, a multiply-add and 8 more registers a vector, and
+    # measured slower in one-vector products (docs/kernels.md).
     # (explicit fused multiply-adds: 'contract' leaves fusing to LLVM, which decided it
     # differently in the one-group and the 4-stream kernels)
     if offset:
@@ -295,17 +291,14 @@ def _row_dot_x8(kind, tt, ng=1):
     """Make an intrinsic ``dot8(pk, g, xq2, dx2, sx2, nb, y2, t0)``: y2[t0 + u, 8g + r] = row
     8g+r . x2[t0 + u] for r < 8, u < ``tt``, from the repacked group ``pk[g]`` (uint8 2-D) and
     the rows of x2 as int8 blocks (``xq2``, ``dx2``, ``sx2``, 2-D: see _row_dot_q8). The codes
-    of a block column are unpacked once for the ``tt`` vectors (prompts: ~320-350 GOPS on two
-    AVX2 cores for Q4_0, against ~120-170 GFLOP/s for torch's float32 GEMM); ``tt`` > 1:
+    of a block column are unpacked once for the ``tt`` vectors (prompts: faster than torch's
+    float32 GEMM on dequantized tiles, docs/kernels.md); ``tt`` > 1:
     ``dot8(..., t0, npass)``, npass passes of ``tt`` vectors from t0 (see _passes).
 
     The code vectors are made step by step and each step met by every vector (or stream) before
     the next (_x8_integer_sums), instead of all 8 code vectors first and then each vector's
-    whole sum: fewer values live at once, fewer spilled to the stack, the same integers. One
-    process, alternating, 2 threads, 512 tokens in cache (2048 x 2048, 8192 x 2048, 2048 x
-    8192): Q4_0 296 -> 349 GOPS, Q4_1 294 -> 323, Q5_1 233 -> 257, Q8_0 (int8) 160 -> 229,
-    Q5_0 252 -> 246; one vector, 4 streams, v7 1.5B's block products from memory: Q4_0 35.4 ->
-    35.8 GB/s, Q4_1 36.2 -> 36.8, Q5_0 33.4 -> 33.7, Q5_1 34.5 -> 36.0.
+    whole sum: fewer values live at once, fewer spilled to the stack, the same integers
+    (docs/kernels.md has the measurements).
 
     ``ng`` > 1 (one vector): ``dots8(pk, g, q, xq2, dx2, sx2, nb, y2, t0)`` does the groups g,
     g + q, ..., g + (ng - 1) q, record after record, each exactly as ``dot8`` does it: ``ng``
@@ -360,9 +353,8 @@ def _row_dot_x8(kind, tt, ng=1):
 
 
 #: Groups a one-vector x8 product reads at once (_row_dot_x8's ``ng``; the driver takes
-#: the groups a quarter of a thread's chunk apart). All the block products of v7 1.5B, 2
-#: threads, one process: Q4_0 28.8 GB/s one group at a time with X8_PREFETCH, 32.9 with 4
-#: streams (31.3-32.7 with 2), Q5_1 32.3 -> 33.5 (torch.sum 31.9-33.7 in the same runs).
+#: the groups a quarter of a thread's chunk apart): 4 streams read faster than 1 or 2
+#: (docs/kernels.md).
 X8_STREAMS = 4
 
 

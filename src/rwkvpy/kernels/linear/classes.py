@@ -22,7 +22,7 @@ if HAVE_NUMBA:
 
 #: Largest T for which the numba kernels handle a prompt themselves (one pass over the weights
 #: per vector); above it, row tiles are dequantized and multiplied by torch's GEMM (the
-#: crossover measured on AVX2, 2048x2048, 1 thread, lies between T = 2 and T = 4).
+#: crossover: docs/kernels.md).
 NUMBA_MAX_T = 2
 #: Elements per block of the row formats (passed to the tile decoders at run time).
 _QK = CHUNK
@@ -115,9 +115,9 @@ class Linear:
 
 
 class F32Linear(Linear):
-    """Float32 weights: ``torch.mv`` for one vector (MKL sgemv: 1.3-1.9x faster than
-    ``F.linear`` on one vector on the Sapphire Rapids machine of docs/measurements.md, equal on
-    the AVX2 machine of bench_linear.py), ``F.linear`` (MKL sgemm) for T > 1. Exact.
+    """Float32 weights: ``torch.mv`` for one vector (MKL sgemv: as fast as ``F.linear`` on one
+    vector or faster in docs/kernels.md's measurements), ``F.linear`` (MKL sgemm) for T > 1.
+    Exact.
 
     Where numba is missing, also the strategy for F16/BF16 weights (``fmt="F16"``, converted
     to float32 at load); with numba :class:`FloatLinear` reads them as stored, faster.
@@ -132,9 +132,8 @@ class F32Linear(Linear):
         self.fmt = fmt
         self.nbytes = w.numel() * 4
         # Tall matrices (out > in: the head, the FFN key) are stored transposed, (in, out)
-        # contiguous, and multiplied as x @ W^T: measured on the AVX2 machine (2 threads,
-        # weights out of cache) 7.1 ms vs 11.2 ms for the 65536x768 head, 0.40 vs 0.54 ms for
-        # 3072x768; wide ones (768x3072) are faster row-major (0.42 vs 0.55 ms). For a file's
+        # contiguous, and multiplied as x @ W^T, which measured faster for them; wide ones
+        # (768x3072) are faster row-major (docs/kernels.md). For a file's
         # F32 tensor this is one copy at load, which replaces the mapped one in use.
         self.transposed = self.out_features > self.in_features
         self.weight_t = w.t().contiguous() if self.transposed else None
@@ -173,11 +172,7 @@ class FloatLinear(Linear):
     of its mapping), float32 activations: one vectorized numba kernel per matrix-vector
     product (kernels/ir/rows.py: F16 widened by ``vcvtph2ps``, BF16 by a shift), float32 lanes.
     Exact. For T > :data:`NUMBA_MAX_T`: torch's float32 GEMM (F16/BF16 row tiles converted to
-    float32 first).
-
-    Measured (AVX2 VM, 1 thread, ms per matvec, weights out of cache, 3072x768 | 2048x2048 |
-    8192x2048 | 65536x768): F16 0.29 | 0.49 | 1.84 | 6.1 (2 bytes per weight at 16-18 GB/s),
-    F32 0.48 | 0.81 | 3.2 | 10.1; torch.mv on float32 0.53 | 0.73 | 2.8 | 10-11.
+    float32 first). Its speeds against torch.mv: docs/kernels.md.
     """
 
     strategy = "numba-float"
@@ -269,12 +264,9 @@ class Int8DotLinear(Linear):
     repacking; rows past the last whole group stay as ggml's rows). ``repacked()`` gives them
     to the repack cache, so that a later load memory-maps them instead of repacking.
 
-    Measured (AVX2 VM, 1 thread, Gweights/s, Q4_0): 2048 x 1024 in cache, ggml's row layout
-    20 -> interleaved 57; 16384 x 2048 from memory 20 -> 41 (23 GB/s, the bandwidth).
-    Prompts (any T) run the same integer products, four vectors per pass over a group's codes:
-    2048 x 2048 Q4_0, 2 threads, T = 16 / 64 / 512: 0.53 / 1.9 / 15.5 ms against 2.9 / 5.2 /
-    26 ms for exactly dequantized tiles + torch's float32 GEMM (~270 GOPS against 64-180
-    GFLOP/s).
+    Prompts (any T) run the same integer products, four vectors per pass over a group's codes,
+    faster than exactly dequantized tiles and torch's float32 GEMM at every T (the
+    interleaved layout's and the prompts' measurements: docs/kernels.md).
     """
 
     strategy = "int8-dot"
@@ -336,11 +328,8 @@ class Int16DotLinear(Int8DotLinear):
     """
 
     strategy = "int16-dot"
-    # every T (inherited): since the step-by-step x8 kernels (kernels/ir/x8.py) the integer
-    # products beat exact tiles + float32 GEMM at every length, 2 threads, one process:
-    # 2048 x 2048 / 8192 x 2048 / 2048 x 8192, T = 64: 4.0 / 12.1 / 12.2 ms against 7.9 / 20.4
-    # / 20.5; T = 512: 23.9 / 93.9 / 96.1 against 27.3 / 104.7 / 109.3 (~180 GOPS against
-    # ~160 GFLOP/s). Before them the crossover was T = 64.
+    # every T (inherited): the step-by-step x8 kernels (kernels/ir/x8.py) beat exact tiles and
+    # float32 GEMM at every length (docs/kernels.md)
 
     def __init__(self, w: QTensor, repacked: dict | None = None):
         if w.fmt != "Q8_0":

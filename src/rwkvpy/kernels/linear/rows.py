@@ -130,8 +130,8 @@ def _dec_row(kind, row, w, qk):
 @njit(inline="always", **_CACHE)
 def _dot_row(kind, row, x, nb):
     """The first ``32 * nb`` weights of a row of format ``kind`` . x (inlined into the
-    drivers; ``nb`` computed once per matrix: a call or a division per row cost ~20 % of
-    a 65536 x 768 F16 product, and so did an F16 tail test inside the row loop)."""
+    drivers; ``nb`` computed once per matrix: a call or a division per row costs a
+    noticeable share of a float product, and so does a tail test inside the row loop)."""
     if kind >= _F16:
         return _DOT_FLOATS(kind, (row, x, nb))
     return _DOT_BLOCKS(kind, (row, x, nb))

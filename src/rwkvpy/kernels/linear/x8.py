@@ -257,9 +257,8 @@ _dotx8t_kind = by_kind(
 def _dotx8t(kind, pk, g, xq2, dx2, sx2, nb, y2, t, n4):
     """Rows 8g .. 8g+7 for the vectors t .. t + 4 n4 - 1 of x2, n4 passes of 4 vectors,
     each unpacking the codes once (the loop over the passes inside the kernel). Called, not
-    inlined: with the 5 formats' kernels inlined into _mvx8_groups' loop, 2048 x 2048 Q4_0
-    products of 512 tokens ran 241-253 GOPS where a loop around one kernel ran 320-346;
-    called, 342-356 (2 threads, one process, alternating)."""
+    inlined: the 5 formats' kernels inlined into _mvx8_groups' loop compile to slower code
+    (docs/kernels.md)."""
     _dotx8t_kind(kind, (pk, g, xq2, dx2, sx2, nb, y2, t, n4))
 
 

@@ -50,8 +50,8 @@ Chunk boundaries
 ----------------
 The state at each chunk start follows an affine recurrence, S_{c+1} = A_c S_c + B_c (A_c diagonal
 for v5/v6, a (K, K) matrix for v7). On the CPU it runs as the plain loop (nc steps of three small
-matmul-adds). On a GPU the loop's nc x 3 launches dominate (measured on an H200: a v7 layer at
-T = 4096, H = 32 took 14.8 ms with L = 32), so there the (A, B) pairs are composed by a parallel
+matmul-adds). On a GPU the loop's nc x 3 launches dominate (docs/kernels.md), so there the
+(A, B) pairs are composed by a parallel
 prefix scan (:func:`_affine_scan`, log2(nc) rounds of batched products) and all chunk starts are
 then one batched product with S_0. ``scan=None`` picks the scan on any device but the CPU.
 
@@ -81,14 +81,14 @@ __all__ = [
     "wkv7_chunked",
 ]
 
-# Default chunk lengths on the CPU (powers of two), measured at T = 512, H = 12, N = 64 with two
-# threads on a 2-core CPU. The CPU runs the serial forms of serial.py; these apply
-# where numba is missing, or where the chunked forms are called directly.
+# Default chunk lengths on the CPU (powers of two; docs/kernels.md). The CPU runs the serial
+# forms of serial.py; these apply where numba is missing, or where the chunked forms are
+# called directly.
 V5_CHUNK = 32
 V7_CHUNK = 32
-# On GPUs (benchmarks/bench_gpu.py, H200, v7 T = 4096, H = 32: L = 16 26 ms, 32 14.8 ms, 64 8.8 ms,
-# 128 5.8 ms): 64, the longest chunk over which v7's fastest decay, e^-0.6065 per token, stays on
-# the fast path (e^-38.8 > SAFE_DECAY); 128 would send strongly decaying heads to the exact path.
+# On GPUs longer chunks run faster (docs/kernels.md): 64, the longest chunk over which v7's
+# fastest decay, e^-0.6065 per token, stays on the fast path (e^-38.8 > SAFE_DECAY); 128 would
+# send strongly decaying heads to the exact path.
 GPU_CHUNK = 64
 
 # A (chunk, head) takes the fast path when every channel decays by no more than this over the

@@ -19,8 +19,8 @@ F32 = torch.float32
 # -- v4 ---------------------------------------------------------------------------------------
 # v4's WKV carries a running maximum exponent (pp) through max() at every token, so it has no
 # chunked matrix form like v5-v7's; what costs in models/v4.py's loop is ~10 torch operations
-# per token and layer. On the CPU the same loop runs in numba, channel by channel (v4 169M,
-# 256-token prompt: 0.25 s of 0.68 s in the torch loop before).
+# per token and layer, a large share of a prompt's time. On the CPU the same loop runs in numba,
+# channel by channel (docs/kernels.md).
 
 
 def wkv4_serial(k, v, decay, u, S):
@@ -34,7 +34,7 @@ def wkv4_serial(k, v, decay, u, S):
     out = torch.empty(T, A, dtype=F32)
     S_out = torch.empty((3, A), dtype=F32)
     args = (*_cpu_f32(k, v, decay, u, S), out.numpy(), S_out.numpy())
-    # channels split across numba's threads (v4 169M Q4_0, 512-token prompt: 80 ms of ~560)
+    # channels split across numba's threads
     _heads_kernel(lambda: _wkv4_numba(*args, 0, A), lambda n: _wkv4_par(*args, n), A, T)
     return out, S_out
 
@@ -84,10 +84,8 @@ except ImportError:  # pragma: no cover
 # and a token costs ~3-4 multiply-adds per state entry in vector code (kernels.ir.state.wkv5_token,
 # wkv7_token), heads split across numba's threads. The chunked forms above do 2-5x more
 # arithmetic in small matrix products plus a dozen elementwise passes over each chunk, and on
-# the CPU they lose: T = 512, 64-channel heads, 2 threads, one process, alternating, medians
-# (benchmarks/bench_wkv.py): v7 H = 12 10.3 -> 3.2 ms, H = 32 31.0 -> 9.4 ms; v5/v6 (decay per
-# token) H = 12 5.2 -> 3.3 ms, H = 32 15.2 -> 7.0 ms. GPUs keep the chunked forms (their
-# parallelism is across tokens).
+# the CPU they lose (benchmarks/bench_wkv.py; docs/kernels.md). GPUs keep the chunked forms
+# (their parallelism is across tokens).
 
 
 def _heads_kernel(serial, parallel, H, work):
