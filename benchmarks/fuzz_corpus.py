@@ -8,6 +8,7 @@ weights). Run once; the files are committed (about 1 MB in all).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -74,7 +75,7 @@ def make_corpus():
 
     import rwkvpy
     from rwkvpy import Version
-    from rwkvpy.chat import SIDECAR_SUFFIX, ChatSession
+    from rwkvpy.chat import ChatSession
     from rwkvpy.convert import convert
     from rwkvpy.formats import gguf as rg
     from rwkvpy.sampling import SamplingParams
@@ -141,10 +142,22 @@ def make_corpus():
         session = ChatSession(
             model, ByteTokenizer(), SamplingParams(max_tokens=4, seed=1, temperature=1.0)
         )
-        _ = session.say("hi").text  # the reply, read to its end
-        session.save(tmp / "chat.state")
-        shutil.copy(tmp / "chat.state", CONTEXT / "chat.state")
-        shutil.copy(tmp / ("chat.state" + SIDECAR_SUFFIX), out("chat", "chat.json"))
+        "".join(session.say("hi"))  # the reply, read to its end (so committed)
+        session.save(out("chat", "chat.state"))  # one file: the state holding the transcript
+        # the older two-file layout (still read): a plain state and its transcript
+        session.state.save(CONTEXT / "chat.state")
+        legacy = {
+            "format": "rwkvpy-chat",
+            "version": 1,
+            "model_fingerprint": model.fingerprint,
+            "tokenizer": "bytes",
+            "system": None,
+            "messages": session.messages,
+            "tokens": session.tokens,
+            "last_turn": None,
+            "state_sha256": hashlib.sha256((CONTEXT / "chat.state").read_bytes()).hexdigest(),
+        }
+        out("chat", "chat.json").write_text(json.dumps(legacy))
         # a LoRA checkpoint for the base model: a low-rank pair and a replaced vector
         g = torch.Generator().manual_seed(2)
         lora = {

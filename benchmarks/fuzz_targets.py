@@ -115,10 +115,13 @@ def chat_file(data: bytes, ctx: Context):
     from rwkvpy.chat import SIDECAR_SUFFIX, ChatSession
     from rwkvpy.tokenizers import ByteTokenizer
 
-    path = ctx.path("chat.state")
-    if not os.path.exists(path):
-        shutil.copyfile(ctx.state, path)
-    ctx.write("chat.state" + SIDECAR_SUFFIX, data)
+    if data[:8] == b"RWKVSTAT":  # a chat saved as one file: the state holding the transcript
+        path = ctx.write("chat-one.state", data)
+    else:  # the older layout's transcript, beside the state it records
+        path = ctx.path("chat.state")
+        if not os.path.exists(path):
+            shutil.copyfile(ctx.state, path)
+        ctx.write("chat.state" + SIDECAR_SUFFIX, data)
     session = ChatSession(ctx.model, ByteTokenizer())
     session.load(path)
     ctx.model.forward([1], session.state)
@@ -327,9 +330,12 @@ def mutator(kind):
 
     def mutate(data: bytes, rng: random.Random) -> bytes:
         r = rng.random()
-        if kind == "json" and r < 0.6:
+        k = kind
+        if k == "chat":  # a chat is a state file (one-file saves) or a JSON transcript
+            k = "state" if data[:8] == b"RWKVSTAT" else "json"
+        if k == "json" and r < 0.6:
             return mutate_json(data, rng)
-        if kind == "state":
+        if k == "state":
             if r < 0.3 and len(data) > 20:
                 n = int.from_bytes(data[12:20], "little")
                 head = mutate_json(data[20 : 20 + n], rng)
@@ -337,9 +343,9 @@ def mutator(kind):
                 return fix_state(data)
             out = mutate_bytes(data, rng)
             return fix_state(out) if r < 0.8 else out
-        if kind == "zip" and r < 0.7:
+        if k == "zip" and r < 0.7:
             return fix_zip(data, rng, lambda raw: mutate_bytes(raw, rng))
-        if kind == "safetensors" and r < 0.5:
+        if k == "safetensors" and r < 0.5:
             return fix_safetensors(data, rng, None)
         return mutate_bytes(data, rng)
 
@@ -359,7 +365,7 @@ TARGETS = {
     "safetensors": Target(model_file(".safetensors"), "safetensors"),
     "hf-config": Target(hf_config, "json"),
     "state": Target(state_file, "state"),
-    "chat": Target(chat_file, "json"),
+    "chat": Target(chat_file, "chat"),
     "lora": Target(lora_file, "zip"),
     "world-vocab": Target(world_vocab),
     "tokenizer-json": Target(tokenizer_json, "json"),

@@ -194,7 +194,11 @@ def test_save_load(model, tok, tmp_path):
     "".join(chat.say("Hello there"))
     path = tmp_path / "conv.state"
     chat.save(path)
-    assert path.exists() and (tmp_path / "conv.state.chat.json").exists()
+    # one file: a state file (generate --state reads it) holding the transcript
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.state"]
+    st = rwkvpy.State.load(path, model)
+    assert st.n_tokens == len(chat.tokens)
+    assert torch.equal(st.wkv, chat.state.wkv)
     cont = "".join(chat.say("And you?"))
     regen = "".join(chat.regenerate())
 
@@ -211,17 +215,72 @@ def test_save_load(model, tok, tmp_path):
     v4 = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-4v0-660K-FP32.bin"), threads=1)
     with pytest.raises((ChatError, StateError)):
         ChatSession(v4, tok, PARAMS).load(path)
+    # a plain state file is not a chat
+    st.save(tmp_path / "plain.state")
+    with pytest.raises(ChatError, match="without a chat transcript"):
+        other.load(tmp_path / "plain.state")
+    with pytest.raises(ChatError, match="cannot read"):
+        other.load(tmp_path / "missing.state")
+    # a transcript field of the wrong type is a ChatError naming the file
+    for bad in ({"tokens": "abc"}, {"last_turn": 5}, {"system": 3}, {"version": 7}):
+        doc = {**chat_doc(other), **bad}
+        st.save(tmp_path / "bad.state", extra={"chat": doc})
+        with pytest.raises(ChatError, match=re.escape(str(tmp_path / "bad.state"))):
+            other.load(tmp_path / "bad.state")
+
+
+def chat_doc(session) -> dict:
+    """The transcript of ``session`` as save() writes it (version 2)."""
+    return {
+        "format": "rwkvpy-chat",
+        "version": 2,
+        "model_fingerprint": session.model.fingerprint,
+        "tokenizer": session.tokenizer.name,
+        "system": session.system,
+        "messages": session.messages,
+        "tokens": session.tokens,
+        "last_turn": None,
+    }
+
+
+def legacy_save(session, path) -> None:
+    """The older two-file layout: a state file and PATH.chat.json recording its SHA-256."""
+    import hashlib
+    import json
+
+    session.state.save(path)
+    doc = {**chat_doc(session), "version": 1}
+    doc["state_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (path.parent / (path.name + ".chat.json")).write_text(json.dumps(doc))
+
+
+def test_load_older_two_file_saves(model, tok, tmp_path):
+    chat = ChatSession(model, tok, PARAMS, system="Be brief.")
+    "".join(chat.say("Hello there"))
+    path, side = tmp_path / "old.state", tmp_path / "old.state.chat.json"
+    legacy_save(chat, path)
+    other = ChatSession(model, tok, PARAMS)
+    other.load(path)
+    assert other.messages == chat.messages and other.tokens == chat.tokens
+    check_consistent(other, model, tok)
     # a transcript that does not go with the state is refused
-    side = tmp_path / "conv.state.chat.json"
-    chat.save(tmp_path / "later.state")
+    good = side.read_bytes()
+    "".join(other.say("More"))
+    legacy_save(other, tmp_path / "later.state")
     side.write_bytes((tmp_path / "later.state.chat.json").read_bytes())
     with pytest.raises(ChatError, match="does not match"):
         other.load(path)
     side.write_text("{not json")
     with pytest.raises(ChatError, match="not an rwkvpy chat"):
         other.load(path)
-    with pytest.raises(ChatError, match="cannot read"):
-        other.load(tmp_path / "missing.state")
+    # saving over an older save leaves one file, the stale transcript removed
+    side.write_bytes(good)
+    other.load(path)
+    other.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("old")) == ["old.state"]
+    again = ChatSession(model, tok, PARAMS)
+    again.load(path)
+    assert again.messages == chat.messages
 
 
 def test_save_before_any_turn(model, tok, tmp_path):

@@ -225,6 +225,7 @@ def _mutations():
         "architecture list": put(["7"], "architecture"),
         "architecture other": put("4", "architecture"),
         "fingerprint int": put(5, "model_fingerprint"),
+        "extra list": put([1], "extra"),
         "extra tensor": put({"shape": [1], "offset": 0, "nbytes": 4}, "tensors", "x"),
     }
 

@@ -2,7 +2,8 @@
 temp file complete, not yet renamed), run into a full disk (RLIMIT_FSIZE) and into a folder it
 may not write. The destination is absent or complete and valid, the next writer removes the
 dead one's temp file, and errors are a FileWriteError naming the file and the cause.
-benchmarks/write_faults.py kills each writer at 20 random moments.
+benchmarks/write_faults.py kills each writer at 20 random moments (and each saver at 20 moments
+of a loop of saves).
 """
 
 from __future__ import annotations
@@ -42,33 +43,67 @@ def _spawn(name, dst, src, **kw):
 
 def test_writers_killed_before_their_rename(src, tmp_path):
     """All at once (2 cores: the imports overlap): each child kills itself with SIGKILL at its
-    first rename (the chat's save also at its second: the state renamed, the transcript not)."""
-    cases = [(name, 1) for name in wf.WRITERS] + [("chat-save", 2)]
+    first rename (the chat's save is one file: its only rename)."""
     runs = []
-    for name, at in cases:
-        folder = tmp_path / f"{name}-{at}"
+    for name in wf.WRITERS:
+        folder = tmp_path / name
         folder.mkdir()
         dst = str(folder / wf.DEST[name])
         if name == "repack-cache":
             import shutil
 
             shutil.copy(src["q8"], dst)
-        runs.append((name, at, folder, dst, _spawn(name, dst, src, kill_at_rename=at)))
-    for name, at, folder, dst, p in runs:
+        runs.append((name, folder, dst, _spawn(name, dst, src, kill_at_rename=1)))
+    for name, folder, dst, p in runs:
         out = p.communicate(timeout=300)[0]
         assert p.returncode == -signal.SIGKILL, out
         left = wf.temps(folder)
         assert left, (name, os.listdir(folder))  # the dead writer's (merge-lora: and its .pth)
-        if name == "chat-save" and at == 2:  # a state without its transcript: refused, typed
-            from rwkvpy.chat import ChatError
-
-            with pytest.raises(ChatError, match="cannot read the chat transcript"):
-                wf.check(name, dst, src)
-        else:
-            assert wf.check(name, dst, src) == "absent", name
+        assert wf.check(name, dst, src) == "absent", name
         wf.write(name, dst, src)  # the next writer of the same file
         assert wf.temps(folder) == [], (name, os.listdir(folder))
         assert wf.check(name, dst, src) == "valid"
+
+
+def test_saves_killed_at_random_moments(src, tmp_path):
+    """Processes that save in a loop, two conversations in turn (and one two states in turn),
+    each killed with SIGKILL at a random moment of its loop, so inside a save: the file is one
+    of the two, whole, and the next save removes the dead one's temp file."""
+    import random
+    import time
+
+    rng = random.Random(23)
+    runs = []
+    for i, name in enumerate(["chat-save-loop"] * 4 + ["state.save-loop"]):
+        folder = tmp_path / f"{i}"
+        folder.mkdir()
+        dst = str(folder / wf.DEST[name])
+        runs.append((name, folder, dst, _spawn(name, dst, src)))
+    for *_, p in runs:  # every one saving
+        out = ""
+        for line in p.stdout:
+            out += line
+            if line.strip() == "looping":
+                break
+        assert out.endswith("looping\n"), out
+    t0 = time.monotonic()
+    for at, p in sorted((rng.uniform(0.01, 0.3), r[3]) for r in runs):
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        p.kill()
+    seen = set()
+    for name, folder, dst, p in runs:
+        assert p.wait(60) == -signal.SIGKILL
+        p.stdout.close()
+        if name == "chat-save-loop":
+            seen.add(wf.saved_chat(dst, src))  # one of the two conversations, whole
+        else:
+            assert wf.check(name, dst, src) == "valid"  # a state of 39 or 40 tokens
+        single = name.removesuffix("-loop")
+        wf.write(single, dst, src)  # the next writer of the same file
+        assert wf.temps(folder) == [], (name, os.listdir(folder))
+        assert sorted(os.listdir(folder)) == [wf.DEST[name]]
+        assert wf.check(single, dst, src) == "valid"
+    assert seen <= set(wf.CHATS)
 
 
 def test_writers_on_a_full_disk(src, tmp_path):

@@ -34,6 +34,7 @@ ends it first in the same way (a reply never iterated at all is dropped).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,7 +49,8 @@ from .sampling import SamplingParams
 STOP = "\n\n"
 SIDECAR_SUFFIX = ".chat.json"
 CHAT_FORMAT = "rwkvpy-chat"
-CHAT_FORMAT_VERSION = 1
+CHAT_FORMAT_VERSION = 2  # the transcript inside the state file
+LEGACY_FORMAT_VERSION = 1  # the transcript in PATH.chat.json beside the state file
 
 
 class ChatError(RwkvpyError):
@@ -323,16 +325,14 @@ class ChatSession:
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write the conversation: the state to ``path`` (a state file, see State.save) and the
-        transcript, token ids and settings to ``path + ".chat.json"``."""
-        from .formats.atomic import atomic_write
-
+        """Write the conversation to ``path``, one file written atomically: the state (a state
+        file, see State.save, usable as ``generate --state``) with the transcript, token ids
+        and settings in its header (covered by its checksum). A kill at any moment leaves the
+        previous save or the new one, whole. A transcript of the older two-file layout beside
+        it (``path + ".chat.json"``) is removed once the new file is in place."""
         path = os.fspath(path)
         self._settle()
         state = self._current_state()
-        state.save(path)
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
         last = None
         if self._last is not None:
             last = {
@@ -349,53 +349,34 @@ class ChatSession:
             "messages": self._messages,
             "tokens": self._tokens,
             "last_turn": last,
-            "state_sha256": digest,
         }
-        with atomic_write(path + SIDECAR_SUFFIX) as f:
-            f.write(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+        state.save(path, extra={"chat": doc})
+        side = path + SIDECAR_SUFFIX
+        if os.path.isfile(side) and not os.path.islink(side):  # stale: the new file holds all
+            with contextlib.suppress(OSError):
+                os.unlink(side)
 
     def load(self, path) -> None:
-        """Replace the conversation with one saved by :meth:`save`; the state must belong to
-        this model and the transcript to this tokenizer (ChatError / StateError otherwise)."""
+        """Replace the conversation with one saved by :meth:`save` (or by the older two-file
+        layout: a state file and ``path + ".chat.json"``, whose recorded SHA-256 must match the
+        state); the state must belong to this model and the transcript to this tokenizer
+        (ChatError / StateError otherwise)."""
         from .state import State
 
         path = os.fspath(path)
         self._settle()
-        side = path + SIDECAR_SUFFIX
-        try:
-            with open(side, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise ChatError(f"{side}: cannot read the chat transcript: {e.strerror}") from None
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-            if doc.get("format") != CHAT_FORMAT:
-                raise ValueError("not a chat file")
-            if doc.get("version") != CHAT_FORMAT_VERSION:
-                raise ChatError(
-                    f"{side}: chat file version {doc.get('version')!r}, expected "
-                    f"{CHAT_FORMAT_VERSION}"
-                )
-            messages = [
-                {"role": str(m["role"]), "content": str(m["content"])} for m in doc["messages"]
-            ]
-            tokens = [int(t) for t in doc["tokens"]]
-            system = doc.get("system")
-            last = doc.get("last_turn")
-        except ChatError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ChatError(f"{side}: not an rwkvpy chat transcript") from None
-        try:
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-        except OSError as e:
-            raise ChatError(f"{path}: cannot read the chat state: {e.strerror}") from None
-        if digest != doc.get("state_sha256"):
-            raise ChatError(
-                f"{path}: the state file does not match its transcript {side} "
-                f"(was one of them replaced?)"
-            )
+        if not os.path.lexists(path):
+            raise ChatError(f"{path}: cannot read the chat: no such file")
+        state, extra = State.load_with_extra(path, self.model)  # checks the model
+        if extra and "chat" in extra:
+            source = path
+            doc = extra["chat"]
+            version = CHAT_FORMAT_VERSION
+        else:
+            source = path + SIDECAR_SUFFIX
+            doc = _read_sidecar(path, source)
+            version = LEGACY_FORMAT_VERSION
+        messages, tokens, system, last = _parse_transcript(doc, source, version)
         if doc.get("model_fingerprint") not in (None, "", self.model.fingerprint):
             raise ChatError(
                 f"{path}: the chat was saved with another model (fingerprint "
@@ -406,7 +387,6 @@ class ChatSession:
                 f"{path}: the chat was saved with the {doc.get('tokenizer')} "
                 f"tokenizer, this session uses {self.tokenizer.name}"
             )
-        state = State.load(path, self.model)  # checks the model
         if state.n_tokens != len(tokens):
             raise ChatError(
                 f"{path}: the state has read {state.n_tokens} tokens, the "
@@ -421,13 +401,71 @@ class ChatSession:
             last
             and messages
             and messages[-1]["role"] == "assistant"
-            and 0 <= last.get("turn_start", -1) <= last.get("reply_start", -1) <= len(tokens)
+            and 0 <= last[0] <= last[1] <= len(tokens)
         ):
-            self._last = (
-                int(last["turn_start"]),
-                int(last["reply_start"]),
-                None,
-                int(last.get("regenerations", 0)),
-            )
+            self._last = (last[0], last[1], None, last[2])
         if tokens:
             self.cache.insert(tokens, state, root=self._root)
+
+
+def _read_sidecar(path: str, side: str) -> dict:
+    """The transcript of a chat saved in the older two-file layout (a state file and its
+    ``.chat.json``), checked against the state file's SHA-256."""
+    from .formats.atomic import require_regular
+
+    require_regular(side, ChatError)
+    try:
+        with open(side, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ChatError(
+            f"{path}: a state file without a chat transcript (not saved by a chat's save, and "
+            f"no {side} beside it)"
+        ) from None
+    except OSError as e:
+        raise ChatError(f"{side}: cannot read the chat transcript: {e.strerror}") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise ChatError(f"{side}: not an rwkvpy chat transcript") from None
+    if not isinstance(doc, dict):
+        raise ChatError(f"{side}: not an rwkvpy chat transcript")
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise ChatError(f"{path}: cannot read the chat state: {e.strerror}") from None
+    if digest != doc.get("state_sha256"):
+        raise ChatError(
+            f"{path}: the state file does not match its transcript {side} "
+            f"(was one of them replaced?)"
+        )
+    return doc
+
+
+def _parse_transcript(doc, source: str, version: int) -> tuple:
+    """(messages, tokens, system, last_turn) of a transcript, every field checked (last_turn:
+    None or (turn_start, reply_start, regenerations)); ChatError naming ``source``
+    otherwise."""
+    try:
+        if not isinstance(doc, dict) or doc.get("format") != CHAT_FORMAT:
+            raise ValueError("not a chat transcript")
+        if doc.get("version") != version:
+            raise ChatError(
+                f"{source}: chat file version {doc.get('version')!r}, expected {version}"
+            )
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in doc["messages"]]
+        tokens = [int(t) for t in doc["tokens"]]
+        system = doc.get("system")
+        if system is not None and not isinstance(system, str):
+            raise TypeError("system")
+        last = doc.get("last_turn")
+        if last is not None:  # where the last turn and its reply start, for regenerate
+            last = (last["turn_start"], last["reply_start"], last.get("regenerations", 0))
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in last):
+                raise TypeError("last_turn")
+    except ChatError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ChatError(f"{source}: not an rwkvpy chat transcript") from None
+    return messages, tokens, system, last

@@ -85,6 +85,8 @@ def _check_header(header, path, version) -> tuple:
         )
     if version < 2 and not isinstance(header.get("sha256"), str):
         raise fail("field 'sha256' is missing")
+    if not isinstance(header.get("extra", {}), dict):
+        raise fail(f"'extra' is {_show(header['extra'])}, expected an object")
     tensors = header["tensors"]
     if not isinstance(tensors, dict):
         raise fail(f"'tensors' is {_show(tensors)}, expected an object")
@@ -229,17 +231,21 @@ class State:
         object.__setattr__(self, "_ready_on", torch.device(device))
 
     # -- files ------------------------------------------------------------------------------------
-    def save(self, path) -> None:
+    def save(self, path, extra: dict | None = None) -> None:
         """Write the state to a file (atomically), with its metadata and a SHA-256 checksum.
 
         Layout (file version 2): b"RWKVSTAT", uint32 file version, uint64 header length, JSON
         header, the float32 tensors att_x, ffn_x, wkv and (if present) last_logits,
         little-endian, then the 32-byte SHA-256 of every byte before it (header included).
-        A folder that is missing or not writable, or a destination that is not a regular file,
-        raise FileWriteError naming the file.
+        ``extra``, a JSON object, is kept in the header (under ``"extra"``, so covered by the
+        checksum) and given back by :meth:`load_with_extra`: what belongs with the state in
+        the same single file (a chat's transcript). A folder that is missing or not writable,
+        or a destination that is not a regular file, raise FileWriteError naming the file.
         """
         from .formats.atomic import atomic_write
 
+        if extra is not None and not isinstance(extra, dict):
+            raise StateError(f"{path}: extra is a {type(extra).__name__}, expected a dict")
         arrays = {"att_x": self.att_x, "ffn_x": self.ffn_x, "wkv": self.wkv}
         if self.last_logits is not None:
             arrays["last_logits"] = self.last_logits
@@ -258,7 +264,12 @@ class State:
             "n_tokens": int(self.n_tokens),
             "tensors": tensors,
         }
-        hb = json.dumps(header, sort_keys=True).encode()
+        if extra is not None:
+            header["extra"] = extra
+        try:
+            hb = json.dumps(header, sort_keys=True, allow_nan=False).encode()
+        except (TypeError, ValueError, RecursionError) as e:
+            raise StateError(f"{path}: extra cannot be stored as JSON: {e}") from None
         body = MAGIC + struct.pack("<IQ", FILE_VERSION, len(hb)) + hb + b"".join(payload)
         with atomic_write(path) as f:
             f.write(body + hashlib.sha256(body).digest())
@@ -268,6 +279,12 @@ class State:
         """Read a state file; with ``model``, check that the state belongs to it. Every way a
         file can be wrong (not a regular file, truncated, a header field missing, of the wrong
         type or inconsistent, a checksum mismatch, NaN values) raises StateError."""
+        return cls.load_with_extra(path, model)[0]
+
+    @classmethod
+    def load_with_extra(cls, path, model=None) -> tuple:
+        """(state, extra) of a state file: :meth:`load`, and the ``extra`` object given to
+        :meth:`save` (None when it was given none)."""
         from .formats.atomic import require_regular
 
         path = os.fspath(path)
@@ -327,7 +344,7 @@ class State:
         state = state.ready("cpu", source=path)
         if model is not None:
             model.check_state(state, source=path)
-        return state
+        return state, header.get("extra")
 
     @classmethod
     def from_file(cls, path, model) -> State:
