@@ -20,6 +20,7 @@ import sys
 
 
 def main() -> int:
+    os.environ.setdefault("RWKVPY_BACKGROUND_COMPILE", "0")  # time the kernels, not a first run
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", default="v7-0.1b,v4-169m")
     p.add_argument("--types", default="f32,f16,q8_0,q5_1,q5_0,q4_1,q4_0")

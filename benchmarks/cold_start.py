@@ -33,6 +33,8 @@ import textwrap
 import time
 
 PROMPT = "Hello"
+#: rwkvpy.coldstart's switch (0: no second process)
+BACKGROUND = "RWKVPY_BACKGROUND_COMPILE"
 
 # an in-process run that lists numba's compiles (for --kernels)
 PROBE = textwrap.dedent("""
@@ -62,11 +64,44 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _env(cache: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RWKVPY_CACHE_DIR"}
+def _env(cache: str, background: bool = True) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RWKVPY_CACHE_DIR", BACKGROUND)}
     env["XDG_CACHE_HOME"] = cache
     env["NUMBA_CACHE_DIR"] = os.path.join(cache, "rwkvpy", "numba")
+    if not background:
+        env[BACKGROUND] = "0"
     return env
+
+
+def _wait_background(cache: str, t0: float, limit: float = 600.0) -> dict | None:
+    """Wait for the second process of a first run (rwkvpy.coldstart) to let go of its lock;
+    its record (rwkvpy.warm: kernels, seconds, CPU seconds) and when it ended (seconds after
+    ``t0``), or None if none ran."""
+    import fcntl
+
+    folder = os.path.join(cache, "rwkvpy", "numba", "warm")
+    if not os.path.isdir(folder):
+        return None
+    end = time.perf_counter() + limit
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".lock"):
+            continue
+        with open(os.path.join(folder, name), "a+b") as f:
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.perf_counter() > end:
+                        raise RuntimeError("the second process did not end") from None
+                    time.sleep(0.1)
+        done = os.path.join(folder, name[: -len(".lock")] + ".done")
+        if os.path.exists(done):
+            with open(done) as f:
+                record = json.load(f)
+            record["ended_s"] = os.path.getmtime(done) - t0
+            return record
+    return {"failed": True}
 
 
 def _timed(cmd: list, env: dict) -> dict:
@@ -103,12 +138,23 @@ def _kernels(cache: str) -> int:
     return sum(name.endswith(".nbc") for _, _, names in os.walk(folder) for name in names)
 
 
-def measure(name: str, cmd: list) -> dict:
-    row = {"name": name}
+def measure(name: str, cmd: list, one_process: bool = False) -> dict:
+    """Cold (empty caches; the second process of a first run waited for), then warm. With
+    ``one_process``, also cold with no second process (``RWKVPY_BACKGROUND_COMPILE=0``: every
+    kernel compiled before the first token)."""
+    row: dict = {"name": name}
+    if one_process:
+        cache = tempfile.mkdtemp(prefix="rwkvpy-cold-")
+        try:
+            row["cold_one_process"] = _timed(cmd, _env(cache, background=False))
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
     cache = tempfile.mkdtemp(prefix="rwkvpy-cold-")
     try:
         env = _env(cache)
+        t0 = time.time()
         row["cold"] = _timed(cmd, env)
+        row["background"] = _wait_background(cache, t0)
         row["kernels"] = _kernels(cache)
         row["warm"] = _timed(cmd, env)
     finally:
@@ -120,7 +166,11 @@ def probe(py: str, path: str) -> dict:
     cache = tempfile.mkdtemp(prefix="rwkvpy-cold-")
     try:
         p = subprocess.run(
-            [py, "-c", PROBE, path], env=_env(cache), capture_output=True, text=True, check=True
+            [py, "-c", PROBE, path],
+            env=_env(cache, background=False),
+            capture_output=True,
+            text=True,
+            check=True,
         )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -145,7 +195,7 @@ def models(folder: str, types) -> list:
     return out
 
 
-def _gen(py: str, model: str) -> list:
+def _gen(py: str, model: str, threads: str = "auto") -> list:
     return [
         py,
         "-m",
@@ -158,9 +208,7 @@ def _gen(py: str, model: str) -> list:
         "8",
         "--seed",
         "1",
-        "--threads",
-        "2",
-    ]
+    ] + ([] if threads == "auto" else ["--threads", threads])
 
 
 def main(argv=None) -> int:
@@ -169,18 +217,19 @@ def main(argv=None) -> int:
     p.add_argument("--types", nargs="*", default=["q5_1", "q4_0", "f16"])
     p.add_argument("--python", default=sys.executable, help="interpreter to measure")
     p.add_argument("--kernels", action="store_true", help="list the compiled kernels per model")
+    p.add_argument("--threads", default="auto", help="generate's --threads (default: its own)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     py = args.python
     load0 = os.getloadavg()[0]
     rows = [
         measure("import rwkvpy", [py, "-c", "import rwkvpy"]),
-        measure("generate demo", _gen(py, "demo")),
+        measure("generate demo", _gen(py, "demo", args.threads), True),
     ]
     tmp = None if args.models else tempfile.mkdtemp(prefix="rwkvpy-models-")
     try:
         for t, path in models(args.models or tmp, args.types):
-            row = measure(f"generate v7-0.1b {t}", _gen(py, path))
+            row = measure(f"generate v7-0.1b {t}", _gen(py, path, args.threads), True)
             if args.kernels:
                 row["probe"] = probe(py, path)
             rows.append(row)
@@ -193,15 +242,24 @@ def main(argv=None) -> int:
         return 0
     print(f"load average (1 min): {load0:.2f} before, {load1:.2f} after; {os.cpu_count()} CPUs")
     print(
-        f"{'':24s} {'cold: first token':>18s} {'end':>7s} {'cpu':>7s} {'kernels':>8s}   "
-        f"{'warm: first token':>18s} {'end':>7s} {'cpu':>7s}"
+        "seconds (wall to the first token / to the end, CPU); 'one process': no second process\n"
+        f"{'':24s} {'one process':>16s} {'cold':>16s} {'cpu':>6s} {'2nd process: end':>17s} "
+        f"{'cpu':>6s} {'kernels':>8s} {'warm':>12s} {'cpu':>6s}"
     )
+
+    def ft(d):
+        if not d:
+            return "-"
+        first = "-" if d["first_token_s"] is None else f"{d['first_token_s']:.1f}"
+        return f"{first} / {d['wall_s']:.1f}"
+
     for r in rows:
-        c, w = r["cold"], r["warm"]
-        ft = lambda d: "-" if d["first_token_s"] is None else f"{d['first_token_s']:.1f}"  # noqa
+        c, w, b = r["cold"], r["warm"], r.get("background") or {}
+        bg = "failed" if b.get("failed") else (f"{b['ended_s']:.1f}" if b else "-")
         print(
-            f"{r['name']:24s} {ft(c):>18s} {c['wall_s']:7.1f} {c['cpu_s']:7.1f} "
-            f"{r['kernels']:8d}   {ft(w):>18s} {w['wall_s']:7.1f} {w['cpu_s']:7.1f}"
+            f"{r['name']:24s} {ft(r.get('cold_one_process')):>16s} {ft(c):>16s} "
+            f"{c['cpu_s']:6.1f} {bg:>17s} {b.get('cpu_seconds', 0.0):6.1f} {r['kernels']:8d} "
+            f"{ft(w):>12s} {w['cpu_s']:6.1f}"
         )
     for r in rows:
         if "probe" not in r:

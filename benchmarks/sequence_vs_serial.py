@@ -54,6 +54,7 @@ def measure(path, toks, level=None) -> dict:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("RWKVPY_BACKGROUND_COMPILE", "0")  # time the kernels, not a first run
     from rwkvpy.convert import convert
     from rwkvpy.synth import save_random_model
 

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# A first run's second process (rwkvpy.coldstart) compiles a model's kernels for the runs that
+# follow; the suite's processes compile what they run themselves, so that a test's time and
+# load do not depend on others (tests/test_coldstart.py turns it on where it tests it).
+os.environ.setdefault("RWKVPY_BACKGROUND_COMPILE", "0")
 FIXTURES = Path(os.environ.get("RWKVPY_FIXTURES", ROOT / "tests" / "fixtures")).resolve()
 
 TINY = FIXTURES / "rwkv-cpp-tiny"

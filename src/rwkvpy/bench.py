@@ -203,6 +203,7 @@ def time_decode(model, ids, n: int, warmup: int = WARMUP_STEPS, before=None) -> 
     """Seconds of each of n one-token forward calls (after ``warmup`` untimed ones: compiles,
     graph captures, page faults), the state carried; GPU work waited for in each. ``before``,
     if given, is called after the warm-up, just before the first timed call."""
+    model.wait_for_kernels()  # a first run: the one-token step, not the sequence path
     state = None
     for tok in ids[:warmup]:
         _, state = model.forward([tok], state)

@@ -85,6 +85,12 @@ def _write(text: str) -> None:
         pass
 
 
+def note(text: str) -> None:
+    """One line on stderr about compiling (``rwkvpy: TEXT``), unless :func:`quiet` is on."""
+    if not _state["quiet"]:
+        _write(f"rwkvpy: {text}\n")
+
+
 def _tty() -> bool:
     try:
         return sys.stderr.isatty()

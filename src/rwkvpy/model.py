@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import formats, models, runtime
+from . import coldstart, formats, models, runtime
 from .config import ModelConfig, Version
 from .errors import RwkvpyError, StateError, TokenError
 from .state import State
@@ -135,6 +135,30 @@ class Model:
         self.prompt_chunk = prompt_chunk(cfg.n_embd) if plan.cpu_only else None
         #: the one-token step (kernels' FusedStep or TorchStep); None: models/ code
         self._step: Any = plan.step(self._net)
+        #: on a first run, the second process compiling the CPU step's kernels
+        #: (rwkvpy.coldstart); single tokens take the sequence path until it is done
+        self._warming = (
+            coldstart.start(ckpt, cfg, plan.mode, plan.cpu.level)
+            if self._step is not None and plan.cpu_only
+            else None
+        )
+
+    def _one_token_step(self):
+        """The one-token step, or None while its kernels compile in a second process."""
+        if self._warming is not None:
+            if not self._warming.ready():
+                return None
+            self._warming = None
+        return self._step
+
+    def wait_for_kernels(self, timeout: float | None = None) -> bool:
+        """On a model's first run on a machine, wait (at most ``timeout`` seconds) for the
+        second process that compiles its one-token step (rwkvpy.coldstart); returns whether
+        single tokens now take that step (True at once when nothing was compiling). For
+        timings that should not include a first run's sequence-path tokens."""
+        if self._warming is not None:
+            self._warming.wait(timeout)
+        return self._one_token_step() is self._step
 
     @property
     def kernels(self) -> dict:
@@ -142,7 +166,12 @@ class Model:
         level (kernels.cpu), the product kernel per stored tensor type (e.g. ``{"Q4_0":
         "int8-dot", "F16": "numba-float"}``), the sequence recurrence and the one-token
         step."""
-        return self.plan.describe(self._net, self._step)
+        described = self.plan.describe(self._net, self._step)
+        if self._one_token_step() is None and self._step is not None:
+            described["step"] += (
+                " (compiling in a second process; meanwhile the sequence path: rwkvpy.coldstart)"
+            )
+        return described
 
     def synchronize(self) -> None:
         """Wait for the GPU work queued by forward calls (for timing; a no-op on the CPU)."""
@@ -294,8 +323,9 @@ class Model:
         runtime.tick()  # torch's thread count for the machine's load (rwkvpy.runtime)
         t = self._tokens(tokens)
         state = self._own(state)
-        if self._step is not None and t.shape[0] == 1:
-            logits, new = self._step(int(t[0]), state)
+        step = self._one_token_step() if t.shape[0] == 1 else None
+        if step is not None:
+            logits, new = step(int(t[0]), state)
             if all_logits:
                 logits = logits.unsqueeze(0)
         else:
@@ -341,10 +371,9 @@ class Model:
         logits: list[Any] = [None] * n
         new: list[Any] = [None] * n
         singles = [i for i, t in enumerate(ts) if t.shape[0] == 1]
-        if self._step is not None and len(singles) > 1:
-            lg, outs = self._step.batch(
-                [int(ts[i][0]) for i in singles], [states[i] for i in singles]
-            )
+        step = self._one_token_step() if len(singles) > 1 else None
+        if step is not None:
+            lg, outs = step.batch([int(ts[i][0]) for i in singles], [states[i] for i in singles])
             for j, i in enumerate(singles):
                 row = lg[j].unsqueeze(0) if all_logits else lg[j]
                 logits[i] = row

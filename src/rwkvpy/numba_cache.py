@@ -34,6 +34,7 @@ Importing this module also installs rwkvpy.compiling's listener (the first-run n
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import shutil
@@ -192,6 +193,26 @@ def _register() -> tuple:
 _save_failed: list = []  # the first failed save of this process (its warning said)
 
 
+@contextlib.contextmanager
+def _saving(folder: str):
+    """Held while one function's compiled code is saved into ``folder``: an exclusive lock on
+    ``folder/rwkvpy-save.lock`` across processes. numba's save reads the function's index,
+    picks the first free data file name and writes both; two processes saving two signatures
+    of one function at once could pick the same name, and the index would then point one
+    signature at the other's code. (Loads need no lock: every file is replaced whole.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: numba's own behaviour
+        yield
+        return
+    with open(os.path.join(folder, "rwkvpy-save.lock"), "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _guard_saves(cache_class, locator_class) -> None:
     """A kernel of rwkvpy whose compiled code cannot be saved (a full disk, a file size limit,
     a folder made read-only meanwhile) still runs: the save's OSError becomes one warning per
@@ -200,11 +221,13 @@ def _guard_saves(cache_class, locator_class) -> None:
     save = cache_class.save_overload
 
     def save_overload(self, sig, data):
+        locator = getattr(self._impl, "locator", None)
+        if not isinstance(locator, locator_class):
+            return save(self, sig, data)
         try:
-            save(self, sig, data)
+            with _saving(locator.get_cache_path()):
+                save(self, sig, data)
         except OSError as e:
-            if not isinstance(getattr(self._impl, "locator", None), locator_class):
-                raise
             if not _save_failed:
                 _save_failed.append(str(e))
                 warnings.warn(

@@ -16,7 +16,7 @@ from .threads import HAVE_NUMBA, _rows_kernel
 from .tiles import _tiled_convert_mm, _tiled_dequant_mm
 
 if HAVE_NUMBA:
-    from .product import row_product
+    from .product import row_product, row_product_serial
     from .rows import _dec_par, _dec_rows
     from .x8 import _dec_par_x8, _dec_rows_x8, repack_x8
 
@@ -86,7 +86,7 @@ class Linear:
         spec = self.numba_spec()
         y = np.empty((xn.shape[0], self.out_features), np.float32)
         _rows_kernel(
-            lambda: row_product(spec, xn, y, 1),
+            lambda: row_product_serial(spec, xn, y),
             lambda n: row_product(spec, xn, y, n),
             self.out_features,
             self.in_features,
