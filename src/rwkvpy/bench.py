@@ -242,6 +242,26 @@ def time_run(model, ids, tokens: int, prompt: int) -> dict:
     return {**stats, "prompt_s": prompt_s, **machine_fields(stats, load.get("start"), load_end)}
 
 
+def load_timed(path, mode, threads, device, gpu_layers, compile, cache, cpu_capability=None):
+    """(the model, the seconds ``rwkvpy.load`` took): the load of ``run`` and of
+    ``rwkvpy compare``'s rows; ``cpu_capability`` goes to the load only when given."""
+    import rwkvpy
+
+    more = {} if cpu_capability is None else {"cpu_capability": cpu_capability}
+    t0 = time.perf_counter()
+    model = rwkvpy.load(
+        path,
+        mode=mode,
+        threads=threads,
+        device=device,
+        gpu_layers=gpu_layers,
+        compile=compile,
+        cache=cache,
+        **more,
+    )
+    return model, time.perf_counter() - t0
+
+
 def run(
     path,
     *,
@@ -261,22 +281,11 @@ def run(
     :func:`busy_reason`), and the memory bandwidth of the device that holds the most weights, in
     the same run. With layers split between a GPU and the CPU, the bound is that of the CPU's
     share. ``cpu_capability`` goes to :func:`rwkvpy.load` when given."""
-    import rwkvpy
 
     say = progress or (lambda msg: None)
-    more = {} if cpu_capability is None else {"cpu_capability": cpu_capability}
-    t0 = time.perf_counter()
-    model = rwkvpy.load(
-        path,
-        mode=mode,
-        threads=threads,
-        device=device,
-        gpu_layers=gpu_layers,
-        compile=compile,
-        cache=cache,
-        **more,
+    model, load_s = load_timed(
+        path, mode, threads, device, gpu_layers, compile, cache, cpu_capability
     )
-    load_s = time.perf_counter() - t0
     ids = random_ids(model, max(tokens + WARMUP_STEPS, prompt) + 1)
     say(
         f"decoding {tokens} tokens (after {WARMUP_STEPS} untimed), then a {prompt}-token prompt "

@@ -209,29 +209,16 @@ def measure(
 ) -> dict:
     """Measure one model file in this process (see the module docstring). Use it in a fresh
     process for a meaningful ``rss_mb``; :func:`compare` does."""
-    import time
 
     import torch
 
-    import rwkvpy
-
-    from .bench import WARMUP_STEPS, random_ids, time_run
+    from .bench import WARMUP_STEPS, load_timed, random_ids, time_run
     from .perplexity import perplexity
 
-    more = {} if cpu_capability is None else {"cpu_capability": cpu_capability}
     base_rss = (_vm_kb("VmRSS") or 0) / 1024
-    t0 = time.perf_counter()
-    model = rwkvpy.load(
-        path,
-        mode=mode,
-        threads=threads,
-        device=device,
-        gpu_layers=gpu_layers,
-        compile=compile,
-        cache=cache,
-        **more,
+    model, load_s = load_timed(
+        path, mode, threads, device, gpu_layers, compile, cache, cpu_capability
     )
-    load_s = time.perf_counter() - t0
     ids = random_ids(model, max(bench_tokens + WARMUP_STEPS, prompt, 16))
     m = time_run(model, ids, bench_tokens, prompt)
     rss = _peak_rss_mb()

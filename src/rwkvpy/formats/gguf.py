@@ -150,21 +150,15 @@ GROUP_NORM_EPS = 64e-5  # BlinkDL's ln_x eps (1e-5 * 64); rwkv.cpp computes v5 w
 TOKENIZERS = ("world", "neox", "bytes")
 CONTEXT_LENGTH = 1 << 20  # what llama.cpp's converter writes: RWKV has no context limit
 LAYER_NORM_EPS = 1e-5
-SUPPORTED_TYPES = (
-    "F32",
-    "F16",
-    "BF16",
-    "Q4_0",
-    "Q4_1",
-    "Q5_0",
-    "Q5_1",
-    "Q8_0",
-    "Q2_K",
-    "Q3_K",
-    "Q4_K",
-    "Q5_K",
-    "Q6_K",
-)
+
+
+def _types_read() -> str:
+    """The tensor types rwkvpy reads, for error messages: quant's formats (imported when
+    needed, as every use of quant here: it compiles numba code)."""
+    from ..quant import FORMATS
+
+    return ", ".join(FORMATS)
+
 
 # File types (llama.cpp's LlamaFileType) of the files rwkvpy writes.
 FILE_TYPES = {
@@ -780,8 +774,7 @@ def _open(path):
         if "GGMLQuantizationType" in msg:
             raise UnsupportedTensorTypeError(
                 path,
-                f"a tensor has an unknown ggml type ({msg}); rwkvpy reads "
-                + ", ".join(SUPPORTED_TYPES),
+                f"a tensor has an unknown ggml type ({msg}); rwkvpy reads " + _types_read(),
             ) from None
         if "magic" in msg:
             raise UnknownFormatError(path, f"not a GGUF file ({msg})") from None
@@ -931,7 +924,7 @@ def _tensor(path, reader, t):
     fmt = t.tensor_type.name
     if fmt not in FORMATS:
         raise UnsupportedTensorTypeError(
-            path, f"tensor '{t.name}' has type {fmt}; rwkvpy reads " + ", ".join(SUPPORTED_TYPES)
+            path, f"tensor '{t.name}' has type {fmt}; rwkvpy reads " + _types_read()
         )
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     # offset and size in Python ints: the library's numpy uint64 sums wrap around (an offset of
