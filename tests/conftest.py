@@ -2,6 +2,10 @@
 
 Fixtures live in ``tests/fixtures`` (in the repository: see its README for their origin), or in
 ``$RWKVPY_FIXTURES`` when set. A missing fixture is a failure, never a skip.
+
+Tests marked ``fast`` are the fast tier (``python -m pytest -m fast``): they need only the
+installed package (its demo model, random models from ``rwkvpy.synth``), so the tier runs
+without the fixtures folder, and :func:`fixture_path` fails inside them.
 """
 
 from __future__ import annotations
@@ -21,10 +25,27 @@ FIXTURES = Path(os.environ.get("RWKVPY_FIXTURES", ROOT / "tests" / "fixtures")).
 TINY = FIXTURES / "rwkv-cpp-tiny"
 REF = FIXTURES / "reference-pth"
 TINY_MODELS = ["4v0-660K", "5v1-730K", "5v2-730K", "6v0-3m", "7v0-834K"]
+#: rwkv.cpp's tiny trained v7 byte model: the suite's default small real model
+TINY_V7 = ("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin")
 REF_MODELS = ["v4_c192_l2", "v5_0_c192_l2", "v5_2_c192_l2", "v6_c192_l2", "v7_c192_l2"]
 
 
+#: Whether the test being set up is in the fast tier (marked ``fast``): it may not use fixtures.
+_fast_test = False
+
+
+def pytest_runtest_setup(item):
+    global _fast_test
+    _fast_test = item.get_closest_marker("fast") is not None
+
+
 def fixture_path(*parts) -> Path:
+    if _fast_test:
+        pytest.fail(
+            "a test marked fast needs only the package: it may not read tests/fixtures "
+            f"({'/'.join(map(str, parts))}); remove its mark or its fixture",
+            pytrace=False,
+        )
     p = FIXTURES.joinpath(*parts)
     if not p.exists():
         pytest.fail(f"fixture {p} is missing (see tests/fixtures/README.md)", pytrace=False)
@@ -52,7 +73,7 @@ def pytest_sessionstart(session):
 
     os.environ.setdefault("NUMBA_CACHE_DIR", user_cache_dir("numba"))
     os.environ["RWKVPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkvpy-test-cache-")
-    if not FIXTURES.is_dir():
+    if not FIXTURES.is_dir() and session.config.option.markexpr != "fast":  # the fast tier
         raise pytest.UsageError(f"fixtures folder {FIXTURES} not found: set RWKVPY_FIXTURES")
 
 
@@ -95,3 +116,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the server tests' clients (tests/servers.py) ----------------------------------------------
+@pytest.fixture(scope="module")
+def api_key():
+    """The API key a module's ``server`` fixture demands (None: none); a module overrides it."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def client(server, api_key):
+    """The official ``openai`` client on the module's ``server`` fixture."""
+    from servers import openai_client
+
+    with openai_client(server, api_key) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(server, api_key):
+    """An httpx client on the module's ``server`` fixture, with its API key."""
+    from servers import http_client
+
+    with http_client(server, api_key) as c:
+        yield c

@@ -13,6 +13,10 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "rwkvpy"  # read, never imported
 
 #: Bottom to top: a unit imports only from its own layer and the layers below it. A unit is a

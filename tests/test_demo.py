@@ -3,9 +3,13 @@
 import subprocess
 import sys
 
+import pytest
+
 import rwkvpy
 from rwkvpy.demo import demo_model_path, held_out_text
 from rwkvpy.perplexity import perplexity
+
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
 
 # Measured on 2026-12-06 (Python 3.11.7's pydoc_data): 2.503 per byte on the held-out 5 %
 # (the documentation-only model before the chat fine-tune: 2.497). Byte-uniform guessing

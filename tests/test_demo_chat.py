@@ -9,15 +9,16 @@ import os
 import subprocess
 import sys
 
-import openai
 import pytest
 import torch
-from test_server import Server
+from servers import openai_client, serving
 
 import rwkvpy
 import rwkvpy.demo as demo
 from rwkvpy.chat import STOP, normalize_message, render_user
 from rwkvpy.perplexity import perplexity
+
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
 
 # Held-out chat turns (subjects whose answers were never trained on): perplexity per byte of
 # their replies given the conversation before them. Measured on 2026-12-06 (Python 3.11.7):
@@ -136,18 +137,13 @@ def test_rwkvpy_chat_with_the_demo_replies():
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    s = Server(
-        ["--no-access-log"], tmp_path_factory.mktemp("demo-server") / "server.log", model="demo"
-    )
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.text(), s.text()
+    log = tmp_path_factory.mktemp("demo-server") / "server.log"
+    with serving(["--no-access-log"], log, model="demo") as s:
+        yield s
 
 
 def test_openai_chat_completion_with_the_demo(demo_server):
-    with openai.OpenAI(
-        base_url=demo_server.url + "/v1", api_key="x", max_retries=0, timeout=120
-    ) as client:
+    with openai_client(demo_server, timeout=120) as client:
         name = client.models.list().data[0].id
         assert name == "demo"
         for q in QUESTIONS:

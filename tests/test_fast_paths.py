@@ -6,7 +6,7 @@ float32 activations) must match the reference to 1e-4 on every fixture.
 
 import pytest
 import torch
-from conftest import REF_MODELS, fixture_path, serial_logits
+from conftest import REF_MODELS, TINY_V7, fixture_path, serial_logits
 
 import rwkvpy
 
@@ -385,7 +385,7 @@ def test_v7_blocks_need_a_numba_spec_for_every_product():
     from rwkvpy.kernels.decode import FusedStep
     from rwkvpy.kernels.linear import F32Linear
 
-    path = fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin")
+    path = fixture_path(*TINY_V7)
     model = rwkvpy.load(path, mode="exact")
     assert model._step.blocks is not None
     name = "blocks.1.ffn.value.weight"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import TINY_V7, fixture_path
 
 import rwkvpy
 from rwkvpy.generate import GenerationError, GenerationResult, generate, stream
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"))
+    return rwkvpy.load(fixture_path(*TINY_V7))
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_model_generate_and_stream_methods():
     from rwkvpy.sampling import SamplingParams
     from rwkvpy.tokenizers import ByteTokenizer, TokenizerError
 
-    model = rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), threads=1)
+    model = rwkvpy.load(fixture_path(*TINY_V7), threads=1)
     assert isinstance(model.tokenizer(), ByteTokenizer)
     params = SamplingParams(max_tokens=12, seed=7)
     text = model.generate("The quick", params)
@@ -218,7 +218,7 @@ def test_tokenizer_named_by_the_file_wins(tmp_path):
 
     dst = tmp_path / "m.gguf"
     convert(
-        fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"),
+        fixture_path(*TINY_V7),
         dst,
         type="f16",
         progress=False,

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REF_MODELS, fixture_path
+from conftest import REF_MODELS, TINY_V7, fixture_path
 from conftest import serial_logits as serial
 
 import rwkvpy
@@ -345,7 +345,7 @@ def test_cli_bench_and_generate_on_gpu():
     out = json.loads(r.stdout)
     assert out["device"].startswith("cuda") and out["cuda_graphs"] is True
     assert out["bandwidth_gbs"] > 100 and out["gpu_layers"] == 2
-    tiny = str(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"))  # byte-level
+    tiny = str(fixture_path(*TINY_V7))  # byte-level
     r = subprocess.run(
         [
             sys.executable,

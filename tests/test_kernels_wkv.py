@@ -18,6 +18,8 @@ from rwkvpy.kernels import wkv as W
 from rwkvpy.kernels import wkv5_chunked, wkv5_serial, wkv7_chunked, wkv7_serial
 from rwkvpy.models.v5 import wkv_heads
 
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
+
 TOL = 1e-4
 SERIAL_TOL = 1e-5
 H, N = 4, 64

@@ -443,10 +443,9 @@ def test_server_with_lm_evals_local_completions_gives_the_same_scores(
     from lm_eval.api.registry import get_model
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
-    from test_server import Server
+    from servers import serving
 
-    server = Server([], tmp_path / "server.log", model="demo")
-    try:
+    with serving([], tmp_path / "server.log", model="demo", clean=False) as server:
         name = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
         client = get_model("local-completions")(
             model=name,
@@ -458,8 +457,6 @@ def test_server_with_lm_evals_local_completions_gives_the_same_scores(
         # lm-eval's evaluation itself (simple_evaluate adds only its environment report)
         tasks = TaskManager(include_path=task_dir, include_defaults=False).load(list(TASKS))
         out = evaluate(client, tasks, log_samples=False, bootstrap_iters=0)
-    finally:
-        server.stop()
     local, remote = cli_result[0]["results"], out["results"]
     for task in TASKS:
         # the rolling task is one sequence-mode pass both ways; the last word's perplexity is

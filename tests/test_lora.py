@@ -13,6 +13,8 @@ from rwkvpy.formats import read, to_float32
 from rwkvpy.lora import merge_lora
 from rwkvpy.synth import random_state_dict
 
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
+
 
 def make(tmp_path, version, r=4, seed=0):
     base = random_state_dict(version, 64, 2, 100, seed=seed, dtype=torch.float32)

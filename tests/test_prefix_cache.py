@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import Spy, fixture_path
+from conftest import TINY_V7, Spy, fixture_path
 
 import rwkvpy
 from rwkvpy.generate import generate, stream
@@ -165,7 +165,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), threads=1)
+    return rwkvpy.load(fixture_path(*TINY_V7), threads=1)
 
 
 @pytest.fixture(scope="module")

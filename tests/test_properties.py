@@ -25,6 +25,8 @@ from rwkvpy.tokenizers import (
     WorldTokenizer,
 )
 
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
+
 FAST = settings(
     max_examples=15,
     deadline=None,

@@ -26,6 +26,7 @@ from rwkvpy.quant import (  # noqa: E402
 
 # gguf's numpy port warns on the overflow / NaN edge cases; our code must not warn at all.
 pytestmark = [
+    pytest.mark.fast,  # the fast tier: needs only the package (pyproject's markers)
     pytest.mark.filterwarnings("error::RuntimeWarning"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf"),
 ]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import fixture_path, serial_logits
+from conftest import TINY_V7, fixture_path, serial_logits
 
 import rwkvpy
 import rwkvpy.quant
@@ -71,7 +71,7 @@ def test_int8_dot_groups_cached(q5_model, monkeypatch):
 def test_q4_0_groups_cached(tmp_path, monkeypatch):
     src = tmp_path / "m-q4_0.gguf"
     convert(
-        fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"),
+        fixture_path(*TINY_V7),
         src,
         type="q4_0",
         progress=False,
@@ -129,7 +129,7 @@ def test_off_and_not_needed(q5_model, tmp_path):
     assert rwkvpy.load(q5_model, mode="exact").repack_cache == "off"
     assert not os.path.exists(C.cache_path(q5_model))
     f32 = tmp_path / "f32.bin"
-    shutil.copy(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"), f32)
+    shutil.copy(fixture_path(*TINY_V7), f32)
     assert rwkvpy.load(f32).repack_cache == "none" and not os.path.exists(C.cache_path(f32))
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from rwkvpy import runtime
 
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
+
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 SHOW = (

@@ -9,6 +9,8 @@ import torch
 from rwkvpy.errors import RwkvpyError
 from rwkvpy.sampling import Sampler, SamplingError, SamplingParams
 
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
+
 
 def probs_to_logits(p):
     return torch.log(torch.tensor(p, dtype=torch.float32))

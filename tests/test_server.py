@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ import httpx  # the test extra: httpx, openai; the server extra: fastapi, uvicor
 import openai
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import TINY_V7, fixture_path
+from servers import Server, serving
 
 import rwkvpy
 from rwkvpy.generate import generate
@@ -28,8 +28,6 @@ from rwkvpy.state import State
 from rwkvpy.tokenizers import ByteTokenizer
 
 KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MODEL_FILE = ("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin")
 NAME = "tiny-rwkv-7v0-834K-FP32"
 EVERY = 32  # the server's --cache-every
 HISTORY = [
@@ -39,91 +37,10 @@ HISTORY = [
 ]
 
 
-# -- the server process --------------------------------------------------------------------------
-class Server:
-    """``rwkvpy.server`` in a subprocess: MODEL_FILE unless ``model`` (a path or 'demo'). When
-    it does not start and answer /health within ``startup_s`` (or anything else fails while
-    it starts), the process is killed and reaped and the log closed before the error."""
-
-    def __init__(self, args, log_path, model=None, startup_s=120.0):
-        self.log_path = log_path
-        self.log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
-        self.proc = None
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("RWKVPY_API_KEY", None)
-        try:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "rwkvpy.server",
-                    "-m",
-                    str(model if model is not None else fixture_path(*MODEL_FILE)),
-                    "--port",
-                    "0",
-                    "--threads",
-                    "1",
-                    *args,
-                ],
-                stdout=self.log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-            deadline = time.monotonic() + startup_s
-            self.url = self._wait_url(deadline)
-            self._wait_healthy(deadline)
-        except BaseException:  # a failed start, a timeout, Ctrl-C: nothing left running
-            self._kill()
-            raise
-
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait()
-        self.log.close()
-
-    def _wait_url(self, deadline) -> str:
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on (http://[0-9.]+:\d+)", self.text())
-            if m:
-                return m.group(1)
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        pytest.fail(f"the server did not start:\n{self.text()}")
-
-    def _wait_healthy(self, deadline) -> None:
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                pytest.fail(f"the server did not become healthy:\n{self.text()}")
-            time.sleep(0.1)
-
-    def text(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def model():
     before = torch.get_num_threads()
-    m = rwkvpy.load(fixture_path(*MODEL_FILE), threads=1)
+    m = rwkvpy.load(fixture_path(*TINY_V7), threads=1)
     yield m
     torch.set_num_threads(before)
 
@@ -143,40 +60,17 @@ def state_file(model, tok, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def api_key():
+    return KEY
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory, state_file):
-    s = Server(
-        [
-            "--api-key",
-            KEY,
-            "--max-concurrent",
-            "32",
-            "--max-tokens-limit",
-            "256",
-            "--max-request-bytes",
-            "65536",
-            "--state",
-            f"keeper={state_file}",
-            "--cache-every",
-            str(EVERY),
-            "--no-access-log",
-        ],
-        tmp_path_factory.mktemp("server") / "server.log",
-    )
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.text(), s.text()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
-        yield c
+    args = ["--api-key", KEY, "--max-concurrent", "32", "--max-tokens-limit", "256"]
+    args += ["--max-request-bytes", "65536", "--state", f"keeper={state_file}"]
+    args += ["--cache-every", str(EVERY), "--no-access-log"]
+    with serving(args, tmp_path_factory.mktemp("server") / "server.log") as s:
+        yield s
 
 
 def stats(http) -> dict:

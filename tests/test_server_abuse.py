@@ -22,7 +22,7 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_server import Server
+from servers import http_client, serving
 
 sys.path.insert(0, str(ROOT))
 from benchmarks.disconnect_storm import rss_mb, storm  # noqa: E402
@@ -34,22 +34,10 @@ OPEN = {"/health"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(
-        [
-            "--api-key",
-            KEY,
-            "--max-tokens-limit",
-            "8",
-            "--max-prompt-tokens",
-            "256",
-            "--max-concurrent",
-            "8",
-        ],
-        tmp_path_factory.mktemp("srv") / "log",
-        model="demo",
-    )
-    yield s
-    s.stop()
+    args = ["--api-key", KEY, "--max-tokens-limit", "8", "--max-prompt-tokens", "256"]
+    args += ["--max-concurrent", "8"]
+    with serving(args, tmp_path_factory.mktemp("srv") / "log", model="demo", clean=False) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +89,9 @@ def test_every_route_conforms(case, server):
 
 
 def test_disconnect_storm_frees_every_slot(tmp_path):
-    s = Server(
-        ["--max-tokens-limit", "100000", "--max-concurrent", "32"], tmp_path / "log", model="demo"
-    )
-    try:
-        with httpx.Client(base_url=s.url, timeout=60) as http:
+    args = ["--max-tokens-limit", "100000", "--max-concurrent", "32"]
+    with serving(args, tmp_path / "log", model="demo", clean=False) as s:
+        with http_client(s) as http:
             for _ in range(3):  # warm: the kernels, the prefix cache's first states
                 assert (
                     http.post(
@@ -127,5 +113,3 @@ def test_disconnect_storm_frees_every_slot(tmp_path):
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
             grown = rss_mb(s.proc.pid) - base
             assert grown < 150, f"RSS grew {grown:.0f} MB over the storm (from {base:.0f} MB)"
-    finally:
-        s.stop()

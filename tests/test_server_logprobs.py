@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import Server
+from servers import http_client, openai_client, serving
 
 import rwkvpy
 from rwkvpy.config import Version
@@ -22,7 +21,6 @@ from rwkvpy.sampling import SamplingParams
 from rwkvpy.synth import save_random_model
 
 KEY = "logprobs-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 TEXT = "The river runs to the sea. Straße, café: 東京 🙂!"
 
 
@@ -35,27 +33,15 @@ def demo():
 
 
 @pytest.fixture(scope="module")
+def api_key():
+    return KEY
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(
-        ["--api-key", KEY, "--no-access-log"],
-        tmp_path_factory.mktemp("lp") / "server.log",
-        model="demo",
-    )
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.text(), s.text()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
-        yield c
+    log = tmp_path_factory.mktemp("lp") / "server.log"
+    with serving(["--api-key", KEY, "--no-access-log"], log, model="demo") as s:
+        yield s
 
 
 def reference_logprobs(model, ids) -> list:
@@ -318,12 +304,9 @@ def test_world_vocab_scoring_equals_perplexity(tmp_path):
     )
     model = rwkvpy.load(path, threads=1)
     tok = model.tokenizer()
-    s = Server(["--api-key", KEY, "--no-access-log"], tmp_path / "world.log", model=path)
-    try:
-        with openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+    with serving(["--api-key", KEY, "--no-access-log"], tmp_path / "world.log", model=path) as s:
+        with openai_client(s, KEY) as c:
             lp = check_scoring(c, model, tok, TEXT)
             assert "".join(lp.tokens) == TEXT  # World tokens are whole characters here
-        with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as h:
+        with http_client(s, KEY) as h:
             assert h.post("/tokenize", json={"content": TEXT}).json()["tokens"] == tok.encode(TEXT)
-    finally:
-        assert s.stop() == 0

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import TINY_V7, fixture_path
 
 import rwkvpy
 from rwkvpy import State, errors
@@ -13,7 +13,7 @@ from rwkvpy.config import Version
 
 @pytest.fixture(scope="module")
 def model():
-    return rwkvpy.load(fixture_path("rwkv-cpp-tiny", "tiny-rwkv-7v0-834K-FP32.bin"))
+    return rwkvpy.load(fixture_path(*TINY_V7))
 
 
 def test_round_trip_gives_identical_continuation(model, tmp_path):

@@ -2,7 +2,7 @@
 
 Models: the demo (byte vocabulary) and a random v7 with the 65536-token World vocabulary. JSON
 outputs are checked with ``json`` and ``jsonschema``; the server runs for real in a subprocess
-(tests/test_server.Server) and is driven by the official ``openai`` client."""
+(tests/servers.Server) and is driven by the official ``openai`` client."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-from test_server import Server
+from servers import Server, openai_client
 
 import rwkvpy
 from rwkvpy.config import Version
@@ -138,17 +138,13 @@ def servers(world_path, tmp_path_factory):
         ]
         out = {"demo": make[0].result(), "world": make[1].result()}
     for s in out.values():
-        with client(s) as c:
+        with openai_client(s, timeout=120) as c:
             s.name = c.models.list().data[0].id
     yield out
     with ThreadPoolExecutor(2) as pool:  # both stop side by side
         assert list(pool.map(Server.stop, out.values())) == [0, 0]
     for s in out.values():
         assert "Traceback" not in s.text(), s.text()
-
-
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 # -- the vocabulary --------------------------------------------------------------------------------
@@ -289,7 +285,7 @@ def test_server_json_schemas_batched(models, servers, name):
 
 def test_server_json_object_grammar_length_and_errors(servers):
     server = servers["demo"]
-    with client(server) as c:
+    with openai_client(server, timeout=120) as c:
         r = c.completions.create(
             model=server.name,
             prompt="JSON:",
@@ -353,7 +349,7 @@ def _calls_valid(msg, allowed):
 def test_tool_calls_through_the_openai_client(servers):
     server = servers["demo"]
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    with client(server) as c:
+    with openai_client(server, timeout=120) as c:
         for seed in range(3):
             r = c.chat.completions.create(
                 model=server.name,

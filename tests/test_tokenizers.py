@@ -23,6 +23,8 @@ from rwkvpy.tokenizers import world as world_mod
 
 # -- shared inputs -------------------------------------------------------------------------
 
+pytestmark = pytest.mark.fast  # the fast tier: needs only the package (pyproject's markers)
+
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog. In the beginning, the model reads every "
     "byte of the prompt at once; afterwards it produces one token at a time, and the sampler "
