@@ -208,6 +208,21 @@ def temp_next_to(path, suffix=".tmp"):
 
 
 @contextlib.contextmanager
+def _removed_on_failure(path, tmp):
+    """The temp file ``tmp`` removed when the block raises, and a failed write raised as the
+    FileWriteError naming ``path`` (:func:`failed_write`); any other error as it is."""
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        mapped = failed_write(path, e)
+        if mapped is not None and mapped is not e:
+            raise mapped from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Yield a file object; on success its content replaces ``path`` in one rename. A
     destination that is not a regular file, a missing or read-only folder, and a failed flush
@@ -215,7 +230,7 @@ def atomic_write(path, mode="wb"):
     path = os.fspath(path)
     _check_destination(path)
     fd, tmp = temp_next_to(path)
-    try:
+    with _removed_on_failure(path, tmp):
         with os.fdopen(fd, mode) as f:
             yield f
             try:
@@ -227,13 +242,6 @@ def atomic_write(path, mode="wb"):
             os.replace(tmp, path)
         except OSError as e:
             raise _write_error(path, e) from None
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        mapped = failed_write(path, e)
-        if mapped is not None and mapped is not e:
-            raise mapped from None
-        raise
 
 
 @contextlib.contextmanager
@@ -245,7 +253,7 @@ def atomic_path(path):
     _check_destination(path)
     fd, tmp = temp_next_to(path)
     os.close(fd)
-    try:
+    with _removed_on_failure(path, tmp):
         yield tmp
         try:
             with open(tmp, "rb+") as f:
@@ -253,10 +261,3 @@ def atomic_path(path):
             os.replace(tmp, path)
         except OSError as e:
             raise _write_error(path, e) from None
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        mapped = failed_write(path, e)
-        if mapped is not None and mapped is not e:
-            raise mapped from None
-        raise
