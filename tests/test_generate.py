@@ -288,3 +288,23 @@ def test_logits_processor_hook(model, tok, greedy_run):
     assert r.logprobs[0].logprob == pytest.approx(
         float(torch.log_softmax(masked, 0)[r.tokens[0]]), abs=1e-5
     )
+
+
+def test_ids_beyond_the_tokenizer_are_never_drawn():
+    """A head wider than the tokenizer's vocabulary (World models: 65536 logits, 65530 tokens):
+    the ids it cannot decode are never drawn, greedy or sampled, even when they lead."""
+    from rwkvpy.generation import TokenLoop
+
+    logits = torch.zeros(300)
+    logits[256:] = 20.0  # ids the byte tokenizer cannot decode, far ahead
+    logits[65] = 5.0
+    greedy = TokenLoop(ByteTokenizer(), SamplingParams(greedy=True, max_tokens=5))
+    assert greedy.choose(logits) == 65
+    loop = TokenLoop(ByteTokenizer(), SamplingParams(seed=1, max_tokens=200, logprobs=1))
+    drawn = set()
+    for _ in range(200):
+        t = loop.choose(logits)
+        assert 0 <= t < 256
+        drawn.add(t)
+        loop.accept(t)  # decodes it
+    assert len(drawn) > 1  # sampled, not only the leader

@@ -11,12 +11,16 @@ probabilities. The code that runs the model (``rwkvpy.generate`` for one sequenc
     last = loop.close()              # at the end: the rest of the text (a TextEvent or None)
 
 Each step's logits go through, in order: the sampler's bias, penalties and bans
-(:meth:`~rwkvpy.sampling.Sampler.process`), then each :class:`LogitsProcessor` (the hook for
-masks such as a grammar's: set a logit to ``-inf`` to forbid a token), then the draw
-(:meth:`~rwkvpy.sampling.Sampler.choose`). Log probabilities (``SamplingParams.logprobs``) are
-the float32 ``log_softmax`` of the logits the draw is made from, after bias, penalties, bans
-and processors, before temperature, top-k/top-p/min-p: with none of those set they are the
-model's own, equal to what :func:`rwkvpy.perplexity.perplexity` scores.
+(:meth:`~rwkvpy.sampling.Sampler.process`), the removal of ids the tokenizer cannot decode (a
+head wider than the vocabulary: World models have 65536 logits for 65530 tokens, and a model
+that is not well trained, random weights for instance, draws the other 6 now and then), then
+each :class:`LogitsProcessor` (the hook for masks such as a grammar's: set a logit to ``-inf``
+to forbid a token), then the draw (:meth:`~rwkvpy.sampling.Sampler.choose`). Log
+probabilities (``SamplingParams.logprobs``) are the float32 ``log_softmax`` of the logits the
+draw is made from, after bias, penalties, bans, that removal and processors, before
+temperature, top-k/top-p/min-p: with none of those set (and a head no wider than the
+vocabulary) they are the model's own, equal to what :func:`rwkvpy.perplexity.perplexity`
+scores.
 
 Stopping (the same for every caller):
 
@@ -152,6 +156,7 @@ class TokenLoop:
         self.params = params
         self.sampler = Sampler(params)
         self.decoder = StreamDecoder(tokenizer)
+        self._n_vocab = int(getattr(tokenizer, "vocab_size", 0) or 0)  # ids it can decode
         procs = tuple(processors)
         if params.constraint is not None:  # json_schema / json_object / grammar
             procs += (params.constraint.processor(tokenizer),)
@@ -186,7 +191,9 @@ class TokenLoop:
         if self.sampled >= self.params.max_tokens:
             self.finish_reason = "length"
             return None
-        x = self.sampler.process(logits)
+        x = self.sampler.process(logits)  # a new vector: masked in place below
+        if 0 < self._n_vocab < x.shape[-1]:  # never an id the tokenizer cannot decode
+            x[self._n_vocab :] = float("-inf")
         for p in self.processors:
             x = p(x)
         token = self.sampler.choose(x)
