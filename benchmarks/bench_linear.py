@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from rwkvpy.formats.base import QTensor
 from rwkvpy.kernels import linear as L
+from rwkvpy.kernels.cpu import host_level
 from rwkvpy.quant import get_format
 
 
@@ -53,9 +54,6 @@ class MvF32(L.F32Linear):
         return F.linear(x, self.weight)
 
 
-ALL = False
-
-
 def candidates(fmt, w32, qt):
     """(label, factory) for every strategy that stores this format; each factory call makes a
     linear over its own copy of the weights (distinct memory)."""
@@ -72,7 +70,6 @@ def candidates(fmt, w32, qt):
         dt = torch.float16 if fmt == "F16" else torch.bfloat16
         wh = w32.to(dt)
         out.append(("numba half (exact)", lambda: L.FloatLinear(wh.clone())))
-        out.append(("bf16 torch (lossy)", lambda: L.BF16Linear(wh.clone())))
         out.append(("f32 at load (exact)", lambda: L.F32Linear(wh.float(), fmt=fmt)))
         if fmt == "F16":
             out.append(("fp16 torch (lossy)", lambda: Fp16Torch(wh.clone())))
@@ -82,12 +79,6 @@ def candidates(fmt, w32, qt):
             out.append(("int8 dots, 8-row groups", lambda: L.Int8DotLinear(q())))
             if fmt == "Q8_0":
                 out.append(("int16 dots, 8-row groups", lambda: L.Int16DotLinear(q())))
-        if fmt in ("Q4_0", "Q4_1"):
-            out.append(("torch int4 (bf16 act)", lambda: L.Int4Linear(q())))
-        if fmt in ("Q5_0", "Q5_1", "Q8_0"):
-            out.append(("int8 rows (bf16 act)", lambda: L.Int8Linear(q())))
-        if L.fast_bf16_cpu() or ALL:  # emulated bf16 GEMM (AVX2): ~10 GFLOPS, not a candidate
-            out.append(("numba + bf16 tiles", lambda: L.BlockLinear(q(), bf16_tiles=True)))
         out.append(("dequant f32 at load", lambda: L.DequantLinear(q())))
     return out
 
@@ -103,15 +94,12 @@ def main():
     ap.add_argument("--prompt-reps", type=int, default=3)
     ap.add_argument("--no-prompt", action="store_true")
     ap.add_argument("--only", default="", help="substring of strategy labels to keep")
-    ap.add_argument("--all", action="store_true", help="also strategies known to be slow here")
     args = ap.parse_args()
-    global ALL
-    ALL = args.all
 
     print(
         f"torch {torch.__version__}, numba {'yes' if L.HAVE_NUMBA else 'no'}, "
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"native bf16: {L.fast_bf16_cpu()}, {os.cpu_count()} cpus"
+        f"rwkvpy CPU level {host_level()}, {os.cpu_count()} cpus"
     )
     print(
         "Calls are interleaved (one call of each strategy in turn, then the next round), so "
