@@ -268,6 +268,17 @@ def _x8(kind, raw):
 
 
 @pytest.mark.parametrize("name", X8)
+def test_x8_repack_keeps_every_bit(name):
+    """Any bytes, not only a quantizer's, come back from the groups as they went in: the moves
+    and Q5_K's and Q6_K's recoded codes keep every bit of ggml's super-blocks."""
+    rng = np.random.default_rng(14)
+    kind = kir.KIND[name]
+    raw = rng.integers(0, 256, (16, 3 * kir.KINDS[kind][1]), dtype=np.uint8)
+    pk, _ = _x8(kind, raw)
+    assert not np.array_equal(pk[0, : raw.shape[1]], raw[0])
+
+
+@pytest.mark.parametrize("name", X8)
 def test_x8_kernels(name):
     """The interleaved kernels against the row kernels (kir.mvq): the same integers, so equal
     within float32 summation; each row and vector computed alike whichever variant runs it (4

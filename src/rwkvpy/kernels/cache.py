@@ -4,7 +4,7 @@ file and kept in the user cache folder (rwkvpy.paths: ``<cache>/repack/``), or, 
 
 At load, repacking is CPU work proportional to the model: in mode "fast" at CPU level avx2 and
 up, Q4_0..Q8_0 matrices into Int8DotLinear's groups of 8 interleaved rows and Q4_K/Q5_K/Q6_K
-ones into KQuantX8Linear's (the same bytes, moved). With the cache a later load memory-maps the
+ones into KQuantX8Linear's (the same bytes, moved; Q5_K's and Q6_K's codes recoded). With the cache a later load memory-maps the
 repacked tensors (``torch.load(weights_only=True, mmap=True)``: no code runs, nothing is
 copied), and the model file's own pages of those matrices are never read.
 
@@ -28,7 +28,9 @@ import os
 
 import torch
 
-FORMAT = 2
+#: The layout of the repacked tensors; a cache of another format is computed again. 3: Q5_K's
+#: and Q6_K's codes recoded (kernels/ir/kquants_x8.py, Q5K_QUARTER and Q6K_QUARTER).
+FORMAT = 3
 SUFFIX = ".rwkvpy-cache"
 _EDGE = 1 << 20  # bytes hashed at each end of the model file
 #: The environment variable that sets the user folder's size limit in GB (read at each write).

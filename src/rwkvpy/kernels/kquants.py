@@ -111,9 +111,9 @@ class KQuantDotLinear(KQuantLinear):
 
 class KQuantX8Linear(KQuantLinear):
     """Q4_K, Q5_K, Q6_K weights repacked once into groups of 8 interleaved rows (the same bytes,
-    moved: kernels/ir/kquants_x8.py, X8_FIELDS), activations rounded to Q8_K-like int8 blocks,
-    integer products with each row's sum in its own lane (``policy="fast"``, CPU level avx2 and
-    up). The same integers as :class:`KQuantDotLinear`'s products on ggml's rows (llama.cpp's
+    moved, Q5_K's and Q6_K's codes recoded: kernels/ir/kquants_x8.py, X8_FIELDS and X8_RECODE),
+    activations rounded to Q8_K-like int8 blocks, integer products with each row's sum in its
+    own lane (``policy="fast"``, CPU level avx2 and up). The same integers as :class:`KQuantDotLinear`'s products on ggml's rows (llama.cpp's
     method), summed in float32 in another order.
 
     Every T runs the integer kernels: one vector reads X8_STREAMS groups at once on each

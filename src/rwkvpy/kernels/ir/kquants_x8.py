@@ -47,14 +47,15 @@ from .x8 import (
 # conversions and float multiply-adds, and ggml's layout puts 32 codes of one row in a vector:
 # the kernels above stay compute-bound at about half of Q4_0/Q8_0's speed per byte. As for
 # those (kernels/ir/x8.py), the rows are repacked once into groups of 8 and each
-# super-block column of a group is one record of 8 * super-block bytes (the same bytes, moved;
-# X8_FIELDS): a field's dword w of row r lands at 32 w + 4 r, the float16 factors side by side.
-# One 32-byte load then holds 4 consecutive codes of each of the 8 rows, the 4 activations they
-# meet are one broadcast int32, and vpmaddubsw + vpmaddwd (by a vector of the 8 rows'
-# sub-block scales) leave each row's sum in its own lane: no lane sums, one conversion and one
-# or two multiply-adds per super-block and 8 rows. The integers are the row kernels' (the same
-# Q8_K activations, quantize_q8k); only the float32 summation differs (one lane per row instead
-# of 8 lanes summed at the end).
+# super-block column of a group is one record of 8 * super-block bytes (ggml's bytes moved,
+# X8_FIELDS: a field's dword w of row r lands at 32 w + 4 r, the float16 factors side by side;
+# Q5_K's and Q6_K's codes then recoded so that each code vector takes few operations to build:
+# Q5K_QUARTER, Q6K_QUARTER). One 32-byte load then holds 4 consecutive codes of each of the 8
+# rows, the 4 activations they meet are one broadcast int32, and vpmaddubsw + vpmaddwd (by a
+# vector of the 8 rows' sub-block scales) leave each row's sum in its own lane: no lane sums,
+# one conversion and one or two multiply-adds per super-block and 8 rows. The integers are the
+# row kernels' (the same Q8_K activations, quantize_q8k); only the float32 summation differs
+# (one lane per row instead of 8 lanes summed at the end).
 #
 # Integer ranges: vpmaddubsw pairs are <= 2 * 15 * 127 = 3810 (Q4_K), 7874 (Q5_K), 16002
 # (Q6_K), so a sub-block's 8 Q4_K products add up in int16 (<= 30480), Q5_K's 4 at a time and
@@ -62,10 +63,9 @@ from .x8 import (
 
 #: Per kind (2 Q4_K, 3 Q5_K, 4 Q6_K): the fields of ggml's super-block moved into a record,
 #: in record order: (offset in the super-block, bytes, unit). Unit 2: one float16 per row, the
-#: 8 side by side (16 bytes); unit 4: dword w of row r at 32 w + 4 r (8 x bytes). The order is
-#: the order the kernels read in, so that a record streams front to back: Q6_K's high bits of
-#: each half (128 elements) just before that half's low bits (with ggml's order, qh then ql,
-#: each group would be read as two streams far apart, slower from memory: docs/kernels.md).
+#: 8 side by side (16 bytes); unit 4: dword w of row r at 32 w + 4 r (8 x bytes). The factors
+#: and scales come first, in the order the kernels read them; the codes' fields are the input
+#: of the recoding (X8_RECODE), whose quarters the kernels read front to back.
 X8_FIELDS = {
     2: ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 4)),  # d, dmin, scales, qs
     3: ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 4), (48, 128, 4)),  # ... qh, qs
@@ -81,19 +81,53 @@ X8_FIELDS = {
 X8_KINDS = tuple(X8_FIELDS)
 
 
+#: Per kind: the super-block offset of the field from which the codes are recoded (the rest
+#: of the record, after the moves; x8_table's column 4). Q5_K: qh and qs recoded into
+#: Q5K_QUARTER's quarters; Q6_K: both halves' qh and ql into Q6K_QUARTER's. The recoding is
+#: kernels/linear/kquant_drivers.py's (_q5k_recode, _q6k_recode, and their inverses).
+X8_RECODE = {3: 16, 4: 128}
+
+
 def x8_table(kind) -> np.ndarray:
-    """X8_FIELDS[kind] with each field's record offset: int64 (n, 4) rows (super-block offset,
-    bytes, unit, record offset), the form the repack drivers take."""
+    """X8_FIELDS[kind] with each field's record offset: int64 (n, 5) rows (super-block offset,
+    bytes, unit, record offset, recode), the form the repack drivers take; recode: the kind on
+    the field where the record's codes are recoded after the moves (X8_RECODE), else 0."""
     rows, at = [], 0
     for off, n, unit in X8_FIELDS[kind]:
-        rows.append((off, n, unit, at))
+        rows.append((off, n, unit, at, kind if X8_RECODE.get(kind) == off else 0))
         at += 8 * n
     assert at == 8 * KINDS[kind][1]
     return np.array(rows, np.int64)
 
 
+#: Q5_K's codes in a record: 4 quarters of Q5K_QUARTER bytes, one per 64 elements of each row
+#: (sub-blocks 2q and 2q + 1), each two halves of 160 bytes for steps 4a .. 4a + 3 (a = 0, 1):
+#:   H (32 bytes): byte 4r + t, bits 2j, 2j + 1 = bits 3, 4 of code (r, 64q + 32 + 4(4a + j) + t)
+#:   V_j (4 x 32 bytes): byte 4r + t = code (r, 64q + 4i + t)  (5 bits)
+#:                                     | (code (r, 64q + 32 + 4i + t) & 7) << 5,  i = 4a + j
+#: so a step's first code vector is V & 31 (one and) and its second (V >> 5) & 7 | the H bits
+#: moved to bits 3, 4, where ggml's layout (4-bit codes in pairs, the fifth bits in qh) costs a
+#: shift, a mask and an or per vector for the fifth bits and a shift of qh per quarter.
+Q5K_QUARTER = 320
+
+#: Q6_K's codes in a record: 4 quarters (q = 2p + kk: half p of 128 elements; low codes
+#: 128p + 32kk + l, high codes 128p + 64 + 32kk + l, l < 32) of Q6K_QUARTER bytes, each 4 pairs
+#: of steps m (steps i = 2m, 2m + 1) of 96 bytes:
+#:   V_e (2 x 32 bytes): byte 4r + t = low code (r, l) | (high code (r, l) >> 4) << 6,
+#:                       l = 4i + t, i = 2m + e
+#:   N (32 bytes): byte 4r + t, bits 4e .. 4e + 3 = bits 0-3 of high code (r, 4(2m + e) + t)
+#: so the low code vector is V & 63 and the high one (N >> 4e) & 15 | (V >> 2) & 48, where
+#: ggml's layout (4-bit codes in pairs, 2 bits each in qh) costs a shift and a mask of qh per
+#: vector, an or each and a shift of qh per quarter.
+Q6K_QUARTER = 384
+
+
 def _i32x8(v):
     return ir.Constant(_I32x8, [v] * 8)
+
+
+def _i16(v):
+    return ir.Constant(_I16x16, [v] * 16)
 
 
 def _pick16(b, words, picks, signed=False):
@@ -125,7 +159,7 @@ class _X8Rec:
 
     def __init__(self, b, kind, rec):
         self.b, self.kind, self.rec = b, kind, rec
-        self.at = {int(off): int(r_off) for off, _, _, r_off in x8_table(kind)}
+        self.at = {int(row[0]): int(row[3]) for row in x8_table(kind)}
         self._words = None
 
     def _c8(self, v):
@@ -199,48 +233,49 @@ class _X8Rec:
         return out
 
     def quarter(self, q):
-        """Per-quarter values (i64 q): (i64 offsets of the first code vector and of the first
-        qh vector, i64 element offset of the low codes, i64 index of the first low scale,
-        <16 x i16> shift of the qh bits)."""
+        """Per-quarter values (i64 q): (i64 offset of the quarter's codes in the record, i64
+        element offset of the low codes, i64 index of the first low scale)."""
         b, c = self.b, _c64
         if self.kind == 4:  # quarter q = (p, kk): half p = q // 2 of 128 elements, kk = q % 2
             p, kk = b.lshr(q, c(1)), b.and_(q, c(1))
             x_lo = b.add(b.mul(p, c(128)), b.mul(kk, c(32)))
             s_lo = b.add(b.mul(p, c(8)), b.mul(kk, c(2)))
-            at = self.at
-            codes = b.add(b.add(c(at[0]), b.mul(p, c(at[64] - at[0]))), b.mul(kk, c(256)))
-            qh = b.add(c(at[128]), b.mul(p, c(at[160] - at[128])))
-            shift = b.mul(kk, c(2))
+            codes = b.add(c(self.at[128]), b.mul(q, c(Q6K_QUARTER)))
         else:  # quarter q: elements 64q .. 64q + 63, sub-blocks 2q (low), 2q + 1 (high)
             x_lo, s_lo = b.mul(q, c(64)), b.mul(q, c(2))
-            codes = b.add(c(self.at[16 if self.kind == 2 else 48]), b.mul(q, c(256)))
-            qh = c(self.at[16]) if self.kind == 3 else None
-            shift = b.mul(q, c(2))
-        sh = _splat(b, b.trunc(shift, _I16), 16)
-        return codes, qh, x_lo, s_lo, sh
+            size = Q5K_QUARTER if self.kind == 3 else 256
+            codes = b.add(c(self.at[16]), b.mul(q, c(size)))
+        return codes, x_lo, s_lo
 
     def step(self, qv, i):
-        """Step i of the quarter ``qv`` (quarter()'s values)."""
+        """Step i of the quarter ``qv`` (quarter()'s values): [(slot, codes, activation
+        offset)] for the low (slot 0) and the high (slot 1) codes."""
         b, kind = self.b, self.kind
-        codes, qh_at, x_lo, _, sh = qv
-        packed = self._load32(b.add(codes, _c64(32 * i)))
-        lo = b.and_(b.bitcast(packed, _vec(_I8)), self._c8(15))
-        hi = b.and_(
-            b.bitcast(b.lshr(packed, ir.Constant(_I16x16, [4] * 16)), _vec(_I8)), self._c8(15)
-        )
-        if kind != 2:  # the high bits: Q5_K bits 2q, 2q + 1 of qh byte 4i + t -> bit 4 (low,
-            # high codes); Q6_K bits 2kk, 2kk + 1 -> 4, 5 (low), bits 4 + 2kk, 5 + 2kk (high)
-            h = b.lshr(self._load32(b.add(qh_at, _c64(32 * i))), sh)
-            h4 = b.and_(
-                b.bitcast(b.shl(h, ir.Constant(_I16x16, [4] * 16)), _vec(_I8)),
-                self._c8(16 if kind == 3 else 0x30),
+        codes, x_lo, _ = qv
+        byte = lambda v: b.bitcast(v, _vec(_I8))  # noqa: E731
+        if kind == 2:  # 4-bit codes in pairs: low and high nibbles
+            packed = self._load32(b.add(codes, _c64(32 * i)))
+            lo = b.and_(byte(packed), self._c8(15))
+            hi = b.and_(byte(b.lshr(packed, _i16(4))), self._c8(15))
+        elif kind == 3:  # Q5K_QUARTER's layout
+            a, j = divmod(i, 4)
+            v = self._load32(b.add(codes, _c64(160 * a + 32 + 32 * j)))
+            h = self._load32(b.add(codes, _c64(160 * a)))
+            h = b.shl(h, _i16(3 - 2 * j)) if j < 2 else b.lshr(h, _i16(2 * j - 3))
+            lo = b.and_(byte(v), self._c8(31))
+            hi = b.or_(
+                b.and_(byte(b.lshr(v, _i16(5))), self._c8(7)), b.and_(byte(h), self._c8(0x18))
             )
-            if kind == 3:
-                h3 = b.shl(h, ir.Constant(_I16x16, [3] * 16))
-                hh = b.and_(b.bitcast(h3, _vec(_I8)), self._c8(16))
-            else:
-                hh = b.and_(b.bitcast(h, _vec(_I8)), self._c8(0x30))
-            lo, hi = b.or_(lo, h4), b.or_(hi, hh)
+        else:  # Q6K_QUARTER's layout
+            m, e = divmod(i, 2)
+            v = self._load32(b.add(codes, _c64(96 * m + 32 * e)))
+            n = self._load32(b.add(codes, _c64(96 * m + 64)))
+            if e:
+                n = b.lshr(n, _i16(4))
+            lo = b.and_(byte(v), self._c8(63))
+            hi = b.or_(
+                b.and_(byte(n), self._c8(15)), b.and_(byte(b.lshr(v, _i16(2))), self._c8(0x30))
+            )
         x_hi = 64 if kind == 4 else 32
         return [(0, lo, b.add(x_lo, _c64(4 * i))), (1, hi, b.add(x_lo, _c64(x_hi + 4 * i)))]
 
@@ -326,7 +361,7 @@ def _kdotx8(kind, tt, ng=1):
                                 s16[n][slot] = p if s16[n][slot] is None else b.add(s16[n][slot], p)
                         for slot, ds in _x8_closes(kind, st):
                             for n, (k, _) in enumerate(units):
-                                at = b.gep(sc[k], [b.add(qvs[k][3], _c64(ds))])
+                                at = b.gep(sc[k], [b.add(qvs[k][2], _c64(ds))])
                                 p = _maddwd(b, s16[n][slot], b.load(at))
                                 b.store(b.add(b.load(s32[n]), p), s32[n])
                                 s16[n][slot] = None

@@ -128,10 +128,84 @@ def _x8_moves(table, f, i):
 
 
 @njit(**_NB)
+def _q5k_recode(sec, tmp, back):
+    """Q5_K's codes of one record, ``sec`` (1280 bytes: the moved qh, 8 x 32 bytes, then qs,
+    32 x 32) into kernels/ir/kquants_x8.py's Q5K_QUARTER layout, in place; ``back``: the
+    inverse. ``tmp``: at least 1280 bytes of scratch."""
+    tmp[:1280] = sec[:1280]
+    for p in range(32):  # byte 4r + t of every vector: row r, codes 4i + t
+        for q in range(4):
+            base = 320 * q
+            for i in range(8):
+                hp = base + 160 * (i // 4) + p
+                vp = hp + 32 + 32 * (i % 4)
+                sh = 2 * (i % 4)
+                if back:
+                    v = tmp[vp]
+                    lo = v & 31
+                    hi = (v >> 5) | (((tmp[hp] >> sh) & 3) << 3)
+                    sec[256 + 32 * (8 * q + i) + p] = (lo & 15) | ((hi & 15) << 4)
+                    h = sec[32 * i + p] if q else 0
+                    sec[32 * i + p] = h | ((lo >> 4) << (2 * q)) | ((hi >> 4) << (2 * q + 1))
+                else:
+                    h, c = tmp[32 * i + p], tmp[256 + 32 * (8 * q + i) + p]
+                    lo = (c & 15) | (((h >> (2 * q)) & 1) << 4)
+                    hi = (c >> 4) | (((h >> (2 * q + 1)) & 1) << 4)
+                    sec[vp] = lo | ((hi & 7) << 5)
+                    old = sec[hp] if i % 4 else 0
+                    sec[hp] = old | ((hi >> 3) << sh)
+
+
+@njit(**_NB)
+def _q6k_recode(sec, tmp, back):
+    """Q6_K's codes of one record, ``sec`` (1536 bytes: the moved qh and ql of half 0, 8 and 16
+    vectors of 32 bytes, then those of half 1) into kernels/ir/kquants_x8.py's Q6K_QUARTER
+    layout, in place; ``back``: the inverse. ``tmp``: at least 1536 bytes of scratch."""
+    tmp[:1536] = sec[:1536]
+    for p in range(32):  # byte 4r + t of every vector: row r, codes 4i + t
+        for q in range(4):
+            half, kk = q // 2, q % 2
+            for i in range(8):
+                qp = 768 * half + 32 * i + p  # qh byte 4i + t of the half
+                lp = 768 * half + 256 + 32 * (8 * kk + i) + p  # ql byte 32kk + 4i + t
+                vp = 384 * q + 96 * (i // 2) + 32 * (i % 2) + p
+                np_ = 384 * q + 96 * (i // 2) + 64 + p
+                e = i % 2
+                if back:
+                    v = tmp[vp]
+                    lo = v & 63
+                    hi = ((tmp[np_] >> (4 * e)) & 15) | ((v >> 6) << 4)
+                    sec[lp] = (lo & 15) | ((hi & 15) << 4)
+                    h = sec[qp] if kk else 0
+                    sec[qp] = h | ((lo >> 4) << (2 * kk)) | ((hi >> 4) << (4 + 2 * kk))
+                else:
+                    h, c = tmp[qp], tmp[lp]
+                    lo = (c & 15) | (((h >> (2 * kk)) & 3) << 4)
+                    hi = (c >> 4) | (((h >> (4 + 2 * kk)) & 3) << 4)
+                    sec[vp] = lo | ((hi >> 4) << 6)
+                    old = sec[np_] if e else 0
+                    sec[np_] = old | ((hi & 15) << (4 * e))
+
+
+@njit(**_NB)
+def _recode(table, rec, i, tmp, back):
+    """Recode the codes of super-block i's record in ``rec`` (x8_table's column 4)."""
+    size = table[-1, 3] // 8 + table[-1, 1]
+    for f in range(table.shape[0]):
+        a = i * 8 * size + table[f, 3]
+        if table[f, 4] == 3:
+            _q5k_recode(rec[a : (i + 1) * 8 * size], tmp, back)
+        elif table[f, 4] == 4:
+            _q6k_recode(rec[a : (i + 1) * 8 * size], tmp, back)
+
+
+@njit(**_NB)
 def repack_groups(table, raw2, pk, g0, g1):
     """pk[g] = rows 8g .. 8g + 7 of raw2 (ggml's rows) as records of 8 rows (X8_FIELDS, as
-    x8_table gives them), for g in [g0, g1)."""
-    nb = pk.shape[1] // (8 * (table[-1, 3] // 8 + table[-1, 1]))
+    x8_table gives them, the codes then recoded where X8_RECODE says), for g in [g0, g1)."""
+    size = table[-1, 3] // 8 + table[-1, 1]
+    nb = pk.shape[1] // (8 * size)
+    tmp = np.empty(8 * size, np.uint8)
     for g in range(g0, g1):
         rec = pk[g]
         for i in range(nb):
@@ -142,15 +216,19 @@ def repack_groups(table, raw2, pk, g0, g1):
                     for w in range(nw):
                         for c in range(unit):
                             rec[d + 8 * unit * w + unit * r + c] = row[s + unit * w + c]
+            _recode(table, rec, i, tmp, False)
 
 
 @njit(**_NB)
 def unpack_groups(table, pk, raw2, g0, g1):
     """The inverse of repack_groups: rows 8 (g - g0) .. + 7 of raw2 = group g of pk."""
-    nb = pk.shape[1] // (8 * (table[-1, 3] // 8 + table[-1, 1]))
+    size = table[-1, 3] // 8 + table[-1, 1]
+    nb = pk.shape[1] // (8 * size)
+    tmp = np.empty(8 * size, np.uint8)
     for g in range(g0, g1):
-        rec = pk[g]
+        rec = pk[g].copy()
         for i in range(nb):
+            _recode(table, rec, i, tmp, True)
             for f in range(table.shape[0]):
                 s, d, nw, unit = _x8_moves(table, f, i)
                 for r in range(8):
