@@ -214,9 +214,9 @@ class BlockLinear(Linear):
     them); larger T: row tiles dequantized by numba (bit-exact) to float32, multiplied with
     torch's float32 GEMM.
 
-    Speed: compute-bound on AVX2 at 5-10
-    Gweights/s per thread. Prompts: ~55-80 GFLOPS per core, like float32 weights (the tile
-    dequantization is < 5 % of it). Crossover with tiles: T ~ 3 (:data:`NUMBA_MAX_T`).
+    One vector is compute-bound on AVX2 (the block decoding's arithmetic); prompts run at the
+    speed of float32 weights, the tiles' dequantization a small part of it (docs/kernels.md).
+    Crossover with tiles: :data:`NUMBA_MAX_T`.
     """
 
     strategy = "numba-blocks"

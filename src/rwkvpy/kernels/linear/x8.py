@@ -278,8 +278,8 @@ _dotsx8 = by_kind(
 def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
     """Groups g0 .. g1 for every vector of x2, X8_TOKENS vectors at a time: each group's
     record is read once per tile and the tile's int8 activations stay in the core's cache
-    (one pass over all T vectors per group read them from the shared cache: 2 threads,
-    T = 512, v7 1.5B shapes, 218-220 -> 271-277 GOPS). One vector: the range in
+    (one pass over all T vectors per group would read them from the shared cache, slower:
+    docs/kernels.md). One vector: the range in
     ir.x8.X8_STREAMS parts read at once, then the groups after the last whole part one by
     one (the loop below)."""
     nb, T = dx2.shape[1], xq2.shape[0]
