@@ -136,8 +136,10 @@ def folder() -> str:
 
 
 def _possible() -> bool:
-    if os.environ.get(ENV, "1").strip() == "0" or os.name != "posix" or not sys.executable:
+    if os.environ.get(ENV, "1").strip() == "0" or os.name != "posix":
         return False
+    if not os.path.basename(sys.executable or "").startswith("python"):
+        return False  # an embedding program (a server's own binary): nothing to run -m with
     try:
         import fcntl  # noqa: F401
 
