@@ -8,8 +8,13 @@ completed or ``--seconds`` elapsed (a request in flight then still finishes). Re
 level: completed requests, requests/s, generated tokens/s (from the responses' usage), mean,
 p50, p95 and p99 request latency, the refused requests by status, mean time to the first token, and the mean size of the server's decode batches.
 
+``--sequential N`` then sends N requests one after the other (one client, each prompt new) and
+reports the server's RSS (a started server: read from /proc) and its prefix cache's entries and
+bytes (``/v1/stats``) every ``--every`` requests: how memory grows over a long service.
+
     PYTHONPATH=src python benchmarks/load_server.py -m ../shared/fixtures/rwkv-cpp-tiny/tiny-rwkv-7v0-834K-FP32.bin
     PYTHONPATH=src python benchmarks/load_server.py --url http://127.0.0.1:8000 --api-key KEY
+    PYTHONPATH=src python benchmarks/load_server.py -m demo --levels '' --sequential 1000
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def start_server(args) -> tuple:
         "0",
         "--no-access-log",
         "--max-concurrent",
-        str(args.max_concurrent or max(args.levels) * 2),
+        str(args.max_concurrent or max(args.levels or [1]) * 2),
         "--max-tokens-limit",
         str(max(args.max_tokens, 16)),
     ]
@@ -63,6 +68,8 @@ def start_server(args) -> tuple:
         cmd += ["--threads", str(args.threads)]
     if args.max_batch:
         cmd += ["--max-batch", str(args.max_batch)]
+    if args.cache_bytes is not None:
+        cmd += ["--cache-bytes", str(args.cache_bytes)]
     proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env)
     os.close(fd)
     deadline = time.monotonic() + 120
@@ -121,6 +128,7 @@ async def run_level(url, headers, clients, args) -> dict:
     issued = 0
     results = []
     refused: dict = {}
+    messages: list = []  # the first few errors' messages
 
     async def worker(w, client):
         nonlocal issued
@@ -144,6 +152,8 @@ async def run_level(url, headers, clients, args) -> dict:
                 refused[key] = refused.get(key, 0) + 1
             except (httpx.HTTPError, RuntimeError) as e:
                 refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
+                if len(messages) < 3 and str(e) not in messages:
+                    messages.append(str(e)[:200])
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(
@@ -175,9 +185,58 @@ async def run_level(url, headers, clients, args) -> dict:
         "latency_p95_s": pct(0.95),
         "latency_p99_s": pct(0.99),
         "refused": refused,
+        "error_messages": messages,
         "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
         "mean_decode_batch": mean_batch,
     }
+
+
+def rss_mb(pid) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+async def run_sequential(url, headers, n, every, args, pid) -> list:
+    """``n`` streaming completions one after the other, each prompt new; a row every ``every``
+    requests: requests done, server RSS (MB, None without a pid), prefix cache entries and
+    bytes, mean latency of the block."""
+    rows = []
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+
+        async def row(done, lat):
+            cache = (await client.get("/v1/stats")).json()["engine"].get("prefix_cache") or {}
+            rows.append(
+                {
+                    "requests": done,
+                    "rss_mb": rss_mb(pid) if pid else None,
+                    "cache_entries": cache.get("entries"),
+                    "cache_mb": cache["nbytes"] / 2**20 if "nbytes" in cache else None,
+                    "latency_mean_s": statistics.fmean(lat) if lat else None,
+                }
+            )
+
+        await row(0, [])
+        lat: list = []
+        for i in range(n):
+            body = {
+                "prompt": f"{PROMPTS[i % len(PROMPTS)]} [{i}]",
+                "stream": True,
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "seed": i,
+                "stream_options": {"include_usage": True},
+            }
+            lat.append((await one_request(client, body))[0])
+            if (i + 1) % every == 0 or i + 1 == n:
+                await row(i + 1, lat)
+                lat = []
+    return rows
 
 
 def main(argv=None) -> int:
@@ -199,9 +258,14 @@ def main(argv=None) -> int:
         help="server --max-concurrent "
         "(started server; default twice the largest level): levels above it get 429s",
     )
+    p.add_argument(
+        "--sequential", type=int, default=0, help="then N requests one after the other (RSS)"
+    )
+    p.add_argument("--every", type=int, default=100, help="--sequential: a row every N (100)")
+    p.add_argument("--cache-bytes", type=int, default=None, help="server --cache-bytes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    args.levels = [int(x) for x in args.levels.split(",")]
+    args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
     proc = log = None
     if args.url:
         host = urlparse(args.url).hostname or ""
@@ -227,6 +291,10 @@ def main(argv=None) -> int:
             )
         )
         rows = [asyncio.run(run_level(url, headers, c, args)) for c in args.levels]
+        seq = []
+        if args.sequential:
+            pid = proc.pid if proc is not None else None
+            seq = asyncio.run(run_sequential(url, headers, args.sequential, args.every, args, pid))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -236,7 +304,8 @@ def main(argv=None) -> int:
                 proc.kill()
             os.unlink(log)
     if args.json:
-        print(json.dumps({"url": url, "max_tokens": args.max_tokens, "levels": rows}))
+        out = {"url": url, "max_tokens": args.max_tokens, "levels": rows, "sequential": seq}
+        print(json.dumps(out))
         return 0
     print(f"server {url}, {args.max_tokens} tokens per request (streaming completions)")
     print(
@@ -250,6 +319,17 @@ def main(argv=None) -> int:
             f"{r['tokens_per_s']:>8.1f} {r['latency_p50_s']:>7.3f}s {r['latency_p99_s']:>7.3f}s "
             f"{ttft:>7} {r['mean_decode_batch']:>10.1f}  {r['refused'] or '-'}"
         )
+        for m in r["error_messages"]:
+            print(f"{'':>7} error: {m}")
+    if seq:
+        print(
+            f"{'requests':>8} {'RSS MB':>8} {'cache entries':>13} {'cache MB':>8} {'lat mean':>8}"
+        )
+    for r in seq:
+        rss = f"{r['rss_mb']:.1f}" if r["rss_mb"] is not None else "-"
+        cmb = f"{r['cache_mb']:.1f}" if r["cache_mb"] is not None else "-"
+        lat = f"{r['latency_mean_s']:.3f}s" if r["latency_mean_s"] is not None else "-"
+        print(f"{r['requests']:>8} {rss:>8} {r['cache_entries']!s:>13} {cmb:>8} {lat:>8}")
     return 0
 
 
