@@ -1,0 +1,126 @@
+"""Per-token time of one random model in several formats, one thread, the models taking turns
+token by token in one process: the K-quants' products against Q4_0's and Q8_0's per byte.
+
+    python benchmarks/bench_kquant_tokens.py [--preset v7-0.1b] [--types q4_0,q8_0,q4_k_m,q5_k,q6_k]
+                                             [--tokens 80] [--dir /tmp/rwkvpy-bench] [--wall]
+                                             [--quantize-head]
+
+Each type is converted once (``rwkvpy convert`` of a ``rwkvpy.synth`` model, kept in ``--dir``)
+and loaded in mode fast with one thread, without the repack cache (``--quantize-head``: the
+32-weight types' heads quantized too, as the K-quant types' are, so that all of a model's large
+products are in its type). Each round feeds every model
+its next token (the same token ids for all), timed by the calling thread's CPU time (``--wall``:
+the wall clock), which on a busy machine leaves out the waits for a CPU but not the slowdown
+from others sharing the caches and the memory. Reported per type: the bytes its products read
+per token (the sum of its linears' bytes: the whole model is read once per token, far more than
+the caches hold), median, mean and p90 ms per token; then the line through Q4_0 and Q8_0
+(non-product time + time per MB) and the time it predicts for each other type from its bytes:
+a measured time at or below the prediction means products at least as fast per byte as the
+32-weight formats'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def _models(preset: str, types: list, folder: str, quantize_head: bool = False) -> dict:
+    import rwkvpy
+    from rwkvpy.convert import convert
+    from rwkvpy.synth import save_random_model
+
+    os.makedirs(folder, exist_ok=True)
+    src = os.path.join(folder, f"{preset}.pth")
+    if not os.path.exists(src):
+        save_random_model(src, preset)
+    out = {}
+    for t in types:
+        qh = quantize_head and "_k" not in t
+        dst = os.path.join(folder, f"{preset}-{t}{'-qhead' if qh else ''}.gguf")
+        if not os.path.exists(dst):
+            convert(src, dst, type=t, progress=False, quantize_head=qh)
+        out[t] = rwkvpy.load(dst, mode="fast", threads=1, cache=False)
+    return out
+
+
+def _mbytes(model) -> float:
+    return sum(getattr(lin, "nbytes", 0) for lin in model._net.lin.values()) / 1e6
+
+
+def run(
+    preset: str, types: list, tokens: int, folder: str, wall: bool, quantize_head: bool = False
+) -> list:
+    models = _models(preset, types, folder, quantize_head)
+    clock = time.perf_counter if wall else time.thread_time
+    rng = np.random.default_rng(0)
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = rng.integers(0, vocab, tokens + 8).tolist()
+    states = {t: None for t in models}
+    times: dict = {t: [] for t in models}
+    with torch.inference_mode():
+        for n, tok in enumerate(ids):
+            for t, m in models.items():
+                t0 = clock()
+                _, states[t] = m.forward([tok], states[t])
+                if n >= 8:  # the first tokens warm the caches and compile what is left
+                    times[t].append(clock() - t0)
+    rows = []
+    for t, m in models.items():
+        ms = np.array(times[t]) * 1e3
+        rows.append(
+            dict(
+                type=t,
+                mb=_mbytes(m),
+                median=float(np.median(ms)),
+                mean=float(ms.mean()),
+                p90=float(np.percentile(ms, 90)),
+                step=str(m.kernels.get("step")),
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="v7-0.1b")
+    ap.add_argument("--types", default="q4_0,q8_0,q4_k_m,q5_k,q6_k")
+    ap.add_argument("--tokens", type=int, default=80)
+    ap.add_argument("--dir", default="/tmp/rwkvpy-bench")
+    ap.add_argument("--wall", action="store_true", help="wall clock instead of thread CPU time")
+    ap.add_argument(
+        "--quantize-head", action="store_true", help="the 32-weight types' heads quantized too"
+    )
+    args = ap.parse_args()
+    load = os.getloadavg()
+    rows = run(
+        args.preset, args.types.split(","), args.tokens, args.dir, args.wall, args.quantize_head
+    )
+    print(
+        f"{args.preset}, 1 thread, {args.tokens} tokens each, {'wall' if args.wall else 'cpu'} "
+        f"clock, load average {load[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'type':>8} {'MB':>7} {'median':>8} {'mean':>8} {'p90':>8}  step")
+    for r in rows:
+        print(
+            f"{r['type']:>8} {r['mb']:7.1f} {r['median']:8.2f} {r['mean']:8.2f} {r['p90']:8.2f}"
+            f"  {r['step']}"
+        )
+    by = {r["type"]: r for r in rows}
+    if "q4_0" in by and "q8_0" in by:
+        a, b = by["q4_0"], by["q8_0"]
+        slope = (b["median"] - a["median"]) / (b["mb"] - a["mb"])
+        base = a["median"] - slope * a["mb"]
+        print(f"line through q4_0 and q8_0 (medians): {base:.2f} ms + {1e3 * slope:.1f} us/MB")
+        for r in rows:
+            if r["type"] not in ("q4_0", "q8_0"):
+                pred = base + slope * r["mb"]
+                print(f"{r['type']:>8}: predicted {pred:.2f} ms, measured {r['median']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
