@@ -182,3 +182,18 @@ def test_concurrent_saves_keep_each_signature_its_code(tmp_path):
     a, b, compiled = eval(p.stdout.strip())  # noqa: S307 - our own repr of ints and floats
     assert (a, type(a), b, type(b)) == (42, int, 42.0, float)
     assert compiled == 0  # both signatures were in the cache, each with its own code
+
+
+def test_a_hung_second_process_is_not_waited_for_past_the_limit(tmp_path, monkeypatch):
+    """A second process that never ends: past MAX_WAIT_S the model takes its fused step."""
+    monkeypatch.setenv(coldstart.ENV, "1")
+    monkeypatch.setattr(coldstart, "COMMAND", ("-c", "import time; time.sleep(60)"))
+    monkeypatch.setattr(coldstart, "folder", lambda: str(tmp_path / "warm"))
+    m = rwkvpy.load(str(V4), threads=1)
+    w = m._warming
+    assert w is not None and not w.wait(0.5)  # still running
+    monkeypatch.setattr(coldstart, "MAX_WAIT_S", 0.0)
+    assert w.wait(5) and not w.succeeded
+    assert m.wait_for_kernels(0) is True
+    w.proc.kill()
+    w.proc.wait()

@@ -19,8 +19,8 @@ folder (``warm/KEY.done``) records that the second process compiled them. Where 
 nothing is spawned. One second process runs per key (an exclusive lock on ``warm/KEY.lock``):
 a process that finds one running waits for it the same way; and one at a time in all
 (``warm/running.lock``): a model of another kind loaded meanwhile compiles its kernels itself.
-If the second process fails or is killed, the model takes the fused step anyway and compiles
-what it lacks itself.
+If the second process fails, is killed or runs past :data:`MAX_WAIT_S`, the model takes the
+fused step anyway and compiles what it lacks itself.
 
 Not used where numba's cache is a temporary folder of the process (nothing to share), on
 Windows (no ``fcntl`` locks), or when ``$RWKVPY_BACKGROUND_COMPILE`` is ``0`` at load (then a
@@ -42,6 +42,9 @@ import time
 ENV = "RWKVPY_BACKGROUND_COMPILE"
 #: Seconds between two looks at the second process (a look: a stat, maybe a lock attempt).
 POLL_S = 0.2
+#: Seconds a model waits for a second process at most: past them it takes its fused step and
+#: compiles what it lacks itself (a second process that hangs costs speed, never progress).
+MAX_WAIT_S = 600.0
 #: The second process's program (after the interpreter): rwkvpy.warm.
 COMMAND = ("-m", "rwkvpy.warm")
 #: Held by the second process that is running: at most one at a time on a machine (a
@@ -176,7 +179,7 @@ class Background:
         self.started = time.monotonic()
 
     def _look(self) -> bool:
-        if os.path.exists(self.marker):
+        if os.path.exists(self.marker) or time.monotonic() - self.started > MAX_WAIT_S:
             return True
         if self.proc is not None:
             return self.proc.poll() is not None  # ended without its marker: failed
