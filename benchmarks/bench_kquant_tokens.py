@@ -86,6 +86,7 @@ def run(
 
 
 def main() -> None:
+    os.environ.setdefault("RWKVPY_BACKGROUND_COMPILE", "0")  # time the kernels, not a first run
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="v7-0.1b")
     ap.add_argument("--types", default="q4_0,q8_0,q4_k_m,q5_k,q6_k")
