@@ -240,6 +240,7 @@ async def run_sequential(url, headers, n, every, args, pid) -> list:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("RWKVPY_BACKGROUND_COMPILE", "0")  # time the kernels, not a first run
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("-m", "--model", help="start a server for this model")

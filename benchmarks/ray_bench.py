@@ -450,6 +450,7 @@ def batch_rows(model: str, rows: int, max_tokens: int, ray_on: bool, cpus: int, 
 
 
 def main() -> int:
+    os.environ.setdefault("RWKVPY_BACKGROUND_COMPILE", "0")  # time the kernels, not a first run
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo")
     ap.add_argument("--requests", type=int, default=32, help="requests per round")
