@@ -74,34 +74,26 @@ def _env(cache: str, background: bool = True) -> dict:
 
 
 def _wait_background(cache: str, t0: float, limit: float = 600.0) -> dict | None:
-    """Wait for the second process of a first run (rwkvpy.coldstart) to let go of its lock;
-    its record (rwkvpy.warm: kernels, seconds, CPU seconds) and when it ended (seconds after
-    ``t0``), or None if none ran."""
-    import fcntl
+    """Wait for the second process of a first run (rwkvpy.coldstart) to end, as a model found
+    it running would; its record (rwkvpy.warm: kernels, seconds, CPU seconds) and when it ended
+    (seconds after ``t0``), or None if none ran."""
+    from rwkvpy.coldstart import RUNNING, Background
 
     folder = os.path.join(cache, "rwkvpy", "numba", "warm")
-    if not os.path.isdir(folder):
-        return None
-    end = time.perf_counter() + limit
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith(".lock"):
-            continue
-        with open(os.path.join(folder, name), "a+b") as f:
-            while True:
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    if time.perf_counter() > end:
-                        raise RuntimeError("the second process did not end") from None
-                    time.sleep(0.1)
+    locks = sorted(
+        n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n.endswith(".lock")
+    )
+    for name in (n for n in locks if n != RUNNING):
         done = os.path.join(folder, name[: -len(".lock")] + ".done")
+        if not Background(done, os.path.join(folder, name), None).wait(limit):
+            raise RuntimeError("the second process did not end")
         if os.path.exists(done):
             with open(done) as f:
                 record = json.load(f)
             record["ended_s"] = os.path.getmtime(done) - t0
             return record
-    return {"failed": True}
+        return {"failed": True}
+    return None
 
 
 def _timed(cmd: list, env: dict) -> dict:

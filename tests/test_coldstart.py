@@ -119,12 +119,17 @@ def test_first_run_compiles_the_step_in_a_second_process(tmp_path):
     assert json.loads(marker.read_text())["kernels"] > 0
 
 
+def _second_process(monkeypatch, tmp_path, command):
+    """Loads in this process spawn ``command`` as their second process, markers in tmp_path."""
+    monkeypatch.setenv(coldstart.ENV, "1")
+    monkeypatch.setattr(coldstart, "COMMAND", command)
+    monkeypatch.setattr(coldstart, "folder", lambda: str(tmp_path / "warm"))
+
+
 def test_a_failed_second_process_leaves_the_model_to_compile(tmp_path, monkeypatch):
     """The second process dies at once: the model takes its fused step after all (compiling
     it itself) and computes the same logits."""
-    monkeypatch.setenv(coldstart.ENV, "1")
-    monkeypatch.setattr(coldstart, "COMMAND", ("-c", "raise SystemExit(3)"))
-    monkeypatch.setattr(coldstart, "folder", lambda: str(tmp_path / "warm"))
+    _second_process(monkeypatch, tmp_path, ("-c", "raise SystemExit(3)"))
     m = rwkvpy.load(str(V7), threads=1)
     assert m._warming is not None and m._warming.wait(60)
     assert not m._warming.succeeded
@@ -186,9 +191,7 @@ def test_concurrent_saves_keep_each_signature_its_code(tmp_path):
 
 def test_a_hung_second_process_is_not_waited_for_past_the_limit(tmp_path, monkeypatch):
     """A second process that never ends: past MAX_WAIT_S the model takes its fused step."""
-    monkeypatch.setenv(coldstart.ENV, "1")
-    monkeypatch.setattr(coldstart, "COMMAND", ("-c", "import time; time.sleep(60)"))
-    monkeypatch.setattr(coldstart, "folder", lambda: str(tmp_path / "warm"))
+    _second_process(monkeypatch, tmp_path, ("-c", "import time; time.sleep(60)"))
     m = rwkvpy.load(str(V4), threads=1)
     w = m._warming
     assert w is not None and not w.wait(0.5)  # still running

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from .formats.atomic import atomic_write
+
 #: ``0``: no second process (read at each load, not at import).
 ENV = "RWKVPY_BACKGROUND_COMPILE"
 #: Seconds between two looks at the second process (a look: a stat, maybe a lock attempt).
@@ -234,16 +236,14 @@ def start(ckpt, cfg, mode: str, level: str) -> Background | None:
     if held is None:  # another process's second process is compiling the same kernels
         return Background(marker, lock, None)
     busy = _try_lock(os.path.join(base, RUNNING))
-    if busy is None:  # one for another kind of model is running: compile here, as before
+    if busy is None:  # one for another kind of model is running: this model compiles here
         held.close()
         return None
     busy.close()
     try:
         spec_path = os.path.join(base, k + ".json")
-        tmp = f"{spec_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(spec_path, "w") as f:
             json.dump(s, f)
-        os.replace(tmp, spec_path)
         env = dict(os.environ)
         env[ENV] = "0"  # the second process runs its small model in place
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,7 +261,7 @@ def start(ckpt, cfg, mode: str, level: str) -> Background | None:
                 process_group=0,
                 close_fds=True,
             )
-    except OSError:
+    except OSError:  # FileWriteError included
         return None
     finally:
         held.close()  # the second process takes the lock itself

@@ -89,6 +89,7 @@ def run(s: dict) -> int:
 
 def main(argv=None) -> int:
     from .coldstart import RUNNING, _try_lock
+    from .formats.atomic import atomic_write
 
     spec_path, marker, lock_path = (sys.argv[1:] if argv is None else argv)[:3]
     try:
@@ -113,10 +114,8 @@ def main(argv=None) -> int:
             "cpu_seconds": round(time.process_time() - c0, 2),
             "spec": os.path.basename(spec_path),
         }
-        tmp = f"{marker}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(marker, "w") as f:
             json.dump(record, f)
-        os.replace(tmp, marker)
     finally:
         running.close()
         held.close()
