@@ -315,6 +315,29 @@ def test_x8_kernels(name):
 
 
 @pytest.mark.parametrize("name", X8)
+def test_x8_streams_off_the_page(name):
+    """One vector over groups whose stream stride is a whole number of 4 KiB pages: the streams
+    start fewer groups apart (stream_groups) and the groups after them run one by one; every
+    row still bit-identical to the 4-vector passes' (and the parallel driver's)."""
+    from rwkvpy.kernels.linear.x8 import stream_groups
+
+    rng = np.random.default_rng(14)
+    kind = kir.KIND[name]
+    G = 44 if name == "Q6_K" else 64  # the smallest counts of 256-column groups that shift
+    O, K = 8 * G + 3, 256
+    raw = get_format(name).quantize(rng.standard_normal((O, K)).astype(np.float32))
+    raw = raw.reshape(O, -1)
+    pk, tail = _x8(kind, raw)
+    assert stream_groups(G, pk.shape[1]) < G // 4
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    y1, y5, yp = (np.empty((t, O), np.float32) for t in (1, 5, 1))
+    kir.mvx8(kind, pk, tail, x[:1], y1)
+    kir.mvx8(kind, pk, tail, x, y5)
+    kir.mvx8_par(kind, pk, tail, x[:1], yp, 16)
+    assert np.array_equal(bits(y1), bits(y5[:1])) and np.array_equal(bits(y1), bits(yp))
+
+
+@pytest.mark.parametrize("name", X8)
 def test_x8_special_factors(name):
     """NaN/inf/subnormal float16 factors and NaN activations: a product is finite exactly when
     the row kernel's is (the sums run in another order, so a non-finite one may be inf in one and

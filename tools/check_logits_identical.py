@@ -221,9 +221,10 @@ def main(argv=None) -> int:
     bad = compare(want, got)
     for line in bad:
         print(line)
+    missing = sum(line.startswith("MISSING") for line in bad)
     print(
-        f"{len(got) - len(bad)} of {len(got)} arrays bit-identical "
-        f"({time.perf_counter() - t0:.0f} s)"
+        f"{len(got) - len(bad) + missing} of {len(got)} arrays of this run bit-identical, "
+        f"{missing} recorded arrays not in this run ({time.perf_counter() - t0:.0f} s)"
     )
     return 1 if bad else 0
 

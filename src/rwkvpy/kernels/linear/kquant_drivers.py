@@ -14,6 +14,7 @@ from ..ir.kquants import KIND, KINDS, QK_K  # noqa: F401  (kernels/kquants.py re
 from ..ir.kquants_x8 import X8_FIELDS, X8_KINDS, x8_table  # noqa: F401
 from ..ir.x8 import X8_STREAMS
 from .dispatch import by_kind
+from .x8 import X8_TOKENS, stream_groups
 
 _NB = {"cache": True, "nogil": True}
 
@@ -112,10 +113,6 @@ def dec_par(kind, raw2, out, r0, r1, chunk):
 
 
 # -- drivers of the 8-row groups (KQuantX8Linear) ---------------------------------------------
-
-#: Vectors of a prompt per pass over a chunk of groups (mvx8_groups): each record is read once
-#: per tile, and the tile's int8 activations stay in the core's cache.
-X8_TOKENS = 64
 
 
 @njit(inline="always", **_NB)
@@ -261,13 +258,13 @@ _dotsx8 = by_kind((_kx8.dotsx8_q4_k, _kx8.dotsx8_q5_k, _kx8.dotsx8_q6_k), X8_KIN
 
 @njit(**_NB)
 def mvx8_groups(kind, pk, xq2, dx2, bs2, y2, g0, g1):
-    """Groups g0 .. g1 for every vector: one vector as X8_STREAMS parts of the range read at
-    once (then the groups after the last whole part one by one); prompts in tiles of
-    X8_TOKENS vectors, 4 per pass (kernels.linear._mvx8_groups' plan)."""
+    """Groups g0 .. g1 for every vector: one vector as X8_STREAMS streams of stream_groups'
+    groups read at once (then the groups after the streams' end one by one); prompts in tiles
+    of X8_TOKENS vectors, 4 per pass (kernels.linear._mvx8_groups' plan)."""
     nb, T = dx2.shape[1], xq2.shape[0]
     if T == 1:
         ns = X8_STREAMS
-        q = (g1 - g0) // ns
+        q = stream_groups(g1 - g0, pk.shape[1])
         for i in range(q):
             _dotsx8(kind, (pk, g0 + i, q, xq2, dx2, bs2, nb, y2, 0))
         g0 += ns * q
