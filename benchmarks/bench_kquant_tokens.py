@@ -3,7 +3,7 @@ token by token in one process: the K-quants' products against Q4_0's and Q8_0's 
 
     python benchmarks/bench_kquant_tokens.py [--preset v7-0.1b] [--types q4_0,q8_0,q4_k_m,q5_k,q6_k]
                                              [--tokens 80] [--dir /tmp/rwkvpy-bench] [--wall]
-                                             [--quantize-head]
+                                             [--quantize-head] [--products]
 
 Each type is converted once (``rwkvpy convert`` of a ``rwkvpy.synth`` model, kept in ``--dir``)
 and loaded in mode fast with one thread, without the repack cache (``--quantize-head``: the
@@ -17,6 +17,13 @@ the caches hold), median, mean and p90 ms per token; then the line through Q4_0 
 (non-product time + time per MB) and the time it predicts for each other type from its bytes:
 a measured time at or below the prediction means products at least as fast per byte as the
 32-weight formats'.
+
+``--products``: the products alone, in the model's order (each matrix read from memory, as in
+a token): every linear's one-vector product (``row_product_serial`` on its numba spec, the
+kernel the fused step calls on one thread) timed by thread CPU time, the types taking turns
+round by round; per type the sum of the medians and GB/s, and per matrix role (``head``,
+``att.key``, ...) ms and GB/s: a role far below the others' GB/s is a kernel or layout problem
+of that shape.
 """
 
 from __future__ import annotations
@@ -85,19 +92,71 @@ def run(
     return rows
 
 
+def products(preset: str, types: list, rounds: int, folder: str, quantize_head: bool) -> list:
+    """Per type: (type, [(role, ms, MB)]) from ``rounds`` timed passes over its products (see
+    the module docstring)."""
+    from collections import defaultdict
+
+    from rwkvpy.kernels.linear.product import row_product_serial
+
+    models = _models(preset, types, folder, quantize_head)
+    rng = np.random.default_rng(0)
+    mats = {}
+    for t, m in models.items():
+        mats[t] = []
+        for name, lin in m._net.lin.items():
+            spec = lin.numba_spec()
+            if spec is not None:
+                x = rng.standard_normal((1, lin.in_features)).astype(np.float32)
+                mats[t].append((name, spec, x, np.empty((1, lin.out_features), np.float32), lin))
+    times: dict = {t: defaultdict(list) for t in models}
+    for r in range(rounds + 2):  # two rounds to warm up
+        for t in models:
+            for name, spec, x, y, _ in mats[t]:
+                t0 = time.thread_time()
+                row_product_serial(spec, x, y)
+                if r >= 2:
+                    times[t][name].append(time.thread_time() - t0)
+    out = []
+    for t in models:
+        roles: dict = defaultdict(lambda: [0.0, 0.0])
+        for name, _, _, _, lin in mats[t]:
+            role = name.split(".", 2)[2] if name.startswith("blocks.") else name
+            roles[role][0] += float(np.median(times[t][name])) * 1e3
+            roles[role][1] += lin.nbytes / 1e6
+        out.append((t, sorted(((k, *v) for k, v in roles.items()), key=lambda v: -v[1])))
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("RWKVPY_BACKGROUND_COMPILE", "0")  # time the kernels, not a first run
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="v7-0.1b")
     ap.add_argument("--types", default="q4_0,q8_0,q4_k_m,q5_k,q6_k")
-    ap.add_argument("--tokens", type=int, default=80)
+    ap.add_argument("--tokens", type=int, default=80, help="tokens (--products: rounds)")
     ap.add_argument("--dir", default="/tmp/rwkvpy-bench")
     ap.add_argument("--wall", action="store_true", help="wall clock instead of thread CPU time")
     ap.add_argument(
         "--quantize-head", action="store_true", help="the 32-weight types' heads quantized too"
     )
+    ap.add_argument("--products", action="store_true", help="time the products alone (per role)")
     args = ap.parse_args()
     load = os.getloadavg()
+    if args.products:
+        got = products(
+            args.preset, args.types.split(","), args.tokens, args.dir, args.quantize_head
+        )
+        print(
+            f"{args.preset} products, 1 thread, {args.tokens} rounds, cpu clock, load average "
+            f"{load[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+        )
+        for t, roles in got:
+            ms, mb = sum(r[1] for r in roles), sum(r[2] for r in roles)
+            print(f"{t:>8}: {ms:6.2f} ms  {mb:6.1f} MB  {mb / ms:5.1f} GB/s")
+            for role, rms, rmb in roles:
+                if rmb >= 1:
+                    print(f"{'':10}{role:<24} {rms:6.3f} ms {rmb:6.1f} MB {rmb / rms:5.1f} GB/s")
+        return
     rows = run(
         args.preset, args.types.split(","), args.tokens, args.dir, args.wall, args.quantize_head
     )
