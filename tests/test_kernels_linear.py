@@ -236,9 +236,9 @@ def test_x8_one_vector_streams_bit_identical(fmt, n_out):
 def test_stream_groups_keeps_streams_off_one_cache_set():
     """One vector's X8_STREAMS streams: n // 4 groups apart unless that puts two of them at the
     same offset of a 4 KiB page (the same L1 sets); then at most an eighth fewer groups apart,
-    every two streams at least X8_STREAM_GAP bytes apart modulo the page; n // 4 where no
+    every two streams at least STREAM_GAP bytes apart modulo the page; n // 4 where no
     count does."""
-    from rwkvpy.kernels.linear.x8 import L1_WAY_BYTES, X8_STREAM_GAP, stream_groups
+    from rwkvpy.kernels.linear.streams import L1_WAY_BYTES, STREAM_GAP, stream_groups
 
     def gap(s, row_bytes):
         ds = [(k * s * row_bytes) % L1_WAY_BYTES for k in (1, 2, 3)]
@@ -247,15 +247,15 @@ def test_stream_groups_keeps_streams_off_one_cache_set():
     shifted = 0
     for row_bytes in (3456, 4224, 5040, 4608, 6528, 1152 * 16, 1408 * 10):
         for n in range(0, 9000, 7):
-            s, q = stream_groups(n, row_bytes), n // 4
+            s, q = stream_groups(n, row_bytes, 4), n // 4
             assert q - q // 8 <= s <= q
             if s < q:
                 shifted += 1
-                assert gap(s, row_bytes) >= X8_STREAM_GAP and gap(q, row_bytes) < X8_STREAM_GAP
-            elif q and gap(q, row_bytes) < X8_STREAM_GAP:  # none nearby is better
-                assert all(gap(t, row_bytes) < X8_STREAM_GAP for t in range(max(1, q - q // 8), q))
+                assert gap(s, row_bytes) >= STREAM_GAP and gap(q, row_bytes) < STREAM_GAP
+            elif q and gap(q, row_bytes) < STREAM_GAP:  # none nearby is better
+                assert all(gap(t, row_bytes) < STREAM_GAP for t in range(max(1, q - q // 8), q))
     assert shifted > 100
-    assert stream_groups(8192, 4224) == 2047  # v7 0.1B's Q5_K head: 2048 would be 2112 pages
+    assert stream_groups(8192, 4224, 4) == 2047  # v7 0.1B's Q5_K head: 2048 would be 2112 pages
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(64, 256)])

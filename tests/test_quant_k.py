@@ -319,7 +319,7 @@ def test_x8_streams_off_the_page(name):
     """One vector over groups whose stream stride is a whole number of 4 KiB pages: the streams
     start fewer groups apart (stream_groups) and the groups after them run one by one; every
     row still bit-identical to the 4-vector passes' (and the parallel driver's)."""
-    from rwkvpy.kernels.linear.x8 import stream_groups
+    from rwkvpy.kernels.linear.streams import stream_groups
 
     rng = np.random.default_rng(14)
     kind = kir.KIND[name]
@@ -328,7 +328,7 @@ def test_x8_streams_off_the_page(name):
     raw = get_format(name).quantize(rng.standard_normal((O, K)).astype(np.float32))
     raw = raw.reshape(O, -1)
     pk, tail = _x8(kind, raw)
-    assert stream_groups(G, pk.shape[1]) < G // 4
+    assert stream_groups(G, pk.shape[1], 4) < G // 4
     x = rng.standard_normal((5, K)).astype(np.float32)
     y1, y5, yp = (np.empty((t, O), np.float32) for t in (1, 5, 1))
     kir.mvx8(kind, pk, tail, x[:1], y1)

@@ -14,7 +14,8 @@ from ..ir.kquants import KIND, KINDS, QK_K  # noqa: F401  (kernels/kquants.py re
 from ..ir.kquants_x8 import X8_FIELDS, X8_KINDS, x8_table  # noqa: F401
 from ..ir.x8 import X8_STREAMS
 from .dispatch import by_kind
-from .x8 import X8_TOKENS, stream_groups
+from .streams import stream_groups
+from .x8 import X8_TOKENS
 
 _NB = {"cache": True, "nogil": True}
 
@@ -264,7 +265,7 @@ def mvx8_groups(kind, pk, xq2, dx2, bs2, y2, g0, g1):
     nb, T = dx2.shape[1], xq2.shape[0]
     if T == 1:
         ns = X8_STREAMS
-        q = stream_groups(g1 - g0, pk.shape[1])
+        q = stream_groups(g1 - g0, pk.shape[1], ns)
         for i in range(q):
             _dotsx8(kind, (pk, g0 + i, q, xq2, dx2, bs2, nb, y2, 0))
         g0 += ns * q

@@ -24,6 +24,7 @@ from numba.extending import intrinsic
 from ..ir import rows as _ir_rows
 from ..kinds import Kind
 from .dispatch import by_kind
+from .streams import stream_groups
 
 _CACHE = {"cache": True, "nogil": True}
 _F16, _BF16, _F32 = int(Kind.F16), int(Kind.BF16), int(Kind.F32)
@@ -147,8 +148,8 @@ def _mv_rows(kind, raw2, x2, y2, r0, r1, qk):
     T = x2.shape[0]
     nb = x2.shape[1] // qk
     r = r0
-    if T == 1 and kind >= _F16:  # float rows, one vector: 4 quarters of the range at once
-        q = (r1 - r0) // 4
+    if T == 1 and kind >= _F16:  # float rows, one vector: 4 streams of rows at once
+        q = stream_groups(r1 - r0, raw2.strides[0], 4)
         for i in range(q):
             _DOTS(kind, (raw2, r0 + i, q, x2[0], y2[0], nb))
         r = r0 + 4 * q

@@ -16,46 +16,17 @@ from ..ir import x8 as _ir_x8
 from ..kinds import BLOCK_KINDS, Kind
 from .dispatch import by_kind
 from .rows import _dec_row, _dot_row, _rd32
+from .streams import stream_groups
 from .threads import _row_chunk, _rows_kernel
 
 _CACHE = {"cache": True, "nogil": True}
 #: Vectors of a prompt per pass over a chunk of int8-group rows (_mvx8_groups).
 X8_TOKENS = 64
-#: Bytes of one way of the L1 data cache (its sets times its 64-byte line: 32 KiB 8-way on AMD
-#: Zen, 48 KiB 12-way on Intel's recent cores): addresses a multiple of this apart share a set.
-L1_WAY_BYTES = 4096
-#: The least distance, modulo L1_WAY_BYTES, between any two of one vector's X8_STREAMS streams
-#: (stream_groups): streams at the same offset compete for the same L1 sets with their
-#: prefetched lines, and Q5_K's products (two lines live per stream) then read at about half
-#: speed (docs/kernels.md).
-X8_STREAM_GAP = 128
 _Q8_0 = int(Kind.Q8_0)
 #: Per block kind (Q4_0 .. Q8_0): ggml's bytes per block, whether the block holds m, qh.
 _BLOCK_BYTES = tuple(k.chunk_bytes for k in BLOCK_KINDS)
 _HAS_MIN = tuple(int(k.has_min) for k in BLOCK_KINDS)
 _HAS_QH = tuple(int(k.has_high_bits) for k in BLOCK_KINDS)
-
-
-@njit(inline="always", **_CACHE)
-def stream_groups(n, row_bytes):
-    """Groups per stream when one vector's product reads ``n`` groups of ``row_bytes`` as
-    ir.x8.X8_STREAMS streams, each ``stream_groups(...)`` groups after the last (the groups
-    after the streams' end run one by one): n // X8_STREAMS, or the largest count at most an
-    eighth fewer that keeps every two streams X8_STREAM_GAP bytes apart modulo L1_WAY_BYTES
-    (n // X8_STREAMS where none does)."""
-    ns = _ir_x8.X8_STREAMS
-    q = n // ns
-    for s in range(q, q - q // 8 - 1, -1):
-        if s < 1:
-            break
-        ok = True
-        for k in range(1, ns):
-            d = (k * s * row_bytes) % L1_WAY_BYTES
-            if min(d, L1_WAY_BYTES - d) < X8_STREAM_GAP:
-                ok = False
-        if ok:
-            return s
-    return q
 
 
 # --- int8 activations (ggml's method; AVX2): ir.rows.dotq_* ---------------------------------
@@ -187,7 +158,7 @@ def _mvx8w_groups(pk, xw2, dx2, y2, g0, g1):
     nb, T = dx2.shape[1], xw2.shape[0]
     if T == 1:  # one vector: ir.x8.X8_STREAMS groups at once (see _mvx8_groups)
         ns = _ir_x8.X8_STREAMS
-        q = stream_groups(g1 - g0, pk.shape[1])
+        q = stream_groups(g1 - g0, pk.shape[1], ns)
         for i in range(q):
             _ir_x8.dotsx8w_q8_0(pk, g0 + i, q, xw2, dx2, nb, y2, 0)
         g0 += ns * q
@@ -314,7 +285,7 @@ def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
     nb, T = dx2.shape[1], xq2.shape[0]
     if T == 1:
         ns = _ir_x8.X8_STREAMS
-        q = stream_groups(g1 - g0, pk.shape[1])
+        q = stream_groups(g1 - g0, pk.shape[1], ns)
         for i in range(q):
             _dotsx8(kind, (pk, g0 + i, q, xq2, dx2, sx2, nb, y2, 0))
         g0 += ns * q
