@@ -265,7 +265,7 @@ def mvx8_groups(kind, pk, xq2, dx2, bs2, y2, g0, g1):
     nb, T = dx2.shape[1], xq2.shape[0]
     if T == 1:
         ns = X8_STREAMS
-        q = stream_groups(g1 - g0, pk.shape[1], ns)
+        q = stream_groups(g1 - g0, pk.strides[0], ns)
         for i in range(q):
             _dotsx8(kind, (pk, g0 + i, q, xq2, dx2, bs2, nb, y2, 0))
         g0 += ns * q

@@ -11,8 +11,8 @@ from numba import njit
 #: Zen, 48 KiB 12-way on Intel's recent cores): addresses a multiple of this apart share a set.
 L1_WAY_BYTES = 4096
 #: The least distance, modulo L1_WAY_BYTES, between any two streams of one product
-#: (stream_groups): streams at the same offset of their pages compete for the same L1 sets
-#: with their prefetched lines, and read at about half speed (docs/kernels.md).
+#: (stream_groups): streams at the same offset of their pages (on the same L1 sets) read at
+#: about half speed in some shapes (docs/kernels.md, "Streams off one cache set").
 STREAM_GAP = 128
 
 

@@ -158,7 +158,7 @@ def _mvx8w_groups(pk, xw2, dx2, y2, g0, g1):
     nb, T = dx2.shape[1], xw2.shape[0]
     if T == 1:  # one vector: ir.x8.X8_STREAMS groups at once (see _mvx8_groups)
         ns = _ir_x8.X8_STREAMS
-        q = stream_groups(g1 - g0, pk.shape[1], ns)
+        q = stream_groups(g1 - g0, pk.strides[0], ns)
         for i in range(q):
             _ir_x8.dotsx8w_q8_0(pk, g0 + i, q, xw2, dx2, nb, y2, 0)
         g0 += ns * q
@@ -285,7 +285,7 @@ def _mvx8_groups(kind, pk, xq2, dx2, sx2, y2, g0, g1):
     nb, T = dx2.shape[1], xq2.shape[0]
     if T == 1:
         ns = _ir_x8.X8_STREAMS
-        q = stream_groups(g1 - g0, pk.shape[1], ns)
+        q = stream_groups(g1 - g0, pk.strides[0], ns)
         for i in range(q):
             _dotsx8(kind, (pk, g0 + i, q, xq2, dx2, sx2, nb, y2, 0))
         g0 += ns * q
