@@ -233,12 +233,17 @@ def test_x8_one_vector_streams_bit_identical(fmt, n_out):
         assert np.array_equal(got, want), threads
 
 
-def test_stream_groups_keeps_streams_off_one_cache_set():
-    """One vector's X8_STREAMS streams: n // 4 groups apart unless that puts two of them at the
-    same offset of a 4 KiB page (the same L1 sets); then at most an eighth fewer groups apart,
-    every two streams at least STREAM_GAP bytes apart modulo the page; n // 4 where no
-    count does."""
-    from rwkvpy.kernels.linear.streams import L1_WAY_BYTES, STREAM_GAP, stream_groups
+def test_stream_groups_keeps_streams_far_apart_and_off_one_cache_set():
+    """One vector's 4 streams: none (0) where n // 4 groups are fewer than STREAM_MIN_BYTES;
+    else n // 4 groups apart unless that puts two of them at the same offset of a 4 KiB page
+    (the same L1 sets); then at most an eighth fewer groups apart, every two streams at least
+    STREAM_GAP bytes apart modulo the page; n // 4 where no count does."""
+    from rwkvpy.kernels.linear.streams import (
+        L1_WAY_BYTES,
+        STREAM_GAP,
+        STREAM_MIN_BYTES,
+        stream_groups,
+    )
 
     def gap(s, row_bytes):
         ds = [(k * s * row_bytes) % L1_WAY_BYTES for k in (1, 2, 3)]
@@ -248,6 +253,9 @@ def test_stream_groups_keeps_streams_off_one_cache_set():
     for row_bytes in (3456, 4224, 5040, 4608, 6528, 1152 * 16, 1408 * 10):
         for n in range(0, 9000, 7):
             s, q = stream_groups(n, row_bytes, 4), n // 4
+            if q * row_bytes < STREAM_MIN_BYTES:
+                assert s == 0
+                continue
             assert q - q // 8 <= s <= q
             if s < q:
                 shifted += 1
@@ -364,13 +372,15 @@ def test_float_exact(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n_out", [3, 4, 37, 520])
+@pytest.mark.parametrize("n_out", [3, 4, 37, 1040])
 def test_float_rows_in_four_streams_bit_identical(dtype, n_out):
-    """One-vector float products read 4 rows a quarter of the range apart at once
-    (ir.rows._row_dot_streams): every row summed as the one-row kernel sums it, bit for bit,
-    fewer than 4 rows and the rows after the last whole quarter included, with and without a
-    scalar tail, serial and on two threads."""
+    """One-vector float products read 4 rows about a quarter of the range apart at once
+    (ir.rows._row_dot_streams; 1040 rows: streams, with and without a scalar tail, serially;
+    the others row by row): every row summed as the one-row kernel sums it, bit for bit, the
+    rows after the streams' end included, serial and on two threads."""
     from numba import njit
+
+    from rwkvpy.kernels.linear.streams import stream_groups
 
     @njit
     def one_by_one(kind, raw2, x, y, nb):
@@ -381,6 +391,7 @@ def test_float_rows_in_four_streams_bit_identical(dtype, n_out):
     for K in (1024, 100):
         w = torch.from_numpy(_weights((n_out, K), 12)).to(dtype)
         raw2 = w.contiguous().view(torch.uint8).numpy()
+        assert (stream_groups(n_out, raw2.strides[0], 4) > 0) == (n_out == 1040)
         x = _x(1, K).numpy()
         want = np.empty((1, n_out), np.float32)
         one_by_one(kind, raw2, x[0], want[0], K // 32)

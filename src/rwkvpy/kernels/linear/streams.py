@@ -14,15 +14,22 @@ L1_WAY_BYTES = 4096
 #: (stream_groups): streams at the same offset of their pages (on the same L1 sets) read at
 #: about half speed in some shapes (docs/kernels.md, "Streams off one cache set").
 STREAM_GAP = 128
+#: The least distance between two streams' starts (bytes): closer streams read slower than the
+#: same rows or groups read one by one (docs/kernels.md, "Streams only far apart"), so a range
+#: of fewer than ns times this many bytes is read one by one.
+STREAM_MIN_BYTES = 48 << 10
 
 
 @njit(inline="always", cache=True, nogil=True)
 def stream_groups(n, row_bytes, ns):
     """Rows (or groups) between the starts of ``ns`` streams that read ``n`` of them, each
     ``row_bytes`` long, at once (what comes after the streams' end the caller reads one by
-    one): n // ns, or the largest count at most an eighth fewer that keeps every two streams
-    STREAM_GAP bytes apart modulo L1_WAY_BYTES (n // ns where none does)."""
+    one): 0 (no streams) where n // ns of them are fewer than STREAM_MIN_BYTES; else n // ns,
+    or the largest count at most an eighth fewer that keeps every two streams STREAM_GAP bytes
+    apart modulo L1_WAY_BYTES (n // ns where none does)."""
     q = n // ns
+    if q * row_bytes < STREAM_MIN_BYTES:
+        return 0
     for s in range(q, q - q // 8 - 1, -1):
         if s < 1:
             break
