@@ -134,6 +134,42 @@ def test_first_calls_are_never_timed(monkeypatch):
     assert [c for c in model.calls if c != "sync"] == [[1, 2, 3], [1, 2, 3]]
 
 
+class SteadyModel(FakeModel):
+    """Every forward call advances the clock by ``step`` seconds."""
+
+    def __init__(self, clock, step):
+        super().__init__(clock)
+        self.step = step
+
+    def forward(self, ids, state):
+        self.calls.append(list(ids))
+        self.clock.now += self.step
+        return None, (state or 0) + 1
+
+
+def test_warm_up_lasts_until_a_governed_thread_count_settles(monkeypatch):
+    """The untimed calls go on (over the warm-up ids again) for settle_s seconds, so that a
+    thread count the governor lowered while a first run's second process compiled is back
+    before the timing; the default is runtime.settle_seconds(), 0 for a fixed count."""
+    from rwkvpy import runtime
+
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    model = SteadyModel(clock, 0.25)
+    times = bench.time_decode(model, list(range(20)), 2, settle_s=1.6)
+    calls = [c for c in model.calls if c != "sync"]
+    # 7 warm-up calls (1.75 s >= 1.6 s) over ids 0, 1, 2, then the timed ones: ids 3, 4
+    assert calls == [[0], [1], [2], [0], [1], [2], [0], [3], [4]] and times == [0.25, 0.25]
+
+    monkeypatch.setattr(runtime.GOVERNOR, "active", False)
+    assert runtime.settle_seconds() == 0
+    monkeypatch.setattr(runtime.GOVERNOR, "active", True)
+    assert runtime.settle_seconds() == (runtime.UP_LOOKS + 1) * runtime.WINDOW_S
+    model = SteadyModel(clock, 0.125)
+    bench.time_decode(model, list(range(20)), 1)  # the governor's settle time: 0.6 s
+    assert len([c for c in model.calls if c != "sync"]) == 5 + 1  # 5 x 0.125 s >= 0.6 s
+
+
 # -- one real run --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_run():

@@ -199,14 +199,23 @@ def random_ids(model, n: int, seed: int = 0) -> list:
     return torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
 
 
-def time_decode(model, ids, n: int, warmup: int = WARMUP_STEPS, before=None) -> list:
+def time_decode(
+    model, ids, n: int, warmup: int = WARMUP_STEPS, before=None, settle_s: float | None = None
+) -> list:
     """Seconds of each of n one-token forward calls (after ``warmup`` untimed ones: compiles,
-    graph captures, page faults), the state carried; GPU work waited for in each. ``before``,
-    if given, is called after the warm-up, just before the first timed call."""
+    graph captures, page faults), the state carried; GPU work waited for in each. The untimed
+    calls go on (over ids[:warmup] again) for at least ``settle_s`` seconds (default:
+    runtime.settle_seconds(), so that a thread count the governor lowered while a first run's
+    second process compiled the kernels is back before the timing). ``before``, if given, is
+    called after the warm-up, just before the first timed call."""
+    from . import runtime
+
     model.wait_for_kernels()  # a first run: the one-token step, not the sequence path
-    state = None
-    for tok in ids[:warmup]:
-        _, state = model.forward([tok], state)
+    end = time.perf_counter() + (runtime.settle_seconds() if settle_s is None else settle_s)
+    state, i = None, 0
+    while i < warmup or (i and time.perf_counter() < end):
+        _, state = model.forward([ids[i % warmup]], state)
+        i += 1
     model.synchronize()  # the warm-up's GPU work is not the first timed step's
     if before is not None:
         before()

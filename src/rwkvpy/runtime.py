@@ -189,3 +189,10 @@ def start_threads(threads: int | None, default: int) -> int:
 def tick() -> None:
     """``GOVERNOR.tick``: called before each forward pass."""
     GOVERNOR.tick()
+
+
+def settle_seconds() -> float:
+    """Seconds of forward calls a governed thread count needs to come back up once other
+    processes have stopped (a look that lowers it, then UP_LOOKS that raise it); 0 when the
+    count is fixed. A benchmark warms up at least this long (bench.time_decode)."""
+    return (UP_LOOKS + 1) * WINDOW_S if GOVERNOR.active else 0.0
