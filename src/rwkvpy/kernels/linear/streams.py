@@ -30,9 +30,7 @@ def stream_groups(n, row_bytes, ns):
     q = n // ns
     if q * row_bytes < STREAM_MIN_BYTES:
         return 0
-    for s in range(q, q - q // 8 - 1, -1):
-        if s < 1:
-            break
+    for s in range(q, q - q // 8 - 1, -1):  # q >= 1 here: every s >= 1
         ok = True
         for k in range(1, ns):
             d = (k * s * row_bytes) % L1_WAY_BYTES
